@@ -1,0 +1,115 @@
+// The per-element update rules: the one source of truth for the optimizer math.
+//
+// Every kernel, CPU and CUDA, dense and masked, calls these functions, so the CPU
+// tests (which run everywhere) exercise exactly the arithmetic the GPU runs.
+// `M` is the math type: float for fp32/bf16/fp16 params, double for fp64 params.
+// The order of operations follows torch.optim's single-tensor implementations so
+// that density=1.0 matches torch.optim to float rounding.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define IK_HD __host__ __device__ __forceinline__
+#else
+#define IK_HD inline
+#endif
+
+namespace incrkern {
+
+// torch.lerp's formula: which end it interpolates from depends on the weight,
+// and Adam's exp_avg.lerp_(grad, 1 - beta1) is rounded this way in torch.
+template <typename M>
+IK_HD M lerp(M from, M to, M weight) {
+  return weight < M(0.5) ? from + weight * (to - from)
+                         : to - (to - from) * (M(1) - weight);
+}
+
+// Hyper-parameters of one Adam/AdamW call in the math type. Derived constants
+// such as 1 - beta are computed in double on the host and rounded once, as
+// torch's Python scalars are: 1 - 0.999f in float differs from it by 1e-5.
+template <typename M>
+struct AdamHyper {
+  M lr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay;
+  M decay_factor;               // AdamW: 1 - lr * weight_decay
+  bool decoupled_weight_decay;  // AdamW: p *= 1 - lr * wd; Adam: g += wd * p
+  bool maximize;
+};
+
+template <typename M>
+IK_HD AdamHyper<M> make_adam_hyper(double lr, double beta1, double beta2, double eps,
+                                   double weight_decay, bool decoupled, bool maximize) {
+  return AdamHyper<M>{M(lr), M(beta1), M(1.0 - beta1), M(beta2), M(1.0 - beta2), M(eps),
+                      M(weight_decay), M(1.0 - lr * weight_decay), decoupled, maximize};
+}
+
+// Bias corrections of one update count, computed in double as torch does on the
+// host (1 - beta^t loses digits in float for beta2 close to 1).
+struct AdamBias {
+  double step_size;       // lr / (1 - beta1^t)
+  double bc2_sqrt;        // sqrt(1 - beta2^t)
+};
+
+IK_HD AdamBias adam_bias(double lr, double beta1, double beta2, double step) {
+  AdamBias b;
+  b.step_size = lr / (1.0 - pow(beta1, step));
+  b.bc2_sqrt = sqrt(1.0 - pow(beta2, step));
+  return b;
+}
+
+template <typename M>
+IK_HD void adam_rule(M& param, M grad, M& exp_avg, M& exp_avg_sq,
+                     const AdamHyper<M>& h, M step_size, M bc2_sqrt) {
+  if (h.maximize) grad = -grad;
+  if (h.weight_decay != M(0)) {
+    if (h.decoupled_weight_decay)
+      param = param * h.decay_factor;
+    else
+      grad = grad + h.weight_decay * param;
+  }
+  exp_avg = lerp(exp_avg, grad, h.one_minus_beta1);
+  exp_avg_sq = exp_avg_sq * h.beta2 + h.one_minus_beta2 * grad * grad;
+  const M denom = sqrt(exp_avg_sq) / bc2_sqrt + h.eps;
+  param = param - step_size * (exp_avg / denom);
+}
+
+template <typename M>
+struct SgdHyper {
+  M lr, momentum, one_minus_dampening, weight_decay;
+  bool nesterov, maximize;
+};
+
+template <typename M>
+IK_HD SgdHyper<M> make_sgd_hyper(double lr, double momentum, double dampening,
+                                 double weight_decay, bool nesterov, bool maximize) {
+  return SgdHyper<M>{M(lr), M(momentum), M(1.0 - dampening), M(weight_decay), nesterov,
+                     maximize};
+}
+
+// `first`: the momentum buffer is new and takes the gradient as it is (torch
+// clones d_p into a missing buffer); `momentum_buffer` is unused when momentum == 0.
+template <typename M>
+IK_HD void sgd_rule(M& param, M grad, M& momentum_buffer, const SgdHyper<M>& h,
+                    bool first) {
+  M d_p = h.maximize ? -grad : grad;
+  if (h.weight_decay != M(0)) d_p = d_p + h.weight_decay * param;
+  if (h.momentum != M(0)) {
+    momentum_buffer = first ? d_p
+                            : momentum_buffer * h.momentum + h.one_minus_dampening * d_p;
+    d_p = h.nesterov ? d_p + h.momentum * momentum_buffer : momentum_buffer;
+  }
+  param = param + (-h.lr) * d_p;
+}
+
+// acc += alpha * g; sq = sq_decay * sq + sq_alpha * g * g
+template <typename M>
+IK_HD void accumulate_rule(M& acc, M grad, M alpha) {
+  acc = acc + alpha * grad;
+}
+
+template <typename M>
+IK_HD void accumulate_sq_rule(M& sq, M grad, M sq_alpha, M sq_decay) {
+  sq = sq * sq_decay + sq_alpha * grad * grad;
+}
+
+}  // namespace incrkern

@@ -1,0 +1,55 @@
+// Every incrkern op's schema, in one place. The kernels register themselves beside
+// their code (TORCH_LIBRARY_IMPL in csrc/<family>/), the fake kernels in
+// incrkern/ops.py. In-place list arguments carry alias annotations (Tensor(a!)[]).
+#include <Python.h>
+#include <torch/library.h>
+
+// `import incrkern._C` only has to run the static registrations below; the module
+// itself is empty, so no pybind11 is compiled in.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(incrkern, m) {
+  // update family: SGD / Adam / AdamW over many tensors.
+  //  indices empty: every element (dense); else one int64 list of flat positions per
+  //    tensor, and only those elements (and their state) change.
+  //  masks empty: no mask; else one bool tensor per param, update where true.
+  //  compact_state: state tensors are k long, indexed by position in `indices`.
+  //  ages empty: bias correction from steps[i]; else an int32 age per state element,
+  //    incremented where updated.
+  //  grads are read times grad_scale; consume_grad zeroes what was read.
+  //  steps are float32 scalars already incremented by the caller.
+  //  lr_tensor: when given, a float32 scalar on the params' device read instead of lr
+  //    (lets a CUDA graph replay with a new learning rate).
+  m.def(
+      "adam_update_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor[] steps, Tensor[] indices, Tensor[] masks, "
+      "Tensor(e!)[] ages, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled_weight_decay, bool maximize, float grad_scale=1.0, "
+      "bool consume_grad=False, bool compact_state=False, Tensor? lr_tensor=None) -> ()");
+  //  first_step[i]: the momentum buffer is new and takes d_p as it is (torch.optim.SGD).
+  //  momentum_buffers empty when momentum == 0.
+  m.def(
+      "sgd_update_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, "
+      "Tensor[] indices, Tensor[] masks, bool[] first_step, float lr, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "float grad_scale=1.0, bool consume_grad=False, bool compact_state=False, "
+      "Tensor? lr_tensor=None) -> ()");
+
+  // accumulate family: acc += alpha * g; sq = sq_decay * sq + sq_alpha * g * g.
+  // Either list of accumulators may be empty; accumulators are fp32 (fp64 for fp64 grads).
+  m.def(
+      "accumulate_(Tensor(a!)[] accs, Tensor[] grads, float alpha, "
+      "Tensor(b!)[] sq_accs, float sq_alpha=1.0, float sq_decay=1.0) -> ()");
+
+  // select family: indices (int64, ascending) of the k largest scores.
+  m.def("topk(Tensor x, int k, bool approx=False) -> Tensor");
+  //  score: "grad" |t|, "grad_sq" t (an EMA of g^2), "weight" |weights[i]|,
+  //  "accumulated" |residuals[i] + t|, "random" uniform from `seed`.
+  //  global_scope: ks has one entry, taken over the concatenation of all tensors.
+  m.def(
+      "select(Tensor[] tensors, int[] ks, str score=\"grad\", bool global_scope=False, "
+      "bool approx=False, Tensor[] residuals, Tensor[] weights, int seed=0) -> Tensor[]");
+}

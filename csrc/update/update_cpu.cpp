@@ -1,0 +1,201 @@
+// CPU kernels of the update family: SGD / Adam / AdamW, dense or at given
+// positions, one at::parallel_for per tensor. The math is csrc/common/rules.h.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "common/rules.h"
+#include "update/update_checks.h"
+
+namespace incrkern {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;
+
+// Where the j-th updated element lives: its flat position in the param and grad,
+// and its slot in the state tensors (the same position, or j for compact state).
+struct Positions {
+  const int64_t* indices = nullptr;  // null: every element, in order
+  const bool* mask = nullptr;        // null: no mask
+  bool compact = false;
+  int64_t count = 0;                 // number of positions j
+};
+
+Positions positions_of(const UpdateLists& a, size_t i) {
+  Positions pos;
+  pos.count = a.params[i].numel();
+  if (!a.indices.empty()) {
+    const at::Tensor& idx = a.indices[i];
+    pos.indices = idx.data_ptr<int64_t>();
+    pos.count = idx.numel();
+    pos.compact = a.compact_state;
+    if (pos.count > 0) {
+      // Out-of-range positions would write outside the tensor: refuse before writing.
+      const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi < a.params[i].numel(), "incrkern: indices[", i,
+                  "] holds positions outside [0, ", a.params[i].numel(), ")");
+    }
+  }
+  if (!a.masks.empty()) pos.mask = a.masks[i].data_ptr<bool>();
+  return pos;
+}
+
+double lr_value(double lr, const std::optional<at::Tensor>& lr_tensor) {
+  return lr_tensor.has_value() ? lr_tensor->item<double>() : lr;
+}
+
+// Calls visit(j, element, slot) for every position in [begin, end).
+template <typename Visit>
+inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visit&& visit) {
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t e = pos.indices ? pos.indices[j] : j;
+    if (pos.mask && !pos.mask[e]) continue;
+    visit(e, pos.compact ? j : e);
+  }
+}
+
+template <typename T, typename G, typename M>
+void adam_tensor(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
+                 const AdamHyper<M>& h, double lr, double beta1, double beta2, double step,
+                 M grad_scale, bool consume) {
+  const AdamBias bias = adam_bias(lr, beta1, beta2, step);
+  const M step_size = M(bias.step_size), bc2_sqrt = M(bias.bc2_sqrt);
+  auto one = [&](int64_t e, int64_t s) {
+    M pm = M(p[e]);
+    const M gm = M(g[e]) * grad_scale;
+    if (consume) g[e] = G(0);
+    if (age) {
+      const AdamBias b = adam_bias(lr, beta1, beta2, double(++age[s]));
+      adam_rule(pm, gm, m[s], v[s], h, M(b.step_size), M(b.bc2_sqrt));
+    } else {
+      adam_rule(pm, gm, m[s], v[s], h, step_size, bc2_sqrt);
+    }
+    p[e] = T(pm);
+  };
+  const bool dense = !pos.indices && !pos.mask && !age && !consume;
+  at::parallel_for(0, pos.count, kGrain, [&](int64_t begin, int64_t end) {
+    if (dense) {
+      // The hot loop of the dense step: kept free of branches so it vectorises.
+      for (int64_t e = begin; e < end; ++e) {
+        M pm = M(p[e]);
+        adam_rule(pm, M(g[e]) * grad_scale, m[e], v[e], h, step_size, bc2_sqrt);
+        p[e] = T(pm);
+      }
+    } else {
+      for_positions(pos, begin, end, one);
+    }
+  });
+}
+
+template <typename T, typename G, typename M>
+void sgd_tensor(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M>& h, bool first,
+                M grad_scale, bool consume) {
+  M unused = M(0);
+  auto one = [&](int64_t e, int64_t s) {
+    M pm = M(p[e]);
+    const M gm = M(g[e]) * grad_scale;
+    if (consume) g[e] = G(0);
+    sgd_rule(pm, gm, buf ? buf[s] : unused, h, first);
+    p[e] = T(pm);
+  };
+  const bool dense = !pos.indices && !pos.mask && !consume;
+  at::parallel_for(0, pos.count, kGrain, [&](int64_t begin, int64_t end) {
+    if (dense && buf) {
+      for (int64_t e = begin; e < end; ++e) {
+        M pm = M(p[e]);
+        sgd_rule(pm, M(g[e]) * grad_scale, buf[e], h, first);
+        p[e] = T(pm);
+      }
+    } else if (dense) {
+      for (int64_t e = begin; e < end; ++e) {
+        M pm = M(p[e]), scratch = M(0);
+        sgd_rule(pm, M(g[e]) * grad_scale, scratch, h, first);
+        p[e] = T(pm);
+      }
+    } else {
+      for_positions(pos, begin, end, one);
+    }
+  });
+}
+
+// Calls fn.template operator()<T, G>() with the param type T and grad type G.
+template <typename Fn>
+void dispatch_param_grad(const at::Tensor& p, const at::Tensor& g, Fn&& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "incrkern_update", [&] {
+    using T = scalar_t;
+    using M = at::opmath_type<T>;
+    if (g.scalar_type() == p.scalar_type())
+      fn.template operator()<T, T>();
+    else
+      fn.template operator()<T, M>();
+  });
+}
+
+void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                     at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList indices,
+                     at::TensorList masks, at::TensorList ages, double lr, double beta1,
+                     double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                     bool maximize, double grad_scale, bool consume_grad, bool compact_state,
+                     const std::optional<at::Tensor>& lr_tensor) {
+  const UpdateLists a{params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
+                      compact_state, true};
+  check_update_lists("incrkern.adam_update_", a);
+  check_lr_tensor("incrkern.adam_update_", lr_tensor, params);
+  lr = lr_value(lr, lr_tensor);
+  std::vector<Positions> pos;
+  for (size_t i = 0; i < params.size(); ++i) pos.push_back(positions_of(a, i));
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (pos[i].count == 0) continue;
+    const double step = steps[i].item<double>();
+    dispatch_param_grad(params[i], grads[i], [&]<typename T, typename G>() {
+      using M = at::opmath_type<T>;
+      const auto h = make_adam_hyper<M>(lr, beta1, beta2, eps, weight_decay,
+                                        decoupled_weight_decay, maximize);
+      adam_tensor<T, G, M>(params[i].data_ptr<T>(), grads[i].data_ptr<G>(),
+                           exp_avgs[i].data_ptr<M>(), exp_avg_sqs[i].data_ptr<M>(),
+                           ages.empty() ? nullptr : ages[i].data_ptr<int32_t>(), pos[i], h, lr,
+                           beta1, beta2, step, M(grad_scale), consume_grad);
+    });
+  }
+}
+
+void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    at::TensorList indices, at::TensorList masks, c10::List<bool> first_step,
+                    double lr, double momentum, double dampening, double weight_decay,
+                    bool nesterov, bool maximize, double grad_scale, bool consume_grad,
+                    bool compact_state, const std::optional<at::Tensor>& lr_tensor) {
+  const UpdateLists a{params, grads, momentum_buffers, {}, {}, indices, masks, {},
+                      compact_state, false};
+  check_update_lists("incrkern.sgd_update_", a);
+  check_lr_tensor("incrkern.sgd_update_", lr_tensor, params);
+  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(),
+              "incrkern.sgd_update_: momentum != 0 needs one momentum buffer per param");
+  TORCH_CHECK(first_step.size() == params.size() || first_step.size() == 0,
+              "incrkern.sgd_update_: first_step has ", first_step.size(), " entries, expected ",
+              params.size());
+  lr = lr_value(lr, lr_tensor);
+  std::vector<Positions> pos;
+  for (size_t i = 0; i < params.size(); ++i) pos.push_back(positions_of(a, i));
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (pos[i].count == 0) continue;
+    const bool first = first_step.size() ? bool(first_step.get(i)) : false;
+    dispatch_param_grad(params[i], grads[i], [&]<typename T, typename G>() {
+      using M = at::opmath_type<T>;
+      const auto h = make_sgd_hyper<M>(lr, momentum, dampening, weight_decay, nesterov, maximize);
+      M* buf = momentum != 0 ? momentum_buffers[i].data_ptr<M>() : nullptr;
+      sgd_tensor<T, G, M>(params[i].data_ptr<T>(), grads[i].data_ptr<G>(), buf, pos[i], h,
+                          first, M(grad_scale), consume_grad);
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(incrkern, CPU, m) {
+  m.impl("adam_update_", &adam_update_cpu);
+  m.impl("sgd_update_", &sgd_update_cpu);
+}
+
+}  // namespace incrkern

@@ -1,0 +1,117 @@
+// Registers the CUDA update kernels: checks the arguments (the same checks as the
+// CPU path), groups the tensors by dtype and hands raw pointers to update_cuda.cu.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "update/update_checks.h"
+#include "update/update_cuda.h"
+
+namespace incrkern {
+namespace {
+
+cuda::DType cuda_dtype(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::DType::Float32;
+    case at::kBFloat16: return cuda::DType::BFloat16;
+    case at::kHalf: return cuda::DType::Float16;
+    default:
+      TORCH_CHECK(false, op, ": CUDA params must be float32, bfloat16 or float16, got ",
+                  t.scalar_type());
+  }
+}
+
+struct Prepared {
+  std::vector<cuda::UpdateTensor> tensors;
+  cuda::UpdateOptions options;
+};
+
+// Splits the call into groups of one (param dtype, grad dtype), the unit of a launch.
+std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::List<bool>* first,
+                              double grad_scale, bool consume_grad,
+                              const std::optional<at::Tensor>& lr_tensor) {
+  std::vector<Prepared> groups;
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    const at::Tensor& p = a.params[i];
+    TORCH_CHECK(p.is_cuda(), op, ": params[", i, "] is on ", p.device(), ", expected CUDA");
+    TORCH_CHECK(p.device() == a.params[0].device(), op, ": all params must be on one device");
+    cuda::UpdateOptions opt{cuda_dtype(p, op), a.grads[i].scalar_type() != p.scalar_type(),
+                            grad_scale, consume_grad, a.compact_state,
+                            lr_tensor ? lr_tensor->data_ptr<float>() : nullptr};
+    cuda::UpdateTensor t{};
+    t.param = p.data_ptr();
+    t.grad = a.grads[i].data_ptr();
+    t.state0 = a.state0.empty() ? nullptr : a.state0[i].data_ptr<float>();
+    t.state1 = a.state1.empty() ? nullptr : a.state1[i].data_ptr<float>();
+    t.count = p.numel();
+    if (!a.steps.empty()) {
+      const at::Tensor& s = a.steps[i];
+      if (s.is_cuda()) t.step = s.data_ptr<float>();
+      else t.step_value = s.item<float>();
+    }
+    if (!a.indices.empty()) {
+      t.indices = a.indices[i].data_ptr<int64_t>();
+      t.count = a.indices[i].numel();
+    }
+    if (!a.masks.empty()) t.mask = a.masks[i].data_ptr<bool>();
+    if (!a.ages.empty()) t.age = a.ages[i].data_ptr<int32_t>();
+    t.first = first && first->size() ? bool(first->get(i)) : false;
+    auto same = [&](const Prepared& g) {
+      return g.options.param_dtype == opt.param_dtype && g.options.grad_is_fp32 == opt.grad_is_fp32;
+    };
+    auto it = std::find_if(groups.begin(), groups.end(), same);
+    if (it == groups.end()) it = groups.insert(groups.end(), Prepared{{}, opt});
+    it->tensors.push_back(t);
+  }
+  return groups;
+}
+
+void adam_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList indices,
+                      at::TensorList masks, at::TensorList ages, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                      bool maximize, double grad_scale, bool consume_grad, bool compact_state,
+                      const std::optional<at::Tensor>& lr_tensor) {
+  const char* op = "incrkern.adam_update_";
+  const UpdateLists a{params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
+                      compact_state, true};
+  check_update_lists(op, a);
+  check_lr_tensor(op, lr_tensor, params);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cuda::AdamArgs args{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
+  for (const Prepared& g : prepare(op, a, nullptr, grad_scale, consume_grad, lr_tensor))
+    cuda::adam_update(g.tensors.data(), int64_t(g.tensors.size()), g.options, args,
+                      c10::cuda::getCurrentCUDAStream());
+}
+
+void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                     at::TensorList indices, at::TensorList masks, c10::List<bool> first_step,
+                     double lr, double momentum, double dampening, double weight_decay,
+                     bool nesterov, bool maximize, double grad_scale, bool consume_grad,
+                     bool compact_state, const std::optional<at::Tensor>& lr_tensor) {
+  const char* op = "incrkern.sgd_update_";
+  const UpdateLists a{params, grads, momentum_buffers, {}, {}, indices, masks, {},
+                      compact_state, false};
+  check_update_lists(op, a);
+  check_lr_tensor(op, lr_tensor, params);
+  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(), op,
+              ": momentum != 0 needs one momentum buffer per param");
+  TORCH_CHECK(first_step.size() == params.size() || first_step.size() == 0, op,
+              ": first_step has ", first_step.size(), " entries, expected ", params.size());
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cuda::SgdArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize};
+  for (const Prepared& g : prepare(op, a, &first_step, grad_scale, consume_grad, lr_tensor))
+    cuda::sgd_update(g.tensors.data(), int64_t(g.tensors.size()), g.options, args,
+                     c10::cuda::getCurrentCUDAStream());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(incrkern, CUDA, m) {
+  m.impl("adam_update_", &adam_update_cuda);
+  m.impl("sgd_update_", &sgd_update_cuda);
+}
+
+}  // namespace incrkern

@@ -1,0 +1,232 @@
+"""Typed wrappers over torch.ops.incrkern.*: they check every argument, raising a clear
+ValueError / TypeError that names it before any tensor is touched, then run the
+compiled kernel (CPU or CUDA) or, where there is none, the reference in
+incrkern.reference. Fake (meta) kernels for torch.compile are registered here too."""
+import torch
+
+from . import reference
+from ._extension import EXTENSION_LOADED, cuda_kernels_loaded
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CUDA_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel(name, device):
+    """The compiled op for tensors on `device`, or None to use the reference."""
+    if not EXTENSION_LOADED:
+        return None
+    if device.type == "cpu" or (device.type == "cuda" and cuda_kernels_loaded()):
+        return getattr(torch.ops.incrkern, name)
+    return None
+
+
+def _as_list(name, value, allow_none=False):
+    if value is None and allow_none:
+        return []
+    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
+    for i, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+    return list(value)
+
+
+def _check_length(name, values, n, may_be_empty=False):
+    if len(values) != n and not (may_be_empty and not values):
+        raise ValueError(f"{name} has {len(values)} tensors, expected {n}"
+                         + (" (or none)" if may_be_empty else ""))
+
+
+def _check_number(name, value, low=None, high=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def math_dtype(dtype):
+    """The dtype optimizer state and accumulators use for a param of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_tensor(name, t, *, device, dtypes=None, numel=None, dim=None):
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected one of "
+                        + ", ".join(str(d) for d in dtypes))
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (an in-place argument is never copied)")
+
+
+def _check_update(params, grads, state0, state1, steps, indices, masks, ages, compact_state,
+                  state0_name):
+    """Checks the tensor lists of an update op against each other."""
+    n = len(params)
+    _check_length("grads", grads, n)
+    _check_length(state0_name, state0, n, may_be_empty=state1 is None)
+    if state1 is not None:
+        _check_length("exp_avg_sqs", state1, n)
+        _check_length("steps", steps, n)
+    _check_length("indices", indices, n, may_be_empty=True)
+    _check_length("masks", masks, n, may_be_empty=True)
+    _check_length("ages", ages, n, may_be_empty=True)
+    if indices and masks:
+        raise ValueError("give indices or masks, not both")
+    if compact_state and not indices:
+        raise ValueError("compact_state=True needs indices")
+    for i, p in enumerate(params):
+        device = p.device
+        if device != params[0].device:
+            raise ValueError(f"params[{i}] is on {device}, params[0] on {params[0].device}: "
+                             "one call takes one device")
+        dtypes = _CUDA_FLOAT_DTYPES if device.type == "cuda" else _FLOAT_DTYPES
+        _check_tensor(f"params[{i}]", p, device=device, dtypes=dtypes)
+        math = math_dtype(p.dtype)
+        _check_tensor(f"grads[{i}]", grads[i], device=device,
+                      dtypes=tuple({p.dtype, math}), numel=p.numel())
+        if indices:
+            _check_tensor(f"indices[{i}]", indices[i], device=device, dtypes=(torch.int64,),
+                          dim=1)
+            k = indices[i].numel()
+            if k and (int(indices[i].min()) < 0 or int(indices[i].max()) >= p.numel()):
+                raise ValueError(f"indices[{i}] holds positions outside [0, {p.numel()})")
+        if masks:
+            _check_tensor(f"masks[{i}]", masks[i], device=device, dtypes=(torch.bool,),
+                          numel=p.numel())
+        state_numel = indices[i].numel() if compact_state else p.numel()
+        if state0:
+            _check_tensor(f"{state0_name}[{i}]", state0[i], device=device, dtypes=(math,),
+                          numel=state_numel)
+        if state1 is not None:
+            _check_tensor(f"exp_avg_sqs[{i}]", state1[i], device=device, dtypes=(math,),
+                          numel=state_numel)
+        if ages:
+            _check_tensor(f"ages[{i}]", ages[i], device=device, dtypes=(torch.int32,),
+                          numel=state_numel)
+        if steps:
+            s = steps[i]
+            if s.numel() != 1 or s.dtype != torch.float32 or s.device not in (
+                    device, torch.device("cpu")):
+                raise ValueError(f"steps[{i}] must be a float32 scalar on {device} or the CPU")
+
+
+def _check_lr(lr, lr_tensor, params):
+    _check_number("lr", lr, 0.0)
+    if lr_tensor is not None:
+        if not isinstance(lr_tensor, torch.Tensor) or lr_tensor.numel() != 1 or \
+                lr_tensor.dtype != torch.float32:
+            raise TypeError("lr_tensor must be a float32 tensor with one element")
+        if params and lr_tensor.device != params[0].device:
+            raise ValueError(f"lr_tensor is on {lr_tensor.device}, expected {params[0].device}")
+
+
+# ----------------------------------------------------------------------------------
+# update family
+
+
+def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999,
+                 eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False,
+                 indices=None, masks=None, ages=None, grad_scale=1.0, consume_grad=False,
+                 compact_state=False, lr_tensor=None):
+    """Adam (AdamW with decoupled_weight_decay=True) on every param, in place.
+
+    With `indices` (one int64 tensor of flat positions per param) only those elements
+    and their state change; with `masks` (bool, one per param) only where true.
+    `compact_state`: the state tensors are k long, indexed by position in `indices`.
+    `ages` (int32, like the state): per-element update counts used for the bias
+    correction instead of `steps`, incremented where updated. `steps` are float32
+    scalars the caller has already incremented. Grads are read times `grad_scale`;
+    `consume_grad` zeroes the grad entries that were read.
+    """
+    params = _as_list("params", params)
+    grads = _as_list("grads", grads)
+    exp_avgs = _as_list("exp_avgs", exp_avgs)
+    exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs)
+    steps = _as_list("steps", steps)
+    indices = _as_list("indices", indices, allow_none=True)
+    masks = _as_list("masks", masks, allow_none=True)
+    ages = _as_list("ages", ages, allow_none=True)
+    _check_lr(lr, lr_tensor, params)
+    _check_number("beta1", beta1, 0.0, 1.0)
+    _check_number("beta2", beta2, 0.0, 1.0)
+    _check_number("eps", eps, 0.0)
+    _check_number("weight_decay", weight_decay, 0.0)
+    _check_number("grad_scale", grad_scale)
+    _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
+                  compact_state, "exp_avgs")
+    if not params:
+        return
+    args = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                weight_decay=float(weight_decay),
+                decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize),
+                grad_scale=float(grad_scale), consume_grad=bool(consume_grad),
+                compact_state=bool(compact_state), lr_tensor=lr_tensor)
+    kernel = _kernel("adam_update_", params[0].device)
+    impl = kernel if kernel is not None else reference.adam_update_
+    impl(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages, **args)
+
+
+def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0,
+                weight_decay=0.0, nesterov=False, maximize=False, first_step=None,
+                indices=None, masks=None, grad_scale=1.0, consume_grad=False,
+                compact_state=False, lr_tensor=None):
+    """SGD (momentum, dampening, nesterov, weight decay, maximize) in place.
+
+    `momentum_buffers` may be empty when momentum == 0. `first_step[i]` marks a buffer
+    that is new: it takes the gradient as it is, as torch.optim.SGD does. `indices`,
+    `masks`, `grad_scale`, `consume_grad`, `compact_state`, `lr_tensor`: as adam_update_.
+    """
+    params = _as_list("params", params)
+    grads = _as_list("grads", grads)
+    momentum_buffers = _as_list("momentum_buffers", momentum_buffers, allow_none=True)
+    indices = _as_list("indices", indices, allow_none=True)
+    masks = _as_list("masks", masks, allow_none=True)
+    first_step = [False] * len(params) if first_step is None else [bool(f) for f in first_step]
+    _check_lr(lr, lr_tensor, params)
+    _check_number("momentum", momentum, 0.0)
+    _check_number("dampening", dampening)
+    _check_number("weight_decay", weight_decay, 0.0)
+    _check_number("grad_scale", grad_scale)
+    if momentum != 0 and len(momentum_buffers) != len(params):
+        raise ValueError("momentum != 0 needs one momentum buffer per param")
+    if len(first_step) != len(params):
+        raise ValueError(f"first_step has {len(first_step)} entries, expected {len(params)}")
+    _check_update(params, grads, momentum_buffers, None, [], indices, masks, [],
+                  compact_state, "momentum_buffers")
+    if not params:
+        return
+    args = dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening),
+                weight_decay=float(weight_decay), nesterov=bool(nesterov),
+                maximize=bool(maximize), grad_scale=float(grad_scale),
+                consume_grad=bool(consume_grad), compact_state=bool(compact_state),
+                lr_tensor=lr_tensor)
+    kernel = _kernel("sgd_update_", params[0].device)
+    impl = kernel if kernel is not None else reference.sgd_update_
+    impl(params, grads, momentum_buffers, indices, masks, first_step, **args)
+
+
+# ----------------------------------------------------------------------------------
+# accumulate family
+
+
+# ----------------------------------------------------------------------------------
+# select family
+
+
+# ----------------------------------------------------------------------------------
+# fake kernels: shapes only, for torch.compile and opcheck
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("incrkern::adam_update_")
+    def _adam_update_fake(*args, **kwargs):
+        return None
+
+    @torch.library.register_fake("incrkern::sgd_update_")
+    def _sgd_update_fake(*args, **kwargs):
+        return None

@@ -1,0 +1,125 @@
+"""Pure-torch implementations of every incrkern op.
+
+They are the oracle the kernel tests compare against, and the path every op takes
+when the compiled extension is not available. They are written with plain torch
+ops, independently of csrc/, and favour clarity over speed. Arguments are assumed
+valid: incrkern.ops checks them before calling either implementation.
+"""
+import math
+
+import torch
+
+
+def _math_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _positions(i, numel, indices, masks, compact_state, device):
+    """(elements, state slots) updated in tensor i: index tensors, or None for all."""
+    if indices:
+        elements = indices[i]
+        slots = torch.arange(elements.numel(), device=device) if compact_state else elements
+        return elements, slots
+    if masks:
+        elements = masks[i].reshape(-1).nonzero().squeeze(1)
+        return elements, elements
+    return None, None
+
+
+def _gather(flat, where):
+    return flat if where is None else flat[where]
+
+
+def _scatter(flat, where, values):
+    if where is None:
+        flat.copy_(values)
+    else:
+        flat[where] = values.to(flat.dtype)
+
+
+def _read_grad(i, grads, elements, math_dtype, grad_scale, consume_grad):
+    flat = grads[i].view(-1)
+    g = _gather(flat, elements).to(math_dtype) * grad_scale
+    if consume_grad:
+        _scatter(flat, elements, torch.zeros_like(g))
+    return g
+
+
+# ----------------------------------------------------------------------------------
+# update family
+
+
+@torch.no_grad()
+def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, indices=(), masks=(), ages=(),
+                 *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize,
+                 grad_scale=1.0, consume_grad=False, compact_state=False, lr_tensor=None):
+    if lr_tensor is not None:
+        lr = lr_tensor.item()
+    for i, p in enumerate(params):
+        math_dtype = _math_dtype(p.dtype)
+        elements, slots = _positions(i, p.numel(), indices, masks, compact_state, p.device)
+        flat_p = p.view(-1)
+        param = _gather(flat_p, elements).to(math_dtype)
+        grad = _read_grad(i, grads, elements, math_dtype, grad_scale, consume_grad)
+        m_flat, v_flat = exp_avgs[i].view(-1), exp_avg_sqs[i].view(-1)
+        m, v = _gather(m_flat, slots).clone(), _gather(v_flat, slots).clone()
+        if maximize:
+            grad = -grad
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                param = param * (1 - lr * weight_decay)
+            else:
+                grad = grad + weight_decay * param
+        m = m.lerp(grad, 1 - beta1)
+        v = v * beta2 + (1 - beta2) * grad * grad
+        if ages:
+            age_flat = ages[i].view(-1)
+            age = _gather(age_flat, slots) + 1
+            _scatter(age_flat, slots, age)
+            step = age.to(torch.float64)
+            step_size = (lr / (1 - beta1 ** step)).to(math_dtype)
+            bc2_sqrt = (1 - beta2 ** step).sqrt().to(math_dtype)
+        else:
+            step = steps[i].item()
+            step_size = lr / (1 - beta1 ** step)
+            bc2_sqrt = math.sqrt(1 - beta2 ** step)
+        denom = v.sqrt() / bc2_sqrt + eps
+        param = param - step_size * (m / denom)
+        _scatter(flat_p, elements, param)
+        _scatter(m_flat, slots, m)
+        _scatter(v_flat, slots, v)
+
+
+@torch.no_grad()
+def sgd_update_(params, grads, momentum_buffers, indices=(), masks=(), first_step=(), *, lr,
+                momentum, dampening, weight_decay, nesterov, maximize, grad_scale=1.0,
+                consume_grad=False, compact_state=False, lr_tensor=None):
+    if lr_tensor is not None:
+        lr = lr_tensor.item()
+    for i, p in enumerate(params):
+        math_dtype = _math_dtype(p.dtype)
+        elements, slots = _positions(i, p.numel(), indices, masks, compact_state, p.device)
+        flat_p = p.view(-1)
+        param = _gather(flat_p, elements).to(math_dtype)
+        d_p = _read_grad(i, grads, elements, math_dtype, grad_scale, consume_grad)
+        if maximize:
+            d_p = -d_p
+        if weight_decay != 0:
+            d_p = d_p + weight_decay * param
+        if momentum != 0:
+            buf_flat = momentum_buffers[i].view(-1)
+            if first_step and first_step[i]:
+                buf = d_p.clone()
+            else:
+                buf = _gather(buf_flat, slots) * momentum + (1 - dampening) * d_p
+            _scatter(buf_flat, slots, buf)
+            d_p = d_p + momentum * buf if nesterov else buf
+        _scatter(flat_p, elements, param - lr * d_p)
+
+
+# ----------------------------------------------------------------------------------
+# accumulate family
+
+
+# ----------------------------------------------------------------------------------
+# select family
