@@ -1,0 +1,99 @@
+"""The command line and the run that writes the result files."""
+import argparse
+import datetime
+import os
+import sys
+import time
+
+import torch
+
+from . import common, convergence, kernels, report
+from .shapes import sizes_for
+
+
+def _progress(enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return lambda **kw: tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def file_stem(device, what, mode, date=None):
+    """<date>-<device>, with -full / -kernels / -convergence when not the default run."""
+    date = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    stem = f"{date}-{common.device_slug(device)}"
+    if mode not in ("quick",):
+        stem += f"-{mode}"
+    if what != "all":
+        stem += f"-{what}"
+    return stem
+
+
+def run_bench(what="all", mode="quick", device=None, out=None, progress=True, quiet=False):
+    """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`.
+    Returns (results, {kind: path})."""
+    device = torch.device(device or default_device())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("incrkern.bench: --device cuda asked for, but no CUDA device")
+    out = out or os.path.join("bench", "results")
+    os.makedirs(out, exist_ok=True)
+    bar = _progress(progress)
+    t0 = time.perf_counter()
+    results = {"command": f"python -m incrkern.bench {what} --{mode} --device {device.type}",
+               "machine": common.machine_info(device), "mode": mode}
+    if what in ("kernels", "all"):
+        results["kernels"] = kernels.run(sizes_for(mode, device), device, progress=bar)
+    if what in ("convergence", "all"):
+        results["convergence"] = convergence.run(mode, device, progress=bar)
+    results["total_s"] = time.perf_counter() - t0
+
+    stem = os.path.join(out, file_stem(device, what, mode))
+    paths = {"json": stem + ".json", "markdown": stem + ".md"}
+    plots = []
+    if "kernels" in results:
+        p = report.plot_density(results, stem + "-density.png")
+        if p:
+            plots.append(("AdamW step time vs density", p))
+    if "convergence" in results:
+        p = report.plot_convergence(results, stem + "-convergence.png")
+        if p:
+            plots.append(("test accuracy vs step", p))
+    paths.update({f"plot{i}": p for i, (_, p) in enumerate(plots)})
+    report.write_json(results, paths["json"])
+    with open(paths["markdown"], "w") as f:
+        f.write(report.markdown(results, plots))
+    if not quiet:
+        report.print_tables(results)
+        print(f"\n{results['total_s']:.0f} s in all; wrote " + ", ".join(paths.values()))
+    return results, paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m incrkern.bench",
+        description="incrkern kernel and convergence benchmarks (ratios to torch measured "
+                    "in the same run; bandwidth against the measured copy bandwidth)")
+    parser.add_argument("what", nargs="?", default="all",
+                        choices=("kernels", "convergence", "all"))
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="mode", action="store_const", const="quick",
+                      help="small sizes, a few minutes on a CPU (the default)")
+    size.add_argument("--full", dest="mode", action="store_const", const="full",
+                      help="the real sizes (100M elements, BERT-base, 1e8/1e9 top-k)")
+    size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
+                      help=argparse.SUPPRESS)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--out", default=None, help="output folder (default bench/results)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    run_bench(args.what, args.mode or "quick", args.device, args.out,
+              progress=not args.no_progress)
+    return 0

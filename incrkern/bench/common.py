@@ -1,0 +1,222 @@
+"""Shared pieces of the benchmarks: timing, the copy-bandwidth roofline, the machine's
+description, the optional APIs (probed, never assumed) and the result records.
+
+Every figure the benchmarks report is measured in the run that reports it: a kernel's
+time, the time of its torch counterpart, and the copy bandwidth it is compared with.
+"""
+import datetime
+import math
+import os
+import platform
+import re
+import statistics
+import time
+
+import torch
+
+import incrkern
+
+# Bytes an implementation must move at least, per element (DESIGN.md, "Measuring").
+BYTES_ADAMW = 28      # read p, g, m, v; write p, m, v
+BYTES_SGD_MOMENTUM = 20  # read p, g, buf; write p, buf
+BYTES_ACCUMULATE = 12  # read acc, g; write acc
+BYTES_ACCUMULATE_SQ = 20  # read acc, sq, g; write acc, sq
+BYTES_SELECT_PASS = 4  # read one fp32 score per scanned element (one pass, a lower bound)
+
+
+# ----------------------------------------------------------------------------------
+# timing
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, *, device="cpu", warmup=2, repeats=5, min_time_s=0.0, max_repeats=50):
+    """Runs fn `warmup` times untimed, then `repeats` times timed, one call per sample,
+    and more (up to `max_repeats`) while the samples add up to less than `min_time_s`:
+    short kernels get more samples, so one descheduled call does not move the median.
+
+    CPU: time.perf_counter around the call. CUDA: a pair of events around the call on
+    the current stream, read after a synchronize. Returns a dict with the median, min
+    and max in seconds and the number of samples.
+    """
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    if device.type == "cuda":
+        pairs = []
+        while len(samples) < max_repeats:
+            for _ in range(repeats):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                pairs.append((start, end))
+            torch.cuda.synchronize()
+            samples = [s.elapsed_time(e) / 1e3 for s, e in pairs]
+            if sum(samples) >= min_time_s:
+                break
+    else:
+        while len(samples) < repeats or (sum(samples) < min_time_s
+                                         and len(samples) < max_repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(samples), "min_s": min(samples),
+            "max_s": max(samples), "repeats": len(samples)}
+
+
+def copy_bandwidth(numel, *, device="cpu", warmup=2, repeats=7):
+    """Bytes/s of a large `dst.copy_(src)` (fp32), counting the bytes read plus written."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    timing = measure(lambda: dst.copy_(src), device=device, warmup=warmup, repeats=repeats)
+    nbytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    return {"numel": numel, "bytes": nbytes, "bytes_per_s": nbytes / timing["median_s"],
+            **timing}
+
+
+# ----------------------------------------------------------------------------------
+# the machine
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def device_slug(device):
+    """A short file-name-safe tag: 'cpu-amd-epyc', 'cuda-nvidia-h100-80gb-hbm3'."""
+    device = torch.device(device)
+    name = device_name(device).lower()
+    name = re.sub(r"\(r\)|\(tm\)|cpu @.*|processor", "", name)
+    name = re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:40].strip("-")
+    return f"{device.type}-{name}" if name else device.type
+
+
+def machine_info(device):
+    device = torch.device(device)
+    info = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "incrkern": incrkern.__version__,
+        "build": {k: v for k, v in incrkern.build_info().items()
+                  if k in ("cuda_kernels", "cuda_kernels_loaded", "extension_loaded",
+                           "load_error", "cuda_archs", "nvcc", "cxx")},
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["torch_cuda"] = torch.version.cuda
+    return info
+
+
+# ----------------------------------------------------------------------------------
+# optional APIs: the benchmarks say "not available" until they exist
+
+
+def have_op(name):
+    return hasattr(incrkern.ops, name)
+
+
+def optimizer_class(name):
+    """incrkern.optim.<name> (SGD, Adam, AdamW) or None while it does not exist."""
+    optim = getattr(incrkern, "optim", None)
+    return getattr(optim, name, None) if optim is not None else None
+
+
+_SPARSE_CACHE = {}
+
+
+def sparse_optimizer_reason(name="AdamW"):
+    """None when incrkern.optim.<name> accepts density < 1, else why not."""
+    if name in _SPARSE_CACHE:
+        return _SPARSE_CACHE[name]
+    cls = optimizer_class(name)
+    if cls is None:
+        reason = f"incrkern.optim.{name} not available"
+    else:
+        try:
+            p = torch.nn.Parameter(torch.zeros(16))
+            opt = cls([p], lr=1e-3, density=0.5, select="grad", scope="tensor")
+            p.grad = torch.ones(16)
+            opt.step()
+            reason = None
+        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+            reason = f"incrkern.optim.{name}(density<1) not available ({type(exc).__name__}: " \
+                     f"{str(exc).splitlines()[0][:80] if str(exc) else ''})"
+    _SPARSE_CACHE[name] = reason
+    return reason
+
+
+def state_bytes(opt):
+    """Bytes of every tensor in opt.state (nested dicts and lists included)."""
+    seen = set()
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            if id(value) in seen:
+                return 0
+            seen.add(id(value))
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(walk(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(walk(v) for v in value)
+        return 0
+
+    return sum(walk(s) for s in opt.state.values())
+
+
+# ----------------------------------------------------------------------------------
+# records
+
+
+def unavailable(reason, **fields):
+    return {**fields, "available": False, "reason": reason}
+
+
+def figure(timing, *, nbytes, roofline_bps, reference_s=None, **fields):
+    """A kernel figure: the timing, speedup over the torch reference measured in the
+    same run (reference time / this time; 1.0 for the reference itself), achieved bytes/s
+    with `nbytes` counted as in DESIGN.md, and its fraction of the copy bandwidth."""
+    median = timing["median_s"]
+    bps = nbytes / median if median > 0 else float("nan")
+    return {
+        **fields,
+        "available": True,
+        **timing,
+        "bytes": int(nbytes),
+        "gb_per_s": bps / 1e9,
+        "frac_copy_bw": bps / roofline_bps if roofline_bps else float("nan"),
+        "speedup_vs_ref": (reference_s / median) if reference_s else None,
+    }
+
+
+def finite_positive(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0

@@ -1,0 +1,268 @@
+"""Tables (stdout and markdown), the JSON file and the plots of a benchmark run."""
+import json
+import math
+import os
+
+NA = "n/a"
+
+
+def _ms(x):
+    if x is None or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return NA
+    ms = x * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def _x(x):
+    return NA if x is None or not math.isfinite(x) else f"{x:.2f}x"
+
+
+def _num(x, fmt="{:.3g}"):
+    return NA if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+
+def _pct(x):
+    return NA if x is None or not math.isfinite(x) else f"{100 * x:.0f}%"
+
+
+def _size(n):
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def _note(rec):
+    if not rec.get("available", False):
+        return "not available: " + rec.get("reason", "")
+    parts = []
+    if rec.get("speedup_vs"):
+        parts.append(" ".join(f"{_x(v)} vs {k.replace('torch ', '')}"
+                              for k, v in rec["speedup_vs"].items()))
+    if "recall" in rec:
+        parts.append(f"recall {rec['recall']:.3f}, returned {rec['returned_k']}")
+    return "; ".join(parts)
+
+
+TIMING_COLUMNS = [
+    ("impl", lambda r: r["impl"]),
+    ("median ms", lambda r: _ms(r.get("median_s"))),
+    ("min ms", lambda r: _ms(r.get("min_s"))),
+    ("max ms", lambda r: _ms(r.get("max_s"))),
+    ("speedup vs ref", lambda r: _x(r.get("speedup_vs_ref"))),
+    ("GB/s", lambda r: _num(r.get("gb_per_s"))),
+    ("of copy BW", lambda r: _pct(r.get("frac_copy_bw"))),
+    ("note", _note),
+]
+
+KERNEL_TABLES = [
+    ("dense_step", "Dense optimizer step (reference: torch fused; incrkern optim = "
+     "optimizer.step(), incrkern ops = the update op alone)",
+     [("optimizer", lambda r: r["optimizer"]),
+      ("shapes", lambda r: f"{r['shapes']} ({_size(r['numel'])}, {r['n_tensors']} tensors)")]),
+    ("topk", "Top-k of one fp32 score tensor (reference: torch.topk(scores, k, sorted=False))",
+     [("n", lambda r: _size(r["n"])), ("k", lambda r: f"{r['density']:g}")]),
+    ("select", "Selection by |grad| over the transformer parameter list",
+     [("scope", lambda r: r["scope"]), ("k", lambda r: f"{r['density']:g} ({_size(r['k'])})")]),
+    ("sparse_step", "AdamW step at a density, selection included (reference: dense torch "
+     "AdamW fused)",
+     [("shapes", lambda r: f"{r['shapes']} ({_size(r['numel'])}, {r['n_tensors']} tensors)"),
+      ("density", lambda r: "dense" if r["density"] is None else f"{r['density']:g}")]),
+    ("accumulate", "Gradient accumulation, acc += a*g (and sq += a*g*g)",
+     [("shapes", lambda r: f"{r['shapes']} ({_size(r['numel'])}, {r['n_tensors']} tensors)"),
+      ("sq", lambda r: "yes" if r["sq"] else "no")]),
+]
+
+STATE_COLUMNS = [
+    ("mode", lambda r: r["mode"]),
+    ("state bytes", lambda r: _num(r.get("state_bytes"), "{:,}")),
+    ("bytes / param", lambda r: _num(r.get("bytes_per_param"), "{:.2f}")),
+    ("note", lambda r: "" if r["available"] else "not available: " + r["reason"]),
+]
+
+CONVERGENCE_COLUMNS = [
+    ("model", lambda r: r["model"]),
+    ("row", lambda r: r["row"]),
+    ("final test acc", lambda r: _num(r.get("final_test_acc"), "{:.3f}")),
+    ("vs dense", lambda r: _num(r.get("final_acc_minus_dense"), "{:+.3f}")),
+    ("acc at equal updates", lambda r: _num(r.get("acc_at_equal_updates"), "{:.3f}")),
+    ("wall s", lambda r: _num(r.get("wall_s"), "{:.2f}")),
+    ("wall vs dense", lambda r: _x(r.get("wall_vs_dense"))),
+    ("state B/param", lambda r: _num(r.get("state_bytes_per_param"), "{:.2f}")),
+    ("note", lambda r: "" if r["available"] else "not available: " + r["reason"]),
+]
+
+
+def _cells(records, columns):
+    return [h for h, _ in columns], [[str(fn(r)) for _, fn in columns] for r in records]
+
+
+def text_table(records, columns):
+    header, rows = _cells(records, columns)
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown_table(records, columns):
+    header, rows = _cells(records, columns)
+    esc = lambda c: c.replace("|", "\\|")
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def sections(results):
+    """(title, records, columns) of every table of a run, in order."""
+    out = []
+    kernels = results.get("kernels")
+    if kernels:
+        recs = kernels["records"]
+        for bench, title, lead in KERNEL_TABLES:
+            rows = [r for r in recs if r["bench"] == bench]
+            if rows:
+                out.append((title, rows, lead + TIMING_COLUMNS))
+        rows = [r for r in recs if r["bench"] == "state_bytes"]
+        if rows:
+            n = rows[0]["numel"]
+            out.append((f"Optimizer state bytes per parameter (AdamW, transformer of "
+                        f"{_size(n)} params, after two updates)", rows, STATE_COLUMNS))
+    conv = results.get("convergence")
+    if conv:
+        out.append((f"Convergence on digits ({conv['train_size']} train / {conv['test_size']} "
+                    f"test, batch {conv['batch']}, {conv['steps']} steps, AdamW lr {conv['lr']}; "
+                    f"equal updates = {conv['equal_updates']})", conv["records"],
+                    CONVERGENCE_COLUMNS))
+    return out
+
+
+def machine_lines(results):
+    m = results["machine"]
+    lines = [f"device: {m['device']} ({m['device_name']})", f"CPU: {m['cpu']}, "
+             f"{m['cpu_count']} logical CPUs, torch threads: {m['torch_threads']}",
+             f"torch {m['torch']}, Python {m['python']}, incrkern {m['incrkern']} "
+             f"(extension loaded: {m['build'].get('extension_loaded')}, CUDA kernels: "
+             f"{m['build'].get('cuda_kernels_loaded')})"]
+    if "gpu_memory_gib" in m:
+        lines.append(f"GPU memory: {m['gpu_memory_gib']} GiB, torch CUDA {m['torch_cuda']}")
+    kernels = results.get("kernels")
+    if kernels:
+        bw = kernels["copy_bandwidth"]
+        lines.append(f"copy bandwidth (dst.copy_(src), {_size(bw['start']['numel'])} fp32, "
+                     f"read+write): {bw['start']['bytes_per_s'] / 1e9:.2f} GB/s at the start, "
+                     f"{bw['end']['bytes_per_s'] / 1e9:.2f} GB/s at the end")
+    lines.append(f"run: {results['command']} at {m['date_utc']} UTC")
+    return lines
+
+
+def print_tables(results, file=None):
+    print("\n".join(machine_lines(results)), file=file)
+    for title, rows, columns in sections(results):
+        print(f"\n== {title}", file=file)
+        print(text_table(rows, columns), file=file)
+
+
+HOW_TO_READ = """\
+Times are the median of the repeats after a warm-up, with the min and max beside it.
+"speedup vs ref" is the reference's median time divided by the row's, both measured in
+this run (above 1: faster than the reference). GB/s counts the least bytes the step must
+move (AdamW 28 per updated element, SGD with momentum 20, accumulate 12 and 20 with the
+square, selection 4 per scanned element for one pass); "of copy BW" divides it by the
+copy bandwidth measured in the same run."""
+
+
+def markdown(results, plots):
+    lines = [f"# incrkern benchmarks: {results['machine']['device_name']}", ""]
+    lines += [f"- {line}" for line in machine_lines(results)]
+    lines += ["", HOW_TO_READ]
+    for title, rows, columns in sections(results):
+        lines += ["", f"## {title}", "", markdown_table(rows, columns)]
+    for caption, path in plots:
+        lines += ["", f"![{caption}]({os.path.basename(path)})"]
+    return "\n".join(lines) + "\n"
+
+
+def _clean(obj):
+    """JSON without NaN/inf (they become null)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_json(results, path):
+    with open(path, "w") as f:
+        json.dump(_clean(results), f, indent=1, allow_nan=False)
+
+
+# ----------------------------------------------------------------------------------
+# plots
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_density(results, path):
+    """Time per AdamW step against density, one line per implementation, per shape set."""
+    recs = [r for r in results["kernels"]["records"]
+            if r["bench"] == "sparse_step" and r["available"]]
+    if not recs:
+        return None
+    plt = _pyplot()
+    shapes = list(dict.fromkeys(r["shapes"] for r in recs))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rows = [r for r in recs if r["shapes"] == shape]
+        densities = sorted({r["density"] for r in rows if r["density"] is not None})
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            mine = [r for r in rows if r["impl"] == impl]
+            if mine[0]["density"] is None:  # a dense reference: one time for every density
+                if not densities:
+                    continue
+                ax.plot([densities[0], densities[-1]], [mine[0]["median_s"] * 1e3] * 2, "--k",
+                        label=impl)
+                continue
+            pts = sorted((r["density"], r["median_s"] * 1e3) for r in mine)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=impl, markersize=4)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("density")
+        ax.set_ylabel("ms per step (median)")
+        ax.set_title(f"{shape} ({_size(rows[0]['numel'])} params)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"AdamW step time vs density, {results['machine']['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_convergence(results, path):
+    recs = [r for r in results["convergence"]["records"] if r["available"] and r["main"]]
+    if not recs:
+        return None
+    plt = _pyplot()
+    models = list(dict.fromkeys(r["model"] for r in recs))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for r in (r for r in recs if r["model"] == model):
+            ax.plot([c["calls"] for c in r["curve"]], [c["test_acc"] for c in r["curve"]],
+                    "--" if r["torch_dense"] else "-", label=r["row"])
+        ax.set_xlabel("optimizer.step() calls")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"digits, {model}")
+        ax.set_ylim(0, 1)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,160 @@
+"""Smoke test of `python -m incrkern.bench`: every entry point runs end to end on tiny
+sizes and writes valid JSON, markdown and plots. No timing is asserted."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from incrkern.bench import cli, common, convergence, kernels, report
+from incrkern.bench.shapes import SIZES, numel, transformer_shapes
+
+TIMED = ("median_s", "min_s", "max_s", "gb_per_s", "frac_copy_bw", "speedup_vs_ref")
+
+
+def _positive(x):
+    return common.finite_positive(x)
+
+
+def _check_figure(rec):
+    assert isinstance(rec["impl"], str) and rec["impl"]
+    assert isinstance(rec["available"], bool)
+    if not rec["available"]:
+        assert rec["reason"], rec
+        return
+    for key in TIMED:
+        assert _positive(rec[key]), (key, rec)
+    assert rec["min_s"] <= rec["median_s"] <= rec["max_s"]
+    assert rec["bytes"] > 0 and rec["repeats"] >= 1
+    for value in rec.get("speedup_vs", {}).values():
+        assert _positive(value)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    results, paths = cli.run_bench("all", "tiny", "cpu", str(out), progress=False, quiet=True)
+    return results, paths
+
+
+def test_measure_counts_every_sample():
+    calls = []
+    timing = common.measure(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and timing["repeats"] == 3
+    assert 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+
+
+def test_copy_bandwidth_is_positive():
+    bw = common.copy_bandwidth(10_000, repeats=2)
+    assert _positive(bw["bytes_per_s"]) and bw["bytes"] == 2 * 4 * 10_000
+
+
+def test_transformer_shapes_match_bert_base():
+    shapes = transformer_shapes()
+    assert len(shapes) == 5 + 12 * 12
+    # 12 layers of 7.09M, plus 23.8M of embeddings and their layer norm
+    assert numel(shapes) == 108_891_648
+
+
+def test_sampled_threshold_keeps_about_k():
+    scores = torch.rand(100_000)
+    gen = torch.Generator().manual_seed(0)
+    found = kernels.sampled_threshold_topk(scores, 1000, gen)
+    assert 500 < found.numel() < 2000
+    assert scores[found].min() >= torch.topk(scores, 3000).values.min()
+
+
+def test_state_bytes_counts_nested_tensors():
+    p = torch.nn.Parameter(torch.zeros(10))
+    p.grad = torch.ones(10)
+    opt = torch.optim.AdamW([p])
+    opt.step()
+    assert common.state_bytes(opt) == 10 * 4 * 2 + 4  # exp_avg, exp_avg_sq, step
+
+
+def test_run_writes_valid_files(tiny_run):
+    results, paths = tiny_run
+    with open(paths["json"]) as f:
+        loaded = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert set(loaded) >= {"machine", "kernels", "convergence", "command", "total_s"}
+    assert loaded["machine"]["torch"] == torch.__version__
+    assert loaded["machine"]["torch_threads"] >= 1
+    with open(paths["markdown"]) as f:
+        md = f.read()
+    assert loaded["machine"]["device_name"] in md and "| impl |" in md
+    assert any(k.startswith("plot") for k in paths)
+    for key, path in paths.items():
+        if key.startswith("plot"):
+            with open(path, "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kernel_records(tiny_run):
+    results, _ = tiny_run
+    kern = results["kernels"]
+    assert _positive(kern["copy_bandwidth"]["roofline_bytes_per_s"])
+    benches = {r["bench"] for r in kern["records"]}
+    assert benches == {"dense_step", "topk", "select", "sparse_step", "accumulate",
+                       "state_bytes"}
+    for rec in kern["records"]:
+        if rec["bench"] == "state_bytes":
+            if rec["available"]:
+                assert _positive(rec["bytes_per_param"])
+            continue
+        _check_figure(rec)
+    # the torch counterparts are always measured, and are their own reference
+    refs = [r for r in kern["records"] if "reference" in r and r["impl"] == r["reference"]]
+    assert refs and all(r["available"] and r["speedup_vs_ref"] == 1.0 for r in refs)
+    # incrkern's dense update op exists in every build: it is measured, not skipped
+    ops = [r for r in kern["records"] if r["bench"] == "dense_step"
+           and r["impl"] == "incrkern ops"]
+    assert len(ops) == 6 and all(r["available"] for r in ops)
+    assert all(set(r["speedup_vs"]) == set(kernels.TORCH_IMPLS) for r in ops)
+
+
+def test_convergence_records(tiny_run):
+    results, _ = tiny_run
+    conv = results["convergence"]
+    assert len(conv["records"]) == len(convergence.plan("tiny").rows)
+    dense = conv["records"][0]
+    assert dense["torch_dense"] and dense["available"]
+    for rec in conv["records"]:
+        if not rec["available"]:
+            assert rec["reason"]
+            continue
+        assert 0.0 <= rec["final_test_acc"] <= 1.0
+        assert _positive(rec["wall_s"]) and _positive(rec["state_bytes"])
+        assert rec["curve"][0]["calls"] == 0 and rec["curve"][-1]["calls"] == rec["steps"]
+        assert rec["acc_at_equal_updates"] is not None
+
+
+def test_tables_render(tiny_run):
+    results, _ = tiny_run
+    titles = [title for title, _, _ in report.sections(results)]
+    assert len(titles) == 7
+    for _, rows, columns in report.sections(results):
+        text = report.text_table(rows, columns)
+        assert len(text.splitlines()) == len(rows) + 2
+
+
+def test_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "incrkern.bench", "convergence", "--tiny",
+                           "--device", "cpu", "--out", str(tmp_path), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Convergence on digits" in proc.stdout
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert any(f.endswith("-tiny-convergence.json") for f in files), files
+    assert any(f.endswith("-tiny-convergence.md") for f in files), files
+
+
+def test_sizes_are_consistent():
+    for sizes in SIZES.values():
+        sets = sizes.shape_sets()
+        assert set(sets) == {"one_tensor", "many_small", "transformer"}
+        assert all(numel(s) > 0 for s in sets.values())
+        assert all(0 < d <= 1 for d in sizes.densities)
+    assert math.isclose(numel(SIZES["quick"].shape_sets()["one_tensor"]) * 10,
+                        numel(SIZES["full"].shape_sets()["one_tensor"]))
