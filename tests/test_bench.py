@@ -48,6 +48,10 @@ def test_measure_counts_every_sample():
 
 def test_copy_bandwidth_is_positive():
     bw = common.copy_bandwidth(10_000, repeats=2)
+    probe = common.CopyProbe(10_000)
+    probe.measure()
+    probe.measure()
+    assert len(probe.samples) == 2 and _positive(probe.best)
     assert _positive(bw["bytes_per_s"]) and bw["bytes"] == 2 * 4 * 10_000
 
 

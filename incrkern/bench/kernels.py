@@ -465,28 +465,40 @@ def cases(sizes):
 
 
 def run(sizes, device, progress=None):
-    """Runs every kernel case; returns {"copy_bandwidth": ..., "records": [...]}."""
+    """Runs every kernel case; returns {"copy_bandwidth": ..., "records": [...]}.
+
+    The copy bandwidth is measured before every case (others may share the machine);
+    fractions of it are taken against the best of those measurements, the most the
+    machine was seen to copy in this run."""
     ctx = {"device": torch.device(device), "sizes": sizes}
-    bw_start = common.copy_bandwidth(sizes.copy_numel, device=device)
-    ctx["roofline_bps"] = bw_start["bytes_per_s"]
+    probe = common.CopyProbe(sizes.copy_numel, device)
+    probe.measure(warmup=2, repeats=5)
     records = []
     all_cases = cases(sizes)
-    bar = progress(total=len(all_cases) + 1, desc="kernels") if progress else None
+    bar = progress(total=len(all_cases), desc="kernels") if progress else None
     for case in all_cases:
         if bar:
             bar.set_postfix_str(case.label)
+        probe.measure()
+        ctx["roofline_bps"] = probe.best
         records.extend(case(ctx))
         if bar:
             bar.update(1)
-    bw_end = common.copy_bandwidth(sizes.copy_numel, device=device)
     if bar:
-        bar.update(1)
         bar.close()
+    probe.measure(warmup=1, repeats=5)
+    roofline = probe.best
+    for rec in records:
+        if rec.get("available") and "bytes" in rec and "median_s" in rec:
+            rec["frac_copy_bw"] = rec["bytes"] / rec["median_s"] / roofline
+    samples = [s["bytes_per_s"] for s in probe.samples]
+    probe.close()
     return {
         "mode": sizes.name,
-        "copy_bandwidth": {"start": bw_start, "end": bw_end,
-                           "roofline_bytes_per_s": ctx["roofline_bps"],
-                           "note": "fractions use the copy bandwidth measured at the start; "
-                                   "the end figure shows how much the machine drifted"},
+        "copy_bandwidth": {"numel": sizes.copy_numel, "roofline_bytes_per_s": roofline,
+                           "median_bytes_per_s": sorted(samples)[len(samples) // 2],
+                           "min_bytes_per_s": min(samples), "measurements": len(samples),
+                           "samples_bytes_per_s": samples,
+                           "note": "measured before every case; fractions use the best"},
         "records": records,
     }

@@ -148,9 +148,11 @@ def machine_lines(results):
     kernels = results.get("kernels")
     if kernels:
         bw = kernels["copy_bandwidth"]
-        lines.append(f"copy bandwidth (dst.copy_(src), {_size(bw['start']['numel'])} fp32, "
-                     f"read+write): {bw['start']['bytes_per_s'] / 1e9:.2f} GB/s at the start, "
-                     f"{bw['end']['bytes_per_s'] / 1e9:.2f} GB/s at the end")
+        lines.append(f"copy bandwidth (dst.copy_(src), {_size(bw['numel'])} fp32, bytes read + "
+                     f"written), measured {bw['measurements']} times in this run: best "
+                     f"{bw['roofline_bytes_per_s'] / 1e9:.2f} GB/s (the roofline below), median "
+                     f"{bw['median_bytes_per_s'] / 1e9:.2f}, lowest "
+                     f"{bw['min_bytes_per_s'] / 1e9:.2f}")
     lines.append(f"run: {results['command']} at {m['date_utc']} UTC")
     return lines
 
@@ -168,7 +170,8 @@ Times are the median of the repeats after a warm-up, with the min and max beside
 this run (above 1: faster than the reference). GB/s counts the least bytes the step must
 move (AdamW 28 per updated element, SGD with momentum 20, accumulate 12 and 20 with the
 square, selection 4 per scanned element for one pass); "of copy BW" divides it by the
-copy bandwidth measured in the same run."""
+best copy bandwidth measured in the same run (the copy is timed before every case).
+"n/a ... not available" marks an implementation that is not in this build yet."""
 
 
 def markdown(results, plots):
