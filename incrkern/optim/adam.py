@@ -44,12 +44,17 @@ class Adam(IncrementalOptimizer):
     def _new_step(self, p):
         return self._place_step(torch.tensor(0.0), p)
 
-    def _init_dense_state(self, group, p):
+    def _init_state(self, group, p, k, sparse):
         state = self.state[p]
-        state["step"] = self._new_step(p)
+        if "step" not in state:
+            state["step"] = self._new_step(p)
+        shape = p.shape if k is None else (k,)
         dtype = ops.math_dtype(p.dtype)
-        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        if sparse and group["bias_correction"] == "element" and "age" not in state:
+            state["age"] = torch.zeros(shape, dtype=torch.int32, device=p.device)
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]
