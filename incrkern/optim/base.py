@@ -238,7 +238,7 @@ class IncrementalOptimizer(Optimizer):
         zeroed on first use: grad_acc, residual, fisher, velocity."""
         state = self.state[p]
         if key not in state:
-            state[key] = torch.zeros(p.numel(), dtype=ops.math_dtype(p.dtype), device=p.device)
+            state[key] = torch.zeros(p.shape, dtype=ops.math_dtype(p.dtype), device=p.device)
         return state[key]
 
     def _check_incremental(self, group, params):
