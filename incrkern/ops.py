@@ -214,6 +214,51 @@ def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=
 # accumulate family
 
 
+def accumulate_(accs, grads, alpha=1.0, sq_accs=None, *, sq_alpha=None, sq_decay=1.0):
+    """In place over many tensors: ``acc += alpha * g`` for every accumulator in `accs`
+    and ``sq = sq_decay * sq + sq_alpha * g * g`` for every one in `sq_accs`.
+
+    Either list may be empty (or None): a Fisher EMA passes only `sq_accs`, with
+    sq_decay=beta and sq_alpha=1-beta. `sq_alpha` defaults to `alpha`. Grads are
+    float32, bfloat16 or float16 (float64 on the CPU); accumulators are float32
+    (float64 for float64 grads), contiguous, with the grad's number of elements.
+    """
+    grads = _as_list("grads", grads)
+    accs = _as_list("accs", accs, allow_none=True)
+    sq_accs = _as_list("sq_accs", sq_accs, allow_none=True)
+    _check_number("alpha", alpha)
+    if sq_alpha is None:
+        sq_alpha = alpha
+    _check_number("sq_alpha", sq_alpha)
+    _check_number("sq_decay", sq_decay)
+    n = len(grads)
+    _check_length("accs", accs, n, may_be_empty=True)
+    _check_length("sq_accs", sq_accs, n, may_be_empty=True)
+    for i, g in enumerate(grads):
+        device = grads[0].device
+        dtypes = _CUDA_FLOAT_DTYPES if device.type == "cuda" else _FLOAT_DTYPES
+        _check_tensor(f"grads[{i}]", g, device=device, dtypes=dtypes)
+        math = math_dtype(g.dtype)
+        if accs:
+            _check_tensor(f"accs[{i}]", accs[i], device=device, dtypes=(math,),
+                          numel=g.numel())
+        if sq_accs:
+            _check_tensor(f"sq_accs[{i}]", sq_accs[i], device=device, dtypes=(math,),
+                          numel=g.numel())
+    if not grads or not (accs or sq_accs):
+        return
+    kernel = _kernel("accumulate_", grads[0].device)
+    impl = kernel if kernel is not None else reference.accumulate_
+    impl(accs, grads, float(alpha), sq_accs, float(sq_alpha), float(sq_decay))
+
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("incrkern::accumulate_")
+    def _accumulate_fake(*args, **kwargs):
+        return None
+
+
 # ----------------------------------------------------------------------------------
 # select family
 

@@ -121,5 +121,20 @@ def sgd_update_(params, grads, momentum_buffers, indices=(), masks=(), first_ste
 # accumulate family
 
 
+@torch.no_grad()
+def accumulate_(accs, grads, alpha=1.0, sq_accs=(), sq_alpha=1.0, sq_decay=1.0):
+    """acc += alpha * g; sq = sq_decay * sq + sq_alpha * g * g (accumulators in the
+    grad's math dtype), each product rounded on its own as the kernels do."""
+    for i, g in enumerate(grads):
+        if accs:
+            acc = accs[i].view(-1)
+            grad = g.reshape(-1).to(acc.dtype)
+            acc.add_(grad * alpha)
+        if sq_accs:
+            sq = sq_accs[i].view(-1)
+            grad = g.reshape(-1).to(sq.dtype)
+            sq.copy_(sq * sq_decay + sq_alpha * grad * grad)
+
+
 # ----------------------------------------------------------------------------------
 # select family
