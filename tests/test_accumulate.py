@@ -154,3 +154,19 @@ def test_accumulate_cuda_matches_cpu(dtype, offset):
     # The GPU contracts a * b + c into one fused multiply-add: a few ulp apart.
     for c, e in zip(cuda[1] + cuda[2], accs + sqs):
         torch.testing.assert_close(c.cpu(), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_accumulate_special_values(dtype):
+    # Every fp16 bit pattern (subnormals, zeros of both signs, inf, NaN) widens exactly.
+    if dtype == torch.float16:
+        g = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    else:
+        info = torch.finfo(dtype)
+        g = torch.tensor([0.0, -0.0, info.tiny, info.tiny / 4, -info.tiny / 8, info.max,
+                          -info.max, float("inf"), float("-inf"), float("nan"), 1.0, -3.5],
+                         dtype=dtype)
+    acc, sq = torch.zeros(g.numel()), torch.zeros(g.numel())
+    ops.accumulate_([acc], [g], 1.0, [sq], sq_alpha=1.0)
+    torch.testing.assert_close(acc, g.float(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(sq, g.float() * g.float(), rtol=0, atol=0, equal_nan=True)
