@@ -2,6 +2,8 @@
 ValueError / TypeError that names it before any tensor is touched, then run the
 compiled kernel (CPU or CUDA) or, where there is none, the reference in
 incrkern.reference. Fake (meta) kernels for torch.compile are registered here too."""
+import math
+
 import torch
 
 from . import reference
@@ -214,8 +216,205 @@ def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=
 # accumulate family
 
 
+def accumulate_(accs, grads, alpha=1.0, sq_accs=None, *, sq_alpha=None, sq_decay=1.0):
+    """In place over many tensors: ``acc += alpha * g`` for every accumulator in `accs`
+    and ``sq = sq_decay * sq + sq_alpha * g * g`` for every one in `sq_accs`.
+
+    Either list may be empty (or None): a Fisher EMA passes only `sq_accs`, with
+    sq_decay=beta and sq_alpha=1-beta. `sq_alpha` defaults to `alpha`. Grads are
+    float32, bfloat16 or float16 (float64 on the CPU); accumulators are float32
+    (float64 for float64 grads), contiguous, with the grad's number of elements.
+    """
+    grads = _as_list("grads", grads)
+    accs = _as_list("accs", accs, allow_none=True)
+    sq_accs = _as_list("sq_accs", sq_accs, allow_none=True)
+    _check_number("alpha", alpha)
+    if sq_alpha is None:
+        sq_alpha = alpha
+    _check_number("sq_alpha", sq_alpha)
+    _check_number("sq_decay", sq_decay)
+    n = len(grads)
+    _check_length("accs", accs, n, may_be_empty=True)
+    _check_length("sq_accs", sq_accs, n, may_be_empty=True)
+    for i, g in enumerate(grads):
+        device = grads[0].device
+        dtypes = _CUDA_FLOAT_DTYPES if device.type == "cuda" else _FLOAT_DTYPES
+        _check_tensor(f"grads[{i}]", g, device=device, dtypes=dtypes)
+        math = math_dtype(g.dtype)
+        if accs:
+            _check_tensor(f"accs[{i}]", accs[i], device=device, dtypes=(math,),
+                          numel=g.numel())
+        if sq_accs:
+            _check_tensor(f"sq_accs[{i}]", sq_accs[i], device=device, dtypes=(math,),
+                          numel=g.numel())
+    if not grads or not (accs or sq_accs):
+        return
+    kernel = _kernel("accumulate_", grads[0].device)
+    impl = kernel if kernel is not None else reference.accumulate_
+    impl(accs, grads, float(alpha), sq_accs, float(sq_alpha), float(sq_decay))
+
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("incrkern::accumulate_")
+    def _accumulate_fake(*args, **kwargs):
+        return None
+
+
 # ----------------------------------------------------------------------------------
 # select family
+
+
+SCORES = ("grad", "grad_sq", "weight", "accumulated", "random")
+SCOPES = ("tensor", "global")
+
+#: Approximate mode: the count returned lies within max(1, APPROX_COUNT_TOLERANCE * k)
+#: of k, and every chosen score is >= (1 - APPROX_VALUE_TOLERANCE) times the true k-th
+#: score (the CPU kernel only returns whole top sets, so there it is >= the k-th).
+APPROX_COUNT_TOLERANCE = 0.01
+APPROX_VALUE_TOLERANCE = 1e-3
+
+
+def _check_k_int(name, k, numel):
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if k < 0 or k > numel:
+        raise ValueError(f"{name} must be in [0, {numel}], got {k}")
+    return int(k)
+
+
+def _density_k(density, numel):
+    return min(numel, math.ceil(density * numel))
+
+
+def _check_select_dtype(name, t, device):
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    dtypes = _CUDA_FLOAT_DTYPES if device.type == "cuda" else _FLOAT_DTYPES
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected one of "
+                        + ", ".join(str(d) for d in dtypes))
+
+
+def topk(x, k, *, approx=False):
+    """Indices into x.reshape(-1) of the k largest values, in ascending index order.
+
+    Exact (approx=False): the same set as torch.topk, ties broken towards the lowest
+    index, deterministic and the same on CPU and CUDA. NaN ranks above +inf; -0 and
+    +0 are equal. k may be 0 or x.numel(). approx=True: see `select`.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    _check_select_dtype("x", x, x.device)
+    k = _check_k_int("k", k, x.numel())
+    x = x.contiguous()
+    kernel = _kernel("topk", x.device)
+    impl = kernel if kernel is not None else reference.topk
+    return impl(x, k, bool(approx))
+
+
+def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=None,
+           weights=None, generator=None):
+    """Indices (int64, ascending) of the chosen elements of each tensor (flattened).
+
+    k: an int (per tensor for scope="tensor", the total for scope="global"), a list of
+    ints (one per tensor, scope="tensor"), or a float density in (0, 1] meaning
+    ceil(density * numel) per tensor, or of the total numel for scope="global".
+    score: "grad" |t|; "grad_sq" t itself (the caller's EMA of g^2); "weight"
+    |weights[i]| (`tensors` give the shapes); "accumulated" |residual[i] + t| (the
+    residuals in float32, or float64 for float64 tensors); "random" a uniform key
+    per element, drawn from `generator` (torch.Generator, None: the default one).
+    scope="global": the k largest over the concatenation of all tensors, ties broken
+    towards the lowest position in the concatenation, returned split per tensor.
+    approx=True: the k-th score is estimated (from a sample on the CPU, from two
+    11-bit histogram passes on CUDA) and one pass keeps every element at or above the
+    estimate: the count lies within max(1, 1% of k) of k and every chosen score is
+    at least (1 - 1e-3) times the true k-th score (APPROX_*_TOLERANCE); when the
+    estimate misses by more, the exact selection runs instead.
+    """
+    tensors = _as_list("tensors", tensors)
+    if not isinstance(score, str) or score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}; got {score!r}")
+    if not isinstance(scope, str) or scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+    residual = _as_list("residual", residual, allow_none=True)
+    weights = _as_list("weights", weights, allow_none=True)
+    if score == "accumulated":
+        _check_length("residual", residual, len(tensors))
+    elif residual:
+        raise ValueError("residual is only used with score='accumulated'")
+    if score == "weight":
+        _check_length("weights", weights, len(tensors))
+    elif weights:
+        raise ValueError("weights is only used with score='weight'")
+    if tensors:
+        device = tensors[0].device
+        for i, t in enumerate(tensors):
+            _check_select_dtype(f"tensors[{i}]", t, device)
+            if residual:
+                r = residual[i]
+                allowed = (torch.float32, torch.float64) if t.dtype == torch.float64 \
+                    else (torch.float32,)
+                _check_tensor(f"residual[{i}]", r.contiguous(), device=device, dtypes=allowed,
+                              numel=t.numel())
+            if weights:
+                _check_select_dtype(f"weights[{i}]", weights[i], device)
+                if weights[i].numel() != t.numel():
+                    raise ValueError(f"weights[{i}] has {weights[i].numel()} elements, "
+                                     f"expected {t.numel()}")
+    numels = [t.numel() for t in tensors]
+    global_scope = scope == "global"
+    if isinstance(k, bool):
+        raise TypeError("k must be an int, a list of ints or a float density, got bool")
+    if isinstance(k, float):
+        if not 0.0 < k <= 1.0:
+            raise ValueError(f"k as a density must be in (0, 1], got {k}")
+        ks = [_density_k(k, sum(numels))] if global_scope else \
+            [_density_k(k, n) for n in numels]
+    elif isinstance(k, int):
+        if global_scope:
+            ks = [_check_k_int("k", k, sum(numels))]
+        else:
+            ks = [_check_k_int("k", k, n) for n in numels]
+    elif isinstance(k, (list, tuple)):
+        if global_scope:
+            raise ValueError("k as a list needs scope='tensor'; give one total for 'global'")
+        if len(k) != len(tensors):
+            raise ValueError(f"k has {len(k)} entries, expected {len(tensors)}")
+        ks = [_check_k_int(f"k[{i}]", ki, n) for i, (ki, n) in enumerate(zip(k, numels))]
+    else:
+        raise TypeError(f"k must be an int, a list of ints or a float, got {type(k).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not tensors:
+        return []
+    seed = 0
+    if score == "random":
+        gen_device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
+    tensors = [t.contiguous() for t in tensors]
+    residual = [r.contiguous() for r in residual]
+    weights = [w.contiguous() for w in weights]
+    kernel = _kernel("select", tensors[0].device)
+    impl = kernel if kernel is not None else reference.select
+    return list(impl(tensors, ks, score, global_scope, bool(approx), residual, weights, seed))
+
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("incrkern::topk")
+    def _topk_fake(x, k, approx=False):
+        if approx:
+            return x.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+        return x.new_empty(k, dtype=torch.int64)
+
+    @torch.library.register_fake("incrkern::select")
+    def _select_fake(tensors, ks, score="grad", global_scope=False, approx=False, residuals=(),
+                     weights=(), seed=0):
+        if global_scope or approx:
+            ctx = torch.library.get_ctx()
+            return [t.new_empty(ctx.new_dynamic_size(), dtype=torch.int64) for t in tensors]
+        return [t.new_empty(k, dtype=torch.int64) for t, k in zip(tensors, ks)]
 
 
 # ----------------------------------------------------------------------------------

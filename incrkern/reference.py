@@ -121,5 +121,118 @@ def sgd_update_(params, grads, momentum_buffers, indices=(), masks=(), first_ste
 # accumulate family
 
 
+@torch.no_grad()
+def accumulate_(accs, grads, alpha=1.0, sq_accs=(), sq_alpha=1.0, sq_decay=1.0):
+    """acc += alpha * g; sq = sq_decay * sq + sq_alpha * g * g (accumulators in the
+    grad's math dtype), each product rounded on its own as the kernels do."""
+    for i, g in enumerate(grads):
+        if accs:
+            acc = accs[i].view(-1)
+            grad = g.reshape(-1).to(acc.dtype)
+            acc.add_(grad * alpha)
+        if sq_accs:
+            sq = sq_accs[i].view(-1)
+            grad = g.reshape(-1).to(sq.dtype)
+            sq.copy_(sq * sq_decay + sq_alpha * grad * grad)
+
+
 # ----------------------------------------------------------------------------------
 # select family
+
+_INT64_MAX = 0x7FFFFFFFFFFFFFFF
+_M32 = 0xFFFFFFFF
+
+
+def _order_key(score):
+    """A signed int64 that orders like the float score (in float64): -0 == +0, every
+    NaN above +inf. Used with a stable descending sort, ties go to the lowest index."""
+    v = score.to(torch.float64) + 0.0  # -0 + 0 = +0
+    b = v.view(torch.int64)
+    key = torch.where(b >= 0, b, b ^ _INT64_MAX)
+    return torch.where(v.isnan(), torch.full_like(key, _INT64_MAX), key)
+
+
+def _mul32(h, c):
+    """(h * c) mod 2^32 for int64 tensors h < 2^32, without int64 overflow."""
+    lo = (h & 0xFFFF) * c
+    hi = (((h >> 16) * c) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _fmix32(h):
+    if isinstance(h, int):
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & _M32
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & _M32
+        return h ^ (h >> 16)
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def random_scores(seed, tensor, numel, device="cpu"):
+    """The "random" score of every element of tensor number `tensor`: a uint32 hash
+    of (seed, tensor, index), as an int64 tensor (the kernels compute the same)."""
+    s = seed & 0xFFFFFFFFFFFFFFFF
+    lo, hi = s & _M32, s >> 32
+    kt = _fmix32(lo ^ _fmix32((hi + (tensor & _M32) * 0x9E3779B9) & _M32))
+    kt2 = _fmix32(kt ^ 0x6A09E667)
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    h = _fmix32((i & _M32) ^ kt)
+    return _fmix32((h + _mul32(i >> 32, 0x9E3779B9) + kt2) & _M32)
+
+
+def select_scores(tensors, score, residuals=(), weights=(), seed=0):
+    """One int64 order key per element of each tensor (flattened): larger = chosen first."""
+    keys = []
+    for i, t in enumerate(tensors):
+        if score == "random":
+            keys.append(random_scores(seed, i, t.numel(), t.device))
+            continue
+        if score == "grad":
+            s = t.reshape(-1).abs()
+        elif score == "grad_sq":
+            s = t.reshape(-1)
+        elif score == "weight":
+            s = weights[i].reshape(-1).abs()
+        elif score == "accumulated":
+            r = residuals[i].reshape(-1)
+            s = (r + t.reshape(-1).to(r.dtype)).abs()
+        else:
+            raise ValueError(f"unknown score {score!r}")
+        keys.append(_order_key(s))
+    return keys
+
+
+def _top_positions(keys, k):
+    """Ascending positions of the k largest keys, ties to the lowest position."""
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int64, device=keys.device)
+    order = torch.sort(keys, descending=True, stable=True).indices[:k]
+    return order.sort().values
+
+
+@torch.no_grad()
+def topk(x, k, approx=False):
+    return _top_positions(_order_key(x.reshape(-1)), k)
+
+
+@torch.no_grad()
+def select(tensors, ks, score="grad", global_scope=False, approx=False, residuals=(),
+           weights=(), seed=0):
+    keys = select_scores(tensors, score, residuals, weights, seed)
+    if not global_scope:
+        return [_top_positions(key, k) for key, k in zip(keys, ks)]
+    if not keys:
+        return []
+    chosen = _top_positions(torch.cat(keys), ks[0])
+    out, start = [], 0
+    for key in keys:
+        end = start + key.numel()
+        mask = (chosen >= start) & (chosen < end)
+        out.append(chosen[mask] - start)
+        start = end
+    return out

@@ -1,0 +1,630 @@
+// CPU kernels of the select family: indices (ascending) of the k largest scores of
+// one tensor, of each tensor of a list, or of the concatenation of a list.
+//
+// The element chosen last, e* = the k-th under (key descending, position ascending),
+// defines the answer: an element is chosen iff key > T or (key == T and pos <= I),
+// with (T, I) = (key, position) of e*. The kernels find it in one of two ways:
+//
+//  1. Sampled band (the usual path, one read of the input): the keys of a 64K
+//     sample bound the k-th key from above (H) and below (L) with a margin of four
+//     standard deviations. One pass keeps, per block, the positions with key > H
+//     (winners) and the (key, position) pairs with L <= key <= H (candidates).
+//     When #winners < k <= #winners + #candidates, e* is the (k - #winners)-th
+//     candidate (nth_element on the few candidates) and every block merges its
+//     winners with its chosen candidates into the output. Else the band missed.
+//  2. Radix select (exact fallback, any input): per-thread histograms of 11-bit
+//     digits of the keys, most significant first, each pass restricted to the
+//     keys that share the digits found so far. It stops as soon as the bucket of
+//     the k-th is wholly chosen, or holds few enough elements to finish with the
+//     band pass of 1, whose band is then the bucket itself. Massive ties at the
+//     k-th key are resolved by counting them per block.
+//
+// Positions are int64 everywhere (tensors beyond 2^31 elements). The scores are
+// computed from the inputs on the fly; no score tensor is ever materialised.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "select/select_common.h"
+#include "select/select_keys.h"
+
+namespace incrkern {
+namespace {
+
+using namespace incrkern::select;
+
+constexpr int64_t kBlock = int64_t(1) << 18;     // elements per block of work
+constexpr int64_t kSerialMax = int64_t(1) << 15;  // below: one thread, nth_element
+constexpr int64_t kSample = int64_t(1) << 16;
+constexpr int kDigitBits = 11;
+
+// ---------------------------------------------------------------------------------
+// Readers: key(i) of element i of one tensor, for each score and dtype.
+
+template <typename K, typename T>
+inline K abs_key(T v) {
+  if constexpr (sizeof(K) == 4) return abs_key32(static_cast<float>(v));
+  else return abs_key64(static_cast<double>(v));
+}
+
+template <typename K, typename T>
+inline K signed_key(T v) {
+  if constexpr (sizeof(K) == 4) return signed_key32(static_cast<float>(v));
+  else return signed_key64(static_cast<double>(v));
+}
+
+template <typename K, typename T>
+struct AbsReader {
+  const T* p;
+  K operator()(int64_t i) const { return abs_key<K>(p[i]); }
+};
+
+template <typename K, typename T>
+struct SignedReader {
+  const T* p;
+  K operator()(int64_t i) const { return signed_key<K>(p[i]); }
+};
+
+// |residual + grad|, added in the residual's dtype (the math dtype).
+template <typename K, typename T, typename R>
+struct AccumReader {
+  const T* g;
+  const R* r;
+  K operator()(int64_t i) const { return abs_key<K>(r[i] + static_cast<R>(g[i])); }
+};
+
+template <typename K>
+struct RandomReader {
+  uint32_t kt, kt2;
+  K operator()(int64_t i) const { return K(random_key32(kt, kt2, i)); }
+};
+
+// One tensor's share of a selection: how to read its keys, its length and the
+// position of its first element in the concatenation.
+struct Source {
+  ScoreKind score;
+  at::ScalarType dtype;
+  const void* data;
+  at::ScalarType res_dtype;
+  const void* res;
+  RandomKeys rk;
+  int64_t n;
+  int64_t pos0;
+};
+
+template <typename K, typename Fn>
+void with_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    case at::kDouble:
+      if constexpr (sizeof(K) == 8) return fn(double{});
+      [[fallthrough]];
+    default:
+      TORCH_CHECK(false, "incrkern.select: unsupported dtype ", dtype);
+  }
+}
+
+// Calls fn(reader) with the typed reader of source s.
+template <typename K, typename Fn>
+void with_reader(const Source& s, Fn&& fn) {
+  switch (s.score) {
+    case ScoreKind::Random:
+      return fn(RandomReader<K>{s.rk.kt, s.rk.kt2});
+    case ScoreKind::Abs:
+      return with_dtype<K>(s.dtype, [&](auto t) {
+        using T = decltype(t);
+        fn(AbsReader<K, T>{static_cast<const T*>(s.data)});
+      });
+    case ScoreKind::Signed:
+      return with_dtype<K>(s.dtype, [&](auto t) {
+        using T = decltype(t);
+        fn(SignedReader<K, T>{static_cast<const T*>(s.data)});
+      });
+    case ScoreKind::Accumulated:
+      return with_dtype<K>(s.dtype, [&](auto t) {
+        using T = decltype(t);
+        if (s.res_dtype == at::kDouble) {
+          if constexpr (sizeof(K) == 8)
+            return fn(AccumReader<K, T, double>{static_cast<const T*>(s.data),
+                                                static_cast<const double*>(s.res)});
+          TORCH_CHECK(false, "incrkern.select: float64 residuals need float64 keys");
+        } else {
+          fn(AccumReader<K, T, float>{static_cast<const T*>(s.data),
+                                      static_cast<const float*>(s.res)});
+        }
+      });
+  }
+}
+
+struct Block {
+  int src;
+  int64_t begin, end;  // element range inside the source
+};
+
+template <typename K>
+struct Cand {
+  K key;
+  int64_t pos;  // position in the concatenation
+};
+
+template <typename K>
+inline bool before(const Cand<K>& a, const Cand<K>& b) {
+  return a.key > b.key || (a.key == b.key && a.pos < b.pos);
+}
+
+// Per block results of a band pass.
+template <typename K>
+struct BandOut {
+  std::vector<int64_t> win;   // local positions with key > H, ascending
+  std::vector<K> ckey;        // candidates L <= key <= H, ascending positions
+  std::vector<int64_t> cidx;
+};
+
+template <typename K>
+class Selector {
+ public:
+  Selector(std::vector<Source> srcs, int64_t k, bool approx) : srcs_(std::move(srcs)), k_(k), approx_(approx) {
+    for (const Source& s : srcs_) n_ += s.n;
+    for (int i = 0; i < int(srcs_.size()); ++i)
+      for (int64_t b = 0; b < srcs_[i].n; b += kBlock)
+        blocks_.push_back(Block{i, b, std::min(srcs_[i].n, b + kBlock)});
+    budget_ = std::clamp<int64_t>(n_ / 16, int64_t(1) << 16, int64_t(1) << 23);
+  }
+
+  // One int64 tensor of ascending local positions per source.
+  std::vector<at::Tensor> run() {
+    if (k_ == 0) return finish_empty();
+    if (k_ == n_) return finish_all();
+    if (n_ <= kSerialMax) return run_serial();
+    if (auto band = sample_band()) {
+      std::vector<BandOut<K>> out;
+      const int64_t cap = 2 * budget_;
+      if (band_pass(band->first, band->second, cap, out)) {
+        int64_t w = 0, c = 0;
+        for (const auto& b : out) w += int64_t(b.win.size()), c += int64_t(b.cidx.size());
+        if (w < k_ && k_ <= w + c) return resolve_and_merge(out, k_ - w);
+        if (approx_) {
+          const int64_t tol = tolerance(k_);
+          if (w >= k_ && w - k_ <= tol) return merge_all(out, false);
+          if (w + c < k_ && k_ - (w + c) <= tol) return merge_all(out, true);
+        }
+      }
+    }
+    return run_radix();
+  }
+
+  // The approximate mode's accepted miss: 1% of k, at least 1.
+  static int64_t tolerance(int64_t k) { return std::max<int64_t>(1, k / 100); }
+
+ private:
+  std::vector<Source> srcs_;
+  int64_t k_, n_ = 0, budget_;
+  bool approx_;
+  std::vector<Block> blocks_;
+
+  int64_t gpos(const Block& b, int64_t i) const { return srcs_[b.src].pos0 + i; }
+
+  std::vector<at::Tensor> alloc(const std::vector<int64_t>& per_src) const {
+    std::vector<at::Tensor> outs;
+    for (int64_t c : per_src) outs.push_back(at::empty({c}, at::TensorOptions().dtype(at::kLong)));
+    return outs;
+  }
+
+  std::vector<at::Tensor> finish_empty() const {
+    return alloc(std::vector<int64_t>(srcs_.size(), 0));
+  }
+
+  std::vector<at::Tensor> finish_all() const {
+    std::vector<int64_t> sizes;
+    for (const Source& s : srcs_) sizes.push_back(s.n);
+    std::vector<at::Tensor> outs = alloc(sizes);
+    for (size_t i = 0; i < outs.size(); ++i) {
+      int64_t* o = outs[i].data_ptr<int64_t>();
+      at::parallel_for(0, srcs_[i].n, kBlock, [&](int64_t b, int64_t e) {
+        for (int64_t j = b; j < e; ++j) o[j] = j;
+      });
+    }
+    return outs;
+  }
+
+  // Small inputs: every key in a vector, nth_element, one scan.
+  std::vector<at::Tensor> run_serial() const {
+    std::vector<Cand<K>> all(n_);
+    for (const Source& s : srcs_)
+      with_reader<K>(s, [&](auto rd) {
+        for (int64_t i = 0; i < s.n; ++i) all[s.pos0 + i] = Cand<K>{rd(i), s.pos0 + i};
+      });
+    std::vector<Cand<K>> work(all);
+    std::nth_element(work.begin(), work.begin() + (k_ - 1), work.end(), before<K>);
+    const Cand<K> last = work[k_ - 1];
+    std::vector<int64_t> sizes(srcs_.size(), 0);
+    for (size_t i = 0; i < srcs_.size(); ++i)
+      for (int64_t j = 0; j < srcs_[i].n; ++j)
+        sizes[i] += !before(last, all[srcs_[i].pos0 + j]);
+    std::vector<at::Tensor> outs = alloc(sizes);
+    for (size_t i = 0; i < srcs_.size(); ++i) {
+      int64_t* o = outs[i].data_ptr<int64_t>();
+      for (int64_t j = 0; j < srcs_[i].n; ++j)
+        if (!before(last, all[srcs_[i].pos0 + j])) *o++ = j;
+    }
+    return outs;
+  }
+
+  // The band [L, H] from a strided sample with a random offset in each stride, or
+  // nothing when the sample predicts more candidates than the budget allows.
+  std::optional<std::pair<K, K>> sample_band() const {
+    const int64_t s = std::min(kSample, n_);
+    const int64_t stride = n_ / s;
+    std::vector<int64_t> starts;
+    for (const Source& src : srcs_) starts.push_back(src.pos0);
+    std::vector<K> keys(s);
+    at::parallel_for(0, s, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        int64_t pos = j * stride + int64_t(fmix32(uint32_t(j) * 0x9e3779b9u + 1u) % uint64_t(stride));
+        pos = std::min(pos, n_ - 1);
+        const int src = int(std::upper_bound(starts.begin(), starts.end(), pos) - starts.begin()) - 1;
+        with_reader<K>(srcs_[src], [&](auto rd) { keys[j] = rd(pos - srcs_[src].pos0); });
+      }
+    });
+    const double p = double(k_) / double(n_);
+    const double mean = p * double(s), sd = std::sqrt(double(s) * p * (1 - p));
+    const double margin = 4 * sd + 4;
+    const int64_t rank_hi = int64_t(std::floor(mean - margin));  // ranks from the top, 0-based
+    const int64_t rank_lo = int64_t(std::ceil(mean + margin));
+    auto key_at = [&](int64_t rank) {  // the rank-th largest sample key
+      std::nth_element(keys.begin(), keys.begin() + rank, keys.end(), std::greater<K>());
+      return keys[rank];
+    };
+    const K hi = rank_hi < 0 ? std::numeric_limits<K>::max() : key_at(rank_hi);
+    const K lo = rank_lo >= s ? K(0) : key_at(rank_lo);
+    int64_t in_band = 0;
+    for (K key : keys) in_band += key >= lo && key <= hi;
+    const double predicted = double(in_band) * double(n_) / double(s);
+    if (predicted > double(budget_) / 2) return std::nullopt;
+    return std::make_pair(lo, hi);
+  }
+
+  // One read: per block, positions with key > hi and candidates lo <= key <= hi.
+  // Returns false when the candidates overflow `cap` (the pass then stops early).
+  bool band_pass(K lo, K hi, int64_t cap, std::vector<BandOut<K>>& out) const {
+    out.assign(blocks_.size(), BandOut<K>{});
+    std::atomic<int64_t> total{0};
+    std::atomic<bool> overflow{false};
+    const double expect_w = double(k_) / double(n_);
+    at::parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        if (overflow.load(std::memory_order_relaxed)) return;
+        const Block& blk = blocks_[bi];
+        BandOut<K>& o = out[bi];
+        o.win.reserve(size_t(double(blk.end - blk.begin) * expect_w * 1.1) + 16);
+        with_reader<K>(srcs_[blk.src], [&](auto rd) {
+          auto one = [&](int64_t i, K key) {
+            if (key >= lo) {
+              if (key > hi) {
+                o.win.push_back(i);
+              } else {
+                o.ckey.push_back(key);
+                o.cidx.push_back(i);
+              }
+            }
+          };
+          constexpr int G = 16;
+          int64_t i = blk.begin;
+          for (; i + G <= blk.end; i += G) {
+            K keys[G];
+            for (int j = 0; j < G; ++j) keys[j] = rd(i + j);
+            int any = 0;
+            for (int j = 0; j < G; ++j) any |= keys[j] >= lo;
+            if (!any) continue;
+            for (int j = 0; j < G; ++j) one(i + j, keys[j]);
+          }
+          for (; i < blk.end; ++i) one(i, rd(i));
+        });
+        if (total.fetch_add(int64_t(o.cidx.size())) + int64_t(o.cidx.size()) > cap) {
+          overflow.store(true);
+          return;
+        }
+      }
+    });
+    return !overflow.load();
+  }
+
+  // e* is the r-th candidate under (key desc, position asc); each block then merges
+  // its winners with its chosen candidates.
+  std::vector<at::Tensor> resolve_and_merge(const std::vector<BandOut<K>>& out, int64_t r) const {
+    std::vector<Cand<K>> cands;
+    for (size_t bi = 0; bi < out.size(); ++bi)
+      for (size_t j = 0; j < out[bi].cidx.size(); ++j)
+        cands.push_back(Cand<K>{out[bi].ckey[j], gpos(blocks_[bi], out[bi].cidx[j])});
+    std::nth_element(cands.begin(), cands.begin() + (r - 1), cands.end(), before<K>);
+    const Cand<K> last = cands[r - 1];
+    return merge(out, [&](const Block& b, K key, int64_t i) {
+      return !before(last, Cand<K>{key, gpos(b, i)});
+    });
+  }
+
+  // Winners plus all candidates (take_cands) or the winners alone.
+  std::vector<at::Tensor> merge_all(const std::vector<BandOut<K>>& out, bool take_cands) const {
+    return merge(out, [&](const Block&, K, int64_t) { return take_cands; });
+  }
+
+  template <typename Chosen>
+  std::vector<at::Tensor> merge(const std::vector<BandOut<K>>& out, Chosen&& chosen) const {
+    const int64_t nb = int64_t(blocks_.size());
+    std::vector<int64_t> count(nb), offset(nb);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        int64_t c = int64_t(out[bi].win.size());
+        for (size_t j = 0; j < out[bi].cidx.size(); ++j)
+          c += chosen(blocks_[bi], out[bi].ckey[j], out[bi].cidx[j]);
+        count[bi] = c;
+      }
+    });
+    std::vector<at::Tensor> outs = offsets(count, offset);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        const BandOut<K>& o = out[bi];
+        int64_t* dst = outs[blocks_[bi].src].data_ptr<int64_t>() + offset[bi];
+        size_t w = 0;
+        for (size_t j = 0; j < o.cidx.size(); ++j) {
+          if (!chosen(blocks_[bi], o.ckey[j], o.cidx[j])) continue;
+          while (w < o.win.size() && o.win[w] < o.cidx[j]) *dst++ = o.win[w++];
+          *dst++ = o.cidx[j];
+        }
+        while (w < o.win.size()) *dst++ = o.win[w++];
+      }
+    });
+    return outs;
+  }
+
+  // Output tensors sized from per-block counts; offset[b] = block b's first slot.
+  std::vector<at::Tensor> offsets(const std::vector<int64_t>& count, std::vector<int64_t>& offset) const {
+    std::vector<int64_t> sizes(srcs_.size(), 0);
+    for (size_t bi = 0; bi < blocks_.size(); ++bi) {
+      offset[bi] = sizes[blocks_[bi].src];
+      sizes[blocks_[bi].src] += count[bi];
+    }
+    return alloc(sizes);
+  }
+
+  // Histogram of the digit below bit `shift` of width `bits`, over the keys whose
+  // bits at and above `shift` + `bits`... equal those of `prefix` (all keys when
+  // `top`). Per-thread histograms, four interleaved copies each.
+  std::vector<int64_t> histogram(K prefix, int shift, int bits, bool top) const {
+    const int nbins = 1 << bits;
+    const int high = shift + bits;  // bits at and above are fixed by the prefix
+    const K mask = K(nbins - 1);
+    std::vector<int64_t> total(nbins, 0);
+    std::mutex mu;
+    at::parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
+      std::vector<uint32_t> h(4 * size_t(nbins));
+      std::vector<int64_t> local(nbins, 0);
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        const Block& blk = blocks_[bi];
+        std::fill(h.begin(), h.end(), 0u);
+        with_reader<K>(srcs_[blk.src], [&](auto rd) {
+          uint32_t* h0 = h.data();
+          if (top) {
+            int64_t i = blk.begin;
+            for (; i + 4 <= blk.end; i += 4) {
+              ++h0[size_t(rd(i) >> shift)];
+              ++h0[nbins + size_t(rd(i + 1) >> shift)];
+              ++h0[2 * nbins + size_t(rd(i + 2) >> shift)];
+              ++h0[3 * nbins + size_t(rd(i + 3) >> shift)];
+            }
+            for (; i < blk.end; ++i) ++h0[size_t(rd(i) >> shift)];
+          } else {
+            const K want = prefix >> high;
+            for (int64_t i = blk.begin; i < blk.end; ++i) {
+              const K key = rd(i);
+              if ((key >> high) == want) ++h0[(i & 3) * nbins + size_t((key >> shift) & mask)];
+            }
+          }
+        });
+        for (int c = 0; c < 4; ++c)
+          for (int d = 0; d < nbins; ++d) local[d] += h[size_t(c) * nbins + d];
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      for (int d = 0; d < nbins; ++d) total[d] += local[d];
+    });
+    return total;
+  }
+
+  // The exact path: radix select over the digits, then a band pass or a final
+  // pass with (T, I) known.
+  std::vector<at::Tensor> run_radix() const {
+    constexpr int kBits = int(sizeof(K) * 8);
+    K prefix = 0;
+    int shift = kBits;
+    int64_t r = k_;  // rank of e* among the keys that share the prefix
+    while (true) {
+      const int bits = std::min(kDigitBits, shift);
+      const int low = shift - bits;
+      const auto hist = histogram(prefix, low, bits, shift == kBits);
+      int b = (1 << bits) - 1;
+      int64_t above = 0;
+      for (; b > 0; --b) {
+        if (above + hist[b] >= r) break;
+        above += hist[b];
+      }
+      r -= above;
+      const int64_t count = hist[b];
+      prefix |= K(b) << low;
+      shift = low;
+      const K lo = prefix;
+      const K hi = prefix | (shift == 0 ? K(0) : (K(~K(0)) >> (kBits - shift)));
+      if (count == r)  // the whole bucket is chosen: key >= lo
+        return final_pass(lo, std::numeric_limits<int64_t>::max());
+      if (count <= budget_) {
+        std::vector<BandOut<K>> out;
+        band_pass(lo, hi, std::numeric_limits<int64_t>::max(), out);
+        int64_t w = 0;
+        for (const auto& o : out) w += int64_t(o.win.size());
+        TORCH_CHECK(w + r == k_, "incrkern.select: internal error in the radix select");
+        return resolve_and_merge(out, r);
+      }
+      if (shift == 0) return final_pass(prefix, tie_position(prefix, r));
+    }
+  }
+
+  // Position of the r-th element (in position order) whose key is t.
+  int64_t tie_position(K t, int64_t r) const {
+    const int64_t nb = int64_t(blocks_.size());
+    std::vector<int64_t> count(nb, 0);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        const Block& blk = blocks_[bi];
+        with_reader<K>(srcs_[blk.src], [&](auto rd) {
+          int64_t c = 0;
+          for (int64_t i = blk.begin; i < blk.end; ++i) c += rd(i) == t;
+          count[bi] = c;
+        });
+      }
+    });
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      if (r > count[bi]) {
+        r -= count[bi];
+        continue;
+      }
+      const Block& blk = blocks_[bi];
+      int64_t found = -1;
+      with_reader<K>(srcs_[blk.src], [&](auto rd) {
+        for (int64_t i = blk.begin; i < blk.end; ++i)
+          if (rd(i) == t && --r == 0) {
+            found = gpos(blk, i);
+            return;
+          }
+      });
+      return found;
+    }
+    TORCH_CHECK(false, "incrkern.select: internal error locating a tie");
+  }
+
+  // One read: every element with key > t or (key == t and position <= last_pos).
+  std::vector<at::Tensor> final_pass(K t, int64_t last_pos) const {
+    const int64_t nb = int64_t(blocks_.size());
+    std::vector<std::vector<int64_t>> found(nb);
+    std::vector<int64_t> count(nb), offset(nb);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        const Block& blk = blocks_[bi];
+        auto& f = found[bi];
+        with_reader<K>(srcs_[blk.src], [&](auto rd) {
+          const int64_t pos0 = srcs_[blk.src].pos0;
+          for (int64_t i = blk.begin; i < blk.end; ++i) {
+            const K key = rd(i);
+            if (key > t || (key == t && pos0 + i <= last_pos)) f.push_back(i);
+          }
+        });
+        count[bi] = int64_t(f.size());
+      }
+    });
+    std::vector<at::Tensor> outs = offsets(count, offset);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bi = b0; bi < b1; ++bi)
+        std::copy(found[bi].begin(), found[bi].end(),
+                  outs[blocks_[bi].src].data_ptr<int64_t>() + offset[bi]);
+    });
+    return outs;
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// Ops
+
+bool needs_wide_keys(const std::vector<Source>& srcs) {
+  for (const Source& s : srcs)
+    if (s.score != ScoreKind::Random && (s.dtype == at::kDouble || s.res_dtype == at::kDouble))
+      return true;
+  return false;
+}
+
+std::vector<at::Tensor> run_group(std::vector<Source> srcs, int64_t k, bool approx) {
+  if (needs_wide_keys(srcs)) return Selector<uint64_t>(std::move(srcs), k, approx).run();
+  return Selector<uint32_t>(std::move(srcs), k, approx).run();
+}
+
+void check_cpu_dtype(const char* op, const char* name, size_t i, const at::Tensor& t) {
+  const auto d = t.scalar_type();
+  TORCH_CHECK(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf || d == at::kDouble, op,
+              ": ", name, "[", i, "] must be float32, bfloat16, float16 or float64, got ", d);
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, "[", i, "] is on ", t.device(),
+              ", expected the CPU");
+}
+
+at::Tensor topk_cpu(const at::Tensor& x, int64_t k, bool approx) {
+  check_cpu_dtype("incrkern.topk", "x", 0, x);
+  TORCH_CHECK(k >= 0 && k <= x.numel(), "incrkern.topk: k must be in [0, ", x.numel(),
+              "], got ", k);
+  const at::Tensor xc = x.contiguous();
+  Source s{ScoreKind::Signed, xc.scalar_type(), xc.data_ptr(), at::kFloat, nullptr, {}, xc.numel(), 0};
+  return run_group({s}, k, approx)[0];
+}
+
+std::vector<at::Tensor> select_cpu(at::TensorList tensors, at::IntArrayRef ks, c10::string_view score,
+                                   bool global_scope, bool approx, at::TensorList residuals,
+                                   at::TensorList weights, int64_t seed) {
+  const char* op = "incrkern.select";
+  const SelectArgs a = check_select_args(op, tensors, ks, std::string(score), global_scope,
+                                         residuals, weights);
+  std::vector<at::Tensor> keep;  // contiguous inputs, alive until the end
+  std::vector<Source> srcs;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& data_t = a.score == "weight" ? weights[i] : tensors[i];
+    check_cpu_dtype(op, a.score == "weight" ? "weights" : "tensors", i, data_t);
+    Source s{a.kind, data_t.scalar_type(), nullptr, at::kFloat, nullptr, {}, tensors[i].numel(), 0};
+    if (a.kind != ScoreKind::Random) {
+      keep.push_back(data_t.contiguous());
+      s.data = keep.back().data_ptr();
+    }
+    if (a.kind == ScoreKind::Accumulated) {
+      keep.push_back(residuals[i].contiguous());
+      s.res = keep.back().data_ptr();
+      s.res_dtype = residuals[i].scalar_type();
+    }
+    s.rk = random_keys(seed, int64_t(i));
+    srcs.push_back(s);
+  }
+  if (global_scope) {
+    int64_t pos = 0;
+    for (Source& s : srcs) s.pos0 = pos, pos += s.n;
+    return run_group(srcs, ks[0], approx);
+  }
+  std::vector<at::Tensor> outs(srcs.size());
+  // Small tensors side by side, one thread each; large ones one after another,
+  // each over every thread.
+  std::vector<int64_t> small, large;
+  for (size_t i = 0; i < srcs.size(); ++i)
+    (srcs[i].n <= kBlock ? small : large).push_back(int64_t(i));
+  at::parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const int64_t i = small[j];
+      outs[i] = run_group({srcs[i]}, ks[i], approx)[0];
+    }
+  });
+  for (int64_t i : large) outs[i] = run_group({srcs[i]}, ks[i], approx)[0];
+  return outs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(incrkern, CPU, m) {
+  m.impl("topk", &topk_cpu);
+  m.impl("select", &select_cpu);
+}
+
+}  // namespace incrkern

@@ -1,0 +1,90 @@
+"""Adam and AdamW with incremental (sparse) updates."""
+import torch
+
+from .. import ops
+from .base import IncrementalOptimizer, _check_number
+
+
+class Adam(IncrementalOptimizer):
+    """Drop-in torch.optim.Adam (and, with decoupled_weight_decay=True, AdamW).
+
+    With the defaults it is torch's Adam: same math, state keys (`step`, `exp_avg`,
+    `exp_avg_sq`) and state_dict; bf16/fp16 params keep fp32 state. The incremental
+    options (density, select, scope, topk, accumulate_steps, mask, bias_correction,
+    fisher_beta) are documented in the README and in incrkern.optim.
+    amsgrad is not supported.
+    """
+
+    _state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 **incremental):
+        _check_number("learning rate", lr)
+        _check_number("epsilon value", eps)
+        _check_number("beta parameter at index 0", betas[0], 0.0, 1.0)
+        _check_number("beta parameter at index 1", betas[1], 0.0, 1.0)
+        _check_number("weight_decay value", weight_decay)
+        if amsgrad:
+            raise ValueError("amsgrad=True is not supported by incrkern's Adam")
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by incrkern's Adam")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=False, foreach=foreach, maximize=maximize,
+                        capturable=capturable, differentiable=False, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, incremental)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("decoupled_weight_decay", isinstance(self, AdamW))
+
+    def _new_step(self, p):
+        return self._place_step(torch.tensor(0.0), p)
+
+    def _init_state(self, group, p, k, sparse):
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = self._new_step(p)
+        shape = p.shape if k is None else (k,)
+        dtype = ops.math_dtype(p.dtype)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        if sparse and group["bias_correction"] == "element" and "age" not in state:
+            state["age"] = torch.zeros(shape, dtype=torch.int32, device=p.device)
+
+    def _hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return dict(beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]),
+                    decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+                    maximize=bool(group["maximize"]))
+
+    def _apply(self, group, work, device, *, grads=None, indices=None, ages=None,
+               grad_scale=1.0, consume_grad=False, compact_state=False):
+        states = [self.state[p] for p in work.params]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        lr, lr_tensor = self._lr_args(group, device)
+        ops.adam_update_(work.param_views, work.grads if grads is None else grads,
+                         [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                         steps, lr=lr, lr_tensor=lr_tensor, indices=indices, ages=ages,
+                         grad_scale=grad_scale, consume_grad=consume_grad,
+                         compact_state=compact_state, **self._hyper(group))
+
+
+class AdamW(Adam):
+    """Drop-in torch.optim.AdamW: Adam with decoupled weight decay (default 0.01)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, **incremental):
+        if "decoupled_weight_decay" in incremental:
+            raise TypeError("AdamW always decouples weight decay; use Adam to choose")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, **incremental)

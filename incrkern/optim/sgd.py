@@ -1,0 +1,76 @@
+"""SGD with incremental (sparse) updates."""
+import torch
+
+from .. import ops
+from .base import IncrementalOptimizer, _check_number
+
+
+class SGD(IncrementalOptimizer):
+    """Drop-in torch.optim.SGD (momentum, dampening, nesterov, weight decay, maximize).
+
+    With the defaults it is torch's SGD: same math, state key `momentum_buffer`
+    (created at the first step, only when momentum != 0) and state_dict.
+    `momentum_correction=True` (with select="accumulated"): Deep Gradient
+    Compression's local velocity and momentum factor masking.
+    """
+
+    _state_keys = ("momentum_buffer",)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None, momentum_correction=False, **incremental):
+        _check_number("learning rate", lr)
+        _check_number("momentum value", momentum)
+        _check_number("weight_decay value", weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        if differentiable:
+            raise ValueError("differentiable=True is not supported by incrkern's SGD")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                        foreach=foreach, differentiable=False, fused=fused,
+                        momentum_correction=bool(momentum_correction))
+        super().__init__(params, defaults, incremental)
+        if momentum_correction and (momentum == 0 or self.defaults["select"] != "accumulated"):
+            raise ValueError("momentum_correction=True needs momentum > 0 and "
+                             "select='accumulated'")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("momentum_correction", False)
+
+    def _init_state(self, group, p, k, sparse):
+        pass  # the momentum buffer is created at the first step, as torch does
+
+    def _momentum(self, group):
+        # With momentum correction the velocity is kept (and masked) by the base class,
+        # and what reaches the rule is the accumulated velocity: no second momentum.
+        return 0.0 if group.get("momentum_correction") else float(group["momentum"])
+
+    def _hyper(self, group):
+        return dict(momentum=self._momentum(group), dampening=float(group["dampening"]),
+                    weight_decay=float(group["weight_decay"]),
+                    nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
+
+    def _apply(self, group, work, device, *, grads=None, indices=None, ages=None,
+               grad_scale=1.0, consume_grad=False, compact_state=False):
+        buffers, first = [], []
+        if self._momentum(group) != 0:
+            for i, p in enumerate(work.params):
+                state = self.state[p]
+                new = state.get("momentum_buffer") is None
+                if new:
+                    numel = indices[i].numel() if compact_state else None
+                    shape = (numel,) if compact_state else p.shape
+                    state["momentum_buffer"] = torch.zeros(
+                        shape, dtype=ops.math_dtype(p.dtype), device=p.device)
+                buffers.append(state["momentum_buffer"])
+                first.append(new)
+        else:
+            first = [False] * len(work.params)
+        lr, lr_tensor = self._lr_args(group, device)
+        ops.sgd_update_(work.param_views, work.grads if grads is None else grads, buffers,
+                        lr=lr, lr_tensor=lr_tensor, first_step=first, indices=indices,
+                        grad_scale=grad_scale, consume_grad=consume_grad,
+                        compact_state=compact_state, **self._hyper(group))
