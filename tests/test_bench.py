@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -43,6 +44,11 @@ def test_measure_counts_every_sample():
     calls = []
     timing = common.measure(lambda: calls.append(1), warmup=2, repeats=3)
     assert len(calls) == 5 and timing["repeats"] == 3
+    calls.clear()
+    timing = common.measure(lambda: time.sleep(0.01), warmup=0, repeats=10, max_time_s=0.02)
+    assert timing["repeats"] == 3  # min_repeats, once max_time_s is spent
+    timing = common.measure(lambda: None, warmup=0, repeats=2, min_time_s=1.0, max_repeats=7)
+    assert timing["repeats"] == 7
     assert 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"]
 
 
@@ -130,6 +136,7 @@ def test_convergence_records(tiny_run):
             continue
         assert 0.0 <= rec["final_test_acc"] <= 1.0
         assert _positive(rec["wall_s"]) and _positive(rec["state_bytes"])
+        assert _positive(rec["step_ms_median"])
         assert rec["curve"][0]["calls"] == 0 and rec["curve"][-1]["calls"] == rec["steps"]
         assert rec["acc_at_equal_updates"] is not None
 

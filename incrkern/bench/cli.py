@@ -36,17 +36,24 @@ def file_stem(device, what, mode, date=None):
     return stem
 
 
-def run_bench(what="all", mode="quick", device=None, out=None, progress=True, quiet=False):
+def run_bench(what="all", mode="quick", device=None, out=None, progress=True, quiet=False,
+              threads=None):
     """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`.
+    `threads`: torch's intra-op thread count for the run (None: torch's default).
     Returns (results, {kind: path})."""
     device = torch.device(device or default_device())
+    if threads is not None:
+        torch.set_num_threads(threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("incrkern.bench: --device cuda asked for, but no CUDA device")
     out = out or os.path.join("bench", "results")
     os.makedirs(out, exist_ok=True)
     bar = _progress(progress)
     t0 = time.perf_counter()
-    results = {"command": f"python -m incrkern.bench {what} --{mode} --device {device.type}",
+    command = f"python -m incrkern.bench {what} --{mode} --device {device.type}"
+    if threads is not None:
+        command += f" --threads {threads}"
+    results = {"command": command,
                "machine": common.machine_info(device), "mode": mode}
     if what in ("kernels", "all"):
         results["kernels"] = kernels.run(sizes_for(mode, device), device, progress=bar)
@@ -92,8 +99,11 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--out", default=None, help="output folder (default bench/results)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the run (default: torch's choice); "
+                             "on a CPU shared with other work, 1 gives steadier figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     run_bench(args.what, args.mode or "quick", args.device, args.out,
-              progress=not args.no_progress)
+              progress=not args.no_progress, threads=args.threads)
     return 0

@@ -33,37 +33,39 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def measure(fn, *, device="cpu", warmup=2, repeats=5, min_time_s=0.0, max_repeats=50):
-    """Runs fn `warmup` times untimed, then `repeats` times timed, one call per sample,
-    and more (up to `max_repeats`) while the samples add up to less than `min_time_s`:
-    short kernels get more samples, so one descheduled call does not move the median.
+def measure(fn, *, device="cpu", warmup=2, repeats=5, min_time_s=0.0, max_time_s=None,
+            min_repeats=3, max_repeats=50):
+    """Runs fn `warmup` times untimed, then times one call per sample: `repeats` samples,
+    more (up to `max_repeats`) while they add up to less than `min_time_s`, so a short
+    kernel gets enough samples that one descheduled call does not move the median; fewer
+    (down to `min_repeats`) once they add up to more than `max_time_s`, so a slow
+    baseline does not eat the time budget.
 
     CPU: time.perf_counter around the call. CUDA: a pair of events around the call on
-    the current stream, read after a synchronize. Returns a dict with the median, min
-    and max in seconds and the number of samples.
+    the current stream, read after a synchronize. Returns the median, min and max in
+    seconds and the number of samples.
     """
     device = torch.device(device)
+    cuda = device.type == "cuda"
     for _ in range(warmup):
         fn()
     synchronize(device)
     samples = []
-    if device.type == "cuda":
-        pairs = []
-        while len(samples) < max_repeats:
-            for _ in range(repeats):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                pairs.append((start, end))
-            torch.cuda.synchronize()
-            samples = [s.elapsed_time(e) / 1e3 for s, e in pairs]
-            if sum(samples) >= min_time_s:
-                break
-    else:
-        while len(samples) < repeats or (sum(samples) < min_time_s
-                                         and len(samples) < max_repeats):
+    while len(samples) < max_repeats:
+        n, total = len(samples), sum(samples)
+        if n >= repeats and total >= min_time_s:
+            break
+        if max_time_s is not None and n >= min_repeats and total >= max_time_s:
+            break
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)

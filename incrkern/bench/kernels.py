@@ -8,6 +8,7 @@ reason, never a number.
 """
 import gc
 import math
+import time
 
 import torch
 
@@ -55,7 +56,9 @@ def _timed(fn, ctx, **fields):
             fn()
     try:
         timing = measure(run, device=ctx["device"], warmup=ctx["sizes"].warmup,
-                         repeats=ctx["sizes"].repeats, min_time_s=ctx["sizes"].min_time_s)
+                         repeats=ctx["sizes"].repeats, min_time_s=ctx["sizes"].min_time_s,
+                         max_time_s=ctx["sizes"].max_time_s,
+                         min_repeats=min(3, ctx["sizes"].repeats))
     except Exception as exc:  # noqa: BLE001 - report, do not hide or crash
         return None, _error(exc)
     return timing, None
@@ -331,14 +334,17 @@ def sparse_step_case(shape_name, shapes, densities):
                 release()
                 records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
                                        impl=name, **fields))
-            if common.have_op("select"):
+            if sparse_reason is None:
+                pass  # the optimizer above is the same pieces; no need to time them twice
+            elif common.have_op("select"):
                 def selector(grads, ks):
                     return incrkern.ops.select(grads, ks, score="grad", scope="tensor")
                 timing, error = _timed(_composed_step(params, selector, d), ctx)
             else:
                 timing, error = None, "incrkern.ops.select not available yet"
-            records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
-                                   impl="incrkern.ops select+update", **fields))
+            if sparse_reason is not None:
+                records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
+                                       impl="incrkern.ops select+update", **fields))
             timing, error = _timed(_composed_step(params, _torch_tensor_select, d), ctx)
             records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
                                    impl="torch.topk + incrkern.ops update", **fields))
@@ -474,6 +480,7 @@ def run(sizes, device, progress=None):
     probe = common.CopyProbe(sizes.copy_numel, device)
     probe.measure(warmup=2, repeats=5)
     records = []
+    case_seconds = {}
     all_cases = cases(sizes)
     bar = progress(total=len(all_cases), desc="kernels") if progress else None
     for case in all_cases:
@@ -481,7 +488,9 @@ def run(sizes, device, progress=None):
             bar.set_postfix_str(case.label)
         probe.measure()
         ctx["roofline_bps"] = probe.best
+        t0 = time.perf_counter()
         records.extend(case(ctx))
+        case_seconds[case.label] = time.perf_counter() - t0
         if bar:
             bar.update(1)
     if bar:
@@ -500,5 +509,6 @@ def run(sizes, device, progress=None):
                            "min_bytes_per_s": min(samples), "measurements": len(samples),
                            "samples_bytes_per_s": samples,
                            "note": "measured before every case; fractions use the best"},
+        "case_seconds": case_seconds,
         "records": records,
     }

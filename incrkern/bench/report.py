@@ -87,7 +87,8 @@ CONVERGENCE_COLUMNS = [
     ("vs dense", lambda r: _num(r.get("final_acc_minus_dense"), "{:+.3f}")),
     ("acc at equal updates", lambda r: _num(r.get("acc_at_equal_updates"), "{:.3f}")),
     ("wall s", lambda r: _num(r.get("wall_s"), "{:.2f}")),
-    ("wall vs dense", lambda r: _x(r.get("wall_vs_dense"))),
+    ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.2f}")),
+    ("step time vs dense", lambda r: _x(r.get("step_time_vs_dense"))),
     ("state B/param", lambda r: _num(r.get("state_bytes_per_param"), "{:.2f}")),
     ("note", lambda r: "" if r["available"] else "not available: " + r["reason"]),
 ]

@@ -36,6 +36,7 @@ class Sizes:
     warmup: int
     repeats: int
     min_time_s: float
+    max_time_s: float
     copy_numel: int
     select_sizes: tuple
     select_fracs: tuple = (0.001, 0.01, 0.1)
@@ -55,17 +56,17 @@ SIZES = {
     # the real sizes: 100M elements; 1000 x 100k; BERT-base (12 x 768, 30522 words)
     "full": Sizes("full", one_tensor=100_000_000, many_count=1000, many_numel=100_000,
                   transformer=dict(layers=12, hidden=768, vocab=30522),
-                  warmup=3, repeats=10, min_time_s=0.5, copy_numel=100_000_000,
+                  warmup=3, repeats=10, min_time_s=0.5, max_time_s=10.0, copy_numel=100_000_000,
                   select_sizes=(1_000_000, 100_000_000)),
     # about a tenth of each, with the same tensor counts, so `make bench` takes minutes
     "quick": Sizes("quick", one_tensor=10_000_000, many_count=1000, many_numel=10_000,
                    transformer=dict(layers=12, hidden=256, vocab=3052),
-                   warmup=2, repeats=5, min_time_s=0.1, copy_numel=32_000_000,
+                   warmup=1, repeats=5, min_time_s=0.1, max_time_s=0.8, copy_numel=32_000_000,
                    select_sizes=(1_000_000, 10_000_000)),
     # seconds: for the smoke test only, its figures mean nothing
     "tiny": Sizes("tiny", one_tensor=20_000, many_count=8, many_numel=1000,
                   transformer=dict(layers=1, hidden=16, vocab=50, positions=16),
-                  warmup=1, repeats=2, min_time_s=0.0, copy_numel=100_000,
+                  warmup=1, repeats=2, min_time_s=0.0, max_time_s=0.0, copy_numel=100_000,
                   select_sizes=(10_000,), select_fracs=(0.01, 0.1),
                   densities=(1.0, 0.1),
                   state_transformer=dict(layers=1, hidden=16, vocab=50, positions=16)),
