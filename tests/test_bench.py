@@ -127,7 +127,9 @@ def test_kernel_records(tiny_run):
 def test_convergence_records(tiny_run):
     results, _ = tiny_run
     conv = results["convergence"]
-    assert len(conv["records"]) == len(convergence.plan("tiny").rows)
+    assert len(conv["records"]) == len(convergence.plan("tiny").jobs())
+    assert len(convergence.plan("quick").jobs()) < 2 * len(convergence.plan("quick").rows)
+    assert len(convergence.plan("full").jobs()) == 2 * len(convergence.plan("full").rows)
     dense = conv["records"][0]
     assert dense["torch_dense"] and dense["available"]
     for rec in conv["records"]:

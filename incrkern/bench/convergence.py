@@ -49,6 +49,13 @@ class Plan:
     steps: int
     eval_every: int
     rows: list
+    main_rows_only_after_first_model: bool = False
+
+    def jobs(self):
+        """(model, row) pairs: every row on the first model; on the others, every row,
+        or only the main (plotted) rows when main_rows_only_after_first_model."""
+        return [(m, r) for i, m in enumerate(self.models) for r in self.rows
+                if i == 0 or r.main or not self.main_rows_only_after_first_model]
 
 
 def _row(density, select, scope="tensor", main=False, **extra):
@@ -78,8 +85,9 @@ def plan(mode):
         rows += [_row(0.01, s, "global") for s in ("grad", "random")]
         rows += [_row(d, "grad", accumulate_steps=4) for d in (0.1, 0.01)]
         rows += [_row(0.01, "grad", bias_correction=b) for b in ("tensor", "element")]
-        return Plan("quick", ("mlp",), steps=300, eval_every=25, rows=rows)
-    densities = (0.1, 0.01, 0.001)
+        return Plan("quick", ("mlp", "cnn"), steps=300, eval_every=25, rows=rows,
+                    main_rows_only_after_first_model=True)
+    densities = (0.1, 0.01, 0.001)  # full: every row on both models
     rows = list(base)
     rows += [_row(d, s, sc, main=_main_row(d, s, sc))
              for d in densities for s in SELECTS for sc in ("tensor", "global")]
@@ -189,11 +197,36 @@ def train_row(row, model_kind, plan_, train, test, device, seed=0):
                 state_bytes_per_param=common.state_bytes(opt) / n_params, curve=curve)
 
 
-def run(mode, device, progress=None):
+def run(mode, device, progress=None, threads=1):
+    """Trains every row of the plan. On the CPU the rows run with `threads` torch threads
+    (1 by default: the models are tiny, and with more threads a machine shared with
+    other work stalls whole steps on a descheduled thread)."""
     device = torch.device(device)
     plan_ = plan(mode)
+    saved_threads = torch.get_num_threads()
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        records, sizes = _run_rows(plan_, device, progress)
+    finally:
+        torch.set_num_threads(saved_threads)
+    dense = {r["model"]: r for r in records if r.get("torch_dense") and r["available"]}
+    for r in records:
+        ref = dense.get(r["model"])
+        if r["available"] and ref:
+            r["final_acc_minus_dense"] = r["final_test_acc"] - ref["final_test_acc"]
+            r["step_time_vs_dense"] = r["step_ms_median"] / ref["step_ms_median"]
+    return {"mode": plan_.name, "steps": plan_.steps, "batch": BATCH, "lr": LR,
+            "weight_decay": WEIGHT_DECAY, "eval_every": plan_.eval_every,
+            "equal_updates": plan_.steps // EQUAL_UPDATES_DIVISOR,
+            "threads": threads if device.type == "cpu" and threads else saved_threads,
+            **sizes, "records": records}
+
+
+def _run_rows(plan_, device, progress):
     train, test = load_digits(device)
-    jobs = [(m, r) for m in plan_.models for r in plan_.rows]
+    sizes = dict(train_size=int(train[0].shape[0]), test_size=int(test[0].shape[0]))
+    jobs = plan_.jobs()
     bar = progress(total=len(jobs), desc="convergence") if progress else None
     records = []
     for model_kind, row in jobs:
@@ -204,14 +237,4 @@ def run(mode, device, progress=None):
             bar.update(1)
     if bar:
         bar.close()
-    dense = {r["model"]: r for r in records if r.get("torch_dense") and r["available"]}
-    for r in records:
-        ref = dense.get(r["model"])
-        if r["available"] and ref:
-            r["final_acc_minus_dense"] = r["final_test_acc"] - ref["final_test_acc"]
-            r["step_time_vs_dense"] = r["step_ms_median"] / ref["step_ms_median"]
-    return {"mode": plan_.name, "steps": plan_.steps, "batch": BATCH, "lr": LR,
-            "weight_decay": WEIGHT_DECAY, "eval_every": plan_.eval_every,
-            "equal_updates": plan_.steps // EQUAL_UPDATES_DIVISOR,
-            "train_size": int(train[0].shape[0]), "test_size": int(test[0].shape[0]),
-            "records": records}
+    return records, sizes

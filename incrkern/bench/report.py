@@ -131,8 +131,9 @@ def sections(results):
     conv = results.get("convergence")
     if conv:
         out.append((f"Convergence on digits ({conv['train_size']} train / {conv['test_size']} "
-                    f"test, batch {conv['batch']}, {conv['steps']} steps, AdamW lr {conv['lr']}; "
-                    f"equal updates = {conv['equal_updates']})", conv["records"],
+                    f"test, batch {conv['batch']}, {conv['steps']} steps, AdamW lr {conv['lr']}, "
+                    f"{conv['threads']} torch thread(s); equal updates = "
+                    f"{conv['equal_updates']})", conv["records"],
                     CONVERGENCE_COLUMNS))
     return out
 
