@@ -25,14 +25,17 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def file_stem(device, what, mode, date=None):
-    """<date>-<device>, with -full / -kernels / -convergence when not the default run."""
+def file_stem(device, what, mode, date=None, threads=None):
+    """<date>-<device>, with -full / -kernels / -convergence / -t<threads> when not the
+    default run."""
     date = date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     stem = f"{date}-{common.device_slug(device)}"
     if mode not in ("quick",):
         stem += f"-{mode}"
     if what != "all":
         stem += f"-{what}"
+    if threads is not None:
+        stem += f"-t{threads}"
     return stem
 
 
@@ -61,7 +64,7 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         results["convergence"] = convergence.run(mode, device, progress=bar)
     results["total_s"] = time.perf_counter() - t0
 
-    stem = os.path.join(out, file_stem(device, what, mode))
+    stem = os.path.join(out, file_stem(device, what, mode, threads=threads))
     paths = {"json": stem + ".json", "markdown": stem + ".md"}
     plots = []
     if "kernels" in results:
@@ -69,7 +72,7 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         if p:
             plots.append(("AdamW step time vs density", p))
     if "convergence" in results:
-        p = report.plot_convergence(results, stem + "-convergence.png")
+        p = report.plot_convergence(results, stem + "-accuracy.png")
         if p:
             plots.append(("test accuracy vs step", p))
     paths.update({f"plot{i}": p for i, (_, p) in enumerate(plots)})

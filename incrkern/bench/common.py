@@ -125,6 +125,27 @@ def cpu_model():
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_cache_sizes():
+    """{'L2': '1024K', 'L3': '32768K', ...} of cpu0, from sysfs (empty where unknown)."""
+    sizes = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(base, entry, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(base, entry, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(base, entry, "size")) as f:
+                size = f.read().strip()
+            if kind != "Instruction":
+                sizes[f"L{level}"] = size
+    except OSError:
+        pass
+    return sizes
+
+
 def device_name(device):
     device = torch.device(device)
     if device.type == "cuda":
@@ -148,6 +169,7 @@ def machine_info(device):
         "device_name": device_name(device),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_caches": cpu_cache_sizes(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -334,15 +334,14 @@ def sparse_step_case(shape_name, shapes, densities):
                 release()
                 records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
                                        impl=name, **fields))
-            if sparse_reason is None:
-                pass  # the optimizer above is the same pieces; no need to time them twice
-            elif common.have_op("select"):
-                def selector(grads, ks):
-                    return incrkern.ops.select(grads, ks, score="grad", scope="tensor")
-                timing, error = _timed(_composed_step(params, selector, d), ctx)
-            else:
-                timing, error = None, "incrkern.ops.select not available yet"
             if sparse_reason is not None:
+                # the optimizer's pieces, timed while the optimizer cannot take a density
+                if common.have_op("select"):
+                    def selector(grads, ks):
+                        return incrkern.ops.select(grads, ks, score="grad", scope="tensor")
+                    timing, error = _timed(_composed_step(params, selector, d), ctx)
+                else:
+                    timing, error = None, "incrkern.ops.select not available yet"
                 records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
                                        impl="incrkern.ops select+update", **fields))
             timing, error = _timed(_composed_step(params, _torch_tensor_select, d), ctx)

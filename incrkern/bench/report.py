@@ -140,8 +140,10 @@ def sections(results):
 
 def machine_lines(results):
     m = results["machine"]
+    caches = ", ".join(f"{k} {v}" for k, v in m.get("cpu_caches", {}).items())
     lines = [f"device: {m['device']} ({m['device_name']})", f"CPU: {m['cpu']}, "
-             f"{m['cpu_count']} logical CPUs, torch threads: {m['torch_threads']}",
+             f"{m['cpu_count']} logical CPUs{' (' + caches + ')' if caches else ''}, "
+             f"torch threads: {m['torch_threads']}",
              f"torch {m['torch']}, Python {m['python']}, incrkern {m['incrkern']} "
              f"(extension loaded: {m['build'].get('extension_loaded')}, CUDA kernels: "
              f"{m['build'].get('cuda_kernels_loaded')})"]
@@ -173,7 +175,10 @@ this run (above 1: faster than the reference). GB/s counts the least bytes the s
 move (AdamW 28 per updated element, SGD with momentum 20, accumulate 12 and 20 with the
 square, selection 4 per scanned element for one pass); "of copy BW" divides it by the
 best copy bandwidth measured in the same run (the copy is timed before every case).
-"n/a ... not available" marks an implementation that is not in this build yet."""
+On a CPU, `copy_` also pays a read for ownership of every destination line it writes
+(no streaming stores), which a kernel that writes only what it has read does not: such a
+kernel can show more than 100% of the copy bandwidth, and a working set that fits in the
+last-level cache can too. "n/a ... not available" marks an implementation that is not in this build yet."""
 
 
 def markdown(results, plots):
