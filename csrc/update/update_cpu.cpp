@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <torch/library.h>
 
 #include <type_traits>
@@ -35,7 +36,8 @@ Positions positions_of(const UpdateLists& a, size_t i) {
     pos.compact = a.compact_state;
     if (pos.count > 0) {
       // Out-of-range positions would write outside the tensor: refuse before writing.
-      const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+      const auto [lo_t, hi_t] = at::aminmax(idx);
+      const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
       TORCH_CHECK(lo >= 0 && hi < a.params[i].numel(), "incrkern: indices[", i,
                   "] holds positions outside [0, ", a.params[i].numel(), ")");
     }
