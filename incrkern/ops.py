@@ -66,7 +66,7 @@ def _check_tensor(name, t, *, device, dtypes=None, numel=None, dim=None):
 
 
 def _check_update(params, grads, state0, state1, steps, indices, masks, ages, compact_state,
-                  state0_name):
+                  state0_name, check_indices=True):
     """Checks the tensor lists of an update op against each other."""
     n = len(params)
     _check_length("grads", grads, n)
@@ -94,9 +94,10 @@ def _check_update(params, grads, state0, state1, steps, indices, masks, ages, co
         if indices:
             _check_tensor(f"indices[{i}]", indices[i], device=device, dtypes=(torch.int64,),
                           dim=1)
-            k = indices[i].numel()
-            if k and (int(indices[i].min()) < 0 or int(indices[i].max()) >= p.numel()):
-                raise ValueError(f"indices[{i}] holds positions outside [0, {p.numel()})")
+            if check_indices and indices[i].numel():
+                low, high = (int(v) for v in torch.aminmax(indices[i]))
+                if low < 0 or high >= p.numel():
+                    raise ValueError(f"indices[{i}] holds positions outside [0, {p.numel()})")
         if masks:
             _check_tensor(f"masks[{i}]", masks[i], device=device, dtypes=(torch.bool,),
                           numel=p.numel())
@@ -134,7 +135,7 @@ def _check_lr(lr, lr_tensor, params):
 def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999,
                  eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False,
                  indices=None, masks=None, ages=None, grad_scale=1.0, consume_grad=False,
-                 compact_state=False, lr_tensor=None):
+                 compact_state=False, lr_tensor=None, check_indices=True):
     """Adam (AdamW with decoupled_weight_decay=True) on every param, in place.
 
     With `indices` (one int64 tensor of flat positions per param) only those elements
@@ -143,7 +144,10 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     `ages` (int32, like the state): per-element update counts used for the bias
     correction instead of `steps`, incremented where updated. `steps` are float32
     scalars the caller has already incremented. Grads are read times `grad_scale`;
-    `consume_grad` zeroes the grad entries that were read.
+    `consume_grad` zeroes the grad entries that were read. `check_indices=False` skips
+    the range check of `indices` (on CUDA a device sync per tensor) for indices known
+    to be valid, such as those incrkern.ops.select returned; the CPU kernel checks
+    again regardless, the CUDA kernel does not.
     """
     params = _as_list("params", params)
     grads = _as_list("grads", grads)
@@ -160,7 +164,7 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     _check_number("weight_decay", weight_decay, 0.0)
     _check_number("grad_scale", grad_scale)
     _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
-                  compact_state, "exp_avgs")
+                  compact_state, "exp_avgs", check_indices)
     if not params:
         return
     args = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
@@ -176,7 +180,7 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
 def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0,
                 weight_decay=0.0, nesterov=False, maximize=False, first_step=None,
                 indices=None, masks=None, grad_scale=1.0, consume_grad=False,
-                compact_state=False, lr_tensor=None):
+                compact_state=False, lr_tensor=None, check_indices=True):
     """SGD (momentum, dampening, nesterov, weight decay, maximize) in place.
 
     `momentum_buffers` may be empty when momentum == 0. `first_step[i]` marks a buffer
@@ -199,7 +203,7 @@ def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=
     if len(first_step) != len(params):
         raise ValueError(f"first_step has {len(first_step)} entries, expected {len(params)}")
     _check_update(params, grads, momentum_buffers, None, [], indices, masks, [],
-                  compact_state, "momentum_buffers")
+                  compact_state, "momentum_buffers", check_indices)
     if not params:
         return
     args = dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening),

@@ -4,8 +4,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <functional>
 #include <type_traits>
 
 #include "common/rules.h"
@@ -35,7 +38,8 @@ Positions positions_of(const UpdateLists& a, size_t i) {
     pos.compact = a.compact_state;
     if (pos.count > 0) {
       // Out-of-range positions would write outside the tensor: refuse before writing.
-      const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+      const auto [lo_t, hi_t] = at::aminmax(idx);
+      const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
       TORCH_CHECK(lo >= 0 && hi < a.params[i].numel(), "incrkern: indices[", i,
                   "] holds positions outside [0, ", a.params[i].numel(), ")");
     }
@@ -110,13 +114,16 @@ IK_ISA_CLONES void sgd_dense_f32(float* __restrict p, const float* __restrict g,
     sgd_dense<float, float, float, false>(p, g, buf, begin, end, h, first, grad_scale);
 }
 
+// Work on positions [begin, end) of one tensor.
+using RangeFn = std::function<void(int64_t, int64_t)>;
+
 template <typename T, typename G, typename M>
-void adam_tensor(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
-                 const AdamHyper<M>& h, double lr, double beta1, double beta2, double step,
-                 M grad_scale, bool consume) {
+RangeFn adam_ranges(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
+                    const AdamHyper<M> h, double lr, double beta1, double beta2, double step,
+                    M grad_scale, bool consume) {
   const AdamBias bias = adam_bias(lr, beta1, beta2, step);
   const M step_size = M(bias.step_size), bc2_sqrt = M(bias.bc2_sqrt);
-  auto one = [&](int64_t e, int64_t s) {
+  auto one = [=](int64_t e, int64_t s) {
     M pm = M(p[e]);
     const M gm = M(g[e]) * grad_scale;
     if (consume) g[e] = G(0);
@@ -129,23 +136,22 @@ void adam_tensor(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
     p[e] = T(pm);
   };
   const bool dense = !pos.indices && !pos.mask && !age && !consume;
-  at::parallel_for(0, pos.count, kGrain, [&](int64_t begin, int64_t end) {
-    if (dense && std::is_same_v<T, float> && std::is_same_v<G, float>)
-      adam_dense_f32(reinterpret_cast<float*>(p), reinterpret_cast<const float*>(g),
-                     reinterpret_cast<float*>(m), reinterpret_cast<float*>(v), begin, end,
-                     reinterpret_cast<const AdamHyper<float>&>(h), float(step_size),
-                     float(bc2_sqrt), float(grad_scale));
-    else if (dense)
+  return [=](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>) {
+      if (dense)
+        return adam_dense_f32(p, g, m, v, begin, end, h, step_size, bc2_sqrt, grad_scale);
+    }
+    if (dense)
       adam_dense<T, G, M>(p, g, m, v, begin, end, h, step_size, bc2_sqrt, grad_scale);
     else
       for_positions(pos, begin, end, one);
-  });
+  };
 }
 
 template <typename T, typename G, typename M>
-void sgd_tensor(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M>& h, bool first,
-                M grad_scale, bool consume) {
-  auto one = [&](int64_t e, int64_t s) {
+RangeFn sgd_ranges(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M> h, bool first,
+                   M grad_scale, bool consume) {
+  auto one = [=](int64_t e, int64_t s) {
     M pm = M(p[e]), scratch = M(0);
     const M gm = M(g[e]) * grad_scale;
     if (consume) g[e] = G(0);
@@ -153,17 +159,32 @@ void sgd_tensor(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M>& h, 
     p[e] = T(pm);
   };
   const bool dense = !pos.indices && !pos.mask && !consume;
-  at::parallel_for(0, pos.count, kGrain, [&](int64_t begin, int64_t end) {
-    if (dense && std::is_same_v<T, float> && std::is_same_v<G, float>)
-      sgd_dense_f32(reinterpret_cast<float*>(p), reinterpret_cast<const float*>(g),
-                    reinterpret_cast<float*>(buf), begin, end,
-                    reinterpret_cast<const SgdHyper<float>&>(h), first, float(grad_scale));
-    else if (dense && buf)
+  return [=](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>) {
+      if (dense) return sgd_dense_f32(p, g, buf, begin, end, h, first, grad_scale);
+    }
+    if (dense && buf)
       sgd_dense<T, G, M, true>(p, g, buf, begin, end, h, first, grad_scale);
     else if (dense)
       sgd_dense<T, G, M, false>(p, g, buf, begin, end, h, first, grad_scale);
     else
       for_positions(pos, begin, end, one);
+  };
+}
+
+// One parallel loop over the positions of every tensor of a call: a list of many
+// small tensors costs one fork/join, not one per tensor.
+void run_ranges(const std::vector<RangeFn>& fns, const std::vector<int64_t>& counts) {
+  std::vector<int64_t> start(counts.size() + 1, 0);
+  for (size_t i = 0; i < counts.size(); ++i) start[i + 1] = start[i] + counts[i];
+  at::parallel_for(0, start.back(), kGrain, [&](int64_t begin, int64_t end) {
+    // the last tensor starting at or before `begin` (empty tensors share starts)
+    size_t i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    for (; begin < end; ++i) {
+      const int64_t stop = std::min(end, start[i + 1]);
+      if (stop > begin) fns[i](begin - start[i], stop - start[i]);
+      begin = stop;
+    }
   });
 }
 
@@ -193,19 +214,22 @@ void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   lr = lr_value(lr, lr_tensor);
   std::vector<Positions> pos;
   for (size_t i = 0; i < params.size(); ++i) pos.push_back(positions_of(a, i));
+  std::vector<RangeFn> fns;
+  std::vector<int64_t> counts;
   for (size_t i = 0; i < params.size(); ++i) {
-    if (pos[i].count == 0) continue;
     const double step = steps[i].item<double>();
     dispatch_param_grad(params[i], grads[i], [&]<typename T, typename G>() {
       using M = at::opmath_type<T>;
       const auto h = make_adam_hyper<M>(lr, beta1, beta2, eps, weight_decay,
                                         decoupled_weight_decay, maximize);
-      adam_tensor<T, G, M>(params[i].data_ptr<T>(), grads[i].data_ptr<G>(),
-                           exp_avgs[i].data_ptr<M>(), exp_avg_sqs[i].data_ptr<M>(),
-                           ages.empty() ? nullptr : ages[i].data_ptr<int32_t>(), pos[i], h, lr,
-                           beta1, beta2, step, M(grad_scale), consume_grad);
+      fns.push_back(adam_ranges<T, G, M>(
+          params[i].data_ptr<T>(), grads[i].data_ptr<G>(), exp_avgs[i].data_ptr<M>(),
+          exp_avg_sqs[i].data_ptr<M>(), ages.empty() ? nullptr : ages[i].data_ptr<int32_t>(),
+          pos[i], h, lr, beta1, beta2, step, M(grad_scale), consume_grad));
     });
+    counts.push_back(pos[i].count);
   }
+  run_ranges(fns, counts);
 }
 
 void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -225,17 +249,20 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   lr = lr_value(lr, lr_tensor);
   std::vector<Positions> pos;
   for (size_t i = 0; i < params.size(); ++i) pos.push_back(positions_of(a, i));
+  std::vector<RangeFn> fns;
+  std::vector<int64_t> counts;
   for (size_t i = 0; i < params.size(); ++i) {
-    if (pos[i].count == 0) continue;
     const bool first = first_step.size() ? bool(first_step.get(i)) : false;
     dispatch_param_grad(params[i], grads[i], [&]<typename T, typename G>() {
       using M = at::opmath_type<T>;
       const auto h = make_sgd_hyper<M>(lr, momentum, dampening, weight_decay, nesterov, maximize);
       M* buf = momentum != 0 ? momentum_buffers[i].data_ptr<M>() : nullptr;
-      sgd_tensor<T, G, M>(params[i].data_ptr<T>(), grads[i].data_ptr<G>(), buf, pos[i], h,
-                          first, M(grad_scale), consume_grad);
+      fns.push_back(sgd_ranges<T, G, M>(params[i].data_ptr<T>(), grads[i].data_ptr<G>(), buf,
+                                        pos[i], h, first, M(grad_scale), consume_grad));
     });
+    counts.push_back(pos[i].count);
   }
+  run_ranges(fns, counts);
 }
 
 }  // namespace

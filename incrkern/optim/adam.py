@@ -73,7 +73,8 @@ class Adam(IncrementalOptimizer):
                          [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                          steps, lr=lr, lr_tensor=lr_tensor, indices=indices, ages=ages,
                          grad_scale=grad_scale, consume_grad=consume_grad,
-                         compact_state=compact_state, **self._hyper(group))
+                         compact_state=compact_state, check_indices=False,
+                         **self._hyper(group))
 
 
 class AdamW(Adam):
