@@ -27,13 +27,13 @@ REFERENCE = "torch fused"
 
 def make_tensors(shapes, device, seed=0, requires_grad=True):
     """Params (leaf tensors) with .grad set, reproducibly."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     params = []
     for shape in shapes:
-        p = torch.randn(shape, generator=gen).to(device)
+        p = torch.randn(shape, generator=gen, device=device)
         if requires_grad:
             p.requires_grad_(True)
-        p.grad = torch.randn(shape, generator=gen).to(device)
+        p.grad = torch.randn(shape, generator=gen, device=device)
         params.append(p)
     return params
 
@@ -176,8 +176,8 @@ def _recall(found, exact, n):
 def topk_case(n, frac):
     def case(ctx):
         device = ctx["device"]
-        gen = torch.Generator(device="cpu").manual_seed(1)
-        scores = torch.randn(n, generator=gen).to(device).abs_()
+        gen = torch.Generator(device=device).manual_seed(1)
+        scores = torch.randn(n, generator=gen, device=device).abs_()
         k = max(1, math.ceil(frac * n))
         nbytes = BYTES_SELECT_PASS * n
         base = dict(bench="topk", n=n, k=k, density=frac, numel=n)

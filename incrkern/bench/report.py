@@ -60,7 +60,8 @@ KERNEL_TABLES = [
      "optimizer.step(), incrkern ops = the update op alone)",
      [("optimizer", lambda r: r["optimizer"]),
       ("shapes", lambda r: f"{r['shapes']} ({_size(r['numel'])}, {r['n_tensors']} tensors)")]),
-    ("topk", "Top-k of one fp32 score tensor (reference: torch.topk(scores, k, sorted=False))",
+    ("topk", "Top-k of one fp32 score tensor, scores = |x| computed beforehand for every "
+     "implementation (reference: torch.topk(scores, k, sorted=False))",
      [("n", lambda r: _size(r["n"])), ("k", lambda r: f"{r['density']:g}")]),
     ("select", "Selection by |grad| over the transformer parameter list",
      [("scope", lambda r: r["scope"]), ("k", lambda r: f"{r['density']:g} ({_size(r['k'])})")]),
