@@ -4,6 +4,7 @@ import math
 import os
 
 NA = "n/a"
+NOISY = 3.0  # a row whose slowest sample took this many times its fastest is flagged
 
 
 def _ms(x):
@@ -36,6 +37,9 @@ def _note(rec):
     if not rec.get("available", False):
         return "not available: " + rec.get("reason", "")
     parts = []
+    lo, hi = rec.get("min_s"), rec.get("max_s")
+    if lo and hi and hi > NOISY * lo:
+        parts.append(f"noisy (max {hi / lo:.0f}x min)")
     if rec.get("speedup_vs"):
         parts.append(" ".join(f"{_x(v)} vs {k.replace('torch ', '')}"
                               for k, v in rec["speedup_vs"].items()))
@@ -179,7 +183,8 @@ best copy bandwidth measured in the same run (the copy is timed before every cas
 On a CPU, `copy_` also pays a read for ownership of every destination line it writes
 (no streaming stores), which a kernel that writes only what it has read does not: such a
 kernel can show more than 100% of the copy bandwidth, and a working set that fits in the
-last-level cache can too. "n/a ... not available" marks an implementation that is not in this build yet."""
+last-level cache can too. "noisy" flags a row whose slowest sample took more than three
+times its fastest (the machine was busy with other work during it). "n/a ... not available" marks an implementation that is not in this build yet."""
 
 
 def markdown(results, plots):
