@@ -77,14 +77,20 @@ class CopyProbe:
     """Measures the copy bandwidth: bytes/s of a large `dst.copy_(src)` (fp32), counting
     the bytes read plus written. It keeps its two buffers, so it can be measured again
     between benchmarks without paying for new pages; `best` is the highest median seen,
-    the roofline every fraction of copy bandwidth is taken against."""
+    the roofline every fraction of copy bandwidth is taken against.
 
-    def __init__(self, numel, device="cpu"):
+    With `add=True` it also times `dst.add_(src)` (12 bytes per element: it reads the
+    line it writes, so a CPU pays no read for ownership on top), reported beside the copy
+    as a second, informational figure."""
+
+    def __init__(self, numel, device="cpu", add=True):
         self.device = torch.device(device)
         self.src = torch.randn(numel, device=self.device)
         self.dst = torch.empty_like(self.src)
         self.nbytes = 2 * self.src.numel() * self.src.element_size()
+        self.add = add
         self.samples = []
+        self.add_samples = []
 
     def measure(self, warmup=1, repeats=3):
         timing = measure(lambda: self.dst.copy_(self.src), device=self.device, warmup=warmup,
@@ -92,11 +98,19 @@ class CopyProbe:
         sample = {"numel": self.src.numel(), "bytes": self.nbytes,
                   "bytes_per_s": self.nbytes / timing["median_s"], **timing}
         self.samples.append(sample)
+        if self.add:
+            timing = measure(lambda: self.dst.add_(self.src, alpha=1e-6), device=self.device,
+                             warmup=warmup, repeats=repeats)
+            self.add_samples.append(1.5 * self.nbytes / timing["median_s"])
         return sample
 
     @property
     def best(self):
         return max(s["bytes_per_s"] for s in self.samples)
+
+    @property
+    def best_add(self):
+        return max(self.add_samples) if self.add_samples else None
 
     def close(self):
         self.src = self.dst = None
@@ -104,7 +118,7 @@ class CopyProbe:
 
 def copy_bandwidth(numel, *, device="cpu", warmup=2, repeats=7):
     """One measurement of the copy bandwidth (see CopyProbe)."""
-    probe = CopyProbe(numel, device)
+    probe = CopyProbe(numel, device, add=False)
     sample = probe.measure(warmup=warmup, repeats=repeats)
     probe.close()
     return sample

@@ -500,6 +500,7 @@ def run(sizes, device, progress=None):
         if rec.get("available") and "bytes" in rec and "median_s" in rec:
             rec["frac_copy_bw"] = rec["bytes"] / rec["median_s"] / roofline
     samples = [s["bytes_per_s"] for s in probe.samples]
+    best_add = probe.best_add
     probe.close()
     return {
         "mode": sizes.name,
@@ -507,6 +508,7 @@ def run(sizes, device, progress=None):
                            "median_bytes_per_s": sorted(samples)[len(samples) // 2],
                            "min_bytes_per_s": min(samples), "measurements": len(samples),
                            "samples_bytes_per_s": samples,
+                           "add_bytes_per_s": best_add,
                            "note": "measured before every case; fractions use the best"},
         "case_seconds": case_seconds,
         "records": records,

@@ -162,6 +162,9 @@ def machine_lines(results):
                      f"{bw['roofline_bytes_per_s'] / 1e9:.2f} GB/s (the roofline below), median "
                      f"{bw['median_bytes_per_s'] / 1e9:.2f}, lowest "
                      f"{bw['min_bytes_per_s'] / 1e9:.2f}")
+        if bw.get("add_bytes_per_s"):
+            lines.append(f"for comparison, dst.add_(src) (12 B per element) reached "
+                         f"{bw['add_bytes_per_s'] / 1e9:.2f} GB/s at best")
     lines.append(f"run: {results['command']} at {m['date_utc']} UTC")
     return lines
 
