@@ -146,7 +146,7 @@ def test_convergence_records(tiny_run):
 def test_tables_render(tiny_run):
     results, _ = tiny_run
     titles = [title for title, _, _ in report.sections(results)]
-    assert len(titles) == 7
+    assert len(titles) == 8 and titles[0].startswith("Summary")
     for _, rows, columns in report.sections(results):
         text = report.text_table(rows, columns)
         assert len(text.splitlines()) == len(rows) + 2

@@ -118,12 +118,56 @@ def markdown_table(records, columns):
     return "\n".join(out)
 
 
+def _case(r):
+    bench = r["bench"]
+    if bench == "dense_step":
+        return f"dense {r['optimizer']} step, {r['shapes']} ({_size(r['numel'])})"
+    if bench == "topk":
+        return f"top-k of {_size(r['n'])}, k = {r['density']:g}"
+    if bench == "select":
+        return f"select |grad|, {r['scope']} scope, k = {r['density']:g}"
+    if bench == "sparse_step":
+        return f"AdamW step at density {r['density']:g}, {r['shapes']} ({_size(r['numel'])})"
+    if bench == "accumulate":
+        return f"accumulate{' + square' if r['sq'] else ''}, {r['shapes']} ({_size(r['numel'])})"
+    return bench
+
+
+SUMMARY_COLUMNS = [
+    ("case", _case),
+    ("incrkern", lambda r: r["impl"]),
+    ("against", lambda r: r["reference"]),
+    ("speedup", lambda r: _x(r.get("speedup_vs_ref"))),
+    ("of copy BW", lambda r: _pct(r.get("frac_copy_bw"))),
+]
+
+
+def summary_records(records):
+    """The incrkern rows of every timed case (the optimizer where there is one, else
+    the op), for a short table: each against its case's torch reference."""
+    out = []
+    for r in records:
+        if r["bench"] == "state_bytes" or not r.get("available"):
+            continue
+        if not r["impl"].startswith("incrkern") or r["impl"] == "incrkern ops" and any(
+                o.get("available") and o["impl"] == "incrkern optim" and o["bench"] == r["bench"]
+                and o["optimizer"] == r["optimizer"] and o["shapes"] == r["shapes"]
+                for o in records if o["bench"] == "dense_step"):
+            continue
+        out.append(r)
+    return out
+
+
 def sections(results):
     """(title, records, columns) of every table of a run, in order."""
     out = []
     kernels = results.get("kernels")
     if kernels:
         recs = kernels["records"]
+        rows = summary_records(recs)
+        if rows:
+            out.append(("Summary: incrkern against torch, measured in the same run "
+                        "(speedup above 1: incrkern is faster)", rows, SUMMARY_COLUMNS))
         for bench, title, lead in KERNEL_TABLES:
             rows = [r for r in recs if r["bench"] == bench]
             if rows:
