@@ -605,3 +605,13 @@ def test_sgd_cuda_matches_cpu(dtype, form, variant):
     run_sgd(g, **kw)
     torch.cuda.synchronize()
     _compare_devices(g, x, form == "compact")
+
+
+@pytest.mark.cuda
+def test_sgd_cuda_momentum_zero_keeps_buffers():
+    x = _to_cuda(make_inputs(SIZES, torch.float32, "indices", state1=False))
+    before = [t.clone() for t in x["s0"]]
+    run_sgd(x, momentum=0.0, consume_grad=True)
+    torch.cuda.synchronize()
+    for a, b in zip(x["s0"], before):
+        assert torch.equal(a, b)
