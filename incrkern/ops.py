@@ -154,6 +154,9 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     _check_lr(lr, lr_tensor, params)
     _check_number("beta1", beta1, 0.0, 1.0)
     _check_number("beta2", beta2, 0.0, 1.0)
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if beta == 1.0:  # the bias correction 1 - beta**t would be 0, as torch.optim refuses
+            raise ValueError(f"{name} must be in [0, 1), got {beta}")
     _check_number("eps", eps, 0.0)
     _check_number("weight_decay", weight_decay, 0.0)
     _check_number("grad_scale", grad_scale)

@@ -430,6 +430,7 @@ ADAM_BAD = [
      lambda kw: kw.update(lr_tensor=torch.tensor(0.1, dtype=torch.float64))),
     ("beta1-range", ValueError, "beta1", lambda kw: kw.update(beta1=1.5)),
     ("beta2-type", TypeError, "beta2", lambda kw: kw.update(beta2=None)),
+    ("beta2-one", ValueError, "beta2", lambda kw: kw.update(beta2=1.0)),
     ("eps-negative", ValueError, "eps", lambda kw: kw.update(eps=-1e-8)),
     ("grad-scale-type", TypeError, "grad_scale", lambda kw: kw.update(grad_scale="2")),
 ]
