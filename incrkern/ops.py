@@ -160,6 +160,9 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     _check_lr(lr, lr_tensor, params)
     _check_number("beta1", beta1, 0.0, 1.0)
     _check_number("beta2", beta2, 0.0, 1.0)
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if beta == 1.0:  # the bias correction 1 - beta**t would be 0, as torch.optim refuses
+            raise ValueError(f"{name} must be in [0, 1), got {beta}")
     _check_number("eps", eps, 0.0)
     _check_number("weight_decay", weight_decay, 0.0)
     _check_number("grad_scale", grad_scale)
@@ -240,17 +243,23 @@ def accumulate_(accs, grads, alpha=1.0, sq_accs=None, *, sq_alpha=None, sq_decay
     n = len(grads)
     _check_length("accs", accs, n, may_be_empty=True)
     _check_length("sq_accs", sq_accs, n, may_be_empty=True)
-    for i, g in enumerate(grads):
+    if grads:
         device = grads[0].device
         dtypes = _CUDA_FLOAT_DTYPES if device.type == "cuda" else _FLOAT_DTYPES
-        _check_tensor(f"grads[{i}]", g, device=device, dtypes=dtypes)
-        math = math_dtype(g.dtype)
-        if accs:
-            _check_tensor(f"accs[{i}]", accs[i], device=device, dtypes=(math,),
-                          numel=g.numel())
-        if sq_accs:
-            _check_tensor(f"sq_accs[{i}]", sq_accs[i], device=device, dtypes=(math,),
-                          numel=g.numel())
+    for i, g in enumerate(grads):
+        # One cheap test per tensor; the detailed checks (which raise) only on failure,
+        # so that a call over many small tensors costs little more than the kernel.
+        gdtype, numel = g.dtype, g.numel()
+        if g.device != device or gdtype not in dtypes or not g.is_contiguous():
+            _check_tensor(f"grads[{i}]", g, device=device, dtypes=dtypes)
+        math = torch.float64 if gdtype == torch.float64 else torch.float32
+        for name, lst in (("accs", accs), ("sq_accs", sq_accs)):
+            if lst:
+                a = lst[i]
+                if (a.dtype != math or a.numel() != numel or a.device != device
+                        or not a.is_contiguous()):
+                    _check_tensor(f"{name}[{i}]", a, device=device, dtypes=(math,),
+                                  numel=numel)
     if not grads or not (accs or sq_accs):
         return
     kernel = _kernel("accumulate_", grads[0].device)

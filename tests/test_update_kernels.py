@@ -430,6 +430,7 @@ ADAM_BAD = [
      lambda kw: kw.update(lr_tensor=torch.tensor(0.1, dtype=torch.float64))),
     ("beta1-range", ValueError, "beta1", lambda kw: kw.update(beta1=1.5)),
     ("beta2-type", TypeError, "beta2", lambda kw: kw.update(beta2=None)),
+    ("beta2-one", ValueError, "beta2", lambda kw: kw.update(beta2=1.0)),
     ("eps-negative", ValueError, "eps", lambda kw: kw.update(eps=-1e-8)),
     ("grad-scale-type", TypeError, "grad_scale", lambda kw: kw.update(grad_scale="2")),
 ]
@@ -605,3 +606,13 @@ def test_sgd_cuda_matches_cpu(dtype, form, variant):
     run_sgd(g, **kw)
     torch.cuda.synchronize()
     _compare_devices(g, x, form == "compact")
+
+
+@pytest.mark.cuda
+def test_sgd_cuda_momentum_zero_keeps_buffers():
+    x = _to_cuda(make_inputs(SIZES, torch.float32, "indices", state1=False))
+    before = [t.clone() for t in x["s0"]]
+    run_sgd(x, momentum=0.0, consume_grad=True)
+    torch.cuda.synchronize()
+    for a, b in zip(x["s0"], before):
+        assert torch.equal(a, b)

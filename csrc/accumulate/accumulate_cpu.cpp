@@ -7,8 +7,14 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "accumulate/accumulate_checks.h"
 #include "common/rules.h"
@@ -22,6 +28,7 @@ constexpr int64_t kGrain = 1 << 16;
 // bit masks instead of a branch (the method of c10's fp16_ieee_to_fp32_value, equal
 // to it for all 65536 inputs), which gcc vectorises with the baseline x86-64 ISA;
 // c10::Half's own conversion leaves the loop scalar, 4x slower than the memory.
+// Used where the CPU lacks F16C (below).
 template <typename M, typename G>
 inline M to_math(G x) {
   return M(x);
@@ -42,26 +49,71 @@ inline float to_math<float, c10::Half>(c10::Half x) {
                               (std::bit_cast<uint32_t>(normal) & ~take_subnormal));
 }
 
-// The loops are kept free of branches (one per combination of accumulators) and
-// their pointers declared unaliased, so that gcc vectorises them.
+// Elements [0, n) of one tensor. The loops are kept free of branches (one per
+// combination of accumulators) and their pointers declared unaliased, so that gcc
+// vectorises them.
 template <typename G, typename M>
-void accumulate_tensor(M* __restrict__ acc, M* __restrict__ sq, const G* __restrict__ g,
-                       int64_t n, M alpha, M sq_alpha, M sq_decay) {
+void accumulate_range(M* __restrict__ a, M* __restrict__ s, const G* __restrict__ x,
+                      int64_t n, M alpha, M sq_alpha, M sq_decay) {
+  if (a && s) {
+    for (int64_t e = 0; e < n; ++e) {
+      const M gm = to_math<M>(x[e]);
+      accumulate_rule(a[e], gm, alpha);
+      accumulate_sq_rule(s[e], gm, sq_alpha, sq_decay);
+    }
+  } else if (a) {
+    for (int64_t e = 0; e < n; ++e) accumulate_rule(a[e], to_math<M>(x[e]), alpha);
+  } else if (s) {
+    for (int64_t e = 0; e < n; ++e) accumulate_sq_rule(s[e], to_math<M>(x[e]), sq_alpha, sq_decay);
+  }
+}
+
+// fp16 -> fp32 of n elements. Where the CPU has F16C (every x86-64 CPU since 2013)
+// the hardware converts 8 at a time, which keeps the fp16 accumulate at memory
+// speed; the portable path is the vectorised bit manipulation above.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx,f16c"))) void widen_half_f16c(const c10::Half* x, float* out,
+                                                           int64_t n) {
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + e));
+    _mm256_storeu_ps(out + e, _mm256_cvtph_ps(h));
+  }
+  for (; e < n; ++e) out[e] = to_math<float>(x[e]);
+}
+
+bool cpu_has_f16c() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return has;
+}
+#else
+void widen_half_f16c(const c10::Half*, float*, int64_t) {}
+bool cpu_has_f16c() { return false; }
+#endif
+
+void widen_half(const c10::Half* __restrict__ x, float* __restrict__ out, int64_t n) {
+  if (cpu_has_f16c()) return widen_half_f16c(x, out, n);
+  for (int64_t e = 0; e < n; ++e) out[e] = to_math<float>(x[e]);
+}
+
+template <typename G, typename M>
+void accumulate_tensor(M* acc, M* sq, const G* g, int64_t n, M alpha, M sq_alpha,
+                       M sq_decay) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    M* __restrict__ a = acc;
-    M* __restrict__ s = sq;
-    const G* __restrict__ x = g;
-    if (a && s) {
-      for (int64_t e = begin; e < end; ++e) {
-        const M gm = to_math<M>(x[e]);
-        accumulate_rule(a[e], gm, alpha);
-        accumulate_sq_rule(s[e], gm, sq_alpha, sq_decay);
+    M* a = acc ? acc + begin : nullptr;
+    M* s = sq ? sq + begin : nullptr;
+    if constexpr (std::is_same_v<G, c10::Half>) {
+      // Widened a block at a time into a buffer that stays in L1.
+      constexpr int64_t kBlock = 1024;
+      float buf[kBlock];
+      for (int64_t b = 0; b < end - begin; b += kBlock) {
+        const int64_t len = std::min(kBlock, end - begin - b);
+        widen_half(g + begin + b, buf, len);
+        accumulate_range<float, M>(a ? a + b : nullptr, s ? s + b : nullptr, buf, len, alpha,
+                                   sq_alpha, sq_decay);
       }
-    } else if (a) {
-      for (int64_t e = begin; e < end; ++e) accumulate_rule(a[e], to_math<M>(x[e]), alpha);
-    } else if (s) {
-      for (int64_t e = begin; e < end; ++e)
-        accumulate_sq_rule(s[e], to_math<M>(x[e]), sq_alpha, sq_decay);
+    } else {
+      accumulate_range<G, M>(a, s, g + begin, end - begin, alpha, sq_alpha, sq_decay);
     }
   });
 }

@@ -62,31 +62,84 @@ inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visi
   }
 }
 
-// The hot loop of the dense step. Restrict pointers and hyper-parameters passed by
-// value let gcc see that no store aliases them, so it vectorises the loop (with the
-// hyper-parameters read through a reference it does not: "control flow in loop").
+// The streaming loops: every element of [begin, end), in order. Restrict pointers
+// and hyper-parameters passed by value let gcc see that no store aliases them, so
+// it vectorises the loops (with the hyper-parameters read through a reference it
+// does not: "control flow in loop"). kMasked: the dense-mask form, branch-free --
+// every element is computed and the mask selects new or old value, so it vectorises
+// too and unchosen elements are written back bit-identical. kConsume: zero the
+// gradient entries used.
+template <typename T, typename G, typename M, bool kMasked, bool kConsume>
+[[gnu::always_inline]] inline void adam_stream(
+    T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v,
+    const bool* __restrict mask, int64_t begin, int64_t end, const AdamHyper<M> h,
+    const M step_size, const M bc2_sqrt, const M grad_scale) {
+  for (int64_t e = begin; e < end; ++e) {
+    M pm = M(p[e]), mm = m[e], vv = v[e];
+    adam_rule(pm, M(g[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
+    const bool on = kMasked ? mask[e] : true;
+    p[e] = on ? T(pm) : p[e];
+    m[e] = on ? mm : m[e];
+    v[e] = on ? vv : v[e];
+    if (kConsume) g[e] = on ? G(0) : g[e];
+  }
+}
+
+template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kHasBuffer>
+[[gnu::always_inline]] inline void sgd_stream(
+    T* __restrict p, G* __restrict g, M* __restrict buf, const bool* __restrict mask,
+    int64_t begin, int64_t end, const SgdHyper<M> h, const bool first, const M grad_scale) {
+  for (int64_t e = begin; e < end; ++e) {
+    M pm = M(p[e]), bm = kHasBuffer ? buf[e] : M(0);
+    sgd_rule(pm, M(g[e]) * grad_scale, bm, h, first);
+    const bool on = kMasked ? mask[e] : true;
+    p[e] = on ? T(pm) : p[e];
+    if (kHasBuffer) buf[e] = on ? bm : buf[e];
+    if (kConsume) g[e] = on ? G(0) : g[e];
+  }
+}
+
+// Picks the instantiation for the run-time flags.
 template <typename T, typename G, typename M>
-[[gnu::always_inline]] inline void adam_dense(T* __restrict p, const G* __restrict g, M* __restrict m, M* __restrict v,
-                int64_t begin, int64_t end, const AdamHyper<M> h, const M step_size,
-                const M bc2_sqrt, const M grad_scale) {
-  for (int64_t e = begin; e < end; ++e) {
-    M pm = M(p[e]);
-    adam_rule(pm, M(g[e]) * grad_scale, m[e], v[e], h, step_size, bc2_sqrt);
-    p[e] = T(pm);
+[[gnu::always_inline]] inline void adam_stream_any(
+    T* p, G* g, M* m, M* v, const bool* mask, bool consume, int64_t begin, int64_t end,
+    const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
+#define IK_ADAM_STREAM(MASKED, CONSUME)                                                     \
+  return adam_stream<T, G, M, MASKED, CONSUME>(p, g, m, v, mask, begin, end, h, step_size, \
+                                               bc2_sqrt, grad_scale)
+  if (mask) {
+    if (consume) IK_ADAM_STREAM(true, true);
+    IK_ADAM_STREAM(true, false);
   }
+  if (consume) IK_ADAM_STREAM(false, true);
+  IK_ADAM_STREAM(false, false);
+#undef IK_ADAM_STREAM
 }
 
-template <typename T, typename G, typename M, bool kHasBuffer>
-[[gnu::always_inline]] inline void sgd_dense(T* __restrict p, const G* __restrict g, M* __restrict buf, int64_t begin,
-               int64_t end, const SgdHyper<M> h, const bool first, const M grad_scale) {
-  for (int64_t e = begin; e < end; ++e) {
-    M pm = M(p[e]), scratch = M(0);
-    sgd_rule(pm, M(g[e]) * grad_scale, kHasBuffer ? buf[e] : scratch, h, first);
-    p[e] = T(pm);
+template <typename T, typename G, typename M>
+[[gnu::always_inline]] inline void sgd_stream_any(
+    T* p, G* g, M* buf, const bool* mask, bool consume, int64_t begin, int64_t end,
+    const SgdHyper<M> h, const bool first, const M grad_scale) {
+#define IK_SGD_STREAM(MASKED, CONSUME, BUF) \
+  return sgd_stream<T, G, M, MASKED, CONSUME, BUF>(p, g, buf, mask, begin, end, h, first, grad_scale)
+  if (buf) {
+    if (mask) {
+      if (consume) IK_SGD_STREAM(true, true, true);
+      IK_SGD_STREAM(true, false, true);
+    }
+    if (consume) IK_SGD_STREAM(false, true, true);
+    IK_SGD_STREAM(false, false, true);
   }
+  if (mask) {
+    if (consume) IK_SGD_STREAM(true, true, false);
+    IK_SGD_STREAM(true, false, false);
+  }
+  if (consume) IK_SGD_STREAM(false, true, false);
+  IK_SGD_STREAM(false, false, false);
+#undef IK_SGD_STREAM
 }
 
-// fp32 dense loops compiled for several ISAs and picked when the library loads
+// fp32 streaming loops compiled for several ISAs and picked when the library loads
 // (GCC target_clones, an ifunc): AVX-512 or AVX2+FMA where the CPU has them,
 // baseline x86-64 otherwise. The binary still runs on any x86-64 CPU: never
 // -march=native. (At baseline SSE the AdamW step is compute-bound, about 2x slower
@@ -97,21 +150,20 @@ template <typename T, typename G, typename M, bool kHasBuffer>
 #define IK_ISA_CLONES
 #endif
 
-IK_ISA_CLONES void adam_dense_f32(float* __restrict p, const float* __restrict g,
-                                  float* __restrict m, float* __restrict v, int64_t begin,
-                                  int64_t end, const AdamHyper<float> h, const float step_size,
-                                  const float bc2_sqrt, const float grad_scale) {
-  adam_dense<float, float, float>(p, g, m, v, begin, end, h, step_size, bc2_sqrt, grad_scale);
+IK_ISA_CLONES void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask,
+                                   bool consume, int64_t begin, int64_t end,
+                                   const AdamHyper<float> h, const float step_size,
+                                   const float bc2_sqrt, const float grad_scale) {
+  adam_stream_any<float, float, float>(p, g, m, v, mask, consume, begin, end, h, step_size,
+                                       bc2_sqrt, grad_scale);
 }
 
-IK_ISA_CLONES void sgd_dense_f32(float* __restrict p, const float* __restrict g,
-                                 float* __restrict buf, int64_t begin, int64_t end,
-                                 const SgdHyper<float> h, const bool first,
-                                 const float grad_scale) {
-  if (buf)
-    sgd_dense<float, float, float, true>(p, g, buf, begin, end, h, first, grad_scale);
-  else
-    sgd_dense<float, float, float, false>(p, g, buf, begin, end, h, first, grad_scale);
+IK_ISA_CLONES void sgd_stream_f32(float* p, float* g, float* buf, const bool* mask,
+                                  bool consume, int64_t begin, int64_t end,
+                                  const SgdHyper<float> h, const bool first,
+                                  const float grad_scale) {
+  sgd_stream_any<float, float, float>(p, g, buf, mask, consume, begin, end, h, first,
+                                      grad_scale);
 }
 
 // Work on positions [begin, end) of one tensor.
@@ -123,52 +175,52 @@ RangeFn adam_ranges(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
                     M grad_scale, bool consume) {
   const AdamBias bias = adam_bias(lr, beta1, beta2, step);
   const M step_size = M(bias.step_size), bc2_sqrt = M(bias.bc2_sqrt);
-  auto one = [=](int64_t e, int64_t s) {
-    M pm = M(p[e]);
-    const M gm = M(g[e]) * grad_scale;
-    if (consume) g[e] = G(0);
-    if (age) {
-      const AdamBias b = adam_bias(lr, beta1, beta2, double(++age[s]));
-      adam_rule(pm, gm, m[s], v[s], h, M(b.step_size), M(b.bc2_sqrt));
-    } else {
-      adam_rule(pm, gm, m[s], v[s], h, step_size, bc2_sqrt);
-    }
-    p[e] = T(pm);
-  };
-  const bool dense = !pos.indices && !pos.mask && !age && !consume;
+  if (!pos.indices && !age) {  // dense or dense-mask: stream over every element
+    return [=](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>)
+        adam_stream_f32(p, g, m, v, pos.mask, consume, begin, end, h, step_size, bc2_sqrt,
+                        grad_scale);
+      else
+        adam_stream_any<T, G, M>(p, g, m, v, pos.mask, consume, begin, end, h, step_size,
+                                 bc2_sqrt, grad_scale);
+    };
+  }
   return [=](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>) {
-      if (dense)
-        return adam_dense_f32(p, g, m, v, begin, end, h, step_size, bc2_sqrt, grad_scale);
-    }
-    if (dense)
-      adam_dense<T, G, M>(p, g, m, v, begin, end, h, step_size, bc2_sqrt, grad_scale);
-    else
-      for_positions(pos, begin, end, one);
+    for_positions(pos, begin, end, [&](int64_t e, int64_t s) {
+      M pm = M(p[e]);
+      const M gm = M(g[e]) * grad_scale;
+      if (consume) g[e] = G(0);
+      if (age) {
+        const AdamBias b = adam_bias(lr, beta1, beta2, double(++age[s]));
+        adam_rule(pm, gm, m[s], v[s], h, M(b.step_size), M(b.bc2_sqrt));
+      } else {
+        adam_rule(pm, gm, m[s], v[s], h, step_size, bc2_sqrt);
+      }
+      p[e] = T(pm);
+    });
   };
 }
 
 template <typename T, typename G, typename M>
 RangeFn sgd_ranges(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M> h, bool first,
                    M grad_scale, bool consume) {
-  auto one = [=](int64_t e, int64_t s) {
-    M pm = M(p[e]), scratch = M(0);
-    const M gm = M(g[e]) * grad_scale;
-    if (consume) g[e] = G(0);
-    sgd_rule(pm, gm, buf ? buf[s] : scratch, h, first);
-    p[e] = T(pm);
-  };
-  const bool dense = !pos.indices && !pos.mask && !consume;
+  if (!pos.indices) {  // dense or dense-mask: stream over every element
+    return [=](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>)
+        sgd_stream_f32(p, g, buf, pos.mask, consume, begin, end, h, first, grad_scale);
+      else
+        sgd_stream_any<T, G, M>(p, g, buf, pos.mask, consume, begin, end, h, first,
+                                grad_scale);
+    };
+  }
   return [=](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>) {
-      if (dense) return sgd_dense_f32(p, g, buf, begin, end, h, first, grad_scale);
-    }
-    if (dense && buf)
-      sgd_dense<T, G, M, true>(p, g, buf, begin, end, h, first, grad_scale);
-    else if (dense)
-      sgd_dense<T, G, M, false>(p, g, buf, begin, end, h, first, grad_scale);
-    else
-      for_positions(pos, begin, end, one);
+    for_positions(pos, begin, end, [&](int64_t e, int64_t s) {
+      M pm = M(p[e]), scratch = M(0);
+      const M gm = M(g[e]) * grad_scale;
+      if (consume) g[e] = G(0);
+      sgd_rule(pm, gm, buf ? buf[s] : scratch, h, first);
+      p[e] = T(pm);
+    });
   };
 }
 

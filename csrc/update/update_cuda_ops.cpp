@@ -102,7 +102,11 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cuda::SgdArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize};
-  for (const Prepared& g : prepare(op, a, &first_step, grad_scale, consume_grad, lr_tensor))
+  // Without momentum the buffers (if given) are neither read nor written, as on the CPU.
+  UpdateLists launch_lists = a;
+  if (momentum == 0) launch_lists.state0 = {};
+  for (const Prepared& g :
+       prepare(op, launch_lists, &first_step, grad_scale, consume_grad, lr_tensor))
     cuda::sgd_update(g.tensors.data(), int64_t(g.tensors.size()), g.options, args,
                      c10::cuda::getCurrentCUDAStream());
 }
