@@ -63,6 +63,7 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
     if what in ("convergence", "all"):
         results["convergence"] = convergence.run(mode, device, progress=bar)
     results["total_s"] = time.perf_counter() - t0
+    results["machine"]["load_average_end"] = common._load_average()
 
     stem = os.path.join(out, file_stem(device, what, mode, threads=threads))
     paths = {"json": stem + ".json", "markdown": stem + ".md"}

@@ -176,6 +176,13 @@ def device_slug(device):
     return f"{device.type}-{name}" if name else device.type
 
 
+def _load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info(device):
     device = torch.device(device)
     info = {
@@ -191,6 +198,7 @@ def machine_info(device):
         "build": {k: v for k, v in incrkern.build_info().items()
                   if k in ("cuda_kernels", "cuda_kernels_loaded", "extension_loaded",
                            "load_error", "cuda_archs", "nvcc", "cxx")},
+        "load_average": _load_average(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }
     if device.type == "cuda":

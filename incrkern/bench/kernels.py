@@ -469,6 +469,21 @@ def cases(sizes):
     return out
 
 
+def _with_reference_spread(records):
+    """Adds to every figure its reference's max/min sample ratio, so a table can tell a
+    speedup measured against a disturbed reference."""
+    refs = [r for r in records if r.get("available") and r.get("impl") == r.get("reference")
+            and "min_s" in r]
+    for rec in records:
+        for ref in refs:
+            if ref["reference"] == rec.get("reference") and all(
+                    ref.get(key) == rec.get(key) for key in
+                    ("bench", "optimizer", "shapes", "n", "k", "scope", "sq")
+                    if not (rec["bench"] == "sparse_step" and key == "k")):
+                rec["reference_spread"] = ref["max_s"] / ref["min_s"]
+    return records
+
+
 def run(sizes, device, progress=None):
     """Runs every kernel case; returns {"copy_bandwidth": ..., "records": [...]}.
 
@@ -488,7 +503,7 @@ def run(sizes, device, progress=None):
         probe.measure()
         ctx["roofline_bps"] = probe.best
         t0 = time.perf_counter()
-        records.extend(case(ctx))
+        records.extend(_with_reference_spread(case(ctx)))
         case_seconds[case.label] = time.perf_counter() - t0
         if bar:
             bar.update(1)

@@ -139,6 +139,11 @@ SUMMARY_COLUMNS = [
     ("against", lambda r: r["reference"]),
     ("speedup", lambda r: _x(r.get("speedup_vs_ref"))),
     ("of copy BW", lambda r: _pct(r.get("frac_copy_bw"))),
+    ("note", lambda r: "; ".join(
+        ([f"noisy (max {r['max_s'] / r['min_s']:.0f}x min)"]
+         if r["max_s"] > NOISY * r["min_s"] else []) +
+        ([f"noisy reference (max {r['reference_spread']:.0f}x min)"]
+         if r.get("reference_spread", 0) > NOISY else []))),
 ]
 
 
@@ -196,6 +201,15 @@ def machine_lines(results):
              f"torch {m['torch']}, Python {m['python']}, incrkern {m['incrkern']} "
              f"(extension loaded: {m['build'].get('extension_loaded')}, CUDA kernels: "
              f"{m['build'].get('cuda_kernels_loaded')})"]
+    load = [m.get("load_average"), m.get("load_average_end")]
+    if all(load):
+        busy = load[0][0] > 0.5 * m["cpu_count"]  # before this run's own work
+        lines.append(f"1-minute load average {load[0][0]:.2f} at the start, {load[1][0]:.2f} at "
+                     f"the end, on {m['cpu_count']} CPUs"
+                     + (": the machine was busy before this run began; with more than one torch "
+                        "thread a descheduled thread stalls whole parallel loops, so figures "
+                        "taken with --threads 1 are the steadier ones" if busy and
+                        m["device"] == "cpu" and m["torch_threads"] > 1 else ""))
     if "gpu_memory_gib" in m:
         lines.append(f"GPU memory: {m['gpu_memory_gib']} GiB, torch CUDA {m['torch_cuda']}")
     kernels = results.get("kernels")
