@@ -171,3 +171,16 @@ def test_sizes_are_consistent():
         assert all(0 < d <= 1 for d in sizes.densities)
     assert math.isclose(numel(SIZES["quick"].shape_sets()["one_tensor"]) * 10,
                         numel(SIZES["full"].shape_sets()["one_tensor"]))
+
+
+def test_full_sizes_on_a_gpu_add_the_billion_element_topk():
+    from incrkern.bench.shapes import sizes_for
+    assert 1_000_000_000 in sizes_for("full", "cuda").select_sizes
+    assert 1_000_000_000 not in sizes_for("full", "cpu").select_sizes
+    assert sizes_for("quick", "cuda") is SIZES["quick"]
+
+
+def test_file_stem_names_date_device_and_variant():
+    assert cli.file_stem("cpu", "all", "quick", date="2026-01-02").startswith("2026-01-02-cpu")
+    stem = cli.file_stem("cpu", "kernels", "full", date="2026-01-02", threads=1)
+    assert stem.endswith("-full-kernels-t1")
