@@ -269,6 +269,12 @@ def state_bytes(opt):
 # records
 
 
+def failure(exc, context=""):
+    """The reason of a record whose implementation raised: 'failed: <type>: <message>'."""
+    text = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return f"failed{context}: {type(exc).__name__}: {text}"
+
+
 def unavailable(reason, **fields):
     return {**fields, "available": False, "reason": reason}
 

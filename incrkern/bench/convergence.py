@@ -157,7 +157,7 @@ def train_row(row, model_kind, plan_, train, test, device, seed=0):
                 return common.unavailable(common.sparse_optimizer_reason("AdamW"), **fields)
             opt = cls(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, **row.kwargs)
     except Exception as exc:  # noqa: BLE001 - an unsupported combination is reported
-        return common.unavailable(f"{type(exc).__name__}: {str(exc)[:120]}", **fields)
+        return common.unavailable(common.failure(exc), **fields)
 
     loss_fn = nn.CrossEntropyLoss()
     x_train, y_train = train
@@ -187,8 +187,7 @@ def train_row(row, model_kind, plan_, train, test, device, seed=0):
         if not all(math.isfinite(p.detach().sum().item()) for p in model.parameters()):
             raise FloatingPointError("parameters are no longer finite")
     except Exception as exc:  # noqa: BLE001
-        return common.unavailable(f"{type(exc).__name__} during training: {str(exc)[:120]}",
-                                  **fields)
+        return common.unavailable(common.failure(exc, " during training"), **fields)
     return dict(fields, available=True, n_params=n_params, steps=plan_.steps,
                 final_test_acc=curve[-1]["test_acc"], equal_updates=equal_updates,
                 acc_at_equal_updates=acc_equal, wall_s=sum(step_times),

@@ -44,12 +44,7 @@ def release():
         torch.cuda.empty_cache()
 
 
-def _error(exc):
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text[:120]}"
-
-
-def _timed(fn, ctx, **fields):
+def _timed(fn, ctx):
     """Times fn under no_grad; any exception becomes an unavailable record."""
     def run():
         with torch.no_grad():
@@ -60,7 +55,7 @@ def _timed(fn, ctx, **fields):
                          max_time_s=ctx["sizes"].max_time_s,
                          min_repeats=min(3, ctx["sizes"].repeats))
     except Exception as exc:  # noqa: BLE001 - report, do not hide or crash
-        return None, _error(exc)
+        return None, common.failure(exc)
     return timing, None
 
 
@@ -125,7 +120,7 @@ def dense_step_case(kind, shape_name, shapes):
                 opt = cls(params, **(ADAMW_ARGS if kind == "adamw" else SGD_ARGS))
                 timings["incrkern optim"] = _timed(opt.step, ctx)
             except Exception as exc:  # noqa: BLE001
-                timings["incrkern optim"] = (None, _error(exc))
+                timings["incrkern optim"] = (None, common.failure(exc))
             opt = None
             release()
         else:
@@ -329,7 +324,7 @@ def sparse_step_case(shape_name, shapes, densities):
                     opt = cls(params, **ADAMW_ARGS, **extra)
                     timing, error = _timed(opt.step, ctx)
                 except Exception as exc:  # noqa: BLE001
-                    timing, error = None, _error(exc)
+                    timing, error = None, common.failure(exc)
                 opt = None
                 release()
                 records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
@@ -436,7 +431,7 @@ def state_bytes_case(transformer):
                 records.append(dict(fields, available=True, state_bytes=nbytes,
                                     bytes_per_param=nbytes / n))
             except Exception as exc:  # noqa: BLE001
-                reason = str(exc) if isinstance(exc, NotImplementedError) else _error(exc)
+                reason = str(exc) if isinstance(exc, NotImplementedError) else common.failure(exc)
                 records.append(unavailable(reason, **fields))
             del params
         return records

@@ -33,9 +33,14 @@ def _size(n):
     return str(n)
 
 
+def _why(rec):
+    reason = rec.get("reason", "")
+    return reason if reason.startswith("failed") else "not available: " + reason
+
+
 def _note(rec):
     if not rec.get("available", False):
-        return "not available: " + rec.get("reason", "")
+        return _why(rec)
     parts = []
     lo, hi = rec.get("min_s"), rec.get("max_s")
     if lo and hi and hi > NOISY * lo:
@@ -82,7 +87,7 @@ STATE_COLUMNS = [
     ("mode", lambda r: r["mode"]),
     ("state bytes", lambda r: _num(r.get("state_bytes"), "{:,}")),
     ("bytes / param", lambda r: _num(r.get("bytes_per_param"), "{:.2f}")),
-    ("note", lambda r: "" if r["available"] else "not available: " + r["reason"]),
+    ("note", lambda r: "" if r["available"] else _why(r)),
 ]
 
 CONVERGENCE_COLUMNS = [
@@ -95,7 +100,7 @@ CONVERGENCE_COLUMNS = [
     ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.2f}")),
     ("step time vs dense", lambda r: _x(r.get("step_time_vs_dense"))),
     ("state B/param", lambda r: _num(r.get("state_bytes_per_param"), "{:.2f}")),
-    ("note", lambda r: "" if r["available"] else "not available: " + r["reason"]),
+    ("note", lambda r: "" if r["available"] else _why(r)),
 ]
 
 
