@@ -22,6 +22,17 @@ def _kernel(name, device):
     return None
 
 
+def _dispatch(name, *args, **kwargs):
+    """Runs op `name` on the compiled kernel for the first tensor's device, or on the
+    reference when there is none."""
+    first = args[0]
+    if not first:
+        return None
+    kernel = _kernel(name, first[0].device)
+    impl = kernel if kernel is not None else getattr(reference, name)
+    return impl(*args, **kwargs)
+
+
 def _as_list(name, value, allow_none=False):
     if value is None and allow_none:
         return []
@@ -66,7 +77,7 @@ def _check_tensor(name, t, *, device, dtypes=None, numel=None, dim=None):
 
 
 def _check_update(params, grads, state0, state1, steps, indices, masks, ages, compact_state,
-                  state0_name, check_indices=True):
+                  state0_name):
     """Checks the tensor lists of an update op against each other."""
     n = len(params)
     _check_length("grads", grads, n)
@@ -94,7 +105,7 @@ def _check_update(params, grads, state0, state1, steps, indices, masks, ages, co
         if indices:
             _check_tensor(f"indices[{i}]", indices[i], device=device, dtypes=(torch.int64,),
                           dim=1)
-            if check_indices and indices[i].numel():
+            if indices[i].numel():
                 low, high = (int(v) for v in torch.aminmax(indices[i]))
                 if low < 0 or high >= p.numel():
                     raise ValueError(f"indices[{i}] holds positions outside [0, {p.numel()})")
@@ -135,7 +146,7 @@ def _check_lr(lr, lr_tensor, params):
 def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999,
                  eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False,
                  indices=None, masks=None, ages=None, grad_scale=1.0, consume_grad=False,
-                 compact_state=False, lr_tensor=None, check_indices=True):
+                 compact_state=False, lr_tensor=None, increment_steps=False, validate=True):
     """Adam (AdamW with decoupled_weight_decay=True) on every param, in place.
 
     With `indices` (one int64 tensor of flat positions per param) only those elements
@@ -143,12 +154,25 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     `compact_state`: the state tensors are k long, indexed by position in `indices`.
     `ages` (int32, like the state): per-element update counts used for the bias
     correction instead of `steps`, incremented where updated. `steps` are float32
-    scalars the caller has already incremented. Grads are read times `grad_scale`;
-    `consume_grad` zeroes the grad entries that were read. `check_indices=False` skips
-    the range check of `indices` (on CUDA a device sync per tensor) for indices known
-    to be valid, such as those incrkern.ops.select returned; the CPU kernel checks
-    again regardless, the CUDA kernel does not.
+    scalars holding the update count this call applies, or, with
+    `increment_steps=True`, the count before it: the op adds one first. Grads are read times `grad_scale`;
+    `consume_grad` zeroes the grad entries that were read.
+
+    `validate=False` skips the Python-level checks, the index range check among them
+    (on CUDA a device sync per tensor): for callers that built the arguments
+    themselves, as incrkern.optim does. The compiled kernels still check every
+    tensor's dtype, size and device, and the CPU kernel the index range; the CUDA
+    kernel trusts the indices.
     """
+    if not validate:
+        return _dispatch("adam_update_", params, grads, exp_avgs, exp_avg_sqs, steps,
+                         indices or [], masks or [], ages or [], lr=float(lr),
+                         beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                         weight_decay=float(weight_decay),
+                         decoupled_weight_decay=bool(decoupled_weight_decay),
+                         maximize=bool(maximize), grad_scale=float(grad_scale),
+                         consume_grad=bool(consume_grad), compact_state=bool(compact_state),
+                         lr_tensor=lr_tensor, increment_steps=bool(increment_steps))
     params = _as_list("params", params)
     grads = _as_list("grads", grads)
     exp_avgs = _as_list("exp_avgs", exp_avgs)
@@ -167,29 +191,38 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     _check_number("weight_decay", weight_decay, 0.0)
     _check_number("grad_scale", grad_scale)
     _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
-                  compact_state, "exp_avgs", check_indices)
+                  compact_state, "exp_avgs")
     if not params:
         return
     args = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                 weight_decay=float(weight_decay),
                 decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize),
                 grad_scale=float(grad_scale), consume_grad=bool(consume_grad),
-                compact_state=bool(compact_state), lr_tensor=lr_tensor)
-    kernel = _kernel("adam_update_", params[0].device)
-    impl = kernel if kernel is not None else reference.adam_update_
-    impl(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages, **args)
+                compact_state=bool(compact_state), lr_tensor=lr_tensor,
+                increment_steps=bool(increment_steps))
+    _dispatch("adam_update_", params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks,
+              ages, **args)
 
 
 def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0,
                 weight_decay=0.0, nesterov=False, maximize=False, first_step=None,
                 indices=None, masks=None, grad_scale=1.0, consume_grad=False,
-                compact_state=False, lr_tensor=None, check_indices=True):
+                compact_state=False, lr_tensor=None, validate=True):
     """SGD (momentum, dampening, nesterov, weight decay, maximize) in place.
 
     `momentum_buffers` may be empty when momentum == 0. `first_step[i]` marks a buffer
     that is new: it takes the gradient as it is, as torch.optim.SGD does. `indices`,
-    `masks`, `grad_scale`, `consume_grad`, `compact_state`, `lr_tensor`: as adam_update_.
+    `masks`, `grad_scale`, `consume_grad`, `compact_state`, `lr_tensor`, `validate`: as
+    adam_update_.
     """
+    if not validate:
+        first_step = [False] * len(params) if first_step is None else list(first_step)
+        return _dispatch("sgd_update_", params, grads, momentum_buffers or [], indices or [],
+                         masks or [], first_step, lr=float(lr), momentum=float(momentum),
+                         dampening=float(dampening), weight_decay=float(weight_decay),
+                         nesterov=bool(nesterov), maximize=bool(maximize),
+                         grad_scale=float(grad_scale), consume_grad=bool(consume_grad),
+                         compact_state=bool(compact_state), lr_tensor=lr_tensor)
     params = _as_list("params", params)
     grads = _as_list("grads", grads)
     momentum_buffers = _as_list("momentum_buffers", momentum_buffers, allow_none=True)
@@ -206,7 +239,7 @@ def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=
     if len(first_step) != len(params):
         raise ValueError(f"first_step has {len(first_step)} entries, expected {len(params)}")
     _check_update(params, grads, momentum_buffers, None, [], indices, masks, [],
-                  compact_state, "momentum_buffers", check_indices)
+                  compact_state, "momentum_buffers")
     if not params:
         return
     args = dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening),
@@ -214,9 +247,8 @@ def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=
                 maximize=bool(maximize), grad_scale=float(grad_scale),
                 consume_grad=bool(consume_grad), compact_state=bool(compact_state),
                 lr_tensor=lr_tensor)
-    kernel = _kernel("sgd_update_", params[0].device)
-    impl = kernel if kernel is not None else reference.sgd_update_
-    impl(params, grads, momentum_buffers, indices, masks, first_step, **args)
+    _dispatch("sgd_update_", params, grads, momentum_buffers, indices, masks, first_step,
+              **args)
 
 
 # ----------------------------------------------------------------------------------

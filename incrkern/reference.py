@@ -52,9 +52,13 @@ def _read_grad(i, grads, elements, math_dtype, grad_scale, consume_grad):
 @torch.no_grad()
 def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, indices=(), masks=(), ages=(),
                  *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize,
-                 grad_scale=1.0, consume_grad=False, compact_state=False, lr_tensor=None):
+                 grad_scale=1.0, consume_grad=False, compact_state=False, lr_tensor=None,
+                 increment_steps=False):
     if lr_tensor is not None:
         lr = lr_tensor.item()
+    if increment_steps:
+        for s in steps:
+            s.add_(1)
     for i, p in enumerate(params):
         math_dtype = _math_dtype(p.dtype)
         elements, slots = _positions(i, p.numel(), indices, masks, compact_state, p.device)

@@ -258,7 +258,7 @@ void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList masks, at::TensorList ages, double lr, double beta1,
                      double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                      bool maximize, double grad_scale, bool consume_grad, bool compact_state,
-                     const std::optional<at::Tensor>& lr_tensor) {
+                     const std::optional<at::Tensor>& lr_tensor, bool increment_steps) {
   const UpdateLists a{params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
                       compact_state, true};
   check_update_lists("incrkern.adam_update_", a);
@@ -268,6 +268,9 @@ void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   for (size_t i = 0; i < params.size(); ++i) pos.push_back(positions_of(a, i));
   std::vector<RangeFn> fns;
   std::vector<int64_t> counts;
+  // Every check has passed: from here on the call changes its arguments.
+  if (increment_steps)
+    for (const at::Tensor& s : steps) *s.data_ptr<float>() += 1.0f;
   for (size_t i = 0; i < params.size(); ++i) {
     const double step = steps[i].item<double>();
     dispatch_param_grad(params[i], grads[i], [&]<typename T, typename G>() {

@@ -46,6 +46,9 @@ class Adam(IncrementalOptimizer):
 
     def _init_state(self, group, p, k, sparse):
         state = self.state[p]
+        want_age = sparse and group["bias_correction"] == "element"
+        if "exp_avg_sq" in state and (not want_age or "age" in state):
+            return  # the common case, kept cheap: it runs per param per step
         if "step" not in state:
             state["step"] = self._new_step(p)
         shape = p.shape if k is None else (k,)
@@ -53,7 +56,7 @@ class Adam(IncrementalOptimizer):
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
-        if sparse and group["bias_correction"] == "element" and "age" not in state:
+        if want_age and "age" not in state:
             state["age"] = torch.zeros(shape, dtype=torch.int32, device=p.device)
 
     def _hyper(self, group):
@@ -67,13 +70,13 @@ class Adam(IncrementalOptimizer):
                grad_scale=1.0, consume_grad=False, compact_state=False):
         states = [self.state[p] for p in work.params]
         steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1.0)
         lr, lr_tensor = self._lr_args(group, device)
         ops.adam_update_(work.param_views, work.grads if grads is None else grads,
                          [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                          steps, lr=lr, lr_tensor=lr_tensor, indices=indices, ages=ages,
                          grad_scale=grad_scale, consume_grad=consume_grad,
-                         compact_state=compact_state, check_indices=False,
+                         compact_state=compact_state, increment_steps=True,
+                         validate=False,
                          **self._hyper(group))
 
 

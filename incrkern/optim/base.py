@@ -167,22 +167,27 @@ class IncrementalOptimizer(Optimizer):
             g = p.grad
             if g is None:
                 continue
-            where = f"param_groups[{gi}]['params'][{i}]"
-            if g.is_sparse:
-                raise RuntimeError(f"{where}: sparse gradients are not supported")
-            if g.shape != p.shape:
-                raise RuntimeError(f"{where}: grad has shape {tuple(g.shape)}, param "
-                                   f"{tuple(p.shape)}")
-            if g.dtype != p.dtype:
-                raise RuntimeError(f"{where}: grad has dtype {g.dtype}, param {p.dtype}")
-            if g.device != p.device:
-                raise RuntimeError(f"{where}: grad is on {g.device}, param on {p.device}")
-            if p.device.type == "cuda" and p.dtype == torch.float64:
-                raise RuntimeError(f"{where}: float64 params are supported on the CPU only")
-            if torch.is_complex(p):
-                raise RuntimeError(f"{where}: complex params are not supported")
+            if (g.shape != p.shape or g.dtype != p.dtype or g.device != p.device
+                    or g.layout != torch.strided or p.is_complex()
+                    or (p.dtype == torch.float64 and p.device.type == "cuda")):
+                self._bad_grad(f"param_groups[{gi}]['params'][{i}]", p, g)
             out.append(p)
         return out
+
+    @staticmethod
+    def _bad_grad(where, p, g):
+        if g.layout != torch.strided:
+            raise RuntimeError(f"{where}: sparse gradients are not supported")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{where}: grad has shape {tuple(g.shape)}, param "
+                               f"{tuple(p.shape)}")
+        if g.dtype != p.dtype:
+            raise RuntimeError(f"{where}: grad has dtype {g.dtype}, param {p.dtype}")
+        if g.device != p.device:
+            raise RuntimeError(f"{where}: grad is on {g.device}, param on {p.device}")
+        if p.is_complex():
+            raise RuntimeError(f"{where}: complex params are not supported")
+        raise RuntimeError(f"{where}: float64 params are supported on the CPU only")
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -73,5 +73,5 @@ class SGD(IncrementalOptimizer):
         ops.sgd_update_(work.param_views, work.grads if grads is None else grads, buffers,
                         lr=lr, lr_tensor=lr_tensor, first_step=first, indices=indices,
                         grad_scale=grad_scale, consume_grad=consume_grad,
-                        compact_state=compact_state, check_indices=False,
+                        compact_state=compact_state, validate=False,
                         **self._hyper(group))
