@@ -7,6 +7,7 @@ yet (an op or optimizer still to land) gives a record with available=False and t
 reason, never a number.
 """
 import gc
+import inspect
 import math
 import time
 
@@ -70,6 +71,22 @@ def _record(timing, error, ctx, *, nbytes, reference_s, **fields):
 # dense step
 
 
+def _fast_update_args(op):
+    """The arguments with which incrkern.optim calls an update op, where the op has them:
+    no Python-level checks (the kernel still checks) and the step count incremented by
+    the op itself. Returns (kwargs, whether the caller must increment the steps)."""
+    try:
+        names = inspect.signature(op).parameters
+    except (TypeError, ValueError):
+        names = {}
+    kwargs = {}
+    if "validate" in names:
+        kwargs["validate"] = False
+    if "increment_steps" in names:
+        kwargs["increment_steps"] = True
+    return kwargs, "increment_steps" not in kwargs
+
+
 def _incrkern_ops_step(kind, params):
     """The dense step through incrkern.ops directly (state kept here, as torch keeps it)."""
     grads = [p.grad for p in params]
@@ -78,20 +95,24 @@ def _incrkern_ops_step(kind, params):
         v = [torch.zeros_like(p) for p in params]
         steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
         b1, b2 = ADAMW_ARGS["betas"]
+        fast, count_here = _fast_update_args(incrkern.ops.adam_update_)
 
         def step():
-            torch._foreach_add_(steps, 1.0)
+            if count_here:
+                torch._foreach_add_(steps, 1.0)
             incrkern.ops.adam_update_(params, grads, m, v, steps, lr=ADAMW_ARGS["lr"],
                                       beta1=b1, beta2=b2, eps=ADAMW_ARGS["eps"],
                                       weight_decay=ADAMW_ARGS["weight_decay"],
-                                      decoupled_weight_decay=True, maximize=False)
+                                      decoupled_weight_decay=True, maximize=False, **fast)
         return step
     bufs = [torch.zeros_like(p) for p in params]
+    fast, _ = _fast_update_args(incrkern.ops.sgd_update_)
+    fast.pop("increment_steps", None)
 
     def step():
         incrkern.ops.sgd_update_(params, grads, bufs, lr=SGD_ARGS["lr"],
                                  momentum=SGD_ARGS["momentum"], dampening=0.0,
-                                 weight_decay=0.0, nesterov=False, maximize=False)
+                                 weight_decay=0.0, nesterov=False, maximize=False, **fast)
     return step
 
 
@@ -277,15 +298,17 @@ def _composed_step(params, selector, density):
     steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
     ks = [max(1, math.ceil(density * p.numel())) for p in params]
     b1, b2 = ADAMW_ARGS["betas"]
+    fast, count_here = _fast_update_args(incrkern.ops.adam_update_)
 
     def step():
-        torch._foreach_add_(steps, 1.0)
+        if count_here:
+            torch._foreach_add_(steps, 1.0)
         indices = None if density >= 1.0 else selector(grads, ks)
         incrkern.ops.adam_update_(params, grads, m, v, steps, lr=ADAMW_ARGS["lr"], beta1=b1,
                                   beta2=b2, eps=ADAMW_ARGS["eps"],
                                   weight_decay=ADAMW_ARGS["weight_decay"],
                                   decoupled_weight_decay=True, maximize=False,
-                                  indices=indices)
+                                  indices=indices, **fast)
     return step
 
 
