@@ -364,8 +364,7 @@ if EXTENSION_LOADED:
         return x.new_empty(k, dtype=torch.int64)
 
     @torch.library.register_fake("incrkern::select")
-    def _select_fake(tensors, ks, score="grad", global_scope=False, approx=False, residuals=(),
-                     weights=(), seed=0):
+    def _select_fake(tensors, ks, score, global_scope, approx, residuals, weights, seed=0):
         if global_scope or approx:
             ctx = torch.library.get_ctx()
             return [t.new_empty(ctx.new_dynamic_size(), dtype=torch.int64) for t in tensors]
