@@ -431,7 +431,19 @@ class Selector {
             K keys[kGroup];
             group_keys(rd, i, keys);
             if (!any_at_least(keys, lo)) continue;
-            for (int j = 0; j < kGroup; ++j) one(i + j, keys[j]);
+            // Winners written without a branch (k may be half the input).
+            const size_t ws = o.win.size();
+            o.win.resize(ws + kGroup);
+            int64_t* wp = o.win.data() + ws;
+            for (int j = 0; j < kGroup; ++j) {
+              *wp = i + j;
+              wp += keys[j] > hi;
+              if (keys[j] >= lo && keys[j] <= hi) {
+                o.ckey.push_back(keys[j]);
+                o.cidx.push_back(i + j);
+              }
+            }
+            o.win.resize(size_t(wp - o.win.data()));
           }
           for (; i < blk.end; ++i) one(i, rd(i));
         });

@@ -172,9 +172,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Level 2 over the buffered candidates: grid (blocks, groups).
-__global__ void __launch_bounds__(kThreads) hist_cands_kernel(SelectLaunch L) {
+__global__ void __launch_bounds__(kThreads) hist_cands_kernel(SelectLaunch L, int group0) {
   __shared__ uint32_t sh[kSelectBins];
-  SelState* stp = L.states + blockIdx.y;
+  const int group = group0 + int(blockIdx.y);
+  SelState* stp = L.states + group;
   if (stp->done || !stp->use_cands) return;
   const uint32_t prefix = stp->prefix;
   const int64_t n = stp->cand_count, base = stp->cand_base;
@@ -186,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) hist_cands_kernel(SelectLaunch L) {
     if ((key >> 10) == (prefix >> 10)) atomicAdd(sh + (key & 1023u), 1u);
   }
   __syncthreads();
-  flush_hist(sh, L.hist + int64_t(blockIdx.y) * kSelectBins);
+  flush_hist(sh, L.hist + int64_t(group) * kSelectBins);
 }
 
 // One block per group: the digit of the k-th from the histogram of `level`.
@@ -401,8 +402,11 @@ void select_find(const SelectLaunch& L, cudaStream_t stream) {
     hist_input_kernel<<<chunks, kThreads, 0, stream>>>(L, level);
     check(cudaGetLastError(), "histogram kernel");
     if (level == 2) {
-      hist_cands_kernel<<<dim3(64, unsigned(L.ngroups)), kThreads, 0, stream>>>(L);
-      check(cudaGetLastError(), "candidate histogram kernel");
+      for (int g0 = 0; g0 < L.ngroups; g0 += 65535) {  // gridDim.y <= 65535
+        const unsigned gy = unsigned(L.ngroups - g0 < 65535 ? L.ngroups - g0 : 65535);
+        hist_cands_kernel<<<dim3(64, gy), kThreads, 0, stream>>>(L, g0);
+        check(cudaGetLastError(), "candidate histogram kernel");
+      }
     }
     find_kernel<<<unsigned(L.ngroups), kThreads, 0, stream>>>(L, level);
     check(cudaGetLastError(), "digit kernel");
