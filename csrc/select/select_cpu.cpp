@@ -35,6 +35,8 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <exception>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -50,6 +52,48 @@ constexpr int64_t kBlock = int64_t(1) << 18;     // elements per block of work
 constexpr int64_t kSerialMax = int64_t(1) << 15;  // below: one thread, nth_element
 constexpr int64_t kSample = int64_t(1) << 16;
 constexpr int kDigitBits = 11;
+
+// at::parallel_for runs its body on one thread when the extension is compiled
+// without OpenMP (its OpenMP backend is a pragma in a header), which is how
+// setup.py builds it. Then the work is split over at::get_num_threads() plain
+// threads instead; nested calls run inline.
+thread_local bool tl_in_parallel = false;
+
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (end <= begin) return;
+#ifdef _OPENMP
+  at::parallel_for(begin, end, grain, f);
+#else
+  const int64_t n = end - begin;
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1));
+  if (chunks <= 1 || tl_in_parallel || at::in_parallel_region()) {
+    f(begin, end);
+    return;
+  }
+  std::exception_ptr error;
+  std::mutex mu;
+  auto body = [&](int64_t b, int64_t e) {
+    tl_in_parallel = true;
+    try {
+      f(b, e);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!error) error = std::current_exception();
+    }
+    tl_in_parallel = false;
+  };
+  const int64_t step = (n + chunks - 1) / chunks;
+  std::vector<std::thread> threads;
+  for (int64_t c = 1; c < chunks; ++c) {
+    const int64_t b = begin + c * step;
+    if (b < end) threads.emplace_back(body, b, std::min(end, b + step));
+  }
+  body(begin, std::min(end, begin + step));
+  for (auto& t : threads) t.join();
+  if (error) std::rethrow_exception(error);
+#endif
+}
 
 // ---------------------------------------------------------------------------------
 // Readers: key(i) of element i of one tensor, for each score and dtype.
@@ -338,7 +382,7 @@ class Selector {
     std::vector<at::Tensor> outs = alloc(sizes);
     for (size_t i = 0; i < outs.size(); ++i) {
       int64_t* o = outs[i].data_ptr<int64_t>();
-      at::parallel_for(0, srcs_[i].n, kBlock, [&](int64_t b, int64_t e) {
+      parallel_for(0, srcs_[i].n, kBlock, [&](int64_t b, int64_t e) {
         for (int64_t j = b; j < e; ++j) o[j] = j;
       });
     }
@@ -376,7 +420,7 @@ class Selector {
     std::vector<int64_t> starts;
     for (const Source& src : srcs_) starts.push_back(src.pos0);
     std::vector<K> keys(s);
-    at::parallel_for(0, s, 4096, [&](int64_t b, int64_t e) {
+    parallel_for(0, s, 4096, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {
         int64_t pos = j * stride + int64_t(fmix32(uint32_t(j) * 0x9e3779b9u + 1u) % uint64_t(stride));
         pos = std::min(pos, n_ - 1);
@@ -409,12 +453,14 @@ class Selector {
     std::atomic<int64_t> total{0};
     std::atomic<bool> overflow{false};
     const double expect_w = double(k_) / double(n_);
-    at::parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         if (overflow.load(std::memory_order_relaxed)) return;
         const Block& blk = blocks_[bi];
         BandOut<K>& o = out[bi];
-        o.win.reserve(size_t(double(blk.end - blk.begin) * expect_w * 1.1) + 16);
+        // Sized once to the expected count; wn counts the winners written.
+        o.win.resize(size_t(double(blk.end - blk.begin) * expect_w * 1.1) + 64);
+        size_t wn = 0;
         with_reader<K>(srcs_[blk.src], [&](auto rd) {
           auto one = [&](int64_t i, K key) {
             if (key >= lo) {
@@ -432,9 +478,8 @@ class Selector {
             group_keys(rd, i, keys);
             if (!any_at_least(keys, lo)) continue;
             // Winners written without a branch (k may be half the input).
-            const size_t ws = o.win.size();
-            o.win.resize(ws + kGroup);
-            int64_t* wp = o.win.data() + ws;
+            if (wn + kGroup > o.win.size()) o.win.resize(2 * o.win.size() + kGroup);
+            int64_t* wp = o.win.data() + wn;
             for (int j = 0; j < kGroup; ++j) {
               *wp = i + j;
               wp += keys[j] > hi;
@@ -443,8 +488,9 @@ class Selector {
                 o.cidx.push_back(i + j);
               }
             }
-            o.win.resize(size_t(wp - o.win.data()));
+            wn = size_t(wp - o.win.data());
           }
+          o.win.resize(wn);
           for (; i < blk.end; ++i) one(i, rd(i));
         });
         if (total.fetch_add(int64_t(o.cidx.size())) + int64_t(o.cidx.size()) > cap) {
@@ -479,7 +525,7 @@ class Selector {
   std::vector<at::Tensor> merge(const std::vector<BandOut<K>>& out, Chosen&& chosen) const {
     const int64_t nb = int64_t(blocks_.size());
     std::vector<int64_t> count(nb), offset(nb);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         int64_t c = int64_t(out[bi].win.size());
         for (size_t j = 0; j < out[bi].cidx.size(); ++j)
@@ -488,7 +534,7 @@ class Selector {
       }
     });
     std::vector<at::Tensor> outs = offsets(count, offset);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         const BandOut<K>& o = out[bi];
         int64_t* dst = outs[blocks_[bi].src].data_ptr<int64_t>() + offset[bi];
@@ -523,7 +569,7 @@ class Selector {
     const K mask = K(nbins - 1);
     std::vector<int64_t> total(nbins, 0);
     std::mutex mu;
-    at::parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
       std::vector<uint32_t> h(4 * size_t(nbins));
       std::vector<int64_t> local(nbins, 0);
       for (int64_t bi = b0; bi < b1; ++bi) {
@@ -602,7 +648,7 @@ class Selector {
   int64_t tie_position(K t, int64_t r) const {
     const int64_t nb = int64_t(blocks_.size());
     std::vector<int64_t> count(nb, 0);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         const Block& blk = blocks_[bi];
         with_reader<K>(srcs_[blk.src], [&](auto rd) {
@@ -636,7 +682,7 @@ class Selector {
     const int64_t nb = int64_t(blocks_.size());
     std::vector<std::vector<int64_t>> found(nb);
     std::vector<int64_t> count(nb), offset(nb);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         const Block& blk = blocks_[bi];
         auto& f = found[bi];
@@ -651,7 +697,7 @@ class Selector {
       }
     });
     std::vector<at::Tensor> outs = offsets(count, offset);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi)
         std::copy(found[bi].begin(), found[bi].end(),
                   outs[blocks_[bi].src].data_ptr<int64_t>() + offset[bi]);
@@ -727,7 +773,7 @@ std::vector<at::Tensor> select_cpu(at::TensorList tensors, at::IntArrayRef ks, c
   std::vector<int64_t> small, large;
   for (size_t i = 0; i < srcs.size(); ++i)
     (srcs[i].n <= kBlock ? small : large).push_back(int64_t(i));
-  at::parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
+  parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const int64_t i = small[j];
       outs[i] = run_group({srcs[i]}, ks[i], approx)[0];
