@@ -349,3 +349,22 @@ def test_topk_tie_mass_near_kth(device):
         idx = ops.topk(x, k)
         assert torch.equal(idx, reference.topk(x, k))
         check_against_torch(x.cpu(), k, idx.cpu())
+
+
+def test_cpu_same_result_for_any_thread_count():
+    x = torch.randn(2000003)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [ops.topk(x, k) for k in (1, 20000, 1000001)]
+        one_global = ops.select([x[:700000], x[700000:]], 0.01, scope="global")
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(max(2, threads))
+    try:
+        many = [ops.topk(x, k) for k in (1, 20000, 1000001)]
+        many_global = ops.select([x[:700000], x[700000:]], 0.01, scope="global")
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    assert all(torch.equal(a, b) for a, b in zip(one_global, many_global))
