@@ -560,55 +560,77 @@ class Selector {
     return alloc(sizes);
   }
 
-  // Histogram of the digit below bit `shift` of width `bits`, over the keys whose
-  // bits at and above `shift` + `bits`... equal those of `prefix` (all keys when
-  // `top`). Per-thread histograms, four interleaved copies each.
-  std::vector<int64_t> histogram(K prefix, int shift, int bits, bool top) const {
+  // Histogram of one digit, with the smallest and largest key of each bin.
+  struct Hist {
+    std::vector<int64_t> count;
+    std::vector<K> min, max;
+  };
+
+  // Histogram of the digit of width `bits` above bit `shift`, over the keys whose
+  // higher bits equal those of `prefix` (all keys when `top`). Per-thread
+  // histograms, four interleaved copies each (repeated bins would otherwise
+  // serialise on one counter).
+  Hist histogram(K prefix, int shift, int bits, bool top) const {
     const int nbins = 1 << bits;
     const int high = shift + bits;  // bits at and above are fixed by the prefix
     const K mask = K(nbins - 1);
-    std::vector<int64_t> total(nbins, 0);
+    Hist total{std::vector<int64_t>(nbins, 0), std::vector<K>(nbins, std::numeric_limits<K>::max()),
+               std::vector<K>(nbins, K(0))};
     std::mutex mu;
     parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
-      std::vector<uint32_t> h(4 * size_t(nbins));
+      const size_t nb4 = 4 * size_t(nbins);
+      std::vector<uint32_t> h(nb4);
+      std::vector<K> mn(nb4, std::numeric_limits<K>::max()), mx(nb4, K(0));
       std::vector<int64_t> local(nbins, 0);
       for (int64_t bi = b0; bi < b1; ++bi) {
         const Block& blk = blocks_[bi];
         std::fill(h.begin(), h.end(), 0u);
         with_reader<K>(srcs_[blk.src], [&](auto rd) {
-          uint32_t* h0 = h.data();
+          auto add = [&](size_t copy, K key) {
+            const size_t slot = copy * nbins + size_t((key >> shift) & mask);
+            ++h[slot];
+            mn[slot] = std::min(mn[slot], key);
+            mx[slot] = std::max(mx[slot], key);
+          };
+          int64_t i = blk.begin;
           if (top) {
-            int64_t i = blk.begin;
             for (; i + kGroup <= blk.end; i += kGroup) {
               K keys[kGroup];
               group_keys(rd, i, keys);
-              for (int j = 0; j < kGroup; j += 4) {
-                ++h0[size_t(keys[j] >> shift)];
-                ++h0[nbins + size_t(keys[j + 1] >> shift)];
-                ++h0[2 * nbins + size_t(keys[j + 2] >> shift)];
-                ++h0[3 * nbins + size_t(keys[j + 3] >> shift)];
-              }
+              for (int j = 0; j < kGroup; ++j) add(size_t(j & 3), keys[j]);
             }
-            for (; i < blk.end; ++i) ++h0[size_t(rd(i) >> shift)];
+            for (; i < blk.end; ++i) add(0, rd(i));
           } else {
             const K want = prefix >> high;
-            for (int64_t i = blk.begin; i < blk.end; ++i) {
+            for (; i + kGroup <= blk.end; i += kGroup) {
+              K keys[kGroup];
+              group_keys(rd, i, keys);
+              for (int j = 0; j < kGroup; ++j)
+                if ((keys[j] >> high) == want) add(size_t(j & 3), keys[j]);
+            }
+            for (; i < blk.end; ++i) {
               const K key = rd(i);
-              if ((key >> high) == want) ++h0[(i & 3) * nbins + size_t((key >> shift) & mask)];
+              if ((key >> high) == want) add(0, key);
             }
           }
         });
-        for (int c = 0; c < 4; ++c)
-          for (int d = 0; d < nbins; ++d) local[d] += h[size_t(c) * nbins + d];
+        for (size_t c = 0; c < 4; ++c)
+          for (int d = 0; d < nbins; ++d) local[d] += h[c * nbins + d];
       }
       std::lock_guard<std::mutex> lock(mu);
-      for (int d = 0; d < nbins; ++d) total[d] += local[d];
+      for (int d = 0; d < nbins; ++d) {
+        total.count[d] += local[d];
+        for (size_t c = 0; c < 4; ++c) {
+          total.min[d] = std::min(total.min[d], mn[c * nbins + d]);
+          total.max[d] = std::max(total.max[d], mx[c * nbins + d]);
+        }
+      }
     });
     return total;
   }
 
-  // The exact path: radix select over the digits, then a band pass or a final
-  // pass with (T, I) known.
+  // The exact path: radix select over the digits, then a band pass over the
+  // bucket of the k-th, or a count and a write pass once its key is known.
   std::vector<at::Tensor> run_radix() const {
     constexpr int kBits = int(sizeof(K) * 8);
     K prefix = 0;
@@ -617,21 +639,22 @@ class Selector {
     while (true) {
       const int bits = std::min(kDigitBits, shift);
       const int low = shift - bits;
-      const auto hist = histogram(prefix, low, bits, shift == kBits);
+      const Hist hist = histogram(prefix, low, bits, shift == kBits);
       int b = (1 << bits) - 1;
       int64_t above = 0;
       for (; b > 0; --b) {
-        if (above + hist[b] >= r) break;
-        above += hist[b];
+        if (above + hist.count[b] >= r) break;
+        above += hist.count[b];
       }
       r -= above;
-      const int64_t count = hist[b];
+      const int64_t count = hist.count[b];
       prefix |= K(b) << low;
       shift = low;
       const K lo = prefix;
       const K hi = prefix | (shift == 0 ? K(0) : (K(~K(0)) >> (kBits - shift)));
-      if (count == r)  // the whole bucket is chosen: key >= lo
-        return final_pass(lo, std::numeric_limits<int64_t>::max());
+      if (count == r) return final_pass(lo, -1);  // the whole bucket is chosen
+      // One key fills the bucket (ties, all-equal inputs): the k-th key is known.
+      if (hist.min[b] == hist.max[b]) return final_pass(hist.min[b], r);
       if (count <= budget_) {
         std::vector<BandOut<K>> out;
         band_pass(lo, hi, std::numeric_limits<int64_t>::max(), out);
@@ -640,67 +663,67 @@ class Selector {
         TORCH_CHECK(w + r == k_, "incrkern.select: internal error in the radix select");
         return resolve_and_merge(out, r);
       }
-      if (shift == 0) return final_pass(prefix, tie_position(prefix, r));
+      TORCH_CHECK(shift > 0, "incrkern.select: internal error in the radix select");
     }
   }
 
-  // Position of the r-th element (in position order) whose key is t.
-  int64_t tie_position(K t, int64_t r) const {
+  // Two reads: per block, the keys > t and == t are counted; block b then takes
+  // its keys > t and its first q_b keys == t, where the q_b add up to `ties`, lowest
+  // positions first (ties < 0: every key >= t).
+  std::vector<at::Tensor> final_pass(K t, int64_t ties) const {
     const int64_t nb = int64_t(blocks_.size());
-    std::vector<int64_t> count(nb, 0);
+    std::vector<int64_t> greater(nb), equal(nb), quota(nb), count(nb), offset(nb);
     parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         const Block& blk = blocks_[bi];
         with_reader<K>(srcs_[blk.src], [&](auto rd) {
-          int64_t c = 0;
-          for (int64_t i = blk.begin; i < blk.end; ++i) c += rd(i) == t;
-          count[bi] = c;
-        });
-      }
-    });
-    for (int64_t bi = 0; bi < nb; ++bi) {
-      if (r > count[bi]) {
-        r -= count[bi];
-        continue;
-      }
-      const Block& blk = blocks_[bi];
-      int64_t found = -1;
-      with_reader<K>(srcs_[blk.src], [&](auto rd) {
-        for (int64_t i = blk.begin; i < blk.end; ++i)
-          if (rd(i) == t && --r == 0) {
-            found = gpos(blk, i);
-            return;
+          int64_t gt = 0, eq = 0;
+          int64_t i = blk.begin;
+          for (; i + kGroup <= blk.end; i += kGroup) {
+            K keys[kGroup];
+            group_keys(rd, i, keys);
+            for (int j = 0; j < kGroup; ++j) gt += keys[j] > t, eq += keys[j] == t;
           }
-      });
-      return found;
-    }
-    TORCH_CHECK(false, "incrkern.select: internal error locating a tie");
-  }
-
-  // One read: every element with key > t or (key == t and position <= last_pos).
-  std::vector<at::Tensor> final_pass(K t, int64_t last_pos) const {
-    const int64_t nb = int64_t(blocks_.size());
-    std::vector<std::vector<int64_t>> found(nb);
-    std::vector<int64_t> count(nb), offset(nb);
-    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t bi = b0; bi < b1; ++bi) {
-        const Block& blk = blocks_[bi];
-        auto& f = found[bi];
-        with_reader<K>(srcs_[blk.src], [&](auto rd) {
-          const int64_t pos0 = srcs_[blk.src].pos0;
-          for (int64_t i = blk.begin; i < blk.end; ++i) {
+          for (; i < blk.end; ++i) {
             const K key = rd(i);
-            if (key > t || (key == t && pos0 + i <= last_pos)) f.push_back(i);
+            gt += key > t, eq += key == t;
           }
+          greater[bi] = gt;
+          equal[bi] = eq;
         });
-        count[bi] = int64_t(f.size());
       }
     });
+    int64_t left = ties < 0 ? std::numeric_limits<int64_t>::max() : ties;
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      quota[bi] = std::min(left, equal[bi]);
+      left -= quota[bi];
+      count[bi] = greater[bi] + quota[bi];
+    }
     std::vector<at::Tensor> outs = offsets(count, offset);
     parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t bi = b0; bi < b1; ++bi)
-        std::copy(found[bi].begin(), found[bi].end(),
-                  outs[blocks_[bi].src].data_ptr<int64_t>() + offset[bi]);
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        const Block& blk = blocks_[bi];
+        int64_t* dst = outs[blk.src].data_ptr<int64_t>() + offset[bi];
+        int64_t q = quota[bi];
+        with_reader<K>(srcs_[blk.src], [&](auto rd) {
+          auto one = [&](int64_t i, K key) {
+            if (key > t) {
+              *dst++ = i;
+            } else if (key == t && q > 0) {
+              *dst++ = i;
+              --q;
+            }
+          };
+          int64_t i = blk.begin;
+          for (; i + kGroup <= blk.end; i += kGroup) {
+            K keys[kGroup];
+            group_keys(rd, i, keys);
+            if (!any_at_least(keys, t)) continue;
+            for (int j = 0; j < kGroup; ++j) one(i + j, keys[j]);
+          }
+          for (; i < blk.end; ++i) one(i, rd(i));
+        });
+      }
     });
     return outs;
   }
