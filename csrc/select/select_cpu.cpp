@@ -12,12 +12,15 @@
 //     When #winners < k <= #winners + #candidates, e* is the (k - #winners)-th
 //     candidate (nth_element on the few candidates) and every block merges its
 //     winners with its chosen candidates into the output. Else the band missed.
+//     When the sample shows a tie mass in the band instead (few distinct values),
+//     its k-th key is tried as the answer: one counting pass confirms it.
 //  2. Radix select (exact fallback, any input): per-thread histograms of 11-bit
 //     digits of the keys, most significant first, each pass restricted to the
 //     keys that share the digits found so far. It stops as soon as the bucket of
 //     the k-th is wholly chosen, or holds few enough elements to finish with the
-//     band pass of 1, whose band is then the bucket itself. Massive ties at the
-//     k-th key are resolved by counting them per block.
+//     band pass of 1, whose band is then the bucket itself. A bucket holding one
+//     key only (ties) settles the k-th key at once; ties at the k-th key are
+//     taken lowest positions first by counting them per block.
 //
 // Positions are int64 everywhere (tensors beyond 2^31 elements). The scores are
 // computed from the inputs on the fly; no score tensor is ever materialised.
@@ -336,6 +339,7 @@ class Selector {
 
   // One int64 tensor of ascending local positions per source.
   std::vector<at::Tensor> run() {
+    tie_guess_.reset();
     if (k_ == 0) return finish_empty();
     if (k_ == n_) return finish_all();
     if (n_ <= kSerialMax) return run_serial();
@@ -352,6 +356,12 @@ class Selector {
         }
       }
     }
+    if (tie_guess_) {  // one counting pass checks whether the guess is the k-th key
+      const FinalCounts c = final_counts(*tie_guess_);
+      int64_t gt = 0, eq = 0;
+      for (size_t b = 0; b < c.greater.size(); ++b) gt += c.greater[b], eq += c.equal[b];
+      if (gt < k_ && k_ <= gt + eq) return final_write(*tie_guess_, k_ - gt, c);
+    }
     return run_radix();
   }
 
@@ -363,6 +373,7 @@ class Selector {
   int64_t k_, n_ = 0, budget_;
   bool approx_;
   std::vector<Block> blocks_;
+  std::optional<K> tie_guess_;  // set by sample_band when the band is too wide
 
   int64_t gpos(const Block& b, int64_t i) const { return srcs_[b.src].pos0 + i; }
 
@@ -414,7 +425,7 @@ class Selector {
 
   // The band [L, H] from a strided sample with a random offset in each stride, or
   // nothing when the sample predicts more candidates than the budget allows.
-  std::optional<std::pair<K, K>> sample_band() const {
+  std::optional<std::pair<K, K>> sample_band() {
     const int64_t s = std::min(kSample, n_);
     const int64_t stride = n_ / s;
     std::vector<int64_t> starts;
@@ -442,7 +453,12 @@ class Selector {
     int64_t in_band = 0;
     for (K key : keys) in_band += key >= lo && key <= hi;
     const double predicted = double(in_band) * double(n_) / double(s);
-    if (predicted > double(budget_) / 2) return std::nullopt;
+    if (predicted > double(budget_) / 2) {
+      // Too wide, usually because many keys tie inside the band: the sample's
+      // k-th key is then a good guess of the true one.
+      tie_guess_ = key_at(std::clamp<int64_t>(int64_t(mean), 0, s - 1));
+      return std::nullopt;
+    }
     return std::make_pair(lo, hi);
   }
 
@@ -577,20 +593,25 @@ class Selector {
     Hist total{std::vector<int64_t>(nbins, 0), std::vector<K>(nbins, std::numeric_limits<K>::max()),
                std::vector<K>(nbins, K(0))};
     std::mutex mu;
+    struct Bin {
+      uint32_t n;
+      K min, max;
+    };
+    // Copies kept apart by a few bins, so that equal bins of two copies do not
+    // share their low 12 address bits (4K aliasing stalls the store forwarding).
+    const size_t stride = size_t(nbins) + 5;
     parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
-      const size_t nb4 = 4 * size_t(nbins);
-      std::vector<uint32_t> h(nb4);
-      std::vector<K> mn(nb4, std::numeric_limits<K>::max()), mx(nb4, K(0));
+      const Bin empty{0, std::numeric_limits<K>::max(), K(0)};
+      std::vector<Bin> bins(4 * stride, empty);
       std::vector<int64_t> local(nbins, 0);
       for (int64_t bi = b0; bi < b1; ++bi) {
         const Block& blk = blocks_[bi];
-        std::fill(h.begin(), h.end(), 0u);
         with_reader<K>(srcs_[blk.src], [&](auto rd) {
           auto add = [&](size_t copy, K key) {
-            const size_t slot = copy * nbins + size_t((key >> shift) & mask);
-            ++h[slot];
-            mn[slot] = std::min(mn[slot], key);
-            mx[slot] = std::max(mx[slot], key);
+            Bin& x = bins[copy * stride + size_t((key >> shift) & mask)];
+            ++x.n;
+            x.min = std::min(x.min, key);
+            x.max = std::max(x.max, key);
           };
           int64_t i = blk.begin;
           if (top) {
@@ -614,15 +635,19 @@ class Selector {
             }
           }
         });
+        // 32-bit counts flushed per block (a block has < 2^32 elements)
         for (size_t c = 0; c < 4; ++c)
-          for (int d = 0; d < nbins; ++d) local[d] += h[c * nbins + d];
+          for (int d = 0; d < nbins; ++d) {
+            local[d] += bins[c * stride + d].n;
+            bins[c * stride + d].n = 0;
+          }
       }
       std::lock_guard<std::mutex> lock(mu);
       for (int d = 0; d < nbins; ++d) {
         total.count[d] += local[d];
         for (size_t c = 0; c < 4; ++c) {
-          total.min[d] = std::min(total.min[d], mn[c * nbins + d]);
-          total.max[d] = std::max(total.max[d], mx[c * nbins + d]);
+          total.min[d] = std::min(total.min[d], bins[c * stride + d].min);
+          total.max[d] = std::max(total.max[d], bins[c * stride + d].max);
         }
       }
     });
@@ -670,9 +695,13 @@ class Selector {
   // Two reads: per block, the keys > t and == t are counted; block b then takes
   // its keys > t and its first q_b keys == t, where the q_b add up to `ties`, lowest
   // positions first (ties < 0: every key >= t).
-  std::vector<at::Tensor> final_pass(K t, int64_t ties) const {
+  struct FinalCounts {
+    std::vector<int64_t> greater, equal;  // per block: keys > t, keys == t
+  };
+
+  FinalCounts final_counts(K t) const {
     const int64_t nb = int64_t(blocks_.size());
-    std::vector<int64_t> greater(nb), equal(nb), quota(nb), count(nb), offset(nb);
+    FinalCounts c{std::vector<int64_t>(nb), std::vector<int64_t>(nb)};
     parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         const Block& blk = blocks_[bi];
@@ -688,11 +717,23 @@ class Selector {
             const K key = rd(i);
             gt += key > t, eq += key == t;
           }
-          greater[bi] = gt;
-          equal[bi] = eq;
+          c.greater[bi] = gt;
+          c.equal[bi] = eq;
         });
       }
     });
+    return c;
+  }
+
+  std::vector<at::Tensor> final_pass(K t, int64_t ties) const {
+    return final_write(t, ties, final_counts(t));
+  }
+
+  std::vector<at::Tensor> final_write(K t, int64_t ties, const FinalCounts& c) const {
+    const int64_t nb = int64_t(blocks_.size());
+    const std::vector<int64_t>& greater = c.greater;
+    const std::vector<int64_t>& equal = c.equal;
+    std::vector<int64_t> quota(nb), count(nb), offset(nb);
     int64_t left = ties < 0 ? std::numeric_limits<int64_t>::max() : ties;
     for (int64_t bi = 0; bi < nb; ++bi) {
       quota[bi] = std::min(left, equal[bi]);
