@@ -3,6 +3,7 @@ ValueError / TypeError that names it before any tensor is touched, then run the
 compiled kernel (CPU or CUDA) or, where there is none, the reference in
 incrkern.reference. Fake (meta) kernels for torch.compile are registered here too."""
 import math
+import numbers
 
 import torch
 
@@ -231,7 +232,7 @@ APPROX_VALUE_TOLERANCE = 1e-3
 
 
 def _check_k_int(name, k, numel):
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     if k < 0 or k > numel:
         raise ValueError(f"{name} must be in [0, {numel}], got {k}")
@@ -326,7 +327,7 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
             raise ValueError(f"k as a density must be in (0, 1], got {k}")
         ks = [_density_k(k, sum(numels))] if global_scope else \
             [_density_k(k, n) for n in numels]
-    elif isinstance(k, int):
+    elif isinstance(k, numbers.Integral):
         if global_scope:
             ks = [_check_k_int("k", k, sum(numels))]
         else:

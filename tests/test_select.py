@@ -369,3 +369,17 @@ def test_cpu_same_result_for_any_thread_count():
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(one, many))
     assert all(torch.equal(a, b) for a, b in zip(one_global, many_global))
+
+
+def test_reference_fallback_path(monkeypatch):
+    """Without the extension the wrappers run the reference: same answers."""
+    x = torch.randn(50000)
+    ts = make_list("cpu")
+    want_topk = ops.topk(x, 500)
+    want_sel = ops.select(ts, 0.05, scope="global", score="random",
+                          generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(ops, "_kernel", lambda name, device: None)
+    assert torch.equal(ops.topk(x, 500), want_topk)
+    got = ops.select(ts, 0.05, scope="global", score="random",
+                     generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(got, want_sel))
