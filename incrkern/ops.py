@@ -282,11 +282,14 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
     per element, drawn from `generator` (torch.Generator, None: the default one).
     scope="global": the k largest over the concatenation of all tensors, ties broken
     towards the lowest position in the concatenation, returned split per tensor.
-    approx=True: the k-th score is estimated (from a sample on the CPU, from two
-    11-bit histogram passes on CUDA) and one pass keeps every element at or above the
-    estimate: the count lies within max(1, 1% of k) of k and every chosen score is
-    at least (1 - 1e-3) times the true k-th score (APPROX_*_TOLERANCE); when the
-    estimate misses by more, the exact selection runs instead.
+    approx=True: the k-th score is estimated and one pass keeps the elements above
+    it. The count lies within max(1, 1% of k) of k and every chosen score is at least
+    (1 - 1e-3) times the true k-th score (APPROX_COUNT_TOLERANCE,
+    APPROX_VALUE_TOLERANCE); when the estimate misses by more, the exact selection
+    runs instead. On the CPU the estimate is a band from a 64K-element sample and the
+    one pass usually pins the exact answer anyway (approx then only accepts a band
+    that misses k by less than the tolerance); on CUDA it stops the radix select
+    after two of its three digits (a 22-bit boundary of the key).
     """
     tensors = _as_list("tensors", tensors)
     if not isinstance(score, str) or score not in SCORES:
