@@ -41,6 +41,10 @@
 #include <exception>
 #include <thread>
 #include <type_traits>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <vector>
 
 #include "select/select_common.h"
@@ -287,6 +291,20 @@ inline void group_keys(const Reader& rd, int64_t i, K (&keys)[kGroup]) {
   for (int j = 0; j < kGroup; ++j) keys[j] = rd(i + j);
 }
 
+#if defined(__SSE2__)
+// Bit j set when keys[j] > t (unsigned), for 32-bit keys.
+inline uint32_t mask_greater(const uint32_t (&keys)[kGroup], uint32_t t) {
+  const __m128i flip = _mm_set1_epi32(INT32_MIN);
+  const __m128i tt = _mm_set1_epi32(int32_t(t ^ 0x80000000u));
+  uint32_t m = 0;
+  for (int j = 0; j < kGroup; j += 4) {
+    const __m128i k = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + j)), flip);
+    m |= uint32_t(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(k, tt)))) << j;
+  }
+  return m;
+}
+#endif
+
 // Whether any of the group's keys is >= lo.
 template <typename K>
 inline bool any_at_least(const K (&keys)[kGroup], K lo) {
@@ -492,10 +510,27 @@ class Selector {
           for (; i + kGroup <= blk.end; i += kGroup) {
             K keys[kGroup];
             group_keys(rd, i, keys);
-            if (!any_at_least(keys, lo)) continue;
-            // Winners written without a branch (k may be half the input).
             if (wn + kGroup > o.win.size()) o.win.resize(2 * o.win.size() + kGroup);
             int64_t* wp = o.win.data() + wn;
+#if defined(__SSE2__)
+            if constexpr (sizeof(K) == 4) {
+              // Bit masks of the group's winners and candidates; only set bits are
+              // visited (about one per group at k = 1%).
+              const uint32_t ge_lo = lo == 0 ? 0xffffu : mask_greater(keys, lo - 1);
+              if (!ge_lo) continue;
+              const uint32_t gt_hi = hi == std::numeric_limits<K>::max() ? 0u : mask_greater(keys, hi);
+              for (uint32_t m = gt_hi; m; m &= m - 1) *wp++ = i + __builtin_ctz(m);
+              for (uint32_t m = ge_lo & ~gt_hi; m; m &= m - 1) {
+                const int j = __builtin_ctz(m);
+                o.ckey.push_back(keys[j]);
+                o.cidx.push_back(i + j);
+              }
+              wn = size_t(wp - o.win.data());
+              continue;
+            }
+#endif
+            if (!any_at_least(keys, lo)) continue;
+            // Winners written without a branch (k may be half the input).
             for (int j = 0; j < kGroup; ++j) {
               *wp = i + j;
               wp += keys[j] > hi;
