@@ -20,15 +20,17 @@ TORCH_LIBRARY(incrkern, m) {
   //  ages empty: bias correction from steps[i]; else an int32 age per state element,
   //    incremented where updated.
   //  grads are read times grad_scale; consume_grad zeroes what was read.
-  //  steps are float32 scalars already incremented by the caller.
+  //  steps are float32 scalars: the update count this call applies, or the count
+  //    before it with increment_steps (the op adds one first, saving a launch).
   //  lr_tensor: when given, a float32 scalar on the params' device read instead of lr
   //    (lets a CUDA graph replay with a new learning rate).
   m.def(
       "adam_update_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
-      "Tensor(d!)[] exp_avg_sqs, Tensor[] steps, Tensor[] indices, Tensor[] masks, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(f!)[] steps, Tensor[] indices, Tensor[] masks, "
       "Tensor(e!)[] ages, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled_weight_decay, bool maximize, float grad_scale=1.0, "
-      "bool consume_grad=False, bool compact_state=False, Tensor? lr_tensor=None) -> ()");
+      "bool consume_grad=False, bool compact_state=False, Tensor? lr_tensor=None, "
+      "bool increment_steps=False) -> ()");
   //  first_step[i]: the momentum buffer is new and takes d_p as it is (torch.optim.SGD).
   //  momentum_buffers empty when momentum == 0.
   m.def(

@@ -23,6 +23,17 @@ def _kernel(name, device):
     return None
 
 
+def _dispatch(name, *args, **kwargs):
+    """Runs op `name` on the compiled kernel for the first tensor's device, or on the
+    reference when there is none."""
+    first = args[0]
+    if not first:
+        return None
+    kernel = _kernel(name, first[0].device)
+    impl = kernel if kernel is not None else getattr(reference, name)
+    return impl(*args, **kwargs)
+
+
 def _as_list(name, value, allow_none=False):
     if value is None and allow_none:
         return []
@@ -95,9 +106,10 @@ def _check_update(params, grads, state0, state1, steps, indices, masks, ages, co
         if indices:
             _check_tensor(f"indices[{i}]", indices[i], device=device, dtypes=(torch.int64,),
                           dim=1)
-            k = indices[i].numel()
-            if k and (int(indices[i].min()) < 0 or int(indices[i].max()) >= p.numel()):
-                raise ValueError(f"indices[{i}] holds positions outside [0, {p.numel()})")
+            if indices[i].numel():
+                low, high = (int(v) for v in torch.aminmax(indices[i]))
+                if low < 0 or high >= p.numel():
+                    raise ValueError(f"indices[{i}] holds positions outside [0, {p.numel()})")
         if masks:
             _check_tensor(f"masks[{i}]", masks[i], device=device, dtypes=(torch.bool,),
                           numel=p.numel())
@@ -135,7 +147,7 @@ def _check_lr(lr, lr_tensor, params):
 def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999,
                  eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False,
                  indices=None, masks=None, ages=None, grad_scale=1.0, consume_grad=False,
-                 compact_state=False, lr_tensor=None):
+                 compact_state=False, lr_tensor=None, increment_steps=False, validate=True):
     """Adam (AdamW with decoupled_weight_decay=True) on every param, in place.
 
     With `indices` (one int64 tensor of flat positions per param) only those elements
@@ -143,9 +155,25 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     `compact_state`: the state tensors are k long, indexed by position in `indices`.
     `ages` (int32, like the state): per-element update counts used for the bias
     correction instead of `steps`, incremented where updated. `steps` are float32
-    scalars the caller has already incremented. Grads are read times `grad_scale`;
+    scalars holding the update count this call applies, or, with
+    `increment_steps=True`, the count before it: the op adds one first. Grads are read times `grad_scale`;
     `consume_grad` zeroes the grad entries that were read.
+
+    `validate=False` skips the Python-level checks, the index range check among them
+    (on CUDA a device sync per tensor): for callers that built the arguments
+    themselves, as incrkern.optim does. The compiled kernels still check every
+    tensor's dtype, size and device, and the CPU kernel the index range; the CUDA
+    kernel trusts the indices.
     """
+    if not validate:
+        return _dispatch("adam_update_", params, grads, exp_avgs, exp_avg_sqs, steps,
+                         indices or [], masks or [], ages or [], lr=float(lr),
+                         beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                         weight_decay=float(weight_decay),
+                         decoupled_weight_decay=bool(decoupled_weight_decay),
+                         maximize=bool(maximize), grad_scale=float(grad_scale),
+                         consume_grad=bool(consume_grad), compact_state=bool(compact_state),
+                         lr_tensor=lr_tensor, increment_steps=bool(increment_steps))
     params = _as_list("params", params)
     grads = _as_list("grads", grads)
     exp_avgs = _as_list("exp_avgs", exp_avgs)
@@ -157,6 +185,9 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     _check_lr(lr, lr_tensor, params)
     _check_number("beta1", beta1, 0.0, 1.0)
     _check_number("beta2", beta2, 0.0, 1.0)
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if beta == 1.0:  # the bias correction 1 - beta**t would be 0, as torch.optim refuses
+            raise ValueError(f"{name} must be in [0, 1), got {beta}")
     _check_number("eps", eps, 0.0)
     _check_number("weight_decay", weight_decay, 0.0)
     _check_number("grad_scale", grad_scale)
@@ -168,22 +199,31 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
                 weight_decay=float(weight_decay),
                 decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize),
                 grad_scale=float(grad_scale), consume_grad=bool(consume_grad),
-                compact_state=bool(compact_state), lr_tensor=lr_tensor)
-    kernel = _kernel("adam_update_", params[0].device)
-    impl = kernel if kernel is not None else reference.adam_update_
-    impl(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages, **args)
+                compact_state=bool(compact_state), lr_tensor=lr_tensor,
+                increment_steps=bool(increment_steps))
+    _dispatch("adam_update_", params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks,
+              ages, **args)
 
 
 def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0,
                 weight_decay=0.0, nesterov=False, maximize=False, first_step=None,
                 indices=None, masks=None, grad_scale=1.0, consume_grad=False,
-                compact_state=False, lr_tensor=None):
+                compact_state=False, lr_tensor=None, validate=True):
     """SGD (momentum, dampening, nesterov, weight decay, maximize) in place.
 
     `momentum_buffers` may be empty when momentum == 0. `first_step[i]` marks a buffer
     that is new: it takes the gradient as it is, as torch.optim.SGD does. `indices`,
-    `masks`, `grad_scale`, `consume_grad`, `compact_state`, `lr_tensor`: as adam_update_.
+    `masks`, `grad_scale`, `consume_grad`, `compact_state`, `lr_tensor`, `validate`: as
+    adam_update_.
     """
+    if not validate:
+        first_step = [False] * len(params) if first_step is None else list(first_step)
+        return _dispatch("sgd_update_", params, grads, momentum_buffers or [], indices or [],
+                         masks or [], first_step, lr=float(lr), momentum=float(momentum),
+                         dampening=float(dampening), weight_decay=float(weight_decay),
+                         nesterov=bool(nesterov), maximize=bool(maximize),
+                         grad_scale=float(grad_scale), consume_grad=bool(consume_grad),
+                         compact_state=bool(compact_state), lr_tensor=lr_tensor)
     params = _as_list("params", params)
     grads = _as_list("grads", grads)
     momentum_buffers = _as_list("momentum_buffers", momentum_buffers, allow_none=True)
@@ -208,13 +248,63 @@ def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=
                 maximize=bool(maximize), grad_scale=float(grad_scale),
                 consume_grad=bool(consume_grad), compact_state=bool(compact_state),
                 lr_tensor=lr_tensor)
-    kernel = _kernel("sgd_update_", params[0].device)
-    impl = kernel if kernel is not None else reference.sgd_update_
-    impl(params, grads, momentum_buffers, indices, masks, first_step, **args)
+    _dispatch("sgd_update_", params, grads, momentum_buffers, indices, masks, first_step,
+              **args)
 
 
 # ----------------------------------------------------------------------------------
 # accumulate family
+
+
+def accumulate_(accs, grads, alpha=1.0, sq_accs=None, *, sq_alpha=None, sq_decay=1.0):
+    """In place over many tensors: ``acc += alpha * g`` for every accumulator in `accs`
+    and ``sq = sq_decay * sq + sq_alpha * g * g`` for every one in `sq_accs`.
+
+    Either list may be empty (or None): a Fisher EMA passes only `sq_accs`, with
+    sq_decay=beta and sq_alpha=1-beta. `sq_alpha` defaults to `alpha`. Grads are
+    float32, bfloat16 or float16 (float64 on the CPU); accumulators are float32
+    (float64 for float64 grads), contiguous, with the grad's number of elements.
+    """
+    grads = _as_list("grads", grads)
+    accs = _as_list("accs", accs, allow_none=True)
+    sq_accs = _as_list("sq_accs", sq_accs, allow_none=True)
+    _check_number("alpha", alpha)
+    if sq_alpha is None:
+        sq_alpha = alpha
+    _check_number("sq_alpha", sq_alpha)
+    _check_number("sq_decay", sq_decay)
+    n = len(grads)
+    _check_length("accs", accs, n, may_be_empty=True)
+    _check_length("sq_accs", sq_accs, n, may_be_empty=True)
+    if grads:
+        device = grads[0].device
+        dtypes = _CUDA_FLOAT_DTYPES if device.type == "cuda" else _FLOAT_DTYPES
+    for i, g in enumerate(grads):
+        # One cheap test per tensor; the detailed checks (which raise) only on failure,
+        # so that a call over many small tensors costs little more than the kernel.
+        gdtype, numel = g.dtype, g.numel()
+        if g.device != device or gdtype not in dtypes or not g.is_contiguous():
+            _check_tensor(f"grads[{i}]", g, device=device, dtypes=dtypes)
+        math = torch.float64 if gdtype == torch.float64 else torch.float32
+        for name, lst in (("accs", accs), ("sq_accs", sq_accs)):
+            if lst:
+                a = lst[i]
+                if (a.dtype != math or a.numel() != numel or a.device != device
+                        or not a.is_contiguous()):
+                    _check_tensor(f"{name}[{i}]", a, device=device, dtypes=(math,),
+                                  numel=numel)
+    if not grads or not (accs or sq_accs):
+        return
+    kernel = _kernel("accumulate_", grads[0].device)
+    impl = kernel if kernel is not None else reference.accumulate_
+    impl(accs, grads, float(alpha), sq_accs, float(sq_alpha), float(sq_decay))
+
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("incrkern::accumulate_")
+    def _accumulate_fake(*args, **kwargs):
+        return None
 
 
 # ----------------------------------------------------------------------------------

@@ -52,9 +52,13 @@ def _read_grad(i, grads, elements, math_dtype, grad_scale, consume_grad):
 @torch.no_grad()
 def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, indices=(), masks=(), ages=(),
                  *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize,
-                 grad_scale=1.0, consume_grad=False, compact_state=False, lr_tensor=None):
+                 grad_scale=1.0, consume_grad=False, compact_state=False, lr_tensor=None,
+                 increment_steps=False):
     if lr_tensor is not None:
         lr = lr_tensor.item()
+    if increment_steps:
+        for s in steps:
+            s.add_(1)
     for i, p in enumerate(params):
         math_dtype = _math_dtype(p.dtype)
         elements, slots = _positions(i, p.numel(), indices, masks, compact_state, p.device)
@@ -119,6 +123,21 @@ def sgd_update_(params, grads, momentum_buffers, indices=(), masks=(), first_ste
 
 # ----------------------------------------------------------------------------------
 # accumulate family
+
+
+@torch.no_grad()
+def accumulate_(accs, grads, alpha=1.0, sq_accs=(), sq_alpha=1.0, sq_decay=1.0):
+    """acc += alpha * g; sq = sq_decay * sq + sq_alpha * g * g (accumulators in the
+    grad's math dtype), each product rounded on its own as the kernels do."""
+    for i, g in enumerate(grads):
+        if accs:
+            acc = accs[i].view(-1)
+            grad = g.reshape(-1).to(acc.dtype)
+            acc.add_(grad * alpha)
+        if sq_accs:
+            sq = sq_accs[i].view(-1)
+            grad = g.reshape(-1).to(sq.dtype)
+            sq.copy_(sq * sq_decay + sq_alpha * grad * grad)
 
 
 # ----------------------------------------------------------------------------------

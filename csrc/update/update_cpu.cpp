@@ -4,8 +4,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <functional>
 #include <type_traits>
 
 #include "common/rules.h"
@@ -35,7 +38,8 @@ Positions positions_of(const UpdateLists& a, size_t i) {
     pos.compact = a.compact_state;
     if (pos.count > 0) {
       // Out-of-range positions would write outside the tensor: refuse before writing.
-      const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+      const auto [lo_t, hi_t] = at::aminmax(idx);
+      const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
       TORCH_CHECK(lo >= 0 && hi < a.params[i].numel(), "incrkern: indices[", i,
                   "] holds positions outside [0, ", a.params[i].numel(), ")");
     }
@@ -58,31 +62,84 @@ inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visi
   }
 }
 
-// The hot loop of the dense step. Restrict pointers and hyper-parameters passed by
-// value let gcc see that no store aliases them, so it vectorises the loop (with the
-// hyper-parameters read through a reference it does not: "control flow in loop").
+// The streaming loops: every element of [begin, end), in order. Restrict pointers
+// and hyper-parameters passed by value let gcc see that no store aliases them, so
+// it vectorises the loops (with the hyper-parameters read through a reference it
+// does not: "control flow in loop"). kMasked: the dense-mask form, branch-free --
+// every element is computed and the mask selects new or old value, so it vectorises
+// too and unchosen elements are written back bit-identical. kConsume: zero the
+// gradient entries used.
+template <typename T, typename G, typename M, bool kMasked, bool kConsume>
+[[gnu::always_inline]] inline void adam_stream(
+    T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v,
+    const bool* __restrict mask, int64_t begin, int64_t end, const AdamHyper<M> h,
+    const M step_size, const M bc2_sqrt, const M grad_scale) {
+  for (int64_t e = begin; e < end; ++e) {
+    M pm = M(p[e]), mm = m[e], vv = v[e];
+    adam_rule(pm, M(g[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
+    const bool on = kMasked ? mask[e] : true;
+    p[e] = on ? T(pm) : p[e];
+    m[e] = on ? mm : m[e];
+    v[e] = on ? vv : v[e];
+    if (kConsume) g[e] = on ? G(0) : g[e];
+  }
+}
+
+template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kHasBuffer>
+[[gnu::always_inline]] inline void sgd_stream(
+    T* __restrict p, G* __restrict g, M* __restrict buf, const bool* __restrict mask,
+    int64_t begin, int64_t end, const SgdHyper<M> h, const bool first, const M grad_scale) {
+  for (int64_t e = begin; e < end; ++e) {
+    M pm = M(p[e]), bm = kHasBuffer ? buf[e] : M(0);
+    sgd_rule(pm, M(g[e]) * grad_scale, bm, h, first);
+    const bool on = kMasked ? mask[e] : true;
+    p[e] = on ? T(pm) : p[e];
+    if (kHasBuffer) buf[e] = on ? bm : buf[e];
+    if (kConsume) g[e] = on ? G(0) : g[e];
+  }
+}
+
+// Picks the instantiation for the run-time flags.
 template <typename T, typename G, typename M>
-[[gnu::always_inline]] inline void adam_dense(T* __restrict p, const G* __restrict g, M* __restrict m, M* __restrict v,
-                int64_t begin, int64_t end, const AdamHyper<M> h, const M step_size,
-                const M bc2_sqrt, const M grad_scale) {
-  for (int64_t e = begin; e < end; ++e) {
-    M pm = M(p[e]);
-    adam_rule(pm, M(g[e]) * grad_scale, m[e], v[e], h, step_size, bc2_sqrt);
-    p[e] = T(pm);
+[[gnu::always_inline]] inline void adam_stream_any(
+    T* p, G* g, M* m, M* v, const bool* mask, bool consume, int64_t begin, int64_t end,
+    const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
+#define IK_ADAM_STREAM(MASKED, CONSUME)                                                     \
+  return adam_stream<T, G, M, MASKED, CONSUME>(p, g, m, v, mask, begin, end, h, step_size, \
+                                               bc2_sqrt, grad_scale)
+  if (mask) {
+    if (consume) IK_ADAM_STREAM(true, true);
+    IK_ADAM_STREAM(true, false);
   }
+  if (consume) IK_ADAM_STREAM(false, true);
+  IK_ADAM_STREAM(false, false);
+#undef IK_ADAM_STREAM
 }
 
-template <typename T, typename G, typename M, bool kHasBuffer>
-[[gnu::always_inline]] inline void sgd_dense(T* __restrict p, const G* __restrict g, M* __restrict buf, int64_t begin,
-               int64_t end, const SgdHyper<M> h, const bool first, const M grad_scale) {
-  for (int64_t e = begin; e < end; ++e) {
-    M pm = M(p[e]), scratch = M(0);
-    sgd_rule(pm, M(g[e]) * grad_scale, kHasBuffer ? buf[e] : scratch, h, first);
-    p[e] = T(pm);
+template <typename T, typename G, typename M>
+[[gnu::always_inline]] inline void sgd_stream_any(
+    T* p, G* g, M* buf, const bool* mask, bool consume, int64_t begin, int64_t end,
+    const SgdHyper<M> h, const bool first, const M grad_scale) {
+#define IK_SGD_STREAM(MASKED, CONSUME, BUF) \
+  return sgd_stream<T, G, M, MASKED, CONSUME, BUF>(p, g, buf, mask, begin, end, h, first, grad_scale)
+  if (buf) {
+    if (mask) {
+      if (consume) IK_SGD_STREAM(true, true, true);
+      IK_SGD_STREAM(true, false, true);
+    }
+    if (consume) IK_SGD_STREAM(false, true, true);
+    IK_SGD_STREAM(false, false, true);
   }
+  if (mask) {
+    if (consume) IK_SGD_STREAM(true, true, false);
+    IK_SGD_STREAM(true, false, false);
+  }
+  if (consume) IK_SGD_STREAM(false, true, false);
+  IK_SGD_STREAM(false, false, false);
+#undef IK_SGD_STREAM
 }
 
-// fp32 dense loops compiled for several ISAs and picked when the library loads
+// fp32 streaming loops compiled for several ISAs and picked when the library loads
 // (GCC target_clones, an ifunc): AVX-512 or AVX2+FMA where the CPU has them,
 // baseline x86-64 otherwise. The binary still runs on any x86-64 CPU: never
 // -march=native. (At baseline SSE the AdamW step is compute-bound, about 2x slower
@@ -93,77 +150,93 @@ template <typename T, typename G, typename M, bool kHasBuffer>
 #define IK_ISA_CLONES
 #endif
 
-IK_ISA_CLONES void adam_dense_f32(float* __restrict p, const float* __restrict g,
-                                  float* __restrict m, float* __restrict v, int64_t begin,
-                                  int64_t end, const AdamHyper<float> h, const float step_size,
-                                  const float bc2_sqrt, const float grad_scale) {
-  adam_dense<float, float, float>(p, g, m, v, begin, end, h, step_size, bc2_sqrt, grad_scale);
+IK_ISA_CLONES void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask,
+                                   bool consume, int64_t begin, int64_t end,
+                                   const AdamHyper<float> h, const float step_size,
+                                   const float bc2_sqrt, const float grad_scale) {
+  adam_stream_any<float, float, float>(p, g, m, v, mask, consume, begin, end, h, step_size,
+                                       bc2_sqrt, grad_scale);
 }
 
-IK_ISA_CLONES void sgd_dense_f32(float* __restrict p, const float* __restrict g,
-                                 float* __restrict buf, int64_t begin, int64_t end,
-                                 const SgdHyper<float> h, const bool first,
-                                 const float grad_scale) {
-  if (buf)
-    sgd_dense<float, float, float, true>(p, g, buf, begin, end, h, first, grad_scale);
-  else
-    sgd_dense<float, float, float, false>(p, g, buf, begin, end, h, first, grad_scale);
+IK_ISA_CLONES void sgd_stream_f32(float* p, float* g, float* buf, const bool* mask,
+                                  bool consume, int64_t begin, int64_t end,
+                                  const SgdHyper<float> h, const bool first,
+                                  const float grad_scale) {
+  sgd_stream_any<float, float, float>(p, g, buf, mask, consume, begin, end, h, first,
+                                      grad_scale);
 }
+
+// Work on positions [begin, end) of one tensor.
+using RangeFn = std::function<void(int64_t, int64_t)>;
 
 template <typename T, typename G, typename M>
-void adam_tensor(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
-                 const AdamHyper<M>& h, double lr, double beta1, double beta2, double step,
-                 M grad_scale, bool consume) {
+RangeFn adam_ranges(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
+                    const AdamHyper<M> h, double lr, double beta1, double beta2, double step,
+                    M grad_scale, bool consume) {
   const AdamBias bias = adam_bias(lr, beta1, beta2, step);
   const M step_size = M(bias.step_size), bc2_sqrt = M(bias.bc2_sqrt);
-  auto one = [&](int64_t e, int64_t s) {
-    M pm = M(p[e]);
-    const M gm = M(g[e]) * grad_scale;
-    if (consume) g[e] = G(0);
-    if (age) {
-      const AdamBias b = adam_bias(lr, beta1, beta2, double(++age[s]));
-      adam_rule(pm, gm, m[s], v[s], h, M(b.step_size), M(b.bc2_sqrt));
-    } else {
-      adam_rule(pm, gm, m[s], v[s], h, step_size, bc2_sqrt);
-    }
-    p[e] = T(pm);
+  if (!pos.indices && !age) {  // dense or dense-mask: stream over every element
+    return [=](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>)
+        adam_stream_f32(p, g, m, v, pos.mask, consume, begin, end, h, step_size, bc2_sqrt,
+                        grad_scale);
+      else
+        adam_stream_any<T, G, M>(p, g, m, v, pos.mask, consume, begin, end, h, step_size,
+                                 bc2_sqrt, grad_scale);
+    };
+  }
+  return [=](int64_t begin, int64_t end) {
+    for_positions(pos, begin, end, [&](int64_t e, int64_t s) {
+      M pm = M(p[e]);
+      const M gm = M(g[e]) * grad_scale;
+      if (consume) g[e] = G(0);
+      if (age) {
+        const AdamBias b = adam_bias(lr, beta1, beta2, double(++age[s]));
+        adam_rule(pm, gm, m[s], v[s], h, M(b.step_size), M(b.bc2_sqrt));
+      } else {
+        adam_rule(pm, gm, m[s], v[s], h, step_size, bc2_sqrt);
+      }
+      p[e] = T(pm);
+    });
   };
-  const bool dense = !pos.indices && !pos.mask && !age && !consume;
-  at::parallel_for(0, pos.count, kGrain, [&](int64_t begin, int64_t end) {
-    if (dense && std::is_same_v<T, float> && std::is_same_v<G, float>)
-      adam_dense_f32(reinterpret_cast<float*>(p), reinterpret_cast<const float*>(g),
-                     reinterpret_cast<float*>(m), reinterpret_cast<float*>(v), begin, end,
-                     reinterpret_cast<const AdamHyper<float>&>(h), float(step_size),
-                     float(bc2_sqrt), float(grad_scale));
-    else if (dense)
-      adam_dense<T, G, M>(p, g, m, v, begin, end, h, step_size, bc2_sqrt, grad_scale);
-    else
-      for_positions(pos, begin, end, one);
-  });
 }
 
 template <typename T, typename G, typename M>
-void sgd_tensor(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M>& h, bool first,
-                M grad_scale, bool consume) {
-  auto one = [&](int64_t e, int64_t s) {
-    M pm = M(p[e]), scratch = M(0);
-    const M gm = M(g[e]) * grad_scale;
-    if (consume) g[e] = G(0);
-    sgd_rule(pm, gm, buf ? buf[s] : scratch, h, first);
-    p[e] = T(pm);
+RangeFn sgd_ranges(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M> h, bool first,
+                   M grad_scale, bool consume) {
+  if (!pos.indices) {  // dense or dense-mask: stream over every element
+    return [=](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>)
+        sgd_stream_f32(p, g, buf, pos.mask, consume, begin, end, h, first, grad_scale);
+      else
+        sgd_stream_any<T, G, M>(p, g, buf, pos.mask, consume, begin, end, h, first,
+                                grad_scale);
+    };
+  }
+  return [=](int64_t begin, int64_t end) {
+    for_positions(pos, begin, end, [&](int64_t e, int64_t s) {
+      M pm = M(p[e]), scratch = M(0);
+      const M gm = M(g[e]) * grad_scale;
+      if (consume) g[e] = G(0);
+      sgd_rule(pm, gm, buf ? buf[s] : scratch, h, first);
+      p[e] = T(pm);
+    });
   };
-  const bool dense = !pos.indices && !pos.mask && !consume;
-  at::parallel_for(0, pos.count, kGrain, [&](int64_t begin, int64_t end) {
-    if (dense && std::is_same_v<T, float> && std::is_same_v<G, float>)
-      sgd_dense_f32(reinterpret_cast<float*>(p), reinterpret_cast<const float*>(g),
-                    reinterpret_cast<float*>(buf), begin, end,
-                    reinterpret_cast<const SgdHyper<float>&>(h), first, float(grad_scale));
-    else if (dense && buf)
-      sgd_dense<T, G, M, true>(p, g, buf, begin, end, h, first, grad_scale);
-    else if (dense)
-      sgd_dense<T, G, M, false>(p, g, buf, begin, end, h, first, grad_scale);
-    else
-      for_positions(pos, begin, end, one);
+}
+
+// One parallel loop over the positions of every tensor of a call: a list of many
+// small tensors costs one fork/join, not one per tensor.
+void run_ranges(const std::vector<RangeFn>& fns, const std::vector<int64_t>& counts) {
+  std::vector<int64_t> start(counts.size() + 1, 0);
+  for (size_t i = 0; i < counts.size(); ++i) start[i + 1] = start[i] + counts[i];
+  at::parallel_for(0, start.back(), kGrain, [&](int64_t begin, int64_t end) {
+    // the last tensor starting at or before `begin` (empty tensors share starts)
+    size_t i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    for (; begin < end; ++i) {
+      const int64_t stop = std::min(end, start[i + 1]);
+      if (stop > begin) fns[i](begin - start[i], stop - start[i]);
+      begin = stop;
+    }
   });
 }
 
@@ -185,7 +258,7 @@ void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList masks, at::TensorList ages, double lr, double beta1,
                      double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                      bool maximize, double grad_scale, bool consume_grad, bool compact_state,
-                     const std::optional<at::Tensor>& lr_tensor) {
+                     const std::optional<at::Tensor>& lr_tensor, bool increment_steps) {
   const UpdateLists a{params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
                       compact_state, true};
   check_update_lists("incrkern.adam_update_", a);
@@ -193,19 +266,25 @@ void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   lr = lr_value(lr, lr_tensor);
   std::vector<Positions> pos;
   for (size_t i = 0; i < params.size(); ++i) pos.push_back(positions_of(a, i));
+  std::vector<RangeFn> fns;
+  std::vector<int64_t> counts;
+  // Every check has passed: from here on the call changes its arguments.
+  if (increment_steps)
+    for (const at::Tensor& s : steps) *s.data_ptr<float>() += 1.0f;
   for (size_t i = 0; i < params.size(); ++i) {
-    if (pos[i].count == 0) continue;
     const double step = steps[i].item<double>();
     dispatch_param_grad(params[i], grads[i], [&]<typename T, typename G>() {
       using M = at::opmath_type<T>;
       const auto h = make_adam_hyper<M>(lr, beta1, beta2, eps, weight_decay,
                                         decoupled_weight_decay, maximize);
-      adam_tensor<T, G, M>(params[i].data_ptr<T>(), grads[i].data_ptr<G>(),
-                           exp_avgs[i].data_ptr<M>(), exp_avg_sqs[i].data_ptr<M>(),
-                           ages.empty() ? nullptr : ages[i].data_ptr<int32_t>(), pos[i], h, lr,
-                           beta1, beta2, step, M(grad_scale), consume_grad);
+      fns.push_back(adam_ranges<T, G, M>(
+          params[i].data_ptr<T>(), grads[i].data_ptr<G>(), exp_avgs[i].data_ptr<M>(),
+          exp_avg_sqs[i].data_ptr<M>(), ages.empty() ? nullptr : ages[i].data_ptr<int32_t>(),
+          pos[i], h, lr, beta1, beta2, step, M(grad_scale), consume_grad));
     });
+    counts.push_back(pos[i].count);
   }
+  run_ranges(fns, counts);
 }
 
 void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -225,17 +304,20 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   lr = lr_value(lr, lr_tensor);
   std::vector<Positions> pos;
   for (size_t i = 0; i < params.size(); ++i) pos.push_back(positions_of(a, i));
+  std::vector<RangeFn> fns;
+  std::vector<int64_t> counts;
   for (size_t i = 0; i < params.size(); ++i) {
-    if (pos[i].count == 0) continue;
     const bool first = first_step.size() ? bool(first_step.get(i)) : false;
     dispatch_param_grad(params[i], grads[i], [&]<typename T, typename G>() {
       using M = at::opmath_type<T>;
       const auto h = make_sgd_hyper<M>(lr, momentum, dampening, weight_decay, nesterov, maximize);
       M* buf = momentum != 0 ? momentum_buffers[i].data_ptr<M>() : nullptr;
-      sgd_tensor<T, G, M>(params[i].data_ptr<T>(), grads[i].data_ptr<G>(), buf, pos[i], h,
-                          first, M(grad_scale), consume_grad);
+      fns.push_back(sgd_ranges<T, G, M>(params[i].data_ptr<T>(), grads[i].data_ptr<G>(), buf,
+                                        pos[i], h, first, M(grad_scale), consume_grad));
     });
+    counts.push_back(pos[i].count);
   }
+  run_ranges(fns, counts);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // Registers the CUDA update kernels: checks the arguments (the same checks as the
 // CPU path), groups the tensors by dtype and hands raw pointers to update_cuda.cu.
+#include <ATen/ops/_foreach_add.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -27,9 +28,11 @@ struct Prepared {
 };
 
 // Splits the call into groups of one (param dtype, grad dtype), the unit of a launch.
+// `increment_steps`: the kernels are to see each step count plus one.
 std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::List<bool>* first,
                               double grad_scale, bool consume_grad,
-                              const std::optional<at::Tensor>& lr_tensor) {
+                              const std::optional<at::Tensor>& lr_tensor,
+                              bool increment_steps = false) {
   std::vector<Prepared> groups;
   for (size_t i = 0; i < a.params.size(); ++i) {
     const at::Tensor& p = a.params[i];
@@ -47,7 +50,7 @@ std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::L
     if (!a.steps.empty()) {
       const at::Tensor& s = a.steps[i];
       if (s.is_cuda()) t.step = s.data_ptr<float>();
-      else t.step_value = s.item<float>();
+      else t.step_value = s.item<float>() + (increment_steps ? 1.0f : 0.0f);
     }
     if (!a.indices.empty()) {
       t.indices = a.indices[i].data_ptr<int64_t>();
@@ -71,7 +74,7 @@ void adam_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList masks, at::TensorList ages, double lr, double beta1,
                       double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                       bool maximize, double grad_scale, bool consume_grad, bool compact_state,
-                      const std::optional<at::Tensor>& lr_tensor) {
+                      const std::optional<at::Tensor>& lr_tensor, bool increment_steps) {
   const char* op = "incrkern.adam_update_";
   const UpdateLists a{params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
                       compact_state, true};
@@ -80,7 +83,18 @@ void adam_update_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cuda::AdamArgs args{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
-  for (const Prepared& g : prepare(op, a, nullptr, grad_scale, consume_grad, lr_tensor))
+  const auto groups = prepare(op, a, nullptr, grad_scale, consume_grad, lr_tensor,
+                              increment_steps);
+  // Every check has passed: from here on the call changes its arguments.
+  if (increment_steps) {
+    std::vector<at::Tensor> on_device;
+    for (const at::Tensor& s : steps) {
+      if (s.is_cuda()) on_device.push_back(s);
+      else *s.data_ptr<float>() += 1.0f;
+    }
+    if (!on_device.empty()) at::_foreach_add_(on_device, 1.0);  // on the current stream
+  }
+  for (const Prepared& g : groups)
     cuda::adam_update(g.tensors.data(), int64_t(g.tensors.size()), g.options, args,
                       c10::cuda::getCurrentCUDAStream());
 }
@@ -102,7 +116,11 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cuda::SgdArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize};
-  for (const Prepared& g : prepare(op, a, &first_step, grad_scale, consume_grad, lr_tensor))
+  // Without momentum the buffers (if given) are neither read nor written, as on the CPU.
+  UpdateLists launch_lists = a;
+  if (momentum == 0) launch_lists.state0 = {};
+  for (const Prepared& g :
+       prepare(op, launch_lists, &first_step, grad_scale, consume_grad, lr_tensor))
     cuda::sgd_update(g.tensors.data(), int64_t(g.tensors.size()), g.options, args,
                      c10::cuda::getCurrentCUDAStream());
 }

@@ -44,12 +44,20 @@ class Adam(IncrementalOptimizer):
     def _new_step(self, p):
         return self._place_step(torch.tensor(0.0), p)
 
-    def _init_dense_state(self, group, p):
+    def _init_state(self, group, p, k, sparse):
         state = self.state[p]
-        state["step"] = self._new_step(p)
+        want_age = sparse and group["bias_correction"] == "element"
+        if "exp_avg_sq" in state and (not want_age or "age" in state):
+            return  # the common case, kept cheap: it runs per param per step
+        if "step" not in state:
+            state["step"] = self._new_step(p)
+        shape = p.shape if k is None else (k,)
         dtype = ops.math_dtype(p.dtype)
-        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
+        if want_age and "age" not in state:
+            state["age"] = torch.zeros(shape, dtype=torch.int32, device=p.device)
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]
@@ -62,13 +70,14 @@ class Adam(IncrementalOptimizer):
                grad_scale=1.0, consume_grad=False, compact_state=False):
         states = [self.state[p] for p in work.params]
         steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1.0)
         lr, lr_tensor = self._lr_args(group, device)
         ops.adam_update_(work.param_views, work.grads if grads is None else grads,
                          [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                          steps, lr=lr, lr_tensor=lr_tensor, indices=indices, ages=ages,
                          grad_scale=grad_scale, consume_grad=consume_grad,
-                         compact_state=compact_state, **self._hyper(group))
+                         compact_state=compact_state, increment_steps=True,
+                         validate=False,
+                         **self._hyper(group))
 
 
 class AdamW(Adam):

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 
-SELECT_CHOICES = ("grad", "grad_sq", "weight", "accumulated", "random")
+SELECT_CHOICES = ("grad", "grad_sq", "weight", "accumulated", "random", "layer")
 SCOPE_CHOICES = ("tensor", "global")
 TOPK_CHOICES = ("exact", "approx")
 BIAS_CORRECTION_CHOICES = ("tensor", "element")
@@ -78,7 +78,9 @@ class IncrementalOptimizer(Optimizer):
     """Shared machinery of incrkern.optim.SGD / Adam / AdamW.
 
     Subclasses set `_state_keys` (the per-element state, e.g. exp_avg) and implement
-    `_init_dense_state`, `_apply(group, work)` (the fused kernel call).
+    `_init_state(group, p, k, sparse)` (creates what is missing: k-long when k is
+    given, param-sized otherwise) and `_apply(group, work, device, ...)` (the fused
+    kernel call).
     """
 
     _state_keys = ()
@@ -165,22 +167,27 @@ class IncrementalOptimizer(Optimizer):
             g = p.grad
             if g is None:
                 continue
-            where = f"param_groups[{gi}]['params'][{i}]"
-            if g.is_sparse:
-                raise RuntimeError(f"{where}: sparse gradients are not supported")
-            if g.shape != p.shape:
-                raise RuntimeError(f"{where}: grad has shape {tuple(g.shape)}, param "
-                                   f"{tuple(p.shape)}")
-            if g.dtype != p.dtype:
-                raise RuntimeError(f"{where}: grad has dtype {g.dtype}, param {p.dtype}")
-            if g.device != p.device:
-                raise RuntimeError(f"{where}: grad is on {g.device}, param on {p.device}")
-            if p.device.type == "cuda" and p.dtype == torch.float64:
-                raise RuntimeError(f"{where}: float64 params are supported on the CPU only")
-            if torch.is_complex(p):
-                raise RuntimeError(f"{where}: complex params are not supported")
+            if (g.shape != p.shape or g.dtype != p.dtype or g.device != p.device
+                    or g.layout != torch.strided or p.is_complex()
+                    or (p.dtype == torch.float64 and p.device.type == "cuda")):
+                self._bad_grad(f"param_groups[{gi}]['params'][{i}]", p, g)
             out.append(p)
         return out
+
+    @staticmethod
+    def _bad_grad(where, p, g):
+        if g.layout != torch.strided:
+            raise RuntimeError(f"{where}: sparse gradients are not supported")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{where}: grad has shape {tuple(g.shape)}, param "
+                               f"{tuple(p.shape)}")
+        if g.dtype != p.dtype:
+            raise RuntimeError(f"{where}: grad has dtype {g.dtype}, param {p.dtype}")
+        if g.device != p.device:
+            raise RuntimeError(f"{where}: grad is on {g.device}, param on {p.device}")
+        if p.is_complex():
+            raise RuntimeError(f"{where}: complex params are not supported")
+        raise RuntimeError(f"{where}: float64 params are supported on the CPU only")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -224,16 +231,155 @@ class IncrementalOptimizer(Optimizer):
     def _dense_step(self, group, params):
         for device, ps in self._by_device(params):
             for p in ps:
-                if not self.state[p]:
-                    self._init_dense_state(group, p)
+                self._init_state(group, p, None, sparse=False)
             work = _Work(ps, [p.grad for p in ps])
             self._apply(group, work, device)
             work.write_back()
 
     # -- incremental (sparse) steps --------------------------------------------------
 
+    def _buffer(self, p, key):
+        """A per-param fp32 (fp64 for fp64 params) buffer of the param's size, created
+        zeroed on first use: grad_acc, residual, fisher, velocity."""
+        state = self.state[p]
+        if key not in state:
+            state[key] = torch.zeros(p.shape, dtype=ops.math_dtype(p.dtype), device=p.device)
+        return state[key]
+
+    def _check_incremental(self, group, params):
+        """Checks that need the whole group, before anything is touched."""
+        devices = {p.device for p in params}
+        if group["scope"] == "global" and len(devices) > 1:
+            raise RuntimeError("scope='global' needs all params of a group on one device, got "
+                               + ", ".join(sorted(map(str, devices))))
+        if group.get("momentum_correction") and group["accumulate_steps"] != 1:
+            raise RuntimeError("momentum_correction=True does not combine with "
+                               "accumulate_steps > 1")
+
+    def _accumulate(self, group, params, grads):
+        """Every step() call: fold this call's grads into the buffers the update reads."""
+        n = group["accumulate_steps"]
+        if group["select"] == "accumulated":
+            if group.get("momentum_correction"):
+                # DGC: a local velocity u = m u + g, accumulated into the residual.
+                velocity = [self._buffer(p, "velocity") for p in params]
+                torch._foreach_mul_(velocity, float(group["momentum"]))
+                ops.accumulate_(velocity, grads, 1.0)
+                ops.accumulate_([self._buffer(p, "residual") for p in params], velocity, 1.0)
+            else:
+                ops.accumulate_([self._buffer(p, "residual") for p in params], grads, 1.0 / n)
+        elif n > 1:
+            ops.accumulate_([self._buffer(p, "grad_acc") for p in params], grads, 1.0)
+        if group["select"] == "grad_sq":
+            beta = float(group["fisher_beta"])
+            ops.accumulate_([], grads, 1.0, [self._buffer(p, "fisher") for p in params],
+                            sq_alpha=1.0 - beta, sq_decay=beta)
+
+    def _select(self, group, params, sources, param_views):
+        """Indices to update in each param, or None for all of them."""
+        density = float(group["density"])
+        mask = group["mask"]
+        select = group["select"]
+        states = [self.state[p] for p in params]
+        if select == "layer":
+            return self._select_layers(group, params)
+        if density >= 1.0:
+            return None
+        if mask == "fixed":
+            keep = all("indices" in s for s in states)
+        elif mask == "dynamic":
+            keep = False
+        else:
+            keep = group["updates"] % mask != 0 and all("indices" in s for s in states)
+        if keep:
+            return [s["indices"].long() for s in states]
+        score, tensors, weights = "grad", sources, None
+        if select == "grad_sq":
+            score, tensors = "grad_sq", [self.state[p]["fisher"] for p in params]
+        elif select == "weight":
+            score, weights = "weight", param_views
+        elif select == "random":
+            score = "random"
+        indices = ops.select(tensors, density, score=score, scope=group["scope"],
+                             approx=group["topk"] == "approx", weights=weights)
+        if mask != "dynamic":
+            # Kept as int32 where positions fit: with k-long fp32 moments a fixed mask
+            # then costs 12 bytes per chosen element instead of 16.
+            for s, idx, p in zip(states, indices, params):
+                s["indices"] = idx.to(torch.int32) if p.numel() < 2 ** 31 else idx
+        return indices
+
+    def _select_layers(self, group, params):
+        """select='layer': whole tensors, drawn at random until they hold a `density`
+        fraction of the group's elements; every other tensor stays frozen."""
+        mask = group["mask"]
+        states = [self.state[p] for p in params]
+        reselect = (mask == "dynamic" or "layer_chosen" not in states[0]
+                    or (isinstance(mask, int) and group["updates"] % mask == 0))
+        if not reselect:
+            chosen = [bool(s["layer_chosen"]) for s in states]
+        else:
+            total = sum(p.numel() for p in params)
+            target = math.ceil(float(group["density"]) * total)
+            order = torch.randperm(len(params)).tolist()
+            chosen, taken = [False] * len(params), 0
+            for i in order:
+                if taken >= target and any(chosen):
+                    break
+                chosen[i] = True
+                taken += params[i].numel()
+            for s, c in zip(states, chosen):
+                s["layer_chosen"] = torch.tensor(c)
+        return [None if c else torch.empty(0, dtype=torch.int64, device=p.device)
+                for p, c in zip(params, chosen)]
+
     def _incremental_step(self, group, params):
-        raise NotImplementedError("incremental updates land with the select family")
+        self._check_incremental(group, params)
+        by_device = list(self._by_device(params))
+        for _, ps in by_device:
+            self._accumulate(group, ps, [_contiguous_view(p.grad).view(-1) for p in ps])
+        group["accumulated_calls"] += 1
+        if group["accumulated_calls"] < group["accumulate_steps"]:
+            return
+        group["accumulated_calls"] = 0
+        n = group["accumulate_steps"]
+        select = group["select"]
+        for device, ps in by_device:
+            if select == "accumulated":
+                sources = [self.state[p]["residual"] for p in ps]
+                scale, consume = 1.0, True
+            elif n > 1:
+                sources = [self.state[p]["grad_acc"] for p in ps]
+                scale, consume = 1.0 / n, True
+            else:
+                sources = [_contiguous_view(p.grad).view(-1) for p in ps]
+                scale, consume = 1.0, False
+            work = _Work(ps, sources)
+            indices = self._select(group, ps, sources, work.param_views)
+            partial = indices is not None
+            if select == "layer":  # whole tensors: a dense update of the chosen ones
+                chosen = [i for i, idx in enumerate(indices) if idx is None]
+                work = _Work([ps[i] for i in chosen], [sources[i] for i in chosen])
+                indices = None
+            self._update(group, work, device, indices, scale, consume)
+            if n > 1 and select != "accumulated" and partial:
+                torch._foreach_zero_(sources)  # the unchosen part of the mean is spent too
+            if group.get("momentum_correction") and indices is not None:
+                for p, idx in zip(ps, indices):  # momentum factor masking
+                    self.state[p]["velocity"].index_fill_(0, idx, 0.0)
+            work.write_back()
+        group["updates"] += 1
+
+    def _update(self, group, work, device, indices, grad_scale, consume_grad):
+        compact = group["mask"] == "fixed" and indices is not None
+        for i, p in enumerate(work.params):
+            self._init_state(group, p, indices[i].numel() if compact else None,
+                             sparse=indices is not None)
+        ages = None
+        if indices is not None and all("age" in self.state[p] for p in work.params):
+            ages = [self.state[p]["age"] for p in work.params]
+        self._apply(group, work, device, grads=work.grads, indices=indices, ages=ages,
+                    grad_scale=grad_scale, consume_grad=consume_grad, compact_state=compact)
 
 
 class _Work:

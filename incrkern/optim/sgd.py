@@ -40,18 +40,23 @@ class SGD(IncrementalOptimizer):
         for group in self.param_groups:
             group.setdefault("momentum_correction", False)
 
-    def _init_dense_state(self, group, p):
+    def _init_state(self, group, p, k, sparse):
         pass  # the momentum buffer is created at the first step, as torch does
 
+    def _momentum(self, group):
+        # With momentum correction the velocity is kept (and masked) by the base class,
+        # and what reaches the rule is the accumulated velocity: no second momentum.
+        return 0.0 if group.get("momentum_correction") else float(group["momentum"])
+
     def _hyper(self, group):
-        return dict(momentum=float(group["momentum"]), dampening=float(group["dampening"]),
+        return dict(momentum=self._momentum(group), dampening=float(group["dampening"]),
                     weight_decay=float(group["weight_decay"]),
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
     def _apply(self, group, work, device, *, grads=None, indices=None, ages=None,
                grad_scale=1.0, consume_grad=False, compact_state=False):
         buffers, first = [], []
-        if group["momentum"] != 0:
+        if self._momentum(group) != 0:
             for i, p in enumerate(work.params):
                 state = self.state[p]
                 new = state.get("momentum_buffer") is None
@@ -68,4 +73,5 @@ class SGD(IncrementalOptimizer):
         ops.sgd_update_(work.param_views, work.grads if grads is None else grads, buffers,
                         lr=lr, lr_tensor=lr_tensor, first_step=first, indices=indices,
                         grad_scale=grad_scale, consume_grad=consume_grad,
-                        compact_state=compact_state, **self._hyper(group))
+                        compact_state=compact_state, validate=False,
+                        **self._hyper(group))

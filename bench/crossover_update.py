@@ -1,0 +1,59 @@
+"""AdamW on the CPU at a given density: the indexed form (indices) against the dense
+mask form (masks), and the dense step for scale; ratios taken in one run.
+
+    python bench/crossover_update.py [--numel 1e7] [--repeats 5]
+"""
+import argparse
+import time
+
+import torch
+
+from incrkern import ops
+
+DENSITIES = [0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0]
+
+
+def timed(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    # The minimum: on a shared machine the other processes only ever add time.
+    return min(times)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--numel", type=float, default=1e7)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = int(args.numel)
+    p, g = torch.randn(n), torch.randn(n)
+    m, v = torch.zeros(n), torch.zeros(n)
+    steps = [torch.tensor(1.0)]
+    kw = dict(lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True)
+
+    def adam(**extra):
+        return lambda: ops.adam_update_([p], [g], [m], [v], steps, **kw, **extra)
+
+    t_dense = timed(adam(), args.repeats)
+    print(f"AdamW, {n:.3g} fp32 elements, {torch.get_num_threads()} threads; "
+          f"dense step {t_dense * 1e3:.2f} ms ({28 * n / t_dense / 1e9:.1f} GB/s at 28 B/elem)")
+    print(f"{'density':>8} {'indices ms':>11} {'masks ms':>9} {'masks/indices':>14}")
+    for d in DENSITIES:
+        k = max(1, round(d * n))
+        idx = torch.randperm(n)[:k].sort().values  # ascending, as the selection returns
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[idx] = True
+        t_idx = timed(adam(indices=[idx]), args.repeats)
+        t_mask = timed(adam(masks=[mask]), args.repeats)
+        print(f"{d:8.3f} {t_idx * 1e3:11.2f} {t_mask * 1e3:9.2f} {t_mask / t_idx:14.2f}")
+
+
+if __name__ == "__main__":
+    main()

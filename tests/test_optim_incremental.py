@@ -1,0 +1,333 @@
+"""density < 1, accumulation, error feedback, masks: incrkern.optim against the
+for-loop reference of tests/reference_optim.py on a small real model."""
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import incrkern
+from reference_optim import ReferenceOptimizer
+
+KINDS = {
+    "SGD": ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.0, weight_decay=0.01,
+                        nesterov=False, maximize=False)),
+    "Adam": ("adam", dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                          decoupled_weight_decay=False, maximize=False)),
+    "AdamW": ("adam", dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                           decoupled_weight_decay=True, maximize=False)),
+}
+
+
+def torch_kwargs(name):
+    kind, h = KINDS[name]
+    if kind == "sgd":
+        return {k: h[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
+    return dict(lr=h["lr"], betas=(h["beta1"], h["beta2"]), eps=h["eps"],
+                weight_decay=h["weight_decay"])
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(),
+                         nn.Linear(24, 5))
+
+
+def batches(steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g))
+            for _ in range(steps)]
+
+
+def train(model, opt, data, ref=None, ref_params=None):
+    """Trains `model` with `opt`; the reference gets the same gradients each step."""
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if ref is not None:
+            for p, q in zip(model.parameters(), ref_params):
+                q.grad = p.grad.clone()
+        opt.step()
+        if ref is not None:
+            ref.step()
+
+
+MATRIX = [
+    (name, select, scope, mask, n)
+    for name, select, scope, mask, n in itertools.product(
+        KINDS, ("grad", "grad_sq", "weight", "accumulated"), ("tensor", "global"),
+        ("dynamic", "fixed", 3), (1, 3))
+    if not (mask == "fixed" and select == "accumulated")
+]
+
+
+@pytest.mark.parametrize("name,select,scope,mask,n", MATRIX)
+def test_matches_reference(name, select, scope, mask, n):
+    model = small_model()
+    ref_params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    options = dict(density=0.1, select=select, scope=scope, mask=mask, accumulate_steps=n)
+    opt = getattr(incrkern.optim, name)(model.parameters(), **torch_kwargs(name), **options)
+    kind, hyper = KINDS[name]
+    ref = ReferenceOptimizer(ref_params, kind, hyper, **options)
+    train(model, opt, batches(20), ref, ref_params)
+    for p, q in zip(model.parameters(), ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, s in zip(model.parameters(), ref.state):
+        keys = ["exp_avg", "exp_avg_sq", "momentum_buffer", "residual"]
+        keys += ["indices"] if mask != "dynamic" else []  # kept only when reused
+        for key in keys:
+            if key in s:
+                torch.testing.assert_close(opt.state[p][key].reshape(-1).to(s[key].dtype),
+                                           s[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("mask", ["dynamic", "fixed"])
+def test_element_bias_correction_matches_reference(mask):
+    model = small_model()
+    ref_params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    options = dict(density=0.05, mask=mask, bias_correction="element")
+    opt = incrkern.optim.Adam(model.parameters(), **torch_kwargs("Adam"), **options)
+    ref = ReferenceOptimizer(ref_params, *KINDS["Adam"], **options)
+    train(model, opt, batches(15), ref, ref_params)
+    for p, q in zip(model.parameters(), ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    ages = torch.cat([opt.state[p]["age"].reshape(-1) for p in model.parameters()])
+    assert ages.max() > 1 and ages.dtype == torch.int32
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+@pytest.mark.parametrize("select", ["grad", "grad_sq", "weight", "accumulated", "random"])
+def test_only_chosen_elements_change(name, select):
+    model = small_model()
+    # mask=1 reselects every update and keeps the indices in the state to inspect
+    opt = getattr(incrkern.optim, name)(model.parameters(), **torch_kwargs(name),
+                                        density=0.1, select=select, mask=1)
+    data = batches(4)
+    train(model, opt, data[:2])
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    train(model, opt, data[2:3])
+    for i, (p, b) in enumerate(zip(model.parameters(), before)):
+        idx = opt.state[p]["indices"]
+        assert idx.numel() == math.ceil(0.1 * p.numel())
+        changed = (p.detach().reshape(-1) != b.reshape(-1)).nonzero().squeeze(1)
+        assert set(changed.tolist()) <= set(idx.tolist())
+        unchosen = torch.ones(p.numel(), dtype=torch.bool)
+        unchosen[idx] = False
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            if key in state_before[i]:
+                now = opt.state[p][key].reshape(-1)[unchosen]
+                assert torch.equal(now, state_before[i][key].reshape(-1)[unchosen]), key
+
+
+def test_error_feedback_drops_nothing():
+    """Plain SGD with select='accumulated': params moved + lr * residual = lr * sum(g)."""
+    model = small_model()
+    start = [p.detach().clone() for p in model.parameters()]
+    lr = 0.1
+    opt = incrkern.optim.SGD(model.parameters(), lr=lr, density=0.05, select="accumulated")
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for x, y in batches(10):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for t, p in zip(total, model.parameters()):
+            t += p.grad
+        opt.step()
+    for p, s, t in zip(model.parameters(), start, total):
+        moved = s - p.detach()
+        residual = opt.state[p]["residual"].view_as(p)
+        torch.testing.assert_close(moved + lr * residual, lr * t, rtol=1e-5, atol=1e-6)
+        assert residual.abs().sum() > 0  # some mass is still waiting
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_accumulate_steps_equals_one_step_on_the_mean(name):
+    model = small_model()
+    twin = copy.deepcopy(model)
+    n = 4
+    opt = getattr(incrkern.optim, name)(model.parameters(), **torch_kwargs(name),
+                                        accumulate_steps=n)
+    ref = getattr(torch.optim, name)(twin.parameters(), **torch_kwargs(name), foreach=False)
+    data = batches(2 * n)
+    for cycle in range(2):
+        grads = [torch.zeros_like(p) for p in twin.parameters()]
+        for call in range(n):
+            x, y = data[cycle * n + call]
+            assert opt.accumulating == (call < n - 1)
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            for g, p in zip(grads, model.parameters()):
+                g += p.grad
+            opt.step()
+            if call < n - 1:  # accumulating: no param changes
+                assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        for p, g in zip(twin.parameters(), grads):
+            p.grad = g / n
+        ref.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def state_bytes(opt):
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v))
+
+
+def test_fixed_mask_state_scales_with_k():
+    p = torch.randn(100_000, requires_grad=True)
+    opt = incrkern.optim.AdamW([p], lr=1e-3, density=0.01, mask="fixed")
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    k = math.ceil(0.01 * p.numel())
+    assert opt.state[p]["indices"].numel() == k
+    assert state_bytes(opt) <= 16 * k + 64  # indices + exp_avg + exp_avg_sq + step
+    dense = incrkern.optim.AdamW([p], lr=1e-3)
+    dense.step()
+    assert state_bytes(opt) <= 0.02 * state_bytes(dense)
+
+
+def test_fixed_mask_never_moves_other_elements():
+    p = torch.randn(1000, requires_grad=True)
+    start = p.detach().clone()
+    opt = incrkern.optim.SGD([p], lr=0.1, momentum=0.9, density=0.02, mask="fixed")
+    for _ in range(5):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    idx = opt.state[p]["indices"]
+    changed = (p.detach() != start).nonzero().squeeze(1)
+    assert set(changed.tolist()) == set(idx.tolist())
+    assert opt.state[p]["momentum_buffer"].numel() == idx.numel()
+
+
+MODES = [
+    dict(density=0.1),
+    dict(density=0.1, scope="global", select="grad_sq"),
+    dict(density=0.1, select="accumulated"),
+    dict(density=0.1, mask="fixed"),
+    dict(density=0.1, mask=2, select="weight"),
+    dict(density=0.1, accumulate_steps=3),
+    dict(density=0.1, bias_correction="element"),
+    dict(density=0.2, select="layer"),
+]
+
+
+@pytest.mark.parametrize("options", MODES)
+@pytest.mark.parametrize("split", [4, 5])  # 5: in the middle of an accumulation cycle
+def test_state_dict_round_trip_in_every_mode(options, split):
+    model = small_model()
+    opt = incrkern.optim.Adam(model.parameters(), lr=1e-2, **options)
+    data = batches(10)
+    torch.manual_seed(3)
+    train(model, opt, data[:split])
+    saved = copy.deepcopy(opt.state_dict())
+    twin = copy.deepcopy(model)
+    opt2 = incrkern.optim.Adam(twin.parameters(), lr=1e-2, **options)
+    opt2.load_state_dict(saved)
+    rng = torch.get_rng_state()
+    train(model, opt, data[split:])
+    torch.set_rng_state(rng)
+    train(twin, opt2, data[split:])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("options", MODES)
+def test_bad_grad_touches_nothing(options):
+    model = small_model()
+    opt = incrkern.optim.AdamW(model.parameters(), lr=1e-2, **options)
+    train(model, opt, batches(2))
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[2].grad.set_(torch.randn(3))
+    before = copy.deepcopy((params, opt.state_dict()))
+    with pytest.raises(RuntimeError, match="grad has shape"):
+        opt.step()
+    for p, q in zip(params, before[0]):
+        assert torch.equal(p, q)
+    after = opt.state_dict()
+    assert after["param_groups"] == before[1]["param_groups"]
+    for k, state in before[1]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, after["state"][k][key]), key
+
+
+def test_bad_options():
+    params = list(small_model().parameters())
+    with pytest.raises(ValueError, match="mask='fixed' cannot be combined"):
+        incrkern.optim.SGD(params, lr=0.1, mask="fixed", select="accumulated", density=0.1)
+    with pytest.raises(ValueError, match="momentum_correction"):
+        incrkern.optim.SGD(params, lr=0.1, momentum_correction=True)
+    with pytest.raises(ValueError, match="density"):
+        incrkern.optim.SGD([{"params": params, "density": 2.0}], lr=0.1)
+    with pytest.raises(TypeError, match="unexpected"):
+        incrkern.optim.SGD(params, lr=0.1, densty=0.1)
+
+
+def test_momentum_correction_is_dgc():
+    """Deep Gradient Compression: u = m u + g; v += u; apply top-k of |v|; clear v and u
+    where applied."""
+    torch.manual_seed(0)
+    p = torch.randn(500, requires_grad=True)
+    q = p.detach().clone()
+    m, lr, density = 0.9, 0.1, 0.05
+    opt = incrkern.optim.SGD([p], lr=lr, momentum=m, density=density, select="accumulated",
+                             momentum_correction=True)
+    u, v = torch.zeros(500), torch.zeros(500)
+    k = math.ceil(density * 500)
+    for _ in range(6):
+        g = torch.randn(500)
+        p.grad = g.clone()
+        opt.step()
+        u = m * u + g
+        v = v + u
+        idx = torch.sort(v.abs(), descending=True, stable=True).indices[:k]
+        q[idx] -= lr * v[idx]
+        v[idx] = 0
+        u[idx] = 0
+    torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[p]["residual"], v, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_selection_updates_whole_tensors():
+    model = small_model()
+    opt = incrkern.optim.AdamW(model.parameters(), lr=1e-2, density=0.3, select="layer")
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    for x, y in batches(5):
+        before = [p.detach().clone() for p in params]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        moved = [not torch.equal(p, b) for p, b in zip(params, before)]
+        for p, b, m in zip(params, before, moved):
+            if m:  # a chosen tensor moves as a whole (Adam moves every element)
+                assert bool((p != b).all())
+        assert sum(p.numel() for p, m in zip(params, moved) if m) >= 0.3 * total
+        assert not all(moved)
+
+
+def test_random_selection_is_reproducible():
+    def run():
+        model = small_model()
+        torch.manual_seed(5)
+        opt = incrkern.optim.SGD(model.parameters(), lr=0.1, density=0.1, select="random")
+        train(model, opt, batches(3))
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+def test_approx_selection_updates_about_k():
+    p = torch.randn(200_000, requires_grad=True)
+    start = p.detach().clone()
+    opt = incrkern.optim.SGD([p], lr=0.1, density=0.01, topk="approx")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    changed = int((p.detach() != start).sum())
+    assert abs(changed - 2000) <= 0.01 * 2000 + 1

@@ -1,0 +1,618 @@
+"""The update kernels (incrkern.ops.adam_update_ / sgd_update_) against the pure-torch
+reference: every dtype, edge sizes, each form (dense, indices, masks, compact state,
+ages) and option, unchosen elements bit-identical, bad arguments refused before
+anything is written."""
+from math import prod as math_prod
+
+import pytest
+import torch
+
+from incrkern import EXTENSION_LOADED, ops, reference
+
+needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SIZES = [0, 1, 3, 4, 5, 17, 1030]
+FORMS = ["dense", "indices", "masks", "compact"]
+
+
+# ----------------------------------------------------------------------------------
+# inputs
+
+
+def _k_values(n):
+    """Indices counts worth trying for a tensor of n elements: 0, 1, some, all."""
+    return sorted({0, min(1, n), n // 3, n})
+
+
+def make_inputs(sizes, dtype, form, *, grad_fp32=False, with_ages=False, ks=None,
+                device="cpu", offset=0, momentum_state=True, state1=True):
+    """Random params, grads, state and positions for one call. `offset` > 0 makes every
+    tensor a view at that storage offset (off the vectorised path)."""
+    math = ops.math_dtype(dtype)
+    gdtype = math if grad_fp32 else dtype
+
+    def tensor(n, dt, fn=torch.randn):
+        return fn(n + offset, device=device).to(dt)[offset:]
+
+    shapes = [s if isinstance(s, tuple) else (s,) for s in sizes]
+    sizes = [math_prod(s) for s in shapes]
+    params = [tensor(n, dtype).view(s) for n, s in zip(sizes, shapes)]
+    grads = [tensor(n, gdtype).view(s) for n, s in zip(sizes, shapes)]
+    indices, masks = [], []
+    for i, n in enumerate(sizes):
+        if form in ("indices", "compact"):
+            k = ks[i] if ks is not None else _k_values(n)[i % len(_k_values(n))]
+            indices.append(torch.randperm(n, device=device)[:k])  # unique, unsorted
+        elif form == "masks":
+            masks.append((torch.rand(n, device=device) < 0.4).view(shapes[i]))
+    state_sizes = [ix.numel() for ix in indices] if form == "compact" else sizes
+    s0 = [tensor(n, math) * 0.1 for n in state_sizes] if momentum_state else []
+    s1 = [tensor(n, math, torch.rand) * 0.01 for n in state_sizes] if state1 else None
+    ages = [torch.randint(0, 5, (n,), dtype=torch.int32, device=device)
+            for n in state_sizes] if with_ages else []
+    return dict(params=params, grads=grads, s0=s0, s1=s1, indices=indices, masks=masks,
+                ages=ages)
+
+
+def clone_inputs(x):
+    out = {}
+    for key, v in x.items():
+        out[key] = None if v is None else [t.clone() for t in v]
+    return out
+
+
+def chosen(x, i):
+    """Bool mask of the elements of tensor i an update may change."""
+    n = x["params"][i].numel()
+    if x["indices"]:
+        m = torch.zeros(n, dtype=torch.bool)
+        m[x["indices"][i].cpu()] = True
+        return m
+    if x["masks"]:
+        return x["masks"][i].cpu().reshape(-1).clone()
+    return torch.ones(n, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------
+# runners: the kernel (through incrkern.ops) and the reference on the same inputs
+
+
+def run_adam(x, use_reference=False, *, steps=None, **kw):
+    steps = steps or [torch.tensor(3.0) for _ in x["params"]]
+    kw.setdefault("lr", 1e-2)
+    if use_reference:
+        args = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                    decoupled_weight_decay=False, maximize=False)
+        args.update(kw)
+        reference.adam_update_(x["params"], x["grads"], x["s0"], x["s1"], steps,
+                               x["indices"], x["masks"], x["ages"], **args)
+    else:
+        ops.adam_update_(x["params"], x["grads"], x["s0"], x["s1"], steps,
+                         indices=x["indices"] or None, masks=x["masks"] or None,
+                         ages=x["ages"] or None, **kw)
+
+
+def run_sgd(x, use_reference=False, **kw):
+    kw.setdefault("lr", 1e-2)
+    if use_reference:
+        args = dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                    maximize=False)
+        args.update(kw)
+        first = args.pop("first_step", None) or [False] * len(x["params"])
+        reference.sgd_update_(x["params"], x["grads"], x["s0"], x["indices"], x["masks"],
+                              first, **args)
+    else:
+        ops.sgd_update_(x["params"], x["grads"], x["s0"], indices=x["indices"] or None,
+                        masks=x["masks"] or None, **kw)
+
+
+# ----------------------------------------------------------------------------------
+# comparisons
+
+
+def assert_param_close(actual, expected):
+    if actual.dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+        return
+    # bf16/fp16 params: kernel and reference both compute in fp32 and round once to
+    # the param dtype; torch's vectorised lerp (in the reference) uses a fused
+    # multiply-add where the kernel rounds twice, so a fp32 result one fp32 ulp away
+    # can round to the neighbouring bf16/fp16 value. Allow that one final ulp.
+    a, e = actual.double(), expected.double()
+    ulp = torch.finfo(actual.dtype).eps * torch.maximum(a.abs(), e.abs())
+    ulp = torch.maximum(ulp, torch.full_like(ulp, torch.finfo(actual.dtype).tiny))
+    bad = (a - e).abs() > ulp
+    assert not bad.any(), (f"{int(bad.sum())} of {a.numel()} elements more than one ulp "
+                           f"apart, e.g. {a[bad][:4].tolist()} vs {e[bad][:4].tolist()}")
+
+
+def assert_state_close(actual, expected):
+    if actual.dtype == torch.int32:
+        assert torch.equal(actual, expected)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def compare(kernel, ref, before, compact=False, consume=False):
+    """The kernel's results against the reference's, and everything unchosen untouched."""
+    def flat(d, key, i):
+        return d[key][i].reshape(-1)
+
+    for i in range(len(kernel["params"])):
+        sel = chosen(before, i)
+        assert_param_close(kernel["params"][i], ref["params"][i])
+        assert torch.equal(flat(kernel, "params", i)[~sel], flat(before, "params", i)[~sel])
+        g = flat(kernel, "grads", i)
+        assert torch.equal(g[~sel], flat(before, "grads", i)[~sel])
+        if consume:
+            assert (g[sel] == 0).all()
+        else:
+            assert torch.equal(g, flat(before, "grads", i))
+        for key in ("s0", "s1", "ages"):
+            if not kernel[key]:
+                continue
+            assert_state_close(kernel[key][i], ref[key][i])
+            if not compact:
+                assert torch.equal(flat(kernel, key, i)[~sel], flat(before, key, i)[~sel])
+
+
+def check_adam(x, compact=False, **kw):
+    before = clone_inputs(x)
+    ref = clone_inputs(x)
+    if compact:
+        kw["compact_state"] = True
+    run_adam(x, **kw)
+    run_adam(ref, use_reference=True, **kw)
+    compare(x, ref, before, compact=compact, consume=kw.get("consume_grad", False))
+    return before
+
+
+def check_sgd(x, compact=False, **kw):
+    before = clone_inputs(x)
+    ref = clone_inputs(x)
+    if compact:
+        kw["compact_state"] = True
+    run_sgd(x, **kw)
+    run_sgd(ref, use_reference=True, **kw)
+    compare(x, ref, before, compact=compact, consume=kw.get("consume_grad", False))
+    return before
+
+
+# ----------------------------------------------------------------------------------
+# Adam / AdamW
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+def test_adam_forms(dtype, form, decoupled):
+    x = make_inputs(SIZES, dtype, form)
+    check_adam(x, compact=form == "compact", weight_decay=0.1,
+               decoupled_weight_decay=decoupled)
+
+
+SHAPES = [(3, 5, 7), (0, 4), (1,), (2, 1, 3), (33, 31)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+def test_shapes(dtype, form):
+    # Params of any shape; indices are flat positions, masks have the param's shape.
+    x = make_inputs(SHAPES, dtype, form, with_ages=form == "indices")
+    check_adam(x, compact=form == "compact", decoupled_weight_decay=True, weight_decay=0.1)
+    x = make_inputs(SHAPES, dtype, form, state1=False)
+    check_sgd(x, compact=form == "compact", momentum=0.9, nesterov=True)
+
+
+@pytest.mark.parametrize("form", ["dense", "indices", "masks"])
+def test_adam_large_tensor(form):
+    # 1000003: more than one parallel_for grain, not a multiple of 4.
+    x = make_inputs([1000003], torch.float32, form, ks=[300001])
+    check_adam(x, decoupled_weight_decay=True, weight_decay=0.01)
+
+
+@pytest.mark.parametrize("k", [0, 1, 17])
+@pytest.mark.parametrize("compact", [False, True])
+def test_adam_indices_k(k, compact):
+    form = "compact" if compact else "indices"
+    x = make_inputs([17, 17], torch.float32, form, ks=[k, 17 - k])
+    check_adam(x, compact=compact)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+def test_adam_options(dtype, form):
+    # maximize, grad_scale, consume_grad and weight decay together.
+    x = make_inputs(SIZES, dtype, form)
+    check_adam(x, compact=form == "compact", maximize=True, grad_scale=0.25,
+               consume_grad=True, weight_decay=0.05, lr=3e-3, beta1=0.8, beta2=0.99,
+               eps=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("consume", [False, True])
+def test_adam_fp32_grads(dtype, form, consume):
+    x = make_inputs(SIZES, dtype, form, grad_fp32=True)
+    assert x["grads"][1].dtype == torch.float32
+    check_adam(x, compact=form == "compact", consume_grad=consume)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+def test_adam_ages(dtype, form):
+    # Per-element bias correction: every updated element's age goes up by one.
+    x = make_inputs(SIZES, dtype, form, with_ages=True)
+    before = check_adam(x, compact=form == "compact", decoupled_weight_decay=True,
+                        weight_decay=0.01)
+    for i in range(len(SIZES)):
+        if form == "compact":
+            assert torch.equal(x["ages"][i], before["ages"][i] + 1)
+        else:
+            sel = chosen(before, i)
+            assert torch.equal(x["ages"][i], before["ages"][i] + sel.int())
+
+
+def test_adam_ages_zero_equals_steps_one():
+    # age 0 -> 1 gives the bias correction of a first step.
+    x = make_inputs([33], torch.float32, "dense", with_ages=True)
+    x["ages"][0].zero_()
+    y = clone_inputs(x)
+    y["ages"] = []
+    run_adam(x, steps=[torch.tensor(7.0)])
+    run_adam(y, steps=[torch.tensor(1.0)])
+    torch.testing.assert_close(x["params"][0], y["params"][0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_adam_lr_tensor(form):
+    x = make_inputs(SIZES, torch.float32, form)
+    y = clone_inputs(x)
+    lr = torch.tensor(2e-3)
+    check_adam(x, compact=form == "compact", lr=0.5, lr_tensor=lr)
+    # The same as lr given as a number (the float32 value the tensor holds).
+    run_adam(y, lr=lr.item(), compact_state=form == "compact")
+    for a, b in zip(x["params"], y["params"]):
+        assert torch.equal(a, b)
+
+
+def test_adam_steps_per_tensor():
+    x = make_inputs([5, 9], torch.float32, "dense")
+    check_adam(x, steps=[torch.tensor(1.0), torch.tensor(1000.0)])
+
+
+def test_adam_matches_torch_optim():
+    # density 1: the dense kernel is torch.optim.AdamW's single-tensor step.
+    p = torch.randn(1001)
+    q = p.clone().requires_grad_()
+    opt = torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1, foreach=False)
+    m, v = torch.zeros(1001), torch.zeros(1001)
+    for step in range(1, 6):
+        g = torch.randn(1001)
+        q.grad = g.clone()
+        opt.step()
+        ops.adam_update_([p], [g], [m], [v], [torch.tensor(float(step))], lr=1e-2,
+                         weight_decay=0.1, decoupled_weight_decay=True)
+    torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m, opt.state[q]["exp_avg"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v, opt.state[q]["exp_avg_sq"], rtol=1e-5, atol=1e-6)
+
+
+def test_adam_unaligned_views():
+    x = make_inputs(SIZES, torch.float32, "dense", offset=1)
+    check_adam(x, decoupled_weight_decay=True, weight_decay=0.1)
+
+
+# ----------------------------------------------------------------------------------
+# SGD
+
+SGD_VARIANTS = {
+    "plain": dict(momentum=0.0),
+    "momentum": dict(momentum=0.9),
+    "dampening": dict(momentum=0.9, dampening=0.3, weight_decay=0.01),
+    "nesterov": dict(momentum=0.8, nesterov=True, weight_decay=0.01),
+    "first": dict(momentum=0.9, dampening=0.5, first_step=True),
+    "maximize": dict(momentum=0.5, maximize=True, grad_scale=2.0, consume_grad=True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("variant", list(SGD_VARIANTS))
+def test_sgd_forms(dtype, form, variant):
+    kw = dict(SGD_VARIANTS[variant])
+    if kw.pop("first_step", False):
+        kw["first_step"] = [i % 2 == 0 for i in range(len(SIZES))]
+    with_buffers = kw["momentum"] != 0
+    x = make_inputs(SIZES, dtype, form, momentum_state=with_buffers, state1=False)
+    check_sgd(x, compact=form == "compact", **kw)
+
+
+def test_sgd_momentum_zero_keeps_buffers():
+    # Buffers given with momentum 0 are neither needed nor written.
+    x = make_inputs(SIZES, torch.float32, "indices", state1=False)
+    before = check_sgd(x, momentum=0.0)
+    for a, b in zip(x["s0"], before["s0"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sgd_fp32_grads_and_lr_tensor(dtype):
+    x = make_inputs(SIZES, dtype, "masks", grad_fp32=True, state1=False)
+    check_sgd(x, momentum=0.9, lr=1.0, lr_tensor=torch.tensor(0.05), consume_grad=True)
+
+
+def test_sgd_large_tensor():
+    x = make_inputs([1000003], torch.float32, "indices", ks=[500001], state1=False)
+    check_sgd(x, momentum=0.9, nesterov=True)
+
+
+def test_sgd_matches_torch_optim():
+    p = torch.randn(1001)
+    q = p.clone().requires_grad_()
+    opt = torch.optim.SGD([q], lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01,
+                          foreach=False)
+    buf = torch.zeros(1001)
+    for step in range(5):
+        g = torch.randn(1001)
+        q.grad = g.clone()
+        opt.step()
+        ops.sgd_update_([p], [g], [buf], lr=1e-2, momentum=0.9, dampening=0.1,
+                        weight_decay=0.01, first_step=[step == 0])
+    torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(buf, opt.state[q]["momentum_buffer"], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# bad arguments: a clear error naming the argument, and nothing touched
+
+
+def _adam_base():
+    x = make_inputs([6, 7], torch.float32, "indices", ks=[2, 3])
+    return dict(params=x["params"], grads=x["grads"], exp_avgs=x["s0"],
+                exp_avg_sqs=x["s1"], steps=[torch.tensor(1.0), torch.tensor(1.0)],
+                indices=x["indices"], lr=1e-2)
+
+
+def _replace(kw, key, i, value):
+    kw[key] = list(kw[key])
+    kw[key][i] = value
+    return kw
+
+
+ADAM_BAD = [
+    ("params-not-list", TypeError, "params", lambda kw: kw.update(params=kw["params"][0])),
+    ("grads-length", ValueError, "grads", lambda kw: kw.update(grads=kw["grads"][:1])),
+    ("grad-dtype", TypeError, r"grads\[1\]",
+     lambda kw: _replace(kw, "grads", 1, torch.randn(7).half())),
+    ("grad-numel", ValueError, r"grads\[1\]",
+     lambda kw: _replace(kw, "grads", 1, torch.randn(8))),
+    ("param-noncontig", ValueError, r"params\[1\]",
+     lambda kw: _replace(kw, "params", 1, torch.randn(7, 2)[:, 0])),
+    ("param-int", TypeError, r"params\[0\]",
+     lambda kw: _replace(kw, "params", 0, torch.ones(6, dtype=torch.int64))),
+    ("grad-device", ValueError, r"grads\[1\]",
+     lambda kw: _replace(kw, "grads", 1, torch.empty(7, device="meta"))),
+    ("exp-avg-numel", ValueError, r"exp_avgs\[1\]",
+     lambda kw: _replace(kw, "exp_avgs", 1, torch.zeros(6))),
+    ("exp-avg-sq-dtype", TypeError, r"exp_avg_sqs\[0\]",
+     lambda kw: _replace(kw, "exp_avg_sqs", 0, torch.zeros(6, dtype=torch.float64))),
+    ("steps-length", ValueError, "steps", lambda kw: kw.update(steps=kw["steps"][:1])),
+    ("steps-dtype", ValueError, r"steps\[1\]",
+     lambda kw: _replace(kw, "steps", 1, torch.tensor(1, dtype=torch.int64))),
+    ("index-high", ValueError, r"indices\[1\]",
+     lambda kw: _replace(kw, "indices", 1, torch.tensor([0, 7]))),
+    ("index-negative", ValueError, r"indices\[1\]",
+     lambda kw: _replace(kw, "indices", 1, torch.tensor([-1, 2]))),
+    ("index-dtype", TypeError, r"indices\[0\]",
+     lambda kw: _replace(kw, "indices", 0, torch.tensor([0, 1], dtype=torch.int32))),
+    ("index-2d", ValueError, r"indices\[0\]",
+     lambda kw: _replace(kw, "indices", 0, torch.tensor([[0, 1]]))),
+    ("indices-and-masks", ValueError, "masks",
+     lambda kw: kw.update(masks=[torch.ones(6, dtype=torch.bool), torch.ones(7, dtype=torch.bool)])),
+    ("mask-dtype", TypeError, r"masks\[0\]",
+     lambda kw: kw.update(indices=None, masks=[torch.ones(6), torch.ones(7, dtype=torch.bool)])),
+    ("mask-numel", ValueError, r"masks\[1\]",
+     lambda kw: kw.update(indices=None, masks=[torch.ones(6, dtype=torch.bool),
+                                               torch.ones(6, dtype=torch.bool)])),
+    ("compact-without-indices", ValueError, "compact_state",
+     lambda kw: kw.update(indices=None, compact_state=True)),
+    ("compact-state-numel", ValueError, r"exp_avgs\[0\]",
+     lambda kw: kw.update(compact_state=True)),
+    ("ages-dtype", TypeError, r"ages\[0\]",
+     lambda kw: kw.update(ages=[torch.zeros(6, dtype=torch.int64), torch.zeros(7, dtype=torch.int32)])),
+    ("ages-length", ValueError, "ages",
+     lambda kw: kw.update(ages=[torch.zeros(6, dtype=torch.int32)])),
+    ("lr-negative", ValueError, "lr", lambda kw: kw.update(lr=-1.0)),
+    ("lr-type", TypeError, "lr", lambda kw: kw.update(lr="0.1")),
+    ("lr-tensor-dtype", TypeError, "lr_tensor",
+     lambda kw: kw.update(lr_tensor=torch.tensor(0.1, dtype=torch.float64))),
+    ("beta1-range", ValueError, "beta1", lambda kw: kw.update(beta1=1.5)),
+    ("beta2-type", TypeError, "beta2", lambda kw: kw.update(beta2=None)),
+    ("beta2-one", ValueError, "beta2", lambda kw: kw.update(beta2=1.0)),
+    ("eps-negative", ValueError, "eps", lambda kw: kw.update(eps=-1e-8)),
+    ("grad-scale-type", TypeError, "grad_scale", lambda kw: kw.update(grad_scale="2")),
+]
+
+
+def _all_tensors(kw):
+    out = []
+    for v in kw.values():
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("mutate,exc,match",
+                         [pytest.param(m, e, s, id=name) for name, e, s, m in ADAM_BAD])
+def test_adam_bad_arguments_touch_nothing(mutate, exc, match):
+    kw = _adam_base()
+    mutate(kw)
+    tensors = _all_tensors(kw)
+    before = [t.clone() for t in tensors]
+    args = [kw.pop(k) for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")]
+    kw["consume_grad"] = True
+    with pytest.raises(exc, match=match):
+        ops.adam_update_(*args, **kw)
+    for t, t0 in zip(tensors, before):
+        assert torch.equal(t, t0)
+
+
+def _sgd_base():
+    x = make_inputs([6, 7], torch.float32, "dense", state1=False)
+    return dict(params=x["params"], grads=x["grads"], momentum_buffers=x["s0"], lr=1e-2,
+                momentum=0.9)
+
+
+SGD_BAD = [
+    ("momentum-without-buffers", ValueError, "momentum",
+     lambda kw: kw.update(momentum_buffers=None)),
+    ("buffer-numel", ValueError, r"momentum_buffers\[1\]",
+     lambda kw: _replace(kw, "momentum_buffers", 1, torch.zeros(8))),
+    ("buffer-dtype", TypeError, r"momentum_buffers\[0\]",
+     lambda kw: _replace(kw, "momentum_buffers", 0, torch.zeros(6).half())),
+    ("first-step-length", ValueError, "first_step", lambda kw: kw.update(first_step=[True])),
+    ("momentum-negative", ValueError, "momentum", lambda kw: kw.update(momentum=-0.5)),
+    ("weight-decay-type", TypeError, "weight_decay", lambda kw: kw.update(weight_decay="0")),
+    ("index-high", ValueError, r"indices\[0\]",
+     lambda kw: kw.update(indices=[torch.tensor([6]), torch.tensor([0])])),
+    ("grads-length", ValueError, "grads", lambda kw: kw.update(grads=kw["grads"][:1])),
+]
+
+
+@pytest.mark.parametrize("mutate,exc,match",
+                         [pytest.param(m, e, s, id=name) for name, e, s, m in SGD_BAD])
+def test_sgd_bad_arguments_touch_nothing(mutate, exc, match):
+    kw = _sgd_base()
+    mutate(kw)
+    tensors = _all_tensors(kw)
+    before = [t.clone() for t in tensors]
+    args = [kw.pop(k) for k in ("params", "grads", "momentum_buffers")]
+    kw["consume_grad"] = True
+    with pytest.raises(exc, match=match):
+        ops.sgd_update_(*args, **kw)
+    for t, t0 in zip(tensors, before):
+        assert torch.equal(t, t0)
+
+
+@needs_ext
+def test_kernel_refuses_out_of_range_indices():
+    # The compiled op checks positions itself too, before writing anything.
+    kw = _adam_base()
+    kw["indices"][1] = torch.tensor([1, 7])
+    tensors = _all_tensors(kw)
+    before = [t.clone() for t in tensors]
+    with pytest.raises(RuntimeError, match=r"indices\[1\]"):
+        torch.ops.incrkern.adam_update_(kw["params"], kw["grads"], kw["exp_avgs"],
+                                        kw["exp_avg_sqs"], kw["steps"], kw["indices"], [], [],
+                                        1e-2, 0.9, 0.999, 1e-8, 0.0, True, False,
+                                        consume_grad=True)
+    for t, t0 in zip(tensors, before):
+        assert torch.equal(t, t0)
+
+
+# ----------------------------------------------------------------------------------
+# opcheck: schema, fake kernel, functionalisation
+
+
+@needs_ext
+@pytest.mark.parametrize("form", ["dense", "indices", "masks"])
+def test_adam_opcheck(form):
+    x = make_inputs([5, 3], torch.float32, form, ks=[2, 3])
+    args = (x["params"], x["grads"], x["s0"], x["s1"], [torch.tensor(2.0)] * 2,
+            x["indices"], x["masks"], [], 1e-2, 0.9, 0.999, 1e-8, 0.01, True, False)
+    torch.library.opcheck(torch.ops.incrkern.adam_update_.default, args,
+                          {"consume_grad": True})
+
+
+@needs_ext
+def test_adam_opcheck_compact_ages():
+    x = make_inputs([5, 3], torch.bfloat16, "compact", ks=[2, 1], with_ages=True,
+                    grad_fp32=True)
+    args = (x["params"], x["grads"], x["s0"], x["s1"], [torch.tensor(2.0)] * 2,
+            x["indices"], [], x["ages"], 1e-2, 0.9, 0.999, 1e-8, 0.0, False, True)
+    torch.library.opcheck(torch.ops.incrkern.adam_update_.default, args,
+                          {"compact_state": True, "lr_tensor": torch.tensor(1e-3)})
+
+
+@needs_ext
+def test_sgd_opcheck():
+    x = make_inputs([5, 3], torch.float32, "indices", ks=[2, 3], state1=False)
+    args = (x["params"], x["grads"], x["s0"], x["indices"], [], [True, False], 1e-2, 0.9,
+            0.1, 0.01, False, False)
+    torch.library.opcheck(torch.ops.incrkern.sgd_update_.default, args,
+                          {"consume_grad": True})
+
+
+# ----------------------------------------------------------------------------------
+# CUDA against CPU (the same rules; the GPU contracts a*b+c into fused multiply-adds)
+
+CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _to_cuda(x):
+    return {k: None if v is None else [t.cuda() for t in v] for k, v in x.items()}
+
+
+def _compare_devices(gpu, cpu, compact):
+    for i in range(len(cpu["params"])):
+        assert_param_close(gpu["params"][i].cpu(), cpu["params"][i])
+        assert torch.equal(gpu["grads"][i].cpu(), cpu["grads"][i])
+        for key in ("s0", "s1", "ages"):
+            if cpu[key]:
+                assert_state_close(gpu[key][i].cpu(), cpu[key][i])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("form", FORMS + ["ages"])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("grad_fp32", [False, True])
+def test_adam_cuda_matches_cpu(dtype, form, offset, grad_fp32):
+    if grad_fp32 and dtype == torch.float32:
+        pytest.skip("fp32 grads are the param dtype")
+    # Many small tensors (more than one table of slots) and one spanning several
+    # launches' worth of 64K-element chunks.
+    sizes = SIZES + [3] * 70 + [65536 * 330 + 7]
+    form_ = "dense" if form == "ages" else form
+    x = make_inputs(sizes, dtype, form_, offset=offset, grad_fp32=grad_fp32,
+                    with_ages=form == "ages")
+    g = _to_cuda(x)
+    kw = dict(decoupled_weight_decay=True, weight_decay=0.01, grad_scale=0.5,
+              consume_grad=True)
+    steps = [torch.tensor(3.0).cuda() if i % 2 else torch.tensor(3.0) for i in range(len(sizes))]
+    kw["compact_state"] = form == "compact"
+    run_adam(x, steps=[torch.tensor(3.0)] * len(sizes), **kw)
+    run_adam(g, steps=steps, lr_tensor=torch.tensor(1e-2, device="cuda"), **kw)
+    torch.cuda.synchronize()
+    _compare_devices(g, x, form == "compact")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("variant", list(SGD_VARIANTS))
+def test_sgd_cuda_matches_cpu(dtype, form, variant):
+    kw = dict(SGD_VARIANTS[variant])
+    sizes = SIZES + [3] * 40 + [65536 * 5 + 3]
+    if kw.pop("first_step", False):
+        kw["first_step"] = [i % 2 == 0 for i in range(len(sizes))]
+    x = make_inputs(sizes, dtype, form, momentum_state=kw["momentum"] != 0, state1=False)
+    g = _to_cuda(x)
+    kw["compact_state"] = form == "compact"
+    run_sgd(x, **kw)
+    run_sgd(g, **kw)
+    torch.cuda.synchronize()
+    _compare_devices(g, x, form == "compact")
+
+
+@pytest.mark.cuda
+def test_sgd_cuda_momentum_zero_keeps_buffers():
+    x = _to_cuda(make_inputs(SIZES, torch.float32, "indices", state1=False))
+    before = [t.clone() for t in x["s0"]]
+    run_sgd(x, momentum=0.0, consume_grad=True)
+    torch.cuda.synchronize()
+    for a, b in zip(x["s0"], before):
+        assert torch.equal(a, b)
