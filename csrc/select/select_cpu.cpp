@@ -794,6 +794,18 @@ class Selector {
           for (; i + kGroup <= blk.end; i += kGroup) {
             K keys[kGroup];
             group_keys(rd, i, keys);
+#if defined(__SSE2__)
+            if constexpr (sizeof(K) == 4) {
+              // Masks: the keys > t, then the first ties while the quota lasts.
+              uint32_t take = t == std::numeric_limits<K>::max() ? 0u : mask_greater(keys, t);
+              if (q > 0) {
+                uint32_t eq = (t == 0 ? 0xffffu : mask_greater(keys, t - 1)) & ~take;
+                for (; eq && q > 0; eq &= eq - 1, --q) take |= eq & (~eq + 1);
+              }
+              for (; take; take &= take - 1) *dst++ = i + __builtin_ctz(take);
+              continue;
+            }
+#endif
             if (!any_at_least(keys, t)) continue;
             for (int j = 0; j < kGroup; ++j) one(i + j, keys[j]);
           }
