@@ -39,7 +39,6 @@
 #include <optional>
 #include <string>
 #include <exception>
-#include <thread>
 #include <type_traits>
 
 #if defined(__SSE2__)
@@ -60,47 +59,9 @@ constexpr int64_t kSerialMax = int64_t(1) << 15;  // below: one thread, nth_elem
 constexpr int64_t kSample = int64_t(1) << 16;
 constexpr int kDigitBits = 11;
 
-// at::parallel_for runs its body on one thread when the extension is compiled
-// without OpenMP (its OpenMP backend is a pragma in a header), which is how
-// setup.py builds it. Then the work is split over at::get_num_threads() plain
-// threads instead; nested calls run inline.
-thread_local bool tl_in_parallel = false;
-
-template <typename F>
-void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  if (end <= begin) return;
-#ifdef _OPENMP
-  at::parallel_for(begin, end, grain, f);
-#else
-  const int64_t n = end - begin;
-  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / std::max<int64_t>(grain, 1));
-  if (chunks <= 1 || tl_in_parallel || at::in_parallel_region()) {
-    f(begin, end);
-    return;
-  }
-  std::exception_ptr error;
-  std::mutex mu;
-  auto body = [&](int64_t b, int64_t e) {
-    tl_in_parallel = true;
-    try {
-      f(b, e);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mu);
-      if (!error) error = std::current_exception();
-    }
-    tl_in_parallel = false;
-  };
-  const int64_t step = (n + chunks - 1) / chunks;
-  std::vector<std::thread> threads;
-  for (int64_t c = 1; c < chunks; ++c) {
-    const int64_t b = begin + c * step;
-    if (b < end) threads.emplace_back(body, b, std::min(end, b + step));
-  }
-  body(begin, std::min(end, begin + step));
-  for (auto& t : threads) t.join();
-  if (error) std::rethrow_exception(error);
-#endif
-}
+// setup.py builds with -fopenmp, so at::parallel_for (an OpenMP pragma in a header)
+// spreads the blocks over at::get_num_threads() threads.
+using at::parallel_for;
 
 // ---------------------------------------------------------------------------------
 // Readers: key(i) of element i of one tensor, for each score and dtype.
