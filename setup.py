@@ -105,8 +105,11 @@ def _write_build_info(with_cuda, reason, archs):
 def extension():
     with_cuda, reason = _want_cuda()
     archs = None
-    # -O3 and no -march=native: the binary must run on any x86-64 CPU.
-    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno"]
+    # -O3 and no -march=native: the binary must run on any x86-64 CPU. -fopenmp: ATen's
+    # at::parallel_for is an OpenMP pragma in a header, so without it every parallel
+    # loop of the extension runs on one thread. The libgomp.so.1 it links to is the
+    # one torch has already loaded (same soname).
+    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp"]
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
@@ -124,6 +127,7 @@ def extension():
         sources=_sources(with_cuda),
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=args,
+        extra_link_args=["-fopenmp"],
     )
 
 

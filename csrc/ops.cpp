@@ -51,7 +51,9 @@ TORCH_LIBRARY(incrkern, m) {
   //  score: "grad" |t|, "grad_sq" t (an EMA of g^2), "weight" |weights[i]|,
   //  "accumulated" |residuals[i] + t|, "random" uniform from `seed`.
   //  global_scope: ks has one entry, taken over the concatenation of all tensors.
+  //  No defaults before residuals/weights: a default may not precede a required
+  //  argument (torch.fx and opcheck reject the schema), and Tensor[] takes none.
   m.def(
-      "select(Tensor[] tensors, int[] ks, str score=\"grad\", bool global_scope=False, "
-      "bool approx=False, Tensor[] residuals, Tensor[] weights, int seed=0) -> Tensor[]");
+      "select(Tensor[] tensors, int[] ks, str score, bool global_scope, bool approx, "
+      "Tensor[] residuals, Tensor[] weights, int seed=0) -> Tensor[]");
 }

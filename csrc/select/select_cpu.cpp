@@ -12,12 +12,15 @@
 //     When #winners < k <= #winners + #candidates, e* is the (k - #winners)-th
 //     candidate (nth_element on the few candidates) and every block merges its
 //     winners with its chosen candidates into the output. Else the band missed.
+//     When the sample shows a tie mass in the band instead (few distinct values),
+//     its k-th key is tried as the answer: one counting pass confirms it.
 //  2. Radix select (exact fallback, any input): per-thread histograms of 11-bit
 //     digits of the keys, most significant first, each pass restricted to the
 //     keys that share the digits found so far. It stops as soon as the bucket of
 //     the k-th is wholly chosen, or holds few enough elements to finish with the
-//     band pass of 1, whose band is then the bucket itself. Massive ties at the
-//     k-th key are resolved by counting them per block.
+//     band pass of 1, whose band is then the bucket itself. A bucket holding one
+//     key only (ties) settles the k-th key at once; ties at the k-th key are
+//     taken lowest positions first by counting them per block.
 //
 // Positions are int64 everywhere (tensors beyond 2^31 elements). The scores are
 // computed from the inputs on the fly; no score tensor is ever materialised.
@@ -35,6 +38,12 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <exception>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <vector>
 
 #include "select/select_common.h"
@@ -49,6 +58,10 @@ constexpr int64_t kBlock = int64_t(1) << 18;     // elements per block of work
 constexpr int64_t kSerialMax = int64_t(1) << 15;  // below: one thread, nth_element
 constexpr int64_t kSample = int64_t(1) << 16;
 constexpr int kDigitBits = 11;
+
+// setup.py builds with -fopenmp, so at::parallel_for (an OpenMP pragma in a header)
+// spreads the blocks over at::get_num_threads() threads.
+using at::parallel_for;
 
 // ---------------------------------------------------------------------------------
 // Readers: key(i) of element i of one tensor, for each score and dtype.
@@ -155,6 +168,124 @@ struct Block {
   int64_t begin, end;  // element range inside the source
 };
 
+// Vectorised hot loops. The band pass reads keys in groups of kGroup and looks at
+// a group element by element only when one of its keys reaches the band. GCC/Clang
+// vector extensions compile to SSE2 on any x86-64 (and to NEON on arm64); the
+// scalar readers' branches and conversions would keep the compiler from it.
+constexpr int kGroup = 16;
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef uint16_t v4u16 __attribute__((vector_size(8)));
+
+inline v4i splat(int32_t v) { return v4i{v, v, v, v}; }
+
+inline v4i abs_keys4(v4i bits) {
+  v4i v = bits & splat(0x7fffffff);
+  v = v > splat(0x7f800001) ? splat(0x7f800001) : v;
+  return v << 1;
+}
+
+inline v4i signed_keys4(v4f x) {
+  const v4i nan = x != x;
+  x = x + v4f{0.f, 0.f, 0.f, 0.f};
+  v4i u;
+  std::memcpy(&u, &x, 16);
+  const v4i flip = (u >> 31) | splat(INT32_MIN);  // negative: all bits; else the sign bit
+  return (u ^ flip) | nan;
+}
+
+inline v4f load4f(const float* p) {
+  v4f v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+
+inline v4f load4f(const c10::BFloat16* p) {
+  v4u16 h;
+  std::memcpy(&h, p, 8);
+  const v4i bits = __builtin_convertvector(h, v4i) << 16;
+  v4f v;
+  std::memcpy(&v, &bits, 16);
+  return v;
+}
+
+template <typename T>
+constexpr bool kVecDtype = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+// keys[0..kGroup) = rd(i .. i + kGroup).
+template <typename K, typename Reader>
+inline void group_keys(const Reader& rd, int64_t i, K (&keys)[kGroup]) {
+  if constexpr (sizeof(K) == 4) {
+    if constexpr (requires { rd.p; }) {
+      using T = std::remove_cv_t<std::remove_pointer_t<decltype(rd.p)>>;
+      if constexpr (kVecDtype<T>) {
+        constexpr bool is_abs = std::is_same_v<Reader, AbsReader<K, T>>;
+        for (int j = 0; j < kGroup; j += 4) {
+          const v4f x = load4f(rd.p + i + j);
+          v4i key;
+          if constexpr (is_abs) {
+            v4i bits;
+            std::memcpy(&bits, &x, 16);
+            key = abs_keys4(bits);
+          } else {
+            key = signed_keys4(x);
+          }
+          std::memcpy(keys + j, &key, 16);
+        }
+        return;
+      }
+    } else if constexpr (requires { rd.r; }) {
+      using T = std::remove_cv_t<std::remove_pointer_t<decltype(rd.g)>>;
+      using R = std::remove_cv_t<std::remove_pointer_t<decltype(rd.r)>>;
+      if constexpr (kVecDtype<T> && std::is_same_v<R, float>) {
+        for (int j = 0; j < kGroup; j += 4) {
+          const v4f x = load4f(rd.r + i + j) + load4f(rd.g + i + j);
+          v4i bits;
+          std::memcpy(&bits, &x, 16);
+          const v4i key = abs_keys4(bits);
+          std::memcpy(keys + j, &key, 16);
+        }
+        return;
+      }
+    }
+  }
+  for (int j = 0; j < kGroup; ++j) keys[j] = rd(i + j);
+}
+
+#if defined(__SSE2__)
+// Bit j set when keys[j] > t (unsigned), for 32-bit keys.
+inline uint32_t mask_greater(const uint32_t (&keys)[kGroup], uint32_t t) {
+  const __m128i flip = _mm_set1_epi32(INT32_MIN);
+  const __m128i tt = _mm_set1_epi32(int32_t(t ^ 0x80000000u));
+  uint32_t m = 0;
+  for (int j = 0; j < kGroup; j += 4) {
+    const __m128i k = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + j)), flip);
+    m |= uint32_t(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(k, tt)))) << j;
+  }
+  return m;
+}
+#endif
+
+// Whether any of the group's keys is >= lo.
+template <typename K>
+inline bool any_at_least(const K (&keys)[kGroup], K lo) {
+  if constexpr (sizeof(K) == 4) {
+    if (lo == 0) return true;
+    const v4i s = splat(int32_t((lo - 1) ^ 0x80000000u));
+    v4i acc = splat(0);
+    for (int j = 0; j < kGroup; j += 4) {
+      v4i k;
+      std::memcpy(&k, keys + j, 16);
+      acc |= (k ^ splat(INT32_MIN)) > s;
+    }
+    return (acc[0] | acc[1] | acc[2] | acc[3]) != 0;
+  } else {
+    K mx = 0;
+    for (int j = 0; j < kGroup; ++j) mx = mx > keys[j] ? mx : keys[j];
+    return mx >= lo;
+  }
+}
+
 template <typename K>
 struct Cand {
   K key;
@@ -187,13 +318,13 @@ class Selector {
 
   // One int64 tensor of ascending local positions per source.
   std::vector<at::Tensor> run() {
+    tie_guess_.reset();
     if (k_ == 0) return finish_empty();
     if (k_ == n_) return finish_all();
     if (n_ <= kSerialMax) return run_serial();
     if (auto band = sample_band()) {
       std::vector<BandOut<K>> out;
-      const int64_t cap = 2 * budget_;
-      if (band_pass(band->first, band->second, cap, out)) {
+      if (band_pass(band->first, band->second, 2 * budget_, out)) {
         int64_t w = 0, c = 0;
         for (const auto& b : out) w += int64_t(b.win.size()), c += int64_t(b.cidx.size());
         if (w < k_ && k_ <= w + c) return resolve_and_merge(out, k_ - w);
@@ -203,6 +334,12 @@ class Selector {
           if (w + c < k_ && k_ - (w + c) <= tol) return merge_all(out, true);
         }
       }
+    }
+    if (tie_guess_) {  // one counting pass checks whether the guess is the k-th key
+      const FinalCounts c = final_counts(*tie_guess_);
+      int64_t gt = 0, eq = 0;
+      for (size_t b = 0; b < c.greater.size(); ++b) gt += c.greater[b], eq += c.equal[b];
+      if (gt < k_ && k_ <= gt + eq) return final_write(*tie_guess_, k_ - gt, c);
     }
     return run_radix();
   }
@@ -215,6 +352,7 @@ class Selector {
   int64_t k_, n_ = 0, budget_;
   bool approx_;
   std::vector<Block> blocks_;
+  std::optional<K> tie_guess_;  // set by sample_band when the band is too wide
 
   int64_t gpos(const Block& b, int64_t i) const { return srcs_[b.src].pos0 + i; }
 
@@ -234,7 +372,7 @@ class Selector {
     std::vector<at::Tensor> outs = alloc(sizes);
     for (size_t i = 0; i < outs.size(); ++i) {
       int64_t* o = outs[i].data_ptr<int64_t>();
-      at::parallel_for(0, srcs_[i].n, kBlock, [&](int64_t b, int64_t e) {
+      parallel_for(0, srcs_[i].n, kBlock, [&](int64_t b, int64_t e) {
         for (int64_t j = b; j < e; ++j) o[j] = j;
       });
     }
@@ -266,13 +404,13 @@ class Selector {
 
   // The band [L, H] from a strided sample with a random offset in each stride, or
   // nothing when the sample predicts more candidates than the budget allows.
-  std::optional<std::pair<K, K>> sample_band() const {
+  std::optional<std::pair<K, K>> sample_band() {
     const int64_t s = std::min(kSample, n_);
     const int64_t stride = n_ / s;
     std::vector<int64_t> starts;
     for (const Source& src : srcs_) starts.push_back(src.pos0);
     std::vector<K> keys(s);
-    at::parallel_for(0, s, 4096, [&](int64_t b, int64_t e) {
+    parallel_for(0, s, 4096, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {
         int64_t pos = j * stride + int64_t(fmix32(uint32_t(j) * 0x9e3779b9u + 1u) % uint64_t(stride));
         pos = std::min(pos, n_ - 1);
@@ -294,7 +432,12 @@ class Selector {
     int64_t in_band = 0;
     for (K key : keys) in_band += key >= lo && key <= hi;
     const double predicted = double(in_band) * double(n_) / double(s);
-    if (predicted > double(budget_) / 2) return std::nullopt;
+    if (predicted > double(budget_) / 2) {
+      // Too wide, usually because many keys tie inside the band: the sample's
+      // k-th key is then a good guess of the true one.
+      tie_guess_ = key_at(std::clamp<int64_t>(int64_t(mean), 0, s - 1));
+      return std::nullopt;
+    }
     return std::make_pair(lo, hi);
   }
 
@@ -305,12 +448,14 @@ class Selector {
     std::atomic<int64_t> total{0};
     std::atomic<bool> overflow{false};
     const double expect_w = double(k_) / double(n_);
-    at::parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         if (overflow.load(std::memory_order_relaxed)) return;
         const Block& blk = blocks_[bi];
         BandOut<K>& o = out[bi];
-        o.win.reserve(size_t(double(blk.end - blk.begin) * expect_w * 1.1) + 16);
+        // Sized once to the expected count; wn counts the winners written.
+        o.win.resize(size_t(double(blk.end - blk.begin) * expect_w * 1.1) + 64);
+        size_t wn = 0;
         with_reader<K>(srcs_[blk.src], [&](auto rd) {
           auto one = [&](int64_t i, K key) {
             if (key >= lo) {
@@ -322,16 +467,42 @@ class Selector {
               }
             }
           };
-          constexpr int G = 16;
           int64_t i = blk.begin;
-          for (; i + G <= blk.end; i += G) {
-            K keys[G];
-            for (int j = 0; j < G; ++j) keys[j] = rd(i + j);
-            int any = 0;
-            for (int j = 0; j < G; ++j) any |= keys[j] >= lo;
-            if (!any) continue;
-            for (int j = 0; j < G; ++j) one(i + j, keys[j]);
+          for (; i + kGroup <= blk.end; i += kGroup) {
+            K keys[kGroup];
+            group_keys(rd, i, keys);
+            if (wn + kGroup > o.win.size()) o.win.resize(2 * o.win.size() + kGroup);
+            int64_t* wp = o.win.data() + wn;
+#if defined(__SSE2__)
+            if constexpr (sizeof(K) == 4) {
+              // Bit masks of the group's winners and candidates; only set bits are
+              // visited (about one per group at k = 1%).
+              const uint32_t ge_lo = lo == 0 ? 0xffffu : mask_greater(keys, lo - 1);
+              if (!ge_lo) continue;
+              const uint32_t gt_hi = hi == std::numeric_limits<K>::max() ? 0u : mask_greater(keys, hi);
+              for (uint32_t m = gt_hi; m; m &= m - 1) *wp++ = i + __builtin_ctz(m);
+              for (uint32_t m = ge_lo & ~gt_hi; m; m &= m - 1) {
+                const int j = __builtin_ctz(m);
+                o.ckey.push_back(keys[j]);
+                o.cidx.push_back(i + j);
+              }
+              wn = size_t(wp - o.win.data());
+              continue;
+            }
+#endif
+            if (!any_at_least(keys, lo)) continue;
+            // Winners written without a branch (k may be half the input).
+            for (int j = 0; j < kGroup; ++j) {
+              *wp = i + j;
+              wp += keys[j] > hi;
+              if (keys[j] >= lo && keys[j] <= hi) {
+                o.ckey.push_back(keys[j]);
+                o.cidx.push_back(i + j);
+              }
+            }
+            wn = size_t(wp - o.win.data());
           }
+          o.win.resize(wn);
           for (; i < blk.end; ++i) one(i, rd(i));
         });
         if (total.fetch_add(int64_t(o.cidx.size())) + int64_t(o.cidx.size()) > cap) {
@@ -366,7 +537,7 @@ class Selector {
   std::vector<at::Tensor> merge(const std::vector<BandOut<K>>& out, Chosen&& chosen) const {
     const int64_t nb = int64_t(blocks_.size());
     std::vector<int64_t> count(nb), offset(nb);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         int64_t c = int64_t(out[bi].win.size());
         for (size_t j = 0; j < out[bi].cidx.size(); ++j)
@@ -375,7 +546,7 @@ class Selector {
       }
     });
     std::vector<at::Tensor> outs = offsets(count, offset);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         const BandOut<K>& o = out[bi];
         int64_t* dst = outs[blocks_[bi].src].data_ptr<int64_t>() + offset[bi];
@@ -401,51 +572,86 @@ class Selector {
     return alloc(sizes);
   }
 
-  // Histogram of the digit below bit `shift` of width `bits`, over the keys whose
-  // bits at and above `shift` + `bits`... equal those of `prefix` (all keys when
-  // `top`). Per-thread histograms, four interleaved copies each.
-  std::vector<int64_t> histogram(K prefix, int shift, int bits, bool top) const {
+  // Histogram of one digit, with the smallest and largest key of each bin.
+  struct Hist {
+    std::vector<int64_t> count;
+    std::vector<K> min, max;
+  };
+
+  // Histogram of the digit of width `bits` above bit `shift`, over the keys whose
+  // higher bits equal those of `prefix` (all keys when `top`). Per-thread
+  // histograms, four interleaved copies each (repeated bins would otherwise
+  // serialise on one counter).
+  Hist histogram(K prefix, int shift, int bits, bool top) const {
     const int nbins = 1 << bits;
     const int high = shift + bits;  // bits at and above are fixed by the prefix
     const K mask = K(nbins - 1);
-    std::vector<int64_t> total(nbins, 0);
+    Hist total{std::vector<int64_t>(nbins, 0), std::vector<K>(nbins, std::numeric_limits<K>::max()),
+               std::vector<K>(nbins, K(0))};
     std::mutex mu;
-    at::parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
-      std::vector<uint32_t> h(4 * size_t(nbins));
+    struct Bin {
+      uint32_t n;
+      K min, max;
+    };
+    // Copies kept apart by a few bins, so that equal bins of two copies do not
+    // share their low 12 address bits (4K aliasing stalls the store forwarding).
+    const size_t stride = size_t(nbins) + 5;
+    parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
+      const Bin empty{0, std::numeric_limits<K>::max(), K(0)};
+      std::vector<Bin> bins(4 * stride, empty);
       std::vector<int64_t> local(nbins, 0);
       for (int64_t bi = b0; bi < b1; ++bi) {
         const Block& blk = blocks_[bi];
-        std::fill(h.begin(), h.end(), 0u);
         with_reader<K>(srcs_[blk.src], [&](auto rd) {
-          uint32_t* h0 = h.data();
+          auto add = [&](size_t copy, K key) {
+            Bin& x = bins[copy * stride + size_t((key >> shift) & mask)];
+            ++x.n;
+            x.min = std::min(x.min, key);
+            x.max = std::max(x.max, key);
+          };
+          int64_t i = blk.begin;
           if (top) {
-            int64_t i = blk.begin;
-            for (; i + 4 <= blk.end; i += 4) {
-              ++h0[size_t(rd(i) >> shift)];
-              ++h0[nbins + size_t(rd(i + 1) >> shift)];
-              ++h0[2 * nbins + size_t(rd(i + 2) >> shift)];
-              ++h0[3 * nbins + size_t(rd(i + 3) >> shift)];
+            for (; i + kGroup <= blk.end; i += kGroup) {
+              K keys[kGroup];
+              group_keys(rd, i, keys);
+              for (int j = 0; j < kGroup; ++j) add(size_t(j & 3), keys[j]);
             }
-            for (; i < blk.end; ++i) ++h0[size_t(rd(i) >> shift)];
+            for (; i < blk.end; ++i) add(0, rd(i));
           } else {
             const K want = prefix >> high;
-            for (int64_t i = blk.begin; i < blk.end; ++i) {
+            for (; i + kGroup <= blk.end; i += kGroup) {
+              K keys[kGroup];
+              group_keys(rd, i, keys);
+              for (int j = 0; j < kGroup; ++j)
+                if ((keys[j] >> high) == want) add(size_t(j & 3), keys[j]);
+            }
+            for (; i < blk.end; ++i) {
               const K key = rd(i);
-              if ((key >> high) == want) ++h0[(i & 3) * nbins + size_t((key >> shift) & mask)];
+              if ((key >> high) == want) add(0, key);
             }
           }
         });
-        for (int c = 0; c < 4; ++c)
-          for (int d = 0; d < nbins; ++d) local[d] += h[size_t(c) * nbins + d];
+        // 32-bit counts flushed per block (a block has < 2^32 elements)
+        for (size_t c = 0; c < 4; ++c)
+          for (int d = 0; d < nbins; ++d) {
+            local[d] += bins[c * stride + d].n;
+            bins[c * stride + d].n = 0;
+          }
       }
       std::lock_guard<std::mutex> lock(mu);
-      for (int d = 0; d < nbins; ++d) total[d] += local[d];
+      for (int d = 0; d < nbins; ++d) {
+        total.count[d] += local[d];
+        for (size_t c = 0; c < 4; ++c) {
+          total.min[d] = std::min(total.min[d], bins[c * stride + d].min);
+          total.max[d] = std::max(total.max[d], bins[c * stride + d].max);
+        }
+      }
     });
     return total;
   }
 
-  // The exact path: radix select over the digits, then a band pass or a final
-  // pass with (T, I) known.
+  // The exact path: radix select over the digits, then a band pass over the
+  // bucket of the k-th, or a count and a write pass once its key is known.
   std::vector<at::Tensor> run_radix() const {
     constexpr int kBits = int(sizeof(K) * 8);
     K prefix = 0;
@@ -454,21 +660,22 @@ class Selector {
     while (true) {
       const int bits = std::min(kDigitBits, shift);
       const int low = shift - bits;
-      const auto hist = histogram(prefix, low, bits, shift == kBits);
+      const Hist hist = histogram(prefix, low, bits, shift == kBits);
       int b = (1 << bits) - 1;
       int64_t above = 0;
       for (; b > 0; --b) {
-        if (above + hist[b] >= r) break;
-        above += hist[b];
+        if (above + hist.count[b] >= r) break;
+        above += hist.count[b];
       }
       r -= above;
-      const int64_t count = hist[b];
+      const int64_t count = hist.count[b];
       prefix |= K(b) << low;
       shift = low;
       const K lo = prefix;
       const K hi = prefix | (shift == 0 ? K(0) : (K(~K(0)) >> (kBits - shift)));
-      if (count == r)  // the whole bucket is chosen: key >= lo
-        return final_pass(lo, std::numeric_limits<int64_t>::max());
+      if (count == r) return final_pass(lo, -1);  // the whole bucket is chosen
+      // One key fills the bucket (ties, all-equal inputs): the k-th key is known.
+      if (hist.min[b] == hist.max[b]) return final_pass(hist.min[b], r);
       if (count <= budget_) {
         std::vector<BandOut<K>> out;
         band_pass(lo, hi, std::numeric_limits<int64_t>::max(), out);
@@ -477,67 +684,95 @@ class Selector {
         TORCH_CHECK(w + r == k_, "incrkern.select: internal error in the radix select");
         return resolve_and_merge(out, r);
       }
-      if (shift == 0) return final_pass(prefix, tie_position(prefix, r));
+      TORCH_CHECK(shift > 0, "incrkern.select: internal error in the radix select");
     }
   }
 
-  // Position of the r-th element (in position order) whose key is t.
-  int64_t tie_position(K t, int64_t r) const {
+  // Two reads: per block, the keys > t and == t are counted; block b then takes
+  // its keys > t and its first q_b keys == t, where the q_b add up to `ties`, lowest
+  // positions first (ties < 0: every key >= t).
+  struct FinalCounts {
+    std::vector<int64_t> greater, equal;  // per block: keys > t, keys == t
+  };
+
+  FinalCounts final_counts(K t) const {
     const int64_t nb = int64_t(blocks_.size());
-    std::vector<int64_t> count(nb, 0);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    FinalCounts c{std::vector<int64_t>(nb), std::vector<int64_t>(nb)};
+    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         const Block& blk = blocks_[bi];
         with_reader<K>(srcs_[blk.src], [&](auto rd) {
-          int64_t c = 0;
-          for (int64_t i = blk.begin; i < blk.end; ++i) c += rd(i) == t;
-          count[bi] = c;
-        });
-      }
-    });
-    for (int64_t bi = 0; bi < nb; ++bi) {
-      if (r > count[bi]) {
-        r -= count[bi];
-        continue;
-      }
-      const Block& blk = blocks_[bi];
-      int64_t found = -1;
-      with_reader<K>(srcs_[blk.src], [&](auto rd) {
-        for (int64_t i = blk.begin; i < blk.end; ++i)
-          if (rd(i) == t && --r == 0) {
-            found = gpos(blk, i);
-            return;
+          int64_t gt = 0, eq = 0;
+          int64_t i = blk.begin;
+          for (; i + kGroup <= blk.end; i += kGroup) {
+            K keys[kGroup];
+            group_keys(rd, i, keys);
+            for (int j = 0; j < kGroup; ++j) gt += keys[j] > t, eq += keys[j] == t;
           }
-      });
-      return found;
-    }
-    TORCH_CHECK(false, "incrkern.select: internal error locating a tie");
-  }
-
-  // One read: every element with key > t or (key == t and position <= last_pos).
-  std::vector<at::Tensor> final_pass(K t, int64_t last_pos) const {
-    const int64_t nb = int64_t(blocks_.size());
-    std::vector<std::vector<int64_t>> found(nb);
-    std::vector<int64_t> count(nb), offset(nb);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t bi = b0; bi < b1; ++bi) {
-        const Block& blk = blocks_[bi];
-        auto& f = found[bi];
-        with_reader<K>(srcs_[blk.src], [&](auto rd) {
-          const int64_t pos0 = srcs_[blk.src].pos0;
-          for (int64_t i = blk.begin; i < blk.end; ++i) {
+          for (; i < blk.end; ++i) {
             const K key = rd(i);
-            if (key > t || (key == t && pos0 + i <= last_pos)) f.push_back(i);
+            gt += key > t, eq += key == t;
           }
+          c.greater[bi] = gt;
+          c.equal[bi] = eq;
         });
-        count[bi] = int64_t(f.size());
       }
     });
+    return c;
+  }
+
+  std::vector<at::Tensor> final_pass(K t, int64_t ties) const {
+    return final_write(t, ties, final_counts(t));
+  }
+
+  std::vector<at::Tensor> final_write(K t, int64_t ties, const FinalCounts& c) const {
+    const int64_t nb = int64_t(blocks_.size());
+    const std::vector<int64_t>& greater = c.greater;
+    const std::vector<int64_t>& equal = c.equal;
+    std::vector<int64_t> quota(nb), count(nb), offset(nb);
+    int64_t left = ties < 0 ? std::numeric_limits<int64_t>::max() : ties;
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      quota[bi] = std::min(left, equal[bi]);
+      left -= quota[bi];
+      count[bi] = greater[bi] + quota[bi];
+    }
     std::vector<at::Tensor> outs = offsets(count, offset);
-    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t bi = b0; bi < b1; ++bi)
-        std::copy(found[bi].begin(), found[bi].end(),
-                  outs[blocks_[bi].src].data_ptr<int64_t>() + offset[bi]);
+    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        const Block& blk = blocks_[bi];
+        int64_t* dst = outs[blk.src].data_ptr<int64_t>() + offset[bi];
+        int64_t q = quota[bi];
+        with_reader<K>(srcs_[blk.src], [&](auto rd) {
+          auto one = [&](int64_t i, K key) {
+            if (key > t) {
+              *dst++ = i;
+            } else if (key == t && q > 0) {
+              *dst++ = i;
+              --q;
+            }
+          };
+          int64_t i = blk.begin;
+          for (; i + kGroup <= blk.end; i += kGroup) {
+            K keys[kGroup];
+            group_keys(rd, i, keys);
+#if defined(__SSE2__)
+            if constexpr (sizeof(K) == 4) {
+              // Masks: the keys > t, then the first ties while the quota lasts.
+              uint32_t take = t == std::numeric_limits<K>::max() ? 0u : mask_greater(keys, t);
+              if (q > 0) {
+                uint32_t eq = (t == 0 ? 0xffffu : mask_greater(keys, t - 1)) & ~take;
+                for (; eq && q > 0; eq &= eq - 1, --q) take |= eq & (~eq + 1);
+              }
+              for (; take; take &= take - 1) *dst++ = i + __builtin_ctz(take);
+              continue;
+            }
+#endif
+            if (!any_at_least(keys, t)) continue;
+            for (int j = 0; j < kGroup; ++j) one(i + j, keys[j]);
+          }
+          for (; i < blk.end; ++i) one(i, rd(i));
+        });
+      }
     });
     return outs;
   }
@@ -610,7 +845,7 @@ std::vector<at::Tensor> select_cpu(at::TensorList tensors, at::IntArrayRef ks, c
   std::vector<int64_t> small, large;
   for (size_t i = 0; i < srcs.size(); ++i)
     (srcs[i].n <= kBlock ? small : large).push_back(int64_t(i));
-  at::parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
+  parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const int64_t i = small[j];
       outs[i] = run_group({srcs[i]}, ks[i], approx)[0];

@@ -1,0 +1,433 @@
+// CUDA kernels of the select family: radix select over the 32-bit keys of
+// select/select_keys.h, after the AIR top-k design (RAFT's radix select_k).
+//
+//  pass 0  histogram of bits 31..21 of every key           -> digit 0 of the k-th
+//  pass 1  histogram of bits 20..10 of the keys in that bucket; when the bucket
+//          fits the group's buffer, its (key, position) pairs are copied out
+//  pass 2  histogram of bits 9..0, over the buffered candidates (or, when the
+//          bucket was too large, over the input again)        -> the k-th key T
+//  ties    only when T is shared beyond the k-th: per-chunk counts of T locate the
+//          position of the last tie taken
+//  output  per-chunk counts of the chosen, an exclusive scan, and an
+//          order-preserving compaction (block scans) into the outputs.
+// A small kernel after each histogram scans the 2048 bins for the digit of the
+// k-th and settles the group early when its bucket is chosen whole. Every group
+// (a tensor, or the whole list in global scope) keeps its state in device memory,
+// so one launch sequence covers many tensors and the host never waits. Chunks of
+// 64K elements, 16-byte loads where aligned, 64-bit positions.
+#include "select/select_cuda.h"
+
+#include <stdexcept>
+#include <string>
+
+#include <cub/block/block_scan.cuh>
+#include <cub/device/device_scan.cuh>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "select/select_keys.h"
+
+namespace incrkern::cuda {
+namespace {
+
+using select::abs_key32;
+using select::random_key32;
+using select::signed_key32;
+
+constexpr int kThreads = 256;
+constexpr int kIlp = 4;
+constexpr int kTile = kThreads * kIlp;
+constexpr int64_t kNoPos = INT64_MAX;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("incrkern select: ") + what + ": " +
+                             cudaGetErrorString(err));
+}
+
+__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T>
+struct alignas(sizeof(T) * kIlp) Vec {
+  T v[kIlp];
+};
+
+// Loads kIlp values from p + i: one vector access when aligned and whole.
+template <typename T>
+__device__ __forceinline__ void load4(const T* p, int64_t i, int valid, float (&out)[kIlp]) {
+  const T* q = p + i;
+  if (valid == kIlp && reinterpret_cast<uintptr_t>(q) % sizeof(Vec<T>) == 0) {
+    const Vec<T> v = *reinterpret_cast<const Vec<T>*>(q);
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) out[j] = to_float(v.v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) out[j] = j < valid ? to_float(q[j]) : 0.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void keys4_typed(const SelSeg& s, SelKind kind, int64_t i, int valid,
+                                            uint32_t (&key)[kIlp]) {
+  float v[kIlp];
+  load4(static_cast<const T*>(s.data), i, valid, v);
+  if (kind == SelKind::Accumulated) {
+    float r[kIlp];
+    load4(s.res, i, valid, r);
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) v[j] = r[j] + v[j];
+  }
+#pragma unroll
+  for (int j = 0; j < kIlp; ++j)
+    key[j] = kind == SelKind::Signed ? signed_key32(v[j]) : abs_key32(v[j]);
+}
+
+// Keys of elements i .. i + valid - 1 of tensor s (kind and dtype are uniform
+// across a block, so the branches do not diverge).
+__device__ __forceinline__ void keys4(const SelSeg& s, SelKind kind, int64_t i, int valid,
+                                      uint32_t (&key)[kIlp]) {
+  if (kind == SelKind::Random) {
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) key[j] = random_key32(s.kt, s.kt2, i + j);
+    return;
+  }
+  switch (s.dtype) {
+    case SelDType::Float32: return keys4_typed<float>(s, kind, i, valid, key);
+    case SelDType::BFloat16: return keys4_typed<__nv_bfloat16>(s, kind, i, valid, key);
+    case SelDType::Float16: return keys4_typed<__half>(s, kind, i, valid, key);
+  }
+}
+
+__device__ __forceinline__ uint32_t key1(const SelSeg& s, SelKind kind, int64_t i) {
+  uint32_t key[kIlp];
+  keys4(s, kind, i, 1, key);
+  return key[0];
+}
+
+__device__ __forceinline__ bool chosen(const SelState& st, uint32_t key, int64_t pos) {
+  return key > st.threshold || (key == st.threshold && pos <= st.last_pos);
+}
+
+// Digit layout of level 0, 1, 2: (low bit, width).
+__device__ __forceinline__ int level_low(int level) { return level == 0 ? 21 : level == 1 ? 10 : 0; }
+__device__ __forceinline__ int level_bits(int level) { return level == 2 ? 10 : 11; }
+
+// ---------------------------------------------------------------------------------
+// Histogram passes
+
+__device__ __forceinline__ void flush_hist(const uint32_t* sh, unsigned long long* hist) {
+  for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x)
+    if (sh[b]) atomicAdd(hist + b, static_cast<unsigned long long>(sh[b]));
+}
+
+// One block per chunk of the input. Level 1 also buffers the candidates.
+__global__ void __launch_bounds__(kThreads)
+    hist_input_kernel(SelectLaunch L, int level) {
+  __shared__ uint32_t sh[kSelectBins];
+  const SelChunk c = L.chunks[blockIdx.x];
+  const SelSeg s = L.segs[c.seg];
+  SelState* stp = L.states + s.group;
+  if (stp->done || (level == 2 && stp->use_cands)) return;
+  const uint32_t prefix = stp->prefix;
+  const bool buffer = level == 1 && stp->use_cands;
+  const int low = level_low(level), high = low + level_bits(level);
+  const uint32_t mask = (1u << level_bits(level)) - 1u;
+  for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) sh[b] = 0;
+  __syncthreads();
+  const unsigned lane = threadIdx.x % 32;
+  for (int64_t i = c.begin + int64_t(threadIdx.x) * kIlp; i < c.end; i += kTile) {
+    const int valid = int(imin(kIlp, c.end - i));
+    uint32_t key[kIlp];
+    keys4(s, L.kind, i, valid, key);
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) {
+      const bool match = j < valid && (level == 0 || (key[j] >> high) == (prefix >> high));
+      if (match) atomicAdd(sh + ((key[j] >> low) & mask), 1u);
+      if (buffer) {
+        // warp-aggregated slot reservation in the group's candidate buffer
+        const unsigned active = __activemask();
+        const unsigned ballot = __ballot_sync(active, match);
+        const int leader = __ffs(active) - 1;
+        unsigned long long base = 0;
+        if (lane == unsigned(leader) && ballot)
+          base = atomicAdd(reinterpret_cast<unsigned long long*>(&stp->cand_count),
+                           static_cast<unsigned long long>(__popc(ballot)));
+        base = __shfl_sync(active, base, leader);
+        if (match) {
+          const int64_t slot = stp->cand_base + int64_t(base) +
+                               __popc(ballot & ((1u << lane) - 1u));
+          L.cand_key[slot] = key[j];
+          L.cand_pos[slot] = s.pos0 + i + j;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  flush_hist(sh, L.hist + int64_t(s.group) * kSelectBins);
+}
+
+// Level 2 over the buffered candidates: grid (blocks, groups).
+__global__ void __launch_bounds__(kThreads) hist_cands_kernel(SelectLaunch L, int group0) {
+  __shared__ uint32_t sh[kSelectBins];
+  const int group = group0 + int(blockIdx.y);
+  SelState* stp = L.states + group;
+  if (stp->done || !stp->use_cands) return;
+  const uint32_t prefix = stp->prefix;
+  const int64_t n = stp->cand_count, base = stp->cand_base;
+  for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) sh[b] = 0;
+  __syncthreads();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const uint32_t key = L.cand_key[base + i];
+    if ((key >> 10) == (prefix >> 10)) atomicAdd(sh + (key & 1023u), 1u);
+  }
+  __syncthreads();
+  flush_hist(sh, L.hist + int64_t(group) * kSelectBins);
+}
+
+// One block per group: the digit of the k-th from the histogram of `level`.
+__global__ void __launch_bounds__(kThreads) find_kernel(SelectLaunch L, int level) {
+  using Scan = cub::BlockScan<unsigned long long, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  SelState* stp = L.states + blockIdx.x;
+  unsigned long long* hist = L.hist + int64_t(blockIdx.x) * kSelectBins;
+  if (stp->done) return;
+  // Read before the scan's barriers: the finding thread rewrites the state after.
+  const unsigned long long r = static_cast<unsigned long long>(stp->r);
+  const int bits = level_bits(level), low = level_low(level);
+  const int nbins = 1 << bits, per = nbins / kThreads;
+  const int top = nbins - 1 - int(threadIdx.x) * per;  // this thread's bins: top .. top-per+1
+  unsigned long long sum = 0;
+  for (int j = 0; j < per; ++j) sum += hist[top - j];
+  unsigned long long before = 0;
+  Scan(scan).ExclusiveSum(sum, before);
+  if (before < r && r <= before + sum) {
+    unsigned long long acc = before;
+    int b = top;
+    for (int j = 0; j < per; ++j, --b) {
+      if (acc + hist[b] >= r) break;
+      acc += hist[b];
+    }
+    SelState st = *stp;
+    st.r = int64_t(r - acc);
+    st.count = int64_t(hist[b]);
+    st.prefix |= uint32_t(b) << low;
+    st.shift = low;
+    if (level == 0) st.use_cands = st.count <= st.cap;
+    if (st.count == st.r) {  // the whole bucket is chosen
+      st.done = 1;
+      st.threshold = st.prefix;
+      st.last_pos = kNoPos;
+    } else if (low == 0) {   // the k-th key; ties resolved by position next
+      st.threshold = st.prefix;
+    } else if (level == 1 && st.tol >= 0) {
+      // Approximate: stop at a 22-bit boundary when its count is close enough.
+      const int64_t without = st.k - st.r, with = without + st.count;
+      const int64_t miss_with = with - st.k, miss_without = st.k - without;
+      if (miss_with <= st.tol && miss_with <= miss_without) {
+        st.done = 1;
+        st.threshold = st.prefix;
+        st.last_pos = kNoPos;
+      } else if (miss_without <= st.tol && without > 0) {
+        st.done = 1;
+        st.threshold = st.prefix | 1023u;
+        st.last_pos = -1;
+      }
+    }
+    *stp = st;
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) hist[b] = 0;
+}
+
+// ---------------------------------------------------------------------------------
+// Ties at the k-th key
+
+__global__ void __launch_bounds__(kThreads) tie_count_kernel(SelectLaunch L) {
+  using Reduce = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  const SelChunk c = L.chunks[blockIdx.x];
+  const SelSeg s = L.segs[c.seg];
+  const SelState* stp = L.states + s.group;
+  if (stp->done) {
+    if (threadIdx.x == 0) L.chunk_ties[blockIdx.x] = 0;
+    return;
+  }
+  const uint32_t t = stp->threshold;
+  int64_t mine = 0;
+  for (int64_t i = c.begin + int64_t(threadIdx.x) * kIlp; i < c.end; i += kTile) {
+    const int valid = int(imin(kIlp, c.end - i));
+    uint32_t key[kIlp];
+    keys4(s, L.kind, i, valid, key);
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) mine += j < valid && key[j] == t;
+  }
+  int64_t total = 0;
+  Reduce(tmp).ExclusiveSum(mine, mine, total);
+  if (threadIdx.x == 0) L.chunk_ties[blockIdx.x] = total;
+}
+
+// In counts[0..n), the index holding the r-th unit (1-based) and the units before
+// it; every thread of the block gets the answer.
+__device__ void find_rank(const int64_t* counts, int64_t n, int64_t r, int64_t& index,
+                          int64_t& before) {
+  using Scan = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int64_t s_index, s_before, s_carry;
+  if (threadIdx.x == 0) s_index = -1, s_carry = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < n; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    const int64_t v = i < n ? counts[i] : 0;
+    int64_t excl = 0, total = 0;
+    Scan(scan).ExclusiveSum(v, excl, total);
+    const int64_t start = s_carry + excl;
+    if (i < n && start < r && r <= start + v) s_index = i, s_before = start;
+    __syncthreads();
+    if (threadIdx.x == 0) s_carry += total;
+    __syncthreads();
+    if (s_index >= 0) break;
+  }
+  index = s_index;
+  before = s_before;
+}
+
+// One block per group with ties: the position of the r-th tie.
+__global__ void __launch_bounds__(kThreads) tie_find_kernel(SelectLaunch L) {
+  using Scan = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int64_t s_found, s_carry;
+  SelState* stp = L.states + blockIdx.x;
+  if (stp->done) return;
+  int64_t chunk = -1, before = 0;
+  find_rank(L.chunk_ties + stp->first_chunk, stp->nchunks, stp->r, chunk, before);
+  if (chunk < 0) return;  // unreachable: the histograms counted these ties
+  const SelChunk c = L.chunks[stp->first_chunk + chunk];
+  const SelSeg s = L.segs[c.seg];
+  const uint32_t t = stp->threshold;
+  const int64_t want = stp->r - before;  // the want-th tie of this chunk
+  if (threadIdx.x == 0) s_found = -1, s_carry = 0;
+  __syncthreads();
+  for (int64_t base = c.begin; base < c.end; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    const int64_t v = i < c.end && key1(s, L.kind, i) == t;
+    int64_t excl = 0, total = 0;
+    Scan(scan).ExclusiveSum(v, excl, total);
+    if (v && s_carry + excl + 1 == want) s_found = s.pos0 + i;
+    __syncthreads();
+    if (threadIdx.x == 0) s_carry += total;
+    __syncthreads();
+    if (s_found >= 0) break;
+  }
+  if (threadIdx.x == 0) {
+    stp->last_pos = s_found;
+    stp->done = 1;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Output
+
+__global__ void __launch_bounds__(kThreads) count_kernel(SelectLaunch L) {
+  using Scan = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  const SelChunk c = L.chunks[blockIdx.x];
+  const SelSeg s = L.segs[c.seg];
+  const SelState st = L.states[s.group];
+  int64_t mine = 0;
+  for (int64_t i = c.begin + int64_t(threadIdx.x) * kIlp; i < c.end; i += kTile) {
+    const int valid = int(imin(kIlp, c.end - i));
+    uint32_t key[kIlp];
+    keys4(s, L.kind, i, valid, key);
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) mine += j < valid && chosen(st, key[j], s.pos0 + i + j);
+  }
+  int64_t total = 0;
+  Scan(tmp).ExclusiveSum(mine, mine, total);
+  if (threadIdx.x == 0) L.chunk_count[blockIdx.x] = total;
+}
+
+// Order-preserving compaction: one block per chunk, one block scan per tile.
+__global__ void __launch_bounds__(kThreads)
+    write_kernel(SelectLaunch L, int64_t* const* out) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  const SelChunk c = L.chunks[blockIdx.x];
+  const SelSeg s = L.segs[c.seg];
+  const SelState st = L.states[s.group];
+  int64_t* dst = out[c.seg] + (L.chunk_off[blockIdx.x] - L.chunk_off[s.first_chunk]);
+  for (int64_t tile = c.begin; tile < c.end; tile += kTile) {
+    const int64_t i = tile + int64_t(threadIdx.x) * kIlp;
+    const int valid = int(imax(0, imin(kIlp, c.end - i)));
+    uint32_t key[kIlp] = {0, 0, 0, 0};
+    if (valid > 0) keys4(s, L.kind, i, valid, key);
+    bool take[kIlp];
+    int mine = 0;
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) {
+      take[j] = j < valid && chosen(st, key[j], s.pos0 + i + j);
+      mine += take[j];
+    }
+    int offset = 0, total = 0;
+    Scan(tmp).ExclusiveSum(mine, offset, total);
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j)
+      if (take[j]) dst[offset++] = i + j;
+    dst += total;
+    __syncthreads();  // the scan storage is reused by the next tile
+  }
+}
+
+}  // namespace
+
+size_t select_scan_temp_bytes(int64_t nchunks) {
+  size_t bytes = 0;
+  check(cub::DeviceScan::ExclusiveSum(nullptr, bytes, static_cast<const int64_t*>(nullptr),
+                                      static_cast<int64_t*>(nullptr), nchunks + 1),
+        "scan size");
+  return bytes;
+}
+
+void select_find(const SelectLaunch& L, cudaStream_t stream) {
+  if (L.nchunks == 0 || L.ngroups == 0) return;
+  check(cudaMemsetAsync(L.hist, 0, sizeof(unsigned long long) * kSelectBins * L.ngroups, stream),
+        "memset");
+  const unsigned chunks = unsigned(L.nchunks);
+  for (int level = 0; level < 3; ++level) {
+    hist_input_kernel<<<chunks, kThreads, 0, stream>>>(L, level);
+    check(cudaGetLastError(), "histogram kernel");
+    if (level == 2) {
+      for (int g0 = 0; g0 < L.ngroups; g0 += 65535) {  // gridDim.y <= 65535
+        const unsigned gy = unsigned(L.ngroups - g0 < 65535 ? L.ngroups - g0 : 65535);
+        hist_cands_kernel<<<dim3(64, gy), kThreads, 0, stream>>>(L, g0);
+        check(cudaGetLastError(), "candidate histogram kernel");
+      }
+    }
+    find_kernel<<<unsigned(L.ngroups), kThreads, 0, stream>>>(L, level);
+    check(cudaGetLastError(), "digit kernel");
+  }
+  tie_count_kernel<<<chunks, kThreads, 0, stream>>>(L);
+  check(cudaGetLastError(), "tie count kernel");
+  tie_find_kernel<<<unsigned(L.ngroups), kThreads, 0, stream>>>(L);
+  check(cudaGetLastError(), "tie kernel");
+  check(cudaMemsetAsync(L.chunk_count + L.nchunks, 0, sizeof(int64_t), stream), "memset");
+  count_kernel<<<chunks, kThreads, 0, stream>>>(L);
+  check(cudaGetLastError(), "count kernel");
+  size_t bytes = L.scan_temp_bytes;
+  check(cub::DeviceScan::ExclusiveSum(L.scan_temp, bytes, L.chunk_count, L.chunk_off,
+                                      L.nchunks + 1, stream),
+        "scan");
+}
+
+void select_write(const SelectLaunch& L, int64_t* const* out, cudaStream_t stream) {
+  if (L.nchunks == 0) return;
+  write_kernel<<<unsigned(L.nchunks), kThreads, 0, stream>>>(L, out);
+  check(cudaGetLastError(), "write kernel");
+}
+
+}  // namespace incrkern::cuda

@@ -1,0 +1,89 @@
+// The CUDA select kernels' plain interface: raw pointers and a stream, so that the
+// .cu file needs no torch headers. The glue (select_cuda_ops.cpp) allocates every
+// buffer and copies the tables below to the device.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace incrkern::cuda {
+
+constexpr int64_t kSelectChunk = 65536;  // elements per block of the chunked passes
+constexpr int kSelectBins = 2048;        // 11-bit digits: bits 31..21, 20..10, 9..0
+
+enum class SelDType : int32_t { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+enum class SelKind : int32_t { Abs = 0, Signed = 1, Accumulated = 2, Random = 3 };
+
+// One tensor of the call.
+struct SelSeg {
+  const void* data;      // the scored tensor (unused for Random)
+  const float* res;      // residual (Accumulated), else null
+  int64_t n;
+  int64_t pos0;          // position of element 0 in its group's concatenation
+  int64_t first_chunk;   // index of its first chunk in the chunk table
+  int64_t nchunks;
+  uint32_t kt, kt2;      // random score constants
+  int32_t group;
+  SelDType dtype;
+};
+
+struct SelChunk {
+  int64_t begin, end;  // element range inside the tensor
+  int32_t seg;
+  int32_t pad;
+};
+
+// The selection state of one group (one tensor, or the whole list in global
+// scope), kept in device memory and advanced by the kernels: the host never
+// reads it, so nothing waits.
+struct SelState {
+  int64_t k, n;            // set by the host
+  int64_t cap;             // candidate buffer capacity of the group
+  int64_t cand_base;       // its first slot in the candidate buffers
+  int64_t tol;             // approximate mode: accepted |count - k|; -1: exact
+  int64_t first_chunk, nchunks;
+  // advanced by the kernels
+  int64_t r;               // rank of the k-th among the keys sharing `prefix`
+  int64_t count;           // keys sharing `prefix`
+  int64_t cand_count;
+  int64_t last_pos;        // predicate: key > T or (key == T and position <= last_pos)
+  uint32_t prefix;
+  int32_t shift;           // low bits not yet fixed (32, 21, 10, 0)
+  uint32_t threshold;      // T
+  int32_t done;            // predicate final
+  int32_t use_cands;       // the candidates of the last two passes are buffered
+  int32_t pad;
+};
+
+struct SelectLaunch {
+  const SelSeg* segs;
+  int32_t nsegs;
+  SelKind kind;
+  const SelChunk* chunks;
+  int64_t nchunks;
+  SelState* states;
+  int32_t ngroups;
+  unsigned long long* hist;  // ngroups * kSelectBins
+  uint32_t* cand_key;
+  int64_t* cand_pos;
+  int64_t* chunk_count;      // nchunks + 1
+  int64_t* chunk_off;        // nchunks + 1: exclusive sums of chunk_count
+  int64_t* chunk_ties;       // nchunks
+  void* scan_temp;
+  size_t scan_temp_bytes;
+};
+
+// Bytes of scan workspace for nchunks chunks.
+size_t select_scan_temp_bytes(int64_t nchunks);
+
+// Finds every group's predicate and the per-chunk output offsets (chunk_off);
+// launches only, no host synchronisation. Throws std::runtime_error on failure.
+void select_find(const SelectLaunch& launch, cudaStream_t stream);
+
+// Writes the chosen positions of every tensor, ascending, to out[seg] (device
+// array of nsegs pointers), at out[seg][chunk_off[c] - chunk_off[first_chunk]].
+void select_write(const SelectLaunch& launch, int64_t* const* out, cudaStream_t stream);
+
+}  // namespace incrkern::cuda

@@ -1,0 +1,266 @@
+// Registers the CUDA select kernels: checks the arguments (as the CPU path does),
+// builds the tensor, group and chunk tables, allocates the workspace and hands raw
+// pointers to select_cuda.cu. The host synchronises once, and only when an output
+// size depends on the data (global scope, approximate mode): it then reads the
+// per-chunk output offsets.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "select/select_common.h"
+#include "select/select_cuda.h"
+#include "select/select_keys.h"
+
+namespace incrkern {
+namespace {
+
+using cuda::SelChunk;
+using cuda::SelSeg;
+using cuda::SelState;
+
+struct Input {
+  at::Tensor data;  // undefined for the random score
+  at::Tensor res;   // residual for the accumulated score
+  int64_t n;
+  select::RandomKeys rk;
+};
+
+cuda::SelDType sel_dtype(const at::Tensor& t, const char* op, const char* name, size_t i) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::SelDType::Float32;
+    case at::kBFloat16: return cuda::SelDType::BFloat16;
+    case at::kHalf: return cuda::SelDType::Float16;
+    default:
+      TORCH_CHECK(false, op, ": ", name, "[", i, "] must be float32, bfloat16 or float16 on CUDA, got ",
+                  t.scalar_type());
+  }
+}
+
+size_t align16(size_t x) { return (x + 15) / 16 * 16; }
+
+// Copies `bytes` of host data to a new device buffer without blocking the host
+// (through pinned memory).
+at::Tensor to_device(const std::vector<uint8_t>& host, const at::Device& device) {
+  at::Tensor pinned = at::empty({int64_t(host.size())},
+                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(pinned.data_ptr(), host.data(), host.size());
+  at::Tensor dev = at::empty({int64_t(host.size())}, at::TensorOptions().dtype(at::kByte).device(device));
+  dev.copy_(pinned, /*non_blocking=*/true);
+  return dev;
+}
+
+// groups[g]: the input numbers of group g, and ks[g] its k (0 < k < its numel).
+// Returns one int64 tensor per input (undefined for inputs in no group).
+std::vector<at::Tensor> run(const std::vector<Input>& inputs, ScoreKind kind,
+                            const std::vector<std::vector<size_t>>& groups,
+                            const std::vector<int64_t>& ks, bool approx, bool sizes_known,
+                            const at::Device& device) {
+  std::vector<at::Tensor> outs(inputs.size());
+  if (groups.empty()) return outs;
+  std::vector<SelSeg> segs;
+  std::vector<size_t> seg_input;
+  std::vector<SelState> states;
+  std::vector<SelChunk> chunks;
+  int64_t cand_total = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    SelState st{};
+    st.k = ks[g];
+    st.first_chunk = int64_t(chunks.size());
+    int64_t pos = 0;
+    for (size_t i : groups[g]) {
+      const Input& in = inputs[i];
+      SelSeg s{};
+      s.data = in.data.defined() ? in.data.data_ptr() : nullptr;
+      s.res = in.res.defined() ? in.res.data_ptr<float>() : nullptr;
+      s.n = in.n;
+      s.pos0 = pos;
+      s.first_chunk = int64_t(chunks.size());
+      s.kt = in.rk.kt;
+      s.kt2 = in.rk.kt2;
+      s.group = int32_t(g);
+      s.dtype = in.data.defined() ? sel_dtype(in.data, "incrkern.select", "tensors", i)
+                                  : cuda::SelDType::Float32;
+      for (int64_t b = 0; b < in.n; b += cuda::kSelectChunk)
+        chunks.push_back(SelChunk{b, std::min(in.n, b + cuda::kSelectChunk), int32_t(segs.size()), 0});
+      s.nchunks = int64_t(chunks.size()) - s.first_chunk;
+      pos += in.n;
+      segs.push_back(s);
+      seg_input.push_back(i);
+    }
+    st.n = pos;
+    st.nchunks = int64_t(chunks.size()) - st.first_chunk;
+    st.cap = std::min(st.n, std::max<int64_t>(st.n / 16, int64_t(1) << 16));
+    st.cand_base = cand_total;
+    cand_total += st.cap;
+    st.tol = approx ? std::max<int64_t>(1, st.k / 100) : -1;
+    st.r = st.k;
+    st.count = st.n;
+    st.shift = 32;
+    states.push_back(st);
+  }
+  TORCH_CHECK(chunks.size() < (size_t(1) << 31), "incrkern.select: too many elements for one call");
+
+  // Tables: [segs | states | chunks], one host-to-device copy.
+  const size_t seg_bytes = align16(segs.size() * sizeof(SelSeg));
+  const size_t state_bytes = align16(states.size() * sizeof(SelState));
+  const size_t chunk_bytes = align16(chunks.size() * sizeof(SelChunk));
+  std::vector<uint8_t> host(seg_bytes + state_bytes + chunk_bytes, 0);
+  std::memcpy(host.data(), segs.data(), segs.size() * sizeof(SelSeg));
+  std::memcpy(host.data() + seg_bytes, states.data(), states.size() * sizeof(SelState));
+  std::memcpy(host.data() + seg_bytes + state_bytes, chunks.data(), chunks.size() * sizeof(SelChunk));
+  at::Tensor tables = to_device(host, device);
+  uint8_t* t = tables.data_ptr<uint8_t>();
+
+  const int64_t nchunks = int64_t(chunks.size());
+  const size_t scan_bytes = cuda::select_scan_temp_bytes(nchunks);
+  const size_t hist_bytes = align16(sizeof(unsigned long long) * cuda::kSelectBins * states.size());
+  const size_t key_bytes = align16(sizeof(uint32_t) * size_t(cand_total));
+  const size_t pos_bytes = align16(sizeof(int64_t) * size_t(cand_total));
+  const size_t count_bytes = align16(sizeof(int64_t) * size_t(nchunks + 1));
+  at::Tensor work = at::empty({int64_t(hist_bytes + key_bytes + pos_bytes + 3 * count_bytes + scan_bytes)},
+                              at::TensorOptions().dtype(at::kByte).device(device));
+  uint8_t* w = work.data_ptr<uint8_t>();
+
+  cuda::SelectLaunch L{};
+  L.segs = reinterpret_cast<const SelSeg*>(t);
+  L.nsegs = int32_t(segs.size());
+  L.kind = static_cast<cuda::SelKind>(static_cast<int>(kind));
+  L.states = reinterpret_cast<SelState*>(t + seg_bytes);
+  L.ngroups = int32_t(states.size());
+  L.chunks = reinterpret_cast<const SelChunk*>(t + seg_bytes + state_bytes);
+  L.nchunks = nchunks;
+  L.hist = reinterpret_cast<unsigned long long*>(w);
+  w += hist_bytes;
+  L.cand_key = reinterpret_cast<uint32_t*>(w);
+  w += key_bytes;
+  L.cand_pos = reinterpret_cast<int64_t*>(w);
+  w += pos_bytes;
+  L.chunk_count = reinterpret_cast<int64_t*>(w);
+  w += count_bytes;
+  L.chunk_off = reinterpret_cast<int64_t*>(w);
+  w += count_bytes;
+  L.chunk_ties = reinterpret_cast<int64_t*>(w);
+  w += count_bytes;
+  L.scan_temp = w;
+  L.scan_temp_bytes = scan_bytes;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  cuda::select_find(L, stream);
+
+  // Output sizes: known (k per tensor) or read back once.
+  std::vector<int64_t> sizes(segs.size());
+  if (sizes_known) {
+    for (size_t s = 0; s < segs.size(); ++s) sizes[s] = ks[segs[s].group];
+  } else {
+    at::Tensor off = at::from_blob(L.chunk_off, {nchunks + 1},
+                                   at::TensorOptions().dtype(at::kLong).device(device))
+                         .cpu();  // the one synchronisation
+    const int64_t* o = off.data_ptr<int64_t>();
+    for (size_t s = 0; s < segs.size(); ++s)
+      sizes[s] = o[segs[s].first_chunk + segs[s].nchunks] - o[segs[s].first_chunk];
+  }
+  std::vector<uint8_t> ptrs(segs.size() * sizeof(int64_t*));
+  for (size_t s = 0; s < segs.size(); ++s) {
+    at::Tensor o = at::empty({sizes[s]}, at::TensorOptions().dtype(at::kLong).device(device));
+    int64_t* p = o.data_ptr<int64_t>();
+    std::memcpy(ptrs.data() + s * sizeof(int64_t*), &p, sizeof(p));
+    outs[seg_input[s]] = o;
+  }
+  at::Tensor out_table = to_device(ptrs, device);
+  cuda::select_write(L, reinterpret_cast<int64_t* const*>(out_table.data_ptr<uint8_t>()), stream);
+  return outs;
+}
+
+at::Tensor index_range(int64_t n, const at::Device& device) {
+  return at::arange(n, at::TensorOptions().dtype(at::kLong).device(device));
+}
+
+at::Tensor empty_indices(const at::Device& device) {
+  return at::empty({0}, at::TensorOptions().dtype(at::kLong).device(device));
+}
+
+std::vector<at::Tensor> select_impl(std::vector<Input> inputs, const std::vector<int64_t>& ks,
+                                    ScoreKind kind, bool global_scope, bool approx,
+                                    const at::Device& device) {
+  const c10::cuda::CUDAGuard guard(device);
+  std::vector<at::Tensor> outs(inputs.size());
+  std::vector<std::vector<size_t>> groups;
+  std::vector<int64_t> group_k;
+  if (global_scope) {
+    int64_t total = 0;
+    for (const Input& in : inputs) total += in.n;
+    const int64_t k = ks[0];
+    std::vector<size_t> members;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (k == 0 || inputs[i].n == 0) outs[i] = empty_indices(device);
+      else if (k == total) outs[i] = index_range(inputs[i].n, device);
+      else members.push_back(i);
+    }
+    if (!members.empty()) groups.push_back(members), group_k.push_back(k);
+  } else {
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (ks[i] == 0) outs[i] = empty_indices(device);
+      else if (ks[i] == inputs[i].n) outs[i] = index_range(inputs[i].n, device);
+      else groups.push_back({i}), group_k.push_back(ks[i]);
+    }
+  }
+  const bool sizes_known = !global_scope && !approx;
+  std::vector<at::Tensor> got = run(inputs, kind, groups, group_k, approx, sizes_known, device);
+  for (size_t i = 0; i < outs.size(); ++i)
+    if (got[i].defined()) outs[i] = got[i];
+  return outs;
+}
+
+at::Tensor topk_cuda(const at::Tensor& x, int64_t k, bool approx) {
+  TORCH_CHECK(x.is_cuda(), "incrkern.topk: x must be a CUDA tensor");
+  TORCH_CHECK(k >= 0 && k <= x.numel(), "incrkern.topk: k must be in [0, ", x.numel(), "], got ", k);
+  sel_dtype(x, "incrkern.topk", "x", 0);
+  Input in{x.contiguous(), at::Tensor(), x.numel(), {}};
+  return select_impl({in}, {k}, ScoreKind::Signed, false, approx, x.device())[0];
+}
+
+std::vector<at::Tensor> select_cuda(at::TensorList tensors, at::IntArrayRef ks, c10::string_view score,
+                                    bool global_scope, bool approx, at::TensorList residuals,
+                                    at::TensorList weights, int64_t seed) {
+  const char* op = "incrkern.select";
+  const SelectArgs a = check_select_args(op, tensors, ks, std::string(score), global_scope,
+                                         residuals, weights);
+  if (tensors.empty()) return {};
+  const at::Device device = tensors[0].device();
+  TORCH_CHECK(device.is_cuda(), op, ": tensors must be on a CUDA device");
+  std::vector<Input> inputs;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    Input in{at::Tensor(), at::Tensor(), tensors[i].numel(), select::random_keys(seed, int64_t(i))};
+    if (a.kind != ScoreKind::Random) {
+      const at::Tensor& d = a.score == "weight" ? weights[i] : tensors[i];
+      sel_dtype(d, op, a.score == "weight" ? "weights" : "tensors", i);
+      in.data = d.contiguous();
+    }
+    if (a.kind == ScoreKind::Accumulated) {
+      TORCH_CHECK(residuals[i].scalar_type() == at::kFloat, op, ": residuals[", i,
+                  "] must be float32 on CUDA");
+      in.res = residuals[i].contiguous();
+    }
+    inputs.push_back(in);
+  }
+  return select_impl(std::move(inputs), std::vector<int64_t>(ks.begin(), ks.end()), a.kind,
+                     global_scope, approx, device);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(incrkern, CUDA, m) {
+  m.impl("topk", &topk_cuda);
+  m.impl("select", &select_cuda);
+}
+
+}  // namespace incrkern

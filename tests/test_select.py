@@ -1,0 +1,385 @@
+"""Tests of the select family: incrkern.ops.topk / select against torch.topk and the
+pure-torch reference (exact to the element), on plain, tied and special inputs."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICES
+from incrkern import EXTENSION_LOADED, ops, reference
+
+needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="needs the compiled extension")
+
+
+def check_against_torch(x, k, idx):
+    """idx holds k ascending, distinct positions whose values are torch.topk's values."""
+    assert idx.dtype == torch.int64 and idx.numel() == k
+    if k > 1:
+        assert bool((idx[1:] > idx[:-1]).all())
+    want = torch.topk(x.reshape(-1).float(), k).values.sort().values
+    got = x.reshape(-1)[idx].float().sort().values
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def ks_for(n):
+    return sorted({0, 1, min(2, n), n // 3, n // 2, max(n - 1, 0), n} & set(range(n + 1)))
+
+
+# ----------------------------------------------------------------------------------
+# topk
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [0, 1, 31, 1000, 40000, 1000003])
+def test_topk_random(device, n):
+    x = torch.randn(n, device=device)
+    for k in ks_for(n) + ([1000, 10007] if n > 20000 else []):
+        idx = ops.topk(x, k)
+        assert torch.equal(idx, reference.topk(x, k))
+        check_against_torch(x.cpu(), k, idx.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_topk_dtypes(device, dtype):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is CPU only")
+    x = torch.randn(300007, device=device).to(dtype)
+    for k in (1, 3000, 150000):
+        idx = ops.topk(x, k)
+        assert torch.equal(idx, reference.topk(x, k))
+        check_against_torch(x.cpu(), k, idx.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1000, 100003, 400000])
+@pytest.mark.parametrize("levels", [1, 5, 30])
+def test_topk_ties(device, n, levels):
+    """Values drawn from a few levels: ties at the k-th, broken towards the lowest index."""
+    x = torch.randint(0, levels, (n,), device=device).float()
+    for k in (1, n // 7, n // 2, n - 3):
+        idx = ops.topk(x, k)
+        assert torch.equal(idx, reference.topk(x, k))
+        check_against_torch(x.cpu(), k, idx.cpu())
+        # lowest indices first among the tied k-th values
+        kth = x[idx].min()
+        tied = (x == kth).nonzero().squeeze(1)
+        chosen_tied = idx[x[idx] == kth]
+        assert torch.equal(chosen_tied, tied[:chosen_tied.numel()])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_special_values(device):
+    base = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), float("nan"),
+                         -float("nan"), 2.0, -2.0, 0.0, -0.0])
+    for n in (12, 120000):
+        x = base.repeat(n // 12).to(device)
+        for k in range(0, 13):
+            k = k * (n // 12)
+            idx = ops.topk(x, k)
+            assert torch.equal(idx, reference.topk(x, k))
+            check_against_torch(x.cpu(), k, idx.cpu())
+    # NaN ranks above +inf, -0 equals +0 (ties by index)
+    x = torch.tensor([-0.0, 0.0, float("inf"), float("nan"), -1.0], device=device)
+    assert ops.topk(x, 1).tolist() == [3]
+    assert ops.topk(x, 2).tolist() == [2, 3]
+    assert ops.topk(x, 3).tolist() == [0, 2, 3]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_deterministic_and_shapes(device):
+    x = torch.randn(64, 1000, device=device)
+    a = ops.topk(x, 5000)
+    assert torch.equal(a, ops.topk(x, 5000))
+    assert torch.equal(a, reference.topk(x, 5000))
+    xt = x.t()  # a non-contiguous view: indices into xt.reshape(-1)
+    assert torch.equal(ops.topk(xt, 777), reference.topk(xt.contiguous(), 777))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_all_equal(device):
+    for n in (5, 50000, 1000003):
+        x = torch.full((n,), 0.5, device=device)
+        for k in (1, n // 2, n):
+            assert torch.equal(ops.topk(x, k), torch.arange(k, device=device))
+
+
+def test_topk_argument_errors():
+    x = torch.randn(10)
+    with pytest.raises(ValueError, match="k"):
+        ops.topk(x, 11)
+    with pytest.raises(ValueError, match="k"):
+        ops.topk(x, -1)
+    with pytest.raises(TypeError, match="k"):
+        ops.topk(x, 2.0)
+    with pytest.raises(TypeError, match="x"):
+        ops.topk(x.int(), 2)
+    with pytest.raises(TypeError, match="x"):
+        ops.topk([1.0], 1)
+
+
+# ----------------------------------------------------------------------------------
+# select
+
+
+def make_list(device, sizes=(1000, 0, 31, 200003, 5), dtype=torch.float32):
+    return [torch.randn(s, device=device).to(dtype) for s in sizes]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score", ["grad", "grad_sq", "weight", "accumulated", "random"])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_select_scores(device, score, scope):
+    ts = make_list(device)
+    if score == "grad_sq":
+        ts = [t * t for t in ts]
+    kwargs, ref = {}, {}
+    if score == "weight":
+        ws = make_list(device)
+        kwargs["weights"] = ref["weights"] = ws
+    if score == "accumulated":
+        rs = make_list(device)
+        kwargs["residual"] = ref["residuals"] = rs
+    for k in ([0, 0.01, 0.5, 1.0, [3, 0, 31, 777, 2]] if scope == "tensor"
+              else [0, 1, 5000, 0.3, 1.0]):
+        got = ops.select(ts, k, score=score, scope=scope,
+                         generator=torch.Generator().manual_seed(7), **kwargs)
+        total = sum(t.numel() for t in ts)
+        if scope == "global":
+            ks = [min(total, math.ceil(k * total)) if isinstance(k, float) else k]
+        elif isinstance(k, list):
+            ks = k
+        else:
+            ks = [min(t.numel(), math.ceil(k * t.numel())) if isinstance(k, float) else k
+                  for t in ts]
+        seed = 0
+        if score == "random":
+            seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(7)))
+        want = reference.select(ts, ks, score, scope == "global", False, seed=seed, **ref)
+        assert len(got) == len(ts)
+        for g, w, t in zip(got, want, ts):
+            assert g.device == t.device and g.dtype == torch.int64
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_select_global_is_topk_of_concatenation(device):
+    ts = make_list(device, sizes=(1000, 70000, 3, 0, 300000))
+    cat = torch.cat([t.reshape(-1) for t in ts]).abs()
+    for k in (1, 37, 3700, 185000, cat.numel()):
+        got = ops.select(ts, k, scope="global")
+        offsets = torch.tensor([0] + [t.numel() for t in ts]).cumsum(0)
+        union = torch.cat([g + int(o) for g, o in zip(got, offsets)])
+        assert torch.equal(union, reference.topk(cat, k))
+        check_against_torch(cat.cpu(), k, union.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_select_global_ties_by_position(device):
+    ts = [torch.ones(50000, device=device), torch.ones(70000, device=device) * -1]
+    got = ops.select(ts, 60000, scope="global")
+    assert torch.equal(got[0], torch.arange(50000, device=device))
+    assert torch.equal(got[1], torch.arange(10000, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_select_mixed_dtypes_global(device):
+    ts = [torch.randn(70001, device=device), torch.randn(30000, device=device).bfloat16(),
+          torch.randn(5000, device=device).half()]
+    got = ops.select(ts, 0.05, scope="global")
+    want = reference.select(ts, [math.ceil(0.05 * 105001)], "grad", True)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_select_random_reproducible(device):
+    ts = make_list(device)
+    a = ops.select(ts, 0.1, score="random", generator=torch.Generator().manual_seed(3))
+    b = ops.select(ts, 0.1, score="random", generator=torch.Generator().manual_seed(3))
+    c = ops.select(ts, 0.1, score="random", generator=torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    # roughly uniform: the chosen positions spread over the tensor
+    big = a[3].float() / 200003
+    assert 0.45 < float(big.mean()) < 0.55
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+@pytest.mark.parametrize("dist", ["normal", "levels", "uniform"])
+def test_select_approx(device, scope, dist):
+    n = 1000003
+    if dist == "normal":
+        x = torch.randn(n, device=device)
+    elif dist == "levels":
+        x = torch.randint(0, 1000, (n,), device=device).float()
+    else:
+        x = torch.rand(n, device=device)
+    for k in (1, 10, 1000, 10000, 100000, 500000):
+        got = ops.select([x], k, scope=scope, approx=True)[0]
+        tol = max(1, math.ceil(ops.APPROX_COUNT_TOLERANCE * k))
+        assert abs(got.numel() - k) <= tol
+        assert bool((got[1:] > got[:-1]).all())
+        kth = torch.topk(x.abs(), k).values[-1]
+        assert float(x[got].abs().min()) >= float(kth) * (1 - ops.APPROX_VALUE_TOLERANCE)
+
+
+def test_select_argument_errors():
+    ts = [torch.randn(10), torch.randn(5)]
+    with pytest.raises(ValueError, match="k"):
+        ops.select(ts, 6)  # > numel of ts[1]
+    with pytest.raises(ValueError, match="k"):
+        ops.select(ts, 16, scope="global")
+    with pytest.raises(ValueError, match="k"):
+        ops.select(ts, -1)
+    with pytest.raises(ValueError, match="k"):
+        ops.select(ts, 1.5)
+    with pytest.raises(ValueError, match="k"):
+        ops.select(ts, 0.0)
+    with pytest.raises(ValueError, match="k"):
+        ops.select(ts, [1, 2, 3])
+    with pytest.raises(ValueError, match=r"k\[1\]"):
+        ops.select(ts, [1, 6])
+    with pytest.raises(TypeError, match="k"):
+        ops.select(ts, True)
+    with pytest.raises(ValueError, match="score"):
+        ops.select(ts, 1, score="magnitude")
+    with pytest.raises(ValueError, match="scope"):
+        ops.select(ts, 1, scope="layer")
+    with pytest.raises(ValueError, match="residual"):
+        ops.select(ts, 1, score="accumulated")
+    with pytest.raises(ValueError, match="residual"):
+        ops.select(ts, 1, score="accumulated", residual=[torch.zeros(10)])
+    with pytest.raises(ValueError, match="residual"):
+        ops.select(ts, 1, score="accumulated", residual=[torch.zeros(10), torch.zeros(4)])
+    with pytest.raises(TypeError, match="residual"):
+        ops.select(ts, 1, score="accumulated",
+                   residual=[torch.zeros(10), torch.zeros(5, dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match="weights"):
+        ops.select(ts, 1, score="weight")
+    with pytest.raises(ValueError, match="weights"):
+        ops.select(ts, 1, score="weight", weights=[torch.zeros(10), torch.zeros(6)])
+    with pytest.raises(ValueError, match="weights"):
+        ops.select(ts, 1, weights=[torch.zeros(10), torch.zeros(5)])
+    with pytest.raises(TypeError, match="tensors"):
+        ops.select([torch.zeros(3, dtype=torch.int32)], 1)
+    with pytest.raises(TypeError, match="tensors"):
+        ops.select(torch.zeros(3), 1)
+    with pytest.raises(TypeError, match="generator"):
+        ops.select(ts, 1, score="random", generator=3)
+    assert ops.select([], 3) == []
+
+
+@needs_ext
+def test_kernel_rejects_bad_arguments_before_running():
+    """The registered op checks its arguments too (it may be called directly)."""
+    ts = [torch.randn(10)]
+    with pytest.raises(RuntimeError, match="k"):
+        torch.ops.incrkern.select(ts, [11], "grad", False, False, [], [], 0)
+    with pytest.raises(RuntimeError, match="score"):
+        torch.ops.incrkern.select(ts, [1], "bogus", False, False, [], [], 0)
+    with pytest.raises(RuntimeError, match="k"):
+        torch.ops.incrkern.topk(ts[0], 11)
+
+
+@needs_ext
+def test_opcheck():
+    x = torch.randn(5000)
+    torch.library.opcheck(torch.ops.incrkern.topk.default, (x, 50))
+    ts = [torch.randn(3000), torch.randn(100)]
+    torch.library.opcheck(torch.ops.incrkern.select.default,
+                          (ts, [30, 1], "grad", False, False, [], [], 0))
+    rs = [torch.randn(3000), torch.randn(100)]
+    torch.library.opcheck(torch.ops.incrkern.select.default,
+                          (ts, [31], "accumulated", True, False, rs, [], 0),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+@needs_ext
+def test_positions_beyond_2_31():
+    """Index arithmetic past 2^31 elements: one bfloat16 tensor of 2^31 + 5 (4 GiB)."""
+    n = 2**31 + 5
+    try:
+        x = torch.zeros(n, dtype=torch.bfloat16)
+    except RuntimeError:
+        pytest.skip("not enough memory for a 4 GiB tensor")
+    x[7] = 4.0
+    x[2**31 + 1] = 3.0
+    x[n - 1] = -5.0
+    assert ops.topk(x, 2).tolist() == [7, 2**31 + 1]
+    assert ops.select([x], 3)[0].tolist() == [7, 2**31 + 1, n - 1]
+    # ties (the zeros) resolved by position over the whole tensor
+    assert ops.select([x], 5)[0].tolist() == [0, 1, 7, 2**31 + 1, n - 1]
+    del x
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n in (1, 1000, 65537, 1000003):
+            x = torch.randn(n).to(dtype)
+            for k in (1, n // 100, n // 2, n):
+                assert torch.equal(ops.topk(x.cuda(), k).cpu(), ops.topk(x, k))
+    ts = make_list("cpu")
+    rs = make_list("cpu")
+    for score in ("grad", "grad_sq", "accumulated", "random"):
+        for scope in ("tensor", "global"):
+            kw = {"residual": rs} if score == "accumulated" else {}
+            kwc = {"residual": [r.cuda() for r in rs]} if score == "accumulated" else {}
+            a = ops.select(ts, 0.1, score=score, scope=scope,
+                           generator=torch.Generator().manual_seed(1), **kw)
+            b = ops.select([t.cuda() for t in ts], 0.1, score=score, scope=scope,
+                           generator=torch.Generator().manual_seed(1), **kwc)
+            assert all(torch.equal(x, y.cpu()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_tie_mass_near_kth(device):
+    """A tie mass near the k-th, too large for the sampled band."""
+    x = torch.randn(1000000).abs()
+    lo, hi = 0.28125, 0.3125  # the 11-bit bucket of 0.3
+    x[(x >= lo) & (x < hi)] = 0.1
+    x[::25] = 0.3
+    x = x.to(device)
+    above = int((x > 0.3).sum())
+    # k-th inside the tie mass (the sample's guess), and just above it (the guess
+    # fails and the radix select's band pass finishes)
+    for k in (above + 1, above + 20000, above + 40000, above, above - 5):
+        idx = ops.topk(x, k)
+        assert torch.equal(idx, reference.topk(x, k))
+        check_against_torch(x.cpu(), k, idx.cpu())
+
+
+def test_cpu_same_result_for_any_thread_count():
+    x = torch.randn(2000003)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [ops.topk(x, k) for k in (1, 20000, 1000001)]
+        one_global = ops.select([x[:700000], x[700000:]], 0.01, scope="global")
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(max(2, threads))
+    try:
+        many = [ops.topk(x, k) for k in (1, 20000, 1000001)]
+        many_global = ops.select([x[:700000], x[700000:]], 0.01, scope="global")
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    assert all(torch.equal(a, b) for a, b in zip(one_global, many_global))
+
+
+def test_reference_fallback_path(monkeypatch):
+    """Without the extension the wrappers run the reference: same answers."""
+    x = torch.randn(50000)
+    ts = make_list("cpu")
+    want_topk = ops.topk(x, 500)
+    want_sel = ops.select(ts, 0.05, scope="global", score="random",
+                          generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(ops, "_kernel", lambda name, device: None)
+    assert torch.equal(ops.topk(x, 500), want_topk)
+    got = ops.select(ts, 0.05, scope="global", score="random",
+                     generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(got, want_sel))
