@@ -57,6 +57,7 @@ using namespace incrkern::select;
 constexpr int64_t kBlock = int64_t(1) << 18;     // elements per block of work
 constexpr int64_t kSerialMax = int64_t(1) << 15;  // below: one thread, nth_element
 constexpr int64_t kSample = int64_t(1) << 16;
+constexpr int64_t kMinSample = int64_t(1) << 12;
 constexpr int kDigitBits = 11;
 
 // setup.py builds with -fopenmp, so at::parallel_for (an OpenMP pragma in a header)
@@ -405,7 +406,9 @@ class Selector {
   // The band [L, H] from a strided sample with a random offset in each stride, or
   // nothing when the sample predicts more candidates than the budget allows.
   std::optional<std::pair<K, K>> sample_band() {
-    const int64_t s = std::min(kSample, n_);
+    // A fixed 64K sample would cost mid-sized tensors (say 590K elements, a
+    // transformer's projection) as much as their one read: scale it with n.
+    const int64_t s = std::min({kSample, n_, std::max<int64_t>(kMinSample, n_ / 32)});
     const int64_t stride = n_ / s;
     std::vector<int64_t> starts;
     for (const Source& src : srcs_) starts.push_back(src.pos0);

@@ -52,10 +52,19 @@ double lr_value(double lr, const std::optional<at::Tensor>& lr_tensor) {
   return lr_tensor.has_value() ? lr_tensor->item<double>() : lr;
 }
 
-// Calls visit(j, element, slot) for every position in [begin, end).
-template <typename Visit>
-inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visit&& visit) {
+// Calls visit(element, slot) for every position in [begin, end). Scattered indices
+// leave the loop waiting on memory (each touches its own lines of p, g and state):
+// prefetch(element, slot) runs kPrefetch positions ahead to keep those lines in flight.
+constexpr int64_t kPrefetch = 32;
+
+template <typename Visit, typename Prefetch>
+inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visit&& visit,
+                          Prefetch&& prefetch) {
   for (int64_t j = begin; j < end; ++j) {
+    if (pos.indices && j + kPrefetch < end) {
+      const int64_t ahead = pos.indices[j + kPrefetch];
+      prefetch(ahead, pos.compact ? j + kPrefetch : ahead);
+    }
     const int64_t e = pos.indices ? pos.indices[j] : j;
     if (pos.mask && !pos.mask[e]) continue;
     visit(e, pos.compact ? j : e);
@@ -197,6 +206,11 @@ RangeFn adam_ranges(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
         adam_rule(pm, gm, m[s], v[s], h, step_size, bc2_sqrt);
       }
       p[e] = T(pm);
+    }, [&](int64_t e, int64_t s) {
+      __builtin_prefetch(p + e, 1);
+      __builtin_prefetch(g + e, 1);
+      __builtin_prefetch(m + s, 1);
+      __builtin_prefetch(v + s, 1);
     });
   };
 }
@@ -220,6 +234,10 @@ RangeFn sgd_ranges(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M> h
       if (consume) g[e] = G(0);
       sgd_rule(pm, gm, buf ? buf[s] : scratch, h, first);
       p[e] = T(pm);
+    }, [&](int64_t e, int64_t s) {
+      __builtin_prefetch(p + e, 1);
+      __builtin_prefetch(g + e, 1);
+      if (buf) __builtin_prefetch(buf + s, 1);
     });
   };
 }
