@@ -94,13 +94,19 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume>
   }
 }
 
-template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kHasBuffer>
+// SGD's flags that pick branches in sgd_rule (first step, nesterov) are template
+// parameters here: left as run-time values, gcc keeps the branches in the loop and
+// does not vectorise it.
+template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kHasBuffer,
+          bool kFirst, bool kNesterov>
 [[gnu::always_inline]] inline void sgd_stream(
     T* __restrict p, G* __restrict g, M* __restrict buf, const bool* __restrict mask,
-    int64_t begin, int64_t end, const SgdHyper<M> h, const bool first, const M grad_scale) {
+    int64_t begin, int64_t end, const SgdHyper<M> h, const M grad_scale) {
+  SgdHyper<M> hh = h;
+  hh.nesterov = kNesterov;
   for (int64_t e = begin; e < end; ++e) {
     M pm = M(p[e]), bm = kHasBuffer ? buf[e] : M(0);
-    sgd_rule(pm, M(g[e]) * grad_scale, bm, h, first);
+    sgd_rule(pm, M(g[e]) * grad_scale, bm, hh, kFirst);
     const bool on = kMasked ? mask[e] : true;
     p[e] = on ? T(pm) : p[e];
     if (kHasBuffer) buf[e] = on ? bm : buf[e];
@@ -129,23 +135,29 @@ template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void sgd_stream_any(
     T* p, G* g, M* buf, const bool* mask, bool consume, int64_t begin, int64_t end,
     const SgdHyper<M> h, const bool first, const M grad_scale) {
-#define IK_SGD_STREAM(MASKED, CONSUME, BUF) \
-  return sgd_stream<T, G, M, MASKED, CONSUME, BUF>(p, g, buf, mask, begin, end, h, first, grad_scale)
-  if (buf) {
-    if (mask) {
-      if (consume) IK_SGD_STREAM(true, true, true);
-      IK_SGD_STREAM(true, false, true);
-    }
-    if (consume) IK_SGD_STREAM(false, true, true);
-    IK_SGD_STREAM(false, false, true);
-  }
+#define IK_SGD(MASKED, CONSUME, BUF, FIRST, NESTEROV)                                      \
+  return sgd_stream<T, G, M, MASKED, CONSUME, BUF, FIRST, NESTEROV>(p, g, buf, mask, begin, \
+                                                                    end, h, grad_scale)
+#define IK_SGD_BUF(MASKED, CONSUME)                        \
+  if (!buf) IK_SGD(MASKED, CONSUME, false, false, false);  \
+  if (first) {                                             \
+    if (h.nesterov) IK_SGD(MASKED, CONSUME, true, true, true); \
+    IK_SGD(MASKED, CONSUME, true, true, false);            \
+  }                                                        \
+  if (h.nesterov) IK_SGD(MASKED, CONSUME, true, false, true); \
+  IK_SGD(MASKED, CONSUME, true, false, false)
   if (mask) {
-    if (consume) IK_SGD_STREAM(true, true, false);
-    IK_SGD_STREAM(true, false, false);
+    if (consume) {
+      IK_SGD_BUF(true, true);
+    }
+    IK_SGD_BUF(true, false);
   }
-  if (consume) IK_SGD_STREAM(false, true, false);
-  IK_SGD_STREAM(false, false, false);
-#undef IK_SGD_STREAM
+  if (consume) {
+    IK_SGD_BUF(false, true);
+  }
+  IK_SGD_BUF(false, false);
+#undef IK_SGD_BUF
+#undef IK_SGD
 }
 
 // fp32 streaming loops compiled for several ISAs and picked when the library loads
