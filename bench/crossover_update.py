@@ -4,24 +4,18 @@ mask form (masks), and the dense step for scale; ratios taken in one run.
     python bench/crossover_update.py [--numel 1e7] [--repeats 5]
 """
 import argparse
-import time
 
 import torch
 
 from incrkern import ops
+from incrkern.bench.common import measure
 
 DENSITIES = [0.001, 0.003, 0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0]
 
 
 def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
     # The minimum: on a shared machine the other processes only ever add time.
-    return min(times)
+    return measure(fn, warmup=1, repeats=repeats, max_repeats=repeats)["min_s"]
 
 
 def main():
