@@ -380,25 +380,53 @@ class Selector {
     return outs;
   }
 
-  // Small inputs: every key in a vector, nth_element, one scan.
+  // Small inputs: every key in a vector, the k-th by nth_element on the bare keys
+  // (4 or 8 bytes each, not key-and-position pairs), then one ascending scan that
+  // takes the keys above it and the first ties at it. Many small tensors (a model's
+  // biases and norms) each take this path, so it is kept lean.
   std::vector<at::Tensor> run_serial() const {
-    std::vector<Cand<K>> all(n_);
+    std::vector<K> keys(n_);
     for (const Source& s : srcs_)
       with_reader<K>(s, [&](auto rd) {
-        for (int64_t i = 0; i < s.n; ++i) all[s.pos0 + i] = Cand<K>{rd(i), s.pos0 + i};
+        for (int64_t i = 0; i < s.n; ++i) keys[s.pos0 + i] = rd(i);
       });
-    std::vector<Cand<K>> work(all);
-    std::nth_element(work.begin(), work.begin() + (k_ - 1), work.end(), before<K>);
-    const Cand<K> last = work[k_ - 1];
+    // The k-th key: an 11-bit histogram of the top bits finds its bin, nth_element
+    // then runs over that bin's keys alone (all of them only when every key shares
+    // the bin).
+    constexpr int kShift = int(sizeof(K) * 8) - kDigitBits;
+    std::vector<int64_t> hist(size_t(1) << kDigitBits, 0);
+    for (K key : keys) ++hist[size_t(key >> kShift)];
+    int64_t bin = int64_t(hist.size()) - 1, above = 0;
+    while (above + hist[size_t(bin)] < k_) above += hist[size_t(bin--)];
+    std::vector<K> work;
+    work.reserve(size_t(hist[size_t(bin)]));
+    for (K key : keys)
+      if (int64_t(key >> kShift) == bin) work.push_back(key);
+    const int64_t rank = k_ - above - 1;  // 0-based rank from the top inside the bin
+    std::nth_element(work.begin(), work.begin() + rank, work.end(), std::greater<K>());
+    const K kth = work[size_t(rank)];
+    int64_t ties = k_;  // ties at the k-th key still to take: k minus the keys above it
+    for (K key : keys) ties -= key > kth;
     std::vector<int64_t> sizes(srcs_.size(), 0);
+    int64_t left = ties;
     for (size_t i = 0; i < srcs_.size(); ++i)
-      for (int64_t j = 0; j < srcs_[i].n; ++j)
-        sizes[i] += !before(last, all[srcs_[i].pos0 + j]);
+      for (int64_t j = 0; j < srcs_[i].n; ++j) {
+        const K key = keys[srcs_[i].pos0 + j];
+        const bool take = key > kth || (key == kth && left > 0);
+        left -= key == kth && left > 0;
+        sizes[i] += take;
+      }
     std::vector<at::Tensor> outs = alloc(sizes);
+    left = ties;
     for (size_t i = 0; i < srcs_.size(); ++i) {
       int64_t* o = outs[i].data_ptr<int64_t>();
-      for (int64_t j = 0; j < srcs_[i].n; ++j)
-        if (!before(last, all[srcs_[i].pos0 + j])) *o++ = j;
+      for (int64_t j = 0; j < srcs_[i].n; ++j) {
+        const K key = keys[srcs_[i].pos0 + j];
+        if (key > kth || (key == kth && left > 0)) {
+          left -= key == kth;
+          *o++ = j;
+        }
+      }
     }
     return outs;
   }
