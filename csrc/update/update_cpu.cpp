@@ -4,7 +4,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/aminmax.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,9 +37,11 @@ Positions positions_of(const UpdateLists& a, size_t i) {
     pos.compact = a.compact_state;
     if (pos.count > 0) {
       // Out-of-range positions would write outside the tensor: refuse before writing.
-      const auto [lo_t, hi_t] = at::aminmax(idx);
-      const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
-      TORCH_CHECK(lo >= 0 && hi < a.params[i].numel(), "incrkern: indices[", i,
+      // A plain loop, not at::aminmax: an op call per tensor costs more than the
+      // check for the few positions of a small tensor.
+      const int64_t* p = pos.indices;
+      const auto [lo, hi] = std::minmax_element(p, p + pos.count);
+      TORCH_CHECK(*lo >= 0 && *hi < a.params[i].numel(), "incrkern: indices[", i,
                   "] holds positions outside [0, ", a.params[i].numel(), ")");
     }
   }
