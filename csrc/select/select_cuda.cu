@@ -3,7 +3,8 @@
 //
 //  pass 0  histogram of bits 31..21 of every key           -> digit 0 of the k-th
 //  pass 1  histogram of bits 20..10 of the keys in that bucket; when the bucket
-//          fits the group's buffer, its (key, position) pairs are copied out
+//          fits the group's buffer, its keys are copied out (pass 2 needs no
+//          positions: ties are located over the input)
 //  pass 2  histogram of bits 9..0, over the buffered candidates (or, when the
 //          bucket was too large, over the input again)        -> the k-th key T
 //  ties    only when T is shared beyond the k-th: per-chunk counts of T locate the
@@ -162,7 +163,6 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t slot = stp->cand_base + int64_t(base) +
                                __popc(ballot & ((1u << lane) - 1u));
           L.cand_key[slot] = key[j];
-          L.cand_pos[slot] = s.pos0 + i + j;
         }
       }
     }

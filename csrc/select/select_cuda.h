@@ -66,8 +66,7 @@ struct SelectLaunch {
   SelState* states;
   int32_t ngroups;
   unsigned long long* hist;  // ngroups * kSelectBins
-  uint32_t* cand_key;
-  int64_t* cand_pos;
+  uint32_t* cand_key;         // sum of the groups' cap
   int64_t* chunk_count;      // nchunks + 1
   int64_t* chunk_off;        // nchunks + 1: exclusive sums of chunk_count
   int64_t* chunk_ties;       // nchunks

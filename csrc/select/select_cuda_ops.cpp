@@ -124,9 +124,8 @@ std::vector<at::Tensor> run(const std::vector<Input>& inputs, ScoreKind kind,
   const size_t scan_bytes = cuda::select_scan_temp_bytes(nchunks);
   const size_t hist_bytes = align16(sizeof(unsigned long long) * cuda::kSelectBins * states.size());
   const size_t key_bytes = align16(sizeof(uint32_t) * size_t(cand_total));
-  const size_t pos_bytes = align16(sizeof(int64_t) * size_t(cand_total));
   const size_t count_bytes = align16(sizeof(int64_t) * size_t(nchunks + 1));
-  at::Tensor work = at::empty({int64_t(hist_bytes + key_bytes + pos_bytes + 3 * count_bytes + scan_bytes)},
+  at::Tensor work = at::empty({int64_t(hist_bytes + key_bytes + 3 * count_bytes + scan_bytes)},
                               at::TensorOptions().dtype(at::kByte).device(device));
   uint8_t* w = work.data_ptr<uint8_t>();
 
@@ -142,8 +141,6 @@ std::vector<at::Tensor> run(const std::vector<Input>& inputs, ScoreKind kind,
   w += hist_bytes;
   L.cand_key = reinterpret_cast<uint32_t*>(w);
   w += key_bytes;
-  L.cand_pos = reinterpret_cast<int64_t*>(w);
-  w += pos_bytes;
   L.chunk_count = reinterpret_cast<int64_t*>(w);
   w += count_bytes;
   L.chunk_off = reinterpret_cast<int64_t*>(w);
