@@ -150,8 +150,10 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
                  compact_state=False, lr_tensor=None, increment_steps=False, validate=True):
     """Adam (AdamW with decoupled_weight_decay=True) on every param, in place.
 
-    With `indices` (one int64 tensor of flat positions per param) only those elements
-    and their state change; with `masks` (bool, one per param) only where true.
+    With `indices` (one int64 tensor of flat positions per param, each position at
+    most once, as incrkern.ops.select returns them; repeated positions give undefined
+    results on CUDA) only those elements and their state change; with `masks` (bool,
+    one per param) only where true.
     `compact_state`: the state tensors are k long, indexed by position in `indices`.
     `ages` (int32, like the state): per-element update counts used for the bias
     correction instead of `steps`, incremented where updated. `steps` are float32
