@@ -15,8 +15,6 @@ class Adam(IncrementalOptimizer):
     amsgrad is not supported.
     """
 
-    _state_keys = ("exp_avg", "exp_avg_sq")
-
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,

@@ -77,13 +77,10 @@ def _contiguous_view(t):
 class IncrementalOptimizer(Optimizer):
     """Shared machinery of incrkern.optim.SGD / Adam / AdamW.
 
-    Subclasses set `_state_keys` (the per-element state, e.g. exp_avg) and implement
-    `_init_state(group, p, k, sparse)` (creates what is missing: k-long when k is
-    given, param-sized otherwise) and `_apply(group, work, device, ...)` (the fused
-    kernel call).
+    Subclasses implement `_init_state(group, p, k, sparse)` (creates what is missing:
+    k-long when k is given, param-sized otherwise) and `_apply(group, work, device,
+    ...)` (the fused kernel call).
     """
-
-    _state_keys = ()
 
     def __init__(self, params, defaults, incremental):
         options = dict(INCREMENTAL_DEFAULTS)

@@ -14,8 +14,6 @@ class SGD(IncrementalOptimizer):
     Compression's local velocity and momentum factor masking.
     """
 
-    _state_keys = ("momentum_buffer",)
-
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, momentum_correction=False, **incremental):
