@@ -158,8 +158,8 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     `ages` (int32, like the state): per-element update counts used for the bias
     correction instead of `steps`, incremented where updated. `steps` are float32
     scalars holding the update count this call applies, or, with
-    `increment_steps=True`, the count before it: the op adds one first. Grads are read times `grad_scale`;
-    `consume_grad` zeroes the grad entries that were read.
+    `increment_steps=True`, the count before it: the op adds one first. Grads are read
+    times `grad_scale`; `consume_grad` zeroes the grad entries that were read.
 
     `validate=False` skips the Python-level checks, the index range check among them
     (on CUDA a device sync per tensor): for callers that built the arguments
@@ -167,44 +167,33 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     tensor's dtype, size and device, and the CPU kernel the index range; the CUDA
     kernel trusts the indices.
     """
-    if not validate:
-        return _dispatch("adam_update_", params, grads, exp_avgs, exp_avg_sqs, steps,
-                         indices or [], masks or [], ages or [], lr=float(lr),
-                         beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-                         weight_decay=float(weight_decay),
-                         decoupled_weight_decay=bool(decoupled_weight_decay),
-                         maximize=bool(maximize), grad_scale=float(grad_scale),
-                         consume_grad=bool(consume_grad), compact_state=bool(compact_state),
-                         lr_tensor=lr_tensor, increment_steps=bool(increment_steps))
-    params = _as_list("params", params)
-    grads = _as_list("grads", grads)
-    exp_avgs = _as_list("exp_avgs", exp_avgs)
-    exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs)
-    steps = _as_list("steps", steps)
-    indices = _as_list("indices", indices, allow_none=True)
-    masks = _as_list("masks", masks, allow_none=True)
-    ages = _as_list("ages", ages, allow_none=True)
-    _check_lr(lr, lr_tensor, params)
-    _check_number("beta1", beta1, 0.0, 1.0)
-    _check_number("beta2", beta2, 0.0, 1.0)
-    for name, beta in (("beta1", beta1), ("beta2", beta2)):
-        if beta == 1.0:  # the bias correction 1 - beta**t would be 0, as torch.optim refuses
-            raise ValueError(f"{name} must be in [0, 1), got {beta}")
-    _check_number("eps", eps, 0.0)
-    _check_number("weight_decay", weight_decay, 0.0)
-    _check_number("grad_scale", grad_scale)
-    _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
-                  compact_state, "exp_avgs")
-    if not params:
-        return
-    args = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-                weight_decay=float(weight_decay),
-                decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize),
-                grad_scale=float(grad_scale), consume_grad=bool(consume_grad),
-                compact_state=bool(compact_state), lr_tensor=lr_tensor,
-                increment_steps=bool(increment_steps))
-    _dispatch("adam_update_", params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks,
-              ages, **args)
+    if validate:
+        params = _as_list("params", params)
+        grads = _as_list("grads", grads)
+        exp_avgs = _as_list("exp_avgs", exp_avgs)
+        exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs)
+        steps = _as_list("steps", steps)
+        indices = _as_list("indices", indices, allow_none=True)
+        masks = _as_list("masks", masks, allow_none=True)
+        ages = _as_list("ages", ages, allow_none=True)
+        _check_lr(lr, lr_tensor, params)
+        _check_number("beta1", beta1, 0.0, 1.0)
+        _check_number("beta2", beta2, 0.0, 1.0)
+        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+            if beta == 1.0:  # the bias correction 1 - beta**t would be 0: torch.optim refuses
+                raise ValueError(f"{name} must be in [0, 1), got {beta}")
+        _check_number("eps", eps, 0.0)
+        _check_number("weight_decay", weight_decay, 0.0)
+        _check_number("grad_scale", grad_scale)
+        _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
+                      compact_state, "exp_avgs")
+    _dispatch("adam_update_", params, grads, exp_avgs, exp_avg_sqs, steps, indices or [],
+              masks or [], ages or [], lr=float(lr), beta1=float(beta1), beta2=float(beta2),
+              eps=float(eps), weight_decay=float(weight_decay),
+              decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize),
+              grad_scale=float(grad_scale), consume_grad=bool(consume_grad),
+              compact_state=bool(compact_state), lr_tensor=lr_tensor,
+              increment_steps=bool(increment_steps))
 
 
 def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0,
@@ -218,40 +207,31 @@ def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=
     `masks`, `grad_scale`, `consume_grad`, `compact_state`, `lr_tensor`, `validate`: as
     adam_update_.
     """
-    if not validate:
-        first_step = [False] * len(params) if first_step is None else list(first_step)
-        return _dispatch("sgd_update_", params, grads, momentum_buffers or [], indices or [],
-                         masks or [], first_step, lr=float(lr), momentum=float(momentum),
-                         dampening=float(dampening), weight_decay=float(weight_decay),
-                         nesterov=bool(nesterov), maximize=bool(maximize),
-                         grad_scale=float(grad_scale), consume_grad=bool(consume_grad),
-                         compact_state=bool(compact_state), lr_tensor=lr_tensor)
-    params = _as_list("params", params)
-    grads = _as_list("grads", grads)
-    momentum_buffers = _as_list("momentum_buffers", momentum_buffers, allow_none=True)
-    indices = _as_list("indices", indices, allow_none=True)
-    masks = _as_list("masks", masks, allow_none=True)
+    if validate:
+        params = _as_list("params", params)
+        grads = _as_list("grads", grads)
+        momentum_buffers = _as_list("momentum_buffers", momentum_buffers, allow_none=True)
+        indices = _as_list("indices", indices, allow_none=True)
+        masks = _as_list("masks", masks, allow_none=True)
+        _check_lr(lr, lr_tensor, params)
+        _check_number("momentum", momentum, 0.0)
+        _check_number("dampening", dampening)
+        _check_number("weight_decay", weight_decay, 0.0)
+        _check_number("grad_scale", grad_scale)
+        if momentum != 0 and len(momentum_buffers) != len(params):
+            raise ValueError("momentum != 0 needs one momentum buffer per param")
+        if first_step is not None and len(first_step) != len(params):
+            raise ValueError(f"first_step has {len(first_step)} entries, expected "
+                             f"{len(params)}")
+        _check_update(params, grads, momentum_buffers, None, [], indices, masks, [],
+                      compact_state, "momentum_buffers")
     first_step = [False] * len(params) if first_step is None else [bool(f) for f in first_step]
-    _check_lr(lr, lr_tensor, params)
-    _check_number("momentum", momentum, 0.0)
-    _check_number("dampening", dampening)
-    _check_number("weight_decay", weight_decay, 0.0)
-    _check_number("grad_scale", grad_scale)
-    if momentum != 0 and len(momentum_buffers) != len(params):
-        raise ValueError("momentum != 0 needs one momentum buffer per param")
-    if len(first_step) != len(params):
-        raise ValueError(f"first_step has {len(first_step)} entries, expected {len(params)}")
-    _check_update(params, grads, momentum_buffers, None, [], indices, masks, [],
-                  compact_state, "momentum_buffers")
-    if not params:
-        return
-    args = dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening),
-                weight_decay=float(weight_decay), nesterov=bool(nesterov),
-                maximize=bool(maximize), grad_scale=float(grad_scale),
-                consume_grad=bool(consume_grad), compact_state=bool(compact_state),
-                lr_tensor=lr_tensor)
-    _dispatch("sgd_update_", params, grads, momentum_buffers, indices, masks, first_step,
-              **args)
+    _dispatch("sgd_update_", params, grads, momentum_buffers or [], indices or [], masks or [],
+              first_step, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
+              weight_decay=float(weight_decay), nesterov=bool(nesterov),
+              maximize=bool(maximize), grad_scale=float(grad_scale),
+              consume_grad=bool(consume_grad), compact_state=bool(compact_state),
+              lr_tensor=lr_tensor)
 
 
 # ----------------------------------------------------------------------------------
