@@ -8,6 +8,7 @@ import numbers
 import torch
 
 from . import reference
+from .reference import math_dtype
 from ._extension import EXTENSION_LOADED, cuda_kernels_loaded
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -56,11 +57,6 @@ def _check_number(name, value, low=None, high=None):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-
-
-def math_dtype(dtype):
-    """The dtype optimizer state and accumulators use for a param of `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_tensor(name, t, *, device, dtypes=None, numel=None, dim=None):
@@ -267,7 +263,7 @@ def accumulate_(accs, grads, alpha=1.0, sq_accs=None, *, sq_alpha=None, sq_decay
         gdtype, numel = g.dtype, g.numel()
         if g.device != device or gdtype not in dtypes or not g.is_contiguous():
             _check_tensor(f"grads[{i}]", g, device=device, dtypes=dtypes)
-        math = torch.float64 if gdtype == torch.float64 else torch.float32
+        math = math_dtype(gdtype)
         for name, lst in (("accs", accs), ("sq_accs", sq_accs)):
             if lst:
                 a = lst[i]

@@ -10,7 +10,9 @@ import math
 import torch
 
 
-def _math_dtype(dtype):
+def math_dtype(dtype):
+    """The dtype optimizer state, accumulators and update math use for a param or grad
+    of `dtype`: float64 for float64, float32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -37,9 +39,9 @@ def _scatter(flat, where, values):
         flat[where] = values.to(flat.dtype)
 
 
-def _read_grad(i, grads, elements, math_dtype, grad_scale, consume_grad):
+def _read_grad(i, grads, elements, mdtype, grad_scale, consume_grad):
     flat = grads[i].view(-1)
-    g = _gather(flat, elements).to(math_dtype) * grad_scale
+    g = _gather(flat, elements).to(mdtype) * grad_scale
     if consume_grad:
         _scatter(flat, elements, torch.zeros_like(g))
     return g
@@ -60,11 +62,11 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, indices=(), masks=
         for s in steps:
             s.add_(1)
     for i, p in enumerate(params):
-        math_dtype = _math_dtype(p.dtype)
+        mdtype = math_dtype(p.dtype)
         elements, slots = _positions(i, p.numel(), indices, masks, compact_state, p.device)
         flat_p = p.view(-1)
-        param = _gather(flat_p, elements).to(math_dtype)
-        grad = _read_grad(i, grads, elements, math_dtype, grad_scale, consume_grad)
+        param = _gather(flat_p, elements).to(mdtype)
+        grad = _read_grad(i, grads, elements, mdtype, grad_scale, consume_grad)
         m_flat, v_flat = exp_avgs[i].view(-1), exp_avg_sqs[i].view(-1)
         m, v = _gather(m_flat, slots).clone(), _gather(v_flat, slots).clone()
         if maximize:
@@ -81,8 +83,8 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, indices=(), masks=
             age = _gather(age_flat, slots) + 1
             _scatter(age_flat, slots, age)
             step = age.to(torch.float64)
-            step_size = (lr / (1 - beta1 ** step)).to(math_dtype)
-            bc2_sqrt = (1 - beta2 ** step).sqrt().to(math_dtype)
+            step_size = (lr / (1 - beta1 ** step)).to(mdtype)
+            bc2_sqrt = (1 - beta2 ** step).sqrt().to(mdtype)
         else:
             step = steps[i].item()
             step_size = lr / (1 - beta1 ** step)
@@ -101,11 +103,11 @@ def sgd_update_(params, grads, momentum_buffers, indices=(), masks=(), first_ste
     if lr_tensor is not None:
         lr = lr_tensor.item()
     for i, p in enumerate(params):
-        math_dtype = _math_dtype(p.dtype)
+        mdtype = math_dtype(p.dtype)
         elements, slots = _positions(i, p.numel(), indices, masks, compact_state, p.device)
         flat_p = p.view(-1)
-        param = _gather(flat_p, elements).to(math_dtype)
-        d_p = _read_grad(i, grads, elements, math_dtype, grad_scale, consume_grad)
+        param = _gather(flat_p, elements).to(mdtype)
+        d_p = _read_grad(i, grads, elements, mdtype, grad_scale, consume_grad)
         if maximize:
             d_p = -d_p
         if weight_decay != 0:
