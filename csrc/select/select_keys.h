@@ -12,15 +12,11 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define IK_SEL_HD __host__ __device__ __forceinline__
-#else
-#define IK_SEL_HD inline
-#endif
+#include "common/hd.h"
 
 namespace incrkern::select {
 
-IK_SEL_HD uint32_t float_bits(float x) {
+IK_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(x);
 #else
@@ -30,7 +26,7 @@ IK_SEL_HD uint32_t float_bits(float x) {
 #endif
 }
 
-IK_SEL_HD uint64_t double_bits(double x) {
+IK_HD uint64_t double_bits(double x) {
 #if defined(__CUDA_ARCH__)
   return static_cast<uint64_t>(__double_as_longlong(x));
 #else
@@ -41,33 +37,33 @@ IK_SEL_HD uint64_t double_bits(double x) {
 }
 
 // |x| as a key. All NaNs share 0x7f800001 << 1, one above +inf (0x7f800000 << 1).
-IK_SEL_HD uint32_t abs_key32(float x) {
+IK_HD uint32_t abs_key32(float x) {
   // Kept in signed arithmetic so that the compiler can vectorise it with SSE2.
   int32_t v = static_cast<int32_t>(float_bits(x) & 0x7fffffffu);
   v = v < 0x7f800001 ? v : 0x7f800001;
   return static_cast<uint32_t>(v) << 1;
 }
 
-IK_SEL_HD uint32_t signed_key32(float x) {
+IK_HD uint32_t signed_key32(float x) {
   if (x != x) return 0xffffffffu;
   const uint32_t u = float_bits(x + 0.0f);  // -0 + 0 = +0
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-IK_SEL_HD uint64_t abs_key64(double x) {
+IK_HD uint64_t abs_key64(double x) {
   uint64_t u = double_bits(x) & 0x7fffffffffffffffull;
   u = u < 0x7ff0000000000001ull ? u : 0x7ff0000000000001ull;
   return u << 1;
 }
 
-IK_SEL_HD uint64_t signed_key64(double x) {
+IK_HD uint64_t signed_key64(double x) {
   if (x != x) return ~0ull;
   const uint64_t u = double_bits(x + 0.0);
   return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
 }
 
 // murmur3's 32-bit finaliser.
-IK_SEL_HD uint32_t fmix32(uint32_t h) {
+IK_HD uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
   h *= 0x85ebca6bu;
   h ^= h >> 13;
@@ -90,7 +86,7 @@ inline RandomKeys random_keys(int64_t seed, int64_t tensor) {
 }
 
 // The random key of element i: uniform over uint32, reproducible anywhere.
-IK_SEL_HD uint32_t random_key32(uint32_t kt, uint32_t kt2, int64_t i) {
+IK_HD uint32_t random_key32(uint32_t kt, uint32_t kt2, int64_t i) {
   const uint64_t u = static_cast<uint64_t>(i);
   const uint32_t h = fmix32(static_cast<uint32_t>(u) ^ kt);
   return fmix32(h + static_cast<uint32_t>(u >> 32) * 0x9e3779b9u + kt2);
