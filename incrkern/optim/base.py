@@ -332,16 +332,18 @@ class IncrementalOptimizer(Optimizer):
 
     def _incremental_step(self, group, params):
         self._check_incremental(group, params)
-        by_device = list(self._by_device(params))
-        for _, ps in by_device:
-            self._accumulate(group, ps, [_contiguous_view(p.grad).view(-1) for p in ps])
+        # (device, params, flat contiguous grads): a non-contiguous grad is copied once
+        by_device = [(device, ps, [_contiguous_view(p.grad).view(-1) for p in ps])
+                     for device, ps in self._by_device(params)]
+        for _, ps, grads in by_device:
+            self._accumulate(group, ps, grads)
         group["accumulated_calls"] += 1
         if group["accumulated_calls"] < group["accumulate_steps"]:
             return
         group["accumulated_calls"] = 0
         n = group["accumulate_steps"]
         select = group["select"]
-        for device, ps in by_device:
+        for device, ps, grads in by_device:
             if select == "accumulated":
                 sources = [self.state[p]["residual"] for p in ps]
                 scale, consume = 1.0, True
@@ -349,8 +351,7 @@ class IncrementalOptimizer(Optimizer):
                 sources = [self.state[p]["grad_acc"] for p in ps]
                 scale, consume = 1.0 / n, True
             else:
-                sources = [_contiguous_view(p.grad).view(-1) for p in ps]
-                scale, consume = 1.0, False
+                sources, scale, consume = grads, 1.0, False
             work = _Work(ps, sources)
             indices = self._select(group, ps, sources, work.param_views)
             partial = indices is not None
