@@ -420,3 +420,63 @@ def test_cuda_ties_and_approx_across_chunks():
             off += n
         if 0 < m < total:
             assert keys[chosen].min() >= keys[~chosen].max()
+
+
+def structured_inputs(n, generator):
+    """Inputs that defeat a sample: big values on a period (the sample reads at a
+    constant odd stride), in one block, on a ramp, with NaN/inf/-0 among them."""
+    base = torch.randn(n, generator=generator) * 1e-3
+    out = {"ramp": torch.linspace(-1.0, 1.0, n), "block": base.clone()}
+    block = out["block"][n // 3: n // 3 + max(1, n // 50)]
+    block.copy_(5.0 + torch.rand(block.numel(), generator=generator))
+    for period in (2, 15, 16, 17, 31, 33, 255):
+        x = base.clone()
+        x[period // 2:: period] += torch.randn(len(range(period // 2, n, period)), generator=generator) * 10
+        out[f"period{period}"] = x
+    special = base.clone()
+    pick = torch.randperm(n, generator=generator)[: max(1, n // 97)]
+    special[pick] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 3.0, -3.0]).repeat(len(pick))[: len(pick)]
+    out["special"] = special
+    return out
+
+
+@pytest.mark.parametrize("n", [300, 4097, 10000, 160000, 262144, 262145, 1000003])
+def test_select_grad_structured_inputs(n):
+    """The fp32 |grad| scan (vectorised, sampled threshold) against the reference on
+    inputs whose large values a strided sample can miss."""
+    gen = torch.Generator().manual_seed(n)
+    for name, x in structured_inputs(n, gen).items():
+        for density in (0.001, 0.01, 0.2):
+            k = min(n, math.ceil(density * n))
+            got = ops.select([x], [k])[0]
+            want = reference.select([x], [k], "grad", False, False)[0]
+            assert torch.equal(got, want), (name, density)
+            got_two = ops.select([x[: n // 2], x[n // 2:]], k, scope="global")
+            want_two = reference.select([x[: n // 2], x[n // 2:]], [k], "grad", True, False)
+            assert all(torch.equal(a, b) for a, b in zip(got_two, want_two)), (name, density)
+
+
+def _fmix32(h):
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+@pytest.mark.parametrize("n", [4097, 160000, 262144, 1000003])
+def test_select_sample_sees_only_spikes(n):
+    """White-box: spikes on exactly the positions the CPU kernel samples (the sample
+    rule of select_cpu.cpp, mirrored here), so the sample overrates every key and its
+    threshold misses; the kernel must notice and still answer exactly."""
+    s = min(n, max(256, min(n // 16, 16384))) if n <= 262144 else \
+        min(65536, n, max(4096, n // 32))
+    stride = max(1, n // s)
+    stride -= stride % 2 == 0
+    start = _fmix32(n ^ 0x9E3779B9) % stride
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1)) * 1e-3
+    x[start::stride] = 1.0 + torch.rand(len(range(start, n, stride)))
+    for density in (0.001, 0.01, 0.2):
+        k = math.ceil(density * n)
+        assert torch.equal(ops.select([x], [k])[0],
+                           reference.select([x], [k], "grad", False, False)[0])

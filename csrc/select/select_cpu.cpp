@@ -41,8 +41,8 @@
 #include <exception>
 #include <type_traits>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
 #endif
 #include <vector>
 
@@ -267,6 +267,94 @@ inline uint32_t mask_greater(const uint32_t (&keys)[kGroup], uint32_t t) {
 }
 #endif
 
+// The scan of the usual case, |x| of fp32 (a gradient, a residual sum aside): the
+// groups of kGroup elements holding a key >= lo, with the bit mask of those keys,
+// appended to hits/masks. Nearly every group holds none, so the loop is one load,
+// AND and compare per 8 elements; only the groups it reports are looked at element
+// by element. AVX2 where the CPU has it (checked once), SSE2 otherwise: at SSE2
+// width the band pass ran at half the memory bandwidth of two cores.
+//
+// key >= lo  <=>  (bits(x) & 0x7fffffff) >= ceil(lo / 2), as a signed compare: the
+// abs key is min(bits, NaN) << 1 with every NaN above +inf (select_keys.h).
+inline bool abs_f32_threshold(uint32_t lo, int32_t& t) {
+  const uint64_t half = (uint64_t(lo) + 1) >> 1;
+  if (half > 0x7f800001u) return false;  // no key reaches lo
+  t = int32_t(half);
+  return true;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) int64_t abs_f32_groups_avx2(const float* x, int64_t groups,
+                                                             int32_t t, uint32_t* hits,
+                                                             uint16_t* masks) {
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff), tm1 = _mm256_set1_epi32(t - 1);
+  int64_t n = 0;
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const float* q = x + gi * kGroup;
+    const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), absmask);
+    const __m256i b = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 8)), absmask);
+    const __m256i ga = _mm256_cmpgt_epi32(a, tm1), gb = _mm256_cmpgt_epi32(b, tm1);
+    if (_mm256_testz_si256(_mm256_or_si256(ga, gb), _mm256_or_si256(ga, gb))) continue;
+    hits[n] = uint32_t(gi);
+    masks[n++] = uint16_t(_mm256_movemask_ps(_mm256_castsi256_ps(ga)) |
+                          (_mm256_movemask_ps(_mm256_castsi256_ps(gb)) << 8));
+  }
+  return n;
+}
+#endif
+
+inline int64_t abs_f32_groups(const float* x, int64_t groups, int32_t t, uint32_t* hits,
+                              uint16_t* masks) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return abs_f32_groups_avx2(x, groups, t, hits, masks);
+#endif
+  int64_t n = 0;
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    uint32_t m = 0;
+    for (int j = 0; j < kGroup; ++j) {
+      int32_t bits;
+      std::memcpy(&bits, x + gi * kGroup + j, 4);
+      m |= uint32_t((bits & 0x7fffffff) >= t) << j;
+    }
+    if (m) hits[n] = uint32_t(gi), masks[n++] = uint16_t(m);
+  }
+  return n;
+}
+
+// Calls each(i, key) for every element i in [begin, end) with key >= lo, in
+// ascending order, when the reader is |fp32| (returns true); else does nothing
+// and returns false, and the caller runs its generic loop.
+template <typename K, typename Reader, typename Each>
+bool for_keys_at_least(const Reader& rd, int64_t begin, int64_t end, K lo, Each&& each) {
+  if constexpr (sizeof(K) == 4 && std::is_same_v<Reader, AbsReader<K, float>>) {
+    int32_t t;
+    if (!abs_f32_threshold(lo, t)) return true;
+    constexpr int64_t kChunkGroups = 2048;  // 32K elements per scan call
+    uint32_t hits[kChunkGroups];
+    uint16_t masks[kChunkGroups];
+    int64_t i = begin;
+    while (end - i >= kGroup) {
+      const int64_t groups = std::min<int64_t>(kChunkGroups, (end - i) / kGroup);
+      const int64_t nh = abs_f32_groups(rd.p + i, groups, t, hits, masks);
+      for (int64_t h = 0; h < nh; ++h) {
+        const int64_t g0 = i + int64_t(hits[h]) * kGroup;
+        for (uint32_t m = masks[h]; m; m &= m - 1) {
+          const int64_t e = g0 + __builtin_ctz(m);
+          each(e, rd(e));
+        }
+      }
+      i += groups * kGroup;
+    }
+    for (; i < end; ++i) {
+      const K key = rd(i);
+      if (key >= lo) each(i, key);
+    }
+    return true;
+  }
+  return false;
+}
+
 // Whether any of the group's keys is >= lo.
 template <typename K>
 inline bool any_at_least(const K (&keys)[kGroup], K lo) {
@@ -322,6 +410,8 @@ class Selector {
     tie_guess_.reset();
     if (k_ == 0) return finish_empty();
     if (k_ == n_) return finish_all();
+    if (n_ <= kBlock)
+      if (auto out = run_filter()) return std::move(*out);
     if (n_ <= kSerialMax) return run_serial();
     if (auto band = sample_band()) {
       std::vector<BandOut<K>> out;
@@ -431,24 +521,142 @@ class Selector {
     return outs;
   }
 
+  // Keys of s elements at a constant odd stride from a hashed start. A constant
+  // stride lets the hardware prefetcher run ahead of the reads: with a random
+  // offset in each stride, every read waited on memory, and the 64K-element sample
+  // of a 1e7 tensor cost as much as three full reads. An odd stride walks through
+  // every column of a matrix whose rows are a power of two (or any even) long.
+  // The positions are computed first and then read in a tight loop per source.
+  std::vector<K> sample_keys(int64_t s) const {
+    uint64_t stride = std::max<uint64_t>(1, uint64_t(n_ / s));
+    if (stride % 2 == 0) --stride;
+    const uint64_t start = fmix32(uint32_t(n_) ^ 0x9e3779b9u) % stride;
+    std::vector<int64_t> pos(s);
+    for (int64_t j = 0; j < s; ++j) pos[j] = int64_t(start + uint64_t(j) * stride);
+    std::vector<K> keys(s);
+    parallel_for(0, s, 4096, [&](int64_t b, int64_t e) {
+      for (const Source& src : srcs_) {
+        const int64_t* first = std::lower_bound(pos.data() + b, pos.data() + e, src.pos0);
+        const int64_t* last = std::lower_bound(first, static_cast<const int64_t*>(pos.data() + e), src.pos0 + src.n);
+        if (first == last) continue;
+        with_reader<K>(src, [&](auto rd) {
+          for (const int64_t* q = first; q < last; ++q) keys[q - pos.data()] = rd(*q - src.pos0);
+        });
+      }
+    });
+    return keys;
+  }
+
+  // Inputs of up to one block, k small against n: a sample bounds the k-th key from
+  // below (L, four standard deviations under it), one vectorised read keeps the few
+  // (key, position) pairs with key >= L, and the k-th key is found among them. This
+  // is the path of a model's many small tensors, so it reads each one once and sorts
+  // no more than a few percent of it. nullopt when the sample's bound missed (fewer
+  // than k keys >= L): run_serial then answers.
+  std::optional<std::vector<at::Tensor>> run_filter() const {
+    const int64_t s = std::min(n_, std::clamp<int64_t>(n_ / 16, 256, kSample / 4));
+    const double p = double(k_) / double(n_);
+    const double mean = p * double(s), sd = std::sqrt(double(s) * p * (1 - p));
+    const int64_t rank_lo = int64_t(std::ceil(mean + 4 * sd + 4));
+    if (rank_lo >= s / 4) return std::nullopt;  // not sparse enough to pay off
+    // The rank_lo-th largest sample key, by a min-heap of the rank_lo + 1 largest:
+    // rank_lo is a few percent of s, so nearly every key costs one compare with the
+    // heap's top (nth_element's partitioning mispredicts a branch per key).
+    std::vector<K> heap;
+    heap.reserve(size_t(rank_lo + 1));
+    for (K key : sample_keys(s)) {
+      if (int64_t(heap.size()) <= rank_lo) {
+        heap.push_back(key);
+        std::push_heap(heap.begin(), heap.end(), std::greater<K>());
+      } else if (key > heap.front()) {
+        std::pop_heap(heap.begin(), heap.end(), std::greater<K>());
+        heap.back() = key;
+        std::push_heap(heap.begin(), heap.end(), std::greater<K>());
+      }
+    }
+    const K lo = heap.front();
+    if (lo == 0) return std::nullopt;
+    // Candidates written through a cursor into arrays grown only when a group
+    // could overflow them (push_back per element was a call and a check each).
+    std::vector<K> ckey(size_t(2 * (rank_lo + 1) * (n_ / s + 1)) + kGroup);
+    std::vector<int64_t> cpos(ckey.size());  // position in the concatenation, ascending
+    size_t nc = 0;
+    auto room = [&] {
+      if (nc + kGroup > ckey.size()) ckey.resize(2 * ckey.size()), cpos.resize(ckey.size());
+    };
+    for (const Source& src : srcs_)
+      with_reader<K>(src, [&](auto rd) {
+        if (for_keys_at_least(rd, int64_t(0), src.n, lo, [&](int64_t i, K key) {
+              room();
+              ckey[nc] = key;
+              cpos[nc++] = src.pos0 + i;
+            }))
+          return;
+        int64_t i = 0;
+        for (; i + kGroup <= src.n; i += kGroup) {
+          K group[kGroup];
+          group_keys(rd, i, group);
+#if defined(__SSE2__)
+          if constexpr (sizeof(K) == 4) {
+            uint32_t m = mask_greater(group, lo - 1);
+            if (!m) continue;
+            room();
+            for (; m; m &= m - 1) {
+              const int j = __builtin_ctz(m);
+              ckey[nc] = group[j];
+              cpos[nc++] = src.pos0 + i + j;
+            }
+            continue;
+          }
+#endif
+          if (!any_at_least(group, lo)) continue;
+          room();
+          for (int j = 0; j < kGroup; ++j)
+            if (group[j] >= lo) ckey[nc] = group[j], cpos[nc++] = src.pos0 + i + j;
+        }
+        for (; i < src.n; ++i) {
+          const K key = rd(i);
+          room();
+          if (key >= lo) ckey[nc] = key, cpos[nc++] = src.pos0 + i;
+        }
+      });
+    ckey.resize(nc);
+    cpos.resize(nc);
+    if (int64_t(ckey.size()) < k_) return std::nullopt;
+    // Every key >= the k-th is a candidate: the k-th of the candidates is the k-th.
+    std::vector<K> order(ckey);
+    std::nth_element(order.begin(), order.begin() + (k_ - 1), order.end(), std::greater<K>());
+    const K kth = order[size_t(k_ - 1)];
+    int64_t ties = k_;  // keys equal to the k-th still to take, lowest positions first
+    for (K key : ckey) ties -= key > kth;
+    std::vector<int64_t> sizes(srcs_.size(), 0);
+    std::vector<int64_t> chosen;
+    chosen.reserve(size_t(k_));
+    for (size_t j = 0; j < ckey.size(); ++j) {
+      const bool tie = ckey[j] == kth && ties > 0;
+      if (ckey[j] > kth || tie) chosen.push_back(cpos[j]);
+      ties -= tie;
+    }
+    std::vector<int64_t> starts;
+    for (const Source& src : srcs_) starts.push_back(src.pos0);
+    for (int64_t q : chosen)
+      ++sizes[std::upper_bound(starts.begin(), starts.end(), q) - starts.begin() - 1];
+    std::vector<at::Tensor> outs = alloc(sizes);
+    size_t j = 0;
+    for (size_t i = 0; i < srcs_.size(); ++i) {
+      int64_t* o = outs[i].data_ptr<int64_t>();
+      for (int64_t c = 0; c < sizes[i]; ++c) o[c] = chosen[j++] - srcs_[i].pos0;
+    }
+    return outs;
+  }
+
   // The band [L, H] from a strided sample with a random offset in each stride, or
   // nothing when the sample predicts more candidates than the budget allows.
   std::optional<std::pair<K, K>> sample_band() {
     // A fixed 64K sample would cost mid-sized tensors (say 590K elements, a
     // transformer's projection) as much as their one read: scale it with n.
     const int64_t s = std::min({kSample, n_, std::max<int64_t>(kMinSample, n_ / 32)});
-    const int64_t stride = n_ / s;
-    std::vector<int64_t> starts;
-    for (const Source& src : srcs_) starts.push_back(src.pos0);
-    std::vector<K> keys(s);
-    parallel_for(0, s, 4096, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        int64_t pos = j * stride + int64_t(fmix32(uint32_t(j) * 0x9e3779b9u + 1u) % uint64_t(stride));
-        pos = std::min(pos, n_ - 1);
-        const int src = int(std::upper_bound(starts.begin(), starts.end(), pos) - starts.begin()) - 1;
-        with_reader<K>(srcs_[src], [&](auto rd) { keys[j] = rd(pos - srcs_[src].pos0); });
-      }
-    });
+    std::vector<K> keys = sample_keys(s);
     const double p = double(k_) / double(n_);
     const double mean = p * double(s), sd = std::sqrt(double(s) * p * (1 - p));
     const double margin = 4 * sd + 4;
@@ -498,6 +706,9 @@ class Selector {
               }
             }
           };
+          o.win.resize(0);
+          if (for_keys_at_least(rd, blk.begin, blk.end, lo, one)) return;
+          o.win.resize(o.win.capacity());
           int64_t i = blk.begin;
           for (; i + kGroup <= blk.end; i += kGroup) {
             K keys[kGroup];

@@ -16,7 +16,11 @@
 namespace incrkern {
 namespace {
 
+// Positions per task: a streamed element costs a few bytes of bandwidth, a
+// scattered one a wait on memory for each of its lines, so indexed work is split
+// finer (at 1e4 indices the coarse grain left one core doing all of it).
 constexpr int64_t kGrain = 1 << 15;
+constexpr int64_t kIndexedGrain = 1 << 10;
 
 // Where the j-th updated element lives: its flat position in the param and grad,
 // and its slot in the state tensors (the same position, or j for compact state).
@@ -56,7 +60,7 @@ double lr_value(double lr, const std::optional<at::Tensor>& lr_tensor) {
 // Calls visit(element, slot) for every position in [begin, end). Scattered indices
 // leave the loop waiting on memory (each touches its own lines of p, g and state):
 // prefetch(element, slot) runs kPrefetch positions ahead to keep those lines in flight.
-constexpr int64_t kPrefetch = 32;
+constexpr int64_t kPrefetch = 16;
 
 template <typename Visit, typename Prefetch>
 inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visit&& visit,
@@ -257,10 +261,12 @@ RangeFn sgd_ranges(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M> h
 
 // One parallel loop over the positions of every tensor of a call: a list of many
 // small tensors costs one fork/join, not one per tensor.
-void run_ranges(const std::vector<RangeFn>& fns, const std::vector<int64_t>& counts) {
+void run_ranges(const std::vector<RangeFn>& fns, const std::vector<int64_t>& counts,
+                const std::vector<Positions>& pos) {
+  const bool indexed = std::any_of(pos.begin(), pos.end(), [](const Positions& p) { return p.indices; });
   std::vector<int64_t> start(counts.size() + 1, 0);
   for (size_t i = 0; i < counts.size(); ++i) start[i + 1] = start[i] + counts[i];
-  at::parallel_for(0, start.back(), kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, start.back(), indexed ? kIndexedGrain : kGrain, [&](int64_t begin, int64_t end) {
     // the last tensor starting at or before `begin` (empty tensors share starts)
     size_t i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
     for (; begin < end; ++i) {
@@ -315,7 +321,7 @@ void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     });
     counts.push_back(pos[i].count);
   }
-  run_ranges(fns, counts);
+  run_ranges(fns, counts, pos);
 }
 
 void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -348,7 +354,7 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     });
     counts.push_back(pos[i].count);
   }
-  run_ranges(fns, counts);
+  run_ranges(fns, counts, pos);
 }
 
 }  // namespace
