@@ -309,7 +309,7 @@ void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   if (increment_steps)
     for (const at::Tensor& s : steps) *s.data_ptr<float>() += 1.0f;
   for (size_t i = 0; i < params.size(); ++i) {
-    const double step = steps[i].item<double>();
+    const double step = *steps[i].data_ptr<float>();  // checked: a float32 scalar on the CPU
     dispatch_param_grad(params[i], grads[i], [&]<typename T, typename G>() {
       using M = at::opmath_type<T>;
       const auto h = make_adam_hyper<M>(lr, beta1, beta2, eps, weight_decay,
