@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -375,6 +376,36 @@ inline bool any_at_least(const K (&keys)[kGroup], K lo) {
   }
 }
 
+// The r-th largest (1-based) of keys, which it reorders. Radix rounds of 11 bits
+// over the keys' own range, each keeping only the bin of the r-th, then
+// nth_element on the few left: on the tens of thousands of candidates of a band
+// this is a few linear passes, where nth_element alone mispredicted a branch per
+// key per partition round.
+template <typename K>
+K kth_largest(std::vector<K>& keys, int64_t r) {
+  constexpr int kBits = 11;
+  const auto [lo_it, hi_it] = std::minmax_element(keys.begin(), keys.end());
+  K mn = *lo_it, mx = *hi_it;
+  std::vector<uint32_t> hist(size_t(1) << kBits);
+  while (int64_t(keys.size()) > 64 && mn != mx) {
+    const int shift = std::max(0, int(std::bit_width(K(mx - mn))) - kBits);
+    std::fill(hist.begin(), hist.end(), 0u);
+    for (K key : keys) ++hist[size_t((key - mn) >> shift)];
+    size_t b = size_t((mx - mn) >> shift);
+    for (; r > int64_t(hist[b]); --b) r -= hist[b];
+    size_t w = 0;
+    for (K key : keys)
+      if (size_t((key - mn) >> shift) == b) keys[w++] = key;
+    keys.resize(w);
+    const K base = K(mn + (K(b) << shift));
+    mx = std::min<K>(mx, K(base + ((K(1) << shift) - 1)));
+    mn = base;
+  }
+  if (mn == mx) return mn;
+  std::nth_element(keys.begin(), keys.begin() + (r - 1), keys.end(), std::greater<K>());
+  return keys[size_t(r - 1)];
+}
+
 template <typename K>
 struct Cand {
   K key;
@@ -554,7 +585,7 @@ class Selector {
   // no more than a few percent of it. nullopt when the sample's bound missed (fewer
   // than k keys >= L): run_serial then answers.
   std::optional<std::vector<at::Tensor>> run_filter() const {
-    const int64_t s = std::min(n_, std::clamp<int64_t>(n_ / 16, 256, kSample / 4));
+    const int64_t s = std::min(n_, std::clamp<int64_t>(n_ / 64, 256, 4096));
     const double p = double(k_) / double(n_);
     const double mean = p * double(s), sd = std::sqrt(double(s) * p * (1 - p));
     const int64_t rank_lo = int64_t(std::ceil(mean + 4 * sd + 4));
@@ -624,9 +655,8 @@ class Selector {
     cpos.resize(nc);
     if (int64_t(ckey.size()) < k_) return std::nullopt;
     // Every key >= the k-th is a candidate: the k-th of the candidates is the k-th.
-    std::vector<K> order(ckey);
-    std::nth_element(order.begin(), order.begin() + (k_ - 1), order.end(), std::greater<K>());
-    const K kth = order[size_t(k_ - 1)];
+    std::vector<K> scratch(ckey);
+    const K kth = kth_largest(scratch, k_);
     int64_t ties = k_;  // keys equal to the k-th still to take, lowest positions first
     for (K key : ckey) ties -= key > kth;
     std::vector<int64_t> sizes(srcs_.size(), 0);
@@ -759,12 +789,21 @@ class Selector {
   // e* is the r-th candidate under (key desc, position asc); each block then merges
   // its winners with its chosen candidates.
   std::vector<at::Tensor> resolve_and_merge(const std::vector<BandOut<K>>& out, int64_t r) const {
-    std::vector<Cand<K>> cands;
-    for (size_t bi = 0; bi < out.size(); ++bi)
+    std::vector<K> keys;
+    for (const BandOut<K>& o : out) keys.insert(keys.end(), o.ckey.begin(), o.ckey.end());
+    const K kth = kth_largest(keys, r);
+    // The candidates keyed kth are taken lowest positions first: e* is the
+    // (r - #greater)-th of them in position order (blocks are in position order).
+    int64_t ties = r;
+    for (const BandOut<K>& o : out)
+      for (K key : o.ckey) ties -= key > kth;
+    Cand<K> last{kth, -1};
+    for (size_t bi = 0; bi < out.size() && last.pos < 0; ++bi)
       for (size_t j = 0; j < out[bi].cidx.size(); ++j)
-        cands.push_back(Cand<K>{out[bi].ckey[j], gpos(blocks_[bi], out[bi].cidx[j])});
-    std::nth_element(cands.begin(), cands.begin() + (r - 1), cands.end(), before<K>);
-    const Cand<K> last = cands[r - 1];
+        if (out[bi].ckey[j] == kth && --ties == 0) {
+          last.pos = gpos(blocks_[bi], out[bi].cidx[j]);
+          break;
+        }
     return merge(out, [&](const Block& b, K key, int64_t i) {
       return !before(last, Cand<K>{key, gpos(b, i)});
     });
