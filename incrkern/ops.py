@@ -338,7 +338,7 @@ def topk(x, k, *, approx=False):
 
 
 def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=None,
-           weights=None, generator=None):
+           weights=None, generator=None, validate=True):
     """Indices (int64, ascending) of the chosen elements of each tensor (flattened).
 
     k: an int (per tensor for scope="tensor", the total for scope="global"), a list of
@@ -358,6 +358,9 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
     one pass usually pins the exact answer anyway (approx then only accepts a band
     that misses k by less than the tolerance); on CUDA it stops the radix select
     after two of its three digits (a 22-bit boundary of the key).
+    validate=False skips the per-tensor Python checks (dtype, device, residual and
+    weight sizes), for callers that built the lists themselves; the kernel's own
+    checks still run.
     """
     tensors = _as_list("tensors", tensors)
     if not isinstance(score, str) or score not in SCORES:
@@ -374,7 +377,7 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
         _check_length("weights", weights, len(tensors))
     elif weights:
         raise ValueError("weights is only used with score='weight'")
-    if tensors:
+    if tensors and validate:
         device = tensors[0].device
         for i, t in enumerate(tensors):
             _check_select_dtype(f"tensors[{i}]", t, device)

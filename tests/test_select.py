@@ -480,3 +480,14 @@ def test_select_sample_sees_only_spikes(n):
         k = math.ceil(density * n)
         assert torch.equal(ops.select([x], [k])[0],
                            reference.select([x], [k], "grad", False, False)[0])
+
+
+@needs_ext
+def test_select_validate_false_same_answer_and_kernel_still_checks():
+    ts = [torch.randn(1000), torch.randn(77)]
+    for scope in ("tensor", "global"):
+        a = ops.select(ts, 0.05, scope=scope)
+        b = ops.select(ts, 0.05, scope=scope, validate=False)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(RuntimeError, match=r"tensors\[1\]"):
+        ops.select([ts[0], torch.arange(5)], 0.5, validate=False)

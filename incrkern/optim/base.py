@@ -298,7 +298,8 @@ class IncrementalOptimizer(Optimizer):
         elif select == "random":
             score = "random"
         indices = ops.select(tensors, density, score=score, scope=group["scope"],
-                             approx=group["topk"] == "approx", weights=weights)
+                             approx=group["topk"] == "approx", weights=weights,
+                             validate=False)
         if mask != "dynamic":
             # Kept as int32 where positions fit: with k-long fp32 moments a fixed mask
             # then costs 12 bytes per chosen element instead of 16.
