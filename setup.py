@@ -108,8 +108,11 @@ def extension():
     # -O3 and no -march=native: the binary must run on any x86-64 CPU. -fopenmp: ATen's
     # at::parallel_for is an OpenMP pragma in a header, so without it every parallel
     # loop of the extension runs on one thread. The libgomp.so.1 it links to is the
-    # one torch has already loaded (same soname).
-    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp"]
+    # one torch has already loaded (same soname). -fno-semantic-interposition: calls
+    # between the library's own functions (std::vector growth in the select kernels
+    # among them) go direct, not through the PLT as -fPIC alone would have them.
+    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp",
+                 "-fno-semantic-interposition"]
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)

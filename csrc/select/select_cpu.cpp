@@ -268,88 +268,125 @@ inline uint32_t mask_greater(const uint32_t (&keys)[kGroup], uint32_t t) {
 }
 #endif
 
-// The scan of the usual case, |x| of fp32 (a gradient, a residual sum aside): the
-// groups of kGroup elements holding a key >= lo, with the bit mask of those keys,
-// appended to hits/masks. Nearly every group holds none, so the loop is one load,
-// AND and compare per 8 elements; only the groups it reports are looked at element
-// by element. AVX2 where the CPU has it (checked once), SSE2 otherwise: at SSE2
-// width the band pass ran at half the memory bandwidth of two cores.
+// The scan of the usual case, |x| of fp32 (a gradient; not a residual sum): the
+// groups of kGroup elements holding a key >= lo, with the bit masks of their keys
+// >= lo and > hi, appended to hits/masks. Nearly every group holds none, so the
+// loop is a load, an AND and two compares per 8 elements; only the groups it
+// reports are looked at element by element. AVX2 where the CPU has it (checked
+// once), scalar otherwise: at SSE2 width the band pass ran at half the memory
+// bandwidth of two cores.
 //
-// key >= lo  <=>  (bits(x) & 0x7fffffff) >= ceil(lo / 2), as a signed compare: the
-// abs key is min(bits, NaN) << 1 with every NaN above +inf (select_keys.h).
-inline bool abs_f32_threshold(uint32_t lo, int32_t& t) {
-  const uint64_t half = (uint64_t(lo) + 1) >> 1;
-  if (half > 0x7f800001u) return false;  // no key reaches lo
-  t = int32_t(half);
-  return true;
+// key >= t  <=>  (bits(x) & 0x7fffffff) >= ceil(t / 2), as a signed compare: the
+// abs key is min(bits, NaN) << 1 with every NaN above +inf (select_keys.h). The
+// thresholds are kept as "abs bits greater than": -1 for every key, INT32_MAX for
+// none.
+inline int32_t abs_f32_greater_than(uint64_t at_least) {
+  const uint64_t half = (at_least + 1) >> 1;
+  return half > 0x7f800001u ? INT32_MAX : int32_t(half) - 1;
 }
 
+// The positions of the set bits of an 8-bit mask, in order (the rest 0): a
+// compress-store table, so that a group's chosen positions are written with two
+// vector stores and no branch per element (a loop over the bits mispredicted
+// about once per chosen element, the dominant cost of the band pass at k = 1%).
+struct CompressTable {
+  uint8_t pos[256][8];
+  constexpr CompressTable() : pos{} {
+    for (int m = 0; m < 256; ++m) {
+      int c = 0;
+      for (int j = 0; j < 8; ++j)
+        if ((m >> j) & 1) pos[m][c++] = uint8_t(j);
+    }
+  }
+};
+inline constexpr CompressTable kCompress{};
+
+// Slack the compress stores may write past the last position kept.
+constexpr int64_t kStoreSlack = 8;
+
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2"))) int64_t abs_f32_groups_avx2(const float* x, int64_t groups,
-                                                             int32_t t, uint32_t* hits,
-                                                             uint16_t* masks) {
-  const __m256i absmask = _mm256_set1_epi32(0x7fffffff), tm1 = _mm256_set1_epi32(t - 1);
-  int64_t n = 0;
+// Writes base + j for every set bit j of mask16 at out; returns the new end.
+__attribute__((target("avx2"))) inline int64_t* store_positions_avx2(int64_t* out, int64_t base,
+                                                                      uint32_t mask16) {
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t m = (mask16 >> (8 * h)) & 0xffu;
+    const __m128i offs = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.pos[m]));
+    const __m256i b = _mm256_set1_epi64x(base + 8 * h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_add_epi64(b, _mm256_cvtepu8_epi64(offs)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 4),
+                        _mm256_add_epi64(b, _mm256_cvtepu8_epi64(_mm_srli_si128(offs, 4))));
+    out += __builtin_popcount(m);
+  }
+  return out;
+}
+
+// One chunk of groups: positions (base + offset) of the keys > hi to win, of the
+// keys in [lo, hi] to cand; each needs room for 16 * groups + kStoreSlack.
+__attribute__((target("avx2"))) void abs_f32_band_avx2(const float* x, int64_t groups,
+                                                       int32_t lo_gt, int32_t hi_gt, int64_t base,
+                                                       int64_t*& win, int64_t*& cand) {
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
   for (int64_t gi = 0; gi < groups; ++gi) {
     const float* q = x + gi * kGroup;
     const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), absmask);
     const __m256i b = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 8)), absmask);
-    const __m256i ga = _mm256_cmpgt_epi32(a, tm1), gb = _mm256_cmpgt_epi32(b, tm1);
-    if (_mm256_testz_si256(_mm256_or_si256(ga, gb), _mm256_or_si256(ga, gb))) continue;
-    hits[n] = uint32_t(gi);
-    masks[n++] = uint16_t(_mm256_movemask_ps(_mm256_castsi256_ps(ga)) |
-                          (_mm256_movemask_ps(_mm256_castsi256_ps(gb)) << 8));
+    const __m256i la = _mm256_cmpgt_epi32(a, lo), lb = _mm256_cmpgt_epi32(b, lo);
+    const __m256i any = _mm256_or_si256(la, lb);
+    if (_mm256_testz_si256(any, any)) continue;
+    const __m256i ha = _mm256_cmpgt_epi32(a, hi), hb = _mm256_cmpgt_epi32(b, hi);
+    const uint32_t ml = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(la))) |
+                        (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(lb))) << 8);
+    const uint32_t mh = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(ha))) |
+                        (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(hb))) << 8);
+    const int64_t g0 = base + gi * kGroup;
+    if (mh) win = store_positions_avx2(win, g0, mh);
+    if (ml & ~mh) cand = store_positions_avx2(cand, g0, ml & ~mh);
   }
-  return n;
 }
 #endif
 
-inline int64_t abs_f32_groups(const float* x, int64_t groups, int32_t t, uint32_t* hits,
-                              uint16_t* masks) {
+inline void abs_f32_band(const float* x, int64_t groups, int32_t lo_gt, int32_t hi_gt,
+                         int64_t base, int64_t*& win, int64_t*& cand) {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return abs_f32_groups_avx2(x, groups, t, hits, masks);
+  if (avx2) return abs_f32_band_avx2(x, groups, lo_gt, hi_gt, base, win, cand);
 #endif
-  int64_t n = 0;
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    uint32_t m = 0;
-    for (int j = 0; j < kGroup; ++j) {
-      int32_t bits;
-      std::memcpy(&bits, x + gi * kGroup + j, 4);
-      m |= uint32_t((bits & 0x7fffffff) >= t) << j;
-    }
-    if (m) hits[n] = uint32_t(gi), masks[n++] = uint16_t(m);
+  for (int64_t e = 0; e < groups * kGroup; ++e) {
+    int32_t bits;
+    std::memcpy(&bits, x + e, 4);
+    bits &= 0x7fffffff;
+    *win = base + e;
+    win += bits > hi_gt;
+    *cand = base + e;
+    cand += bits > lo_gt && bits <= hi_gt;
   }
-  return n;
 }
 
-// Calls each(i, key) for every element i in [begin, end) with key >= lo, in
-// ascending order, when the reader is |fp32| (returns true); else does nothing
-// and returns false, and the caller runs its generic loop.
-template <typename K, typename Reader, typename Each>
-bool for_keys_at_least(const Reader& rd, int64_t begin, int64_t end, K lo, Each&& each) {
+// When the reader is |fp32|, calls win(pos, n) with runs of the positions in
+// [begin, end) with key > hi and cand(i, key) for every one with lo <= key <= hi,
+// each in ascending order, and returns true; else does nothing and returns false,
+// and the caller runs its generic loop.
+template <typename K, typename Reader, typename Win, typename Cand>
+bool for_band(const Reader& rd, int64_t begin, int64_t end, K lo, K hi, Win&& win, Cand&& cand) {
   if constexpr (sizeof(K) == 4 && std::is_same_v<Reader, AbsReader<K, float>>) {
-    int32_t t;
-    if (!abs_f32_threshold(lo, t)) return true;
-    constexpr int64_t kChunkGroups = 2048;  // 32K elements per scan call
-    uint32_t hits[kChunkGroups];
-    uint16_t masks[kChunkGroups];
+    const int32_t lo_gt = lo == 0 ? -1 : abs_f32_greater_than(lo);
+    const int32_t hi_gt = abs_f32_greater_than(uint64_t(hi) + 1);
+    constexpr int64_t kChunkGroups = 256;  // 4K elements per scan call
+    int64_t wbuf[kChunkGroups * kGroup + kStoreSlack], cbuf[kChunkGroups * kGroup + kStoreSlack];
     int64_t i = begin;
     while (end - i >= kGroup) {
       const int64_t groups = std::min<int64_t>(kChunkGroups, (end - i) / kGroup);
-      const int64_t nh = abs_f32_groups(rd.p + i, groups, t, hits, masks);
-      for (int64_t h = 0; h < nh; ++h) {
-        const int64_t g0 = i + int64_t(hits[h]) * kGroup;
-        for (uint32_t m = masks[h]; m; m &= m - 1) {
-          const int64_t e = g0 + __builtin_ctz(m);
-          each(e, rd(e));
-        }
-      }
+      int64_t *w = wbuf, *c = cbuf;
+      abs_f32_band(rd.p + i, groups, lo_gt, hi_gt, i, w, c);
+      if (w > wbuf) win(wbuf, w - wbuf);
+      for (const int64_t* q = cbuf; q < c; ++q) cand(*q, rd(*q));
       i += groups * kGroup;
     }
     for (; i < end; ++i) {
       const K key = rd(i);
-      if (key >= lo) each(i, key);
+      if (key > hi) win(&i, 1);
+      else if (key >= lo) cand(i, key);
     }
     return true;
   }
@@ -404,6 +441,22 @@ K kth_largest(std::vector<K>& keys, int64_t r) {
   if (mn == mx) return mn;
   std::nth_element(keys.begin(), keys.begin() + (r - 1), keys.end(), std::greater<K>());
   return keys[size_t(r - 1)];
+}
+
+// The m largest of keys (m <= keys.size()) as a min-heap: front() is the least of
+// them. Nearly every key costs one compare with the heap's top when m is small
+// against the count.
+template <typename K>
+std::vector<K> largest(const std::vector<K>& keys, int64_t m) {
+  std::vector<K> heap(keys.begin(), keys.begin() + m);
+  std::make_heap(heap.begin(), heap.end(), std::greater<K>());
+  for (size_t i = size_t(m); i < keys.size(); ++i)
+    if (keys[i] > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<K>());
+      heap.back() = keys[i];
+      std::push_heap(heap.begin(), heap.end(), std::greater<K>());
+    }
+  return heap;
 }
 
 template <typename K>
@@ -571,7 +624,15 @@ class Selector {
         const int64_t* last = std::lower_bound(first, static_cast<const int64_t*>(pos.data() + e), src.pos0 + src.n);
         if (first == last) continue;
         with_reader<K>(src, [&](auto rd) {
-          for (const int64_t* q = first; q < last; ++q) keys[q - pos.data()] = rd(*q - src.pos0);
+          // Reads kAhead samples ahead are requested early: each sample is its own
+          // line, and without this only a few are waited on at once.
+          constexpr int64_t kAhead = 16;
+          const char* base = static_cast<const char*>(src.data);
+          const int64_t size = src.data ? int64_t(c10::elementSize(src.dtype)) : 0;
+          for (const int64_t* q = first; q < last; ++q) {
+            if (base && last - q > kAhead) __builtin_prefetch(base + (q[kAhead] - src.pos0) * size);
+            keys[q - pos.data()] = rd(*q - src.pos0);
+          }
         });
       }
     });
@@ -590,22 +651,8 @@ class Selector {
     const double mean = p * double(s), sd = std::sqrt(double(s) * p * (1 - p));
     const int64_t rank_lo = int64_t(std::ceil(mean + 4 * sd + 4));
     if (rank_lo >= s / 4) return std::nullopt;  // not sparse enough to pay off
-    // The rank_lo-th largest sample key, by a min-heap of the rank_lo + 1 largest:
-    // rank_lo is a few percent of s, so nearly every key costs one compare with the
-    // heap's top (nth_element's partitioning mispredicts a branch per key).
-    std::vector<K> heap;
-    heap.reserve(size_t(rank_lo + 1));
-    for (K key : sample_keys(s)) {
-      if (int64_t(heap.size()) <= rank_lo) {
-        heap.push_back(key);
-        std::push_heap(heap.begin(), heap.end(), std::greater<K>());
-      } else if (key > heap.front()) {
-        std::pop_heap(heap.begin(), heap.end(), std::greater<K>());
-        heap.back() = key;
-        std::push_heap(heap.begin(), heap.end(), std::greater<K>());
-      }
-    }
-    const K lo = heap.front();
+    // The rank_lo-th largest sample key: the least of the rank_lo + 1 largest.
+    const K lo = largest(sample_keys(s), rank_lo + 1).front();
     if (lo == 0) return std::nullopt;
     // Candidates written through a cursor into arrays grown only when a group
     // could overflow them (push_back per element was a call and a check each).
@@ -617,11 +664,15 @@ class Selector {
     };
     for (const Source& src : srcs_)
       with_reader<K>(src, [&](auto rd) {
-        if (for_keys_at_least(rd, int64_t(0), src.n, lo, [&](int64_t i, K key) {
-              room();
-              ckey[nc] = key;
-              cpos[nc++] = src.pos0 + i;
-            }))
+        auto take = [&](int64_t i, K key) {
+          room();
+          ckey[nc] = key;
+          cpos[nc++] = src.pos0 + i;
+        };
+        if (for_band(rd, int64_t(0), src.n, lo, std::numeric_limits<K>::max(),
+                     [&](const int64_t* pos, int64_t n) {
+                       for (int64_t j = 0; j < n; ++j) take(pos[j], rd(pos[j]));
+                     }, take))
           return;
         int64_t i = 0;
         for (; i + kGroup <= src.n; i += kGroup) {
@@ -692,19 +743,25 @@ class Selector {
     const double margin = 4 * sd + 4;
     const int64_t rank_hi = int64_t(std::floor(mean - margin));  // ranks from the top, 0-based
     const int64_t rank_lo = int64_t(std::ceil(mean + margin));
-    auto key_at = [&](int64_t rank) {  // the rank-th largest sample key
-      std::nth_element(keys.begin(), keys.begin() + rank, keys.end(), std::greater<K>());
-      return keys[rank];
+    // lo, the rank_lo-th largest sample key, is the least of the rank_lo + 1 largest,
+    // kept in a min-heap: rank_lo is about 1% of the sample at k = 1%, so nearly
+    // every key costs one compare with the heap's top (nth_element over the whole
+    // sample mispredicted a branch per key per round). hi and the tie guess rank
+    // above lo, so they are found among those few hundred keys.
+    std::vector<K> top = largest(keys, std::min(rank_lo, s - 1) + 1);
+    const K lo = rank_lo >= s ? K(0) : top.front();
+    auto key_at = [&](int64_t rank) {  // the rank-th largest sample key, rank < top.size()
+      std::nth_element(top.begin(), top.begin() + rank, top.end(), std::greater<K>());
+      return top[size_t(rank)];
     };
     const K hi = rank_hi < 0 ? std::numeric_limits<K>::max() : key_at(rank_hi);
-    const K lo = rank_lo >= s ? K(0) : key_at(rank_lo);
     int64_t in_band = 0;
     for (K key : keys) in_band += key >= lo && key <= hi;
     const double predicted = double(in_band) * double(n_) / double(s);
     if (predicted > double(budget_) / 2) {
       // Too wide, usually because many keys tie inside the band: the sample's
       // k-th key is then a good guess of the true one.
-      tie_guess_ = key_at(std::clamp<int64_t>(int64_t(mean), 0, s - 1));
+      tie_guess_ = key_at(std::clamp<int64_t>(int64_t(mean), 0, int64_t(top.size()) - 1));
       return std::nullopt;
     }
     return std::make_pair(lo, hi);
@@ -736,9 +793,20 @@ class Selector {
               }
             }
           };
-          o.win.resize(0);
-          if (for_keys_at_least(rd, blk.begin, blk.end, lo, one)) return;
-          o.win.resize(o.win.capacity());
+          // Winners written through a cursor into o.win, sized above for the
+          // expected count and grown when full.
+          const bool fast = for_band(rd, blk.begin, blk.end, lo, hi, [&](const int64_t* pos, int64_t n) {
+            if (wn + size_t(n) > o.win.size()) o.win.resize(2 * (wn + size_t(n)));
+            std::copy(pos, pos + n, o.win.data() + wn);
+            wn += size_t(n);
+          }, [&](int64_t i, K key) {
+            o.ckey.push_back(key);
+            o.cidx.push_back(i);
+          });
+          if (fast) {
+            o.win.resize(wn);
+            return;
+          }
           int64_t i = blk.begin;
           for (; i + kGroup <= blk.end; i += kGroup) {
             K keys[kGroup];
