@@ -491,3 +491,38 @@ def test_select_validate_false_same_answer_and_kernel_still_checks():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(RuntimeError, match=r"tensors\[1\]"):
         ops.select([ts[0], torch.arange(5)], 0.5, validate=False)
+
+
+@needs_ext
+def test_cpu_baseline_scan_same_answer():
+    """The portable (non-AVX2) band scan, forced by INCRKERN_CPU_BASELINE=1 in a child
+    process, picks the same elements as the default build path."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, math\n"
+        "from incrkern import ops\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "out = []\n"
+        "for n in (17, 4097, 160000, 1000003):\n"
+        "    x = torch.randn(n, generator=g)\n"
+        "    x[::97] = float('nan')\n"
+        "    for d in (0.001, 0.01, 0.3):\n"
+        "        out.append(ops.select([x], d)[0])\n"
+        "        out.append(ops.select([x[: n // 2], x[n // 2:]], d, scope='global')[1])\n"
+        "torch.save(out, __import__('sys').argv[1])\n")
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for env_value in (None, "1"):
+            env = dict(os.environ)
+            env.pop("INCRKERN_CPU_BASELINE", None)
+            if env_value:
+                env["INCRKERN_CPU_BASELINE"] = env_value
+            path = os.path.join(tmp, f"out{env_value}.pt")
+            subprocess.run([sys.executable, "-c", code, path], check=True, env=env,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            results.append(torch.load(path))
+    assert len(results[0]) == len(results[1]) == 24
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -35,6 +35,7 @@
 #include <atomic>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -349,7 +350,8 @@ __attribute__((target("avx2"))) void abs_f32_band_avx2(const float* x, int64_t g
 inline void abs_f32_band(const float* x, int64_t groups, int32_t lo_gt, int32_t hi_gt,
                          int64_t base, int64_t*& win, int64_t*& cand) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
+  // INCRKERN_CPU_BASELINE=1 takes the portable loop (the tests run both).
+  static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("INCRKERN_CPU_BASELINE");
   if (avx2) return abs_f32_band_avx2(x, groups, lo_gt, hi_gt, base, win, cand);
 #endif
   for (int64_t e = 0; e < groups * kGroup; ++e) {
