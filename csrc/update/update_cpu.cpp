@@ -65,6 +65,11 @@ constexpr int64_t kPrefetch = 16;
 template <typename Visit, typename Prefetch>
 inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visit&& visit,
                           Prefetch&& prefetch) {
+  // The first kPrefetch positions are requested up front: a small tensor's few
+  // positions would otherwise mostly run ahead of their prefetches.
+  if (pos.indices)
+    for (int64_t j = begin; j < std::min(end, begin + kPrefetch); ++j)
+      prefetch(pos.indices[j], pos.compact ? j : pos.indices[j]);
   for (int64_t j = begin; j < end; ++j) {
     if (pos.indices && j + kPrefetch < end) {
       const int64_t ahead = pos.indices[j + kPrefetch];
