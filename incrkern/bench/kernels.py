@@ -334,7 +334,8 @@ def sparse_step_case(shape_name, shapes, densities):
         cls = common.optimizer_class("AdamW")
         for d in densities:
             k = n if d >= 1.0 else sum(max(1, math.ceil(d * math.prod(s))) for s in shapes)
-            nbytes = BYTES_ADAMW * k + (0 if d >= 1.0 else BYTES_SELECT_PASS * n)
+            nbytes = BYTES_ADAMW * k if d >= 1.0 else \
+                common.sparse_step_bytes(shapes, d, ctx["device"])
             fields = dict(density=d, k=k, reference="torch AdamW fused (dense)", **base)
             for mode in ("exact", "approx"):
                 name = f"incrkern AdamW {mode}"
