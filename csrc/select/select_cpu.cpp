@@ -445,11 +445,18 @@ K kth_largest(std::vector<K>& keys, int64_t r) {
   return keys[size_t(r - 1)];
 }
 
-// The m largest of keys (m <= keys.size()) as a min-heap: front() is the least of
-// them. Nearly every key costs one compare with the heap's top when m is small
-// against the count.
+// The m largest of keys (m <= keys.size()), the least of them at front(). A min-heap
+// when m is small against the count (nearly every key then costs one compare with
+// the heap's top), nth_element otherwise.
 template <typename K>
 std::vector<K> largest(const std::vector<K>& keys, int64_t m) {
+  if (m * 32 > int64_t(keys.size())) {  // many: a heap would do log(m) work per key
+    std::vector<K> all(keys);
+    std::nth_element(all.begin(), all.begin() + (m - 1), all.end(), std::greater<K>());
+    all.resize(size_t(m));
+    std::swap(all.front(), all.back());  // the least of them first, as the heap has it
+    return all;
+  }
   std::vector<K> heap(keys.begin(), keys.begin() + m);
   std::make_heap(heap.begin(), heap.end(), std::greater<K>());
   for (size_t i = size_t(m); i < keys.size(); ++i)
