@@ -365,6 +365,36 @@ inline void abs_f32_band(const float* x, int64_t groups, int32_t lo_gt, int32_t 
   }
 }
 
+// keys[g] = the largest |fp32| key of group g of x, for `groups` whole groups.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) void abs_f32_group_max_avx2(const float* x, int64_t groups,
+                                                            uint32_t* keys) {
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const float* q = x + gi * kGroup;
+    const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), absmask);
+    const __m256i b = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 8)), absmask);
+    __m128i m = _mm_max_epi32(_mm256_castsi256_si128(_mm256_max_epi32(a, b)),
+                              _mm256_extracti128_si256(_mm256_max_epi32(a, b), 1));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4e));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xb1));
+    keys[gi] = uint32_t(std::min(_mm_cvtsi128_si32(m), 0x7f800001)) << 1;
+  }
+}
+#endif
+
+inline void abs_f32_group_max(const float* x, int64_t groups, uint32_t* keys) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("INCRKERN_CPU_BASELINE");
+  if (avx2) return abs_f32_group_max_avx2(x, groups, keys);
+#endif
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    uint32_t mx = 0;
+    for (int j = 0; j < kGroup; ++j) mx = std::max(mx, abs_key32(x[gi * kGroup + j]));
+    keys[gi] = mx;
+  }
+}
+
 // When the reader is |fp32|, calls win(pos, n) with runs of the positions in
 // [begin, end) with key > hi and cand(i, key) for every one with lo <= key <= hi,
 // each in ascending order, and returns true; else does nothing and returns false,
@@ -415,21 +445,29 @@ inline bool any_at_least(const K (&keys)[kGroup], K lo) {
   }
 }
 
-// The r-th largest (1-based) of keys, which it reorders. Radix rounds of 11 bits
-// over the keys' own range, each keeping only the bin of the r-th, then
+// The r-th largest (1-based) of keys, which it reorders. Radix rounds of up to 11
+// bits over the keys' own range, each keeping only the bin of the r-th, then
 // nth_element on the few left: on the tens of thousands of candidates of a band
 // this is a few linear passes, where nth_element alone mispredicted a branch per
 // key per partition round.
 template <typename K>
 K kth_largest(std::vector<K>& keys, int64_t r) {
-  constexpr int kBits = 11;
+  // Bins: about half as many as keys, at most 2^11. Four interleaved copies, so that
+  // keys falling in one bin do not each wait on the previous increment of it.
+  const int bits = std::clamp(int(std::bit_width(keys.size())) - 1, 4, 11);
+  const size_t nbins = size_t(1) << bits;
   const auto [lo_it, hi_it] = std::minmax_element(keys.begin(), keys.end());
   K mn = *lo_it, mx = *hi_it;
-  std::vector<uint32_t> hist(size_t(1) << kBits);
+  std::vector<uint32_t> hist(4 * nbins);
   while (int64_t(keys.size()) > 64 && mn != mx) {
-    const int shift = std::max(0, int(std::bit_width(K(mx - mn))) - kBits);
+    const int shift = std::max(0, int(std::bit_width(K(mx - mn))) - bits);
     std::fill(hist.begin(), hist.end(), 0u);
-    for (K key : keys) ++hist[size_t((key - mn) >> shift)];
+    size_t j = 0;
+    for (; j + 4 <= keys.size(); j += 4)
+      for (size_t c = 0; c < 4; ++c) ++hist[c * nbins + size_t((keys[j + c] - mn) >> shift)];
+    for (; j < keys.size(); ++j) ++hist[size_t((keys[j] - mn) >> shift)];
+    for (size_t b = 0; b < nbins; ++b)
+      hist[b] += hist[nbins + b] + hist[2 * nbins + b] + hist[3 * nbins + b];
     size_t b = size_t((mx - mn) >> shift);
     for (; r > int64_t(hist[b]); --b) r -= hist[b];
     size_t w = 0;
@@ -503,8 +541,10 @@ class Selector {
     tie_guess_.reset();
     if (k_ == 0) return finish_empty();
     if (k_ == n_) return finish_all();
-    if (n_ <= kBlock)
+    if (n_ <= kBlock) {
+      if (auto out = run_group_max()) return std::move(*out);
       if (auto out = run_filter()) return std::move(*out);
+    }
     if (n_ <= kSerialMax) return run_serial();
     if (auto band = sample_band()) {
       std::vector<BandOut<K>> out;
@@ -648,6 +688,118 @@ class Selector {
     return keys;
   }
 
+  // The answer from candidates (key, position in the concatenation, ascending) that
+  // hold every key >= the k-th, at least k of them: the k-th of the candidates is
+  // the k-th, and its ties are taken lowest positions first.
+  std::vector<at::Tensor> finish_candidates(const std::vector<K>& ckey,
+                                            const std::vector<int64_t>& cpos) const {
+    std::vector<K> scratch(ckey);
+    const K kth = kth_largest(scratch, k_);
+    int64_t ties = k_;  // keys equal to the k-th still to take, lowest positions first
+    for (K key : ckey) ties -= key > kth;
+    std::vector<int64_t> sizes(srcs_.size(), 0);
+    std::vector<int64_t> chosen;
+    chosen.reserve(size_t(k_));
+    for (size_t j = 0; j < ckey.size(); ++j) {
+      const bool tie = ckey[j] == kth && ties > 0;
+      if (ckey[j] > kth || tie) chosen.push_back(cpos[j]);
+      ties -= tie;
+    }
+    std::vector<int64_t> starts;
+    for (const Source& src : srcs_) starts.push_back(src.pos0);
+    for (int64_t q : chosen)
+      ++sizes[std::upper_bound(starts.begin(), starts.end(), q) - starts.begin() - 1];
+    std::vector<at::Tensor> outs = alloc(sizes);
+    size_t j = 0;
+    for (size_t i = 0; i < srcs_.size(); ++i) {
+      int64_t* o = outs[i].data_ptr<int64_t>();
+      for (int64_t c = 0; c < sizes[i]; ++c) o[c] = chosen[j++] - srcs_[i].pos0;
+    }
+    return outs;
+  }
+
+  // Inputs of up to one block with k at most half the number of kGroup-element
+  // groups (density up to about 3%), exact and without a sample: one streaming read
+  // takes the largest key of every group; T, the k-th largest of those maxima, is
+  // at most the k-th key (k groups each hold a key >= T), so every key >= the k-th
+  // lies in a group whose maximum is >= T: about k groups, read again from the cache
+  // for their keys >= T. A model's many small tensors take this path; it reads each
+  // once from memory and branches once per chosen group, where a sampled threshold
+  // read the tensor twice (the sample's reads each waiting on memory) and branched
+  // on every group holding a candidate of a looser bound.
+  std::optional<std::vector<at::Tensor>> run_group_max() const {
+    int64_t groups = 0;
+    for (const Source& src : srcs_) groups += (src.n + kGroup - 1) / kGroup;
+    if (k_ * 2 > groups) return std::nullopt;
+    std::vector<K> gmax(static_cast<size_t>(groups));
+    size_t gi = 0;
+    for (const Source& src : srcs_)
+      with_reader<K>(src, [&](auto rd) {
+        int64_t i = 0;
+        if constexpr (std::is_same_v<decltype(rd), AbsReader<uint32_t, float>>) {
+          abs_f32_group_max(rd.p, src.n / kGroup, gmax.data() + gi);
+          gi += size_t(src.n / kGroup);
+          i = src.n / kGroup * kGroup;
+        }
+        for (; i + kGroup <= src.n; i += kGroup) {
+          K keys[kGroup];
+          group_keys(rd, i, keys);
+          K mx = keys[0];
+          for (int j = 1; j < kGroup; ++j) mx = keys[j] > mx ? keys[j] : mx;
+          gmax[gi++] = mx;
+        }
+        if (i < src.n) {
+          K mx = 0;
+          for (; i < src.n; ++i) mx = std::max(mx, rd(i));
+          gmax[gi++] = mx;
+        }
+      });
+    std::vector<K> scratch(gmax);
+    const K t = kth_largest(scratch, k_);
+    std::vector<K> ckey;
+    std::vector<int64_t> cpos;
+    ckey.reserve(size_t(2 * k_ + kGroup));
+    cpos.reserve(ckey.capacity());
+    gi = 0;
+    for (const Source& src : srcs_)
+      with_reader<K>(src, [&](auto rd) {
+        int64_t i = 0;
+        if constexpr (std::is_same_v<decltype(rd), AbsReader<uint32_t, float>>) {
+          // |fp32|: the chosen groups listed without a branch, then each one's
+          // keys >= t written by the compress stores of the band scan.
+          const int64_t whole = src.n / kGroup;
+          std::vector<int64_t> chosen(size_t(whole) + 1);
+          int64_t nchosen = 0;
+          for (int64_t g = 0; g < whole; ++g) {
+            chosen[size_t(nchosen)] = g;
+            nchosen += gmax[gi + size_t(g)] >= t;
+          }
+          std::vector<int64_t> pos(size_t(nchosen * kGroup + kStoreSlack));
+          int64_t* c = pos.data();
+          int64_t sink[kGroup + kStoreSlack];  // the winners' slot: none, hi is above every key
+          const int32_t lo_gt = abs_f32_greater_than(t);
+          for (int64_t j = 0; j < nchosen; ++j) {
+            const int64_t g0 = chosen[size_t(j)] * kGroup;
+            int64_t* none = sink;
+            abs_f32_band(rd.p + g0, 1, lo_gt, INT32_MAX, g0, none, c);
+          }
+          for (const int64_t* q = pos.data(); q < c; ++q)
+            ckey.push_back(rd(*q)), cpos.push_back(src.pos0 + *q);
+          gi += size_t(whole);
+          i = whole * kGroup;
+        }
+        for (; i < src.n; i += kGroup, ++gi) {
+          if (gmax[gi] < t) continue;
+          const int64_t stop = std::min(src.n, i + kGroup);
+          for (int64_t e = i; e < stop; ++e) {
+            const K key = rd(e);
+            if (key >= t) ckey.push_back(key), cpos.push_back(src.pos0 + e);
+          }
+        }
+      });
+    return finish_candidates(ckey, cpos);
+  }
+
   // Inputs of up to one block, k small against n: a sample bounds the k-th key from
   // below (L, four standard deviations under it), one vectorised read keeps the few
   // (key, position) pairs with key >= L, and the k-th key is found among them. This
@@ -714,30 +866,7 @@ class Selector {
     ckey.resize(nc);
     cpos.resize(nc);
     if (int64_t(ckey.size()) < k_) return std::nullopt;
-    // Every key >= the k-th is a candidate: the k-th of the candidates is the k-th.
-    std::vector<K> scratch(ckey);
-    const K kth = kth_largest(scratch, k_);
-    int64_t ties = k_;  // keys equal to the k-th still to take, lowest positions first
-    for (K key : ckey) ties -= key > kth;
-    std::vector<int64_t> sizes(srcs_.size(), 0);
-    std::vector<int64_t> chosen;
-    chosen.reserve(size_t(k_));
-    for (size_t j = 0; j < ckey.size(); ++j) {
-      const bool tie = ckey[j] == kth && ties > 0;
-      if (ckey[j] > kth || tie) chosen.push_back(cpos[j]);
-      ties -= tie;
-    }
-    std::vector<int64_t> starts;
-    for (const Source& src : srcs_) starts.push_back(src.pos0);
-    for (int64_t q : chosen)
-      ++sizes[std::upper_bound(starts.begin(), starts.end(), q) - starts.begin() - 1];
-    std::vector<at::Tensor> outs = alloc(sizes);
-    size_t j = 0;
-    for (size_t i = 0; i < srcs_.size(); ++i) {
-      int64_t* o = outs[i].data_ptr<int64_t>();
-      for (int64_t c = 0; c < sizes[i]; ++c) o[c] = chosen[j++] - srcs_[i].pos0;
-    }
-    return outs;
+    return finish_candidates(ckey, cpos);
   }
 
   // The band [L, H] from a strided sample with a random offset in each stride, or

@@ -244,8 +244,12 @@ Times are the median of the repeats after a warm-up, with the min and max beside
 "speedup vs ref" is the reference's median time divided by the row's, both measured in
 this run (above 1: faster than the reference). GB/s counts the least bytes the step must
 move (AdamW 28 per updated element, SGD with momentum 20, accumulate 12 and 20 with the
-square, selection 4 per scanned element for one pass); "of copy BW" divides it by the
-best copy bandwidth measured in the same run (the copy is timed before every case).
+square, selection 4 per scanned element for one pass; a sparse step, 4 per element
+for its selection plus the memory lines its chosen elements fall in, 64 B on a CPU and
+32 B on a GPU, seven line transfers each: at density 0.01 in fp32 that is 15% of a
+CPU's lines, so a 1% step with one selection read moves at least 29% of a dense step's
+bytes, at most 3.4x faster at equal bandwidth); "of copy BW" divides it by the best
+copy bandwidth measured in the same run (the copy is timed before every case).
 On a CPU, `copy_` also pays a read for ownership of every destination line it writes
 (no streaming stores), which a kernel that writes only what it has read does not: such a
 kernel can show more than 100% of the copy bandwidth, and a working set that fits in the
