@@ -3,14 +3,20 @@
 //
 // The element chosen last, e* = the k-th under (key descending, position ascending),
 // defines the answer: an element is chosen iff key > T or (key == T and pos <= I),
-// with (T, I) = (key, position) of e*. The kernels find it in one of two ways:
+// with (T, I) = (key, position) of e*. The kernels find it in one of these ways:
 //
-//  1. Sampled band (the usual path, one read of the input): the keys of a 64K
+//  0. Inputs of up to one block (2^18 elements: a model's many small tensors), one
+//     thread each. Up to about 3% density: the largest key of every 16-element
+//     group, then the groups whose maximum reaches the k-th largest maximum, which
+//     hold every chosen key (exact, one read from memory). Denser: a sample's lower
+//     bound on the k-th key and one read keeping the keys above it. Both end with
+//     the k-th of a few candidates.
+//  1. Sampled band (larger inputs, one read): the keys of a 64K constant-stride
 //     sample bound the k-th key from above (H) and below (L) with a margin of four
 //     standard deviations. One pass keeps, per block, the positions with key > H
 //     (winners) and the (key, position) pairs with L <= key <= H (candidates).
 //     When #winners < k <= #winners + #candidates, e* is the (k - #winners)-th
-//     candidate (nth_element on the few candidates) and every block merges its
+//     candidate (radix rounds over the few candidates' keys) and every block merges its
 //     winners with its chosen candidates into the output. Else the band missed.
 //     When the sample shows a tie mass in the band instead (few distinct values),
 //     its k-th key is tried as the answer: one counting pass confirms it.
