@@ -60,7 +60,11 @@ double lr_value(double lr, const std::optional<at::Tensor>& lr_tensor) {
 // Calls visit(element, slot) for every position in [begin, end). Scattered indices
 // leave the loop waiting on memory (each touches its own lines of p, g and state):
 // prefetch(element, slot) runs kPrefetch positions ahead to keep those lines in flight.
-constexpr int64_t kPrefetch = 16;
+// The prefetches bring lines to L2 only (prefetcht2): at 4 lines a position, requests
+// into L1 filled its few miss buffers and stalled the loop, and a prefetch for write
+// did too. Measured on 1e5 positions of a 1e7 tensor (2-core EPYC): 3.5 ms with
+// L1 prefetches for write 16 ahead, 0.8 ms with L2 prefetches 64 ahead.
+constexpr int64_t kPrefetch = 64;
 
 template <typename Visit, typename Prefetch>
 inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visit&& visit,
@@ -229,10 +233,10 @@ RangeFn adam_ranges(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
       }
       p[e] = T(pm);
     }, [&](int64_t e, int64_t s) {
-      __builtin_prefetch(p + e, 1);
-      __builtin_prefetch(g + e, 1);
-      __builtin_prefetch(m + s, 1);
-      __builtin_prefetch(v + s, 1);
+      __builtin_prefetch(p + e, 0, 1);
+      __builtin_prefetch(g + e, 0, 1);
+      __builtin_prefetch(m + s, 0, 1);
+      __builtin_prefetch(v + s, 0, 1);
     });
   };
 }
@@ -257,9 +261,9 @@ RangeFn sgd_ranges(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M> h
       sgd_rule(pm, gm, buf ? buf[s] : scratch, h, first);
       p[e] = T(pm);
     }, [&](int64_t e, int64_t s) {
-      __builtin_prefetch(p + e, 1);
-      __builtin_prefetch(g + e, 1);
-      if (buf) __builtin_prefetch(buf + s, 1);
+      __builtin_prefetch(p + e, 0, 1);
+      __builtin_prefetch(g + e, 0, 1);
+      if (buf) __builtin_prefetch(buf + s, 0, 1);
     });
   };
 }
