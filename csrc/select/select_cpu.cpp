@@ -679,13 +679,14 @@ class Selector {
         const int64_t* last = std::lower_bound(first, static_cast<const int64_t*>(pos.data() + e), src.pos0 + src.n);
         if (first == last) continue;
         with_reader<K>(src, [&](auto rd) {
-          // Reads kAhead samples ahead are requested early: each sample is its own
-          // line, and without this only a few are waited on at once.
-          constexpr int64_t kAhead = 16;
+          // Reads kAhead samples ahead are requested early, to L2 (as the indexed
+          // update does): each sample is its own line, and without this only a few
+          // are waited on at once.
+          constexpr int64_t kAhead = 64;
           const char* base = static_cast<const char*>(src.data);
           const int64_t size = src.data ? int64_t(c10::elementSize(src.dtype)) : 0;
           for (const int64_t* q = first; q < last; ++q) {
-            if (base && last - q > kAhead) __builtin_prefetch(base + (q[kAhead] - src.pos0) * size);
+            if (base && last - q > kAhead) __builtin_prefetch(base + (q[kAhead] - src.pos0) * size, 0, 1);
             keys[q - pos.data()] = rd(*q - src.pos0);
           }
         });
