@@ -268,12 +268,13 @@ def test_bad_options():
         incrkern.optim.SGD(params, lr=0.1, densty=0.1)
 
 
-def test_momentum_correction_is_dgc():
+@pytest.mark.parametrize("shape", [(500,), (20, 25)])
+def test_momentum_correction_is_dgc(shape):
     """Deep Gradient Compression: u = m u + g; v += u; apply top-k of |v|; clear v and u
-    where applied."""
+    where applied (flat positions, also for a matrix)."""
     torch.manual_seed(0)
-    p = torch.randn(500, requires_grad=True)
-    q = p.detach().clone()
+    p = torch.randn(shape, requires_grad=True)
+    q = p.detach().clone().view(-1)
     m, lr, density = 0.9, 0.1, 0.05
     opt = incrkern.optim.SGD([p], lr=lr, momentum=m, density=density, select="accumulated",
                              momentum_correction=True)
@@ -281,7 +282,7 @@ def test_momentum_correction_is_dgc():
     k = math.ceil(density * 500)
     for _ in range(6):
         g = torch.randn(500)
-        p.grad = g.clone()
+        p.grad = g.clone().view(shape)
         opt.step()
         u = m * u + g
         v = v + u
@@ -289,8 +290,9 @@ def test_momentum_correction_is_dgc():
         q[idx] -= lr * v[idx]
         v[idx] = 0
         u[idx] = 0
-    torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(opt.state[p]["residual"], v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(p.detach().view(-1), q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[p]["residual"].view(-1), v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[p]["velocity"].view(-1), u, rtol=1e-5, atol=1e-6)
 
 
 def test_layer_selection_updates_whole_tensors():

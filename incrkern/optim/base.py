@@ -364,8 +364,8 @@ class IncrementalOptimizer(Optimizer):
             if n > 1 and select != "accumulated" and partial:
                 torch._foreach_zero_(sources)  # the unchosen part of the mean is spent too
             if group.get("momentum_correction") and indices is not None:
-                for p, idx in zip(ps, indices):  # momentum factor masking
-                    self.state[p]["velocity"].index_fill_(0, idx, 0.0)
+                for p, idx in zip(ps, indices):  # momentum factor masking (flat positions)
+                    self.state[p]["velocity"].view(-1).index_fill_(0, idx, 0.0)
             work.write_back()
         group["updates"] += 1
 
