@@ -440,12 +440,14 @@ def structured_inputs(n, generator):
     return out
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [300, 4097, 10000, 160000, 262144, 262145, 1000003])
-def test_select_grad_structured_inputs(n):
-    """The fp32 |grad| scan (vectorised, sampled threshold) against the reference on
-    inputs whose large values a strided sample can miss."""
+def test_select_grad_structured_inputs(n, dtype):
+    """The fp32/bf16 |grad| scans (vectorised; group maxima, sampled thresholds) against
+    the reference on inputs whose large values a strided sample can miss."""
     gen = torch.Generator().manual_seed(n)
     for name, x in structured_inputs(n, gen).items():
+        x = x.to(dtype)
         for density in (0.001, 0.01, 0.2):
             k = min(n, math.ceil(density * n))
             got = ops.select([x], [k])[0]
@@ -495,8 +497,8 @@ def test_select_validate_false_same_answer_and_kernel_still_checks():
 
 @needs_ext
 def test_cpu_baseline_scan_same_answer():
-    """The portable (non-AVX2) band scan, forced by INCRKERN_CPU_BASELINE=1 in a child
-    process, picks the same elements as the default build path."""
+    """The portable (non-AVX2) scans, forced by INCRKERN_CPU_BASELINE=1 in a child
+    process, pick the same elements as the default path, for fp32 and bf16."""
     import subprocess
     import sys
     code = (
@@ -505,11 +507,12 @@ def test_cpu_baseline_scan_same_answer():
         "g = torch.Generator().manual_seed(3)\n"
         "out = []\n"
         "for n in (17, 4097, 160000, 1000003):\n"
-        "    x = torch.randn(n, generator=g)\n"
-        "    x[::97] = float('nan')\n"
-        "    for d in (0.001, 0.01, 0.3):\n"
-        "        out.append(ops.select([x], d)[0])\n"
-        "        out.append(ops.select([x[: n // 2], x[n // 2:]], d, scope='global')[1])\n"
+        "    for dtype in (torch.float32, torch.bfloat16):\n"
+        "        x = torch.randn(n, generator=g).to(dtype)\n"
+        "        x[::97] = float('nan')\n"
+        "        for d in (0.001, 0.01, 0.3):\n"
+        "            out.append(ops.select([x], d)[0])\n"
+        "            out.append(ops.select([x[: n // 2], x[n // 2:]], d, scope='global')[1])\n"
         "torch.save(out, __import__('sys').argv[1])\n")
     import os
     import tempfile
@@ -524,5 +527,5 @@ def test_cpu_baseline_scan_same_answer():
             subprocess.run([sys.executable, "-c", code, path], check=True, env=env,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             results.append(torch.load(path))
-    assert len(results[0]) == len(results[1]) == 24
+    assert len(results[0]) == len(results[1]) == 48
     assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -275,7 +275,8 @@ inline uint32_t mask_greater(const uint32_t (&keys)[kGroup], uint32_t t) {
 }
 #endif
 
-// The scan of the usual case, |x| of fp32 (a gradient; not a residual sum): the
+// The scan of the usual case, |x| of fp32 or bf16 (a gradient; not a residual sum,
+// not fp16, whose fp32 bits are not a shift of its own): the
 // groups of kGroup elements holding a key >= lo, with the bit masks of their keys
 // >= lo and > hi, appended to hits/masks. Nearly every group holds none, so the
 // loop is a load, an AND and two compares per 8 elements; only the groups it
@@ -291,6 +292,38 @@ inline int32_t abs_f32_greater_than(uint64_t at_least) {
   const uint64_t half = (at_least + 1) >> 1;
   return half > 0x7f800001u ? INT32_MAX : int32_t(half) - 1;
 }
+
+// The element types the vector scans read: their fp32 bits are the element's own
+// (fp32) or a shift of them (bf16 is the top half of its fp32).
+template <typename T>
+constexpr bool kScanDtype = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+template <typename T>
+inline int32_t f32_bits(const T* x, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) {
+    int32_t b;
+    std::memcpy(&b, x + i, 4);
+    return b;
+  } else {
+    uint16_t h;
+    std::memcpy(&h, x + i, 2);
+    return int32_t(uint32_t(h) << 16);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// |fp32 bits| of 8 elements.
+template <typename T>
+__attribute__((target("avx2"))) inline __m256i abs_bits8_avx2(const T* q) {
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  if constexpr (std::is_same_v<T, float>)
+    return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), absmask);
+  else
+    return _mm256_and_si256(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), 16),
+        absmask);
+}
+#endif
 
 // The positions of the set bits of an 8-bit mask, in order (the rest 0): a
 // compress-store table, so that a group's chosen positions are written with two
@@ -329,15 +362,14 @@ __attribute__((target("avx2"))) inline int64_t* store_positions_avx2(int64_t* ou
 
 // One chunk of groups: positions (base + offset) of the keys > hi to win, of the
 // keys in [lo, hi] to cand; each needs room for 16 * groups + kStoreSlack.
-__attribute__((target("avx2"))) void abs_f32_band_avx2(const float* x, int64_t groups,
-                                                       int32_t lo_gt, int32_t hi_gt, int64_t base,
-                                                       int64_t*& win, int64_t*& cand) {
-  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+template <typename T>
+__attribute__((target("avx2"))) void abs_band_avx2(const T* x, int64_t groups, int32_t lo_gt,
+                                                   int32_t hi_gt, int64_t base, int64_t*& win,
+                                                   int64_t*& cand) {
   const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
   for (int64_t gi = 0; gi < groups; ++gi) {
-    const float* q = x + gi * kGroup;
-    const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), absmask);
-    const __m256i b = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 8)), absmask);
+    const T* q = x + gi * kGroup;
+    const __m256i a = abs_bits8_avx2(q), b = abs_bits8_avx2(q + 8);
     const __m256i la = _mm256_cmpgt_epi32(a, lo), lb = _mm256_cmpgt_epi32(b, lo);
     const __m256i any = _mm256_or_si256(la, lb);
     if (_mm256_testz_si256(any, any)) continue;
@@ -353,17 +385,25 @@ __attribute__((target("avx2"))) void abs_f32_band_avx2(const float* x, int64_t g
 }
 #endif
 
-inline void abs_f32_band(const float* x, int64_t groups, int32_t lo_gt, int32_t hi_gt,
-                         int64_t base, int64_t*& win, int64_t*& cand) {
+// Whether the vector scans run: AVX2 on the CPU, and INCRKERN_CPU_BASELINE not set
+// (it takes the portable loops; the tests run both).
+inline bool use_avx2() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  // INCRKERN_CPU_BASELINE=1 takes the portable loop (the tests run both).
   static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("INCRKERN_CPU_BASELINE");
-  if (avx2) return abs_f32_band_avx2(x, groups, lo_gt, hi_gt, base, win, cand);
+  return avx2;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+inline void abs_band(const T* x, int64_t groups, int32_t lo_gt, int32_t hi_gt, int64_t base,
+                     int64_t*& win, int64_t*& cand) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return abs_band_avx2(x, groups, lo_gt, hi_gt, base, win, cand);
 #endif
   for (int64_t e = 0; e < groups * kGroup; ++e) {
-    int32_t bits;
-    std::memcpy(&bits, x + e, 4);
-    bits &= 0x7fffffff;
+    const int32_t bits = f32_bits(x, e) & 0x7fffffff;
     *win = base + e;
     win += bits > hi_gt;
     *cand = base + e;
@@ -371,15 +411,14 @@ inline void abs_f32_band(const float* x, int64_t groups, int32_t lo_gt, int32_t 
   }
 }
 
-// keys[g] = the largest |fp32| key of group g of x, for `groups` whole groups.
+// keys[g] = the largest |x| key of group g of x, for `groups` whole groups.
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2"))) void abs_f32_group_max_avx2(const float* x, int64_t groups,
-                                                            uint32_t* keys) {
-  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+template <typename T>
+__attribute__((target("avx2"))) void abs_group_max_avx2(const T* x, int64_t groups,
+                                                        uint32_t* keys) {
   for (int64_t gi = 0; gi < groups; ++gi) {
-    const float* q = x + gi * kGroup;
-    const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), absmask);
-    const __m256i b = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 8)), absmask);
+    const T* q = x + gi * kGroup;
+    const __m256i a = abs_bits8_avx2(q), b = abs_bits8_avx2(q + 8);
     __m128i m = _mm_max_epi32(_mm256_castsi256_si128(_mm256_max_epi32(a, b)),
                               _mm256_extracti128_si256(_mm256_max_epi32(a, b), 1));
     m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4e));
@@ -389,25 +428,36 @@ __attribute__((target("avx2"))) void abs_f32_group_max_avx2(const float* x, int6
 }
 #endif
 
-inline void abs_f32_group_max(const float* x, int64_t groups, uint32_t* keys) {
+template <typename T>
+inline void abs_group_max(const T* x, int64_t groups, uint32_t* keys) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("INCRKERN_CPU_BASELINE");
-  if (avx2) return abs_f32_group_max_avx2(x, groups, keys);
+  if (use_avx2()) return abs_group_max_avx2(x, groups, keys);
 #endif
   for (int64_t gi = 0; gi < groups; ++gi) {
     uint32_t mx = 0;
-    for (int j = 0; j < kGroup; ++j) mx = std::max(mx, abs_key32(x[gi * kGroup + j]));
+    for (int j = 0; j < kGroup; ++j) mx = std::max(mx, abs_key32(static_cast<float>(x[gi * kGroup + j])));
     keys[gi] = mx;
   }
 }
 
-// When the reader is |fp32|, calls win(pos, n) with runs of the positions in
+// Whether a reader is one the vector scans serve: |x| of fp32 or bf16, 32-bit keys.
+template <typename K, typename Reader>
+constexpr bool kScanReader = [] {
+  if constexpr (sizeof(K) == 4 && requires(Reader r) { r.p; }) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(std::declval<Reader>().p)>>;
+    return kScanDtype<T> && std::is_same_v<Reader, AbsReader<K, T>>;
+  } else {
+    return false;
+  }
+}();
+
+// When the reader is |fp32| or |bf16|, calls win(pos, n) with runs of the positions in
 // [begin, end) with key > hi and cand(i, key) for every one with lo <= key <= hi,
 // each in ascending order, and returns true; else does nothing and returns false,
 // and the caller runs its generic loop.
 template <typename K, typename Reader, typename Win, typename Cand>
 bool for_band(const Reader& rd, int64_t begin, int64_t end, K lo, K hi, Win&& win, Cand&& cand) {
-  if constexpr (sizeof(K) == 4 && std::is_same_v<Reader, AbsReader<K, float>>) {
+  if constexpr (kScanReader<K, Reader>) {
     const int32_t lo_gt = lo == 0 ? -1 : abs_f32_greater_than(lo);
     const int32_t hi_gt = abs_f32_greater_than(uint64_t(hi) + 1);
     constexpr int64_t kChunkGroups = 256;  // 4K elements per scan call
@@ -416,7 +466,7 @@ bool for_band(const Reader& rd, int64_t begin, int64_t end, K lo, K hi, Win&& wi
     while (end - i >= kGroup) {
       const int64_t groups = std::min<int64_t>(kChunkGroups, (end - i) / kGroup);
       int64_t *w = wbuf, *c = cbuf;
-      abs_f32_band(rd.p + i, groups, lo_gt, hi_gt, i, w, c);
+      abs_band(rd.p + i, groups, lo_gt, hi_gt, i, w, c);
       if (w > wbuf) win(wbuf, w - wbuf);
       for (const int64_t* q = cbuf; q < c; ++q) cand(*q, rd(*q));
       i += groups * kGroup;
@@ -743,8 +793,8 @@ class Selector {
     for (const Source& src : srcs_)
       with_reader<K>(src, [&](auto rd) {
         int64_t i = 0;
-        if constexpr (std::is_same_v<decltype(rd), AbsReader<uint32_t, float>>) {
-          abs_f32_group_max(rd.p, src.n / kGroup, gmax.data() + gi);
+        if constexpr (kScanReader<K, decltype(rd)>) {
+          abs_group_max(rd.p, src.n / kGroup, gmax.data() + gi);
           gi += size_t(src.n / kGroup);
           i = src.n / kGroup * kGroup;
         }
@@ -771,8 +821,8 @@ class Selector {
     for (const Source& src : srcs_)
       with_reader<K>(src, [&](auto rd) {
         int64_t i = 0;
-        if constexpr (std::is_same_v<decltype(rd), AbsReader<uint32_t, float>>) {
-          // |fp32|: the chosen groups listed without a branch, then each one's
+        if constexpr (kScanReader<K, decltype(rd)>) {
+          // |fp32| or |bf16|: the chosen groups listed without a branch, then each one's
           // keys >= t written by the compress stores of the band scan.
           const int64_t whole = src.n / kGroup;
           std::vector<int64_t> chosen(size_t(whole) + 1);
@@ -788,7 +838,7 @@ class Selector {
           for (int64_t j = 0; j < nchosen; ++j) {
             const int64_t g0 = chosen[size_t(j)] * kGroup;
             int64_t* none = sink;
-            abs_f32_band(rd.p + g0, 1, lo_gt, INT32_MAX, g0, none, c);
+            abs_band(rd.p + g0, 1, lo_gt, INT32_MAX, g0, none, c);
           }
           for (const int64_t* q = pos.data(); q < c; ++q)
             ckey.push_back(rd(*q)), cpos.push_back(src.pos0 + *q);
