@@ -366,21 +366,36 @@ template <typename T>
 __attribute__((target("avx2"))) void abs_band_avx2(const T* x, int64_t groups, int32_t lo_gt,
                                                    int32_t hi_gt, int64_t base, int64_t*& win,
                                                    int64_t*& cand) {
+  // Two loops, neither with a branch that depends on the data: the first lists the
+  // groups holding a key >= lo (every group's masks are written, the list advances
+  // only past those), the second writes their positions. A branch per such group
+  // mispredicted about once per chosen element.
+  constexpr int64_t kMaxGroups = 256;
+  uint32_t hit_group[kMaxGroups + 1];
+  uint32_t hit_masks[kMaxGroups + 1];  // mask >= lo in the low 16 bits, > hi in the high
   const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    const T* q = x + gi * kGroup;
-    const __m256i a = abs_bits8_avx2(q), b = abs_bits8_avx2(q + 8);
-    const __m256i la = _mm256_cmpgt_epi32(a, lo), lb = _mm256_cmpgt_epi32(b, lo);
-    const __m256i any = _mm256_or_si256(la, lb);
-    if (_mm256_testz_si256(any, any)) continue;
-    const __m256i ha = _mm256_cmpgt_epi32(a, hi), hb = _mm256_cmpgt_epi32(b, hi);
-    const uint32_t ml = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(la))) |
-                        (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(lb))) << 8);
-    const uint32_t mh = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(ha))) |
-                        (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(hb))) << 8);
-    const int64_t g0 = base + gi * kGroup;
-    if (mh) win = store_positions_avx2(win, g0, mh);
-    if (ml & ~mh) cand = store_positions_avx2(cand, g0, ml & ~mh);
+  for (int64_t g0 = 0; g0 < groups; g0 += kMaxGroups) {
+    const int64_t g1 = std::min(groups, g0 + kMaxGroups);
+    int64_t nh = 0;
+    for (int64_t gi = g0; gi < g1; ++gi) {
+      const T* q = x + gi * kGroup;
+      const __m256i a = abs_bits8_avx2(q), b = abs_bits8_avx2(q + 8);
+      const uint32_t ml =
+          uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, lo)))) |
+          (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, lo)))) << 8);
+      const uint32_t mh =
+          uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, hi)))) |
+          (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, hi)))) << 8);
+      hit_group[nh] = uint32_t(gi);
+      hit_masks[nh] = ml | (mh << 16);
+      nh += ml != 0;
+    }
+    for (int64_t h = 0; h < nh; ++h) {
+      const int64_t start = base + int64_t(hit_group[h]) * kGroup;
+      const uint32_t mh = hit_masks[h] >> 16, ml = hit_masks[h] & 0xffffu;
+      win = store_positions_avx2(win, start, mh);
+      cand = store_positions_avx2(cand, start, ml & ~mh);
+    }
   }
 }
 #endif
