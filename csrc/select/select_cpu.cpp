@@ -400,6 +400,25 @@ __attribute__((target("avx2"))) void abs_band_avx2(const T* x, int64_t groups, i
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("avx2"))) int64_t abs_groups_at_least_avx2(const T* x, const int64_t* groups,
+                                                                 int64_t n, int32_t lo_gt,
+                                                                 int64_t* out) {
+  const __m256i lo = _mm256_set1_epi32(lo_gt);
+  int64_t* o = out;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t start = groups[j] * kGroup;
+    const __m256i a = abs_bits8_avx2(x + start), b = abs_bits8_avx2(x + start + 8);
+    const uint32_t ml =
+        uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, lo)))) |
+        (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, lo)))) << 8);
+    o = store_positions_avx2(o, start, ml);
+  }
+  return o - out;
+}
+#endif
+
 // Whether the vector scans run: AVX2 on the CPU, and INCRKERN_CPU_BASELINE not set
 // (it takes the portable loops; the tests run both).
 inline bool use_avx2() {
@@ -424,6 +443,24 @@ inline void abs_band(const T* x, int64_t groups, int32_t lo_gt, int32_t hi_gt, i
     *cand = base + e;
     cand += bits > lo_gt && bits <= hi_gt;
   }
+}
+
+// The positions (group * kGroup + offset) of the keys > lo_gt (as |fp32 bits|) in
+// the listed groups of x, in list order, written at out (room for 16 a group plus
+// kStoreSlack); returns their count.
+template <typename T>
+inline int64_t abs_groups_at_least(const T* x, const int64_t* groups, int64_t n, int32_t lo_gt,
+                                   int64_t* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return abs_groups_at_least_avx2(x, groups, n, lo_gt, out);
+#endif
+  int64_t c = 0;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t e = groups[j] * kGroup; e < (groups[j] + 1) * kGroup; ++e) {
+      out[c] = e;
+      c += (f32_bits(x, e) & 0x7fffffff) > lo_gt;
+    }
+  return c;
 }
 
 // keys[g] = the largest |x| key of group g of x, for `groups` whole groups.
@@ -837,8 +874,8 @@ class Selector {
       with_reader<K>(src, [&](auto rd) {
         int64_t i = 0;
         if constexpr (kScanReader<K, decltype(rd)>) {
-          // |fp32| or |bf16|: the chosen groups listed without a branch, then each one's
-          // keys >= t written by the compress stores of the band scan.
+          // |fp32| or |bf16|: the chosen groups listed without a branch, then their
+          // keys >= t written by compress stores, in one call.
           const int64_t whole = src.n / kGroup;
           std::vector<int64_t> chosen(size_t(whole) + 1);
           int64_t nchosen = 0;
@@ -847,14 +884,8 @@ class Selector {
             nchosen += gmax[gi + size_t(g)] >= t;
           }
           std::vector<int64_t> pos(size_t(nchosen * kGroup + kStoreSlack));
-          int64_t* c = pos.data();
-          int64_t sink[kGroup + kStoreSlack];  // the winners' slot: none, hi is above every key
-          const int32_t lo_gt = abs_f32_greater_than(t);
-          for (int64_t j = 0; j < nchosen; ++j) {
-            const int64_t g0 = chosen[size_t(j)] * kGroup;
-            int64_t* none = sink;
-            abs_band(rd.p + g0, 1, lo_gt, INT32_MAX, g0, none, c);
-          }
+          const int64_t* c = pos.data() + abs_groups_at_least(rd.p, chosen.data(), nchosen,
+                                                              abs_f32_greater_than(t), pos.data());
           for (const int64_t* q = pos.data(); q < c; ++q)
             ckey.push_back(rd(*q)), cpos.push_back(src.pos0 + *q);
           gi += size_t(whole);
