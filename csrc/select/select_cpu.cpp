@@ -365,11 +365,31 @@ __attribute__((target("avx2"))) inline int64_t* store_positions_avx2(int64_t* ou
 template <typename T>
 __attribute__((target("avx2"))) void abs_band_avx2(const T* x, int64_t groups, int32_t lo_gt,
                                                    int32_t hi_gt, int64_t base, int64_t*& win,
-                                                   int64_t*& cand) {
-  // Two loops, neither with a branch that depends on the data: the first lists the
-  // groups holding a key >= lo (every group's masks are written, the list advances
-  // only past those), the second writes their positions. A branch per such group
-  // mispredicted about once per chosen element.
+                                                   int64_t*& cand, bool few_hits) {
+  if (few_hits) {
+    // Few groups hold a key >= lo: a branch per group, rarely taken, costs least.
+    const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const T* q = x + gi * kGroup;
+      const __m256i a = abs_bits8_avx2(q), b = abs_bits8_avx2(q + 8);
+      const __m256i la = _mm256_cmpgt_epi32(a, lo), lb = _mm256_cmpgt_epi32(b, lo);
+      const __m256i any = _mm256_or_si256(la, lb);
+      if (_mm256_testz_si256(any, any)) continue;
+      const uint32_t ml = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(la))) |
+                          (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(lb))) << 8);
+      const uint32_t mh =
+          uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, hi)))) |
+          (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, hi)))) << 8);
+      win = store_positions_avx2(win, base + gi * kGroup, mh);
+      cand = store_positions_avx2(cand, base + gi * kGroup, ml & ~mh);
+    }
+    return;
+  }
+  // Many do (k = 1% puts a candidate in about one group in six): two loops, neither
+  // with a branch that depends on the data. The first lists the groups holding a
+  // key >= lo (every group's masks are written, the list advances only past those),
+  // the second writes their positions. A branch per such group mispredicted about
+  // once per chosen element.
   constexpr int64_t kMaxGroups = 256;
   uint32_t hit_group[kMaxGroups + 1];
   uint32_t hit_masks[kMaxGroups + 1];  // mask >= lo in the low 16 bits, > hi in the high
@@ -432,9 +452,9 @@ inline bool use_avx2() {
 
 template <typename T>
 inline void abs_band(const T* x, int64_t groups, int32_t lo_gt, int32_t hi_gt, int64_t base,
-                     int64_t*& win, int64_t*& cand) {
+                     int64_t*& win, int64_t*& cand, bool few_hits) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) return abs_band_avx2(x, groups, lo_gt, hi_gt, base, win, cand);
+  if (use_avx2()) return abs_band_avx2(x, groups, lo_gt, hi_gt, base, win, cand, few_hits);
 #endif
   for (int64_t e = 0; e < groups * kGroup; ++e) {
     const int32_t bits = f32_bits(x, e) & 0x7fffffff;
@@ -506,10 +526,14 @@ constexpr bool kScanReader = [] {
 // When the reader is |fp32| or |bf16|, calls win(pos, n) with runs of the positions in
 // [begin, end) with key > hi and cand(i, key) for every one with lo <= key <= hi,
 // each in ascending order, and returns true; else does nothing and returns false,
-// and the caller runs its generic loop.
+// and the caller runs its generic loop. frac_at_least_lo, the expected fraction of
+// keys >= lo, picks the scan's loop.
 template <typename K, typename Reader, typename Win, typename Cand>
-bool for_band(const Reader& rd, int64_t begin, int64_t end, K lo, K hi, Win&& win, Cand&& cand) {
+bool for_band(const Reader& rd, int64_t begin, int64_t end, K lo, K hi, double frac_at_least_lo,
+              Win&& win, Cand&& cand) {
   if constexpr (kScanReader<K, Reader>) {
+    // Under about 3% of groups expected to hold a key >= lo: the branchy scan.
+    const bool few_hits = frac_at_least_lo * kGroup < 0.03;
     const int32_t lo_gt = lo == 0 ? -1 : abs_f32_greater_than(lo);
     const int32_t hi_gt = abs_f32_greater_than(uint64_t(hi) + 1);
     constexpr int64_t kChunkGroups = 256;  // 4K elements per scan call
@@ -518,7 +542,7 @@ bool for_band(const Reader& rd, int64_t begin, int64_t end, K lo, K hi, Win&& wi
     while (end - i >= kGroup) {
       const int64_t groups = std::min<int64_t>(kChunkGroups, (end - i) / kGroup);
       int64_t *w = wbuf, *c = cbuf;
-      abs_band(rd.p + i, groups, lo_gt, hi_gt, i, w, c);
+      abs_band(rd.p + i, groups, lo_gt, hi_gt, i, w, c, few_hits);
       if (w > wbuf) win(wbuf, w - wbuf);
       for (const int64_t* q = cbuf; q < c; ++q) cand(*q, rd(*q));
       i += groups * kGroup;
@@ -934,7 +958,7 @@ class Selector {
           cpos[nc++] = src.pos0 + i;
         };
         if (for_band(rd, int64_t(0), src.n, lo, std::numeric_limits<K>::max(),
-                     [&](const int64_t* pos, int64_t n) {
+                     double(rank_lo + 1) / double(s), [&](const int64_t* pos, int64_t n) {
                        for (int64_t j = 0; j < n; ++j) take(pos[j], rd(pos[j]));
                      }, take))
           return;
@@ -1036,7 +1060,9 @@ class Selector {
           };
           // Winners written through a cursor into o.win, sized above for the
           // expected count and grown when full.
-          const bool fast = for_band(rd, blk.begin, blk.end, lo, hi, [&](const int64_t* pos, int64_t n) {
+          // About k/n of the keys are winners and a third as many candidates.
+          const bool fast = for_band(rd, blk.begin, blk.end, lo, hi, 1.4 * expect_w,
+                                     [&](const int64_t* pos, int64_t n) {
             if (wn + size_t(n) > o.win.size()) o.win.resize(2 * (wn + size_t(n)));
             std::copy(pos, pos + n, o.win.data() + wn);
             wn += size_t(n);
