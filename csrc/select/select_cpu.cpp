@@ -275,14 +275,12 @@ inline uint32_t mask_greater(const uint32_t (&keys)[kGroup], uint32_t t) {
 }
 #endif
 
-// The scan of the usual case, |x| of fp32 or bf16 (a gradient; not a residual sum,
-// not fp16, whose fp32 bits are not a shift of its own): the
-// groups of kGroup elements holding a key >= lo, with the bit masks of their keys
-// >= lo and > hi, appended to hits/masks. Nearly every group holds none, so the
-// loop is a load, an AND and two compares per 8 elements; only the groups it
-// reports are looked at element by element. AVX2 where the CPU has it (checked
-// once), scalar otherwise: at SSE2 width the band pass ran at half the memory
-// bandwidth of two cores.
+// The scans of the usual case, |x| of fp32 or bf16 (a gradient; not a residual sum,
+// not fp16, whose fp32 bits are not a shift of its own): per group of kGroup
+// elements, the bit masks of its keys >= lo and > hi, from a load, an AND and two
+// compares per 8 elements, and the positions of the set bits written out by
+// compress stores. AVX2 where the CPU has it (checked once), scalar otherwise: at
+// SSE2 width the band pass ran at half the memory bandwidth of two cores.
 //
 // key >= t  <=>  (bits(x) & 0x7fffffff) >= ceil(t / 2), as a signed compare: the
 // abs key is min(bits, NaN) << 1 with every NaN above +inf (select_keys.h). The
@@ -360,6 +358,12 @@ __attribute__((target("avx2"))) inline int64_t* store_positions_avx2(int64_t* ou
   return out;
 }
 
+// Bit j of 16 set when lane j of (a, b) is greater than t.
+__attribute__((target("avx2"))) inline uint32_t gt_mask16(__m256i a, __m256i b, __m256i t) {
+  return uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, t)))) |
+         (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, t)))) << 8);
+}
+
 // One chunk of groups: positions (base + offset) of the keys > hi to win, of the
 // keys in [lo, hi] to cand; each needs room for 16 * groups + kStoreSlack.
 template <typename T>
@@ -372,14 +376,9 @@ __attribute__((target("avx2"))) void abs_band_avx2(const T* x, int64_t groups, i
     for (int64_t gi = 0; gi < groups; ++gi) {
       const T* q = x + gi * kGroup;
       const __m256i a = abs_bits8_avx2(q), b = abs_bits8_avx2(q + 8);
-      const __m256i la = _mm256_cmpgt_epi32(a, lo), lb = _mm256_cmpgt_epi32(b, lo);
-      const __m256i any = _mm256_or_si256(la, lb);
-      if (_mm256_testz_si256(any, any)) continue;
-      const uint32_t ml = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(la))) |
-                          (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(lb))) << 8);
-      const uint32_t mh =
-          uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, hi)))) |
-          (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, hi)))) << 8);
+      const uint32_t ml = gt_mask16(a, b, lo);
+      if (!ml) continue;
+      const uint32_t mh = gt_mask16(a, b, hi);
       win = store_positions_avx2(win, base + gi * kGroup, mh);
       cand = store_positions_avx2(cand, base + gi * kGroup, ml & ~mh);
     }
@@ -400,12 +399,7 @@ __attribute__((target("avx2"))) void abs_band_avx2(const T* x, int64_t groups, i
     for (int64_t gi = g0; gi < g1; ++gi) {
       const T* q = x + gi * kGroup;
       const __m256i a = abs_bits8_avx2(q), b = abs_bits8_avx2(q + 8);
-      const uint32_t ml =
-          uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, lo)))) |
-          (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, lo)))) << 8);
-      const uint32_t mh =
-          uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, hi)))) |
-          (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, hi)))) << 8);
+      const uint32_t ml = gt_mask16(a, b, lo), mh = gt_mask16(a, b, hi);
       hit_group[nh] = uint32_t(gi);
       hit_masks[nh] = ml | (mh << 16);
       nh += ml != 0;
@@ -429,11 +423,8 @@ __attribute__((target("avx2"))) int64_t abs_groups_at_least_avx2(const T* x, con
   int64_t* o = out;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t start = groups[j] * kGroup;
-    const __m256i a = abs_bits8_avx2(x + start), b = abs_bits8_avx2(x + start + 8);
-    const uint32_t ml =
-        uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, lo)))) |
-        (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, lo)))) << 8);
-    o = store_positions_avx2(o, start, ml);
+    o = store_positions_avx2(o, start,
+                             gt_mask16(abs_bits8_avx2(x + start), abs_bits8_avx2(x + start + 8), lo));
   }
   return o - out;
 }
@@ -490,9 +481,8 @@ __attribute__((target("avx2"))) void abs_group_max_avx2(const T* x, int64_t grou
                                                         uint32_t* keys) {
   for (int64_t gi = 0; gi < groups; ++gi) {
     const T* q = x + gi * kGroup;
-    const __m256i a = abs_bits8_avx2(q), b = abs_bits8_avx2(q + 8);
-    __m128i m = _mm_max_epi32(_mm256_castsi256_si128(_mm256_max_epi32(a, b)),
-                              _mm256_extracti128_si256(_mm256_max_epi32(a, b), 1));
+    const __m256i ab = _mm256_max_epi32(abs_bits8_avx2(q), abs_bits8_avx2(q + 8));
+    __m128i m = _mm_max_epi32(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
     m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4e));
     m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xb1));
     keys[gi] = uint32_t(std::min(_mm_cvtsi128_si32(m), 0x7f800001)) << 1;
@@ -927,12 +917,12 @@ class Selector {
     return finish_candidates(ckey, cpos);
   }
 
-  // Inputs of up to one block, k small against n: a sample bounds the k-th key from
-  // below (L, four standard deviations under it), one vectorised read keeps the few
-  // (key, position) pairs with key >= L, and the k-th key is found among them. This
-  // is the path of a model's many small tensors, so it reads each one once and sorts
-  // no more than a few percent of it. nullopt when the sample's bound missed (fewer
-  // than k keys >= L): run_serial then answers.
+  // Inputs of up to one block too dense for run_group_max, k still small against n
+  // (up to about 20%): a sample bounds the k-th key from below (L, four standard
+  // deviations under it), one vectorised read keeps the (key, position) pairs with
+  // key >= L, and the k-th key is found among them. nullopt when not sparse enough or
+  // when the sample's bound missed (fewer than k keys >= L): run_serial or the band
+  // then answers.
   std::optional<std::vector<at::Tensor>> run_filter() const {
     const int64_t s = std::min(n_, std::clamp<int64_t>(n_ / 64, 256, 4096));
     const double p = double(k_) / double(n_);
@@ -996,8 +986,8 @@ class Selector {
     return finish_candidates(ckey, cpos);
   }
 
-  // The band [L, H] from a strided sample with a random offset in each stride, or
-  // nothing when the sample predicts more candidates than the budget allows.
+  // The band [L, H] from a constant-stride sample (sample_keys), or nothing when the
+  // sample predicts more candidates than the budget allows.
   std::optional<std::pair<K, K>> sample_band() {
     // A fixed 64K sample would cost mid-sized tensors (say 590K elements, a
     // transformer's projection) as much as their one read: scale it with n.
@@ -1059,8 +1049,8 @@ class Selector {
             }
           };
           // Winners written through a cursor into o.win, sized above for the
-          // expected count and grown when full.
-          // About k/n of the keys are winners and a third as many candidates.
+          // expected count and grown when full. About k/n of the keys are winners,
+          // and a third as many candidates.
           const bool fast = for_band(rd, blk.begin, blk.end, lo, hi, 1.4 * expect_w,
                                      [&](const int64_t* pos, int64_t n) {
             if (wn + size_t(n) > o.win.size()) o.win.resize(2 * (wn + size_t(n)));
