@@ -248,9 +248,27 @@ __global__ void __launch_bounds__(kThreads) find_kernel(SelectLaunch L, int leve
 // ---------------------------------------------------------------------------------
 // Ties at the k-th key
 
+// The elements of chunk c whose (key, position) satisfy pred, counted over the
+// block; every thread gets the total.
+template <typename Pred>
+__device__ int64_t chunk_count(const SelectLaunch& L, const SelChunk& c, const SelSeg& s,
+                               Pred pred) {
+  using Scan = cub::BlockScan<int64_t, kThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  int64_t mine = 0;
+  for (int64_t i = c.begin + int64_t(threadIdx.x) * kIlp; i < c.end; i += kTile) {
+    const int valid = int(imin(kIlp, c.end - i));
+    uint32_t key[kIlp];
+    keys4(s, L.kind, i, valid, key);
+#pragma unroll
+    for (int j = 0; j < kIlp; ++j) mine += j < valid && pred(key[j], s.pos0 + i + j);
+  }
+  int64_t total = 0;
+  Scan(tmp).ExclusiveSum(mine, mine, total);
+  return total;
+}
+
 __global__ void __launch_bounds__(kThreads) tie_count_kernel(SelectLaunch L) {
-  using Reduce = cub::BlockScan<int64_t, kThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
   const SelChunk c = L.chunks[blockIdx.x];
   const SelSeg s = L.segs[c.seg];
   const SelState* stp = L.states + s.group;
@@ -259,16 +277,7 @@ __global__ void __launch_bounds__(kThreads) tie_count_kernel(SelectLaunch L) {
     return;
   }
   const uint32_t t = stp->threshold;
-  int64_t mine = 0;
-  for (int64_t i = c.begin + int64_t(threadIdx.x) * kIlp; i < c.end; i += kTile) {
-    const int valid = int(imin(kIlp, c.end - i));
-    uint32_t key[kIlp];
-    keys4(s, L.kind, i, valid, key);
-#pragma unroll
-    for (int j = 0; j < kIlp; ++j) mine += j < valid && key[j] == t;
-  }
-  int64_t total = 0;
-  Reduce(tmp).ExclusiveSum(mine, mine, total);
+  const int64_t total = chunk_count(L, c, s, [t](uint32_t key, int64_t) { return key == t; });
   if (threadIdx.x == 0) L.chunk_ties[blockIdx.x] = total;
 }
 
@@ -334,21 +343,11 @@ __global__ void __launch_bounds__(kThreads) tie_find_kernel(SelectLaunch L) {
 // Output
 
 __global__ void __launch_bounds__(kThreads) count_kernel(SelectLaunch L) {
-  using Scan = cub::BlockScan<int64_t, kThreads>;
-  __shared__ typename Scan::TempStorage tmp;
   const SelChunk c = L.chunks[blockIdx.x];
   const SelSeg s = L.segs[c.seg];
   const SelState st = L.states[s.group];
-  int64_t mine = 0;
-  for (int64_t i = c.begin + int64_t(threadIdx.x) * kIlp; i < c.end; i += kTile) {
-    const int valid = int(imin(kIlp, c.end - i));
-    uint32_t key[kIlp];
-    keys4(s, L.kind, i, valid, key);
-#pragma unroll
-    for (int j = 0; j < kIlp; ++j) mine += j < valid && chosen(st, key[j], s.pos0 + i + j);
-  }
-  int64_t total = 0;
-  Scan(tmp).ExclusiveSum(mine, mine, total);
+  const int64_t total =
+      chunk_count(L, c, s, [&st](uint32_t key, int64_t pos) { return chosen(st, key, pos); });
   if (threadIdx.x == 0) L.chunk_count[blockIdx.x] = total;
 }
 
