@@ -362,13 +362,18 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
     weight sizes), for callers that built the lists themselves; the kernel's own
     checks still run.
     """
-    tensors = _as_list("tensors", tensors)
+    if validate:
+        tensors = _as_list("tensors", tensors)
+        residual = _as_list("residual", residual, allow_none=True)
+        weights = _as_list("weights", weights, allow_none=True)
+    else:
+        tensors = list(tensors)
+        residual = [] if residual is None else list(residual)
+        weights = [] if weights is None else list(weights)
     if not isinstance(score, str) or score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)}; got {score!r}")
     if not isinstance(scope, str) or scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
-    residual = _as_list("residual", residual, allow_none=True)
-    weights = _as_list("weights", weights, allow_none=True)
     if score == "accumulated":
         _check_length("residual", residual, len(tensors))
     elif residual:
@@ -399,8 +404,9 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
     if isinstance(k, float):
         if not 0.0 < k <= 1.0:
             raise ValueError(f"k as a density must be in (0, 1], got {k}")
+        # (inline, not _density_k per tensor: this runs for every tensor every step)
         ks = [_density_k(k, sum(numels))] if global_scope else \
-            [_density_k(k, n) for n in numels]
+            [min(n, math.ceil(k * n)) for n in numels]
     elif isinstance(k, numbers.Integral):
         if global_scope:
             ks = [_check_k_int("k", k, sum(numels))]
@@ -422,12 +428,14 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
     if score == "random":
         gen_device = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
-    tensors = [t.contiguous() for t in tensors]
-    residual = [r.contiguous() for r in residual]
-    weights = [w.contiguous() for w in weights]
     kernel = _kernel("select", tensors[0].device)
-    impl = kernel if kernel is not None else reference.select
-    return list(impl(tensors, ks, score, global_scope, bool(approx), residual, weights, seed))
+    if kernel is None:
+        kernel = reference.select
+        tensors = [t.contiguous() for t in tensors]
+        residual = [r.contiguous() for r in residual]
+        weights = [w.contiguous() for w in weights]
+    # (the compiled kernels take non-contiguous tensors and copy them themselves)
+    return list(kernel(tensors, ks, score, global_scope, bool(approx), residual, weights, seed))
 
 
 if EXTENSION_LOADED:

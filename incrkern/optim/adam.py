@@ -39,14 +39,21 @@ class Adam(IncrementalOptimizer):
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", isinstance(self, AdamW))
 
+    def _init_states(self, group, params, states, ks, sparse):
+        # The common case, every state made, is checked over the list without a call
+        # per param: it runs every step.
+        if all("exp_avg_sq" in s for s in states) and (
+                not (sparse and group["bias_correction"] == "element")
+                or all("age" in s for s in states)):
+            return
+        super()._init_states(group, params, states, ks, sparse)
+
     def _new_step(self, p):
         return self._place_step(torch.tensor(0.0), p)
 
     def _init_state(self, group, p, k, sparse):
         state = self.state[p]
         want_age = sparse and group["bias_correction"] == "element"
-        if "exp_avg_sq" in state and (not want_age or "age" in state):
-            return  # the common case, kept cheap: it runs per param per step
         if "step" not in state:
             state["step"] = self._new_step(p)
         shape = p.shape if k is None else (k,)
@@ -66,7 +73,7 @@ class Adam(IncrementalOptimizer):
 
     def _apply(self, group, work, device, *, grads=None, indices=None, ages=None,
                grad_scale=1.0, consume_grad=False, compact_state=False):
-        states = [self.state[p] for p in work.params]
+        states = work.states
         steps = [s["step"] for s in states]
         lr, lr_tensor = self._lr_args(group, device)
         ops.adam_update_(work.param_views, work.grads if grads is None else grads,

@@ -69,17 +69,22 @@ def _check_number(name, value, low=0.0, high=None):
         raise ValueError(f"Invalid {name}: {value} (expected {bound})")
 
 
-def _contiguous_view(t):
-    """The tensor itself when contiguous, else a contiguous copy (copied back later)."""
-    return t if t.is_contiguous() else t.contiguous()
+def _contiguous(tensors):
+    """The tensors themselves where contiguous, contiguous copies of the others (a
+    param's copy is written back after the step)."""
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
 class IncrementalOptimizer(Optimizer):
     """Shared machinery of incrkern.optim.SGD / Adam / AdamW.
 
     Subclasses implement `_init_state(group, p, k, sparse)` (creates what is missing:
-    k-long when k is given, param-sized otherwise) and `_apply(group, work, device,
-    ...)` (the fused kernel call).
+    k-long when k is given, param-sized otherwise; or `_init_states` over a list) and
+    `_apply(group, work, device, ...)` (the fused kernel call).
+
+    A step costs a few attribute reads per param in Python (about 1 µs); lists are
+    built once per step and passed down, never re-derived per param (a model's
+    thousand small tensors otherwise spend more time here than in the kernels).
     """
 
     def __init__(self, params, defaults, incremental):
@@ -158,21 +163,28 @@ class IncrementalOptimizer(Optimizer):
         return step.to(device=device, dtype=torch.float32)
 
     def _params_with_grad(self, group, gi):
-        """The group's params that have a gradient, each checked before anything runs."""
-        out = []
+        """(params, grads, device) of the group's params that have a gradient, each
+        checked before anything runs; device is None when they are on several."""
+        params, grads = [], []
+        device, mixed = None, False
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
-            dtype = p.dtype
+            dtype, d = p.dtype, p.device
             # Cheapest tests first: dtypes and layouts are singletons; a device is
-            # built on each access, so it is compared once.
+            # built on each access, so it is read once.
             if (g.dtype is not dtype or g.layout is not torch.strided or dtype.is_complex
-                    or g.shape != p.shape or g.device != p.device
-                    or (dtype is torch.float64 and p.is_cuda)):
+                    or g.shape != p.shape or g.device != d
+                    or (dtype is torch.float64 and d.type == "cuda")):
                 self._bad_grad(f"param_groups[{gi}]['params'][{i}]", p, g)
-            out.append(p)
-        return out
+            if device is None:
+                device = d
+            elif not mixed and d != device:
+                mixed = True
+            params.append(p)
+            grads.append(g)
+        return params, grads, None if mixed else device
 
     @staticmethod
     def _bad_grad(where, p, g):
@@ -199,22 +211,22 @@ class IncrementalOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
             _check_number("lr", lr)
-        plans = [(group, self._params_with_grad(group, gi))
+        plans = [(group, *self._params_with_grad(group, gi))
                  for gi, group in enumerate(self.param_groups)]
-        for group, params in plans:
+        for group, params, grads, device in plans:
             if params:
-                self._step_group(group, params)
+                self._step_group(group, self._by_device(params, grads, device))
         return loss
 
     def _is_dense(self, group):
         return (group["density"] >= 1.0 and group["accumulate_steps"] == 1
                 and group["select"] != "accumulated")
 
-    def _step_group(self, group, params):
+    def _step_group(self, group, by_device):
         if self._is_dense(group):
-            self._dense_step(group, params)
+            self._dense_step(group, by_device)
         else:
-            self._incremental_step(group, params)
+            self._incremental_step(group, by_device)
 
     def _lr_args(self, group, device):
         lr = group["lr"]
@@ -222,17 +234,31 @@ class IncrementalOptimizer(Optimizer):
             return float(lr.item()), lr.detach().to(device=device, dtype=torch.float32)
         return float(lr), None
 
-    def _by_device(self, params):
+    @staticmethod
+    def _by_device(params, grads, device):
+        """[(device, params, contiguous grads)], one entry per device. A
+        non-contiguous grad is copied once: the ops index every tensor by flat
+        position, so no flat view is made (a view per param cost 1 ms per 1000)."""
+        if device is not None:
+            return [(device, params, _contiguous(grads))]
         out = {}
-        for p in params:
-            out.setdefault(p.device, []).append(p)
-        return out.items()
+        for p, g in zip(params, grads):
+            ps, gs = out.setdefault(p.device, ([], []))
+            ps.append(p)
+            gs.append(g)
+        return [(d, ps, _contiguous(gs)) for d, (ps, gs) in out.items()]
 
-    def _dense_step(self, group, params):
-        for device, ps in self._by_device(params):
-            for p in ps:
-                self._init_state(group, p, None, sparse=False)
-            work = _Work(ps, [p.grad for p in ps])
+    def _init_states(self, group, params, states, ks, sparse):
+        """Creates the state a step needs where it is missing (`ks`: k-long state)."""
+        for i, p in enumerate(params):
+            self._init_state(group, p, None if ks is None else ks[i], sparse)
+
+    def _dense_step(self, group, by_device):
+        state = self.state
+        for device, ps, grads in by_device:
+            states = [state[p] for p in ps]
+            self._init_states(group, ps, states, None, sparse=False)
+            work = _Work(ps, grads, states)
             self._apply(group, work, device)
             work.write_back()
 
@@ -246,12 +272,11 @@ class IncrementalOptimizer(Optimizer):
             state[key] = torch.zeros(p.shape, dtype=ops.math_dtype(p.dtype), device=p.device)
         return state[key]
 
-    def _check_incremental(self, group, params):
+    def _check_incremental(self, group, by_device):
         """Checks that need the whole group, before anything is touched."""
-        devices = {p.device for p in params}
-        if group["scope"] == "global" and len(devices) > 1:
+        if group["scope"] == "global" and len(by_device) > 1:
             raise RuntimeError("scope='global' needs all params of a group on one device, got "
-                               + ", ".join(sorted(map(str, devices))))
+                               + ", ".join(sorted(str(d) for d, _, _ in by_device)))
         if group.get("momentum_correction") and group["accumulate_steps"] != 1:
             raise RuntimeError("momentum_correction=True does not combine with "
                                "accumulate_steps > 1")
@@ -275,14 +300,13 @@ class IncrementalOptimizer(Optimizer):
             ops.accumulate_([], grads, 1.0, [self._buffer(p, "fisher") for p in params],
                             sq_alpha=1.0 - beta, sq_decay=beta)
 
-    def _select(self, group, params, sources, param_views):
+    def _select(self, group, params, states, sources, param_views):
         """Indices to update in each param, or None for all of them."""
         density = float(group["density"])
         mask = group["mask"]
         select = group["select"]
-        states = [self.state[p] for p in params]
         if select == "layer":
-            return self._select_layers(group, params)
+            return self._select_layers(group, params, states)
         if density >= 1.0:
             return None
         if mask == "fixed":
@@ -295,7 +319,7 @@ class IncrementalOptimizer(Optimizer):
             return [s["indices"].long() for s in states]
         score, tensors, weights = "grad", sources, None
         if select == "grad_sq":
-            score, tensors = "grad_sq", [self.state[p]["fisher"] for p in params]
+            score, tensors = "grad_sq", [s["fisher"] for s in states]
         elif select == "weight":
             score, weights = "weight", param_views
         elif select == "random":
@@ -310,11 +334,10 @@ class IncrementalOptimizer(Optimizer):
                 s["indices"] = idx.to(torch.int32) if p.numel() < 2 ** 31 else idx
         return indices
 
-    def _select_layers(self, group, params):
+    def _select_layers(self, group, params, states):
         """select='layer': whole tensors, drawn at random until they hold a `density`
         fraction of the group's elements; every other tensor stays frozen."""
         mask = group["mask"]
-        states = [self.state[p] for p in params]
         reselect = (mask == "dynamic" or "layer_chosen" not in states[0]
                     or (isinstance(mask, int) and group["updates"] % mask == 0))
         if not reselect:
@@ -334,13 +357,8 @@ class IncrementalOptimizer(Optimizer):
         return [None if c else torch.empty(0, dtype=torch.int64, device=p.device)
                 for p, c in zip(params, chosen)]
 
-    def _incremental_step(self, group, params):
-        self._check_incremental(group, params)
-        # (device, params, contiguous grads): a non-contiguous grad is copied once. The
-        # ops index every tensor by flat position, so no flat view is made (a view per
-        # param per step cost 1 ms per 1000 params).
-        by_device = [(device, ps, [_contiguous_view(p.grad) for p in ps])
-                     for device, ps in self._by_device(params)]
+    def _incremental_step(self, group, by_device):
+        self._check_incremental(group, by_device)
         for _, ps, grads in by_device:
             self._accumulate(group, ps, grads)
         group["accumulated_calls"] += 1
@@ -349,52 +367,56 @@ class IncrementalOptimizer(Optimizer):
         group["accumulated_calls"] = 0
         n = group["accumulate_steps"]
         select = group["select"]
+        state = self.state
         for device, ps, grads in by_device:
+            states = [state[p] for p in ps]
             if select == "accumulated":
-                sources = [self.state[p]["residual"] for p in ps]
+                sources = [s["residual"] for s in states]
                 scale, consume = 1.0, True
             elif n > 1:
-                sources = [self.state[p]["grad_acc"] for p in ps]
+                sources = [s["grad_acc"] for s in states]
                 scale, consume = 1.0 / n, True
             else:
                 sources, scale, consume = grads, 1.0, False
-            work = _Work(ps, sources)
-            indices = self._select(group, ps, sources, work.param_views)
+            work = _Work(ps, sources, states)
+            indices = self._select(group, ps, states, sources, work.param_views)
             partial = indices is not None
             if select == "layer":  # whole tensors: a dense update of the chosen ones
                 chosen = [i for i, idx in enumerate(indices) if idx is None]
-                work = _Work([ps[i] for i in chosen], [sources[i] for i in chosen])
+                work = _Work([ps[i] for i in chosen], [sources[i] for i in chosen],
+                             [states[i] for i in chosen])
                 indices = None
             self._update(group, work, device, indices, scale, consume)
             if n > 1 and select != "accumulated" and partial:
                 torch._foreach_zero_(sources)  # the unchosen part of the mean is spent too
             if group.get("momentum_correction") and indices is not None:
-                for p, idx in zip(ps, indices):  # momentum factor masking (flat positions)
-                    self.state[p]["velocity"].view(-1).index_fill_(0, idx, 0.0)
+                for s, idx in zip(states, indices):  # momentum factor masking (flat positions)
+                    s["velocity"].view(-1).index_fill_(0, idx, 0.0)
             work.write_back()
         group["updates"] += 1
 
     def _update(self, group, work, device, indices, grad_scale, consume_grad):
         compact = group["mask"] == "fixed" and indices is not None
-        for i, p in enumerate(work.params):
-            self._init_state(group, p, indices[i].numel() if compact else None,
-                             sparse=indices is not None)
+        self._init_states(group, work.params, work.states,
+                          [idx.numel() for idx in indices] if compact else None,
+                          sparse=indices is not None)
         ages = None
-        if indices is not None and all("age" in self.state[p] for p in work.params):
-            ages = [self.state[p]["age"] for p in work.params]
+        if indices is not None and all("age" in s for s in work.states):
+            ages = [s["age"] for s in work.states]
         self._apply(group, work, device, grads=work.grads, indices=indices, ages=ages,
                     grad_scale=grad_scale, consume_grad=consume_grad, compact_state=compact)
 
 
 class _Work:
-    """The tensors one kernel call works on: contiguous params and grads (copies for
+    """The tensors one kernel call works on: contiguous params (copies for
     non-contiguous ones, written back afterwards: an in-place kernel never updates a
-    temporary silently)."""
+    temporary silently), their contiguous grads and their state dicts."""
 
-    def __init__(self, params, grads):
+    def __init__(self, params, grads, states):
         self.params = params
-        self.param_views = [_contiguous_view(p) for p in params]
-        self.grads = [_contiguous_view(g) for g in grads]
+        self.param_views = _contiguous(params)
+        self.grads = grads
+        self.states = states
 
     def write_back(self):
         for p, v in zip(self.params, self.param_views):

@@ -38,7 +38,7 @@ class SGD(IncrementalOptimizer):
         for group in self.param_groups:
             group.setdefault("momentum_correction", False)
 
-    def _init_state(self, group, p, k, sparse):
+    def _init_states(self, group, params, states, ks, sparse):
         pass  # the momentum buffer is created at the first step, as torch does
 
     def _momentum(self, group):
@@ -55,8 +55,7 @@ class SGD(IncrementalOptimizer):
                grad_scale=1.0, consume_grad=False, compact_state=False):
         buffers, first = [], []
         if self._momentum(group) != 0:
-            for i, p in enumerate(work.params):
-                state = self.state[p]
+            for i, (p, state) in enumerate(zip(work.params, work.states)):
                 new = state.get("momentum_buffer") is None
                 if new:
                     numel = indices[i].numel() if compact_state else None
