@@ -529,3 +529,45 @@ def test_cpu_baseline_scan_same_answer():
             results.append(torch.load(path))
     assert len(results[0]) == len(results[1]) == 48
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def _small_inputs(n, dtype, gen):
+    """Inputs for the small-tensor path (group maxima and a top-bits histogram of
+    them): every maximum in one histogram bin, a dynamic range of 60 decades, few
+    levels (ties across groups), negative values, NaN/inf among them."""
+    base = torch.randn(n, generator=gen)
+    yield "normal", base
+    yield "one_bin", 1.0 + 0.01 * torch.rand(n, generator=gen)
+    yield "wide_range", base * torch.pow(10.0, torch.randint(-30, 30, (n,), generator=gen).float())
+    yield "levels", torch.randint(-3, 4, (n,), generator=gen).float()
+    special = base.clone()
+    special[:: max(1, n // 7)] = float("nan")
+    special[1:: max(1, n // 5)] = float("inf")
+    special[2:: max(1, n // 3)] = -0.0
+    yield "special", special
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("n", [17, 1000, 10000, 65537])
+def test_select_small_tensors_exact(n, dtype):
+    """The small-tensor path against the reference, per tensor and global over a list
+    of small tensors, for every score whose keys it reads, at densities from one
+    element to half the groups (its range) and beyond."""
+    gen = torch.Generator().manual_seed(n)
+    for name, x in _small_inputs(n, dtype, gen):
+        x = x.to(dtype)
+        parts = [x[: n // 3], x[n // 3:]]
+        for k in sorted({1, 2, n // 160, n // 64, n // 33, n // 10}):
+            if k < 1:
+                continue
+            for score, t in (("grad", x), ("grad_sq", x.abs())):
+                got = ops.select([t], [k], score=score)[0]
+                want = reference.select([t], [k], score, False, False)[0]
+                assert torch.equal(got, want), (name, k, score)
+            tp = [p.abs() for p in parts]
+            got = ops.select(tp, k, score="grad_sq", scope="global")
+            want = reference.select(tp, [k], "grad_sq", True, False)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (name, k)
+            got = ops.select(parts, k, scope="global")
+            want = reference.select(parts, [k], "grad", True, False)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (name, k)

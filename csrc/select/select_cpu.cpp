@@ -605,6 +605,51 @@ K kth_largest(std::vector<K>& keys, int64_t r) {
   return keys[size_t(r - 1)];
 }
 
+// Counts of keys by their top 13 bits (1/32 of an octave for |float| keys), for a
+// lower bound on the r-th largest key at most one bin under it. Keys are added while
+// a scan waits on memory, where a count costs nothing; kth_largest's rounds over a
+// small tensor's few hundred group maxima afterwards cost about 2 us, as much as
+// reading the tensor. One table per thread, left zeroed for the next use.
+template <typename K>
+class TopBitsHistogram {
+ public:
+  static constexpr int kShift = int(8 * sizeof(K)) - 13;
+  TopBitsHistogram() : hist_(table()) {
+    TORCH_INTERNAL_ASSERT(!in_use(), "incrkern: one TopBitsHistogram per thread at a time");
+    in_use() = true;
+  }
+  TopBitsHistogram(const TopBitsHistogram&) = delete;
+  ~TopBitsHistogram() {
+    if (lo_ <= hi_) std::fill(hist_.begin() + bin(lo_), hist_.begin() + bin(hi_) + 1, 0u);
+    in_use() = false;
+  }
+  void add(K key) {
+    ++hist_[bin(key)];
+    lo_ = std::min(lo_, key);
+    hi_ = std::max(hi_, key);
+  }
+  // The bin holding the r-th largest key added (1 <= r <= count): its least key, and
+  // the rank of that key among the bin's keys.
+  std::pair<K, int64_t> locate(int64_t r) const {
+    size_t b = bin(hi_);
+    for (; r > int64_t(hist_[b]); --b) r -= hist_[b];
+    return {K(K(b) << kShift), r};
+  }
+  static size_t bin(K key) { return size_t(key >> kShift); }
+
+ private:
+  static std::vector<uint32_t>& table() {
+    thread_local std::vector<uint32_t> t(size_t(1) << 13);
+    return t;
+  }
+  static bool& in_use() {
+    thread_local bool used = false;
+    return used;
+  }
+  std::vector<uint32_t>& hist_;
+  K lo_ = std::numeric_limits<K>::max(), hi_ = 0;
+};
+
 // The m largest of keys (m <= keys.size()), the least of them at front(). A min-heap
 // when m is small against the count (nearly every key then costs one compare with
 // the heap's top), nth_element otherwise.
@@ -626,6 +671,29 @@ std::vector<K> largest(const std::vector<K>& keys, int64_t m) {
       std::push_heap(heap.begin(), heap.end(), std::greater<K>());
     }
   return heap;
+}
+
+// The r-th largest of keys (1-based): the top-bits bin that holds it, then
+// nth_element over that bin's keys only. For the few hundred candidates of a small
+// tensor, where kth_largest's minmax and counting rounds cost more than this.
+template <typename K>
+K kth_of_few(const std::vector<K>& keys, int64_t r) {
+  std::pair<K, int64_t> at;
+  {
+    TopBitsHistogram<K> hist;
+    for (K key : keys) hist.add(key);
+    at = hist.locate(r);
+  }
+  std::vector<K> in_bin(keys.size());
+  const size_t b = TopBitsHistogram<K>::bin(at.first);
+  size_t w = 0;
+  for (K key : keys) {  // without a branch: whether a key is in the bin is as good as random
+    in_bin[w] = key;
+    w += TopBitsHistogram<K>::bin(key) == b;
+  }
+  std::nth_element(in_bin.begin(), in_bin.begin() + (at.second - 1), in_bin.begin() + w,
+                   std::greater<K>());
+  return in_bin[size_t(at.second - 1)];
 }
 
 template <typename K>
@@ -816,10 +884,22 @@ class Selector {
   // the k-th, and its ties are taken lowest positions first.
   std::vector<at::Tensor> finish_candidates(const std::vector<K>& ckey,
                                             const std::vector<int64_t>& cpos) const {
-    std::vector<K> scratch(ckey);
-    const K kth = kth_largest(scratch, k_);
+    TORCH_INTERNAL_ASSERT(int64_t(ckey.size()) >= k_, "incrkern.select: ", ckey.size(),
+                          " candidates for k = ", k_);
+    const K kth = kth_of_few(ckey, k_);
     int64_t ties = k_;  // keys equal to the k-th still to take, lowest positions first
     for (K key : ckey) ties -= key > kth;
+    if (srcs_.size() == 1) {  // one tensor: exactly k_ positions, written in place
+      at::Tensor out = at::empty({k_}, at::TensorOptions().dtype(at::kLong));
+      int64_t* o = out.data_ptr<int64_t>();
+      const int64_t pos0 = srcs_[0].pos0;
+      for (size_t j = 0; j < ckey.size(); ++j) {
+        const bool tie = ckey[j] == kth && ties > 0;
+        if (ckey[j] > kth || tie) *o++ = cpos[j] - pos0;
+        ties -= tie;
+      }
+      return {out};
+    }
     std::vector<int64_t> sizes(srcs_.size(), 0);
     std::vector<int64_t> chosen;
     chosen.reserve(size_t(k_));
@@ -841,12 +921,52 @@ class Selector {
     return outs;
   }
 
+  // Fills gmax with the largest key of every kGroup-element group (the last may be
+  // short) and returns a key at most one top-bits bin under T, the k-th largest of
+  // them: still at most the k-th key, at the cost of the few more candidates of
+  // that bin.
+  K group_max_floor(std::vector<K>& gmax) const {
+    TopBitsHistogram<K> hist;
+    size_t gi = 0;
+    for (const Source& src : srcs_)
+      with_reader<K>(src, [&](auto rd) {
+        int64_t i = 0;
+        if constexpr (kScanReader<K, decltype(rd)>) {
+          // In chunks of 4 KB, each counted while the next streams in.
+          constexpr int64_t kChunkGroups = 64;
+          const int64_t whole = src.n / kGroup;
+          for (int64_t g = 0; g < whole; g += kChunkGroups) {
+            const int64_t m = std::min(kChunkGroups, whole - g);
+            abs_group_max(rd.p + g * kGroup, m, gmax.data() + gi);
+            for (int64_t j = 0; j < m; ++j) hist.add(gmax[gi++]);
+          }
+          i = whole * kGroup;
+        }
+        for (; i + kGroup <= src.n; i += kGroup) {
+          K keys[kGroup];
+          group_keys(rd, i, keys);
+          K mx = keys[0];
+          for (int j = 1; j < kGroup; ++j) mx = keys[j] > mx ? keys[j] : mx;
+          hist.add(mx);
+          gmax[gi++] = mx;
+        }
+        if (i < src.n) {
+          K mx = 0;
+          for (; i < src.n; ++i) mx = std::max(mx, rd(i));
+          hist.add(mx);
+          gmax[gi++] = mx;
+        }
+      });
+    return hist.locate(k_).first;
+  }
+
   // Inputs of up to one block with k at most half the number of kGroup-element
   // groups (density up to about 3%), exact and without a sample: one streaming read
   // takes the largest key of every group; T, the k-th largest of those maxima, is
   // at most the k-th key (k groups each hold a key >= T), so every key >= the k-th
   // lies in a group whose maximum is >= T: about k groups, read again from the cache
-  // for their keys >= T. A model's many small tensors take this path; it reads each
+  // for their keys >= T (T is taken from a histogram counted during the read, up to
+  // one bin low: a few more candidates). A model's many small tensors take this path; it reads each
   // once from memory and branches once per chosen group, where a sampled threshold
   // read the tensor twice (the sample's reads each waiting on memory) and branched
   // on every group holding a candidate of a looser bound.
@@ -855,35 +975,12 @@ class Selector {
     for (const Source& src : srcs_) groups += (src.n + kGroup - 1) / kGroup;
     if (k_ * 2 > groups) return std::nullopt;
     std::vector<K> gmax(static_cast<size_t>(groups));
-    size_t gi = 0;
-    for (const Source& src : srcs_)
-      with_reader<K>(src, [&](auto rd) {
-        int64_t i = 0;
-        if constexpr (kScanReader<K, decltype(rd)>) {
-          abs_group_max(rd.p, src.n / kGroup, gmax.data() + gi);
-          gi += size_t(src.n / kGroup);
-          i = src.n / kGroup * kGroup;
-        }
-        for (; i + kGroup <= src.n; i += kGroup) {
-          K keys[kGroup];
-          group_keys(rd, i, keys);
-          K mx = keys[0];
-          for (int j = 1; j < kGroup; ++j) mx = keys[j] > mx ? keys[j] : mx;
-          gmax[gi++] = mx;
-        }
-        if (i < src.n) {
-          K mx = 0;
-          for (; i < src.n; ++i) mx = std::max(mx, rd(i));
-          gmax[gi++] = mx;
-        }
-      });
-    std::vector<K> scratch(gmax);
-    const K t = kth_largest(scratch, k_);
+    const K t = group_max_floor(gmax);
     std::vector<K> ckey;
     std::vector<int64_t> cpos;
     ckey.reserve(size_t(2 * k_ + kGroup));
     cpos.reserve(ckey.capacity());
-    gi = 0;
+    size_t gi = 0;
     for (const Source& src : srcs_)
       with_reader<K>(src, [&](auto rd) {
         int64_t i = 0;
