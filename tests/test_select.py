@@ -498,7 +498,8 @@ def test_select_validate_false_same_answer_and_kernel_still_checks():
 @needs_ext
 def test_cpu_baseline_scan_same_answer():
     """The portable (non-AVX2) scans, forced by INCRKERN_CPU_BASELINE=1 in a child
-    process, pick the same elements as the default path, for fp32 and bf16."""
+    process, pick the same elements as the default path, for fp32 and bf16, |x| keys
+    (grad) and signed ones (topk, grad_sq)."""
     import subprocess
     import sys
     code = (
@@ -510,9 +511,14 @@ def test_cpu_baseline_scan_same_answer():
         "    for dtype in (torch.float32, torch.bfloat16):\n"
         "        x = torch.randn(n, generator=g).to(dtype)\n"
         "        x[::97] = float('nan')\n"
+        "        x[1::89] = -float('nan')\n"
+        "        x[2::83] = -0.0\n"
+        "        x[3::79] = -float('inf')\n"
         "        for d in (0.001, 0.01, 0.3):\n"
         "            out.append(ops.select([x], d)[0])\n"
         "            out.append(ops.select([x[: n // 2], x[n // 2:]], d, scope='global')[1])\n"
+        "            out.append(ops.topk(x, math.ceil(d * n)))\n"
+        "            out.append(ops.select([x], d, score='grad_sq')[0])\n"
         "torch.save(out, __import__('sys').argv[1])\n")
     import os
     import tempfile
@@ -527,7 +533,7 @@ def test_cpu_baseline_scan_same_answer():
             subprocess.run([sys.executable, "-c", code, path], check=True, env=env,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             results.append(torch.load(path))
-    assert len(results[0]) == len(results[1]) == 48
+    assert len(results[0]) == len(results[1]) == 96
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
@@ -544,6 +550,8 @@ def _small_inputs(n, dtype, gen):
     special[:: max(1, n // 7)] = float("nan")
     special[1:: max(1, n // 5)] = float("inf")
     special[2:: max(1, n // 3)] = -0.0
+    special[3:: max(1, n // 11)] = -float("nan")
+    special[4:: max(1, n // 13)] = -float("inf")
     yield "special", special
 
 
@@ -551,8 +559,8 @@ def _small_inputs(n, dtype, gen):
 @pytest.mark.parametrize("n", [17, 1000, 10000, 65537])
 def test_select_small_tensors_exact(n, dtype):
     """The small-tensor path against the reference, per tensor and global over a list
-    of small tensors, for every score whose keys it reads, at densities from one
-    element to half the groups (its range) and beyond."""
+    of small tensors, for |x| and signed keys (grad, grad_sq, topk), at densities
+    from one element to half the groups (its range) and beyond."""
     gen = torch.Generator().manual_seed(n)
     for name, x in _small_inputs(n, dtype, gen):
         x = x.to(dtype)
@@ -560,10 +568,11 @@ def test_select_small_tensors_exact(n, dtype):
         for k in sorted({1, 2, n // 160, n // 64, n // 33, n // 10}):
             if k < 1:
                 continue
-            for score, t in (("grad", x), ("grad_sq", x.abs())):
+            for score, t in (("grad", x), ("grad_sq", x.abs()), ("grad_sq", x)):
                 got = ops.select([t], [k], score=score)[0]
                 want = reference.select([t], [k], score, False, False)[0]
                 assert torch.equal(got, want), (name, k, score)
+            assert torch.equal(ops.topk(x, k), reference.topk(x, k)), (name, k)
             tp = [p.abs() for p in parts]
             got = ops.select(tp, k, score="grad_sq", scope="global")
             want = reference.select(tp, [k], "grad_sq", True, False)
@@ -571,3 +580,23 @@ def test_select_small_tensors_exact(n, dtype):
             got = ops.select(parts, k, scope="global")
             want = reference.select(parts, [k], "grad", True, False)
             assert all(torch.equal(a, b) for a, b in zip(got, want)), (name, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_signed_special_values_large(dtype):
+    """Signed keys through the sampled band (a tensor of more than one block): NaN of
+    either sign above +inf, -0 tied with +0, -inf last, at the densities of a step."""
+    n = 1_000_003
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(n, generator=gen)
+    x[::1009] = float("nan")
+    x[1::997] = -float("nan")
+    x[2::991] = float("inf")
+    x[3::983] = -float("inf")
+    x[4::3] = -0.0
+    x[5::7] = 0.0
+    x = x.to(dtype)
+    for k in (1, 500, 1000, 10000, 100000, 600000):
+        assert torch.equal(ops.topk(x, k), reference.topk(x, k)), k
+        got = ops.select([x], [k], score="grad_sq")[0]
+        assert torch.equal(got, reference.select([x], [k], "grad_sq", False, False)[0]), k

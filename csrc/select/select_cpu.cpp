@@ -275,20 +275,39 @@ inline uint32_t mask_greater(const uint32_t (&keys)[kGroup], uint32_t t) {
 }
 #endif
 
-// The scans of the usual case, |x| of fp32 or bf16 (a gradient; not a residual sum,
-// not fp16, whose fp32 bits are not a shift of its own): per group of kGroup
-// elements, the bit masks of its keys >= lo and > hi, from a load, an AND and two
-// compares per 8 elements, and the positions of the set bits written out by
-// compress stores. AVX2 where the CPU has it (checked once), scalar otherwise: at
-// SSE2 width the band pass ran at half the memory bandwidth of two cores.
+// The scans of the usual cases, |x| (a gradient, a weight) or x itself (top-k, an
+// EMA of g^2) of fp32 or bf16 (not a residual sum, not fp16, whose fp32 bits are not
+// a shift of its own): per group of kGroup elements, the bit masks of its keys >= lo
+// and > hi, from a load, a few bit operations and two compares per 8 elements, and
+// the positions of the set bits written out by compress stores. AVX2 where the CPU
+// has it (checked once), scalar otherwise: at SSE2 width the band pass ran at half
+// the memory bandwidth of two cores.
 //
-// key >= t  <=>  (bits(x) & 0x7fffffff) >= ceil(t / 2), as a signed compare: the
-// abs key is min(bits, NaN) << 1 with every NaN above +inf (select_keys.h). The
-// thresholds are kept as "abs bits greater than": -1 for every key, INT32_MAX for
-// none.
-inline int32_t abs_f32_greater_than(uint64_t at_least) {
-  const uint64_t half = (at_least + 1) >> 1;
-  return half > 0x7f800001u ? INT32_MAX : int32_t(half) - 1;
+// Each element's fp32 bits map to an int32 "order" that sorts as its key does
+// (select_keys.h), so that key >= t is one signed compare with a threshold kept as
+// "order greater than":
+//  - |x| (kSigned false): the bits without the sign; the key is min(order, NaN) << 1,
+//    every NaN above +inf.
+//  - x (kSigned true): the bits of x + 0 (-0 as +0) with the magnitude bits flipped
+//    for negatives (two's complement order), every NaN as INT32_MAX; the key is the
+//    order with its top bit flipped.
+template <bool kSigned>
+inline int32_t order_greater_than(uint64_t at_least) {
+  if constexpr (kSigned) {
+    if (at_least == 0) return INT32_MIN;  // every key: no element's order is INT32_MIN
+    if (at_least > 0xffffffffu) return INT32_MAX;  // no key
+    return int32_t(uint32_t(at_least) ^ 0x80000000u) - 1;
+  } else {
+    const uint64_t half = (at_least + 1) >> 1;
+    return half > 0x7f800001u ? INT32_MAX : int32_t(half) - 1;
+  }
+}
+
+// The key of an order (of a group's largest).
+template <bool kSigned>
+inline uint32_t key_of_order(int32_t order) {
+  if constexpr (kSigned) return uint32_t(order) ^ 0x80000000u;
+  else return uint32_t(std::min(order, 0x7f800001)) << 1;
 }
 
 // The element types the vector scans read: their fp32 bits are the element's own
@@ -296,30 +315,48 @@ inline int32_t abs_f32_greater_than(uint64_t at_least) {
 template <typename T>
 constexpr bool kScanDtype = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 
-template <typename T>
-inline int32_t f32_bits(const T* x, int64_t i) {
+// The order of x[i], for the portable loops.
+template <bool kSigned, typename T>
+inline int32_t order_at(const T* x, int64_t i) {
+  int32_t b;
   if constexpr (std::is_same_v<T, float>) {
-    int32_t b;
     std::memcpy(&b, x + i, 4);
-    return b;
   } else {
     uint16_t h;
     std::memcpy(&h, x + i, 2);
-    return int32_t(uint32_t(h) << 16);
+    b = int32_t(uint32_t(h) << 16);
+  }
+  if constexpr (kSigned) {
+    float v;
+    std::memcpy(&v, &b, 4);
+    v += 0.0f;  // -0 as +0
+    if (v != v) return INT32_MAX;
+    std::memcpy(&b, &v, 4);
+    return b ^ ((b >> 31) & 0x7fffffff);
+  } else {
+    return b & 0x7fffffff;
   }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// |fp32 bits| of 8 elements.
-template <typename T>
-__attribute__((target("avx2"))) inline __m256i abs_bits8_avx2(const T* q) {
-  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+// The orders of 8 elements.
+template <typename T, bool kSigned>
+__attribute__((target("avx2"))) inline __m256i order8_avx2(const T* q) {
+  __m256i bits;
   if constexpr (std::is_same_v<T, float>)
-    return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), absmask);
+    bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
   else
-    return _mm256_and_si256(
-        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), 16),
-        absmask);
+    bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), 16);
+  const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+  if constexpr (kSigned) {
+    const __m256 x = _mm256_add_ps(_mm256_castsi256_ps(bits), _mm256_setzero_ps());
+    const __m256i b = _mm256_castps_si256(x);
+    const __m256i order = _mm256_xor_si256(b, _mm256_and_si256(_mm256_srai_epi32(b, 31), magnitude));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(order, magnitude, nan);
+  } else {
+    return _mm256_and_si256(bits, magnitude);
+  }
 }
 #endif
 
@@ -366,16 +403,16 @@ __attribute__((target("avx2"))) inline uint32_t gt_mask16(__m256i a, __m256i b, 
 
 // One chunk of groups: positions (base + offset) of the keys > hi to win, of the
 // keys in [lo, hi] to cand; each needs room for 16 * groups + kStoreSlack.
-template <typename T>
-__attribute__((target("avx2"))) void abs_band_avx2(const T* x, int64_t groups, int32_t lo_gt,
-                                                   int32_t hi_gt, int64_t base, int64_t*& win,
-                                                   int64_t*& cand, bool few_hits) {
+template <typename T, bool kSigned>
+__attribute__((target("avx2"))) void band_avx2(const T* x, int64_t groups, int32_t lo_gt,
+                                               int32_t hi_gt, int64_t base, int64_t*& win,
+                                               int64_t*& cand, bool few_hits) {
   if (few_hits) {
     // Few groups hold a key >= lo: a branch per group, rarely taken, costs least.
     const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
     for (int64_t gi = 0; gi < groups; ++gi) {
       const T* q = x + gi * kGroup;
-      const __m256i a = abs_bits8_avx2(q), b = abs_bits8_avx2(q + 8);
+      const __m256i a = order8_avx2<T, kSigned>(q), b = order8_avx2<T, kSigned>(q + 8);
       const uint32_t ml = gt_mask16(a, b, lo);
       if (!ml) continue;
       const uint32_t mh = gt_mask16(a, b, hi);
@@ -398,7 +435,7 @@ __attribute__((target("avx2"))) void abs_band_avx2(const T* x, int64_t groups, i
     int64_t nh = 0;
     for (int64_t gi = g0; gi < g1; ++gi) {
       const T* q = x + gi * kGroup;
-      const __m256i a = abs_bits8_avx2(q), b = abs_bits8_avx2(q + 8);
+      const __m256i a = order8_avx2<T, kSigned>(q), b = order8_avx2<T, kSigned>(q + 8);
       const uint32_t ml = gt_mask16(a, b, lo), mh = gt_mask16(a, b, hi);
       hit_group[nh] = uint32_t(gi);
       hit_masks[nh] = ml | (mh << 16);
@@ -415,16 +452,16 @@ __attribute__((target("avx2"))) void abs_band_avx2(const T* x, int64_t groups, i
 #endif
 
 #if defined(__x86_64__) && defined(__GNUC__)
-template <typename T>
-__attribute__((target("avx2"))) int64_t abs_groups_at_least_avx2(const T* x, const int64_t* groups,
-                                                                 int64_t n, int32_t lo_gt,
-                                                                 int64_t* out) {
+template <typename T, bool kSigned>
+__attribute__((target("avx2"))) int64_t groups_at_least_avx2(const T* x, const int64_t* groups,
+                                                             int64_t n, int32_t lo_gt, int64_t* out) {
   const __m256i lo = _mm256_set1_epi32(lo_gt);
   int64_t* o = out;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t start = groups[j] * kGroup;
     o = store_positions_avx2(o, start,
-                             gt_mask16(abs_bits8_avx2(x + start), abs_bits8_avx2(x + start + 8), lo));
+                             gt_mask16(order8_avx2<T, kSigned>(x + start),
+                                       order8_avx2<T, kSigned>(x + start + 8), lo));
   }
   return o - out;
 }
@@ -441,79 +478,85 @@ inline bool use_avx2() {
 #endif
 }
 
-template <typename T>
-inline void abs_band(const T* x, int64_t groups, int32_t lo_gt, int32_t hi_gt, int64_t base,
-                     int64_t*& win, int64_t*& cand, bool few_hits) {
+template <bool kSigned, typename T>
+inline void scan_band(const T* x, int64_t groups, int32_t lo_gt, int32_t hi_gt, int64_t base,
+                      int64_t*& win, int64_t*& cand, bool few_hits) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) return abs_band_avx2(x, groups, lo_gt, hi_gt, base, win, cand, few_hits);
+  if (use_avx2()) return band_avx2<T, kSigned>(x, groups, lo_gt, hi_gt, base, win, cand, few_hits);
 #endif
   for (int64_t e = 0; e < groups * kGroup; ++e) {
-    const int32_t bits = f32_bits(x, e) & 0x7fffffff;
+    const int32_t order = order_at<kSigned>(x, e);
     *win = base + e;
-    win += bits > hi_gt;
+    win += order > hi_gt;
     *cand = base + e;
-    cand += bits > lo_gt && bits <= hi_gt;
+    cand += order > lo_gt && order <= hi_gt;
   }
 }
 
-// The positions (group * kGroup + offset) of the keys > lo_gt (as |fp32 bits|) in
+// The positions (group * kGroup + offset) of the elements whose order is > lo_gt in
 // the listed groups of x, in list order, written at out (room for 16 a group plus
 // kStoreSlack); returns their count.
-template <typename T>
-inline int64_t abs_groups_at_least(const T* x, const int64_t* groups, int64_t n, int32_t lo_gt,
-                                   int64_t* out) {
+template <bool kSigned, typename T>
+inline int64_t scan_groups_at_least(const T* x, const int64_t* groups, int64_t n, int32_t lo_gt,
+                                    int64_t* out) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) return abs_groups_at_least_avx2(x, groups, n, lo_gt, out);
+  if (use_avx2()) return groups_at_least_avx2<T, kSigned>(x, groups, n, lo_gt, out);
 #endif
   int64_t c = 0;
   for (int64_t j = 0; j < n; ++j)
     for (int64_t e = groups[j] * kGroup; e < (groups[j] + 1) * kGroup; ++e) {
       out[c] = e;
-      c += (f32_bits(x, e) & 0x7fffffff) > lo_gt;
+      c += order_at<kSigned>(x, e) > lo_gt;
     }
   return c;
 }
 
-// keys[g] = the largest |x| key of group g of x, for `groups` whole groups.
+// keys[g] = the largest key of group g of x, for `groups` whole groups.
 #if defined(__x86_64__) && defined(__GNUC__)
-template <typename T>
-__attribute__((target("avx2"))) void abs_group_max_avx2(const T* x, int64_t groups,
-                                                        uint32_t* keys) {
+template <typename T, bool kSigned>
+__attribute__((target("avx2"))) void group_max_avx2(const T* x, int64_t groups, uint32_t* keys) {
   for (int64_t gi = 0; gi < groups; ++gi) {
     const T* q = x + gi * kGroup;
-    const __m256i ab = _mm256_max_epi32(abs_bits8_avx2(q), abs_bits8_avx2(q + 8));
+    const __m256i ab = _mm256_max_epi32(order8_avx2<T, kSigned>(q), order8_avx2<T, kSigned>(q + 8));
     __m128i m = _mm_max_epi32(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
     m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4e));
     m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xb1));
-    keys[gi] = uint32_t(std::min(_mm_cvtsi128_si32(m), 0x7f800001)) << 1;
+    keys[gi] = key_of_order<kSigned>(_mm_cvtsi128_si32(m));
   }
 }
 #endif
 
-template <typename T>
-inline void abs_group_max(const T* x, int64_t groups, uint32_t* keys) {
+template <bool kSigned, typename T>
+inline void scan_group_max(const T* x, int64_t groups, uint32_t* keys) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) return abs_group_max_avx2(x, groups, keys);
+  if (use_avx2()) return group_max_avx2<T, kSigned>(x, groups, keys);
 #endif
   for (int64_t gi = 0; gi < groups; ++gi) {
-    uint32_t mx = 0;
-    for (int j = 0; j < kGroup; ++j) mx = std::max(mx, abs_key32(static_cast<float>(x[gi * kGroup + j])));
-    keys[gi] = mx;
+    int32_t mx = INT32_MIN;
+    for (int j = 0; j < kGroup; ++j) mx = std::max(mx, order_at<kSigned>(x, gi * kGroup + j));
+    keys[gi] = key_of_order<kSigned>(mx);
   }
 }
 
-// Whether a reader is one the vector scans serve: |x| of fp32 or bf16, 32-bit keys.
+// Whether a reader is one the vector scans serve (|x| or x of fp32 or bf16, 32-bit
+// keys), and whether its keys are signed.
 template <typename K, typename Reader>
 constexpr bool kScanReader = [] {
   if constexpr (sizeof(K) == 4 && requires(Reader r) { r.p; }) {
     using T = std::remove_cv_t<std::remove_pointer_t<decltype(std::declval<Reader>().p)>>;
-    return kScanDtype<T> && std::is_same_v<Reader, AbsReader<K, T>>;
+    return kScanDtype<T> && (std::is_same_v<Reader, AbsReader<K, T>> ||
+                             std::is_same_v<Reader, SignedReader<K, T>>);
   } else {
     return false;
   }
 }();
 
-// When the reader is |fp32| or |bf16|, calls win(pos, n) with runs of the positions in
+template <typename Reader>
+constexpr bool kSignedReader = false;
+template <typename K, typename T>
+constexpr bool kSignedReader<SignedReader<K, T>> = true;
+
+// When the reader is one the vector scans serve, calls win(pos, n) with runs of the positions in
 // [begin, end) with key > hi and cand(i, key) for every one with lo <= key <= hi,
 // each in ascending order, and returns true; else does nothing and returns false,
 // and the caller runs its generic loop. frac_at_least_lo, the expected fraction of
@@ -524,15 +567,16 @@ bool for_band(const Reader& rd, int64_t begin, int64_t end, K lo, K hi, double f
   if constexpr (kScanReader<K, Reader>) {
     // Under about 3% of groups expected to hold a key >= lo: the branchy scan.
     const bool few_hits = frac_at_least_lo * kGroup < 0.03;
-    const int32_t lo_gt = lo == 0 ? -1 : abs_f32_greater_than(lo);
-    const int32_t hi_gt = abs_f32_greater_than(uint64_t(hi) + 1);
+    constexpr bool kSigned = kSignedReader<Reader>;
+    const int32_t lo_gt = order_greater_than<kSigned>(lo);
+    const int32_t hi_gt = order_greater_than<kSigned>(uint64_t(hi) + 1);
     constexpr int64_t kChunkGroups = 256;  // 4K elements per scan call
     int64_t wbuf[kChunkGroups * kGroup + kStoreSlack], cbuf[kChunkGroups * kGroup + kStoreSlack];
     int64_t i = begin;
     while (end - i >= kGroup) {
       const int64_t groups = std::min<int64_t>(kChunkGroups, (end - i) / kGroup);
       int64_t *w = wbuf, *c = cbuf;
-      abs_band(rd.p + i, groups, lo_gt, hi_gt, i, w, c, few_hits);
+      scan_band<kSigned>(rd.p + i, groups, lo_gt, hi_gt, i, w, c, few_hits);
       if (w > wbuf) win(wbuf, w - wbuf);
       for (const int64_t* q = cbuf; q < c; ++q) cand(*q, rd(*q));
       i += groups * kGroup;
@@ -596,8 +640,11 @@ K kth_largest(std::vector<K>& keys, int64_t r) {
     for (K key : keys)
       if (size_t((key - mn) >> shift) == b) keys[w++] = key;
     keys.resize(w);
-    const K base = K(mn + (K(b) << shift));
-    mx = std::min<K>(mx, K(base + ((K(1) << shift) - 1)));
+    // The kept bin is [base, base + width], cut at mx: computed as a difference, since
+    // base + width can pass the largest key (the top bin of keys near 2^32, +inf and
+    // NaN as signed keys), where the sum wrapped and the loop never ended.
+    const K base = K(mn + (K(b) << shift)), width = K((K(1) << shift) - 1);
+    if (K(mx - base) > width) mx = K(base + width);
     mn = base;
   }
   if (mn == mx) return mn;
@@ -937,7 +984,7 @@ class Selector {
           const int64_t whole = src.n / kGroup;
           for (int64_t g = 0; g < whole; g += kChunkGroups) {
             const int64_t m = std::min(kChunkGroups, whole - g);
-            abs_group_max(rd.p + g * kGroup, m, gmax.data() + gi);
+            scan_group_max<kSignedReader<decltype(rd)>>(rd.p + g * kGroup, m, gmax.data() + gi);
             for (int64_t j = 0; j < m; ++j) hist.add(gmax[gi++]);
           }
           i = whole * kGroup;
@@ -985,7 +1032,7 @@ class Selector {
       with_reader<K>(src, [&](auto rd) {
         int64_t i = 0;
         if constexpr (kScanReader<K, decltype(rd)>) {
-          // |fp32| or |bf16|: the chosen groups listed without a branch, then their
+          // The vector scans: the chosen groups listed without a branch, then their
           // keys >= t written by compress stores, in one call.
           const int64_t whole = src.n / kGroup;
           std::vector<int64_t> chosen(size_t(whole) + 1);
@@ -995,8 +1042,10 @@ class Selector {
             nchosen += gmax[gi + size_t(g)] >= t;
           }
           std::vector<int64_t> pos(size_t(nchosen * kGroup + kStoreSlack));
-          const int64_t* c = pos.data() + abs_groups_at_least(rd.p, chosen.data(), nchosen,
-                                                              abs_f32_greater_than(t), pos.data());
+          constexpr bool kSigned = kSignedReader<decltype(rd)>;
+          const int64_t* c =
+              pos.data() + scan_groups_at_least<kSigned>(rd.p, chosen.data(), nchosen,
+                                                         order_greater_than<kSigned>(t), pos.data());
           for (const int64_t* q = pos.data(); q < c; ++q)
             ckey.push_back(rd(*q)), cpos.push_back(src.pos0 + *q);
           gi += size_t(whole);
