@@ -440,10 +440,10 @@ def structured_inputs(n, generator):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [300, 4097, 10000, 160000, 262144, 262145, 1000003])
 def test_select_grad_structured_inputs(n, dtype):
-    """The fp32/bf16 |grad| scans (vectorised; group maxima, sampled thresholds) against
+    """The fp32/bf16/fp16 |grad| scans (vectorised; group maxima, sampled thresholds) against
     the reference on inputs whose large values a strided sample can miss."""
     gen = torch.Generator().manual_seed(n)
     for name, x in structured_inputs(n, gen).items():
@@ -498,8 +498,8 @@ def test_select_validate_false_same_answer_and_kernel_still_checks():
 @needs_ext
 def test_cpu_baseline_scan_same_answer():
     """The portable (non-AVX2) scans, forced by INCRKERN_CPU_BASELINE=1 in a child
-    process, pick the same elements as the default path, for fp32 and bf16, |x| keys
-    (grad) and signed ones (topk, grad_sq)."""
+    process, pick the same elements as the default path, for fp32, bf16 and fp16, |x|
+    keys (grad) and signed ones (topk, grad_sq)."""
     import subprocess
     import sys
     code = (
@@ -508,7 +508,7 @@ def test_cpu_baseline_scan_same_answer():
         "g = torch.Generator().manual_seed(3)\n"
         "out = []\n"
         "for n in (17, 4097, 160000, 1000003):\n"
-        "    for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
         "        x = torch.randn(n, generator=g).to(dtype)\n"
         "        x[::97] = float('nan')\n"
         "        x[1::89] = -float('nan')\n"
@@ -533,7 +533,7 @@ def test_cpu_baseline_scan_same_answer():
             subprocess.run([sys.executable, "-c", code, path], check=True, env=env,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             results.append(torch.load(path))
-    assert len(results[0]) == len(results[1]) == 96
+    assert len(results[0]) == len(results[1]) == 144
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
@@ -582,7 +582,7 @@ def test_select_small_tensors_exact(n, dtype):
             assert all(torch.equal(a, b) for a, b in zip(got, want)), (name, k)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_topk_signed_special_values_large(dtype):
     """Signed keys through the sampled band (a tensor of more than one block): NaN of
     either sign above +inf, -0 tied with +0, -inf last, at the densities of a step."""

@@ -276,8 +276,7 @@ inline uint32_t mask_greater(const uint32_t (&keys)[kGroup], uint32_t t) {
 #endif
 
 // The scans of the usual cases, |x| (a gradient, a weight) or x itself (top-k, an
-// EMA of g^2) of fp32 or bf16 (not a residual sum, not fp16, whose fp32 bits are not
-// a shift of its own): per group of kGroup elements, the bit masks of its keys >= lo
+// EMA of g^2) of fp32, bf16 or fp16 (not a residual sum): per group of kGroup elements, the bit masks of its keys >= lo
 // and > hi, from a load, a few bit operations and two compares per 8 elements, and
 // the positions of the set bits written out by compress stores. AVX2 where the CPU
 // has it (checked once), scalar otherwise: at SSE2 width the band pass ran at half
@@ -311,9 +310,11 @@ inline uint32_t key_of_order(int32_t order) {
 }
 
 // The element types the vector scans read: their fp32 bits are the element's own
-// (fp32) or a shift of them (bf16 is the top half of its fp32).
+// (fp32), a shift of them (bf16 is the top half of its fp32) or F16C's conversion
+// (fp16).
 template <typename T>
-constexpr bool kScanDtype = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+constexpr bool kScanDtype = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> ||
+                            std::is_same_v<T, c10::Half>;
 
 // The order of x[i], for the portable loops.
 template <bool kSigned, typename T>
@@ -321,6 +322,9 @@ inline int32_t order_at(const T* x, int64_t i) {
   int32_t b;
   if constexpr (std::is_same_v<T, float>) {
     std::memcpy(&b, x + i, 4);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    const float v = static_cast<float>(x[i]);
+    std::memcpy(&b, &v, 4);
   } else {
     uint16_t h;
     std::memcpy(&h, x + i, 2);
@@ -341,10 +345,12 @@ inline int32_t order_at(const T* x, int64_t i) {
 #if defined(__x86_64__) && defined(__GNUC__)
 // The orders of 8 elements.
 template <typename T, bool kSigned>
-__attribute__((target("avx2"))) inline __m256i order8_avx2(const T* q) {
+__attribute__((target("avx2,f16c"))) inline __m256i order8_avx2(const T* q) {
   __m256i bits;
   if constexpr (std::is_same_v<T, float>)
     bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  else if constexpr (std::is_same_v<T, c10::Half>)
+    bits = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
   else
     bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), 16);
   const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
@@ -381,7 +387,7 @@ constexpr int64_t kStoreSlack = 8;
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // Writes base + j for every set bit j of mask16 at out; returns the new end.
-__attribute__((target("avx2"))) inline int64_t* store_positions_avx2(int64_t* out, int64_t base,
+__attribute__((target("avx2,f16c"))) inline int64_t* store_positions_avx2(int64_t* out, int64_t base,
                                                                       uint32_t mask16) {
   for (int h = 0; h < 2; ++h) {
     const uint32_t m = (mask16 >> (8 * h)) & 0xffu;
@@ -396,7 +402,7 @@ __attribute__((target("avx2"))) inline int64_t* store_positions_avx2(int64_t* ou
 }
 
 // Bit j of 16 set when lane j of (a, b) is greater than t.
-__attribute__((target("avx2"))) inline uint32_t gt_mask16(__m256i a, __m256i b, __m256i t) {
+__attribute__((target("avx2,f16c"))) inline uint32_t gt_mask16(__m256i a, __m256i b, __m256i t) {
   return uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, t)))) |
          (uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b, t)))) << 8);
 }
@@ -404,7 +410,7 @@ __attribute__((target("avx2"))) inline uint32_t gt_mask16(__m256i a, __m256i b, 
 // One chunk of groups: positions (base + offset) of the keys > hi to win, of the
 // keys in [lo, hi] to cand; each needs room for 16 * groups + kStoreSlack.
 template <typename T, bool kSigned>
-__attribute__((target("avx2"))) void band_avx2(const T* x, int64_t groups, int32_t lo_gt,
+__attribute__((target("avx2,f16c"))) void band_avx2(const T* x, int64_t groups, int32_t lo_gt,
                                                int32_t hi_gt, int64_t base, int64_t*& win,
                                                int64_t*& cand, bool few_hits) {
   if (few_hits) {
@@ -453,7 +459,7 @@ __attribute__((target("avx2"))) void band_avx2(const T* x, int64_t groups, int32
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename T, bool kSigned>
-__attribute__((target("avx2"))) int64_t groups_at_least_avx2(const T* x, const int64_t* groups,
+__attribute__((target("avx2,f16c"))) int64_t groups_at_least_avx2(const T* x, const int64_t* groups,
                                                              int64_t n, int32_t lo_gt, int64_t* out) {
   const __m256i lo = _mm256_set1_epi32(lo_gt);
   int64_t* o = out;
@@ -467,11 +473,12 @@ __attribute__((target("avx2"))) int64_t groups_at_least_avx2(const T* x, const i
 }
 #endif
 
-// Whether the vector scans run: AVX2 on the CPU, and INCRKERN_CPU_BASELINE not set
+// Whether the vector scans run: AVX2 and F16C on the CPU, and INCRKERN_CPU_BASELINE not set
 // (it takes the portable loops; the tests run both).
 inline bool use_avx2() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("INCRKERN_CPU_BASELINE");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                           !std::getenv("INCRKERN_CPU_BASELINE");
   return avx2;
 #else
   return false;
@@ -514,7 +521,7 @@ inline int64_t scan_groups_at_least(const T* x, const int64_t* groups, int64_t n
 // keys[g] = the largest key of group g of x, for `groups` whole groups.
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename T, bool kSigned>
-__attribute__((target("avx2"))) void group_max_avx2(const T* x, int64_t groups, uint32_t* keys) {
+__attribute__((target("avx2,f16c"))) void group_max_avx2(const T* x, int64_t groups, uint32_t* keys) {
   for (int64_t gi = 0; gi < groups; ++gi) {
     const T* q = x + gi * kGroup;
     const __m256i ab = _mm256_max_epi32(order8_avx2<T, kSigned>(q), order8_avx2<T, kSigned>(q + 8));
@@ -538,7 +545,7 @@ inline void scan_group_max(const T* x, int64_t groups, uint32_t* keys) {
   }
 }
 
-// Whether a reader is one the vector scans serve (|x| or x of fp32 or bf16, 32-bit
+// Whether a reader is one the vector scans serve (|x| or x of fp32, bf16 or fp16, 32-bit
 // keys), and whether its keys are signed.
 template <typename K, typename Reader>
 constexpr bool kScanReader = [] {
