@@ -276,11 +276,12 @@ inline uint32_t mask_greater(const uint32_t (&keys)[kGroup], uint32_t t) {
 #endif
 
 // The scans of the usual cases, |x| (a gradient, a weight) or x itself (top-k, an
-// EMA of g^2) of fp32, bf16 or fp16 (not a residual sum): per group of kGroup elements, the bit masks of its keys >= lo
-// and > hi, from a load, a few bit operations and two compares per 8 elements, and
-// the positions of the set bits written out by compress stores. AVX2 where the CPU
-// has it (checked once), scalar otherwise: at SSE2 width the band pass ran at half
-// the memory bandwidth of two cores.
+// EMA of g^2) of fp32, bf16 or fp16 (not a residual sum): per group of kGroup
+// elements, the bit masks of its keys >= lo and > hi, from a load, a few bit
+// operations and two compares per 8 elements, and the positions of the set bits
+// written out by compress stores. AVX2 where the CPU has it (checked once), scalar
+// otherwise: at SSE2 width the band pass ran at half the memory bandwidth of two
+// cores.
 //
 // Each element's fp32 bits map to an int32 "order" that sorts as its key does
 // (select_keys.h), so that key >= t is one signed compare with a threshold kept as
@@ -387,8 +388,9 @@ constexpr int64_t kStoreSlack = 8;
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // Writes base + j for every set bit j of mask16 at out; returns the new end.
-__attribute__((target("avx2,f16c"))) inline int64_t* store_positions_avx2(int64_t* out, int64_t base,
-                                                                      uint32_t mask16) {
+__attribute__((target("avx2,f16c"))) inline int64_t* store_positions_avx2(int64_t* out,
+                                                                           int64_t base,
+                                                                           uint32_t mask16) {
   for (int h = 0; h < 2; ++h) {
     const uint32_t m = (mask16 >> (8 * h)) & 0xffu;
     const __m128i offs = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.pos[m]));
@@ -411,8 +413,8 @@ __attribute__((target("avx2,f16c"))) inline uint32_t gt_mask16(__m256i a, __m256
 // keys in [lo, hi] to cand; each needs room for 16 * groups + kStoreSlack.
 template <typename T, bool kSigned>
 __attribute__((target("avx2,f16c"))) void band_avx2(const T* x, int64_t groups, int32_t lo_gt,
-                                               int32_t hi_gt, int64_t base, int64_t*& win,
-                                               int64_t*& cand, bool few_hits) {
+                                                    int32_t hi_gt, int64_t base, int64_t*& win,
+                                                    int64_t*& cand, bool few_hits) {
   if (few_hits) {
     // Few groups hold a key >= lo: a branch per group, rarely taken, costs least.
     const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
@@ -459,8 +461,9 @@ __attribute__((target("avx2,f16c"))) void band_avx2(const T* x, int64_t groups, 
 
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename T, bool kSigned>
-__attribute__((target("avx2,f16c"))) int64_t groups_at_least_avx2(const T* x, const int64_t* groups,
-                                                             int64_t n, int32_t lo_gt, int64_t* out) {
+__attribute__((target("avx2,f16c"))) int64_t groups_at_least_avx2(const T* x,
+                                                                  const int64_t* groups, int64_t n,
+                                                                  int32_t lo_gt, int64_t* out) {
   const __m256i lo = _mm256_set1_epi32(lo_gt);
   int64_t* o = out;
   for (int64_t j = 0; j < n; ++j) {
