@@ -333,3 +333,52 @@ def test_approx_selection_updates_about_k():
     opt.step()
     changed = int((p.detach() != start).sum())
     assert abs(changed - 2000) <= 0.01 * 2000 + 1
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+@pytest.mark.parametrize("options", [
+    dict(select="grad"), dict(select="accumulated"), dict(select="grad", accumulate_steps=2),
+    dict(select="grad_sq", scope="global"), dict(select="weight", mask=2),
+])
+def test_mask_and_position_forms_agree(monkeypatch, name, options):
+    """From MASK_DENSITY on, a CPU step updates through a bool mask instead of the
+    chosen positions. Both forms give the same params and state to fp32 rounding (the
+    streaming mask loop is compiled with FMA where the CPU has it, the positional one
+    is not: a few ulp apart), and each form is the one asked for."""
+    import incrkern.optim.base as base
+
+    used = []
+    for op_name in ("adam_update_", "sgd_update_"):
+        op = getattr(incrkern.ops, op_name)
+
+        def spy(*args, _op=op, **kwargs):
+            used.append("masks" if kwargs.get("masks") is not None else
+                        "indices" if kwargs.get("indices") is not None else "dense")
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(incrkern.ops, op_name, spy)
+    results = []
+    for mask_density, form in ((2.0, "indices"), (0.0, "masks")):  # never a mask; always
+        monkeypatch.setattr(base, "MASK_DENSITY", mask_density)
+        used.clear()
+        model = small_model()
+        kwargs = torch_kwargs(name)
+        if name == "SGD":
+            kwargs["nesterov"] = True
+        else:
+            kwargs["maximize"] = True
+        opt = getattr(incrkern.optim, name)(model.parameters(), **kwargs, density=0.3,
+                                            **options)
+        for x, y in batches(6):
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert used and set(used) == {form}, used
+        results.append(([p.detach().clone() for p in model.parameters()],
+                        copy.deepcopy(opt.state_dict()["state"])))
+    (p0, s0), (p1, s1) = results
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for i in s0:
+        for key, value in s0[i].items():
+            if torch.is_tensor(value):
+                torch.testing.assert_close(value, s1[i][key], rtol=1e-5, atol=1e-6, msg=key)

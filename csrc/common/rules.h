@@ -21,6 +21,9 @@ IK_HD M lerp(M from, M to, M weight) {
                          : to - (to - from) * (M(1) - weight);
 }
 
+IK_HD float root(float x) { return sqrtf(x); }
+IK_HD double root(double x) { return sqrt(x); }
+
 // Hyper-parameters of one Adam/AdamW call in the math type. Derived constants
 // such as 1 - beta are computed in double on the host and rounded once, as
 // torch's Python scalars are: 1 - 0.999f in float differs from it by 1e-5.
@@ -56,18 +59,17 @@ IK_HD AdamBias adam_bias(double lr, double beta1, double beta2, double step) {
 template <typename M>
 IK_HD void adam_rule(M& param, M grad, M& exp_avg, M& exp_avg_sq,
                      const AdamHyper<M>& h, M step_size, M bc2_sqrt) {
-  if (h.maximize) grad = -grad;
-  if (h.weight_decay != M(0)) {
-    if (h.decoupled_weight_decay)
-      param = param * h.decay_factor;
-    else
-      grad = grad + h.weight_decay * param;
-  }
+  const bool decay = h.weight_decay != M(0);
+  const bool decoupled = decay & h.decoupled_weight_decay;
+  const bool coupled = decay & !h.decoupled_weight_decay;
+  grad = grad * (h.maximize ? M(-1) : M(1));
+  param = decoupled ? param * h.decay_factor : param;
+  grad = coupled ? grad + h.weight_decay * param : grad;
   exp_avg = lerp(exp_avg, grad, h.one_minus_beta1);
   exp_avg_sq = exp_avg_sq * h.beta2 + h.one_minus_beta2 * grad * grad;
   // Times the reciprocal rather than divided by bc2_sqrt (one rounding more, within
   // 1 ulp of torch's quotient): a division per element made the CPU loop compute-bound.
-  const M denom = sqrt(exp_avg_sq) * (M(1) / bc2_sqrt) + h.eps;
+  const M denom = root(exp_avg_sq) * (M(1) / bc2_sqrt) + h.eps;
   param = param - step_size * (exp_avg / denom);
 }
 

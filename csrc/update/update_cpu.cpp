@@ -100,7 +100,7 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume>
   for (int64_t e = begin; e < end; ++e) {
     M pm = M(p[e]), mm = m[e], vv = v[e];
     adam_rule(pm, M(g[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
-    const bool on = kMasked ? mask[e] : true;
+    const bool on = kMasked ? reinterpret_cast<const uint8_t*>(mask)[e] != 0 : true;
     p[e] = on ? T(pm) : p[e];
     m[e] = on ? mm : m[e];
     v[e] = on ? vv : v[e];
@@ -121,7 +121,7 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool 
   for (int64_t e = begin; e < end; ++e) {
     M pm = M(p[e]), bm = kHasBuffer ? buf[e] : M(0);
     sgd_rule(pm, M(g[e]) * grad_scale, bm, hh, kFirst);
-    const bool on = kMasked ? mask[e] : true;
+    const bool on = kMasked ? reinterpret_cast<const uint8_t*>(mask)[e] != 0 : true;
     p[e] = on ? T(pm) : p[e];
     if (kHasBuffer) buf[e] = on ? bm : buf[e];
     if (kConsume) g[e] = on ? G(0) : g[e];

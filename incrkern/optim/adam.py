@@ -71,14 +71,14 @@ class Adam(IncrementalOptimizer):
                     decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
                     maximize=bool(group["maximize"]))
 
-    def _apply(self, group, work, device, *, grads=None, indices=None, ages=None,
-               grad_scale=1.0, consume_grad=False, compact_state=False):
+    def _apply(self, group, work, device, *, grads=None, indices=None, masks=None,
+               ages=None, grad_scale=1.0, consume_grad=False, compact_state=False):
         states = work.states
         steps = [s["step"] for s in states]
         lr, lr_tensor = self._lr_args(group, device)
         ops.adam_update_(work.param_views, work.grads if grads is None else grads,
                          [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                         steps, lr=lr, lr_tensor=lr_tensor, indices=indices, ages=ages,
+                         steps, lr=lr, lr_tensor=lr_tensor, indices=indices, masks=masks, ages=ages,
                          grad_scale=grad_scale, consume_grad=consume_grad,
                          compact_state=compact_state, increment_steps=True,
                          validate=False,

@@ -51,8 +51,8 @@ class SGD(IncrementalOptimizer):
                     weight_decay=float(group["weight_decay"]),
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
-    def _apply(self, group, work, device, *, grads=None, indices=None, ages=None,
-               grad_scale=1.0, consume_grad=False, compact_state=False):
+    def _apply(self, group, work, device, *, grads=None, indices=None, masks=None,
+               ages=None, grad_scale=1.0, consume_grad=False, compact_state=False):
         buffers, first = [], []
         if self._momentum(group) != 0:
             for i, (p, state) in enumerate(zip(work.params, work.states)):
@@ -68,7 +68,7 @@ class SGD(IncrementalOptimizer):
             first = [False] * len(work.params)
         lr, lr_tensor = self._lr_args(group, device)
         ops.sgd_update_(work.param_views, work.grads if grads is None else grads, buffers,
-                        lr=lr, lr_tensor=lr_tensor, first_step=first, indices=indices,
+                        lr=lr, lr_tensor=lr_tensor, first_step=first, indices=indices, masks=masks,
                         grad_scale=grad_scale, consume_grad=consume_grad,
                         compact_state=compact_state, validate=False,
                         **self._hyper(group))
