@@ -90,8 +90,9 @@ inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visi
 // it vectorises the loops (with the hyper-parameters read through a reference it
 // does not: "control flow in loop"). kMasked: the dense-mask form, branch-free --
 // every element is computed and the mask selects new or old value, so it vectorises
-// too and unchosen elements are written back bit-identical. kConsume: zero the
-// gradient entries used.
+// too and unchosen elements are written back bit-identical. The mask is read as
+// bytes: gcc has no vector type for a bool load, and left the loop scalar.
+// kConsume: zero the gradient entries used.
 template <typename T, typename G, typename M, bool kMasked, bool kConsume>
 [[gnu::always_inline]] inline void adam_stream(
     T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v,
