@@ -8,7 +8,8 @@ A step, for each param group:
   3. on an updating step, choose the indices (`density` < 1) by `select` over a
      tensor or the whole group (`scope`), now or from a kept mask (`mask`);
   4. one fused kernel call per device applies the update rule at those indices
-     only, reading (and, for accumulators, clearing) the gradient source.
+     only (on the CPU from MASK_DENSITY on, through a bool mask of them: one
+     streaming pass), reading (and, for accumulators, clearing) the gradient source.
 With the defaults (density 1, accumulate_steps 1) it is exactly the dense torch
 optimizer: same math, same state keys, same state_dict.
 """
