@@ -404,9 +404,8 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
     if isinstance(k, float):
         if not 0.0 < k <= 1.0:
             raise ValueError(f"k as a density must be in (0, 1], got {k}")
-        # (inline, not _density_k per tensor: this runs for every tensor every step)
         ks = [_density_k(k, sum(numels))] if global_scope else \
-            [min(n, math.ceil(k * n)) for n in numels]
+            [_density_k(k, n) for n in numels]
     elif isinstance(k, numbers.Integral):
         if global_scope:
             ks = [_check_k_int("k", k, sum(numels))]

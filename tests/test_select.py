@@ -431,11 +431,13 @@ def structured_inputs(n, generator):
     block.copy_(5.0 + torch.rand(block.numel(), generator=generator))
     for period in (2, 15, 16, 17, 31, 33, 255):
         x = base.clone()
-        x[period // 2:: period] += torch.randn(len(range(period // 2, n, period)), generator=generator) * 10
+        count = len(range(period // 2, n, period))
+        x[period // 2:: period] += torch.randn(count, generator=generator) * 10
         out[f"period{period}"] = x
     special = base.clone()
     pick = torch.randperm(n, generator=generator)[: max(1, n // 97)]
-    special[pick] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 3.0, -3.0]).repeat(len(pick))[: len(pick)]
+    values = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 3.0, -3.0])
+    special[pick] = values.repeat(len(pick))[: len(pick)]
     out["special"] = special
     return out
 

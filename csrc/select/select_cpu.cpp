@@ -946,17 +946,6 @@ class Selector {
     const K kth = kth_of_few(ckey, k_);
     int64_t ties = k_;  // keys equal to the k-th still to take, lowest positions first
     for (K key : ckey) ties -= key > kth;
-    if (srcs_.size() == 1) {  // one tensor: exactly k_ positions, written in place
-      at::Tensor out = at::empty({k_}, at::TensorOptions().dtype(at::kLong));
-      int64_t* o = out.data_ptr<int64_t>();
-      const int64_t pos0 = srcs_[0].pos0;
-      for (size_t j = 0; j < ckey.size(); ++j) {
-        const bool tie = ckey[j] == kth && ties > 0;
-        if (ckey[j] > kth || tie) *o++ = cpos[j] - pos0;
-        ties -= tie;
-      }
-      return {out};
-    }
     std::vector<int64_t> sizes(srcs_.size(), 0);
     std::vector<int64_t> chosen;
     chosen.reserve(size_t(k_));

@@ -78,7 +78,8 @@ class Adam(IncrementalOptimizer):
         lr, lr_tensor = self._lr_args(group, device)
         ops.adam_update_(work.param_views, work.grads if grads is None else grads,
                          [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                         steps, lr=lr, lr_tensor=lr_tensor, indices=indices, masks=masks, ages=ages,
+                         steps, lr=lr, lr_tensor=lr_tensor, indices=indices, masks=masks,
+                         ages=ages,
                          grad_scale=grad_scale, consume_grad=consume_grad,
                          compact_state=compact_state, increment_steps=True,
                          validate=False,

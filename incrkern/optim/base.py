@@ -415,8 +415,8 @@ class IncrementalOptimizer(Optimizer):
         masks = None
         if (indices is not None and not compact and ages is None and device.type == "cpu"
                 and float(group["density"]) >= MASK_DENSITY):
-            masks = [torch.zeros(p.numel(), dtype=torch.bool, device=device).index_fill_(0, i, True)
-                     for p, i in zip(work.params, indices)]
+            masks = [torch.zeros(p.numel(), dtype=torch.bool, device=device)
+                     .index_fill_(0, i, True) for p, i in zip(work.params, indices)]
             indices = None
         self._apply(group, work, device, grads=work.grads, indices=indices, masks=masks,
                     ages=ages, grad_scale=grad_scale, consume_grad=consume_grad,
