@@ -2,7 +2,26 @@
 import torch
 
 from .. import ops
-from .base import IncrementalOptimizer, _check_number
+from .base import IncrementalOptimizer, _check_number, check_tensor_lr
+
+
+def _checked_betas(betas, foreach, capturable):
+    """torch.optim.Adam's checks of `betas`, with its messages: two floats or two
+    one-element Tensors (kept as 0-d tensors, as torch keeps them; the kernels read
+    them on the host, which costs nothing for CPU tensors)."""
+    beta1, beta2 = betas
+    if not (isinstance(beta1, float) and isinstance(beta2, float)
+            or isinstance(beta1, torch.Tensor) and isinstance(beta2, torch.Tensor)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    if isinstance(beta1, float):
+        return betas
+    for i, beta in enumerate(betas):
+        if not capturable and foreach:
+            raise ValueError(f"betas[{i}] as a Tensor is not supported for "
+                             "capturable=False and foreach=True")
+        if beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+    return tuple(beta.squeeze() if beta.dim() else beta for beta in betas)
 
 
 class Adam(IncrementalOptimizer):
@@ -19,11 +38,13 @@ class Adam(IncrementalOptimizer):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  **incremental):
+        check_tensor_lr(lr, foreach=foreach, capturable=capturable)
         _check_number("learning rate", lr)
         _check_number("epsilon value", eps)
         _check_number("beta parameter at index 0", betas[0], 0.0, 1.0)
         _check_number("beta parameter at index 1", betas[1], 0.0, 1.0)
         _check_number("weight_decay value", weight_decay)
+        betas = _checked_betas(betas, foreach, capturable)
         if amsgrad:
             raise ValueError("amsgrad=True is not supported by incrkern's Adam")
         if differentiable:

@@ -78,6 +78,19 @@ def _check_number(name, value, low=0.0, high=None):
         raise ValueError(f"Invalid {name}: {value} (expected {bound})")
 
 
+def check_tensor_lr(lr, *, foreach=None, capturable=False, host_only_foreach=True):
+    """torch.optim's checks of a Tensor lr, with its messages (torch's own tests match
+    them). `host_only_foreach`: the optimizer refuses a Tensor lr with foreach=True
+    and capturable=False, as torch's Adam does (its SGD does not)."""
+    if not isinstance(lr, torch.Tensor):
+        return
+    if host_only_foreach and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and "
+                         "foreach=True")
+    if lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
 def _contiguous(tensors):
     """The tensors themselves where contiguous, contiguous copies of the others (a
     param's copy is written back after the step)."""

@@ -2,7 +2,7 @@
 import torch
 
 from .. import ops
-from .base import IncrementalOptimizer, _check_number
+from .base import IncrementalOptimizer, _check_number, check_tensor_lr
 
 
 class SGD(IncrementalOptimizer):
@@ -17,6 +17,7 @@ class SGD(IncrementalOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, momentum_correction=False, **incremental):
+        check_tensor_lr(lr, host_only_foreach=False)
         _check_number("learning rate", lr)
         _check_number("momentum value", momentum)
         _check_number("weight_decay value", weight_decay)

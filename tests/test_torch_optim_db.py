@@ -1,0 +1,127 @@
+"""torch's own optimizer test data (torch.testing._internal.common_optimizers.optim_db)
+run against incrkern.optim: every configuration of Adam, AdamW and SGD gives torch's
+params and state to float32 rounding, and every error input raises torch's error type
+with a message matching torch's pattern."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
+
+import incrkern
+from conftest import DEVICES
+
+NAMES = ("Adam", "AdamW", "SGD")
+INFOS = {info.optim_cls.__name__: info for info in optim_db
+         if info.optim_cls.__name__ in NAMES}
+
+# Configurations that need kernel support not built yet: {kwarg: reason}.
+PENDING = {"amsgrad": "amsgrad: kernel support pending",
+           "differentiable": "differentiable: kernel support pending"}
+
+
+def configurations(device):
+    out = []
+    for name in NAMES:
+        for config in INFOS[name].optim_inputs_func(device=device):
+            pending = [reason for key, reason in PENDING.items() if config.kwargs.get(key)]
+            marks = [pytest.mark.skip(reason=pending[0])] if pending else []
+            out.append(pytest.param(name, config.kwargs, id=f"{name}-{config.desc}",
+                                    marks=marks))
+    return out
+
+
+def error_inputs():
+    out = []
+    for name in NAMES:
+        for error in INFOS[name].optim_error_inputs_func(device="cpu", dtype=torch.float32):
+            out.append(pytest.param(name, error,
+                                    id=f"{name}-{error.optimizer_error_input.desc}"))
+    return out
+
+
+def make_params(device):
+    shapes = [(0,), (1,), (7,), (31, 3), (4, 5, 6)]
+    params = [torch.randn(s, device=device) for s in shapes]
+    params.append(torch.randn(6, 9, device=device).t())  # non-contiguous
+    return [p.requires_grad_() for p in params]
+
+
+def compare_with_torch(name, kwargs, device, steps=5):
+    params = make_params(device)
+    ref_params = [p.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+                  for p in params]
+    # Each side gets its own copy of tensor hyperparameters (lr, betas), as a user
+    # constructing one optimizer would.
+    ours = getattr(incrkern.optim, name)(params, **copy.deepcopy(kwargs))
+    theirs = getattr(torch.optim, name)(ref_params, foreach=False, **copy.deepcopy(kwargs))
+    for _ in range(steps):
+        for p, q in zip(params, ref_params):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, q in zip(params, ref_params):
+        ours_state, theirs_state = ours.state[p], theirs.state[q]
+        assert set(ours_state) == set(theirs_state)
+        for key, value in theirs_state.items():
+            torch.testing.assert_close(ours_state[key].cpu(), value.cpu(), rtol=1e-5,
+                                       atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name,kwargs", configurations("cpu"))
+def test_configuration_equals_torch(name, kwargs):
+    compare_with_torch(name, kwargs, "cpu")
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=torch.tensor(0.01), betas=(torch.tensor([[0.8]]), torch.tensor(0.99))),
+    dict(betas=(torch.tensor([0.5]), torch.tensor([[[0.9]]])), weight_decay=0.1),
+], ids=["tensor-lr-and-betas", "betas-of-several-dims"])
+def test_tensor_betas_on_the_cpu(name, kwargs):
+    """torch's list has Tensor betas only among its CUDA (capturable) configurations;
+    torch takes them on the CPU too."""
+    compare_with_torch(name, kwargs, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,kwargs", configurations("cuda"))
+def test_cuda_configuration_equals_torch(name, kwargs):
+    """The CUDA list adds capturable configurations, tensor lr and tensor betas."""
+    compare_with_torch(name, kwargs, "cuda")
+
+
+def default_params():
+    return [torch.randn(3, requires_grad=True)]
+
+
+@pytest.mark.parametrize("name,error", error_inputs())
+def test_error_input_raises_as_torch(name, error):
+    config = error.optimizer_error_input
+    cls = getattr(incrkern.optim, name)
+    params = default_params() if config.params is None else config.params
+
+    def build_and_maybe_step():
+        opt = cls(params, **config.kwargs)
+        if error.error_on == OptimizerErrorEnum.STEP_ERROR:
+            opt.step()
+
+    if issubclass(error.error_type, Warning):
+        with pytest.warns(error.error_type, match=error.error_regex):
+            build_and_maybe_step()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(error.error_type, match=error.error_regex):
+                build_and_maybe_step()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_entry_is_covered(name):
+    """torch's list is what this file runs: a newer torch adding entries shows here."""
+    assert INFOS[name].optim_inputs_func(device="cpu")
+    assert INFOS[name].optim_error_inputs_func(device="cpu", dtype=torch.float32)
