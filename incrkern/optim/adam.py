@@ -34,6 +34,8 @@ class Adam(IncrementalOptimizer):
     amsgrad is not supported.
     """
 
+    _counts_steps = True
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,

@@ -91,6 +91,36 @@ def check_tensor_lr(lr, *, foreach=None, capturable=False, host_only_foreach=Tru
         raise ValueError("Tensor lr must be 1-element")
 
 
+# State tensors that a fixed mask keeps k long (one entry per kept index).
+COMPACT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "age")
+# Scalars and flags: no size to check.
+UNSIZED_STATE_KEYS = ("step", "layer_chosen", "indices")
+
+
+def _check_loaded_param_state(where, state, numel, compact):
+    indices = state.get("indices")
+    if indices is not None:
+        if not torch.is_tensor(indices) or indices.dtype not in (torch.int32, torch.int64) \
+                or indices.dim() != 1:
+            raise ValueError(f"{where}: indices must be a 1-D int32 or int64 tensor")
+        if indices.numel():
+            low, high = (int(v) for v in torch.aminmax(indices))
+            if low < 0 or high >= numel:
+                raise ValueError(f"{where}: indices hold positions outside [0, {numel}), "
+                                 f"from {low} to {high}: a state_dict of another model?")
+            if torch.unique(indices).numel() != indices.numel():
+                raise ValueError(f"{where}: indices hold a position more than once")
+    for key, value in state.items():
+        if key in UNSIZED_STATE_KEYS or not torch.is_tensor(value):
+            continue
+        expected = numel
+        if compact and indices is not None and key in COMPACT_STATE_KEYS:
+            expected = indices.numel()
+        if value.numel() != expected:
+            raise ValueError(f"{where}: {key} has {value.numel()} elements, expected "
+                             f"{expected}: a state_dict of another model?")
+
+
 def _contiguous(tensors):
     """The tensors themselves where contiguous, contiguous copies of the others (a
     param's copy is written back after the step)."""
@@ -108,6 +138,8 @@ class IncrementalOptimizer(Optimizer):
     built once per step and passed down, never re-derived per param (a model's
     thousand small tensors otherwise spend more time here than in the kernels).
     """
+
+    _counts_steps = False  # a subclass keeping a `step` tensor per param sets it
 
     def __init__(self, params, defaults, incremental):
         options = dict(INCREMENTAL_DEFAULTS)
@@ -148,8 +180,12 @@ class IncrementalOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict):
         """As torch's, but floating state keeps the optimizer's own dtype (fp32 for
-        bf16/fp16 params) instead of being rounded to the param's dtype."""
+        bf16/fp16 params) instead of being rounded to the param's dtype, and the
+        state's sizes and kept indices are checked against the params first (the
+        kernels trust the indices on CUDA): a bad state_dict raises and changes
+        nothing."""
         saved_state = state_dict["state"]
+        self._check_loaded_state(state_dict)
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -166,6 +202,26 @@ class IncrementalOptimizer(Optimizer):
             state = self.state.get(p)
             if state and "step" in state:  # a copy: never share a counter with the source
                 state["step"] = self._place_step(state["step"], p).clone()
+
+    def _check_loaded_state(self, state_dict):
+        """Raises ValueError, naming the param, where a saved state does not fit it:
+        kept `indices` that are not 1-D int32/int64 distinct positions in [0, numel),
+        or state tensors of neither the param's size nor (fixed mask) the number of
+        kept indices. Group count and sizes are left to torch's own check."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(s["params"]) != len(g["params"])
+                for s, g in zip(saved_groups, self.param_groups)):
+            return
+        saved_state = state_dict["state"]
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            compact = saved.get("mask", group["mask"]) == "fixed"
+            for i, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                state = saved_state.get(pid)
+                if state:
+                    where = (f"state_dict['state'][{pid!r}] (param_groups[{gi}]"
+                             f"['params'][{i}], {p.numel()} elements)")
+                    _check_loaded_param_state(where, state, p.numel(), compact)
 
     @property
     def accumulating(self):
@@ -235,10 +291,34 @@ class IncrementalOptimizer(Optimizer):
             _check_number("lr", lr)
         plans = [(group, *self._params_with_grad(group, gi))
                  for gi, group in enumerate(self.param_groups)]
+        if self._counts_steps:
+            self._check_unshared_steps([params for _, params, _, _ in plans])
         for group, params, grads, device in plans:
             if params:
                 self._step_group(group, self._by_device(params, grads, device))
         return loss
+
+    def _check_unshared_steps(self, params_per_group):
+        """A `step` tensor shared by two params would count one update per param on
+        the CPU (the kernel increments each listed counter) and one in all on CUDA:
+        refused, before anything runs. One data_ptr per param with a grad; the
+        error path alone walks the groups to name the params."""
+        state = self.state
+        ptrs = [s["step"].data_ptr() for params in params_per_group
+                for s in map(state.get, params) if s and "step" in s]
+        if len(set(ptrs)) == len(ptrs):
+            return
+        owners = {}
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                s = state.get(p)
+                if p.grad is None or not s or "step" not in s:
+                    continue
+                where = f"param_groups[{gi}]['params'][{i}]"
+                first = owners.setdefault(s["step"].data_ptr(), where)
+                if first != where:
+                    raise RuntimeError(f"{first} and {where} share one state['step'] tensor: "
+                                       "each param needs its own update count")
 
     def _is_dense(self, group):
         return (group["density"] >= 1.0 and group["accumulate_steps"] == 1
