@@ -121,6 +121,25 @@ def _check_loaded_param_state(where, state, numel, compact):
                              f"{expected}: a state_dict of another model?")
 
 
+# The options a param with a sparse gradient needs: candidates are the present
+# elements of this step's gradient alone, chosen by |g|.
+SPARSE_GRAD_OPTIONS = dict(select="grad", scope="tensor", mask="dynamic", accumulate_steps=1)
+
+
+def _present_elements(grad):
+    """Flat positions (int64, ascending) and values of the elements present in a
+    sparse COO gradient (whole rows of a hybrid one), duplicate indices summed."""
+    g = grad.coalesce()
+    sparse_dim = g.sparse_dim()
+    indices, values = g.indices(), g.values()
+    rows = torch.zeros(indices.shape[1], dtype=torch.int64, device=g.device)
+    for d in range(sparse_dim):
+        rows = rows * g.shape[d] + indices[d]
+    row_size = math.prod(g.shape[sparse_dim:])
+    positions = rows.unsqueeze(1) * row_size + torch.arange(row_size, device=g.device)
+    return positions.reshape(-1), values.reshape(-1)
+
+
 def _contiguous(tensors):
     """The tensors themselves where contiguous, contiguous copies of the others (a
     param's copy is written back after the step)."""
@@ -255,6 +274,9 @@ class IncrementalOptimizer(Optimizer):
             if (g.dtype is not dtype or g.layout is not torch.strided or dtype.is_complex
                     or g.shape != p.shape or g.device != d
                     or (dtype is torch.float64 and d.type == "cuda")):
+                if g.layout is torch.sparse_coo:  # checked and stepped on their own
+                    self._saw_sparse_grad = True
+                    continue
                 self._bad_grad(f"param_groups[{gi}]['params'][{i}]", p, g)
             if device is None:
                 device = d
@@ -266,8 +288,9 @@ class IncrementalOptimizer(Optimizer):
 
     @staticmethod
     def _bad_grad(where, p, g):
-        if g.layout != torch.strided:
-            raise RuntimeError(f"{where}: sparse gradients are not supported")
+        if g.layout not in (torch.strided, torch.sparse_coo):
+            raise RuntimeError(f"{where}: {g.layout} gradients are not supported (sparse "
+                               "COO ones are)")
         if g.shape != p.shape:
             raise RuntimeError(f"{where}: grad has shape {tuple(g.shape)}, param "
                                f"{tuple(p.shape)}")
@@ -289,13 +312,21 @@ class IncrementalOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
             _check_number("lr", lr)
+        self._saw_sparse_grad = False
         plans = [(group, *self._params_with_grad(group, gi))
                  for gi, group in enumerate(self.param_groups)]
+        sparse_plans = [(group, self._params_with_sparse_grad(group, gi))
+                        for gi, group in enumerate(self.param_groups)
+                        ] if self._saw_sparse_grad else []
         if self._counts_steps:
-            self._check_unshared_steps([params for _, params, _, _ in plans])
+            self._check_unshared_steps([params for _, params, _, _ in plans]
+                                       + [[p for p, _ in pairs] for _, pairs in sparse_plans])
         for group, params, grads, device in plans:
             if params:
                 self._step_group(group, self._by_device(params, grads, device))
+        for group, pairs in sparse_plans:
+            if pairs:
+                self._sparse_step(group, pairs)
         return loss
 
     def _check_unshared_steps(self, params_per_group):
@@ -496,6 +527,67 @@ class IncrementalOptimizer(Optimizer):
                     s["velocity"].view(-1).index_fill_(0, idx, 0.0)
             work.write_back()
         group["updates"] += 1
+
+    # -- sparse (COO) gradients -----------------------------------------------------
+
+    def _params_with_sparse_grad(self, group, gi):
+        """[(param, grad)] of the group's params whose grad is sparse COO, each checked,
+        with the group's options, before anything runs."""
+        pairs = []
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None or g.layout is not torch.sparse_coo:
+                continue
+            where = f"param_groups[{gi}]['params'][{i}]"
+            if (g.shape != p.shape or g.dtype is not p.dtype or g.device != p.device
+                    or p.dtype.is_complex
+                    or (p.dtype is torch.float64 and p.device.type == "cuda")):
+                self._bad_grad(where, p, g)
+            for key, needed in SPARSE_GRAD_OPTIONS.items():
+                if group[key] != needed:
+                    raise RuntimeError(
+                        f"{where}: a sparse gradient needs {key}={needed!r}, the group has "
+                        f"{key}={group[key]!r} (a param group of its own can set it)")
+            pairs.append((p, g))
+        return pairs
+
+    def _sparse_step(self, group, pairs):
+        """Lazy update from sparse COO grads, as torch.optim.SparseAdam: the candidates
+        are the elements present in the coalesced grad (duplicates summed), `density`
+        of them by |g| are updated, every other element and its state stay as they
+        are. The chosen values go through a zeroed param-sized scratch gradient that
+        the update op consumes (zeroes again where it read): O(k) work per step."""
+        density = float(group["density"])
+        approx = group["topk"] == "approx"
+        for p, g in pairs:
+            positions, values = _present_elements(g)
+            k = min(values.numel(), math.ceil(density * values.numel()))
+            if k < values.numel():
+                chosen = ops.topk(values.abs(), k, approx=approx)
+                positions, values = positions[chosen], values[chosen]
+            scratch = self._sparse_scratch(p)
+            scratch.view(-1).index_copy_(0, positions, values)
+            work = _Work([p], [scratch], [self.state[p]])
+            try:
+                self._init_states(group, work.params, work.states, None, sparse=True)
+                ages = [work.states[0]["age"]] if "age" in work.states[0] else None
+                self._apply(group, work, p.device, grads=[scratch], indices=[positions],
+                            ages=ages, consume_grad=True)
+            except BaseException:
+                scratch.view(-1).index_fill_(0, positions, 0)
+                raise
+            work.write_back()
+
+    def _sparse_scratch(self, p):
+        """A zeroed gradient of p's size, dtype and device, shared by every param of
+        that dtype and device (each update zeroes what it wrote): no state_dict entry,
+        at most the largest such param's size."""
+        buffers = self.__dict__.setdefault("_sparse_scratch_buffers", {})
+        key = (p.device, p.dtype)
+        buffer = buffers.get(key)
+        if buffer is None or buffer.numel() < p.numel():
+            buffer = buffers[key] = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+        return buffer[:p.numel()].view(p.shape)
 
     def _update(self, group, work, device, indices, grad_scale, consume_grad):
         compact = group["mask"] == "fixed" and indices is not None
