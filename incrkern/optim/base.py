@@ -180,6 +180,8 @@ class IncrementalOptimizer(Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for p in params:
             p = p[1] if isinstance(p, tuple) else p
+            if isinstance(p, torch.Tensor) and p.is_complex():
+                raise TypeError(f"complex params are not supported, got {p.dtype}")
             if isinstance(p, torch.Tensor) and not p.is_floating_point():
                 raise TypeError(f"params must be floating point tensors, got {p.dtype}")
         for key in INCREMENTAL_DEFAULTS:
