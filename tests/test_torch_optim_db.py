@@ -3,6 +3,7 @@ run against incrkern.optim: every configuration of Adam, AdamW and SGD gives tor
 params and state to float32 rounding, and every error input raises torch's error type
 with a message matching torch's pattern."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -22,13 +23,18 @@ PENDING = {"amsgrad": "amsgrad: kernel support pending",
 
 
 def configurations(device):
+    """(name, kwargs) for each configuration, plain and with each of torch's
+    implementation flags (foreach=True, fused=True) that the optimizer takes."""
     out = []
     for name in NAMES:
-        for config in INFOS[name].optim_inputs_func(device=device):
-            pending = [reason for key, reason in PENDING.items() if config.kwargs.get(key)]
-            marks = [pytest.mark.skip(reason=pending[0])] if pending else []
-            out.append(pytest.param(name, config.kwargs, id=f"{name}-{config.desc}",
-                                    marks=marks))
+        info = INFOS[name]
+        for config in info.optim_inputs_func(device=device):
+            for impl in (None, *info.supported_impls):
+                kwargs = dict(config.kwargs, **({impl: True} if impl else {}))
+                pending = [reason for key, reason in PENDING.items() if kwargs.get(key)]
+                marks = [pytest.mark.skip(reason=pending[0])] if pending else []
+                out.append(pytest.param(name, kwargs, id=f"{name}-{config.desc}-{impl}",
+                                        marks=marks))
     return out
 
 
@@ -49,13 +55,23 @@ def make_params(device):
 
 
 def compare_with_torch(name, kwargs, device, steps=5):
+    """Ours with `kwargs` against torch's for-loop implementation; where torch itself
+    refuses `kwargs` (a Tensor lr with foreach=True, say), ours must refuse them too."""
+    try:
+        getattr(torch.optim, name)(make_params(device), **copy.deepcopy(kwargs))
+    except (ValueError, RuntimeError, TypeError) as error:
+        with pytest.raises(type(error), match=re.escape(str(error))):
+            getattr(incrkern.optim, name)(make_params(device), **copy.deepcopy(kwargs))
+        return
     params = make_params(device)
     ref_params = [p.detach().clone(memory_format=torch.preserve_format).requires_grad_()
                   for p in params]
     # Each side gets its own copy of tensor hyperparameters (lr, betas), as a user
     # constructing one optimizer would.
     ours = getattr(incrkern.optim, name)(params, **copy.deepcopy(kwargs))
-    theirs = getattr(torch.optim, name)(ref_params, foreach=False, **copy.deepcopy(kwargs))
+    reference_kwargs = {k: v for k, v in kwargs.items() if k not in ("foreach", "fused")}
+    theirs = getattr(torch.optim, name)(ref_params, foreach=False,
+                                        **copy.deepcopy(reference_kwargs))
     for _ in range(steps):
         for p, q in zip(params, ref_params):
             g = torch.randn_like(p)
@@ -122,6 +138,6 @@ def test_error_input_raises_as_torch(name, error):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_entry_is_covered(name):
-    """torch's list is what this file runs: a newer torch adding entries shows here."""
+    """torch's data is there: an empty list would leave the tests above vacuous."""
     assert INFOS[name].optim_inputs_func(device="cpu")
     assert INFOS[name].optim_error_inputs_func(device="cpu", dtype=torch.float32)

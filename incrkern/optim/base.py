@@ -10,6 +10,8 @@ A step, for each param group:
   4. one fused kernel call per device applies the update rule at those indices
      only (on the CPU from MASK_DENSITY on, through a bool mask of them: one
      streaming pass), reading (and, for accumulators, clearing) the gradient source.
+Params with a sparse COO grad take their own path (`_sparse_step`): the candidates
+are the elements present in the grad.
 With the defaults (density 1, accumulate_steps 1) it is exactly the dense torch
 optimizer: same math, same state keys, same state_dict.
 """
