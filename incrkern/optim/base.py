@@ -78,6 +78,17 @@ def _check_number(name, value, low=0.0, high=None):
         raise ValueError(f"Invalid {name}: {value} (expected {bound})")
 
 
+def _check_lr(lr):
+    """step()'s check of a group's lr. A tensor's value is not read: on CUDA a read
+    waits for the device, and a CUDA graph cannot capture it; the kernels read it."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError("lr must be a number or a one-element floating point tensor, "
+                             f"got a tensor of shape {tuple(lr.shape)} and dtype {lr.dtype}")
+    else:
+        _check_number("lr", lr)
+
+
 def _contiguous(tensors):
     """The tensors themselves where contiguous, contiguous copies of the others (a
     param's copy is written back after the step)."""
@@ -217,9 +228,8 @@ class IncrementalOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Every group is checked before any is touched: a step that raises changes nothing.
-        for gi, group in enumerate(self.param_groups):
-            lr = group["lr"]
-            _check_number("lr", lr)
+        for group in self.param_groups:
+            _check_lr(group["lr"])
         plans = [(group, *self._params_with_grad(group, gi))
                  for gi, group in enumerate(self.param_groups)]
         for group, params, grads, device in plans:
@@ -238,10 +248,15 @@ class IncrementalOptimizer(Optimizer):
             self._incremental_step(group, by_device)
 
     def _lr_args(self, group, device):
+        """(lr, lr_tensor) for an update op. A tensor lr goes to the kernel as a tensor
+        on the params' device, its value unread here (lr=0.0 is then ignored), except
+        a CPU tensor for CUDA params: read on the host, it costs no device sync."""
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            return float(lr.item()), lr.detach().to(device=device, dtype=torch.float32)
-        return float(lr), None
+        if not isinstance(lr, torch.Tensor):
+            return float(lr), None
+        if lr.device.type == "cpu" and device.type != "cpu":
+            return float(lr), None
+        return 0.0, lr.detach().to(device=device, dtype=torch.float32)
 
     @staticmethod
     def _by_device(params, grads, device):
