@@ -324,7 +324,7 @@ class IncrementalOptimizer(Optimizer):
             ops.accumulate_([], grads, 1.0, [self._buffer(p, "fisher") for p in params],
                             sq_alpha=1.0 - beta, sq_decay=beta)
 
-    def _select(self, group, params, states, sources, param_views):
+    def _select(self, group, params, states, sources, contiguous_params):
         """Indices to update in each param, or None for all of them."""
         density = float(group["density"])
         mask = group["mask"]
@@ -345,7 +345,7 @@ class IncrementalOptimizer(Optimizer):
         if select == "grad_sq":
             score, tensors = "grad_sq", [s["fisher"] for s in states]
         elif select == "weight":
-            score, weights = "weight", param_views
+            score, weights = "weight", contiguous_params
         elif select == "random":
             score = "random"
         indices = ops.select(tensors, density, score=score, scope=group["scope"],
@@ -403,7 +403,7 @@ class IncrementalOptimizer(Optimizer):
             else:
                 sources, scale, consume = grads, 1.0, False
             work = _Work(ps, sources, states)
-            indices = self._select(group, ps, states, sources, work.param_views)
+            indices = self._select(group, ps, states, sources, work.contiguous_params)
             partial = indices is not None
             if select == "layer":  # whole tensors: a dense update of the chosen ones
                 chosen = [i for i, idx in enumerate(indices) if idx is None]
@@ -445,11 +445,11 @@ class _Work:
 
     def __init__(self, params, grads, states):
         self.params = params
-        self.param_views = _contiguous(params)
+        self.contiguous_params = _contiguous(params)
         self.grads = grads
         self.states = states
 
     def write_back(self):
-        for p, v in zip(self.params, self.param_views):
+        for p, v in zip(self.params, self.contiguous_params):
             if v is not p:
                 p.copy_(v)
