@@ -1,5 +1,5 @@
 """Shared pieces of the benchmarks: timing, the copy-bandwidth roofline, the machine's
-description, the optional APIs (probed, never assumed) and the result records.
+description and the result records.
 
 Every figure the benchmarks report is measured in the run that reports it: a kernel's
 time, the time of its torch counterpart, and the copy bandwidth it is compared with.
@@ -230,41 +230,7 @@ def machine_info(device):
 
 
 # ----------------------------------------------------------------------------------
-# optional APIs: the benchmarks say "not available" until they exist
-
-
-def have_op(name):
-    return hasattr(incrkern.ops, name)
-
-
-def optimizer_class(name):
-    """incrkern.optim.<name> (SGD, Adam, AdamW) or None while it does not exist."""
-    optim = getattr(incrkern, "optim", None)
-    return getattr(optim, name, None) if optim is not None else None
-
-
-_SPARSE_CACHE = {}
-
-
-def sparse_optimizer_reason(name="AdamW"):
-    """None when incrkern.optim.<name> accepts density < 1, else why not."""
-    if name in _SPARSE_CACHE:
-        return _SPARSE_CACHE[name]
-    cls = optimizer_class(name)
-    if cls is None:
-        reason = f"incrkern.optim.{name} not available"
-    else:
-        try:
-            p = torch.nn.Parameter(torch.zeros(16))
-            opt = cls([p], lr=1e-3, density=0.5, select="grad", scope="tensor")
-            p.grad = torch.ones(16)
-            opt.step()
-            reason = None
-        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
-            reason = f"incrkern.optim.{name}(density<1) not available ({type(exc).__name__}: " \
-                     f"{str(exc).splitlines()[0][:80] if str(exc) else ''})"
-    _SPARSE_CACHE[name] = reason
-    return reason
+# optimizer state
 
 
 def state_bytes(opt):
@@ -297,6 +263,7 @@ def failure(exc, context=""):
 
 
 def unavailable(reason, **fields):
+    """The record of an implementation that could not be measured (it raised)."""
     return {**fields, "available": False, "reason": reason}
 
 
