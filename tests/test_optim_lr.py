@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import incrkern
-from incrkern._extension import EXTENSION_LOADED
+from helpers import needs_ext
 
 # A power of two, as are its StepLR decays: a tensor lr (float32) and a Python one
 # (double) then give bit-identical steps.
@@ -42,7 +42,7 @@ def _item_raises(self):
     raise AssertionError("Tensor.item() called during a step")
 
 
-@pytest.mark.skipif(not EXTENSION_LOADED, reason="the reference ops read lr_tensor on the host")
+@needs_ext  # the reference ops read lr_tensor on the host
 @pytest.mark.parametrize("name,kwargs", CASES)
 def test_step_never_reads_a_tensor_lr(monkeypatch, name, kwargs):
     params = _params()

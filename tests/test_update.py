@@ -7,11 +7,9 @@ from math import prod as math_prod
 import pytest
 import torch
 
-from incrkern import EXTENSION_LOADED, ops, reference
+from incrkern import ops, reference
+from helpers import CUDA_DTYPES, DTYPES, needs_ext
 
-needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SIZES = [0, 1, 3, 4, 5, 17, 1030]
 FORMS = ["dense", "indices", "masks", "compact"]
 
@@ -548,8 +546,6 @@ def test_sgd_opcheck():
 
 # ----------------------------------------------------------------------------------
 # CUDA against CPU (the same rules; the GPU contracts a*b+c into fused multiply-adds)
-
-CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _to_cuda(x):
