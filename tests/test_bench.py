@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,6 +170,15 @@ def test_command_line(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert any(f.endswith("-tiny-convergence.json") for f in files), files
     assert any(f.endswith("-tiny-convergence.md") for f in files), files
+
+
+def test_results_go_to_the_checkout_or_the_current_folder(tmp_path, monkeypatch):
+    repo = Path(cli.__file__).resolve().parents[2]
+    if (repo / "setup.py").is_file() and (repo / "bench" / "results").is_dir():
+        assert cli.default_out() == str(repo / "bench" / "results")
+    installed = tmp_path / "site-packages" / "incrkern" / "bench" / "cli.py"
+    monkeypatch.chdir(tmp_path)
+    assert Path(cli.default_out(str(installed))).resolve() == tmp_path.resolve()
 
 
 def test_sizes_are_consistent():
