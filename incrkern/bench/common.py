@@ -16,7 +16,7 @@ import torch
 
 import incrkern
 
-# Bytes an implementation must move at least, per element (DESIGN.md, "Measuring").
+# Bytes an implementation must move at least, per element (docs/design.md, "Bytes").
 BYTES_ADAMW = 28      # read p, g, m, v; write p, m, v
 BYTES_SGD_MOMENTUM = 20  # read p, g, buf; write p, buf
 BYTES_ACCUMULATE = 12  # read acc, g; write acc
@@ -26,8 +26,9 @@ LINES_ADAMW = 7  # lines of p, g, m, v read and of p, m, v written per touched l
 
 
 def sparse_step_bytes(shapes, density, device):
-    """Bytes a sparse AdamW step must move at least: one read of every score for the
-    selection, and the memory lines its chosen elements fall in, not 28 bytes each.
+    """Bytes a sparse AdamW step must move at least (docs/design.md, "Bytes"): one read
+    of every score for the selection, and the memory lines its chosen elements fall
+    in, not 28 bytes each.
     Memory moves whole lines (64-byte cache lines on a CPU, 32-byte sectors on a GPU),
     and k random positions of n touch about (n / e) (1 - (1 - k / n)^e) lines of e
     elements: at density 0.01 and fp32 that is 15% of a CPU's lines, 7.7% of a GPU's."""
@@ -270,7 +271,8 @@ def unavailable(reason, **fields):
 def figure(timing, *, nbytes, roofline_bps, reference_s=None, **fields):
     """A kernel figure: the timing, speedup over the torch reference measured in the
     same run (reference time / this time; 1.0 for the reference itself), achieved bytes/s
-    with `nbytes` counted as in DESIGN.md, and its fraction of the copy bandwidth."""
+    with `nbytes` counted as in docs/design.md ("Bytes"), and its fraction of the copy
+    bandwidth."""
     median = timing["median_s"]
     bps = nbytes / median if median > 0 else float("nan")
     return {

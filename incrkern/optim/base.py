@@ -27,10 +27,8 @@ BIAS_CORRECTION_CHOICES = ("tensor", "element")
 
 # From this density on, a CPU step updates through a bool mask (one streaming pass
 # over every element, at the dense step's speed) instead of the chosen positions (a
-# scattered access each). bench/crossover_update.py, 1e7 fp32 on 2 cores: AdamW by
-# positions 7.4 ms at 0.1 and 17.6 at 0.3, by mask 5.6 and 6.4 flat, plus 1.2 and
-# 3.2 ms to build the mask from the positions; SGD-momentum 5.6 and 10.5 against
-# 4.6 and 4.9. Below about 0.05 positions win (2.2 against 6.2 ms at 0.01).
+# scattered access each, growing with the lines they touch): measured by
+# bench/crossover_update.py (docs/design.md, "Choosing a path" and "Measurements").
 MASK_DENSITY = 0.1
 
 # The group options every incrkern optimizer adds to torch's.
@@ -80,7 +78,8 @@ def _check_number(name, value, low=0.0, high=None):
 
 def _check_lr(lr):
     """step()'s check of a group's lr. A tensor's value is not read: on CUDA a read
-    waits for the device, and a CUDA graph cannot capture it; the kernels read it."""
+    waits for the device, and a CUDA graph cannot capture it; the kernels read it
+    (docs/design.md, Note [a tensor lr is never read on the host])."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError("lr must be a number or a one-element floating point tensor, "
@@ -102,9 +101,10 @@ class IncrementalOptimizer(Optimizer):
     k-long when k is given, param-sized otherwise; or `_init_states` over a list) and
     `_apply(group, work, device, ...)` (the fused kernel call).
 
-    A step costs a few attribute reads per param in Python (about 1 µs); lists are
-    built once per step and passed down, never re-derived per param (a model's
-    thousand small tensors otherwise spend more time here than in the kernels).
+    A step costs a few attribute reads per param in Python; lists are built once per
+    step and passed down, never re-derived per param (a model's thousand small
+    tensors otherwise spend more time here than in the kernels; docs/design.md,
+    "Measurements").
     """
 
     def __init__(self, params, defaults, incremental):
@@ -262,7 +262,7 @@ class IncrementalOptimizer(Optimizer):
     def _by_device(params, grads, device):
         """[(device, params, contiguous grads)], one entry per device. A
         non-contiguous grad is copied once: the ops index every tensor by flat
-        position, so no flat view is made (a view per param cost 1 ms per 1000)."""
+        position, so no flat view is made (docs/design.md, "Measurements")."""
         if device is not None:
             return [(device, params, _contiguous(grads))]
         out = {}
