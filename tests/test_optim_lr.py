@@ -23,12 +23,10 @@ CASES = [
 ]
 
 
-def _params(device="cpu"):
-    return [torch.randn(s, device=device).requires_grad_() for s in ((1000,), (31, 7), (5,))]
-
-
-def _twin(params):
-    return [p.detach().clone().requires_grad_() for p in params]
+def _twin_params(device="cpu"):
+    """Two equal lists of params."""
+    params = [torch.randn(s, device=device).requires_grad_() for s in ((1000,), (31, 7), (5,))]
+    return params, [p.detach().clone().requires_grad_() for p in params]
 
 
 def _set_grads(*param_lists):
@@ -45,8 +43,7 @@ def _item_raises(self):
 @needs_ext  # the reference ops read lr_tensor on the host
 @pytest.mark.parametrize("name,kwargs", CASES)
 def test_step_never_reads_a_tensor_lr(monkeypatch, name, kwargs):
-    params = _params()
-    twin_params = _twin(params)
+    params, twin_params = _twin_params()
     ours = getattr(incrkern.optim, name)(params, lr=torch.tensor(LR), **kwargs)
     twin = getattr(incrkern.optim, name)(twin_params, lr=LR, **kwargs)
     for call in range(5):
@@ -61,20 +58,27 @@ def test_step_never_reads_a_tensor_lr(monkeypatch, name, kwargs):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("kwargs", [{}, dict(density=0.1, select="accumulated")])
-def test_scheduler_updates_a_tensor_lr(kwargs):
-    params = _params()
-    float_params = _twin(params)
-    ours = incrkern.optim.AdamW(params, lr=torch.tensor(LR), **kwargs)
-    twin = incrkern.optim.AdamW(float_params, lr=LR, **kwargs)
+def _run_scheduled(make_ours, make_theirs, steps=7):
+    """Both optimizers on twin params under StepLR(step_size=2, gamma=0.5); returns
+    them and their params."""
+    params, their_params = _twin_params()
+    ours, theirs = make_ours(params), make_theirs(their_params)
     schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)
-                 for o in (ours, twin)]
-    for _ in range(7):
-        _set_grads(params, float_params)
+                 for o in (ours, theirs)]
+    for _ in range(steps):
+        _set_grads(params, their_params)
         ours.step()
-        twin.step()
+        theirs.step()
         for s in schedules:
             s.step()
+    return ours, theirs, params, their_params
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(density=0.1, select="accumulated")])
+def test_scheduler_updates_a_tensor_lr(kwargs):
+    ours, twin, params, float_params = _run_scheduled(
+        lambda ps: incrkern.optim.AdamW(ps, lr=torch.tensor(LR), **kwargs),
+        lambda ps: incrkern.optim.AdamW(ps, lr=LR, **kwargs))
     lr = ours.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor)
     assert float(lr) == LR * 0.5 ** 3 == twin.param_groups[0]["lr"]
@@ -83,25 +87,16 @@ def test_scheduler_updates_a_tensor_lr(kwargs):
 
 
 def test_scheduler_with_a_tensor_lr_equals_torch():
-    params = _params()
-    torch_params = _twin(params)
-    ours = incrkern.optim.AdamW(params, lr=torch.tensor(0.01))
-    theirs = torch.optim.AdamW(torch_params, lr=torch.tensor(0.01), foreach=False)
-    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)
-                 for o in (ours, theirs)]
-    for _ in range(7):
-        _set_grads(params, torch_params)
-        ours.step()
-        theirs.step()
-        for s in schedules:
-            s.step()
+    _, _, params, torch_params = _run_scheduled(
+        lambda ps: incrkern.optim.AdamW(ps, lr=torch.tensor(0.01)),
+        lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(0.01), foreach=False))
     for p, q in zip(params, torch_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("lr", [torch.zeros(2), torch.tensor(1), torch.tensor([[0.1]]).int()])
 def test_a_bad_tensor_lr_is_refused_before_anything_changes(lr):
-    params = _params()
+    params, _ = _twin_params()
     before = [p.detach().clone() for p in params]
     opt = incrkern.optim.AdamW(params, lr=0.01)
     opt.param_groups[0]["lr"] = lr
@@ -127,8 +122,7 @@ def _cuda_optimizer(params, name="AdamW"):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
 def test_cuda_step_with_a_tensor_lr_does_not_sync(name):
-    params = _params("cuda")
-    twin_params = _twin(params)
+    params, twin_params = _twin_params("cuda")
     ours = _cuda_optimizer(params, name)
     twin = getattr(incrkern.optim, name)(twin_params, lr=LR,
                                          **(dict(momentum=0.9) if name == "SGD" else {}))
@@ -151,8 +145,7 @@ def test_cuda_step_with_a_tensor_lr_does_not_sync(name):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
 def test_cuda_graph_replays_a_dense_step(name):
-    params = _params("cuda")
-    eager_params = _twin(params)
+    params, eager_params = _twin_params("cuda")
     captured = _cuda_optimizer(params, name)
     eager = _cuda_optimizer(eager_params, name)
     _set_grads(params, eager_params)
