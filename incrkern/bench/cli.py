@@ -25,6 +25,17 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_out(package_file=__file__):
+    """bench/results of the checkout this package runs from (a bench/results folder and
+    setup.py beside the package's folder), else the current folder: an installed
+    package writes where it is run."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(package_file))))
+    results = os.path.join(root, "bench", "results")
+    if os.path.isdir(results) and os.path.isfile(os.path.join(root, "setup.py")):
+        return results
+    return os.getcwd()
+
+
 def file_stem(device, what, mode, date=None, threads=None):
     """<date>-<device>, with -full / -kernels / -convergence / -t<threads> when not the
     default run."""
@@ -41,7 +52,8 @@ def file_stem(device, what, mode, date=None, threads=None):
 
 def run_bench(what="all", mode="quick", device=None, out=None, progress=True, quiet=False,
               threads=None):
-    """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`.
+    """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`
+    (None: default_out()).
     `threads`: torch's intra-op thread count for the run (None: torch's default).
     Returns (results, {kind: path})."""
     device = torch.device(device or default_device())
@@ -49,7 +61,7 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         torch.set_num_threads(threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("incrkern.bench: --device cuda asked for, but no CUDA device")
-    out = out or os.path.join("bench", "results")
+    out = os.path.abspath(out or default_out())
     os.makedirs(out, exist_ok=True)
     bar = _progress(progress)
     t0 = time.perf_counter()
@@ -82,7 +94,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         f.write(report.markdown(results, plots))
     if not quiet:
         report.print_tables(results)
-        print(f"\n{results['total_s']:.0f} s in all; wrote " + ", ".join(paths.values()))
+        print(f"\n{results['total_s']:.0f} s in all; results written to {out}: "
+              + ", ".join(os.path.basename(p) for p in paths.values()))
     return results, paths
 
 
@@ -102,7 +115,9 @@ def main(argv=None):
                       help=argparse.SUPPRESS)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
-    parser.add_argument("--out", default=None, help="output folder (default bench/results)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: bench/results when run from a "
+                             "checkout of incrkern, else the current folder)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's choice); "
                              "on a CPU shared with other work, 1 gives steadier figures")
