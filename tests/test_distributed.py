@@ -183,8 +183,9 @@ def _worker(rank, world, port, out, scenarios):
         result["approx"] = _run_compressed(rank, rec, steps=4, topk="approx")
     if "inf" in scenarios:
         result["inf"] = _inf_run(rank, rec)
-    dist.destroy_process_group()
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()   # no rank leaves while a peer still talks to it
+    dist.destroy_process_group()
 
 
 INF_STEP = 3
