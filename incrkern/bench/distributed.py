@@ -5,8 +5,9 @@ synthetic task (labels from a fixed random teacher) with plain DDP and with the
 hook at each density, in turn. Per configuration: the bytes each rank sends per
 step as the hook counts them (the ring model), the loopback interface's transmitted
 bytes over the same steps divided by the ranks (what gloo really moved, its headers
-included; other loopback traffic on the machine adds to it), the median step time,
-and the loss after the last step.
+included; other loopback traffic on the machine adds to it), the median step time
+(the configurations taking turns), and the loss on a held-out set after the last
+step.
 """
 import os
 import socket
@@ -27,6 +28,8 @@ STEPS = {"quick": 40, "full": 200, "tiny": 6}
 START_ITER = 2
 WIDTH = {"quick": 512, "full": 1024, "tiny": 32}
 BATCH = 32
+HELD_OUT = 1024
+LR = 0.5
 INPUTS, CLASSES = 256, 10
 
 
@@ -56,14 +59,16 @@ def _model(width):
                                torch.nn.Linear(width, CLASSES))
 
 
-def _batch(rank, step):
+def _batch(rank, step, size=BATCH):
+    """A batch of the synthetic task: Gaussian inputs, labels from a fixed random
+    linear teacher; rank -1 is the held-out set."""
     teacher = torch.randn(INPUTS, CLASSES, generator=torch.Generator().manual_seed(1))
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randn(BATCH, INPUTS, generator=g)
+    g = torch.Generator().manual_seed(1000 * step + rank + 1)
+    x = torch.randn(size, INPUTS, generator=g)
     return x, (x @ teacher).argmax(1)
 
 
-def _train_one(rank, world, density, steps, width):
+def _setup(density, width):
     from incrkern.distributed import TopKState, topk_hook
     model = _model(width)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -71,39 +76,58 @@ def _train_one(rank, world, density, steps, width):
     if density is not None:
         state = TopKState(density=density, start_iter=START_ITER)
         ddp.register_comm_hook(state, topk_hook)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    times, counted, loss = [], 0, None
-    tx_start = None
+    return ddp, state, torch.optim.SGD(model.parameters(), lr=LR)
+
+
+def _step(ddp, opt, rank, step):
+    x, y = _batch(rank, step)
+    loss = F.cross_entropy(ddp(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _traffic_and_loss(rank, world, density, steps, width):
+    """One configuration alone: the bytes it sends (counted, and on the loopback
+    interface) over the compressed steps, and the held-out loss after the last step."""
+    from incrkern.distributed import allreduce_bytes
+    ddp, state, opt = _setup(density, width)
+    counted, tx_start = 0, None
     for step in range(steps):
-        if step == START_ITER:   # measure the compressed steps only
+        if step == START_ITER:   # the compressed steps only
             dist.barrier()
             tx_start = _loopback_tx_bytes()
-        t0 = time.perf_counter()
-        x, y = _batch(rank, step)
-        loss = F.cross_entropy(ddp(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step >= START_ITER:
-            times.append(time.perf_counter() - t0)
-            if state is not None:
-                counted += state.bytes_sent
+        _step(ddp, opt, rank, step)
+        if step >= START_ITER and state is not None:
+            counted += state.bytes_sent
     dist.barrier()
     tx_end = _loopback_tx_bytes()
-    measured_steps = steps - START_ITER
-    numel = sum(p.numel() for p in model.parameters())
-    if state is None:
-        # torch's own all-reduce: the ring model of it, as the hook counts its warm-up.
-        from incrkern.distributed import allreduce_bytes
-        counted = allreduce_bytes(numel, 4, world) * measured_steps
-    loss_total = loss.detach().clone()
-    dist.all_reduce(loss_total)
+    measured = steps - START_ITER
+    numel = sum(p.numel() for p in ddp.module.parameters())
+    if state is None:   # torch's own all-reduce, by the ring model the hook counts with
+        counted = allreduce_bytes(numel, 4, world) * measured
+    x, y = _batch(-1, 0, HELD_OUT)
+    with torch.no_grad():
+        loss = F.cross_entropy(ddp.module(x), y)
     return {"world": world, "density": density, "numel": numel, "steps": steps,
-            "bytes_per_step": counted / measured_steps,
+            "bytes_per_step": counted / measured,
             "loopback_bytes_per_step": None if tx_start is None or tx_end is None
-            else (tx_end - tx_start) / world / measured_steps,
-            "step_ms": 1e3 * statistics.median(times),
-            "loss": float(loss_total) / world}
+            else (tx_end - tx_start) / world / measured,
+            "loss": float(loss)}
+
+
+def _step_times(rank, world, densities, steps, width):
+    """Median step time of each configuration, the configurations taking turns step by
+    step, so that the machine's other work weighs on all alike."""
+    runs = [_setup(density, width) for density in densities]
+    times = [[] for _ in runs]
+    for step in range(steps):
+        for (ddp, _, opt), samples in zip(runs, times):
+            t0 = time.perf_counter()
+            _step(ddp, opt, rank, step)
+            if step >= START_ITER:
+                samples.append(time.perf_counter() - t0)
+    return [1e3 * statistics.median(samples) for samples in times]
 
 
 def _worker(rank, world, port, out, mode):
@@ -112,8 +136,11 @@ def _worker(rank, world, port, out, mode):
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     warnings.simplefilter("ignore", FutureWarning)
-    rows = [_train_one(rank, world, density, STEPS[mode], WIDTH[mode])
-            for density in (None,) + DENSITIES]
+    configs = (None,) + DENSITIES
+    rows = [_traffic_and_loss(rank, world, density, STEPS[mode], WIDTH[mode])
+            for density in configs]
+    for row, ms in zip(rows, _step_times(rank, world, configs, STEPS[mode], WIDTH[mode])):
+        row["step_ms"] = ms   # rank 0's
     if rank == 0:
         torch.save(rows, out)
     dist.barrier()   # no rank leaves while a peer still talks to it
@@ -147,7 +174,7 @@ def run(mode="quick", progress=None):
 def markdown(rows):
     lines = ["| ranks | gradient exchange | bytes sent per rank per step (counted) | "
              "vs all-reduce | loopback bytes / counted | step (ms) | vs all-reduce | "
-             "loss after the last step |",
+             "held-out loss after the last step |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         what = "plain DDP all-reduce" if r["density"] is None else \
