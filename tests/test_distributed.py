@@ -100,8 +100,7 @@ def _unpack(packet, numel):
                                          packet[:k].clone().view(torch.float32))
 
 
-def _train(rank, ddp, state=None, steps=STEPS, first=0, micro=1, bucket_mb=BUCKET_MB,
-           scaler=None, inject=None):
+def _train(rank, ddp, steps=STEPS, first=0, micro=1, scaler=None, inject=None):
     """Trains `ddp` (its hook already registered, or plain DDP) with SGD; returns the
     reduced gradients of each step."""
     model = ddp.module
@@ -125,15 +124,15 @@ def _train(rank, ddp, state=None, steps=STEPS, first=0, micro=1, bucket_mb=BUCKE
     return grads
 
 
-def _ddp(model, state=None, hook=None, bucket_mb=BUCKET_MB):
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
+def _ddp(model, state=None, hook=None, bucket_mb=BUCKET_MB, **ddp_options):
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb, **ddp_options)
     if state is not None:
         ddp.register_comm_hook(state, hook)
     return ddp
 
 
 def _run_compressed(rank, rec, steps=STEPS, first=0, model=None, bucket_mb=BUCKET_MB,
-                    state_dict=None, **options):
+                    state_dict=None, ddp_options=None, **options):
     options.setdefault("density", DENSITY)
     options.setdefault("start_iter", START)
     state = TopKState(**options)
@@ -143,7 +142,8 @@ def _run_compressed(rank, rec, steps=STEPS, first=0, model=None, bucket_mb=BUCKE
     model = model or _model()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        grads = _train(rank, _ddp(model, state, rec.hook, bucket_mb), state, steps, first)
+        ddp = _ddp(model, state, rec.hook, bucket_mb, **(ddp_options or {}))
+        grads = _train(rank, ddp, steps, first)
     return {"grads": grads, "log": rec.entries, "state": state.state_dict(),
             "params": [p.detach().clone() for p in model.parameters()],
             "bytes": state.bytes_sent, "warnings": [str(w.message) for w in caught
@@ -172,6 +172,9 @@ def _worker(rank, world, port, out, scenarios):
             result[name] = _run_compressed(rank, rec, steps=STEPS - SAVE_AT, first=SAVE_AT,
                                            model=model, state_dict=saved["state"],
                                            bucket_mb=bucket_mb)
+    if "bucket_view" in scenarios:
+        result["bucket_view"] = _run_compressed(
+            rank, rec, ddp_options={"gradient_as_bucket_view": True})
     if "no_sync" in scenarios:
         state = TopKState(density=DENSITY, start_iter=START)
         result["no_sync"] = {"grads": _train(rank, _ddp(_model(), state, topk_hook), steps=4,
@@ -267,7 +270,7 @@ def _records(tmp_path_factory, world, scenarios):
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
     return _records(tmp_path_factory, 2,
-                    ("resume", "no_sync", "momentum", "approx", "inf"))
+                    ("resume", "bucket_view", "no_sync", "momentum", "approx", "inf"))
 
 
 @pytest.fixture(scope="module")
@@ -410,14 +413,13 @@ def test_warmup_all_reduces_then_compresses(records):
         assert max(e["iter"] for e in log) == STEPS - 1
         _assert_grads_equal(rank_record["topk"]["grads"][:START],
                             rank_record["plain"]["grads"][:START], "warm-up vs plain DDP")
-        # Bytes sent in the last iteration, by the ring model.
+        # Bytes sent in the last iteration, by the ring model: (W - 1) * 8k per bucket.
         last = [e for e in log if e["iter"] == STEPS - 1]
-        k = sum(math.ceil(DENSITY * math.prod(s)) for e in last for s in e["shapes"])
-        assert rank_record["topk"]["bytes"] == sum(
-            allgather_bytes(sum(math.ceil(DENSITY * math.prod(s)) for s in e["shapes"]), world)
-            for e in last)
-        assert rank_record["topk"]["bytes"] == (world - 1) * 8 * k
+        ks = [sum(math.ceil(DENSITY * math.prod(s)) for s in e["shapes"]) for e in last]
+        assert rank_record["topk"]["bytes"] == sum(allgather_bytes(k, world) for k in ks) \
+            == (world - 1) * 8 * sum(ks)
         dense = sum(allreduce_bytes(e["raw"].numel(), 4, world) for e in last)
+        assert dense == sum(round(2 * (world - 1) * 4 * e["raw"].numel() / world) for e in last)
         assert rank_record["topk"]["bytes"] < dense / 10
 
 
@@ -463,6 +465,12 @@ def test_new_parameters_start_with_zero_residual():
     residual, _ = state._memory(1, ((0, 0, 3),), 3, torch.device("cpu"))
     assert torch.equal(residual, torch.tensor([1.0, 2.0, 3.0]))
     assert set(state.state_dict()["residuals"]) == {0, 1, 2}
+
+
+def test_gradient_as_bucket_view(world2):
+    for rank_record in world2:
+        _assert_grads_equal(rank_record["bucket_view"]["grads"], rank_record["topk"]["grads"],
+                            "gradient_as_bucket_view vs copied gradients")
 
 
 def test_no_sync_accumulation(world2):

@@ -75,8 +75,8 @@ class TopKState:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
         if error_feedback and start_iter < 2:
             raise ValueError(f"start_iter must be >= 2 with error feedback, got {start_iter}: "
-                             "DDP rebuilds its buckets after the first iteration, and a "
-                             "residual kept before then would not match them")
+                             "DDP's first iteration runs on provisional buckets, rebuilt "
+                             "after it (torch's PowerSGD hook asks the same)")
         self.process_group = process_group
         self.density = float(density)
         self.start_iter = start_iter
