@@ -26,7 +26,7 @@ START = 2           # start_iter of the compressed runs
 SAVE_AT = 3         # the resumed runs restart from here
 BUCKET_MB = 0.001   # three buckets for this model
 DENSITY = 0.01
-SPAWN_TIMEOUT = 75  # seconds, per spawn
+SPAWN_TIMEOUT = 240  # seconds, per spawn (a loaded 2-core machine takes 60)
 
 
 def _free_port():
@@ -523,8 +523,9 @@ def test_a_dead_rank_fails_the_others(tmp_path):
         p.start()
     try:
         for p in ranks:
-            p.join(timeout=max(0.1, 60 - (time.monotonic() - start)))
-        assert not any(p.is_alive() for p in ranks), "a rank still runs after 60 s"
+            p.join(timeout=max(0.1, SPAWN_TIMEOUT - (time.monotonic() - start)))
+        assert not any(p.is_alive() for p in ranks), \
+            f"a rank still runs after {SPAWN_TIMEOUT} s"
     finally:
         for p in ranks:
             if p.is_alive():
@@ -533,7 +534,9 @@ def test_a_dead_rank_fails_the_others(tmp_path):
     result = torch.load(tmp_path / "rank0.pt")
     assert result["error"] is not None, "rank 0 finished a step without its peer"
     assert "topk_hook: the all-gather of bucket" in result["error"], result["error"]
-    assert result["seconds"] < 45
+    # From the step's start to the error: within the group's 30 s timeout (gloo sees
+    # the closed connection at once; a hang would end only at the timeout).
+    assert result["seconds"] < 30
 
 
 def test_bad_options_are_refused():
