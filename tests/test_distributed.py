@@ -186,6 +186,10 @@ def _worker(rank, world, port, out, scenarios):
         result["approx"] = _run_compressed(rank, rec, steps=4, topk="approx")
     if "inf" in scenarios:
         result["inf"] = _inf_run(rank, rec)
+    if "fsdp" in scenarios:
+        result["fsdp"] = {name: _fsdp_run(rank, density)
+                          for name, density in (("torch", None), ("dense", 1.0),
+                                                ("sparse", 0.1))}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()   # no rank leaves while a peer still talks to it
     dist.destroy_process_group()
@@ -222,6 +226,33 @@ def _inf_run(rank, rec):
     key = state._param_keys[weight]
     return {"grads": grads, "params": params, "log": rec.entries, "where": state._where[key],
             "scale": scaler.get_scale()}
+
+
+def _fsdp_run(rank, density, steps=3):
+    """FSDP2 (fully_shard per layer and on the whole) with torch's AdamW (density None)
+    or incrkern's on the local shards: each rank's shards and local gradients."""
+    import incrkern
+    from incrkern.distributed import ShardedOptimizer
+    from torch.distributed.fsdp import fully_shard
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    params = list(model.parameters())
+    if density is None:
+        opt = torch.optim.AdamW(params, lr=1e-2)
+    else:
+        opt = ShardedOptimizer(params, incrkern.optim.AdamW, lr=1e-2, density=density)
+    shards = [[p.to_local().detach().clone() for p in params]]
+    grads = []
+    for step in range(steps):
+        _backward(model, rank, step, 0)
+        grads.append([p.grad.to_local().clone() for p in params])
+        opt.step()
+        opt.zero_grad()
+        shards.append([p.to_local().detach().clone() for p in params])
+    return {"shards": shards, "grads": grads}
 
 
 def _dying_worker(rank, world, port, out):
@@ -270,7 +301,7 @@ def _records(tmp_path_factory, world, scenarios):
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
     return _records(tmp_path_factory, 2,
-                    ("resume", "bucket_view", "no_sync", "momentum", "approx", "inf"))
+                    ("resume", "bucket_view", "no_sync", "momentum", "approx", "inf", "fsdp"))
 
 
 @pytest.fixture(scope="module")
@@ -510,6 +541,41 @@ def test_inf_reaches_the_reduced_gradient_and_spares_the_residual(world2):
             assert not torch.equal(entry["residual"], entry["residual_before"])
         later = [e for e in run["log"] if e["iter"] > INF_STEP]
         assert later and all(torch.isfinite(e["residual"]).all() for e in later)
+
+
+def test_fsdp2_local_shards_dense_is_torch_adamw(world2):
+    for rank_record in world2:
+        runs = rank_record["fsdp"]
+        for step, (ours, torchs) in enumerate(zip(runs["dense"]["shards"],
+                                                  runs["torch"]["shards"])):
+            for a, b in zip(ours, torchs):
+                torch.testing.assert_close(a, b, msg=f"step {step}")
+
+
+def test_fsdp2_selects_within_each_shard(world2):
+    """AdamW at density 0.1 on FSDP2 shards: the first step changes exactly the
+    ceil(0.1 * shard numel) elements of largest |local gradient| of each shard."""
+    for rank_record in world2:
+        run = rank_record["fsdp"]["sparse"]
+        before, after = run["shards"][0], run["shards"][1]
+        for i, (b, a, g) in enumerate(zip(before, after, run["grads"][0])):
+            assert b.numel() < math.prod(_model_shapes()[i])   # a shard, not the tensor
+            k = math.ceil(0.1 * g.numel())
+            chosen = set(torch.topk(g.reshape(-1).abs(), k).indices.tolist())
+            changed = set((a != b).reshape(-1).nonzero().reshape(-1).tolist())
+            assert changed == chosen, i
+        assert any(not torch.equal(x, y) for x, y in zip(run["shards"][1], run["shards"][3]))
+
+
+def _model_shapes():
+    return [tuple(p.shape) for p in _model().parameters()]
+
+
+def test_sharded_optimizer_needs_dtensors():
+    import incrkern
+    from incrkern.distributed import ShardedOptimizer
+    with pytest.raises(TypeError, match="params\\[0\\].*DTensor"):
+        ShardedOptimizer(_model().parameters(), incrkern.optim.AdamW)
 
 
 def test_a_dead_rank_fails_the_others(tmp_path):
