@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import common, convergence, kernels, report
+from . import common, convergence, distributed, kernels, report
 from .shapes import sizes_for
 
 
@@ -70,6 +70,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         command += f" --threads {threads}"
     results = {"command": command,
                "machine": common.machine_info(device), "mode": mode}
+    if what == "distributed":
+        return _run_distributed(results, mode, out, bar, quiet, t0, threads)
     if what in ("kernels", "all"):
         results["kernels"] = kernels.run(sizes_for(mode, device), device, progress=bar)
     if what in ("convergence", "all"):
@@ -99,13 +101,35 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
     return results, paths
 
 
+def _run_distributed(results, mode, out, bar, quiet, t0, threads):
+    """`python -m incrkern.bench distributed`: DDP top-k against all-reduce (CPU, gloo)."""
+    results["command"] = f"python -m incrkern.bench distributed --{mode}"
+    results["distributed"] = distributed.run(mode, progress=bar)
+    results["total_s"] = time.perf_counter() - t0
+    results["machine"]["load_average_end"] = common._load_average()
+    stem = os.path.join(out, file_stem(torch.device("cpu"), "distributed", mode,
+                                       threads=threads))
+    paths = {"json": stem + ".json", "markdown": stem + ".md"}
+    table = distributed.markdown(results["distributed"])
+    report.write_json(results, paths["json"])
+    with open(paths["markdown"], "w") as f:
+        f.write("# DDP top-k hook against all-reduce\n\n`" + results["command"] + "`\n\n"
+                + "\n".join(report.machine_lines(results)) + "\n\n" + table)
+    if not quiet:
+        print(table)
+        print(f"{results['total_s']:.0f} s in all; wrote " + ", ".join(paths.values()))
+    return results, paths
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m incrkern.bench",
         description="incrkern kernel and convergence benchmarks (ratios to torch measured "
                     "in the same run; bandwidth against the measured copy bandwidth)")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=("kernels", "convergence", "all"))
+                        choices=("kernels", "convergence", "all", "distributed"),
+                        help="distributed: DDP with the top-k hook against all-reduce, "
+                             "2 and 4 CPU ranks over gloo (not part of 'all')")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="small sizes, a few minutes on a CPU (the default)")
