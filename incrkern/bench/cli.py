@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import common, convergence, kernels, report
+from . import common, convergence, kernels, report, sparse
 from .shapes import sizes_for
 
 
@@ -60,6 +60,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
                "machine": common.machine_info(device), "mode": mode}
     if what in ("kernels", "all"):
         results["kernels"] = kernels.run(sizes_for(mode, device), device, progress=bar)
+    if what in ("sparse", "all"):
+        results["sparse"] = sparse.run(mode, device, progress=bar)
     if what in ("convergence", "all"):
         results["convergence"] = convergence.run(mode, device, progress=bar)
     results["total_s"] = time.perf_counter() - t0
@@ -89,10 +91,11 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m incrkern.bench",
-        description="incrkern kernel and convergence benchmarks (ratios to torch measured "
-                    "in the same run; bandwidth against the measured copy bandwidth)")
+        description="incrkern kernel, sparse-step and convergence benchmarks (ratios to "
+                    "torch measured in the same run; bandwidth against the measured copy "
+                    "bandwidth)")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=("kernels", "convergence", "all"))
+                        choices=("kernels", "sparse", "convergence", "all"))
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="small sizes, a few minutes on a CPU (the default)")
