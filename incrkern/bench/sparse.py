@@ -22,7 +22,6 @@ bound. "of bound" is the time that bound takes at the copy bandwidth measured in
 same run, divided by the measured time: 100% would be a step that moves nothing it
 does not have to, at copy speed.
 """
-import gc
 import math
 import os
 import re
@@ -34,6 +33,7 @@ import torch
 import incrkern
 from . import common, gradients
 from .common import BYTES_ADAMW, measure
+from .kernels import release
 
 ADAMW_ARGS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 CACHE_FACTOR = 4          # working set >= 4x the last-level cache
@@ -213,12 +213,6 @@ def build_cases(sizes, target):
 # timing
 
 
-def _release():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _time_steps(opt, sizes, device):
     def step():
         with torch.no_grad():
@@ -243,7 +237,7 @@ def _chosen_positions(grads, density, select, opt):
         return incrkern.ops.select(scores, density, score="grad")
 
 
-def run_case(case, sizes, device, bandwidth):
+def run_case(case, sizes, device):
     """Records of one case: the dense torch reference, timed before and after the
     incrkern rows (the lower median is the reference: the ratio never flatters
     incrkern), then one record per row."""
@@ -266,7 +260,7 @@ def run_case(case, sizes, device, bandwidth):
         opt = torch.optim.AdamW(params, **ADAMW_ARGS, fused=True)
         timing = _time_steps(opt, sizes, device)
         del opt
-        _release()
+        release()
         return timing
 
     before = reference()
@@ -282,7 +276,7 @@ def run_case(case, sizes, device, bandwidth):
         except Exception as exc:  # noqa: BLE001
             timing, error = None, common.failure(exc)
         opt = None
-        _release()
+        release()
         if timing is None:
             records.append(common.unavailable(error, **fields))
             continue
@@ -290,9 +284,7 @@ def run_case(case, sizes, device, bandwidth):
         nbytes = bound_bytes(n, lines, line, select)
         records.append(dict(fields, available=True, **timing,
                             k=sum(int(i.numel()) for i in positions), touched_lines=lines,
-                            lines_fraction=lines / lines_all, bound_bytes=nbytes,
-                            bound_s=nbytes / bandwidth,
-                            frac_of_bound=nbytes / bandwidth / timing["median_s"]))
+                            lines_fraction=lines / lines_all, bound_bytes=nbytes))
         del positions
     after = reference()
     refs = [t for t, _ in (before, after) if t is not None]
@@ -304,15 +296,13 @@ def run_case(case, sizes, device, bandwidth):
         head = dict(base, impl=REFERENCE, available=True, select=None, density=1.0, topk=None,
                     **ref, speedup_vs_ref=1.0, k=n, touched_lines=lines_all,
                     lines_fraction=1.0, bound_bytes=dense_bytes,
-                    bound_s=dense_bytes / bandwidth,
-                    frac_of_bound=dense_bytes / bandwidth / ref["median_s"],
                     reference_medians_s=[t["median_s"] for t in refs])
     for rec in records:
         if rec["available"]:
             rec["reference_s"] = ref["median_s"] if ref else None
             rec["speedup_vs_ref"] = ref["median_s"] / rec["median_s"] if ref else None
     del params, grads
-    _release()
+    release()
     return [head] + records
 
 
@@ -329,34 +319,31 @@ def run(mode, device, progress=None, out=None):
     bar = progress(total=len(builders), desc="sparse") if progress else None
     cases, records, seconds = [], [], {}
     for name, build in builders:
-        if bar:
-            bar.set_postfix_str(name)
         t0 = time.perf_counter()
         case = build()
-        built_s = time.perf_counter() - t0
         info = dict(name=case.name, source=case.source, available=case.reason is None,
-                    reason=case.reason, build_s=built_s, **case.meta)
+                    reason=case.reason, build_s=time.perf_counter() - t0, **case.meta)
         if case.reason is None:
             info.update(numel=sum(w.numel() for w in case.weights),
                         n_tensors=len(case.weights))
             info["working_set_bytes"] = BYTES_PER_ELEMENT * info["numel"]
-            probe.measure()
-            records += run_case(case, sizes, device, probe.best)
+            probe.measure()  # between cases: the best of all is the roofline
+            records += run_case(case, sizes, device)
         cases.append(info)
         seconds[name] = time.perf_counter() - t0
         del case
-        _release()
+        release()
         if bar:
             bar.update(1)
-    if bar:
-        bar.close()
     probe.measure(warmup=1, repeats=5)
     bandwidth = probe.best
-    for rec in records:  # every bound against the best copy seen in the whole run
+    for rec in records:
         if rec.get("available"):
             rec["bound_s"] = rec["bound_bytes"] / bandwidth
             rec["frac_of_bound"] = rec["bound_s"] / rec["median_s"]
     probe.close()
+    if bar:
+        bar.close()
     return {
         "mode": sizes.name,
         "llc_bytes": llc, "llc_source": llc_source, "cache_factor": CACHE_FACTOR,
