@@ -23,6 +23,7 @@ import importlib
 import inspect
 import math
 import os
+import platform
 import sysconfig
 from dataclasses import dataclass, field
 
@@ -303,7 +304,8 @@ SOURCES = {"minilm": pretrained_minilm, "charlm": scratch_charlm}
 def load(source, directory=None, **options):
     """The GradientSet of `source` ("minilm" or "charlm") built with `options`,
     through the cache (directory=False: no cache)."""
-    key = dict(source=source, torch=torch.__version__, **options)
+    key = dict(source=source, torch=torch.__version__, python=platform.python_version(),
+               **options)
     return cached(key, lambda: SOURCES[source](**options), directory)
 
 

@@ -105,6 +105,7 @@ SPARSE_COLUMNS = [
     ("median ms", lambda r: _ms(r.get("median_s"))),
     ("min ms", lambda r: _ms(r.get("min_s"))),
     ("speedup vs torch fused", lambda r: _x(r.get("speedup_vs_ref"))),
+    ("min vs min", lambda r: _x(r.get("speedup_of_min"))),
     ("lines touched", lambda r: _pct(r.get("lines_fraction"))),
     ("bound MB", lambda r: _num(r["bound_bytes"] / 1e6 if "bound_bytes" in r else None)),
     ("bound ms", lambda r: _ms(r.get("bound_s"))),

@@ -294,13 +294,15 @@ def run_case(case, sizes, device):
         head = common.unavailable(before[1] or after[1], impl=REFERENCE, **base)
     else:
         head = dict(base, impl=REFERENCE, available=True, select=None, density=1.0, topk=None,
-                    **ref, speedup_vs_ref=1.0, k=n, touched_lines=lines_all,
+                    **ref, speedup_vs_ref=1.0, speedup_of_min=1.0, k=n, touched_lines=lines_all,
                     lines_fraction=1.0, bound_bytes=dense_bytes,
                     reference_medians_s=[t["median_s"] for t in refs])
     for rec in records:
-        if rec["available"]:
-            rec["reference_s"] = ref["median_s"] if ref else None
-            rec["speedup_vs_ref"] = ref["median_s"] / rec["median_s"] if ref else None
+        if rec["available"] and ref:
+            rec["reference_s"] = ref["median_s"]
+            rec["speedup_vs_ref"] = ref["median_s"] / rec["median_s"]
+            # fastest against fastest: what a step costs when nothing else runs
+            rec["speedup_of_min"] = min(t["min_s"] for t in refs) / rec["min_s"]
     del params, grads
     release()
     return [head] + records
