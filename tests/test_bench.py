@@ -313,6 +313,7 @@ def test_sparse_records(tiny_run):
     cases = {c["name"]: c for c in sp["cases"]}
     assert not cases["pretrained MiniLM-L6"]["available"]
     assert cases["pretrained MiniLM-L6"]["reason"]
+    assert not any((c["reason"] or "").startswith("failed") for c in cases.values())
     timed = [c for c in cases.values() if c["available"]]
     assert len(timed) == 3
     records = sp["records"]

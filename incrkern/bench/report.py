@@ -124,7 +124,7 @@ SPARSE_CASE_COLUMNS = [
     ("working set MB", lambda r: _num(r["working_set_bytes"] / 1e6
                                       if "working_set_bytes" in r else None, "{:.0f}")),
     ("exact zeros in g", lambda r: _pct(r.get("zero_fraction"))),
-    ("note", lambda r: "" if r["available"] else "not available: " + r["reason"]),
+    ("note", lambda r: "" if r["available"] else _why(r)),
 ]
 
 CONVERGENCE_COLUMNS = [

@@ -183,6 +183,8 @@ def real_case(name, source, options, target, cache):
         gset = gradients.load(source, None if cache else False, **options)
     except ImportError as exc:
         return Case(name, source, reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - the other cases still run
+        return Case(name, source, reason=common.failure(exc))
     weights, grads, copies = gradients.tile(gset, target)
     return Case(name, source, weights, grads, dict(gset.meta, copies=copies,
                                                    model_numel=gset.numel))
