@@ -34,6 +34,7 @@ import incrkern
 from . import common, gradients
 from .common import BYTES_ADAMW, measure
 from .kernels import release
+from .shapes import numel, transformer_shapes
 
 ADAMW_ARGS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 CACHE_FACTOR = 4          # working set >= 4x the last-level cache
@@ -197,6 +198,24 @@ def random_case(name, shapes, seed=0):
     return Case(name, "random normal", weights, grads, dict(copies=1))
 
 
+def transformer_for(target):
+    """The BERT-style parameter list (12 layers, 30522 words) of the smallest hidden
+    width, a multiple of 32, with at least `target` elements."""
+    hidden = 32
+    while numel(transformer_shapes(hidden=hidden)) < target:
+        hidden += 32
+    return transformer_shapes(hidden=hidden), hidden
+
+
+def transformer_case(target, fixed):
+    if fixed:
+        return Case("random transformer list", "random normal", reason="not run in this mode")
+    shapes, hidden = transformer_for(target)
+    case = random_case("random transformer list", shapes)
+    case.meta["model"] = f"random normal, BERT-style list, 12 layers, hidden {hidden}"
+    return case
+
+
 def build_cases(sizes, target):
     """Every case's builder, in run order (built one at a time: they are large)."""
     many = max(1, math.ceil(target / MANY_NUMEL))
@@ -208,6 +227,8 @@ def build_cases(sizes, target):
         ("random one tensor", lambda: random_case("random one tensor", [(target,)])),
         ("random many tensors", lambda: random_case(
             "random many tensors", [(MANY_NUMEL,)] * many)),
+        ("random transformer list", lambda: transformer_case(target,
+                                                             sizes.fixed_numel is not None)),
     ]
 
 
