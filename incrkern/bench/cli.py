@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import common, convergence, distributed, kernels, report
+from . import common, convergence, distributed, kernels, report, sparse
 from .shapes import sizes_for
 
 
@@ -74,6 +74,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         return _run_distributed(results, mode, out, bar, quiet, t0, threads)
     if what in ("kernels", "all"):
         results["kernels"] = kernels.run(sizes_for(mode, device), device, progress=bar)
+    if what in ("sparse", "all"):
+        results["sparse"] = sparse.run(mode, device, progress=bar)
     if what in ("convergence", "all"):
         results["convergence"] = convergence.run(mode, device, progress=bar)
     results["total_s"] = time.perf_counter() - t0
@@ -124,10 +126,11 @@ def _run_distributed(results, mode, out, bar, quiet, t0, threads):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m incrkern.bench",
-        description="incrkern kernel and convergence benchmarks (ratios to torch measured "
-                    "in the same run; bandwidth against the measured copy bandwidth)")
+        description="incrkern kernel, sparse-step and convergence benchmarks (ratios to "
+                    "torch measured in the same run; bandwidth against the measured copy "
+                    "bandwidth)")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=("kernels", "convergence", "all", "distributed"),
+                        choices=("kernels", "sparse", "convergence", "all", "distributed"),
                         help="distributed: DDP with the top-k hook against all-reduce, "
                              "2 and 4 CPU ranks over gloo (not part of 'all')")
     size = parser.add_mutually_exclusive_group()

@@ -3,6 +3,8 @@ import json
 import math
 import os
 
+from .sparse import sizes_line
+
 NA = "n/a"
 NOISY = 3.0  # a row whose slowest sample took this many times its fastest is flagged
 
@@ -83,6 +85,41 @@ STATE_COLUMNS = [
     ("state bytes", lambda r: _num(r.get("state_bytes"), "{:,}")),
     ("bytes / param", lambda r: _num(r.get("bytes_per_param"), "{:.2f}")),
     ("note", lambda r: "" if r["available"] else r["reason"]),
+]
+
+def _sparse_row(r):
+    if r["select"] is None:
+        return "dense"
+    return f"{r['select']} {r['density']:g}"
+
+
+SPARSE_COLUMNS = [
+    ("case", lambda r: r["case"]),
+    ("step", _sparse_row),
+    ("topk", lambda r: r.get("topk") or ""),
+    ("median ms", lambda r: _ms(r.get("median_s"))),
+    ("min ms", lambda r: _ms(r.get("min_s"))),
+    ("speedup vs torch fused", lambda r: _x(r.get("speedup_vs_ref"))),
+    ("min vs min", lambda r: _x(r.get("speedup_of_min"))),
+    ("lines touched", lambda r: _pct(r.get("lines_fraction"))),
+    ("bound MB", lambda r: _num(r["bound_bytes"] / 1e6 if "bound_bytes" in r else None)),
+    ("bound ms", lambda r: _ms(r.get("bound_s"))),
+    ("of bound", lambda r: _pct(r.get("frac_of_bound"))),
+    ("note", lambda r: _note(r) if not r.get("available") else "; ".join(
+        [f"noisy (max {r['max_s'] / r['min_s']:.0f}x min)"] if r["max_s"] > NOISY * r["min_s"]
+        else [])),
+]
+
+SPARSE_CASE_COLUMNS = [
+    ("case", lambda r: r["name"]),
+    ("gradients", lambda r: r.get("model") or r["source"]),
+    ("tensors", lambda r: _num(r.get("n_tensors"), "{}")),
+    ("copies", lambda r: _num(r.get("copies"), "{}")),
+    ("elements", lambda r: _size(r["numel"]) if "numel" in r else NA),
+    ("working set MB", lambda r: _num(r["working_set_bytes"] / 1e6
+                                      if "working_set_bytes" in r else None, "{:.0f}")),
+    ("exact zeros in g", lambda r: _pct(r.get("zero_fraction"))),
+    ("note", lambda r: "" if r["available"] else _why(r)),
 ]
 
 CONVERGENCE_COLUMNS = [
@@ -182,6 +219,16 @@ def sections(results):
             n = rows[0]["numel"]
             out.append((f"Optimizer state bytes per parameter (AdamW, transformer of "
                         f"{_size(n)} params, after two updates)", rows, STATE_COLUMNS))
+    sp = results.get("sparse")
+    if sp:
+        out.append((f"Sparse-step cases: {sizes_line(sp)}", sp["cases"], SPARSE_CASE_COLUMNS))
+        bw = sp["copy_bandwidth"]["roofline_bytes_per_s"]
+        out.append((f"incrkern.optim.AdamW(density, select, topk).step() against "
+                    f"torch.optim.AdamW(fused=True).step(), same params and grads (speedup "
+                    f"above 1: incrkern is faster); bound = score read + "
+                    f"{sp['lines_per_touched_line']} transfers per touched "
+                    f"{sp['line_bytes']}-byte line, at the copy bandwidth {bw / 1e9:.1f} GB/s",
+                    sp["records"], SPARSE_COLUMNS))
     conv = results.get("convergence")
     if conv:
         out.append((f"Convergence on digits ({conv['train_size']} train / {conv['test_size']} "
