@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 # The pip options come from the machine's pip configuration (local wheels, caps).
-DEPS := torch==$(TORCH_VERSION) numpy pytest ninja setuptools wheel tqdm matplotlib scikit-learn pytest-benchmark
+DEPS := torch==$(TORCH_VERSION) numpy pytest ninja setuptools wheel tqdm matplotlib scikit-learn pytest-benchmark \
+	safetensors transformers accelerate peft
 MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 

@@ -1,6 +1,7 @@
 """incrkern.finetune: calibrated masks against plain torch, given masks in the
 optimizers, the optimizer step inside backward, sparse deltas."""
 import copy
+import importlib.util
 import math
 
 import pytest
@@ -290,6 +291,12 @@ def test_optimizer_in_backward_scheduler_and_state_dict():
 
 # -- sparse deltas ----------------------------------------------------------------
 
+needs_safetensors = pytest.mark.skipif(
+    importlib.util.find_spec("safetensors") is None,
+    reason="safetensors is not installed (pip install incrkern[finetune])")
+
+
+@needs_safetensors
 def test_delta_round_trip_is_exact(tmp_path):
     base = tiny_model()
     model = copy.deepcopy(base)
@@ -319,6 +326,7 @@ def test_delta_round_trip_is_exact(tmp_path):
     assert size_masked >= size
 
 
+@needs_safetensors
 def test_two_deltas_on_different_positions(tmp_path):
     base = tiny_model()
     a, b = copy.deepcopy(base), copy.deepcopy(base)
@@ -341,6 +349,7 @@ def test_two_deltas_on_different_positions(tmp_path):
     assert set(make_delta(b, base)) == {"0.weight", "2.bias"}
 
 
+@needs_safetensors
 def test_bad_delta_touches_nothing(tmp_path):
     base = tiny_model()
     model = copy.deepcopy(base)
