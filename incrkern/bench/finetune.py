@@ -11,17 +11,17 @@ dense AdamW, incrkern AdamW with FISH / SIFT / random fixed masks at several
 densities (one also stepping inside backward), SpIEL-like (error feedback with a
 mask reselected every N updates), LISA-like (whole tensors), LoRA (peft) at about
 the trainable params of the smallest density. Columns: test quality, optimizer
-state bytes (the tensors in its state, indices included), training memory (peak
-resident memory during the steps above the level before them: the process's RSS,
-sampled every 2 ms, after returning freed heap to the system; CUDA: peak
-allocated bytes), the median step time and the size of what must be stored (the
-sparse delta; dense: the whole model; LoRA: the adapter).
+state bytes (the tensors in its state, indices included), training memory (the
+peak during the training steps above the level before them, the masks'
+calibration excluded: the process's RSS sampled every 2 ms after returning freed
+heap to the system, or CUDA's peak allocated bytes), the median step time and the
+size of what must be stored (the sparse delta; dense: the whole model; LoRA: the
+adapter). On a CPU shared with other work, `--threads 1` gives steadier times.
 `--tiny` (tests): a randomly initialised 1-layer BERT and a hashing tokenizer.
 """
 import contextlib
 import ctypes
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -46,13 +46,13 @@ TEMPERATURE = 0.05
 # Fine-tuning learning rates as usually chosen: sparse updates and LoRA adapters
 # take about ten times dense AdamW's (FISH, SIFT and LoRA papers).
 LR = {"dense": 5e-5, "sparse": 5e-4, "lora": 1e-3}
-CALIBRATION_BATCHES = 4
+CALIBRATION_BATCHES = 2
 
 SIZES = {
     # steps, batch, max tokens, train pairs, test pairs, train / test packages
     "tiny": dict(steps=2, batch=8, max_len=24, train=48, test=24,
                  train_packages=("json", "email"), test_packages=("logging",)),
-    "quick": dict(steps=40, batch=16, max_len=32, train=1000, test=300,
+    "quick": dict(steps=24, batch=16, max_len=32, train=400, test=200,
                   train_packages=TRAIN_PACKAGES, test_packages=TEST_PACKAGES),
     "full": dict(steps=300, batch=32, max_len=48, train=12000, test=1000,
                  train_packages=TRAIN_PACKAGES, test_packages=TEST_PACKAGES),
@@ -301,16 +301,17 @@ def run_row(row, mode, device, data_path):
         return dict(record, available=True)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
-    trainable = None
+    t0 = time.perf_counter()
+    if row.kind == "lora":
+        model = _with_lora(model, row.density)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                lr=LR["lora"])
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        opt, trainable = _optimizer(row, model, train[:CALIBRATION_BATCHES])
+    record["setup_s"] = time.perf_counter() - t0  # the masks' calibration, mostly
+    times = []
     with PeakMemory(device) as memory:
-        if row.kind == "lora":
-            model = _with_lora(model, row.density)
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                    lr=LR["lora"])
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        else:
-            opt, trainable = _optimizer(row, model, train[:CALIBRATION_BATCHES])
-        times = []
         for step in range(size["steps"]):
             batch = train[step % len(train)]
             common.synchronize(device)
