@@ -114,6 +114,10 @@ def test_masks_bad_arguments():
         fish_mask(model, [], loss_of(model), 0.1)
     with pytest.raises(ValueError, match="num_batches"):
         fish_mask(model, data(1), loss_of(model), 0.1, num_batches=0)
+    with pytest.raises(TypeError, match=r"params\[1\] must be a floating point tensor"):
+        random_mask([torch.zeros(3), torch.zeros(3, dtype=torch.long)], 0.1)
+    with pytest.raises(ValueError, match="no param that requires grad"):
+        random_mask([torch.zeros(3)], 0.1)
 
 
 def train(model, opt, batches):

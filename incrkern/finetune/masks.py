@@ -32,10 +32,11 @@ def trainable_params(model_or_params):
         params = [model_or_params]
     else:
         params = model_or_params
-    params = [p for p in params if p.requires_grad]
+    params = list(params)
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor) or not p.is_floating_point():
             raise TypeError(f"params[{i}] must be a floating point tensor")
+    params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("model_or_params holds no param that requires grad")
     seen = set()

@@ -6,7 +6,8 @@ A step, for each param group:
   2. gradient source: `.grad`, or an fp32 accumulator (`accumulate_steps` > 1: the
      mean of the last n grads), or the error-feedback residual (`select="accumulated"`);
   3. on an updating step, choose the indices (`density` < 1) by `select` over a
-     tensor or the whole group (`scope`), now or from a kept mask (`mask`);
+     tensor or the whole group (`scope`), now or from a kept mask (`mask`), or
+     given beforehand (`set_mask`);
   4. one fused kernel call per device applies the update rule at those indices
      only (on the CPU from MASK_DENSITY on, through a bool mask of them: one
      streaming pass), reading (and, for accumulators, clearing) the gradient source.
