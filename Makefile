@@ -13,7 +13,7 @@ BUILD_DEPS := torch==$(TORCH_VERSION) ninja setuptools wheel
 MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: test bench build gpu-check clean
+.PHONY: test bench bench-finetune build gpu-check clean
 
 # An editable install: `import incrkern` in .venv is this checkout. pip compiles the
 # extension into place (incrkern/_C*.so, incrkern/_build_info.py); the touch tells the
@@ -22,7 +22,7 @@ $(VENV)/.installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(BUILD_DEPS)
-	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --quiet --no-build-isolation -e '.[test,bench]'
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --quiet --no-build-isolation -e '.[test,bench,finetune]'
 	touch $@ incrkern/_build_info.py
 
 # After a source change: ninja rebuilds only the translation units that changed.
@@ -36,6 +36,10 @@ test: build
 
 bench: build
 	$(PY) -m incrkern.bench --quick
+
+# The sparse fine-tuning benchmark (the pretrained encoder comes with the bench extra).
+bench-finetune: build
+	$(PY) -m incrkern.bench finetune --quick
 
 # For a machine with a GPU and no network: its own python3 and torch, no venv.
 gpu-check:

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import common, convergence, distributed, kernels, report, sparse
+from . import common, convergence, distributed, finetune, kernels, report, sparse
 from .shapes import sizes_for
 
 
@@ -51,10 +51,13 @@ def file_stem(device, what, mode, date=None, threads=None):
 
 
 def run_bench(what="all", mode="quick", device=None, out=None, progress=True, quiet=False,
-              threads=None):
+              threads=None, isolate=None):
     """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`
     (None: default_out()).
     `threads`: torch's intra-op thread count for the run (None: torch's default).
+    "distributed" and "finetune" run only when asked for by name ("all" is kernels,
+    sparse and convergence);
+    `isolate`: each of its rows in its own process (None: with --full).
     Returns (results, {kind: path})."""
     device = torch.device(device or default_device())
     if threads is not None:
@@ -78,6 +81,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         results["sparse"] = sparse.run(mode, device, progress=bar)
     if what in ("convergence", "all"):
         results["convergence"] = convergence.run(mode, device, progress=bar)
+    if what == "finetune":
+        results["finetune"] = finetune.run(mode, device, progress=bar, isolate=isolate)
     results["total_s"] = time.perf_counter() - t0
     results["machine"]["load_average_end"] = common._load_average()
 
@@ -130,9 +135,11 @@ def main(argv=None):
                     "torch measured in the same run; bandwidth against the measured copy "
                     "bandwidth)")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=("kernels", "sparse", "convergence", "all", "distributed"),
-                        help="distributed: DDP with the top-k hook against all-reduce, "
-                             "2 and 4 CPU ranks over gloo (not part of 'all')")
+                        choices=("kernels", "sparse", "convergence", "all", "distributed",
+                                 "finetune"),
+                        help="all: kernels, sparse and convergence; distributed: DDP "
+                             "with the top-k hook against all-reduce, 2 and 4 CPU ranks "
+                             "over gloo; finetune: the sparse fine-tuning benchmark")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="small sizes, a few minutes on a CPU (the default)")
@@ -149,7 +156,10 @@ def main(argv=None):
                         help="torch.set_num_threads for the run (default: torch's choice); "
                              "on a CPU shared with other work, 1 gives steadier figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="finetune: each row in its own process, so that its peak "
+                             "memory is its own (default: with --full)")
     args = parser.parse_args(argv)
     run_bench(args.what, args.mode or "quick", args.device, args.out,
-              progress=not args.no_progress, threads=args.threads)
+              progress=not args.no_progress, threads=args.threads, isolate=args.isolate)
     return 0

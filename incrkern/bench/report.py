@@ -136,6 +136,22 @@ CONVERGENCE_COLUMNS = [
 ]
 
 
+FINETUNE_COLUMNS = [
+    ("row", lambda r: r["row"]),
+    ("top-1", lambda r: _num(r.get("top1"), "{:.3f}")),
+    ("MRR", lambda r: _num(r.get("mrr"), "{:.3f}")),
+    ("trained params", lambda r: _size(r["trainable"]) if r.get("trainable") else ""),
+    ("optimizer state", lambda r: _num(r.get("state_bytes"), "{:,}")),
+    ("state vs dense", lambda r: _num(r.get("state_vs_dense"), "{:.4f}")),
+    ("peak memory MB", lambda r: _num(None if r.get("peak_bytes") is None
+                                      else r["peak_bytes"] / 2 ** 20, "{:.1f}")),
+    ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.1f}")),
+    ("stored MB", lambda r: _num(None if r.get("stored_bytes") is None
+                                 else r["stored_bytes"] / 2 ** 20, "{:.3f}")),
+    ("note", lambda r: "" if r["available"] else _why(r)),
+]
+
+
 def _cells(records, columns):
     return [h for h, _ in columns], [[str(fn(r)) for _, fn in columns] for r in records]
 
@@ -236,6 +252,15 @@ def sections(results):
                     f"{conv['threads']} torch thread(s); equal updates = "
                     f"{conv['equal_updates']})", conv["records"],
                     CONVERGENCE_COLUMNS))
+    tune = results.get("finetune")
+    if tune:
+        out.append((f"Sparse fine-tuning: {tune['records'][0].get('model', 'encoder')}, "
+                    f"docstring line -> function retrieval ({tune['train_size']} train pairs "
+                    f"from {', '.join(tune['train_packages'])}; {tune['test_size']} test from "
+                    f"{', '.join(tune['test_packages'])}), batch {tune['batch']}, "
+                    f"{tune['steps']} steps, {tune['threads']} torch thread(s), "
+                    f"{'each row in its own process' if tune['isolated'] else 'one process'}",
+                    tune["records"], FINETUNE_COLUMNS))
     return out
 
 

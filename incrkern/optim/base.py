@@ -6,7 +6,8 @@ A step, for each param group:
   2. gradient source: `.grad`, or an fp32 accumulator (`accumulate_steps` > 1: the
      mean of the last n grads), or the error-feedback residual (`select="accumulated"`);
   3. on an updating step, choose the indices (`density` < 1) by `select` over a
-     tensor or the whole group (`scope`), now or from a kept mask (`mask`);
+     tensor or the whole group (`scope`), now or from a kept mask (`mask`), or
+     given beforehand (`set_mask`);
   4. one fused kernel call per device applies the update rule at those indices
      only (on the CPU from MASK_DENSITY on, through a bool mask of them: one
      streaming pass), reading (and, for accumulators, clearing) the gradient source.
@@ -58,7 +59,8 @@ def check_incremental_options(options):
     mask = options["mask"]
     if not (mask in ("dynamic", "fixed") or
             (isinstance(mask, int) and not isinstance(mask, bool) and mask >= 1)):
-        raise ValueError(f"mask must be 'dynamic', 'fixed' or an int N >= 1, got {mask!r}")
+        raise ValueError(f"mask must be 'dynamic', 'fixed' or an int N >= 1 (the constructor "
+                         f"also takes a dict {{param: positions}}), got {mask!r}")
     beta = options["fisher_beta"]
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
         raise ValueError(f"fisher_beta must be a number in [0, 1), got {beta!r}")
@@ -108,6 +110,13 @@ class IncrementalOptimizer(Optimizer):
     """
 
     def __init__(self, params, defaults, incremental):
+        preset = None
+        if isinstance(incremental.get("mask"), dict):
+            # A precomputed mask is a fixed mask whose positions are given, not chosen
+            # at the first step: the group keeps mask="fixed", the positions live in
+            # each param's state as `indices` (and so in the state_dict).
+            preset = incremental["mask"]
+            incremental = dict(incremental, mask="fixed")
         options = dict(INCREMENTAL_DEFAULTS)
         unknown = set(incremental) - set(options)
         if unknown:
@@ -119,6 +128,59 @@ class IncrementalOptimizer(Optimizer):
                              "the residual of unchosen elements would never be applied")
         defaults = dict(defaults, **options)
         super().__init__(params, defaults)
+        if preset is not None:
+            self.set_mask(preset)
+
+    # -- precomputed masks ---------------------------------------------------------------
+
+    def set_mask(self, masks):
+        """Gives the positions each param trains, in place of a selection.
+
+        masks: {param: 1-D int32/int64 tensor of flat positions} (e.g. from
+        incrkern.finetune.fish_mask). Every param of a group that gets a mask needs
+        one, the group needs mask="fixed" (the constructor's `mask={...}` sets it)
+        and not select="layer", and no param may have optimizer state yet. Positions
+        are sorted; duplicates or positions outside the param raise. The state is
+        then as a fixed mask's: `indices` and k-long moments. Nothing is changed
+        unless every mask is valid.
+        """
+        if not isinstance(masks, dict):
+            raise TypeError(f"masks must be a dict {{param: index tensor}}, got "
+                            f"{type(masks).__name__}")
+        where = {}
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                where[id(p)] = (gi, i)
+        checked, groups = [], set()
+        for p, idx in masks.items():
+            if not isinstance(p, torch.Tensor) or id(p) not in where:
+                raise ValueError("masks has a key that is not a param of this optimizer")
+            gi, i = where[id(p)]
+            name = f"masks[param_groups[{gi}]['params'][{i}]]"
+            checked.append((p, _checked_positions(name, idx, p)))
+            groups.add(gi)
+        given = {id(p) for p, _ in checked}
+        for gi in sorted(groups):
+            group = self.param_groups[gi]
+            if group["mask"] != "fixed" or group["select"] == "layer":
+                raise ValueError(f"param_groups[{gi}]: a given mask needs mask='fixed' and "
+                                 f"a select other than 'layer', got mask={group['mask']!r}, "
+                                 f"select={group['select']!r}")
+            for i, p in enumerate(group["params"]):
+                if id(p) not in given:
+                    raise ValueError(f"masks: param_groups[{gi}]['params'][{i}] has no mask; "
+                                     f"a group's params get masks all or none")
+                if self.state.get(p):
+                    raise RuntimeError(f"param_groups[{gi}]['params'][{i}] already has "
+                                       f"optimizer state: set the mask before the first step")
+        for p, idx in checked:
+            self.state[p]["indices"] = idx
+
+    def _has_given_mask(self, group):
+        """A fixed-mask group whose positions are kept: sparse whatever its density."""
+        params = group["params"]
+        return (group["mask"] == "fixed" and bool(params)
+                and "indices" in self.state.get(params[0], ()))
 
     # -- groups and state_dict ---------------------------------------------------------
 
@@ -239,7 +301,7 @@ class IncrementalOptimizer(Optimizer):
 
     def _is_dense(self, group):
         return (group["density"] >= 1.0 and group["accumulate_steps"] == 1
-                and group["select"] != "accumulated")
+                and group["select"] != "accumulated" and not self._has_given_mask(group))
 
     def _step_group(self, group, by_device):
         if self._is_dense(group):
@@ -331,8 +393,6 @@ class IncrementalOptimizer(Optimizer):
         select = group["select"]
         if select == "layer":
             return self._select_layers(group, params, states)
-        if density >= 1.0:
-            return None
         if mask == "fixed":
             keep = all("indices" in s for s in states)
         elif mask == "dynamic":
@@ -341,6 +401,8 @@ class IncrementalOptimizer(Optimizer):
             keep = group["updates"] % mask != 0 and all("indices" in s for s in states)
         if keep:
             return [s["indices"].long() for s in states]
+        if density >= 1.0:
+            return None
         score, tensors, weights = "grad", sources, None
         if select == "grad_sq":
             score, tensors = "grad_sq", [s["fisher"] for s in states]
@@ -352,10 +414,8 @@ class IncrementalOptimizer(Optimizer):
                              approx=group["topk"] == "approx", weights=weights,
                              validate=False)
         if mask != "dynamic":
-            # Kept as int32 where positions fit: with k-long fp32 moments a fixed mask
-            # then costs 12 bytes per chosen element instead of 16.
             for s, idx, p in zip(states, indices, params):
-                s["indices"] = idx.to(torch.int32) if p.numel() < 2 ** 31 else idx
+                s["indices"] = _stored_positions(idx, p)
         return indices
 
     def _select_layers(self, group, params, states):
@@ -436,6 +496,34 @@ class IncrementalOptimizer(Optimizer):
         self._apply(group, work, device, grads=work.grads, indices=indices, masks=masks,
                     ages=ages, grad_scale=grad_scale, consume_grad=consume_grad,
                     compact_state=compact)
+
+
+def _stored_positions(idx, p):
+    # Kept as int32 where positions fit: with k-long fp32 moments a fixed mask then
+    # costs 12 bytes per chosen element instead of 16.
+    return idx.to(torch.int32) if p.numel() < 2 ** 31 else idx.to(torch.int64)
+
+
+def _checked_positions(name, idx, p):
+    """`idx` as a fixed mask's stored positions (sorted, on p's device), or a
+    ValueError/TypeError naming `name`."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of positions, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(idx.shape)}")
+    if idx.device != p.device:
+        raise ValueError(f"{name} is on {idx.device}, its param on {p.device}")
+    idx = idx.sort().values
+    if idx.numel():
+        low, high = int(idx[0]), int(idx[-1])
+        if low < 0 or high >= p.numel():
+            raise ValueError(f"{name} holds positions outside [0, {p.numel()}): "
+                             f"{low if low < 0 else high}")
+        if bool((idx[1:] == idx[:-1]).any()):
+            raise ValueError(f"{name} holds a position twice")
+    return _stored_positions(idx, p)
 
 
 class _Work:
