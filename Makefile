@@ -16,20 +16,22 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -na
 .PHONY: test bench bench-finetune build gpu-check clean
 
 # An editable install: `import incrkern` in .venv is this checkout. pip compiles the
-# extension into place (incrkern/_C*.so, incrkern/_build_info.py); the touch tells the
-# rule below that this build is current.
+# extension into place (incrkern/_C*.so, incrkern/_build_info.py).
 $(VENV)/.installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(BUILD_DEPS)
 	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --quiet --no-build-isolation -e '.[test,bench,finetune]'
-	touch $@ incrkern/_build_info.py
+	touch $@
 
 # After a source change: ninja rebuilds only the translation units that changed.
-incrkern/_build_info.py: $(VENV)/.installed $(SOURCES)
+incrkern/_build_info.py: $(SOURCES)
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py --quiet build_ext --inplace
 
-build: incrkern/_build_info.py
+# The install first, then a second make, which sees the files the install wrote: the
+# build it just made is current.
+build: $(VENV)/.installed
+	@$(MAKE) --no-print-directory incrkern/_build_info.py
 
 test: build
 	$(PY) -m pytest -q tests
