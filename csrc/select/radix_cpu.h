@@ -1,7 +1,7 @@
 // CPU selection, part 3: the passes of the exact fallback (Selector::run_radix)
 // over the whole input, cut into blocks of kBlock elements, one task each:
-//  - digit_histogram: the count of every value of one 11-bit digit of the keys
-//    that share the digits above it, with each bin's least and largest key;
+//  - digit_histogram: the count of every value of one digit (up to 11 bits) of the
+//    keys that share the digits above it, with each bin's least and largest key;
 //  - final_counts, final_write (final_pass does both): once the k-th key t is
 //    known, the keys > t and the first ties at t written out, lowest positions
 //    first. The tie guess (Selector::run) uses them too.
