@@ -1,8 +1,8 @@
+"""Fixtures and hooks only; helpers shared by the tests are in helpers.py."""
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+from helpers import HAS_CUDA
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,11 +5,12 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from incrkern.bench import cli, common, convergence, kernels, report
+from incrkern.bench import cli, common, convergence, gradients, kernels, report, sparse
 from incrkern.bench.shapes import SIZES, numel, transformer_shapes
 
 TIMED = ("median_s", "min_s", "max_s", "gb_per_s", "frac_copy_bw", "speedup_vs_ref")
@@ -101,28 +102,13 @@ def test_run_writes_valid_files(tiny_run):
                 assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_no_implementation_raised(tiny_run):
-    """'not available' is for an API still to land; an exception is a failure."""
+def test_every_implementation_is_measured(tiny_run):
+    """A record without a figure is an implementation that raised: a failure."""
     results, _ = tiny_run
     records = results["kernels"]["records"] + results["convergence"]["records"]
     failed = [(r.get("impl") or r.get("row") or r.get("mode"), r["reason"])
-              for r in records if not r["available"] and r["reason"].startswith("failed")]
+              for r in records if not r["available"]]
     assert not failed
-
-
-def test_landed_apis_are_measured(tiny_run):
-    results, _ = tiny_run
-    records = results["kernels"]["records"]
-    if common.have_op("topk"):
-        assert all(r["available"] for r in records if r["bench"] == "topk")
-    if common.have_op("select"):
-        assert all(r["available"] for r in records if r["bench"] == "select")
-    if common.have_op("accumulate_"):
-        assert all(r["available"] for r in records if r["bench"] == "accumulate")
-    if common.sparse_optimizer_reason("AdamW") is None:
-        assert all(r["available"] for r in records if r["bench"] in ("sparse_step",
-                                                                    "state_bytes"))
-        assert all(r["available"] for r in results["convergence"]["records"])
 
 
 def test_kernel_records(tiny_run):
@@ -141,7 +127,6 @@ def test_kernel_records(tiny_run):
     # the torch counterparts are always measured, and are their own reference
     refs = [r for r in kern["records"] if "reference" in r and r["impl"] == r["reference"]]
     assert refs and all(r["available"] and r["speedup_vs_ref"] == 1.0 for r in refs)
-    # incrkern's dense update op exists in every build: it is measured, not skipped
     ops = [r for r in kern["records"] if r["bench"] == "dense_step"
            and r["impl"] == "incrkern ops"]
     assert len(ops) == 6 and all(r["available"] for r in ops)
@@ -170,7 +155,7 @@ def test_convergence_records(tiny_run):
 def test_tables_render(tiny_run):
     results, _ = tiny_run
     titles = [title for title, _, _ in report.sections(results)]
-    assert len(titles) == 8 and titles[0].startswith("Summary")
+    assert len(titles) == 10 and titles[0].startswith("Summary")
     for _, rows, columns in report.sections(results):
         text = report.text_table(rows, columns)
         assert len(text.splitlines()) == len(rows) + 2
@@ -185,6 +170,15 @@ def test_command_line(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert any(f.endswith("-tiny-convergence.json") for f in files), files
     assert any(f.endswith("-tiny-convergence.md") for f in files), files
+
+
+def test_results_go_to_the_checkout_or_the_current_folder(tmp_path, monkeypatch):
+    repo = Path(cli.__file__).resolve().parents[2]
+    if (repo / "setup.py").is_file() and (repo / "bench" / "results").is_dir():
+        assert cli.default_out() == str(repo / "bench" / "results")
+    installed = tmp_path / "site-packages" / "incrkern" / "bench" / "cli.py"
+    monkeypatch.chdir(tmp_path)
+    assert Path(cli.default_out(str(installed))).resolve() == tmp_path.resolve()
 
 
 def test_sizes_are_consistent():
@@ -208,3 +202,119 @@ def test_file_stem_names_date_device_and_variant():
     assert cli.file_stem("cpu", "all", "quick", date="2026-01-02").startswith("2026-01-02-cpu")
     stem = cli.file_stem("cpu", "kernels", "full", date="2026-01-02", threads=1)
     assert stem.endswith("-full-kernels-t1")
+
+
+# ----------------------------------------------------------------------------------
+# the sparse-step benchmark's pieces
+
+
+def _lines_brute_force(tensor, indices, line_bytes):
+    size = tensor.element_size()
+    return len({(tensor.data_ptr() + i * size) // line_bytes for i in indices.tolist()})
+
+
+@pytest.mark.parametrize("line_bytes", [32, 64])
+def test_touched_lines_match_a_brute_force_count(line_bytes):
+    gen = torch.Generator().manual_seed(0)
+    base = torch.zeros(1000)
+    # views starting inside a line, an odd size, a tensor with no chosen element
+    tensors = [base, base[3:], base[17:530], torch.zeros(7), torch.zeros(33, dtype=torch.float64)]
+    indices = [torch.randperm(t.numel(), generator=gen)[:k] for t, k in
+               zip(tensors, (1, 50, 200, 0, 33))]
+    indices.append(torch.tensor([0, 1, 2, 15, 16, 31]))
+    tensors.append(torch.zeros(64))
+    want = sum(_lines_brute_force(t, i, line_bytes) for t, i in zip(tensors, indices))
+    assert sparse.touched_lines(tensors, indices, line_bytes) == want
+    assert sparse.touched_lines(tensors, [None] * len(tensors), line_bytes) == 0
+    every = [torch.arange(t.numel()) for t in tensors]
+    assert sparse.touched_lines(tensors, every, line_bytes) == sparse.total_lines(tensors,
+                                                                                  line_bytes)
+
+
+def test_bound_counts_the_score_read_and_six_transfers_per_line():
+    assert sparse.bound_bytes(1000, 10, 64, "grad") == 4 * 1000 + 6 * 10 * 64
+    assert sparse.bound_bytes(1000, 10, 32, "accumulated") == 12 * 1000 + 6 * 10 * 32
+
+
+def test_cache_size_reading_and_its_fallbacks():
+    assert sparse.parse_size("32768K") == 32 * 2 ** 20
+    assert sparse.parse_size("260M") == 260 * 2 ** 20 and sparse.parse_size("512") == 512
+    assert sparse.parse_size("?") is None
+    assert sparse.llc_bytes("cpu", {"L1": "32K", "L2": "1024K", "L3": "32768K"}) == \
+        (32 * 2 ** 20, "sysfs cpu0 L3")
+    assert sparse.llc_bytes("cpu", {"L1": "48K", "L2": "2048K"})[0] == 2 * 2 ** 20
+
+    def sysconf(name):
+        if name == "SC_LEVEL3_CACHE_SIZE":
+            raise ValueError(name)
+        return 4 * 2 ** 20
+    assert sparse.llc_bytes("cpu", {}, sysconf) == (4 * 2 ** 20, "sysconf SC_LEVEL2_CACHE_SIZE")
+    size, source = sparse.llc_bytes("cpu", {"L3": "?"}, lambda name: -1)
+    assert size == sparse.FALLBACK_LLC and source.startswith("fallback")
+    assert sparse.llc_bytes("cpu")[0] > 0  # this machine, whatever it reports
+    n = sparse.working_set_numel(32 * 2 ** 20)
+    assert n * sparse.BYTES_PER_ELEMENT >= 4 * 32 * 2 ** 20
+    assert sparse.probe_numel(n) * 8 >= n * sparse.BYTES_PER_ELEMENT
+
+
+def test_real_text_is_found():
+    pairs = gradients.docstring_pairs(("json", "os.path"))
+    assert len(pairs) >= 10 and all(name and doc for name, doc in pairs)
+    assert any(name.startswith("json.dumps(") for name, _ in pairs)
+    text = gradients.python_source_bytes(20_000)
+    assert 10_000 < text.numel() <= 20_000 and text.dtype == torch.uint8
+
+
+TINY_CHARLM = dict(steps=3, width=16, layers=1, context=16, batch=4, text_bytes=50_000)
+
+
+def test_scratch_model_gradients(tmp_path):
+    gset = gradients.load("charlm", str(tmp_path), **TINY_CHARLM)
+    assert len(gset.names) == len(gset.weights) == len(gset.grads) == gset.meta["tensors"]
+    for w, g in zip(gset.weights, gset.grads):
+        assert w.shape == g.shape and w.dtype == g.dtype == torch.float32
+        assert torch.isfinite(w).all() and torch.isfinite(g).all()
+    assert any(g.abs().sum() > 0 for g in gset.grads)
+    # bytes absent from the batch: exact-zero rows of the embedding's gradient
+    embed = gset.grads[gset.names.index("embed.weight")]
+    assert (embed.abs().sum(1) == 0).any()
+    again = gradients.load("charlm", str(tmp_path), **TINY_CHARLM)  # from the cache
+    assert len(list(tmp_path.iterdir())) == 1
+    assert all(torch.equal(a, b) for a, b in zip(gset.grads, again.grads))
+    weights, grads, copies = gradients.tile(gset, 3 * gset.numel - 1)
+    assert copies == 3 and len(grads) == 3 * len(gset.grads)
+    assert grads[0].data_ptr() != grads[len(gset.grads)].data_ptr()
+    assert torch.equal(grads[0], grads[len(gset.grads)])
+
+
+def test_pretrained_model_gradients():
+    try:
+        gradients.minilm_path()
+    except ImportError as exc:
+        pytest.skip(f"pretrained case not available: {exc}")
+    gset = gradients.pretrained_minilm(batch=4, seq_len=16)
+    assert gset.meta["tensors"] == len(gset.grads) == 101  # all but the unused pooler
+    assert 22_000_000 < gset.numel < 23_000_000
+    words = gset.grads[gset.names.index("embeddings.word_embeddings.weight")]
+    assert (words == 0).float().mean() > 0.9  # only the batch's tokens get a gradient
+    assert all(torch.isfinite(g).all() for g in gset.grads)
+
+
+def test_sparse_records(tiny_run):
+    results, _ = tiny_run
+    sp = results["sparse"]
+    assert sp["llc_bytes"] > 0 and not sp["sized_from_cache"]
+    cases = {c["name"]: c for c in sp["cases"]}
+    assert not cases["pretrained MiniLM-L6"]["available"]
+    assert cases["pretrained MiniLM-L6"]["reason"]
+    assert not any((c["reason"] or "").startswith("failed") for c in cases.values())
+    timed = [c for c in cases.values() if c["available"]]
+    assert len(timed) == 3
+    records = sp["records"]
+    assert len(records) == len(timed) * (1 + len(sparse.rows(sparse.SPARSE_SIZES["tiny"])))
+    for rec in records:
+        assert rec["available"], rec
+        for key in ("median_s", "speedup_vs_ref", "bound_bytes", "bound_s", "frac_of_bound"):
+            assert _positive(rec[key]), (key, rec)
+        assert 0 < rec["touched_lines"] <= rec["total_lines"]
+    assert all(r["impl"] == sparse.REFERENCE for r in records if r["density"] == 1.0)

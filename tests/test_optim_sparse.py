@@ -10,7 +10,6 @@ from torch import nn
 
 import incrkern
 from incrkern import reference
-from conftest import DEVICES
 from reference_optim import topk_lowest_index
 
 

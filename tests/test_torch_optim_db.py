@@ -11,7 +11,6 @@ import torch
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 import incrkern
-from conftest import DEVICES
 
 NAMES = ("Adam", "AdamW", "SGD")
 INFOS = {info.optim_cls.__name__: info for info in optim_db

@@ -21,6 +21,11 @@
 
 namespace incrkern::select {
 
+// The r-th largest (1-based) of keys, which it reorders. Radix rounds of up to 11
+// bits over the keys' own range, each keeping only the bin of the r-th, then
+// nth_element on the few left: on the tens of thousands of candidates of a band
+// this is a few linear passes, where nth_element alone mispredicts a branch per
+// key per partition round.
 template <typename K>
 K kth_largest(std::vector<K>& keys, int64_t r) {
   // Bins: about half as many as keys, at most 2^11. Four interleaved copies, so that
@@ -60,8 +65,8 @@ K kth_largest(std::vector<K>& keys, int64_t r) {
 // Counts of keys by their top 13 bits (1/32 of an octave for |float| keys), for a
 // lower bound on the r-th largest key at most one bin under it. Keys are added while
 // a scan waits on memory, where a count costs nothing; kth_largest's rounds over a
-// small tensor's few hundred tile maxima afterwards cost about 2 us, as much as
-// reading the tensor. One table per thread, left zeroed for the next use.
+// small tensor's few hundred tile maxima afterwards would cost as much as reading
+// the tensor. One table per thread, left zeroed for the next use.
 template <typename K>
 class TopBitsHistogram {
  public:
@@ -147,6 +152,5 @@ K kth_of_few(const std::vector<K>& keys, int64_t r) {
                    std::greater<K>());
   return in_bin[size_t(at.second - 1)];
 }
-
 
 }  // namespace incrkern::select

@@ -26,7 +26,7 @@
 #include <immintrin.h>
 #endif
 
-#include "select/select_common.h"
+#include "select/select_checks.h"
 #include "select/select_keys.h"
 
 namespace incrkern::select {
@@ -233,8 +233,8 @@ inline uint32_t mask_greater(const uint32_t (&keys)[kTile], uint32_t t) {
 // elements, the bit masks of its keys >= lo and > hi, from a load, a few bit
 // operations and two compares per 8 elements, and the positions of the set bits
 // written out by compress stores. AVX2 where the CPU has it (checked once), scalar
-// otherwise: at SSE2 width the band pass ran at half the memory bandwidth of two
-// cores.
+// otherwise: at SSE2 width the band pass falls short of the memory bandwidth of
+// two cores.
 //
 // Each element's fp32 bits map to an int32 "order" that sorts as its key does
 // (select_keys.h), so that key >= t is one signed compare with a threshold kept as
@@ -322,8 +322,8 @@ __attribute__((target("avx2,f16c"))) inline __m256i order8_avx2(const T* q) {
 
 // The positions of the set bits of an 8-bit mask, in order (the rest 0): a
 // compress-store table, so that a tile's chosen positions are written with two
-// vector stores and no branch per element (a loop over the bits mispredicted
-// about once per chosen element, the dominant cost of the band pass at k = 1%).
+// vector stores and no branch per element (a loop over the bits mispredicts
+// about once per chosen element, which would dominate the band pass at k = 1%).
 struct CompressTable {
   uint8_t pos[256][8];
   constexpr CompressTable() : pos{} {
@@ -385,7 +385,7 @@ __attribute__((target("avx2,f16c"))) void band_avx2(const T* x, int64_t tiles, i
   // Many do (k = 1% puts a candidate in about one tile in six): two loops, neither
   // with a branch that depends on the data. The first lists the tiles holding a
   // key >= lo (every tile's masks are written, the list advances only past those),
-  // the second writes their positions. A branch per such tile mispredicted about
+  // the second writes their positions. A branch per such tile mispredicts about
   // once per chosen element.
   constexpr int64_t kMaxTiles = 256;
   uint32_t hit_tile[kMaxTiles + 1];
@@ -573,10 +573,5 @@ inline bool any_at_least(const K (&keys)[kTile], K lo) {
     return mx >= lo;
   }
 }
-
-// The r-th largest (1-based) of keys, which it reorders. Radix rounds of up to 11
-// bits over the keys' own range, each keeping only the bin of the r-th, then
-// nth_element on the few left: on the tens of thousands of candidates of a band
-// this is a few linear passes, where nth_element alone mispredicted a branch per
 
 }  // namespace incrkern::select

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "select/select_common.h"
+#include "select/select_checks.h"
 #include "select/selector_cpu.h"
 
 namespace incrkern {

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "select/select_common.h"
+#include "select/select_checks.h"
 #include "select/select_cuda.h"
 #include "select/select_keys.h"
 

@@ -1,4 +1,4 @@
-// CPU selection, part 3: the Selector, which finds the k largest keys of a list of
+// CPU selection, part 4: the Selector, which finds the k largest keys of a list of
 // sources (one tensor, or the concatenation of several) and writes their positions.
 //
 // The element chosen last, e* = the k-th under (key descending, position ascending),
@@ -24,6 +24,7 @@
 //  - run_radix (exact fallback, any input): per-thread histograms of 11-bit digits,
 //    most significant first, until the bucket of the k-th is wholly chosen, holds one
 //    key (ties, taken lowest positions first), or is small enough for a band pass.
+//    Its passes over the input (digit_histogram, final_pass) are in radix_cpu.h.
 //
 // Positions are int64 everywhere (tensors beyond 2^31 elements). The scores are
 // computed from the inputs on the fly; no score tensor is ever materialised.
@@ -31,22 +32,20 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <mutex>
 #include <optional>
 #include <vector>
 
 #include "select/kth_cpu.h"
+#include "select/radix_cpu.h"
 #include "select/scan_cpu.h"
 
 namespace incrkern::select {
 
-constexpr int64_t kBlock = int64_t(1) << 18;     // elements per block of work
 constexpr int64_t kSerialMax = int64_t(1) << 15;  // below: one thread, nth_element
 constexpr int64_t kSample = int64_t(1) << 16;
 constexpr int64_t kMinSample = int64_t(1) << 12;
@@ -55,11 +54,6 @@ constexpr int kDigitBits = 11;
 // setup.py builds with -fopenmp, so at::parallel_for (an OpenMP pragma in a header)
 // spreads the blocks over at::get_num_threads() threads.
 using at::parallel_for;
-
-struct Block {
-  int src;
-  int64_t begin, end;  // element range inside the source
-};
 
 template <typename K>
 struct Cand {
@@ -85,9 +79,7 @@ class Selector {
  public:
   Selector(std::vector<Source> srcs, int64_t k, bool approx) : srcs_(std::move(srcs)), k_(k), approx_(approx) {
     for (const Source& s : srcs_) n_ += s.n;
-    for (int i = 0; i < int(srcs_.size()); ++i)
-      for (int64_t b = 0; b < srcs_[i].n; b += kBlock)
-        blocks_.push_back(Block{i, b, std::min(srcs_[i].n, b + kBlock)});
+    blocks_ = blocks_of(srcs_);
     budget_ = std::clamp<int64_t>(n_ / 16, int64_t(1) << 16, int64_t(1) << 23);
   }
 
@@ -115,10 +107,10 @@ class Selector {
       }
     }
     if (tie_guess_) {  // one counting pass checks whether the guess is the k-th key
-      const FinalCounts c = final_counts(*tie_guess_);
+      const FinalCounts c = final_counts(srcs_, blocks_, *tie_guess_);
       int64_t gt = 0, eq = 0;
       for (size_t b = 0; b < c.greater.size(); ++b) gt += c.greater[b], eq += c.equal[b];
-      if (gt < k_ && k_ <= gt + eq) return final_write(*tie_guess_, k_ - gt, c);
+      if (gt < k_ && k_ <= gt + eq) return final_write(srcs_, blocks_, *tie_guess_, k_ - gt, c);
     }
     return run_radix();
   }
@@ -135,20 +127,14 @@ class Selector {
 
   int64_t gpos(const Block& b, int64_t i) const { return srcs_[b.src].pos0 + i; }
 
-  std::vector<at::Tensor> alloc(const std::vector<int64_t>& per_src) const {
-    std::vector<at::Tensor> outs;
-    for (int64_t c : per_src) outs.push_back(at::empty({c}, at::TensorOptions().dtype(at::kLong)));
-    return outs;
-  }
-
   std::vector<at::Tensor> finish_empty() const {
-    return alloc(std::vector<int64_t>(srcs_.size(), 0));
+    return position_tensors(std::vector<int64_t>(srcs_.size(), 0));
   }
 
   std::vector<at::Tensor> finish_all() const {
     std::vector<int64_t> sizes;
     for (const Source& s : srcs_) sizes.push_back(s.n);
-    std::vector<at::Tensor> outs = alloc(sizes);
+    std::vector<at::Tensor> outs = position_tensors(sizes);
     for (size_t i = 0; i < outs.size(); ++i) {
       int64_t* o = outs[i].data_ptr<int64_t>();
       parallel_for(0, srcs_[i].n, kBlock, [&](int64_t b, int64_t e) {
@@ -194,7 +180,7 @@ class Selector {
         left -= key == kth && left > 0;
         sizes[i] += take;
       }
-    std::vector<at::Tensor> outs = alloc(sizes);
+    std::vector<at::Tensor> outs = position_tensors(sizes);
     left = ties;
     for (size_t i = 0; i < srcs_.size(); ++i) {
       int64_t* o = outs[i].data_ptr<int64_t>();
@@ -211,10 +197,10 @@ class Selector {
 
   // Keys of s elements at a constant odd stride from a hashed start. A constant
   // stride lets the hardware prefetcher run ahead of the reads: with a random
-  // offset in each stride, every read waited on memory, and the 64K-element sample
-  // of a 1e7 tensor cost as much as three full reads. An odd stride walks through
-  // every column of a matrix whose rows are a power of two (or any even) long.
-  // The positions are computed first and then read in a tight loop per source.
+  // offset in each stride, every read waits on memory, and the sample costs several
+  // full reads of the tensor. An odd stride walks through every column of a matrix
+  // whose rows are a power of two (or any even) long. The positions are computed
+  // first and then read in a tight loop per source.
   std::vector<K> sample_keys(int64_t s) const {
     uint64_t stride = std::max<uint64_t>(1, uint64_t(n_ / s));
     if (stride % 2 == 0) --stride;
@@ -266,7 +252,7 @@ class Selector {
     for (const Source& src : srcs_) starts.push_back(src.pos0);
     for (int64_t q : chosen)
       ++sizes[std::upper_bound(starts.begin(), starts.end(), q) - starts.begin() - 1];
-    std::vector<at::Tensor> outs = alloc(sizes);
+    std::vector<at::Tensor> outs = position_tensors(sizes);
     size_t j = 0;
     for (size_t i = 0; i < srcs_.size(); ++i) {
       int64_t* o = outs[i].data_ptr<int64_t>();
@@ -386,7 +372,7 @@ class Selector {
     const K lo = largest(sample_keys(s), rank_lo + 1).front();
     if (lo == 0) return std::nullopt;
     // Candidates written through a cursor into arrays grown only when a tile
-    // could overflow them (push_back per element was a call and a check each).
+    // could overflow them (push_back per element is a call and a check each).
     std::vector<K> ckey(size_t(2 * (rank_lo + 1) * (n_ / s + 1)) + kTile);
     std::vector<int64_t> cpos(ckey.size());  // position in the concatenation, ascending
     size_t nc = 0;
@@ -454,7 +440,7 @@ class Selector {
     // lo, the rank_lo-th largest sample key, is the least of the rank_lo + 1 largest,
     // kept in a min-heap: rank_lo is about 1% of the sample at k = 1%, so nearly
     // every key costs one compare with the heap's top (nth_element over the whole
-    // sample mispredicted a branch per key per round). hi and the tie guess rank
+    // sample mispredicts a branch per key per round). hi and the tie guess rank
     // above lo, so they are found among those few hundred keys.
     std::vector<K> top = largest(keys, std::min(rank_lo, s - 1) + 1);
     const K lo = rank_lo >= s ? K(0) : top.front();
@@ -604,7 +590,7 @@ class Selector {
         count[bi] = c;
       }
     });
-    std::vector<at::Tensor> outs = offsets(count, offset);
+    std::vector<at::Tensor> outs = block_outputs(srcs_, blocks_, count, offset);
     parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         const BandOut<K>& o = out[bi];
@@ -621,94 +607,6 @@ class Selector {
     return outs;
   }
 
-  // Output tensors sized from per-block counts; offset[b] = block b's first slot.
-  std::vector<at::Tensor> offsets(const std::vector<int64_t>& count, std::vector<int64_t>& offset) const {
-    std::vector<int64_t> sizes(srcs_.size(), 0);
-    for (size_t bi = 0; bi < blocks_.size(); ++bi) {
-      offset[bi] = sizes[blocks_[bi].src];
-      sizes[blocks_[bi].src] += count[bi];
-    }
-    return alloc(sizes);
-  }
-
-  // Histogram of one digit, with the smallest and largest key of each bin.
-  struct Hist {
-    std::vector<int64_t> count;
-    std::vector<K> min, max;
-  };
-
-  // Histogram of the digit of width `bits` above bit `shift`, over the keys whose
-  // higher bits equal those of `prefix` (all keys when `top`). Per-thread
-  // histograms, four interleaved copies each (repeated bins would otherwise
-  // serialise on one counter).
-  Hist histogram(K prefix, int shift, int bits, bool top) const {
-    const int nbins = 1 << bits;
-    const int high = shift + bits;  // bits at and above are fixed by the prefix
-    const K mask = K(nbins - 1);
-    Hist total{std::vector<int64_t>(nbins, 0), std::vector<K>(nbins, std::numeric_limits<K>::max()),
-               std::vector<K>(nbins, K(0))};
-    std::mutex mu;
-    struct Bin {
-      uint32_t n;
-      K min, max;
-    };
-    // Copies kept apart by a few bins, so that equal bins of two copies do not
-    // share their low 12 address bits (4K aliasing stalls the store forwarding).
-    const size_t stride = size_t(nbins) + 5;
-    parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
-      const Bin empty{0, std::numeric_limits<K>::max(), K(0)};
-      std::vector<Bin> bins(4 * stride, empty);
-      std::vector<int64_t> local(nbins, 0);
-      for (int64_t bi = b0; bi < b1; ++bi) {
-        const Block& blk = blocks_[bi];
-        with_reader<K>(srcs_[blk.src], [&](auto rd) {
-          auto add = [&](size_t copy, K key) {
-            Bin& x = bins[copy * stride + size_t((key >> shift) & mask)];
-            ++x.n;
-            x.min = std::min(x.min, key);
-            x.max = std::max(x.max, key);
-          };
-          int64_t i = blk.begin;
-          if (top) {
-            for (; i + kTile <= blk.end; i += kTile) {
-              K keys[kTile];
-              tile_keys(rd, i, keys);
-              for (int j = 0; j < kTile; ++j) add(size_t(j & 3), keys[j]);
-            }
-            for (; i < blk.end; ++i) add(0, rd(i));
-          } else {
-            const K want = prefix >> high;
-            for (; i + kTile <= blk.end; i += kTile) {
-              K keys[kTile];
-              tile_keys(rd, i, keys);
-              for (int j = 0; j < kTile; ++j)
-                if ((keys[j] >> high) == want) add(size_t(j & 3), keys[j]);
-            }
-            for (; i < blk.end; ++i) {
-              const K key = rd(i);
-              if ((key >> high) == want) add(0, key);
-            }
-          }
-        });
-        // 32-bit counts flushed per block (a block has < 2^32 elements)
-        for (size_t c = 0; c < 4; ++c)
-          for (int d = 0; d < nbins; ++d) {
-            local[d] += bins[c * stride + d].n;
-            bins[c * stride + d].n = 0;
-          }
-      }
-      std::lock_guard<std::mutex> lock(mu);
-      for (int d = 0; d < nbins; ++d) {
-        total.count[d] += local[d];
-        for (size_t c = 0; c < 4; ++c) {
-          total.min[d] = std::min(total.min[d], bins[c * stride + d].min);
-          total.max[d] = std::max(total.max[d], bins[c * stride + d].max);
-        }
-      }
-    });
-    return total;
-  }
-
   // The exact path: radix select over the digits, then a band pass over the
   // bucket of the k-th, or a count and a write pass once its key is known.
   std::vector<at::Tensor> run_radix() const {
@@ -719,7 +617,8 @@ class Selector {
     while (true) {
       const int bits = std::min(kDigitBits, shift);
       const int low = shift - bits;
-      const Hist hist = histogram(prefix, low, bits, shift == kBits);
+      const DigitHistogram<K> hist =
+          digit_histogram(srcs_, blocks_, prefix, low, bits, shift == kBits);
       int b = (1 << bits) - 1;
       int64_t above = 0;
       for (; b > 0; --b) {
@@ -732,9 +631,9 @@ class Selector {
       shift = low;
       const K lo = prefix;
       const K hi = prefix | (shift == 0 ? K(0) : (K(~K(0)) >> (kBits - shift)));
-      if (count == r) return final_pass(lo, -1);  // the whole bucket is chosen
+      if (count == r) return final_pass(srcs_, blocks_, lo, -1);  // the whole bucket is chosen
       // One key fills the bucket (ties, all-equal inputs): the k-th key is known.
-      if (hist.min[b] == hist.max[b]) return final_pass(hist.min[b], r);
+      if (hist.min[b] == hist.max[b]) return final_pass(srcs_, blocks_, hist.min[b], r);
       if (count <= budget_) {
         std::vector<BandOut<K>> out;
         band_pass(lo, hi, std::numeric_limits<int64_t>::max(), out);
@@ -746,96 +645,6 @@ class Selector {
       TORCH_CHECK(shift > 0, "incrkern.select: internal error in the radix select");
     }
   }
-
-  // Two reads: per block, the keys > t and == t are counted; block b then takes
-  // its keys > t and its first q_b keys == t, where the q_b add up to `ties`, lowest
-  // positions first (ties < 0: every key >= t).
-  struct FinalCounts {
-    std::vector<int64_t> greater, equal;  // per block: keys > t, keys == t
-  };
-
-  FinalCounts final_counts(K t) const {
-    const int64_t nb = int64_t(blocks_.size());
-    FinalCounts c{std::vector<int64_t>(nb), std::vector<int64_t>(nb)};
-    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t bi = b0; bi < b1; ++bi) {
-        const Block& blk = blocks_[bi];
-        with_reader<K>(srcs_[blk.src], [&](auto rd) {
-          int64_t gt = 0, eq = 0;
-          int64_t i = blk.begin;
-          for (; i + kTile <= blk.end; i += kTile) {
-            K keys[kTile];
-            tile_keys(rd, i, keys);
-            for (int j = 0; j < kTile; ++j) gt += keys[j] > t, eq += keys[j] == t;
-          }
-          for (; i < blk.end; ++i) {
-            const K key = rd(i);
-            gt += key > t, eq += key == t;
-          }
-          c.greater[bi] = gt;
-          c.equal[bi] = eq;
-        });
-      }
-    });
-    return c;
-  }
-
-  std::vector<at::Tensor> final_pass(K t, int64_t ties) const {
-    return final_write(t, ties, final_counts(t));
-  }
-
-  std::vector<at::Tensor> final_write(K t, int64_t ties, const FinalCounts& c) const {
-    const int64_t nb = int64_t(blocks_.size());
-    const std::vector<int64_t>& greater = c.greater;
-    const std::vector<int64_t>& equal = c.equal;
-    std::vector<int64_t> quota(nb), count(nb), offset(nb);
-    int64_t left = ties < 0 ? std::numeric_limits<int64_t>::max() : ties;
-    for (int64_t bi = 0; bi < nb; ++bi) {
-      quota[bi] = std::min(left, equal[bi]);
-      left -= quota[bi];
-      count[bi] = greater[bi] + quota[bi];
-    }
-    std::vector<at::Tensor> outs = offsets(count, offset);
-    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t bi = b0; bi < b1; ++bi) {
-        const Block& blk = blocks_[bi];
-        int64_t* dst = outs[blk.src].data_ptr<int64_t>() + offset[bi];
-        int64_t q = quota[bi];
-        with_reader<K>(srcs_[blk.src], [&](auto rd) {
-          auto one = [&](int64_t i, K key) {
-            if (key > t) {
-              *dst++ = i;
-            } else if (key == t && q > 0) {
-              *dst++ = i;
-              --q;
-            }
-          };
-          int64_t i = blk.begin;
-          for (; i + kTile <= blk.end; i += kTile) {
-            K keys[kTile];
-            tile_keys(rd, i, keys);
-#if defined(__SSE2__)
-            if constexpr (sizeof(K) == 4) {
-              // Masks: the keys > t, then the first ties while the quota lasts.
-              uint32_t take = t == std::numeric_limits<K>::max() ? 0u : mask_greater(keys, t);
-              if (q > 0) {
-                uint32_t eq = (t == 0 ? 0xffffu : mask_greater(keys, t - 1)) & ~take;
-                for (; eq && q > 0; eq &= eq - 1, --q) take |= eq & (~eq + 1);
-              }
-              for (; take; take &= take - 1) *dst++ = i + __builtin_ctz(take);
-              continue;
-            }
-#endif
-            if (!any_at_least(keys, t)) continue;
-            for (int j = 0; j < kTile; ++j) one(i + j, keys[j]);
-          }
-          for (; i < blk.end; ++i) one(i, rd(i));
-        });
-      }
-    });
-    return outs;
-  }
 };
-
 
 }  // namespace incrkern::select

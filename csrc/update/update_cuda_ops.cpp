@@ -44,8 +44,8 @@ std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::L
     cuda::UpdateTensor t{};
     t.param = p.data_ptr();
     t.grad = a.grads[i].data_ptr();
-    t.state0 = a.state0.empty() ? nullptr : a.state0[i].data_ptr<float>();
-    t.state1 = a.state1.empty() ? nullptr : a.state1[i].data_ptr<float>();
+    t.state0 = a.first_moments.empty() ? nullptr : a.first_moments[i].data_ptr<float>();
+    t.state1 = a.second_moments.empty() ? nullptr : a.second_moments[i].data_ptr<float>();
     t.count = p.numel();
     if (!a.steps.empty()) {
       const at::Tensor& s = a.steps[i];
@@ -109,16 +109,13 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                       compact_state, false};
   check_update_lists(op, a);
   check_lr_tensor(op, lr_tensor, params);
-  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(), op,
-              ": momentum != 0 needs one momentum buffer per param");
-  TORCH_CHECK(first_step.size() == params.size() || first_step.size() == 0, op,
-              ": first_step has ", first_step.size(), " entries, expected ", params.size());
+  check_sgd_args(op, momentum, momentum_buffers, first_step, params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cuda::SgdArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize};
   // Without momentum the buffers (if given) are neither read nor written, as on the CPU.
   UpdateLists launch_lists = a;
-  if (momentum == 0) launch_lists.state0 = {};
+  if (momentum == 0) launch_lists.first_moments = {};
   for (const Prepared& g :
        prepare(op, launch_lists, &first_step, grad_scale, consume_grad, lr_tensor))
     cuda::sgd_update(g.tensors.data(), int64_t(g.tensors.size()), g.options, args,

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import common, convergence, kernels, report
+from . import common, convergence, distributed, finetune, kernels, report, sparse
 from .shapes import sizes_for
 
 
@@ -25,6 +25,17 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_out(package_file=__file__):
+    """bench/results of the checkout this package runs from (a bench/results folder and
+    setup.py beside the package's folder), else the current folder: an installed
+    package writes where it is run."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(package_file))))
+    results = os.path.join(root, "bench", "results")
+    if os.path.isdir(results) and os.path.isfile(os.path.join(root, "setup.py")):
+        return results
+    return os.getcwd()
+
+
 def file_stem(device, what, mode, date=None, threads=None):
     """<date>-<device>, with -full / -kernels / -convergence / -t<threads> when not the
     default run."""
@@ -40,16 +51,20 @@ def file_stem(device, what, mode, date=None, threads=None):
 
 
 def run_bench(what="all", mode="quick", device=None, out=None, progress=True, quiet=False,
-              threads=None):
-    """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`.
+              threads=None, isolate=None):
+    """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`
+    (None: default_out()).
     `threads`: torch's intra-op thread count for the run (None: torch's default).
+    "distributed" and "finetune" run only when asked for by name ("all" is kernels,
+    sparse and convergence);
+    `isolate`: each of its rows in its own process (None: with --full).
     Returns (results, {kind: path})."""
     device = torch.device(device or default_device())
     if threads is not None:
         torch.set_num_threads(threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("incrkern.bench: --device cuda asked for, but no CUDA device")
-    out = out or os.path.join("bench", "results")
+    out = os.path.abspath(out or default_out())
     os.makedirs(out, exist_ok=True)
     bar = _progress(progress)
     t0 = time.perf_counter()
@@ -58,10 +73,16 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         command += f" --threads {threads}"
     results = {"command": command,
                "machine": common.machine_info(device), "mode": mode}
+    if what == "distributed":
+        return _run_distributed(results, mode, out, bar, quiet, t0, threads)
     if what in ("kernels", "all"):
         results["kernels"] = kernels.run(sizes_for(mode, device), device, progress=bar)
+    if what in ("sparse", "all"):
+        results["sparse"] = sparse.run(mode, device, progress=bar)
     if what in ("convergence", "all"):
         results["convergence"] = convergence.run(mode, device, progress=bar)
+    if what == "finetune":
+        results["finetune"] = finetune.run(mode, device, progress=bar, isolate=isolate)
     results["total_s"] = time.perf_counter() - t0
     results["machine"]["load_average_end"] = common._load_average()
 
@@ -82,17 +103,43 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         f.write(report.markdown(results, plots))
     if not quiet:
         report.print_tables(results)
-        print(f"\n{results['total_s']:.0f} s in all; wrote " + ", ".join(paths.values()))
+        print(f"\n{results['total_s']:.0f} s in all; results written to {out}: "
+              + ", ".join(os.path.basename(p) for p in paths.values()))
+    return results, paths
+
+
+def _run_distributed(results, mode, out, bar, quiet, t0, threads):
+    """`python -m incrkern.bench distributed`: DDP top-k against all-reduce (CPU, gloo)."""
+    results["command"] = f"python -m incrkern.bench distributed --{mode}"
+    results["distributed"] = distributed.run(mode, progress=bar)
+    results["total_s"] = time.perf_counter() - t0
+    results["machine"]["load_average_end"] = common._load_average()
+    stem = os.path.join(out, file_stem(torch.device("cpu"), "distributed", mode,
+                                       threads=threads))
+    paths = {"json": stem + ".json", "markdown": stem + ".md"}
+    table = distributed.markdown(results["distributed"])
+    report.write_json(results, paths["json"])
+    with open(paths["markdown"], "w") as f:
+        f.write("# DDP top-k hook against all-reduce\n\n`" + results["command"] + "`\n\n"
+                + "\n".join(report.machine_lines(results)) + "\n\n" + table)
+    if not quiet:
+        print(table)
+        print(f"{results['total_s']:.0f} s in all; wrote " + ", ".join(paths.values()))
     return results, paths
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m incrkern.bench",
-        description="incrkern kernel and convergence benchmarks (ratios to torch measured "
-                    "in the same run; bandwidth against the measured copy bandwidth)")
+        description="incrkern kernel, sparse-step and convergence benchmarks (ratios to "
+                    "torch measured in the same run; bandwidth against the measured copy "
+                    "bandwidth)")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=("kernels", "convergence", "all"))
+                        choices=("kernels", "sparse", "convergence", "all", "distributed",
+                                 "finetune"),
+                        help="all: kernels, sparse and convergence; distributed: DDP "
+                             "with the top-k hook against all-reduce, 2 and 4 CPU ranks "
+                             "over gloo; finetune: the sparse fine-tuning benchmark")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="small sizes, a few minutes on a CPU (the default)")
@@ -102,12 +149,17 @@ def main(argv=None):
                       help=argparse.SUPPRESS)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
-    parser.add_argument("--out", default=None, help="output folder (default bench/results)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: bench/results when run from a "
+                             "checkout of incrkern, else the current folder)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's choice); "
                              "on a CPU shared with other work, 1 gives steadier figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="finetune: each row in its own process, so that its peak "
+                             "memory is its own (default: with --full)")
     args = parser.parse_args(argv)
     run_bench(args.what, args.mode or "quick", args.device, args.out,
-              progress=not args.no_progress, threads=args.threads)
+              progress=not args.no_progress, threads=args.threads, isolate=args.isolate)
     return 0

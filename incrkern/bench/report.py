@@ -3,6 +3,8 @@ import json
 import math
 import os
 
+from .sparse import sizes_line
+
 NA = "n/a"
 NOISY = 3.0  # a row whose slowest sample took this many times its fastest is flagged
 
@@ -33,14 +35,9 @@ def _size(n):
     return str(n)
 
 
-def _why(rec):
-    reason = rec.get("reason", "")
-    return reason if reason.startswith("failed") else "not available: " + reason
-
-
 def _note(rec):
     if not rec.get("available", False):
-        return _why(rec)
+        return rec.get("reason", "")
     parts = []
     lo, hi = rec.get("min_s"), rec.get("max_s")
     if lo and hi and hi > NOISY * lo:
@@ -87,6 +84,41 @@ STATE_COLUMNS = [
     ("mode", lambda r: r["mode"]),
     ("state bytes", lambda r: _num(r.get("state_bytes"), "{:,}")),
     ("bytes / param", lambda r: _num(r.get("bytes_per_param"), "{:.2f}")),
+    ("note", lambda r: "" if r["available"] else r["reason"]),
+]
+
+def _sparse_row(r):
+    if r["select"] is None:
+        return "dense"
+    return f"{r['select']} {r['density']:g}"
+
+
+SPARSE_COLUMNS = [
+    ("case", lambda r: r["case"]),
+    ("step", _sparse_row),
+    ("topk", lambda r: r.get("topk") or ""),
+    ("median ms", lambda r: _ms(r.get("median_s"))),
+    ("min ms", lambda r: _ms(r.get("min_s"))),
+    ("speedup vs torch fused", lambda r: _x(r.get("speedup_vs_ref"))),
+    ("min vs min", lambda r: _x(r.get("speedup_of_min"))),
+    ("lines touched", lambda r: _pct(r.get("lines_fraction"))),
+    ("bound MB", lambda r: _num(r["bound_bytes"] / 1e6 if "bound_bytes" in r else None)),
+    ("bound ms", lambda r: _ms(r.get("bound_s"))),
+    ("of bound", lambda r: _pct(r.get("frac_of_bound"))),
+    ("note", lambda r: _note(r) if not r.get("available") else "; ".join(
+        [f"noisy (max {r['max_s'] / r['min_s']:.0f}x min)"] if r["max_s"] > NOISY * r["min_s"]
+        else [])),
+]
+
+SPARSE_CASE_COLUMNS = [
+    ("case", lambda r: r["name"]),
+    ("gradients", lambda r: r.get("model") or r["source"]),
+    ("tensors", lambda r: _num(r.get("n_tensors"), "{}")),
+    ("copies", lambda r: _num(r.get("copies"), "{}")),
+    ("elements", lambda r: _size(r["numel"]) if "numel" in r else NA),
+    ("working set MB", lambda r: _num(r["working_set_bytes"] / 1e6
+                                      if "working_set_bytes" in r else None, "{:.0f}")),
+    ("exact zeros in g", lambda r: _pct(r.get("zero_fraction"))),
     ("note", lambda r: "" if r["available"] else _why(r)),
 ]
 
@@ -100,6 +132,22 @@ CONVERGENCE_COLUMNS = [
     ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.2f}")),
     ("step time vs dense", lambda r: _x(r.get("step_time_vs_dense"))),
     ("state B/param", lambda r: _num(r.get("state_bytes_per_param"), "{:.2f}")),
+    ("note", lambda r: "" if r["available"] else r["reason"]),
+]
+
+
+FINETUNE_COLUMNS = [
+    ("row", lambda r: r["row"]),
+    ("top-1", lambda r: _num(r.get("top1"), "{:.3f}")),
+    ("MRR", lambda r: _num(r.get("mrr"), "{:.3f}")),
+    ("trained params", lambda r: _size(r["trainable"]) if r.get("trainable") else ""),
+    ("optimizer state", lambda r: _num(r.get("state_bytes"), "{:,}")),
+    ("state vs dense", lambda r: _num(r.get("state_vs_dense"), "{:.4f}")),
+    ("peak memory MB", lambda r: _num(None if r.get("peak_bytes") is None
+                                      else r["peak_bytes"] / 2 ** 20, "{:.1f}")),
+    ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.1f}")),
+    ("stored MB", lambda r: _num(None if r.get("stored_bytes") is None
+                                 else r["stored_bytes"] / 2 ** 20, "{:.3f}")),
     ("note", lambda r: "" if r["available"] else _why(r)),
 ]
 
@@ -187,6 +235,16 @@ def sections(results):
             n = rows[0]["numel"]
             out.append((f"Optimizer state bytes per parameter (AdamW, transformer of "
                         f"{_size(n)} params, after two updates)", rows, STATE_COLUMNS))
+    sp = results.get("sparse")
+    if sp:
+        out.append((f"Sparse-step cases: {sizes_line(sp)}", sp["cases"], SPARSE_CASE_COLUMNS))
+        bw = sp["copy_bandwidth"]["roofline_bytes_per_s"]
+        out.append((f"incrkern.optim.AdamW(density, select, topk).step() against "
+                    f"torch.optim.AdamW(fused=True).step(), same params and grads (speedup "
+                    f"above 1: incrkern is faster); bound = score read + "
+                    f"{sp['lines_per_touched_line']} transfers per touched "
+                    f"{sp['line_bytes']}-byte line, at the copy bandwidth {bw / 1e9:.1f} GB/s",
+                    sp["records"], SPARSE_COLUMNS))
     conv = results.get("convergence")
     if conv:
         out.append((f"Convergence on digits ({conv['train_size']} train / {conv['test_size']} "
@@ -194,6 +252,15 @@ def sections(results):
                     f"{conv['threads']} torch thread(s); equal updates = "
                     f"{conv['equal_updates']})", conv["records"],
                     CONVERGENCE_COLUMNS))
+    tune = results.get("finetune")
+    if tune:
+        out.append((f"Sparse fine-tuning: {tune['records'][0].get('model', 'encoder')}, "
+                    f"docstring line -> function retrieval ({tune['train_size']} train pairs "
+                    f"from {', '.join(tune['train_packages'])}; {tune['test_size']} test from "
+                    f"{', '.join(tune['test_packages'])}), batch {tune['batch']}, "
+                    f"{tune['steps']} steps, {tune['threads']} torch thread(s), "
+                    f"{'each row in its own process' if tune['isolated'] else 'one process'}",
+                    tune["records"], FINETUNE_COLUMNS))
     return out
 
 
@@ -254,7 +321,8 @@ On a CPU, `copy_` also pays a read for ownership of every destination line it wr
 (no streaming stores), which a kernel that writes only what it has read does not: such a
 kernel can show more than 100% of the copy bandwidth, and a working set that fits in the
 last-level cache can too. "noisy" flags a row whose slowest sample took more than three
-times its fastest (the machine was busy with other work during it). "n/a ... not available" marks an implementation that is not in this build yet."""
+times its fastest (the machine was busy with other work during it). "n/a" with a
+"failed: ..." note marks an implementation that raised in this run."""
 
 
 def markdown(results, plots):

@@ -6,7 +6,9 @@ Every optimizer takes torch's arguments plus, per param group:
   scope            "tensor" (k per tensor) or "global" (k over the param group)
   topk             "exact" or "approx" selection
   accumulate_steps apply one update every n step() calls, with the mean gradient
-  mask             "dynamic" (reselect every update), "fixed" (once), or N (every N updates)
+  mask             "dynamic" (reselect every update), "fixed" (once), or N (every N updates);
+                   the constructor also takes {param: positions}: a fixed mask given
+                   (see IncrementalOptimizer.set_mask and incrkern.finetune)
   bias_correction  Adam: "tensor" (the tensor's update count) or "element" (per element)
   fisher_beta      EMA factor of g^2 for select="grad_sq"
 """

@@ -6,7 +6,8 @@ A step, for each param group:
   2. gradient source: `.grad`, or an fp32 accumulator (`accumulate_steps` > 1: the
      mean of the last n grads), or the error-feedback residual (`select="accumulated"`);
   3. on an updating step, choose the indices (`density` < 1) by `select` over a
-     tensor or the whole group (`scope`), now or from a kept mask (`mask`);
+     tensor or the whole group (`scope`), now or from a kept mask (`mask`), or
+     given beforehand (`set_mask`);
   4. one fused kernel call per device applies the update rule at those indices
      only (on the CPU from MASK_DENSITY on, through a bool mask of them: one
      streaming pass), reading (and, for accumulators, clearing) the gradient source.
@@ -29,10 +30,8 @@ BIAS_CORRECTION_CHOICES = ("tensor", "element")
 
 # From this density on, a CPU step updates through a bool mask (one streaming pass
 # over every element, at the dense step's speed) instead of the chosen positions (a
-# scattered access each). bench/crossover_update.py, 1e7 fp32 on 2 cores: AdamW by
-# positions 7.4 ms at 0.1 and 17.6 at 0.3, by mask 5.6 and 6.4 flat, plus 1.2 and
-# 3.2 ms to build the mask from the positions; SGD-momentum 5.6 and 10.5 against
-# 4.6 and 4.9. Below about 0.05 positions win (2.2 against 6.2 ms at 0.01).
+# scattered access each, growing with the lines they touch): measured by
+# bench/crossover_update.py (docs/design.md, "Choosing a path" and "Measurements").
 MASK_DENSITY = 0.1
 
 # The group options every incrkern optimizer adds to torch's.
@@ -62,7 +61,8 @@ def check_incremental_options(options):
     mask = options["mask"]
     if not (mask in ("dynamic", "fixed") or
             (isinstance(mask, int) and not isinstance(mask, bool) and mask >= 1)):
-        raise ValueError(f"mask must be 'dynamic', 'fixed' or an int N >= 1, got {mask!r}")
+        raise ValueError(f"mask must be 'dynamic', 'fixed' or an int N >= 1 (the constructor "
+                         f"also takes a dict {{param: positions}}), got {mask!r}")
     beta = options["fisher_beta"]
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
         raise ValueError(f"fisher_beta must be a number in [0, 1), got {beta!r}")
@@ -142,6 +142,18 @@ def _present_elements(grad):
     return positions.reshape(-1), values.reshape(-1)
 
 
+def _check_lr(lr):
+    """step()'s check of a group's lr. A tensor's value is not read: on CUDA a read
+    waits for the device, and a CUDA graph cannot capture it; the kernels read it
+    (docs/design.md, Note [a tensor lr is never read on the host])."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError("lr must be a number or a one-element floating point tensor, "
+                             f"got a tensor of shape {tuple(lr.shape)} and dtype {lr.dtype}")
+    else:
+        _check_number("lr", lr)
+
+
 def _contiguous(tensors):
     """The tensors themselves where contiguous, contiguous copies of the others (a
     param's copy is written back after the step)."""
@@ -155,14 +167,22 @@ class IncrementalOptimizer(Optimizer):
     k-long when k is given, param-sized otherwise; or `_init_states` over a list) and
     `_apply(group, work, device, ...)` (the fused kernel call).
 
-    A step costs a few attribute reads per param in Python (about 1 µs); lists are
-    built once per step and passed down, never re-derived per param (a model's
-    thousand small tensors otherwise spend more time here than in the kernels).
+    A step costs a few attribute reads per param in Python; lists are built once per
+    step and passed down, never re-derived per param (a model's thousand small
+    tensors otherwise spend more time here than in the kernels; docs/design.md,
+    "Measurements").
     """
 
     _counts_steps = False  # a subclass keeping a `step` tensor per param sets it
 
     def __init__(self, params, defaults, incremental):
+        preset = None
+        if isinstance(incremental.get("mask"), dict):
+            # A precomputed mask is a fixed mask whose positions are given, not chosen
+            # at the first step: the group keeps mask="fixed", the positions live in
+            # each param's state as `indices` (and so in the state_dict).
+            preset = incremental["mask"]
+            incremental = dict(incremental, mask="fixed")
         options = dict(INCREMENTAL_DEFAULTS)
         unknown = set(incremental) - set(options)
         if unknown:
@@ -174,6 +194,59 @@ class IncrementalOptimizer(Optimizer):
                              "the residual of unchosen elements would never be applied")
         defaults = dict(defaults, **options)
         super().__init__(params, defaults)
+        if preset is not None:
+            self.set_mask(preset)
+
+    # -- precomputed masks ---------------------------------------------------------------
+
+    def set_mask(self, masks):
+        """Gives the positions each param trains, in place of a selection.
+
+        masks: {param: 1-D int32/int64 tensor of flat positions} (e.g. from
+        incrkern.finetune.fish_mask). Every param of a group that gets a mask needs
+        one, the group needs mask="fixed" (the constructor's `mask={...}` sets it)
+        and not select="layer", and no param may have optimizer state yet. Positions
+        are sorted; duplicates or positions outside the param raise. The state is
+        then as a fixed mask's: `indices` and k-long moments. Nothing is changed
+        unless every mask is valid.
+        """
+        if not isinstance(masks, dict):
+            raise TypeError(f"masks must be a dict {{param: index tensor}}, got "
+                            f"{type(masks).__name__}")
+        where = {}
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                where[id(p)] = (gi, i)
+        checked, groups = [], set()
+        for p, idx in masks.items():
+            if not isinstance(p, torch.Tensor) or id(p) not in where:
+                raise ValueError("masks has a key that is not a param of this optimizer")
+            gi, i = where[id(p)]
+            name = f"masks[param_groups[{gi}]['params'][{i}]]"
+            checked.append((p, _checked_positions(name, idx, p)))
+            groups.add(gi)
+        given = {id(p) for p, _ in checked}
+        for gi in sorted(groups):
+            group = self.param_groups[gi]
+            if group["mask"] != "fixed" or group["select"] == "layer":
+                raise ValueError(f"param_groups[{gi}]: a given mask needs mask='fixed' and "
+                                 f"a select other than 'layer', got mask={group['mask']!r}, "
+                                 f"select={group['select']!r}")
+            for i, p in enumerate(group["params"]):
+                if id(p) not in given:
+                    raise ValueError(f"masks: param_groups[{gi}]['params'][{i}] has no mask; "
+                                     f"a group's params get masks all or none")
+                if self.state.get(p):
+                    raise RuntimeError(f"param_groups[{gi}]['params'][{i}] already has "
+                                       f"optimizer state: set the mask before the first step")
+        for p, idx in checked:
+            self.state[p]["indices"] = idx
+
+    def _has_given_mask(self, group):
+        """A fixed-mask group whose positions are kept: sparse whatever its density."""
+        params = group["params"]
+        return (group["mask"] == "fixed" and bool(params)
+                and "indices" in self.state.get(params[0], ()))
 
     # -- groups and state_dict ---------------------------------------------------------
 
@@ -313,9 +386,8 @@ class IncrementalOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Every group is checked before any is touched: a step that raises changes nothing.
-        for gi, group in enumerate(self.param_groups):
-            lr = group["lr"]
-            _check_number("lr", lr)
+        for group in self.param_groups:
+            _check_lr(group["lr"])
         self._saw_sparse_grad = False
         plans = [(group, *self._params_with_grad(group, gi))
                  for gi, group in enumerate(self.param_groups)]
@@ -357,7 +429,7 @@ class IncrementalOptimizer(Optimizer):
 
     def _is_dense(self, group):
         return (group["density"] >= 1.0 and group["accumulate_steps"] == 1
-                and group["select"] != "accumulated")
+                and group["select"] != "accumulated" and not self._has_given_mask(group))
 
     def _step_group(self, group, by_device):
         if self._is_dense(group):
@@ -366,16 +438,21 @@ class IncrementalOptimizer(Optimizer):
             self._incremental_step(group, by_device)
 
     def _lr_args(self, group, device):
+        """(lr, lr_tensor) for an update op. A tensor lr goes to the kernel as a tensor
+        on the params' device, its value unread here (lr=0.0 is then ignored), except
+        a CPU tensor for CUDA params: read on the host, it costs no device sync."""
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            return float(lr.item()), lr.detach().to(device=device, dtype=torch.float32)
-        return float(lr), None
+        if not isinstance(lr, torch.Tensor):
+            return float(lr), None
+        if lr.device.type == "cpu" and device.type != "cpu":
+            return float(lr), None
+        return 0.0, lr.detach().to(device=device, dtype=torch.float32)
 
     @staticmethod
     def _by_device(params, grads, device):
         """[(device, params, contiguous grads)], one entry per device. A
         non-contiguous grad is copied once: the ops index every tensor by flat
-        position, so no flat view is made (a view per param cost 1 ms per 1000)."""
+        position, so no flat view is made (docs/design.md, "Measurements")."""
         if device is not None:
             return [(device, params, _contiguous(grads))]
         out = {}
@@ -437,15 +514,13 @@ class IncrementalOptimizer(Optimizer):
             ops.accumulate_([], grads, 1.0, [self._buffer(p, "fisher") for p in params],
                             sq_alpha=1.0 - beta, sq_decay=beta)
 
-    def _select(self, group, params, states, sources, param_views):
+    def _select(self, group, params, states, sources, contiguous_params):
         """Indices to update in each param, or None for all of them."""
         density = float(group["density"])
         mask = group["mask"]
         select = group["select"]
         if select == "layer":
             return self._select_layers(group, params, states)
-        if density >= 1.0:
-            return None
         if mask == "fixed":
             keep = all("indices" in s for s in states)
         elif mask == "dynamic":
@@ -454,21 +529,21 @@ class IncrementalOptimizer(Optimizer):
             keep = group["updates"] % mask != 0 and all("indices" in s for s in states)
         if keep:
             return [s["indices"].long() for s in states]
+        if density >= 1.0:
+            return None
         score, tensors, weights = "grad", sources, None
         if select == "grad_sq":
             score, tensors = "grad_sq", [s["fisher"] for s in states]
         elif select == "weight":
-            score, weights = "weight", param_views
+            score, weights = "weight", contiguous_params
         elif select == "random":
             score = "random"
         indices = ops.select(tensors, density, score=score, scope=group["scope"],
                              approx=group["topk"] == "approx", weights=weights,
                              validate=False)
         if mask != "dynamic":
-            # Kept as int32 where positions fit: with k-long fp32 moments a fixed mask
-            # then costs 12 bytes per chosen element instead of 16.
             for s, idx, p in zip(states, indices, params):
-                s["indices"] = idx.to(torch.int32) if p.numel() < 2 ** 31 else idx
+                s["indices"] = _stored_positions(idx, p)
         return indices
 
     def _select_layers(self, group, params, states):
@@ -516,7 +591,7 @@ class IncrementalOptimizer(Optimizer):
             else:
                 sources, scale, consume = grads, 1.0, False
             work = _Work(ps, sources, states)
-            indices = self._select(group, ps, states, sources, work.param_views)
+            indices = self._select(group, ps, states, sources, work.contiguous_params)
             partial = indices is not None
             if select == "layer":  # whole tensors: a dense update of the chosen ones
                 chosen = [i for i, idx in enumerate(indices) if idx is None]
@@ -612,6 +687,34 @@ class IncrementalOptimizer(Optimizer):
                     compact_state=compact)
 
 
+def _stored_positions(idx, p):
+    # Kept as int32 where positions fit: with k-long fp32 moments a fixed mask then
+    # costs 12 bytes per chosen element instead of 16.
+    return idx.to(torch.int32) if p.numel() < 2 ** 31 else idx.to(torch.int64)
+
+
+def _checked_positions(name, idx, p):
+    """`idx` as a fixed mask's stored positions (sorted, on p's device), or a
+    ValueError/TypeError naming `name`."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of positions, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(idx.shape)}")
+    if idx.device != p.device:
+        raise ValueError(f"{name} is on {idx.device}, its param on {p.device}")
+    idx = idx.sort().values
+    if idx.numel():
+        low, high = int(idx[0]), int(idx[-1])
+        if low < 0 or high >= p.numel():
+            raise ValueError(f"{name} holds positions outside [0, {p.numel()}): "
+                             f"{low if low < 0 else high}")
+        if bool((idx[1:] == idx[:-1]).any()):
+            raise ValueError(f"{name} holds a position twice")
+    return _stored_positions(idx, p)
+
+
 class _Work:
     """The tensors one kernel call works on: contiguous params (copies for
     non-contiguous ones, written back afterwards: an in-place kernel never updates a
@@ -619,11 +722,11 @@ class _Work:
 
     def __init__(self, params, grads, states):
         self.params = params
-        self.param_views = _contiguous(params)
+        self.contiguous_params = _contiguous(params)
         self.grads = grads
         self.states = states
 
     def write_back(self):
-        for p, v in zip(self.params, self.param_views):
+        for p, v in zip(self.params, self.contiguous_params):
             if v is not p:
                 p.copy_(v)

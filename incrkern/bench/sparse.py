@@ -1,0 +1,400 @@
+"""The sparse-step benchmark: `incrkern.optim.AdamW(density=d).step()` against
+`torch.optim.AdamW(fused=True).step()` on the same params and grads, in the same run,
+on real gradients (a pretrained encoder, a model trained from scratch) and on
+random-normal ones, with every case sized from the last-level cache.
+
+Sizes. Every case's working set (AdamW: p, g, m, v in fp32, 16 bytes per element) is
+at least CACHE_FACTOR times the last-level cache (the CPU's L3, a GPU's L2), so that
+neither the dense step nor the chosen lines of a sparse one are served from a cache
+between steps. A real model's parameter list is repeated (each copy its own params,
+grads and state) until it is that large.
+
+The bound next to each sparse row is the least traffic a step at that density can
+have: one read of the score source (|g|: 4 bytes per element; for select=
+"accumulated", the residual update r += g and its read: 12 bytes per element), plus,
+for every memory line (64 bytes on a CPU, 32-byte sectors on a GPU) that holds a
+chosen element, LINES_PER_TOUCHED_LINE line transfers: p, m and v each read and
+written. g's line (r's for "accumulated") is not counted again: the score pass has
+read it, and a step that updates as it selects need not read it twice. The lines are
+counted from the positions the step actually chooses (exact top-k of the real scores),
+so clustered real gradients, which touch fewer lines than random ones, get a smaller
+bound. "of bound" is the time that bound takes at the copy bandwidth measured in the
+same run, divided by the measured time: 100% would be a step that moves nothing it
+does not have to, at copy speed.
+"""
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import incrkern
+from . import common, gradients
+from .common import BYTES_ADAMW, measure
+from .kernels import release
+from .shapes import numel, transformer_shapes
+
+ADAMW_ARGS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+CACHE_FACTOR = 4          # working set >= 4x the last-level cache
+BYTES_PER_ELEMENT = 16    # AdamW's working set: p, g, m, v in fp32
+LINE_BYTES = {"cpu": 64, "cuda": 32}
+LINES_PER_TOUCHED_LINE = 6  # p, m, v read and written (g's line is in the score read)
+SCORE_BYTES = {"grad": 4,          # read g
+               "accumulated": 12}  # read g and r, write r (r += g), then select on r
+FALLBACK_LLC = 32 * 2 ** 20  # when neither sysfs nor sysconf tells
+MANY_NUMEL = 10_000          # the size of each tensor of the "many small tensors" case
+REFERENCE = "torch AdamW fused (dense)"
+
+
+# ----------------------------------------------------------------------------------
+# the last-level cache
+
+
+def parse_size(text):
+    """'32768K' / '1M' / '512' (sysfs cache sizes) -> bytes; None if unreadable."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", str(text), re.IGNORECASE)
+    if not match:
+        return None
+    return int(match.group(1)) * {"": 1, "K": 2 ** 10, "M": 2 ** 20,
+                                  "G": 2 ** 30}[match.group(2).upper()]
+
+
+def llc_bytes(device="cpu", caches=None, sysconf=os.sysconf):
+    """(bytes, where it was read) of the last-level cache of `device`: a GPU's L2
+    (torch's device properties), else the highest cache level sysfs lists for cpu0
+    (`caches`: common.cpu_cache_sizes() by default), else sysconf's L3/L2 size, else
+    FALLBACK_LLC."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        size = getattr(props, "L2_cache_size", None)
+        if size:
+            return int(size), "CUDA L2_cache_size"
+        return FALLBACK_LLC, "fallback (no L2_cache_size in the device properties)"
+    caches = common.cpu_cache_sizes() if caches is None else caches
+    for level in sorted(caches, key=lambda name: int(name[1:]) if name[1:].isdigit() else 0,
+                        reverse=True):
+        size = parse_size(caches[level])
+        if size:
+            return size, f"sysfs cpu0 {level}"
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            size = sysconf(name)
+        except (ValueError, OSError):
+            continue
+        if size and size > 0:
+            return int(size), f"sysconf {name}"
+    return FALLBACK_LLC, "fallback (no cache size found)"
+
+
+def working_set_numel(llc, factor=CACHE_FACTOR):
+    """Elements whose AdamW working set is `factor` times `llc` bytes."""
+    return math.ceil(factor * llc / BYTES_PER_ELEMENT)
+
+
+# ----------------------------------------------------------------------------------
+# memory lines
+
+
+def touched_lines(tensors, indices, line_bytes):
+    """Distinct memory lines of `line_bytes` holding a chosen element, summed over the
+    tensors: indices[i] are flat positions into tensors[i] (where each tensor starts
+    inside its first line is taken from its address)."""
+    total = 0
+    for t, idx in zip(tensors, indices):
+        if idx is None or idx.numel() == 0:
+            continue
+        size = t.element_size()
+        start = (t.data_ptr() % line_bytes) // size
+        lines = torch.div(idx.reshape(-1).long() + start, line_bytes // size,
+                          rounding_mode="floor")
+        total += int(torch.unique_consecutive(lines.sort().values).numel())
+    return total
+
+
+def total_lines(tensors, line_bytes):
+    return sum(math.ceil(((t.data_ptr() % line_bytes) + t.numel() * t.element_size())
+                         / line_bytes) for t in tensors if t.numel())
+
+
+def bound_bytes(numel, lines, line_bytes, select):
+    """The least bytes of a sparse AdamW step (see the module docstring)."""
+    return SCORE_BYTES[select] * numel + LINES_PER_TOUCHED_LINE * lines * line_bytes
+
+
+# ----------------------------------------------------------------------------------
+# sizes per mode
+
+
+@dataclass
+class SparseSizes:
+    """What differs between --quick, --full and the smoke test."""
+    name: str
+    densities: tuple = (0.1, 0.01, 0.001)
+    accumulated_density: float = 0.01
+    warmup: int = 2             # steps before timing (the state exists and is warm)
+    repeats: int = 5
+    min_time_s: float = 0.1
+    max_time_s: float = 1.0
+    fixed_numel: int = None     # None: from the last-level cache
+    minilm: dict = field(default_factory=lambda: dict(batch=48, seq_len=64))
+    charlm: dict = field(default_factory=lambda: dict(steps=150))
+    cache: bool = True           # keep the real gradients between runs
+
+
+SPARSE_SIZES = {
+    "full": SparseSizes("full", repeats=10, min_time_s=0.5, max_time_s=5.0,
+                        charlm=dict(steps=600)),
+    "quick": SparseSizes("quick"),
+    # seconds: the smoke test only; no pretrained model, a small model trained 3 steps
+    "tiny": SparseSizes("tiny", densities=(0.1, 0.01), repeats=2, min_time_s=0.0,
+                        max_time_s=0.0, fixed_numel=40_000, minilm=None,
+                        charlm=dict(steps=3, width=16, layers=1, context=16, batch=4,
+                                    text_bytes=50_000), cache=False),
+}
+
+
+def rows(sizes):
+    """(select, density, topk) of every timed incrkern row."""
+    out = [("grad", d, topk) for d in sizes.densities for topk in ("exact", "approx")]
+    out += [("accumulated", sizes.accumulated_density, topk) for topk in ("exact", "approx")]
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# cases: (weights, grads, description) of each
+
+
+@dataclass
+class Case:
+    name: str
+    source: str
+    weights: list = None
+    grads: list = None
+    meta: dict = field(default_factory=dict)
+    reason: str = None   # why it is not available
+
+
+def real_case(name, source, options, target, cache):
+    if options is None:
+        return Case(name, source, reason="not run in this mode")
+    try:
+        gset = gradients.load(source, None if cache else False, **options)
+    except ImportError as exc:
+        return Case(name, source, reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - the other cases still run
+        return Case(name, source, reason=common.failure(exc))
+    weights, grads, copies = gradients.tile(gset, target)
+    return Case(name, source, weights, grads, dict(gset.meta, copies=copies,
+                                                   model_numel=gset.numel))
+
+
+def random_case(name, shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    return Case(name, "random normal", weights, grads, dict(copies=1))
+
+
+def transformer_for(target):
+    """The BERT-style parameter list (12 layers, 30522 words) of the smallest hidden
+    width, a multiple of 32, with at least `target` elements."""
+    hidden = 32
+    while numel(transformer_shapes(hidden=hidden)) < target:
+        hidden += 32
+    return transformer_shapes(hidden=hidden), hidden
+
+
+def transformer_case(target, fixed):
+    if fixed:
+        return Case("random transformer list", "random normal", reason="not run in this mode")
+    shapes, hidden = transformer_for(target)
+    case = random_case("random transformer list", shapes)
+    case.meta["model"] = f"random normal, BERT-style list, 12 layers, hidden {hidden}"
+    return case
+
+
+def build_cases(sizes, target):
+    """Every case's builder, in run order (built one at a time: they are large)."""
+    many = max(1, math.ceil(target / MANY_NUMEL))
+    return [
+        ("pretrained MiniLM-L6", lambda: real_case(
+            "pretrained MiniLM-L6", "minilm", sizes.minilm, target, sizes.cache)),
+        ("char transformer from scratch", lambda: real_case(
+            "char transformer from scratch", "charlm", sizes.charlm, target, sizes.cache)),
+        ("random one tensor", lambda: random_case("random one tensor", [(target,)])),
+        ("random many tensors", lambda: random_case(
+            "random many tensors", [(MANY_NUMEL,)] * many)),
+        ("random transformer list", lambda: transformer_case(target,
+                                                             sizes.fixed_numel is not None)),
+    ]
+
+
+# ----------------------------------------------------------------------------------
+# timing
+
+
+def _time_steps(opt, sizes, device):
+    def step():
+        with torch.no_grad():
+            opt.step()
+    try:
+        return measure(step, device=device, warmup=max(2, sizes.warmup), repeats=sizes.repeats,
+                       min_time_s=sizes.min_time_s, max_time_s=sizes.max_time_s,
+                       min_repeats=min(3, sizes.repeats)), None
+    except Exception as exc:  # noqa: BLE001 - report, do not hide or crash
+        return None, common.failure(exc)
+
+
+def _chosen_positions(grads, density, select, opt):
+    """The exact per-tensor top-k positions the next step of `opt` chooses: of |g|, or
+    for "accumulated" of |r + g| with r the residual the warm-up left."""
+    if select == "accumulated":
+        scores = [opt.state[p]["residual"] + g for p, g in zip(opt.param_groups[0]["params"],
+                                                               grads)]
+    else:
+        scores = grads
+    with torch.no_grad():
+        return incrkern.ops.select(scores, density, score="grad")
+
+
+def run_case(case, sizes, device):
+    """Records of one case: the dense torch reference, timed before and after the
+    incrkern rows (the lower median is the reference: the ratio never flatters
+    incrkern), then one record per row."""
+    device = torch.device(device)
+    line = LINE_BYTES.get(device.type, 64)
+    params = []
+    for w, g in zip(case.weights, case.grads):
+        p = torch.nn.Parameter(w.to(device))
+        p.grad = g.to(device)
+        params.append(p)
+    case.weights = case.grads = None
+    grads = [p.grad for p in params]
+    n = sum(p.numel() for p in params)
+    lines_all = total_lines(grads, line)
+    base = dict(bench="sparse", case=case.name, source=case.source, numel=n,
+                n_tensors=len(params), copies=case.meta.get("copies", 1),
+                working_set_bytes=BYTES_PER_ELEMENT * n, total_lines=lines_all)
+
+    def reference():
+        opt = torch.optim.AdamW(params, **ADAMW_ARGS, fused=True)
+        timing = _time_steps(opt, sizes, device)
+        del opt
+        release()
+        return timing
+
+    before = reference()
+    records = []
+    for select, density, topk in rows(sizes):
+        fields = dict(base, impl=f"incrkern AdamW {topk}", select=select, density=density,
+                      topk=topk)
+        try:
+            opt = incrkern.optim.AdamW(params, **ADAMW_ARGS, density=density, select=select,
+                                       topk=topk)
+            timing, error = _time_steps(opt, sizes, device)
+            positions = _chosen_positions(grads, density, select, opt)
+        except Exception as exc:  # noqa: BLE001
+            timing, error = None, common.failure(exc)
+        opt = None
+        release()
+        if timing is None:
+            records.append(common.unavailable(error, **fields))
+            continue
+        lines = touched_lines(grads, positions, line)
+        nbytes = bound_bytes(n, lines, line, select)
+        records.append(dict(fields, available=True, **timing,
+                            k=sum(int(i.numel()) for i in positions), touched_lines=lines,
+                            lines_fraction=lines / lines_all, bound_bytes=nbytes))
+        del positions
+    after = reference()
+    refs = [t for t, _ in (before, after) if t is not None]
+    ref = min(refs, key=lambda t: t["median_s"]) if refs else None
+    dense_bytes = BYTES_ADAMW * n
+    if ref is None:
+        head = common.unavailable(before[1] or after[1], impl=REFERENCE, **base)
+    else:
+        head = dict(base, impl=REFERENCE, available=True, select=None, density=1.0, topk=None,
+                    **ref, speedup_vs_ref=1.0, speedup_of_min=1.0, k=n, touched_lines=lines_all,
+                    lines_fraction=1.0, bound_bytes=dense_bytes,
+                    reference_medians_s=[t["median_s"] for t in refs])
+    for rec in records:
+        if rec["available"] and ref:
+            rec["reference_s"] = ref["median_s"]
+            rec["speedup_vs_ref"] = ref["median_s"] / rec["median_s"]
+            # fastest against fastest: what a step costs when nothing else runs
+            rec["speedup_of_min"] = min(t["min_s"] for t in refs) / rec["min_s"]
+    del params, grads
+    release()
+    return [head] + records
+
+
+def run(mode, device, progress=None, out=None):
+    """Runs every case; returns {"llc": ..., "cases": [...], "records": [...], ...}.
+    The printed line names the cache read and the sizes chosen from it."""
+    sizes = SPARSE_SIZES[mode]
+    device = torch.device(device)
+    llc, llc_source = llc_bytes(device)
+    target = sizes.fixed_numel or working_set_numel(llc)
+    probe = common.CopyProbe(probe_numel(target), device, add=False)
+    probe.measure(warmup=2, repeats=5)
+    builders = build_cases(sizes, target)
+    bar = progress(total=len(builders), desc="sparse") if progress else None
+    cases, records, seconds = [], [], {}
+    for name, build in builders:
+        t0 = time.perf_counter()
+        case = build()
+        info = dict(name=case.name, source=case.source, available=case.reason is None,
+                    reason=case.reason, build_s=time.perf_counter() - t0, **case.meta)
+        if case.reason is None:
+            info.update(numel=sum(w.numel() for w in case.weights),
+                        n_tensors=len(case.weights))
+            info["working_set_bytes"] = BYTES_PER_ELEMENT * info["numel"]
+            probe.measure()  # between cases: the best of all is the roofline
+            records += run_case(case, sizes, device)
+        cases.append(info)
+        seconds[name] = time.perf_counter() - t0
+        del case
+        release()
+        if bar:
+            bar.update(1)
+    probe.measure(warmup=1, repeats=5)
+    bandwidth = probe.best
+    for rec in records:
+        if rec.get("available"):
+            rec["bound_s"] = rec["bound_bytes"] / bandwidth
+            rec["frac_of_bound"] = rec["bound_s"] / rec["median_s"]
+    probe.close()
+    if bar:
+        bar.close()
+    return {
+        "mode": sizes.name,
+        "llc_bytes": llc, "llc_source": llc_source, "cache_factor": CACHE_FACTOR,
+        "target_numel": target, "sized_from_cache": sizes.fixed_numel is None,
+        "line_bytes": LINE_BYTES.get(device.type, 64),
+        "lines_per_touched_line": LINES_PER_TOUCHED_LINE,
+        "copy_bandwidth": {"numel": probe_numel(target),
+                           "roofline_bytes_per_s": bandwidth,
+                           "samples_bytes_per_s": [s["bytes_per_s"] for s in probe.samples]},
+        "cases": cases, "case_seconds": seconds, "records": records,
+    }
+
+
+def probe_numel(target):
+    """Copy-probe elements for a case size: src and dst (8 bytes per element) as large
+    as the case's working set, so the copy is not served from the cache either."""
+    return max(1, BYTES_PER_ELEMENT * target // 8)
+
+
+def sizes_line(sparse):
+    """One line naming the cache read and the sizes chosen from it."""
+    llc = sparse["llc_bytes"]
+    text = (f"last-level cache {llc / 2 ** 20:.3g} MiB ({sparse['llc_source']}); ")
+    if sparse["sized_from_cache"]:
+        text += (f"every case at least {sparse['cache_factor']}x it: >= "
+                 f"{sparse['target_numel'] / 1e6:.3g}M elements (16 B each: p, g, m, v)")
+    else:
+        text += f"fixed test size {sparse['target_numel']} elements"
+    return text
