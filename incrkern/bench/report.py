@@ -119,7 +119,7 @@ SPARSE_CASE_COLUMNS = [
     ("working set MB", lambda r: _num(r["working_set_bytes"] / 1e6
                                       if "working_set_bytes" in r else None, "{:.0f}")),
     ("exact zeros in g", lambda r: _pct(r.get("zero_fraction"))),
-    ("note", lambda r: "" if r["available"] else _why(r)),
+    ("note", lambda r: "" if r["available"] else r["reason"]),
 ]
 
 CONVERGENCE_COLUMNS = [
@@ -148,7 +148,7 @@ FINETUNE_COLUMNS = [
     ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.1f}")),
     ("stored MB", lambda r: _num(None if r.get("stored_bytes") is None
                                  else r["stored_bytes"] / 2 ** 20, "{:.3f}")),
-    ("note", lambda r: "" if r["available"] else _why(r)),
+    ("note", lambda r: "" if r["available"] else r["reason"]),
 ]
 
 
