@@ -14,7 +14,7 @@
 // A small kernel after each histogram scans the 2048 bins for the digit of the
 // k-th and settles the group early when its bucket is chosen whole, or, in
 // approximate mode, when the boundary bucket's count is within the tolerance
-// (after pass 0 or pass 1). Every group (a tensor, or the whole list in global
+// (after pass 0 by leaving it out, after pass 1 either way). Every group (a tensor, or the whole list in global
 // scope) keeps its state in device memory, so one launch sequence covers many
 // tensors and the host never waits. Chunks of 64K elements, 16-byte loads where
 // aligned, 64-bit positions.
@@ -236,12 +236,16 @@ __global__ void __launch_bounds__(kThreads) find_kernel(SelectLaunch L, int leve
     } else if (low == 0) {   // the k-th key; ties resolved by position next
       st.threshold = st.prefix;
     } else if (st.tol >= 0) {
-      // Approximate: stop at this level's bucket boundary (11 or 22 bits fixed)
-      // when taking the bucket whole, or leaving it out, misses k by at most tol;
-      // after pass 0 that is one read of the scores for the threshold.
+      // Approximate: stop at this level's bucket boundary when taking the bucket
+      // whole, or leaving it out, misses k by at most tol; after pass 0 the
+      // threshold costs one read of the scores. Taking the bucket whole chooses
+      // keys up to a bucket's width below the k-th: at 22 bits 2^-14 of the value
+      // (within the value tolerance ops.py promises), at 11 bits an eighth, so
+      // after pass 0 only leaving the bucket out (every key chosen above the k-th)
+      // qualifies.
       const int64_t without = st.k - st.r, with = without + st.count;
       const int64_t miss_with = with - st.k, miss_without = st.k - without;
-      if (miss_with <= st.tol && miss_with <= miss_without) {
+      if (level > 0 && miss_with <= st.tol && miss_with <= miss_without) {
         st.done = 1;
         st.threshold = st.prefix;
         st.last_pos = kNoPos;
