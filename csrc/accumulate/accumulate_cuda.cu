@@ -18,8 +18,9 @@ using AccumulateTable = ChunkTable<AccumulateTensor, kAccumulateSlots>;
 template <typename G, bool kHasAcc, bool kHasSq>
 __global__ void __launch_bounds__(kThreads)
     accumulate_kernel(const AccumulateTable table, const AccumulateArgs args) {
-  const AccumulateTensor& t = table.slots[table.block_slot[blockIdx.x]];
-  const int64_t begin = int64_t(table.block_chunk[blockIdx.x]) * kChunk;
+  int slot = 0;
+  const int64_t begin = locate_chunk(table, int32_t(blockIdx.x), slot) * kChunk;
+  const AccumulateTensor& t = table.slots[slot];
   const int64_t end = begin + kChunk < t.count ? begin + kChunk : t.count;
   const G* g = static_cast<const G*>(t.grad);
   float* acc = t.acc;

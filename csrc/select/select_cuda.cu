@@ -85,6 +85,19 @@ __device__ __forceinline__ uint32_t key1(const SelSeg& s, ScoreKind kind, int64_
   return key[0];
 }
 
+// For loops in which every thread runs every tile of chunk c (block scans, warp
+// intrinsics): this thread's first element i of the tile at `tile`, its keys, and
+// how many of its kILP elements exist (0 past the chunk's end; missing keys are 0).
+__device__ __forceinline__ int tile_keys(const SelSeg& s, ScoreKind kind, const SelChunk& c,
+                                         int64_t tile, int64_t& i, uint32_t (&key)[kILP]) {
+  i = tile + int64_t(threadIdx.x) * kILP;
+  const int valid = int(imax(0, imin(kILP, c.end - i)));
+#pragma unroll
+  for (int j = 0; j < kILP; ++j) key[j] = 0;
+  if (valid > 0) keys4(s, kind, i, valid, key);
+  return valid;
+}
+
 __device__ __forceinline__ bool chosen(const SelState& st, uint32_t key, int64_t pos) {
   return key > st.threshold || (key == st.threshold && pos <= st.last_pos);
 }
@@ -148,10 +161,9 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   int fill = 0;
   for (int64_t tile = c.begin; tile < c.end; tile += kTile) {
-    const int64_t i = tile + int64_t(threadIdx.x) * kILP;
-    const int valid = int(imax(0, imin(kILP, c.end - i)));
-    uint32_t key[kILP] = {0, 0, 0, 0};
-    if (valid > 0) keys4(s, L.kind, i, valid, key);
+    int64_t i = 0;
+    uint32_t key[kILP];
+    const int valid = tile_keys(s, L.kind, c, tile, i, key);
     bool match[kILP];
     int mine = 0;
 #pragma unroll
@@ -376,10 +388,9 @@ __global__ void __launch_bounds__(kThreads) write_kernel(SelectLaunch L, int64_t
   const SelState st = L.states[s.group];
   int64_t* dst = out + L.chunk_off[blockIdx.x];
   for (int64_t tile = c.begin; tile < c.end; tile += kTile) {
-    const int64_t i = tile + int64_t(threadIdx.x) * kILP;
-    const int valid = int(imax(0, imin(kILP, c.end - i)));
-    uint32_t key[kILP] = {0, 0, 0, 0};
-    if (valid > 0) keys4(s, L.kind, i, valid, key);
+    int64_t i = 0;
+    uint32_t key[kILP];
+    const int valid = tile_keys(s, L.kind, c, tile, i, key);
     bool take[kILP];
     int mine = 0;
 #pragma unroll

@@ -80,8 +80,9 @@ template <typename T, typename G, typename Op>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const UpdateTable table, const Op op, const UpdateOptions opt,
                   const int64_t chunk) {
-  const UpdateTensor& t = table.slots[table.block_slot[blockIdx.x]];
-  const int64_t begin = int64_t(table.block_chunk[blockIdx.x]) * chunk;
+  int slot = 0;
+  const int64_t begin = locate_chunk(table, int32_t(blockIdx.x), slot) * chunk;
+  const UpdateTensor& t = table.slots[slot];
   const int64_t end = min(t.count, begin + chunk);
   const auto c = op.prepare(t, opt);
   T* p = static_cast<T*>(t.param);
