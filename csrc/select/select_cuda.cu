@@ -87,15 +87,23 @@ __device__ __forceinline__ uint32_t key1(const SelSeg& s, ScoreKind kind, int64_
 
 // For loops in which every thread runs every tile of chunk c (block scans, warp
 // intrinsics): this thread's first element i of the tile at `tile`, its keys, and
-// how many of its kILP elements exist (0 past the chunk's end; missing keys are 0).
-__device__ __forceinline__ int tile_keys(const SelSeg& s, ScoreKind kind, const SelChunk& c,
-                                         int64_t tile, int64_t& i, uint32_t (&key)[kILP]) {
+// which of them exist and satisfy pred(key, position); returns how many do.
+template <typename Pred>
+__device__ __forceinline__ int tile_match(const SelSeg& s, ScoreKind kind, const SelChunk& c,
+                                          int64_t tile, Pred pred, int64_t& i,
+                                          uint32_t (&key)[kILP], bool (&take)[kILP]) {
   i = tile + int64_t(threadIdx.x) * kILP;
   const int valid = int(imax(0, imin(kILP, c.end - i)));
 #pragma unroll
   for (int j = 0; j < kILP; ++j) key[j] = 0;
   if (valid > 0) keys4(s, kind, i, valid, key);
-  return valid;
+  int count = 0;
+#pragma unroll
+  for (int j = 0; j < kILP; ++j) {
+    take[j] = j < valid && pred(key[j], s.pos0 + i + j);
+    count += take[j];
+  }
+  return count;
 }
 
 __device__ __forceinline__ bool chosen(const SelState& st, uint32_t key, int64_t pos) {
@@ -163,15 +171,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t tile = c.begin; tile < c.end; tile += kTile) {
     int64_t i = 0;
     uint32_t key[kILP];
-    const int valid = tile_keys(s, L.kind, c, tile, i, key);
     bool match[kILP];
-    int mine = 0;
+    const int mine = tile_match(
+        s, L.kind, c, tile,
+        [&](uint32_t k, int64_t) { return level == 0 || (k >> high) == (prefix >> high); }, i,
+        key, match);
 #pragma unroll
-    for (int j = 0; j < kILP; ++j) {
-      match[j] = j < valid && (level == 0 || (key[j] >> high) == (prefix >> high));
-      hist_add(sh, match[j], (key[j] >> low) & mask);
-      mine += match[j];
-    }
+    for (int j = 0; j < kILP; ++j) hist_add(sh, match[j], (key[j] >> low) & mask);
     if (buffer) {
       int offset = 0, total = 0;
       Scan(scan).ExclusiveSum(mine, offset, total);
@@ -390,14 +396,10 @@ __global__ void __launch_bounds__(kThreads) write_kernel(SelectLaunch L, int64_t
   for (int64_t tile = c.begin; tile < c.end; tile += kTile) {
     int64_t i = 0;
     uint32_t key[kILP];
-    const int valid = tile_keys(s, L.kind, c, tile, i, key);
     bool take[kILP];
-    int mine = 0;
-#pragma unroll
-    for (int j = 0; j < kILP; ++j) {
-      take[j] = j < valid && chosen(st, key[j], s.pos0 + i + j);
-      mine += take[j];
-    }
+    const int mine = tile_match(
+        s, L.kind, c, tile, [&st](uint32_t k, int64_t pos) { return chosen(st, k, pos); }, i,
+        key, take);
     int offset = 0, total = 0;
     Scan(tmp).ExclusiveSum(mine, offset, total);
 #pragma unroll
