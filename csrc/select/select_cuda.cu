@@ -14,10 +14,10 @@
 // A small kernel after each histogram scans the 2048 bins for the digit of the
 // k-th and settles the group early when its bucket is chosen whole, or, in
 // approximate mode, when the boundary bucket's count is within the tolerance
-// (after pass 0 by leaving it out, after pass 1 either way). Every group (a tensor, or the whole list in global
-// scope) keeps its state in device memory, so one launch sequence covers many
-// tensors and the host never waits. Chunks of 64K elements, 16-byte loads where
-// aligned, 64-bit positions.
+// (after pass 0 by leaving it out, after pass 1 either way). Every group (a
+// tensor, or the whole list in global scope) keeps its state in device memory,
+// so one launch sequence covers many tensors and the host never waits. Chunks of
+// 64K elements, 16-byte loads where aligned, 64-bit positions.
 //
 // Contention: a warp's equal bins are merged before the shared-memory atomic
 // (__match_any_sync), so an all-zero or heavily skewed tensor, whose keys fall in
