@@ -1,23 +1,31 @@
-# Set-up and entry points. `make test` and `make bench` each install what they need
-# into .venv (torch, build and test tools), build the extension and run.
+# Set-up and entry points. `make test` and `make bench` each create .venv, install
+# the build's requirements, then the project itself with its test and bench extras
+# (pyproject.toml), build the extension and run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
+# The build's requirements (pyproject.toml's [build-system], torch pinned). The project
+# is installed without build isolation, so that the extension is compiled against this
+# torch instead of a second copy fetched for the build alone.
+BUILD_DEPS := torch==$(TORCH_VERSION) ninja setuptools wheel
 # The pip options come from the machine's pip configuration (local wheels, caps).
-DEPS := torch==$(TORCH_VERSION) numpy pytest ninja setuptools wheel tqdm matplotlib scikit-learn pytest-benchmark
 MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
 .PHONY: test bench build gpu-check clean
 
-$(VENV)/.installed: Makefile
+# An editable install: `import incrkern` in .venv is this checkout. pip compiles the
+# extension into place (incrkern/_C*.so, incrkern/_build_info.py); the touch tells the
+# rule below that this build is current.
+$(VENV)/.installed: Makefile pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(DEPS)
-	touch $@
+	$(PY) -m pip install --quiet $(BUILD_DEPS)
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --quiet --no-build-isolation -e '.[test,bench]'
+	touch $@ incrkern/_build_info.py
 
-# ninja rebuilds only the translation units whose sources changed.
+# After a source change: ninja rebuilds only the translation units that changed.
 incrkern/_build_info.py: $(VENV)/.installed $(SOURCES)
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py --quiet build_ext --inplace
 

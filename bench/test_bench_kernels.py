@@ -1,15 +1,14 @@
 """Regression timings of the main kernels on small sizes (pytest-benchmark).
 
 Each group holds an incrkern kernel and its torch counterpart on the same tensors, so
-`--benchmark-group-by=group` puts them side by side. Kernels that are not in this build
-yet are skipped with the reason."""
+`--benchmark-group-by=group` puts them side by side."""
 import math
 
 import pytest
 import torch
 
 import incrkern
-from incrkern.bench import common, kernels
+from incrkern.bench import kernels
 from incrkern.bench.shapes import transformer_shapes
 
 SHAPES = {
@@ -23,11 +22,6 @@ def _params(shape_name, device):
     return kernels.make_tensors(SHAPES[shape_name], device)
 
 
-def _needs_op(name):
-    if not common.have_op(name):
-        pytest.skip(f"incrkern.ops.{name} not available yet")
-
-
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("impl", ["incrkern ops", "incrkern optim", "torch fused",
                                   "torch foreach"])
@@ -38,9 +32,7 @@ def test_dense_step(bench_sync, benchmark, device, kind, impl, shape):
     if impl == "incrkern ops":
         step = kernels._incrkern_ops_step(kind, params)
     elif impl == "incrkern optim":
-        cls = common.optimizer_class("AdamW" if kind == "adamw" else "SGD")
-        if cls is None:
-            pytest.skip("incrkern.optim not available yet")
+        cls = incrkern.optim.AdamW if kind == "adamw" else incrkern.optim.SGD
         args = kernels.ADAMW_ARGS if kind == "adamw" else kernels.SGD_ARGS
         step = cls(params, **args).step
     else:
@@ -55,11 +47,8 @@ def test_sparse_step(bench_sync, benchmark, device, impl, density):
     benchmark.group = f"sparse adamw transformer-small d={density} {device.type}"
     params = _params("transformer-small", device)
     if impl == "incrkern AdamW":
-        reason = common.sparse_optimizer_reason("AdamW")
-        if reason:
-            pytest.skip(reason)
-        step = common.optimizer_class("AdamW")(params, **kernels.ADAMW_ARGS, density=density,
-                                               select="grad", scope="tensor").step
+        step = incrkern.optim.AdamW(params, **kernels.ADAMW_ARGS, density=density,
+                                    select="grad", scope="tensor").step
     else:
         step = kernels._composed_step(params, kernels._torch_tensor_select, density)
     with torch.no_grad():
@@ -76,7 +65,6 @@ def test_topk(bench_sync, benchmark, device, impl, frac):
     if impl == "torch.topk":
         bench_sync(torch.topk, scores, k, sorted=False)
     else:
-        _needs_op("topk")
         bench_sync(incrkern.ops.topk, scores, k, approx=impl.endswith("approx"))
 
 
@@ -98,7 +86,6 @@ def test_select(bench_sync, benchmark, device, impl, scope):
         if impl == "torch":
             bench_sync(kernels._torch_tensor_select, grads, k)
             return
-    _needs_op("select")
     bench_sync(incrkern.ops.select, grads, k, score="grad", scope=scope)
 
 
@@ -111,5 +98,4 @@ def test_accumulate(bench_sync, benchmark, device, impl, shape):
     if impl == "torch._foreach_add_":
         bench_sync(torch._foreach_add_, accs, grads, alpha=0.5)
     else:
-        _needs_op("accumulate_")
         bench_sync(incrkern.ops.accumulate_, accs, grads, 0.5)

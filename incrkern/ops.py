@@ -73,14 +73,16 @@ def _check_tensor(name, t, *, device, dtypes=None, numel=None, dim=None):
         raise ValueError(f"{name} must be contiguous (an in-place argument is never copied)")
 
 
-def _check_update(params, grads, state0, state1, steps, indices, masks, ages, compact_state,
-                  state0_name):
-    """Checks the tensor lists of an update op against each other."""
+def _check_update(params, grads, first_moments, second_moments, steps, indices, masks, ages,
+                  compact_state, first_moments_name):
+    """Checks the tensor lists of an update op against each other. `first_moments`:
+    Adam's exp_avgs or SGD's momentum_buffers (named `first_moments_name` in errors);
+    `second_moments`: Adam's exp_avg_sqs, None for SGD."""
     n = len(params)
     _check_length("grads", grads, n)
-    _check_length(state0_name, state0, n, may_be_empty=state1 is None)
-    if state1 is not None:
-        _check_length("exp_avg_sqs", state1, n)
+    _check_length(first_moments_name, first_moments, n, may_be_empty=second_moments is None)
+    if second_moments is not None:
+        _check_length("exp_avg_sqs", second_moments, n)
         _check_length("steps", steps, n)
     _check_length("indices", indices, n, may_be_empty=True)
     _check_length("masks", masks, n, may_be_empty=True)
@@ -110,12 +112,12 @@ def _check_update(params, grads, state0, state1, steps, indices, masks, ages, co
             _check_tensor(f"masks[{i}]", masks[i], device=device, dtypes=(torch.bool,),
                           numel=p.numel())
         state_numel = indices[i].numel() if compact_state else p.numel()
-        if state0:
-            _check_tensor(f"{state0_name}[{i}]", state0[i], device=device, dtypes=(math,),
-                          numel=state_numel)
-        if state1 is not None:
-            _check_tensor(f"exp_avg_sqs[{i}]", state1[i], device=device, dtypes=(math,),
-                          numel=state_numel)
+        if first_moments:
+            _check_tensor(f"{first_moments_name}[{i}]", first_moments[i], device=device,
+                          dtypes=(math,), numel=state_numel)
+        if second_moments is not None:
+            _check_tensor(f"exp_avg_sqs[{i}]", second_moments[i], device=device,
+                          dtypes=(math,), numel=state_numel)
         if ages:
             _check_tensor(f"ages[{i}]", ages[i], device=device, dtypes=(torch.int32,),
                           numel=state_numel)

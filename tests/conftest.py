@@ -1,8 +1,8 @@
+"""Fixtures and hooks only; helpers shared by the tests are in helpers.py."""
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+from helpers import HAS_CUDA
 
 
 def pytest_collection_modifyitems(config, items):
@@ -17,11 +17,3 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def cuda_copy(t, offset=0):
-    """t copied to the GPU at storage offset `offset`. The storage is allocated on
-    the device, so the offset (and the misalignment it makes) survives; t.cuda() of
-    a CPU view copies only the view, to offset 0."""
-    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device="cuda")
-    return buf[offset:].view(t.shape).copy_(t)

@@ -1,5 +1,5 @@
 """A for-loop implementation of the incremental optimizers' semantics in plain torch,
-written from DESIGN.md, not from incrkern.optim: the oracle of test_optim_incremental.
+written from docs/design.md ("Semantics"), not from incrkern.optim: the oracle of test_optim_incremental.
 
 Selection: exact top-k by a stable descending sort (ties to the lowest index), over a
 tensor or the concatenation of the group. Updates: incrkern.reference's pure-torch

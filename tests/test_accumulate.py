@@ -3,13 +3,10 @@ accumulator list alone, bad arguments rejected before anything is written."""
 import pytest
 import torch
 
-from incrkern import EXTENSION_LOADED, ops, reference
-from conftest import cuda_copy
+from incrkern import ops, reference
+from helpers import DTYPES, cuda_copy, needs_ext
 
 SIZES = [0, 1, 3, 4, 5, 17, 4099, 65537]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
 
 
 def _make(dtype, sizes=SIZES, device="cpu", offset=0):

@@ -8,7 +8,7 @@ import torch
 
 import incrkern
 from incrkern import ops
-from conftest import DEVICES
+from helpers import DEVICES
 
 SHAPES = [(0,), (1,), (7,), (31, 3), (4, 5, 6), (1000,)]
 

@@ -5,10 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICES
-from incrkern import EXTENSION_LOADED, ops, reference
-
-needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="needs the compiled extension")
+from incrkern import ops, reference
+from helpers import DEVICES, needs_ext
 
 
 def check_against_torch(x, k, idx):

@@ -5,12 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-namespace incrkern {
+#include "common/dtypes.h"
 
-// The accumulator dtype of a gradient dtype: fp64 for fp64 grads, else fp32.
-inline at::ScalarType accumulate_dtype(at::ScalarType g) {
-  return g == at::kDouble ? at::kDouble : at::kFloat;
-}
+namespace incrkern {
 
 // `op` names the op; `allow_double`: fp64 grads are accepted (the CPU kernel).
 inline void check_accumulate_lists(const char* op, at::TensorList accs, at::TensorList grads,
@@ -31,7 +28,7 @@ inline void check_accumulate_lists(const char* op, at::TensorList accs, at::Tens
                 op, ": grads[", i, "] has dtype ", gt, ", expected float32, bfloat16, float16",
                 allow_double ? " or float64" : "");
     TORCH_CHECK(g.is_contiguous(), op, ": grads[", i, "] must be contiguous");
-    const auto acc_dtype = accumulate_dtype(gt);
+    const auto acc_dtype = opmath_dtype(gt);  // the accumulators' dtype
     auto check_acc = [&](const char* name, const at::Tensor& a) {
       TORCH_CHECK(a.device() == dev && a.scalar_type() == acc_dtype && a.numel() == g.numel() &&
                       a.is_contiguous(),

@@ -1,9 +1,8 @@
 // CPU kernels of the accumulate family: acc += alpha * g and
-// sq = sq_decay * sq + sq_alpha * g * g, one at::parallel_for per tensor.
-// The math is csrc/common/rules.h.
+// sq = sq_decay * sq + sq_alpha * g * g, one parallel loop over the elements of
+// every tensor of a call (common/parallel_ranges.h). The math is csrc/common/rules.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -11,24 +10,27 @@
 #include <bit>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
 
 #include "accumulate/accumulate_checks.h"
+#include "common/parallel_ranges.h"
 #include "common/rules.h"
 
 namespace incrkern {
 namespace {
 
-constexpr int64_t kGrain = 1 << 16;
+constexpr int64_t kGrain = 1 << 16;  // elements per task
 
 // Grad element -> math type. fp16 is widened with integer and float operations and
 // bit masks instead of a branch (the method of c10's fp16_ieee_to_fp32_value, equal
 // to it for all 65536 inputs), which gcc vectorises with the baseline x86-64 ISA;
-// c10::Half's own conversion leaves the loop scalar, 4x slower than the memory.
-// Used where the CPU lacks F16C (below).
+// c10::Half's own conversion leaves the loop scalar, slower than the memory (see
+// Note [branch-free loops vectorise] in common/hd.h). Used where the CPU lacks F16C
+// (below).
 template <typename M, typename G>
 inline M to_math(G x) {
   return M(x);
@@ -49,9 +51,9 @@ inline float to_math<float, c10::Half>(c10::Half x) {
                               (std::bit_cast<uint32_t>(normal) & ~take_subnormal));
 }
 
-// Elements [0, n) of one tensor. The loops are kept free of branches (one per
-// combination of accumulators) and their pointers declared unaliased, so that gcc
-// vectorises them.
+// Elements [0, n) of one tensor. One loop per combination of accumulators, with
+// unaliased pointers, so that gcc vectorises each: see Note [branch-free loops
+// vectorise] in common/hd.h.
 template <typename G, typename M>
 void accumulate_range(M* __restrict__ a, M* __restrict__ s, const G* __restrict__ x,
                       int64_t n, M alpha, M sq_alpha, M sq_decay) {
@@ -96,10 +98,10 @@ void widen_half(const c10::Half* __restrict__ x, float* __restrict__ out, int64_
   for (int64_t e = 0; e < n; ++e) out[e] = to_math<float>(x[e]);
 }
 
+// The work on elements [begin, end) of one tensor.
 template <typename G, typename M>
-void accumulate_tensor(M* acc, M* sq, const G* g, int64_t n, M alpha, M sq_alpha,
-                       M sq_decay) {
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+RangeFn accumulate_ranges(M* acc, M* sq, const G* g, M alpha, M sq_alpha, M sq_decay) {
+  return [=](int64_t begin, int64_t end) {
     M* a = acc ? acc + begin : nullptr;
     M* s = sq ? sq + begin : nullptr;
     if constexpr (std::is_same_v<G, c10::Half>) {
@@ -115,24 +117,28 @@ void accumulate_tensor(M* acc, M* sq, const G* g, int64_t n, M alpha, M sq_alpha
     } else {
       accumulate_range<G, M>(a, s, g + begin, end - begin, alpha, sq_alpha, sq_decay);
     }
-  });
+  };
 }
 
 void accumulate_cpu(at::TensorList accs, at::TensorList grads, double alpha,
                     at::TensorList sq_accs, double sq_alpha, double sq_decay) {
   check_accumulate_lists("incrkern.accumulate_", accs, grads, sq_accs, /*allow_double=*/true);
+  if (accs.empty() && sq_accs.empty()) return;
+  std::vector<RangeFn> fns;
+  std::vector<int64_t> counts;
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
-    if (g.numel() == 0 || (accs.empty() && sq_accs.empty())) continue;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(),
                                     "incrkern_accumulate", [&] {
       using M = at::opmath_type<scalar_t>;
-      accumulate_tensor<scalar_t, M>(accs.empty() ? nullptr : accs[i].data_ptr<M>(),
-                                     sq_accs.empty() ? nullptr : sq_accs[i].data_ptr<M>(),
-                                     g.const_data_ptr<scalar_t>(), g.numel(), M(alpha),
-                                     M(sq_alpha), M(sq_decay));
+      fns.push_back(accumulate_ranges<scalar_t, M>(
+          accs.empty() ? nullptr : accs[i].data_ptr<M>(),
+          sq_accs.empty() ? nullptr : sq_accs[i].data_ptr<M>(), g.const_data_ptr<scalar_t>(),
+          M(alpha), M(sq_alpha), M(sq_decay)));
     });
+    counts.push_back(g.numel());
   }
+  run_ranges(fns, counts, kGrain);
 }
 
 }  // namespace

@@ -62,10 +62,10 @@ IK_HD AdamBias adam_bias(double lr, double beta1, double beta2, double step) {
 template <typename M>
 IK_HD void adam_rule(M& param, M grad, M& exp_avg, M& exp_avg_sq,
                      const AdamHyper<M>& h, M step_size, M bc2_sqrt) {
-  // Selects, a multiply and non-short-circuit flags, not branches: they are the same
-  // for every element, and gcc vectorises the CPU's dense-mask loop only with no
-  // branch left in it (it unswitches the dense loop, not that one, which ran scalar
-  // at a third of the dense speed). grad * -1 is -grad for every value but a NaN's
+  // Selects, a multiply and non-short-circuit flags, not branches, although they are
+  // the same for every element: gcc unswitches the CPU's dense loop on them, but
+  // not the dense-mask one, which a branch leaves scalar. See Note [branch-free
+  // loops vectorise] in common/hd.h. grad * -1 is -grad for every value but a NaN's
   // sign.
   const bool decay = h.weight_decay != M(0);
   const bool decoupled = decay & h.decoupled_weight_decay;

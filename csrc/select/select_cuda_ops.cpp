@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "common/cuda_glue.h"
-#include "select/select_common.h"
+#include "select/select_checks.h"
 #include "select/select_cuda.h"
 #include "select/select_keys.h"
 

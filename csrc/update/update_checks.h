@@ -2,19 +2,21 @@
 // element is written, so a call that fails changes nothing.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/dtypes.h"
+
 namespace incrkern {
 
-inline at::ScalarType opmath_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
+// The tensors of one update call. The optimizer state is named by moment: Adam's
+// exp_avgs are its first moments and exp_avg_sqs its second; SGD's momentum buffers
+// are its first moments, and it has no second.
 struct UpdateLists {
-  at::TensorList params, grads, state0, state1, steps, indices, masks, ages;
+  at::TensorList params, grads, first_moments, second_moments, steps, indices, masks, ages;
   bool compact_state;
-  bool has_state1;  // Adam: exp_avg_sq; SGD: none
+  bool has_second_moments;  // Adam: true; SGD: false
 };
 
 inline void check_same_length(const char* name, at::TensorList list, size_t n, bool may_be_empty) {
@@ -26,13 +28,13 @@ inline void check_same_length(const char* name, at::TensorList list, size_t n, b
 inline void check_update_lists(const char* op, const UpdateLists& a) {
   const size_t n = a.params.size();
   check_same_length("grads", a.grads, n, false);
-  if (a.has_state1) {
-    check_same_length("exp_avgs", a.state0, n, false);
-    check_same_length("exp_avg_sqs", a.state1, n, false);
+  if (a.has_second_moments) {
+    check_same_length("exp_avgs", a.first_moments, n, false);
+    check_same_length("exp_avg_sqs", a.second_moments, n, false);
   } else {
-    check_same_length("momentum_buffers", a.state0, n, true);
+    check_same_length("momentum_buffers", a.first_moments, n, true);
   }
-  if (!a.steps.empty() || a.has_state1) check_same_length("steps", a.steps, n, false);
+  if (!a.steps.empty() || a.has_second_moments) check_same_length("steps", a.steps, n, false);
   check_same_length("indices", a.indices, n, true);
   check_same_length("masks", a.masks, n, true);
   check_same_length("ages", a.ages, n, true);
@@ -73,8 +75,10 @@ inline void check_update_lists(const char* op, const UpdateLists& a) {
                   op, ": ", name, "[", i, "] must be a contiguous ", dtype, " tensor of ",
                   state_numel, " elements on ", dev);
     };
-    if (!a.state0.empty()) check_state(a.has_state1 ? "exp_avgs" : "momentum_buffers", a.state0[i], math);
-    if (a.has_state1) check_state("exp_avg_sqs", a.state1[i], math);
+    if (!a.first_moments.empty())
+      check_state(a.has_second_moments ? "exp_avgs" : "momentum_buffers", a.first_moments[i],
+                  math);
+    if (a.has_second_moments) check_state("exp_avg_sqs", a.second_moments[i], math);
     if (!a.ages.empty()) check_state("ages", a.ages[i], at::kInt);
     if (!a.steps.empty()) {
       const at::Tensor& s = a.steps[i];
@@ -83,6 +87,16 @@ inline void check_update_lists(const char* op, const UpdateLists& a) {
                   op, ": steps[", i, "] must be a float32 scalar on ", dev, " or the CPU");
     }
   }
+}
+
+// SGD's own arguments: one momentum buffer per param when momentum is used, and one
+// first-step flag per param (or none).
+inline void check_sgd_args(const char* op, double momentum, at::TensorList momentum_buffers,
+                           const c10::List<bool>& first_step, at::TensorList params) {
+  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(), op,
+              ": momentum != 0 needs one momentum buffer per param");
+  TORCH_CHECK(first_step.size() == params.size() || first_step.size() == 0, op,
+              ": first_step has ", first_step.size(), " entries, expected ", params.size());
 }
 
 inline void check_lr_tensor(const char* op, const std::optional<at::Tensor>& lr, at::TensorList params) {

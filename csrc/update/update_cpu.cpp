@@ -1,15 +1,15 @@
 // CPU kernels of the update family: SGD / Adam / AdamW, dense or at given
-// positions, one at::parallel_for per tensor. The math is csrc/common/rules.h.
+// positions, one parallel loop over the positions of every tensor of a call
+// (common/parallel_ranges.h). The math is csrc/common/rules.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <functional>
 #include <type_traits>
 
+#include "common/parallel_ranges.h"
 #include "common/rules.h"
 #include "update/update_checks.h"
 
@@ -18,7 +18,7 @@ namespace {
 
 // Positions per task: a streamed element costs a few bytes of bandwidth, a
 // scattered one a wait on memory for each of its lines, so indexed work is split
-// finer (at 1e4 indices the coarse grain left one core doing all of it).
+// finer (under the coarse grain, 1e4 indices would all go to one core).
 constexpr int64_t kGrain = 1 << 15;
 constexpr int64_t kIndexedGrain = 1 << 10;
 
@@ -61,9 +61,8 @@ double lr_value(double lr, const std::optional<at::Tensor>& lr_tensor) {
 // leave the loop waiting on memory (each touches its own lines of p, g and state):
 // prefetch(element, slot) runs kPrefetch positions ahead to keep those lines in flight.
 // The prefetches bring lines to L2 only (prefetcht2): at 4 lines a position, requests
-// into L1 filled its few miss buffers and stalled the loop, and a prefetch for write
-// did too. Measured on 1e5 positions of a 1e7 tensor (2-core EPYC): 3.5 ms with
-// L1 prefetches for write 16 ahead, 0.8 ms with L2 prefetches 64 ahead.
+// into L1 fill the core's few miss buffers and stall the loop, and a prefetch for
+// write does too; 64 positions ahead keeps enough lines in flight.
 constexpr int64_t kPrefetch = 64;
 
 template <typename Visit, typename Prefetch>
@@ -111,7 +110,7 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume>
 
 // SGD's flags that pick branches in sgd_rule (first step, nesterov) are template
 // parameters here: left as run-time values, gcc keeps the branches in the loop and
-// does not vectorise it.
+// does not vectorise it. See Note [branch-free loops vectorise] in common/hd.h.
 template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kHasBuffer,
           bool kFirst, bool kNesterov>
 [[gnu::always_inline]] inline void sgd_stream(
@@ -202,9 +201,6 @@ IK_ISA_CLONES void sgd_stream_f32(float* p, float* g, float* buf, const bool* ma
                                       grad_scale);
 }
 
-// Work on positions [begin, end) of one tensor.
-using RangeFn = std::function<void(int64_t, int64_t)>;
-
 template <typename T, typename G, typename M>
 RangeFn adam_ranges(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
                     const AdamHyper<M> h, double lr, double beta1, double beta2, double step,
@@ -269,22 +265,11 @@ RangeFn sgd_ranges(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M> h
   };
 }
 
-// One parallel loop over the positions of every tensor of a call: a list of many
-// small tensors costs one fork/join, not one per tensor.
-void run_ranges(const std::vector<RangeFn>& fns, const std::vector<int64_t>& counts,
-                const std::vector<Positions>& pos) {
-  const bool indexed = std::any_of(pos.begin(), pos.end(), [](const Positions& p) { return p.indices; });
-  std::vector<int64_t> start(counts.size() + 1, 0);
-  for (size_t i = 0; i < counts.size(); ++i) start[i + 1] = start[i] + counts[i];
-  at::parallel_for(0, start.back(), indexed ? kIndexedGrain : kGrain, [&](int64_t begin, int64_t end) {
-    // the last tensor starting at or before `begin` (empty tensors share starts)
-    size_t i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
-    for (; begin < end; ++i) {
-      const int64_t stop = std::min(end, start[i + 1]);
-      if (stop > begin) fns[i](begin - start[i], stop - start[i]);
-      begin = stop;
-    }
-  });
+// The grain of a call's parallel loop: the finer one when any tensor is indexed.
+int64_t grain_of(const std::vector<Positions>& pos) {
+  const bool indexed =
+      std::any_of(pos.begin(), pos.end(), [](const Positions& p) { return p.indices; });
+  return indexed ? kIndexedGrain : kGrain;
 }
 
 // Calls fn.template operator()<T, G>() with the param type T and grad type G.
@@ -331,7 +316,7 @@ void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
     });
     counts.push_back(pos[i].count);
   }
-  run_ranges(fns, counts, pos);
+  run_ranges(fns, counts, grain_of(pos));
 }
 
 void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -343,11 +328,7 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                       compact_state, false};
   check_update_lists("incrkern.sgd_update_", a);
   check_lr_tensor("incrkern.sgd_update_", lr_tensor, params);
-  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(),
-              "incrkern.sgd_update_: momentum != 0 needs one momentum buffer per param");
-  TORCH_CHECK(first_step.size() == params.size() || first_step.size() == 0,
-              "incrkern.sgd_update_: first_step has ", first_step.size(), " entries, expected ",
-              params.size());
+  check_sgd_args("incrkern.sgd_update_", momentum, momentum_buffers, first_step, params);
   lr = lr_value(lr, lr_tensor);
   std::vector<Positions> pos;
   for (size_t i = 0; i < params.size(); ++i) pos.push_back(positions_of(a, i));
@@ -364,7 +345,7 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     });
     counts.push_back(pos[i].count);
   }
-  run_ranges(fns, counts, pos);
+  run_ranges(fns, counts, grain_of(pos));
 }
 
 }  // namespace

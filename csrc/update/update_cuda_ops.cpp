@@ -42,8 +42,8 @@ std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::L
     opt.consume_grad = consume_grad;
     opt.compact_state = a.compact_state;
     // Which lists the call has, from the lists themselves (see UpdateOptions).
-    opt.has_first_moment = !a.state0.empty();
-    opt.has_second_moment = !a.state1.empty();
+    opt.has_first_moment = !a.first_moments.empty();
+    opt.has_second_moment = !a.second_moments.empty();
     opt.has_indices = !a.indices.empty();
     opt.has_mask = !a.masks.empty();
     opt.has_age = !a.ages.empty();
@@ -52,8 +52,8 @@ std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::L
     cuda::UpdateTensor t{};
     t.param = p.data_ptr();
     t.grad = a.grads[i].data_ptr();
-    if (opt.has_first_moment) t.first_moment = a.state0[i].data_ptr<float>();
-    if (opt.has_second_moment) t.second_moment = a.state1[i].data_ptr<float>();
+    if (opt.has_first_moment) t.first_moment = a.first_moments[i].data_ptr<float>();
+    if (opt.has_second_moment) t.second_moment = a.second_moments[i].data_ptr<float>();
     t.count = p.numel();
     if (!a.steps.empty()) {
       const at::Tensor& s = a.steps[i];
@@ -120,16 +120,13 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                       compact_state, false};
   check_update_lists(op, a);
   check_lr_tensor(op, lr_tensor, params);
-  TORCH_CHECK(momentum == 0 || momentum_buffers.size() == params.size(), op,
-              ": momentum != 0 needs one momentum buffer per param");
-  TORCH_CHECK(first_step.size() == params.size() || first_step.size() == 0, op,
-              ": first_step has ", first_step.size(), " entries, expected ", params.size());
+  check_sgd_args(op, momentum, momentum_buffers, first_step, params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cuda::SgdArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize};
   // Without momentum the buffers (if given) are neither read nor written, as on the CPU.
   UpdateLists launch_lists = a;
-  if (momentum == 0) launch_lists.state0 = {};
+  if (momentum == 0) launch_lists.first_moments = {};
   for (const Prepared& g :
        prepare(op, launch_lists, &first_step, grad_scale, consume_grad, lr_tensor))
     cuda::sgd_update(g.tensors.data(), int64_t(g.tensors.size()), g.options, args,

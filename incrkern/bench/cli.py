@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import common, convergence, kernels, report
+from . import common, convergence, distributed, kernels, report
 from .shapes import sizes_for
 
 
@@ -23,6 +23,17 @@ def _progress(enabled):
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_out(package_file=__file__):
+    """bench/results of the checkout this package runs from (a bench/results folder and
+    setup.py beside the package's folder), else the current folder: an installed
+    package writes where it is run."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(package_file))))
+    results = os.path.join(root, "bench", "results")
+    if os.path.isdir(results) and os.path.isfile(os.path.join(root, "setup.py")):
+        return results
+    return os.getcwd()
 
 
 def file_stem(device, what, mode, date=None, threads=None):
@@ -41,7 +52,8 @@ def file_stem(device, what, mode, date=None, threads=None):
 
 def run_bench(what="all", mode="quick", device=None, out=None, progress=True, quiet=False,
               threads=None):
-    """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`.
+    """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`
+    (None: default_out()).
     `threads`: torch's intra-op thread count for the run (None: torch's default).
     Returns (results, {kind: path})."""
     device = torch.device(device or default_device())
@@ -49,7 +61,7 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         torch.set_num_threads(threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("incrkern.bench: --device cuda asked for, but no CUDA device")
-    out = out or os.path.join("bench", "results")
+    out = os.path.abspath(out or default_out())
     os.makedirs(out, exist_ok=True)
     bar = _progress(progress)
     t0 = time.perf_counter()
@@ -58,6 +70,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         command += f" --threads {threads}"
     results = {"command": command,
                "machine": common.machine_info(device), "mode": mode}
+    if what == "distributed":
+        return _run_distributed(results, mode, out, bar, quiet, t0, threads)
     if what in ("kernels", "all"):
         results["kernels"] = kernels.run(sizes_for(mode, device), device, progress=bar)
     if what in ("convergence", "all"):
@@ -82,7 +96,28 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         f.write(report.markdown(results, plots))
     if not quiet:
         report.print_tables(results)
-        print(f"\n{results['total_s']:.0f} s in all; wrote " + ", ".join(paths.values()))
+        print(f"\n{results['total_s']:.0f} s in all; results written to {out}: "
+              + ", ".join(os.path.basename(p) for p in paths.values()))
+    return results, paths
+
+
+def _run_distributed(results, mode, out, bar, quiet, t0, threads):
+    """`python -m incrkern.bench distributed`: DDP top-k against all-reduce (CPU, gloo)."""
+    results["command"] = f"python -m incrkern.bench distributed --{mode}"
+    results["distributed"] = distributed.run(mode, progress=bar)
+    results["total_s"] = time.perf_counter() - t0
+    results["machine"]["load_average_end"] = common._load_average()
+    stem = os.path.join(out, file_stem(torch.device("cpu"), "distributed", mode,
+                                       threads=threads))
+    paths = {"json": stem + ".json", "markdown": stem + ".md"}
+    table = distributed.markdown(results["distributed"])
+    report.write_json(results, paths["json"])
+    with open(paths["markdown"], "w") as f:
+        f.write("# DDP top-k hook against all-reduce\n\n`" + results["command"] + "`\n\n"
+                + "\n".join(report.machine_lines(results)) + "\n\n" + table)
+    if not quiet:
+        print(table)
+        print(f"{results['total_s']:.0f} s in all; wrote " + ", ".join(paths.values()))
     return results, paths
 
 
@@ -92,7 +127,9 @@ def main(argv=None):
         description="incrkern kernel and convergence benchmarks (ratios to torch measured "
                     "in the same run; bandwidth against the measured copy bandwidth)")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=("kernels", "convergence", "all"))
+                        choices=("kernels", "convergence", "all", "distributed"),
+                        help="distributed: DDP with the top-k hook against all-reduce, "
+                             "2 and 4 CPU ranks over gloo (not part of 'all')")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="small sizes, a few minutes on a CPU (the default)")
@@ -102,7 +139,9 @@ def main(argv=None):
                       help=argparse.SUPPRESS)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
-    parser.add_argument("--out", default=None, help="output folder (default bench/results)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: bench/results when run from a "
+                             "checkout of incrkern, else the current folder)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the run (default: torch's choice); "
                              "on a CPU shared with other work, 1 gives steadier figures")

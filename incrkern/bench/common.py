@@ -1,5 +1,5 @@
 """Shared pieces of the benchmarks: timing, the copy-bandwidth roofline, the machine's
-description, the optional APIs (probed, never assumed) and the result records.
+description and the result records.
 
 Every figure the benchmarks report is measured in the run that reports it: a kernel's
 time, the time of its torch counterpart, and the copy bandwidth it is compared with.
@@ -16,7 +16,7 @@ import torch
 
 import incrkern
 
-# Bytes an implementation must move at least, per element (DESIGN.md, "Measuring").
+# Bytes an implementation must move at least, per element (docs/design.md, "Bytes").
 BYTES_ADAMW = 28      # read p, g, m, v; write p, m, v
 BYTES_SGD_MOMENTUM = 20  # read p, g, buf; write p, buf
 BYTES_ACCUMULATE = 12  # read acc, g; write acc
@@ -26,8 +26,9 @@ LINES_ADAMW = 7  # lines of p, g, m, v read and of p, m, v written per touched l
 
 
 def sparse_step_bytes(shapes, density, device):
-    """Bytes a sparse AdamW step must move at least: one read of every score for the
-    selection, and the memory lines its chosen elements fall in, not 28 bytes each.
+    """Bytes a sparse AdamW step must move at least (docs/design.md, "Bytes"): one read
+    of every score for the selection, and the memory lines its chosen elements fall
+    in, not 28 bytes each.
     Memory moves whole lines (64-byte cache lines on a CPU, 32-byte sectors on a GPU),
     and k random positions of n touch about (n / e) (1 - (1 - k / n)^e) lines of e
     elements: at density 0.01 and fp32 that is 15% of a CPU's lines, 7.7% of a GPU's."""
@@ -230,41 +231,7 @@ def machine_info(device):
 
 
 # ----------------------------------------------------------------------------------
-# optional APIs: the benchmarks say "not available" until they exist
-
-
-def have_op(name):
-    return hasattr(incrkern.ops, name)
-
-
-def optimizer_class(name):
-    """incrkern.optim.<name> (SGD, Adam, AdamW) or None while it does not exist."""
-    optim = getattr(incrkern, "optim", None)
-    return getattr(optim, name, None) if optim is not None else None
-
-
-_SPARSE_CACHE = {}
-
-
-def sparse_optimizer_reason(name="AdamW"):
-    """None when incrkern.optim.<name> accepts density < 1, else why not."""
-    if name in _SPARSE_CACHE:
-        return _SPARSE_CACHE[name]
-    cls = optimizer_class(name)
-    if cls is None:
-        reason = f"incrkern.optim.{name} not available"
-    else:
-        try:
-            p = torch.nn.Parameter(torch.zeros(16))
-            opt = cls([p], lr=1e-3, density=0.5, select="grad", scope="tensor")
-            p.grad = torch.ones(16)
-            opt.step()
-            reason = None
-        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
-            reason = f"incrkern.optim.{name}(density<1) not available ({type(exc).__name__}: " \
-                     f"{str(exc).splitlines()[0][:80] if str(exc) else ''})"
-    _SPARSE_CACHE[name] = reason
-    return reason
+# optimizer state
 
 
 def state_bytes(opt):
@@ -297,13 +264,15 @@ def failure(exc, context=""):
 
 
 def unavailable(reason, **fields):
+    """The record of an implementation that could not be measured (it raised)."""
     return {**fields, "available": False, "reason": reason}
 
 
 def figure(timing, *, nbytes, roofline_bps, reference_s=None, **fields):
     """A kernel figure: the timing, speedup over the torch reference measured in the
     same run (reference time / this time; 1.0 for the reference itself), achieved bytes/s
-    with `nbytes` counted as in DESIGN.md, and its fraction of the copy bandwidth."""
+    with `nbytes` counted as in docs/design.md ("Bytes"), and its fraction of the copy
+    bandwidth."""
     median = timing["median_s"]
     bps = nbytes / median if median > 0 else float("nan")
     return {

@@ -2,12 +2,10 @@
 optimizer state bytes, each against its torch counterpart timed in the same run.
 
 Each section is a list of cases; a case builds its tensors, times every implementation
-on them and returns records (see common.figure). An implementation that does not exist
-yet (an op or optimizer still to land) gives a record with available=False and the
-reason, never a number.
+on them and returns records (see common.figure). An implementation that raises gives a
+record with available=False and the failure, never a number.
 """
 import gc
-import inspect
 import math
 import time
 
@@ -71,48 +69,31 @@ def _record(timing, error, ctx, *, nbytes, reference_s, **fields):
 # dense step
 
 
-def _fast_update_args(op):
-    """The arguments with which incrkern.optim calls an update op, where the op has them:
-    no Python-level checks (the kernel still checks) and the step count incremented by
-    the op itself. Returns (kwargs, whether the caller must increment the steps)."""
-    try:
-        names = inspect.signature(op).parameters
-    except (TypeError, ValueError):
-        names = {}
-    kwargs = {}
-    if "validate" in names:
-        kwargs["validate"] = False
-    if "increment_steps" in names:
-        kwargs["increment_steps"] = True
-    return kwargs, "increment_steps" not in kwargs
-
-
 def _incrkern_ops_step(kind, params):
-    """The dense step through incrkern.ops directly (state kept here, as torch keeps it)."""
+    """The dense step through incrkern.ops directly (state kept here, as torch keeps it),
+    called as incrkern.optim calls the ops: no Python-level checks (the kernels still
+    check), the step counts incremented by the op."""
     grads = [p.grad for p in params]
     if kind == "adamw":
         m = [torch.zeros_like(p) for p in params]
         v = [torch.zeros_like(p) for p in params]
         steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
         b1, b2 = ADAMW_ARGS["betas"]
-        fast, count_here = _fast_update_args(incrkern.ops.adam_update_)
 
         def step():
-            if count_here:
-                torch._foreach_add_(steps, 1.0)
             incrkern.ops.adam_update_(params, grads, m, v, steps, lr=ADAMW_ARGS["lr"],
                                       beta1=b1, beta2=b2, eps=ADAMW_ARGS["eps"],
                                       weight_decay=ADAMW_ARGS["weight_decay"],
-                                      decoupled_weight_decay=True, maximize=False, **fast)
+                                      decoupled_weight_decay=True, maximize=False,
+                                      validate=False, increment_steps=True)
         return step
     bufs = [torch.zeros_like(p) for p in params]
-    fast, _ = _fast_update_args(incrkern.ops.sgd_update_)
-    fast.pop("increment_steps", None)
 
     def step():
         incrkern.ops.sgd_update_(params, grads, bufs, lr=SGD_ARGS["lr"],
                                  momentum=SGD_ARGS["momentum"], dampening=0.0,
-                                 weight_decay=0.0, nesterov=False, maximize=False, **fast)
+                                 weight_decay=0.0, nesterov=False, maximize=False,
+                                 validate=False)
     return step
 
 
@@ -135,17 +116,14 @@ def dense_step_case(kind, shape_name, shapes):
             timings[name] = _timed(opt.step, ctx)
             del opt
             release()
-        cls = common.optimizer_class("AdamW" if kind == "adamw" else "SGD")
-        if cls is not None:
-            try:
-                opt = cls(params, **(ADAMW_ARGS if kind == "adamw" else SGD_ARGS))
-                timings["incrkern optim"] = _timed(opt.step, ctx)
-            except Exception as exc:  # noqa: BLE001
-                timings["incrkern optim"] = (None, common.failure(exc))
-            opt = None
-            release()
-        else:
-            timings["incrkern optim"] = (None, "incrkern.optim not available yet")
+        cls = incrkern.optim.AdamW if kind == "adamw" else incrkern.optim.SGD
+        try:
+            opt = cls(params, **(ADAMW_ARGS if kind == "adamw" else SGD_ARGS))
+            timings["incrkern optim"] = _timed(opt.step, ctx)
+        except Exception as exc:  # noqa: BLE001
+            timings["incrkern optim"] = (None, common.failure(exc))
+        opt = None
+        release()
         timings["incrkern ops"] = _timed(_incrkern_ops_step(kind, params), ctx)
         ref = timings[REFERENCE][0]
         ref_s = ref["median_s"] if ref else None
@@ -202,10 +180,9 @@ def topk_case(n, frac):
         impls = {
             "torch.topk": lambda: torch.topk(scores, k, sorted=False),
             "torch sampled threshold": lambda: sampled_threshold_topk(scores, k, sample_gen),
+            "incrkern topk exact": lambda: incrkern.ops.topk(scores, k, approx=False),
+            "incrkern topk approx": lambda: incrkern.ops.topk(scores, k, approx=True),
         }
-        if common.have_op("topk"):
-            impls["incrkern topk exact"] = lambda: incrkern.ops.topk(scores, k, approx=False)
-            impls["incrkern topk approx"] = lambda: incrkern.ops.topk(scores, k, approx=True)
         timings = {name: _timed(fn, ctx) for name, fn in impls.items()}
         ref_s = timings["torch.topk"][0]["median_s"] if timings["torch.topk"][0] else None
         records = []
@@ -219,10 +196,6 @@ def topk_case(n, frac):
                 rec["returned_k"] = int(found.numel())
                 rec["recall"] = _recall(found, exact, n)
             records.append(rec)
-        if not common.have_op("topk"):
-            for name in ("incrkern topk exact", "incrkern topk approx"):
-                records.append(unavailable("incrkern.ops.topk not available yet", impl=name,
-                                           reference="torch.topk", **base))
         del scores, exact
         release()
         return records
@@ -265,19 +238,14 @@ def select_case(scope, shapes, frac, shape_name="transformer"):
             ref_name = "torch topk per tensor"
             impls = {ref_name: lambda: _torch_tensor_select(grads, ks)}
         base["k"] = k
-        if common.have_op("select"):
-            for approx in (False, True):
-                impls[f"incrkern select {'approx' if approx else 'exact'}"] = (
-                    lambda approx=approx: incrkern.ops.select(grads, ks, score="grad",
-                                                              scope=scope, approx=approx))
+        for approx in (False, True):
+            impls[f"incrkern select {'approx' if approx else 'exact'}"] = (
+                lambda approx=approx: incrkern.ops.select(grads, ks, score="grad",
+                                                          scope=scope, approx=approx))
         timings = {name: _timed(fn, ctx) for name, fn in impls.items()}
         ref_s = timings[ref_name][0]["median_s"] if timings[ref_name][0] else None
         records = [_record(t, e, ctx, nbytes=nbytes, reference_s=ref_s, impl=name,
                            reference=ref_name, **base) for name, (t, e) in timings.items()]
-        if not common.have_op("select"):
-            records += [unavailable("incrkern.ops.select not available yet", impl=name,
-                                    reference=ref_name, **base)
-                        for name in ("incrkern select exact", "incrkern select approx")]
         del params, grads
         release()
         return records
@@ -290,30 +258,23 @@ def select_case(scope, shapes, frac, shape_name="transformer"):
 
 
 def _composed_step(params, selector, density):
-    """incrkern.ops.adam_update_ at the positions a selector chose, per tensor: the
-    pieces the optimizer is made of, timed before the optimizer itself exists."""
+    """incrkern.ops.adam_update_ at the positions a selector chose, per tensor (with
+    torch.topk as the selector: what the optimizer's own selection saves)."""
     grads = [p.grad for p in params]
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
     steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
     ks = [max(1, math.ceil(density * p.numel())) for p in params]
     b1, b2 = ADAMW_ARGS["betas"]
-    fast, count_here = _fast_update_args(incrkern.ops.adam_update_)
 
     def step():
-        if count_here:
-            torch._foreach_add_(steps, 1.0)
         indices = None if density >= 1.0 else selector(grads, ks)
         incrkern.ops.adam_update_(params, grads, m, v, steps, lr=ADAMW_ARGS["lr"], beta1=b1,
                                   beta2=b2, eps=ADAMW_ARGS["eps"],
                                   weight_decay=ADAMW_ARGS["weight_decay"],
                                   decoupled_weight_decay=True, maximize=False,
-                                  indices=indices, **fast)
+                                  indices=indices, validate=False, increment_steps=True)
     return step
-
-
-SPARSE_IMPLS = ("incrkern AdamW exact", "incrkern AdamW approx",
-                "incrkern.ops select+update", "torch.topk + incrkern.ops update")
 
 
 def sparse_step_case(shape_name, shapes, densities):
@@ -330,8 +291,6 @@ def sparse_step_case(shape_name, shapes, densities):
         records = [_record(ref, ref_err, ctx, nbytes=BYTES_ADAMW * n, reference_s=ref_s,
                            impl="torch AdamW fused (dense)", density=None, k=n,
                            reference="torch AdamW fused (dense)", **base)]
-        sparse_reason = common.sparse_optimizer_reason("AdamW")
-        cls = common.optimizer_class("AdamW")
         for d in densities:
             k = n if d >= 1.0 else sum(max(1, math.ceil(d * math.prod(s))) for s in shapes)
             nbytes = BYTES_ADAMW * k if d >= 1.0 else \
@@ -339,13 +298,10 @@ def sparse_step_case(shape_name, shapes, densities):
             fields = dict(density=d, k=k, reference="torch AdamW fused (dense)", **base)
             for mode in ("exact", "approx"):
                 name = f"incrkern AdamW {mode}"
-                if sparse_reason is not None and not (d >= 1.0 and cls is not None):
-                    records.append(unavailable(sparse_reason, impl=name, **fields))
-                    continue
                 try:
                     extra = {} if d >= 1.0 else dict(density=d, select="grad", scope="tensor",
                                                       topk=mode)
-                    opt = cls(params, **ADAMW_ARGS, **extra)
+                    opt = incrkern.optim.AdamW(params, **ADAMW_ARGS, **extra)
                     timing, error = _timed(opt.step, ctx)
                 except Exception as exc:  # noqa: BLE001
                     timing, error = None, common.failure(exc)
@@ -353,16 +309,6 @@ def sparse_step_case(shape_name, shapes, densities):
                 release()
                 records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
                                        impl=name, **fields))
-            if sparse_reason is not None:
-                # the optimizer's pieces, timed while the optimizer cannot take a density
-                if common.have_op("select"):
-                    def selector(grads, ks):
-                        return incrkern.ops.select(grads, ks, score="grad", scope="tensor")
-                    timing, error = _timed(_composed_step(params, selector, d), ctx)
-                else:
-                    timing, error = None, "incrkern.ops.select not available yet"
-                records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
-                                       impl="incrkern.ops select+update", **fields))
             timing, error = _timed(_composed_step(params, _torch_tensor_select, d), ctx)
             records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
                                    impl="torch.topk + incrkern.ops update", **fields))
@@ -400,12 +346,9 @@ def accumulate_case(shape_name, shapes, with_sq):
 
             def ref():
                 torch._foreach_add_(accs, grads, alpha=0.25)
-        timings = {ref_name: _timed(ref, ctx)}
-        if common.have_op("accumulate_"):
-            timings["incrkern accumulate_"] = _timed(
-                lambda: incrkern.ops.accumulate_(accs, grads, 0.25, sq_accs=sqs), ctx)
-        else:
-            timings["incrkern accumulate_"] = (None, "incrkern.ops.accumulate_ not available yet")
+        timings = {ref_name: _timed(ref, ctx),
+                   "incrkern accumulate_": _timed(
+                       lambda: incrkern.ops.accumulate_(accs, grads, 0.25, sq_accs=sqs), ctx)}
         ref_s = timings[ref_name][0]["median_s"] if timings[ref_name][0] else None
         records = [_record(t, e, ctx, nbytes=nbytes, reference_s=ref_s, impl=name,
                            reference=ref_name, **base) for name, (t, e) in timings.items()]
@@ -442,12 +385,7 @@ def state_bytes_case(transformer):
                 if extra is None:
                     opt = torch.optim.AdamW(params, **ADAMW_ARGS)
                 else:
-                    cls = common.optimizer_class("AdamW")
-                    if cls is None:
-                        raise NotImplementedError("incrkern.optim.AdamW not available yet")
-                    if extra and common.sparse_optimizer_reason("AdamW"):
-                        raise NotImplementedError(common.sparse_optimizer_reason("AdamW"))
-                    opt = cls(params, **ADAMW_ARGS, **extra)
+                    opt = incrkern.optim.AdamW(params, **ADAMW_ARGS, **extra)
                 with torch.no_grad():
                     for _ in range(extra.get("accumulate_steps", 1) * 2 if extra else 2):
                         opt.step()
@@ -455,8 +393,7 @@ def state_bytes_case(transformer):
                 records.append(dict(fields, available=True, state_bytes=nbytes,
                                     bytes_per_param=nbytes / n))
             except Exception as exc:  # noqa: BLE001
-                reason = str(exc) if isinstance(exc, NotImplementedError) else common.failure(exc)
-                records.append(unavailable(reason, **fields))
+                records.append(unavailable(common.failure(exc), **fields))
             del params
         return records
     case.label = "state bytes"

@@ -33,14 +33,9 @@ def _size(n):
     return str(n)
 
 
-def _why(rec):
-    reason = rec.get("reason", "")
-    return reason if reason.startswith("failed") else "not available: " + reason
-
-
 def _note(rec):
     if not rec.get("available", False):
-        return _why(rec)
+        return rec.get("reason", "")
     parts = []
     lo, hi = rec.get("min_s"), rec.get("max_s")
     if lo and hi and hi > NOISY * lo:
@@ -87,7 +82,7 @@ STATE_COLUMNS = [
     ("mode", lambda r: r["mode"]),
     ("state bytes", lambda r: _num(r.get("state_bytes"), "{:,}")),
     ("bytes / param", lambda r: _num(r.get("bytes_per_param"), "{:.2f}")),
-    ("note", lambda r: "" if r["available"] else _why(r)),
+    ("note", lambda r: "" if r["available"] else r["reason"]),
 ]
 
 CONVERGENCE_COLUMNS = [
@@ -100,7 +95,7 @@ CONVERGENCE_COLUMNS = [
     ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.2f}")),
     ("step time vs dense", lambda r: _x(r.get("step_time_vs_dense"))),
     ("state B/param", lambda r: _num(r.get("state_bytes_per_param"), "{:.2f}")),
-    ("note", lambda r: "" if r["available"] else _why(r)),
+    ("note", lambda r: "" if r["available"] else r["reason"]),
 ]
 
 
@@ -254,7 +249,8 @@ On a CPU, `copy_` also pays a read for ownership of every destination line it wr
 (no streaming stores), which a kernel that writes only what it has read does not: such a
 kernel can show more than 100% of the copy bandwidth, and a working set that fits in the
 last-level cache can too. "noisy" flags a row whose slowest sample took more than three
-times its fastest (the machine was busy with other work during it). "n/a ... not available" marks an implementation that is not in this build yet."""
+times its fastest (the machine was busy with other work during it). "n/a" with a
+"failed: ..." note marks an implementation that raised in this run."""
 
 
 def markdown(results, plots):

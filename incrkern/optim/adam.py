@@ -76,7 +76,7 @@ class Adam(IncrementalOptimizer):
         states = work.states
         steps = [s["step"] for s in states]
         lr, lr_tensor = self._lr_args(group, device)
-        ops.adam_update_(work.param_views, work.grads if grads is None else grads,
+        ops.adam_update_(work.contiguous_params, work.grads if grads is None else grads,
                          [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                          steps, lr=lr, lr_tensor=lr_tensor, indices=indices, masks=masks,
                          ages=ages,

@@ -27,10 +27,8 @@ BIAS_CORRECTION_CHOICES = ("tensor", "element")
 
 # From this density on, a CPU step updates through a bool mask (one streaming pass
 # over every element, at the dense step's speed) instead of the chosen positions (a
-# scattered access each). bench/crossover_update.py, 1e7 fp32 on 2 cores: AdamW by
-# positions 7.4 ms at 0.1 and 17.6 at 0.3, by mask 5.6 and 6.4 flat, plus 1.2 and
-# 3.2 ms to build the mask from the positions; SGD-momentum 5.6 and 10.5 against
-# 4.6 and 4.9. Below about 0.05 positions win (2.2 against 6.2 ms at 0.01).
+# scattered access each, growing with the lines they touch): measured by
+# bench/crossover_update.py (docs/design.md, "Choosing a path" and "Measurements").
 MASK_DENSITY = 0.1
 
 # The group options every incrkern optimizer adds to torch's.
@@ -78,6 +76,18 @@ def _check_number(name, value, low=0.0, high=None):
         raise ValueError(f"Invalid {name}: {value} (expected {bound})")
 
 
+def _check_lr(lr):
+    """step()'s check of a group's lr. A tensor's value is not read: on CUDA a read
+    waits for the device, and a CUDA graph cannot capture it; the kernels read it
+    (docs/design.md, Note [a tensor lr is never read on the host])."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError("lr must be a number or a one-element floating point tensor, "
+                             f"got a tensor of shape {tuple(lr.shape)} and dtype {lr.dtype}")
+    else:
+        _check_number("lr", lr)
+
+
 def _contiguous(tensors):
     """The tensors themselves where contiguous, contiguous copies of the others (a
     param's copy is written back after the step)."""
@@ -91,9 +101,10 @@ class IncrementalOptimizer(Optimizer):
     k-long when k is given, param-sized otherwise; or `_init_states` over a list) and
     `_apply(group, work, device, ...)` (the fused kernel call).
 
-    A step costs a few attribute reads per param in Python (about 1 µs); lists are
-    built once per step and passed down, never re-derived per param (a model's
-    thousand small tensors otherwise spend more time here than in the kernels).
+    A step costs a few attribute reads per param in Python; lists are built once per
+    step and passed down, never re-derived per param (a model's thousand small
+    tensors otherwise spend more time here than in the kernels; docs/design.md,
+    "Measurements").
     """
 
     def __init__(self, params, defaults, incremental):
@@ -217,9 +228,8 @@ class IncrementalOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Every group is checked before any is touched: a step that raises changes nothing.
-        for gi, group in enumerate(self.param_groups):
-            lr = group["lr"]
-            _check_number("lr", lr)
+        for group in self.param_groups:
+            _check_lr(group["lr"])
         plans = [(group, *self._params_with_grad(group, gi))
                  for gi, group in enumerate(self.param_groups)]
         for group, params, grads, device in plans:
@@ -238,16 +248,21 @@ class IncrementalOptimizer(Optimizer):
             self._incremental_step(group, by_device)
 
     def _lr_args(self, group, device):
+        """(lr, lr_tensor) for an update op. A tensor lr goes to the kernel as a tensor
+        on the params' device, its value unread here (lr=0.0 is then ignored), except
+        a CPU tensor for CUDA params: read on the host, it costs no device sync."""
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            return float(lr.item()), lr.detach().to(device=device, dtype=torch.float32)
-        return float(lr), None
+        if not isinstance(lr, torch.Tensor):
+            return float(lr), None
+        if lr.device.type == "cpu" and device.type != "cpu":
+            return float(lr), None
+        return 0.0, lr.detach().to(device=device, dtype=torch.float32)
 
     @staticmethod
     def _by_device(params, grads, device):
         """[(device, params, contiguous grads)], one entry per device. A
         non-contiguous grad is copied once: the ops index every tensor by flat
-        position, so no flat view is made (a view per param cost 1 ms per 1000)."""
+        position, so no flat view is made (docs/design.md, "Measurements")."""
         if device is not None:
             return [(device, params, _contiguous(grads))]
         out = {}
@@ -309,7 +324,7 @@ class IncrementalOptimizer(Optimizer):
             ops.accumulate_([], grads, 1.0, [self._buffer(p, "fisher") for p in params],
                             sq_alpha=1.0 - beta, sq_decay=beta)
 
-    def _select(self, group, params, states, sources, param_views):
+    def _select(self, group, params, states, sources, contiguous_params):
         """Indices to update in each param, or None for all of them."""
         density = float(group["density"])
         mask = group["mask"]
@@ -330,7 +345,7 @@ class IncrementalOptimizer(Optimizer):
         if select == "grad_sq":
             score, tensors = "grad_sq", [s["fisher"] for s in states]
         elif select == "weight":
-            score, weights = "weight", param_views
+            score, weights = "weight", contiguous_params
         elif select == "random":
             score = "random"
         indices = ops.select(tensors, density, score=score, scope=group["scope"],
@@ -388,7 +403,7 @@ class IncrementalOptimizer(Optimizer):
             else:
                 sources, scale, consume = grads, 1.0, False
             work = _Work(ps, sources, states)
-            indices = self._select(group, ps, states, sources, work.param_views)
+            indices = self._select(group, ps, states, sources, work.contiguous_params)
             partial = indices is not None
             if select == "layer":  # whole tensors: a dense update of the chosen ones
                 chosen = [i for i, idx in enumerate(indices) if idx is None]
@@ -430,11 +445,11 @@ class _Work:
 
     def __init__(self, params, grads, states):
         self.params = params
-        self.param_views = _contiguous(params)
+        self.contiguous_params = _contiguous(params)
         self.grads = grads
         self.states = states
 
     def write_back(self):
-        for p, v in zip(self.params, self.param_views):
+        for p, v in zip(self.params, self.contiguous_params):
             if v is not p:
                 p.copy_(v)

@@ -67,8 +67,8 @@ class SGD(IncrementalOptimizer):
         else:
             first = [False] * len(work.params)
         lr, lr_tensor = self._lr_args(group, device)
-        ops.sgd_update_(work.param_views, work.grads if grads is None else grads, buffers,
-                        lr=lr, lr_tensor=lr_tensor, first_step=first, indices=indices, masks=masks,
-                        grad_scale=grad_scale, consume_grad=consume_grad,
-                        compact_state=compact_state, validate=False,
-                        **self._hyper(group))
+        ops.sgd_update_(work.contiguous_params, work.grads if grads is None else grads,
+                        buffers, lr=lr, lr_tensor=lr_tensor, first_step=first,
+                        indices=indices, masks=masks, grad_scale=grad_scale,
+                        consume_grad=consume_grad, compact_state=compact_state,
+                        validate=False, **self._hyper(group))

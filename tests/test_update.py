@@ -7,12 +7,9 @@ from math import prod as math_prod
 import pytest
 import torch
 
-from conftest import cuda_copy
-from incrkern import EXTENSION_LOADED, ops, reference
+from incrkern import ops, reference
+from helpers import CUDA_DTYPES, DTYPES, cuda_copy, needs_ext
 
-needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SIZES = [0, 1, 3, 4, 5, 17, 1030]
 FORMS = ["dense", "indices", "masks", "compact"]
 
@@ -158,26 +155,25 @@ def compare(kernel, ref, before, compact=False, consume=False):
                 assert torch.equal(flat(kernel, key, i)[~sel], flat(before, key, i)[~sel])
 
 
-def check_adam(x, compact=False, **kw):
+def check(run, x, compact=False, **kw):
+    """run (run_adam or run_sgd) on x through the kernel and on a copy through the
+    reference; compares them. Returns the inputs as they were before."""
     before = clone_inputs(x)
     ref = clone_inputs(x)
     if compact:
         kw["compact_state"] = True
-    run_adam(x, **kw)
-    run_adam(ref, use_reference=True, **kw)
+    run(x, **kw)
+    run(ref, use_reference=True, **kw)
     compare(x, ref, before, compact=compact, consume=kw.get("consume_grad", False))
     return before
+
+
+def check_adam(x, compact=False, **kw):
+    return check(run_adam, x, compact, **kw)
 
 
 def check_sgd(x, compact=False, **kw):
-    before = clone_inputs(x)
-    ref = clone_inputs(x)
-    if compact:
-        kw["compact_state"] = True
-    run_sgd(x, **kw)
-    run_sgd(ref, use_reference=True, **kw)
-    compare(x, ref, before, compact=compact, consume=kw.get("consume_grad", False))
-    return before
+    return check(run_sgd, x, compact, **kw)
 
 
 # ----------------------------------------------------------------------------------
@@ -446,21 +442,6 @@ def _all_tensors(kw):
     return out
 
 
-@pytest.mark.parametrize("mutate,exc,match",
-                         [pytest.param(m, e, s, id=name) for name, e, s, m in ADAM_BAD])
-def test_adam_bad_arguments_touch_nothing(mutate, exc, match):
-    kw = _adam_base()
-    mutate(kw)
-    tensors = _all_tensors(kw)
-    before = [t.clone() for t in tensors]
-    args = [kw.pop(k) for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")]
-    kw["consume_grad"] = True
-    with pytest.raises(exc, match=match):
-        ops.adam_update_(*args, **kw)
-    for t, t0 in zip(tensors, before):
-        assert torch.equal(t, t0)
-
-
 def _sgd_base():
     x = make_inputs([6, 7], torch.float32, "dense", state1=False)
     return dict(params=x["params"], grads=x["grads"], momentum_buffers=x["s0"], lr=1e-2,
@@ -483,17 +464,27 @@ SGD_BAD = [
 ]
 
 
-@pytest.mark.parametrize("mutate,exc,match",
-                         [pytest.param(m, e, s, id=name) for name, e, s, m in SGD_BAD])
-def test_sgd_bad_arguments_touch_nothing(mutate, exc, match):
-    kw = _sgd_base()
+BAD_CALLS = [
+    pytest.param(ops.adam_update_, _adam_base,
+                 ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps"), m, e, s,
+                 id=f"adam-{name}") for name, e, s, m in ADAM_BAD
+] + [
+    pytest.param(ops.sgd_update_, _sgd_base, ("params", "grads", "momentum_buffers"),
+                 m, e, s, id=f"sgd-{name}") for name, e, s, m in SGD_BAD
+]
+
+
+@pytest.mark.parametrize("op,base,positional,mutate,exc,match", BAD_CALLS)
+def test_bad_arguments_touch_nothing(op, base, positional, mutate, exc, match):
+    """op(*kw[positional], **rest, consume_grad=True) raises exc and writes nothing."""
+    kw = base()
     mutate(kw)
     tensors = _all_tensors(kw)
     before = [t.clone() for t in tensors]
-    args = [kw.pop(k) for k in ("params", "grads", "momentum_buffers")]
+    args = [kw.pop(k) for k in positional]
     kw["consume_grad"] = True
     with pytest.raises(exc, match=match):
-        ops.sgd_update_(*args, **kw)
+        op(*args, **kw)
     for t, t0 in zip(tensors, before):
         assert torch.equal(t, t0)
 
@@ -549,8 +540,6 @@ def test_sgd_opcheck():
 
 # ----------------------------------------------------------------------------------
 # CUDA against CPU (the same rules; the GPU contracts a*b+c into fused multiply-adds)
-
-CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _to_cuda(x, offset=0):

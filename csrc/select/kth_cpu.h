@@ -1,0 +1,156 @@
+// CPU selection, part 2: the k-th largest of a list of keys held in memory.
+//
+//  - kth_largest: radix rounds over the keys' own range, then nth_element on the
+//    few left; for the tens of thousands of candidates of a band.
+//  - TopBitsHistogram: counts keys by their top 13 bits while a scan waits on
+//    memory; locate() gives a lower bound at most one bin under the r-th largest.
+//  - kth_of_few: the r-th largest of a few hundred keys (a TopBitsHistogram bin,
+//    then nth_element inside it).
+//  - largest: the m largest keys (a min-heap, or nth_element when m is large).
+#pragma once
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace incrkern::select {
+
+// The r-th largest (1-based) of keys, which it reorders. Radix rounds of up to 11
+// bits over the keys' own range, each keeping only the bin of the r-th, then
+// nth_element on the few left: on the tens of thousands of candidates of a band
+// this is a few linear passes, where nth_element alone mispredicts a branch per
+// key per partition round.
+template <typename K>
+K kth_largest(std::vector<K>& keys, int64_t r) {
+  // Bins: about half as many as keys, at most 2^11. Four interleaved copies, so that
+  // keys falling in one bin do not each wait on the previous increment of it.
+  const int bits = std::clamp(int(std::bit_width(keys.size())) - 1, 4, 11);
+  const size_t nbins = size_t(1) << bits;
+  const auto [lo_it, hi_it] = std::minmax_element(keys.begin(), keys.end());
+  K mn = *lo_it, mx = *hi_it;
+  std::vector<uint32_t> hist(4 * nbins);
+  while (int64_t(keys.size()) > 64 && mn != mx) {
+    const int shift = std::max(0, int(std::bit_width(K(mx - mn))) - bits);
+    std::fill(hist.begin(), hist.end(), 0u);
+    size_t j = 0;
+    for (; j + 4 <= keys.size(); j += 4)
+      for (size_t c = 0; c < 4; ++c) ++hist[c * nbins + size_t((keys[j + c] - mn) >> shift)];
+    for (; j < keys.size(); ++j) ++hist[size_t((keys[j] - mn) >> shift)];
+    for (size_t b = 0; b < nbins; ++b)
+      hist[b] += hist[nbins + b] + hist[2 * nbins + b] + hist[3 * nbins + b];
+    size_t b = size_t((mx - mn) >> shift);
+    for (; r > int64_t(hist[b]); --b) r -= hist[b];
+    size_t w = 0;
+    for (K key : keys)
+      if (size_t((key - mn) >> shift) == b) keys[w++] = key;
+    keys.resize(w);
+    // The kept bin is [base, base + width], cut at mx: computed as a difference, since
+    // base + width can pass the largest key (the top bin of keys near 2^32, +inf and
+    // NaN as signed keys), where the sum wrapped and the loop never ended.
+    const K base = K(mn + (K(b) << shift)), width = K((K(1) << shift) - 1);
+    if (K(mx - base) > width) mx = K(base + width);
+    mn = base;
+  }
+  if (mn == mx) return mn;
+  std::nth_element(keys.begin(), keys.begin() + (r - 1), keys.end(), std::greater<K>());
+  return keys[size_t(r - 1)];
+}
+
+// Counts of keys by their top 13 bits (1/32 of an octave for |float| keys), for a
+// lower bound on the r-th largest key at most one bin under it. Keys are added while
+// a scan waits on memory, where a count costs nothing; kth_largest's rounds over a
+// small tensor's few hundred tile maxima afterwards would cost as much as reading
+// the tensor. One table per thread, left zeroed for the next use.
+template <typename K>
+class TopBitsHistogram {
+ public:
+  static constexpr int kShift = int(8 * sizeof(K)) - 13;
+  TopBitsHistogram() : hist_(table()) {
+    TORCH_INTERNAL_ASSERT(!in_use(), "incrkern: one TopBitsHistogram per thread at a time");
+    in_use() = true;
+  }
+  TopBitsHistogram(const TopBitsHistogram&) = delete;
+  ~TopBitsHistogram() {
+    if (lo_ <= hi_) std::fill(hist_.begin() + bin(lo_), hist_.begin() + bin(hi_) + 1, 0u);
+    in_use() = false;
+  }
+  void add(K key) {
+    ++hist_[bin(key)];
+    lo_ = std::min(lo_, key);
+    hi_ = std::max(hi_, key);
+  }
+  // The bin holding the r-th largest key added (1 <= r <= count): its least key, and
+  // the rank of that key among the bin's keys.
+  std::pair<K, int64_t> locate(int64_t r) const {
+    size_t b = bin(hi_);
+    for (; r > int64_t(hist_[b]); --b) r -= hist_[b];
+    return {K(K(b) << kShift), r};
+  }
+  static size_t bin(K key) { return size_t(key >> kShift); }
+
+ private:
+  static std::vector<uint32_t>& table() {
+    thread_local std::vector<uint32_t> t(size_t(1) << 13);
+    return t;
+  }
+  static bool& in_use() {
+    thread_local bool used = false;
+    return used;
+  }
+  std::vector<uint32_t>& hist_;
+  K lo_ = std::numeric_limits<K>::max(), hi_ = 0;
+};
+
+// The m largest of keys (m <= keys.size()), the least of them at front(). A min-heap
+// when m is small against the count (nearly every key then costs one compare with
+// the heap's top), nth_element otherwise.
+template <typename K>
+std::vector<K> largest(const std::vector<K>& keys, int64_t m) {
+  if (m * 32 > int64_t(keys.size())) {  // many: a heap would do log(m) work per key
+    std::vector<K> all(keys);
+    std::nth_element(all.begin(), all.begin() + (m - 1), all.end(), std::greater<K>());
+    all.resize(size_t(m));
+    std::swap(all.front(), all.back());  // the least of them first, as the heap has it
+    return all;
+  }
+  std::vector<K> heap(keys.begin(), keys.begin() + m);
+  std::make_heap(heap.begin(), heap.end(), std::greater<K>());
+  for (size_t i = size_t(m); i < keys.size(); ++i)
+    if (keys[i] > heap.front()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<K>());
+      heap.back() = keys[i];
+      std::push_heap(heap.begin(), heap.end(), std::greater<K>());
+    }
+  return heap;
+}
+
+// The r-th largest of keys (1-based): the top-bits bin that holds it, then
+// nth_element over that bin's keys only. For the few hundred candidates of a small
+// tensor, where kth_largest's minmax and counting rounds cost more than this.
+template <typename K>
+K kth_of_few(const std::vector<K>& keys, int64_t r) {
+  std::pair<K, int64_t> at;
+  {
+    TopBitsHistogram<K> hist;
+    for (K key : keys) hist.add(key);
+    at = hist.locate(r);
+  }
+  std::vector<K> in_bin(keys.size());
+  const size_t b = TopBitsHistogram<K>::bin(at.first);
+  size_t w = 0;
+  for (K key : keys) {  // without a branch: whether a key is in the bin is as good as random
+    in_bin[w] = key;
+    w += TopBitsHistogram<K>::bin(key) == b;
+  }
+  std::nth_element(in_bin.begin(), in_bin.begin() + (at.second - 1), in_bin.begin() + w,
+                   std::greater<K>());
+  return in_bin[size_t(at.second - 1)];
+}
+
+}  // namespace incrkern::select

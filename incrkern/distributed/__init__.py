@@ -1,0 +1,10 @@
+"""Top-k gradient compression with error feedback for DistributedDataParallel, and
+incrkern optimizers on FSDP2's local shards.
+
+    from incrkern.distributed import TopKState, topk_hook
+    ddp_model.register_comm_hook(TopKState(density=0.01), topk_hook)
+"""
+from .topk import TopKState, topk_hook, allgather_bytes, allreduce_bytes
+from .fsdp import ShardedOptimizer
+
+__all__ = ["TopKState", "topk_hook", "allgather_bytes", "allreduce_bytes", "ShardedOptimizer"]
