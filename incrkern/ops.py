@@ -359,7 +359,8 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
     runs instead. On the CPU the estimate is a band from a 64K-element sample and the
     one pass usually pins the exact answer anyway (approx then only accepts a band
     that misses k by less than the tolerance); on CUDA it stops the radix select
-    after two of its three digits (a 22-bit boundary of the key).
+    after one of its three digits when the elements above the k-th's 11-bit bucket
+    are within the tolerance, else after two (a 22-bit boundary of the key).
     validate=False skips the per-tensor Python checks (dtype, device, residual and
     weight sizes), for callers that built the lists themselves; the kernel's own
     checks still run.

@@ -13,3 +13,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]  # the CP
 CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="needs the compiled extension")
+
+
+def cuda_copy(t, offset=0):
+    """t copied to the GPU at storage offset `offset`. The storage is allocated on
+    the device, so the offset (and the misalignment it makes) survives; t.cuda() of
+    a CPU view copies only the view, to offset 0."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device="cuda")
+    return buf[offset:].view(t.shape).copy_(t)

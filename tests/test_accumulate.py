@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from incrkern import ops, reference
-from helpers import DTYPES, needs_ext
+from helpers import DTYPES, cuda_copy, needs_ext
 
 SIZES = [0, 1, 3, 4, 5, 17, 4099, 65537]
 
@@ -145,13 +145,28 @@ def test_accumulate_cuda_matches_cpu(dtype, offset):
     # Many tensors (more than one launch's table) and one of several tables' chunks.
     sizes = SIZES + [3] * 300 + [65536 * 330 + 5]
     grads, accs, sqs = _make(dtype, sizes=sizes, offset=offset)
-    cuda = [[t.cuda() for t in ts] for ts in (grads, accs, sqs)]
+    cuda = [[cuda_copy(t, offset) for t in ts] for ts in (grads, accs, sqs)]
     ops.accumulate_(accs, grads, 0.3, sqs, sq_alpha=0.1, sq_decay=0.9)
     ops.accumulate_(cuda[1], cuda[0], 0.3, cuda[2], sq_alpha=0.1, sq_decay=0.9)
     torch.cuda.synchronize()
     # The GPU contracts a * b + c into one fused multiply-add: a few ulp apart.
     for c, e in zip(cuda[1] + cuda[2], accs + sqs):
         torch.testing.assert_close(c.cpu(), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("which", ["acc", "sq", "both"])
+def test_accumulate_cuda_first_tensor_empty(which):
+    # An empty tensor's data pointer is null: it must not turn the call's other
+    # accumulators off.
+    grads = [torch.zeros(0, device="cuda"), torch.ones(10, device="cuda")]
+    accs = [torch.zeros(0, device="cuda"), torch.zeros(10, device="cuda")]
+    sqs = [torch.zeros(0, device="cuda"), torch.zeros(10, device="cuda")]
+    ops.accumulate_(accs if which != "sq" else None, grads, 2.0,
+                    sqs if which != "acc" else None, sq_alpha=3.0)
+    torch.cuda.synchronize()
+    assert torch.equal(accs[1].cpu(), torch.full((10,), 2.0 if which != "sq" else 0.0))
+    assert torch.equal(sqs[1].cpu(), torch.full((10,), 3.0 if which != "acc" else 0.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from incrkern import ops, reference
-from helpers import CUDA_DTYPES, DTYPES, needs_ext
+from helpers import CUDA_DTYPES, DTYPES, cuda_copy, needs_ext
 
 SIZES = [0, 1, 3, 4, 5, 17, 1030]
 FORMS = ["dense", "indices", "masks", "compact"]
@@ -542,8 +542,12 @@ def test_sgd_opcheck():
 # CUDA against CPU (the same rules; the GPU contracts a*b+c into fused multiply-adds)
 
 
-def _to_cuda(x):
-    return {k: None if v is None else [t.cuda() for t in v] for k, v in x.items()}
+def _to_cuda(x, offset=0):
+    """x on the GPU; params, grads and state at storage offset `offset`, as
+    make_inputs built them on the CPU."""
+    shifted = ("params", "grads", "s0", "s1")
+    return {k: None if v is None else [cuda_copy(t, offset if k in shifted else 0) for t in v]
+            for k, v in x.items()}
 
 
 def _compare_devices(gpu, cpu, compact):
@@ -569,7 +573,7 @@ def test_adam_cuda_matches_cpu(dtype, form, offset, grad_fp32):
     form_ = "dense" if form == "ages" else form
     x = make_inputs(sizes, dtype, form_, offset=offset, grad_fp32=grad_fp32,
                     with_ages=form == "ages")
-    g = _to_cuda(x)
+    g = _to_cuda(x, offset)
     kw = dict(decoupled_weight_decay=True, weight_decay=0.01, grad_scale=0.5,
               consume_grad=True)
     steps = [torch.tensor(3.0).cuda() if i % 2 else torch.tensor(3.0) for i in range(len(sizes))]
@@ -606,3 +610,43 @@ def test_sgd_cuda_momentum_zero_keeps_buffers():
     torch.cuda.synchronize()
     for a, b in zip(x["s0"], before):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_cuda_first_param_empty(form, opt):
+    # An empty tensor's data pointers are null: they must not turn the call's
+    # state, positions or masks off for the params after it.
+    sizes = [0, 1030, 5]
+    x = make_inputs(sizes, torch.float32, form, ks=[0, 300, 5], state1=opt == "adam")
+    g = _to_cuda(x)
+    if opt == "adam":
+        kw = dict(compact_state=form == "compact", weight_decay=0.01)
+        run_adam(x, **kw)
+        run_adam(g, steps=[torch.tensor(3.0, device="cuda") for _ in sizes], **kw)
+    else:
+        kw = dict(compact_state=form == "compact", momentum=0.9, first_step=[True, False, False])
+        run_sgd(x, **kw)
+        run_sgd(g, **kw)
+    torch.cuda.synchronize()
+    _compare_devices(g, x, form == "compact")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("compact", [False, True])
+def test_cuda_indexed_update_many_positions(dtype, compact):
+    # 2e6 positions: several thousand-position blocks per tensor, over more than
+    # one launch.
+    sizes = [3_000_001, 17, 1_000_000]
+    ks = [2_000_000, 9, 1_000_000]
+    form = "compact" if compact else "indices"
+    x = make_inputs(sizes, dtype, form, ks=ks, with_ages=True)
+    g = _to_cuda(x)
+    kw = dict(compact_state=compact, decoupled_weight_decay=True, weight_decay=0.01,
+              consume_grad=True)
+    run_adam(x, **kw)
+    run_adam(g, steps=[torch.tensor(3.0) for _ in sizes], **kw)
+    torch.cuda.synchronize()
+    _compare_devices(g, x, compact)

@@ -18,8 +18,9 @@ using AccumulateTable = ChunkTable<AccumulateTensor, kAccumulateSlots>;
 template <typename G, bool kHasAcc, bool kHasSq>
 __global__ void __launch_bounds__(kThreads)
     accumulate_kernel(const AccumulateTable table, const AccumulateArgs args) {
-  const AccumulateTensor& t = table.slots[table.block_slot[blockIdx.x]];
-  const int64_t begin = int64_t(table.block_chunk[blockIdx.x]) * kChunk;
+  int slot = 0;
+  const int64_t begin = locate_chunk(table, int32_t(blockIdx.x), slot) * kChunk;
+  const AccumulateTensor& t = table.slots[slot];
   const int64_t end = begin + kChunk < t.count ? begin + kChunk : t.count;
   const G* g = static_cast<const G*>(t.grad);
   float* acc = t.acc;
@@ -56,7 +57,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename G, bool kHasAcc, bool kHasSq>
 void launch_typed(const AccumulateTensor* tensors, int64_t n, const AccumulateArgs& args,
                   cudaStream_t stream) {
-  for_each_launch<kAccumulateSlots>(tensors, n, [&](const AccumulateTable& table, int blocks) {
+  for_each_launch<kAccumulateSlots>(tensors, n, kChunk,
+                                    [&](const AccumulateTable& table, int blocks) {
     accumulate_kernel<G, kHasAcc, kHasSq><<<blocks, kThreads, 0, stream>>>(table, args);
     check_launch("accumulate kernel");
   });
@@ -65,8 +67,7 @@ void launch_typed(const AccumulateTensor* tensors, int64_t n, const AccumulateAr
 template <typename G>
 void launch(const AccumulateTensor* tensors, int64_t n, const AccumulateArgs& args,
             cudaStream_t stream) {
-  // One call has every accumulator list either full or empty.
-  const bool has_acc = tensors[0].acc != nullptr, has_sq = tensors[0].sq != nullptr;
+  const bool has_acc = args.has_acc, has_sq = args.has_sq;
   if (has_acc && has_sq) return launch_typed<G, true, true>(tensors, n, args, stream);
   if (has_acc) return launch_typed<G, true, false>(tensors, n, args, stream);
   if (has_sq) return launch_typed<G, false, true>(tensors, n, args, stream);
@@ -74,13 +75,13 @@ void launch(const AccumulateTensor* tensors, int64_t n, const AccumulateArgs& ar
 
 }  // namespace
 
-void accumulate(const AccumulateTensor* tensors, int64_t n, GradDType grad_dtype,
+void accumulate(const AccumulateTensor* tensors, int64_t n, DType grad_dtype,
                 const AccumulateArgs& args, cudaStream_t stream) {
   if (n == 0) return;
   switch (grad_dtype) {
-    case GradDType::Float32: return launch<float>(tensors, n, args, stream);
-    case GradDType::BFloat16: return launch<__nv_bfloat16>(tensors, n, args, stream);
-    case GradDType::Float16: return launch<__half>(tensors, n, args, stream);
+    case DType::Float32: return launch<float>(tensors, n, args, stream);
+    case DType::BFloat16: return launch<__nv_bfloat16>(tensors, n, args, stream);
+    case DType::Float16: return launch<__half>(tensors, n, args, stream);
   }
   throw std::runtime_error("incrkern: unsupported grad dtype for the CUDA accumulate");
 }

@@ -6,13 +6,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/cuda_dtype.h"
+
 namespace incrkern::cuda {
 
-enum class GradDType : int { Float32, BFloat16, Float16 };
-
 // One gradient's share of an accumulate call: count elements of grad (of the
-// call's grad dtype) into the fp32 accumulators acc and sq, either of which may be
-// null.
+// call's grad dtype) into the fp32 accumulators acc and sq (unused when the call
+// has no such list).
 struct AccumulateTensor {
   const void* grad;
   float* acc;
@@ -22,10 +22,14 @@ struct AccumulateTensor {
 
 struct AccumulateArgs {
   float alpha, sq_alpha, sq_decay;
+  // Which accumulator lists the call has. Never inferred from a pointer: an empty
+  // tensor's data pointer is null, so tensors[0].acc == nullptr says nothing about
+  // the other tensors.
+  bool has_acc, has_sq;
 };
 
 // Throws std::runtime_error on a launch failure.
-void accumulate(const AccumulateTensor* tensors, int64_t n, GradDType grad_dtype,
+void accumulate(const AccumulateTensor* tensors, int64_t n, DType grad_dtype,
                 const AccumulateArgs& args, cudaStream_t stream);
 
 }  // namespace incrkern::cuda

@@ -10,19 +10,16 @@
 
 #include "accumulate/accumulate_checks.h"
 #include "accumulate/accumulate_cuda.h"
+#include "common/cuda_glue.h"
 
 namespace incrkern {
 namespace {
 
-cuda::GradDType cuda_grad_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::GradDType::Float32;
-    case at::kBFloat16: return cuda::GradDType::BFloat16;
-    case at::kHalf: return cuda::GradDType::Float16;
-    default:
-      TORCH_CHECK(false, "incrkern.accumulate_: CUDA grads must be float32, bfloat16 or "
-                         "float16, got ", t);
-  }
+cuda::DType cuda_grad_dtype(at::ScalarType t) {
+  const std::optional<cuda::DType> d = cuda_dtype_of(t);
+  TORCH_CHECK(d, "incrkern.accumulate_: CUDA grads must be float32, bfloat16 or float16, got ",
+              t);
+  return *d;
 }
 
 void accumulate_cuda(at::TensorList accs, at::TensorList grads, double alpha,
@@ -33,7 +30,7 @@ void accumulate_cuda(at::TensorList accs, at::TensorList grads, double alpha,
   TORCH_CHECK(grads[0].is_cuda(), op, ": grads[0] is on ", grads[0].device(),
               ", expected CUDA");
   // One launch per grad dtype present (at most three).
-  std::array<std::vector<cuda::AccumulateTensor>, 3> groups;
+  std::array<std::vector<cuda::AccumulateTensor>, cuda::kDTypes> groups;
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
     cuda::AccumulateTensor t{};
@@ -44,10 +41,11 @@ void accumulate_cuda(at::TensorList accs, at::TensorList grads, double alpha,
     groups[int(cuda_grad_dtype(g.scalar_type()))].push_back(t);
   }
   const c10::cuda::CUDAGuard guard(grads[0].device());
-  const cuda::AccumulateArgs args{float(alpha), float(sq_alpha), float(sq_decay)};
+  const cuda::AccumulateArgs args{float(alpha), float(sq_alpha), float(sq_decay),
+                                  !accs.empty(), !sq_accs.empty()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (size_t d = 0; d < groups.size(); ++d)
-    cuda::accumulate(groups[d].data(), int64_t(groups[d].size()), cuda::GradDType(int(d)),
+    cuda::accumulate(groups[d].data(), int64_t(groups[d].size()), cuda::DType(int(d)),
                      args, stream);
 }
 

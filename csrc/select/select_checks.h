@@ -7,10 +7,9 @@
 
 #include <string>
 
-namespace incrkern {
+#include "select/select_keys.h"  // ScoreKind
 
-// How a tensor's elements become keys (see select/select_keys.h).
-enum class ScoreKind : int { Abs = 0, Signed = 1, Accumulated = 2, Random = 3 };
+namespace incrkern {
 
 struct SelectArgs {
   std::string score;

@@ -10,22 +10,26 @@
 //  ties    only when T is shared beyond the k-th: per-chunk counts of T locate the
 //          position of the last tie taken
 //  output  per-chunk counts of the chosen, an exclusive scan, and an
-//          order-preserving compaction (block scans) into the outputs.
+//          order-preserving compaction (block scans) into one flat output.
 // A small kernel after each histogram scans the 2048 bins for the digit of the
-// k-th and settles the group early when its bucket is chosen whole. Every group
-// (a tensor, or the whole list in global scope) keeps its state in device memory,
+// k-th and settles the group early when its bucket is chosen whole, or, in
+// approximate mode, when the boundary bucket's count is within the tolerance
+// (after pass 0 by leaving it out, after pass 1 either way). Every group (a
+// tensor, or the whole list in global scope) keeps its state in device memory,
 // so one launch sequence covers many tensors and the host never waits. Chunks of
 // 64K elements, 16-byte loads where aligned, 64-bit positions.
+//
+// Contention: a warp's equal bins are merged before the shared-memory atomic
+// (__match_any_sync), so an all-zero or heavily skewed tensor, whose keys fall in
+// one bin, costs one atomic per warp step rather than 32 serialised ones; pass 1
+// stages its candidates in shared memory and reserves room in the group's buffer
+// once per kStage keys (one global atomic per slab, not one per warp step).
 #include "select/select_cuda.h"
-
-#include <stdexcept>
-#include <string>
 
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_scan.cuh>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
+#include "common/cuda_utils.cuh"
 #include "select/select_keys.h"
 
 namespace incrkern::cuda {
@@ -36,78 +40,70 @@ using select::random_key32;
 using select::signed_key32;
 
 constexpr int kThreads = 256;
-constexpr int kIlp = 4;
-constexpr int kTile = kThreads * kIlp;
+constexpr int kTile = kThreads * kILP;
+constexpr int kStage = 2 * kTile;  // candidate keys a block stages before reserving room
 constexpr int64_t kNoPos = INT64_MAX;
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("incrkern select: ") + what + ": " +
-                             cudaGetErrorString(err));
-}
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
 template <typename T>
-struct alignas(sizeof(T) * kIlp) Vec {
-  T v[kIlp];
-};
-
-// Loads kIlp values from p + i: one vector access when aligned and whole.
-template <typename T>
-__device__ __forceinline__ void load4(const T* p, int64_t i, int valid, float (&out)[kIlp]) {
-  const T* q = p + i;
-  if (valid == kIlp && reinterpret_cast<uintptr_t>(q) % sizeof(Vec<T>) == 0) {
-    const Vec<T> v = *reinterpret_cast<const Vec<T>*>(q);
+__device__ __forceinline__ void keys4_typed(const SelSeg& s, ScoreKind kind, int64_t i,
+                                            int valid, uint32_t (&key)[kILP]) {
+  float v[kILP];
+  load_floats(static_cast<const T*>(s.data) + i, valid, v);
+  if (kind == ScoreKind::Accumulated) {
+    float r[kILP];
+    load_floats(s.res + i, valid, r);
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) out[j] = to_float(v.v[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kIlp; ++j) out[j] = j < valid ? to_float(q[j]) : 0.f;
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void keys4_typed(const SelSeg& s, SelKind kind, int64_t i, int valid,
-                                            uint32_t (&key)[kIlp]) {
-  float v[kIlp];
-  load4(static_cast<const T*>(s.data), i, valid, v);
-  if (kind == SelKind::Accumulated) {
-    float r[kIlp];
-    load4(s.res, i, valid, r);
-#pragma unroll
-    for (int j = 0; j < kIlp; ++j) v[j] = r[j] + v[j];
+    for (int j = 0; j < kILP; ++j) v[j] = r[j] + v[j];
   }
 #pragma unroll
-  for (int j = 0; j < kIlp; ++j)
-    key[j] = kind == SelKind::Signed ? signed_key32(v[j]) : abs_key32(v[j]);
+  for (int j = 0; j < kILP; ++j)
+    key[j] = kind == ScoreKind::Signed ? signed_key32(v[j]) : abs_key32(v[j]);
 }
 
 // Keys of elements i .. i + valid - 1 of tensor s (kind and dtype are uniform
 // across a block, so the branches do not diverge).
-__device__ __forceinline__ void keys4(const SelSeg& s, SelKind kind, int64_t i, int valid,
-                                      uint32_t (&key)[kIlp]) {
-  if (kind == SelKind::Random) {
+__device__ __forceinline__ void keys4(const SelSeg& s, ScoreKind kind, int64_t i, int valid,
+                                      uint32_t (&key)[kILP]) {
+  if (kind == ScoreKind::Random) {
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) key[j] = random_key32(s.kt, s.kt2, i + j);
+    for (int j = 0; j < kILP; ++j) key[j] = random_key32(s.kt, s.kt2, i + j);
     return;
   }
   switch (s.dtype) {
-    case SelDType::Float32: return keys4_typed<float>(s, kind, i, valid, key);
-    case SelDType::BFloat16: return keys4_typed<__nv_bfloat16>(s, kind, i, valid, key);
-    case SelDType::Float16: return keys4_typed<__half>(s, kind, i, valid, key);
+    case DType::Float32: return keys4_typed<float>(s, kind, i, valid, key);
+    case DType::BFloat16: return keys4_typed<__nv_bfloat16>(s, kind, i, valid, key);
+    case DType::Float16: return keys4_typed<__half>(s, kind, i, valid, key);
   }
 }
 
-__device__ __forceinline__ uint32_t key1(const SelSeg& s, SelKind kind, int64_t i) {
-  uint32_t key[kIlp];
+__device__ __forceinline__ uint32_t key1(const SelSeg& s, ScoreKind kind, int64_t i) {
+  uint32_t key[kILP];
   keys4(s, kind, i, 1, key);
   return key[0];
+}
+
+// For loops in which every thread runs every tile of chunk c (block scans, warp
+// intrinsics): this thread's first element i of the tile at `tile`, its keys, and
+// which of them exist and satisfy pred(key, position); returns how many do.
+template <typename Pred>
+__device__ __forceinline__ int tile_match(const SelSeg& s, ScoreKind kind, const SelChunk& c,
+                                          int64_t tile, Pred pred, int64_t& i,
+                                          uint32_t (&key)[kILP], bool (&take)[kILP]) {
+  i = tile + int64_t(threadIdx.x) * kILP;
+  const int valid = int(imax(0, imin(kILP, c.end - i)));
+#pragma unroll
+  for (int j = 0; j < kILP; ++j) key[j] = 0;
+  if (valid > 0) keys4(s, kind, i, valid, key);
+  int count = 0;
+#pragma unroll
+  for (int j = 0; j < kILP; ++j) {
+    take[j] = j < valid && pred(key[j], s.pos0 + i + j);
+    count += take[j];
+  }
+  return count;
 }
 
 __device__ __forceinline__ bool chosen(const SelState& st, uint32_t key, int64_t pos) {
@@ -126,10 +122,41 @@ __device__ __forceinline__ void flush_hist(const uint32_t* sh, unsigned long lon
     if (sh[b]) atomicAdd(hist + b, static_cast<unsigned long long>(sh[b]));
 }
 
-// One block per chunk of the input. Level 1 also buffers the candidates.
+// Counts `bin` in the shared histogram for every lane of the warp with `take`.
+// The lanes with one bin are merged first and their lowest lane adds the count:
+// keys that share a bin (an all-zero tensor, a skewed score) would otherwise
+// serialise 32 atomics on one shared-memory word. Every lane of the warp must call.
+__device__ __forceinline__ void hist_add(uint32_t* sh, bool take, uint32_t bin) {
+  const unsigned peers = __match_any_sync(0xffffffffu, take ? bin : 0xffffffffu);
+  const unsigned lane = threadIdx.x % 32;
+  if (take && lane == unsigned(__ffs(peers) - 1)) atomicAdd(sh + bin, unsigned(__popc(peers)));
+}
+
+// Pass 1's candidates go to a shared-memory stage; when the next tile might not
+// fit, the block reserves room for the staged keys in the group's buffer with one
+// atomic and copies them out. The candidates' order is free (pass 2 counts keys
+// only), so the blocks need no further scan. `fill` is uniform across the block.
+__device__ __forceinline__ void flush_stage(const uint32_t* stage, int fill, SelState* stp,
+                                            uint32_t* cand_key) {
+  __shared__ unsigned long long s_base;
+  if (threadIdx.x == 0)
+    s_base = atomicAdd(reinterpret_cast<unsigned long long*>(&stp->cand_count),
+                       static_cast<unsigned long long>(fill));
+  __syncthreads();
+  uint32_t* dst = cand_key + stp->cand_base + int64_t(s_base);
+  for (int x = threadIdx.x; x < fill; x += blockDim.x) dst[x] = stage[x];
+  __syncthreads();  // the stage and s_base are reused
+}
+
+// One block per chunk of the input. Level 1 also buffers the candidates. Every
+// thread runs the same number of tiles (the warp intrinsics and block scans need
+// the whole block).
 __global__ void __launch_bounds__(kThreads)
     hist_input_kernel(SelectLaunch L, int level) {
+  using Scan = cub::BlockScan<int, kThreads>;
   __shared__ uint32_t sh[kSelectBins];
+  __shared__ uint32_t stage[kStage];
+  __shared__ typename Scan::TempStorage scan;
   const SelChunk c = L.chunks[blockIdx.x];
   const SelSeg s = L.segs[c.seg];
   SelState* stp = L.states + s.group;
@@ -140,33 +167,32 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t mask = (1u << level_bits(level)) - 1u;
   for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) sh[b] = 0;
   __syncthreads();
-  const unsigned lane = threadIdx.x % 32;
-  for (int64_t i = c.begin + int64_t(threadIdx.x) * kIlp; i < c.end; i += kTile) {
-    const int valid = int(imin(kIlp, c.end - i));
-    uint32_t key[kIlp];
-    keys4(s, L.kind, i, valid, key);
+  int fill = 0;
+  for (int64_t tile = c.begin; tile < c.end; tile += kTile) {
+    int64_t i = 0;
+    uint32_t key[kILP];
+    bool match[kILP];
+    const int mine = tile_match(
+        s, L.kind, c, tile,
+        [&](uint32_t k, int64_t) { return level == 0 || (k >> high) == (prefix >> high); }, i,
+        key, match);
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) {
-      const bool match = j < valid && (level == 0 || (key[j] >> high) == (prefix >> high));
-      if (match) atomicAdd(sh + ((key[j] >> low) & mask), 1u);
-      if (buffer) {
-        // warp-aggregated slot reservation in the group's candidate buffer
-        const unsigned active = __activemask();
-        const unsigned ballot = __ballot_sync(active, match);
-        const int leader = __ffs(active) - 1;
-        unsigned long long base = 0;
-        if (lane == unsigned(leader) && ballot)
-          base = atomicAdd(reinterpret_cast<unsigned long long*>(&stp->cand_count),
-                           static_cast<unsigned long long>(__popc(ballot)));
-        base = __shfl_sync(active, base, leader);
-        if (match) {
-          const int64_t slot = stp->cand_base + int64_t(base) +
-                               __popc(ballot & ((1u << lane) - 1u));
-          L.cand_key[slot] = key[j];
-        }
+    for (int j = 0; j < kILP; ++j) hist_add(sh, match[j], (key[j] >> low) & mask);
+    if (buffer) {
+      int offset = 0, total = 0;
+      Scan(scan).ExclusiveSum(mine, offset, total);
+      if (fill + total > kStage) {
+        flush_stage(stage, fill, stp, L.cand_key);
+        fill = 0;
       }
+#pragma unroll
+      for (int j = 0; j < kILP; ++j)
+        if (match[j]) stage[fill + offset++] = key[j];
+      fill += total;
+      __syncthreads();  // the stage is read by other threads; the scan storage is reused
     }
   }
+  if (buffer && fill > 0) flush_stage(stage, fill, stp, L.cand_key);
   __syncthreads();
   flush_hist(sh, L.hist + int64_t(s.group) * kSelectBins);
 }
@@ -181,10 +207,12 @@ __global__ void __launch_bounds__(kThreads) hist_cands_kernel(SelectLaunch L, in
   const int64_t n = stp->cand_count, base = stp->cand_base;
   for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) sh[b] = 0;
   __syncthreads();
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const uint32_t key = L.cand_key[base + i];
-    if ((key >> 10) == (prefix >> 10)) atomicAdd(sh + (key & 1023u), 1u);
+  // `start` is uniform across the block, so whole warps reach hist_add.
+  for (int64_t start = int64_t(blockIdx.x) * blockDim.x; start < n;
+       start += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = start + threadIdx.x;
+    const uint32_t key = i < n ? L.cand_key[base + i] : 0u;
+    hist_add(sh, i < n && (key >> 10) == (prefix >> 10), key & 1023u);
   }
   __syncthreads();
   flush_hist(sh, L.hist + int64_t(group) * kSelectBins);
@@ -225,17 +253,23 @@ __global__ void __launch_bounds__(kThreads) find_kernel(SelectLaunch L, int leve
       st.last_pos = kNoPos;
     } else if (low == 0) {   // the k-th key; ties resolved by position next
       st.threshold = st.prefix;
-    } else if (level == 1 && st.tol >= 0) {
-      // Approximate: stop at a 22-bit boundary when its count is close enough.
+    } else if (st.tol >= 0) {
+      // Approximate: stop at this level's bucket boundary when taking the bucket
+      // whole, or leaving it out, misses k by at most tol; after pass 0 the
+      // threshold costs one read of the scores. Taking the bucket whole chooses
+      // keys up to a bucket's width below the k-th: at 22 bits 2^-14 of the value
+      // (within the value tolerance ops.py promises), at 11 bits an eighth, so
+      // after pass 0 only leaving the bucket out (every key chosen above the k-th)
+      // qualifies.
       const int64_t without = st.k - st.r, with = without + st.count;
       const int64_t miss_with = with - st.k, miss_without = st.k - without;
-      if (miss_with <= st.tol && miss_with <= miss_without) {
+      if (level > 0 && miss_with <= st.tol && miss_with <= miss_without) {
         st.done = 1;
         st.threshold = st.prefix;
         st.last_pos = kNoPos;
       } else if (miss_without <= st.tol && without > 0) {
         st.done = 1;
-        st.threshold = st.prefix | 1023u;
+        st.threshold = st.prefix | ((1u << low) - 1u);
         st.last_pos = -1;
       }
     }
@@ -256,12 +290,12 @@ __device__ int64_t chunk_count(const SelectLaunch& L, const SelChunk& c, const S
   using Scan = cub::BlockScan<int64_t, kThreads>;
   __shared__ typename Scan::TempStorage tmp;
   int64_t mine = 0;
-  for (int64_t i = c.begin + int64_t(threadIdx.x) * kIlp; i < c.end; i += kTile) {
-    const int valid = int(imin(kIlp, c.end - i));
-    uint32_t key[kIlp];
+  for (int64_t i = c.begin + int64_t(threadIdx.x) * kILP; i < c.end; i += kTile) {
+    const int valid = int(imin(kILP, c.end - i));
+    uint32_t key[kILP];
     keys4(s, L.kind, i, valid, key);
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) mine += j < valid && pred(key[j], s.pos0 + i + j);
+    for (int j = 0; j < kILP; ++j) mine += j < valid && pred(key[j], s.pos0 + i + j);
   }
   int64_t total = 0;
   Scan(tmp).ExclusiveSum(mine, mine, total);
@@ -352,30 +386,24 @@ __global__ void __launch_bounds__(kThreads) count_kernel(SelectLaunch L) {
 }
 
 // Order-preserving compaction: one block per chunk, one block scan per tile.
-__global__ void __launch_bounds__(kThreads)
-    write_kernel(SelectLaunch L, int64_t* const* out) {
+__global__ void __launch_bounds__(kThreads) write_kernel(SelectLaunch L, int64_t* out) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage tmp;
   const SelChunk c = L.chunks[blockIdx.x];
   const SelSeg s = L.segs[c.seg];
   const SelState st = L.states[s.group];
-  int64_t* dst = out[c.seg] + (L.chunk_off[blockIdx.x] - L.chunk_off[s.first_chunk]);
+  int64_t* dst = out + L.chunk_off[blockIdx.x];
   for (int64_t tile = c.begin; tile < c.end; tile += kTile) {
-    const int64_t i = tile + int64_t(threadIdx.x) * kIlp;
-    const int valid = int(imax(0, imin(kIlp, c.end - i)));
-    uint32_t key[kIlp] = {0, 0, 0, 0};
-    if (valid > 0) keys4(s, L.kind, i, valid, key);
-    bool take[kIlp];
-    int mine = 0;
-#pragma unroll
-    for (int j = 0; j < kIlp; ++j) {
-      take[j] = j < valid && chosen(st, key[j], s.pos0 + i + j);
-      mine += take[j];
-    }
+    int64_t i = 0;
+    uint32_t key[kILP];
+    bool take[kILP];
+    const int mine = tile_match(
+        s, L.kind, c, tile, [&st](uint32_t k, int64_t pos) { return chosen(st, k, pos); }, i,
+        key, take);
     int offset = 0, total = 0;
     Scan(tmp).ExclusiveSum(mine, offset, total);
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j)
+    for (int j = 0; j < kILP; ++j)
       if (take[j]) dst[offset++] = i + j;
     dst += total;
     __syncthreads();  // the scan storage is reused by the next tile
@@ -386,47 +414,49 @@ __global__ void __launch_bounds__(kThreads)
 
 size_t select_scan_temp_bytes(int64_t nchunks) {
   size_t bytes = 0;
-  check(cub::DeviceScan::ExclusiveSum(nullptr, bytes, static_cast<const int64_t*>(nullptr),
+  check_cuda(cub::DeviceScan::ExclusiveSum(nullptr, bytes, static_cast<const int64_t*>(nullptr),
                                       static_cast<int64_t*>(nullptr), nchunks + 1),
-        "scan size");
+        "select scan size");
   return bytes;
 }
 
 void select_find(const SelectLaunch& L, cudaStream_t stream) {
   if (L.nchunks == 0 || L.ngroups == 0) return;
-  check(cudaMemsetAsync(L.hist, 0, sizeof(unsigned long long) * kSelectBins * L.ngroups, stream),
-        "memset");
+  check_cuda(cudaMemsetAsync(L.hist, 0,
+                             sizeof(unsigned long long) * kSelectBins * L.ngroups, stream),
+             "select memset");
   const unsigned chunks = unsigned(L.nchunks);
   for (int level = 0; level < 3; ++level) {
     hist_input_kernel<<<chunks, kThreads, 0, stream>>>(L, level);
-    check(cudaGetLastError(), "histogram kernel");
+    check_launch("select histogram kernel");
     if (level == 2) {
       for (int g0 = 0; g0 < L.ngroups; g0 += 65535) {  // gridDim.y <= 65535
         const unsigned gy = unsigned(L.ngroups - g0 < 65535 ? L.ngroups - g0 : 65535);
         hist_cands_kernel<<<dim3(64, gy), kThreads, 0, stream>>>(L, g0);
-        check(cudaGetLastError(), "candidate histogram kernel");
+        check_launch("select candidate histogram kernel");
       }
     }
     find_kernel<<<unsigned(L.ngroups), kThreads, 0, stream>>>(L, level);
-    check(cudaGetLastError(), "digit kernel");
+    check_launch("select digit kernel");
   }
   tie_count_kernel<<<chunks, kThreads, 0, stream>>>(L);
-  check(cudaGetLastError(), "tie count kernel");
+  check_launch("select tie count kernel");
   tie_find_kernel<<<unsigned(L.ngroups), kThreads, 0, stream>>>(L);
-  check(cudaGetLastError(), "tie kernel");
-  check(cudaMemsetAsync(L.chunk_count + L.nchunks, 0, sizeof(int64_t), stream), "memset");
+  check_launch("select tie kernel");
+  check_cuda(cudaMemsetAsync(L.chunk_count + L.nchunks, 0, sizeof(int64_t), stream),
+             "select memset");
   count_kernel<<<chunks, kThreads, 0, stream>>>(L);
-  check(cudaGetLastError(), "count kernel");
+  check_launch("select count kernel");
   size_t bytes = L.scan_temp_bytes;
-  check(cub::DeviceScan::ExclusiveSum(L.scan_temp, bytes, L.chunk_count, L.chunk_off,
+  check_cuda(cub::DeviceScan::ExclusiveSum(L.scan_temp, bytes, L.chunk_count, L.chunk_off,
                                       L.nchunks + 1, stream),
-        "scan");
+        "select scan");
 }
 
-void select_write(const SelectLaunch& L, int64_t* const* out, cudaStream_t stream) {
+void select_write(const SelectLaunch& L, int64_t* out, cudaStream_t stream) {
   if (L.nchunks == 0) return;
   write_kernel<<<unsigned(L.nchunks), kThreads, 0, stream>>>(L, out);
-  check(cudaGetLastError(), "write kernel");
+  check_launch("select write kernel");
 }
 
 }  // namespace incrkern::cuda

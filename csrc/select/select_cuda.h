@@ -8,13 +8,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/cuda_dtype.h"
+#include "select/select_keys.h"  // ScoreKind
+
 namespace incrkern::cuda {
 
 constexpr int64_t kSelectChunk = 65536;  // elements per block of the chunked passes
 constexpr int kSelectBins = 2048;        // 11-bit digits: bits 31..21, 20..10, 9..0
-
-enum class SelDType : int32_t { Float32 = 0, BFloat16 = 1, Float16 = 2 };
-enum class SelKind : int32_t { Abs = 0, Signed = 1, Accumulated = 2, Random = 3 };
 
 // One tensor of the call.
 struct SelSeg {
@@ -26,7 +26,7 @@ struct SelSeg {
   int64_t nchunks;
   uint32_t kt, kt2;      // random score constants
   int32_t group;
-  SelDType dtype;
+  DType dtype;
 };
 
 struct SelChunk {
@@ -40,14 +40,15 @@ struct SelChunk {
 // reads it, so nothing waits.
 struct SelState {
   int64_t k, n;            // set by the host
-  int64_t cap;             // candidate buffer capacity of the group
+  int64_t cap;             // candidate buffer capacity of the group: the level-1
+                           // pass buffers its keys only when they fit
   int64_t cand_base;       // its first slot in the candidate buffers
   int64_t tol;             // approximate mode: accepted |count - k|; -1: exact
   int64_t first_chunk, nchunks;
   // advanced by the kernels
   int64_t r;               // rank of the k-th among the keys sharing `prefix`
   int64_t count;           // keys sharing `prefix`
-  int64_t cand_count;
+  int64_t cand_count;      // keys buffered so far (blocks reserve slabs of it)
   int64_t last_pos;        // predicate: key > T or (key == T and position <= last_pos)
   uint32_t prefix;
   int32_t shift;           // low bits not yet fixed (32, 21, 10, 0)
@@ -60,7 +61,7 @@ struct SelState {
 struct SelectLaunch {
   const SelSeg* segs;
   int32_t nsegs;
-  SelKind kind;
+  ScoreKind kind;
   const SelChunk* chunks;
   int64_t nchunks;
   SelState* states;
@@ -68,7 +69,8 @@ struct SelectLaunch {
   unsigned long long* hist;  // ngroups * kSelectBins
   uint32_t* cand_key;         // sum of the groups' cap
   int64_t* chunk_count;      // nchunks + 1
-  int64_t* chunk_off;        // nchunks + 1: exclusive sums of chunk_count
+  int64_t* chunk_off;        // nchunks + 1: exclusive sums of chunk_count, which are
+                             // also each chunk's offset in the flat output
   int64_t* chunk_ties;       // nchunks
   void* scan_temp;
   size_t scan_temp_bytes;
@@ -81,8 +83,9 @@ size_t select_scan_temp_bytes(int64_t nchunks);
 // launches only, no host synchronisation. Throws std::runtime_error on failure.
 void select_find(const SelectLaunch& launch, cudaStream_t stream);
 
-// Writes the chosen positions of every tensor, ascending, to out[seg] (device
-// array of nsegs pointers), at out[seg][chunk_off[c] - chunk_off[first_chunk]].
-void select_write(const SelectLaunch& launch, int64_t* const* out, cudaStream_t stream);
+// Writes the chosen positions of every tensor, ascending and relative to its own
+// element 0, into one flat array: chunk c's at out[chunk_off[c]], so the tensors'
+// outputs lie one after the other in table order.
+void select_write(const SelectLaunch& launch, int64_t* out, cudaStream_t stream);
 
 }  // namespace incrkern::cuda

@@ -2,7 +2,8 @@
 // builds the tensor, group and chunk tables, allocates the workspace and hands raw
 // pointers to select_cuda.cu. The host synchronises once, and only when an output
 // size depends on the data (global scope, approximate mode): it then reads the
-// per-chunk output offsets.
+// per-chunk output offsets. The outputs are views of one flat int64 tensor: one
+// allocation per call, and the kernel writes chunk c at its scan offset.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/from_blob.h>
@@ -16,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cuda_glue.h"
 #include "select/select_checks.h"
 #include "select/select_cuda.h"
 #include "select/select_keys.h"
@@ -34,15 +36,11 @@ struct Input {
   select::RandomKeys rk;
 };
 
-cuda::SelDType sel_dtype(const at::Tensor& t, const char* op, const char* name, size_t i) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::SelDType::Float32;
-    case at::kBFloat16: return cuda::SelDType::BFloat16;
-    case at::kHalf: return cuda::SelDType::Float16;
-    default:
-      TORCH_CHECK(false, op, ": ", name, "[", i, "] must be float32, bfloat16 or float16 on CUDA, got ",
-                  t.scalar_type());
-  }
+cuda::DType sel_dtype(const at::Tensor& t, const char* op, const char* name, size_t i) {
+  const std::optional<cuda::DType> d = cuda_dtype_of(t.scalar_type());
+  TORCH_CHECK(d, op, ": ", name, "[", i, "] must be float32, bfloat16 or float16 on CUDA, got ",
+              t.scalar_type());
+  return *d;
 }
 
 size_t align16(size_t x) { return (x + 15) / 16 * 16; }
@@ -88,7 +86,7 @@ std::vector<at::Tensor> run(const std::vector<Input>& inputs, ScoreKind kind,
       s.kt2 = in.rk.kt2;
       s.group = int32_t(g);
       s.dtype = in.data.defined() ? sel_dtype(in.data, "incrkern.select", "tensors", i)
-                                  : cuda::SelDType::Float32;
+                                  : cuda::DType::Float32;
       for (int64_t b = 0; b < in.n; b += cuda::kSelectChunk)
         chunks.push_back(SelChunk{b, std::min(in.n, b + cuda::kSelectChunk), int32_t(segs.size()), 0});
       s.nchunks = int64_t(chunks.size()) - s.first_chunk;
@@ -132,7 +130,7 @@ std::vector<at::Tensor> run(const std::vector<Input>& inputs, ScoreKind kind,
   cuda::SelectLaunch L{};
   L.segs = reinterpret_cast<const SelSeg*>(t);
   L.nsegs = int32_t(segs.size());
-  L.kind = static_cast<cuda::SelKind>(static_cast<int>(kind));
+  L.kind = kind;
   L.states = reinterpret_cast<SelState*>(t + seg_bytes);
   L.ngroups = int32_t(states.size());
   L.chunks = reinterpret_cast<const SelChunk*>(t + seg_bytes + state_bytes);
@@ -165,15 +163,17 @@ std::vector<at::Tensor> run(const std::vector<Input>& inputs, ScoreKind kind,
     for (size_t s = 0; s < segs.size(); ++s)
       sizes[s] = o[segs[s].first_chunk + segs[s].nchunks] - o[segs[s].first_chunk];
   }
-  std::vector<uint8_t> ptrs(segs.size() * sizeof(int64_t*));
+  int64_t total = 0;
+  for (int64_t size : sizes) total += size;
+  at::Tensor flat = at::empty({total}, at::TensorOptions().dtype(at::kLong).device(device));
+  // Chunk c's positions go to flat[chunk_off[c]]: the segments' outputs follow one
+  // another in table order, each sizes[s] long.
+  int64_t offset = 0;
   for (size_t s = 0; s < segs.size(); ++s) {
-    at::Tensor o = at::empty({sizes[s]}, at::TensorOptions().dtype(at::kLong).device(device));
-    int64_t* p = o.data_ptr<int64_t>();
-    std::memcpy(ptrs.data() + s * sizeof(int64_t*), &p, sizeof(p));
-    outs[seg_input[s]] = o;
+    outs[seg_input[s]] = flat.narrow(0, offset, sizes[s]);
+    offset += sizes[s];
   }
-  at::Tensor out_table = to_device(ptrs, device);
-  cuda::select_write(L, reinterpret_cast<int64_t* const*>(out_table.data_ptr<uint8_t>()), stream);
+  cuda::select_write(L, flat.data_ptr<int64_t>(), stream);
   return outs;
 }
 

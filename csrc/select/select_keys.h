@@ -14,6 +14,14 @@
 
 #include "common/hd.h"
 
+namespace incrkern {
+
+// How a tensor's elements become keys: abs_key32 (Abs, and Accumulated over
+// residual + grad), signed_key32 (Signed) or random_key32 (Random).
+enum class ScoreKind : int32_t { Abs = 0, Signed = 1, Accumulated = 2, Random = 3 };
+
+}  // namespace incrkern
+
 namespace incrkern::select {
 
 IK_HD uint32_t float_bits(float x) {

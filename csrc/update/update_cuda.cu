@@ -2,6 +2,11 @@
 // common/multi_tensor.cuh). Dense chunks whose pointers are aligned move kILP
 // elements per access; indexed, masked or unaligned ones go element by element.
 // The math is csrc/common/rules.h, the same functions the CPU kernels call.
+//
+// Indexed tensors are cut into kIndexedChunk positions per block, not kChunk: a
+// position costs a scattered access (a 32-byte sector per array) rather than a
+// share of a stream, so a block's chunk can be small, and 1e6 positions spread
+// over ~250 blocks instead of 16, enough to fill a GPU.
 #include "update/update_cuda.h"
 
 #include "common/multi_tensor.cuh"
@@ -10,10 +15,12 @@
 namespace incrkern::cuda {
 namespace {
 
+constexpr int64_t kIndexedChunk = 4096;
+
 // Reads the learning rate and step count from device memory when given there, so
 // a captured CUDA graph replays with the current values.
-__device__ __forceinline__ double read_lr(double lr, const float* lr_ptr) {
-  return lr_ptr ? double(*lr_ptr) : lr;
+__device__ __forceinline__ double read_lr(double lr, const UpdateOptions& opt) {
+  return opt.lr_on_device ? double(*opt.lr_ptr) : lr;
 }
 
 struct AdamOp {
@@ -23,9 +30,9 @@ struct AdamOp {
     float step_size, bc2_sqrt;
     double lr;
   };
-  __device__ Coeff prepare(const UpdateTensor& t, const float* lr_ptr) const {
-    const double lr = read_lr(a.lr, lr_ptr);
-    const double step = t.step ? double(*t.step) : double(t.step_value);
+  __device__ Coeff prepare(const UpdateTensor& t, const UpdateOptions& opt) const {
+    const double lr = read_lr(a.lr, opt);
+    const double step = t.step_on_device ? double(*t.step) : double(t.step_value);
     const AdamBias b = adam_bias(lr, a.beta1, a.beta2, step);
     return Coeff{make_adam_hyper<float>(lr, a.beta1, a.beta2, a.eps, a.weight_decay,
                                         a.decoupled_weight_decay, a.maximize),
@@ -37,7 +44,6 @@ struct AdamOp {
   // With per-element ages the bias correction is the element's own update count.
   __device__ void apply_aged(float& p, float g, float& m, float& v, int32_t* age,
                              const Coeff& c) const {
-    if (!age) return apply(p, g, m, v, c);
     const AdamBias b = adam_bias(c.lr, a.beta1, a.beta2, double(++*age));
     adam_rule(p, g, m, v, c.h, float(b.step_size), float(b.bc2_sqrt));
   }
@@ -49,48 +55,55 @@ struct SgdOp {
     SgdHyper<float> h;
     bool first;
   };
-  __device__ Coeff prepare(const UpdateTensor& t, const float* lr_ptr) const {
-    return Coeff{make_sgd_hyper<float>(read_lr(a.lr, lr_ptr), a.momentum, a.dampening,
+  __device__ Coeff prepare(const UpdateTensor& t, const UpdateOptions& opt) const {
+    return Coeff{make_sgd_hyper<float>(read_lr(a.lr, opt), a.momentum, a.dampening,
                                        a.weight_decay, a.nesterov, a.maximize),
                  t.first};
   }
   __device__ void apply(float& p, float g, float& buf, float&, const Coeff& c) const {
     sgd_rule(p, g, buf, c.h, c.first);
   }
+  // SGD keeps no ages (the glue passes none).
   __device__ void apply_aged(float& p, float g, float& buf, float& unused, int32_t*,
                              const Coeff& c) const {
     apply(p, g, buf, unused, c);
   }
 };
 
-constexpr int kUpdateSlots = slots_that_fit<UpdateTensor>(sizeof(AdamArgs) + sizeof(UpdateOptions));
+// The kernel's arguments besides the table: the larger Op (AdamArgs), the options
+// and the chunk length.
+constexpr int kUpdateSlots =
+    slots_that_fit<UpdateTensor>(sizeof(AdamArgs) + sizeof(UpdateOptions) + sizeof(int64_t));
 using UpdateTable = ChunkTable<UpdateTensor, kUpdateSlots>;
 
 template <typename T, typename G, typename Op>
 __global__ void __launch_bounds__(kThreads)
-    update_kernel(const UpdateTable table, const Op op, const UpdateOptions opt) {
-  const UpdateTensor& t = table.slots[table.block_slot[blockIdx.x]];
-  const int64_t begin = int64_t(table.block_chunk[blockIdx.x]) * kChunk;
-  const int64_t end = min(t.count, begin + kChunk);
-  const auto c = op.prepare(t, opt.lr_ptr);
+    update_kernel(const UpdateTable table, const Op op, const UpdateOptions opt,
+                  const int64_t chunk) {
+  int slot = 0;
+  const int64_t begin = locate_chunk(table, int32_t(blockIdx.x), slot) * chunk;
+  const UpdateTensor& t = table.slots[slot];
+  const int64_t end = min(t.count, begin + chunk);
+  const auto c = op.prepare(t, opt);
   T* p = static_cast<T*>(t.param);
   G* g = static_cast<G*>(t.grad);
-  float* s0 = t.state0;
-  float* s1 = t.state1;
+  float* m1 = opt.has_first_moment ? t.first_moment : nullptr;
+  float* m2 = opt.has_second_moment ? t.second_moment : nullptr;
   const float scale = float(opt.grad_scale);
 
   int64_t scalar_begin = begin;
-  const bool dense = !t.indices && !t.mask && !t.age;
-  if (dense && pack_aligned(p) && pack_aligned(g) && pack_aligned(s0) && pack_aligned(s1)) {
-    // begin is a multiple of kChunk, so every pack below stays aligned.
+  const bool dense = !opt.has_indices && !opt.has_mask && !opt.has_age;
+  if (dense && pack_aligned(p) && pack_aligned(g) && pack_aligned(m1) && pack_aligned(m2)) {
+    // begin is a multiple of the chunk (a multiple of kILP), so every pack below
+    // stays aligned.
     const int64_t vec_end = begin + (end - begin) / kILP * kILP;
     for (int64_t i = begin + int64_t(threadIdx.x) * kILP; i < vec_end;
          i += int64_t(blockDim.x) * kILP) {
       Pack<T> pp = load_pack(p + i);
       Pack<G> gp = load_pack(g + i);
       Pack<float> m{}, v{};
-      if (s0) m = load_pack(s0 + i);
-      if (s1) v = load_pack(s1 + i);
+      if (m1) m = load_pack(m1 + i);
+      if (m2) v = load_pack(m2 + i);
 #pragma unroll
       for (int k = 0; k < kILP; ++k) {
         float pm = to_float(pp.v[k]);
@@ -100,31 +113,33 @@ __global__ void __launch_bounds__(kThreads)
       }
       store_pack(p + i, pp);
       if (opt.consume_grad) store_pack(g + i, gp);
-      if (s0) store_pack(s0 + i, m);
-      if (s1) store_pack(s1 + i, v);
+      if (m1) store_pack(m1 + i, m);
+      if (m2) store_pack(m2 + i, v);
     }
     scalar_begin = vec_end;
   }
   for (int64_t j = scalar_begin + threadIdx.x; j < end; j += blockDim.x) {
-    const int64_t e = t.indices ? t.indices[j] : j;
-    if (t.mask && !t.mask[e]) continue;
+    const int64_t e = opt.has_indices ? t.indices[j] : j;
+    if (opt.has_mask && !t.mask[e]) continue;
     const int64_t s = opt.compact_state ? j : e;
     float pm = to_float(p[e]);
     const float gm = to_float(g[e]) * scale;
     if (opt.consume_grad) g[e] = from_float<G>(0.f);
-    float m = s0 ? s0[s] : 0.f, v = s1 ? s1[s] : 0.f;
-    op.apply_aged(pm, gm, m, v, t.age ? t.age + s : nullptr, c);
+    float m = m1 ? m1[s] : 0.f, v = m2 ? m2[s] : 0.f;
+    if (opt.has_age) op.apply_aged(pm, gm, m, v, t.age + s, c);
+    else op.apply(pm, gm, m, v, c);
     p[e] = from_float<T>(pm);
-    if (s0) s0[s] = m;
-    if (s1) s1[s] = v;
+    if (m1) m1[s] = m;
+    if (m2) m2[s] = v;
   }
 }
 
 template <typename T, typename G, typename Op>
 void launch_typed(const UpdateTensor* tensors, int64_t n, const UpdateOptions& opt,
                   const Op& op, cudaStream_t stream) {
-  for_each_launch<kUpdateSlots>(tensors, n, [&](const UpdateTable& table, int blocks) {
-    update_kernel<T, G, Op><<<blocks, kThreads, 0, stream>>>(table, op, opt);
+  const int64_t chunk = opt.has_indices ? kIndexedChunk : kChunk;
+  for_each_launch<kUpdateSlots>(tensors, n, chunk, [&](const UpdateTable& table, int blocks) {
+    update_kernel<T, G, Op><<<blocks, kThreads, 0, stream>>>(table, op, opt, chunk);
     check_launch("update kernel");
   });
 }

@@ -6,34 +6,41 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/cuda_dtype.h"
+
 namespace incrkern::cuda {
 
-enum class DType : int { Float32, BFloat16, Float16 };
-
 // One param's share of an update call. Positions j in [0, count) address the
-// element indices[j] (or j when indices is null); its state lives at slot j when
-// compact, else at the element.
+// element indices[j] (or j without indices); its state lives at slot j when
+// compact, else at the element. A pointer whose list the call lacks (see the
+// has_* flags of UpdateOptions) is unused.
 struct UpdateTensor {
   void* param;
   void* grad;
-  float* state0;        // exp_avg or momentum buffer (may be null for SGD)
-  float* state1;        // exp_avg_sq (Adam)
-  const float* step;    // device scalar, or null: use step_value
+  float* first_moment;   // Adam's exp_avg, or SGD's momentum buffer
+  float* second_moment;  // Adam's exp_avg_sq
+  const float* step;     // the device scalar, when step_on_device
   const int64_t* indices;
   const bool* mask;
-  int32_t* age;         // per-slot update count, or null
+  int32_t* age;          // per-slot update count
   int64_t count;
-  float step_value;
-  bool first;           // SGD: the momentum buffer is new
+  float step_value;      // the step count, when it lives on the host
+  bool step_on_device;
+  bool first;            // SGD: the momentum buffer is new
 };
 
+// What one launch group shares. Which lists the call has is passed explicitly,
+// never inferred from a data pointer: an empty tensor's pointer is null, so one
+// tensor's pointer says nothing about the call.
 struct UpdateOptions {
   DType param_dtype;
   bool grad_is_fp32;    // grads in fp32 (accumulators, residuals) rather than the param dtype
   double grad_scale;
   bool consume_grad;
   bool compact_state;
-  const float* lr_ptr;  // device scalar overriding lr, or null
+  bool has_first_moment, has_second_moment, has_indices, has_mask, has_age;
+  bool lr_on_device;
+  const float* lr_ptr;  // device scalar overriding lr, when lr_on_device
 };
 
 struct AdamArgs {

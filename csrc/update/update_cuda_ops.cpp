@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/cuda_glue.h"
 #include "update/update_checks.h"
 #include "update/update_cuda.h"
 
@@ -12,14 +13,10 @@ namespace incrkern {
 namespace {
 
 cuda::DType cuda_dtype(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::Float32;
-    case at::kBFloat16: return cuda::DType::BFloat16;
-    case at::kHalf: return cuda::DType::Float16;
-    default:
-      TORCH_CHECK(false, op, ": CUDA params must be float32, bfloat16 or float16, got ",
-                  t.scalar_type());
-  }
+  const std::optional<cuda::DType> d = cuda_dtype_of(t.scalar_type());
+  TORCH_CHECK(d, op, ": CUDA params must be float32, bfloat16 or float16, got ",
+              t.scalar_type());
+  return *d;
 }
 
 struct Prepared {
@@ -38,26 +35,40 @@ std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::L
     const at::Tensor& p = a.params[i];
     TORCH_CHECK(p.is_cuda(), op, ": params[", i, "] is on ", p.device(), ", expected CUDA");
     TORCH_CHECK(p.device() == a.params[0].device(), op, ": all params must be on one device");
-    cuda::UpdateOptions opt{cuda_dtype(p, op), a.grads[i].scalar_type() != p.scalar_type(),
-                            grad_scale, consume_grad, a.compact_state,
-                            lr_tensor ? lr_tensor->data_ptr<float>() : nullptr};
+    cuda::UpdateOptions opt{};
+    opt.param_dtype = cuda_dtype(p, op);
+    opt.grad_is_fp32 = a.grads[i].scalar_type() != p.scalar_type();
+    opt.grad_scale = grad_scale;
+    opt.consume_grad = consume_grad;
+    opt.compact_state = a.compact_state;
+    // Which lists the call has, from the lists themselves (see UpdateOptions).
+    opt.has_first_moment = !a.first_moments.empty();
+    opt.has_second_moment = !a.second_moments.empty();
+    opt.has_indices = !a.indices.empty();
+    opt.has_mask = !a.masks.empty();
+    opt.has_age = !a.ages.empty();
+    opt.lr_on_device = lr_tensor.has_value();
+    opt.lr_ptr = lr_tensor ? lr_tensor->data_ptr<float>() : nullptr;
     cuda::UpdateTensor t{};
     t.param = p.data_ptr();
     t.grad = a.grads[i].data_ptr();
-    t.state0 = a.first_moments.empty() ? nullptr : a.first_moments[i].data_ptr<float>();
-    t.state1 = a.second_moments.empty() ? nullptr : a.second_moments[i].data_ptr<float>();
+    if (opt.has_first_moment) t.first_moment = a.first_moments[i].data_ptr<float>();
+    if (opt.has_second_moment) t.second_moment = a.second_moments[i].data_ptr<float>();
     t.count = p.numel();
     if (!a.steps.empty()) {
       const at::Tensor& s = a.steps[i];
-      if (s.is_cuda()) t.step = s.data_ptr<float>();
-      else t.step_value = s.item<float>() + (increment_steps ? 1.0f : 0.0f);
+      t.step_on_device = s.is_cuda();
+      // A host step is read through its pointer: item() would go through the
+      // dispatcher (a scalar tensor's full op call) once per param per step.
+      if (t.step_on_device) t.step = s.data_ptr<float>();
+      else t.step_value = *s.const_data_ptr<float>() + (increment_steps ? 1.0f : 0.0f);
     }
-    if (!a.indices.empty()) {
+    if (opt.has_indices) {
       t.indices = a.indices[i].data_ptr<int64_t>();
       t.count = a.indices[i].numel();
     }
-    if (!a.masks.empty()) t.mask = a.masks[i].data_ptr<bool>();
-    if (!a.ages.empty()) t.age = a.ages[i].data_ptr<int32_t>();
+    if (opt.has_mask) t.mask = a.masks[i].data_ptr<bool>();
+    if (opt.has_age) t.age = a.ages[i].data_ptr<int32_t>();
     t.first = first && first->size() ? bool(first->get(i)) : false;
     auto same = [&](const Prepared& g) {
       return g.options.param_dtype == opt.param_dtype && g.options.grad_is_fp32 == opt.grad_is_fp32;
