@@ -408,10 +408,11 @@ class IncrementalOptimizer(Optimizer):
     def _check_unshared_steps(self, params_per_group):
         """A `step` tensor shared by two params would count one update per param on
         the CPU (the kernel increments each listed counter) and one in all on CUDA:
-        refused, before anything runs. One data_ptr per param with a grad; the
-        error path alone walks the groups to name the params."""
+        refused, before anything runs. Compared by identity, cheaper than a data_ptr()
+        call per param on every step; the error path alone walks the groups to name
+        the params."""
         state = self.state
-        ptrs = [s["step"].data_ptr() for params in params_per_group
+        ptrs = [id(s["step"]) for params in params_per_group
                 for s in map(state.get, params) if s and "step" in s]
         if len(set(ptrs)) == len(ptrs):
             return
@@ -422,7 +423,7 @@ class IncrementalOptimizer(Optimizer):
                 if p.grad is None or not s or "step" not in s:
                     continue
                 where = f"param_groups[{gi}]['params'][{i}]"
-                first = owners.setdefault(s["step"].data_ptr(), where)
+                first = owners.setdefault(id(s["step"]), where)
                 if first != where:
                     raise RuntimeError(f"{first} and {where} share one state['step'] tensor: "
                                        "each param needs its own update count")
