@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -38,7 +39,10 @@ using namespace incrkern::select;
 
 constexpr int64_t kChunkTiles = 256;   // tiles per scan of the fused pass (4K elements)
 constexpr int64_t kDenseGrain = 1 << 15;
-constexpr int64_t kTileAhead = 8;      // listed tiles prefetched ahead of the update
+// Listed tiles whose lines are requested before the first of them is updated: at low
+// density the listed tiles lie far apart, and the update of one takes a few ns
+// against a wait on memory for its lines.
+constexpr int64_t kTileAhead = 48;
 
 // 8 mask bits as 8 bytes (0 or 1): the byte mask the streaming loop reads.
 struct ByteMasks {
@@ -51,64 +55,76 @@ struct ByteMasks {
 };
 inline constexpr ByteMasks kByteMasks{};
 
-// The listed tiles (first element starts[j], chosen lanes masks[j]) updated as
-// wholes by the masked streaming loop; consume zeroes the chosen lanes of g.
-template <typename T, typename G, typename M>
-[[gnu::always_inline]] inline void adam_tiles(T* p, G* g, M* m, M* v, bool consume,
-                                              const int64_t* starts, const uint32_t* masks,
-                                              int64_t n, const AdamHyper<M> h,
-                                              const M step_size, const M bc2_sqrt,
-                                              const M grad_scale) {
-  // A tile's p, m and v lines are requested kTileAhead listed tiles early: at low
-  // density the listed tiles are far apart and each would wait on memory.
-  auto fetch = [&](int64_t s) {
-    __builtin_prefetch(p + s, 0, 1);
-    __builtin_prefetch(m + s, 0, 1);
-    __builtin_prefetch(v + s, 0, 1);
-  };
-  for (int64_t j = 0; j < std::min(n, kTileAhead); ++j) fetch(starts[j]);
-  for (int64_t j = 0; j < n; ++j) {
-    if (j + kTileAhead < n) fetch(starts[j + kTileAhead]);
-    const int64_t s = starts[j];
-    const uint64_t bytes[2] = {kByteMasks.of[masks[j] & 0xffu], kByteMasks.of[(masks[j] >> 8) & 0xffu]};
-    const bool* mask = reinterpret_cast<const bool*>(bytes);
-    if (consume)
-      adam_stream<T, G, M, true, true>(p + s, g + s, m + s, v + s, mask, 0, kTile, h, step_size,
-                                       bc2_sqrt, grad_scale);
-    else
-      adam_stream<T, G, M, true, false>(p + s, g + s, m + s, v + s, mask, 0, kTile, h, step_size,
-                                        bc2_sqrt, grad_scale);
-  }
-}
+// The band scans over whole tiles of x (|x| keys, select_keys.h): a key is a winner
+// when its order is > hi_gt (key > H), a candidate when > lo_gt but not a winner.
 
-// The fp32 form for each ISA, as update_cpu.cpp's streaming loops.
-IK_ISA_CLONES void adam_tiles_f32(float* p, float* g, float* m, float* v, bool consume,
-                                  const int64_t* starts, const uint32_t* masks, int64_t n,
-                                  const AdamHyper<float> h, const float step_size,
-                                  const float bc2_sqrt, const float grad_scale) {
-  adam_tiles<float, float, float>(p, g, m, v, consume, starts, masks, n, h, step_size, bc2_sqrt,
-                                  grad_scale);
-}
+// Lists of the tiles of a chunk holding a winner (first element, winner lanes) and
+// of those holding a candidate (first element, candidate lanes); w counts winners.
+struct TileLists {
+  int64_t* wstart;
+  uint32_t* wmask;
+  int64_t nw;
+  int64_t* cstart;
+  uint32_t* cmask;
+  int64_t nc;
+  int64_t w;
+};
 
-// Per tile of x: bit j of the low 16 bits set when key j >= lo (order > lo_gt),
-// of the high 16 when key j > hi (order > hi_gt); |x| keys (select_keys.h).
+// Appends the tiles of x[0, 16 * tiles) (x's first element at position base) to the
+// lists, without a branch that depends on the data; few_hits: with a branch per
+// tile that holds no key >= L, cheaper when nearly none does.
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename T>
-__attribute__((target("avx2,f16c"))) void tile_masks_avx2(const T* x, int64_t tiles, int32_t lo_gt,
-                                                          int32_t hi_gt, uint32_t* masks) {
+__attribute__((target("avx2,f16c,popcnt"))) void list_tiles_avx2(const T* x, int64_t tiles,
+                                                                 int32_t lo_gt, int32_t hi_gt,
+                                                                 int64_t base, TileLists& l,
+                                                                 bool few_hits) {
   const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
+  int64_t nw = l.nw, nc = l.nc, w = l.w;
   for (int64_t t = 0; t < tiles; ++t) {
     const T* q = x + t * kTile;
     const __m256i a = order8_avx2<T, false>(q), b = order8_avx2<T, false>(q + 8);
-    masks[t] = gt_mask16(a, b, lo) | (gt_mask16(a, b, hi) << 16);
+    const uint32_t ml = gt_mask16(a, b, lo);
+    if (few_hits && !ml) continue;
+    const uint32_t mh = gt_mask16(a, b, hi), mc = ml & ~mh;
+    l.wstart[nw] = l.cstart[nc] = base + t * kTile;
+    l.wmask[nw] = mh;
+    l.cmask[nc] = mc;
+    nw += mh != 0;
+    nc += mc != 0;
+    w += __builtin_popcount(mh);
   }
+  l.nw = nw, l.nc = nc, l.w = w;
+}
+
+// Adds the counts of winners and candidates of x[0, 16 * tiles), tiles < 2^26.
+template <typename T>
+__attribute__((target("avx2,f16c"))) void count_band_avx2(const T* x, int64_t tiles,
+                                                          int32_t lo_gt, int32_t hi_gt,
+                                                          int64_t& w, int64_t& c) {
+  const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
+  __m256i at_least = _mm256_setzero_si256(), above = _mm256_setzero_si256();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const T* q = x + t * kTile;
+    const __m256i a = order8_avx2<T, false>(q), b = order8_avx2<T, false>(q + 8);
+    // a compare's true lanes are -1: subtracting counts them
+    at_least = _mm256_sub_epi32(at_least, _mm256_cmpgt_epi32(a, lo));
+    at_least = _mm256_sub_epi32(at_least, _mm256_cmpgt_epi32(b, lo));
+    above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(a, hi));
+    above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(b, hi));
+  }
+  int32_t ge[8], gt[8];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(ge), at_least);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(gt), above);
+  for (int j = 0; j < 8; ++j) w += gt[j], c += ge[j] - gt[j];
 }
 #endif
 
 template <typename T>
-void tile_masks(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, uint32_t* masks) {
+void list_tiles(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, int64_t base,
+                TileLists& l, bool few_hits) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) return tile_masks_avx2<T>(x, tiles, lo_gt, hi_gt, masks);
+  if (use_avx2()) return list_tiles_avx2<T>(x, tiles, lo_gt, hi_gt, base, l, few_hits);
 #endif
   for (int64_t t = 0; t < tiles; ++t) {
     uint32_t ml = 0, mh = 0;
@@ -117,7 +133,26 @@ void tile_masks(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, uint32_
       ml |= uint32_t(order > lo_gt) << j;
       mh |= uint32_t(order > hi_gt) << j;
     }
-    masks[t] = ml | (mh << 16);
+    const uint32_t mc = ml & ~mh;
+    l.wstart[l.nw] = l.cstart[l.nc] = base + t * kTile;
+    l.wmask[l.nw] = mh;
+    l.cmask[l.nc] = mc;
+    l.nw += mh != 0;
+    l.nc += mc != 0;
+    l.w += __builtin_popcount(mh);
+  }
+}
+
+template <typename T>
+void count_band(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, int64_t& w,
+                int64_t& c) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return count_band_avx2<T>(x, tiles, lo_gt, hi_gt, w, c);
+#endif
+  for (int64_t e = 0; e < tiles * kTile; ++e) {
+    const int32_t order = order_at<false>(x, e);
+    w += order > hi_gt;
+    c += order > lo_gt && order <= hi_gt;
   }
 }
 
@@ -153,29 +188,50 @@ struct AdamTensor {
     for (int64_t i = b; i < e; ++i) r[i] = r[i] + M(1) * M(g[i]);
   }
 
+  // The streaming loop over [s, s + len), where mask (bytes, from s) is set or
+  // everywhere (mask null). With a residual it reads r and zeroes it where chosen.
+  void stream(int64_t s, int64_t len, const bool* mask) const {
+    if constexpr (std::is_same_v<T, float>)
+      adam_stream_f32(p + s, (r ? r : const_cast<T*>(g)) + s, m + s, v + s, mask, r != nullptr,
+                      0, len, h, step_size, bc2_sqrt, grad_scale);
+    else if (r)
+      adam_stream_any<T, M, M>(p + s, r + s, m + s, v + s, mask, true, 0, len, h, step_size,
+                               bc2_sqrt, grad_scale);
+    else
+      adam_stream_any<T, T, M>(p + s, const_cast<T*>(g) + s, m + s, v + s, mask, false, 0, len,
+                               h, step_size, bc2_sqrt, grad_scale);
+  }
+
   // Every element of [b, e) updated.
   void dense(int64_t b, int64_t e) const {
     if (r) add_residual(b, e);
-    if constexpr (std::is_same_v<T, float>)
-      adam_stream_f32(p, r ? r : const_cast<T*>(g), m, v, nullptr, r != nullptr, b, e, h,
-                      step_size, bc2_sqrt, grad_scale);
-    else if (r)
-      adam_stream_any<T, M, M>(p, r, m, v, nullptr, true, b, e, h, step_size, bc2_sqrt,
-                               grad_scale);
-    else
-      adam_stream_any<T, T, M>(p, const_cast<T*>(g), m, v, nullptr, false, b, e, h, step_size,
-                               bc2_sqrt, grad_scale);
+    stream(b, e - b, nullptr);
   }
 
+  // The p, m and v lines of the tile at s requested (to L2, as update_cpu.cpp does).
+  void fetch(int64_t s) const {
+    __builtin_prefetch(p + s, 0, 1);
+    __builtin_prefetch(m + s, 0, 1);
+    __builtin_prefetch(v + s, 0, 1);
+  }
+
+  // The listed tiles (first element starts[j], chosen lanes masks[j], ascending)
+  // updated as wholes by the masked streaming loop, one call per run of adjacent
+  // tiles: every lane computed, the chosen ones kept, the others written back as
+  // they were.
   void tiles(const int64_t* starts, const uint32_t* masks, int64_t n) const {
-    if constexpr (std::is_same_v<T, float>)
-      adam_tiles_f32(p, r ? r : const_cast<T*>(g), m, v, r != nullptr, starts, masks, n, h,
-                     step_size, bc2_sqrt, grad_scale);
-    else if (r)
-      adam_tiles<T, M, M>(p, r, m, v, true, starts, masks, n, h, step_size, bc2_sqrt, grad_scale);
-    else
-      adam_tiles<T, T, M>(p, const_cast<T*>(g), m, v, false, starts, masks, n, h, step_size,
-                          bc2_sqrt, grad_scale);
+    constexpr int64_t kRun = 64;  // tiles per call at most
+    uint64_t bytes[2 * kRun];
+    for (int64_t j = 0; j < n;) {
+      const int64_t s0 = starts[j];
+      int64_t len = 0;
+      do {
+        bytes[2 * len] = kByteMasks.of[masks[j] & 0xffu];
+        bytes[2 * len + 1] = kByteMasks.of[(masks[j] >> 8) & 0xffu];
+        ++len, ++j;
+      } while (j < n && len < kRun && starts[j] == s0 + len * kTile);
+      stream(s0, len * kTile, reinterpret_cast<const bool*>(bytes));
+    }
   }
 
   // The key of element e (after add_residual, with a residual).
@@ -278,17 +334,16 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   std::vector<BlockOut> out(static_cast<size_t>(nblocks));
 
-  // Calls tile_masks on the keys of the chunk [b, b + 16 * tiles): g itself, or the
-  // residual sum (r + g) either in r (written) or in scratch (count pass).
-  auto chunk_masks = [&](int64_t b, int64_t tiles, bool write_residual, float* scratch,
-                         uint32_t* masks) {
-    if (!t.r) return tile_masks(t.g + b, tiles, lo_gt, hi_gt, masks);
-    if (write_residual) {
+  // The keys of the chunk [b, b + 16 * tiles): g itself, or the residual sum r + g,
+  // written to r (fused pass) or to scratch (count pass). fn(keys, tiles) scans them.
+  auto with_chunk_keys = [&](int64_t b, int64_t tiles, float* scratch, auto&& fn) {
+    if (!t.r) return fn(t.g + b);
+    if (!scratch) {
       t.add_residual(b, b + tiles * kTile);
-      return tile_masks(t.r + b, tiles, lo_gt, hi_gt, masks);
+      return fn(static_cast<const float*>(t.r + b));
     }
     for (int64_t e = 0; e < tiles * kTile; ++e) scratch[e] = t.r[b + e] + float(t.g[b + e]);
-    tile_masks(static_cast<const float*>(scratch), tiles, lo_gt, hi_gt, masks);
+    fn(static_cast<const float*>(scratch));
   };
   auto tail_key = [&](int64_t e, bool write_residual) {
     if (!t.r) return t.key(e);
@@ -301,7 +356,6 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
     // The count pass: no writes. The fused pass may update the winners at once only
     // when they are at most k and the band holds the k-th key.
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      uint32_t masks[kChunkTiles];
       std::vector<float> scratch(t.r ? size_t(kChunkTiles * kTile) : 0);
       for (int64_t bi = b0; bi < b1; ++bi) {
         const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
@@ -309,12 +363,9 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
         int64_t w = 0, cnt = 0;
         for (int64_t e = begin; e < whole; e += kChunkTiles * kTile) {
           const int64_t tiles = std::min(kChunkTiles, (whole - e) / kTile);
-          chunk_masks(e, tiles, false, scratch.data(), masks);
-          for (int64_t j = 0; j < tiles; ++j) {
-            const uint32_t mh = masks[j] >> 16;
-            w += __builtin_popcount(mh);
-            cnt += __builtin_popcount(masks[j] & 0xffffu & ~mh);
-          }
+          with_chunk_keys(e, tiles, scratch.data(), [&](const auto* keys) {
+            count_band(keys, tiles, lo_gt, hi_gt, w, cnt);
+          });
         }
         for (int64_t e = whole; e < end; ++e) {
           const uint32_t key = tail_key(e, false);
@@ -330,39 +381,42 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
     if (!(w <= k && k <= w + cnt)) return run_fallback(c, i, t, k);
   }
 
-  // The fused pass.
+  // The fused pass. The tiles holding a winner are listed for the block, their lines
+  // requested as they are listed, and updated kTileAhead listed tiles behind.
+  // few_hits as for_band (scan_cpu.h) decides it: nearly no tile holds a key >= L.
+  const bool few_hits = 1.4 * double(k) / double(n) * kTile < 0.03;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    uint32_t masks[kChunkTiles], wmask[kChunkTiles], cmask[kChunkTiles];
-    int64_t wstart[kChunkTiles], cstart[kChunkTiles];
+    uint32_t cmask[kChunkTiles];
+    int64_t cstart[kChunkTiles];
+    std::vector<int64_t> wstart(size_t(kBlock / kTile + 1));
+    std::vector<uint32_t> wmask(wstart.size());
     for (int64_t bi = b0; bi < b1; ++bi) {
       BlockOut& o = out[bi];
-      o.winners = 0;
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
       const int64_t whole = begin + (end - begin) / kTile * kTile;
+      TileLists l{wstart.data(), wmask.data(), 0, cstart, cmask, 0, 0};
+      int64_t done = 0;  // listed tiles updated
       for (int64_t e = begin; e < whole; e += kChunkTiles * kTile) {
         const int64_t tiles = std::min(kChunkTiles, (whole - e) / kTile);
-        chunk_masks(e, tiles, true, nullptr, masks);
-        // The tiles holding a winner, and those holding a candidate, listed without
-        // a branch that depends on the data.
-        int64_t nw = 0, nc = 0;
-        for (int64_t j = 0; j < tiles; ++j) {
-          const uint32_t mh = masks[j] >> 16, mc = masks[j] & 0xffffu & ~mh;
-          wstart[nw] = e + j * kTile;
-          wmask[nw] = mh;
-          nw += mh != 0;
-          cstart[nc] = e + j * kTile;
-          cmask[nc] = mc;
-          nc += mc != 0;
+        const int64_t listed = l.nw;
+        l.nc = 0;
+        with_chunk_keys(e, tiles, nullptr, [&](const auto* keys) {
+          list_tiles(keys, tiles, lo_gt, hi_gt, e, l, few_hits);
+        });
+        for (int64_t j = listed; j < l.nw; ++j) t.fetch(wstart[j]);
+        if (l.nw - done > kTileAhead) {
+          t.tiles(wstart.data() + done, wmask.data() + done, l.nw - kTileAhead - done);
+          done = l.nw - kTileAhead;
         }
-        for (int64_t j = 0; j < nw; ++j) o.winners += __builtin_popcount(wmask[j]);
-        t.tiles(wstart, wmask, nw);
-        for (int64_t j = 0; j < nc; ++j)
+        for (int64_t j = 0; j < l.nc; ++j)
           for (uint32_t mc = cmask[j]; mc; mc &= mc - 1) {
             const int64_t q = cstart[j] + __builtin_ctz(mc);
             o.ckey.push_back(t.key(q));
             o.cpos.push_back(q);
           }
       }
+      t.tiles(wstart.data() + done, wmask.data() + done, l.nw - done);
+      o.winners = l.w;
       for (int64_t e = whole; e < end; ++e) {
         const uint32_t key = tail_key(e, true);
         if (key > hi) {

@@ -36,14 +36,20 @@ MASK_DENSITY = 0.1
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The fused select-and-update (ops.adam_select_update_) against select then update
-# (by positions, or by mask from MASK_DENSITY on), by density: measured with
-# bench/crossover_fused.py, see docs/design.md, "Choosing a path".
-FUSED_MAX_DENSITY = 1.0
+# (by positions, or by mask from MASK_DENSITY on), measured with
+# bench/crossover_fused.py and bench/fused_optimizer_step.py (docs/design.md,
+# "Choosing a path"): on tensors of up to 2^18 elements the fused call wins at every
+# density (no positions returned, no second op call); on a 1e7 tensor the tile-fused
+# stream wins only from about density 0.2 on, where select then update pays for a
+# full read, a scattered or masked update and the mask built from the positions.
+FUSED_SMALL_NUMEL = 2 ** 18
+FUSED_MIN_DENSITY = 0.2
 
 
-def use_fused(density, numel):
-    """Whether a step of `numel` elements at `density` takes the fused kernel."""
-    return density < FUSED_MAX_DENSITY
+def use_fused(density, largest_numel):
+    """Whether a step at `density` whose largest tensor has `largest_numel` elements
+    takes the fused kernel."""
+    return largest_numel <= FUSED_SMALL_NUMEL or density >= FUSED_MIN_DENSITY
 
 
 # The group options every incrkern optimizer adds to torch's.
@@ -394,7 +400,7 @@ class IncrementalOptimizer(Optimizer):
         params = by_device[0][1]
         if any(p.dtype not in _FUSED_DTYPES for p in params):
             return False
-        return use_fused(float(group["density"]), sum(p.numel() for p in params))
+        return use_fused(float(group["density"]), max(p.numel() for p in params))
 
     def _select_update(self, group, work, device, ks, residuals, approx):
         """The fused kernel call (subclasses that have one): select by |grad| (or
