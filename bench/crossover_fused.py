@@ -24,6 +24,20 @@ def make_grad(kind, n, gen):
     return torch.randn(n, generator=gen)
 
 
+def best_interleaved(variants, repeats):
+    """{name: best time in ms} of the callables in `variants`, run in turn `repeats`
+    times after one warm-up each: on a shared machine others only ever add time."""
+    best = {name: float("inf") for name in variants}
+    for fn in variants.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: t * 1e3 for name, t in best.items()}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--numel", type=float, default=1e7)
@@ -81,15 +95,7 @@ def main():
         variants = dict(fused=fused(k, False), approx=fused(k, True),
                         positions=composed(k, False), mask=composed(k, True),
                         torch=dense.step)
-        best = {name: float("inf") for name in variants}
-        for fn in variants.values():
-            fn()  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
-        ms = {name: t * 1e3 for name, t in best.items()}
+        ms = best_interleaved(variants, args.repeats)
         print(f"{d:8.3f} {ms['fused']:7.2f} {ms['approx']:7.2f} {ms['positions']:10.2f} "
               f"{ms['mask']:7.2f} {ms['torch']:7.2f} {ms['torch'] / ms['fused']:12.2f}",
               flush=True)

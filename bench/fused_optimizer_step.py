@@ -6,12 +6,12 @@ scale. Interleaved in one process, each timed best of --repeats.
     python bench/fused_optimizer_step.py [--numel 1e7] [--repeats 5] [--threads N]
 """
 import argparse
-import time
 
 import torch
 
 import incrkern
 import incrkern.optim.base as base
+from crossover_fused import best_interleaved  # bench/ is the script's own directory
 
 
 def main():
@@ -53,15 +53,7 @@ def main():
         for topk in ("exact", "approx"):
             variants = dict(before=optimizer_step(d, topk, False),
                             after=optimizer_step(d, topk, True), torch=dense.step)
-            best = {name: float("inf") for name in variants}
-            for fn in variants.values():
-                fn()  # warm-up: state allocated
-            for _ in range(args.repeats):
-                for name, fn in variants.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    best[name] = min(best[name], time.perf_counter() - t0)
-            ms = {name: t * 1e3 for name, t in best.items()}
+            ms = best_interleaved(variants, args.repeats)
             print(f"{d:8.3f} {topk:>7} {ms['before']:8.2f} {ms['after']:8.2f} "
                   f"{ms['before'] / ms['after']:9.2f} {ms['torch']:7.2f} "
                   f"{ms['torch'] / ms['after']:12.2f}", flush=True)

@@ -136,6 +136,18 @@ def _check_lr(lr, lr_tensor, params):
             raise ValueError(f"lr_tensor is on {lr_tensor.device}, expected {params[0].device}")
 
 
+def _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale):
+    _check_lr(lr, lr_tensor, params)
+    _check_number("beta1", beta1, 0.0, 1.0)
+    _check_number("beta2", beta2, 0.0, 1.0)
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if beta == 1.0:  # the bias correction 1 - beta**t would be 0: torch.optim refuses
+            raise ValueError(f"{name} must be in [0, 1), got {beta}")
+    _check_number("eps", eps, 0.0)
+    _check_number("weight_decay", weight_decay, 0.0)
+    _check_number("grad_scale", grad_scale)
+
+
 # ----------------------------------------------------------------------------------
 # update family
 
@@ -172,15 +184,7 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
         indices = _as_list("indices", indices, allow_none=True)
         masks = _as_list("masks", masks, allow_none=True)
         ages = _as_list("ages", ages, allow_none=True)
-        _check_lr(lr, lr_tensor, params)
-        _check_number("beta1", beta1, 0.0, 1.0)
-        _check_number("beta2", beta2, 0.0, 1.0)
-        for name, beta in (("beta1", beta1), ("beta2", beta2)):
-            if beta == 1.0:  # the bias correction 1 - beta**t would be 0: torch.optim refuses
-                raise ValueError(f"{name} must be in [0, 1), got {beta}")
-        _check_number("eps", eps, 0.0)
-        _check_number("weight_decay", weight_decay, 0.0)
-        _check_number("grad_scale", grad_scale)
+        _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
         _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
                       compact_state, "exp_avgs")
     _dispatch("adam_update_", params, grads, exp_avgs, exp_avg_sqs, steps, indices or [],
@@ -486,25 +490,16 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
     above L, all of those are (count < k). Every updated score is >= L, a lower bound of
     the k-th score. Small tensors are always exact.
 
-    On the CPU this is one kernel (incrkern/csrc/fused); elsewhere the wrapper composes
+    On the CPU this is one kernel (csrc/fused/fused_cpu.cpp); elsewhere the wrapper composes
     ``select`` and ``adam_update_``.
     """
     if validate:
-        params = _as_list("params", params)
-        grads = _as_list("grads", grads)
-        exp_avgs = _as_list("exp_avgs", exp_avgs)
-        exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs)
-        steps = _as_list("steps", steps)
+        lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                     steps=steps)
+        params, grads, exp_avgs, exp_avg_sqs, steps = (
+            _as_list(name, value) for name, value in lists.items())
         residuals = _as_list("residuals", residuals, allow_none=True)
-        _check_lr(lr, lr_tensor, params)
-        _check_number("beta1", beta1, 0.0, 1.0)
-        _check_number("beta2", beta2, 0.0, 1.0)
-        for name, beta in (("beta1", beta1), ("beta2", beta2)):
-            if beta == 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {beta}")
-        _check_number("eps", eps, 0.0)
-        _check_number("weight_decay", weight_decay, 0.0)
-        _check_number("grad_scale", grad_scale)
+        _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
         _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, [], [], [], False,
                       "exp_avgs")
         if not isinstance(ks, (list, tuple)) or len(ks) != len(params):
