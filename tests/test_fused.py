@@ -339,3 +339,12 @@ def test_bad_input_touches_nothing(n):
         for key in before:
             for a, b in zip(x[key], before[key]):
                 assert torch.equal(a, b), key
+
+
+@needs_ext
+def test_opcheck():
+    x = make([100, 50], torch.float32, residual=True)
+    torch.library.opcheck(torch.ops.incrkern.adam_select_update_.default,
+                          (x["params"], x["grads"], x["m"], x["v"], x["steps"], [10, 5], x["r"],
+                           False, 1e-3, 0.9, 0.999, 1e-8, 0.0, True, False),
+                          dict(increment_steps=True))
