@@ -138,6 +138,18 @@ def _check_lr(lr, lr_tensor, params):
             raise ValueError(f"lr_tensor is on {lr_tensor.device}, expected {params[0].device}")
 
 
+def _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale):
+    _check_lr(lr, lr_tensor, params)
+    _check_number("beta1", beta1, 0.0, 1.0)
+    _check_number("beta2", beta2, 0.0, 1.0)
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if beta == 1.0:  # the bias correction 1 - beta**t would be 0: torch.optim refuses
+            raise ValueError(f"{name} must be in [0, 1), got {beta}")
+    _check_number("eps", eps, 0.0)
+    _check_number("weight_decay", weight_decay, 0.0)
+    _check_number("grad_scale", grad_scale)
+
+
 # ----------------------------------------------------------------------------------
 # update family
 
@@ -174,15 +186,7 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
         indices = _as_list("indices", indices, allow_none=True)
         masks = _as_list("masks", masks, allow_none=True)
         ages = _as_list("ages", ages, allow_none=True)
-        _check_lr(lr, lr_tensor, params)
-        _check_number("beta1", beta1, 0.0, 1.0)
-        _check_number("beta2", beta2, 0.0, 1.0)
-        for name, beta in (("beta1", beta1), ("beta2", beta2)):
-            if beta == 1.0:  # the bias correction 1 - beta**t would be 0: torch.optim refuses
-                raise ValueError(f"{name} must be in [0, 1), got {beta}")
-        _check_number("eps", eps, 0.0)
-        _check_number("weight_decay", weight_decay, 0.0)
-        _check_number("grad_scale", grad_scale)
+        _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
         _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
                       compact_state, "exp_avgs")
     _dispatch("adam_update_", params, grads, exp_avgs, exp_avg_sqs, steps, indices or [],
@@ -309,7 +313,8 @@ def _check_k_int(name, k, numel):
     return int(k)
 
 
-def _density_k(density, numel):
+def density_k(density, numel):
+    """The k of a density: ceil(density * numel), at most numel."""
     return min(numel, math.ceil(density * numel))
 
 
@@ -407,8 +412,8 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
     if isinstance(k, float):
         if not 0.0 < k <= 1.0:
             raise ValueError(f"k as a density must be in (0, 1], got {k}")
-        ks = [_density_k(k, sum(numels))] if global_scope else \
-            [_density_k(k, n) for n in numels]
+        ks = [density_k(k, sum(numels))] if global_scope else \
+            [density_k(k, n) for n in numels]
     elif isinstance(k, numbers.Integral):
         if global_scope:
             ks = [_check_k_int("k", k, sum(numels))]
@@ -454,6 +459,90 @@ if EXTENSION_LOADED:
             ctx = torch.library.get_ctx()
             return [t.new_empty(ctx.new_dynamic_size(), dtype=torch.int64) for t in tensors]
         return [t.new_empty(k, dtype=torch.int64) for t, k in zip(tensors, ks)]
+
+
+# ----------------------------------------------------------------------------------
+# fused select-and-update
+
+
+def _has_kernel(name, device):
+    return EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"incrkern::{name}", "CPU" if device.type == "cpu" else "CUDA")
+
+
+def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residuals=None, *,
+                        approx=False, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                        decoupled_weight_decay=False, maximize=False, grad_scale=1.0,
+                        lr_tensor=None, increment_steps=False, validate=True):
+    """Selects and updates in one call: per param, the ks[i] elements of largest
+    |grads[i]| get the Adam update (as adam_update_), the rest and their state stay
+    bit-identical. Returns an int64 CPU tensor: the count updated per param.
+
+    The same result as ``select(grads, ks, score="grad")`` then ``adam_update_(...,
+    indices=...)``: exact mode takes the k largest, ties to the lowest index (NaN above
+    +inf, -0 == +0). With `residuals` (error feedback: fp32, fp64 for fp64 params) the
+    score is |r + g|; the chosen elements are updated with u = r + g and their residual
+    becomes 0, every other residual becomes r + g (as ``accumulate_`` then select on
+    the residual then ``adam_update_(consume_grad=True)``). Grads have the param's dtype.
+
+    approx=True (large tensors, beyond 2^18 elements): a band [L, H] on the k-th score
+    comes from a sample and one pass updates every element above H and keeps those in
+    the band; when the band holds the k-th score the answer is exact (count k, the
+    usual case: the band has four standard deviations of margin); when more than k
+    scores lie above H, all of them are updated (count > k); when fewer than k lie at or
+    above L, all of those are (count < k). Every updated score is >= L, a lower bound of
+    the k-th score. Small tensors are always exact.
+
+    On the CPU this is one kernel (csrc/fused/fused_cpu.cpp); elsewhere the wrapper composes
+    ``select`` and ``adam_update_``.
+    """
+    if validate:
+        lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                     steps=steps)
+        params, grads, exp_avgs, exp_avg_sqs, steps = (
+            _as_list(name, value) for name, value in lists.items())
+        residuals = _as_list("residuals", residuals, allow_none=True)
+        _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
+        _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, [], [], [], False,
+                      "exp_avgs")
+        if not isinstance(ks, (list, tuple)) or len(ks) != len(params):
+            raise ValueError(f"ks must be a list of {len(params)} ints")
+        ks = [_check_k_int(f"ks[{i}]", k, p.numel()) for i, (k, p) in enumerate(zip(ks, params))]
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g.dtype != p.dtype:
+                raise TypeError(f"grads[{i}] has dtype {g.dtype}, expected the param's {p.dtype}")
+        _check_length("residuals", residuals, len(params), may_be_empty=True)
+        for i, r in enumerate(residuals):
+            _check_tensor(f"residuals[{i}]", r, device=params[i].device,
+                          dtypes=(math_dtype(params[i].dtype),), numel=params[i].numel())
+    residuals = list(residuals or [])
+    hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                 weight_decay=float(weight_decay),
+                 decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize),
+                 grad_scale=float(grad_scale), lr_tensor=lr_tensor,
+                 increment_steps=bool(increment_steps))
+    if not params:
+        return torch.zeros(0, dtype=torch.int64)
+    if _has_kernel("adam_select_update_", params[0].device):
+        return torch.ops.incrkern.adam_select_update_(
+            params, grads, exp_avgs, exp_avg_sqs, steps, [int(k) for k in ks], residuals,
+            bool(approx), **hyper)
+    # No kernel on this device: select, then update at the positions.
+    if residuals:
+        accumulate_(residuals, grads, 1.0)
+    sources = residuals or grads
+    indices = select(sources, [int(k) for k in ks], score="grad", approx=approx,
+                     validate=False)
+    adam_update_(params, sources, exp_avgs, exp_avg_sqs, steps, indices=indices,
+                 consume_grad=bool(residuals), validate=False, **hyper)
+    return torch.tensor([int(i.numel()) for i in indices], dtype=torch.int64)
+
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("incrkern::adam_select_update_")
+    def _adam_select_update_fake(params, *args, **kwargs):
+        return torch.empty(len(params), dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------------

@@ -356,6 +356,7 @@ def test_mask_and_position_forms_agree(monkeypatch, name, options):
                         "indices" if kwargs.get("indices") is not None else "dense")
             return _op(*args, **kwargs)
         monkeypatch.setattr(incrkern.ops, op_name, spy)
+    monkeypatch.setattr(base, "use_fused", lambda density, numel: False)
     results = []
     for mask_density, form in ((2.0, "indices"), (0.0, "masks")):  # never a mask; always
         monkeypatch.setattr(base, "MASK_DENSITY", mask_density)
@@ -379,6 +380,56 @@ def test_mask_and_position_forms_agree(monkeypatch, name, options):
     for a, b in zip(p0, p1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for i in s0:
+        for key, value in s0[i].items():
+            if torch.is_tensor(value):
+                torch.testing.assert_close(value, s1[i][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("options", [
+    dict(select="grad"), dict(select="accumulated"), dict(select="grad", maximize=True),
+    dict(select="grad", dtype=torch.bfloat16), dict(select="accumulated", topk="approx"),
+])
+def test_fused_path_agrees_with_positions(monkeypatch, name, options):
+    """An eligible group (CPU, |grad| or error feedback per tensor, dynamic mask) steps
+    through the fused select-and-update kernel; it chooses the same elements as select
+    then update by positions, and gives the same params and state to fp32 rounding."""
+    import incrkern.optim.base as base
+
+    options = dict(options)
+    dtype = options.pop("dtype", torch.float32)
+    maximize = options.pop("maximize", False)
+    used = []
+    for op_name in ("adam_update_", "adam_select_update_"):
+        op = getattr(incrkern.ops, op_name)
+
+        def spy(*args, _op=op, _name=op_name, **kwargs):
+            used.append(_name)
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(incrkern.ops, op_name, spy)
+    sizes = [2 ** 18 + 1000, 24 * 24, 5]  # one tensor takes the large (band) path
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(base, "use_fused", lambda density, numel, _f=fused: _f)
+        used.clear()
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in sizes]
+        opt = getattr(incrkern.optim, name)(params, **torch_kwargs(name), maximize=maximize,
+                                            density=0.02, **options)
+        for _ in range(4):
+            for p in params:
+                z = torch.randn(p.numel(), generator=gen)
+                p.grad = (z / torch.rand(p.numel(), generator=gen).add(0.05)).to(dtype)
+            opt.step()
+        assert used and set(used) == {"adam_select_update_" if fused else "adam_update_"}, used
+        results.append(([p.detach().clone() for p in params],
+                        copy.deepcopy(opt.state_dict()["state"])))
+    (p0, s0), (p1, s1) = results
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, **tol)
+    for i in s0:
+        assert set(s0[i]) == set(s1[i])
         for key, value in s0[i].items():
             if torch.is_tensor(value):
                 torch.testing.assert_close(value, s1[i][key], rtol=1e-5, atol=1e-6, msg=key)

@@ -425,6 +425,9 @@ class Selector {
     return finish_candidates(ckey, cpos);
   }
 
+  // Public for the fused select-and-update (fused/fused_cpu.cpp), which streams its
+  // own band pass.
+ public:
   // The band [L, H] from a constant-stride sample (sample_keys), or nothing when the
   // sample predicts more candidates than the budget allows.
   std::optional<std::pair<K, K>> sample_band() {
@@ -460,6 +463,8 @@ class Selector {
     }
     return std::make_pair(lo, hi);
   }
+
+ private:
 
   // One read: per block, positions with key > hi and candidates lo <= key <= hi.
   // Returns false when the candidates overflow `cap` (the pass then stops early).

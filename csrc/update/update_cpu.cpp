@@ -11,9 +11,20 @@
 
 #include "common/parallel_ranges.h"
 #include "common/rules.h"
+#include "update/adam_stream_cpu.h"
 #include "update/update_checks.h"
 
 namespace incrkern {
+
+// The fp32 Adam loop for each ISA (update/adam_stream_cpu.h).
+IK_ISA_CLONES void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask,
+                                   bool consume, int64_t begin, int64_t end,
+                                   const AdamHyper<float> h, const float step_size,
+                                   const float bc2_sqrt, const float grad_scale) {
+  adam_stream_any<float, float, float>(p, g, m, v, mask, consume, begin, end, h, step_size,
+                                       bc2_sqrt, grad_scale);
+}
+
 namespace {
 
 // Positions per task: a streamed element costs a few bytes of bandwidth, a
@@ -84,30 +95,6 @@ inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visi
   }
 }
 
-// The streaming loops: every element of [begin, end), in order. Restrict pointers
-// and hyper-parameters passed by value let gcc see that no store aliases them, so
-// it vectorises the loops (with the hyper-parameters read through a reference it
-// does not: "control flow in loop"). kMasked: the dense-mask form, branch-free --
-// every element is computed and the mask selects new or old value, so it vectorises
-// too and unchosen elements are written back bit-identical. The mask is read as
-// bytes: gcc has no vector type for a bool load, and left the loop scalar.
-// kConsume: zero the gradient entries used.
-template <typename T, typename G, typename M, bool kMasked, bool kConsume>
-[[gnu::always_inline]] inline void adam_stream(
-    T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v,
-    const bool* __restrict mask, int64_t begin, int64_t end, const AdamHyper<M> h,
-    const M step_size, const M bc2_sqrt, const M grad_scale) {
-  for (int64_t e = begin; e < end; ++e) {
-    M pm = M(p[e]), mm = m[e], vv = v[e];
-    adam_rule(pm, M(g[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
-    const bool on = kMasked ? reinterpret_cast<const uint8_t*>(mask)[e] != 0 : true;
-    p[e] = on ? T(pm) : p[e];
-    m[e] = on ? mm : m[e];
-    v[e] = on ? vv : v[e];
-    if (kConsume) g[e] = on ? G(0) : g[e];
-  }
-}
-
 // SGD's flags that pick branches in sgd_rule (first step, nesterov) are template
 // parameters here: left as run-time values, gcc keeps the branches in the loop and
 // does not vectorise it. See Note [branch-free loops vectorise] in common/hd.h.
@@ -126,23 +113,6 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool 
     if (kHasBuffer) buf[e] = on ? bm : buf[e];
     if (kConsume) g[e] = on ? G(0) : g[e];
   }
-}
-
-// Picks the instantiation for the run-time flags.
-template <typename T, typename G, typename M>
-[[gnu::always_inline]] inline void adam_stream_any(
-    T* p, G* g, M* m, M* v, const bool* mask, bool consume, int64_t begin, int64_t end,
-    const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
-#define IK_ADAM_STREAM(MASKED, CONSUME)                                                     \
-  return adam_stream<T, G, M, MASKED, CONSUME>(p, g, m, v, mask, begin, end, h, step_size, \
-                                               bc2_sqrt, grad_scale)
-  if (mask) {
-    if (consume) IK_ADAM_STREAM(true, true);
-    IK_ADAM_STREAM(true, false);
-  }
-  if (consume) IK_ADAM_STREAM(false, true);
-  IK_ADAM_STREAM(false, false);
-#undef IK_ADAM_STREAM
 }
 
 template <typename T, typename G, typename M>
@@ -172,25 +142,6 @@ template <typename T, typename G, typename M>
   IK_SGD_BUF(false, false);
 #undef IK_SGD_BUF
 #undef IK_SGD
-}
-
-// fp32 streaming loops compiled for several ISAs and picked when the library loads
-// (GCC target_clones, an ifunc): AVX-512 or AVX2+FMA where the CPU has them,
-// baseline x86-64 otherwise. The binary still runs on any x86-64 CPU: never
-// -march=native. (At baseline SSE the AdamW step is compute-bound, about 2x slower
-// than torch's fused kernel; with AVX2/AVX-512 it reaches memory bandwidth.)
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define IK_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define IK_ISA_CLONES
-#endif
-
-IK_ISA_CLONES void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask,
-                                   bool consume, int64_t begin, int64_t end,
-                                   const AdamHyper<float> h, const float step_size,
-                                   const float bc2_sqrt, const float grad_scale) {
-  adam_stream_any<float, float, float>(p, g, m, v, mask, consume, begin, end, h, step_size,
-                                       bc2_sqrt, grad_scale);
 }
 
 IK_ISA_CLONES void sgd_stream_f32(float* p, float* g, float* buf, const bool* mask,

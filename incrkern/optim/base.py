@@ -34,6 +34,25 @@ BIAS_CORRECTION_CHOICES = ("tensor", "element")
 # bench/crossover_update.py (docs/design.md, "Choosing a path" and "Measurements").
 MASK_DENSITY = 0.1
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The fused select-and-update (ops.adam_select_update_) against select then update
+# (by positions, or by mask from MASK_DENSITY on), measured with
+# bench/crossover_fused.py and bench/fused_optimizer_step.py (docs/design.md,
+# "Choosing a path"): on tensors of up to 2^18 elements the fused call wins at every
+# density (no positions returned, no second op call); on a 1e7 tensor the tile-fused
+# stream wins only from about density 0.2 on, where select then update pays for a
+# full read, a scattered or masked update and the mask built from the positions.
+FUSED_SMALL_NUMEL = 2 ** 18
+FUSED_MIN_DENSITY = 0.2
+
+
+def use_fused(density, largest_numel):
+    """Whether a step at `density` whose largest tensor has `largest_numel` elements
+    takes the fused kernel."""
+    return largest_numel <= FUSED_SMALL_NUMEL or density >= FUSED_MIN_DENSITY
+
+
 # The group options every incrkern optimizer adds to torch's.
 INCREMENTAL_DEFAULTS = dict(density=1.0, select="grad", scope="tensor", topk="exact",
                             accumulate_steps=1, mask="dynamic", bias_correction="tensor",
@@ -570,8 +589,47 @@ class IncrementalOptimizer(Optimizer):
         return [None if c else torch.empty(0, dtype=torch.int64, device=p.device)
                 for p, c in zip(params, chosen)]
 
+    def _fused_eligible(self, group, by_device):
+        """Whether a step of this group can select and update in one kernel call
+        (_select_update): CPU, |grad| or error feedback per tensor, reselected at every
+        update, one bias correction per tensor, no accumulation over calls, fp32, bf16
+        or fp16 params, and the cost model's choice (use_fused)."""
+        if (type(self)._select_update is IncrementalOptimizer._select_update
+                or len(by_device) != 1 or by_device[0][0].type != "cpu"
+                or group["select"] not in ("grad", "accumulated")
+                or group["scope"] != "tensor" or group["mask"] != "dynamic"
+                or group["bias_correction"] != "tensor" or group["accumulate_steps"] != 1
+                or group.get("momentum_correction")):
+            return False
+        params = by_device[0][1]
+        if any(p.dtype not in _FUSED_DTYPES for p in params):
+            return False
+        return use_fused(float(group["density"]), max(p.numel() for p in params))
+
+    def _select_update(self, group, work, device, ks, residuals, approx):
+        """The fused kernel call (subclasses that have one): select by |grad| (or
+        |residual + grad|) and update, per tensor."""
+        raise NotImplementedError
+
+    def _fused_step(self, group, by_device):
+        (device, ps, grads), = by_device
+        states = [self.state[p] for p in ps]
+        self._init_states(group, ps, states, None, sparse=True)
+        residuals = None
+        if group["select"] == "accumulated":
+            residuals = [self._buffer(p, "residual") for p in ps]
+        density = float(group["density"])
+        ks = [ops.density_k(density, p.numel()) for p in ps]
+        work = _Work(ps, grads, states)
+        self._select_update(group, work, device, ks, residuals, group["topk"] == "approx")
+        work.write_back()
+        group["updates"] += 1
+
     def _incremental_step(self, group, by_device):
         self._check_incremental(group, by_device)
+        if self._fused_eligible(group, by_device):
+            self._fused_step(group, by_device)
+            return
         for _, ps, grads in by_device:
             self._accumulate(group, ps, grads)
         group["accumulated_calls"] += 1

@@ -1,0 +1,105 @@
+"""One sparse AdamW step on the CPU by density: the fused select-and-update
+(ops.adam_select_update_, exact and approx) against select then update by
+positions and select then update by a bool mask, with torch's fused dense AdamW
+for scale. The variants run interleaved, each timed best of --repeats.
+
+    python bench/crossover_fused.py [--numel 1e7] [--repeats 5] [--threads N]
+        [--grads normal|student_t] [--error-feedback]
+"""
+import argparse
+import time
+
+import torch
+
+from incrkern import ops
+
+DENSITIES = [0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5]
+
+
+def make_grad(kind, n, gen):
+    if kind == "student_t":  # heavy tails (df = 2), as real gradients have
+        z = torch.randn(n, generator=gen)
+        chi = torch.randn(n, 2, generator=gen).pow(2).sum(1) / 2
+        return z / chi.sqrt()
+    return torch.randn(n, generator=gen)
+
+
+def best_interleaved(variants, repeats):
+    """{name: best time in ms} of the callables in `variants`, run in turn `repeats`
+    times after one warm-up each: on a shared machine others only ever add time."""
+    best = {name: float("inf") for name in variants}
+    for fn in variants.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: t * 1e3 for name, t in best.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--numel", type=float, default=1e7)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--grads", default="normal", choices=["normal", "student_t"])
+    parser.add_argument("--densities", type=str, default=None)
+    parser.add_argument("--error-feedback", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    densities = [float(d) for d in args.densities.split(",")] if args.densities else DENSITIES
+    n = int(args.numel)
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(n, generator=gen)
+    g = make_grad(args.grads, n, gen)
+    m, v = torch.zeros(n), torch.zeros(n)
+    r = torch.zeros(n) if args.error_feedback else None
+    steps = [torch.tensor(1.0)]
+    hyper = dict(lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True)
+
+    def fused(k, approx):
+        return lambda: ops.adam_select_update_([p], [g], [m], [v], steps, [k],
+                                               None if r is None else [r], approx=approx,
+                                               validate=False, **hyper)
+
+    def composed(k, by_mask):
+        def run():
+            src = [g]
+            if r is not None:
+                ops.accumulate_([r], [g], 1.0)
+                src = [r]
+            idx = ops.select(src, [k], score="grad", validate=False)
+            if by_mask:
+                mask = torch.zeros(n, dtype=torch.bool).index_fill_(0, idx[0], True)
+                ops.adam_update_([p], src, [m], [v], steps, masks=[mask],
+                                 consume_grad=r is not None, validate=False, **hyper)
+            else:
+                ops.adam_update_([p], src, [m], [v], steps, indices=idx,
+                                 consume_grad=r is not None, validate=False, **hyper)
+        return run
+
+    tp = p.clone().requires_grad_()
+    tp.grad = g.clone()
+    dense = torch.optim.AdamW([tp], lr=1e-3, weight_decay=0.01, fused=True)
+    dense.step()
+
+    print(f"AdamW step, {n:.3g} fp32 elements, {torch.get_num_threads()} threads, "
+          f"{args.grads} grads{', error feedback' if r is not None else ''}; ms, best of "
+          f"{args.repeats}")
+    print(f"{'density':>8} {'fused':>7} {'approx':>7} {'positions':>10} {'mask':>7} "
+          f"{'torch':>7} {'torch/fused':>12}")
+    for d in densities:
+        k = ops.density_k(d, n)
+        variants = dict(fused=fused(k, False), approx=fused(k, True),
+                        positions=composed(k, False), mask=composed(k, True),
+                        torch=dense.step)
+        ms = best_interleaved(variants, args.repeats)
+        print(f"{d:8.3f} {ms['fused']:7.2f} {ms['approx']:7.2f} {ms['positions']:10.2f} "
+              f"{ms['mask']:7.2f} {ms['torch']:7.2f} {ms['torch'] / ms['fused']:12.2f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,583 @@
+// CPU kernel of adam_select_update_: per tensor, the k largest |grad| (or, with
+// error feedback, |residual + grad|) chosen and Adam applied to them in one call,
+// the same result as select(score="grad", scope="tensor") then adam_update_ at the
+// positions it returns, without the int64 positions written and read back.
+//
+//  - Small tensors (up to kBlock elements), one thread each: the Selector (exact,
+//    one read), then the chosen elements updated while the tensor is in L2.
+//  - Large tensors, the tile-fused stream: a band [L, H] on the k-th key from the
+//    Selector's sample; (exact mode) a count pass proves that the keys > H
+//    ("winners") are among the k largest and the k-th lies in the band; then one
+//    pass compares each 16-element tile's keys with L and H, updates every tile
+//    holding a winner as a whole (the rule on all lanes, blended by the winner
+//    mask, unchosen lanes written back bit-identical) and keeps the band's
+//    (key, position) candidates; the (k - #winners)-th candidate, ties to the
+//    lowest position, closes the answer. Nothing is updated before it is known
+//    to be chosen. A band that misses (exact mode) falls back to select + update.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common/rules.h"
+#include "select/selector_cpu.h"
+#include "update/adam_stream_cpu.h"
+#include "update/update_checks.h"
+
+namespace incrkern {
+namespace {
+
+using namespace incrkern::select;
+
+constexpr int64_t kChunkTiles = 256;   // tiles per scan of the fused pass (4K elements)
+constexpr int64_t kDenseGrain = 1 << 15;
+// Listed tiles whose lines are requested before the first of them is updated: at low
+// density the listed tiles lie far apart, and the update of one takes a few ns
+// against a wait on memory for its lines.
+constexpr int64_t kTileAhead = 48;
+
+// 8 mask bits as 8 bytes (0 or 1): the byte mask the streaming loop reads.
+struct ByteMasks {
+  uint64_t of[256];
+  constexpr ByteMasks() : of{} {
+    for (int m = 0; m < 256; ++m)
+      for (int j = 0; j < 8; ++j)
+        if ((m >> j) & 1) of[m] |= uint64_t(1) << (8 * j);
+  }
+};
+inline constexpr ByteMasks kByteMasks{};
+
+// The band scans over whole tiles of x (|x| keys, select_keys.h): a key is a winner
+// when its order is > hi_gt (key > H), a candidate when > lo_gt but not a winner.
+
+// Lists of the tiles of a chunk holding a winner (first element, winner lanes) and
+// of those holding a candidate (first element, candidate lanes); w counts winners.
+struct TileLists {
+  int64_t* wstart;
+  uint32_t* wmask;
+  int64_t nw;
+  int64_t* cstart;
+  uint32_t* cmask;
+  int64_t nc;
+  int64_t w;
+};
+
+// Appends the tiles of x[0, 16 * tiles) (x's first element at position base) to the
+// lists, without a branch that depends on the data; few_hits: with a branch per
+// tile that holds no key >= L, cheaper when nearly none does.
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("avx2,f16c,popcnt"))) void list_tiles_avx2(const T* x, int64_t tiles,
+                                                                 int32_t lo_gt, int32_t hi_gt,
+                                                                 int64_t base, TileLists& l,
+                                                                 bool few_hits) {
+  const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
+  int64_t nw = l.nw, nc = l.nc, w = l.w;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const T* q = x + t * kTile;
+    const __m256i a = order8_avx2<T, false>(q), b = order8_avx2<T, false>(q + 8);
+    const uint32_t ml = gt_mask16(a, b, lo);
+    if (few_hits && !ml) continue;
+    const uint32_t mh = gt_mask16(a, b, hi), mc = ml & ~mh;
+    l.wstart[nw] = l.cstart[nc] = base + t * kTile;
+    l.wmask[nw] = mh;
+    l.cmask[nc] = mc;
+    nw += mh != 0;
+    nc += mc != 0;
+    w += __builtin_popcount(mh);
+  }
+  l.nw = nw, l.nc = nc, l.w = w;
+}
+
+// Adds the counts of winners and candidates of x[0, 16 * tiles), tiles < 2^26.
+template <typename T>
+__attribute__((target("avx2,f16c"))) void count_band_avx2(const T* x, int64_t tiles,
+                                                          int32_t lo_gt, int32_t hi_gt,
+                                                          int64_t& w, int64_t& c) {
+  const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
+  __m256i at_least = _mm256_setzero_si256(), above = _mm256_setzero_si256();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const T* q = x + t * kTile;
+    const __m256i a = order8_avx2<T, false>(q), b = order8_avx2<T, false>(q + 8);
+    // a compare's true lanes are -1: subtracting counts them
+    at_least = _mm256_sub_epi32(at_least, _mm256_cmpgt_epi32(a, lo));
+    at_least = _mm256_sub_epi32(at_least, _mm256_cmpgt_epi32(b, lo));
+    above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(a, hi));
+    above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(b, hi));
+  }
+  int32_t ge[8], gt[8];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(ge), at_least);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(gt), above);
+  for (int j = 0; j < 8; ++j) w += gt[j], c += ge[j] - gt[j];
+}
+#endif
+
+template <typename T>
+void list_tiles(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, int64_t base,
+                TileLists& l, bool few_hits) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return list_tiles_avx2<T>(x, tiles, lo_gt, hi_gt, base, l, few_hits);
+#endif
+  for (int64_t t = 0; t < tiles; ++t) {
+    uint32_t ml = 0, mh = 0;
+    for (int j = 0; j < kTile; ++j) {
+      const int32_t order = order_at<false>(x, t * kTile + j);
+      ml |= uint32_t(order > lo_gt) << j;
+      mh |= uint32_t(order > hi_gt) << j;
+    }
+    const uint32_t mc = ml & ~mh;
+    l.wstart[l.nw] = l.cstart[l.nc] = base + t * kTile;
+    l.wmask[l.nw] = mh;
+    l.cmask[l.nc] = mc;
+    l.nw += mh != 0;
+    l.nc += mc != 0;
+    l.w += __builtin_popcount(mh);
+  }
+}
+
+template <typename T>
+void count_band(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, int64_t& w,
+                int64_t& c) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return count_band_avx2<T>(x, tiles, lo_gt, hi_gt, w, c);
+#endif
+  for (int64_t e = 0; e < tiles * kTile; ++e) {
+    const int32_t order = order_at<false>(x, e);
+    w += order > hi_gt;
+    c += order > lo_gt && order <= hi_gt;
+  }
+}
+
+// One param's tensors and constants. With a residual r (error feedback), the
+// gradient the rule reads is u = r + g, kept in r; a chosen element's r becomes 0.
+template <typename T>
+struct AdamTensor {
+  using M = at::opmath_type<T>;
+  T* p;
+  const T* g;
+  M* m;
+  M* v;
+  M* r;  // null without error feedback
+  AdamHyper<M> h;
+  M step_size, bc2_sqrt, grad_scale;
+
+  // The update of element e alone.
+  void one(int64_t e) const {
+    M pm = M(p[e]);
+    M gm;
+    if (r) {
+      gm = r[e] * grad_scale;
+      r[e] = M(0);
+    } else {
+      gm = M(g[e]) * grad_scale;
+    }
+    adam_rule(pm, gm, m[e], v[e], h, step_size, bc2_sqrt);
+    p[e] = T(pm);
+  }
+
+  // r = r + g over [b, e), as accumulate_ with alpha 1 computes it.
+  void add_residual(int64_t b, int64_t e) const {
+    for (int64_t i = b; i < e; ++i) r[i] = r[i] + M(1) * M(g[i]);
+  }
+
+  // The streaming loop over [s, s + len), where mask (bytes, from s) is set or
+  // everywhere (mask null). With a residual it reads r and zeroes it where chosen.
+  void stream(int64_t s, int64_t len, const bool* mask) const {
+    if constexpr (std::is_same_v<T, float>)
+      adam_stream_f32(p + s, (r ? r : const_cast<T*>(g)) + s, m + s, v + s, mask, r != nullptr,
+                      0, len, h, step_size, bc2_sqrt, grad_scale);
+    else if (r)
+      adam_stream_any<T, M, M>(p + s, r + s, m + s, v + s, mask, true, 0, len, h, step_size,
+                               bc2_sqrt, grad_scale);
+    else
+      adam_stream_any<T, T, M>(p + s, const_cast<T*>(g) + s, m + s, v + s, mask, false, 0, len,
+                               h, step_size, bc2_sqrt, grad_scale);
+  }
+
+  // Every element of [b, e) updated.
+  void dense(int64_t b, int64_t e) const {
+    if (r) add_residual(b, e);
+    stream(b, e - b, nullptr);
+  }
+
+  // The p, m and v lines of the tile at s requested (to L2, as update_cpu.cpp does).
+  void fetch(int64_t s) const {
+    __builtin_prefetch(p + s, 0, 1);
+    __builtin_prefetch(m + s, 0, 1);
+    __builtin_prefetch(v + s, 0, 1);
+  }
+
+  // The listed tiles (first element starts[j], chosen lanes masks[j], ascending)
+  // updated as wholes by the masked streaming loop, one call per run of adjacent
+  // tiles: every lane computed, the chosen ones kept, the others written back as
+  // they were.
+  void tiles(const int64_t* starts, const uint32_t* masks, int64_t n) const {
+    constexpr int64_t kRun = 64;  // tiles per call at most
+    uint64_t bytes[2 * kRun];
+    for (int64_t j = 0; j < n;) {
+      const int64_t s0 = starts[j];
+      int64_t len = 0;
+      do {
+        bytes[2 * len] = kByteMasks.of[masks[j] & 0xffu];
+        bytes[2 * len + 1] = kByteMasks.of[(masks[j] >> 8) & 0xffu];
+        ++len, ++j;
+      } while (j < n && len < kRun && starts[j] == s0 + len * kTile);
+      stream(s0, len * kTile, reinterpret_cast<const bool*>(bytes));
+    }
+  }
+
+  // The key of element e (after add_residual, with a residual).
+  uint32_t key(int64_t e) const {
+    return abs_key32(r ? float(r[e]) : float(g[e]));
+  }
+};
+
+// What a call shares: its tensors (for the positional fallback) and its constants.
+struct Call {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps, residuals;
+  double lr, beta1, beta2, eps, weight_decay, grad_scale;
+  bool decoupled_weight_decay, maximize, approx;
+};
+
+// The positions' update by the adam_update_ op (prefetching, spread over threads):
+// for a large tensor's chosen candidates and its fallback. With a residual it reads
+// the residual (already r + g) as the gradient and zeroes what it read.
+void update_positions(const Call& c, size_t i, const at::Tensor& pos) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("incrkern::adam_update_", "")
+          .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                      at::TensorList, at::TensorList, at::TensorList, at::TensorList, double,
+                      double, double, double, double, bool, bool, double, bool, bool,
+                      const std::optional<at::Tensor>&, bool)>();
+  const bool ef = !c.residuals.empty();
+  const at::Tensor& g = ef ? c.residuals[i] : c.grads[i];
+  op.call({c.params[i]}, {g}, {c.exp_avgs[i]}, {c.exp_avg_sqs[i]}, {c.steps[i]}, {pos}, {}, {},
+          c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay, c.maximize,
+          c.grad_scale, ef, false, std::nullopt, false);
+}
+
+Source source_of(const Call& c, size_t i) {
+  const at::Tensor& g = c.grads[i];
+  const bool ef = !c.residuals.empty();
+  return Source{ef ? ScoreKind::Accumulated : ScoreKind::Abs,
+                g.scalar_type(),
+                g.data_ptr(),
+                ef ? c.residuals[i].scalar_type() : at::kFloat,
+                ef ? c.residuals[i].data_ptr() : nullptr,
+                {},
+                g.numel(),
+                0};
+}
+
+at::Tensor select_positions(const Source& s, int64_t k, bool approx) {
+  if (s.dtype == at::kDouble) return Selector<uint64_t>({s}, k, approx).run()[0];
+  return Selector<uint32_t>({s}, k, approx).run()[0];
+}
+
+// A small tensor, on the calling thread: the Selector, then its positions updated.
+template <typename T>
+int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
+  const int64_t n = c.params[i].numel();
+  if (k == n) {
+    t.dense(0, n);
+    return n;
+  }
+  at::Tensor pos;
+  if (k > 0) pos = select_positions(source_of(c, i), k, c.approx);  // reads r + g itself
+  if (t.r) t.add_residual(0, n);
+  if (k == 0) return 0;
+  const int64_t* q = pos.data_ptr<int64_t>();
+  for (int64_t j = 0; j < pos.numel(); ++j) t.one(q[j]);
+  return pos.numel();
+}
+
+// A large tensor whose band missed: select, then the positional update.
+template <typename T>
+int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
+  const at::Tensor pos = select_positions(source_of(c, i), k, c.approx);
+  if (t.r)
+    at::parallel_for(0, c.params[i].numel(), kDenseGrain,
+                     [&](int64_t b, int64_t e) { t.add_residual(b, e); });
+  update_positions(c, i, pos);
+  return pos.numel();
+}
+
+// Per block of the fused pass: its winners' count and its candidates in position order.
+struct BlockOut {
+  int64_t winners = 0, band = 0;
+  std::vector<uint32_t> ckey;
+  std::vector<int64_t> cpos;
+};
+
+bool forced_fallback() { return std::getenv("INCRKERN_FUSED_FALLBACK") != nullptr; }
+
+// A large tensor of 32-bit keys (0 < k < n): the band, the count pass (exact), the
+// fused pass, the resolve. Returns the count updated.
+template <typename T>
+int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
+  const int64_t n = c.params[i].numel();
+  Selector<uint32_t> sel({source_of(c, i)}, k, c.approx);
+  const auto band = sel.sample_band();
+  if (!band || forced_fallback()) return run_fallback(c, i, t, k);
+  const uint32_t lo = band->first, hi = band->second;
+  const int32_t lo_gt = order_greater_than<false>(lo);
+  const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  std::vector<BlockOut> out(static_cast<size_t>(nblocks));
+
+  // The keys of the chunk [b, b + 16 * tiles): g itself, or the residual sum r + g,
+  // written to r (fused pass) or to scratch (count pass). fn(keys, tiles) scans them.
+  auto with_chunk_keys = [&](int64_t b, int64_t tiles, float* scratch, auto&& fn) {
+    if (!t.r) return fn(t.g + b);
+    if (!scratch) {
+      t.add_residual(b, b + tiles * kTile);
+      return fn(static_cast<const float*>(t.r + b));
+    }
+    for (int64_t e = 0; e < tiles * kTile; ++e) scratch[e] = t.r[b + e] + float(t.g[b + e]);
+    fn(static_cast<const float*>(scratch));
+  };
+  auto tail_key = [&](int64_t e, bool write_residual) {
+    if (!t.r) return t.key(e);
+    const float u = t.r[e] + float(t.g[e]);
+    if (write_residual) t.r[e] = u;
+    return abs_key32(u);
+  };
+
+  if (!c.approx) {
+    // The count pass: no writes. The fused pass may update the winners at once only
+    // when they are at most k and the band holds the k-th key.
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> scratch(t.r ? size_t(kChunkTiles * kTile) : 0);
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
+        const int64_t whole = begin + (end - begin) / kTile * kTile;
+        int64_t w = 0, cnt = 0;
+        for (int64_t e = begin; e < whole; e += kChunkTiles * kTile) {
+          const int64_t tiles = std::min(kChunkTiles, (whole - e) / kTile);
+          with_chunk_keys(e, tiles, scratch.data(), [&](const auto* keys) {
+            count_band(keys, tiles, lo_gt, hi_gt, w, cnt);
+          });
+        }
+        for (int64_t e = whole; e < end; ++e) {
+          const uint32_t key = tail_key(e, false);
+          w += key > hi;
+          cnt += key >= lo && key <= hi;
+        }
+        out[bi].winners = w;
+        out[bi].band = cnt;
+      }
+    });
+    int64_t w = 0, cnt = 0;
+    for (const BlockOut& o : out) w += o.winners, cnt += o.band;
+    if (!(w <= k && k <= w + cnt)) return run_fallback(c, i, t, k);
+  }
+
+  // The fused pass. The tiles holding a winner are listed for the block, their lines
+  // requested as they are listed, and updated kTileAhead listed tiles behind.
+  // few_hits as for_band (scan_cpu.h) decides it: nearly no tile holds a key >= L.
+  const bool few_hits = 1.4 * double(k) / double(n) * kTile < 0.03;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    uint32_t cmask[kChunkTiles];
+    int64_t cstart[kChunkTiles];
+    std::vector<int64_t> wstart(size_t(kBlock / kTile + 1));
+    std::vector<uint32_t> wmask(wstart.size());
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      BlockOut& o = out[bi];
+      const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
+      const int64_t whole = begin + (end - begin) / kTile * kTile;
+      TileLists l{wstart.data(), wmask.data(), 0, cstart, cmask, 0, 0};
+      int64_t done = 0;  // listed tiles updated
+      for (int64_t e = begin; e < whole; e += kChunkTiles * kTile) {
+        const int64_t tiles = std::min(kChunkTiles, (whole - e) / kTile);
+        const int64_t listed = l.nw;
+        l.nc = 0;
+        with_chunk_keys(e, tiles, nullptr, [&](const auto* keys) {
+          list_tiles(keys, tiles, lo_gt, hi_gt, e, l, few_hits);
+        });
+        for (int64_t j = listed; j < l.nw; ++j) t.fetch(wstart[j]);
+        if (l.nw - done > kTileAhead) {
+          t.tiles(wstart.data() + done, wmask.data() + done, l.nw - kTileAhead - done);
+          done = l.nw - kTileAhead;
+        }
+        for (int64_t j = 0; j < l.nc; ++j)
+          for (uint32_t mc = cmask[j]; mc; mc &= mc - 1) {
+            const int64_t q = cstart[j] + __builtin_ctz(mc);
+            o.ckey.push_back(t.key(q));
+            o.cpos.push_back(q);
+          }
+      }
+      t.tiles(wstart.data() + done, wmask.data() + done, l.nw - done);
+      o.winners = l.w;
+      for (int64_t e = whole; e < end; ++e) {
+        const uint32_t key = tail_key(e, true);
+        if (key > hi) {
+          t.one(e);
+          ++o.winners;
+        } else if (key >= lo) {
+          o.ckey.push_back(key);
+          o.cpos.push_back(e);
+        }
+      }
+    }
+  });
+
+  // The resolve: the (k - W)-th largest candidate, ties to the lowest position.
+  int64_t w = 0, cnt = 0;
+  for (const BlockOut& o : out) w += o.winners, cnt += int64_t(o.cpos.size());
+  if (w >= k) return w;  // approx only: the sample's H was too low
+  std::vector<int64_t> chosen;
+  if (w + cnt <= k) {  // every candidate (approx: fewer than k in all)
+    for (const BlockOut& o : out) chosen.insert(chosen.end(), o.cpos.begin(), o.cpos.end());
+  } else {
+    const int64_t r = k - w;
+    std::vector<uint32_t> keys;
+    keys.reserve(size_t(cnt));
+    for (const BlockOut& o : out) keys.insert(keys.end(), o.ckey.begin(), o.ckey.end());
+    const uint32_t kth = kth_largest(keys, r);
+    int64_t ties = r;  // candidates keyed kth still to take, lowest positions first
+    for (const BlockOut& o : out)
+      for (uint32_t key : o.ckey) ties -= key > kth;
+    chosen.reserve(size_t(r));
+    for (const BlockOut& o : out)
+      for (size_t j = 0; j < o.cpos.size(); ++j) {
+        const bool tie = o.ckey[j] == kth && ties > 0;
+        if (o.ckey[j] > kth || tie) chosen.push_back(o.cpos[j]);
+        ties -= tie;
+      }
+  }
+  const int64_t m = int64_t(chosen.size());
+  if (m > 0) {
+    at::Tensor pos = at::empty({m}, at::TensorOptions().dtype(at::kLong));
+    std::copy(chosen.begin(), chosen.end(), pos.data_ptr<int64_t>());
+    update_positions(c, i, pos);
+  }
+  return w + m;
+}
+
+// A large tensor, over every thread (fp64 by select and update: no 32-bit keys).
+template <typename T>
+int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
+  const int64_t n = c.params[i].numel();
+  if (k == 0 || k == n) {
+    at::parallel_for(0, n, kDenseGrain, [&](int64_t b, int64_t e) {
+      if (k == n) t.dense(b, e);
+      else if (t.r) t.add_residual(b, e);
+    });
+    return k;
+  }
+  if constexpr (std::is_same_v<T, double>) return run_fallback(c, i, t, k);
+  else return run_band(c, i, t, k);
+}
+
+template <typename T>
+AdamTensor<T> adam_tensor(const Call& c, size_t i) {
+  using M = at::opmath_type<T>;
+  const double step = *c.steps[i].data_ptr<float>();  // checked: a float32 scalar on the CPU
+  const AdamBias bias = adam_bias(c.lr, c.beta1, c.beta2, step);
+  return AdamTensor<T>{
+      c.params[i].data_ptr<T>(),
+      c.grads[i].data_ptr<T>(),
+      c.exp_avgs[i].data_ptr<M>(),
+      c.exp_avg_sqs[i].data_ptr<M>(),
+      c.residuals.empty() ? nullptr : c.residuals[i].data_ptr<M>(),
+      make_adam_hyper<M>(c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay,
+                         c.maximize),
+      M(bias.step_size),
+      M(bias.bc2_sqrt),
+      M(c.grad_scale)};
+}
+
+template <typename Fn>
+void with_param_type(at::ScalarType d, Fn&& fn) {
+  switch (d) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    case at::kDouble: return fn(double{});
+    default: TORCH_CHECK(false, "incrkern.adam_select_update_: unsupported dtype ", d);
+  }
+}
+
+void check_call(const Call& c, at::IntArrayRef ks, const std::optional<at::Tensor>& lr_tensor) {
+  const char* op = "incrkern.adam_select_update_";
+  const UpdateLists a{c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.steps, {}, {}, {},
+                      false, true};
+  check_update_lists(op, a);
+  check_lr_tensor(op, lr_tensor, c.params);
+  const size_t n = c.params.size();
+  TORCH_CHECK(ks.size() == n, op, ": ks has ", ks.size(), " entries, expected ", n);
+  TORCH_CHECK(c.residuals.empty() || c.residuals.size() == n, op, ": residuals has ",
+              c.residuals.size(), " tensors, expected ", n, " (or none)");
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = c.params[i];
+    TORCH_CHECK(p.device().is_cpu(), op, ": params[", i, "] is on ", p.device(),
+                ", expected the CPU");
+    TORCH_CHECK(c.grads[i].scalar_type() == p.scalar_type(), op, ": grads[", i, "] has dtype ",
+                c.grads[i].scalar_type(), ", expected the param's ", p.scalar_type());
+    TORCH_CHECK(ks[i] >= 0 && ks[i] <= p.numel(), op, ": ks[", i, "] must be in [0, ",
+                p.numel(), "], got ", ks[i]);
+    if (!c.residuals.empty()) {
+      const at::Tensor& r = c.residuals[i];
+      const auto math = opmath_dtype(p.scalar_type());
+      TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == math && r.numel() == p.numel() &&
+                      r.is_contiguous(),
+                  op, ": residuals[", i, "] must be a contiguous ", math, " tensor of ",
+                  p.numel(), " elements on the CPU");
+    }
+  }
+}
+
+at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
+                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                  at::TensorList steps, at::IntArrayRef ks,
+                                  at::TensorList residuals, bool approx, double lr, double beta1,
+                                  double beta2, double eps, double weight_decay,
+                                  bool decoupled_weight_decay, bool maximize, double grad_scale,
+                                  const std::optional<at::Tensor>& lr_tensor,
+                                  bool increment_steps) {
+  Call c{params, grads, exp_avgs, exp_avg_sqs, steps, residuals, lr, beta1, beta2, eps,
+         weight_decay, grad_scale, decoupled_weight_decay, maximize, approx};
+  check_call(c, ks, lr_tensor);
+  if (lr_tensor.has_value()) c.lr = lr_tensor->item<double>();
+  const int64_t n = int64_t(params.size());
+  at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
+  int64_t* count = counts.data_ptr<int64_t>();
+  // Every check has passed: from here on the call changes its arguments.
+  if (increment_steps)
+    for (const at::Tensor& s : steps) *s.data_ptr<float>() += 1.0f;
+  // Small tensors side by side, one thread each; large ones one after another, each
+  // over every thread.
+  std::vector<int64_t> small, large;
+  for (int64_t i = 0; i < n; ++i)
+    (params[i].numel() <= kBlock ? small : large).push_back(i);
+  at::parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const size_t i = size_t(small[j]);
+      with_param_type(params[i].scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        count[i] = run_small<T>(c, i, adam_tensor<T>(c, i), ks[i]);
+      });
+    }
+  });
+  for (int64_t i : large)
+    with_param_type(params[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      count[i] = run_large<T>(c, size_t(i), adam_tensor<T>(c, size_t(i)), ks[i]);
+    });
+  return counts;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(incrkern, CPU, m) { m.impl("adam_select_update_", &adam_select_update_cpu); }
+
+}  // namespace incrkern

@@ -1,0 +1,350 @@
+"""incrkern.ops.adam_select_update_ (select by |grad| and Adam update in one call)
+against reference.select then reference.adam_update_: the chosen set exactly, params
+to fp32 rounding, everything unchosen bit-identical, error feedback's residuals,
+approx counts within the documented contract, bad input refused before anything is
+written."""
+import math
+
+import pytest
+import torch
+
+from incrkern import EXTENSION_LOADED, ops, reference
+from test_update_kernels import assert_param_close
+
+needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
+
+BLOCK = 2 ** 18  # the kernel's small-tensor limit
+
+HYPERS = {
+    "adam": dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=False),
+    "adamw": dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    "maximize": dict(lr=3e-3, weight_decay=0.0, maximize=True, beta1=0.8, beta2=0.99),
+}
+
+
+# ----------------------------------------------------------------------------------
+# inputs
+
+
+def grads_of(kind, n, gen):
+    """Gradients of n elements with a given structure (fp32)."""
+    if kind == "normal":
+        return torch.randn(n, generator=gen)
+    if kind == "student_t":  # heavy tails: a few huge values
+        z = torch.randn(n, generator=gen)
+        chi = torch.randn(n, 2, generator=gen).pow(2).sum(1) / 2  # df = 2
+        return z / chi.sqrt()
+    if kind == "lognormal":
+        sign = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+        return sign * torch.exp(3 * torch.randn(n, generator=gen))
+    if kind == "rows":  # a matrix gradient with a few hot rows
+        cols = 64
+        rows = max(1, n // cols)
+        g = torch.randn(n, generator=gen) * 1e-3
+        hot = torch.randperm(rows, generator=gen)[:max(1, rows // 50)]
+        for r in hot.tolist():
+            g[r * cols:(r + 1) * cols] *= 1e3
+        return g
+    if kind == "sparse":  # an embedding gradient: 99% exact zeros
+        g = torch.zeros(n)
+        nz = torch.randperm(n, generator=gen)[:max(1, n // 100)]
+        g[nz] = torch.randn(nz.numel(), generator=gen)
+        return g
+    if kind == "zeros":
+        return torch.zeros(n)
+    if kind == "ties":  # few distinct values, signed zeros among them
+        return torch.tensor([-2.0, -1.0, -0.0, 0.0, 1.0, 2.0])[
+            torch.randint(0, 6, (n,), generator=gen)]
+    if kind == "special":  # NaN and +-inf among normal values
+        g = torch.randn(n, generator=gen)
+        if n:
+            where = torch.randint(0, n, (max(1, n // 1000),), generator=gen)
+            g[where] = torch.tensor([math.nan, math.inf, -math.inf])[
+                torch.arange(where.numel()) % 3]
+        return g
+    raise ValueError(kind)
+
+
+def make(sizes, dtype, kind="normal", seed=0, residual=False):
+    gen = torch.Generator().manual_seed(seed)
+    math_dt = ops.math_dtype(dtype)
+    x = dict(params=[], grads=[], m=[], v=[], r=[])
+    for n in sizes:
+        x["params"].append(torch.randn(n, generator=gen).to(dtype))
+        x["grads"].append(grads_of(kind, n, gen).to(dtype))
+        # Nonzero moments: every chosen element's exp_avg changes, which shows the set.
+        x["m"].append((torch.randn(n, generator=gen) * 0.1).to(math_dt))
+        x["v"].append((torch.rand(n, generator=gen) * 0.01 + 1e-4).to(math_dt))
+        if residual:
+            x["r"].append((torch.randn(n, generator=gen) * 0.5).to(math_dt))
+    x["steps"] = [torch.tensor(3.0) for _ in sizes]
+    return x
+
+
+def clone(x):
+    return {k: [t.clone() for t in v] for k, v in x.items()}
+
+
+def run_kernel(x, ks, approx=False, **hyper):
+    return ops.adam_select_update_(x["params"], x["grads"], x["m"], x["v"], x["steps"], ks,
+                                   x["r"] or None, approx=approx, **hyper)
+
+
+def reference_indices(x, ks):
+    """The exact chosen positions (before any update)."""
+    if x["r"]:
+        return reference.select(x["grads"], ks, "accumulated", residuals=x["r"])
+    return reference.select(x["grads"], ks, "grad")
+
+
+def run_reference(x, indices, **hyper):
+    """reference.adam_update_ at the given positions (error feedback: the residual
+    accumulated first, read as the gradient and consumed)."""
+    args = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                decoupled_weight_decay=False, maximize=False)
+    args.update(hyper)
+    sources = x["grads"]
+    if x["r"]:
+        reference.accumulate_(x["r"], x["grads"], 1.0)
+        sources = x["r"]
+    reference.adam_update_(x["params"], sources, x["m"], x["v"], x["steps"], indices,
+                           consume_grad=bool(x["r"]), **args)
+
+
+# ----------------------------------------------------------------------------------
+# comparisons
+
+
+def same(a, b):
+    """Bit-identical (NaN equal to NaN)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def assert_close_nan(actual, expected):
+    """As the update kernels' tests compare params (fp32 rounding, one final bf16/fp16
+    ulp), NaN where the reference has NaN."""
+    assert torch.equal(actual.isnan(), expected.isnan())
+    ok = ~actual.isnan()
+    assert_param_close(actual[ok], expected[ok])
+
+
+def changed_set(before, after, i):
+    """Positions whose exp_avg or exp_avg_sq changed: the elements the kernel updated."""
+    return (~((after["m"][i] == before["m"][i]) & (after["v"][i] == before["v"][i]))) \
+        .nonzero().squeeze(1)
+
+
+def check(x, ks, approx=False, **hyper):
+    """Runs the kernel on x and the reference on a copy; returns the counts."""
+    before = clone(x)
+    counts = run_kernel(x, ks, approx=approx, **hyper)
+    assert counts.dtype == torch.int64 and counts.shape == (len(ks),)
+    exact = reference_indices(before, ks)
+    indices = []
+    for i, k in enumerate(ks):
+        got = changed_set(before, x, i)
+        assert int(counts[i]) == got.numel(), (int(counts[i]), got.numel())
+        if not approx or int(counts[i]) == k:
+            assert torch.equal(got, exact[i]), f"tensor {i}: chosen set differs"
+        else:
+            # approx, the band missed k: a whole top set (all above H, or all at or above L)
+            key = reference.select_scores([before["grads"][i]], "grad")[0] if not x["r"] else \
+                reference.select_scores([before["grads"][i]], "accumulated",
+                                        residuals=[before["r"][i]])[0]
+            chosen = torch.zeros(key.numel(), dtype=torch.bool)
+            chosen[got] = True
+            if chosen.any() and (~chosen).any():
+                assert key[chosen].min() > key[~chosen].max()
+        indices.append(got)
+    ref = clone(before)
+    run_reference(ref, indices, **hyper)
+    for i in range(len(ks)):
+        unchosen = torch.ones(x["params"][i].numel(), dtype=torch.bool)
+        unchosen[indices[i]] = False
+        assert_close_nan(x["params"][i], ref["params"][i])
+        for key in ("params", "m", "v"):
+            assert same(x[key][i][unchosen], before[key][i][unchosen]), key
+        for key in ("m", "v"):
+            assert_close_nan(x[key][i], ref[key][i])
+        assert same(x["grads"][i], before["grads"][i])
+        if x["r"]:
+            assert same(x["r"][i], ref["r"][i]), "residual"
+        assert torch.equal(x["steps"][i], ref["steps"][i])
+    return counts
+
+
+def ks_for(n):
+    return sorted({0, min(1, n), max(0, n - 1), n, math.ceil(0.01 * n)})
+
+
+# ----------------------------------------------------------------------------------
+# exact mode
+
+
+SMALL = [0, 1, 15, 17, 1000]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["normal", "student_t", "sparse", "zeros", "ties", "special"])
+def test_small_tensors(dtype, kind):
+    for n in SMALL:
+        for k in ks_for(n):
+            check(make([n, 33], dtype, kind, seed=n + k), [k, min(33, k)], **HYPERS["adamw"])
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["normal", "lognormal", "rows", "sparse", "zeros", "ties",
+                                  "special"])
+@pytest.mark.parametrize("n", [BLOCK - 1, BLOCK + 3])
+def test_block_edges(kind, n):
+    for k in (1, n // 100, n - 1):
+        check(make([n], torch.float32, kind, seed=k), [k], **HYPERS["adam"])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype,kind", [
+    (torch.float32, "normal"), (torch.float32, "rows"), (torch.float32, "sparse"),
+    (torch.bfloat16, "lognormal"), (torch.float16, "special")])
+def test_large_tensor(dtype, kind):
+    n = 3_000_000
+    x = make([n, 1000], dtype, kind, seed=7)
+    check(x, [n // 100, 10], **HYPERS["adamw"])
+
+
+@needs_ext
+@pytest.mark.parametrize("hyper", list(HYPERS))
+@pytest.mark.parametrize("density", [0.001, 0.1, 0.5])
+def test_large_hyper_and_density(hyper, density):
+    n = 600_003
+    check(make([n], torch.float32, "student_t", seed=3), [math.ceil(density * n)],
+          **HYPERS[hyper])
+
+
+@needs_ext
+def test_large_edge_ks():
+    n = BLOCK * 3 + 5
+    for k in (0, 1, n - 1, n):
+        check(make([n], torch.float32, "normal", seed=k), [k], **HYPERS["adamw"])
+
+
+@needs_ext
+def test_lr_tensor_and_increment_steps():
+    x = make([BLOCK * 2 + 9, 100], torch.float32, seed=1)
+    before = clone(x)
+    lr = torch.tensor(3e-3)
+    ks = [5000, 7]
+    run_kernel(x, ks, lr=1.0, lr_tensor=lr, increment_steps=True)
+    ref = clone(before)
+    for s in ref["steps"]:
+        s.fill_(4.0)
+    run_reference(ref, reference_indices(before, ks), lr=3e-3)
+    for key in ("params", "m", "v"):
+        for a, b in zip(x[key], ref[key]):
+            assert_close_nan(a, b)
+    assert [float(s) for s in x["steps"]] == [4.0, 4.0]
+
+
+@needs_ext
+@pytest.mark.parametrize("n", [BLOCK + 3, 1_000_000])
+def test_forced_fallback(monkeypatch, n):
+    """The positional fallback (select, then update at the positions), forced."""
+    monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", "1")
+    for approx in (False, True):
+        check(make([n], torch.float32, "lognormal", seed=n), [n // 50], approx=approx,
+              **HYPERS["adamw"])
+    check(make([n], torch.float32, "normal", seed=1, residual=True), [n // 50],
+          **HYPERS["adam"])
+
+
+@needs_ext
+def test_band_misses_on_ties():
+    """An embedding gradient with fewer nonzeros than k: the k-th key is 0, tied by
+    nearly every element (the band cannot hold it: the exact fallback answers)."""
+    n = 800_000
+    x = make([n], torch.float32, "sparse", seed=2)
+    check(x, [n // 50], **HYPERS["adamw"])
+    x = make([n], torch.float32, "sparse", seed=2)
+    check(x, [n // 50], approx=True, **HYPERS["adamw"])
+
+
+# ----------------------------------------------------------------------------------
+# approx mode
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["normal", "student_t", "rows", "sparse", "ties"])
+def test_approx_contract(kind):
+    n = 1_000_000
+    for density in (0.001, 0.01, 0.2):
+        k = math.ceil(density * n)
+        counts = check(make([n, 500], torch.float32, kind, seed=5), [k, 5], approx=True,
+                       **HYPERS["adamw"])
+        assert int(counts[1]) == 5  # small tensors are exact
+
+
+# ----------------------------------------------------------------------------------
+# error feedback
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_error_feedback_small(dtype):
+    for n in SMALL:
+        for k in ks_for(n):
+            check(make([n], dtype, "normal", seed=k, residual=True), [k], **HYPERS["adam"])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("approx", [False, True])
+def test_error_feedback_large(dtype, approx):
+    n = 600_037
+    for k in (0, n // 100, n // 5, n) if approx else (1, n // 100, n // 5):
+        check(make([n], dtype, "student_t", seed=k, residual=True), [k], approx=approx,
+              **HYPERS["adamw"])
+
+
+# ----------------------------------------------------------------------------------
+# bad input
+
+
+def _bad_calls(x):
+    n = x["params"][0].numel()
+    ok = dict(params=x["params"], grads=x["grads"], exp_avgs=x["m"], exp_avg_sqs=x["v"],
+              steps=x["steps"], ks=[n // 10])
+    yield dict(ok, ks=[n + 1]), ValueError
+    yield dict(ok, ks=[1, 2]), ValueError
+    yield dict(ok, grads=[x["grads"][0].double()]), TypeError
+    yield dict(ok, exp_avgs=[x["m"][0][:-1]]), ValueError
+    yield dict(ok, residuals=[torch.zeros(n, dtype=torch.float64)]), TypeError
+    yield dict(ok, residuals=[torch.zeros(n - 1)]), ValueError
+
+
+@needs_ext
+@pytest.mark.parametrize("n", [100, BLOCK * 2])
+def test_bad_input_touches_nothing(n):
+    x = make([n], torch.float32)
+    before = clone(x)
+    for kwargs, exc in _bad_calls(x):
+        with pytest.raises(exc):
+            ops.adam_select_update_(lr=1e-2, increment_steps=True, **kwargs)
+        # the compiled op's own checks, past the wrapper
+        args = dict(kwargs)
+        with pytest.raises(RuntimeError):
+            torch.ops.incrkern.adam_select_update_(
+                args["params"], args["grads"], args["exp_avgs"], args["exp_avg_sqs"],
+                args["steps"], args["ks"], args.get("residuals", []), False, 1e-2, 0.9,
+                0.999, 1e-8, 0.0, False, False, increment_steps=True)
+        for key in before:
+            for a, b in zip(x[key], before[key]):
+                assert torch.equal(a, b), key
+
+
+@needs_ext
+def test_opcheck():
+    x = make([100, 50], torch.float32, residual=True)
+    torch.library.opcheck(torch.ops.incrkern.adam_select_update_.default,
+                          (x["params"], x["grads"], x["m"], x["v"], x["steps"], [10, 5], x["r"],
+                           False, 1e-3, 0.9, 0.999, 1e-8, 0.0, True, False),
+                          dict(increment_steps=True))
