@@ -44,17 +44,6 @@ constexpr int64_t kDenseGrain = 1 << 15;
 // against a wait on memory for its lines.
 constexpr int64_t kTileAhead = 48;
 
-// 8 mask bits as 8 bytes (0 or 1): the byte mask the streaming loop reads.
-struct ByteMasks {
-  uint64_t of[256];
-  constexpr ByteMasks() : of{} {
-    for (int m = 0; m < 256; ++m)
-      for (int j = 0; j < 8; ++j)
-        if ((m >> j) & 1) of[m] |= uint64_t(1) << (8 * j);
-  }
-};
-inline constexpr ByteMasks kByteMasks{};
-
 // The band scans over whole tiles of x (|x| keys, select_keys.h): a key is a winner
 // when its order is > hi_gt (key > H), a candidate when > lo_gt but not a winner.
 
@@ -216,10 +205,15 @@ struct AdamTensor {
   }
 
   // The listed tiles (first element starts[j], chosen lanes masks[j], ascending)
-  // updated as wholes by the masked streaming loop, one call per run of adjacent
-  // tiles: every lane computed, the chosen ones kept, the others written back as
-  // they were.
+  // updated as wholes by the masked streaming loop: every lane computed, the chosen
+  // ones kept, the others written back as they were. fp32 takes the tile-list loop
+  // compiled per ISA; other dtypes one call per run of adjacent tiles.
   void tiles(const int64_t* starts, const uint32_t* masks, int64_t n) const {
+    if constexpr (std::is_same_v<T, float>) {
+      adam_tiles_f32(p, r ? r : const_cast<T*>(g), m, v, r != nullptr, starts, masks, n, h,
+                     step_size, bc2_sqrt, grad_scale);
+      return;
+    }
     constexpr int64_t kRun = 64;  // tiles per call at most
     uint64_t bytes[2 * kRun];
     for (int64_t j = 0; j < n;) {

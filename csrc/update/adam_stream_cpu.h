@@ -9,14 +9,11 @@
 
 namespace incrkern {
 
-// The streaming loops: every element of [begin, end), in order. Restrict pointers
-// and hyper-parameters passed by value let gcc see that no store aliases them, so
-// it vectorises the loops (with the hyper-parameters read through a reference it
-// does not: "control flow in loop"). kMasked: the dense-mask form, branch-free --
-// every element is computed and the mask selects new or old value, so it vectorises
-// too and unchosen elements are written back bit-identical. The mask is read as
-// bytes: gcc has no vector type for a bool load, and left the loop scalar.
-// kConsume: zero the gradient entries used.
+// The streaming loops: every element of [begin, end), in order, kept vectorisable
+// (see Note [branch-free loops vectorise] in common/hd.h). kMasked: the dense-mask
+// form -- every element is computed and the mask selects new or old value, so
+// unchosen elements are written back bit-identical. kConsume: zero the gradient
+// entries used.
 template <typename T, typename G, typename M, bool kMasked, bool kConsume>
 [[gnu::always_inline]] inline void adam_stream(
     T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v,
@@ -53,13 +50,53 @@ template <typename T, typename G, typename M>
 // fp32 streaming loops compiled for several ISAs and picked when the library loads
 // (GCC target_clones, an ifunc): AVX-512 or AVX2+FMA where the CPU has them,
 // baseline x86-64 otherwise. The binary still runs on any x86-64 CPU: never
-// -march=native. (At baseline SSE the AdamW step is compute-bound, about 2x slower
-// than torch's fused kernel; with AVX2/AVX-512 it reaches memory bandwidth.)
+// -march=native. (At baseline SSE the AdamW step is compute-bound; with AVX2/AVX-512
+// it reaches memory bandwidth: docs/design.md.)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define IK_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define IK_ISA_CLONES
 #endif
+
+// Lanes of a tile: the 16 fp32 elements of one 64-byte line.
+constexpr int64_t kTileLanes = 16;
+
+// 8 mask bits as 8 bytes (0 or 1): the byte mask the masked streaming loop reads.
+struct ByteMasks {
+  uint64_t of[256];
+  constexpr ByteMasks() : of{} {
+    for (int m = 0; m < 256; ++m)
+      for (int j = 0; j < 8; ++j)
+        if ((m >> j) & 1) of[m] |= uint64_t(1) << (8 * j);
+  }
+};
+inline constexpr ByteMasks kByteMasks{};
+
+// The masked loop over a list of tiles (first element starts[j], chosen lanes the
+// bits of masks[j]): the loop's length a constant, so that a tile compiles to a few
+// whole vectors with no remainder loop, and the ISA picked once per list, not once
+// per tile (at low density nearly every listed tile stands alone).
+template <bool kConsume>
+[[gnu::always_inline]] inline void adam_tiles(float* p, float* g, float* m, float* v,
+                                              const int64_t* starts, const uint32_t* masks,
+                                              int64_t n, const AdamHyper<float> h,
+                                              const float step_size, const float bc2_sqrt,
+                                              const float grad_scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t s = starts[j];
+    const uint64_t bytes[2] = {kByteMasks.of[masks[j] & 0xffu],
+                               kByteMasks.of[(masks[j] >> 8) & 0xffu]};
+    adam_stream<float, float, float, true, kConsume>(
+        p + s, g + s, m + s, v + s, reinterpret_cast<const bool*>(bytes), 0, kTileLanes, h,
+        step_size, bc2_sqrt, grad_scale);
+  }
+}
+
+// adam_tiles over fp32 tensors, compiled for each ISA (update_cpu.cpp).
+void adam_tiles_f32(float* p, float* g, float* m, float* v, bool consume,
+                    const int64_t* starts, const uint32_t* masks, int64_t n,
+                    const AdamHyper<float> h, const float step_size, const float bc2_sqrt,
+                    const float grad_scale);
 
 // adam_stream_any over fp32 tensors, compiled for each ISA above (update_cpu.cpp).
 void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask, bool consume,
