@@ -1,6 +1,6 @@
 """What several test modules share: the devices to run on, the dtypes each device
-takes, and the mark for tests that need the compiled extension. Fixtures and hooks
-live in conftest.py."""
+takes, the mark for tests that need the compiled extension, and how updated params
+are compared with the reference's. Fixtures and hooks live in conftest.py."""
 import pytest
 import torch
 
@@ -21,3 +21,21 @@ def cuda_copy(t, offset=0):
     a CPU view copies only the view, to offset 0."""
     buf = torch.empty(t.numel() + offset, dtype=t.dtype, device="cuda")
     return buf[offset:].view(t.shape).copy_(t)
+
+
+def assert_param_close(actual, expected):
+    """A kernel's params against the reference's: to fp32 rounding, or within one
+    final ulp for bf16/fp16 params."""
+    if actual.dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+        return
+    # bf16/fp16 params: kernel and reference both compute in fp32 and round once to
+    # the param dtype; torch's vectorised lerp (in the reference) uses a fused
+    # multiply-add where the kernel rounds twice, so a fp32 result one fp32 ulp away
+    # can round to the neighbouring bf16/fp16 value. Allow that one final ulp.
+    a, e = actual.double(), expected.double()
+    ulp = torch.finfo(actual.dtype).eps * torch.maximum(a.abs(), e.abs())
+    ulp = torch.maximum(ulp, torch.full_like(ulp, torch.finfo(actual.dtype).tiny))
+    bad = (a - e).abs() > ulp
+    assert not bad.any(), (f"{int(bad.sum())} of {a.numel()} elements more than one ulp "
+                           f"apart, e.g. {a[bad][:4].tolist()} vs {e[bad][:4].tolist()}")

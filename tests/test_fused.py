@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from incrkern import EXTENSION_LOADED, ops, reference
-from test_update_kernels import assert_param_close
+from helpers import assert_param_close
 
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
 

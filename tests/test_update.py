@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from incrkern import ops, reference
-from helpers import CUDA_DTYPES, DTYPES, cuda_copy, needs_ext
+from helpers import CUDA_DTYPES, DTYPES, assert_param_close, cuda_copy, needs_ext
 
 SIZES = [0, 1, 3, 4, 5, 17, 1030]
 FORMS = ["dense", "indices", "masks", "compact"]
@@ -107,22 +107,6 @@ def run_sgd(x, use_reference=False, **kw):
 
 # ----------------------------------------------------------------------------------
 # comparisons
-
-
-def assert_param_close(actual, expected):
-    if actual.dtype in (torch.float32, torch.float64):
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-        return
-    # bf16/fp16 params: kernel and reference both compute in fp32 and round once to
-    # the param dtype; torch's vectorised lerp (in the reference) uses a fused
-    # multiply-add where the kernel rounds twice, so a fp32 result one fp32 ulp away
-    # can round to the neighbouring bf16/fp16 value. Allow that one final ulp.
-    a, e = actual.double(), expected.double()
-    ulp = torch.finfo(actual.dtype).eps * torch.maximum(a.abs(), e.abs())
-    ulp = torch.maximum(ulp, torch.full_like(ulp, torch.finfo(actual.dtype).tiny))
-    bad = (a - e).abs() > ulp
-    assert not bad.any(), (f"{int(bad.sum())} of {a.numel()} elements more than one ulp "
-                           f"apart, e.g. {a[bad][:4].tolist()} vs {e[bad][:4].tolist()}")
 
 
 def assert_state_close(actual, expected):

@@ -110,7 +110,7 @@ class Adam(IncrementalOptimizer):
 
     def _select_update(self, group, work, device, ks, residuals, approx):
         lr, lr_tensor = self._lr_args(group, device)
-        ops.adam_select_update_(work.param_views, work.grads,
+        ops.adam_select_update_(work.contiguous_params, work.grads,
                                 [s["exp_avg"] for s in work.states],
                                 [s["exp_avg_sq"] for s in work.states],
                                 [s["step"] for s in work.states], ks, residuals,
