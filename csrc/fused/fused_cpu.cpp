@@ -210,8 +210,8 @@ struct AdamTensor {
   // compiled per ISA; other dtypes one call per run of adjacent tiles.
   void tiles(const int64_t* starts, const uint32_t* masks, int64_t n) const {
     if constexpr (std::is_same_v<T, float>) {
-      adam_tiles_f32(p, r ? r : const_cast<T*>(g), m, v, r != nullptr, starts, masks, n, h,
-                     step_size, bc2_sqrt, grad_scale);
+      adam_tiles_f32(p, r ? r : const_cast<T*>(g), m, v, r != nullptr, starts, masks, n,
+                     kTileLanes, h, step_size, bc2_sqrt, grad_scale);
       return;
     }
     constexpr int64_t kRun = 64;  // tiles per call at most

@@ -73,13 +73,14 @@ struct ByteMasks {
 inline constexpr ByteMasks kByteMasks{};
 
 // The masked loop over a list of tiles (first element starts[j], chosen lanes the
-// bits of masks[j]): the loop's length a constant, so that a tile compiles to a few
-// whole vectors with no remainder loop, and the ISA picked once per list, not once
-// per tile (at low density nearly every listed tile stands alone).
+// bits of masks[j]), the ISA picked once per list, not once per tile (at low density
+// nearly every listed tile stands alone). `lanes` (kTileLanes) is a run-time value on
+// purpose: with a constant count gcc unrolls the 16 iterations completely before it
+// vectorises, and the unrolled code stays scalar.
 template <bool kConsume>
 [[gnu::always_inline]] inline void adam_tiles(float* p, float* g, float* m, float* v,
                                               const int64_t* starts, const uint32_t* masks,
-                                              int64_t n, const AdamHyper<float> h,
+                                              int64_t n, int64_t lanes, const AdamHyper<float> h,
                                               const float step_size, const float bc2_sqrt,
                                               const float grad_scale) {
   for (int64_t j = 0; j < n; ++j) {
@@ -87,14 +88,14 @@ template <bool kConsume>
     const uint64_t bytes[2] = {kByteMasks.of[masks[j] & 0xffu],
                                kByteMasks.of[(masks[j] >> 8) & 0xffu]};
     adam_stream<float, float, float, true, kConsume>(
-        p + s, g + s, m + s, v + s, reinterpret_cast<const bool*>(bytes), 0, kTileLanes, h,
+        p + s, g + s, m + s, v + s, reinterpret_cast<const bool*>(bytes), 0, lanes, h,
         step_size, bc2_sqrt, grad_scale);
   }
 }
 
 // adam_tiles over fp32 tensors, compiled for each ISA (update_cpu.cpp).
 void adam_tiles_f32(float* p, float* g, float* m, float* v, bool consume,
-                    const int64_t* starts, const uint32_t* masks, int64_t n,
+                    const int64_t* starts, const uint32_t* masks, int64_t n, int64_t lanes,
                     const AdamHyper<float> h, const float step_size, const float bc2_sqrt,
                     const float grad_scale);
 
