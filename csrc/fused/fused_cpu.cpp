@@ -174,7 +174,7 @@ struct AdamTensor {
 
   // r = r + g over [b, e), as accumulate_ with alpha 1 computes it.
   void add_residual(int64_t b, int64_t e) const {
-    for (int64_t i = b; i < e; ++i) r[i] = r[i] + M(1) * M(g[i]);
+    for (int64_t i = b; i < e; ++i) accumulate_rule(r[i], M(g[i]), M(1));
   }
 
   // The streaming loop over [s, s + len), where mask (bytes, from s) is set or
@@ -207,25 +207,17 @@ struct AdamTensor {
   // The listed tiles (first element starts[j], chosen lanes masks[j], ascending)
   // updated as wholes by the masked streaming loop: every lane computed, the chosen
   // ones kept, the others written back as they were. fp32 takes the tile-list loop
-  // compiled per ISA; other dtypes one call per run of adjacent tiles.
+  // compiled per ISA.
   void tiles(const int64_t* starts, const uint32_t* masks, int64_t n) const {
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float>)
       adam_tiles_f32(p, r ? r : const_cast<T*>(g), m, v, r != nullptr, starts, masks, n,
                      kTileLanes, h, step_size, bc2_sqrt, grad_scale);
-      return;
-    }
-    constexpr int64_t kRun = 64;  // tiles per call at most
-    uint64_t bytes[2 * kRun];
-    for (int64_t j = 0; j < n;) {
-      const int64_t s0 = starts[j];
-      int64_t len = 0;
-      do {
-        bytes[2 * len] = kByteMasks.of[masks[j] & 0xffu];
-        bytes[2 * len + 1] = kByteMasks.of[(masks[j] >> 8) & 0xffu];
-        ++len, ++j;
-      } while (j < n && len < kRun && starts[j] == s0 + len * kTile);
-      stream(s0, len * kTile, reinterpret_cast<const bool*>(bytes));
-    }
+    else if (r)
+      adam_tiles<T, M, M, true>(p, r, m, v, starts, masks, n, kTileLanes, h, step_size,
+                                bc2_sqrt, grad_scale);
+    else
+      adam_tiles<T, T, M, false>(p, const_cast<T*>(g), m, v, starts, masks, n, kTileLanes, h,
+                                 step_size, bc2_sqrt, grad_scale);
   }
 
   // The key of element e (after add_residual, with a residual).

@@ -77,19 +77,18 @@ inline constexpr ByteMasks kByteMasks{};
 // nearly every listed tile stands alone). `lanes` (kTileLanes) is a run-time value on
 // purpose: with a constant count gcc unrolls the 16 iterations completely before it
 // vectorises, and the unrolled code stays scalar.
-template <bool kConsume>
-[[gnu::always_inline]] inline void adam_tiles(float* p, float* g, float* m, float* v,
-                                              const int64_t* starts, const uint32_t* masks,
-                                              int64_t n, int64_t lanes, const AdamHyper<float> h,
-                                              const float step_size, const float bc2_sqrt,
-                                              const float grad_scale) {
+template <typename T, typename G, typename M, bool kConsume>
+[[gnu::always_inline]] inline void adam_tiles(T* p, G* g, M* m, M* v, const int64_t* starts,
+                                              const uint32_t* masks, int64_t n, int64_t lanes,
+                                              const AdamHyper<M> h, const M step_size,
+                                              const M bc2_sqrt, const M grad_scale) {
   for (int64_t j = 0; j < n; ++j) {
     const int64_t s = starts[j];
     const uint64_t bytes[2] = {kByteMasks.of[masks[j] & 0xffu],
                                kByteMasks.of[(masks[j] >> 8) & 0xffu]};
-    adam_stream<float, float, float, true, kConsume>(
-        p + s, g + s, m + s, v + s, reinterpret_cast<const bool*>(bytes), 0, lanes, h,
-        step_size, bc2_sqrt, grad_scale);
+    adam_stream<T, G, M, true, kConsume>(p + s, g + s, m + s, v + s,
+                                         reinterpret_cast<const bool*>(bytes), 0, lanes, h,
+                                         step_size, bc2_sqrt, grad_scale);
   }
 }
 

@@ -32,9 +32,11 @@ IK_ISA_CLONES void adam_tiles_f32(float* p, float* g, float* m, float* v, bool c
                                   const float step_size, const float bc2_sqrt,
                                   const float grad_scale) {
   if (consume)
-    adam_tiles<true>(p, g, m, v, starts, masks, n, lanes, h, step_size, bc2_sqrt, grad_scale);
+    adam_tiles<float, float, float, true>(p, g, m, v, starts, masks, n, lanes, h, step_size,
+                                          bc2_sqrt, grad_scale);
   else
-    adam_tiles<false>(p, g, m, v, starts, masks, n, lanes, h, step_size, bc2_sqrt, grad_scale);
+    adam_tiles<float, float, float, false>(p, g, m, v, starts, masks, n, lanes, h, step_size,
+                                           bc2_sqrt, grad_scale);
 }
 
 namespace {
