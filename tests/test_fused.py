@@ -247,14 +247,19 @@ def test_lr_tensor_and_increment_steps():
 
 @needs_ext
 @pytest.mark.parametrize("n", [BLOCK + 3, 1_000_000])
-def test_forced_fallback(monkeypatch, n):
-    """The positional fallback (select, then update at the positions), forced."""
-    monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", "1")
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_forced_fallback(monkeypatch, n, when):
+    """The positional fallback (select, then update at the positions), forced before
+    the listing pass or after it (a band the counts refute: with a residual, the pass
+    has already added the gradient to it, and the fallback must not add it twice)."""
+    monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", when)
     for approx in (False, True):
         check(make([n], torch.float32, "lognormal", seed=n), [n // 50], approx=approx,
               **HYPERS["adamw"])
-    check(make([n], torch.float32, "normal", seed=1, residual=True), [n // 50],
-          **HYPERS["adam"])
+        check(make([n], torch.float32, "normal", seed=1, residual=True), [n // 50],
+              approx=approx, **HYPERS["adam"])
+    check(make([n], torch.bfloat16, "student_t", seed=2, residual=True), [n // 7],
+          **HYPERS["adamw"])
 
 
 @needs_ext

@@ -5,15 +5,15 @@
 //
 //  - Small tensors (up to kBlock elements), one thread each: the Selector (exact,
 //    one read), then the chosen elements updated while the tensor is in L2.
-//  - Large tensors, the tile-fused stream: a band [L, H] on the k-th key from the
-//    Selector's sample; (exact mode) a count pass proves that the keys > H
-//    ("winners") are among the k largest and the k-th lies in the band; then one
-//    pass compares each 16-element tile's keys with L and H, updates every tile
-//    holding a winner as a whole (the rule on all lanes, blended by the winner
-//    mask, unchosen lanes written back bit-identical) and keeps the band's
-//    (key, position) candidates; the (k - #winners)-th candidate, ties to the
-//    lowest position, closes the answer. Nothing is updated before it is known
-//    to be chosen. A band that misses (exact mode) falls back to select + update.
+//  - Large tensors, the tile lists: a band [L, H] on the k-th key from the
+//    Selector's sample; one pass over the keys lists, per block, the 16-element
+//    tiles holding a key > H ("winners", with their lanes) and keeps the band's
+//    (key, position) candidates. The counts then prove (exact mode) that the
+//    winners are among the k largest and that the k-th lies in the band; the
+//    (k - #winners)-th candidate, ties to the lowest position, closes the answer,
+//    and the chosen candidates join their blocks' tile lists. Only then is anything
+//    updated: each block's listed tiles, their lines requested a few tiles ahead.
+//    A band that misses falls back to select + update.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,6 +24,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -37,12 +38,12 @@ namespace {
 
 using namespace incrkern::select;
 
-constexpr int64_t kChunkTiles = 256;   // tiles per scan of the fused pass (4K elements)
+constexpr int64_t kChunkTiles = 256;  // tiles per scan of the listing pass (4K elements)
 constexpr int64_t kDenseGrain = 1 << 15;
 // Listed tiles whose lines are requested before the first of them is updated: at low
 // density the listed tiles lie far apart, and the update of one takes a few ns
 // against a wait on memory for its lines.
-constexpr int64_t kTileAhead = 48;
+constexpr int64_t kTileAhead = 32;
 
 // The band scans over whole tiles of x (|x| keys, select_keys.h): a key is a winner
 // when its order is > hi_gt (key > H), a candidate when > lo_gt but not a winner.
@@ -86,27 +87,6 @@ __attribute__((target("avx2,f16c,popcnt"))) void list_tiles_avx2(const T* x, int
   l.nw = nw, l.nc = nc, l.w = w;
 }
 
-// Adds the counts of winners and candidates of x[0, 16 * tiles), tiles < 2^26.
-template <typename T>
-__attribute__((target("avx2,f16c"))) void count_band_avx2(const T* x, int64_t tiles,
-                                                          int32_t lo_gt, int32_t hi_gt,
-                                                          int64_t& w, int64_t& c) {
-  const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
-  __m256i at_least = _mm256_setzero_si256(), above = _mm256_setzero_si256();
-  for (int64_t t = 0; t < tiles; ++t) {
-    const T* q = x + t * kTile;
-    const __m256i a = order8_avx2<T, false>(q), b = order8_avx2<T, false>(q + 8);
-    // a compare's true lanes are -1: subtracting counts them
-    at_least = _mm256_sub_epi32(at_least, _mm256_cmpgt_epi32(a, lo));
-    at_least = _mm256_sub_epi32(at_least, _mm256_cmpgt_epi32(b, lo));
-    above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(a, hi));
-    above = _mm256_sub_epi32(above, _mm256_cmpgt_epi32(b, hi));
-  }
-  int32_t ge[8], gt[8];
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(ge), at_least);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(gt), above);
-  for (int j = 0; j < 8; ++j) w += gt[j], c += ge[j] - gt[j];
-}
 #endif
 
 template <typename T>
@@ -129,19 +109,6 @@ void list_tiles(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, int64_t
     l.nw += mh != 0;
     l.nc += mc != 0;
     l.w += __builtin_popcount(mh);
-  }
-}
-
-template <typename T>
-void count_band(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, int64_t& w,
-                int64_t& c) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) return count_band_avx2<T>(x, tiles, lo_gt, hi_gt, w, c);
-#endif
-  for (int64_t e = 0; e < tiles * kTile; ++e) {
-    const int32_t order = order_at<false>(x, e);
-    w += order > hi_gt;
-    c += order > lo_gt && order <= hi_gt;
   }
 }
 
@@ -197,11 +164,25 @@ struct AdamTensor {
     stream(b, e - b, nullptr);
   }
 
-  // The p, m and v lines of the tile at s requested (to L2, as update_cpu.cpp does).
+  // The p, gradient, m and v lines of the tile at s requested (to L2, as
+  // update_cpu.cpp does).
   void fetch(int64_t s) const {
     __builtin_prefetch(p + s, 0, 1);
+    if (r) __builtin_prefetch(r + s, 0, 1);
+    else __builtin_prefetch(g + s, 0, 1);
     __builtin_prefetch(m + s, 0, 1);
     __builtin_prefetch(v + s, 0, 1);
+  }
+
+  // tiles() over a list, the lines of each batch of kTileAhead tiles requested while
+  // the batch before it is updated.
+  void tiles_ahead(const int64_t* starts, const uint32_t* masks, int64_t n) const {
+    for (int64_t j = 0; j < std::min(n, kTileAhead); ++j) fetch(starts[j]);
+    for (int64_t j = 0; j < n; j += kTileAhead) {
+      const int64_t e = std::min(n, j + kTileAhead);
+      for (int64_t q = e; q < std::min(n, e + kTileAhead); ++q) fetch(starts[q]);
+      tiles(starts + j, masks + j, e - j);
+    }
   }
 
   // The listed tiles (first element starts[j], chosen lanes masks[j], ascending)
@@ -286,114 +267,133 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   return pos.numel();
 }
 
-// A large tensor whose band missed: select, then the positional update.
+// A large tensor whose band missed: select, then the positional update. After the
+// listing pass (after_pass), a residual already holds r + g, and the selection reads
+// it alone.
 template <typename T>
-int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
-  const at::Tensor pos = select_positions(source_of(c, i), k, c.approx);
-  if (t.r)
+int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k,
+                     bool after_pass) {
+  Source src = source_of(c, i);
+  const bool residual_added = t.r && after_pass;
+  if (residual_added)
+    src = Source{ScoreKind::Abs, at::kFloat, t.r, at::kFloat, nullptr, {}, src.n, 0};
+  const at::Tensor pos = select_positions(src, k, c.approx);
+  if (t.r && !residual_added)
     at::parallel_for(0, c.params[i].numel(), kDenseGrain,
                      [&](int64_t b, int64_t e) { t.add_residual(b, e); });
   update_positions(c, i, pos);
   return pos.numel();
 }
 
-// Per block of the fused pass: its winners' count and its candidates in position order.
+// Per block of the listing pass: the tiles holding a winner (first element, winner
+// lanes, ascending), the winners of the tensor's last few elements that fill no
+// tile, and the candidates in position order.
 struct BlockOut {
-  int64_t winners = 0, band = 0;
+  std::vector<int64_t> wstart;
+  std::vector<uint32_t> wmask;
+  std::vector<int64_t> tail_winners;
+  int64_t winners = 0;
   std::vector<uint32_t> ckey;
   std::vector<int64_t> cpos;
+  std::vector<int64_t> chosen;  // the candidates chosen, ascending
 };
 
-bool forced_fallback() { return std::getenv("INCRKERN_FUSED_FALLBACK") != nullptr; }
+// INCRKERN_FUSED_FALLBACK (for the tests) forces the fallback "before" the listing
+// pass or "after" it, as a band the counts refute.
+bool forced_fallback(const char* when) {
+  const char* env = std::getenv("INCRKERN_FUSED_FALLBACK");
+  return env && std::strcmp(env, when) == 0;
+}
 
-// A large tensor of 32-bit keys (0 < k < n): the band, the count pass (exact), the
-// fused pass, the resolve. Returns the count updated.
+// The (key, position) candidates chosen to complete `need` winners: the need largest,
+// ties to the lowest position; all of them when they are at most need.
+void choose_candidates(std::vector<BlockOut>& out, int64_t need) {
+  int64_t cnt = 0;
+  for (const BlockOut& o : out) cnt += int64_t(o.cpos.size());
+  if (need <= 0) return;
+  if (cnt <= need) {
+    for (BlockOut& o : out) o.chosen = o.cpos;
+    return;
+  }
+  std::vector<uint32_t> keys;
+  keys.reserve(size_t(cnt));
+  for (const BlockOut& o : out) keys.insert(keys.end(), o.ckey.begin(), o.ckey.end());
+  const uint32_t kth = kth_largest(keys, need);
+  int64_t ties = need;  // candidates keyed kth still to take, lowest positions first
+  for (const BlockOut& o : out)
+    for (uint32_t key : o.ckey) ties -= key > kth;
+  for (BlockOut& o : out)
+    for (size_t j = 0; j < o.cpos.size(); ++j) {
+      const bool tie = o.ckey[j] == kth && ties > 0;
+      if (o.ckey[j] > kth || tie) o.chosen.push_back(o.cpos[j]);
+      ties -= tie;
+    }
+}
+
+// The block's chosen candidates merged into its winner tiles: one ascending list, a
+// tile listed once with all its chosen lanes.
+void merge_chosen(BlockOut& o) {
+  if (o.chosen.empty()) return;
+  std::vector<int64_t> starts;
+  std::vector<uint32_t> masks;
+  starts.reserve(o.wstart.size() + o.chosen.size());
+  masks.reserve(starts.capacity());
+  size_t a = 0;
+  for (int64_t q : o.chosen) {
+    const int64_t s = q - q % kTile;
+    while (a < o.wstart.size() && o.wstart[a] < s)
+      starts.push_back(o.wstart[a]), masks.push_back(o.wmask[a++]);
+    if (!starts.empty() && starts.back() == s) {
+      masks.back() |= 1u << (q - s);
+    } else if (a < o.wstart.size() && o.wstart[a] == s) {
+      starts.push_back(s), masks.push_back(o.wmask[a++] | 1u << (q - s));
+    } else {
+      starts.push_back(s), masks.push_back(1u << (q - s));
+    }
+  }
+  starts.insert(starts.end(), o.wstart.begin() + int64_t(a), o.wstart.end());
+  masks.insert(masks.end(), o.wmask.begin() + int64_t(a), o.wmask.end());
+  o.wstart = std::move(starts);
+  o.wmask = std::move(masks);
+}
+
+// A large tensor of 32-bit keys (0 < k < n): the band, the listing pass, the
+// resolve, the update. Returns the count updated.
 template <typename T>
 int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   const int64_t n = c.params[i].numel();
   Selector<uint32_t> sel({source_of(c, i)}, k, c.approx);
   const auto band = sel.sample_band();
-  if (!band || forced_fallback()) return run_fallback(c, i, t, k);
+  if (!band || forced_fallback("before")) return run_fallback(c, i, t, k, false);
   const uint32_t lo = band->first, hi = band->second;
   const int32_t lo_gt = order_greater_than<false>(lo);
   const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   std::vector<BlockOut> out(static_cast<size_t>(nblocks));
 
-  // The keys of the chunk [b, b + 16 * tiles): g itself, or the residual sum r + g,
-  // written to r (fused pass) or to scratch (count pass). fn(keys, tiles) scans them.
-  auto with_chunk_keys = [&](int64_t b, int64_t tiles, float* scratch, auto&& fn) {
-    if (!t.r) return fn(t.g + b);
-    if (!scratch) {
-      t.add_residual(b, b + tiles * kTile);
-      return fn(static_cast<const float*>(t.r + b));
-    }
-    for (int64_t e = 0; e < tiles * kTile; ++e) scratch[e] = t.r[b + e] + float(t.g[b + e]);
-    fn(static_cast<const float*>(scratch));
-  };
-  auto tail_key = [&](int64_t e, bool write_residual) {
-    if (!t.r) return t.key(e);
-    const float u = t.r[e] + float(t.g[e]);
-    if (write_residual) t.r[e] = u;
-    return abs_key32(u);
-  };
-
-  if (!c.approx) {
-    // The count pass: no writes. The fused pass may update the winners at once only
-    // when they are at most k and the band holds the k-th key.
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> scratch(t.r ? size_t(kChunkTiles * kTile) : 0);
-      for (int64_t bi = b0; bi < b1; ++bi) {
-        const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
-        const int64_t whole = begin + (end - begin) / kTile * kTile;
-        int64_t w = 0, cnt = 0;
-        for (int64_t e = begin; e < whole; e += kChunkTiles * kTile) {
-          const int64_t tiles = std::min(kChunkTiles, (whole - e) / kTile);
-          with_chunk_keys(e, tiles, scratch.data(), [&](const auto* keys) {
-            count_band(keys, tiles, lo_gt, hi_gt, w, cnt);
-          });
-        }
-        for (int64_t e = whole; e < end; ++e) {
-          const uint32_t key = tail_key(e, false);
-          w += key > hi;
-          cnt += key >= lo && key <= hi;
-        }
-        out[bi].winners = w;
-        out[bi].band = cnt;
-      }
-    });
-    int64_t w = 0, cnt = 0;
-    for (const BlockOut& o : out) w += o.winners, cnt += o.band;
-    if (!(w <= k && k <= w + cnt)) return run_fallback(c, i, t, k);
-  }
-
-  // The fused pass. The tiles holding a winner are listed for the block, their lines
-  // requested as they are listed, and updated kTileAhead listed tiles behind.
-  // few_hits as for_band (scan_cpu.h) decides it: nearly no tile holds a key >= L.
+  // The listing pass. With a residual, each chunk's keys are u = r + g, written to r
+  // first. few_hits as for_band (scan_cpu.h) decides it: nearly no tile holds a key
+  // >= L.
   const bool few_hits = 1.4 * double(k) / double(n) * kTile < 0.03;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     uint32_t cmask[kChunkTiles];
     int64_t cstart[kChunkTiles];
-    std::vector<int64_t> wstart(size_t(kBlock / kTile + 1));
-    std::vector<uint32_t> wmask(wstart.size());
+    // The block's list is written here, then copied out at its length: a block-sized
+    // vector per block would be zeroed whole.
+    const std::unique_ptr<int64_t[]> wstart(new int64_t[kBlock / kTile]);
+    const std::unique_ptr<uint32_t[]> wmask(new uint32_t[kBlock / kTile]);
     for (int64_t bi = b0; bi < b1; ++bi) {
       BlockOut& o = out[bi];
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
       const int64_t whole = begin + (end - begin) / kTile * kTile;
-      TileLists l{wstart.data(), wmask.data(), 0, cstart, cmask, 0, 0};
-      int64_t done = 0;  // listed tiles updated
+      TileLists l{wstart.get(), wmask.get(), 0, cstart, cmask, 0, 0};
       for (int64_t e = begin; e < whole; e += kChunkTiles * kTile) {
         const int64_t tiles = std::min(kChunkTiles, (whole - e) / kTile);
-        const int64_t listed = l.nw;
         l.nc = 0;
-        with_chunk_keys(e, tiles, nullptr, [&](const auto* keys) {
-          list_tiles(keys, tiles, lo_gt, hi_gt, e, l, few_hits);
-        });
-        for (int64_t j = listed; j < l.nw; ++j) t.fetch(wstart[j]);
-        if (l.nw - done > kTileAhead) {
-          t.tiles(wstart.data() + done, wmask.data() + done, l.nw - kTileAhead - done);
-          done = l.nw - kTileAhead;
-        }
+        if (t.r) t.add_residual(e, e + tiles * kTile);
+        const float* keys = t.r ? static_cast<const float*>(t.r + e) : nullptr;
+        if (keys) list_tiles(keys, tiles, lo_gt, hi_gt, e, l, few_hits);
+        else list_tiles(t.g + e, tiles, lo_gt, hi_gt, e, l, few_hits);
         for (int64_t j = 0; j < l.nc; ++j)
           for (uint32_t mc = cmask[j]; mc; mc &= mc - 1) {
             const int64_t q = cstart[j] + __builtin_ctz(mc);
@@ -401,12 +401,14 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
             o.cpos.push_back(q);
           }
       }
-      t.tiles(wstart.data() + done, wmask.data() + done, l.nw - done);
+      o.wstart.assign(wstart.get(), wstart.get() + l.nw);
+      o.wmask.assign(wmask.get(), wmask.get() + l.nw);
       o.winners = l.w;
       for (int64_t e = whole; e < end; ++e) {
-        const uint32_t key = tail_key(e, true);
+        if (t.r) accumulate_rule(t.r[e], float(t.g[e]), 1.0f);
+        const uint32_t key = t.key(e);
         if (key > hi) {
-          t.one(e);
+          o.tail_winners.push_back(e);
           ++o.winners;
         } else if (key >= lo) {
           o.ckey.push_back(key);
@@ -416,36 +418,26 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
     }
   });
 
-  // The resolve: the (k - W)-th largest candidate, ties to the lowest position.
+  // The counts: exact mode needs the k-th in the band; approx accepts a count within
+  // its tolerance of k.
   int64_t w = 0, cnt = 0;
   for (const BlockOut& o : out) w += o.winners, cnt += int64_t(o.cpos.size());
-  if (w >= k) return w;  // approx only: the sample's H was too low
-  std::vector<int64_t> chosen;
-  if (w + cnt <= k) {  // every candidate (approx: fewer than k in all)
-    for (const BlockOut& o : out) chosen.insert(chosen.end(), o.cpos.begin(), o.cpos.end());
-  } else {
-    const int64_t r = k - w;
-    std::vector<uint32_t> keys;
-    keys.reserve(size_t(cnt));
-    for (const BlockOut& o : out) keys.insert(keys.end(), o.ckey.begin(), o.ckey.end());
-    const uint32_t kth = kth_largest(keys, r);
-    int64_t ties = r;  // candidates keyed kth still to take, lowest positions first
-    for (const BlockOut& o : out)
-      for (uint32_t key : o.ckey) ties -= key > kth;
-    chosen.reserve(size_t(r));
-    for (const BlockOut& o : out)
-      for (size_t j = 0; j < o.cpos.size(); ++j) {
-        const bool tie = o.ckey[j] == kth && ties > 0;
-        if (o.ckey[j] > kth || tie) chosen.push_back(o.cpos[j]);
-        ties -= tie;
-      }
-  }
-  const int64_t m = int64_t(chosen.size());
-  if (m > 0) {
-    at::Tensor pos = at::empty({m}, at::TensorOptions().dtype(at::kLong));
-    std::copy(chosen.begin(), chosen.end(), pos.data_ptr<int64_t>());
-    update_positions(c, i, pos);
-  }
+  const int64_t tol = c.approx ? Selector<uint32_t>::tolerance(k) : 0;
+  if (w > k + tol || w + cnt < k - tol || forced_fallback("after"))
+    return run_fallback(c, i, t, k, true);
+  choose_candidates(out, k - w);
+
+  // The update: nothing was written to p or its state before this point.
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      BlockOut& o = out[bi];
+      merge_chosen(o);
+      t.tiles_ahead(o.wstart.data(), o.wmask.data(), int64_t(o.wstart.size()));
+      for (int64_t e : o.tail_winners) t.one(e);
+    }
+  });
+  int64_t m = 0;
+  for (const BlockOut& o : out) m += int64_t(o.chosen.size());
   return w + m;
 }
 
@@ -460,7 +452,7 @@ int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
     });
     return k;
   }
-  if constexpr (std::is_same_v<T, double>) return run_fallback(c, i, t, k);
+  if constexpr (std::is_same_v<T, double>) return run_fallback(c, i, t, k, false);
   else return run_band(c, i, t, k);
 }
 

@@ -59,42 +59,57 @@ template <typename T, typename G, typename M>
 #endif
 
 // Lanes of a tile: the 16 fp32 elements of one 64-byte line.
-constexpr int64_t kTileLanes = 16;
-
-// 8 mask bits as 8 bytes (0 or 1): the byte mask the masked streaming loop reads.
-struct ByteMasks {
-  uint64_t of[256];
-  constexpr ByteMasks() : of{} {
-    for (int m = 0; m < 256; ++m)
-      for (int j = 0; j < 8; ++j)
-        if ((m >> j) & 1) of[m] |= uint64_t(1) << (8 * j);
-  }
-};
-inline constexpr ByteMasks kByteMasks{};
+constexpr int32_t kTileLanes = 16;
+// A tile with at most this many chosen lanes is updated lane by lane: the rule's
+// square root and division cost about as much for one vector of 16 lanes as for a
+// few lanes one at a time (docs/design.md, "The tile lists").
+constexpr int kLaneByLane = 3;
 
 // The masked loop over a list of tiles (first element starts[j], chosen lanes the
 // bits of masks[j]), the ISA picked once per list, not once per tile (at low density
-// nearly every listed tile stands alone). `lanes` (kTileLanes) is a run-time value on
-// purpose: with a constant count gcc unrolls the 16 iterations completely before it
-// vectorises, and the unrolled code stays scalar.
+// nearly every listed tile stands alone). The lane's bit is read in the loop, not
+// from a byte mask: a byte in the loop sets gcc's vector factor by the byte type (64
+// lanes for AVX-512), more than a tile's 16, and the loop then ran scalar. `lanes`
+// (kTileLanes) is a run-time value on purpose: with a constant count gcc unrolls the
+// 16 iterations completely before it vectorises, and the unrolled code stays scalar.
 template <typename T, typename G, typename M, bool kConsume>
 [[gnu::always_inline]] inline void adam_tiles(T* p, G* g, M* m, M* v, const int64_t* starts,
-                                              const uint32_t* masks, int64_t n, int64_t lanes,
+                                              const uint32_t* masks, int64_t n, int32_t lanes,
                                               const AdamHyper<M> h, const M step_size,
                                               const M bc2_sqrt, const M grad_scale) {
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t s = starts[j];
-    const uint64_t bytes[2] = {kByteMasks.of[masks[j] & 0xffu],
-                               kByteMasks.of[(masks[j] >> 8) & 0xffu]};
-    adam_stream<T, G, M, true, kConsume>(p + s, g + s, m + s, v + s,
-                                         reinterpret_cast<const bool*>(bytes), 0, lanes, h,
-                                         step_size, bc2_sqrt, grad_scale);
+    T* __restrict tp = p + starts[j];
+    G* __restrict tg = g + starts[j];
+    M* __restrict tm = m + starts[j];
+    M* __restrict tv = v + starts[j];
+    const uint32_t bits = masks[j];
+    if (__builtin_popcount(bits) <= kLaneByLane) {
+      for (uint32_t b = bits; b; b &= b - 1) {
+        const int e = __builtin_ctz(b);
+        M pm = M(tp[e]), mm = tm[e], vv = tv[e];
+        adam_rule(pm, M(tg[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
+        tp[e] = T(pm);
+        tm[e] = mm;
+        tv[e] = vv;
+        if (kConsume) tg[e] = G(0);
+      }
+      continue;
+    }
+    for (int32_t e = 0; e < lanes; ++e) {
+      M pm = M(tp[e]), mm = tm[e], vv = tv[e];
+      adam_rule(pm, M(tg[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
+      const bool on = (bits >> e) & 1u;
+      tp[e] = on ? T(pm) : tp[e];
+      tm[e] = on ? mm : tm[e];
+      tv[e] = on ? vv : tv[e];
+      if (kConsume) tg[e] = on ? G(0) : tg[e];
+    }
   }
 }
 
 // adam_tiles over fp32 tensors, compiled for each ISA (update_cpu.cpp).
 void adam_tiles_f32(float* p, float* g, float* m, float* v, bool consume,
-                    const int64_t* starts, const uint32_t* masks, int64_t n, int64_t lanes,
+                    const int64_t* starts, const uint32_t* masks, int64_t n, int32_t lanes,
                     const AdamHyper<float> h, const float step_size, const float bc2_sqrt,
                     const float grad_scale);
 

@@ -28,7 +28,7 @@ IK_ISA_CLONES void adam_stream_f32(float* p, float* g, float* m, float* v, const
 // The fp32 tile-list loop for each ISA (update/adam_stream_cpu.h).
 IK_ISA_CLONES void adam_tiles_f32(float* p, float* g, float* m, float* v, bool consume,
                                   const int64_t* starts, const uint32_t* masks, int64_t n,
-                                  int64_t lanes, const AdamHyper<float> h,
+                                  int32_t lanes, const AdamHyper<float> h,
                                   const float step_size, const float bc2_sqrt,
                                   const float grad_scale) {
   if (consume)
