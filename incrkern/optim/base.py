@@ -37,20 +37,20 @@ MASK_DENSITY = 0.1
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The fused select-and-update (ops.adam_select_update_) against select then update
-# (by positions, or by mask from MASK_DENSITY on), measured with
+# (by positions, or by mask from MASK_DENSITY on), per tensor, measured with
 # bench/crossover_fused.py and bench/fused_optimizer_step.py (docs/design.md,
 # "Choosing a path"): on tensors of up to 2^18 elements the fused call wins at every
-# density (no positions returned, no second op call); on a 1e7 tensor the tile-fused
-# stream wins only from about density 0.2 on, where select then update pays for a
-# full read, a scattered or masked update and the mask built from the positions.
+# density (no positions returned, no second op call); on larger ones it wins from
+# FUSED_MIN_DENSITY on, where select then update pays for a full read and a
+# scattered or masked update of many elements.
 FUSED_SMALL_NUMEL = 2 ** 18
-FUSED_MIN_DENSITY = 0.2
+FUSED_MIN_DENSITY = 0.05
 
 
-def use_fused(density, largest_numel):
-    """Whether a step at `density` whose largest tensor has `largest_numel` elements
-    takes the fused kernel."""
-    return largest_numel <= FUSED_SMALL_NUMEL or density >= FUSED_MIN_DENSITY
+def use_fused(density, numel):
+    """Whether a tensor of `numel` elements stepped at `density` takes the fused
+    kernel."""
+    return numel <= FUSED_SMALL_NUMEL or density >= FUSED_MIN_DENSITY
 
 
 # The group options every incrkern optimizer adds to torch's.
@@ -593,7 +593,8 @@ class IncrementalOptimizer(Optimizer):
         """Whether a step of this group can select and update in one kernel call
         (_select_update): CPU, |grad| or error feedback per tensor, reselected at every
         update, one bias correction per tensor, no accumulation over calls, fp32, bf16
-        or fp16 params, and the cost model's choice (use_fused)."""
+        or fp16 params. Which tensors then take it is the cost model's choice
+        (use_fused, per tensor)."""
         if (type(self)._select_update is IncrementalOptimizer._select_update
                 or len(by_device) != 1 or by_device[0][0].type != "cpu"
                 or group["select"] not in ("grad", "accumulated")
@@ -601,10 +602,7 @@ class IncrementalOptimizer(Optimizer):
                 or group["bias_correction"] != "tensor" or group["accumulate_steps"] != 1
                 or group.get("momentum_correction")):
             return False
-        params = by_device[0][1]
-        if any(p.dtype not in _FUSED_DTYPES for p in params):
-            return False
-        return use_fused(float(group["density"]), max(p.numel() for p in params))
+        return all(p.dtype in _FUSED_DTYPES for p in by_device[0][1])
 
     def _select_update(self, group, work, device, ks, residuals, approx):
         """The fused kernel call (subclasses that have one): select by |grad| (or
@@ -623,13 +621,21 @@ class IncrementalOptimizer(Optimizer):
         work = _Work(ps, grads, states)
         self._select_update(group, work, device, ks, residuals, group["topk"] == "approx")
         work.write_back()
-        group["updates"] += 1
 
     def _incremental_step(self, group, by_device):
         self._check_incremental(group, by_device)
         if self._fused_eligible(group, by_device):
-            self._fused_step(group, by_device)
-            return
+            (device, ps, grads), = by_device
+            density = float(group["density"])
+            fused = [use_fused(density, p.numel()) for p in ps]
+            if any(fused):
+                self._fused_step(group, [(device, [p for p, f in zip(ps, fused) if f],
+                                          [g for g, f in zip(grads, fused) if f])])
+            if all(fused):
+                group["updates"] += 1
+                return
+            by_device = [(device, [p for p, f in zip(ps, fused) if not f],
+                          [g for g, f in zip(grads, fused) if not f])]
         for _, ps, grads in by_device:
             self._accumulate(group, ps, grads)
         group["accumulated_calls"] += 1
