@@ -389,6 +389,8 @@ def test_mask_and_position_forms_agree(monkeypatch, name, options):
 @pytest.mark.parametrize("options", [
     dict(select="grad"), dict(select="accumulated"), dict(select="grad", maximize=True),
     dict(select="grad", dtype=torch.bfloat16), dict(select="accumulated", topk="approx"),
+    dict(select="grad", accumulate_steps=3), dict(select="grad", accumulate_steps=2,
+                                                  topk="approx", dtype=torch.float16),
 ])
 def test_fused_path_agrees_with_positions(monkeypatch, name, options):
     """An eligible group (CPU, |grad| or error feedback per tensor, dynamic mask) steps
@@ -420,7 +422,7 @@ def test_fused_path_agrees_with_positions(monkeypatch, name, options):
         params = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in sizes]
         opt = getattr(incrkern.optim, name)(params, **torch_kwargs(name), maximize=maximize,
                                             density=0.02, **options)
-        for _ in range(4):
+        for _ in range(7):
             for p in params:
                 z = torch.randn(p.numel(), generator=gen)
                 p.grad = (z / torch.rand(p.numel(), generator=gen).add(0.05)).to(dtype)

@@ -592,56 +592,68 @@ class IncrementalOptimizer(Optimizer):
     def _fused_eligible(self, group, by_device):
         """Whether a step of this group can select and update in one kernel call
         (_select_update): CPU, |grad| or error feedback per tensor, reselected at every
-        update, one bias correction per tensor, no accumulation over calls, fp32, bf16
-        or fp16 params. Which tensors then take it is the cost model's choice
-        (use_fused, per tensor)."""
+        update, one bias correction per tensor, fp32, bf16 or fp16 params. With
+        accumulate_steps, the last call's accumulate joins the kernel's pass (|grad|
+        only: error feedback accumulates a scaled gradient). Which tensors then take
+        it is the cost model's choice (use_fused, per tensor)."""
         if (type(self)._select_update is IncrementalOptimizer._select_update
                 or len(by_device) != 1 or by_device[0][0].type != "cpu"
                 or group["select"] not in ("grad", "accumulated")
                 or group["scope"] != "tensor" or group["mask"] != "dynamic"
-                or group["bias_correction"] != "tensor" or group["accumulate_steps"] != 1
+                or group["bias_correction"] != "tensor"
+                or (group["accumulate_steps"] != 1 and group["select"] != "grad")
                 or group.get("momentum_correction")):
             return False
         return all(p.dtype in _FUSED_DTYPES for p in by_device[0][1])
 
-    def _select_update(self, group, work, device, ks, residuals, approx):
+    def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0):
         """The fused kernel call (subclasses that have one): select by |grad| (or
-        |residual + grad|) and update, per tensor."""
+        |residual + grad|) and update with the gradient times grad_scale, per tensor."""
         raise NotImplementedError
 
-    def _fused_step(self, group, by_device):
-        (device, ps, grads), = by_device
+    def _fused_step(self, group, device, ps, grads):
+        """The fused kernel over these params. With accumulate_steps = n > 1 the
+        accumulated gradient joins as the kernel's residual: it selects by
+        |acc + grad| and updates with the mean (acc + grad) / n; the unchosen part of
+        the sum is spent like the chosen one."""
         states = [self.state[p] for p in ps]
         self._init_states(group, ps, states, None, sparse=True)
-        residuals = None
+        n = group["accumulate_steps"]
+        residuals, grad_scale = None, 1.0
         if group["select"] == "accumulated":
             residuals = [self._buffer(p, "residual") for p in ps]
+        elif n > 1:
+            residuals, grad_scale = [self._buffer(p, "grad_acc") for p in ps], 1.0 / n
         density = float(group["density"])
         ks = [ops.density_k(density, p.numel()) for p in ps]
         work = _Work(ps, grads, states)
-        self._select_update(group, work, device, ks, residuals, group["topk"] == "approx")
+        self._select_update(group, work, device, ks, residuals, group["topk"] == "approx",
+                            grad_scale)
+        if n > 1:
+            torch._foreach_zero_(residuals)
         work.write_back()
 
     def _incremental_step(self, group, by_device):
         self._check_incremental(group, by_device)
-        if self._fused_eligible(group, by_device):
+        fused = None  # (device, params, grads) for the fused kernel, at an update
+        if (group["accumulated_calls"] + 1 >= group["accumulate_steps"]
+                and self._fused_eligible(group, by_device)):
             (device, ps, grads), = by_device
             density = float(group["density"])
-            fused = [use_fused(density, p.numel()) for p in ps]
-            if any(fused):
-                self._fused_step(group, [(device, [p for p, f in zip(ps, fused) if f],
-                                          [g for g, f in zip(grads, fused) if f])])
-            if all(fused):
-                group["updates"] += 1
-                return
-            by_device = [(device, [p for p, f in zip(ps, fused) if not f],
-                          [g for g, f in zip(grads, fused) if not f])]
+            take = [use_fused(density, p.numel()) for p in ps]
+            fused = (device, [p for p, t in zip(ps, take) if t],
+                     [g for g, t in zip(grads, take) if t])
+            by_device = [(device, [p for p, t in zip(ps, take) if not t],
+                          [g for g, t in zip(grads, take) if not t])]
+        by_device = [(device, ps, grads) for device, ps, grads in by_device if ps]
         for _, ps, grads in by_device:
             self._accumulate(group, ps, grads)
         group["accumulated_calls"] += 1
         if group["accumulated_calls"] < group["accumulate_steps"]:
             return
         group["accumulated_calls"] = 0
+        if fused and fused[1]:
+            self._fused_step(group, *fused)
         n = group["accumulate_steps"]
         select = group["select"]
         state = self.state
