@@ -416,6 +416,8 @@ class IncrementalOptimizer(Optimizer):
         if self._counts_steps:
             self._check_unshared_steps([params for _, params, _, _ in plans]
                                        + [[p for p, _ in pairs] for _, pairs in sparse_plans])
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            self._check_capturable(plans, sparse_plans)
         for group, params, grads, device in plans:
             if params:
                 self._step_group(group, self._by_device(params, grads, device))
@@ -456,6 +458,38 @@ class IncrementalOptimizer(Optimizer):
             self._dense_step(group, by_device)
         else:
             self._incremental_step(group, by_device)
+
+    def _check_capturable(self, plans, sparse_plans):
+        """Under CUDA graph capture, only a sparse step whose work is the same at every
+        replay may run: per-tensor exact selection (k fixed per tensor, nothing read
+        back on the host), reselected at every update or by a mask made before the
+        capture. The rest would be recorded with one step's host-side decisions and
+        replay them: refused with the reason, before any group is touched."""
+        reasons = []
+        if any(pairs for _, pairs in sparse_plans):
+            reasons.append("sparse gradients have their rows counted on the host")
+        for group, params, _, _ in plans:
+            if not params or self._is_dense(group):
+                continue
+            if group["scope"] != "tensor":
+                reasons.append("scope='global' reads the selection's output size on the host")
+            if group["topk"] != "exact":
+                reasons.append("topk='approx' reads its count on the host")
+            if group["select"] in ("random", "layer"):
+                reasons.append(f"select={group['select']!r} draws its choice on the host")
+            if group["mask"] not in ("dynamic", "fixed"):
+                reasons.append("mask=N counts updates on the host")
+            elif group["mask"] == "fixed" and not all("indices" in self.state.get(p, ())
+                                                      for p in params):
+                reasons.append("mask='fixed' makes its mask at the first step: take that "
+                               "step before capturing")
+            if group["accumulate_steps"] != 1:
+                reasons.append("accumulate_steps counts calls on the host")
+        if reasons:
+            raise RuntimeError("incrkern: this step cannot be captured in a CUDA graph: "
+                               + "; ".join(dict.fromkeys(reasons)) + ". Step it eagerly, or "
+                               "use scope='tensor', topk='exact' and select='grad', "
+                               "'grad_sq', 'weight' or 'accumulated'.")
 
     def _lr_args(self, group, device):
         """(lr, lr_tensor) for an update op. A tensor lr goes to the kernel as a tensor
