@@ -193,6 +193,10 @@ class IncrementalOptimizer(Optimizer):
     """
 
     _counts_steps = False  # a subclass keeping a `step` tensor per param sets it
+    # scope="global" groups select through this callable(group, params, tensors,
+    # score, weights) -> indices when set: incrkern.distributed.ShardedOptimizer's
+    # selection agreed across ranks, on local shards.
+    _global_select = None
 
     def __init__(self, params, defaults, incremental):
         preset = None
@@ -558,9 +562,12 @@ class IncrementalOptimizer(Optimizer):
             score, weights = "weight", contiguous_params
         elif select == "random":
             score = "random"
-        indices = ops.select(tensors, density, score=score, scope=group["scope"],
-                             approx=group["topk"] == "approx", weights=weights,
-                             validate=False)
+        if group["scope"] == "global" and self._global_select is not None:
+            indices = self._global_select(group, params, tensors, score, weights)
+        else:
+            indices = ops.select(tensors, density, score=score, scope=group["scope"],
+                                 approx=group["topk"] == "approx", weights=weights,
+                                 validate=False)
         if mask != "dynamic":
             for s, idx, p in zip(states, indices, params):
                 s["indices"] = _stored_positions(idx, p)
