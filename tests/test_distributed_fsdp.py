@@ -157,6 +157,11 @@ def _fsdp_resume(rank, out):
     model = _fsdp_model(rank)
     opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, **options)
     metadata = dcp.FileSystemReader(path).read_metadata()
+    try:
+        opt.distributed_state_dict(metadata, "optimizer")
+        wrong_key = ""
+    except ValueError as e:
+        wrong_key = str(e)
     loaded = {"model": model.state_dict(), "optim": opt.distributed_state_dict(metadata, "optim")}
     dcp.load(loaded, checkpoint_id=path)
     model.load_state_dict(loaded["model"])
@@ -164,7 +169,7 @@ def _fsdp_resume(rank, out):
     restored = _local(model, opt)
     _fsdp_steps(model, opt, rank, SAVE_AT, STEPS - SAVE_AT)
     return {"whole": whole, "saved": saved, "restored": restored,
-            "resumed": _local(model, opt)}
+            "resumed": _local(model, opt), "wrong_key": wrong_key}
 
 
 def _ddp_layers(rank, seed=None):
@@ -221,19 +226,30 @@ def _records(tmp_path_factory, world, scenarios):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-@pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    return _records(tmp_path_factory, 2, ("resume", "ddp_layers"))
+# What each world size runs beyond the selections and the scope="global" runs.
+SCENARIOS = {2: ("resume", "ddp_layers"), 4: ()}
 
 
 @pytest.fixture(scope="module")
-def world4(tmp_path_factory):
-    return _records(tmp_path_factory, 4, ())
+def spawned(tmp_path_factory):
+    """world size -> the ranks' records, each world spawned once, when first asked."""
+    runs = {}
+
+    def get(world):
+        if world not in runs:
+            runs[world] = _records(tmp_path_factory, world, SCENARIOS[world])
+        return runs[world]
+    return get
 
 
 @pytest.fixture(params=[2, 4], ids=["world2", "world4"])
-def records(request):
-    return request.getfixturevalue(f"world{request.param}")
+def records(spawned, request):
+    return spawned(request.param)
+
+
+@pytest.fixture
+def world2(spawned):
+    return spawned(2)
 
 
 # ------------------------------------------------------------------------------------
@@ -345,6 +361,7 @@ def test_fsdp2_fixed_mask_resumes_bit_identically_through_dcp(world2):
         assert any(not torch.equal(a, b) for a, b in zip(run["saved"]["shards"],
                                                          run["whole"]["shards"]))
     assert kept == math.ceil(DENSITY * total)
+    assert "no optimizer.rank0" in world2[0]["resume"]["wrong_key"]
 
 
 def test_ddp_select_layer_matches_one_process(world2):

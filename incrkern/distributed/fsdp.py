@@ -18,8 +18,11 @@ largest key (4 all-reduces for fp32/bf16/fp16 scores, 8 for fp64). Every rank th
 takes its elements above that key; of the elements equal to it, the ones of lowest
 global position, found the same way (a radix select on the positions, one
 all-reduce per 8 bits of the total numel) only when the ties do not all fit.
-The all-reduces carry 2 KB each, whatever the model's size.
+The all-reduces carry 2 KB each, whatever the model's size; the keys take 8 bytes
+per local element while the selection runs.
 """
+import math
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -101,7 +104,7 @@ class ShardedOptimizer:
         """The optimizer's selection for a scope='global' group: local indices."""
         scores = weights if score == "weight" else tensors
         layouts = [self._layout[id(s)] for s in shards]
-        total = sum(_numel(shape) for shape, _ in layouts)
+        total = sum(math.prod(shape) for shape, _ in layouts)
         k = ops.density_k(float(group["density"]), total)
         return agreed_topk(scores, k, layouts, self.process_group)
 
@@ -159,13 +162,6 @@ class ShardedOptimizer:
     def load_distributed_state_dict(self, state_dict):
         """Loads what dcp.load filled in `distributed_state_dict(metadata, key)`."""
         self.optimizer.load_state_dict(state_dict[self._rank_key()])
-
-
-def _numel(shape):
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _keys(scores):
@@ -228,13 +224,12 @@ def agreed_topk(scores, k, layouts, group):
     calls it with its own shards of the same tensors."""
     sizes = [t.numel() for t in scores]
     device = scores[0].device if scores else torch.device("cpu")
-    total = sum(_numel(shape) for shape, _ in layouts)
+    total = sum(math.prod(shape) for shape, _ in layouts)
     if k >= total:
         return [torch.arange(n, device=device) for n in sizes]
     if k == 0:
         return [torch.empty(0, dtype=torch.int64, device=device) for _ in sizes]
     keys, bits = _keys(scores)
-    keys = keys.to(device)
     cut, larger, equal = agreed_kth_largest(keys, k, bits, group)
     chosen = keys > cut
     tied = keys == cut
@@ -247,7 +242,7 @@ def agreed_topk(scores, k, layouts, group):
             inside = (tied_at >= start) & (tied_at < start + n)
             positions[inside] = _global_positions(tied_at[inside] - start, shape, offset,
                                                   base, tuple(t.shape))
-            start, base = start + n, base + _numel(shape)
+            start, base = start + n, base + math.prod(shape)
         # Lowest positions first: the largest of total - 1 - position.
         reversed_positions = total - 1 - positions
         last, _, _ = agreed_kth_largest(reversed_positions, take,
