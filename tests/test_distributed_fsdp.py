@@ -26,9 +26,13 @@ DENSITY = 0.1
 STEPS = 4
 SAVE_AT = 2
 LR = 1e-2
-GLOBAL_RUNS = [("grad", {}), ("weight", {"select": "weight"}),
-               ("grad_sq", {"select": "grad_sq"}), ("accumulated", {"select": "accumulated"}),
-               ("mask_every_2", {"mask": 2})]
+GLOBAL = dict(density=DENSITY, scope="global")
+# FSDP2 runs compared with one process on the full tensors: name, optimizer options.
+FSDP_RUNS = [("grad", GLOBAL), ("weight", dict(GLOBAL, select="weight")),
+             ("grad_sq", dict(GLOBAL, select="grad_sq")),
+             ("accumulated", dict(GLOBAL, select="accumulated")),
+             ("mask_every_2", dict(GLOBAL, mask=2)),
+             ("layer", dict(density=0.3, select="layer"))]
 
 
 def _model():
@@ -120,11 +124,10 @@ def _fsdp_steps(model, opt, rank, first, steps, record=None):
             record["params"].append([p.detach().full_tensor() for p in model.parameters()])
 
 
-def _fsdp_global(rank, **options):
-    """FSDP2 training with scope='global': the full grads and params of each step."""
+def _fsdp_run(rank, **options):
+    """FSDP2 training: the full grads and params of each step."""
     model = _fsdp_model(rank)
-    opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, lr=LR,
-                           density=DENSITY, scope="global", **options)
+    opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, lr=LR, **options)
     record = {"params": [[p.detach().full_tensor() for p in model.parameters()]], "grads": []}
     _fsdp_steps(model, opt, rank, 0, STEPS, record)
     return record
@@ -202,8 +205,9 @@ def _worker(rank, world, port, out, scenarios):
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=timedelta(seconds=30))
     result = {"selections": _selections(rank, world)}
-    for name, options in GLOBAL_RUNS:
-        result[name] = _fsdp_global(rank, **options)
+    for name, options in FSDP_RUNS:
+        if name in scenarios:
+            result[name] = _fsdp_run(rank, **options)
     try:
         ShardedOptimizer(_fsdp_model(rank).parameters(), incrkern.optim.AdamW,
                          density=DENSITY, scope="global", select="random")
@@ -226,8 +230,11 @@ def _records(tmp_path_factory, world, scenarios):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-# What each world size runs beyond the selections and the scope="global" runs.
-SCENARIOS = {2: ("resume", "ddp_layers"), 4: ()}
+# What each world size runs beyond the selections. On 4 ranks the last layer's
+# shards are 1, 1, 1 and 0 rows.
+WORLD4_RUNS = ("grad", "layer")
+SCENARIOS = {2: ("resume", "ddp_layers") + tuple(name for name, _ in FSDP_RUNS),
+             4: WORLD4_RUNS}
 
 
 @pytest.fixture(scope="module")
@@ -299,10 +306,12 @@ def test_agreed_topk_is_the_one_process_global_selection(records):
     assert split   # the ties were cut by position somewhere
 
 
-def _reference_global(record, **options):
-    """One process, the full tensors, the FSDP run's full gradients, scope='global'."""
+def _one_process(record, **options):
+    """One process, the full tensors, the FSDP run's full gradients; the global
+    generator where the FSDP run had it (select='layer' draws from it)."""
+    _model()
     params = [p.clone() for p in record["params"][0]]
-    opt = incrkern.optim.AdamW(params, lr=LR, density=DENSITY, scope="global", **options)
+    opt = incrkern.optim.AdamW(params, lr=LR, **options)
     out = [[p.clone() for p in params]]
     for grads in record["grads"]:
         for p, g in zip(params, grads):
@@ -312,20 +321,36 @@ def _reference_global(record, **options):
     return out
 
 
-@pytest.mark.parametrize("run, options", [(name, options) for name, options in GLOBAL_RUNS])
-def test_fsdp2_global_scope_matches_one_process(records, run, options):
-    """FSDP2 + ShardedOptimizer(scope='global') updates the elements a one-process
-    optimizer with scope='global' updates on the full tensors, k in all, and to the
+@pytest.mark.parametrize("run, options", FSDP_RUNS, ids=[name for name, _ in FSDP_RUNS])
+def test_fsdp2_matches_one_process(world2, run, options):
+    """FSDP2 + ShardedOptimizer with scope='global' (or select='layer') updates the
+    elements a one-process optimizer updates on the full tensors (k in all), to the
     same values (to fp32 rounding)."""
+    _check_matches_one_process(world2, run, options)
+
+
+def test_fsdp2_matches_one_process_on_4_ranks_with_an_empty_shard(spawned):
+    for run, options in FSDP_RUNS:
+        if run in WORLD4_RUNS:
+            _check_matches_one_process(spawned(4), run, options)
+
+
+def _check_matches_one_process(records, run, options):
     record = records[0][run]
-    expected = _reference_global(record, **options)
+    expected = _one_process(record, **options)
     total = sum(p.numel() for p in record["params"][0])
+    frozen = 0
     for step in range(1, STEPS + 1):
         before, after = record["params"][step - 1], record["params"][step]
         ref_before, ref_after = expected[step - 1], expected[step]
         changed = [(a != b).reshape(-1) for a, b in zip(after, before)]
         ref_changed = [(a != b).reshape(-1) for a, b in zip(ref_after, ref_before)]
-        assert sum(int(c.sum()) for c in changed) == math.ceil(DENSITY * total), step
+        if options.get("scope") == "global":
+            assert sum(int(c.sum()) for c in changed) == math.ceil(DENSITY * total), step
+        else:   # whole tensors
+            trained = [bool(c.any()) for c in changed]
+            assert any(trained), step
+            frozen += trained.count(False)
         for i, (c, r) in enumerate(zip(changed, ref_changed)):
             assert torch.equal(c, r), (step, i)
         # The same values, to the fp32 rounding of kernels run on other lengths.
@@ -334,6 +359,7 @@ def test_fsdp2_global_scope_matches_one_process(records, run, options):
     for rank_record in records[1:]:
         for a_step, b_step in zip(rank_record[run]["params"], record["params"]):
             assert all(torch.equal(a, b) for a, b in zip(a_step, b_step))
+    assert frozen or options.get("select") != "layer"
 
 
 def test_fsdp2_fixed_mask_resumes_bit_identically_through_dcp(world2):

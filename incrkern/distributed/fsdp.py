@@ -49,6 +49,9 @@ class ShardedOptimizer:
     state. Make it after fully_shard and after moving the model: a shard whose
     storage moved later raises at the next step.
 
+    select="layer" draws whole tensors by their full sizes, the same on every rank
+    (the global random generator in the same state on every rank, as under DDP).
+
     With scope="global" (see the module's docstring) every rank takes part in each
     step's selection: every rank must step, with the same params having gradients.
     The result is the selection of a one-process optimizer with scope="global" on
@@ -75,6 +78,8 @@ class ShardedOptimizer:
                                 "optimizer directly)")
         self.shards = [p.to_local().detach() for p in self.params]
         self.optimizer = optimizer_class(self.shards, **options)
+        full_numels = {id(shard): p.numel() for p, shard in zip(self.params, self.shards)}
+        self.optimizer._layer_numel = lambda shard: full_numels[id(shard)]
         if any(g["scope"] == "global" for g in self.optimizer.param_groups):
             self._set_up_global_selection()
 
