@@ -138,12 +138,12 @@ def _local(model, opt):
             "state": copy.deepcopy(opt.state_dict())}
 
 
-def _fsdp_resume(rank, out):
-    """mask='fixed', scope='global': an uninterrupted run, and one saved with
+def _fsdp_resume(rank, out, scope):
+    """mask='fixed': an uninterrupted run, and one saved with
     torch.distributed.checkpoint at SAVE_AT and resumed in a new model and
     optimizer."""
     import torch.distributed.checkpoint as dcp
-    options = dict(lr=LR, density=DENSITY, scope="global", mask="fixed")
+    options = dict(lr=LR, density=DENSITY, scope=scope, mask="fixed")
     model = _fsdp_model(rank)
     opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, **options)
     _fsdp_steps(model, opt, rank, 0, STEPS)
@@ -152,7 +152,7 @@ def _fsdp_resume(rank, out):
     model = _fsdp_model(rank)
     opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, **options)
     _fsdp_steps(model, opt, rank, 0, SAVE_AT)
-    path = os.path.join(out, "checkpoint")
+    path = os.path.join(out, f"checkpoint_{scope}")
     saved = _local(model, opt)
     dcp.save({"model": model.state_dict(), "optim": opt.distributed_state_dict()},
              checkpoint_id=path)
@@ -215,7 +215,8 @@ def _worker(rank, world, port, out, scenarios):
     except ValueError as e:
         result["random_refused"] = str(e)
     if "resume" in scenarios:
-        result["resume"] = _fsdp_resume(rank, out)
+        result["resume"] = {scope: _fsdp_resume(rank, out, scope)
+                            for scope in ("global", "tensor")}
     if "ddp_layers" in scenarios:
         result["ddp_layers"] = _ddp_layers(rank)
         result["ddp_layers_apart"] = _ddp_layers(rank, seed=rank)
@@ -362,11 +363,12 @@ def _check_matches_one_process(records, run, options):
     assert frozen or options.get("select") != "layer"
 
 
-def test_fsdp2_fixed_mask_resumes_bit_identically_through_dcp(world2):
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_fsdp2_fixed_mask_resumes_bit_identically_through_dcp(world2, scope):
     total = sum(p.numel() for p in _model().parameters())
     kept = 0
     for rank_record in world2:
-        run = rank_record["resume"]
+        run = rank_record["resume"][scope]
         # The new model and optimizer hold what was saved, bit for bit.
         for a, b in zip(run["restored"]["shards"], run["saved"]["shards"]):
             assert torch.equal(a, b)
@@ -386,8 +388,12 @@ def test_fsdp2_fixed_mask_resumes_bit_identically_through_dcp(world2):
                 assert torch.equal(run["resumed"]["state"]["state"][pid][key], value)
         assert any(not torch.equal(a, b) for a, b in zip(run["saved"]["shards"],
                                                          run["whole"]["shards"]))
-    assert kept == math.ceil(DENSITY * total)
-    assert "no optimizer.rank0" in world2[0]["resume"]["wrong_key"]
+    if scope == "global":
+        assert kept == math.ceil(DENSITY * total)
+    else:   # per shard
+        assert kept == sum(math.ceil(DENSITY * s.numel()) for r in world2
+                           for s in r["resume"][scope]["whole"]["shards"])
+    assert "no optimizer.rank0" in world2[0]["resume"][scope]["wrong_key"]
 
 
 def test_ddp_select_layer_matches_one_process(world2):

@@ -26,6 +26,8 @@ import math
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+# DTensor's own answer to "which block of the full tensor is this rank's shard"
+# (torch has no public one; DCP uses it the same way).
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from .. import ops
