@@ -193,6 +193,13 @@ class IncrementalOptimizer(Optimizer):
     """
 
     _counts_steps = False  # a subclass keeping a `step` tensor per param sets it
+    # scope="global" groups select through this callable(group, params, tensors,
+    # score, weights) -> indices when set: incrkern.distributed.ShardedOptimizer's
+    # selection agreed across ranks, on local shards.
+    _global_select = None
+    # select="layer" counts a param's elements with this callable(param) when set:
+    # ShardedOptimizer's full tensors' sizes, so that every rank draws the same layers.
+    _layer_numel = None
 
     def __init__(self, params, defaults, incremental):
         preset = None
@@ -592,9 +599,12 @@ class IncrementalOptimizer(Optimizer):
             score, weights = "weight", contiguous_params
         elif select == "random":
             score = "random"
-        indices = ops.select(tensors, density, score=score, scope=group["scope"],
-                             approx=group["topk"] == "approx", weights=weights,
-                             validate=False)
+        if group["scope"] == "global" and self._global_select is not None:
+            indices = self._global_select(group, params, tensors, score, weights)
+        else:
+            indices = ops.select(tensors, density, score=score, scope=group["scope"],
+                                 approx=group["topk"] == "approx", weights=weights,
+                                 validate=False)
         if mask != "dynamic":
             for s, idx, p in zip(states, indices, params):
                 s["indices"] = _stored_positions(idx, p)
@@ -609,15 +619,16 @@ class IncrementalOptimizer(Optimizer):
         if not reselect:
             chosen = [bool(s["layer_chosen"]) for s in states]
         else:
-            total = sum(p.numel() for p in params)
-            target = math.ceil(float(group["density"]) * total)
+            numels = [p.numel() for p in params] if self._layer_numel is None else \
+                [self._layer_numel(p) for p in params]
+            target = math.ceil(float(group["density"]) * sum(numels))
             order = torch.randperm(len(params)).tolist()
             chosen, taken = [False] * len(params), 0
             for i in order:
                 if taken >= target and any(chosen):
                     break
                 chosen[i] = True
-                taken += params[i].numel()
+                taken += numels[i]
             for s, c in zip(states, chosen):
                 s["layer_chosen"] = torch.tensor(c)
         return [None if c else torch.empty(0, dtype=torch.int64, device=p.device)
