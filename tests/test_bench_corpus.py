@@ -61,7 +61,7 @@ def test_tiny_run(tmp_path):
             list(range(0, size["steps"] + 1, size["eval_every"]))
         assert all(math.isfinite(c["heldout_bpb"]) for c in curve)
         assert all(a["train_s"] < b["train_s"] for a, b in zip(curve, curve[1:]))
-        assert r["step_ms_median"] > 0 and r["state_bytes"] > 0
+        assert r["step_ms_median"] > r["opt_step_ms_median"] > 0 and r["state_bytes"] > 0
         if not r["torch_dense"]:
             assert r["lr"] == pytest.approx(corpus.LR * corpus.lr_scale(r["density"]))
             assert r["vs_dense"] == pytest.approx(r["heldout_bpb"] - dense["heldout_bpb"])

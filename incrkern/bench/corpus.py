@@ -159,7 +159,7 @@ class RowRun:
         self.row, self.size, self.windows, self.device = row, size, windows, device
         self.fields = dict(row=row.name, density=row.density, select=row.select, lr=row.lr,
                            torch_dense=row.dense)
-        self.failure, self.step, self.step_times = None, 0, []
+        self.failure, self.step, self.step_times, self.opt_times = None, 0, [], []
         torch.manual_seed(seed)
         self.model = CharTransformer(width=size["width"], layers=size["layers"],
                                      heads=size["heads"], context=size["context"]).to(device)
@@ -200,9 +200,13 @@ class RowRun:
                 loss = torch.nn.functional.cross_entropy(self.model(x).reshape(-1, 256),
                                                          y.reshape(-1))
                 loss.backward()
+                common.synchronize(self.device)
+                t1 = time.perf_counter()
                 self.opt.step()
                 common.synchronize(self.device)
-                self.step_times.append(time.perf_counter() - t0)
+                t2 = time.perf_counter()
+                self.step_times.append(t2 - t0)
+                self.opt_times.append(t2 - t1)
                 self.step += 1
             if loss is None:
                 return
@@ -225,6 +229,7 @@ class RowRun:
                       steps_run=self.step, heldout_bpb=at_steps["heldout_bpb"],
                       wall_s=at_steps["train_s"], total_wall_s=self.train_s,
                       step_ms_median=1e3 * statistics.median(self.step_times),
+                      opt_step_ms_median=1e3 * statistics.median(self.opt_times),
                       state_bytes=common.state_bytes(self.opt),
                       state_bytes_per_param=common.state_bytes(self.opt) / n_params,
                       curve=self.curve)
@@ -307,7 +312,7 @@ def summary(results):
         return [f"dense AdamW failed ({dense['reason']}): nothing to compare against."]
     lines = [_verdict(records, "vs_dense", f"At equal steps ({results['steps']})"),
              _verdict(records, "vs_dense_at_budget",
-                      f"At equal wall time (dense's {results['budget_s']:.1f} s of training)")]
+                      f"At equal wall time (dense's {results['budget_s']:.3g} s of training)")]
     for density in DENSITIES:
         mine = [r for r in records if r["available"] and r["density"] == density]
         if mine:
@@ -316,6 +321,14 @@ def summary(results):
                          f"({best['heldout_bpb']:.3f} bits/byte after {results['steps']} "
                          f"steps, dense {dense['heldout_bpb']:.3f}); its median step takes "
                          f"{best['step_time_vs_dense']:.2f}x dense's.")
+    sparse = [r for r in records if r["available"] and not r["torch_dense"]]
+    if sparse:
+        ratios = [r["step_time_vs_dense"] for r in sparse]
+        lines.append(f"A sparse row's median step takes {min(ratios):.2f}x to {max(ratios):.2f}x "
+                     f"dense's; opt.step() is {dense['opt_step_ms_median']:.1f} ms of dense's "
+                     f"{dense['step_ms_median']:.1f} ms (the rest: forward and backward), and "
+                     f"{min(r['opt_step_ms_median'] for r in sparse):.1f} to "
+                     f"{max(r['opt_step_ms_median'] for r in sparse):.1f} ms in the sparse rows.")
     short = [r["row"] for r in records if r["available"] and not r.get("reached_budget", True)]
     if short:
         lines.append(f"Ran out of steps ({EXTRA_STEPS_FACTOR}x) before dense's training time, "

@@ -163,6 +163,7 @@ CORPUS_COLUMNS = [
     ("train s", lambda r: _num(r.get("wall_s"), "{:.1f}")),
     ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.1f}")),
     ("step time vs dense", lambda r: _x(r.get("step_time_vs_dense"))),
+    ("median opt.step ms", lambda r: _num(r.get("opt_step_ms_median"), "{:.2f}")),
     ("state B/param", lambda r: _num(r.get("state_bytes_per_param"), "{:.2f}")),
     ("note", lambda r: "" if r["available"] else r["reason"]),
 ]
@@ -470,6 +471,9 @@ def plot_corpus(results, path):
     densities = sorted({r["density"] for r in recs if r["density"] is not None}, reverse=True)
     colours = dict(zip(densities, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     styles = {"accumulated": "-", "grad": "--", "random": ":"}
+    # The first steps fall from 8 bits per byte; the plot shows where the rows part.
+    start = recs[0]["curve"][0]["heldout_bpb"]
+    top = min(start, 1.5 * min(r["heldout_bpb"] for r in recs)) + 0.05
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, x_key, x_label in ((axes[0], "step", "optimizer steps"),
                                (axes[1], "train_s", "training time (s)")):
@@ -483,6 +487,7 @@ def plot_corpus(results, path):
                         label=r["row"])
         if x_key == "train_s" and results["corpus"].get("budget_s"):
             ax.axvline(results["corpus"]["budget_s"], color="grey", linewidth=0.8)
+        ax.set_ylim(top=top)
         ax.set_xlabel(x_label)
         ax.set_ylabel("held-out loss (bits per byte)")
         ax.grid(True, alpha=0.3)
