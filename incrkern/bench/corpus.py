@@ -25,10 +25,9 @@ until it reaches the budget; each curve is interpolated linearly at the budget
 
 Learning rate: dense AdamW takes LR; a sparse row takes LR * density ** -0.5
 (lr_scale): an element is updated in only some of the steps, so each of its updates
-must move it further. The rule comes from a sweep of the quick model over 300 steps
-(multipliers 10 ** (k/2) next to the rule's), where, for |grad| and the accumulated
-gradient at every density, it was the best multiplier or within 0.01 bits per byte
-of it; dense AdamW was 0.03 bits per byte better at 3.16 * LR than at LR.
+must move it further. The rule was chosen by a sweep of the quick model over 300
+steps (multipliers 10 ** (k/2) around it, |grad| and the accumulated gradient at
+every density); dense AdamW keeps the usual LR.
 """
 import math
 import statistics

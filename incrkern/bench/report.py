@@ -363,7 +363,8 @@ times its fastest (the machine was busy with other work during it). "n/a" with a
 def markdown(results, plots):
     lines = [f"# incrkern benchmarks: {results['machine']['device_name']}", ""]
     lines += [f"- {line}" for line in machine_lines(results)]
-    lines += ["", HOW_TO_READ]
+    if "kernels" in results or "sparse" in results:  # the timing tables it explains
+        lines += ["", HOW_TO_READ]
     for title, rows, columns in sections(results):
         lines += ["", f"## {title}", "", markdown_table(rows, columns)]
     verdict = verdict_lines(results)
