@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import common, convergence, distributed, finetune, kernels, report, sparse
+from . import common, convergence, corpus, distributed, finetune, kernels, report, sparse
 from .shapes import sizes_for
 
 
@@ -55,8 +55,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
     """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`
     (None: default_out()).
     `threads`: torch's intra-op thread count for the run (None: torch's default).
-    "distributed" and "finetune" run only when asked for by name ("all" is kernels,
-    sparse and convergence);
+    "distributed", "finetune" and "corpus" run only when asked for by name ("all" is
+    kernels, sparse and convergence);
     `isolate`: each of its rows in its own process (None: with --full).
     Returns (results, {kind: path})."""
     device = torch.device(device or default_device())
@@ -83,6 +83,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         results["convergence"] = convergence.run(mode, device, progress=bar)
     if what == "finetune":
         results["finetune"] = finetune.run(mode, device, progress=bar, isolate=isolate)
+    if what == "corpus":
+        results["corpus"] = corpus.run(mode, device, progress=bar)
     results["total_s"] = time.perf_counter() - t0
     results["machine"]["load_average_end"] = common._load_average()
 
@@ -97,6 +99,10 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
         p = report.plot_convergence(results, stem + "-accuracy.png")
         if p:
             plots.append(("test accuracy vs step", p))
+    if "corpus" in results:
+        p = report.plot_corpus(results, stem + "-heldout.png")
+        if p:
+            plots.append(("held-out loss vs step and vs training time", p))
     paths.update({f"plot{i}": p for i, (_, p) in enumerate(plots)})
     report.write_json(results, paths["json"])
     with open(paths["markdown"], "w") as f:
@@ -136,10 +142,12 @@ def main(argv=None):
                     "bandwidth)")
     parser.add_argument("what", nargs="?", default="all",
                         choices=("kernels", "sparse", "convergence", "all", "distributed",
-                                 "finetune"),
+                                 "finetune", "corpus"),
                         help="all: kernels, sparse and convergence; distributed: DDP "
                              "with the top-k hook against all-reduce, 2 and 4 CPU ranks "
-                             "over gloo; finetune: the sparse fine-tuning benchmark")
+                             "over gloo; finetune: the sparse fine-tuning benchmark; "
+                             "corpus: a byte-level language model trained from scratch "
+                             "on Python sources, dense against sparse")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="small sizes, a few minutes on a CPU (the default)")

@@ -143,16 +143,21 @@ def docstring_pairs(modules=DOCSTRING_MODULES, limit=None):
     return out[:limit] if limit else out
 
 
-def python_source_bytes(max_bytes, roots=None):
-    """Up to `max_bytes` of the standard library's .py files (sorted paths, each file
-    whole while it fits) that parse as Python, as a uint8 tensor."""
+SKIPPED_FOLDERS = ("test", "tests", "site-packages", "__pycache__", "idlelib")
+
+
+def python_source_bytes(max_bytes, roots=None, skip=()):
+    """Up to `max_bytes` of the .py files under `roots` (default: the standard
+    library; sorted paths, each file whole while it fits) that parse as Python, as a
+    uint8 tensor. Folders named in SKIPPED_FOLDERS or `skip` are left out below a
+    root (a root itself is always read)."""
     roots = roots or [sysconfig.get_paths()["stdlib"]]
+    skipped = set(SKIPPED_FOLDERS) | set(skip)
     chunks, total = [], 0
     for root in roots:
         paths = []
         for folder, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if d not in ("test", "tests", "site-packages",
-                                                          "__pycache__", "idlelib"))
+            dirs[:] = sorted(d for d in dirs if d not in skipped)
             paths += [os.path.join(folder, f) for f in sorted(files) if f.endswith(".py")]
         for path in sorted(paths):
             try:

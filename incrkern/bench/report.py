@@ -151,6 +151,23 @@ FINETUNE_COLUMNS = [
     ("note", lambda r: "" if r["available"] else r["reason"]),
 ]
 
+CORPUS_COLUMNS = [
+    ("row", lambda r: r["row"]),
+    ("lr", lambda r: _num(r.get("lr"), "{:.3g}")),
+    ("held-out bits/byte at equal steps", lambda r: _num(r.get("heldout_bpb"), "{:.3f}")),
+    ("vs dense (steps)", lambda r: _num(r.get("vs_dense"), "{:+.3f}")),
+    ("at dense's time", lambda r: _num(r.get("heldout_bpb_at_budget"), "{:.3f}")
+     + ("" if r.get("reached_budget", True) else " (ran out of steps)")),
+    ("vs dense (time)", lambda r: _num(r.get("vs_dense_at_budget"), "{:+.3f}")),
+    ("steps run", lambda r: _num(r.get("steps_run"), "{}")),
+    ("train s", lambda r: _num(r.get("wall_s"), "{:.1f}")),
+    ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.1f}")),
+    ("step time vs dense", lambda r: _x(r.get("step_time_vs_dense"))),
+    ("median opt.step ms", lambda r: _num(r.get("opt_step_ms_median"), "{:.2f}")),
+    ("state B/param", lambda r: _num(r.get("state_bytes_per_param"), "{:.2f}")),
+    ("note", lambda r: "" if r["available"] else r["reason"]),
+]
+
 
 def _cells(records, columns):
     return [h for h, _ in columns], [[str(fn(r)) for _, fn in columns] for r in records]
@@ -261,7 +278,23 @@ def sections(results):
                     f"{tune['steps']} steps, {tune['threads']} torch thread(s), "
                     f"{'each row in its own process' if tune['isolated'] else 'one process'}",
                     tune["records"], FINETUNE_COLUMNS))
+    corpus = results.get("corpus")
+    if corpus:
+        out.append((f"Byte-level LM from scratch on Python sources ({corpus['train_bytes']:,} "
+                    f"training bytes; held out: the packages "
+                    f"{', '.join(corpus['held_out_packages'])}, "
+                    f"{corpus['eval_windows']} windows): width {corpus['width']}, "
+                    f"{corpus['layers']} layers, context {corpus['context']}, batch "
+                    f"{corpus['batch']}, {corpus['steps']} steps, {corpus['lr_rule']} "
+                    f"(lr {corpus['lr']}), {corpus['threads']} torch thread(s); held-out "
+                    f"loss after {corpus['steps']} steps and at dense's training time",
+                    corpus["records"], CORPUS_COLUMNS))
     return out
+
+
+def verdict_lines(results):
+    """Plain sentences a benchmark states about its own tables."""
+    return results.get("corpus", {}).get("summary", [])
 
 
 def machine_lines(results):
@@ -304,6 +337,8 @@ def print_tables(results, file=None):
     for title, rows, columns in sections(results):
         print(f"\n== {title}", file=file)
         print(text_table(rows, columns), file=file)
+    for line in verdict_lines(results):
+        print(f"\n{line}", file=file)
 
 
 HOW_TO_READ = """\
@@ -328,9 +363,14 @@ times its fastest (the machine was busy with other work during it). "n/a" with a
 def markdown(results, plots):
     lines = [f"# incrkern benchmarks: {results['machine']['device_name']}", ""]
     lines += [f"- {line}" for line in machine_lines(results)]
-    lines += ["", HOW_TO_READ]
+    if "kernels" in results or "sparse" in results:  # the timing tables it explains
+        lines += ["", HOW_TO_READ]
     for title, rows, columns in sections(results):
         lines += ["", f"## {title}", "", markdown_table(rows, columns)]
+    verdict = verdict_lines(results)
+    if verdict:
+        lines += ["", "## Where sparse updates help or hurt", ""]
+        lines += [f"- {line}" for line in verdict]
     for caption, path in plots:
         lines += ["", f"![{caption}]({os.path.basename(path)})"]
     return "\n".join(lines) + "\n"
@@ -416,6 +456,44 @@ def plot_convergence(results, path):
         ax.set_ylim(0, 1)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_corpus(results, path):
+    """Held-out loss against steps and against training time: colour by density,
+    line style by selection, dense in black."""
+    recs = [r for r in results["corpus"]["records"] if r["available"]]
+    if not recs:
+        return None
+    plt = _pyplot()
+    densities = sorted({r["density"] for r in recs if r["density"] is not None}, reverse=True)
+    colours = dict(zip(densities, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
+    styles = {"accumulated": "-", "grad": "--", "random": ":"}
+    # The first steps fall from 8 bits per byte; the plot shows where the rows part.
+    start = recs[0]["curve"][0]["heldout_bpb"]
+    top = min(start, 1.5 * min(r["heldout_bpb"] for r in recs)) + 0.05
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, x_key, x_label in ((axes[0], "step", "optimizer steps"),
+                               (axes[1], "train_s", "training time (s)")):
+        for r in recs:
+            xs = [c[x_key] for c in r["curve"]]
+            ys = [c["heldout_bpb"] for c in r["curve"]]
+            if r["torch_dense"]:
+                ax.plot(xs, ys, "-k", linewidth=2, label=r["row"])
+            else:
+                ax.plot(xs, ys, styles.get(r["select"], "-."), color=colours[r["density"]],
+                        label=r["row"])
+        if x_key == "train_s" and results["corpus"].get("budget_s"):
+            ax.axvline(results["corpus"]["budget_s"], color="grey", linewidth=0.8)
+        ax.set_ylim(top=top)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("held-out loss (bits per byte)")
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"byte-level LM on Python sources, {results['machine']['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
