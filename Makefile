@@ -36,10 +36,15 @@ build: $(VENV)/.installed
 test: build
 	$(PY) -m pytest -q tests
 
+# The kernels, the sparse steps on real gradients and convergence, then training from
+# scratch on a real corpus and sparse fine-tuning of a pretrained encoder (it comes
+# with the bench extra), each at its quick size.
 bench: build
 	$(PY) -m incrkern.bench --quick
+	$(PY) -m incrkern.bench corpus --quick
+	$(PY) -m incrkern.bench finetune --quick
 
-# The sparse fine-tuning benchmark (the pretrained encoder comes with the bench extra).
+# The sparse fine-tuning benchmark alone.
 bench-finetune: build
 	$(PY) -m incrkern.bench finetune --quick
 
