@@ -59,8 +59,20 @@ IK_HD AdamBias adam_bias(double lr, double beta1, double beta2, double step) {
   return b;
 }
 
+// AMSGrad's running maximum of the second moment, NaN-propagating as torch.maximum
+// (torch's single-tensor and foreach Adam): a NaN on either side gives NaN. Two
+// selects, so that a loop over it vectorises.
 template <typename M>
-IK_HD void adam_rule(M& param, M grad, M& exp_avg, M& exp_avg_sq,
+IK_HD M nan_max(M a, M b) {
+  const M larger = a > b ? a : b;  // b where either is NaN
+  return a != a ? a : larger;
+}
+
+// kAmsgrad: AMSGrad, the denominator from max_exp_avg_sq, the largest exp_avg_sq so
+// far (a template parameter: it picks code; see Note [branch-free loops vectorise]).
+// Without it max_exp_avg_sq is neither read nor written.
+template <bool kAmsgrad, typename M>
+IK_HD void adam_rule(M& param, M grad, M& exp_avg, M& exp_avg_sq, M& max_exp_avg_sq,
                      const AdamHyper<M>& h, M step_size, M bc2_sqrt) {
   // Selects, a multiply and non-short-circuit flags, not branches, although they are
   // the same for every element: gcc unswitches the CPU's dense loop on them, but
@@ -75,10 +87,20 @@ IK_HD void adam_rule(M& param, M grad, M& exp_avg, M& exp_avg_sq,
   grad = coupled ? grad + h.weight_decay * param : grad;
   exp_avg = lerp(exp_avg, grad, h.one_minus_beta1);
   exp_avg_sq = exp_avg_sq * h.beta2 + h.one_minus_beta2 * grad * grad;
+  M second = exp_avg_sq;
+  if constexpr (kAmsgrad) second = max_exp_avg_sq = nan_max(max_exp_avg_sq, exp_avg_sq);
   // Times the reciprocal rather than divided by bc2_sqrt (one rounding more, within
   // 1 ulp of torch's quotient): a division per element made the CPU loop compute-bound.
-  const M denom = root(exp_avg_sq) * (M(1) / bc2_sqrt) + h.eps;
+  const M denom = root(second) * (M(1) / bc2_sqrt) + h.eps;
   param = param - step_size * (exp_avg / denom);
+}
+
+// Adam without AMSGrad.
+template <typename M>
+IK_HD void adam_rule(M& param, M grad, M& exp_avg, M& exp_avg_sq, const AdamHyper<M>& h,
+                     M step_size, M bc2_sqrt) {
+  M unused = M(0);
+  adam_rule<false>(param, grad, exp_avg, exp_avg_sq, unused, h, step_size, bc2_sqrt);
 }
 
 template <typename M>

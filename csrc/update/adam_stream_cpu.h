@@ -13,37 +13,48 @@ namespace incrkern {
 // (see Note [branch-free loops vectorise] in common/hd.h). kMasked: the dense-mask
 // form -- every element is computed and the mask selects new or old value, so
 // unchosen elements are written back bit-identical. kConsume: zero the gradient
-// entries used.
-template <typename T, typename G, typename M, bool kMasked, bool kConsume>
+// entries used. kAmsgrad: AMSGrad, with its running maximum `vmax` (unused without).
+template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kAmsgrad>
 [[gnu::always_inline]] inline void adam_stream(
-    T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v,
+    T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v, M* __restrict vmax,
     const bool* __restrict mask, int64_t begin, int64_t end, const AdamHyper<M> h,
     const M step_size, const M bc2_sqrt, const M grad_scale) {
   for (int64_t e = begin; e < end; ++e) {
-    M pm = M(p[e]), mm = m[e], vv = v[e];
-    adam_rule(pm, M(g[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
+    M pm = M(p[e]), mm = m[e], vv = v[e], vm = kAmsgrad ? vmax[e] : M(0);
+    adam_rule<kAmsgrad>(pm, M(g[e]) * grad_scale, mm, vv, vm, h, step_size, bc2_sqrt);
     const bool on = kMasked ? reinterpret_cast<const uint8_t*>(mask)[e] != 0 : true;
     p[e] = on ? T(pm) : p[e];
     m[e] = on ? mm : m[e];
     v[e] = on ? vv : v[e];
+    if (kAmsgrad) vmax[e] = on ? vm : vmax[e];
     if (kConsume) g[e] = on ? G(0) : g[e];
   }
 }
 
-// Picks the instantiation for the run-time flags.
+// Picks the instantiation for the run-time flags. `vmax`: AMSGrad's max_exp_avg_sq,
+// null without AMSGrad.
 template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void adam_stream_any(
     T* p, G* g, M* m, M* v, const bool* mask, bool consume, int64_t begin, int64_t end,
-    const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
-#define IK_ADAM_STREAM(MASKED, CONSUME)                                                     \
-  return adam_stream<T, G, M, MASKED, CONSUME>(p, g, m, v, mask, begin, end, h, step_size, \
-                                               bc2_sqrt, grad_scale)
-  if (mask) {
-    if (consume) IK_ADAM_STREAM(true, true);
-    IK_ADAM_STREAM(true, false);
+    const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale,
+    M* vmax = nullptr) {
+#define IK_ADAM_STREAM(MASKED, CONSUME, AMSGRAD)                                        \
+  return adam_stream<T, G, M, MASKED, CONSUME, AMSGRAD>(p, g, m, v, vmax, mask, begin, end, \
+                                                        h, step_size, bc2_sqrt, grad_scale)
+#define IK_ADAM_STREAM_CONSUME(MASKED, AMSGRAD)      \
+  if (consume) IK_ADAM_STREAM(MASKED, true, AMSGRAD); \
+  IK_ADAM_STREAM(MASKED, false, AMSGRAD)
+  if (vmax) {
+    if (mask) {
+      IK_ADAM_STREAM_CONSUME(true, true);
+    }
+    IK_ADAM_STREAM_CONSUME(false, true);
   }
-  if (consume) IK_ADAM_STREAM(false, true);
-  IK_ADAM_STREAM(false, false);
+  if (mask) {
+    IK_ADAM_STREAM_CONSUME(true, false);
+  }
+  IK_ADAM_STREAM_CONSUME(false, false);
+#undef IK_ADAM_STREAM_CONSUME
 #undef IK_ADAM_STREAM
 }
 
@@ -116,6 +127,6 @@ void adam_tiles_f32(float* p, float* g, float* m, float* v, bool consume,
 // adam_stream_any over fp32 tensors, compiled for each ISA above (update_cpu.cpp).
 void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask, bool consume,
                      int64_t begin, int64_t end, const AdamHyper<float> h, const float step_size,
-                     const float bc2_sqrt, const float grad_scale);
+                     const float bc2_sqrt, const float grad_scale, float* vmax = nullptr);
 
 }  // namespace incrkern

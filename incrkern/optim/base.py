@@ -113,7 +113,7 @@ def check_tensor_lr(lr, *, foreach=None, capturable=False, host_only_foreach=Tru
 
 
 # State tensors that a fixed mask keeps k long (one entry per kept index).
-COMPACT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "age")
+COMPACT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "age")
 # Scalars and flags: no size to check.
 UNSIZED_STATE_KEYS = ("step", "layer_chosen", "indices")
 
@@ -592,14 +592,15 @@ class IncrementalOptimizer(Optimizer):
     def _fused_eligible(self, group, by_device):
         """Whether a step of this group can select and update in one kernel call
         (_select_update): CPU, |grad| or error feedback per tensor, reselected at every
-        update, one bias correction per tensor, no accumulation over calls, fp32, bf16
-        or fp16 params, and the cost model's choice (use_fused)."""
+        update, one bias correction per tensor, no accumulation over calls, no
+        AMSGrad (the fused kernel keeps no max_exp_avg_sq), fp32, bf16 or fp16 params,
+        and the cost model's choice (use_fused)."""
         if (type(self)._select_update is IncrementalOptimizer._select_update
                 or len(by_device) != 1 or by_device[0][0].type != "cpu"
                 or group["select"] not in ("grad", "accumulated")
                 or group["scope"] != "tensor" or group["mask"] != "dynamic"
                 or group["bias_correction"] != "tensor" or group["accumulate_steps"] != 1
-                or group.get("momentum_correction")):
+                or group.get("momentum_correction") or group.get("amsgrad")):
             return False
         params = by_device[0][1]
         if any(p.dtype not in _FUSED_DTYPES for p in params):
