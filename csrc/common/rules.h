@@ -36,13 +36,15 @@ struct AdamHyper {
   M decay_factor;               // AdamW: 1 - lr * weight_decay
   bool decoupled_weight_decay;  // AdamW: p *= 1 - lr * wd; Adam: g += wd * p
   bool maximize;
+  bool decay;                   // weight_decay != 0 (a field, so a loop can fix it)
 };
 
 template <typename M>
 IK_HD AdamHyper<M> make_adam_hyper(double lr, double beta1, double beta2, double eps,
                                    double weight_decay, bool decoupled, bool maximize) {
   return AdamHyper<M>{M(lr), M(beta1), M(1.0 - beta1), M(beta2), M(1.0 - beta2), M(eps),
-                      M(weight_decay), M(1.0 - lr * weight_decay), decoupled, maximize};
+                      M(weight_decay), M(1.0 - lr * weight_decay), decoupled, maximize,
+                      weight_decay != 0};
 }
 
 // Bias corrections of one update count, computed in double as torch does on the
@@ -79,9 +81,8 @@ IK_HD void adam_rule(M& param, M grad, M& exp_avg, M& exp_avg_sq, M& max_exp_avg
   // not the dense-mask one, which a branch leaves scalar. See Note [branch-free
   // loops vectorise] in common/hd.h. grad * -1 is -grad for every value but a NaN's
   // sign.
-  const bool decay = h.weight_decay != M(0);
-  const bool decoupled = decay & h.decoupled_weight_decay;
-  const bool coupled = decay & !h.decoupled_weight_decay;
+  const bool decoupled = h.decay & h.decoupled_weight_decay;
+  const bool coupled = h.decay & !h.decoupled_weight_decay;
   grad = grad * (h.maximize ? M(-1) : M(1));
   param = decoupled ? param * h.decay_factor : param;
   grad = coupled ? grad + h.weight_decay * param : grad;

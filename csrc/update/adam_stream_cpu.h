@@ -13,15 +13,28 @@ namespace incrkern {
 // (see Note [branch-free loops vectorise] in common/hd.h). kMasked: the dense-mask
 // form -- every element is computed and the mask selects new or old value, so
 // unchosen elements are written back bit-identical. kConsume: zero the gradient
-// entries used. kAmsgrad: AMSGrad, with its running maximum `vmax` (unused without).
-template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kAmsgrad>
+// entries used. kAmsgrad: AMSGrad, with its running maximum `vmax` (unused without);
+// its loops take the weight-decay kind (kDecay, kDecoupled) as template parameters
+// too: gcc unswitches the plain loop on it, but the AMSGrad loop is larger than gcc
+// unswitches (--param max-unswitch-insns), and the branch left in it kept it scalar.
+// ivdep: the AMSGrad loop's sixth array took gcc over its limit of run-time alias
+// checks (--param vect-max-version-for-alias-checks), and the masked loop stayed
+// scalar; the arrays are distinct (__restrict) anyway.
+template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kAmsgrad,
+          bool kDecay = false, bool kDecoupled = false>
 [[gnu::always_inline]] inline void adam_stream(
     T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v, M* __restrict vmax,
     const bool* __restrict mask, int64_t begin, int64_t end, const AdamHyper<M> h,
     const M step_size, const M bc2_sqrt, const M grad_scale) {
+  AdamHyper<M> hh = h;
+  if constexpr (kAmsgrad) {
+    hh.decay = kDecay;
+    hh.decoupled_weight_decay = kDecoupled;
+  }
+#pragma GCC ivdep
   for (int64_t e = begin; e < end; ++e) {
     M pm = M(p[e]), mm = m[e], vv = v[e], vm = kAmsgrad ? vmax[e] : M(0);
-    adam_rule<kAmsgrad>(pm, M(g[e]) * grad_scale, mm, vv, vm, h, step_size, bc2_sqrt);
+    adam_rule<kAmsgrad>(pm, M(g[e]) * grad_scale, mm, vv, vm, hh, step_size, bc2_sqrt);
     const bool on = kMasked ? reinterpret_cast<const uint8_t*>(mask)[e] != 0 : true;
     p[e] = on ? T(pm) : p[e];
     m[e] = on ? mm : m[e];
@@ -31,31 +44,49 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool 
   }
 }
 
-// Picks the instantiation for the run-time flags. `vmax`: AMSGrad's max_exp_avg_sq,
-// null without AMSGrad.
+// Picks the instantiation for the run-time flags.
 template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void adam_stream_any(
     T* p, G* g, M* m, M* v, const bool* mask, bool consume, int64_t begin, int64_t end,
-    const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale,
-    M* vmax = nullptr) {
-#define IK_ADAM_STREAM(MASKED, CONSUME, AMSGRAD)                                        \
-  return adam_stream<T, G, M, MASKED, CONSUME, AMSGRAD>(p, g, m, v, vmax, mask, begin, end, \
-                                                        h, step_size, bc2_sqrt, grad_scale)
-#define IK_ADAM_STREAM_CONSUME(MASKED, AMSGRAD)      \
-  if (consume) IK_ADAM_STREAM(MASKED, true, AMSGRAD); \
-  IK_ADAM_STREAM(MASKED, false, AMSGRAD)
-  if (vmax) {
-    if (mask) {
-      IK_ADAM_STREAM_CONSUME(true, true);
-    }
-    IK_ADAM_STREAM_CONSUME(false, true);
-  }
+    const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
+#define IK_ADAM_STREAM(MASKED, CONSUME)                                                \
+  return adam_stream<T, G, M, MASKED, CONSUME, false>(p, g, m, v, nullptr, mask, begin, \
+                                                      end, h, step_size, bc2_sqrt,      \
+                                                      grad_scale)
   if (mask) {
-    IK_ADAM_STREAM_CONSUME(true, false);
+    if (consume) IK_ADAM_STREAM(true, true);
+    IK_ADAM_STREAM(true, false);
   }
-  IK_ADAM_STREAM_CONSUME(false, false);
-#undef IK_ADAM_STREAM_CONSUME
+  if (consume) IK_ADAM_STREAM(false, true);
+  IK_ADAM_STREAM(false, false);
 #undef IK_ADAM_STREAM
+}
+
+// adam_stream_any with AMSGrad's max_exp_avg_sq `vmax`.
+template <typename T, typename G, typename M>
+[[gnu::always_inline]] inline void adam_stream_amsgrad_any(
+    T* p, G* g, M* m, M* v, M* vmax, const bool* mask, bool consume, int64_t begin,
+    int64_t end, const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
+    const M grad_scale) {
+#define IK_AMSGRAD_STREAM(MASKED, CONSUME, DECAY, DECOUPLED)                             \
+  return adam_stream<T, G, M, MASKED, CONSUME, true, DECAY, DECOUPLED>(                 \
+      p, g, m, v, vmax, mask, begin, end, h, step_size, bc2_sqrt, grad_scale)
+#define IK_AMSGRAD_DECAY(MASKED, CONSUME)                                     \
+  if (!h.decay) IK_AMSGRAD_STREAM(MASKED, CONSUME, false, false);             \
+  if (h.decoupled_weight_decay) IK_AMSGRAD_STREAM(MASKED, CONSUME, true, true); \
+  IK_AMSGRAD_STREAM(MASKED, CONSUME, true, false)
+  if (mask) {
+    if (consume) {
+      IK_AMSGRAD_DECAY(true, true);
+    }
+    IK_AMSGRAD_DECAY(true, false);
+  }
+  if (consume) {
+    IK_AMSGRAD_DECAY(false, true);
+  }
+  IK_AMSGRAD_DECAY(false, false);
+#undef IK_AMSGRAD_DECAY
+#undef IK_AMSGRAD_STREAM
 }
 
 // fp32 streaming loops compiled for several ISAs and picked when the library loads
@@ -127,6 +158,12 @@ void adam_tiles_f32(float* p, float* g, float* m, float* v, bool consume,
 // adam_stream_any over fp32 tensors, compiled for each ISA above (update_cpu.cpp).
 void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask, bool consume,
                      int64_t begin, int64_t end, const AdamHyper<float> h, const float step_size,
-                     const float bc2_sqrt, const float grad_scale, float* vmax = nullptr);
+                     const float bc2_sqrt, const float grad_scale);
+
+// adam_stream_amsgrad_any over fp32 tensors, compiled for each ISA (update_cpu.cpp).
+void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* v, float* vmax,
+                             const bool* mask, bool consume, int64_t begin, int64_t end,
+                             const AdamHyper<float> h, const float step_size,
+                             const float bc2_sqrt, const float grad_scale);
 
 }  // namespace incrkern
