@@ -68,25 +68,18 @@ template <typename T, typename G, typename M>
     T* p, G* g, M* m, M* v, M* vmax, const bool* mask, bool consume, int64_t begin,
     int64_t end, const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
     const M grad_scale) {
-#define IK_AMSGRAD_STREAM(MASKED, CONSUME, DECAY, DECOUPLED)                             \
-  return adam_stream<T, G, M, MASKED, CONSUME, true, DECAY, DECOUPLED>(                 \
-      p, g, m, v, vmax, mask, begin, end, h, step_size, bc2_sqrt, grad_scale)
-#define IK_AMSGRAD_DECAY(MASKED, CONSUME)                                     \
-  if (!h.decay) IK_AMSGRAD_STREAM(MASKED, CONSUME, false, false);             \
-  if (h.decoupled_weight_decay) IK_AMSGRAD_STREAM(MASKED, CONSUME, true, true); \
-  IK_AMSGRAD_STREAM(MASKED, CONSUME, true, false)
-  if (mask) {
-    if (consume) {
-      IK_AMSGRAD_DECAY(true, true);
-    }
-    IK_AMSGRAD_DECAY(true, false);
-  }
-  if (consume) {
-    IK_AMSGRAD_DECAY(false, true);
-  }
-  IK_AMSGRAD_DECAY(false, false);
-#undef IK_AMSGRAD_DECAY
-#undef IK_AMSGRAD_STREAM
+  auto run = [&]<bool kMasked, bool kConsume>() {
+    auto stream = [&]<bool kDecay, bool kDecoupled>() {
+      adam_stream<T, G, M, kMasked, kConsume, true, kDecay, kDecoupled>(
+          p, g, m, v, vmax, mask, begin, end, h, step_size, bc2_sqrt, grad_scale);
+    };
+    if (!h.decay) return stream.template operator()<false, false>();
+    if (h.decoupled_weight_decay) return stream.template operator()<true, true>();
+    stream.template operator()<true, false>();
+  };
+  if (mask)
+    return consume ? run.template operator()<true, true>() : run.template operator()<true, false>();
+  consume ? run.template operator()<false, true>() : run.template operator()<false, false>();
 }
 
 // fp32 streaming loops compiled for several ISAs and picked when the library loads
