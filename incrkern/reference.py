@@ -53,9 +53,9 @@ def _read_grad(i, grads, elements, mdtype, grad_scale, consume_grad):
 
 @torch.no_grad()
 def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, indices=(), masks=(), ages=(),
-                 max_exp_avg_sqs=(), *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize,
-                 grad_scale=1.0, consume_grad=False, compact_state=False, lr_tensor=None,
-                 increment_steps=False):
+                 max_exp_avg_sqs=(), *, lr, beta1, beta2, eps, weight_decay,
+                 decoupled_weight_decay, maximize, grad_scale=1.0, consume_grad=False,
+                 compact_state=False, lr_tensor=None, increment_steps=False):
     if lr_tensor is not None:
         lr = lr_tensor.item()
     if increment_steps:

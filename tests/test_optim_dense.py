@@ -107,8 +107,9 @@ def test_amsgrad_equals_torch_multi_tensor_and_fused(name, kwargs, impl):
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, equal_nan=True)
     for p, q in zip(params, ref_params):
-        ours_max, theirs_max = ours.state[p]["max_exp_avg_sq"], theirs.state[q]["max_exp_avg_sq"]
-        torch.testing.assert_close(ours_max, theirs_max, rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(ours.state[p]["max_exp_avg_sq"],
+                                   theirs.state[q]["max_exp_avg_sq"], rtol=1e-5, atol=1e-6,
+                                   equal_nan=True)
     assert ours.state[params[3]]["max_exp_avg_sq"].view(-1)[1].isnan()
 
 

@@ -77,9 +77,12 @@ template <typename T, typename G, typename M>
     if (h.decoupled_weight_decay) return stream.template operator()<true, true>();
     stream.template operator()<true, false>();
   };
-  if (mask)
-    return consume ? run.template operator()<true, true>() : run.template operator()<true, false>();
-  consume ? run.template operator()<false, true>() : run.template operator()<false, false>();
+  if (mask) {
+    if (consume) return run.template operator()<true, true>();
+    return run.template operator()<true, false>();
+  }
+  if (consume) return run.template operator()<false, true>();
+  run.template operator()<false, false>();
 }
 
 // fp32 streaming loops compiled for several ISAs and picked when the library loads
