@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make gpu-check`: for a machine with a GPU and no network. Uses that machine's own
 # python3 and torch (no venv, no install), builds for the GPU it finds, runs the test
-# suite (CUDA tests included), compute-sanitizer memcheck over every CUDA kernel and
+# suite (CUDA tests included), compute-sanitizer (memcheck, racecheck, synccheck) over
+# every CUDA kernel, a profile of the sparse steps (scripts/profile_sparse.py) and
 # the benchmarks, and writes it all to bench/results/<date>-<gpu>.md and .json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,16 +35,41 @@ sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-san
 memcheck_rc=$?
 tail -n 20 "$work/memcheck.log"
 
+for tool in racecheck synccheck; do
+  echo "== compute-sanitizer $tool"
+  "$sanitizer" --tool $tool --error-exitcode 1 $PY scripts/sanitize_kernels.py \
+    >"$work/$tool.log" 2>&1
+  echo "$tool exit code $?" >>"$work/memcheck.log"
+  tail -n 5 "$work/$tool.log" | tee -a "$work/memcheck.log"
+done
+
+echo "== profile of the sparse steps"
+$PY scripts/profile_sparse.py >"$work/profile.md" 2>&1
+profile_rc=$?
+ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+if [ -x "$ncu" ]; then
+  for case in $($PY scripts/profile_sparse.py --list); do
+    "$ncu" --profile-from-start off --csv --page raw \
+      --metrics dram__bytes_read.sum,dram__bytes_write.sum \
+      $PY scripts/profile_sparse.py --case "$case" >"$work/ncu-$case.csv" 2>&1
+    echo "- $case: $($PY scripts/profile_sparse.py --ncu-csv "$work/ncu-$case.csv" 2>&1 | tail -n 1)" \
+      >>"$work/profile.md"
+  done
+else
+  echo "(no ncu: DRAM bytes not measured)" >>"$work/profile.md"
+fi
+cat "$work/profile.md"
+
 echo "== benchmarks"
 $PY -m incrkern.bench all --device cuda --out "$work/bench" >"$work/bench.log" 2>&1
 bench_rc=$?
 tail -n 60 "$work/bench.log"
 
-$PY - "$tag" "$work" "$build_rc" "$tests_rc" "$memcheck_rc" "$bench_rc" <<'PYEOF'
+$PY - "$tag" "$work" "$build_rc" "$tests_rc" "$memcheck_rc" "$bench_rc" "$profile_rc" <<'PYEOF'
 import glob, json, os, sys
 import torch
 tag, work = sys.argv[1], sys.argv[2]
-rcs = dict(zip(["build", "tests", "memcheck", "bench"], map(int, sys.argv[3:7])))
+rcs = dict(zip(["build", "tests", "memcheck", "bench", "profile"], map(int, sys.argv[3:8])))
 import incrkern
 read = lambda name: open(os.path.join(work, name), errors="replace").read()
 tests_tail = read("tests.log").strip().splitlines()[-1:] or [""]
@@ -70,7 +96,9 @@ with open(f"bench/results/{tag}.md", "w") as f:
     f.write("## Tests\n\n```\n" + "\n".join(read("tests.log").strip().splitlines()[-25:]) + "\n```\n\n")
     f.write("## compute-sanitizer memcheck\n\n```\n" + "\n".join(report["memcheck"]) + "\n```\n\n")
     f.write("## ptxas (registers per kernel)\n\n```\n" + read("ptxas.txt") + "```\n\n")
+    f.write("## Profile of the sparse steps\n\n" + read("profile.md") + "\n\n")
     f.write("## Benchmarks\n\n" + (bench_md or "```\n" + read("bench.log")[-6000:] + "\n```") + "\n")
 print(f"wrote bench/results/{tag}.md and .json")
 PYEOF
-[ $build_rc -eq 0 ] && [ $tests_rc -eq 0 ] && [ $memcheck_rc -eq 0 ] && [ $bench_rc -eq 0 ]
+[ $build_rc -eq 0 ] && [ $tests_rc -eq 0 ] && [ $memcheck_rc -eq 0 ] && [ $bench_rc -eq 0 ] \
+  && [ $profile_rc -eq 0 ]

@@ -51,6 +51,14 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                                        residual=[torch.randn(p.numel(), device=dev)
                                                  for p in ps],
                                        weights=ps)
+                # ties: few distinct values (all-zero rows among them), the k-th key
+                # shared far beyond k, in tensor and global scope over the 5 tensors
+                tied = [torch.randint(-2, 3, (p.numel(),), device=dev).to(dtype) for p in ps]
+                for scope in ("tensor", "global"):
+                    for approx in (False, True):
+                        ops.select(tied, 0.3, scope=scope, approx=approx)
+                        ops.select([torch.zeros_like(t) for t in tied], 0.01, scope=scope,
+                                   approx=approx)
             if hasattr(ops, "topk"):
                 for p in ps:
                     for k in {0, 1, p.numel() // 10, p.numel()}:

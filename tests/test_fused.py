@@ -263,6 +263,43 @@ def test_forced_fallback(monkeypatch, n, when):
 
 
 @needs_ext
+def test_portable_listing_same_answer(tmp_path):
+    """The portable listing loop (INCRKERN_CPU_BASELINE=1, in a child process) updates
+    the same elements as the vector one: fp32, bf16 and fp16, exact and approx, with
+    and without a residual."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_fused import make, run_kernel, HYPERS\n"
+        "out = []\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "    for approx in (False, True):\n"
+        "        for residual in (False, True):\n"
+        "            x = make([300_007], dtype, 'student_t', seed=4, residual=residual)\n"
+        "            run_kernel(x, [3000], approx=approx, **HYPERS['adamw'])\n"
+        "            out.append([x[key][0] for key in ('params', 'm', 'v', 'r') if x[key]])\n"
+        "torch.save(out, sys.argv[1])\n")
+    results = []
+    for baseline in (None, "1"):
+        env = dict(os.environ)
+        env.pop("INCRKERN_CPU_BASELINE", None)
+        if baseline:
+            env["INCRKERN_CPU_BASELINE"] = baseline
+        path = tmp_path / f"out{baseline}.pt"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       timeout=300)
+        results.append(torch.load(path))
+    assert len(results[0]) == len(results[1]) == 12
+    for a, b in zip(*results):
+        assert len(a) == len(b)
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@needs_ext
 def test_band_misses_on_ties():
     """An embedding gradient with fewer nonzeros than k: the k-th key is 0, tied by
     nearly every element (the band cannot hold it: the exact fallback answers)."""

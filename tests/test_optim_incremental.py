@@ -426,11 +426,14 @@ def test_mask_and_position_forms_agree(monkeypatch, name, options):
 @pytest.mark.parametrize("options", [
     dict(select="grad"), dict(select="accumulated"), dict(select="grad", maximize=True),
     dict(select="grad", dtype=torch.bfloat16), dict(select="accumulated", topk="approx"),
+    dict(select="grad", accumulate_steps=3), dict(select="grad", accumulate_steps=2,
+                                                  topk="approx", dtype=torch.float16),
 ])
 def test_fused_path_agrees_with_positions(monkeypatch, name, options):
     """An eligible group (CPU, |grad| or error feedback per tensor, dynamic mask) steps
     through the fused select-and-update kernel; it chooses the same elements as select
-    then update by positions, and gives the same params and state to fp32 rounding."""
+    then update by positions, and gives the same params and state to fp32 rounding,
+    also when the cost model sends some of the group's tensors each way ("split")."""
     import incrkern.optim.base as base
 
     options = dict(options)
@@ -446,27 +449,32 @@ def test_fused_path_agrees_with_positions(monkeypatch, name, options):
         monkeypatch.setattr(incrkern.ops, op_name, spy)
     sizes = [2 ** 18 + 1000, 24 * 24, 5]  # one tensor takes the large (band) path
     results = []
-    for fused in (False, True):
-        monkeypatch.setattr(base, "use_fused", lambda density, numel, _f=fused: _f)
+    expected_ops = {False: {"adam_update_"}, True: {"adam_select_update_"},
+                    "split": {"adam_update_", "adam_select_update_"}}
+    for fused in (False, True, "split"):
+        monkeypatch.setattr(base, "use_fused", lambda density, numel, _f=fused:
+                            numel < 2 ** 18 if _f == "split" else _f)
         used.clear()
         gen = torch.Generator().manual_seed(0)
         params = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in sizes]
         opt = getattr(incrkern.optim, name)(params, **torch_kwargs(name), maximize=maximize,
                                             density=0.02, **options)
-        for _ in range(4):
+        for _ in range(7):
             for p in params:
                 z = torch.randn(p.numel(), generator=gen)
                 p.grad = (z / torch.rand(p.numel(), generator=gen).add(0.05)).to(dtype)
             opt.step()
-        assert used and set(used) == {"adam_select_update_" if fused else "adam_update_"}, used
+        assert used and set(used) == expected_ops[fused], used
         results.append(([p.detach().clone() for p in params],
                         copy.deepcopy(opt.state_dict()["state"])))
-    (p0, s0), (p1, s1) = results
+    (p0, s0), *others = results
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
-    for a, b in zip(p0, p1):
-        torch.testing.assert_close(a, b, **tol)
-    for i in s0:
-        assert set(s0[i]) == set(s1[i])
-        for key, value in s0[i].items():
-            if torch.is_tensor(value):
-                torch.testing.assert_close(value, s1[i][key], rtol=1e-5, atol=1e-6, msg=key)
+    for p1, s1 in others:
+        for a, b in zip(p0, p1):
+            torch.testing.assert_close(a, b, **tol)
+        for i in s0:
+            assert set(s0[i]) == set(s1[i])
+            for key, value in s0[i].items():
+                if torch.is_tensor(value):
+                    torch.testing.assert_close(value, s1[i][key], rtol=1e-5, atol=1e-6,
+                                               msg=key)

@@ -2,11 +2,41 @@
 
 The kernels take plain tensors, not DTensors, so the optimizer runs on each rank's
 local shards: views of the shards' storage, handed their local gradients before
-each step. Selection (`density`, scope="tensor") is then per shard: each rank updates
-the ceil(density * shard numel) elements it chooses in its own part of each tensor.
+each step.
+
+scope="tensor": selection is per shard; each rank updates the ceil(density * shard
+numel) elements it chooses in its own part of each tensor.
+
+scope="global": the ranks agree on the selection a single process would make on the
+whole (unsharded) tensors: the k = ceil(density * total numel) largest scores over
+the concatenation of the group's full tensors, ties to the lowest position in that
+concatenation. Each rank keys its local scores by their bits (|score| as an
+integer: the order of the values, NaN above +inf, -0 equal to +0) and the ranks run
+a radix select on the keys: per 8 bits of the key, one all-reduce (SUM) of a
+256-bin histogram of the candidates' next digit, which fixes that digit of the k-th
+largest key (4 all-reduces for fp32/bf16/fp16 scores, 8 for fp64). Every rank then
+takes its elements above that key; of the elements equal to it, the ones of lowest
+global position, found the same way (a radix select on the positions, one
+all-reduce per 8 bits of the total numel) only when the ties do not all fit.
+The all-reduces carry 2 KB each, whatever the model's size; the keys take 8 bytes
+per local element while the selection runs.
 """
+import math
+
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+# DTensor's own answer to "which block of the full tensor is this rank's shard"
+# (torch has no public one; DCP uses it the same way).
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from .. import ops
+
+_RADIX_BITS = 8
+_BINS = 1 << _RADIX_BITS
+# The keys of NaN: above +inf's, the same for every NaN (they tie, as in ops.select).
+_NAN_KEY32 = 0x7FC00000
+_NAN_KEY64 = 0x7FF8000000000000
 
 
 class ShardedOptimizer:
@@ -14,12 +44,31 @@ class ShardedOptimizer:
 
         model = fully_shard(model)
         opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, lr=1e-3,
-                               density=0.01)
+                               density=0.01)                  # scope="global" too
         loss.backward(); opt.step(); opt.zero_grad()
 
     `optimizer` is the wrapped optimizer; its state_dict holds this rank's shards'
     state. Make it after fully_shard and after moving the model: a shard whose
     storage moved later raises at the next step.
+
+    select="layer" draws whole tensors by their full sizes, the same on every rank
+    (the global random generator in the same state on every rank, as under DDP).
+
+    With scope="global" (see the module's docstring) every rank takes part in each
+    step's selection: every rank must step, with the same params having gradients.
+    The result is the selection of a one-process optimizer with scope="global" on
+    the full tensors, element for element. It needs a 1-D device mesh (plain FSDP2,
+    not HSDP) shared by the params and a score every rank can compute on its own
+    (select "grad", "grad_sq", "weight" or "accumulated"; not "random"); topk="approx"
+    selects exactly here.
+
+    Checkpoints with torch.distributed.checkpoint: `distributed_state_dict()` is this
+    rank's state under the key "rank<r>" (shards of different ranks hold different
+    state, and a fixed mask's state differs in size between ranks); to load, pass
+    the checkpoint's metadata to `distributed_state_dict(metadata, key)` for a dict
+    of empty tensors of the saved sizes, let dcp.load fill it, then give it to
+    `load_distributed_state_dict`. A checkpoint resumes on the same world size and
+    sharding only.
     """
 
     def __init__(self, params, optimizer_class, **options):
@@ -31,6 +80,40 @@ class ShardedOptimizer:
                                 "optimizer directly)")
         self.shards = [p.to_local().detach() for p in self.params]
         self.optimizer = optimizer_class(self.shards, **options)
+        full_numels = {id(shard): p.numel() for p, shard in zip(self.params, self.shards)}
+        self.optimizer._layer_numel = lambda shard: full_numels[id(shard)]
+        if any(g["scope"] == "global" for g in self.optimizer.param_groups):
+            self._set_up_global_selection()
+
+    def _set_up_global_selection(self):
+        for group in self.optimizer.param_groups:
+            if group["scope"] == "global" and group["select"] == "random":
+                raise ValueError("scope='global' with select='random' is not supported by "
+                                 "ShardedOptimizer: the ranks draw their keys apart")
+        meshes = {p.device_mesh for p in self.params}
+        if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
+            raise ValueError("scope='global' needs every param on one 1-D device mesh, got "
+                             + ", ".join(sorted(str(m) for m in meshes)))
+        self.process_group = next(iter(meshes)).get_group()
+        # Per local shard: (full shape, offset of the shard's block in it).
+        self._layout = {}
+        for i, (p, shard) in enumerate(zip(self.params, self.shards)):
+            local_shape, offset = compute_local_shape_and_global_offset(
+                p.shape, p.device_mesh, p.placements)
+            if tuple(local_shape) != tuple(shard.shape):
+                raise ValueError(f"params[{i}]: its local shard has shape "
+                                 f"{tuple(shard.shape)}, its placements {p.placements} "
+                                 f"give {tuple(local_shape)}")
+            self._layout[id(shard)] = (tuple(p.shape), tuple(offset))
+        self.optimizer._global_select = self._select_global
+
+    def _select_global(self, group, shards, tensors, score, weights):
+        """The optimizer's selection for a scope='global' group: local indices."""
+        scores = weights if score == "weight" else tensors
+        layouts = [self._layout[id(s)] for s in shards]
+        total = sum(math.prod(shape) for shape, _ in layouts)
+        k = ops.density_k(float(group["density"]), total)
+        return agreed_topk(scores, k, layouts, self.process_group)
 
     def step(self):
         for i, (p, shard) in enumerate(zip(self.params, self.shards)):
@@ -54,3 +137,124 @@ class ShardedOptimizer:
 
     def load_state_dict(self, state_dict):
         self.optimizer.load_state_dict(state_dict)
+
+    # -- torch.distributed.checkpoint ----------------------------------------------------
+
+    def _rank_key(self):
+        return f"rank{dist.get_rank()}"
+
+    def distributed_state_dict(self, metadata=None, key=None):
+        """For dcp.save: {"rank<r>": this rank's state_dict}. With `metadata` (a
+        checkpoint's, e.g. dcp.FileSystemReader(path).read_metadata()) and `key`
+        (where the dict was saved in the state_dict given to dcp.save): the same
+        structure with empty tensors of the sizes saved for this rank, for dcp.load
+        to fill in place."""
+        rank_key = self._rank_key()
+        if metadata is None:
+            return {rank_key: self.optimizer.state_dict()}
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        prefix = f"{key}.{rank_key}.state."
+        state = {}
+        for fqn, item in metadata.state_dict_metadata.items():
+            if fqn.startswith(prefix) and isinstance(item, TensorStorageMetadata):
+                pid, name = fqn[len(prefix):].split(".", 1)
+                state.setdefault(int(pid), {})[name] = torch.empty(
+                    item.size, dtype=item.properties.dtype)
+        if not any(fqn.startswith(f"{key}.{rank_key}.") for fqn in metadata.state_dict_metadata):
+            raise ValueError(f"the checkpoint has no {key}.{rank_key}: saved by fewer ranks, "
+                             "or under another key")
+        return {rank_key: {"state": state,
+                           "param_groups": self.optimizer.state_dict()["param_groups"]}}
+
+    def load_distributed_state_dict(self, state_dict):
+        """Loads what dcp.load filled in `distributed_state_dict(metadata, key)`."""
+        self.optimizer.load_state_dict(state_dict[self._rank_key()])
+
+
+def _keys(scores):
+    """One int64 key per element of the scores, concatenated, ordered as |score|,
+    and the number of bits they use: float64 keys if any score is float64, else
+    float32 ones (exact for bf16 and fp16)."""
+    wide = any(t.dtype == torch.float64 for t in scores)
+    dtype, int_dtype = (torch.float64, torch.int64) if wide else (torch.float32, torch.int32)
+    nan_key = _NAN_KEY64 if wide else _NAN_KEY32
+    parts = []
+    for t in scores:
+        magnitude = t.reshape(-1).to(dtype).abs()
+        key = magnitude.view(int_dtype).long()
+        parts.append(torch.where(torch.isnan(magnitude), nan_key, key))
+    if not parts:
+        return torch.empty(0, dtype=torch.int64), 31
+    return torch.cat(parts), 63 if wide else 31
+
+
+def agreed_kth_largest(values, k, bits, group):
+    """Radix select across the ranks of `group`: (v, larger, equal) where v is the
+    k-th largest of every rank's `values` (int64 in [0, 2**bits), 1 <= k <= their
+    count), `larger` how many are above v and `equal` how many equal it, over all
+    ranks. One all-reduce of 256 counts per 8 bits, the same on every rank."""
+    rest, prefix = k, 0
+    candidates = values
+    for shift in range(_RADIX_BITS * ((bits - 1) // _RADIX_BITS), -1, -_RADIX_BITS):
+        digits = (candidates >> shift) & (_BINS - 1)
+        counts = torch.bincount(digits, minlength=_BINS)
+        dist.all_reduce(counts, group=group)
+        at_or_above = counts.flip(0).cumsum(0).flip(0)   # [d]: how many digits are >= d
+        digit = int((at_or_above >= rest).nonzero().max())
+        rest -= int(at_or_above[digit] - counts[digit])
+        prefix = (prefix << _RADIX_BITS) | digit
+        candidates = candidates[digits == digit]
+    return prefix, k - rest, int(counts[digit])
+
+
+def _global_positions(local, shape, offset, base, local_shape):
+    """Positions in the concatenation of the full tensors of the flat indices `local`
+    into a shard of `local_shape`: the block at `offset` of a tensor of `shape` that
+    starts at `base` in the concatenation."""
+    if not shape:
+        return local + base
+    coords = torch.unravel_index(local, local_shape)
+    position = torch.full_like(local, base)
+    stride = 1
+    for d in range(len(shape) - 1, -1, -1):
+        position += (coords[d] + offset[d]) * stride
+        stride *= shape[d]
+    return position
+
+
+def agreed_topk(scores, k, layouts, group):
+    """The k elements of largest |score| over the concatenation of the full tensors,
+    ties to the lowest position in it, as indices into this rank's shards.
+
+    scores: this rank's local shards' scores; layouts: per shard (full shape, offset
+    of the shard's block in it); k: the count over all ranks. Every rank of `group`
+    calls it with its own shards of the same tensors."""
+    sizes = [t.numel() for t in scores]
+    device = scores[0].device if scores else torch.device("cpu")
+    total = sum(math.prod(shape) for shape, _ in layouts)
+    if k >= total:
+        return [torch.arange(n, device=device) for n in sizes]
+    if k == 0:
+        return [torch.empty(0, dtype=torch.int64, device=device) for _ in sizes]
+    keys, bits = _keys(scores)
+    cut, larger, equal = agreed_kth_largest(keys, k, bits, group)
+    chosen = keys > cut
+    tied = keys == cut
+    take = k - larger
+    if take < equal:   # ties left over: the `take` of lowest global position
+        tied_at = tied.nonzero().reshape(-1)
+        positions = torch.empty_like(tied_at)
+        start, base = 0, 0
+        for t, (shape, offset), n in zip(scores, layouts, sizes):
+            inside = (tied_at >= start) & (tied_at < start + n)
+            positions[inside] = _global_positions(tied_at[inside] - start, shape, offset,
+                                                  base, tuple(t.shape))
+            start, base = start + n, base + math.prod(shape)
+        # Lowest positions first: the largest of total - 1 - position.
+        reversed_positions = total - 1 - positions
+        last, _, _ = agreed_kth_largest(reversed_positions, take,
+                                        max(1, (total - 1).bit_length()), group)
+        tied = torch.zeros_like(tied)
+        tied[tied_at[reversed_positions >= last]] = True
+    chosen |= tied
+    return [part.nonzero().reshape(-1) for part in torch.split(chosen, sizes)]

@@ -113,14 +113,15 @@ class Adam(IncrementalOptimizer):
                          validate=False,
                          **self._hyper(group))
 
-    def _select_update(self, group, work, device, ks, residuals, approx):
+    def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0):
         lr, lr_tensor = self._lr_args(group, device)
         ops.adam_select_update_(work.contiguous_params, work.grads,
                                 [s["exp_avg"] for s in work.states],
                                 [s["exp_avg_sq"] for s in work.states],
                                 [s["step"] for s in work.states], ks, residuals,
                                 approx=approx, lr=lr, lr_tensor=lr_tensor,
-                                increment_steps=True, validate=False, **self._hyper(group))
+                                grad_scale=grad_scale, increment_steps=True, validate=False,
+                                **self._hyper(group))
 
 
 class AdamW(Adam):

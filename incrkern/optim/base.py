@@ -37,20 +37,20 @@ MASK_DENSITY = 0.1
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The fused select-and-update (ops.adam_select_update_) against select then update
-# (by positions, or by mask from MASK_DENSITY on), measured with
+# (by positions, or by mask from MASK_DENSITY on), per tensor, measured with
 # bench/crossover_fused.py and bench/fused_optimizer_step.py (docs/design.md,
 # "Choosing a path"): on tensors of up to 2^18 elements the fused call wins at every
-# density (no positions returned, no second op call); on a 1e7 tensor the tile-fused
-# stream wins only from about density 0.2 on, where select then update pays for a
-# full read, a scattered or masked update and the mask built from the positions.
+# density (no positions returned, no second op call); on larger ones it wins from
+# FUSED_MIN_DENSITY on, where select then update pays for a full read and a
+# scattered or masked update of many elements.
 FUSED_SMALL_NUMEL = 2 ** 18
-FUSED_MIN_DENSITY = 0.2
+FUSED_MIN_DENSITY = 0.05
 
 
-def use_fused(density, largest_numel):
-    """Whether a step at `density` whose largest tensor has `largest_numel` elements
-    takes the fused kernel."""
-    return largest_numel <= FUSED_SMALL_NUMEL or density >= FUSED_MIN_DENSITY
+def use_fused(density, numel):
+    """Whether a tensor of `numel` elements stepped at `density` takes the fused
+    kernel."""
+    return numel <= FUSED_SMALL_NUMEL or density >= FUSED_MIN_DENSITY
 
 
 # The group options every incrkern optimizer adds to torch's.
@@ -193,6 +193,13 @@ class IncrementalOptimizer(Optimizer):
     """
 
     _counts_steps = False  # a subclass keeping a `step` tensor per param sets it
+    # scope="global" groups select through this callable(group, params, tensors,
+    # score, weights) -> indices when set: incrkern.distributed.ShardedOptimizer's
+    # selection agreed across ranks, on local shards.
+    _global_select = None
+    # select="layer" counts a param's elements with this callable(param) when set:
+    # ShardedOptimizer's full tensors' sizes, so that every rank draws the same layers.
+    _layer_numel = None
 
     def __init__(self, params, defaults, incremental):
         preset = None
@@ -416,6 +423,8 @@ class IncrementalOptimizer(Optimizer):
         if self._counts_steps:
             self._check_unshared_steps([params for _, params, _, _ in plans]
                                        + [[p for p, _ in pairs] for _, pairs in sparse_plans])
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            self._check_capturable(plans, sparse_plans)
         for group, params, grads, device in plans:
             if params:
                 self._step_group(group, self._by_device(params, grads, device))
@@ -456,6 +465,38 @@ class IncrementalOptimizer(Optimizer):
             self._dense_step(group, by_device)
         else:
             self._incremental_step(group, by_device)
+
+    def _check_capturable(self, plans, sparse_plans):
+        """Under CUDA graph capture, only a sparse step whose work is the same at every
+        replay may run: per-tensor exact selection (k fixed per tensor, nothing read
+        back on the host), reselected at every update or by a mask made before the
+        capture. The rest would be recorded with one step's host-side decisions and
+        replay them: refused with the reason, before any group is touched."""
+        reasons = []
+        if any(pairs for _, pairs in sparse_plans):
+            reasons.append("sparse gradients have their rows counted on the host")
+        for group, params, _, _ in plans:
+            if not params or self._is_dense(group):
+                continue
+            if group["scope"] != "tensor":
+                reasons.append("scope='global' reads the selection's output size on the host")
+            if group["topk"] != "exact":
+                reasons.append("topk='approx' reads its count on the host")
+            if group["select"] in ("random", "layer"):
+                reasons.append(f"select={group['select']!r} draws its choice on the host")
+            if group["mask"] not in ("dynamic", "fixed"):
+                reasons.append("mask=N counts updates on the host")
+            elif group["mask"] == "fixed" and not all("indices" in self.state.get(p, ())
+                                                      for p in params):
+                reasons.append("mask='fixed' makes its mask at the first step: take that "
+                               "step before capturing")
+            if group["accumulate_steps"] != 1:
+                reasons.append("accumulate_steps counts calls on the host")
+        if reasons:
+            raise RuntimeError("incrkern: this step cannot be captured in a CUDA graph: "
+                               + "; ".join(dict.fromkeys(reasons)) + ". Step it eagerly, or "
+                               "use scope='tensor', topk='exact' and select='grad', "
+                               "'grad_sq', 'weight' or 'accumulated'.")
 
     def _lr_args(self, group, device):
         """(lr, lr_tensor) for an update op. A tensor lr goes to the kernel as a tensor
@@ -558,9 +599,12 @@ class IncrementalOptimizer(Optimizer):
             score, weights = "weight", contiguous_params
         elif select == "random":
             score = "random"
-        indices = ops.select(tensors, density, score=score, scope=group["scope"],
-                             approx=group["topk"] == "approx", weights=weights,
-                             validate=False)
+        if group["scope"] == "global" and self._global_select is not None:
+            indices = self._global_select(group, params, tensors, score, weights)
+        else:
+            indices = ops.select(tensors, density, score=score, scope=group["scope"],
+                                 approx=group["topk"] == "approx", weights=weights,
+                                 validate=False)
         if mask != "dynamic":
             for s, idx, p in zip(states, indices, params):
                 s["indices"] = _stored_positions(idx, p)
@@ -575,15 +619,16 @@ class IncrementalOptimizer(Optimizer):
         if not reselect:
             chosen = [bool(s["layer_chosen"]) for s in states]
         else:
-            total = sum(p.numel() for p in params)
-            target = math.ceil(float(group["density"]) * total)
+            numels = [p.numel() for p in params] if self._layer_numel is None else \
+                [self._layer_numel(p) for p in params]
+            target = math.ceil(float(group["density"]) * sum(numels))
             order = torch.randperm(len(params)).tolist()
             chosen, taken = [False] * len(params), 0
             for i in order:
                 if taken >= target and any(chosen):
                     break
                 chosen[i] = True
-                taken += params[i].numel()
+                taken += numels[i]
             for s, c in zip(states, chosen):
                 s["layer_chosen"] = torch.tensor(c)
         return [None if c else torch.empty(0, dtype=torch.int64, device=p.device)
@@ -592,51 +637,69 @@ class IncrementalOptimizer(Optimizer):
     def _fused_eligible(self, group, by_device):
         """Whether a step of this group can select and update in one kernel call
         (_select_update): CPU, |grad| or error feedback per tensor, reselected at every
-        update, one bias correction per tensor, no accumulation over calls, no
-        AMSGrad (the fused kernel keeps no max_exp_avg_sq), fp32, bf16 or fp16 params,
-        and the cost model's choice (use_fused)."""
+        update, one bias correction per tensor, no AMSGrad (the fused kernel keeps no
+        max_exp_avg_sq), fp32, bf16 or fp16 params. With accumulate_steps, the last
+        call's accumulate joins the kernel's pass (|grad| only: error feedback
+        accumulates a scaled gradient). Which tensors then take it is the cost model's
+        choice (use_fused, per tensor)."""
         if (type(self)._select_update is IncrementalOptimizer._select_update
                 or len(by_device) != 1 or by_device[0][0].type != "cpu"
                 or group["select"] not in ("grad", "accumulated")
                 or group["scope"] != "tensor" or group["mask"] != "dynamic"
-                or group["bias_correction"] != "tensor" or group["accumulate_steps"] != 1
+                or group["bias_correction"] != "tensor"
+                or (group["accumulate_steps"] != 1 and group["select"] != "grad")
                 or group.get("momentum_correction") or group.get("amsgrad")):
             return False
-        params = by_device[0][1]
-        if any(p.dtype not in _FUSED_DTYPES for p in params):
-            return False
-        return use_fused(float(group["density"]), max(p.numel() for p in params))
+        return all(p.dtype in _FUSED_DTYPES for p in by_device[0][1])
 
-    def _select_update(self, group, work, device, ks, residuals, approx):
+    def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0):
         """The fused kernel call (subclasses that have one): select by |grad| (or
-        |residual + grad|) and update, per tensor."""
+        |residual + grad|) and update with the gradient times grad_scale, per tensor."""
         raise NotImplementedError
 
-    def _fused_step(self, group, by_device):
-        (device, ps, grads), = by_device
+    def _fused_step(self, group, device, ps, grads):
+        """The fused kernel over these params. With accumulate_steps = n > 1 the
+        accumulated gradient joins as the kernel's residual: it selects by
+        |acc + grad| and updates with the mean (acc + grad) / n; the unchosen part of
+        the sum is spent like the chosen one."""
         states = [self.state[p] for p in ps]
         self._init_states(group, ps, states, None, sparse=True)
-        residuals = None
+        n = group["accumulate_steps"]
+        residuals, grad_scale = None, 1.0
         if group["select"] == "accumulated":
             residuals = [self._buffer(p, "residual") for p in ps]
+        elif n > 1:
+            residuals, grad_scale = [self._buffer(p, "grad_acc") for p in ps], 1.0 / n
         density = float(group["density"])
         ks = [ops.density_k(density, p.numel()) for p in ps]
         work = _Work(ps, grads, states)
-        self._select_update(group, work, device, ks, residuals, group["topk"] == "approx")
+        self._select_update(group, work, device, ks, residuals, group["topk"] == "approx",
+                            grad_scale)
+        if n > 1:
+            torch._foreach_zero_(residuals)
         work.write_back()
-        group["updates"] += 1
 
     def _incremental_step(self, group, by_device):
         self._check_incremental(group, by_device)
-        if self._fused_eligible(group, by_device):
-            self._fused_step(group, by_device)
-            return
+        fused = None  # (device, params, grads) for the fused kernel, at an update
+        if (group["accumulated_calls"] + 1 >= group["accumulate_steps"]
+                and self._fused_eligible(group, by_device)):
+            (device, ps, grads), = by_device
+            density = float(group["density"])
+            take = [use_fused(density, p.numel()) for p in ps]
+            fused = (device, [p for p, t in zip(ps, take) if t],
+                     [g for g, t in zip(grads, take) if t])
+            by_device = [(device, [p for p, t in zip(ps, take) if not t],
+                          [g for g, t in zip(grads, take) if not t])]
+        by_device = [(device, ps, grads) for device, ps, grads in by_device if ps]
         for _, ps, grads in by_device:
             self._accumulate(group, ps, grads)
         group["accumulated_calls"] += 1
         if group["accumulated_calls"] < group["accumulate_steps"]:
             return
         group["accumulated_calls"] = 0
+        if fused and fused[1]:
+            self._fused_step(group, *fused)
         n = group["accumulate_steps"]
         select = group["select"]
         state = self.state
