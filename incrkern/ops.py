@@ -74,10 +74,11 @@ def _check_tensor(name, t, *, device, dtypes=None, numel=None, dim=None):
 
 
 def _check_update(params, grads, first_moments, second_moments, steps, indices, masks, ages,
-                  compact_state, first_moments_name):
+                  compact_state, first_moments_name, max_second_moments=()):
     """Checks the tensor lists of an update op against each other. `first_moments`:
     Adam's exp_avgs or SGD's momentum_buffers (named `first_moments_name` in errors);
-    `second_moments`: Adam's exp_avg_sqs, None for SGD."""
+    `second_moments`: Adam's exp_avg_sqs, None for SGD; `max_second_moments`:
+    AMSGrad's max_exp_avg_sqs, empty without AMSGrad."""
     n = len(params)
     _check_length("grads", grads, n)
     _check_length(first_moments_name, first_moments, n, may_be_empty=second_moments is None)
@@ -87,6 +88,7 @@ def _check_update(params, grads, first_moments, second_moments, steps, indices, 
     _check_length("indices", indices, n, may_be_empty=True)
     _check_length("masks", masks, n, may_be_empty=True)
     _check_length("ages", ages, n, may_be_empty=True)
+    _check_length("max_exp_avg_sqs", max_second_moments, n, may_be_empty=True)
     if indices and masks:
         raise ValueError("give indices or masks, not both")
     if compact_state and not indices:
@@ -117,6 +119,9 @@ def _check_update(params, grads, first_moments, second_moments, steps, indices, 
                           dtypes=(math,), numel=state_numel)
         if second_moments is not None:
             _check_tensor(f"exp_avg_sqs[{i}]", second_moments[i], device=device,
+                          dtypes=(math,), numel=state_numel)
+        if max_second_moments:
+            _check_tensor(f"max_exp_avg_sqs[{i}]", max_second_moments[i], device=device,
                           dtypes=(math,), numel=state_numel)
         if ages:
             _check_tensor(f"ages[{i}]", ages[i], device=device, dtypes=(torch.int32,),
@@ -156,8 +161,9 @@ def _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, 
 
 def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999,
                  eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False,
-                 indices=None, masks=None, ages=None, grad_scale=1.0, consume_grad=False,
-                 compact_state=False, lr_tensor=None, increment_steps=False, validate=True):
+                 indices=None, masks=None, ages=None, max_exp_avg_sqs=None, grad_scale=1.0,
+                 consume_grad=False, compact_state=False, lr_tensor=None,
+                 increment_steps=False, validate=True):
     """Adam (AdamW with decoupled_weight_decay=True) on every param, in place.
 
     With `indices` (one int64 tensor of flat positions per param, each position at
@@ -166,7 +172,10 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     one per param) only where true.
     `compact_state`: the state tensors are k long, indexed by position in `indices`.
     `ages` (int32, like the state): per-element update counts used for the bias
-    correction instead of `steps`, incremented where updated. `steps` are float32
+    correction instead of `steps`, incremented where updated. `max_exp_avg_sqs` (like
+    the state): AMSGrad, as torch.optim.Adam(amsgrad=True): each becomes the maximum
+    (NaN-propagating, as torch.maximum) of itself and the new exp_avg_sq, and is the
+    denominator's second moment; None: plain Adam. `steps` are float32
     scalars holding the update count this call applies, or, with
     `increment_steps=True`, the count before it: the op adds one first. Grads are read
     times `grad_scale`; `consume_grad` zeroes the grad entries that were read.
@@ -186,11 +195,15 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
         indices = _as_list("indices", indices, allow_none=True)
         masks = _as_list("masks", masks, allow_none=True)
         ages = _as_list("ages", ages, allow_none=True)
+        max_exp_avg_sqs = _as_list("max_exp_avg_sqs", max_exp_avg_sqs, allow_none=True)
         _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
         _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
-                      compact_state, "exp_avgs")
-    _dispatch("adam_update_", params, grads, exp_avgs, exp_avg_sqs, steps, indices or [],
-              masks or [], ages or [], lr=float(lr), beta1=float(beta1), beta2=float(beta2),
+                      compact_state, "exp_avgs", max_exp_avg_sqs)
+    lists = [params, grads, exp_avgs, exp_avg_sqs, steps, indices or [], masks or [],
+             ages or []]
+    if max_exp_avg_sqs:
+        lists.append(max_exp_avg_sqs)  # the op's amsgrad overload takes them
+    _dispatch("adam_update_", *lists, lr=float(lr), beta1=float(beta1), beta2=float(beta2),
               eps=float(eps), weight_decay=float(weight_decay),
               decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize),
               grad_scale=float(grad_scale), consume_grad=bool(consume_grad),
@@ -552,6 +565,10 @@ if EXTENSION_LOADED:
 
     @torch.library.register_fake("incrkern::adam_update_")
     def _adam_update_fake(*args, **kwargs):
+        return None
+
+    @torch.library.register_fake("incrkern::adam_update_.amsgrad")
+    def _adam_update_amsgrad_fake(*args, **kwargs):
         return None
 
     @torch.library.register_fake("incrkern::sgd_update_")

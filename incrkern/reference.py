@@ -53,9 +53,9 @@ def _read_grad(i, grads, elements, mdtype, grad_scale, consume_grad):
 
 @torch.no_grad()
 def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, indices=(), masks=(), ages=(),
-                 *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize,
-                 grad_scale=1.0, consume_grad=False, compact_state=False, lr_tensor=None,
-                 increment_steps=False):
+                 max_exp_avg_sqs=(), *, lr, beta1, beta2, eps, weight_decay,
+                 decoupled_weight_decay, maximize, grad_scale=1.0, consume_grad=False,
+                 compact_state=False, lr_tensor=None, increment_steps=False):
     if lr_tensor is not None:
         lr = lr_tensor.item()
     if increment_steps:
@@ -89,7 +89,12 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, indices=(), masks=
             step = steps[i].item()
             step_size = lr / (1 - beta1 ** step)
             bc2_sqrt = math.sqrt(1 - beta2 ** step)
-        denom = v.sqrt() / bc2_sqrt + eps
+        second = v
+        if max_exp_avg_sqs:  # AMSGrad
+            vmax_flat = max_exp_avg_sqs[i].view(-1)
+            second = torch.maximum(_gather(vmax_flat, slots), v)
+            _scatter(vmax_flat, slots, second)
+        denom = second.sqrt() / bc2_sqrt + eps
         param = param - step_size * (m / denom)
         _scatter(flat_p, elements, param)
         _scatter(m_flat, slots, m)

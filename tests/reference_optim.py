@@ -20,9 +20,10 @@ def topk_lowest_index(scores, k):
 class ReferenceOptimizer:
     def __init__(self, params, kind, hyper, *, density=1.0, select="grad", scope="tensor",
                  mask="dynamic", accumulate_steps=1, bias_correction="tensor",
-                 fisher_beta=0.99):
+                 fisher_beta=0.99, amsgrad=False):
         self.params = list(params)
         self.kind, self.hyper = kind, dict(hyper)
+        self.amsgrad = amsgrad
         self.density, self.select, self.scope = density, select, scope
         self.mask, self.n = mask, accumulate_steps
         self.bias_correction, self.fisher_beta = bias_correction, fisher_beta
@@ -105,11 +106,14 @@ class ReferenceOptimizer:
                     s["step"] = torch.tensor(0.0)
                     if self.bias_correction == "element" and indices is not None:
                         s["age"] = torch.zeros(n_state, dtype=torch.int32)
+                    if self.amsgrad:
+                        s["max_exp_avg_sq"] = self._zeros(p, n_state)
                 s["step"] += 1
                 reference.adam_update_(
                     [p], [sources[i]], [s["exp_avg"]], [s["exp_avg_sq"]], [s["step"]],
                     [indices[i]] if indices is not None else [], [],
                     [s["age"]] if "age" in s and indices is not None else [],
+                    [s["max_exp_avg_sq"]] if self.amsgrad else [],
                     grad_scale=scale, consume_grad=consume, compact_state=compact,
                     **self.hyper)
         if self.n > 1 and self.select != "accumulated":

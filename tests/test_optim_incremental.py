@@ -97,13 +97,49 @@ def test_element_bias_correction_matches_reference(mask):
     assert ages.max() > 1 and ages.dtype == torch.int32
 
 
+AMSGRAD_OPTIONS = [
+    dict(select="grad"),
+    dict(select="grad", mask="fixed"),
+    dict(select="grad_sq", scope="global", mask=3, accumulate_steps=3),
+    dict(select="accumulated"),
+    dict(select="weight", bias_correction="element"),
+]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("options", AMSGRAD_OPTIONS)
+def test_amsgrad_matches_reference(name, options):
+    """amsgrad=True at density < 1: max_exp_avg_sq is lazy like the moments (only chosen
+    elements change it; k long with a fixed mask), and amsgrad groups do not take the
+    fused select-and-update (it keeps no maximum)."""
+    model = small_model()
+    ref_params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    options = dict(options, density=0.1)
+    opt = getattr(incrkern.optim, name)(model.parameters(), **torch_kwargs(name),
+                                        amsgrad=True, **options)
+    ref = ReferenceOptimizer(ref_params, *KINDS[name], amsgrad=True, **options)
+    train(model, opt, batches(12), ref, ref_params)
+    for p, q in zip(model.parameters(), ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, s in zip(model.parameters(), ref.state):
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][key].reshape(-1), s[key], rtol=1e-5,
+                                       atol=1e-6, msg=key)
+        k = math.ceil(0.1 * p.numel())
+        expected = k if options.get("mask") == "fixed" else p.numel()
+        assert opt.state[p]["max_exp_avg_sq"].numel() == expected
+        # the largest second moment so far: never below the current one
+        assert bool((opt.state[p]["max_exp_avg_sq"] >= opt.state[p]["exp_avg_sq"]).all())
+
+
 @pytest.mark.parametrize("name", list(KINDS))
 @pytest.mark.parametrize("select", ["grad", "grad_sq", "weight", "accumulated", "random"])
 def test_only_chosen_elements_change(name, select):
     model = small_model()
     # mask=1 reselects every update and keeps the indices in the state to inspect
+    amsgrad = dict(amsgrad=True) if name == "Adam" else {}
     opt = getattr(incrkern.optim, name)(model.parameters(), **torch_kwargs(name),
-                                        density=0.1, select=select, mask=1)
+                                        density=0.1, select=select, mask=1, **amsgrad)
     data = batches(4)
     train(model, opt, data[:2])
     before = [p.detach().clone() for p in model.parameters()]
@@ -116,7 +152,7 @@ def test_only_chosen_elements_change(name, select):
         assert set(changed.tolist()) <= set(idx.tolist())
         unchosen = torch.ones(p.numel(), dtype=torch.bool)
         unchosen[idx] = False
-        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
             if key in state_before[i]:
                 now = opt.state[p][key].reshape(-1)[unchosen]
                 assert torch.equal(now, state_before[i][key].reshape(-1)[unchosen]), key
@@ -212,6 +248,7 @@ MODES = [
     dict(density=0.1, accumulate_steps=3),
     dict(density=0.1, bias_correction="element"),
     dict(density=0.2, select="layer"),
+    dict(density=0.1, mask="fixed", amsgrad=True),
 ]
 
 

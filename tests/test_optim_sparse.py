@@ -81,12 +81,17 @@ def dense_reference_step(kind, p, state, grad, density, hyper):
     chosen = positions[topk_lowest_index(dense[positions].abs().float(), k)]
     flat = p.view(-1)
     if kind == "adam":
+        hyper = dict(hyper)
+        amsgrad = hyper.pop("amsgrad", False)
         if "exp_avg" not in state:
             state.update(exp_avg=torch.zeros(flat.numel()), exp_avg_sq=torch.zeros(flat.numel()),
                          step=torch.tensor(0.0))
+            if amsgrad:
+                state["max_exp_avg_sq"] = torch.zeros(flat.numel())
         state["step"] += 1
         reference.adam_update_([flat], [dense], [state["exp_avg"]], [state["exp_avg_sq"]],
-                               [state["step"]], [chosen], [], [], **hyper)
+                               [state["step"]], [chosen], [], [],
+                               [state["max_exp_avg_sq"]] if amsgrad else [], **hyper)
     else:
         first = "momentum_buffer" not in state
         if first:
@@ -101,12 +106,15 @@ ADAM = ("Adam", "adam", dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=
 ADAMW = ("AdamW", "adam", dict(lr=0.01, weight_decay=0.1),
          dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
               decoupled_weight_decay=True, maximize=False))
+AMSGRAD = ("AdamW", "adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True),
+           dict(ADAMW[3], amsgrad=True))
 SGD = ("SGD", "sgd", dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True),
        dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=True,
             maximize=False))
 
 
-@pytest.mark.parametrize("optimizer", [ADAM, ADAMW, SGD], ids=["Adam", "AdamW", "SGD"])
+@pytest.mark.parametrize("optimizer", [ADAM, ADAMW, AMSGRAD, SGD],
+                         ids=["Adam", "AdamW", "AdamW-amsgrad", "SGD"])
 @pytest.mark.parametrize("shape,sparse_dim", [((40, 6), 1), ((40, 6), 2), ((7, 5, 3), 2),
                                               ((101,), 1)])
 @pytest.mark.parametrize("density", [1.0, 0.3])

@@ -82,22 +82,26 @@ def corrupt(saved, how):
         state["indices"] = idx[:-1]
     elif how == "state size":
         state["exp_avg"] = state["exp_avg"][:-1]
+    elif how == "max size":
+        state["max_exp_avg_sq"] = state["max_exp_avg_sq"][:-1]
 
 
 @pytest.mark.parametrize("how,match", [
     ("negative", "outside"), ("past the end", "outside"), ("dtype", "int32 or int64"),
     ("2-D", "1-D"), ("repeated", "more than once"), ("length", "exp_avg has"),
-    ("state size", "exp_avg has"),
+    ("state size", "exp_avg has"), ("max size", "max_exp_avg_sq has"),
 ])
 def test_bad_kept_indices_are_refused(how, match):
     model = model_a()
-    opt = incrkern.optim.Adam(model.parameters(), lr=0.01, density=0.3, mask="fixed")
+    opt = incrkern.optim.Adam(model.parameters(), lr=0.01, density=0.3, mask="fixed",
+                              amsgrad=True)
     train(model, opt)
     saved = copy.deepcopy(opt.state_dict())
     assert saved["state"][1]["indices"].dtype == torch.int32
     corrupt(saved, how)
     twin = model_a()
-    opt2 = incrkern.optim.Adam(twin.parameters(), lr=0.01, density=0.3, mask="fixed")
+    opt2 = incrkern.optim.Adam(twin.parameters(), lr=0.01, density=0.3, mask="fixed",
+                               amsgrad=True)
     train(twin, opt2, 1)
     before = snapshot(twin, opt2)
     with pytest.raises(ValueError, match=r"\['params'\]\[1\].*" + match):

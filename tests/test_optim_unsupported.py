@@ -9,12 +9,6 @@ def params(dtype=torch.float32, device="cpu"):
     return [torch.zeros(3, dtype=dtype, device=device, requires_grad=True)]
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW"])
-def test_amsgrad(name):
-    with pytest.raises(ValueError, match="amsgrad=True is not supported"):
-        getattr(incrkern.optim, name)(params(), amsgrad=True)
-
-
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
 def test_differentiable(name):
     with pytest.raises(ValueError, match="differentiable=True is not supported"):

@@ -17,8 +17,7 @@ INFOS = {info.optim_cls.__name__: info for info in optim_db
          if info.optim_cls.__name__ in NAMES}
 
 # Configurations that need kernel support not built yet: {kwarg: reason}.
-PENDING = {"amsgrad": "amsgrad: kernel support pending",
-           "differentiable": "differentiable: kernel support pending"}
+PENDING = {"differentiable": "differentiable: kernel support pending"}
 
 
 def configurations(device):

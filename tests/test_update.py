@@ -25,9 +25,10 @@ def _k_values(n):
 
 
 def make_inputs(sizes, dtype, form, *, grad_fp32=False, with_ages=False, ks=None,
-                device="cpu", offset=0, momentum_state=True, state1=True):
+                device="cpu", offset=0, momentum_state=True, state1=True, amsgrad=False):
     """Random params, grads, state and positions for one call. `offset` > 0 makes every
-    tensor a view at that storage offset (off the vectorised path)."""
+    tensor a view at that storage offset (off the vectorised path). `amsgrad`: AMSGrad's
+    max_exp_avg_sqs too (s2), some above the new exp_avg_sq, some below."""
     math = ops.math_dtype(dtype)
     gdtype = math if grad_fp32 else dtype
 
@@ -50,8 +51,9 @@ def make_inputs(sizes, dtype, form, *, grad_fp32=False, with_ages=False, ks=None
     s1 = [tensor(n, math, torch.rand) * 0.01 for n in state_sizes] if state1 else None
     ages = [torch.randint(0, 5, (n,), dtype=torch.int32, device=device)
             for n in state_sizes] if with_ages else []
+    s2 = [tensor(n, math, torch.rand) * 0.02 for n in state_sizes] if amsgrad else []
     return dict(params=params, grads=grads, s0=s0, s1=s1, indices=indices, masks=masks,
-                ages=ages)
+                ages=ages, s2=s2)
 
 
 def clone_inputs(x):
@@ -85,11 +87,11 @@ def run_adam(x, use_reference=False, *, steps=None, **kw):
                     decoupled_weight_decay=False, maximize=False)
         args.update(kw)
         reference.adam_update_(x["params"], x["grads"], x["s0"], x["s1"], steps,
-                               x["indices"], x["masks"], x["ages"], **args)
+                               x["indices"], x["masks"], x["ages"], x["s2"], **args)
     else:
         ops.adam_update_(x["params"], x["grads"], x["s0"], x["s1"], steps,
                          indices=x["indices"] or None, masks=x["masks"] or None,
-                         ages=x["ages"] or None, **kw)
+                         ages=x["ages"] or None, max_exp_avg_sqs=x["s2"] or None, **kw)
 
 
 def run_sgd(x, use_reference=False, **kw):
@@ -125,7 +127,7 @@ def compare(kernel, ref, before, compact=False, consume=False):
             assert (g[sel] == 0).all()
         else:
             assert torch.equal(g, flat(before, "grads", i))
-        for key in ("s0", "s1", "ages"):
+        for key in ("s0", "s1", "s2", "ages"):
             if not kernel[key]:
                 continue
             assert_state_close(kernel[key][i], ref[key][i])
@@ -280,6 +282,98 @@ def test_adam_unaligned_views():
 
 
 # ----------------------------------------------------------------------------------
+# AMSGrad: max_exp_avg_sqs (s2), lazy like the moments
+
+AMSGRAD_VARIANTS = {
+    "adam": dict(weight_decay=0.1),
+    "adamw": dict(weight_decay=0.1, decoupled_weight_decay=True),
+    "options": dict(maximize=True, grad_scale=0.25, consume_grad=True, lr=3e-3, beta1=0.8,
+                    beta2=0.99, eps=1e-6),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("variant", list(AMSGRAD_VARIANTS))
+def test_adam_amsgrad_forms(dtype, form, variant):
+    # Where the old maximum is larger it stays (compare() also checks that unchosen
+    # elements keep theirs bit-identical).
+    x = make_inputs(SIZES, dtype, form, amsgrad=True, with_ages=variant == "adamw")
+    check_adam(x, compact=form == "compact", **AMSGRAD_VARIANTS[variant])
+
+
+@pytest.mark.parametrize("form", ["dense", "indices", "masks"])
+def test_adam_amsgrad_large_tensor(form):
+    x = make_inputs([1000003], torch.float32, form, ks=[300001], amsgrad=True)
+    check_adam(x, decoupled_weight_decay=True, weight_decay=0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adam_amsgrad_fp32_grads_unaligned(dtype):
+    x = make_inputs(SIZES, dtype, "masks", grad_fp32=True, amsgrad=True)
+    check_adam(x, consume_grad=True)
+    x = make_inputs(SIZES, torch.float32, "dense", offset=1, amsgrad=True)
+    check_adam(x)
+
+
+def _with_specials(x):
+    """NaN and inf in the grads and in the kept maxima, at the start of each tensor
+    (within the first vector of the streaming loops) and at its end."""
+    specials = [float("nan"), float("inf"), -float("inf")]
+    for g, vmax in zip(x["grads"], x["s2"]):
+        g, vmax = g.view(-1), vmax.view(-1)
+        for j, value in enumerate(specials):
+            if j < g.numel():
+                g[j] = value
+            if g.numel() > 2 * len(specials):
+                g[-1 - j] = value
+        if vmax.numel() > 3:
+            vmax[3] = float("nan")
+            vmax[-4] = float("inf")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+def test_adam_amsgrad_nan_inf(dtype, form):
+    # NaN propagates into the maximum from either side, as torch.maximum's does.
+    x = make_inputs([1, 5, 17, 1030], dtype, form, amsgrad=True, ks=[1, 5, 9, 1030])
+    _with_specials(x)
+    ref = clone_inputs(x)
+    compact = form == "compact"
+    run_adam(x, compact_state=compact, weight_decay=0.1)
+    run_adam(ref, use_reference=True, compact_state=compact, weight_decay=0.1)
+    for key in ("params", "s0", "s1", "s2"):
+        for a, b in zip(x[key], ref[key]):
+            tol = dict(rtol=1e-5, atol=1e-6) if a.dtype in (torch.float32, torch.float64) \
+                else {}
+            torch.testing.assert_close(a, b, equal_nan=True, msg=key, **tol)
+    nan_max = [bool(v.isnan().any()) for v in x["s2"]]
+    assert nan_max[-1]  # the test has NaN maxima to compare
+
+
+def test_adam_amsgrad_matches_torch_optim():
+    # density 1: torch.optim.Adam(amsgrad=True)'s single-tensor step, a NaN gradient
+    # included (it turns the elements' maxima to NaN, in torch too).
+    p = torch.randn(1001)
+    q = p.clone().requires_grad_()
+    opt = torch.optim.Adam([q], lr=1e-2, weight_decay=0.1, amsgrad=True, foreach=False)
+    m, v, vmax = torch.zeros(1001), torch.zeros(1001), torch.zeros(1001)
+    for step in range(1, 8):
+        g = torch.randn(1001) * (4.0 if step == 3 else 1.0)  # a large one, then smaller
+        if step == 5:
+            g[7] = float("nan")
+        q.grad = g.clone()
+        opt.step()
+        ops.adam_update_([p], [g], [m], [v], [torch.tensor(float(step))], lr=1e-2,
+                         weight_decay=0.1, max_exp_avg_sqs=[vmax])
+    state = opt.state[q]
+    for ours, theirs in ((p, q.detach()), (m, state["exp_avg"]), (v, state["exp_avg_sq"]),
+                         (vmax, state["max_exp_avg_sq"])):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert vmax[7].isnan() and (vmax > v).any()
+
+
+# ----------------------------------------------------------------------------------
 # SGD
 
 SGD_VARIANTS = {
@@ -399,6 +493,14 @@ ADAM_BAD = [
      lambda kw: kw.update(ages=[torch.zeros(6, dtype=torch.int64), torch.zeros(7, dtype=torch.int32)])),
     ("ages-length", ValueError, "ages",
      lambda kw: kw.update(ages=[torch.zeros(6, dtype=torch.int32)])),
+    ("max-exp-avg-sqs-length", ValueError, "max_exp_avg_sqs",
+     lambda kw: kw.update(max_exp_avg_sqs=[torch.zeros(6)])),
+    ("max-exp-avg-sq-numel", ValueError, r"max_exp_avg_sqs\[1\]",
+     lambda kw: kw.update(max_exp_avg_sqs=[torch.zeros(6), torch.zeros(6)])),
+    ("max-exp-avg-sq-dtype", TypeError, r"max_exp_avg_sqs\[0\]",
+     lambda kw: kw.update(max_exp_avg_sqs=[torch.zeros(6).double(), torch.zeros(7)])),
+    ("max-exp-avg-sqs-type", TypeError, "max_exp_avg_sqs",
+     lambda kw: kw.update(max_exp_avg_sqs=torch.zeros(6))),
     ("lr-negative", ValueError, "lr", lambda kw: kw.update(lr=-1.0)),
     ("lr-type", TypeError, "lr", lambda kw: kw.update(lr="0.1")),
     ("lr-tensor-dtype", TypeError, "lr_tensor",
@@ -483,6 +585,24 @@ def test_kernel_refuses_out_of_range_indices():
         assert torch.equal(t, t0)
 
 
+@needs_ext
+@pytest.mark.parametrize("bad,match", [
+    ([torch.zeros(6), torch.zeros(6)], r"max_exp_avg_sqs\[1\]"),
+    ([torch.zeros(6)], "max_exp_avg_sqs has 1"),
+])
+def test_kernel_refuses_bad_max_exp_avg_sqs(bad, match):
+    kw = _adam_base()
+    tensors = _all_tensors(kw) + bad
+    before = [t.clone() for t in tensors]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.incrkern.adam_update_.amsgrad(
+            kw["params"], kw["grads"], kw["exp_avgs"], kw["exp_avg_sqs"], kw["steps"],
+            kw["indices"], [], [], bad, 1e-2, 0.9, 0.999, 1e-8, 0.0, True, False,
+            consume_grad=True)
+    for t, t0 in zip(tensors, before):
+        assert torch.equal(t, t0)
+
+
 # ----------------------------------------------------------------------------------
 # opcheck: schema, fake kernel, functionalisation
 
@@ -508,6 +628,16 @@ def test_adam_opcheck_compact_ages():
 
 
 @needs_ext
+@pytest.mark.parametrize("form", ["dense", "masks", "compact"])
+def test_adam_amsgrad_opcheck(form):
+    x = make_inputs([5, 3], torch.float32, form, ks=[2, 3], amsgrad=True)
+    args = (x["params"], x["grads"], x["s0"], x["s1"], [torch.tensor(2.0)] * 2,
+            x["indices"], x["masks"], [], x["s2"], 1e-2, 0.9, 0.999, 1e-8, 0.01, True, False)
+    torch.library.opcheck(torch.ops.incrkern.adam_update_.amsgrad, args,
+                          {"consume_grad": True, "compact_state": form == "compact"})
+
+
+@needs_ext
 def test_sgd_opcheck():
     x = make_inputs([5, 3], torch.float32, "indices", ks=[2, 3], state1=False)
     args = (x["params"], x["grads"], x["s0"], x["indices"], [], [True, False], 1e-2, 0.9,
@@ -523,7 +653,7 @@ def test_sgd_opcheck():
 def _to_cuda(x, offset=0):
     """x on the GPU; params, grads and state at storage offset `offset`, as
     make_inputs built them on the CPU."""
-    shifted = ("params", "grads", "s0", "s1")
+    shifted = ("params", "grads", "s0", "s1", "s2")
     return {k: None if v is None else [cuda_copy(t, offset if k in shifted else 0) for t in v]
             for k, v in x.items()}
 
@@ -532,7 +662,7 @@ def _compare_devices(gpu, cpu, compact):
     for i in range(len(cpu["params"])):
         assert_param_close(gpu["params"][i].cpu(), cpu["params"][i])
         assert torch.equal(gpu["grads"][i].cpu(), cpu["grads"][i])
-        for key in ("s0", "s1", "ages"):
+        for key in ("s0", "s1", "s2", "ages"):
             if cpu[key]:
                 assert_state_close(gpu[key][i].cpu(), cpu[key][i])
 
@@ -560,6 +690,29 @@ def test_adam_cuda_matches_cpu(dtype, form, offset, grad_fp32):
     run_adam(g, steps=steps, lr_tensor=torch.tensor(1e-2, device="cuda"), **kw)
     torch.cuda.synchronize()
     _compare_devices(g, x, form == "compact")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("form", FORMS + ["ages"])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_adam_amsgrad_cuda_matches_cpu(dtype, form, offset):
+    sizes = SIZES + [3] * 70 + [65536 * 33 + 7]
+    form_ = "dense" if form == "ages" else form
+    x = make_inputs(sizes, dtype, form_, offset=offset, with_ages=form == "ages",
+                    amsgrad=True)
+    _with_specials(x)
+    g = _to_cuda(x, offset)
+    kw = dict(weight_decay=0.01, grad_scale=0.5, consume_grad=True,
+              compact_state=form == "compact")
+    run_adam(x, **kw)
+    run_adam(g, steps=[torch.tensor(3.0, device="cuda") for _ in sizes], **kw)
+    torch.cuda.synchronize()
+    for key in ("params", "grads", "s0", "s1", "s2", "ages"):
+        for a, b in zip(g[key], x[key]):
+            tol = {} if a.dtype in (torch.bfloat16, torch.float16) else dict(rtol=1e-5,
+                                                                             atol=1e-6)
+            torch.testing.assert_close(a.cpu(), b, equal_nan=True, msg=key, **tol)
 
 
 @pytest.mark.cuda

@@ -36,13 +36,15 @@ struct AdamHyper {
   M decay_factor;               // AdamW: 1 - lr * weight_decay
   bool decoupled_weight_decay;  // AdamW: p *= 1 - lr * wd; Adam: g += wd * p
   bool maximize;
+  bool decay;                   // weight_decay != 0 (a field, so a loop can fix it)
 };
 
 template <typename M>
 IK_HD AdamHyper<M> make_adam_hyper(double lr, double beta1, double beta2, double eps,
                                    double weight_decay, bool decoupled, bool maximize) {
   return AdamHyper<M>{M(lr), M(beta1), M(1.0 - beta1), M(beta2), M(1.0 - beta2), M(eps),
-                      M(weight_decay), M(1.0 - lr * weight_decay), decoupled, maximize};
+                      M(weight_decay), M(1.0 - lr * weight_decay), decoupled, maximize,
+                      weight_decay != 0};
 }
 
 // Bias corrections of one update count, computed in double as torch does on the
@@ -59,26 +61,47 @@ IK_HD AdamBias adam_bias(double lr, double beta1, double beta2, double step) {
   return b;
 }
 
+// AMSGrad's running maximum of the second moment, NaN-propagating as torch.maximum
+// (torch's single-tensor and foreach Adam): a NaN on either side gives NaN. Two
+// selects, so that a loop over it vectorises.
 template <typename M>
-IK_HD void adam_rule(M& param, M grad, M& exp_avg, M& exp_avg_sq,
+IK_HD M nan_max(M a, M b) {
+  const M larger = a > b ? a : b;  // b where either is NaN
+  return a != a ? a : larger;
+}
+
+// kAmsgrad: AMSGrad, the denominator from max_exp_avg_sq, the largest exp_avg_sq so
+// far (a template parameter: it picks code; see Note [branch-free loops vectorise]).
+// Without it max_exp_avg_sq is neither read nor written.
+template <bool kAmsgrad, typename M>
+IK_HD void adam_rule(M& param, M grad, M& exp_avg, M& exp_avg_sq, M& max_exp_avg_sq,
                      const AdamHyper<M>& h, M step_size, M bc2_sqrt) {
   // Selects, a multiply and non-short-circuit flags, not branches, although they are
   // the same for every element: gcc unswitches the CPU's dense loop on them, but
   // not the dense-mask one, which a branch leaves scalar. See Note [branch-free
   // loops vectorise] in common/hd.h. grad * -1 is -grad for every value but a NaN's
   // sign.
-  const bool decay = h.weight_decay != M(0);
-  const bool decoupled = decay & h.decoupled_weight_decay;
-  const bool coupled = decay & !h.decoupled_weight_decay;
+  const bool decoupled = h.decay & h.decoupled_weight_decay;
+  const bool coupled = h.decay & !h.decoupled_weight_decay;
   grad = grad * (h.maximize ? M(-1) : M(1));
   param = decoupled ? param * h.decay_factor : param;
   grad = coupled ? grad + h.weight_decay * param : grad;
   exp_avg = lerp(exp_avg, grad, h.one_minus_beta1);
   exp_avg_sq = exp_avg_sq * h.beta2 + h.one_minus_beta2 * grad * grad;
+  M second = exp_avg_sq;
+  if constexpr (kAmsgrad) second = max_exp_avg_sq = nan_max(max_exp_avg_sq, exp_avg_sq);
   // Times the reciprocal rather than divided by bc2_sqrt (one rounding more, within
   // 1 ulp of torch's quotient): a division per element made the CPU loop compute-bound.
-  const M denom = root(exp_avg_sq) * (M(1) / bc2_sqrt) + h.eps;
+  const M denom = root(second) * (M(1) / bc2_sqrt) + h.eps;
   param = param - step_size * (exp_avg / denom);
+}
+
+// Adam without AMSGrad.
+template <typename M>
+IK_HD void adam_rule(M& param, M grad, M& exp_avg, M& exp_avg_sq, const AdamHyper<M>& h,
+                     M step_size, M bc2_sqrt) {
+  M unused = M(0);
+  adam_rule<false>(param, grad, exp_avg, exp_avg_sq, unused, h, step_size, bc2_sqrt);
 }
 
 template <typename M>

@@ -13,19 +13,33 @@ namespace incrkern {
 // (see Note [branch-free loops vectorise] in common/hd.h). kMasked: the dense-mask
 // form -- every element is computed and the mask selects new or old value, so
 // unchosen elements are written back bit-identical. kConsume: zero the gradient
-// entries used.
-template <typename T, typename G, typename M, bool kMasked, bool kConsume>
+// entries used. kAmsgrad: AMSGrad, with its running maximum `vmax` (unused without);
+// its loops take the weight-decay kind (kDecay, kDecoupled) as template parameters
+// too: gcc unswitches the plain loop on it, but the AMSGrad loop is larger than gcc
+// unswitches (--param max-unswitch-insns), and the branch left in it kept it scalar.
+// ivdep: the AMSGrad loop's sixth array took gcc over its limit of run-time alias
+// checks (--param vect-max-version-for-alias-checks), and the masked loop stayed
+// scalar; the arrays are distinct (__restrict) anyway.
+template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kAmsgrad,
+          bool kDecay = false, bool kDecoupled = false>
 [[gnu::always_inline]] inline void adam_stream(
-    T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v,
+    T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v, M* __restrict vmax,
     const bool* __restrict mask, int64_t begin, int64_t end, const AdamHyper<M> h,
     const M step_size, const M bc2_sqrt, const M grad_scale) {
+  AdamHyper<M> hh = h;
+  if constexpr (kAmsgrad) {
+    hh.decay = kDecay;
+    hh.decoupled_weight_decay = kDecoupled;
+  }
+#pragma GCC ivdep
   for (int64_t e = begin; e < end; ++e) {
-    M pm = M(p[e]), mm = m[e], vv = v[e];
-    adam_rule(pm, M(g[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
+    M pm = M(p[e]), mm = m[e], vv = v[e], vm = kAmsgrad ? vmax[e] : M(0);
+    adam_rule<kAmsgrad>(pm, M(g[e]) * grad_scale, mm, vv, vm, hh, step_size, bc2_sqrt);
     const bool on = kMasked ? reinterpret_cast<const uint8_t*>(mask)[e] != 0 : true;
     p[e] = on ? T(pm) : p[e];
     m[e] = on ? mm : m[e];
     v[e] = on ? vv : v[e];
+    if (kAmsgrad) vmax[e] = on ? vm : vmax[e];
     if (kConsume) g[e] = on ? G(0) : g[e];
   }
 }
@@ -35,9 +49,10 @@ template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void adam_stream_any(
     T* p, G* g, M* m, M* v, const bool* mask, bool consume, int64_t begin, int64_t end,
     const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
-#define IK_ADAM_STREAM(MASKED, CONSUME)                                                     \
-  return adam_stream<T, G, M, MASKED, CONSUME>(p, g, m, v, mask, begin, end, h, step_size, \
-                                               bc2_sqrt, grad_scale)
+#define IK_ADAM_STREAM(MASKED, CONSUME)                                                \
+  return adam_stream<T, G, M, MASKED, CONSUME, false>(p, g, m, v, nullptr, mask, begin, \
+                                                      end, h, step_size, bc2_sqrt,      \
+                                                      grad_scale)
   if (mask) {
     if (consume) IK_ADAM_STREAM(true, true);
     IK_ADAM_STREAM(true, false);
@@ -45,6 +60,29 @@ template <typename T, typename G, typename M>
   if (consume) IK_ADAM_STREAM(false, true);
   IK_ADAM_STREAM(false, false);
 #undef IK_ADAM_STREAM
+}
+
+// adam_stream_any with AMSGrad's max_exp_avg_sq `vmax`.
+template <typename T, typename G, typename M>
+[[gnu::always_inline]] inline void adam_stream_amsgrad_any(
+    T* p, G* g, M* m, M* v, M* vmax, const bool* mask, bool consume, int64_t begin,
+    int64_t end, const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
+    const M grad_scale) {
+  auto run = [&]<bool kMasked, bool kConsume>() {
+    auto stream = [&]<bool kDecay, bool kDecoupled>() {
+      adam_stream<T, G, M, kMasked, kConsume, true, kDecay, kDecoupled>(
+          p, g, m, v, vmax, mask, begin, end, h, step_size, bc2_sqrt, grad_scale);
+    };
+    if (!h.decay) return stream.template operator()<false, false>();
+    if (h.decoupled_weight_decay) return stream.template operator()<true, true>();
+    stream.template operator()<true, false>();
+  };
+  if (mask) {
+    if (consume) return run.template operator()<true, true>();
+    return run.template operator()<true, false>();
+  }
+  if (consume) return run.template operator()<false, true>();
+  run.template operator()<false, false>();
 }
 
 // fp32 streaming loops compiled for several ISAs and picked when the library loads
@@ -117,5 +155,11 @@ void adam_tiles_f32(float* p, float* g, float* m, float* v, bool consume,
 void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask, bool consume,
                      int64_t begin, int64_t end, const AdamHyper<float> h, const float step_size,
                      const float bc2_sqrt, const float grad_scale);
+
+// adam_stream_amsgrad_any over fp32 tensors, compiled for each ISA (update_cpu.cpp).
+void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* v, float* vmax,
+                             const bool* mask, bool consume, int64_t begin, int64_t end,
+                             const AdamHyper<float> h, const float step_size,
+                             const float bc2_sqrt, const float grad_scale);
 
 }  // namespace incrkern

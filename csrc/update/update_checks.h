@@ -12,11 +12,13 @@ namespace incrkern {
 
 // The tensors of one update call. The optimizer state is named by moment: Adam's
 // exp_avgs are its first moments and exp_avg_sqs its second; SGD's momentum buffers
-// are its first moments, and it has no second.
+// are its first moments, and it has no second. AMSGrad keeps the largest second
+// moment so far too (max_exp_avg_sqs; empty: no AMSGrad).
 struct UpdateLists {
   at::TensorList params, grads, first_moments, second_moments, steps, indices, masks, ages;
   bool compact_state;
   bool has_second_moments;  // Adam: true; SGD: false
+  at::TensorList max_second_moments = {};
 };
 
 inline void check_same_length(const char* name, at::TensorList list, size_t n, bool may_be_empty) {
@@ -38,6 +40,9 @@ inline void check_update_lists(const char* op, const UpdateLists& a) {
   check_same_length("indices", a.indices, n, true);
   check_same_length("masks", a.masks, n, true);
   check_same_length("ages", a.ages, n, true);
+  check_same_length("max_exp_avg_sqs", a.max_second_moments, n, true);
+  TORCH_CHECK(a.max_second_moments.empty() || a.has_second_moments, op,
+              ": max_exp_avg_sqs needs exp_avg_sqs");
   TORCH_CHECK(a.indices.empty() || a.masks.empty(), op, ": give indices or masks, not both");
   TORCH_CHECK(!a.compact_state || !a.indices.empty(), op, ": compact_state needs indices");
   for (size_t i = 0; i < n; ++i) {
@@ -79,6 +84,8 @@ inline void check_update_lists(const char* op, const UpdateLists& a) {
       check_state(a.has_second_moments ? "exp_avgs" : "momentum_buffers", a.first_moments[i],
                   math);
     if (a.has_second_moments) check_state("exp_avg_sqs", a.second_moments[i], math);
+    if (!a.max_second_moments.empty())
+      check_state("max_exp_avg_sqs", a.max_second_moments[i], math);
     if (!a.ages.empty()) check_state("ages", a.ages[i], at::kInt);
     if (!a.steps.empty()) {
       const at::Tensor& s = a.steps[i];
@@ -97,6 +104,23 @@ inline void check_sgd_args(const char* op, double momentum, at::TensorList momen
               ": momentum != 0 needs one momentum buffer per param");
   TORCH_CHECK(first_step.size() == params.size() || first_step.size() == 0, op,
               ": first_step has ", first_step.size(), " entries, expected ", params.size());
+}
+
+// The kernel of the adam_update_ schema, which has no max_exp_avg_sqs, from the one of
+// its amsgrad overload (`Update`): Adam without AMSGrad.
+template <auto Update>
+void adam_update_without_amsgrad(at::TensorList params, at::TensorList grads,
+                                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                 at::TensorList steps, at::TensorList indices,
+                                 at::TensorList masks, at::TensorList ages, double lr,
+                                 double beta1, double beta2, double eps, double weight_decay,
+                                 bool decoupled_weight_decay, bool maximize, double grad_scale,
+                                 bool consume_grad, bool compact_state,
+                                 const std::optional<at::Tensor>& lr_tensor,
+                                 bool increment_steps) {
+  Update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages, {}, lr, beta1,
+         beta2, eps, weight_decay, decoupled_weight_decay, maximize, grad_scale, consume_grad,
+         compact_state, lr_tensor, increment_steps);
 }
 
 inline void check_lr_tensor(const char* op, const std::optional<at::Tensor>& lr, at::TensorList params) {

@@ -25,6 +25,16 @@ IK_ISA_CLONES void adam_stream_f32(float* p, float* g, float* m, float* v, const
                                        bc2_sqrt, grad_scale);
 }
 
+// The fp32 AMSGrad loop for each ISA (update/adam_stream_cpu.h).
+IK_ISA_CLONES void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* v, float* vmax,
+                                           const bool* mask, bool consume, int64_t begin,
+                                           int64_t end, const AdamHyper<float> h,
+                                           const float step_size, const float bc2_sqrt,
+                                           const float grad_scale) {
+  adam_stream_amsgrad_any<float, float, float>(p, g, m, v, vmax, mask, consume, begin, end, h,
+                                               step_size, bc2_sqrt, grad_scale);
+}
+
 // The fp32 tile-list loop for each ISA (update/adam_stream_cpu.h).
 IK_ISA_CLONES void adam_tiles_f32(float* p, float* g, float* m, float* v, bool consume,
                                   const int64_t* starts, const uint32_t* masks, int64_t n,
@@ -166,15 +176,26 @@ IK_ISA_CLONES void sgd_stream_f32(float* p, float* g, float* buf, const bool* ma
                                       grad_scale);
 }
 
+// `vmax`: AMSGrad's max_exp_avg_sq, null without AMSGrad.
 template <typename T, typename G, typename M>
-RangeFn adam_ranges(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
+RangeFn adam_ranges(T* p, G* g, M* m, M* v, M* vmax, int32_t* age, const Positions& pos,
                     const AdamHyper<M> h, double lr, double beta1, double beta2, double step,
                     M grad_scale, bool consume) {
   const AdamBias bias = adam_bias(lr, beta1, beta2, step);
   const M step_size = M(bias.step_size), bc2_sqrt = M(bias.bc2_sqrt);
   if (!pos.indices && !age) {  // dense or dense-mask: stream over every element
+    constexpr bool f32 = std::is_same_v<T, float> && std::is_same_v<G, float>;
+    if (vmax)
+      return [=](int64_t begin, int64_t end) {
+        if constexpr (f32)
+          adam_stream_amsgrad_f32(p, g, m, v, vmax, pos.mask, consume, begin, end, h,
+                                  step_size, bc2_sqrt, grad_scale);
+        else
+          adam_stream_amsgrad_any<T, G, M>(p, g, m, v, vmax, pos.mask, consume, begin, end,
+                                           h, step_size, bc2_sqrt, grad_scale);
+      };
     return [=](int64_t begin, int64_t end) {
-      if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>)
+      if constexpr (f32)
         adam_stream_f32(p, g, m, v, pos.mask, consume, begin, end, h, step_size, bc2_sqrt,
                         grad_scale);
       else
@@ -187,18 +208,21 @@ RangeFn adam_ranges(T* p, G* g, M* m, M* v, int32_t* age, const Positions& pos,
       M pm = M(p[e]);
       const M gm = M(g[e]) * grad_scale;
       if (consume) g[e] = G(0);
+      M size = step_size, bc2 = bc2_sqrt;
       if (age) {
         const AdamBias b = adam_bias(lr, beta1, beta2, double(++age[s]));
-        adam_rule(pm, gm, m[s], v[s], h, M(b.step_size), M(b.bc2_sqrt));
-      } else {
-        adam_rule(pm, gm, m[s], v[s], h, step_size, bc2_sqrt);
+        size = M(b.step_size);
+        bc2 = M(b.bc2_sqrt);
       }
+      if (vmax) adam_rule<true>(pm, gm, m[s], v[s], vmax[s], h, size, bc2);
+      else adam_rule(pm, gm, m[s], v[s], h, size, bc2);
       p[e] = T(pm);
     }, [&](int64_t e, int64_t s) {
       __builtin_prefetch(p + e, 0, 1);
       __builtin_prefetch(g + e, 0, 1);
       __builtin_prefetch(m + s, 0, 1);
       __builtin_prefetch(v + s, 0, 1);
+      if (vmax) __builtin_prefetch(vmax + s, 0, 1);
     });
   };
 }
@@ -252,12 +276,13 @@ void dispatch_param_grad(const at::Tensor& p, const at::Tensor& g, Fn&& fn) {
 
 void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList indices,
-                     at::TensorList masks, at::TensorList ages, double lr, double beta1,
-                     double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                     at::TensorList masks, at::TensorList ages,
+                     at::TensorList max_exp_avg_sqs, double lr, double beta1, double beta2,
+                     double eps, double weight_decay, bool decoupled_weight_decay,
                      bool maximize, double grad_scale, bool consume_grad, bool compact_state,
                      const std::optional<at::Tensor>& lr_tensor, bool increment_steps) {
   const UpdateLists a{params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
-                      compact_state, true};
+                      compact_state, true, max_exp_avg_sqs};
   check_update_lists("incrkern.adam_update_", a);
   check_lr_tensor("incrkern.adam_update_", lr_tensor, params);
   lr = lr_value(lr, lr_tensor);
@@ -276,7 +301,9 @@ void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                                         decoupled_weight_decay, maximize);
       fns.push_back(adam_ranges<T, G, M>(
           params[i].data_ptr<T>(), grads[i].data_ptr<G>(), exp_avgs[i].data_ptr<M>(),
-          exp_avg_sqs[i].data_ptr<M>(), ages.empty() ? nullptr : ages[i].data_ptr<int32_t>(),
+          exp_avg_sqs[i].data_ptr<M>(),
+          max_exp_avg_sqs.empty() ? nullptr : max_exp_avg_sqs[i].data_ptr<M>(),
+          ages.empty() ? nullptr : ages[i].data_ptr<int32_t>(),
           pos[i], h, lr, beta1, beta2, step, M(grad_scale), consume_grad));
     });
     counts.push_back(pos[i].count);
@@ -316,7 +343,8 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, CPU, m) {
-  m.impl("adam_update_", &adam_update_cpu);
+  m.impl("adam_update_", &adam_update_without_amsgrad<&adam_update_cpu>);
+  m.impl("adam_update_.amsgrad", &adam_update_cpu);
   m.impl("sgd_update_", &sgd_update_cpu);
 }
 

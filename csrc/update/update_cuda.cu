@@ -23,12 +23,14 @@ __device__ __forceinline__ double read_lr(double lr, const UpdateOptions& opt) {
   return opt.lr_on_device ? double(*opt.lr_ptr) : lr;
 }
 
+// `vmax`: AMSGrad's max_exp_avg_sq, read and written only with AMSGrad.
 struct AdamOp {
   AdamArgs a;
   struct Coeff {
     AdamHyper<float> h;
     float step_size, bc2_sqrt;
     double lr;
+    bool amsgrad;
   };
   __device__ Coeff prepare(const UpdateTensor& t, const UpdateOptions& opt) const {
     const double lr = read_lr(a.lr, opt);
@@ -36,16 +38,22 @@ struct AdamOp {
     const AdamBias b = adam_bias(lr, a.beta1, a.beta2, step);
     return Coeff{make_adam_hyper<float>(lr, a.beta1, a.beta2, a.eps, a.weight_decay,
                                         a.decoupled_weight_decay, a.maximize),
-                 float(b.step_size), float(b.bc2_sqrt), lr};
+                 float(b.step_size), float(b.bc2_sqrt), lr, opt.has_max_second_moment};
   }
-  __device__ void apply(float& p, float g, float& m, float& v, const Coeff& c) const {
-    adam_rule(p, g, m, v, c.h, c.step_size, c.bc2_sqrt);
+  __device__ void apply(float& p, float g, float& m, float& v, float& vmax,
+                        const Coeff& c) const {
+    rule(p, g, m, v, vmax, c, c.step_size, c.bc2_sqrt);
   }
   // With per-element ages the bias correction is the element's own update count.
-  __device__ void apply_aged(float& p, float g, float& m, float& v, int32_t* age,
+  __device__ void apply_aged(float& p, float g, float& m, float& v, float& vmax, int32_t* age,
                              const Coeff& c) const {
     const AdamBias b = adam_bias(c.lr, a.beta1, a.beta2, double(++*age));
-    adam_rule(p, g, m, v, c.h, float(b.step_size), float(b.bc2_sqrt));
+    rule(p, g, m, v, vmax, c, float(b.step_size), float(b.bc2_sqrt));
+  }
+  __device__ void rule(float& p, float g, float& m, float& v, float& vmax, const Coeff& c,
+                       float step_size, float bc2_sqrt) const {
+    if (c.amsgrad) adam_rule<true>(p, g, m, v, vmax, c.h, step_size, bc2_sqrt);
+    else adam_rule(p, g, m, v, c.h, step_size, bc2_sqrt);
   }
 };
 
@@ -60,13 +68,13 @@ struct SgdOp {
                                        a.weight_decay, a.nesterov, a.maximize),
                  t.first};
   }
-  __device__ void apply(float& p, float g, float& buf, float&, const Coeff& c) const {
+  __device__ void apply(float& p, float g, float& buf, float&, float&, const Coeff& c) const {
     sgd_rule(p, g, buf, c.h, c.first);
   }
   // SGD keeps no ages (the glue passes none).
-  __device__ void apply_aged(float& p, float g, float& buf, float& unused, int32_t*,
-                             const Coeff& c) const {
-    apply(p, g, buf, unused, c);
+  __device__ void apply_aged(float& p, float g, float& buf, float& unused, float& unused_max,
+                             int32_t*, const Coeff& c) const {
+    apply(p, g, buf, unused, unused_max, c);
   }
 };
 
@@ -89,11 +97,13 @@ __global__ void __launch_bounds__(kThreads)
   G* g = static_cast<G*>(t.grad);
   float* m1 = opt.has_first_moment ? t.first_moment : nullptr;
   float* m2 = opt.has_second_moment ? t.second_moment : nullptr;
+  float* m2max = opt.has_max_second_moment ? t.max_second_moment : nullptr;
   const float scale = float(opt.grad_scale);
 
   int64_t scalar_begin = begin;
   const bool dense = !opt.has_indices && !opt.has_mask && !opt.has_age;
-  if (dense && pack_aligned(p) && pack_aligned(g) && pack_aligned(m1) && pack_aligned(m2)) {
+  if (dense && pack_aligned(p) && pack_aligned(g) && pack_aligned(m1) && pack_aligned(m2) &&
+      pack_aligned(m2max)) {
     // begin is a multiple of the chunk (a multiple of kILP), so every pack below
     // stays aligned.
     const int64_t vec_end = begin + (end - begin) / kILP * kILP;
@@ -101,13 +111,14 @@ __global__ void __launch_bounds__(kThreads)
          i += int64_t(blockDim.x) * kILP) {
       Pack<T> pp = load_pack(p + i);
       Pack<G> gp = load_pack(g + i);
-      Pack<float> m{}, v{};
+      Pack<float> m{}, v{}, vmax{};
       if (m1) m = load_pack(m1 + i);
       if (m2) v = load_pack(m2 + i);
+      if (m2max) vmax = load_pack(m2max + i);
 #pragma unroll
       for (int k = 0; k < kILP; ++k) {
         float pm = to_float(pp.v[k]);
-        op.apply(pm, to_float(gp.v[k]) * scale, m.v[k], v.v[k], c);
+        op.apply(pm, to_float(gp.v[k]) * scale, m.v[k], v.v[k], vmax.v[k], c);
         pp.v[k] = from_float<T>(pm);
         gp.v[k] = from_float<G>(0.f);
       }
@@ -115,6 +126,7 @@ __global__ void __launch_bounds__(kThreads)
       if (opt.consume_grad) store_pack(g + i, gp);
       if (m1) store_pack(m1 + i, m);
       if (m2) store_pack(m2 + i, v);
+      if (m2max) store_pack(m2max + i, vmax);
     }
     scalar_begin = vec_end;
   }
@@ -125,12 +137,13 @@ __global__ void __launch_bounds__(kThreads)
     float pm = to_float(p[e]);
     const float gm = to_float(g[e]) * scale;
     if (opt.consume_grad) g[e] = from_float<G>(0.f);
-    float m = m1 ? m1[s] : 0.f, v = m2 ? m2[s] : 0.f;
-    if (opt.has_age) op.apply_aged(pm, gm, m, v, t.age + s, c);
-    else op.apply(pm, gm, m, v, c);
+    float m = m1 ? m1[s] : 0.f, v = m2 ? m2[s] : 0.f, vmax = m2max ? m2max[s] : 0.f;
+    if (opt.has_age) op.apply_aged(pm, gm, m, v, vmax, t.age + s, c);
+    else op.apply(pm, gm, m, v, vmax, c);
     p[e] = from_float<T>(pm);
     if (m1) m1[s] = m;
     if (m2) m2[s] = v;
+    if (m2max) m2max[s] = vmax;
   }
 }
 

@@ -19,6 +19,7 @@ struct UpdateTensor {
   void* grad;
   float* first_moment;   // Adam's exp_avg, or SGD's momentum buffer
   float* second_moment;  // Adam's exp_avg_sq
+  float* max_second_moment;  // AMSGrad's max_exp_avg_sq
   const float* step;     // the device scalar, when step_on_device
   const int64_t* indices;
   const bool* mask;
@@ -39,6 +40,7 @@ struct UpdateOptions {
   bool consume_grad;
   bool compact_state;
   bool has_first_moment, has_second_moment, has_indices, has_mask, has_age;
+  bool has_max_second_moment;  // AMSGrad
   bool lr_on_device;
   const float* lr_ptr;  // device scalar overriding lr, when lr_on_device
 };

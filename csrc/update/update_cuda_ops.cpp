@@ -47,6 +47,7 @@ std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::L
     opt.has_indices = !a.indices.empty();
     opt.has_mask = !a.masks.empty();
     opt.has_age = !a.ages.empty();
+    opt.has_max_second_moment = !a.max_second_moments.empty();
     opt.lr_on_device = lr_tensor.has_value();
     opt.lr_ptr = lr_tensor ? lr_tensor->data_ptr<float>() : nullptr;
     cuda::UpdateTensor t{};
@@ -54,6 +55,8 @@ std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::L
     t.grad = a.grads[i].data_ptr();
     if (opt.has_first_moment) t.first_moment = a.first_moments[i].data_ptr<float>();
     if (opt.has_second_moment) t.second_moment = a.second_moments[i].data_ptr<float>();
+    if (opt.has_max_second_moment)
+      t.max_second_moment = a.max_second_moments[i].data_ptr<float>();
     t.count = p.numel();
     if (!a.steps.empty()) {
       const at::Tensor& s = a.steps[i];
@@ -82,13 +85,14 @@ std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::L
 
 void adam_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList indices,
-                      at::TensorList masks, at::TensorList ages, double lr, double beta1,
-                      double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                      at::TensorList masks, at::TensorList ages,
+                      at::TensorList max_exp_avg_sqs, double lr, double beta1, double beta2,
+                      double eps, double weight_decay, bool decoupled_weight_decay,
                       bool maximize, double grad_scale, bool consume_grad, bool compact_state,
                       const std::optional<at::Tensor>& lr_tensor, bool increment_steps) {
   const char* op = "incrkern.adam_update_";
   const UpdateLists a{params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
-                      compact_state, true};
+                      compact_state, true, max_exp_avg_sqs};
   check_update_lists(op, a);
   check_lr_tensor(op, lr_tensor, params);
   if (params.empty()) return;
@@ -136,7 +140,8 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 }  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, CUDA, m) {
-  m.impl("adam_update_", &adam_update_cuda);
+  m.impl("adam_update_", &adam_update_without_amsgrad<&adam_update_cuda>);
+  m.impl("adam_update_.amsgrad", &adam_update_cuda);
   m.impl("sgd_update_", &sgd_update_cuda);
 }
 

@@ -28,10 +28,11 @@ class Adam(IncrementalOptimizer):
     """Drop-in torch.optim.Adam (and, with decoupled_weight_decay=True, AdamW).
 
     With the defaults it is torch's Adam: same math, state keys (`step`, `exp_avg`,
-    `exp_avg_sq`) and state_dict; bf16/fp16 params keep fp32 state. The incremental
-    options (density, select, scope, topk, accumulate_steps, mask, bias_correction,
-    fisher_beta) are documented in the README and in incrkern.optim.
-    amsgrad is not supported.
+    `exp_avg_sq`, and `max_exp_avg_sq` with amsgrad=True) and state_dict; bf16/fp16
+    params keep fp32 state. The incremental options (density, select, scope, topk,
+    accumulate_steps, mask, bias_correction, fisher_beta) are documented in the README
+    and in incrkern.optim. With amsgrad, max_exp_avg_sq is lazy like the moments: only
+    updated elements change it.
     """
 
     _counts_steps = True
@@ -47,12 +48,10 @@ class Adam(IncrementalOptimizer):
         _check_number("beta parameter at index 1", betas[1], 0.0, 1.0)
         _check_number("weight_decay value", weight_decay)
         betas = _checked_betas(betas, foreach, capturable)
-        if amsgrad:
-            raise ValueError("amsgrad=True is not supported by incrkern's Adam")
         if differentiable:
             raise ValueError("differentiable=True is not supported by incrkern's Adam")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=False, foreach=foreach, maximize=maximize,
+                        amsgrad=bool(amsgrad), foreach=foreach, maximize=maximize,
                         capturable=capturable, differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, incremental)
@@ -61,11 +60,13 @@ class Adam(IncrementalOptimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", isinstance(self, AdamW))
+            group.setdefault("amsgrad", False)
 
     def _init_states(self, group, params, states, ks, sparse):
         # The common case, every state made, is checked over the list without a call
         # per param: it runs every step.
-        if all("exp_avg_sq" in s for s in states) and (
+        moment = "max_exp_avg_sq" if group["amsgrad"] else "exp_avg_sq"
+        if all(moment in s for s in states) and (
                 not (sparse and group["bias_correction"] == "element")
                 or all("age" in s for s in states)):
             return
@@ -81,7 +82,9 @@ class Adam(IncrementalOptimizer):
             state["step"] = self._new_step(p)
         shape = p.shape if k is None else (k,)
         dtype = ops.math_dtype(p.dtype)
-        for key in ("exp_avg", "exp_avg_sq"):
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else (
+            "exp_avg", "exp_avg_sq")
+        for key in keys:
             if key not in state:
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
         if want_age and "age" not in state:
@@ -103,6 +106,8 @@ class Adam(IncrementalOptimizer):
                          [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                          steps, lr=lr, lr_tensor=lr_tensor, indices=indices, masks=masks,
                          ages=ages,
+                         max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states]
+                         if group["amsgrad"] else None,
                          grad_scale=grad_scale, consume_grad=consume_grad,
                          compact_state=compact_state, increment_steps=True,
                          validate=False,

@@ -113,7 +113,7 @@ def check_tensor_lr(lr, *, foreach=None, capturable=False, host_only_foreach=Tru
 
 
 # State tensors that a fixed mask keeps k long (one entry per kept index).
-COMPACT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "age")
+COMPACT_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "age")
 # Scalars and flags: no size to check.
 UNSIZED_STATE_KEYS = ("step", "layer_chosen", "indices")
 
@@ -637,17 +637,18 @@ class IncrementalOptimizer(Optimizer):
     def _fused_eligible(self, group, by_device):
         """Whether a step of this group can select and update in one kernel call
         (_select_update): CPU, |grad| or error feedback per tensor, reselected at every
-        update, one bias correction per tensor, fp32, bf16 or fp16 params. With
-        accumulate_steps, the last call's accumulate joins the kernel's pass (|grad|
-        only: error feedback accumulates a scaled gradient). Which tensors then take
-        it is the cost model's choice (use_fused, per tensor)."""
+        update, one bias correction per tensor, no AMSGrad (the fused kernel keeps no
+        max_exp_avg_sq), fp32, bf16 or fp16 params. With accumulate_steps, the last
+        call's accumulate joins the kernel's pass (|grad| only: error feedback
+        accumulates a scaled gradient). Which tensors then take it is the cost model's
+        choice (use_fused, per tensor)."""
         if (type(self)._select_update is IncrementalOptimizer._select_update
                 or len(by_device) != 1 or by_device[0][0].type != "cpu"
                 or group["select"] not in ("grad", "accumulated")
                 or group["scope"] != "tensor" or group["mask"] != "dynamic"
                 or group["bias_correction"] != "tensor"
                 or (group["accumulate_steps"] != 1 and group["select"] != "grad")
-                or group.get("momentum_correction")):
+                or group.get("momentum_correction") or group.get("amsgrad")):
             return False
         return all(p.dtype in _FUSED_DTYPES for p in by_device[0][1])
 
