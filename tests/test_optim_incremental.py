@@ -393,7 +393,7 @@ def test_mask_and_position_forms_agree(monkeypatch, name, options):
                         "indices" if kwargs.get("indices") is not None else "dense")
             return _op(*args, **kwargs)
         monkeypatch.setattr(incrkern.ops, op_name, spy)
-    monkeypatch.setattr(base, "use_fused", lambda density, numel: False)
+    monkeypatch.setattr(base, "use_fused", lambda density, numel, error_feedback=False: False)
     results = []
     for mask_density, form in ((2.0, "indices"), (0.0, "masks")):  # never a mask; always
         monkeypatch.setattr(base, "MASK_DENSITY", mask_density)
@@ -452,7 +452,8 @@ def test_fused_path_agrees_with_positions(monkeypatch, name, options):
     expected_ops = {False: {"adam_update_"}, True: {"adam_select_update_"},
                     "split": {"adam_update_", "adam_select_update_"}}
     for fused in (False, True, "split"):
-        monkeypatch.setattr(base, "use_fused", lambda density, numel, _f=fused:
+        monkeypatch.setattr(base, "use_fused", lambda density, numel, error_feedback=False,
+                            _f=fused:
                             numel < 2 ** 18 if _f == "split" else _f)
         used.clear()
         gen = torch.Generator().manual_seed(0)

@@ -38,19 +38,19 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The fused select-and-update (ops.adam_select_update_) against select then update
 # (by positions, or by mask from MASK_DENSITY on), per tensor, measured with
-# bench/crossover_fused.py and bench/fused_optimizer_step.py (docs/design.md,
-# "Choosing a path"): on tensors of up to 2^18 elements the fused call wins at every
-# density (no positions returned, no second op call); on larger ones it wins from
-# FUSED_MIN_DENSITY on, where select then update pays for a full read and a
-# scattered or masked update of many elements.
+# bench/crossover_fused.py (docs/design.md, "Measurements"): on tensors of up to 2^18
+# elements the fused call wins at every density (no positions returned, no second op
+# call); on larger ones it wins with error feedback at every density (the composed
+# path accumulates, selects and updates in three passes) and with |grad| from
+# FUSED_MIN_DENSITY on.
 FUSED_SMALL_NUMEL = 2 ** 18
-FUSED_MIN_DENSITY = 0.05
+FUSED_MIN_DENSITY = 0.004
 
 
-def use_fused(density, numel):
+def use_fused(density, numel, error_feedback=False):
     """Whether a tensor of `numel` elements stepped at `density` takes the fused
-    kernel."""
-    return numel <= FUSED_SMALL_NUMEL or density >= FUSED_MIN_DENSITY
+    kernel (error_feedback: select="accumulated")."""
+    return numel <= FUSED_SMALL_NUMEL or error_feedback or density >= FUSED_MIN_DENSITY
 
 
 # The group options every incrkern optimizer adds to torch's.
@@ -686,7 +686,8 @@ class IncrementalOptimizer(Optimizer):
                 and self._fused_eligible(group, by_device)):
             (device, ps, grads), = by_device
             density = float(group["density"])
-            take = [use_fused(density, p.numel()) for p in ps]
+            error_feedback = group["select"] == "accumulated"
+            take = [use_fused(density, p.numel(), error_feedback) for p in ps]
             fused = (device, [p for p, t in zip(ps, take) if t],
                      [g for g, t in zip(grads, take) if t])
             by_device = [(device, [p for p, t in zip(ps, take) if not t],
