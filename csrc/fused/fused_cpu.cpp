@@ -282,20 +282,21 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   return pos.numel();
 }
 
-// A large tensor whose band missed: select, then the positional update. After the
-// listing pass (after_pass), a residual already holds r + g, and the selection reads
-// it alone.
+// A large tensor whose band missed: select, then the positional update. A residual
+// gets the gradient added first (by the listing pass, after_pass, or here), and the
+// selection then reads it alone: a selection over r + g would read both arrays in
+// each of its passes.
 template <typename T>
 int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k,
                      bool after_pass) {
   Source src = source_of(c, i);
-  const bool residual_added = t.r && after_pass;
-  if (residual_added)
+  if (t.r) {
+    if (!after_pass)
+      at::parallel_for(0, c.params[i].numel(), kDenseGrain,
+                       [&](int64_t b, int64_t e) { t.add_residual(b, e); });
     src = Source{ScoreKind::Abs, at::kFloat, t.r, at::kFloat, nullptr, {}, src.n, 0};
+  }
   const at::Tensor pos = select_positions(src, k, c.approx);
-  if (t.r && !residual_added)
-    at::parallel_for(0, c.params[i].numel(), kDenseGrain,
-                     [&](int64_t b, int64_t e) { t.add_residual(b, e); });
   update_positions(c, i, pos);
   return pos.numel();
 }
