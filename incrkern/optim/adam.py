@@ -2,7 +2,8 @@
 import torch
 
 from .. import ops
-from .base import IncrementalOptimizer, _check_number, check_tensor_lr
+from .base import IncrementalOptimizer
+from .checks import _check_number, check_tensor_lr
 
 
 def _checked_betas(betas, foreach, capturable):
