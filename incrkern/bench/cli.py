@@ -59,6 +59,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
     kernels, sparse and convergence);
     `isolate`: each of its rows in its own process (None: with --full).
     Returns (results, {kind: path})."""
+    if mode == "medium" and what != "finetune":
+        raise SystemExit("incrkern.bench: --medium is a size of the finetune benchmark only")
     device = torch.device(device or default_device())
     if threads is not None:
         torch.set_num_threads(threads)
@@ -153,6 +155,8 @@ def main(argv=None):
                       help="small sizes, a few minutes on a CPU (the default)")
     size.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="the real sizes (100M elements, BERT-base, 1e8/1e9 top-k)")
+    size.add_argument("--medium", dest="mode", action="store_const", const="medium",
+                      help="finetune only: half the full run's steps and data")
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                       help=argparse.SUPPRESS)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
