@@ -24,19 +24,11 @@ TORCH_LIBRARY(incrkern, m) {
   //    before it with increment_steps (the op adds one first, saving a launch).
   //  lr_tensor: when given, a float32 scalar on the params' device read instead of lr
   //    (lets a CUDA graph replay with a new learning rate).
+  //  max_exp_avg_sqs: empty for Adam; else AMSGrad, one per param like exp_avg_sqs:
+  //    the largest exp_avg_sq so far, NaN-propagating as torch.maximum, which the
+  //    denominator uses.
   m.def(
       "adam_update_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
-      "Tensor(d!)[] exp_avg_sqs, Tensor(f!)[] steps, Tensor[] indices, Tensor[] masks, "
-      "Tensor(e!)[] ages, float lr, float beta1, float beta2, float eps, float weight_decay, "
-      "bool decoupled_weight_decay, bool maximize, float grad_scale=1.0, "
-      "bool consume_grad=False, bool compact_state=False, Tensor? lr_tensor=None, "
-      "bool increment_steps=False) -> ()");
-  //  The amsgrad overload adds max_exp_avg_sqs (empty: Adam as above; else AMSGrad,
-  //    one per param like exp_avg_sqs): the largest exp_avg_sq so far, NaN-propagating
-  //    as torch.maximum, which the denominator uses. An overload, so that the
-  //    schema above, which callers in C++ call by (fused/fused_cpu.cpp), is unchanged.
-  m.def(
-      "adam_update_.amsgrad(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(f!)[] steps, Tensor[] indices, Tensor[] masks, "
       "Tensor(e!)[] ages, Tensor(g!)[] max_exp_avg_sqs, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool decoupled_weight_decay, bool maximize, "

@@ -200,9 +200,7 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
         _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
                       compact_state, "exp_avgs", max_exp_avg_sqs)
     lists = [params, grads, exp_avgs, exp_avg_sqs, steps, indices or [], masks or [],
-             ages or []]
-    if max_exp_avg_sqs:
-        lists.append(max_exp_avg_sqs)  # the op's amsgrad overload takes them
+             ages or [], max_exp_avg_sqs or []]
     _dispatch("adam_update_", *lists, lr=float(lr), beta1=float(beta1), beta2=float(beta2),
               eps=float(eps), weight_decay=float(weight_decay),
               decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize),
@@ -565,10 +563,6 @@ if EXTENSION_LOADED:
 
     @torch.library.register_fake("incrkern::adam_update_")
     def _adam_update_fake(*args, **kwargs):
-        return None
-
-    @torch.library.register_fake("incrkern::adam_update_.amsgrad")
-    def _adam_update_amsgrad_fake(*args, **kwargs):
         return None
 
     @torch.library.register_fake("incrkern::sgd_update_")

@@ -579,7 +579,7 @@ def test_kernel_refuses_out_of_range_indices():
     with pytest.raises(RuntimeError, match=r"indices\[1\]"):
         torch.ops.incrkern.adam_update_(kw["params"], kw["grads"], kw["exp_avgs"],
                                         kw["exp_avg_sqs"], kw["steps"], kw["indices"], [], [],
-                                        1e-2, 0.9, 0.999, 1e-8, 0.0, True, False,
+                                        [], 1e-2, 0.9, 0.999, 1e-8, 0.0, True, False,
                                         consume_grad=True)
     for t, t0 in zip(tensors, before):
         assert torch.equal(t, t0)
@@ -595,7 +595,7 @@ def test_kernel_refuses_bad_max_exp_avg_sqs(bad, match):
     tensors = _all_tensors(kw) + bad
     before = [t.clone() for t in tensors]
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.incrkern.adam_update_.amsgrad(
+        torch.ops.incrkern.adam_update_(
             kw["params"], kw["grads"], kw["exp_avgs"], kw["exp_avg_sqs"], kw["steps"],
             kw["indices"], [], [], bad, 1e-2, 0.9, 0.999, 1e-8, 0.0, True, False,
             consume_grad=True)
@@ -612,7 +612,7 @@ def test_kernel_refuses_bad_max_exp_avg_sqs(bad, match):
 def test_adam_opcheck(form):
     x = make_inputs([5, 3], torch.float32, form, ks=[2, 3])
     args = (x["params"], x["grads"], x["s0"], x["s1"], [torch.tensor(2.0)] * 2,
-            x["indices"], x["masks"], [], 1e-2, 0.9, 0.999, 1e-8, 0.01, True, False)
+            x["indices"], x["masks"], [], [], 1e-2, 0.9, 0.999, 1e-8, 0.01, True, False)
     torch.library.opcheck(torch.ops.incrkern.adam_update_.default, args,
                           {"consume_grad": True})
 
@@ -622,7 +622,7 @@ def test_adam_opcheck_compact_ages():
     x = make_inputs([5, 3], torch.bfloat16, "compact", ks=[2, 1], with_ages=True,
                     grad_fp32=True)
     args = (x["params"], x["grads"], x["s0"], x["s1"], [torch.tensor(2.0)] * 2,
-            x["indices"], [], x["ages"], 1e-2, 0.9, 0.999, 1e-8, 0.0, False, True)
+            x["indices"], [], x["ages"], [], 1e-2, 0.9, 0.999, 1e-8, 0.0, False, True)
     torch.library.opcheck(torch.ops.incrkern.adam_update_.default, args,
                           {"compact_state": True, "lr_tensor": torch.tensor(1e-3)})
 
@@ -633,7 +633,7 @@ def test_adam_amsgrad_opcheck(form):
     x = make_inputs([5, 3], torch.float32, form, ks=[2, 3], amsgrad=True)
     args = (x["params"], x["grads"], x["s0"], x["s1"], [torch.tensor(2.0)] * 2,
             x["indices"], x["masks"], [], x["s2"], 1e-2, 0.9, 0.999, 1e-8, 0.01, True, False)
-    torch.library.opcheck(torch.ops.incrkern.adam_update_.amsgrad, args,
+    torch.library.opcheck(torch.ops.incrkern.adam_update_.default, args,
                           {"consume_grad": True, "compact_state": form == "compact"})
 
 

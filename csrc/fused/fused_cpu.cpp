@@ -237,12 +237,13 @@ void update_positions(const Call& c, size_t i, const at::Tensor& pos) {
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("incrkern::adam_update_", "")
           .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                      at::TensorList, at::TensorList, at::TensorList, at::TensorList, double,
+                      at::TensorList, at::TensorList, at::TensorList, at::TensorList,
+                      at::TensorList, double,
                       double, double, double, double, bool, bool, double, bool, bool,
                       const std::optional<at::Tensor>&, bool)>();
   const bool ef = !c.residuals.empty();
   const at::Tensor& g = ef ? c.residuals[i] : c.grads[i];
-  op.call({c.params[i]}, {g}, {c.exp_avgs[i]}, {c.exp_avg_sqs[i]}, {c.steps[i]}, {pos}, {}, {},
+  op.call({c.params[i]}, {g}, {c.exp_avgs[i]}, {c.exp_avg_sqs[i]}, {c.steps[i]}, {pos}, {}, {}, {},
           c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay, c.maximize,
           c.grad_scale, ef, false, std::nullopt, false);
 }

@@ -106,23 +106,6 @@ inline void check_sgd_args(const char* op, double momentum, at::TensorList momen
               ": first_step has ", first_step.size(), " entries, expected ", params.size());
 }
 
-// The kernel of the adam_update_ schema, which has no max_exp_avg_sqs, from the one of
-// its amsgrad overload (`Update`): Adam without AMSGrad.
-template <auto Update>
-void adam_update_without_amsgrad(at::TensorList params, at::TensorList grads,
-                                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                 at::TensorList steps, at::TensorList indices,
-                                 at::TensorList masks, at::TensorList ages, double lr,
-                                 double beta1, double beta2, double eps, double weight_decay,
-                                 bool decoupled_weight_decay, bool maximize, double grad_scale,
-                                 bool consume_grad, bool compact_state,
-                                 const std::optional<at::Tensor>& lr_tensor,
-                                 bool increment_steps) {
-  Update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages, {}, lr, beta1,
-         beta2, eps, weight_decay, decoupled_weight_decay, maximize, grad_scale, consume_grad,
-         compact_state, lr_tensor, increment_steps);
-}
-
 inline void check_lr_tensor(const char* op, const std::optional<at::Tensor>& lr, at::TensorList params) {
   if (!lr.has_value()) return;
   TORCH_CHECK(lr->numel() == 1 && lr->scalar_type() == at::kFloat, op,

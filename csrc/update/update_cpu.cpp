@@ -343,8 +343,7 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, CPU, m) {
-  m.impl("adam_update_", &adam_update_without_amsgrad<&adam_update_cpu>);
-  m.impl("adam_update_.amsgrad", &adam_update_cpu);
+  m.impl("adam_update_", &adam_update_cpu);
   m.impl("sgd_update_", &sgd_update_cpu);
 }
 

@@ -140,8 +140,7 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 }  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, CUDA, m) {
-  m.impl("adam_update_", &adam_update_without_amsgrad<&adam_update_cuda>);
-  m.impl("adam_update_.amsgrad", &adam_update_cuda);
+  m.impl("adam_update_", &adam_update_cuda);
   m.impl("sgd_update_", &sgd_update_cuda);
 }
 
