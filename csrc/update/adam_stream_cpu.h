@@ -44,22 +44,26 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool 
   }
 }
 
+// Calls fn.template operator()<kMasked, kConsume>() for the run-time flags.
+template <typename Fn>
+[[gnu::always_inline]] inline void with_stream_flags(bool masked, bool consume, Fn&& fn) {
+  if (masked) {
+    if (consume) return fn.template operator()<true, true>();
+    return fn.template operator()<true, false>();
+  }
+  if (consume) return fn.template operator()<false, true>();
+  fn.template operator()<false, false>();
+}
+
 // Picks the instantiation for the run-time flags.
 template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void adam_stream_any(
     T* p, G* g, M* m, M* v, const bool* mask, bool consume, int64_t begin, int64_t end,
     const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
-#define IK_ADAM_STREAM(MASKED, CONSUME)                                                \
-  return adam_stream<T, G, M, MASKED, CONSUME, false>(p, g, m, v, nullptr, mask, begin, \
-                                                      end, h, step_size, bc2_sqrt,      \
-                                                      grad_scale)
-  if (mask) {
-    if (consume) IK_ADAM_STREAM(true, true);
-    IK_ADAM_STREAM(true, false);
-  }
-  if (consume) IK_ADAM_STREAM(false, true);
-  IK_ADAM_STREAM(false, false);
-#undef IK_ADAM_STREAM
+  with_stream_flags(mask != nullptr, consume, [&]<bool kMasked, bool kConsume>() {
+    adam_stream<T, G, M, kMasked, kConsume, false>(p, g, m, v, nullptr, mask, begin, end, h,
+                                                  step_size, bc2_sqrt, grad_scale);
+  });
 }
 
 // adam_stream_any with AMSGrad's max_exp_avg_sq `vmax`.
@@ -68,7 +72,7 @@ template <typename T, typename G, typename M>
     T* p, G* g, M* m, M* v, M* vmax, const bool* mask, bool consume, int64_t begin,
     int64_t end, const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
     const M grad_scale) {
-  auto run = [&]<bool kMasked, bool kConsume>() {
+  with_stream_flags(mask != nullptr, consume, [&]<bool kMasked, bool kConsume>() {
     auto stream = [&]<bool kDecay, bool kDecoupled>() {
       adam_stream<T, G, M, kMasked, kConsume, true, kDecay, kDecoupled>(
           p, g, m, v, vmax, mask, begin, end, h, step_size, bc2_sqrt, grad_scale);
@@ -76,13 +80,7 @@ template <typename T, typename G, typename M>
     if (!h.decay) return stream.template operator()<false, false>();
     if (h.decoupled_weight_decay) return stream.template operator()<true, true>();
     stream.template operator()<true, false>();
-  };
-  if (mask) {
-    if (consume) return run.template operator()<true, true>();
-    return run.template operator()<true, false>();
-  }
-  if (consume) return run.template operator()<false, true>();
-  run.template operator()<false, false>();
+  });
 }
 
 // fp32 streaming loops compiled for several ISAs and picked when the library loads
