@@ -45,3 +45,18 @@ def assert_state_close(actual, expected):
         assert torch.equal(actual, expected)
     else:
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def capture_step(captured, eager):
+    """One step of both optimizers on a side stream (their state made outside any
+    capture), then `captured.step()` captured in a CUDA graph, which is returned."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        captured.step()
+        eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured.step()
+    return graph

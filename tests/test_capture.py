@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import incrkern
-from helpers import needs_ext
+from helpers import capture_step, needs_ext
 
 LR = 2.0 ** -6
 
@@ -108,15 +108,7 @@ def test_cuda_graph_replays_a_sparse_step(options):
     captured = incrkern.optim.AdamW(params, lr=lr, capturable=True, **options)
     eager = incrkern.optim.AdamW(eager_params, lr=lr.clone(), capturable=True, **options)
     _set_grads(params, eager_params)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # the state (and a fixed mask) made outside the capture
-        captured.step()
-        eager.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured.step()
+    graph = capture_step(captured, eager)  # the state (and a fixed mask) made before
     for call in range(5):
         _set_grads(params, eager_params)
         for opt in (captured, eager):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import incrkern
-from helpers import needs_ext
+from helpers import capture_step, needs_ext
 
 # A power of two, as are its StepLR decays: a tensor lr (float32) and a Python one
 # (double) then give bit-identical steps.
@@ -149,15 +149,7 @@ def test_cuda_graph_replays_a_dense_step(name):
     captured = _cuda_optimizer(params, name)
     eager = _cuda_optimizer(eager_params, name)
     _set_grads(params, eager_params)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (creates the state) outside the capture
-        captured.step()
-        eager.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured.step()
+    graph = capture_step(captured, eager)
     for call in range(4):
         grads = [torch.randn_like(p) for p in params]
         for p, q, g in zip(params, eager_params, grads):
