@@ -159,24 +159,19 @@ struct AdamTensor {
     for (int64_t i = b; i < e; ++i) accumulate_rule(r[i], M(g[i]), M(1));
   }
 
-  // The streaming loop over [s, s + len), where mask (bytes, from s) is set or
-  // everywhere (mask null). With a residual it reads r and zeroes it where chosen.
-  void stream(int64_t s, int64_t len, const bool* mask) const {
-    if constexpr (std::is_same_v<T, float>)
-      adam_stream_f32(p + s, (r ? r : const_cast<T*>(g)) + s, m + s, v + s, mask, r != nullptr,
-                      0, len, h, step_size, bc2_sqrt, grad_scale);
-    else if (r)
-      adam_stream_any<T, M, M>(p + s, r + s, m + s, v + s, mask, true, 0, len, h, step_size,
-                               bc2_sqrt, grad_scale);
-    else
-      adam_stream_any<T, T, M>(p + s, const_cast<T*>(g) + s, m + s, v + s, mask, false, 0, len,
-                               h, step_size, bc2_sqrt, grad_scale);
-  }
-
-  // Every element of [b, e) updated.
+  // Every element of [b, e) updated: the streaming loop. With a residual it adds g to
+  // r first, reads r and zeroes it.
   void dense(int64_t b, int64_t e) const {
     if (r) add_residual(b, e);
-    stream(b, e - b, nullptr);
+    if constexpr (std::is_same_v<T, float>)
+      adam_stream_f32(p, r ? r : const_cast<T*>(g), m, v, nullptr, r != nullptr, b, e, h,
+                      step_size, bc2_sqrt, grad_scale);
+    else if (r)
+      adam_stream_any<T, M, M>(p, r, m, v, nullptr, true, b, e, h, step_size, bc2_sqrt,
+                               grad_scale);
+    else
+      adam_stream_any<T, T, M>(p, const_cast<T*>(g), m, v, nullptr, false, b, e, h, step_size,
+                               bc2_sqrt, grad_scale);
   }
 
   // The p, gradient, m and v lines of the tile at s requested (to L2, as
