@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # `make gpu-check`: for a machine with a GPU and no network. Uses that machine's own
 # python3 and torch (no venv, no install), builds for the GPU it finds, runs the test
-# suite (CUDA tests included), compute-sanitizer (memcheck, racecheck, synccheck) over
-# every CUDA kernel, a profile of the sparse steps (scripts/profile_sparse.py) and
-# the benchmarks, and writes it all to bench/results/<date>-<gpu>.md and .json.
+# suite (CUDA tests included), the benchmarks, compute-sanitizer (memcheck, racecheck,
+# synccheck) over every CUDA kernel and a profile of the sparse steps
+# (scripts/profile_sparse.py), and writes it all to bench/results/<date>-<gpu>.md and .json.
+#
+# For a machine lent for minutes, each stage can be bounded and the order is by value:
+#   GPU_CHECK_TESTS   pytest arguments (default: tests)
+#   GPU_CHECK_LIMIT   seconds per stage (default 3600); GPU_CHECK_LIMIT_<STAGE> for one
+#                     stage: BUILD TESTS BENCH MEMCHECK RACECHECK SYNCCHECK PROFILE NCU
+#   GPU_CHECK_DEADLINE seconds for the whole check: a stage's limit is cut to what is left
+#   GPU_CHECK_OUT     a folder that gets logs.tgz after every stage and the results at
+#                     the end, so that a run stopped from outside still leaves its logs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0))") || {
   echo "gpu-check: torch sees no CUDA device"; exit 1; }
@@ -15,75 +23,104 @@ arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0)
 tag="$(date -u +%Y-%m-%d)-$(echo "$gpu" | tr -c 'A-Za-z0-9.\n' '-' | sed 's/--*/-/g; s/-$//')"
 mkdir -p bench/results
 work=$(mktemp -d)
+out=${GPU_CHECK_OUT:-}
+started=$SECONDS
+declare -A rc
 
-echo "== build for sm_${arch/./} ($gpu)"
-TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-8} INCRKERN_PTXAS_VERBOSE=1 \
-  $PY setup.py build_ext --inplace >"$work/build.log" 2>&1
-build_rc=$?
+# stage NAME LOGFILE COMMAND...: runs COMMAND under the stage's time limit, logs its
+# output, records its exit code (124: over the limit) and its seconds.
+stage() {
+  local name=$1 log=$2; shift 2
+  local var="GPU_CHECK_LIMIT_${name^^}" t0=$SECONDS
+  local limit=${!var:-${GPU_CHECK_LIMIT:-3600}}
+  local left=$(( ${GPU_CHECK_DEADLINE:-86400} - (SECONDS - started) - 15 ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -le 0 ]; then
+    echo "$name: skipped, no time left" | tee -a "$work/stages.txt"; return 0
+  fi
+  echo "== $name (limit ${limit} s, at ${t0} s)"
+  timeout --kill-after=10 "$limit" "$@" >>"$work/$log" 2>&1
+  rc[$name]=$?
+  echo "$name: exit ${rc[$name]} in $((SECONDS - t0)) s" | tee -a "$work/stages.txt"
+  [ -n "$out" ] && tar czf "$out/logs.tgz" -C "$work" . 2>/dev/null
+  return 0
+}
+
+stage build build.log env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+  INCRKERN_PTXAS_VERBOSE=1 $PY setup.py build_ext --inplace
 grep -E "registers|error|warning" "$work/build.log" | sort | uniq -c | sort -rn | head -40 \
   >"$work/ptxas.txt"
+tail -n 5 "$work/build.log"
 
-echo "== tests"
-$PY -m pytest -q -rs tests >"$work/tests.log" 2>&1
-tests_rc=$?
-tail -n 30 "$work/tests.log"
+if [ "${rc[build]}" -eq 0 ]; then
+  # shellcheck disable=SC2086
+  stage tests tests.log $PY -m pytest -q -rfEs -p no:cacheprovider ${GPU_CHECK_TESTS:-tests}
+  tail -n 25 "$work/tests.log"
 
-echo "== compute-sanitizer memcheck"
-sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-"$sanitizer" --tool memcheck --error-exitcode 1 $PY scripts/sanitize_kernels.py \
-  >"$work/memcheck.log" 2>&1
-memcheck_rc=$?
-tail -n 20 "$work/memcheck.log"
+  mkdir -p "$work/bench"
+  stage bench bench.log $PY -m incrkern.bench kernels --device cuda --no-progress --out "$work/bench"
+  stage bench_sparse bench.log $PY -m incrkern.bench sparse --device cuda --no-progress \
+    --out "$work/bench"
+  tail -n 40 "$work/bench.log"
 
-for tool in racecheck synccheck; do
-  echo "== compute-sanitizer $tool"
-  "$sanitizer" --tool $tool --error-exitcode 1 $PY scripts/sanitize_kernels.py \
-    >"$work/$tool.log" 2>&1
-  echo "$tool exit code $?" >>"$work/memcheck.log"
-  tail -n 5 "$work/$tool.log" | tee -a "$work/memcheck.log"
-done
-
-echo "== profile of the sparse steps"
-$PY scripts/profile_sparse.py >"$work/profile.md" 2>&1
-profile_rc=$?
-ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-if [ -x "$ncu" ]; then
-  for case in $($PY scripts/profile_sparse.py --list); do
-    "$ncu" --profile-from-start off --csv --page raw \
-      --metrics dram__bytes_read.sum,dram__bytes_write.sum \
-      $PY scripts/profile_sparse.py --case "$case" >"$work/ncu-$case.csv" 2>&1
-    echo "- $case: $($PY scripts/profile_sparse.py --ncu-csv "$work/ncu-$case.csv" 2>&1 | tail -n 1)" \
-      >>"$work/profile.md"
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck synccheck; do
+    stage $tool $tool.log "$sanitizer" --tool $tool --error-exitcode 1 \
+      $PY scripts/sanitize_kernels.py
+    tail -n 4 "$work/$tool.log"
   done
-else
-  echo "(no ncu: DRAM bytes not measured)" >>"$work/profile.md"
+
+  stage profile profile.md $PY scripts/profile_sparse.py --device cuda
+  ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  if [ -x "$ncu" ]; then
+    ncu_cases() {
+      for case in $($PY scripts/profile_sparse.py --list); do
+        "$ncu" --clock-control none --profile-from-start off --csv --page raw \
+          --metrics dram__bytes_read.sum,dram__bytes_write.sum \
+          $PY scripts/profile_sparse.py --device cuda --case "$case" >"$work/ncu-$case.csv" 2>&1
+        echo "- $case: $($PY scripts/profile_sparse.py --ncu-csv "$work/ncu-$case.csv" 2>&1 \
+          | tail -n 1)" >>"$work/profile.md"
+      done
+    }
+    export -f ncu_cases; export work PY ncu
+    stage ncu ncu.log bash -c ncu_cases
+  else
+    echo "(no ncu: DRAM bytes not measured)" >>"$work/profile.md"
+  fi
+  cat "$work/profile.md"
 fi
-cat "$work/profile.md"
 
-echo "== benchmarks"
-$PY -m incrkern.bench all --device cuda --out "$work/bench" >"$work/bench.log" 2>&1
-bench_rc=$?
-tail -n 60 "$work/bench.log"
-
-$PY - "$tag" "$work" "$build_rc" "$tests_rc" "$memcheck_rc" "$bench_rc" "$profile_rc" <<'PYEOF'
+codes=""
+for name in "${!rc[@]}"; do codes+="$name=${rc[$name]} "; done
+$PY - "$tag" "$work" "$codes" <<'PYEOF'
 import glob, json, os, sys
 import torch
-tag, work = sys.argv[1], sys.argv[2]
-rcs = dict(zip(["build", "tests", "memcheck", "bench", "profile"], map(int, sys.argv[3:8])))
-import incrkern
-read = lambda name: open(os.path.join(work, name), errors="replace").read()
-tests_tail = read("tests.log").strip().splitlines()[-1:] or [""]
-bench_json = {}
-for path in glob.glob(os.path.join(work, "bench", "*.json")):
-    bench_json[os.path.basename(path)] = json.load(open(path))
+tag, work, codes = sys.argv[1], sys.argv[2], sys.argv[3]
+rcs = dict(item.split("=") for item in codes.split())
+rcs = {k: int(v) for k, v in sorted(rcs.items())}
+def read(name):
+    path = os.path.join(work, name)
+    return open(path, errors="replace").read() if os.path.exists(path) else ""
+def tail(name, n):
+    return "\n".join(read(name).strip().splitlines()[-n:])
+try:
+    import incrkern
+    build_info = incrkern.build_info()
+except Exception as exc:  # the build failed: the report still says how
+    build_info = repr(exc)
+bench_json = {os.path.basename(p): json.load(open(p))
+              for p in glob.glob(os.path.join(work, "bench", "*.json"))}
 bench_md = "\n\n".join(open(p).read() for p in sorted(glob.glob(os.path.join(work, "bench", "*.md"))))
+sanitizers = {tool: tail(tool + ".log", 3) for tool in ("memcheck", "racecheck", "synccheck")}
 report = {
     "gpu": torch.cuda.get_device_name(0),
     "capability": list(torch.cuda.get_device_capability(0)),
-    "build_info": incrkern.build_info(),
+    "torch": torch.__version__, "cuda": torch.version.cuda,
+    "build_info": build_info,
     "exit_codes": rcs,
-    "tests": tests_tail[0],
-    "memcheck": read("memcheck.log").strip().splitlines()[-3:],
+    "stages": read("stages.txt").splitlines(),
+    "tests": tail("tests.log", 1),
+    "sanitizers": sanitizers,
     "bench": bench_json,
 }
 os.makedirs("bench/results", exist_ok=True)
@@ -92,13 +129,22 @@ for path in glob.glob(os.path.join(work, "bench", "*.png")):
 json.dump(report, open(f"bench/results/{tag}.json", "w"), indent=1, default=str)
 with open(f"bench/results/{tag}.md", "w") as f:
     f.write(f"# GPU check: {report['gpu']} (sm_{''.join(map(str, report['capability']))})\n\n")
-    f.write(f"torch {torch.__version__}, CUDA {torch.version.cuda}; exit codes {rcs}\n\n")
-    f.write("## Tests\n\n```\n" + "\n".join(read("tests.log").strip().splitlines()[-25:]) + "\n```\n\n")
-    f.write("## compute-sanitizer memcheck\n\n```\n" + "\n".join(report["memcheck"]) + "\n```\n\n")
+    f.write(f"torch {torch.__version__}, CUDA {torch.version.cuda}; exit codes {rcs} "
+            "(124: stopped at the stage's time limit)\n\n")
+    f.write("```\n" + read("stages.txt") + "```\n\n")
+    if rcs.get("build", 0):
+        f.write("## Build\n\n```\n" + tail("build.log", 60) + "\n```\n\n")
+    f.write("## Tests\n\n```\n" + tail("tests.log", 40) + "\n```\n\n")
+    for tool, text in sanitizers.items():
+        f.write(f"## compute-sanitizer {tool}\n\n```\n{text}\n```\n\n")
     f.write("## ptxas (registers per kernel)\n\n```\n" + read("ptxas.txt") + "```\n\n")
     f.write("## Profile of the sparse steps\n\n" + read("profile.md") + "\n\n")
     f.write("## Benchmarks\n\n" + (bench_md or "```\n" + read("bench.log")[-6000:] + "\n```") + "\n")
 print(f"wrote bench/results/{tag}.md and .json")
 PYEOF
-[ $build_rc -eq 0 ] && [ $tests_rc -eq 0 ] && [ $memcheck_rc -eq 0 ] && [ $bench_rc -eq 0 ] \
-  && [ $profile_rc -eq 0 ]
+if [ -n "$out" ]; then
+  tar czf "$out/logs.tgz" -C "$work" . 2>/dev/null
+  cp bench/results/"$tag"* "$out"/ 2>/dev/null
+fi
+echo "gpu-check: $codes in $((SECONDS - started)) s"
+for code in "${rc[@]}"; do [ "$code" -eq 0 ] || exit 1; done

@@ -1,12 +1,14 @@
 """Calls every CUDA kernel once on small, awkward inputs (odd sizes, several chunks,
 unaligned views), for compute-sanitizer's memcheck. Run by scripts/gpu_check.sh."""
+import sys
+
 import torch
 
 import incrkern
 from incrkern import ops
 
-assert incrkern.build_info()["cuda_kernels_loaded"], "CUDA kernels not built"
-dev = "cuda"
+dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"  # "cpu": checks the script itself
+assert dev == "cpu" or incrkern.build_info()["cuda_kernels_loaded"], "CUDA kernels not built"
 torch.manual_seed(0)
 SIZES = [0, 1, 5, 4099, 200003]
 
@@ -49,8 +51,9 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                             ops.select([g.abs() for g in gs], 0.01, score=score, scope=scope,
                                        approx=approx,
                                        residual=[torch.randn(p.numel(), device=dev)
-                                                 for p in ps],
-                                       weights=ps)
+                                                 for p in ps]
+                                       if score == "accumulated" else None,
+                                       weights=ps if score == "weight" else None)
                 # ties: few distinct values (all-zero rows among them), the k-th key
                 # shared far beyond k, in tensor and global scope over the 5 tensors
                 tied = [torch.randint(-2, 3, (p.numel(),), device=dev).to(dtype) for p in ps]
@@ -61,7 +64,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                                    approx=approx)
             if hasattr(ops, "topk"):
                 for p in ps:
-                    for k in {0, 1, p.numel() // 10, p.numel()}:
+                    for k in sorted({0, min(1, p.numel()), p.numel() // 10, p.numel()}):
                         ops.topk(p, k)
                         ops.topk(p, k, approx=True)
 
@@ -79,5 +82,6 @@ for opt_cls in (incrkern.optim.SGD, incrkern.optim.Adam, incrkern.optim.AdamW):
             for p in params:
                 p.grad = torch.randn_like(p)
             opt.step()
-torch.cuda.synchronize()
-print("every CUDA kernel ran")
+if dev == "cuda":
+    torch.cuda.synchronize()
+print(f"every kernel ran on {dev}")

@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+
+pytest.importorskip("expecttest", reason="torch's test data imports expecttest")
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 import incrkern

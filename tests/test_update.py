@@ -658,9 +658,10 @@ def _to_cuda(x, offset=0):
             for k, v in x.items()}
 
 
-def _compare_devices(gpu, cpu, compact):
+def _compare_devices(gpu, cpu, compact, before=None):
     for i in range(len(cpu["params"])):
-        assert_param_close(gpu["params"][i].cpu(), cpu["params"][i])
+        assert_param_close(gpu["params"][i].cpu(), cpu["params"][i],
+                           before[i] if before else None)
         assert torch.equal(gpu["grads"][i].cpu(), cpu["grads"][i])
         for key in ("s0", "s1", "s2", "ages"):
             if cpu[key]:
@@ -686,10 +687,11 @@ def test_adam_cuda_matches_cpu(dtype, form, offset, grad_fp32):
               consume_grad=True)
     steps = [torch.tensor(3.0).cuda() if i % 2 else torch.tensor(3.0) for i in range(len(sizes))]
     kw["compact_state"] = form == "compact"
+    before = [p.clone() for p in x["params"]]
     run_adam(x, steps=[torch.tensor(3.0)] * len(sizes), **kw)
     run_adam(g, steps=steps, lr_tensor=torch.tensor(1e-2, device="cuda"), **kw)
     torch.cuda.synchronize()
-    _compare_devices(g, x, form == "compact")
+    _compare_devices(g, x, form == "compact", before)
 
 
 @pytest.mark.cuda
