@@ -31,6 +31,7 @@
 #include "common/rules.h"
 #include "select/selector_cpu.h"
 #include "update/adam_stream_cpu.h"
+#include "fused/fused_checks.h"
 #include "update/update_checks.h"
 
 namespace incrkern {
@@ -497,35 +498,6 @@ void with_param_type(at::ScalarType d, Fn&& fn) {
   }
 }
 
-void check_call(const Call& c, at::IntArrayRef ks, const std::optional<at::Tensor>& lr_tensor) {
-  const char* op = "incrkern.adam_select_update_";
-  const UpdateLists a{c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.steps, {}, {}, {},
-                      false, true};
-  check_update_lists(op, a);
-  check_lr_tensor(op, lr_tensor, c.params);
-  const size_t n = c.params.size();
-  TORCH_CHECK(ks.size() == n, op, ": ks has ", ks.size(), " entries, expected ", n);
-  TORCH_CHECK(c.residuals.empty() || c.residuals.size() == n, op, ": residuals has ",
-              c.residuals.size(), " tensors, expected ", n, " (or none)");
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = c.params[i];
-    TORCH_CHECK(p.device().is_cpu(), op, ": params[", i, "] is on ", p.device(),
-                ", expected the CPU");
-    TORCH_CHECK(c.grads[i].scalar_type() == p.scalar_type(), op, ": grads[", i, "] has dtype ",
-                c.grads[i].scalar_type(), ", expected the param's ", p.scalar_type());
-    TORCH_CHECK(ks[i] >= 0 && ks[i] <= p.numel(), op, ": ks[", i, "] must be in [0, ",
-                p.numel(), "], got ", ks[i]);
-    if (!c.residuals.empty()) {
-      const at::Tensor& r = c.residuals[i];
-      const auto math = opmath_dtype(p.scalar_type());
-      TORCH_CHECK(r.device().is_cpu() && r.scalar_type() == math && r.numel() == p.numel() &&
-                      r.is_contiguous(),
-                  op, ": residuals[", i, "] must be a contiguous ", math, " tensor of ",
-                  p.numel(), " elements on the CPU");
-    }
-  }
-}
-
 at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                   at::TensorList steps, at::IntArrayRef ks,
@@ -536,7 +508,8 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   bool increment_steps) {
   Call c{params, grads, exp_avgs, exp_avg_sqs, steps, residuals, lr, beta1, beta2, eps,
          weight_decay, grad_scale, decoupled_weight_decay, maximize, approx};
-  check_call(c, ks, lr_tensor);
+  check_select_update(c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, steps, ks,
+                      residuals, lr_tensor);
   if (lr_tensor.has_value()) c.lr = lr_tensor->item<double>();
   const int64_t n = int64_t(params.size());
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));

@@ -10,7 +10,9 @@
 //  ties    only when T is shared beyond the k-th: per-chunk counts of T locate the
 //          position of the last tie taken
 //  output  per-chunk counts of the chosen, an exclusive scan, and an
-//          order-preserving compaction (block scans) into one flat output.
+//          order-preserving compaction (block scans) into one flat output
+//          (select_offsets, select_write); the fused select-and-update
+//          (fused/fused_cuda.cu) stops after the ties and updates in place instead.
 // A small kernel after each histogram scans the 2048 bins for the digit of the
 // k-th and settles the group early when its bucket is chosen whole, or, in
 // approximate mode, when the boundary bucket's count is within the tolerance
@@ -30,60 +32,14 @@
 #include <cub/device/device_scan.cuh>
 
 #include "common/cuda_utils.cuh"
-#include "select/select_keys.h"
+#include "select/select_device.cuh"
 
 namespace incrkern::cuda {
 namespace {
 
-using select::abs_key32;
-using select::random_key32;
-using select::signed_key32;
-
 constexpr int kThreads = 256;
 constexpr int kTile = kThreads * kILP;
 constexpr int kStage = 2 * kTile;  // candidate keys a block stages before reserving room
-constexpr int64_t kNoPos = INT64_MAX;
-
-__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-__device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
-
-template <typename T>
-__device__ __forceinline__ void keys4_typed(const SelSeg& s, ScoreKind kind, int64_t i,
-                                            int valid, uint32_t (&key)[kILP]) {
-  float v[kILP];
-  load_floats(static_cast<const T*>(s.data) + i, valid, v);
-  if (kind == ScoreKind::Accumulated) {
-    float r[kILP];
-    load_floats(s.res + i, valid, r);
-#pragma unroll
-    for (int j = 0; j < kILP; ++j) v[j] = r[j] + v[j];
-  }
-#pragma unroll
-  for (int j = 0; j < kILP; ++j)
-    key[j] = kind == ScoreKind::Signed ? signed_key32(v[j]) : abs_key32(v[j]);
-}
-
-// Keys of elements i .. i + valid - 1 of tensor s (kind and dtype are uniform
-// across a block, so the branches do not diverge).
-__device__ __forceinline__ void keys4(const SelSeg& s, ScoreKind kind, int64_t i, int valid,
-                                      uint32_t (&key)[kILP]) {
-  if (kind == ScoreKind::Random) {
-#pragma unroll
-    for (int j = 0; j < kILP; ++j) key[j] = random_key32(s.kt, s.kt2, i + j);
-    return;
-  }
-  switch (s.dtype) {
-    case DType::Float32: return keys4_typed<float>(s, kind, i, valid, key);
-    case DType::BFloat16: return keys4_typed<__nv_bfloat16>(s, kind, i, valid, key);
-    case DType::Float16: return keys4_typed<__half>(s, kind, i, valid, key);
-  }
-}
-
-__device__ __forceinline__ uint32_t key1(const SelSeg& s, ScoreKind kind, int64_t i) {
-  uint32_t key[kILP];
-  keys4(s, kind, i, 1, key);
-  return key[0];
-}
 
 // For loops in which every thread runs every tile of chunk c (block scans, warp
 // intrinsics): this thread's first element i of the tile at `tile`, its keys, and
@@ -104,10 +60,6 @@ __device__ __forceinline__ int tile_match(const SelSeg& s, ScoreKind kind, const
     count += take[j];
   }
   return count;
-}
-
-__device__ __forceinline__ bool chosen(const SelState& st, uint32_t key, int64_t pos) {
-  return key > st.threshold || (key == st.threshold && pos <= st.last_pos);
 }
 
 // Digit layout of level 0, 1, 2: (low bit, width).
@@ -443,9 +395,13 @@ void select_find(const SelectLaunch& L, cudaStream_t stream) {
   check_launch("select tie count kernel");
   tie_find_kernel<<<unsigned(L.ngroups), kThreads, 0, stream>>>(L);
   check_launch("select tie kernel");
+}
+
+void select_offsets(const SelectLaunch& L, cudaStream_t stream) {
+  if (L.nchunks == 0) return;
   check_cuda(cudaMemsetAsync(L.chunk_count + L.nchunks, 0, sizeof(int64_t), stream),
              "select memset");
-  count_kernel<<<chunks, kThreads, 0, stream>>>(L);
+  count_kernel<<<unsigned(L.nchunks), kThreads, 0, stream>>>(L);
   check_launch("select count kernel");
   size_t bytes = L.scan_temp_bytes;
   check_cuda(cub::DeviceScan::ExclusiveSum(L.scan_temp, bytes, L.chunk_count, L.chunk_off,

@@ -79,9 +79,12 @@ struct SelectLaunch {
 // Bytes of scan workspace for nchunks chunks.
 size_t select_scan_temp_bytes(int64_t nchunks);
 
-// Finds every group's predicate and the per-chunk output offsets (chunk_off);
+// Finds every group's predicate (threshold and last position, in its state);
 // launches only, no host synchronisation. Throws std::runtime_error on failure.
 void select_find(const SelectLaunch& launch, cudaStream_t stream);
+
+// After select_find: the per-chunk output offsets (chunk_off), for select_write.
+void select_offsets(const SelectLaunch& launch, cudaStream_t stream);
 
 // Writes the chosen positions of every tensor, ascending and relative to its own
 // element 0, into one flat array: chunk c's at out[chunk_off[c]], so the tensors'

@@ -21,6 +21,7 @@
 #include "select/select_checks.h"
 #include "select/select_cuda.h"
 #include "select/select_keys.h"
+#include "select/select_plan.h"
 
 namespace incrkern {
 namespace {
@@ -29,12 +30,7 @@ using cuda::SelChunk;
 using cuda::SelSeg;
 using cuda::SelState;
 
-struct Input {
-  at::Tensor data;  // undefined for the random score
-  at::Tensor res;   // residual for the accumulated score
-  int64_t n;
-  select::RandomKeys rk;
-};
+using Input = SelectInput;
 
 cuda::DType sel_dtype(const at::Tensor& t, const char* op, const char* name, size_t i) {
   const std::optional<cuda::DType> d = cuda_dtype_of(t.scalar_type());
@@ -56,16 +52,15 @@ at::Tensor to_device(const std::vector<uint8_t>& host, const at::Device& device)
   return dev;
 }
 
-// groups[g]: the input numbers of group g, and ks[g] its k (0 < k < its numel).
-// Returns one int64 tensor per input (undefined for inputs in no group).
-std::vector<at::Tensor> run(const std::vector<Input>& inputs, ScoreKind kind,
-                            const std::vector<std::vector<size_t>>& groups,
-                            const std::vector<int64_t>& ks, bool approx, bool sizes_known,
-                            const at::Device& device) {
-  std::vector<at::Tensor> outs(inputs.size());
-  if (groups.empty()) return outs;
-  std::vector<SelSeg> segs;
-  std::vector<size_t> seg_input;
+}  // namespace
+
+SelectPlan plan_select(const std::vector<SelectInput>& inputs, ScoreKind kind,
+                       const std::vector<std::vector<size_t>>& groups,
+                       const std::vector<int64_t>& ks, bool approx, const at::Device& device,
+                       const std::vector<uint8_t>& extra) {
+  SelectPlan plan;
+  std::vector<SelSeg>& segs = plan.segs;
+  std::vector<size_t>& seg_input = plan.seg_input;
   std::vector<SelState> states;
   std::vector<SelChunk> chunks;
   int64_t cand_total = 0;
@@ -103,31 +98,43 @@ std::vector<at::Tensor> run(const std::vector<Input>& inputs, ScoreKind kind,
     st.r = st.k;
     st.count = st.n;
     st.shift = 32;
+    if (st.k == 0) {  // settled: nothing chosen
+      st.done = 1;
+      st.threshold = UINT32_MAX;
+      st.last_pos = -1;
+    } else if (st.k == st.n) {  // settled: everything chosen
+      st.done = 1;
+      st.threshold = 0;
+      st.last_pos = INT64_MAX;
+    }
     states.push_back(st);
   }
   TORCH_CHECK(chunks.size() < (size_t(1) << 31), "incrkern.select: too many elements for one call");
 
-  // Tables: [segs | states | chunks], one host-to-device copy.
+  // Tables: [segs | states | chunks | extra], one host-to-device copy.
   const size_t seg_bytes = align16(segs.size() * sizeof(SelSeg));
   const size_t state_bytes = align16(states.size() * sizeof(SelState));
   const size_t chunk_bytes = align16(chunks.size() * sizeof(SelChunk));
-  std::vector<uint8_t> host(seg_bytes + state_bytes + chunk_bytes, 0);
+  std::vector<uint8_t> host(seg_bytes + state_bytes + chunk_bytes + extra.size(), 0);
   std::memcpy(host.data(), segs.data(), segs.size() * sizeof(SelSeg));
   std::memcpy(host.data() + seg_bytes, states.data(), states.size() * sizeof(SelState));
   std::memcpy(host.data() + seg_bytes + state_bytes, chunks.data(), chunks.size() * sizeof(SelChunk));
-  at::Tensor tables = to_device(host, device);
-  uint8_t* t = tables.data_ptr<uint8_t>();
+  if (!extra.empty())
+    std::memcpy(host.data() + seg_bytes + state_bytes + chunk_bytes, extra.data(), extra.size());
+  plan.tables = to_device(host, device);
+  uint8_t* t = plan.tables.data_ptr<uint8_t>();
+  plan.extra = extra.empty() ? nullptr : t + seg_bytes + state_bytes + chunk_bytes;
 
   const int64_t nchunks = int64_t(chunks.size());
   const size_t scan_bytes = cuda::select_scan_temp_bytes(nchunks);
   const size_t hist_bytes = align16(sizeof(unsigned long long) * cuda::kSelectBins * states.size());
   const size_t key_bytes = align16(sizeof(uint32_t) * size_t(cand_total));
   const size_t count_bytes = align16(sizeof(int64_t) * size_t(nchunks + 1));
-  at::Tensor work = at::empty({int64_t(hist_bytes + key_bytes + 3 * count_bytes + scan_bytes)},
-                              at::TensorOptions().dtype(at::kByte).device(device));
-  uint8_t* w = work.data_ptr<uint8_t>();
+  plan.work = at::empty({int64_t(hist_bytes + key_bytes + 3 * count_bytes + scan_bytes)},
+                        at::TensorOptions().dtype(at::kByte).device(device));
+  uint8_t* w = plan.work.data_ptr<uint8_t>();
 
-  cuda::SelectLaunch L{};
+  cuda::SelectLaunch& L = plan.launch;
   L.segs = reinterpret_cast<const SelSeg*>(t);
   L.nsegs = int32_t(segs.size());
   L.kind = kind;
@@ -147,9 +154,26 @@ std::vector<at::Tensor> run(const std::vector<Input>& inputs, ScoreKind kind,
   w += count_bytes;
   L.scan_temp = w;
   L.scan_temp_bytes = scan_bytes;
+  return plan;
+}
 
+namespace {
+
+// groups[g]: the input numbers of group g, and ks[g] its k (0 < k < its numel).
+// Returns one int64 tensor per input (undefined for inputs in no group).
+std::vector<at::Tensor> run(const std::vector<Input>& inputs, ScoreKind kind,
+                            const std::vector<std::vector<size_t>>& groups,
+                            const std::vector<int64_t>& ks, bool approx, bool sizes_known,
+                            const at::Device& device) {
+  std::vector<at::Tensor> outs(inputs.size());
+  if (groups.empty()) return outs;
+  const SelectPlan plan = plan_select(inputs, kind, groups, ks, approx, device);
+  const cuda::SelectLaunch& L = plan.launch;
+  const std::vector<SelSeg>& segs = plan.segs;
+  const int64_t nchunks = L.nchunks;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cuda::select_find(L, stream);
+  cuda::select_offsets(L, stream);
 
   // Output sizes: known (k per tensor) or read back once.
   std::vector<int64_t> sizes(segs.size());
@@ -170,7 +194,7 @@ std::vector<at::Tensor> run(const std::vector<Input>& inputs, ScoreKind kind,
   // another in table order, each sizes[s] long.
   int64_t offset = 0;
   for (size_t s = 0; s < segs.size(); ++s) {
-    outs[seg_input[s]] = flat.narrow(0, offset, sizes[s]);
+    outs[plan.seg_input[s]] = flat.narrow(0, offset, sizes[s]);
     offset += sizes[s];
   }
   cuda::select_write(L, flat.data_ptr<int64_t>(), stream);

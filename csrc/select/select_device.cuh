@@ -1,0 +1,65 @@
+// Device helpers of the select kernels that the fused select-and-update kernel
+// (fused/fused_cuda.cu) shares: the keys of a tensor's elements and the predicate
+// a finished selection state gives them, so both kernels choose the same elements.
+#pragma once
+
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+#include "select/select_cuda.h"
+#include "select/select_keys.h"
+
+namespace incrkern::cuda {
+
+using select::abs_key32;
+using select::random_key32;
+using select::signed_key32;
+
+constexpr int64_t kNoPos = INT64_MAX;
+
+__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+template <typename T>
+__device__ __forceinline__ void keys4_typed(const SelSeg& s, ScoreKind kind, int64_t i,
+                                            int valid, uint32_t (&key)[kILP]) {
+  float v[kILP];
+  load_floats(static_cast<const T*>(s.data) + i, valid, v);
+  if (kind == ScoreKind::Accumulated) {
+    float r[kILP];
+    load_floats(s.res + i, valid, r);
+#pragma unroll
+    for (int j = 0; j < kILP; ++j) v[j] = r[j] + v[j];
+  }
+#pragma unroll
+  for (int j = 0; j < kILP; ++j)
+    key[j] = kind == ScoreKind::Signed ? signed_key32(v[j]) : abs_key32(v[j]);
+}
+
+// Keys of elements i .. i + valid - 1 of tensor s (kind and dtype are uniform
+// across a block, so the branches do not diverge).
+__device__ __forceinline__ void keys4(const SelSeg& s, ScoreKind kind, int64_t i, int valid,
+                                      uint32_t (&key)[kILP]) {
+  if (kind == ScoreKind::Random) {
+#pragma unroll
+    for (int j = 0; j < kILP; ++j) key[j] = random_key32(s.kt, s.kt2, i + j);
+    return;
+  }
+  switch (s.dtype) {
+    case DType::Float32: return keys4_typed<float>(s, kind, i, valid, key);
+    case DType::BFloat16: return keys4_typed<__nv_bfloat16>(s, kind, i, valid, key);
+    case DType::Float16: return keys4_typed<__half>(s, kind, i, valid, key);
+  }
+}
+
+__device__ __forceinline__ uint32_t key1(const SelSeg& s, ScoreKind kind, int64_t i) {
+  uint32_t key[kILP];
+  keys4(s, kind, i, 1, key);
+  return key[0];
+}
+
+__device__ __forceinline__ bool chosen(const SelState& st, uint32_t key, int64_t pos) {
+  return key > st.threshold || (key == st.threshold && pos <= st.last_pos);
+}
+
+}  // namespace incrkern::cuda
