@@ -4,6 +4,7 @@ compiled kernel (CPU or CUDA) or, where there is none, the reference in
 incrkern.reference. Fake (meta) kernels for torch.compile are registered here too."""
 import math
 import numbers
+import os
 
 import torch
 
@@ -476,7 +477,16 @@ if EXTENSION_LOADED:
 # fused select-and-update
 
 
+# The CUDA kernel of adam_select_update_ (csrc/fused/fused_cuda.cu) is built and
+# registered, but it has not yet been checked on a GPU by `make gpu-check`: until it
+# has, the call composes select and adam_update_ on CUDA unless this is True (or
+# INCRKERN_FUSED_CUDA=1 is set when incrkern is imported).
+FUSED_CUDA = os.environ.get("INCRKERN_FUSED_CUDA", "0") == "1"
+
+
 def _has_kernel(name, device):
+    if device.type == "cuda" and name == "adam_select_update_" and not FUSED_CUDA:
+        return False
     return EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
         f"incrkern::{name}", "CPU" if device.type == "cpu" else "CUDA")
 
@@ -487,7 +497,8 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
                         lr_tensor=None, increment_steps=False, validate=True):
     """Selects and updates in one call: per param, the ks[i] elements of largest
     |grads[i]| get the Adam update (as adam_update_), the rest and their state stay
-    bit-identical. Returns an int64 CPU tensor: the count updated per param.
+    bit-identical. Returns an int64 tensor: the count updated per param (on the
+    params' device with the CUDA kernel, which reads nothing back; on the CPU otherwise).
 
     The same result as ``select(grads, ks, score="grad")`` then ``adam_update_(...,
     indices=...)``: exact mode takes the k largest, ties to the lowest index (NaN above
@@ -504,8 +515,12 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
     above L, all of those are (count < k). Every updated score is >= L, a lower bound of
     the k-th score. Small tensors are always exact.
 
-    On the CPU this is one kernel (csrc/fused/fused_cpu.cpp); elsewhere the wrapper composes
-    ``select`` and ``adam_update_``.
+    On the CPU this is one kernel (csrc/fused/fused_cpu.cpp). On CUDA, with FUSED_CUDA,
+    it is the selection's histogram passes then one pass that updates where the
+    selection holds (csrc/fused/fused_cuda.cu); approx=True there is select's
+    approximate mode (k +- 1%, the boundary bucket's width), not the band. Elsewhere
+    the wrapper composes ``select`` and ``adam_update_``, with the same result as the
+    kernel of the same device.
     """
     if validate:
         lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
@@ -553,7 +568,8 @@ if EXTENSION_LOADED:
 
     @torch.library.register_fake("incrkern::adam_select_update_")
     def _adam_select_update_fake(params, *args, **kwargs):
-        return torch.empty(len(params), dtype=torch.int64)
+        device = params[0].device if params and params[0].is_cuda else "cpu"
+        return torch.empty(len(params), dtype=torch.int64, device=device)
 
 
 # ----------------------------------------------------------------------------------

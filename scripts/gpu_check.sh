@@ -77,9 +77,10 @@ if [ "${rc[build]}" -eq 0 ]; then
       for case in $($PY scripts/profile_sparse.py --list); do
         "$ncu" --clock-control none --profile-from-start off --csv --page raw \
           --metrics dram__bytes_read.sum,dram__bytes_write.sum \
-          $PY scripts/profile_sparse.py --device cuda --case "$case" >"$work/ncu-$case.csv" 2>&1
-        echo "- $case: $($PY scripts/profile_sparse.py --ncu-csv "$work/ncu-$case.csv" 2>&1 \
-          | tail -n 1)" >>"$work/profile.md"
+          $PY scripts/profile_sparse.py --device cuda --case "$case" --fused \
+          >"$work/ncu-$case.csv" 2>&1
+        echo "- $case (fused): $($PY scripts/profile_sparse.py --ncu-csv \
+          "$work/ncu-$case.csv" 2>&1 | tail -n 1)" >>"$work/profile.md"
       done
     }
     export -f ncu_cases; export work PY ncu

@@ -4,12 +4,13 @@ torch's fused dense AdamW on the same tensors in the same run, and, read from Ns
 Compute's CSV when gpu_check.sh ran the case under `ncu`, the DRAM bytes read and
 written per step against the bytes of the score source (one read of the gradient).
 
-    python scripts/profile_sparse.py [--device cuda] [--numel 1e7] [--case NAME]
+    python scripts/profile_sparse.py [--device cuda] [--numel 1e7] [--case NAME] [--fused]
     python scripts/profile_sparse.py --ncu-csv FILE   # DRAM bytes of one ncu run
     python scripts/profile_sparse.py --list           # the case names
 
 --case runs one case once (for ncu); without it every case is timed and printed as
-a markdown table.
+a markdown table. On CUDA the table has each case twice: select then update, and the
+fused select-and-update kernel (incrkern.ops.FUSED_CUDA); --fused runs --case with it.
 """
 import argparse
 import csv
@@ -114,6 +115,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--ncu-csv")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--fused", action="store_true",
+                        help="--case with the CUDA fused select-and-update kernel")
     args = parser.parse_args()
     n = int(args.numel)
     if args.list:
@@ -125,6 +128,7 @@ def main():
               f"gradient), written {written / 1e6:.1f} MB")
         return
     if args.case:
+        incrkern.ops.FUSED_CUDA = args.fused
         step = make_step(args.case, n, args.device)
         step()  # the state made; ncu (--profile-from-start off) sees the second call only
         if args.device == "cuda":
@@ -141,11 +145,14 @@ def main():
           f"fused dense AdamW: {dense_ms:.3f} ms\n")
     print("| case | launches per step | ms | speedup vs torch fused dense |")
     print("|---|---|---|---|")
-    for case in CASES:
-        step = make_step(case, n, args.device)
-        ms = best_ms(step, args.device, args.repeats)
-        print(f"| {case} | {launches(step, args.device)} | {ms:.3f} | {dense_ms / ms:.2f}x |",
-              flush=True)
+    for fused in ((False, True) if args.device == "cuda" else (False,)):
+        incrkern.ops.FUSED_CUDA = fused
+        for case in CASES:
+            step = make_step(case, n, args.device)
+            ms = best_ms(step, args.device, args.repeats)
+            name = case + (" (fused)" if fused else "")
+            print(f"| {name} | {launches(step, args.device)} | {ms:.3f} | {dense_ms / ms:.2f}x |",
+                  flush=True)
 
 
 if __name__ == "__main__":

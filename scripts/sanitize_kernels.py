@@ -35,6 +35,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
             cv = [torch.zeros(i.numel(), device=dev) for i in idx]
             ops.adam_update_(ps, gs, cm, cv, steps, lr=1e-3, indices=idx, ages=ages,
                              compact_state=True, consume_grad=True)
+            if grad_dtype is None:  # the fused select-and-update (grads in the param dtype)
+                ops.FUSED_CUDA = True
+                for approx in (False, True):
+                    for res in (None, [torch.randn(p.numel(), device=dev) for p in ps]):
+                        ks = [(p.numel() + 9) // 10 for p in ps]
+                        ops.adam_select_update_(ps, gs, ms, vs, steps, ks, res, approx=approx,
+                                                lr=1e-3, increment_steps=True)
             masks = [torch.rand(p.numel(), device=dev) < 0.5 for p in ps]
             ops.sgd_update_(ps, gs, ms, lr=0.1, momentum=0.9, masks=masks,
                             first_step=[True] * len(ps))

@@ -99,10 +99,13 @@ def test_capturable_steps_run_under_capture(capturing, options):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("fused", [False, True], ids=["composed", "fused"])
 @pytest.mark.parametrize("options", CAPTURABLE + [dict(density=0.1, mask="fixed")])
-def test_cuda_graph_replays_a_sparse_step(options):
+def test_cuda_graph_replays_a_sparse_step(monkeypatch, options, fused):
     """Captured once, replayed 5 times with the lr changed in place between replays:
-    the same params and state as eager steps."""
+    the same params and state as eager steps (the fused select-and-update kernel, or
+    select then update)."""
+    monkeypatch.setattr(incrkern.ops, "FUSED_CUDA", fused)
     params, eager_params = _params("cuda"), _params("cuda")
     lr = torch.tensor(LR, device="cuda")
     captured = incrkern.optim.AdamW(params, lr=lr, capturable=True, **options)
@@ -125,10 +128,13 @@ def test_cuda_graph_replays_a_sparse_step(options):
 
 
 @pytest.mark.cuda
-def test_cuda_sparse_step_does_not_sync():
+@pytest.mark.parametrize("fused", [False, True], ids=["composed", "fused"])
+@pytest.mark.parametrize("options", [dict(), dict(select="accumulated")])
+def test_cuda_sparse_step_does_not_sync(monkeypatch, fused, options):
+    monkeypatch.setattr(incrkern.ops, "FUSED_CUDA", fused)
     params = _params("cuda")
     opt = incrkern.optim.AdamW(params, lr=torch.tensor(LR, device="cuda"), capturable=True,
-                               density=0.05)
+                               density=0.05, **options)
     _set_grads(params)
     opt.step()  # the state made
     torch.cuda.synchronize()

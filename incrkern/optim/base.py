@@ -536,14 +536,16 @@ class IncrementalOptimizer(Optimizer):
 
     def _fused_eligible(self, group, by_device):
         """Whether a step of this group can select and update in one kernel call
-        (_select_update): CPU, |grad| or error feedback per tensor, reselected at every
-        update, one bias correction per tensor, no AMSGrad (the fused kernel keeps no
-        max_exp_avg_sq), fp32, bf16 or fp16 params. With accumulate_steps, the last
+        (_select_update): CPU (or CUDA with ops.FUSED_CUDA), |grad| or error feedback
+        per tensor, reselected at every update, one bias correction per tensor, no
+        AMSGrad (the fused kernel keeps no max_exp_avg_sq), fp32, bf16 or fp16 params. With accumulate_steps, the last
         call's accumulate joins the kernel's pass (|grad| only: error feedback
         accumulates a scaled gradient). Which tensors then take it is the cost model's
         choice (use_fused, per tensor)."""
         if (type(self)._select_update is IncrementalOptimizer._select_update
-                or len(by_device) != 1 or by_device[0][0].type != "cpu"
+                or len(by_device) != 1
+                or not (by_device[0][0].type == "cpu"
+                        or (by_device[0][0].type == "cuda" and ops.FUSED_CUDA))
                 or group["select"] not in ("grad", "accumulated")
                 or group["scope"] != "tensor" or group["mask"] != "dynamic"
                 or group["bias_correction"] != "tensor"
@@ -587,7 +589,10 @@ class IncrementalOptimizer(Optimizer):
             (device, ps, grads), = by_device
             density = float(group["density"])
             error_feedback = group["select"] == "accumulated"
-            take = [use_fused(density, p.numel(), error_feedback) for p in ps]
+            # On a GPU the fused call wins at every size: it saves the composed path's
+            # count, scan and compaction passes and its indexed update's launches.
+            take = [device.type == "cuda" or use_fused(density, p.numel(), error_feedback)
+                    for p in ps]
             fused = (device, [p for p, t in zip(ps, take) if t],
                      [g for g, t in zip(grads, take) if t])
             by_device = [(device, [p for p, t in zip(ps, take) if not t],

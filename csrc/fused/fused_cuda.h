@@ -1,0 +1,32 @@
+// The CUDA fused select-and-update's plain interface: raw pointers and a stream.
+// The glue (fused_cuda_ops.cpp) plans the selection (select/select_plan.h), runs
+// select_find, then fused_adam_apply over the same launch.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "select/select_cuda.h"
+#include "update/update_cuda.h"
+
+namespace incrkern::cuda {
+
+// One tensor of the call, in the order of the launch's segments. `update.grad`
+// is the gradient (the param's dtype); `residual`, when not null, the fp32
+// error-feedback residual, which the scores read as r + g.
+struct FusedTensor {
+  UpdateTensor update;
+  float* residual;
+  int64_t index;  // the tensor's place in the call: its slot of `counts`
+};
+
+// Where each segment's selection state holds (selected by select_find), applies the
+// Adam update with u = (r + g) * grad_scale (or g * grad_scale), in place; with
+// residuals, r becomes 0 where chosen and r + g elsewhere. counts[index] gets the
+// number of elements updated. Launches only; throws std::runtime_error on failure.
+void fused_adam_apply(const SelectLaunch& launch, const FusedTensor* tensors,
+                      const UpdateOptions& options, const AdamArgs& args,
+                      unsigned long long* counts, cudaStream_t stream);
+
+}  // namespace incrkern::cuda
