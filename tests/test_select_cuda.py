@@ -45,7 +45,7 @@ def test_skewed_and_all_zero_match_cpu(scope, dtype):
 
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 def test_ties_across_chunks_match_cpu(scope):
-    # The k-th value shared by every fifth element of tensors spanning several 64K
+    # The k-th value shared by every fifth element of tensors spanning several
     # chunks: the last tie taken is located across chunks and tensors.
     ts = []
     for n in (300000, 65537, 190001):

@@ -4,9 +4,8 @@
 // pass, the scan, the compaction pass, the positions' memory and the indexed
 // update's second read of the scores, and the host never waits.
 //
-// A select chunk (64K elements) is split over kSplit blocks: the pass needs no
-// order between blocks (no compaction), and the chunk's one block would leave a
-// large GPU mostly idle. The keys and the predicate are select_device.cuh's and the
+// A select chunk is split over kSplit blocks: the pass needs no order between
+// blocks (no compaction), and twice the blocks keep twice the loads in flight. The keys and the predicate are select_device.cuh's and the
 // update is update_ops.cuh's AdamOp, so an element is chosen and updated bit for bit
 // as select then adam_update_ would do it.
 #include "fused/fused_cuda.h"
@@ -19,7 +18,7 @@ namespace incrkern::cuda {
 namespace {
 
 constexpr int kFusedThreads = 256;
-constexpr int kSplit = 8;
+constexpr int kSplit = 2;
 
 // The chosen elements of tensor f in [begin, end): updated in place; with a
 // residual, r is written everywhere (0 where chosen, r + g elsewhere). Returns how

@@ -19,7 +19,7 @@
 // (after pass 0 by leaving it out, after pass 1 either way). Every group (a
 // tensor, or the whole list in global scope) keeps its state in device memory,
 // so one launch sequence covers many tensors and the host never waits. Chunks of
-// 64K elements, 16-byte loads where aligned, 64-bit positions.
+// kSelectChunk elements, 16-byte loads where aligned, 64-bit positions.
 //
 // Contention: a warp's equal bins are merged before the shared-memory atomic
 // (__match_any_sync), so an all-zero or heavily skewed tensor, whose keys fall in

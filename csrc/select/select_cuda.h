@@ -13,7 +13,11 @@
 
 namespace incrkern::cuda {
 
-constexpr int64_t kSelectChunk = 65536;  // elements per block of the chunked passes
+// Elements per block of the chunked passes. A pass keeps about one 16-byte load per
+// warp in flight (its histogram atomics and warp votes sit between tiles), so the
+// chunks must be small enough to give every SM several blocks: 64K-element chunks
+// left an H200 with one block per SM on a 1e7 tensor.
+constexpr int64_t kSelectChunk = 16384;
 constexpr int kSelectBins = 2048;        // 11-bit digits: bits 31..21, 20..10, 9..0
 
 // One tensor of the call.
