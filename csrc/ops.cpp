@@ -27,13 +27,19 @@ TORCH_LIBRARY(incrkern, m) {
   //  max_exp_avg_sqs: empty for Adam; else AMSGrad, one per param like exp_avg_sqs:
   //    the largest exp_avg_sq so far, NaN-propagating as torch.maximum, which the
   //    denominator uses.
+  //  amp_scale, found_inf (every op of the update, fused and accumulate families):
+  //    torch.amp.GradScaler's loss scale and inf flag, float32 scalars on the params'
+  //    device. Grads are read times fp32(grad_scale) * (1 / amp_scale) (accumulate:
+  //    alpha and sq_alpha times 1 / amp_scale and its square; the fused op with
+  //    residuals: r + g / amp_scale, then grad_scale); found_inf != 0: nothing changes.
   m.def(
       "adam_update_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(f!)[] steps, Tensor[] indices, Tensor[] masks, "
       "Tensor(e!)[] ages, Tensor(g!)[] max_exp_avg_sqs, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, bool decoupled_weight_decay, bool maximize, "
       "float grad_scale=1.0, bool consume_grad=False, bool compact_state=False, "
-      "Tensor? lr_tensor=None, bool increment_steps=False) -> ()");
+      "Tensor? lr_tensor=None, bool increment_steps=False, Tensor? amp_scale=None, "
+      "Tensor? found_inf=None) -> ()");
   //  first_step[i]: the momentum buffer is new and takes d_p as it is (torch.optim.SGD).
   //  momentum_buffers empty when momentum == 0.
   m.def(
@@ -41,7 +47,7 @@ TORCH_LIBRARY(incrkern, m) {
       "Tensor[] indices, Tensor[] masks, bool[] first_step, float lr, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, "
       "float grad_scale=1.0, bool consume_grad=False, bool compact_state=False, "
-      "Tensor? lr_tensor=None) -> ()");
+      "Tensor? lr_tensor=None, Tensor? amp_scale=None, Tensor? found_inf=None) -> ()");
 
   // fused select-and-update: per tensor, the ks[i] largest |grads[i]| (with residuals:
   //  |residuals[i] + grads[i]|, error feedback) updated by Adam, as select(score="grad")
@@ -53,13 +59,15 @@ TORCH_LIBRARY(incrkern, m) {
       "Tensor(d!)[] exp_avg_sqs, Tensor(f!)[] steps, int[] ks, Tensor(e!)[] residuals, "
       "bool approx, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled_weight_decay, bool maximize, float grad_scale=1.0, "
-      "Tensor? lr_tensor=None, bool increment_steps=False) -> Tensor");
+      "Tensor? lr_tensor=None, bool increment_steps=False, Tensor? amp_scale=None, "
+      "Tensor? found_inf=None) -> Tensor");
 
   // accumulate family: acc += alpha * g; sq = sq_decay * sq + sq_alpha * g * g.
   // Either list of accumulators may be empty; accumulators are fp32 (fp64 for fp64 grads).
   m.def(
       "accumulate_(Tensor(a!)[] accs, Tensor[] grads, float alpha, "
-      "Tensor(b!)[] sq_accs, float sq_alpha=1.0, float sq_decay=1.0) -> ()");
+      "Tensor(b!)[] sq_accs, float sq_alpha=1.0, float sq_decay=1.0, Tensor? amp_scale=None, "
+      "Tensor? found_inf=None) -> ()");
 
   // select family: indices (int64, ascending) of the k largest scores.
   m.def("topk(Tensor x, int k, bool approx=False) -> Tensor");

@@ -144,6 +144,18 @@ def _check_lr(lr, lr_tensor, params):
             raise ValueError(f"lr_tensor is on {lr_tensor.device}, expected {params[0].device}")
 
 
+def _check_amp(amp_scale, found_inf, tensors):
+    """Mixed precision (torch.amp.GradScaler): the loss scale and the inf flag, each a
+    float32 scalar on the tensors' device, or None."""
+    for name, t in (("amp_scale", amp_scale), ("found_inf", found_inf)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor with one element")
+        if tensors and t.device != tensors[0].device:
+            raise ValueError(f"{name} is on {t.device}, expected {tensors[0].device}")
+
+
 def _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale):
     _check_lr(lr, lr_tensor, params)
     _check_number("beta1", beta1, 0.0, 1.0)
@@ -164,7 +176,7 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
                  eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False,
                  indices=None, masks=None, ages=None, max_exp_avg_sqs=None, grad_scale=1.0,
                  consume_grad=False, compact_state=False, lr_tensor=None,
-                 increment_steps=False, validate=True):
+                 increment_steps=False, amp_scale=None, found_inf=None, validate=True):
     """Adam (AdamW with decoupled_weight_decay=True) on every param, in place.
 
     With `indices` (one int64 tensor of flat positions per param, each position at
@@ -180,6 +192,13 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     scalars holding the update count this call applies, or, with
     `increment_steps=True`, the count before it: the op adds one first. Grads are read
     times `grad_scale`; `consume_grad` zeroes the grad entries that were read.
+
+    Mixed precision, as torch's fused optimizers take it from torch.amp.GradScaler:
+    `amp_scale` (the loss scale the grads carry) and `found_inf` (nonzero when they
+    hold an inf or NaN), float32 scalars on the params' device. Grads are then read
+    times fp32(grad_scale) * (1 / amp_scale), and a nonzero `found_inf` makes the call
+    change nothing: no param, state, age, step or grad. On CUDA nothing is read back,
+    except `found_inf` once when CPU `steps` are to be incremented.
 
     `validate=False` skips the Python-level checks, the index range check among them
     (on CUDA a device sync per tensor): for callers that built the arguments
@@ -200,6 +219,7 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
         _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
         _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
                       compact_state, "exp_avgs", max_exp_avg_sqs)
+        _check_amp(amp_scale, found_inf, params)
     lists = [params, grads, exp_avgs, exp_avg_sqs, steps, indices or [], masks or [],
              ages or [], max_exp_avg_sqs or []]
     _dispatch("adam_update_", *lists, lr=float(lr), beta1=float(beta1), beta2=float(beta2),
@@ -207,19 +227,20 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
               decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize),
               grad_scale=float(grad_scale), consume_grad=bool(consume_grad),
               compact_state=bool(compact_state), lr_tensor=lr_tensor,
-              increment_steps=bool(increment_steps))
+              increment_steps=bool(increment_steps), amp_scale=amp_scale, found_inf=found_inf)
 
 
 def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0,
                 weight_decay=0.0, nesterov=False, maximize=False, first_step=None,
                 indices=None, masks=None, grad_scale=1.0, consume_grad=False,
-                compact_state=False, lr_tensor=None, validate=True):
+                compact_state=False, lr_tensor=None, amp_scale=None, found_inf=None,
+                validate=True):
     """SGD (momentum, dampening, nesterov, weight decay, maximize) in place.
 
     `momentum_buffers` may be empty when momentum == 0. `first_step[i]` marks a buffer
     that is new: it takes the gradient as it is, as torch.optim.SGD does. `indices`,
-    `masks`, `grad_scale`, `consume_grad`, `compact_state`, `lr_tensor`, `validate`: as
-    adam_update_.
+    `masks`, `grad_scale`, `consume_grad`, `compact_state`, `lr_tensor`, `amp_scale`,
+    `found_inf`, `validate`: as adam_update_.
     """
     if validate:
         params = _as_list("params", params)
@@ -239,20 +260,22 @@ def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=
                              f"{len(params)}")
         _check_update(params, grads, momentum_buffers, None, [], indices, masks, [],
                       compact_state, "momentum_buffers")
+        _check_amp(amp_scale, found_inf, params)
     first_step = [False] * len(params) if first_step is None else [bool(f) for f in first_step]
     _dispatch("sgd_update_", params, grads, momentum_buffers or [], indices or [], masks or [],
               first_step, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
               weight_decay=float(weight_decay), nesterov=bool(nesterov),
               maximize=bool(maximize), grad_scale=float(grad_scale),
               consume_grad=bool(consume_grad), compact_state=bool(compact_state),
-              lr_tensor=lr_tensor)
+              lr_tensor=lr_tensor, amp_scale=amp_scale, found_inf=found_inf)
 
 
 # ----------------------------------------------------------------------------------
 # accumulate family
 
 
-def accumulate_(accs, grads, alpha=1.0, sq_accs=None, *, sq_alpha=None, sq_decay=1.0):
+def accumulate_(accs, grads, alpha=1.0, sq_accs=None, *, sq_alpha=None, sq_decay=1.0,
+                amp_scale=None, found_inf=None):
     """In place over many tensors: ``acc += alpha * g`` for every accumulator in `accs`
     and ``sq = sq_decay * sq + sq_alpha * g * g`` for every one in `sq_accs`.
 
@@ -260,6 +283,9 @@ def accumulate_(accs, grads, alpha=1.0, sq_accs=None, *, sq_alpha=None, sq_decay
     sq_decay=beta and sq_alpha=1-beta. `sq_alpha` defaults to `alpha`. Grads are
     float32, bfloat16 or float16 (float64 on the CPU); accumulators are float32
     (float64 for float64 grads), contiguous, with the grad's number of elements.
+    `amp_scale`, `found_inf` (mixed precision): alpha and sq_alpha are taken times
+    1 / amp_scale and its square, and a nonzero found_inf changes nothing (see
+    adam_update_).
     """
     grads = _as_list("grads", grads)
     accs = _as_list("accs", accs, allow_none=True)
@@ -272,6 +298,7 @@ def accumulate_(accs, grads, alpha=1.0, sq_accs=None, *, sq_alpha=None, sq_decay
     n = len(grads)
     _check_length("accs", accs, n, may_be_empty=True)
     _check_length("sq_accs", sq_accs, n, may_be_empty=True)
+    _check_amp(amp_scale, found_inf, grads)
     if grads:
         device = grads[0].device
         dtypes = _CUDA_FLOAT_DTYPES if device.type == "cuda" else _FLOAT_DTYPES
@@ -293,7 +320,8 @@ def accumulate_(accs, grads, alpha=1.0, sq_accs=None, *, sq_alpha=None, sq_decay
         return
     kernel = _kernel("accumulate_", grads[0].device)
     impl = kernel if kernel is not None else reference.accumulate_
-    impl(accs, grads, float(alpha), sq_accs, float(sq_alpha), float(sq_decay))
+    impl(accs, grads, float(alpha), sq_accs, float(sq_alpha), float(sq_decay),
+         amp_scale=amp_scale, found_inf=found_inf)
 
 
 if EXTENSION_LOADED:
@@ -494,7 +522,8 @@ def _has_kernel(name, device):
 def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residuals=None, *,
                         approx=False, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                         decoupled_weight_decay=False, maximize=False, grad_scale=1.0,
-                        lr_tensor=None, increment_steps=False, validate=True):
+                        lr_tensor=None, increment_steps=False, amp_scale=None, found_inf=None,
+                        validate=True):
     """Selects and updates in one call: per param, the ks[i] elements of largest
     |grads[i]| get the Adam update (as adam_update_), the rest and their state stay
     bit-identical. Returns an int64 tensor: the count updated per param (on the
@@ -506,6 +535,12 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
     score is |r + g|; the chosen elements are updated with u = r + g and their residual
     becomes 0, every other residual becomes r + g (as ``accumulate_`` then select on
     the residual then ``adam_update_(consume_grad=True)``). Grads have the param's dtype.
+    Mixed precision (`amp_scale`, `found_inf`, as adam_update_): without residuals the
+    update reads g times fp32(grad_scale) * (1 / amp_scale); with them the residual
+    takes r + g / amp_scale (as accumulate_ adds it) and the update reads that sum times
+    grad_scale; the scores are |g| (the order of |g / amp_scale| for a power-of-two
+    scale, which GradScaler's are) or that sum. A nonzero found_inf changes nothing and
+    counts 0.
 
     approx=True (large tensors, beyond 2^18 elements): a band [L, H] on the k-th score
     comes from a sample and one pass updates every element above H and keeps those in
@@ -541,27 +576,32 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
         for i, r in enumerate(residuals):
             _check_tensor(f"residuals[{i}]", r, device=params[i].device,
                           dtypes=(math_dtype(params[i].dtype),), numel=params[i].numel())
+        _check_amp(amp_scale, found_inf, params)
     residuals = list(residuals or [])
     hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                  weight_decay=float(weight_decay),
                  decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize),
                  grad_scale=float(grad_scale), lr_tensor=lr_tensor,
-                 increment_steps=bool(increment_steps))
+                 increment_steps=bool(increment_steps), found_inf=found_inf)
     if not params:
         return torch.zeros(0, dtype=torch.int64)
     if _has_kernel("adam_select_update_", params[0].device):
         return torch.ops.incrkern.adam_select_update_(
             params, grads, exp_avgs, exp_avg_sqs, steps, [int(k) for k in ks], residuals,
-            bool(approx), **hyper)
+            bool(approx), amp_scale=amp_scale, **hyper)
     # No kernel on this device: select, then update at the positions.
     if residuals:
-        accumulate_(residuals, grads, 1.0)
+        accumulate_(residuals, grads, 1.0, amp_scale=amp_scale, found_inf=found_inf)
     sources = residuals or grads
     indices = select(sources, [int(k) for k in ks], score="grad", approx=approx,
                      validate=False)
     adam_update_(params, sources, exp_avgs, exp_avg_sqs, steps, indices=indices,
-                 consume_grad=bool(residuals), validate=False, **hyper)
-    return torch.tensor([int(i.numel()) for i in indices], dtype=torch.int64)
+                 consume_grad=bool(residuals), validate=False,
+                 amp_scale=None if residuals else amp_scale, **hyper)
+    counts = torch.tensor([int(i.numel()) for i in indices], dtype=torch.int64)
+    if found_inf is not None:  # on found_inf's device: nothing is read back
+        counts = counts.to(found_inf.device) * (found_inf == 0)
+    return counts
 
 
 if EXTENSION_LOADED:

@@ -39,6 +39,23 @@ def _scatter(flat, where, values):
         flat[where] = values.to(flat.dtype)
 
 
+def amp_factor(factor, amp_scale, mdtype=torch.float32, square=False):
+    """`factor` times 1 / amp_scale (its square with square=True) in the math dtype, as
+    the kernels fold the mixed-precision unscale; `factor` without a scale."""
+    if amp_scale is None:
+        return factor
+    dtype = torch.float64 if mdtype == torch.float64 else torch.float32
+    inv = torch.tensor(1.0, dtype=dtype) / amp_scale.detach().cpu().reshape(()).to(dtype)
+    if square:
+        inv = inv * inv
+    return float(torch.tensor(factor, dtype=dtype) * inv)
+
+
+def amp_skips(found_inf):
+    """Whether a mixed-precision call changes nothing (found_inf set)."""
+    return found_inf is not None and bool(found_inf.item() != 0)
+
+
 def _read_grad(i, grads, elements, mdtype, grad_scale, consume_grad):
     flat = grads[i].view(-1)
     g = _gather(flat, elements).to(mdtype) * grad_scale
@@ -55,7 +72,10 @@ def _read_grad(i, grads, elements, mdtype, grad_scale, consume_grad):
 def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, indices=(), masks=(), ages=(),
                  max_exp_avg_sqs=(), *, lr, beta1, beta2, eps, weight_decay,
                  decoupled_weight_decay, maximize, grad_scale=1.0, consume_grad=False,
-                 compact_state=False, lr_tensor=None, increment_steps=False):
+                 compact_state=False, lr_tensor=None, increment_steps=False, amp_scale=None,
+                 found_inf=None):
+    if amp_skips(found_inf):
+        return
     if lr_tensor is not None:
         lr = lr_tensor.item()
     if increment_steps:
@@ -66,7 +86,8 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, indices=(), masks=
         elements, slots = _positions(i, p.numel(), indices, masks, compact_state, p.device)
         flat_p = p.view(-1)
         param = _gather(flat_p, elements).to(mdtype)
-        grad = _read_grad(i, grads, elements, mdtype, grad_scale, consume_grad)
+        grad = _read_grad(i, grads, elements, mdtype, amp_factor(grad_scale, amp_scale, mdtype),
+                          consume_grad)
         m_flat, v_flat = exp_avgs[i].view(-1), exp_avg_sqs[i].view(-1)
         m, v = _gather(m_flat, slots).clone(), _gather(v_flat, slots).clone()
         if maximize:
@@ -104,7 +125,10 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, indices=(), masks=
 @torch.no_grad()
 def sgd_update_(params, grads, momentum_buffers, indices=(), masks=(), first_step=(), *, lr,
                 momentum, dampening, weight_decay, nesterov, maximize, grad_scale=1.0,
-                consume_grad=False, compact_state=False, lr_tensor=None):
+                consume_grad=False, compact_state=False, lr_tensor=None, amp_scale=None,
+                found_inf=None):
+    if amp_skips(found_inf):
+        return
     if lr_tensor is not None:
         lr = lr_tensor.item()
     for i, p in enumerate(params):
@@ -112,7 +136,8 @@ def sgd_update_(params, grads, momentum_buffers, indices=(), masks=(), first_ste
         elements, slots = _positions(i, p.numel(), indices, masks, compact_state, p.device)
         flat_p = p.view(-1)
         param = _gather(flat_p, elements).to(mdtype)
-        d_p = _read_grad(i, grads, elements, mdtype, grad_scale, consume_grad)
+        d_p = _read_grad(i, grads, elements, mdtype, amp_factor(grad_scale, amp_scale, mdtype),
+                         consume_grad)
         if maximize:
             d_p = -d_p
         if weight_decay != 0:
@@ -133,18 +158,22 @@ def sgd_update_(params, grads, momentum_buffers, indices=(), masks=(), first_ste
 
 
 @torch.no_grad()
-def accumulate_(accs, grads, alpha=1.0, sq_accs=(), sq_alpha=1.0, sq_decay=1.0):
+def accumulate_(accs, grads, alpha=1.0, sq_accs=(), sq_alpha=1.0, sq_decay=1.0,
+                amp_scale=None, found_inf=None):
     """acc += alpha * g; sq = sq_decay * sq + sq_alpha * g * g (accumulators in the
-    grad's math dtype), each product rounded on its own as the kernels do."""
+    grad's math dtype), each product rounded on its own as the kernels do. Mixed
+    precision: alpha and sq_alpha times 1 / amp_scale and its square."""
+    if amp_skips(found_inf):
+        return
     for i, g in enumerate(grads):
         if accs:
             acc = accs[i].view(-1)
             grad = g.reshape(-1).to(acc.dtype)
-            acc.add_(grad * alpha)
+            acc.add_(grad * amp_factor(alpha, amp_scale, acc.dtype))
         if sq_accs:
             sq = sq_accs[i].view(-1)
             grad = g.reshape(-1).to(sq.dtype)
-            sq.copy_(sq * sq_decay + sq_alpha * grad * grad)
+            sq.copy_(sq * sq_decay + amp_factor(sq_alpha, amp_scale, sq.dtype, True) * grad * grad)
 
 
 # ----------------------------------------------------------------------------------

@@ -42,6 +42,18 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
                         ks = [(p.numel() + 9) // 10 for p in ps]
                         ops.adam_select_update_(ps, gs, ms, vs, steps, ks, res, approx=approx,
                                                 lr=1e-3, increment_steps=True)
+            # mixed precision: the scale read by every kernel, and a skipped call
+            for inf in (0.0, 1.0):
+                amp = dict(amp_scale=torch.tensor(1024.0, device=dev),
+                           found_inf=torch.tensor(inf, device=dev))
+                ops.adam_update_(ps, gs, ms, vs, steps, lr=1e-3, increment_steps=True, **amp)
+                ops.accumulate_([torch.zeros(p.numel(), device=dev) for p in ps], gs, 1.0,
+                                **amp)
+                if grad_dtype is None:
+                    ops.adam_select_update_(ps, gs, ms, vs, steps,
+                                            [(p.numel() + 9) // 10 for p in ps],
+                                            [torch.randn(p.numel(), device=dev) for p in ps],
+                                            lr=1e-3, increment_steps=True, **amp)
             masks = [torch.rand(p.numel(), device=dev) < 0.5 for p in ps]
             ops.sgd_update_(ps, gs, ms, lr=0.1, momentum=0.9, masks=masks,
                             first_step=[True] * len(ps))

@@ -17,6 +17,7 @@
 #endif
 
 #include "accumulate/accumulate_checks.h"
+#include "common/amp_checks.h"
 #include "common/parallel_ranges.h"
 #include "common/rules.h"
 
@@ -121,9 +122,13 @@ RangeFn accumulate_ranges(M* acc, M* sq, const G* g, M alpha, M sq_alpha, M sq_d
 }
 
 void accumulate_cpu(at::TensorList accs, at::TensorList grads, double alpha,
-                    at::TensorList sq_accs, double sq_alpha, double sq_decay) {
+                    at::TensorList sq_accs, double sq_alpha, double sq_decay,
+                    const std::optional<at::Tensor>& amp_scale,
+                    const std::optional<at::Tensor>& found_inf) {
   check_accumulate_lists("incrkern.accumulate_", accs, grads, sq_accs, /*allow_double=*/true);
-  if (accs.empty() && sq_accs.empty()) return;
+  check_amp("incrkern.accumulate_", amp_scale, found_inf, grads);
+  if ((accs.empty() && sq_accs.empty()) || amp_found_inf(found_inf)) return;
+  const std::optional<float> amp = amp_value(amp_scale);
   std::vector<RangeFn> fns;
   std::vector<int64_t> counts;
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -134,7 +139,7 @@ void accumulate_cpu(at::TensorList accs, at::TensorList grads, double alpha,
       fns.push_back(accumulate_ranges<scalar_t, M>(
           accs.empty() ? nullptr : accs[i].data_ptr<M>(),
           sq_accs.empty() ? nullptr : sq_accs[i].data_ptr<M>(), g.const_data_ptr<scalar_t>(),
-          M(alpha), M(sq_alpha), M(sq_decay)));
+          amp_factor<M>(alpha, amp), amp_sq_factor<M>(sq_alpha, amp), M(sq_decay)));
     });
     counts.push_back(g.numel());
   }

@@ -17,7 +17,13 @@ using AccumulateTable = ChunkTable<AccumulateTensor, kAccumulateSlots>;
 // the inner loop carries no per-element branch.
 template <typename G, bool kHasAcc, bool kHasSq>
 __global__ void __launch_bounds__(kThreads)
-    accumulate_kernel(const AccumulateTable table, const AccumulateArgs args) {
+    accumulate_kernel(const AccumulateTable table, AccumulateArgs args) {
+  if (args.found_inf && *args.found_inf != 0.f) return;
+  if (args.amp_scale) {
+    const float inv = 1.f / *args.amp_scale;
+    args.alpha = args.alpha * inv;
+    args.sq_alpha = args.sq_alpha * (inv * inv);
+  }
   int slot = 0;
   const int64_t begin = locate_chunk(table, int32_t(blockIdx.x), slot) * kChunk;
   const AccumulateTensor& t = table.slots[slot];

@@ -22,6 +22,10 @@ struct AccumulateTensor {
 
 struct AccumulateArgs {
   float alpha, sq_alpha, sq_decay;
+  // Mixed precision, device scalars or null: alpha and sq_alpha are taken times
+  // 1 / *amp_scale and its square; a nonzero *found_inf skips the launch's work.
+  const float* amp_scale;
+  const float* found_inf;
   // Which accumulator lists the call has. Never inferred from a pointer: an empty
   // tensor's data pointer is null, so tensors[0].acc == nullptr says nothing about
   // the other tensors.

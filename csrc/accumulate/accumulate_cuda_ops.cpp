@@ -10,6 +10,7 @@
 
 #include "accumulate/accumulate_checks.h"
 #include "accumulate/accumulate_cuda.h"
+#include "common/amp_checks.h"
 #include "common/cuda_glue.h"
 
 namespace incrkern {
@@ -23,9 +24,12 @@ cuda::DType cuda_grad_dtype(at::ScalarType t) {
 }
 
 void accumulate_cuda(at::TensorList accs, at::TensorList grads, double alpha,
-                     at::TensorList sq_accs, double sq_alpha, double sq_decay) {
+                     at::TensorList sq_accs, double sq_alpha, double sq_decay,
+                     const std::optional<at::Tensor>& amp_scale,
+                     const std::optional<at::Tensor>& found_inf) {
   const char* op = "incrkern.accumulate_";
   check_accumulate_lists(op, accs, grads, sq_accs, /*allow_double=*/false);
+  check_amp(op, amp_scale, found_inf, grads);
   if (grads.empty() || (accs.empty() && sq_accs.empty())) return;
   TORCH_CHECK(grads[0].is_cuda(), op, ": grads[0] is on ", grads[0].device(),
               ", expected CUDA");
@@ -41,8 +45,10 @@ void accumulate_cuda(at::TensorList accs, at::TensorList grads, double alpha,
     groups[int(cuda_grad_dtype(g.scalar_type()))].push_back(t);
   }
   const c10::cuda::CUDAGuard guard(grads[0].device());
-  const cuda::AccumulateArgs args{float(alpha), float(sq_alpha), float(sq_decay),
-                                  !accs.empty(), !sq_accs.empty()};
+  const cuda::AccumulateArgs args{
+      float(alpha), float(sq_alpha), float(sq_decay),
+      amp_scale ? amp_scale->data_ptr<float>() : nullptr,
+      found_inf ? found_inf->data_ptr<float>() : nullptr, !accs.empty(), !sq_accs.empty()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (size_t d = 0; d < groups.size(); ++d)
     cuda::accumulate(groups[d].data(), int64_t(groups[d].size()), cuda::DType(int(d)),

@@ -2,6 +2,7 @@
 // plain ones.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
 #include <optional>
@@ -19,5 +20,10 @@ inline std::optional<cuda::DType> cuda_dtype_of(at::ScalarType t) {
     default: return std::nullopt;
   }
 }
+
+// Mixed precision with step counts (update_cuda_ops.cpp): see there.
+bool host_counts_may_skip(std::optional<at::Tensor>& found, at::TensorList steps,
+                          bool increment_steps);
+void count_step(at::TensorList steps, const std::optional<at::Tensor>& found);
 
 }  // namespace incrkern

@@ -14,11 +14,14 @@ inline void check_select_update(c10::DeviceType device_type, at::TensorList para
                                 at::TensorList grads, at::TensorList exp_avgs,
                                 at::TensorList exp_avg_sqs, at::TensorList steps,
                                 at::IntArrayRef ks, at::TensorList residuals,
-                                const std::optional<at::Tensor>& lr_tensor) {
+                                const std::optional<at::Tensor>& lr_tensor,
+                                const std::optional<at::Tensor>& amp_scale,
+                                const std::optional<at::Tensor>& found_inf) {
   const char* op = "incrkern.adam_select_update_";
   const UpdateLists a{params, grads, exp_avgs, exp_avg_sqs, steps, {}, {}, {}, false, true};
   check_update_lists(op, a);
   check_lr_tensor(op, lr_tensor, params);
+  check_amp(op, amp_scale, found_inf, params);
   const char* where = device_type == c10::DeviceType::CPU ? "the CPU" : "a CUDA device";
   const size_t n = params.size();
   TORCH_CHECK(ks.size() == n, op, ": ks has ", ks.size(), " entries, expected ", n);

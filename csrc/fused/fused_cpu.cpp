@@ -129,7 +129,8 @@ void list_tiles(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, int64_t
 }
 
 // One param's tensors and constants. With a residual r (error feedback), the
-// gradient the rule reads is u = r + g, kept in r; a chosen element's r becomes 0.
+// gradient the rule reads is u = r + residual_alpha * g (residual_alpha: 1, or the
+// mixed-precision unscale), kept in r; a chosen element's r becomes 0.
 template <typename T>
 struct AdamTensor {
   using M = at::opmath_type<T>;
@@ -139,7 +140,7 @@ struct AdamTensor {
   M* v;
   M* r;  // null without error feedback
   AdamHyper<M> h;
-  M step_size, bc2_sqrt, grad_scale;
+  M step_size, bc2_sqrt, grad_scale, residual_alpha;
 
   // The update of element e alone.
   void one(int64_t e) const {
@@ -155,9 +156,9 @@ struct AdamTensor {
     p[e] = T(pm);
   }
 
-  // r = r + g over [b, e), as accumulate_ with alpha 1 computes it.
+  // r = r + residual_alpha * g over [b, e), as accumulate_ computes it.
   void add_residual(int64_t b, int64_t e) const {
-    for (int64_t i = b; i < e; ++i) accumulate_rule(r[i], M(g[i]), M(1));
+    for (int64_t i = b; i < e; ++i) accumulate_rule(r[i], M(g[i]), residual_alpha);
   }
 
   // Every element of [b, e) updated: the streaming loop. With a residual it adds g to
@@ -223,6 +224,10 @@ struct Call {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps, residuals;
   double lr, beta1, beta2, eps, weight_decay, grad_scale;
   bool decoupled_weight_decay, maximize, approx;
+  // Mixed precision: the scale tensor and its value. Without residuals the update
+  // reads g times grad_scale / scale; with them the residual adds g / scale.
+  std::optional<at::Tensor> amp_scale;
+  std::optional<float> amp;
 };
 
 // The positions' update by the adam_update_ op (prefetching, spread over threads):
@@ -236,12 +241,14 @@ void update_positions(const Call& c, size_t i, const at::Tensor& pos) {
                       at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                       at::TensorList, double,
                       double, double, double, double, bool, bool, double, bool, bool,
-                      const std::optional<at::Tensor>&, bool)>();
+                      const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&)>();
   const bool ef = !c.residuals.empty();
   const at::Tensor& g = ef ? c.residuals[i] : c.grads[i];
   op.call({c.params[i]}, {g}, {c.exp_avgs[i]}, {c.exp_avg_sqs[i]}, {c.steps[i]}, {pos}, {}, {}, {},
           c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay, c.maximize,
-          c.grad_scale, ef, false, std::nullopt, false);
+          c.grad_scale, ef, false, std::nullopt, false,
+          ef ? std::optional<at::Tensor>() : c.amp_scale, std::nullopt);
 }
 
 Source source_of(const Call& c, size_t i) {
@@ -257,6 +264,13 @@ Source source_of(const Call& c, size_t i) {
                 0};
 }
 
+// The residual alone as the score source, once the gradient has been added to it.
+template <typename T>
+Source residual_source(const AdamTensor<T>& t, int64_t n) {
+  const at::ScalarType d = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
+  return Source{ScoreKind::Abs, d, t.r, d, nullptr, {}, n, 0};
+}
+
 at::Tensor select_positions(const Source& s, int64_t k, bool approx) {
   if (s.dtype == at::kDouble) return Selector<uint64_t>({s}, k, approx).run()[0];
   return Selector<uint32_t>({s}, k, approx).run()[0];
@@ -270,10 +284,10 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
     t.dense(0, n);
     return n;
   }
-  at::Tensor pos;
-  if (k > 0) pos = select_positions(source_of(c, i), k, c.approx);  // reads r + g itself
-  if (t.r) t.add_residual(0, n);
+  if (t.r) t.add_residual(0, n);  // the score is then r alone
   if (k == 0) return 0;
+  const at::Tensor pos =
+      select_positions(t.r ? residual_source(t, n) : source_of(c, i), k, c.approx);
   const int64_t* q = pos.data_ptr<int64_t>();
   for (int64_t j = 0; j < pos.numel(); ++j) t.one(q[j]);
   return pos.numel();
@@ -291,7 +305,7 @@ int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k,
     if (!after_pass)
       at::parallel_for(0, c.params[i].numel(), kDenseGrain,
                        [&](int64_t b, int64_t e) { t.add_residual(b, e); });
-    src = Source{ScoreKind::Abs, at::kFloat, t.r, at::kFloat, nullptr, {}, src.n, 0};
+    src = residual_source(t, src.n);
   }
   const at::Tensor pos = select_positions(src, k, c.approx);
   update_positions(c, i, pos);
@@ -371,13 +385,14 @@ void merge_chosen(BlockOut& o) {
 }
 
 // A large tensor of 32-bit keys (0 < k < n): the band, the listing pass, the
-// resolve, the update. Returns the count updated.
+// resolve, the update. Returns the count updated. `added`: the residual already
+// holds r + residual_alpha * g (the band is then sampled from it alone).
 template <typename T>
-int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
+int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added) {
   const int64_t n = c.params[i].numel();
-  Selector<uint32_t> sel({source_of(c, i)}, k, c.approx);
+  Selector<uint32_t> sel({added ? residual_source(t, n) : source_of(c, i)}, k, c.approx);
   const auto band = sel.sample_band();
-  if (!band || forced_fallback("before")) return run_fallback(c, i, t, k, false);
+  if (!band || forced_fallback("before")) return run_fallback(c, i, t, k, added);
   const uint32_t lo = band->first, hi = band->second;
   const int32_t lo_gt = order_greater_than<false>(lo);
   const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
@@ -403,7 +418,7 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
       for (int64_t e = begin; e < whole; e += kChunkTiles * kTile) {
         const int64_t tiles = std::min(kChunkTiles, (whole - e) / kTile);
         l.nc = 0;
-        if (t.r) t.add_residual(e, e + tiles * kTile);
+        if (t.r && !added) t.add_residual(e, e + tiles * kTile);
         const float* keys = t.r ? static_cast<const float*>(t.r + e) : nullptr;
         if (keys) list_tiles(keys, tiles, lo_gt, hi_gt, e, l, few_hits);
         else list_tiles(t.g + e, tiles, lo_gt, hi_gt, e, l, few_hits);
@@ -418,7 +433,7 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
       o.wmask.assign(wmask.get(), wmask.get() + l.nw);
       o.winners = l.w;
       for (int64_t e = whole; e < end; ++e) {
-        if (t.r) accumulate_rule(t.r[e], float(t.g[e]), 1.0f);
+        if (t.r && !added) accumulate_rule(t.r[e], float(t.g[e]), float(t.residual_alpha));
         const uint32_t key = t.key(e);
         if (key > hi) {
           o.tail_winners.push_back(e);
@@ -465,8 +480,16 @@ int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
     });
     return k;
   }
-  if constexpr (std::is_same_v<T, double>) return run_fallback(c, i, t, k, false);
-  else return run_band(c, i, t, k);
+  if constexpr (std::is_same_v<T, double>) {
+    return run_fallback(c, i, t, k, false);
+  } else {
+    // The band's sample reads r + g as select's accumulated score does, without the
+    // mixed-precision unscale: with one, the residual is summed first and sampled.
+    const bool add_first = t.r && t.residual_alpha != 1.0f;
+    if (add_first)
+      at::parallel_for(0, n, kDenseGrain, [&](int64_t b, int64_t e) { t.add_residual(b, e); });
+    return run_band(c, i, t, k, add_first);
+  }
 }
 
 template <typename T>
@@ -484,7 +507,8 @@ AdamTensor<T> adam_tensor(const Call& c, size_t i) {
                          c.maximize),
       M(bias.step_size),
       M(bias.bc2_sqrt),
-      M(c.grad_scale)};
+      c.residuals.empty() ? amp_factor<M>(c.grad_scale, c.amp) : M(c.grad_scale),
+      c.residuals.empty() ? M(1) : amp_factor<M>(1.0, c.amp)};
 }
 
 template <typename Fn>
@@ -505,15 +529,20 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   double beta2, double eps, double weight_decay,
                                   bool decoupled_weight_decay, bool maximize, double grad_scale,
                                   const std::optional<at::Tensor>& lr_tensor,
-                                  bool increment_steps) {
+                                  bool increment_steps,
+                                  const std::optional<at::Tensor>& amp_scale,
+                                  const std::optional<at::Tensor>& found_inf) {
   Call c{params, grads, exp_avgs, exp_avg_sqs, steps, residuals, lr, beta1, beta2, eps,
          weight_decay, grad_scale, decoupled_weight_decay, maximize, approx};
   check_select_update(c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, steps, ks,
-                      residuals, lr_tensor);
+                      residuals, lr_tensor, amp_scale, found_inf);
   if (lr_tensor.has_value()) c.lr = lr_tensor->item<double>();
   const int64_t n = int64_t(params.size());
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
   int64_t* count = counts.data_ptr<int64_t>();
+  if (amp_found_inf(found_inf)) return counts;
+  c.amp_scale = amp_scale;
+  c.amp = amp_value(amp_scale);
   // Every check has passed: from here on the call changes its arguments.
   if (increment_steps)
     for (const at::Tensor& s : steps) *s.data_ptr<float>() += 1.0f;

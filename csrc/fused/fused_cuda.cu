@@ -20,13 +20,14 @@ namespace {
 constexpr int kFusedThreads = 256;
 constexpr int kSplit = 2;
 
-// The chosen elements of tensor f in [begin, end): updated in place; with a
-// residual, r is written everywhere (0 where chosen, r + g elsewhere). Returns how
-// many this thread updated.
+// The chosen elements of tensor f in [begin, end): updated in place with u * scale;
+// with a residual u = r + res_alpha * g (accumulate_'s rule) and r is written
+// everywhere (0 where chosen, u elsewhere), else u = g. Returns how many this thread
+// updated.
 template <typename T>
 __device__ int apply_range(const SelSeg& s, const SelState& st, const FusedTensor& f,
                            const AdamOp& op, const AdamOp::Coeff& c, float scale,
-                           int64_t begin, int64_t end) {
+                           float res_alpha, int64_t begin, int64_t end) {
   T* p = static_cast<T*>(f.update.param);
   const T* g = static_cast<const T*>(f.update.grad);
   float* m1 = f.update.first_moment;
@@ -42,7 +43,10 @@ __device__ int apply_range(const SelSeg& s, const SelState& st, const FusedTenso
       float rv[kILP];
       load_floats(r + i, valid, rv);
 #pragma unroll
-      for (int j = 0; j < kILP; ++j) u[j] = rv[j] + u[j];  // the order of keys4's r + g
+      for (int j = 0; j < kILP; ++j) {
+        accumulate_rule(rv[j], u[j], res_alpha);
+        u[j] = rv[j];
+      }
     }
     float left[kILP];  // the residual each element keeps
 #pragma unroll
@@ -83,24 +87,29 @@ __global__ void __launch_bounds__(kFusedThreads)
   const int64_t share = (ch.end - ch.begin + kSplit * kILP - 1) / (kSplit * kILP) * kILP;
   const int64_t begin = ch.begin + int64_t(blockIdx.y) * share;
   const int64_t end = imin(ch.end, begin + share);
-  if (begin >= end) return;  // uniform across the block
+  if (begin >= end || skipped(opt)) return;  // uniform across the block
   if (threadIdx.x == 0) block_taken = 0;
   __syncthreads();
   const SelSeg s = L.segs[ch.seg];
   const SelState st = L.states[s.group];
   const FusedTensor& f = tensors[ch.seg];
   const AdamOp::Coeff c = op.prepare(f.update, opt);
-  const float scale = float(opt.grad_scale);
+  // Without a residual the gradient is read unscaled by the factor; with one, it is
+  // unscaled as accumulate_ adds it, and the update reads the sum by grad_scale alone.
+  const bool residual = f.residual != nullptr;
+  const float scale = residual ? float(opt.grad_scale) : grad_factor(opt);
+  const float res_alpha = residual_alpha(s);
   int taken = 0;
   switch (s.dtype) {
     case DType::Float32:
-      taken = apply_range<float>(s, st, f, op, c, scale, begin, end);
+      taken = apply_range<float>(s, st, f, op, c, scale, res_alpha, begin, end);
       break;
     case DType::BFloat16:
-      taken = apply_range<__nv_bfloat16>(s, st, f, op, c, scale, begin, end);
+      taken = apply_range<__nv_bfloat16>(s, st, f, op, c, scale, res_alpha, begin,
+                                             end);
       break;
     case DType::Float16:
-      taken = apply_range<__half>(s, st, f, op, c, scale, begin, end);
+      taken = apply_range<__half>(s, st, f, op, c, scale, res_alpha, begin, end);
       break;
   }
   if (taken) atomicAdd(&block_taken, taken);

@@ -3,7 +3,6 @@
 // the tensors' update table beside it, then launches select_find and the fused pass.
 // Nothing is read back: the counts stay on the device.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -27,10 +26,12 @@ at::Tensor adam_select_update_cuda(at::TensorList params, at::TensorList grads,
                                    double beta1, double beta2, double eps, double weight_decay,
                                    bool decoupled_weight_decay, bool maximize,
                                    double grad_scale, const std::optional<at::Tensor>& lr_tensor,
-                                   bool increment_steps) {
+                                   bool increment_steps,
+                                   const std::optional<at::Tensor>& amp_scale,
+                                   const std::optional<at::Tensor>& found_inf) {
   const char* op = "incrkern.adam_select_update_";
   check_select_update(c10::DeviceType::CUDA, params, grads, exp_avgs, exp_avg_sqs, steps, ks,
-                      residuals, lr_tensor);
+                      residuals, lr_tensor, amp_scale, found_inf);
   const int64_t n = int64_t(params.size());
   if (n == 0) return at::zeros({0}, at::TensorOptions().dtype(at::kLong));
   const at::Device device = params[0].device();
@@ -42,6 +43,10 @@ at::Tensor adam_select_update_cuda(at::TensorList params, at::TensorList grads,
                 params[i].scalar_type());
   }
   const c10::cuda::CUDAGuard guard(device);
+  std::optional<at::Tensor> found = found_inf;
+  if (!host_counts_may_skip(found, steps, increment_steps))
+    return at::zeros({n}, at::TensorOptions().dtype(at::kLong).device(device));
+  const float* amp = amp_scale ? amp_scale->data_ptr<float>() : nullptr;
 
   std::vector<SelectInput> inputs;
   std::vector<std::vector<size_t>> groups;
@@ -51,7 +56,7 @@ at::Tensor adam_select_update_cuda(at::TensorList params, at::TensorList grads,
     const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;
     inputs.push_back(SelectInput{grads[i], residuals.empty() ? at::Tensor() : residuals[i],
-                                 p.numel(), {}});
+                                 p.numel(), {}, residuals.empty() ? nullptr : amp});
     groups.push_back({inputs.size() - 1});
     group_k.push_back(ks[i]);
     cuda::FusedTensor f{};
@@ -78,19 +83,14 @@ at::Tensor adam_select_update_cuda(at::TensorList params, at::TensorList grads,
   options.has_first_moment = options.has_second_moment = true;
   options.lr_on_device = lr_tensor.has_value();
   options.lr_ptr = lr_tensor ? lr_tensor->data_ptr<float>() : nullptr;
+  options.amp_scale = amp;
+  options.found_inf = found ? found->data_ptr<float>() : nullptr;
   const cuda::AdamArgs args{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                             maximize};
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong).device(device));
 
   // Every check has passed: from here on the call changes its arguments.
-  if (increment_steps) {
-    std::vector<at::Tensor> on_device;
-    for (const at::Tensor& s : steps) {
-      if (s.is_cuda()) on_device.push_back(s);
-      else *s.data_ptr<float>() += 1.0f;
-    }
-    if (!on_device.empty()) at::_foreach_add_(on_device, 1.0);  // on the current stream
-  }
+  if (increment_steps) count_step(steps, found);
   if (groups.empty()) return counts;
   const SelectPlan plan =
       plan_select(inputs, residuals.empty() ? ScoreKind::Abs : ScoreKind::Accumulated, groups,

@@ -24,6 +24,7 @@ constexpr int kSelectBins = 2048;        // 11-bit digits: bits 31..21, 20..10, 
 struct SelSeg {
   const void* data;      // the scored tensor (unused for Random)
   const float* res;      // residual (Accumulated), else null
+  const float* amp_scale;  // Accumulated: the score is r + g / *amp_scale; null: r + g
   int64_t n;
   int64_t pos0;          // position of element 0 in its group's concatenation
   int64_t first_chunk;   // index of its first chunk in the chunk table

@@ -74,6 +74,7 @@ SelectPlan plan_select(const std::vector<SelectInput>& inputs, ScoreKind kind,
       SelSeg s{};
       s.data = in.data.defined() ? in.data.data_ptr() : nullptr;
       s.res = in.res.defined() ? in.res.data_ptr<float>() : nullptr;
+      s.amp_scale = in.amp_scale;
       s.n = in.n;
       s.pos0 = pos;
       s.first_chunk = int64_t(chunks.size());

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
+#include "common/rules.h"
 #include "select/select_cuda.h"
 #include "select/select_keys.h"
 
@@ -20,6 +21,12 @@ constexpr int64_t kNoPos = INT64_MAX;
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 
+// What an Accumulated score adds the gradient to the residual with: accumulate_'s
+// alpha, 1 or the mixed-precision unscale (the fused kernel adds with the same).
+__device__ __forceinline__ float residual_alpha(const SelSeg& s) {
+  return s.amp_scale ? 1.f / *s.amp_scale : 1.f;
+}
+
 template <typename T>
 __device__ __forceinline__ void keys4_typed(const SelSeg& s, ScoreKind kind, int64_t i,
                                             int valid, uint32_t (&key)[kILP]) {
@@ -28,8 +35,12 @@ __device__ __forceinline__ void keys4_typed(const SelSeg& s, ScoreKind kind, int
   if (kind == ScoreKind::Accumulated) {
     float r[kILP];
     load_floats(s.res + i, valid, r);
+    const float alpha = residual_alpha(s);
 #pragma unroll
-    for (int j = 0; j < kILP; ++j) v[j] = r[j] + v[j];
+    for (int j = 0; j < kILP; ++j) {
+      accumulate_rule(r[j], v[j], alpha);
+      v[j] = r[j];
+    }
   }
 #pragma unroll
   for (int j = 0; j < kILP; ++j)

@@ -18,6 +18,7 @@ struct SelectInput {
   at::Tensor res;   // residual for the accumulated score
   int64_t n;
   select::RandomKeys rk;
+  const float* amp_scale = nullptr;  // accumulated score: r + g / *amp_scale (device)
 };
 
 struct SelectPlan {

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/amp_checks.h"
 #include "common/dtypes.h"
 
 namespace incrkern {

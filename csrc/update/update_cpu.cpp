@@ -280,11 +280,16 @@ void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList max_exp_avg_sqs, double lr, double beta1, double beta2,
                      double eps, double weight_decay, bool decoupled_weight_decay,
                      bool maximize, double grad_scale, bool consume_grad, bool compact_state,
-                     const std::optional<at::Tensor>& lr_tensor, bool increment_steps) {
+                     const std::optional<at::Tensor>& lr_tensor, bool increment_steps,
+                     const std::optional<at::Tensor>& amp_scale,
+                     const std::optional<at::Tensor>& found_inf) {
   const UpdateLists a{params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
                       compact_state, true, max_exp_avg_sqs};
   check_update_lists("incrkern.adam_update_", a);
   check_lr_tensor("incrkern.adam_update_", lr_tensor, params);
+  check_amp("incrkern.adam_update_", amp_scale, found_inf, params);
+  if (amp_found_inf(found_inf)) return;
+  const std::optional<float> amp = amp_value(amp_scale);
   lr = lr_value(lr, lr_tensor);
   std::vector<Positions> pos;
   for (size_t i = 0; i < params.size(); ++i) pos.push_back(positions_of(a, i));
@@ -304,7 +309,7 @@ void adam_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList
           exp_avg_sqs[i].data_ptr<M>(),
           max_exp_avg_sqs.empty() ? nullptr : max_exp_avg_sqs[i].data_ptr<M>(),
           ages.empty() ? nullptr : ages[i].data_ptr<int32_t>(),
-          pos[i], h, lr, beta1, beta2, step, M(grad_scale), consume_grad));
+          pos[i], h, lr, beta1, beta2, step, amp_factor<M>(grad_scale, amp), consume_grad));
     });
     counts.push_back(pos[i].count);
   }
@@ -315,12 +320,17 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList indices, at::TensorList masks, c10::List<bool> first_step,
                     double lr, double momentum, double dampening, double weight_decay,
                     bool nesterov, bool maximize, double grad_scale, bool consume_grad,
-                    bool compact_state, const std::optional<at::Tensor>& lr_tensor) {
+                    bool compact_state, const std::optional<at::Tensor>& lr_tensor,
+                    const std::optional<at::Tensor>& amp_scale,
+                    const std::optional<at::Tensor>& found_inf) {
   const UpdateLists a{params, grads, momentum_buffers, {}, {}, indices, masks, {},
                       compact_state, false};
   check_update_lists("incrkern.sgd_update_", a);
   check_lr_tensor("incrkern.sgd_update_", lr_tensor, params);
   check_sgd_args("incrkern.sgd_update_", momentum, momentum_buffers, first_step, params);
+  check_amp("incrkern.sgd_update_", amp_scale, found_inf, params);
+  if (amp_found_inf(found_inf)) return;
+  const std::optional<float> amp = amp_value(amp_scale);
   lr = lr_value(lr, lr_tensor);
   std::vector<Positions> pos;
   for (size_t i = 0; i < params.size(); ++i) pos.push_back(positions_of(a, i));
@@ -333,7 +343,7 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       const auto h = make_sgd_hyper<M>(lr, momentum, dampening, weight_decay, nesterov, maximize);
       M* buf = momentum != 0 ? momentum_buffers[i].data_ptr<M>() : nullptr;
       fns.push_back(sgd_ranges<T, G, M>(params[i].data_ptr<T>(), grads[i].data_ptr<G>(), buf,
-                                        pos[i], h, first, M(grad_scale), consume_grad));
+                                        pos[i], h, first, amp_factor<M>(grad_scale, amp), consume_grad));
     });
     counts.push_back(pos[i].count);
   }

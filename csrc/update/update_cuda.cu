@@ -27,6 +27,7 @@ template <typename T, typename G, typename Op>
 __global__ void __launch_bounds__(kThreads)
     update_kernel(const UpdateTable table, const Op op, const UpdateOptions opt,
                   const int64_t chunk) {
+  if (skipped(opt)) return;
   int slot = 0;
   const int64_t begin = locate_chunk(table, int32_t(blockIdx.x), slot) * chunk;
   const UpdateTensor& t = table.slots[slot];
@@ -37,7 +38,7 @@ __global__ void __launch_bounds__(kThreads)
   float* m1 = opt.has_first_moment ? t.first_moment : nullptr;
   float* m2 = opt.has_second_moment ? t.second_moment : nullptr;
   float* m2max = opt.has_max_second_moment ? t.max_second_moment : nullptr;
-  const float scale = float(opt.grad_scale);
+  const float scale = grad_factor(opt);
 
   int64_t scalar_begin = begin;
   const bool dense = !opt.has_indices && !opt.has_mask && !opt.has_age;

@@ -43,6 +43,10 @@ struct UpdateOptions {
   bool has_max_second_moment;  // AMSGrad
   bool lr_on_device;
   const float* lr_ptr;  // device scalar overriding lr, when lr_on_device
+  // Mixed precision, device scalars or null: grads are read times
+  // grad_scale * (1 / *amp_scale); a nonzero *found_inf skips the launch's work.
+  const float* amp_scale;
+  const float* found_inf;
 };
 
 struct AdamArgs {

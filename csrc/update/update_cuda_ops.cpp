@@ -1,9 +1,12 @@
 // Registers the CUDA update kernels: checks the arguments (the same checks as the
 // CPU path), groups the tensors by dtype and hands raw pointers to update_cuda.cu.
 #include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_sub.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "common/cuda_glue.h"
 #include "update/update_checks.h"
@@ -29,6 +32,8 @@ struct Prepared {
 std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::List<bool>* first,
                               double grad_scale, bool consume_grad,
                               const std::optional<at::Tensor>& lr_tensor,
+                              const std::optional<at::Tensor>& amp_scale,
+                              const std::optional<at::Tensor>& found_inf,
                               bool increment_steps = false) {
   std::vector<Prepared> groups;
   for (size_t i = 0; i < a.params.size(); ++i) {
@@ -50,6 +55,8 @@ std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::L
     opt.has_max_second_moment = !a.max_second_moments.empty();
     opt.lr_on_device = lr_tensor.has_value();
     opt.lr_ptr = lr_tensor ? lr_tensor->data_ptr<float>() : nullptr;
+    opt.amp_scale = amp_scale ? amp_scale->data_ptr<float>() : nullptr;
+    opt.found_inf = found_inf ? found_inf->data_ptr<float>() : nullptr;
     cuda::UpdateTensor t{};
     t.param = p.data_ptr();
     t.grad = a.grads[i].data_ptr();
@@ -83,32 +90,63 @@ std::vector<Prepared> prepare(const char* op, const UpdateLists& a, const c10::L
   return groups;
 }
 
+}  // namespace
+
+// A step count kept on the host (a CPU `steps` tensor) must know whether the step
+// was skipped before it is counted: with such counts to increment, a CUDA found_inf
+// is read here, one synchronisation (device counts, as with capturable=True, need
+// none). Returns false when the call is to change nothing; then or after the read,
+// `found` is cleared.
+bool host_counts_may_skip(std::optional<at::Tensor>& found, at::TensorList steps,
+                          bool increment_steps) {
+  if (!found || !found->is_cuda() || !increment_steps) return true;
+  const bool host = std::any_of(steps.begin(), steps.end(),
+                                [](const at::Tensor& s) { return !s.is_cuda(); });
+  if (!host) return true;
+  const bool skip = found->item<float>() != 0.0f;
+  found.reset();
+  return !skip;
+}
+
+// The steps' counts plus one (minus found_inf on the device: a skipped step is not
+// counted), device counts on the current stream.
+void count_step(at::TensorList steps, const std::optional<at::Tensor>& found) {
+  std::vector<at::Tensor> on_device;
+  for (const at::Tensor& s : steps) {
+    if (s.is_cuda()) on_device.push_back(s);
+    else *s.data_ptr<float>() += 1.0f;
+  }
+  if (on_device.empty()) return;
+  at::_foreach_add_(on_device, 1.0);
+  if (found) at::_foreach_sub_(on_device, std::vector<at::Tensor>(on_device.size(), *found));
+}
+
+namespace {
+
 void adam_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList indices,
                       at::TensorList masks, at::TensorList ages,
                       at::TensorList max_exp_avg_sqs, double lr, double beta1, double beta2,
                       double eps, double weight_decay, bool decoupled_weight_decay,
                       bool maximize, double grad_scale, bool consume_grad, bool compact_state,
-                      const std::optional<at::Tensor>& lr_tensor, bool increment_steps) {
+                      const std::optional<at::Tensor>& lr_tensor, bool increment_steps,
+                      const std::optional<at::Tensor>& amp_scale,
+                      const std::optional<at::Tensor>& found_inf) {
   const char* op = "incrkern.adam_update_";
   const UpdateLists a{params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
                       compact_state, true, max_exp_avg_sqs};
   check_update_lists(op, a);
   check_lr_tensor(op, lr_tensor, params);
+  check_amp(op, amp_scale, found_inf, params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
+  std::optional<at::Tensor> found = found_inf;
+  if (!host_counts_may_skip(found, steps, increment_steps)) return;
   const cuda::AdamArgs args{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
-  const auto groups = prepare(op, a, nullptr, grad_scale, consume_grad, lr_tensor,
-                              increment_steps);
+  const auto groups = prepare(op, a, nullptr, grad_scale, consume_grad, lr_tensor, amp_scale,
+                              found, increment_steps);
   // Every check has passed: from here on the call changes its arguments.
-  if (increment_steps) {
-    std::vector<at::Tensor> on_device;
-    for (const at::Tensor& s : steps) {
-      if (s.is_cuda()) on_device.push_back(s);
-      else *s.data_ptr<float>() += 1.0f;
-    }
-    if (!on_device.empty()) at::_foreach_add_(on_device, 1.0);  // on the current stream
-  }
+  if (increment_steps) count_step(steps, found);
   for (const Prepared& g : groups)
     cuda::adam_update(g.tensors.data(), int64_t(g.tensors.size()), g.options, args,
                       c10::cuda::getCurrentCUDAStream());
@@ -118,13 +156,16 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList indices, at::TensorList masks, c10::List<bool> first_step,
                      double lr, double momentum, double dampening, double weight_decay,
                      bool nesterov, bool maximize, double grad_scale, bool consume_grad,
-                     bool compact_state, const std::optional<at::Tensor>& lr_tensor) {
+                     bool compact_state, const std::optional<at::Tensor>& lr_tensor,
+                     const std::optional<at::Tensor>& amp_scale,
+                     const std::optional<at::Tensor>& found_inf) {
   const char* op = "incrkern.sgd_update_";
   const UpdateLists a{params, grads, momentum_buffers, {}, {}, indices, masks, {},
                       compact_state, false};
   check_update_lists(op, a);
   check_lr_tensor(op, lr_tensor, params);
   check_sgd_args(op, momentum, momentum_buffers, first_step, params);
+  check_amp(op, amp_scale, found_inf, params);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cuda::SgdArgs args{lr, momentum, dampening, weight_decay, nesterov, maximize};
@@ -132,7 +173,8 @@ void sgd_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   UpdateLists launch_lists = a;
   if (momentum == 0) launch_lists.first_moments = {};
   for (const Prepared& g :
-       prepare(op, launch_lists, &first_step, grad_scale, consume_grad, lr_tensor))
+       prepare(op, launch_lists, &first_step, grad_scale, consume_grad, lr_tensor, amp_scale,
+               found_inf))
     cuda::sgd_update(g.tensors.data(), int64_t(g.tensors.size()), g.options, args,
                      c10::cuda::getCurrentCUDAStream());
 }

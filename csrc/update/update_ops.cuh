@@ -10,6 +10,18 @@
 
 namespace incrkern::cuda {
 
+// The factor a gradient is read with, from grad_scale and the mixed-precision scale
+// (amp_factor in common/amp_checks.h computes the same on the host).
+__device__ __forceinline__ float grad_factor(const UpdateOptions& opt) {
+  return opt.amp_scale ? float(opt.grad_scale) * (1.f / *opt.amp_scale)
+                       : float(opt.grad_scale);
+}
+
+// Whether a mixed-precision step found an inf: the launch then changes nothing.
+__device__ __forceinline__ bool skipped(const UpdateOptions& opt) {
+  return opt.found_inf && *opt.found_inf != 0.f;
+}
+
 // Reads the learning rate and step count from device memory when given there, so
 // a captured CUDA graph replays with the current values.
 __device__ __forceinline__ double read_lr(double lr, const UpdateOptions& opt) {

@@ -99,7 +99,8 @@ class Adam(IncrementalOptimizer):
                     maximize=bool(group["maximize"]))
 
     def _apply(self, group, work, device, *, grads=None, indices=None, masks=None,
-               ages=None, grad_scale=1.0, consume_grad=False, compact_state=False):
+               ages=None, grad_scale=1.0, consume_grad=False, compact_state=False,
+               unscale=True):
         states = work.states
         steps = [s["step"] for s in states]
         lr, lr_tensor = self._lr_args(group, device)
@@ -111,7 +112,7 @@ class Adam(IncrementalOptimizer):
                          if group["amsgrad"] else None,
                          grad_scale=grad_scale, consume_grad=consume_grad,
                          compact_state=compact_state, increment_steps=True,
-                         validate=False,
+                         validate=False, **self._amp_kwargs(device, unscale),
                          **self._hyper(group))
 
     def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0):
@@ -122,7 +123,7 @@ class Adam(IncrementalOptimizer):
                                 [s["step"] for s in work.states], ks, residuals,
                                 approx=approx, lr=lr, lr_tensor=lr_tensor,
                                 grad_scale=grad_scale, increment_steps=True, validate=False,
-                                **self._hyper(group))
+                                **self._amp_kwargs(device), **self._hyper(group))
 
 
 class AdamW(Adam):

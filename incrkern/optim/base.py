@@ -100,6 +100,11 @@ class IncrementalOptimizer(Optimizer):
     # select="layer" counts a param's elements with this callable(param) when set:
     # ShardedOptimizer's full tensors' sizes, so that every rank draws the same layers.
     _layer_numel = None
+    # torch.amp.GradScaler then hands step() its loss scale and inf flag (attributes
+    # grad_scale and found_inf) instead of unscaling the grads and reading the flag:
+    # the kernels unscale as they read, and skip on the device (_amp_kwargs).
+    _step_supports_amp_scaling = True
+    _amp = (None, None)  # (amp_scale, found_inf) while a step runs
 
     def __init__(self, params, defaults, incremental):
         preset = None
@@ -325,13 +330,58 @@ class IncrementalOptimizer(Optimizer):
                                        + [[p for p, _ in pairs] for _, pairs in sparse_plans])
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             self._check_capturable(plans, sparse_plans)
-        for group, params, grads, device in plans:
-            if params:
-                self._step_group(group, self._by_device(params, grads, device))
-        for group, pairs in sparse_plans:
-            if pairs:
-                self._sparse_step(group, pairs)
+        amp_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not self._skips_on_device(plans, sparse_plans, found_inf):
+            if found_inf.item():  # on the host: free for a CPU flag, one sync for a GPU's
+                return loss
+            found_inf = None
+        self._amp = (amp_scale, found_inf)
+        try:
+            for group, params, grads, device in plans:
+                if params:
+                    self._step_group(group, self._by_device(params, grads, device))
+            for group, pairs in sparse_plans:
+                if pairs:
+                    self._sparse_step(group, pairs)
+        finally:
+            self._amp = (None, None)
         return loss
+
+    def _skips_on_device(self, plans, sparse_plans, found_inf):
+        """Whether a step with GradScaler's inf flag on a GPU can leave the skip to its
+        kernels (no host sync): every group dense, or sparse with per-step work that
+        the kernels skip whole. Host-side counters and buffers (accumulate_steps,
+        mask=N, layer draws, a param's first step, which makes its state, momentum
+        correction's velocity, sparse gradients' scratch) would move on a skipped step:
+        those read the flag on the host instead. `updates` counts step() calls either
+        way."""
+        if found_inf.device.type == "cpu" or any(pairs for _, pairs in sparse_plans):
+            return False
+        state = self.state
+        for group, params, _, _ in plans:
+            if not all(state.get(p) for p in params):
+                return False
+            if not params or self._is_dense(group):
+                continue
+            if (group["accumulate_steps"] != 1 or group["select"] == "layer"
+                    or group.get("momentum_correction")
+                    or group["mask"] not in ("dynamic", "fixed")
+                    or (group["mask"] == "fixed"
+                        and not all("indices" in self.state.get(p, ()) for p in params))):
+                return False
+        return True
+
+    def _amp_kwargs(self, device, unscale=True):
+        """The mixed-precision arguments of a kernel call on `device`: the loss scale
+        when it reads the scaled grads (`unscale`; not for residuals and accumulators,
+        which hold unscaled sums), and the inf flag when the kernels skip on it."""
+        amp_scale, found_inf = self._amp
+        if amp_scale is None and found_inf is None:
+            return {}
+        amp_scale = amp_scale if unscale else None
+        return dict(amp_scale=None if amp_scale is None else amp_scale.to(device),
+                    found_inf=None if found_inf is None else found_inf.to(device))
 
     def _check_unshared_steps(self, params_per_group):
         """A `step` tensor shared by two params would count one update per param on
@@ -459,21 +509,24 @@ class IncrementalOptimizer(Optimizer):
     def _accumulate(self, group, params, grads):
         """Every step() call: fold this call's grads into the buffers the update reads."""
         n = group["accumulate_steps"]
+        amp = self._amp_kwargs(grads[0].device) if grads else {}
         if group["select"] == "accumulated":
             if group.get("momentum_correction"):
                 # DGC: a local velocity u = m u + g, accumulated into the residual.
                 velocity = [self._buffer(p, "velocity") for p in params]
                 torch._foreach_mul_(velocity, float(group["momentum"]))
-                ops.accumulate_(velocity, grads, 1.0)
-                ops.accumulate_([self._buffer(p, "residual") for p in params], velocity, 1.0)
+                ops.accumulate_(velocity, grads, 1.0, **amp)
+                ops.accumulate_([self._buffer(p, "residual") for p in params], velocity, 1.0,
+                                **self._amp_kwargs(grads[0].device, unscale=False))
             else:
-                ops.accumulate_([self._buffer(p, "residual") for p in params], grads, 1.0 / n)
+                ops.accumulate_([self._buffer(p, "residual") for p in params], grads, 1.0 / n,
+                                **amp)
         elif n > 1:
-            ops.accumulate_([self._buffer(p, "grad_acc") for p in params], grads, 1.0)
+            ops.accumulate_([self._buffer(p, "grad_acc") for p in params], grads, 1.0, **amp)
         if group["select"] == "grad_sq":
             beta = float(group["fisher_beta"])
             ops.accumulate_([], grads, 1.0, [self._buffer(p, "fisher") for p in params],
-                            sq_alpha=1.0 - beta, sq_decay=beta)
+                            sq_alpha=1.0 - beta, sq_decay=beta, **amp)
 
     def _select(self, group, params, states, sources, contiguous_params):
         """Indices to update in each param, or None for all of them."""
@@ -619,6 +672,7 @@ class IncrementalOptimizer(Optimizer):
                 scale, consume = 1.0 / n, True
             else:
                 sources, scale, consume = grads, 1.0, False
+            unscale = sources is grads  # residuals and accumulators hold unscaled sums
             work = _Work(ps, sources, states)
             indices = self._select(group, ps, states, sources, work.contiguous_params)
             partial = indices is not None
@@ -627,7 +681,7 @@ class IncrementalOptimizer(Optimizer):
                 work = _Work([ps[i] for i in chosen], [sources[i] for i in chosen],
                              [states[i] for i in chosen])
                 indices = None
-            self._update(group, work, device, indices, scale, consume)
+            self._update(group, work, device, indices, scale, consume, unscale)
             if n > 1 and select != "accumulated" and partial:
                 torch._foreach_zero_(sources)  # the unchosen part of the mean is spent too
             if group.get("momentum_correction") and indices is not None:
@@ -697,7 +751,7 @@ class IncrementalOptimizer(Optimizer):
             buffer = buffers[key] = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
         return buffer[:p.numel()].view(p.shape)
 
-    def _update(self, group, work, device, indices, grad_scale, consume_grad):
+    def _update(self, group, work, device, indices, grad_scale, consume_grad, unscale):
         compact = group["mask"] == "fixed" and indices is not None
         self._init_states(group, work.params, work.states,
                           [idx.numel() for idx in indices] if compact else None,
@@ -713,7 +767,7 @@ class IncrementalOptimizer(Optimizer):
             indices = None
         self._apply(group, work, device, grads=work.grads, indices=indices, masks=masks,
                     ages=ages, grad_scale=grad_scale, consume_grad=consume_grad,
-                    compact_state=compact)
+                    compact_state=compact, unscale=unscale)
 
 
 def _stored_positions(idx, p):

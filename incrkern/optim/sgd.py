@@ -54,7 +54,8 @@ class SGD(IncrementalOptimizer):
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
     def _apply(self, group, work, device, *, grads=None, indices=None, masks=None,
-               ages=None, grad_scale=1.0, consume_grad=False, compact_state=False):
+               ages=None, grad_scale=1.0, consume_grad=False, compact_state=False,
+               unscale=True):
         buffers, first = [], []
         if self._momentum(group) != 0:
             for i, (p, state) in enumerate(zip(work.params, work.states)):
@@ -73,4 +74,5 @@ class SGD(IncrementalOptimizer):
                         buffers, lr=lr, lr_tensor=lr_tensor, first_step=first,
                         indices=indices, masks=masks, grad_scale=grad_scale,
                         consume_grad=consume_grad, compact_state=compact_state,
-                        validate=False, **self._hyper(group))
+                        validate=False, **self._amp_kwargs(device, unscale),
+                        **self._hyper(group))
