@@ -1,5 +1,6 @@
 """Adam and AdamW with incremental (sparse) updates."""
 import torch
+from torch.optim.adam import adam as torch_adam
 
 from .. import ops
 from .base import IncrementalOptimizer
@@ -49,13 +50,13 @@ class Adam(IncrementalOptimizer):
         _check_number("beta parameter at index 1", betas[1], 0.0, 1.0)
         _check_number("weight_decay value", weight_decay)
         betas = _checked_betas(betas, foreach, capturable)
-        if differentiable:
-            raise ValueError("differentiable=True is not supported by incrkern's Adam")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=bool(amsgrad), foreach=foreach, maximize=maximize,
-                        capturable=capturable, differentiable=False, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay)
+                        capturable=capturable, differentiable=bool(differentiable),
+                        fused=fused, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, incremental)
+        for group in self.param_groups:
+            self._check_differentiable(group)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -90,6 +91,19 @@ class Adam(IncrementalOptimizer):
                 state[key] = torch.zeros(shape, dtype=dtype, device=p.device)
         if want_age and "age" not in state:
             state["age"] = torch.zeros(shape, dtype=torch.int32, device=p.device)
+
+    def _differentiable_step(self, group, params, grads, amp_scale, found_inf):
+        states = [self.state[p] for p in params]
+        self._init_states(group, params, states, None, sparse=False)
+        beta1, beta2 = group["betas"]
+        torch_adam(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+            [s["step"] for s in states], foreach=False, capturable=group["capturable"],
+            differentiable=True, grad_scale=amp_scale, found_inf=found_inf,
+            decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
+            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=group["maximize"])
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]

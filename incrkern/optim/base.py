@@ -319,6 +319,7 @@ class IncrementalOptimizer(Optimizer):
         # Every group is checked before any is touched: a step that raises changes nothing.
         for group in self.param_groups:
             _check_lr(group["lr"])
+            self._check_differentiable(group)
         self._saw_sparse_grad = False
         plans = [(group, *self._params_with_grad(group, gi))
                  for gi, group in enumerate(self.param_groups)]
@@ -410,8 +411,25 @@ class IncrementalOptimizer(Optimizer):
         return (group["density"] >= 1.0 and group["accumulate_steps"] == 1
                 and group["select"] != "accumulated" and not self._has_given_mask(group))
 
+    def _check_differentiable(self, group):
+        if group.get("differentiable") and not self._is_dense(group):
+            raise ValueError(
+                "differentiable=True steps with torch's own differentiable ops (the "
+                "kernels are not): it needs the dense defaults, density=1.0 with no "
+                "accumulate_steps, error feedback or given mask")
+
     def _step_group(self, group, by_device):
-        if self._is_dense(group):
+        if group.get("differentiable"):
+            for _, ps, grads in by_device:
+                if any(p.dtype not in (torch.float32, torch.float64) for p in ps):
+                    raise RuntimeError("differentiable=True takes float32 or float64 params "
+                                       "(bf16/fp16 params keep fp32 state here, which "
+                                       "torch's differentiable step does not mix)")
+            amp_scale, found_inf = self._amp
+            with torch.enable_grad():
+                for _, ps, grads in by_device:
+                    self._differentiable_step(group, ps, grads, amp_scale, found_inf)
+        elif self._is_dense(group):
             self._dense_step(group, by_device)
         else:
             self._incremental_step(group, by_device)
@@ -472,6 +490,11 @@ class IncrementalOptimizer(Optimizer):
             ps.append(p)
             gs.append(g)
         return [(d, ps, _contiguous(gs)) for d, (ps, gs) in out.items()]
+
+    def _differentiable_step(self, group, params, grads, amp_scale, found_inf):
+        """differentiable=True (subclasses): the step by torch.optim's functional
+        single-tensor implementation, which autograd records."""
+        raise NotImplementedError
 
     def _init_states(self, group, params, states, ks, sparse):
         """Creates the state a step needs where it is missing (`ks`: k-long state)."""

@@ -1,5 +1,6 @@
 """SGD with incremental (sparse) updates."""
 import torch
+from torch.optim.sgd import sgd as torch_sgd
 
 from .. import ops
 from .base import IncrementalOptimizer
@@ -24,13 +25,13 @@ class SGD(IncrementalOptimizer):
         _check_number("weight_decay value", weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        if differentiable:
-            raise ValueError("differentiable=True is not supported by incrkern's SGD")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                        foreach=foreach, differentiable=False, fused=fused,
+                        foreach=foreach, differentiable=bool(differentiable), fused=fused,
                         momentum_correction=bool(momentum_correction))
         super().__init__(params, defaults, incremental)
+        for group in self.param_groups:
+            self._check_differentiable(group)
         if momentum_correction and (momentum == 0 or self.defaults["select"] != "accumulated"):
             raise ValueError("momentum_correction=True needs momentum > 0 and "
                              "select='accumulated'")
@@ -42,6 +43,18 @@ class SGD(IncrementalOptimizer):
 
     def _init_states(self, group, params, states, ks, sparse):
         pass  # the momentum buffer is created at the first step, as torch does
+
+    def _differentiable_step(self, group, params, grads, amp_scale, found_inf):
+        states = [self.state[p] for p in params]
+        buffers = [s.get("momentum_buffer") for s in states]
+        torch_sgd(params, grads, buffers, foreach=False, grad_scale=amp_scale,
+                            found_inf=found_inf, weight_decay=group["weight_decay"],
+                            momentum=group["momentum"], lr=group["lr"],
+                            dampening=group["dampening"], nesterov=group["nesterov"],
+                            maximize=group["maximize"])
+        if group["momentum"] != 0:
+            for s, buf in zip(states, buffers):
+                s["momentum_buffer"] = buf
 
     def _momentum(self, group):
         # With momentum correction the velocity is kept (and masked) by the base class,
