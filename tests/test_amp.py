@@ -13,6 +13,7 @@ from torch import nn
 
 import incrkern
 from incrkern import ops, reference
+from incrkern.optim.device_steps import skips_on_device
 from helpers import needs_ext
 
 SCALE = 2.0 ** 12  # GradScaler's scales are powers of two: unscaling is exact
@@ -251,17 +252,17 @@ def test_device_skip_eligibility():
     fake_gpu_flag = types.SimpleNamespace(device=torch.device("cuda"))
     opt = incrkern.optim.AdamW(model.parameters(), lr=1e-2, density=0.1)
     plans = [(g, g["params"], None, None) for g in opt.param_groups]
-    assert not opt._skips_on_device(plans, [], fake_gpu_flag)  # first step: no state yet
+    assert not skips_on_device(opt, plans, [], fake_gpu_flag)  # first step: no state yet
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     opt.step()
-    assert opt._skips_on_device(plans, [], fake_gpu_flag)
-    assert not opt._skips_on_device(plans, [], torch.zeros(()))  # a CPU flag: read, free
+    assert skips_on_device(opt, plans, [], fake_gpu_flag)
+    assert not skips_on_device(opt, plans, [], torch.zeros(()))  # a CPU flag: read, free
     for options in (dict(accumulate_steps=2), dict(mask=3), dict(select="layer")):
         other = incrkern.optim.AdamW(model.parameters(), lr=1e-2, density=0.5, **options)
         other.state = opt.state
         plans = [(g, g["params"], None, None) for g in other.param_groups]
-        assert not other._skips_on_device(plans, [], fake_gpu_flag), options
+        assert not skips_on_device(other, plans, [], fake_gpu_flag), options
 
 
 # ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 from .checks import _check_loaded_param_state, _check_lr, check_incremental_options
+from .device_steps import check_capturable, skips_on_device
 
 
 # From this density on, a CPU step updates through a bool mask (one streaming pass
@@ -330,10 +331,10 @@ class IncrementalOptimizer(Optimizer):
             self._check_unshared_steps([params for _, params, _, _ in plans]
                                        + [[p for p, _ in pairs] for _, pairs in sparse_plans])
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            self._check_capturable(plans, sparse_plans)
+            check_capturable(self, plans, sparse_plans)
         amp_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and not self._skips_on_device(plans, sparse_plans, found_inf):
+        if found_inf is not None and not skips_on_device(self, plans, sparse_plans, found_inf):
             if found_inf.item():  # on the host: free for a CPU flag, one sync for a GPU's
                 return loss
             found_inf = None
@@ -348,30 +349,6 @@ class IncrementalOptimizer(Optimizer):
         finally:
             self._amp = (None, None)
         return loss
-
-    def _skips_on_device(self, plans, sparse_plans, found_inf):
-        """Whether a step with GradScaler's inf flag on a GPU can leave the skip to its
-        kernels (no host sync): every group dense, or sparse with per-step work that
-        the kernels skip whole. Host-side counters and buffers (accumulate_steps,
-        mask=N, layer draws, a param's first step, which makes its state, momentum
-        correction's velocity, sparse gradients' scratch) would move on a skipped step:
-        those read the flag on the host instead. `updates` counts step() calls either
-        way."""
-        if found_inf.device.type == "cpu" or any(pairs for _, pairs in sparse_plans):
-            return False
-        state = self.state
-        for group, params, _, _ in plans:
-            if not all(state.get(p) for p in params):
-                return False
-            if not params or self._is_dense(group):
-                continue
-            if (group["accumulate_steps"] != 1 or group["select"] == "layer"
-                    or group.get("momentum_correction")
-                    or group["mask"] not in ("dynamic", "fixed")
-                    or (group["mask"] == "fixed"
-                        and not all("indices" in self.state.get(p, ()) for p in params))):
-                return False
-        return True
 
     def _amp_kwargs(self, device, unscale=True):
         """The mixed-precision arguments of a kernel call on `device`: the loss scale
@@ -433,38 +410,6 @@ class IncrementalOptimizer(Optimizer):
             self._dense_step(group, by_device)
         else:
             self._incremental_step(group, by_device)
-
-    def _check_capturable(self, plans, sparse_plans):
-        """Under CUDA graph capture, only a sparse step whose work is the same at every
-        replay may run: per-tensor exact selection (k fixed per tensor, nothing read
-        back on the host), reselected at every update or by a mask made before the
-        capture. The rest would be recorded with one step's host-side decisions and
-        replay them: refused with the reason, before any group is touched."""
-        reasons = []
-        if any(pairs for _, pairs in sparse_plans):
-            reasons.append("sparse gradients have their rows counted on the host")
-        for group, params, _, _ in plans:
-            if not params or self._is_dense(group):
-                continue
-            if group["scope"] != "tensor":
-                reasons.append("scope='global' reads the selection's output size on the host")
-            if group["topk"] != "exact":
-                reasons.append("topk='approx' reads its count on the host")
-            if group["select"] in ("random", "layer"):
-                reasons.append(f"select={group['select']!r} draws its choice on the host")
-            if group["mask"] not in ("dynamic", "fixed"):
-                reasons.append("mask=N counts updates on the host")
-            elif group["mask"] == "fixed" and not all("indices" in self.state.get(p, ())
-                                                      for p in params):
-                reasons.append("mask='fixed' makes its mask at the first step: take that "
-                               "step before capturing")
-            if group["accumulate_steps"] != 1:
-                reasons.append("accumulate_steps counts calls on the host")
-        if reasons:
-            raise RuntimeError("incrkern: this step cannot be captured in a CUDA graph: "
-                               + "; ".join(dict.fromkeys(reasons)) + ". Step it eagerly, or "
-                               "use scope='tensor', topk='exact' and select='grad', "
-                               "'grad_sq', 'weight' or 'accumulated'.")
 
     def _lr_args(self, group, device):
         """(lr, lr_tensor) for an update op. A tensor lr goes to the kernel as a tensor
