@@ -42,7 +42,7 @@ class Adam(IncrementalOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 **incremental):
+                 master_weights=False, **incremental):
         check_tensor_lr(lr, foreach=foreach, capturable=capturable)
         _check_number("learning rate", lr)
         _check_number("epsilon value", eps)
@@ -53,7 +53,8 @@ class Adam(IncrementalOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=bool(amsgrad), foreach=foreach, maximize=maximize,
                         capturable=capturable, differentiable=bool(differentiable),
-                        fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+                        fused=fused, decoupled_weight_decay=decoupled_weight_decay,
+                        master_weights=bool(master_weights))
         super().__init__(params, defaults, incremental)
         for group in self.param_groups:
             self._check_differentiable(group)
@@ -63,6 +64,7 @@ class Adam(IncrementalOptimizer):
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", isinstance(self, AdamW))
             group.setdefault("amsgrad", False)
+            group.setdefault("master_weights", False)
 
     def _init_states(self, group, params, states, ks, sparse):
         # The common case, every state made, is checked over the list without a call
@@ -145,10 +147,11 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, **incremental):
+                 differentiable=False, fused=None, master_weights=False, **incremental):
         if "decoupled_weight_decay" in incremental:
             raise TypeError("AdamW always decouples weight decay; use Adam to choose")
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
+                         master_weights=master_weights,
                          decoupled_weight_decay=True, **incremental)

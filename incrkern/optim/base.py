@@ -389,6 +389,8 @@ class IncrementalOptimizer(Optimizer):
                 and group["select"] != "accumulated" and not self._has_given_mask(group))
 
     def _check_differentiable(self, group):
+        if group.get("differentiable") and group.get("master_weights"):
+            raise ValueError("differentiable=True does not combine with master_weights=True")
         if group.get("differentiable") and not self._is_dense(group):
             raise ValueError(
                 "differentiable=True steps with torch's own differentiable ops (the "
@@ -451,7 +453,7 @@ class IncrementalOptimizer(Optimizer):
         for device, ps, grads in by_device:
             states = [state[p] for p in ps]
             self._init_states(group, ps, states, None, sparse=False)
-            work = _Work(ps, grads, states)
+            work = _Work(ps, grads, states, self._masters(group, ps))
             self._apply(group, work, device)
             work.write_back()
 
@@ -595,7 +597,7 @@ class IncrementalOptimizer(Optimizer):
             residuals, grad_scale = [self._buffer(p, "grad_acc") for p in ps], 1.0 / n
         density = float(group["density"])
         ks = [ops.density_k(density, p.numel()) for p in ps]
-        work = _Work(ps, grads, states)
+        work = _Work(ps, grads, states, self._masters(group, ps))
         self._select_update(group, work, device, ks, residuals, group["topk"] == "approx",
                             grad_scale)
         if n > 1:
@@ -641,13 +643,15 @@ class IncrementalOptimizer(Optimizer):
             else:
                 sources, scale, consume = grads, 1.0, False
             unscale = sources is grads  # residuals and accumulators hold unscaled sums
-            work = _Work(ps, sources, states)
+            masters = self._masters(group, ps)
+            work = _Work(ps, sources, states, masters)
             indices = self._select(group, ps, states, sources, work.contiguous_params)
             partial = indices is not None
             if select == "layer":  # whole tensors: a dense update of the chosen ones
                 chosen = [i for i, idx in enumerate(indices) if idx is None]
                 work = _Work([ps[i] for i in chosen], [sources[i] for i in chosen],
-                             [states[i] for i in chosen])
+                             [states[i] for i in chosen],
+                             None if masters is None else [masters[i] for i in chosen])
                 indices = None
             self._update(group, work, device, indices, scale, consume, unscale)
             if n > 1 and select != "accumulated" and partial:
@@ -695,9 +699,11 @@ class IncrementalOptimizer(Optimizer):
             if k < values.numel():
                 chosen = ops.topk(values.abs(), k, approx=approx)
                 positions, values = positions[chosen], values[chosen]
-            scratch = self._sparse_scratch(p)
-            scratch.view(-1).index_copy_(0, positions, values)
-            work = _Work([p], [scratch], [self.state[p]])
+            masters = self._masters(group, [p])
+            target = p if masters is None or masters[0] is None else masters[0]
+            scratch = self._sparse_scratch(target)
+            scratch.view(-1).index_copy_(0, positions, values.to(target.dtype))
+            work = _Work([p], [scratch], [self.state[p]], masters)
             try:
                 self._init_states(group, work.params, work.states, None, sparse=True)
                 ages = [work.states[0]["age"]] if "age" in work.states[0] else None
@@ -707,6 +713,24 @@ class IncrementalOptimizer(Optimizer):
                 scratch.view(-1).index_fill_(0, positions, 0)
                 raise
             work.write_back()
+
+    def _masters(self, group, params):
+        """With master_weights=True: per param its fp32 master weight (state key
+        "master_weight", made from the param at its first step), or None for an
+        fp32/fp64 param; without, None."""
+        if not group.get("master_weights"):
+            return None
+        state, masters = self.state, []
+        for p in params:
+            if p.dtype not in (torch.bfloat16, torch.float16):
+                masters.append(None)
+                continue
+            s = state[p]
+            if "master_weight" not in s:
+                s["master_weight"] = p.detach().to(
+                    torch.float32, memory_format=torch.contiguous_format, copy=True)
+            masters.append(s["master_weight"])
+        return masters
 
     def _sparse_scratch(self, p):
         """A zeroed gradient of p's size, dtype and device, shared by every param of
@@ -769,13 +793,20 @@ def _checked_positions(name, idx, p):
 class _Work:
     """The tensors one kernel call works on: contiguous params (copies for
     non-contiguous ones, written back afterwards: an in-place kernel never updates a
-    temporary silently), their contiguous grads and their state dicts."""
+    temporary silently), their contiguous grads and their state dicts. With fp32
+    master weights (`masters[i]`, or None) the kernels update the master, reading
+    the grad in fp32, and the param gets the master rounded at write_back."""
 
-    def __init__(self, params, grads, states):
+    def __init__(self, params, grads, states, masters=None):
         self.params = params
         self.contiguous_params = _contiguous(params)
         self.grads = grads
         self.states = states
+        if masters is not None:
+            self.contiguous_params = [c if m is None else m
+                                      for c, m in zip(self.contiguous_params, masters)]
+            self.grads = [g if m is None or g.dtype == m.dtype else g.to(m.dtype)
+                          for g, m in zip(grads, masters)]
 
     def write_back(self):
         for p, v in zip(self.params, self.contiguous_params):

@@ -18,7 +18,7 @@ class SGD(IncrementalOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None, momentum_correction=False, **incremental):
+                 fused=None, momentum_correction=False, master_weights=False, **incremental):
         check_tensor_lr(lr, host_only_foreach=False)
         _check_number("learning rate", lr)
         _check_number("momentum value", momentum)
@@ -28,7 +28,8 @@ class SGD(IncrementalOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, differentiable=bool(differentiable), fused=fused,
-                        momentum_correction=bool(momentum_correction))
+                        momentum_correction=bool(momentum_correction),
+                        master_weights=bool(master_weights))
         super().__init__(params, defaults, incremental)
         for group in self.param_groups:
             self._check_differentiable(group)
@@ -40,6 +41,7 @@ class SGD(IncrementalOptimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("momentum_correction", False)
+            group.setdefault("master_weights", False)
 
     def _init_states(self, group, params, states, ks, sparse):
         pass  # the momentum buffer is created at the first step, as torch does
