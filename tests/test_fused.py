@@ -338,9 +338,10 @@ def test_error_feedback_small(dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("approx", [False, True])
 def test_error_feedback_large(dtype, approx):
+    # float64: 64-bit keys, select then update over the residual (read as float64)
     n = 600_037
     for k in (0, n // 100, n // 5, n) if approx else (1, n // 100, n // 5):
         check(make([n], dtype, "student_t", seed=k, residual=True), [k], approx=approx,
