@@ -52,6 +52,17 @@ def assert_state_close(actual, expected):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
+def step_without_sync(opt):
+    """opt.step() with CUDA's sync debug mode set to raise: any host synchronisation
+    inside the step fails the test."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def capture_step(captured, eager):
     """One step of both optimizers on a side stream (their state made outside any
     capture), then `captured.step()` captured in a CUDA graph, which is returned."""

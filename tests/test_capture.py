@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import incrkern
-from helpers import capture_step, needs_ext
+from helpers import capture_step, needs_ext, step_without_sync
 
 LR = 2.0 ** -6
 
@@ -137,12 +137,7 @@ def test_cuda_sparse_step_does_not_sync(monkeypatch, fused, options):
                                density=0.05, **options)
     _set_grads(params)
     opt.step()  # the state made
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    step_without_sync(opt)
 
 
 @pytest.mark.cuda

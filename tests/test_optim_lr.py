@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import incrkern
-from helpers import capture_step, needs_ext
+from helpers import capture_step, needs_ext, step_without_sync
 
 # A power of two, as are its StepLR decays: a tensor lr (float32) and a Python one
 # (double) then give bit-identical steps.
@@ -131,12 +131,7 @@ def test_cuda_step_with_a_tensor_lr_does_not_sync(name):
         if call == 0:
             ours.step()  # creates the state
         else:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                ours.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+            step_without_sync(ours)
         twin.step()
     for p, q in zip(params, twin_params):
         assert torch.equal(p, q)
