@@ -8,12 +8,14 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -42,13 +44,22 @@ cuda::DType sel_dtype(const at::Tensor& t, const char* op, const char* name, siz
 size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 
 // Copies `bytes` of host data to a new device buffer without blocking the host
-// (through pinned memory).
+// (through pinned memory). Under CUDA graph capture the copy reads the pinned buffer
+// at every replay, so it must outlive the graph, which this call cannot see: it is
+// kept for the life of the process (a few KB per captured selection) rather than
+// returned to the host allocator, which could hand it to other data.
 at::Tensor to_device(const std::vector<uint8_t>& host, const at::Device& device) {
   at::Tensor pinned = at::empty({int64_t(host.size())},
                                 at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(pinned.data_ptr(), host.data(), host.size());
   at::Tensor dev = at::empty({int64_t(host.size())}, at::TensorOptions().dtype(at::kByte).device(device));
   dev.copy_(pinned, /*non_blocking=*/true);
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    static std::mutex mutex;
+    static std::vector<at::Tensor> kept_for_graphs;
+    const std::lock_guard<std::mutex> lock(mutex);
+    kept_for_graphs.push_back(pinned);
+  }
   return dev;
 }
 
