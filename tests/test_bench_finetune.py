@@ -55,3 +55,16 @@ def test_tiny_run(tmp_path):
         assert "Sparse fine-tuning" in f.read()
     for _, rows, columns in report.sections(results):
         assert len(report.text_table(rows, columns).splitlines()) == len(rows) + 2
+
+
+def test_only_runs_the_named_rows(tmp_path):
+    results, _ = cli.run_bench("finetune", "tiny", "cpu", str(tmp_path), progress=False,
+                               quiet=True, only=["dense", "lora"])
+    names = [r["row"] for r in results["finetune"]["records"]]
+    assert names == ["dense AdamW (torch)", "LoRA (peft), about density 0.005"]
+    assert "--only 'dense' --only 'lora'" in results["command"]
+    with pytest.raises(SystemExit, match="no row matches"):
+        cli.run_bench("finetune", "tiny", "cpu", str(tmp_path), progress=False, quiet=True,
+                      only=["no such row"])
+    with pytest.raises(SystemExit):
+        cli.main(["corpus", "--only", "dense"])

@@ -51,13 +51,14 @@ def file_stem(device, what, mode, date=None, threads=None):
 
 
 def run_bench(what="all", mode="quick", device=None, out=None, progress=True, quiet=False,
-              threads=None, isolate=None):
+              threads=None, isolate=None, only=None):
     """Runs the benchmarks, prints the tables, writes JSON, markdown and plots to `out`
     (None: default_out()).
     `threads`: torch's intra-op thread count for the run (None: torch's default).
     "distributed", "finetune" and "corpus" run only when asked for by name ("all" is
     kernels, sparse and convergence);
-    `isolate`: each of its rows in its own process (None: with --full).
+    `isolate`: each of its rows in its own process (None: with --full); `only`: the
+    finetune rows whose names hold one of these texts (None: every row).
     Returns (results, {kind: path})."""
     if mode == "medium" and what != "finetune":
         raise SystemExit("incrkern.bench: --medium is a size of the finetune benchmark only")
@@ -73,6 +74,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
     command = f"python -m incrkern.bench {what} --{mode} --device {device.type}"
     if threads is not None:
         command += f" --threads {threads}"
+    for text in only or ():
+        command += f" --only {text!r}"
     results = {"command": command,
                "machine": common.machine_info(device), "mode": mode}
     if what == "distributed":
@@ -84,7 +87,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
     if what in ("convergence", "all"):
         results["convergence"] = convergence.run(mode, device, progress=bar)
     if what == "finetune":
-        results["finetune"] = finetune.run(mode, device, progress=bar, isolate=isolate)
+        results["finetune"] = finetune.run(mode, device, progress=bar, isolate=isolate,
+                                           only=only)
     if what == "corpus":
         results["corpus"] = corpus.run(mode, device, progress=bar)
     results["total_s"] = time.perf_counter() - t0
@@ -171,7 +175,13 @@ def main(argv=None):
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="finetune: each row in its own process, so that its peak "
                              "memory is its own (default: with --full)")
+    parser.add_argument("--only", action="append", default=None, metavar="TEXT",
+                        help="finetune: only the rows whose name holds TEXT (case "
+                             "ignored; repeat for several), e.g. --only dense --only LoRA")
     args = parser.parse_args(argv)
+    if args.only and args.what != "finetune":
+        parser.error("--only selects rows of the finetune benchmark")
     run_bench(args.what, args.mode or "quick", args.device, args.out,
-              progress=not args.no_progress, threads=args.threads, isolate=args.isolate)
+              progress=not args.no_progress, threads=args.threads, isolate=args.isolate,
+              only=args.only)
     return 0

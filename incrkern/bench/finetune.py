@@ -353,8 +353,9 @@ def _run_isolated(row, mode, device, data_path):
         os.unlink(out)
 
 
-def run(mode, device, progress=None, isolate=None):
-    """Every row; `isolate` (default: full mode) runs each in its own process."""
+def run(mode, device, progress=None, isolate=None, only=None):
+    """Every row (or those whose name holds one of the texts in `only`, case ignored);
+    `isolate` (default: full mode) runs each in its own process."""
     device = torch.device(device)
     size = SIZES[mode]
     isolate = mode in ("medium", "full") if isolate is None else isolate
@@ -362,6 +363,10 @@ def run(mode, device, progress=None, isolate=None):
             "test": function_pairs(size["test_packages"], size["test"])}
     records = []
     todo = rows(mode)
+    if only:
+        todo = [r for r in todo if any(t.lower() in r.name.lower() for t in only)]
+        if not todo:
+            raise SystemExit(f"incrkern.bench finetune: no row matches {only}")
     bar = progress(total=len(todo), desc="finetune") if progress else None
     with tempfile.TemporaryDirectory() as folder:
         data_path = os.path.join(folder, "pairs.json")
