@@ -50,6 +50,12 @@ def _note(rec):
     return "; ".join(parts)
 
 
+# Columns that several tables share.
+REASON_COLUMN = ("note", lambda r: "" if r["available"] else r["reason"])
+STEP_TIME_VS_DENSE_COLUMN = ("step time vs dense", lambda r: _x(r.get("step_time_vs_dense")))
+STATE_PER_PARAM_COLUMN = ("state B/param",
+                          lambda r: _num(r.get("state_bytes_per_param"), "{:.2f}"))
+
 TIMING_COLUMNS = [
     ("impl", lambda r: r["impl"]),
     ("median ms", lambda r: _ms(r.get("median_s"))),
@@ -84,7 +90,7 @@ STATE_COLUMNS = [
     ("mode", lambda r: r["mode"]),
     ("state bytes", lambda r: _num(r.get("state_bytes"), "{:,}")),
     ("bytes / param", lambda r: _num(r.get("bytes_per_param"), "{:.2f}")),
-    ("note", lambda r: "" if r["available"] else r["reason"]),
+    REASON_COLUMN,
 ]
 
 def _sparse_row(r):
@@ -119,7 +125,7 @@ SPARSE_CASE_COLUMNS = [
     ("working set MB", lambda r: _num(r["working_set_bytes"] / 1e6
                                       if "working_set_bytes" in r else None, "{:.0f}")),
     ("exact zeros in g", lambda r: _pct(r.get("zero_fraction"))),
-    ("note", lambda r: "" if r["available"] else r["reason"]),
+    REASON_COLUMN,
 ]
 
 CONVERGENCE_COLUMNS = [
@@ -130,9 +136,9 @@ CONVERGENCE_COLUMNS = [
     ("acc at equal updates", lambda r: _num(r.get("acc_at_equal_updates"), "{:.3f}")),
     ("wall s", lambda r: _num(r.get("wall_s"), "{:.2f}")),
     ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.2f}")),
-    ("step time vs dense", lambda r: _x(r.get("step_time_vs_dense"))),
-    ("state B/param", lambda r: _num(r.get("state_bytes_per_param"), "{:.2f}")),
-    ("note", lambda r: "" if r["available"] else r["reason"]),
+    STEP_TIME_VS_DENSE_COLUMN,
+    STATE_PER_PARAM_COLUMN,
+    REASON_COLUMN,
 ]
 
 
@@ -148,7 +154,7 @@ FINETUNE_COLUMNS = [
     ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.1f}")),
     ("stored MB", lambda r: _num(None if r.get("stored_bytes") is None
                                  else r["stored_bytes"] / 2 ** 20, "{:.3f}")),
-    ("note", lambda r: "" if r["available"] else r["reason"]),
+    REASON_COLUMN,
 ]
 
 CORPUS_COLUMNS = [
@@ -162,10 +168,10 @@ CORPUS_COLUMNS = [
     ("steps run", lambda r: _num(r.get("steps_run"), "{}")),
     ("train s", lambda r: _num(r.get("wall_s"), "{:.1f}")),
     ("median step ms", lambda r: _num(r.get("step_ms_median"), "{:.1f}")),
-    ("step time vs dense", lambda r: _x(r.get("step_time_vs_dense"))),
+    STEP_TIME_VS_DENSE_COLUMN,
     ("median opt.step ms", lambda r: _num(r.get("opt_step_ms_median"), "{:.2f}")),
-    ("state B/param", lambda r: _num(r.get("state_bytes_per_param"), "{:.2f}")),
-    ("note", lambda r: "" if r["available"] else r["reason"]),
+    STATE_PER_PARAM_COLUMN,
+    REASON_COLUMN,
 ]
 
 
