@@ -5,9 +5,10 @@
 // update's second read of the scores, and the host never waits.
 //
 // A select chunk is split over kSplit blocks: the pass needs no order between
-// blocks (no compaction), and twice the blocks keep twice the loads in flight. The keys and the predicate are select_device.cuh's and the
-// update is update_ops.cuh's AdamOp, so an element is chosen and updated bit for bit
-// as select then adam_update_ would do it.
+// blocks (no compaction), and twice the blocks keep twice the loads in flight. The
+// keys and the predicate are select_device.cuh's and the update is update_ops.cuh's
+// AdamOp, so an element is chosen and updated bit for bit as select then
+// adam_update_ would do it.
 #include "fused/fused_cuda.h"
 
 #include "common/cuda_utils.cuh"

@@ -343,7 +343,8 @@ void sgd_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       const auto h = make_sgd_hyper<M>(lr, momentum, dampening, weight_decay, nesterov, maximize);
       M* buf = momentum != 0 ? momentum_buffers[i].data_ptr<M>() : nullptr;
       fns.push_back(sgd_ranges<T, G, M>(params[i].data_ptr<T>(), grads[i].data_ptr<G>(), buf,
-                                        pos[i], h, first, amp_factor<M>(grad_scale, amp), consume_grad));
+                                        pos[i], h, first, amp_factor<M>(grad_scale, amp),
+                                        consume_grad));
     });
     counts.push_back(pos[i].count);
   }
