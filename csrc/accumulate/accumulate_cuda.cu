@@ -18,12 +18,9 @@ using AccumulateTable = ChunkTable<AccumulateTensor, kAccumulateSlots>;
 template <typename G, bool kHasAcc, bool kHasSq>
 __global__ void __launch_bounds__(kThreads)
     accumulate_kernel(const AccumulateTable table, AccumulateArgs args) {
-  if (args.found_inf && *args.found_inf != 0.f) return;
-  if (args.amp_scale) {
-    const float inv = 1.f / *args.amp_scale;
-    args.alpha = args.alpha * inv;
-    args.sq_alpha = args.sq_alpha * (inv * inv);
-  }
+  if (amp_skips(args.found_inf)) return;
+  args.alpha = amp_fold(args.alpha, args.amp_scale);
+  args.sq_alpha = amp_fold_sq(args.sq_alpha, args.amp_scale);
   int slot = 0;
   const int64_t begin = locate_chunk(table, int32_t(blockIdx.x), slot) * kChunk;
   const AccumulateTensor& t = table.slots[slot];

@@ -73,4 +73,21 @@ __device__ __forceinline__ void load_floats(const T* ptr, int valid, float (&out
   }
 }
 
+// Mixed precision, from device scalars (null: none): `factor` times 1 / *amp_scale
+// (its square for the squared grad), in fp32 as amp_factor and amp_sq_factor
+// (common/amp_checks.h) compute it on the host; and whether *found_inf skips a call.
+__device__ __forceinline__ float amp_fold(float factor, const float* amp_scale) {
+  return amp_scale ? factor * (1.f / *amp_scale) : factor;
+}
+
+__device__ __forceinline__ float amp_fold_sq(float factor, const float* amp_scale) {
+  if (!amp_scale) return factor;
+  const float inv = 1.f / *amp_scale;
+  return factor * (inv * inv);
+}
+
+__device__ __forceinline__ bool amp_skips(const float* found_inf) {
+  return found_inf && *found_inf != 0.f;
+}
+
 }  // namespace incrkern::cuda

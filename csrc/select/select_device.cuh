@@ -24,7 +24,7 @@ __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a
 // What an Accumulated score adds the gradient to the residual with: accumulate_'s
 // alpha, 1 or the mixed-precision unscale (the fused kernel adds with the same).
 __device__ __forceinline__ float residual_alpha(const SelSeg& s) {
-  return s.amp_scale ? 1.f / *s.amp_scale : 1.f;
+  return amp_fold(1.f, s.amp_scale);
 }
 
 template <typename T>

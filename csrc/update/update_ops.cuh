@@ -5,6 +5,7 @@
 // element bit for bit as the update kernel would.
 #pragma once
 
+#include "common/cuda_utils.cuh"
 #include "common/rules.h"
 #include "update/update_cuda.h"
 
@@ -13,13 +14,12 @@ namespace incrkern::cuda {
 // The factor a gradient is read with, from grad_scale and the mixed-precision scale
 // (amp_factor in common/amp_checks.h computes the same on the host).
 __device__ __forceinline__ float grad_factor(const UpdateOptions& opt) {
-  return opt.amp_scale ? float(opt.grad_scale) * (1.f / *opt.amp_scale)
-                       : float(opt.grad_scale);
+  return amp_fold(float(opt.grad_scale), opt.amp_scale);
 }
 
 // Whether a mixed-precision step found an inf: the launch then changes nothing.
 __device__ __forceinline__ bool skipped(const UpdateOptions& opt) {
-  return opt.found_inf && *opt.found_inf != 0.f;
+  return amp_skips(opt.found_inf);
 }
 
 // Reads the learning rate and step count from device memory when given there, so
