@@ -8,7 +8,8 @@
 # For a machine lent for minutes, each stage can be bounded and the order is by value:
 #   GPU_CHECK_TESTS   pytest arguments (default: tests)
 #   GPU_CHECK_LIMIT   seconds per stage (default 3600); GPU_CHECK_LIMIT_<STAGE> for one
-#                     stage: BUILD TESTS BENCH MEMCHECK RACECHECK SYNCCHECK PROFILE NCU
+#                     stage: BUILD CPP_ERRORS TESTS BENCH MEMCHECK RACECHECK SYNCCHECK
+#                     PROFILE NCU
 #   GPU_CHECK_DEADLINE seconds for the whole check: a stage's limit is cut to what is left
 #   GPU_CHECK_OUT     a folder that gets logs.tgz after every stage and the results at
 #                     the end, so that a run stopped from outside still leaves its logs
@@ -20,7 +21,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 gpu=$($PY -c "import torch; print(torch.cuda.get_device_name(0))") || {
   echo "gpu-check: torch sees no CUDA device"; exit 1; }
 arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")
-tag="$(date -u +%Y-%m-%d)-$(echo "$gpu" | tr -c 'A-Za-z0-9.\n' '-' | sed 's/--*/-/g; s/-$//')"
+base="$(date -u +%Y-%m-%d)-$(echo "$gpu" | tr -c 'A-Za-z0-9.\n' '-' | sed 's/--*/-/g; s/-$//')"
+tag=$base n=2  # a second check on the same day keeps the first one's files
+while [ -e "bench/results/$tag.md" ]; do tag="$base-$n"; n=$((n + 1)); done
 mkdir -p bench/results
 work=$(mktemp -d)
 out=${GPU_CHECK_OUT:-}
@@ -53,6 +56,11 @@ grep -E "registers|error|warning" "$work/build.log" | sort | uniq -c | sort -rn 
 tail -n 5 "$work/build.log"
 
 if [ "${rc[build]}" -eq 0 ]; then
+  # Whether an error raised in the extension's C++ reaches Python (a crash there would
+  # also end the test stage at its first bad-input test).
+  stage cpp_errors cpp_errors.log $PY scripts/check_cpp_errors.py
+  cat "$work/cpp_errors.log"
+
   # shellcheck disable=SC2086
   stage tests tests.log $PY -m pytest -q -rfEs -p no:cacheprovider ${GPU_CHECK_TESTS:-tests}
   tail -n 25 "$work/tests.log"
@@ -126,7 +134,8 @@ report = {
 }
 os.makedirs("bench/results", exist_ok=True)
 for path in glob.glob(os.path.join(work, "bench", "*.png")):
-    os.replace(path, os.path.join("bench/results", tag + "-" + os.path.basename(path)))
+    short = "-".join(os.path.basename(path).split("-")[-2:])  # kernels-density.png
+    os.replace(path, os.path.join("bench/results", f"{tag}-{short}"))
 json.dump(report, open(f"bench/results/{tag}.json", "w"), indent=1, default=str)
 with open(f"bench/results/{tag}.md", "w") as f:
     f.write(f"# GPU check: {report['gpu']} (sm_{''.join(map(str, report['capability']))})\n\n")
@@ -135,6 +144,7 @@ with open(f"bench/results/{tag}.md", "w") as f:
     f.write("```\n" + read("stages.txt") + "```\n\n")
     if rcs.get("build", 0):
         f.write("## Build\n\n```\n" + tail("build.log", 60) + "\n```\n\n")
+    f.write("## Errors raised in C++\n\n```\n" + read("cpp_errors.log") + "```\n\n")
     f.write("## Tests\n\n```\n" + tail("tests.log", 40) + "\n```\n\n")
     for tool, text in sanitizers.items():
         f.write(f"## compute-sanitizer {tool}\n\n```\n{text}\n```\n\n")
