@@ -115,9 +115,9 @@ def extension():
                  "-fno-semantic-interposition"]
     # --fmad=false: nvcc contracts a multiply and an add into one FMA where it sees fit,
     # and sees fit differently in each kernel the same rule is inlined into, so the
-    # update kernel, the fused select-and-update and the CPU would round the same
-    # rule differently. Without contraction every kernel rounds as the CPU does; the
-    # kernels are bound by memory, not by the few extra instructions.
+    # update kernel and the fused select-and-update, which must agree bit for bit,
+    # would round the same rule differently. The kernels are bound by memory and
+    # launches, not by the few extra instructions.
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--fmad=false"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
