@@ -14,6 +14,7 @@ from helpers import assert_param_close
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
 
 BLOCK = 2 ** 18  # the kernel's small-tensor limit
+TILE_MAX = 2 ** 20  # up to here, small too when k is at most 1/32 of the elements
 
 HYPERS = {
     "adam": dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=False),
@@ -198,7 +199,7 @@ def test_small_tensors(dtype, kind):
                                   "special"])
 @pytest.mark.parametrize("n", [BLOCK - 1, BLOCK + 3])
 def test_block_edges(kind, n):
-    for k in (1, n // 100, n - 1):
+    for k in (1, n // 100, n // 20, n - 1):
         check(make([n], torch.float32, kind, seed=k), [k], **HYPERS["adam"])
 
 
@@ -246,17 +247,18 @@ def test_lr_tensor_and_increment_steps():
 
 
 @needs_ext
-@pytest.mark.parametrize("n", [BLOCK + 3, 1_000_000])
+@pytest.mark.parametrize("n,k", [(BLOCK + 3, (BLOCK + 3) // 20),
+                                 (TILE_MAX + 3, (TILE_MAX + 3) // 50)])
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_forced_fallback(monkeypatch, n, when):
+def test_forced_fallback(monkeypatch, n, k, when):
     """The positional fallback (select, then update at the positions), forced before
     the listing pass or after it (a band the counts refute: with a residual, the pass
     has already added the gradient to it, and the fallback must not add it twice)."""
     monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", when)
     for approx in (False, True):
-        check(make([n], torch.float32, "lognormal", seed=n), [n // 50], approx=approx,
+        check(make([n], torch.float32, "lognormal", seed=n), [k], approx=approx,
               **HYPERS["adamw"])
-        check(make([n], torch.float32, "normal", seed=1, residual=True), [n // 50],
+        check(make([n], torch.float32, "normal", seed=1, residual=True), [k],
               approx=approx, **HYPERS["adam"])
     check(make([n], torch.bfloat16, "student_t", seed=2, residual=True), [n // 7],
           **HYPERS["adamw"])
@@ -279,7 +281,7 @@ def test_portable_listing_same_answer(tmp_path):
         "    for approx in (False, True):\n"
         "        for residual in (False, True):\n"
         "            x = make([300_007], dtype, 'student_t', seed=4, residual=residual)\n"
-        "            run_kernel(x, [3000], approx=approx, **HYPERS['adamw'])\n"
+        "            run_kernel(x, [30_000], approx=approx, **HYPERS['adamw'])\n"
         "            out.append([x[key][0] for key in ('params', 'm', 'v', 'r') if x[key]])\n"
         "torch.save(out, sys.argv[1])\n")
     results = []
@@ -303,7 +305,7 @@ def test_portable_listing_same_answer(tmp_path):
 def test_band_misses_on_ties():
     """An embedding gradient with fewer nonzeros than k: the k-th key is 0, tied by
     nearly every element (the band cannot hold it: the exact fallback answers)."""
-    n = 800_000
+    n = TILE_MAX + 5
     x = make([n], torch.float32, "sparse", seed=2)
     check(x, [n // 50], **HYPERS["adamw"])
     x = make([n], torch.float32, "sparse", seed=2)
@@ -317,7 +319,7 @@ def test_band_misses_on_ties():
 @needs_ext
 @pytest.mark.parametrize("kind", ["normal", "student_t", "rows", "sparse", "ties"])
 def test_approx_contract(kind):
-    n = 1_000_000
+    n = TILE_MAX + 7
     for density in (0.001, 0.01, 0.2):
         k = math.ceil(density * n)
         counts = check(make([n, 500], torch.float32, kind, seed=5), [k, 5], approx=True,

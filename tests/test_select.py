@@ -459,6 +459,27 @@ def test_select_grad_structured_inputs(n, dtype):
             assert all(torch.equal(a, b) for a, b in zip(got_two, want_two)), (name, density)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("used_rows", [8, 64])
+def test_select_few_nonzero_rows(dtype, used_rows):
+    """An embedding's gradient: only the rows of a batch's tokens are nonzero, in fewer
+    16-element tiles than k (the k-th largest tile maximum is 0), with k below and above
+    the count of nonzeros (then the lowest-positioned zeros complete the choice)."""
+    gen = torch.Generator().manual_seed(used_rows)
+    rows, width = 512, 384
+    x = torch.zeros(rows, width)
+    used = torch.randperm(rows, generator=gen)[:used_rows]
+    x[used] = torch.randn(used_rows, width, generator=gen)
+    x[used[0], 3:9] = 0.0
+    x = x.to(dtype).reshape(-1)
+    nonzero, tiles = int((x != 0).sum()), used_rows * width // 16
+    for k in (tiles + 1, 1966, nonzero - 1, nonzero, nonzero + 1, 6000):
+        if not 0 < k <= x.numel():
+            continue
+        got = ops.select([x], [k])[0]
+        assert torch.equal(got, reference.select([x], [k], "grad", False, False)[0]), k
+
+
 def _fmix32(h):
     h ^= h >> 16
     h = (h * 0x85EBCA6B) & 0xFFFFFFFF

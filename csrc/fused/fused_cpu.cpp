@@ -3,8 +3,9 @@
 // the same result as select(score="grad", scope="tensor") then adam_update_ at the
 // positions it returns, without the int64 positions written and read back.
 //
-//  - Small tensors (up to kBlock elements), one thread each: the Selector (exact,
-//    one read), then the chosen elements updated while the tensor is in L2.
+//  - Small tensors (up to kBlock elements, or kTileMaxNumel when sparse enough for
+//    the tile maxima: one_thread_selection), one thread each: the Selector (exact,
+//    one read), then the chosen elements updated while the tensor is in cache.
 //  - Large tensors, the tile lists: a band [L, H] on the k-th key from the
 //    Selector's sample; one pass over the keys lists, per block, the 16-element
 //    tiles holding a key > H ("winners", with their lanes) and keeps the band's
@@ -288,9 +289,16 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   if (k == 0) return 0;
   const at::Tensor pos =
       select_positions(t.r ? residual_source(t, n) : source_of(c, i), k, c.approx);
+  // The chosen elements of a tensor past L2 each wait on their lines: requested a
+  // few positions ahead, several are on their way at once.
+  constexpr int64_t kAhead = 16;
   const int64_t* q = pos.data_ptr<int64_t>();
-  for (int64_t j = 0; j < pos.numel(); ++j) t.one(q[j]);
-  return pos.numel();
+  const int64_t chosen = pos.numel();
+  for (int64_t j = 0; j < chosen; ++j) {
+    if (j + kAhead < chosen) t.fetch(q[j + kAhead]);
+    t.one(q[j]);
+  }
+  return chosen;
 }
 
 // A large tensor whose band missed: select, then the positional update. A residual
@@ -550,7 +558,7 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
   // over every thread.
   std::vector<int64_t> small, large;
   for (int64_t i = 0; i < n; ++i)
-    (params[i].numel() <= kBlock ? small : large).push_back(i);
+    (select::one_thread_selection(params[i].numel(), ks[i]) ? small : large).push_back(i);
   at::parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const size_t i = size_t(small[j]);

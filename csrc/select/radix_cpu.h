@@ -25,6 +25,22 @@ namespace incrkern::select {
 
 constexpr int64_t kBlock = int64_t(1) << 18;  // elements per block of work
 
+// Up to this many elements, a selection sparse enough for the tile maxima
+// (Selector::run_tile_max: k at most half the 16-element tiles) runs on one thread,
+// side by side with the list's other small tensors: one read, then the chosen tiles
+// again from the cache, beats a sample and a band pass over both threads.
+constexpr int64_t kTileMaxNumel = int64_t(1) << 20;
+
+inline bool tile_max_fits(int64_t n, int64_t k) {
+  return n <= kTileMaxNumel && 2 * k <= (n + 15) / 16;
+}
+
+// Whether the selection of k of n elements runs on one thread (lists run those side
+// by side) rather than over every thread.
+inline bool one_thread_selection(int64_t n, int64_t k) {
+  return n <= kBlock || tile_max_fits(n, k);
+}
+
 // A range of one source's elements: the unit of work of a pass.
 struct Block {
   int src;

@@ -82,7 +82,7 @@ std::vector<at::Tensor> select_cpu(at::TensorList tensors, at::IntArrayRef ks, c
   // each over every thread.
   std::vector<int64_t> small, large;
   for (size_t i = 0; i < srcs.size(); ++i)
-    (srcs[i].n <= kBlock ? small : large).push_back(int64_t(i));
+    (one_thread_selection(srcs[i].n, ks[i]) ? small : large).push_back(int64_t(i));
   parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const int64_t i = small[j];

@@ -5,7 +5,7 @@
 // defines the answer: an element is chosen iff key > T or (key == T and pos <= I),
 // with (T, I) = (key, position) of e*. Selector::run() tries, in order:
 //
-//  - run_tile_max (inputs of up to one block, kBlock = 2^18 elements, k at most half
+//  - run_tile_max (inputs of up to kTileMaxNumel = 2^20 elements, k at most half
 //    the number of 16-element tiles, i.e. density up to about 3%): the largest key
 //    of every tile, T = the k-th largest tile maximum (from a TopBitsHistogram
 //    counted during the read), then the keys >= T of the tiles whose maximum
@@ -88,10 +88,10 @@ class Selector {
     tie_guess_.reset();
     if (k_ == 0) return finish_empty();
     if (k_ == n_) return finish_all();
-    if (n_ <= kBlock) {
+    if (tile_max_fits(n_, k_))
       if (auto out = run_tile_max()) return std::move(*out);
+    if (n_ <= kBlock)
       if (auto out = run_filter()) return std::move(*out);
-    }
     if (n_ <= kSerialMax) return run_serial();
     if (auto band = sample_band()) {
       std::vector<BandOut<K>> out;
@@ -315,7 +315,12 @@ class Selector {
     for (const Source& src : srcs_) tiles += (src.n + kTile - 1) / kTile;
     if (k_ * 2 > tiles) return std::nullopt;
     std::vector<K> gmax(static_cast<size_t>(tiles));
-    const K t = tile_max_floor(gmax);
+    // A floor of 0 would let every tile in (0 is the least key): so it is with fewer
+    // nonzero tiles than k, as in an embedding whose unused rows have no gradient.
+    // The keys above 0 are listed instead, completed by the lowest-positioned zeros
+    // when they are fewer than k.
+    const K tile_floor = tile_max_floor(gmax);
+    const K t = tile_floor == 0 ? K(1) : tile_floor;
     std::vector<K> ckey;
     std::vector<int64_t> cpos;
     ckey.reserve(size_t(2 * k_ + kTile));
@@ -353,7 +358,32 @@ class Selector {
           }
         }
       });
+    if (tile_floor == 0 && int64_t(ckey.size()) < k_)
+      add_lowest_zeros(ckey, cpos, k_ - int64_t(ckey.size()));
     return finish_candidates(ckey, cpos);
+  }
+
+  // Adds to candidates (ascending positions) the `need` lowest-positioned keys equal
+  // to 0, keeping the positions ascending. There are at least that many: the caller
+  // holds every key above 0 and fewer than k of them.
+  void add_lowest_zeros(std::vector<K>& ckey, std::vector<int64_t>& cpos, int64_t need) const {
+    std::vector<int64_t> zeros;
+    zeros.reserve(size_t(need));
+    for (const Source& src : srcs_)
+      with_reader<K>(src, [&](auto rd) {
+        for (int64_t i = 0; i < src.n && int64_t(zeros.size()) < need; ++i)
+          if (rd(i) == 0) zeros.push_back(src.pos0 + i);
+      });
+    std::vector<K> keys(ckey.size() + zeros.size());
+    std::vector<int64_t> pos(keys.size());
+    size_t a = 0, b = 0;
+    for (size_t j = 0; j < keys.size(); ++j) {
+      const bool zero = b < zeros.size() && (a == cpos.size() || zeros[b] < cpos[a]);
+      keys[j] = zero ? K(0) : ckey[a];
+      pos[j] = zero ? zeros[b++] : cpos[a++];
+    }
+    ckey.swap(keys);
+    cpos.swap(pos);
   }
 
   // Inputs of up to one block too dense for run_tile_max, k still small against n
