@@ -199,12 +199,26 @@ def _ddp_layers(rank, seed=None):
     return {"params": params, "errors": errors}
 
 
+def _layouts(world):
+    """chunk_layout, the library's own rule, beside torch's helper on a 1-D mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from incrkern.distributed import fsdp
+    mesh = init_device_mesh("cpu", (world,))
+    out = []
+    for shape in [(7, 3), (3,), (1, 5), (0, 4), (4, 2, 3), (9, 10)]:
+        for placement in (Shard(0), Shard(len(shape) - 1), Shard(-1), Replicate()):
+            out.append((shape, placement, fsdp.chunk_layout(shape, mesh, [placement]),
+                        fsdp.shard_layout(shape, mesh, [placement])))
+    return out
+
+
 def _worker(rank, world, port, out, scenarios):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=timedelta(seconds=30))
-    result = {"selections": _selections(rank, world)}
+    result = {"selections": _selections(rank, world), "layouts": _layouts(world)}
     for name, options in FSDP_RUNS:
         if name in scenarios:
             result[name] = _fsdp_run(rank, **options)
@@ -272,6 +286,19 @@ def _concatenation_positions(local, shape, offset, local_shape, base):
     coords = torch.stack(torch.unravel_index(local, local_shape), dim=1) + torch.tensor(offset)
     strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
     return (base + coords @ torch.tensor(strides)).tolist()
+
+
+def test_chunk_layout_is_torchs(records):
+    """The library's own shard layout rule, used where torch lacks its private helper,
+    gives that helper's answer (and torch.chunk's block) on every rank."""
+    world = len(records)
+    for rank, record in enumerate(records):
+        for shape, placement, ours, torchs in record["layouts"]:
+            assert ours == torchs, (rank, shape, placement)
+            if hasattr(placement, "dim"):
+                slices, offset = _block(shape, placement.dim % len(shape), rank, world)
+                assert ours[1] == offset, (rank, shape, placement)
+                assert ours[0] == tuple(torch.empty(shape)[slices].shape)
 
 
 def test_agreed_topk_is_the_one_process_global_selection(records):

@@ -25,18 +25,48 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
-# DTensor's own answer to "which block of the full tensor is this rank's shard"
-# (torch has no public one; DCP uses it the same way).
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor import DTensor, Shard
 
 from .. import ops
+
+try:
+    # DTensor's own answer to "which block of the full tensor is this rank's shard";
+    # torch has no public one (DCP uses this one). A torch that moves it gets
+    # chunk_layout, the same rule for the 1-D meshes scope="global" accepts.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover - depends on the torch version
+    compute_local_shape_and_global_offset = None
 
 _RADIX_BITS = 8
 _BINS = 1 << _RADIX_BITS
 # The keys of NaN: above +inf's, the same for every NaN (they tie, as in ops.select).
 _NAN_KEY32 = 0x7FC00000
 _NAN_KEY64 = 0x7FF8000000000000
+
+
+def chunk_layout(shape, mesh, placements):
+    """(local shape, global offset) of this rank's block of a tensor of `shape` on a
+    1-D mesh: Shard(d) cuts dim d as torch.chunk does (ceil(size / world) per rank,
+    the last ranks' blocks short or empty); Replicate and Partial keep it whole."""
+    local, offset = list(shape), [0] * len(shape)
+    rank, world = mesh.get_local_rank(), mesh.size()
+    for placement in placements:
+        if isinstance(placement, Shard):
+            d = placement.dim % len(shape)
+            chunk = -(-shape[d] // world)
+            start = min(shape[d], rank * chunk)
+            local[d] = min(shape[d], start + chunk) - start
+            offset[d] = start
+    return tuple(local), tuple(offset)
+
+
+def shard_layout(shape, mesh, placements):
+    """(local shape, global offset) of this rank's shard: torch's own answer where
+    this torch has it, else chunk_layout."""
+    if compute_local_shape_and_global_offset is None:
+        return chunk_layout(shape, mesh, placements)
+    local, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return tuple(local), tuple(offset)
 
 
 class ShardedOptimizer:
@@ -98,8 +128,7 @@ class ShardedOptimizer:
         # Per local shard: (full shape, offset of the shard's block in it).
         self._layout = {}
         for i, (p, shard) in enumerate(zip(self.params, self.shards)):
-            local_shape, offset = compute_local_shape_and_global_offset(
-                p.shape, p.device_mesh, p.placements)
+            local_shape, offset = shard_layout(p.shape, p.device_mesh, p.placements)
             if tuple(local_shape) != tuple(shard.shape):
                 raise ValueError(f"params[{i}]: its local shard has shape "
                                  f"{tuple(shard.shape)}, its placements {p.placements} "
