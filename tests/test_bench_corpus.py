@@ -81,3 +81,11 @@ def test_tiny_run(tmp_path):
     assert os.path.basename(paths["plot0"]) in text
     for _, rows, columns in report.sections(results):
         assert len(report.text_table(rows, columns).splitlines()) == len(rows) + 2
+
+
+def test_medium_size_is_tens_of_mb_and_only_for_corpus_and_finetune(tmp_path):
+    medium, quick = corpus.SIZES["medium"], corpus.SIZES["quick"]
+    assert medium["text_bytes"] >= 10_000_000 and medium["site_packages"]
+    assert medium["steps"] > quick["steps"]
+    with pytest.raises(SystemExit, match="finetune and corpus"):
+        cli.run_bench("sparse", "medium", out=str(tmp_path))

@@ -1,6 +1,6 @@
 """Training from scratch on a real corpus: a byte-level transformer language model
 (gradients.CharTransformer) on the Python sources of the installed standard library
-(and, in the full mode, of the installed site-packages too), dense torch AdamW
+(and, in the medium and full modes, of the installed site-packages too), dense torch AdamW
 against incrkern AdamW at densities 0.1, 0.01 and 0.001, selecting by the
 accumulated gradient (error feedback), by |grad| and at random.
 
@@ -58,6 +58,11 @@ SIZES = {
                   held_out_bytes=1_000_000, site_packages=False, width=96, layers=2,
                   heads=4, context=64, batch=16, steps=300, eval_every=20,
                   eval_windows=96),
+    # tens of MB of text and the full run's steps, with the quick run's small model
+    "medium": dict(text_bytes=20_000_000, held_out=HELD_OUT_PACKAGES,
+                   held_out_bytes=1_000_000, site_packages=True, width=128, layers=2,
+                   heads=4, context=64, batch=16, steps=3000, eval_every=100,
+                   eval_windows=256),
     "full": dict(text_bytes=40_000_000, held_out=HELD_OUT_PACKAGES,
                  held_out_bytes=1_000_000, site_packages=True, width=256, layers=4,
                  heads=8, context=128, batch=32, steps=3000, eval_every=100,
