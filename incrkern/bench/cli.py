@@ -162,7 +162,7 @@ def main(argv=None):
                       help="the real sizes (100M elements, BERT-base, 1e8/1e9 top-k)")
     size.add_argument("--medium", dest="mode", action="store_const", const="medium",
                       help="finetune: half the full run's steps and data; corpus: 20 MB "
-                           "of text, 3000 steps of a small model (about half an hour on 2 "
+                           "of text, 3000 steps of a small model (about 20 minutes on 2 "
                            "CPU cores)")
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
                       help=argparse.SUPPRESS)
