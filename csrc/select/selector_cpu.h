@@ -88,8 +88,7 @@ class Selector {
     tie_guess_.reset();
     if (k_ == 0) return finish_empty();
     if (k_ == n_) return finish_all();
-    if (tile_max_fits(n_, k_))
-      if (auto out = run_tile_max()) return std::move(*out);
+    if (tile_max_fits(n_, k_)) return run_tile_max();
     if (n_ <= kBlock)
       if (auto out = run_filter()) return std::move(*out);
     if (n_ <= kSerialMax) return run_serial();
@@ -300,8 +299,8 @@ class Selector {
     return hist.locate(k_).first;
   }
 
-  // Inputs of up to one block with k at most half the number of kTile-element
-  // tiles (density up to about 3%), exact and without a sample: one streaming read
+  // Inputs that tile_max_fits (up to 2^20 elements, k at most half the number of
+  // kTile-element tiles: density up to about 3%), exact and without a sample: one streaming read
   // takes the largest key of every tile; T, the k-th largest of those maxima, is
   // at most the k-th key (k tiles each hold a key >= T), so every key >= the k-th
   // lies in a tile whose maximum is >= T: about k tiles, read again from the cache
@@ -310,10 +309,9 @@ class Selector {
   // once from memory and branches once per chosen tile, where a sampled threshold
   // read the tensor twice (the sample's reads each waiting on memory) and branched
   // on every tile holding a candidate of a looser bound.
-  std::optional<std::vector<at::Tensor>> run_tile_max() const {
+  std::vector<at::Tensor> run_tile_max() const {
     int64_t tiles = 0;
     for (const Source& src : srcs_) tiles += (src.n + kTile - 1) / kTile;
-    if (k_ * 2 > tiles) return std::nullopt;
     std::vector<K> gmax(static_cast<size_t>(tiles));
     // A floor of 0 would let every tile in (0 is the least key): so it is with fewer
     // nonzero tiles than k, as in an embedding whose unused rows have no gradient.
