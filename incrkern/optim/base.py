@@ -563,8 +563,8 @@ class IncrementalOptimizer(Optimizer):
         per tensor, reselected at every update, one bias correction per tensor, no
         AMSGrad (the fused kernel keeps no max_exp_avg_sq), fp32, bf16 or fp16 params.
         With accumulate_steps, the last call's accumulate joins the kernel's pass
-        (|grad| only: error feedback accumulates a scaled gradient). Which tensors then take it is the cost model's
-        choice (use_fused, per tensor)."""
+        (|grad| only: error feedback accumulates a scaled gradient). Which tensors then
+        take it is the cost model's choice (use_fused, per tensor)."""
         if (type(self)._select_update is IncrementalOptimizer._select_update
                 or len(by_device) != 1
                 or not (by_device[0][0].type == "cpu"

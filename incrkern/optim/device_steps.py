@@ -3,6 +3,13 @@ torch.amp.GradScaler's inf flag is left to the kernels. Both ask whether a step'
 work is decided on the device alone."""
 
 
+def _fixed_mask_unmade(opt, group, params):
+    """mask='fixed' whose mask some param has yet to make (at its first step, on the
+    host)."""
+    return group["mask"] == "fixed" and not all("indices" in opt.state.get(p, ())
+                                                for p in params)
+
+
 def check_capturable(opt, plans, sparse_plans):
     """Under CUDA graph capture, only a sparse step whose work is the same at every
     replay may run: per-tensor exact selection (k fixed per tensor, nothing read
@@ -23,8 +30,7 @@ def check_capturable(opt, plans, sparse_plans):
             reasons.append(f"select={group['select']!r} draws its choice on the host")
         if group["mask"] not in ("dynamic", "fixed"):
             reasons.append("mask=N counts updates on the host")
-        elif group["mask"] == "fixed" and not all("indices" in opt.state.get(p, ())
-                                                  for p in params):
+        elif _fixed_mask_unmade(opt, group, params):
             reasons.append("mask='fixed' makes its mask at the first step: take that "
                            "step before capturing")
         if group["accumulate_steps"] != 1:
@@ -55,7 +61,6 @@ def skips_on_device(opt, plans, sparse_plans, found_inf):
         if (group["accumulate_steps"] != 1 or group["select"] == "layer"
                 or group.get("momentum_correction")
                 or group["mask"] not in ("dynamic", "fixed")
-                or (group["mask"] == "fixed"
-                    and not all("indices" in opt.state.get(p, ()) for p in params))):
+                or _fixed_mask_unmade(opt, group, params)):
             return False
     return True

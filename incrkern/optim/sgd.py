@@ -50,10 +50,9 @@ class SGD(IncrementalOptimizer):
         states = [self.state[p] for p in params]
         buffers = [s.get("momentum_buffer") for s in states]
         torch_sgd(params, grads, buffers, foreach=False, grad_scale=amp_scale,
-                            found_inf=found_inf, weight_decay=group["weight_decay"],
-                            momentum=group["momentum"], lr=group["lr"],
-                            dampening=group["dampening"], nesterov=group["nesterov"],
-                            maximize=group["maximize"])
+                  found_inf=found_inf, weight_decay=group["weight_decay"],
+                  momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                  nesterov=group["nesterov"], maximize=group["maximize"])
         if group["momentum"] != 0:
             for s, buf in zip(states, buffers):
                 s["momentum_buffer"] = buf
