@@ -312,6 +312,58 @@ def test_band_misses_on_ties():
     check(x, [n // 50], approx=True, **HYPERS["adamw"])
 
 
+def embedding_rows(width, rows, hot_rows, dtype, seed, residual):
+    """An embedding's gradient (and residual): nonzero in `hot_rows` alone, half of the
+    other elements -0.0 (ties with +0.0); the residual nonzero in other rows."""
+    gen = torch.Generator().manual_seed(seed)
+    n = width * rows
+    x = make([n], dtype, "zeros", seed=seed, residual=residual)
+    g = torch.zeros(rows, width)
+    g[hot_rows] = torch.randn(len(hot_rows), width, generator=gen)
+    g[g == 0] = torch.where(torch.rand(int((g == 0).sum()), generator=gen) < 0.5, -0.0, 0.0)
+    x["grads"] = [g.reshape(n).to(dtype)]
+    if residual:
+        r = torch.zeros(rows, width)
+        cold = torch.ones(rows, dtype=torch.bool)
+        cold[hot_rows] = False
+        others = cold.nonzero().squeeze(1)[:len(hot_rows)]
+        r[others] = torch.randn(len(hot_rows), width, generator=gen)
+        x["r"] = [r.reshape(n).to(x["m"][0].dtype)]
+    return x
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_zero_floor_embedding_rows(dtype, residual):
+    """Fewer nonzero keys than k on a large tensor: the k-th key is 0, every nonzero is
+    chosen and the zeros of lowest position complete k (a dense prefix ending inside a
+    tile and inside a row, then the nonzero tiles past it, the last row's elements past
+    the last whole tile among them), exact and approx alike."""
+    width, rows = 37, (TILE_MAX + BLOCK) // 37 + 1   # n odd, not a multiple of 16
+    gen = torch.Generator().manual_seed(1)
+    hot = sorted({0, rows - 1, *torch.randperm(rows, generator=gen)[:rows // 100].tolist()})
+    nonzeros = len(hot) * width * (2 if residual else 1)
+    n = width * rows
+    for k in (nonzeros, nonzeros + 1, nonzeros + 12_345, n // 10, n - 1):
+        for approx in (False, True):
+            x = embedding_rows(width, rows, hot, dtype, seed=k, residual=residual)
+            counts = check(x, [k], approx=approx, **HYPERS["adamw"])
+            assert int(counts[0]) == k
+
+
+@needs_ext
+def test_zero_floor_refuted_falls_back(monkeypatch):
+    """The zero floor's count refuting it (forced here): select then update, the
+    residual already holding r + g and not added twice."""
+    monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", "after")
+    rows = TILE_MAX // 64 + 3
+    hot = list(range(0, rows, 97))
+    for residual in (False, True):
+        x = embedding_rows(64, rows, hot, torch.float32, seed=3, residual=residual)
+        check(x, [64 * rows // 20], **HYPERS["adam"])
+
+
 # ----------------------------------------------------------------------------------
 # approx mode
 

@@ -15,6 +15,8 @@
 //    and the chosen candidates join their blocks' tile lists. Only then is anything
 //    updated: each block's listed tiles, their lines requested a few tiles ahead.
 //    A band that misses falls back to select + update.
+//  - Large tensors whose sampled k-th key is 0 (run_zero_floor): the nonzero tiles
+//    listed and counted, a dense prefix of zeros completing k, then those tiles.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -23,6 +25,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -162,10 +165,10 @@ struct AdamTensor {
     for (int64_t i = b; i < e; ++i) accumulate_rule(r[i], M(g[i]), residual_alpha);
   }
 
-  // Every element of [b, e) updated: the streaming loop. With a residual it adds g to
-  // r first, reads r and zeroes it.
-  void dense(int64_t b, int64_t e) const {
-    if (r) add_residual(b, e);
+  // Every element of [b, e) updated: the streaming loop. With a residual it reads r
+  // and zeroes it, having added g to it first unless `added` (the listing pass did).
+  void dense(int64_t b, int64_t e, bool added = false) const {
+    if (r && !added) add_residual(b, e);
     if constexpr (std::is_same_v<T, float>)
       adam_stream_f32(p, r ? r : const_cast<T*>(g), m, v, nullptr, r != nullptr, b, e, h,
                       step_size, bc2_sqrt, grad_scale);
@@ -392,25 +395,17 @@ void merge_chosen(BlockOut& o) {
   o.wmask = std::move(masks);
 }
 
-// A large tensor of 32-bit keys (0 < k < n): the band, the listing pass, the
-// resolve, the update. Returns the count updated. `added`: the residual already
-// holds r + residual_alpha * g (the band is then sampled from it alone).
+// The listing pass over a large tensor, per block: the winners (key > hi) and the
+// candidates (lo <= key <= hi). With a residual not yet `added`, each chunk's keys
+// are u = r + g, written to r first. few_hits as for_band (scan_cpu.h) decides it:
+// nearly no tile holds a key >= lo.
 template <typename T>
-int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added) {
-  const int64_t n = c.params[i].numel();
-  Selector<uint32_t> sel({added ? residual_source(t, n) : source_of(c, i)}, k, c.approx);
-  const auto band = sel.sample_band();
-  if (!band || forced_fallback("before")) return run_fallback(c, i, t, k, added);
-  const uint32_t lo = band->first, hi = band->second;
+std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, uint32_t hi,
+                                bool added, bool few_hits) {
   const int32_t lo_gt = order_greater_than<false>(lo);
   const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   std::vector<BlockOut> out(static_cast<size_t>(nblocks));
-
-  // The listing pass. With a residual, each chunk's keys are u = r + g, written to r
-  // first. few_hits as for_band (scan_cpu.h) decides it: nearly no tile holds a key
-  // >= L.
-  const bool few_hits = 1.4 * double(k) / double(n) * kTile < 0.03;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     uint32_t cmask[kChunkTiles];
     int64_t cstart[kChunkTiles];
@@ -453,6 +448,65 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
       }
     }
   });
+  return out;
+}
+
+// A large tensor of 32-bit keys whose k-th key is 0 (0 < k < n): fewer nonzero keys
+// than k, as in an embedding's gradient, nonzero in the rows of the batch's tokens
+// alone. Every nonzero is chosen, and the zeros of lowest position complete k: with
+// the nonzeros among them they fill a prefix [0, P), updated as a dense range. One
+// pass lists the nonzero tiles; those past P are updated as tiles. Nothing is
+// updated before the count of nonzeros shows the k-th key to be 0.
+template <typename T>
+int64_t run_zero_floor(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added) {
+  const int64_t n = c.params[i].numel();
+  std::vector<BlockOut> out = list_pass(t, n, 1, 0, added, /*few_hits=*/true);
+  int64_t nonzeros = 0;
+  for (const BlockOut& o : out) nonzeros += o.winners;
+  if (nonzeros > k || forced_fallback("after")) return run_fallback(c, i, t, k, true);
+  int64_t prefix = 0;  // P: just past the (k - nonzeros)-th zero
+  for (int64_t bi = 0, zeros_left = k - nonzeros; zeros_left > 0; ++bi) {
+    const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
+    const int64_t zeros = end - begin - out[bi].winners;
+    if (zeros < zeros_left) {
+      zeros_left -= zeros;
+      continue;
+    }
+    for (prefix = begin; zeros_left > 0; ++prefix) zeros_left -= t.key(prefix) == 0;
+  }
+  at::parallel_for(0, prefix, kDenseGrain,
+                   [&](int64_t b, int64_t e) { t.dense(b, e, /*added=*/true); });
+  at::parallel_for(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      BlockOut& o = out[bi];
+      // The tiles past the prefix, the one that straddles it cut to its lanes past P.
+      size_t a = size_t(std::lower_bound(o.wstart.begin(), o.wstart.end(), prefix - kTile + 1) -
+                        o.wstart.begin());
+      if (a < o.wstart.size() && o.wstart[a] < prefix) {
+        o.wmask[a] &= ~0u << (prefix - o.wstart[a]);
+        a += o.wmask[a] == 0;
+      }
+      t.tiles_ahead(o.wstart.data() + a, o.wmask.data() + a, int64_t(o.wstart.size() - a));
+      for (int64_t e : o.tail_winners)
+        if (e >= prefix) t.one(e);
+    }
+  });
+  return k;
+}
+
+// A large tensor of 32-bit keys (0 < k < n): the band, the listing pass, the
+// resolve, the update. Returns the count updated. `added`: the residual already
+// holds r + residual_alpha * g (the band is then sampled from it alone).
+template <typename T>
+int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added) {
+  const int64_t n = c.params[i].numel();
+  Selector<uint32_t> sel({added ? residual_source(t, n) : source_of(c, i)}, k, c.approx);
+  const auto band = sel.sample_band();
+  if (forced_fallback("before")) return run_fallback(c, i, t, k, added);
+  if (!band && sel.tie_guess() == uint32_t(0)) return run_zero_floor(c, i, t, k, added);
+  if (!band) return run_fallback(c, i, t, k, added);
+  const bool few_hits = 1.4 * double(k) / double(n) * kTile < 0.03;
+  std::vector<BlockOut> out = list_pass(t, n, band->first, band->second, added, few_hits);
 
   // The counts: exact mode needs the k-th in the band; approx accepts a count within
   // its tolerance of k.
@@ -464,7 +518,7 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   choose_candidates(out, k - w);
 
   // The update: nothing was written to p or its state before this point.
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       BlockOut& o = out[bi];
       merge_chosen(o);

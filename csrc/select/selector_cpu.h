@@ -117,6 +117,9 @@ class Selector {
   // The approximate mode's accepted miss: 1% of k, at least 1.
   static int64_t tolerance(int64_t k) { return std::max<int64_t>(1, k / 100); }
 
+  // After a sample_band that found the band too wide: the sample's k-th key.
+  std::optional<K> tie_guess() const { return tie_guess_; }
+
  private:
   std::vector<Source> srcs_;
   int64_t k_, n_ = 0, budget_;
