@@ -1,6 +1,6 @@
-"""incrkern.distributed.ShardedOptimizer on FSDP2 (scope="global", fixed masks,
-torch.distributed.checkpoint) and select="layer" under DDP, on the CPU with gloo
-over loopback.
+"""incrkern.distributed.ShardedOptimizer on FSDP2 and HSDP (scope="global", fixed
+masks, torch.distributed.checkpoint) and select="layer" under DDP, on the CPU with
+gloo over loopback.
 
 Each world size runs once (one spawn, every scenario in turn, each rank writing what
 it saw to a file); the tests then check those records against one-process runs.
@@ -103,13 +103,18 @@ def _selections(rank, world):
     return out
 
 
-def _fsdp_model(rank):
+def _fsdp_model(rank, mesh=None):
     from torch.distributed.fsdp import fully_shard
     model = _model()
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _hsdp_mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
 
 
 def _fsdp_steps(model, opt, rank, first, steps, record=None):
@@ -124,9 +129,9 @@ def _fsdp_steps(model, opt, rank, first, steps, record=None):
             record["params"].append([p.detach().full_tensor() for p in model.parameters()])
 
 
-def _fsdp_run(rank, **options):
-    """FSDP2 training: the full grads and params of each step."""
-    model = _fsdp_model(rank)
+def _fsdp_run(rank, mesh=None, **options):
+    """FSDP2 training (HSDP on a 2-D `mesh`): the full grads and params of each step."""
+    model = _fsdp_model(rank, mesh)
     opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, lr=LR, **options)
     record = {"params": [[p.detach().full_tensor() for p in model.parameters()]], "grads": []}
     _fsdp_steps(model, opt, rank, 0, STEPS, record)
@@ -200,16 +205,50 @@ def _ddp_layers(rank, seed=None):
 
 
 def _layouts(world):
-    """chunk_layout, the library's own rule, beside torch's helper on a 1-D mesh."""
+    """chunk_layout, the library's own rule, beside torch's helper: on a 1-D mesh,
+    and on 4 ranks on a 2x2 mesh as well (HSDP's placements and others)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
     from incrkern.distributed import fsdp
-    mesh = init_device_mesh("cpu", (world,))
-    out = []
-    for shape in [(7, 3), (3,), (1, 5), (0, 4), (4, 2, 3), (9, 10)]:
-        for placement in (Shard(0), Shard(len(shape) - 1), Shard(-1), Replicate()):
-            out.append((shape, placement, fsdp.chunk_layout(shape, mesh, [placement]),
-                        fsdp.shard_layout(shape, mesh, [placement])))
+    flat = init_device_mesh("cpu", (world,))
+    cases = [(flat, shape, (placement,))
+             for shape in [(7, 3), (3,), (1, 5), (0, 4), (4, 2, 3), (9, 10)]
+             for placement in (Shard(0), Shard(len(shape) - 1), Shard(-1), Replicate())]
+    if world == 4:
+        square = _hsdp_mesh()
+        cases += [(square, shape, placements)
+                  for shape in [(7, 3), (1, 5), (0, 4), (4, 2, 3), (9, 10)]
+                  for placements in [(Replicate(), Shard(0)), (Shard(0), Shard(1)),
+                                     (Shard(1), Shard(0)), (Shard(0), Shard(0)),
+                                     (Replicate(), Replicate())]]
+    return [(shape, placements, fsdp.chunk_layout(shape, mesh, placements),
+             fsdp.shard_layout(shape, mesh, placements)) for mesh, shape, placements in cases]
+
+
+def _refused_meshes():
+    """What ShardedOptimizer(scope='global') says of params laid out so that no one
+    group of ranks holds each tensor once (4 ranks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    flat, square = init_device_mesh("cpu", (4,)), _hsdp_mesh()
+
+    def param(mesh, placements):
+        return nn.Parameter(DTensor.from_local(torch.zeros(2, 3), mesh, placements,
+                                               run_check=False))
+    cases = {"two dims": [param(square, (Shard(0), Shard(1)))],
+             "replicated": [param(flat, (Shard(0),)), param(flat, (Replicate(),))],
+             "two meshes": [param(flat, (Shard(0),)), param(square, (Replicate(), Shard(0)))],
+             "other dims": [param(square, (Replicate(), Shard(0))),
+                            param(square, (Shard(0), Replicate()))]}
+    out = {}
+    for name, params in cases.items():
+        try:
+            ShardedOptimizer(params, incrkern.optim.AdamW, **GLOBAL)
+            out[name] = ""
+        except ValueError as e:
+            out[name] = str(e)
+        # scope="tensor" selects per shard: any layout will do.
+        ShardedOptimizer(params, incrkern.optim.AdamW, density=DENSITY)
     return out
 
 
@@ -228,6 +267,9 @@ def _worker(rank, world, port, out, scenarios):
         result["random_refused"] = ""
     except ValueError as e:
         result["random_refused"] = str(e)
+    if "hsdp" in scenarios:
+        result["hsdp"] = _fsdp_run(rank, mesh=_hsdp_mesh(), **GLOBAL)
+        result["refused_meshes"] = _refused_meshes()
     if "resume" in scenarios:
         result["resume"] = {scope: _fsdp_resume(rank, out, scope)
                             for scope in ("global", "tensor")}
@@ -249,7 +291,7 @@ def _records(tmp_path_factory, world, scenarios):
 # shards are 1, 1, 1 and 0 rows.
 WORLD4_RUNS = ("grad", "layer")
 SCENARIOS = {2: ("resume", "ddp_layers") + tuple(name for name, _ in FSDP_RUNS),
-             4: WORLD4_RUNS}
+             4: WORLD4_RUNS + ("hsdp",)}
 
 
 @pytest.fixture(scope="module")
@@ -293,9 +335,10 @@ def test_chunk_layout_is_torchs(records):
     gives that helper's answer (and torch.chunk's block) on every rank."""
     world = len(records)
     for rank, record in enumerate(records):
-        for shape, placement, ours, torchs in record["layouts"]:
-            assert ours == torchs, (rank, shape, placement)
-            if hasattr(placement, "dim"):
+        for shape, placements, ours, torchs in record["layouts"]:
+            assert ours == torchs, (rank, shape, placements)
+            (placement, *more) = placements
+            if hasattr(placement, "dim") and not more:
                 slices, offset = _block(shape, placement.dim % len(shape), rank, world)
                 assert ours[1] == offset, (rank, shape, placement)
                 assert ours[0] == tuple(torch.empty(shape)[slices].shape)
@@ -479,3 +522,25 @@ def test_ranks_drawing_other_layers_are_found(world2):
 def test_global_scope_refuses_random_keys(world2):
     for rank_record in world2:
         assert "select='random'" in rank_record["random_refused"]
+
+
+def test_hsdp_global_scope_matches_one_process(spawned):
+    """HSDP (a 2x2 replicate x shard mesh, 4 ranks): the shard groups agree on the
+    one-process global selection, and both replicas make it (their params stay
+    equal)."""
+    _check_matches_one_process(spawned(4), "hsdp", GLOBAL)
+
+
+def test_global_scope_refuses_layouts_it_cannot_select_over(spawned):
+    refused = spawned(4)[0]["refused_meshes"]
+    assert refused["two dims"].startswith("params[0]: scope='global' needs each param "
+                                          "sharded (Shard) along one mesh dimension")
+    assert "(Shard(dim=0), Shard(dim=1))" in refused["two dims"]
+    assert refused["replicated"].startswith("params[1]:") and "(Replicate(),)" in \
+        refused["replicated"]
+    assert refused["two meshes"].startswith("params: scope='global' needs every param on "
+                                            "one device mesh")
+    assert refused["other dims"] == ("params: scope='global' needs every param sharded "
+                                     "along the same mesh dimension, they are along "
+                                     "dimensions [0, 1]")
+

@@ -1,4 +1,4 @@
-"""incrkern optimizers on FSDP2 models (torch.distributed.fsdp.fully_shard).
+"""incrkern optimizers on FSDP2 and HSDP models (torch.distributed.fsdp.fully_shard).
 
 The kernels take plain tensors, not DTensors, so the optimizer runs on each rank's
 local shards: views of the shards' storage, handed their local gradients before
@@ -19,20 +19,24 @@ takes its elements above that key; of the elements equal to it, the ones of lowe
 global position, found the same way (a radix select on the positions, one
 all-reduce per 8 bits of the total numel) only when the ties do not all fit.
 The all-reduces carry 2 KB each, whatever the model's size; the keys take 8 bytes
-per local element while the selection runs.
+per local element while the selection runs. The ranks that agree are those of the
+mesh dimension the params are sharded along: all of them under FSDP2; under HSDP
+each replica's shard group, every replica choosing the same elements from the same
+reduced gradients, with no traffic between replicas.
 """
 import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .. import ops
 
 try:
     # DTensor's own answer to "which block of the full tensor is this rank's shard";
     # torch has no public one (DCP uses this one). A torch that moves it gets
-    # chunk_layout, the same rule for the 1-D meshes scope="global" accepts.
+    # chunk_layout, the same rule for the Shard and Replicate placements
+    # scope="global" accepts.
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # pragma: no cover - depends on the torch version
     compute_local_shape_and_global_offset = None
@@ -45,18 +49,19 @@ _NAN_KEY64 = 0x7FF8000000000000
 
 
 def chunk_layout(shape, mesh, placements):
-    """(local shape, global offset) of this rank's block of a tensor of `shape` on a
-    1-D mesh: Shard(d) cuts dim d as torch.chunk does (ceil(size / world) per rank,
-    the last ranks' blocks short or empty); Replicate and Partial keep it whole."""
+    """(local shape, global offset) of this rank's block of a tensor of `shape`: for
+    each mesh dimension in turn, Shard(d) cuts what is left of dim d as torch.chunk
+    does (ceil(size / mesh size) per rank, the last ranks' blocks short or empty);
+    Replicate and Partial keep it whole."""
     local, offset = list(shape), [0] * len(shape)
-    rank, world = mesh.get_local_rank(), mesh.size()
-    for placement in placements:
+    for mesh_dim, placement in enumerate(placements):
         if isinstance(placement, Shard):
             d = placement.dim % len(shape)
-            chunk = -(-shape[d] // world)
-            start = min(shape[d], rank * chunk)
-            local[d] = min(shape[d], start + chunk) - start
-            offset[d] = start
+            rank, world = mesh.get_local_rank(mesh_dim), mesh.size(mesh_dim)
+            chunk = -(-local[d] // world)
+            start = min(local[d], rank * chunk)
+            offset[d] += start
+            local[d] = min(local[d], start + chunk) - start
     return tuple(local), tuple(offset)
 
 
@@ -69,10 +74,35 @@ def shard_layout(shape, mesh, placements):
     return tuple(local), tuple(offset)
 
 
+def shard_mesh_dim(params):
+    """The one mesh dimension along which every param is sharded (Shard), the params
+    being replicated along the others: 0 for FSDP2's (Shard(0),), 1 for HSDP's
+    (Replicate(), Shard(0)). A ValueError naming `params` for anything else: the
+    ranks that agree on a selection must together hold each tensor once."""
+    meshes = {p.device_mesh for p in params}
+    if len(meshes) > 1:
+        raise ValueError("params: scope='global' needs every param on one device mesh, got "
+                         + ", ".join(sorted(str(m) for m in meshes)))
+    dims = set()
+    for i, p in enumerate(params):
+        sharded = [d for d, placement in enumerate(p.placements)
+                   if not isinstance(placement, Replicate)]
+        if len(sharded) != 1 or not isinstance(p.placements[sharded[0]], Shard):
+            raise ValueError(
+                f"params[{i}]: scope='global' needs each param sharded (Shard) along one "
+                "mesh dimension and replicated along the others, as FSDP2's (Shard(0),) "
+                f"or HSDP's (Replicate(), Shard(0)); its placements are {p.placements}")
+        dims.add(sharded[0])
+    if len(dims) > 1:
+        raise ValueError("params: scope='global' needs every param sharded along the same "
+                         f"mesh dimension, they are along dimensions {sorted(dims)}")
+    return dims.pop() if dims else 0
+
+
 class ShardedOptimizer:
     """`optimizer_class(local shards, **options)` driven from the FSDP2 parameters.
 
-        model = fully_shard(model)
+        model = fully_shard(model)        # or fully_shard(model, mesh=...) for HSDP
         opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, lr=1e-3,
                                density=0.01)                  # scope="global" too
         loss.backward(); opt.step(); opt.zero_grad()
@@ -87,10 +117,13 @@ class ShardedOptimizer:
     With scope="global" (see the module's docstring) every rank takes part in each
     step's selection: every rank must step, with the same params having gradients.
     The result is the selection of a one-process optimizer with scope="global" on
-    the full tensors, element for element. It needs a 1-D device mesh (plain FSDP2,
-    not HSDP) shared by the params and a score every rank can compute on its own
-    (select "grad", "grad_sq", "weight" or "accumulated"; not "random"); topk="approx"
-    selects exactly here.
+    the full tensors, element for element. The params need one device mesh, each
+    sharded (Shard) along one mesh dimension, the same for all, and replicated
+    (Replicate) along any other: FSDP2's 1-D mesh, or HSDP's 2-D (replicate, shard)
+    mesh, where the ranks of each shard group agree on a selection and every replica
+    makes the same one from its identical reduced gradients. It needs a score every
+    rank can compute on its own (select "grad", "grad_sq", "weight" or
+    "accumulated"; not "random"); topk="approx" selects exactly here.
 
     Checkpoints with torch.distributed.checkpoint: `distributed_state_dict()` is this
     rank's state under the key "rank<r>" (shards of different ranks hold different
@@ -109,31 +142,36 @@ class ShardedOptimizer:
                                 "the parameters of a fully_shard model (or use the "
                                 "optimizer directly)")
         self.shards = [p.to_local().detach() for p in self.params]
+        self._blocks = {}
         self.optimizer = optimizer_class(self.shards, **options)
         full_numels = {id(shard): p.numel() for p, shard in zip(self.params, self.shards)}
         self.optimizer._layer_numel = lambda shard: full_numels[id(shard)]
         if any(g["scope"] == "global" for g in self.optimizer.param_groups):
             self._set_up_global_selection()
 
-    def _set_up_global_selection(self):
-        for group in self.optimizer.param_groups:
-            if group["scope"] == "global" and group["select"] == "random":
-                raise ValueError("scope='global' with select='random' is not supported by "
-                                 "ShardedOptimizer: the ranks draw their keys apart")
-        meshes = {p.device_mesh for p in self.params}
-        if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
-            raise ValueError("scope='global' needs every param on one 1-D device mesh, got "
-                             + ", ".join(sorted(str(m) for m in meshes)))
-        self.process_group = next(iter(meshes)).get_group()
-        # Per local shard: (full shape, offset of the shard's block in it).
-        self._layout = {}
-        for i, (p, shard) in enumerate(zip(self.params, self.shards)):
+    def block(self, i):
+        """(full shape, offset of this rank's block in it) of params[i], checked
+        against its local shard."""
+        if i not in self._blocks:
+            p, shard = self.params[i], self.shards[i]
             local_shape, offset = shard_layout(p.shape, p.device_mesh, p.placements)
             if tuple(local_shape) != tuple(shard.shape):
                 raise ValueError(f"params[{i}]: its local shard has shape "
                                  f"{tuple(shard.shape)}, its placements {p.placements} "
                                  f"give {tuple(local_shape)}")
-            self._layout[id(shard)] = (tuple(p.shape), tuple(offset))
+            self._blocks[i] = (tuple(p.shape), tuple(offset))
+        return self._blocks[i]
+
+    def _set_up_global_selection(self):
+        for group in self.optimizer.param_groups:
+            if group["scope"] == "global" and group["select"] == "random":
+                raise ValueError("scope='global' with select='random' is not supported by "
+                                 "ShardedOptimizer: the ranks draw their keys apart")
+        dim = shard_mesh_dim(self.params)
+        self.process_group = (self.params[0].device_mesh.get_group(dim) if self.params
+                              else None)
+        # Per local shard: (full shape, offset of the shard's block in it).
+        self._layout = {id(shard): self.block(i) for i, shard in enumerate(self.shards)}
         self.optimizer._global_select = self._select_global
 
     def _select_global(self, group, shards, tensors, score, weights):
