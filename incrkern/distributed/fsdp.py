@@ -23,6 +23,8 @@ per local element while the selection runs. The ranks that agree are those of th
 mesh dimension the params are sharded along: all of them under FSDP2; under HSDP
 each replica's shard group, every replica choosing the same elements from the same
 reduced gradients, with no traffic between replicas.
+
+Checkpoints: fsdp_checkpoint.
 """
 import math
 
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .. import ops
+from . import fsdp_checkpoint
 
 try:
     # DTensor's own answer to "which block of the full tensor is this rank's shard";
@@ -125,13 +128,18 @@ class ShardedOptimizer:
     rank can compute on its own (select "grad", "grad_sq", "weight" or
     "accumulated"; not "random"); topk="approx" selects exactly here.
 
-    Checkpoints with torch.distributed.checkpoint: `distributed_state_dict()` is this
-    rank's state under the key "rank<r>" (shards of different ranks hold different
-    state, and a fixed mask's state differs in size between ranks); to load, pass
-    the checkpoint's metadata to `distributed_state_dict(metadata, key)` for a dict
-    of empty tensors of the saved sizes, let dcp.load fill it, then give it to
-    `load_distributed_state_dict`. A checkpoint resumes on the same world size and
-    sharding only.
+    Checkpoints with torch.distributed.checkpoint resume on any world size and
+    either mesh: `distributed_state_dict()` for dcp.save; to load,
+    `distributed_state_dict(metadata, key)` (the checkpoint's metadata and where the
+    dict was saved) for a dict of empty tensors laid out for this rank, filled by
+    dcp.load and given to `load_distributed_state_dict` (incrkern.distributed.
+    fsdp_checkpoint says how the state is laid out). A resumed run continues as the
+    uninterrupted one bit for bit where the selection does not depend on the shard
+    boundaries: scope="global", or any mask="fixed" once its mask is made;
+    scope="tensor" with a mask it remakes selects per shard, so other shards choose
+    other elements. On the CPU a step with param-sized moments from MASK_DENSITY on
+    (the dense-mask update) rounds a few elements differently on shards of other
+    lengths: there the continuation agrees to fp32 rounding.
     """
 
     def __init__(self, params, optimizer_class, **options):
@@ -207,35 +215,20 @@ class ShardedOptimizer:
 
     # -- torch.distributed.checkpoint ----------------------------------------------------
 
-    def _rank_key(self):
-        return f"rank{dist.get_rank()}"
-
     def distributed_state_dict(self, metadata=None, key=None):
-        """For dcp.save: {"rank<r>": this rank's state_dict}. With `metadata` (a
-        checkpoint's, e.g. dcp.FileSystemReader(path).read_metadata()) and `key`
-        (where the dict was saved in the state_dict given to dcp.save): the same
-        structure with empty tensors of the sizes saved for this rank, for dcp.load
-        to fill in place."""
-        rank_key = self._rank_key()
+        """For dcp.save: the state laid out to be resharded (fsdp_checkpoint). With
+        `metadata` (a checkpoint's, e.g. dcp.FileSystemReader(path).read_metadata())
+        and `key` (where the dict was saved in the state_dict given to dcp.save): the
+        same structure with empty tensors laid out for this rank, for dcp.load to fill
+        in place."""
         if metadata is None:
-            return {rank_key: self.optimizer.state_dict()}
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-        prefix = f"{key}.{rank_key}.state."
-        state = {}
-        for fqn, item in metadata.state_dict_metadata.items():
-            if fqn.startswith(prefix) and isinstance(item, TensorStorageMetadata):
-                pid, name = fqn[len(prefix):].split(".", 1)
-                state.setdefault(int(pid), {})[name] = torch.empty(
-                    item.size, dtype=item.properties.dtype)
-        if not any(fqn.startswith(f"{key}.{rank_key}.") for fqn in metadata.state_dict_metadata):
-            raise ValueError(f"the checkpoint has no {key}.{rank_key}: saved by fewer ranks, "
-                             "or under another key")
-        return {rank_key: {"state": state,
-                           "param_groups": self.optimizer.state_dict()["param_groups"]}}
+            return fsdp_checkpoint.saved_state(self)
+        return fsdp_checkpoint.load_template(self, metadata, key)
 
     def load_distributed_state_dict(self, state_dict):
-        """Loads what dcp.load filled in `distributed_state_dict(metadata, key)`."""
-        self.optimizer.load_state_dict(state_dict[self._rank_key()])
+        """Loads what dcp.load filled in `distributed_state_dict(metadata, key)`; a
+        state that does not fit raises and changes nothing."""
+        self.optimizer.load_state_dict(fsdp_checkpoint.loaded_state(self, state_dict))
 
 
 def _keys(scores):
