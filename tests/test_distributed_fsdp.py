@@ -1,10 +1,11 @@
-"""incrkern.distributed.ShardedOptimizer on FSDP2 and HSDP (scope="global") and
-select="layer" under DDP, on the CPU with gloo over loopback (checkpoints:
-test_distributed_fsdp_checkpoint.py).
+"""incrkern.distributed.ShardedOptimizer on FSDP2 and HSDP (scope="global",
+torch.amp.GradScaler) and select="layer" under DDP, on the CPU with gloo over
+loopback (checkpoints: test_distributed_fsdp_checkpoint.py).
 
 Each world size runs once (one spawn, every scenario in turn, each rank writing what
 it saw to a file); the tests then check those records against one-process runs.
 """
+import copy
 import math
 import os
 from datetime import timedelta
@@ -209,6 +210,44 @@ def _refused_meshes():
     return out
 
 
+SCALE = 2.0 ** 10   # a power of two: scaling and unscaling are exact
+INF_AT = 1
+SCALER_RUNS = ("plain", "scaler", "unscaled_first")
+
+
+def _scaled_run(rank, name):
+    """FSDP2 with scope='global': "plain" without a scaler, leaving out step INF_AT's
+    batch; "scaler" with torch.amp.GradScaler, an inf put in rank 1's gradient at
+    INF_AT; "unscaled_first" the same with scaler.unscale_ before the step (as for
+    clipping). The full params, this rank's state and the scale after each step."""
+    model = _fsdp_model(rank)
+    opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, lr=LR, **GLOBAL)
+    scaler = None if name == "plain" else torch.amp.GradScaler("cpu", init_scale=SCALE)
+    record = {"params": [], "state": [], "scale": []}
+    for step in range(STEPS):
+        if scaler is None and step == INF_AT:
+            continue
+        x, y = _data(rank, step)
+        loss = F.mse_loss(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            if step == INF_AT and rank == 1:
+                with torch.no_grad():
+                    next(model.parameters()).grad.to_local()[0, 0] = float("inf")
+            if name == "unscaled_first":
+                scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            record["scale"].append(scaler.get_scale())
+        opt.zero_grad()
+        record["params"].append([p.detach().full_tensor() for p in model.parameters()])
+        record["state"].append(copy.deepcopy(opt.state_dict()))
+    return record
+
+
 def _worker(rank, world, port, out, scenarios):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -227,6 +266,8 @@ def _worker(rank, world, port, out, scenarios):
     if "hsdp" in scenarios:
         result["hsdp"] = _fsdp_run(rank, mesh=_hsdp_mesh(), **GLOBAL)
         result["refused_meshes"] = _refused_meshes()
+    if "scaler" in scenarios:
+        result["scaler"] = {name: _scaled_run(rank, name) for name in SCALER_RUNS}
     if "ddp_layers" in scenarios:
         result["ddp_layers"] = _ddp_layers(rank)
         result["ddp_layers_apart"] = _ddp_layers(rank, seed=rank)
@@ -244,7 +285,7 @@ def _records(tmp_path_factory, world, scenarios):
 # What each world size runs beyond the selections. On 4 ranks the last layer's
 # shards are 1, 1, 1 and 0 rows.
 WORLD4_RUNS = ("grad", "layer")
-SCENARIOS = {2: ("ddp_layers",) + tuple(name for name, _ in FSDP_RUNS),
+SCENARIOS = {2: ("scaler", "ddp_layers") + tuple(name for name, _ in FSDP_RUNS),
              4: WORLD4_RUNS + ("hsdp",)}
 
 
@@ -465,3 +506,36 @@ def test_global_scope_refuses_layouts_it_cannot_select_over(spawned):
                                      "along the same mesh dimension, they are along "
                                      "dimensions [0, 1]")
 
+
+def _assert_same_state(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys() and a["state"]
+    for pid, state in a["state"].items():
+        assert state.keys() == b["state"][pid].keys()
+        for key, value in state.items():
+            assert torch.equal(value, b["state"][pid][key]), (pid, key)
+
+
+@pytest.mark.parametrize("run", ["scaler", "unscaled_first"])
+def test_grad_scaler_skips_an_inf_step_on_every_rank(world2, run):
+    """torch.amp.GradScaler with ShardedOptimizer: an inf in one rank's gradient
+    skips the step on every rank (params and state as they were) and halves the
+    scale; the finite steps are those of the run without a scaler on the same
+    batches, bit for bit (a power-of-two scale unscales exactly), whether the
+    kernels unscale or scaler.unscale_ did first."""
+    finite = [step for step in range(STEPS) if step != INF_AT]
+    for rank_record in world2:
+        scaled, plain = rank_record["scaler"][run], rank_record["scaler"]["plain"]
+        assert scaled["scale"] == [SCALE] * INF_AT + [SCALE / 2] * (STEPS - INF_AT)
+        before, after = scaled["params"][INF_AT - 1], scaled["params"][INF_AT]
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+        _assert_same_state(scaled["state"][INF_AT], scaled["state"][INF_AT - 1])
+        for j, step in enumerate(finite):
+            assert all(torch.equal(a, b) for a, b in zip(scaled["params"][step],
+                                                         plain["params"][j])), step
+            _assert_same_state(scaled["state"][step], plain["state"][j])
+        first, last = scaled["params"][0], scaled["params"][-1]
+        assert any(not torch.equal(a, b) for a, b in zip(first, last))
+    # Both ranks hold the same full params: they skipped together.
+    a, b = (r["scaler"][run]["params"] for r in world2)
+    assert all(torch.equal(x, y) for sa, sb in zip(a, b) for x, y in zip(sa, sb))

@@ -27,6 +27,7 @@ reduced gradients, with no traffic between replicas.
 Checkpoints: fsdp_checkpoint.
 """
 import math
+from collections.abc import MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -102,6 +103,34 @@ def shard_mesh_dim(params):
     return dims.pop() if dims else 0
 
 
+class _ParamGroup(MutableMapping):
+    """A param group of the wrapped optimizer with the DTensor params in place of
+    their local shards (what torch.amp.GradScaler reads the gradients from); other
+    keys read and write the wrapped group, so that setting "lr" here sets it there."""
+
+    def __init__(self, group, params):
+        self._group, self._params = group, params
+
+    def __getitem__(self, key):
+        return self._params if key == "params" else self._group[key]
+
+    def __setitem__(self, key, value):
+        if key == "params":
+            raise KeyError("params: a ShardedOptimizer's params are fixed when it is made")
+        self._group[key] = value
+
+    def __delitem__(self, key):
+        if key == "params":
+            raise KeyError("params: a ShardedOptimizer's params are fixed when it is made")
+        del self._group[key]
+
+    def __iter__(self):
+        return iter(self._group)
+
+    def __len__(self):
+        return len(self._group)
+
+
 class ShardedOptimizer:
     """`optimizer_class(local shards, **options)` driven from the FSDP2 parameters.
 
@@ -111,7 +140,8 @@ class ShardedOptimizer:
         loss.backward(); opt.step(); opt.zero_grad()
 
     `optimizer` is the wrapped optimizer; its state_dict holds this rank's shards'
-    state. Make it after fully_shard and after moving the model: a shard whose
+    state. `param_groups` are its groups with the DTensor params in place of the
+    shards. Make it after fully_shard and after moving the model: a shard whose
     storage moved later raises at the next step.
 
     select="layer" draws whole tensors by their full sizes, the same on every rank
@@ -127,6 +157,12 @@ class ShardedOptimizer:
     makes the same one from its identical reduced gradients. It needs a score every
     rank can compute on its own (select "grad", "grad_sq", "weight" or
     "accumulated"; not "random"); topk="approx" selects exactly here.
+
+    torch.amp.GradScaler: `scaler.step(opt)` checks the DTensor gradients for
+    inf/NaN (DTensor reduces the flag over the mesh, so every rank sees the same
+    one) and hands the wrapped optimizer the loss scale and the flag, as it hands
+    them to an incrkern optimizer: the kernels unscale as they read, and a flagged
+    step changes nothing on any rank.
 
     Checkpoints with torch.distributed.checkpoint resume on any world size and
     either mesh: `distributed_state_dict()` for dcp.save; to load,
@@ -154,8 +190,20 @@ class ShardedOptimizer:
         self.optimizer = optimizer_class(self.shards, **options)
         full_numels = {id(shard): p.numel() for p, shard in zip(self.params, self.shards)}
         self.optimizer._layer_numel = lambda shard: full_numels[id(shard)]
+        self._param_of = {id(shard): p for p, shard in zip(self.params, self.shards)}
         if any(g["scope"] == "global" for g in self.optimizer.param_groups):
             self._set_up_global_selection()
+
+    @property
+    def param_groups(self):
+        return [_ParamGroup(g, [self._param_of[id(s)] for s in g["params"]])
+                for g in self.optimizer.param_groups]
+
+    @property
+    def _step_supports_amp_scaling(self):
+        # GradScaler then hands step() the scale and the inf flag (attributes
+        # grad_scale, found_inf) instead of unscaling the grads itself: passed on.
+        return getattr(self.optimizer, "_step_supports_amp_scaling", False)
 
     def block(self, i):
         """(full shape, offset of this rank's block in it) of params[i], checked
@@ -196,7 +244,15 @@ class ShardedOptimizer:
                 raise RuntimeError(f"params[{i}]'s local shard moved since the optimizer was "
                                    "made (the model was moved or re-sharded): make it again")
             shard.grad = None if p.grad is None else p.grad.to_local()
-        self.optimizer.step()
+        amp = {name: getattr(self, name) for name in ("grad_scale", "found_inf")
+               if name in vars(self)}
+        for name, value in amp.items():
+            setattr(self.optimizer, name, value)
+        try:
+            self.optimizer.step()
+        finally:
+            for name in amp:
+                delattr(self.optimizer, name)
 
     def zero_grad(self, set_to_none=True):
         for p in self.params:
