@@ -163,8 +163,8 @@ def _ddp_layers(rank, seed=None):
 
 
 def _layouts(world):
-    """chunk_layout, the library's own rule, beside torch's helper: on a 1-D mesh,
-    and on 4 ranks on a 2x2 mesh as well (HSDP's placements and others)."""
+    """chunk_layout, the library's own rule, beside torch's own function: on a 1-D
+    mesh, and on 4 ranks on a 2x2 mesh as well (HSDP's placements and others)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
     from incrkern.distributed import fsdp
