@@ -146,7 +146,7 @@ def _resume_run(rank, mesh, config, out, saved):
     return {"params": params, "state": state}
 
 
-def _refusals(rank, out):
+def _refusals(out):
     """Bad input to the load: the error each raises, and the state before and after."""
     import torch.distributed.checkpoint as dcp
     errors = {}
@@ -212,7 +212,7 @@ def _worker(rank, world, port, out, phase):
         for mesh, saved in resuming:
             result[("resume", saved, mesh, config)] = _resume_run(rank, mesh, config, out, saved)
     if phase == "world1":
-        result["refusals"] = _refusals(rank, out)
+        result["refusals"] = _refusals(out)
     torch.save(result, os.path.join(out, f"{phase}_rank{rank}.pt"))
     dist.barrier()   # no rank leaves while a peer still talks to it
     dist.destroy_process_group()
@@ -347,6 +347,7 @@ def test_bad_checkpoint_input_raises_and_changes_nothing(records):
     assert "more than once" in errors["twice"]
     assert errors["other model"].startswith("metadata: optim.state.0.") \
         and "params[0] (21, 12)" in errors["other model"]
+    assert run["before"]["state"]   # a loaded state, left as it was
     _assert_same_state(run["after"]["state"], run["before"]["state"])
     assert run["after"]["param_groups"] == run["before"]["param_groups"]
     assert all(torch.equal(a, b) for a, b in zip(run["params_after"], run["params_before"]))
