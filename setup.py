@@ -111,8 +111,13 @@ def extension():
     # one torch has already loaded (same soname). -fno-semantic-interposition: calls
     # between the library's own functions (std::vector growth in the select kernels
     # among them) go direct, not through the PLT as -fPIC alone would have them.
+    # -ffp-contract=off: as nvcc's --fmad=false below. gcc contracted the rule's
+    # multiply-adds into FMAs in some loops and not in others (the vector body of the
+    # masked stream against its scalar peel and the positional loop), so an element's
+    # result depended on the path that updated it and on the tensor's alignment: a
+    # shard cut at another offset rounded differently.
     cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp",
-                 "-fno-semantic-interposition"]
+                 "-fno-semantic-interposition", "-ffp-contract=off"]
     # --fmad=false: nvcc contracts a multiply and an add into one FMA where it sees fit,
     # and sees fit differently in each kernel the same rule is inlined into, so the
     # update kernel and the fused select-and-update, which must agree bit for bit,

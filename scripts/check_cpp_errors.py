@@ -28,7 +28,7 @@ FLAG_SETS = {
     "-fopenmp": ["-fopenmp"],
     "-fno-semantic-interposition": ["-fno-semantic-interposition"],
     "setup.py's": ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp",
-                   "-fno-semantic-interposition"],
+                   "-fno-semantic-interposition", "-ffp-contract=off"],
 }
 
 CHILD = r"""
