@@ -173,9 +173,7 @@ class ShardedOptimizer:
     uninterrupted one bit for bit where the selection does not depend on the shard
     boundaries: scope="global", or any mask="fixed" once its mask is made;
     scope="tensor" with a mask it remakes selects per shard, so other shards choose
-    other elements. On the CPU a step with param-sized moments from MASK_DENSITY on
-    (the dense-mask update) rounds a few elements differently on shards of other
-    lengths: there the continuation agrees to fp32 rounding.
+    other elements.
     """
 
     def __init__(self, params, optimizer_class, **options):
