@@ -63,6 +63,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
     if mode == "medium" and what not in ("finetune", "corpus"):
         raise SystemExit("incrkern.bench: --medium is a size of the finetune and corpus "
                          "benchmarks only")
+    if what == "distributed":
+        device = distributed_device(device)
     device = torch.device(device or default_device())
     if threads is not None:
         torch.set_num_threads(threads)
@@ -80,7 +82,7 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
     results = {"command": command,
                "machine": common.machine_info(device), "mode": mode}
     if what == "distributed":
-        return _run_distributed(results, mode, out, bar, quiet, t0, threads)
+        return _run_distributed(results, mode, out, bar, quiet, t0, threads, device)
     if what in ("kernels", "all"):
         results["kernels"] = kernels.run(sizes_for(mode, device), device, progress=bar)
     if what in ("sparse", "all"):
@@ -121,13 +123,24 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
     return results, paths
 
 
-def _run_distributed(results, mode, out, bar, quiet, t0, threads):
-    """`python -m incrkern.bench distributed`: DDP top-k against all-reduce (CPU, gloo)."""
-    results["command"] = f"python -m incrkern.bench distributed --{mode}"
-    results["distributed"] = distributed.run(mode, progress=bar)
+def distributed_device(requested):
+    """The device of `distributed` when none is asked for: NCCL needs a GPU per rank, so
+    "cuda" only with GPUs enough for the smallest world size, else the CPU's gloo ranks."""
+    if requested is not None:
+        return requested
+    enough = torch.cuda.is_available() and torch.cuda.device_count() >= min(
+        distributed.WORLD_SIZES)
+    return "cuda" if enough else "cpu"
+
+
+def _run_distributed(results, mode, out, bar, quiet, t0, threads, device):
+    """`python -m incrkern.bench distributed`: DDP top-k against all-reduce (CPU ranks
+    over gloo, or a rank per GPU over NCCL)."""
+    results["command"] = f"python -m incrkern.bench distributed --{mode} --device {device.type}"
+    results["distributed"] = distributed.run(mode, progress=bar, device_type=device.type)
     results["total_s"] = time.perf_counter() - t0
     results["machine"]["load_average_end"] = common._load_average()
-    stem = os.path.join(out, file_stem(torch.device("cpu"), "distributed", mode,
+    stem = os.path.join(out, file_stem(device, "distributed", mode,
                                        threads=threads))
     paths = {"json": stem + ".json", "markdown": stem + ".md"}
     table = distributed.markdown(results["distributed"])
@@ -152,7 +165,8 @@ def main(argv=None):
                                  "finetune", "corpus"),
                         help="all: kernels, sparse and convergence; distributed: DDP "
                              "with the top-k hook against all-reduce, 2 and 4 CPU ranks "
-                             "over gloo; finetune: the sparse fine-tuning benchmark; "
+                             "over gloo (with --device cuda, a rank per GPU over NCCL); "
+                             "finetune: the sparse fine-tuning benchmark; "
                              "corpus: a byte-level language model trained from scratch "
                              "on Python sources, dense against sparse")
     size = parser.add_mutually_exclusive_group()

@@ -1,11 +1,13 @@
-"""DDP with the top-k hook against plain DDP all-reduce: CPU, gloo over loopback.
+"""DDP with the top-k hook against plain DDP all-reduce: CPU ranks with gloo over
+loopback, or one rank per GPU with NCCL (device "cuda", a machine with 2 GPUs or more).
 
 For each world size one group of processes trains the same MLP on the same
 synthetic task (labels from a fixed random teacher) with plain DDP and with the
 hook at each density, in turn. Per configuration: the bytes each rank sends per
 step as the hook counts them (the ring model), the loopback interface's transmitted
 bytes over the same steps divided by the ranks (what gloo really moved, its headers
-included; other loopback traffic on the machine adds to it), the median step time
+included; other loopback traffic on the machine adds to it; not measured with
+NCCL, whose traffic goes over NVLink, PCIe or shared memory), the median step time
 (the configurations taking turns), and the loss on a held-out set after the last
 step.
 """
@@ -23,6 +25,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 WORLD_SIZES = (2, 4)
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DENSITIES = (0.1, 0.01, 0.001)
 STEPS = {"quick": 40, "full": 200, "tiny": 6}
 START_ITER = 2
@@ -68,10 +71,11 @@ def _batch(rank, step, size=BATCH):
     return x, (x @ teacher).argmax(1)
 
 
-def _setup(density, width):
+def _setup(density, width, device):
     from incrkern.distributed import TopKState, topk_hook
-    model = _model(width)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    model = _model(width).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     state = None
     if density is not None:
         state = TopKState(density=density, start_iter=START_ITER)
@@ -79,34 +83,36 @@ def _setup(density, width):
     return ddp, state, torch.optim.SGD(model.parameters(), lr=LR)
 
 
-def _step(ddp, opt, rank, step):
-    x, y = _batch(rank, step)
+def _step(ddp, opt, rank, step, device):
+    x, y = (t.to(device) for t in _batch(rank, step))
     loss = F.cross_entropy(ddp(x), y)
     loss.backward()
     opt.step()
     opt.zero_grad()
 
 
-def _traffic_and_loss(rank, world, density, steps, width):
+def _traffic_and_loss(rank, world, density, steps, width, device):
     """One configuration alone: the bytes it sends (counted, and on the loopback
-    interface) over the compressed steps, and the held-out loss after the last step."""
+    interface with gloo) over the compressed steps, and the held-out loss after the
+    last step."""
     from incrkern.distributed import allreduce_bytes
-    ddp, state, opt = _setup(density, width)
+    ddp, state, opt = _setup(density, width, device)
+    loopback = _loopback_tx_bytes if device.type == "cpu" else lambda: None
     counted, tx_start = 0, None
     for step in range(steps):
         if step == START_ITER:   # the compressed steps only
             dist.barrier()
-            tx_start = _loopback_tx_bytes()
-        _step(ddp, opt, rank, step)
+            tx_start = loopback()
+        _step(ddp, opt, rank, step, device)
         if step >= START_ITER and state is not None:
             counted += state.bytes_sent
     dist.barrier()
-    tx_end = _loopback_tx_bytes()
+    tx_end = loopback()
     measured = steps - START_ITER
     numel = sum(p.numel() for p in ddp.module.parameters())
     if state is None:   # torch's own all-reduce, by the ring model the hook counts with
         counted = allreduce_bytes(numel, 4, world) * measured
-    x, y = _batch(-1, 0, HELD_OUT)
+    x, y = (t.to(device) for t in _batch(-1, 0, HELD_OUT))
     with torch.no_grad():
         loss = F.cross_entropy(ddp.module(x), y)
     return {"world": world, "density": density, "numel": numel, "steps": steps,
@@ -116,30 +122,37 @@ def _traffic_and_loss(rank, world, density, steps, width):
             "loss": float(loss)}
 
 
-def _step_times(rank, world, densities, steps, width):
+def _step_times(rank, world, densities, steps, width, device):
     """Median step time of each configuration, the configurations taking turns step by
     step, so that the machine's other work weighs on all alike."""
-    runs = [_setup(density, width) for density in densities]
+    runs = [_setup(density, width, device) for density in densities]
     times = [[] for _ in runs]
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for step in range(steps):
         for (ddp, _, opt), samples in zip(runs, times):
+            sync()
             t0 = time.perf_counter()
-            _step(ddp, opt, rank, step)
+            _step(ddp, opt, rank, step, device)
+            sync()
             if step >= START_ITER:
                 samples.append(time.perf_counter() - t0)
     return [1e3 * statistics.median(samples) for samples in times]
 
 
-def _worker(rank, world, port, out, mode):
+def _worker(rank, world, port, out, mode, device_type):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world,
+    device = torch.device(device_type, rank if device_type == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(BACKENDS[device.type], rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     warnings.simplefilter("ignore", FutureWarning)
     configs = (None,) + DENSITIES
-    rows = [_traffic_and_loss(rank, world, density, STEPS[mode], WIDTH[mode])
+    rows = [_traffic_and_loss(rank, world, density, STEPS[mode], WIDTH[mode], device)
             for density in configs]
-    for row, ms in zip(rows, _step_times(rank, world, configs, STEPS[mode], WIDTH[mode])):
+    for row, ms in zip(rows, _step_times(rank, world, configs, STEPS[mode], WIDTH[mode],
+                                         device)):
         row["step_ms"] = ms   # rank 0's
     if rank == 0:
         torch.save(rows, out)
@@ -147,15 +160,30 @@ def _worker(rank, world, port, out, mode):
     dist.destroy_process_group()
 
 
-def run(mode="quick", progress=None):
+def world_sizes(device_type):
+    """The world sizes run on this machine: WORLD_SIZES on the CPU; on CUDA those with
+    a GPU for every rank."""
+    if device_type == "cpu":
+        return WORLD_SIZES
+    count = torch.cuda.device_count()
+    worlds = tuple(w for w in WORLD_SIZES if w <= count)
+    if not worlds:
+        raise SystemExit(f"incrkern.bench distributed: --device cuda runs a rank per GPU "
+                         f"over NCCL and needs {min(WORLD_SIZES)} GPUs or more; this "
+                         f"machine has {count} (--device cpu runs gloo ranks)")
+    return worlds
+
+
+def run(mode="quick", progress=None, device_type="cpu"):
     """Rows of the table, one per (world size, density or None for plain DDP)."""
     rows = []
-    bar = progress(total=len(WORLD_SIZES), desc="distributed") if progress else None
+    worlds = world_sizes(device_type)
+    bar = progress(total=len(worlds), desc="distributed") if progress else None
     with tempfile.TemporaryDirectory() as tmp:
-        for world in WORLD_SIZES:
+        for world in worlds:
             out = os.path.join(tmp, f"world{world}.pt")
-            mp.start_processes(_worker, args=(world, _free_port(), out, mode), nprocs=world,
-                               start_method="spawn")
+            mp.start_processes(_worker, args=(world, _free_port(), out, mode, device_type),
+                               nprocs=world, start_method="spawn")
             rows += torch.load(out)
             if bar:
                 bar.update()
