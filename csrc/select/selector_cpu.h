@@ -334,8 +334,7 @@ class Selector {
         if constexpr (kScanReader<K, decltype(rd)>) {
           // The vector scans: the chosen tiles listed without a branch, then their
           // keys >= t written by compress stores, in one call.
-          // Uninitialised: written before read (zeroing them cost as much as a
-          // tenth of the selection).
+          // Left uninitialised: every entry read was written first.
           const int64_t whole = src.n / kTile;
           const std::unique_ptr<int64_t[]> chosen(new int64_t[size_t(whole) + 1]);
           int64_t nchosen = 0;
