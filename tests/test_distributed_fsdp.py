@@ -215,12 +215,14 @@ INF_AT = 1
 SCALER_RUNS = ("plain", "scaler", "unscaled_first")
 
 
-def _scaled_run(rank, name):
+def _scaled_run(rank, name, mesh=None):
     """FSDP2 with scope='global': "plain" without a scaler, leaving out step INF_AT's
     batch; "scaler" with torch.amp.GradScaler, an inf put in rank 1's gradient at
     INF_AT; "unscaled_first" the same with scaler.unscale_ before the step (as for
-    clipping). The full params, this rank's state and the scale after each step."""
-    model = _fsdp_model(rank)
+    clipping). With `mesh` (HSDP) the inf goes into rank 1's batch instead: FSDP's
+    reductions then carry it to every replica's gradients, as a real overflow's. The
+    full params, this rank's state and the scale after each step."""
+    model = _fsdp_model(rank, mesh)
     opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, lr=LR, **GLOBAL)
     scaler = None if name == "plain" else torch.amp.GradScaler("cpu", init_scale=SCALE)
     record = {"params": [], "state": [], "scale": []}
@@ -228,13 +230,16 @@ def _scaled_run(rank, name):
         if scaler is None and step == INF_AT:
             continue
         x, y = _data(rank, step)
+        if scaler is not None and mesh is not None and step == INF_AT and rank == 1:
+            x = x.clone()
+            x[0, 0] = float("inf")
         loss = F.mse_loss(model(x), y)
         if scaler is None:
             loss.backward()
             opt.step()
         else:
             scaler.scale(loss).backward()
-            if step == INF_AT and rank == 1:
+            if mesh is None and step == INF_AT and rank == 1:
                 with torch.no_grad():
                     next(model.parameters()).grad.to_local()[0, 0] = float("inf")
             if name == "unscaled_first":
@@ -268,6 +273,9 @@ def _worker(rank, world, port, out, scenarios):
         result["refused_meshes"] = _refused_meshes()
     if "scaler" in scenarios:
         result["scaler"] = {name: _scaled_run(rank, name) for name in SCALER_RUNS}
+    if "scaler_hsdp" in scenarios:
+        result["scaler"] = {name: _scaled_run(rank, name, _hsdp_mesh())
+                            for name in ("plain", "scaler")}
     if "ddp_layers" in scenarios:
         result["ddp_layers"] = _ddp_layers(rank)
         result["ddp_layers_apart"] = _ddp_layers(rank, seed=rank)
@@ -286,7 +294,7 @@ def _records(tmp_path_factory, world, scenarios):
 # shards are 1, 1, 1 and 0 rows.
 WORLD4_RUNS = ("grad", "layer")
 SCENARIOS = {2: ("scaler", "ddp_layers") + tuple(name for name, _ in FSDP_RUNS),
-             4: WORLD4_RUNS + ("hsdp",)}
+             4: WORLD4_RUNS + ("hsdp", "scaler_hsdp")}
 
 
 @pytest.fixture(scope="module")
@@ -523,8 +531,18 @@ def test_grad_scaler_skips_an_inf_step_on_every_rank(world2, run):
     scale; the finite steps are those of the run without a scaler on the same
     batches, bit for bit (a power-of-two scale unscales exactly), whether the
     kernels unscale or scaler.unscale_ did first."""
+    _check_scaled_run(world2, run)
+
+
+def test_grad_scaler_under_hsdp(spawned):
+    """The same on a 2x2 HSDP mesh, the inf in one rank's batch: all four ranks, both
+    replicas, skip together."""
+    _check_scaled_run(spawned(4), "scaler")
+
+
+def _check_scaled_run(records, run):
     finite = [step for step in range(STEPS) if step != INF_AT]
-    for rank_record in world2:
+    for rank_record in records:
         scaled, plain = rank_record["scaler"][run], rank_record["scaler"]["plain"]
         assert scaled["scale"] == [SCALE] * INF_AT + [SCALE / 2] * (STEPS - INF_AT)
         before, after = scaled["params"][INF_AT - 1], scaled["params"][INF_AT]
@@ -536,6 +554,8 @@ def test_grad_scaler_skips_an_inf_step_on_every_rank(world2, run):
             _assert_same_state(scaled["state"][step], plain["state"][j])
         first, last = scaled["params"][0], scaled["params"][-1]
         assert any(not torch.equal(a, b) for a, b in zip(first, last))
-    # Both ranks hold the same full params: they skipped together.
-    a, b = (r["scaler"][run]["params"] for r in world2)
-    assert all(torch.equal(x, y) for sa, sb in zip(a, b) for x, y in zip(sa, sb))
+    # Every rank holds the same full params: they skipped together.
+    first = records[0]["scaler"][run]["params"]
+    for other in records[1:]:
+        assert all(torch.equal(x, y) for sa, sb in zip(first, other["scaler"][run]["params"])
+                   for x, y in zip(sa, sb))
