@@ -53,6 +53,28 @@ def test_measure_counts_every_sample():
     assert 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"]
 
 
+def test_measure_pair_takes_turns():
+    calls = []
+    timed, reference = common.measure_pair(lambda: calls.append("a"),
+                                           lambda: calls.append("b"), warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4
+    assert timed["repeats"] == reference["repeats"] == 3
+    # the stopping rule counts both calls' time
+    calls.clear()
+    timed, reference = common.measure_pair(lambda: time.sleep(0.005), lambda: time.sleep(0.005),
+                                           warmup=0, repeats=10, max_time_s=0.03)
+    assert timed["repeats"] == reference["repeats"] == 3
+
+
+def test_sparse_rows_are_paired_with_the_reference(tiny_run):
+    results, _ = tiny_run
+    rows = [r for r in results["sparse"]["records"]
+            if r["available"] and r["impl"].startswith("incrkern")]
+    assert rows
+    for r in rows:
+        assert r["speedup_vs_ref"] == pytest.approx(r["reference_s"] / r["median_s"])
+
+
 def test_copy_bandwidth_is_positive():
     bw = common.copy_bandwidth(10_000, repeats=2)
     probe = common.CopyProbe(10_000)

@@ -95,6 +95,31 @@ def measure(fn, *, device="cpu", warmup=2, repeats=5, min_time_s=0.0, max_time_s
             "max_s": max(samples), "repeats": len(samples)}
 
 
+def measure_pair(fn, reference, *, device="cpu", warmup=2, repeats=5, min_time_s=0.0,
+                 max_time_s=None, min_repeats=3, max_repeats=50):
+    """measure() of fn and of `reference` taking turns, one call each per round, with
+    measure()'s rule for the number of rounds (on the two calls' time together): a
+    shared machine whose bandwidth drifts between rows moves both alike, so their
+    ratio holds. Returns (fn's timing, reference's timing)."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+        reference()
+    synchronize(device)
+    samples = ([], [])
+    while len(samples[0]) < max_repeats:
+        n, total = len(samples[0]), sum(samples[0]) + sum(samples[1])
+        if n >= repeats and total >= min_time_s:
+            break
+        if max_time_s is not None and n >= min_repeats and total >= max_time_s:
+            break
+        for f, out in zip((fn, reference), samples):
+            out.append(measure(f, device=device, warmup=0, repeats=1, min_repeats=1,
+                               max_repeats=1)["median_s"])
+    return tuple({"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+                  "repeats": len(t)} for t in samples)
+
+
 class CopyProbe:
     """Measures the copy bandwidth: bytes/s of a large `dst.copy_(src)` (fp32), counting
     the bytes read plus written. It keeps its two buffers, so it can be measured again

@@ -236,16 +236,25 @@ def build_cases(sizes, target):
 # timing
 
 
-def _time_steps(opt, sizes, device):
+def _stepper(opt):
     def step():
         with torch.no_grad():
             opt.step()
+    return step
+
+
+def _time_steps(opt, sizes, device, reference=None):
+    """The timing of opt's step; with `reference` (the dense optimizer), the two timed
+    taking turns: (timing, the reference's timing, error)."""
+    limits = dict(device=device, warmup=max(2, sizes.warmup), repeats=sizes.repeats,
+                  min_time_s=sizes.min_time_s, max_time_s=sizes.max_time_s,
+                  min_repeats=min(3, sizes.repeats))
     try:
-        return measure(step, device=device, warmup=max(2, sizes.warmup), repeats=sizes.repeats,
-                       min_time_s=sizes.min_time_s, max_time_s=sizes.max_time_s,
-                       min_repeats=min(3, sizes.repeats)), None
+        if reference is None:
+            return measure(_stepper(opt), **limits), None, None
+        return (*common.measure_pair(_stepper(opt), _stepper(reference), **limits), None)
     except Exception as exc:  # noqa: BLE001 - report, do not hide or crash
-        return None, common.failure(exc)
+        return None, None, common.failure(exc)
 
 
 def _chosen_positions(grads, density, select, opt):
@@ -261,9 +270,10 @@ def _chosen_positions(grads, density, select, opt):
 
 
 def run_case(case, sizes, device):
-    """Records of one case: the dense torch reference, timed before and after the
-    incrkern rows (the lower median is the reference: the ratio never flatters
-    incrkern), then one record per row."""
+    """Records of one case: the dense torch reference, timed alone before the rows,
+    then one record per row, each row timed taking turns with the reference (its
+    ratio is to the reference's steps of the same minutes: a shared machine's
+    bandwidth drifts between rows)."""
     device = torch.device(device)
     line = LINE_BYTES.get(device.type, 64)
     params = []
@@ -279,23 +289,19 @@ def run_case(case, sizes, device):
                 n_tensors=len(params), copies=case.meta.get("copies", 1),
                 working_set_bytes=BYTES_PER_ELEMENT * n, total_lines=lines_all)
 
-    def reference():
-        opt = torch.optim.AdamW(params, **ADAMW_ARGS, fused=True)
-        timing = _time_steps(opt, sizes, device)
-        del opt
-        release()
-        return timing
-
-    before = reference()
+    dense = torch.optim.AdamW(params, **ADAMW_ARGS, fused=True)
+    ref, _, ref_error = _time_steps(dense, sizes, device)
     records = []
     for select, density, topk in rows(sizes):
         fields = dict(base, impl=f"incrkern AdamW {topk}", select=select, density=density,
                       topk=topk)
+        paired = None
         try:
             opt = incrkern.optim.AdamW(params, **ADAMW_ARGS, density=density, select=select,
                                        topk=topk)
-            timing, error = _time_steps(opt, sizes, device)
-            positions = _chosen_positions(grads, density, select, opt)
+            timing, paired, error = _time_steps(opt, sizes, device, reference=dense)
+            positions = None if timing is None else _chosen_positions(grads, density, select,
+                                                                      opt)
         except Exception as exc:  # noqa: BLE001
             timing, error = None, common.failure(exc)
         opt = None
@@ -307,25 +313,20 @@ def run_case(case, sizes, device):
         nbytes = bound_bytes(n, lines, line, select)
         records.append(dict(fields, available=True, **timing,
                             k=sum(int(i.numel()) for i in positions), touched_lines=lines,
-                            lines_fraction=lines / lines_all, bound_bytes=nbytes))
+                            lines_fraction=lines / lines_all, bound_bytes=nbytes,
+                            reference_s=paired["median_s"],
+                            speedup_vs_ref=paired["median_s"] / timing["median_s"],
+                            # fastest against fastest: a step's cost when nothing else runs
+                            speedup_of_min=paired["min_s"] / timing["min_s"]))
         del positions
-    after = reference()
-    refs = [t for t, _ in (before, after) if t is not None]
-    ref = min(refs, key=lambda t: t["median_s"]) if refs else None
+    del dense
     dense_bytes = BYTES_ADAMW * n
     if ref is None:
-        head = common.unavailable(before[1] or after[1], impl=REFERENCE, **base)
+        head = common.unavailable(ref_error, impl=REFERENCE, **base)
     else:
         head = dict(base, impl=REFERENCE, available=True, select=None, density=1.0, topk=None,
                     **ref, speedup_vs_ref=1.0, speedup_of_min=1.0, k=n, touched_lines=lines_all,
-                    lines_fraction=1.0, bound_bytes=dense_bytes,
-                    reference_medians_s=[t["median_s"] for t in refs])
-    for rec in records:
-        if rec["available"] and ref:
-            rec["reference_s"] = ref["median_s"]
-            rec["speedup_vs_ref"] = ref["median_s"] / rec["median_s"]
-            # fastest against fastest: what a step costs when nothing else runs
-            rec["speedup_of_min"] = min(t["min_s"] for t in refs) / rec["min_s"]
+                    lines_fraction=1.0, bound_bytes=dense_bytes)
     del params, grads
     release()
     return [head] + records
