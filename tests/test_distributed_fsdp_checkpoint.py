@@ -40,6 +40,8 @@ CONFIGS = {
     "mask2": dict(density=DENSITY, scope="global", select="grad_sq", mask=2),
     # saved after an odd number of micro-steps: the accumulated gradient is mid-sum
     "accumulate": dict(density=DENSITY, scope="global", accumulate_steps=2),
+    # bf16 params: the fp32 master weights are param-sized state too
+    "master": dict(density=DENSITY, scope="global", master_weights=True),
 }
 # (checkpoint, the run resuming from it): a mesh kind and its world size each.
 RESUMES = [("fsdp2", "fsdp4"), ("fsdp2", "hsdp4"), ("fsdp2", "fsdp2"), ("fsdp4", "fsdp2"),
@@ -74,13 +76,15 @@ def _block(shape, index, count):
 # the ranks
 
 
-def _fsdp_model(mesh):
+def _fsdp_model(mesh, config):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     world = int(mesh[4:])
     device_mesh = (init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
                    if mesh.startswith("hsdp") else init_device_mesh("cpu", (world,)))
     model = _model()
+    if CONFIGS[config].get("master_weights"):
+        model.to(torch.bfloat16)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=device_mesh)
@@ -91,7 +95,7 @@ def _set_grads(model, step, mesh, rank):
     from torch.distributed.tensor import DTensor
     index, count = _shard_of(mesh, rank)
     for p, full in zip(model.parameters(), _grads(step)):
-        local = full[_block(full.shape, index, count)].contiguous()
+        local = full[_block(full.shape, index, count)].to(p.dtype).contiguous()
         p.grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape,
                                     stride=p.stride(), run_check=False)
 
@@ -113,7 +117,7 @@ def _save_run(rank, mesh, config, out):
     """Trains STEPS steps, saving after SAVE_AT: the params after each step and the
     state it saved."""
     import torch.distributed.checkpoint as dcp
-    model = _fsdp_model(mesh)
+    model = _fsdp_model(mesh, config)
     opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, lr=LR, **CONFIGS[config])
     params = [_full_params(model)]
     _steps(model, opt, mesh, rank, 0, SAVE_AT, params)
@@ -126,7 +130,7 @@ def _save_run(rank, mesh, config, out):
 
 def _load(mesh, config, out, saved):
     import torch.distributed.checkpoint as dcp
-    model = _fsdp_model(mesh)
+    model = _fsdp_model(mesh, config)
     opt = ShardedOptimizer(model.parameters(), incrkern.optim.AdamW, lr=LR, **CONFIGS[config])
     path = os.path.join(out, f"{saved}_{config}")
     metadata = dcp.FileSystemReader(path).read_metadata()
@@ -304,6 +308,8 @@ def test_resumes_on_another_world_size_bit_identically(records, config, saved, r
         assert all("chosen" in s for s in expected.values())
     if "accumulate_steps" in CONFIGS[config]:   # saved mid-sum, the sum went along
         assert all("grad_acc" in s for s in expected.values())
+    if CONFIGS[config].get("master_weights"):   # bf16 params: their fp32 masters went along
+        assert all("master_weight" in s for s in expected.values())
     for rank_record in resuming:
         for step, (a, b) in enumerate(zip(rank_record["params"], saving[0]["params"][SAVE_AT:])):
             assert all(torch.equal(x, y) for x, y in zip(a, b)), step
