@@ -19,27 +19,18 @@ writes its paths):
     those inside its own shard. They cover about `density` of the params, so
     reading them all is cheap.
 """
+import math
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
+from . import fsdp
 from ..optim.base import _stored_positions
 from ..optim.checks import COMPACT_STATE_KEYS, UNSIZED_STATE_KEYS
 
 # State of the same value on every rank, whatever the shard's size.
 _SCALAR_KEYS = tuple(k for k in UNSIZED_STATE_KEYS if k != "indices")
-
-
-def _global_positions(local, shape, offset, local_shape):
-    """Flat positions in the full tensor of `shape` of the flat positions `local` in
-    the block of `local_shape` at `offset`."""
-    if not shape or local.numel() == 0:
-        return local.clone()
-    coords = torch.unravel_index(local, tuple(local_shape))
-    position = torch.zeros_like(local)
-    for d, size in enumerate(shape):
-        position = position * size + coords[d] + offset[d]
-    return position
 
 
 def _local_positions(positions, shape, offset, local_shape):
@@ -82,7 +73,8 @@ def saved_state(opt):
         entry = None
         if kept is not None and _saves_positions(p):
             shape, offset = opt.block(pid)
-            entry = {"positions": _global_positions(kept.long(), shape, offset, shard.shape)}
+            entry = {"positions": fsdp._global_positions(kept.long(), shape, offset, 0,
+                                                         tuple(shard.shape))}
             positions.setdefault(str(pid), {})[rank] = entry
         mine = state[str(pid)] = {}
         for name, value in saved.items():
@@ -172,9 +164,7 @@ def loaded_state(opt, state_dict):
             raise ValueError(f"state_dict['positions'][{pid!r}]: every saved rank needs "
                              f"'positions' and the same state, got {[sorted(e) for e in entries]}")
         flat = torch.cat([e["positions"].long() for e in entries])
-        total = 1
-        for size in shape:
-            total *= size
+        total = math.prod(shape)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= total):
             raise ValueError(f"state_dict['positions'][{pid!r}]: positions outside "
                              f"[0, {total}): a checkpoint of another model?")
