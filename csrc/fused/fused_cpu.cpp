@@ -460,6 +460,7 @@ std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, 
 template <typename T>
 int64_t run_zero_floor(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added) {
   const int64_t n = c.params[i].numel();
+  // Winners: the keys above 0 (hi = 0); lo = 1 above hi leaves no candidates.
   std::vector<BlockOut> out = list_pass(t, n, 1, 0, added, /*few_hits=*/true);
   int64_t nonzeros = 0;
   for (const BlockOut& o : out) nonzeros += o.winners;

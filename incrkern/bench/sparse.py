@@ -295,7 +295,6 @@ def run_case(case, sizes, device):
     for select, density, topk in rows(sizes):
         fields = dict(base, impl=f"incrkern AdamW {topk}", select=select, density=density,
                       topk=topk)
-        paired = None
         try:
             opt = incrkern.optim.AdamW(params, **ADAMW_ARGS, density=density, select=select,
                                        topk=topk)
