@@ -121,12 +121,13 @@ def same(a, b):
     return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
-def assert_close_nan(actual, expected):
+def assert_close_nan(actual, expected, before=None):
     """As the update kernels' tests compare params (fp32 rounding, one final bf16/fp16
-    ulp), NaN where the reference has NaN."""
+    ulp, and near a cancellation two fp32 ulps of the param before the step), NaN
+    where the reference has NaN."""
     assert torch.equal(actual.isnan(), expected.isnan())
     ok = ~actual.isnan()
-    assert_param_close(actual[ok], expected[ok])
+    assert_param_close(actual[ok], expected[ok], None if before is None else before[ok])
 
 
 def changed_set(before, after, i):
@@ -162,7 +163,7 @@ def check(x, ks, approx=False, **hyper):
     for i in range(len(ks)):
         unchosen = torch.ones(x["params"][i].numel(), dtype=torch.bool)
         unchosen[indices[i]] = False
-        assert_close_nan(x["params"][i], ref["params"][i])
+        assert_close_nan(x["params"][i], ref["params"][i], before["params"][i])
         for key in ("params", "m", "v"):
             assert same(x[key][i][unchosen], before[key][i][unchosen]), key
         for key in ("m", "v"):
@@ -266,9 +267,9 @@ def test_forced_fallback(monkeypatch, n, k, when):
 
 @needs_ext
 def test_portable_listing_same_answer(tmp_path):
-    """The portable listing loop (INCRKERN_CPU_BASELINE=1, in a child process) updates
-    the same elements as the vector one: fp32, bf16 and fp16, exact and approx, with
-    and without a residual."""
+    """The portable loops (INCRKERN_CPU_BASELINE=1, in a child process) update the same
+    elements as the vector ones: fp32, bf16 and fp16, exact and approx, with and
+    without a residual, the threshold stream over threads and on one thread."""
     import os
     import subprocess
     import sys
@@ -280,9 +281,11 @@ def test_portable_listing_same_answer(tmp_path):
         "for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
         "    for approx in (False, True):\n"
         "        for residual in (False, True):\n"
-        "            x = make([300_007], dtype, 'student_t', seed=4, residual=residual)\n"
-        "            run_kernel(x, [30_000], approx=approx, **HYPERS['adamw'])\n"
-        "            out.append([x[key][0] for key in ('params', 'm', 'v', 'r') if x[key]])\n"
+        "            x = make([300_007, 40_001], dtype, 'student_t', seed=4,\n"
+        "                     residual=residual)\n"
+        "            run_kernel(x, [30_000, 4_000], approx=approx, **HYPERS['adamw'])\n"
+        "            out.append([x[key][i] for key in ('params', 'm', 'v', 'r') if x[key]\n"
+        "                        for i in range(2)])\n"
         "torch.save(out, sys.argv[1])\n")
     results = []
     for baseline in (None, "1"):
@@ -377,6 +380,49 @@ def test_approx_contract(kind):
         counts = check(make([n, 500], torch.float32, kind, seed=5), [k, 5], approx=True,
                        **HYPERS["adamw"])
         assert int(counts[1]) == 5  # small tensors are exact
+
+
+# ----------------------------------------------------------------------------------
+# the threshold stream (from a density of a few percent: run_stream)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["normal", "student_t", "rows", "lognormal", "special",
+                                  "ties"])
+def test_stream_one_thread(dtype, kind):
+    """Tensors of up to one block at densities from 5%, side by side with a small one;
+    "ties": the k-th key is shared beyond k, its lowest positions taken."""
+    for n in (1000, 4099, 40_961, BLOCK - 1):
+        for density in (0.05, 0.1, 0.3, 0.6):
+            k = math.ceil(density * n)
+            check(make([n, 100], dtype, kind, seed=n + k), [k, 10], **HYPERS["adamw"])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype,kind", [
+    (torch.float32, "normal"), (torch.float32, "rows"), (torch.float32, "special"),
+    (torch.bfloat16, "normal"), (torch.float16, "lognormal")])
+def test_stream_over_blocks(dtype, kind):
+    """Over several blocks and threads, and over blocks on one thread (a mid-sized
+    tensor, side by side with others): bf16 normal gradients share the k-th key among
+    hundreds of elements in every block, so the blocks before one take all theirs,
+    that one some, the blocks after it none."""
+    for n, density in ((TILE_MAX + 5, 0.03), (TILE_MAX + 5, 0.4), (3 * BLOCK + 5, 0.1)):
+        check(make([n], dtype, kind, seed=int(100 * density)), [math.ceil(density * n)],
+              **HYPERS["adam"])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("approx", [False, True])
+def test_stream_error_feedback(dtype, approx):
+    """u = r + g formed by the counting pass (over blocks) or first (one thread); the
+    chosen residuals zeroed, the others left holding u."""
+    for n in (40_961, 3 * BLOCK + 5, TILE_MAX + 5):
+        for density in (0.05, 0.2):
+            check(make([n], dtype, "student_t", seed=n, residual=True),
+                  [math.ceil(density * n)], approx=approx, **HYPERS["adamw"])
 
 
 # ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """One rounding of each update rule on the CPU, whatever path applies it: an element
 updated densely, by mask, by position, by the fused select-and-update's tile lists,
-its zero floor or its one-thread path, in a tensor at any alignment, comes out bit
+threshold stream, zero floor or one-thread path, in a tensor at any alignment, comes out bit
 for bit the same. A shard cut at another offset (a checkpoint resumed on another
 world size) then rounds as the whole tensor did."""
 import math
@@ -92,11 +92,14 @@ def fused_against_positions(n, grad, k, residual=None):
 
 
 @needs_ext
-@pytest.mark.parametrize("n,density", [(200_003, 0.1), (1_100_007, 0.01), (1_100_007, 0.2)])
+@pytest.mark.parametrize("n,density", [(200_003, 0.01), (200_003, 0.1), (1_100_007, 0.01),
+                                       (1_100_007, 0.2)])
 def test_fused_rounds_as_the_positional_update(n, density):
-    """The one-thread path, the tile lists at low and high density."""
+    """The one-thread path (positions, then the threshold stream), the tile lists, the
+    threshold stream over blocks; with a residual too."""
     grad = torch.randn(n, generator=torch.Generator().manual_seed(5))
     fused_against_positions(n, grad, math.ceil(density * n))
+    fused_against_positions(n, grad, math.ceil(density * n), residual=torch.randn(n))
 
 
 @needs_ext

@@ -50,6 +50,17 @@ constexpr int64_t kDenseGrain = 1 << 15;
 // against a wait on memory for its lines.
 constexpr int64_t kTileAhead = 32;
 
+// From these densities on, a tensor is updated by the threshold stream (run_stream):
+// the chosen elements' lines are then most of the tensor's, and a stream over every
+// element costs less than visiting them. A tensor of up to one block streams on one
+// thread after a smaller sample, and pays off from a higher density
+// (docs/design.md, "The threshold stream").
+constexpr double kStreamDensitySmall = 0.04;
+constexpr double kStreamDensityLarge = 0.025;
+bool stream_pays(int64_t n, int64_t k) {
+  return double(k) >= (n <= kBlock ? kStreamDensitySmall : kStreamDensityLarge) * double(n);
+}
+
 // The band scans over whole tiles of x (|x| keys, select_keys.h): a key is a winner
 // when its order is > hi_gt (key > H), a candidate when > lo_gt but not a winner.
 
@@ -132,6 +143,87 @@ void list_tiles(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, int64_t
   });
 }
 
+// chosen[j] = 1 where the order of x[j] is > gt, 0 elsewhere, for j < n: the marks
+// of the threshold stream (run_stream).
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("avx2,f16c"))) void mark_above_avx2(const T* x, int64_t n, int32_t gt,
+                                                          uint8_t* chosen) {
+  const __m256i t = _mm256_set1_epi32(gt), one = _mm256_set1_epi8(1);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m256i a = _mm256_cmpgt_epi32(order8_avx2<T, false>(x + j), t);
+    const __m256i b = _mm256_cmpgt_epi32(order8_avx2<T, false>(x + j + 8), t);
+    const __m256i c = _mm256_cmpgt_epi32(order8_avx2<T, false>(x + j + 16), t);
+    const __m256i d = _mm256_cmpgt_epi32(order8_avx2<T, false>(x + j + 24), t);
+    // Packing works within 128-bit lanes: its dwords hold a0-3 b0-3 c0-3 d0-3 a4-7
+    // b4-7 c4-7 d4-7, put in order by the permute.
+    const __m256i bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(chosen + j), _mm256_and_si256(bytes, one));
+  }
+  for (; j < n; ++j) chosen[j] = order_at<false>(x, j) > gt;
+}
+#endif
+
+// Over x[0, n): returns the count of orders > hi_gt, and writes at out the keys of
+// those > lo_gt but not > hi_gt, in order; returns their end. out needs room for n + 8.
+template <typename T>
+int64_t band_keys_portable(const T* x, int64_t n, int32_t lo_gt, int32_t hi_gt, uint32_t*& out) {
+  int64_t above = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t order = order_at<false>(x, j);
+    above += order > hi_gt;
+    *out = uint32_t(std::min(order, 0x7f800001)) << 1;
+    out += order > lo_gt && order <= hi_gt;
+  }
+  return above;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// band_keys_portable by 8 lanes: the keys compressed by a permute from kCompress.
+template <typename T>
+__attribute__((target("avx2,f16c,popcnt"))) int64_t band_keys_avx2(const T* x, int64_t n,
+                                                                  int32_t lo_gt, int32_t hi_gt,
+                                                                  uint32_t*& out) {
+  const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
+  const __m256i nan = _mm256_set1_epi32(0x7f800001);
+  int64_t above = 0, j = 0;
+  uint32_t* o = out;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i order = order8_avx2<T, false>(x + j);
+    const uint32_t mh = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(order, hi))));
+    const uint32_t ml = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(order, lo))));
+    const uint32_t mc = ml & ~mh;
+    const __m256i keys = _mm256_slli_epi32(_mm256_min_epi32(order, nan), 1);
+    const __m256i lanes = _mm256_cvtepu8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.pos[mc])));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permutevar8x32_epi32(keys, lanes));
+    o += __builtin_popcount(mc);
+    above += __builtin_popcount(mh);
+  }
+  out = o;
+  return above + band_keys_portable(x + j, n - j, lo_gt, hi_gt, out);
+}
+#endif
+
+template <typename T>
+int64_t band_keys(const T* x, int64_t n, int32_t lo_gt, int32_t hi_gt, uint32_t*& out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return band_keys_avx2(x, n, lo_gt, hi_gt, out);
+#endif
+  return band_keys_portable(x, n, lo_gt, hi_gt, out);
+}
+
+template <typename T>
+void mark_above(const T* x, int64_t n, int32_t gt, uint8_t* chosen) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return mark_above_avx2(x, n, gt, chosen);
+#endif
+  for (int64_t j = 0; j < n; ++j) chosen[j] = order_at<false>(x, j) > gt;
+}
+
 // One param's tensors and constants. With a residual r (error feedback), the
 // gradient the rule reads is u = r + residual_alpha * g (residual_alpha: 1, or the
 // mixed-precision unscale), kept in r; a chosen element's r becomes 0.
@@ -169,15 +261,31 @@ struct AdamTensor {
   // and zeroes it, having added g to it first unless `added` (the listing pass did).
   void dense(int64_t b, int64_t e, bool added = false) const {
     if (r && !added) add_residual(b, e);
+    stream(b, e, nullptr);
+  }
+
+  // The elements of [b, e) whose byte chosen[j - b] is set updated by the masked
+  // streaming loop (every element when chosen is null): every lane computed, the
+  // unchosen written back as they were. With a residual it reads r (which holds
+  // r + g) and zeroes the chosen entries.
+  void stream(int64_t b, int64_t e, const uint8_t* chosen) const {
+    const bool* mask = reinterpret_cast<const bool*>(chosen);
     if constexpr (std::is_same_v<T, float>)
-      adam_stream_f32(p, r ? r : const_cast<T*>(g), m, v, nullptr, r != nullptr, b, e, h,
-                      step_size, bc2_sqrt, grad_scale);
+      adam_stream_f32(p + b, (r ? r : const_cast<T*>(g)) + b, m + b, v + b, mask, r != nullptr,
+                      0, e - b, h, step_size, bc2_sqrt, grad_scale);
     else if (r)
-      adam_stream_any<T, M, M>(p, r, m, v, nullptr, true, b, e, h, step_size, bc2_sqrt,
-                               grad_scale);
-    else
-      adam_stream_any<T, T, M>(p, const_cast<T*>(g), m, v, nullptr, false, b, e, h, step_size,
+      adam_stream_any<T, M, M>(p + b, r + b, m + b, v + b, mask, true, 0, e - b, h, step_size,
                                bc2_sqrt, grad_scale);
+    else
+      adam_stream_any<T, T, M>(p + b, const_cast<T*>(g) + b, m + b, v + b, mask, false, 0,
+                               e - b, h, step_size, bc2_sqrt, grad_scale);
+  }
+
+  // chosen[j - b] = whether key(j) >= at_least, over [b, e) (fp32 and 16-bit types).
+  void mark_at_least(int64_t b, int64_t e, uint64_t at_least, uint8_t* chosen) const {
+    const int32_t gt = order_greater_than<false>(at_least);
+    if (r) mark_above(static_cast<const float*>(r + b), e - b, gt, chosen);
+    else mark_above(g + b, e - b, gt, chosen);
   }
 
   // The p, gradient, m and v lines of the tile at s requested (to L2, as
@@ -278,30 +386,6 @@ Source residual_source(const AdamTensor<T>& t, int64_t n) {
 at::Tensor select_positions(const Source& s, int64_t k, bool approx) {
   if (s.dtype == at::kDouble) return Selector<uint64_t>({s}, k, approx).run()[0];
   return Selector<uint32_t>({s}, k, approx).run()[0];
-}
-
-// A small tensor, on the calling thread: the Selector, then its positions updated.
-template <typename T>
-int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
-  const int64_t n = c.params[i].numel();
-  if (k == n) {
-    t.dense(0, n);
-    return n;
-  }
-  if (t.r) t.add_residual(0, n);  // the score is then r alone
-  if (k == 0) return 0;
-  const at::Tensor pos =
-      select_positions(t.r ? residual_source(t, n) : source_of(c, i), k, c.approx);
-  // The chosen elements of a tensor past L2 each wait on their lines: requested a
-  // few positions ahead, several are on their way at once.
-  constexpr int64_t kAhead = 16;
-  const int64_t* q = pos.data_ptr<int64_t>();
-  const int64_t chosen = pos.numel();
-  for (int64_t j = 0; j < chosen; ++j) {
-    if (j + kAhead < chosen) t.fetch(q[j + kAhead]);
-    t.one(q[j]);
-  }
-  return chosen;
 }
 
 // A large tensor whose band missed: select, then the positional update. A residual
@@ -495,6 +579,138 @@ int64_t run_zero_floor(const Call& c, size_t i, const AdamTensor<T>& t, int64_t 
   return k;
 }
 
+// Per block of the counting pass: the keys above the band, counted, and those inside
+// it, kept in position order (their positions are not needed: the update finds its
+// elements by comparing keys again).
+struct BandCount {
+  int64_t above = 0;
+  std::vector<uint32_t> keys;
+  int64_t equal = 0;  // keys equal to the boundary key, and how many of them are chosen
+  int64_t ties = 0;
+};
+
+// The counting pass over [0, n), per block: keys > hi counted, lo <= key <= hi kept.
+// With a residual not yet `added`, each chunk's keys are u = r + g, written to r
+// first.
+template <typename T>
+std::vector<BandCount> count_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, uint32_t hi,
+                                  bool added) {
+  const int32_t lo_gt = order_greater_than<false>(lo);
+  const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  std::vector<BandCount> out(static_cast<size_t>(nblocks));
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    constexpr int64_t kChunk = kChunkTiles * kTile;
+    uint32_t keys[kChunk + 8];
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      BandCount& o = out[bi];
+      const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
+      for (int64_t e = begin; e < end; e += kChunk) {
+        const int64_t len = std::min(kChunk, end - e);
+        if (t.r && !added) t.add_residual(e, e + len);
+        uint32_t* k = keys;
+        o.above += t.r ? band_keys(static_cast<const float*>(t.r + e), len, lo_gt, hi_gt, k)
+                       : band_keys(t.g + e, len, lo_gt, hi_gt, k);
+        o.keys.insert(o.keys.end(), keys, k);
+      }
+    }
+  });
+  return out;
+}
+
+// The threshold stream, for densities where the chosen elements' lines are most of
+// the tensor's: one counting pass over the keys in a band [lo, hi] around the k-th,
+// the k-th found among the band's keys, then the masked streaming loop over every
+// element, each block's chosen ones marked by comparing their keys with the k-th
+// (its ties taken lowest positions first). Nothing is updated before the counts
+// show the k-th to lie in the band; a band that misses falls back to select and
+// update. Returns the count updated.
+template <typename T>
+int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added,
+                   uint32_t lo, uint32_t hi) {
+  const int64_t n = c.params[i].numel();
+  std::vector<BandCount> out = count_pass(t, n, lo, hi, added);
+  int64_t w = 0, cnt = 0;
+  for (const BandCount& o : out) w += o.above, cnt += int64_t(o.keys.size());
+  const int64_t tol = c.approx ? Selector<uint32_t>::tolerance(k) : 0;
+  if (w > k + tol || w + cnt < k - tol || forced_fallback("after"))
+    return run_fallback(c, i, t, k, true);
+  // Chosen: every key >= at_least, and each block's first `ties` keys equal to tie.
+  const int64_t need = k - w;
+  uint64_t at_least = uint64_t(hi) + 1;  // need <= 0: the keys above the band (approx)
+  uint32_t tie = 0;
+  int64_t chosen = w;
+  if (need >= cnt) {
+    at_least = lo;
+    chosen = w + cnt;
+  } else if (need > 0) {
+    std::vector<uint32_t> keys;
+    keys.reserve(size_t(cnt));
+    for (const BandCount& o : out) keys.insert(keys.end(), o.keys.begin(), o.keys.end());
+    tie = kth_largest(keys, need);
+    int64_t ties = need;  // keys equal to tie still to take, lowest positions first
+    for (BandCount& o : out)
+      for (uint32_t key : o.keys) {
+        ties -= key > tie;
+        o.equal += key == tie;
+      }
+    at_least = uint64_t(tie) + 1;
+    for (BandCount& o : out) o.ties = std::min(o.equal, ties), ties -= o.ties;
+    chosen = k;
+  }
+  at::parallel_for(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
+    uint8_t mask[kChunkTiles * kTile];
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const BandCount& o = out[bi];
+      const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
+      // A block taking all its ties compares against tie itself; one taking some
+      // (at most one block) marks them in a scan.
+      const uint64_t block_at_least = o.ties > 0 && o.ties == o.equal ? tie : at_least;
+      int64_t some = o.ties < o.equal ? o.ties : 0;
+      for (int64_t b = begin; b < end; b += kChunkTiles * kTile) {
+        const int64_t e = std::min(end, b + kChunkTiles * kTile);
+        t.mark_at_least(b, e, block_at_least, mask);
+        for (int64_t j = b; some > 0 && j < e; ++j)
+          if (t.key(j) == tie) mask[j - b] = 1, --some;
+        t.stream(b, e, mask);
+      }
+    }
+  });
+  return chosen;
+}
+
+// A small tensor, on the calling thread: the Selector, then its positions updated;
+// from the stream density on, the threshold stream over a sample's band.
+template <typename T>
+int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
+  const int64_t n = c.params[i].numel();
+  if (k == n) {
+    t.dense(0, n);
+    return n;
+  }
+  if (t.r) t.add_residual(0, n);  // the score is then r alone
+  if (k == 0) return 0;
+  if constexpr (!std::is_same_v<T, double>) {
+    if (stream_pays(n, k)) {
+      const Source src = t.r ? residual_source(t, n) : source_of(c, i);
+      if (const auto band = Selector<uint32_t>({src}, k, c.approx).filter_band(0.75))
+        return run_stream(c, i, t, k, true, band->lo, band->hi);
+    }
+  }
+  const at::Tensor pos =
+      select_positions(t.r ? residual_source(t, n) : source_of(c, i), k, c.approx);
+  // The chosen elements of a tensor past L2 each wait on their lines: requested a
+  // few positions ahead, several are on their way at once.
+  constexpr int64_t kAhead = 16;
+  const int64_t* q = pos.data_ptr<int64_t>();
+  const int64_t chosen = pos.numel();
+  for (int64_t j = 0; j < chosen; ++j) {
+    if (j + kAhead < chosen) t.fetch(q[j + kAhead]);
+    t.one(q[j]);
+  }
+  return chosen;
+}
+
 // A large tensor of 32-bit keys (0 < k < n): the band, the listing pass, the
 // resolve, the update. Returns the count updated. `added`: the residual already
 // holds r + residual_alpha * g (the band is then sampled from it alone).
@@ -506,6 +722,7 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   if (forced_fallback("before")) return run_fallback(c, i, t, k, added);
   if (!band && sel.tie_guess() == uint32_t(0)) return run_zero_floor(c, i, t, k, added);
   if (!band) return run_fallback(c, i, t, k, added);
+  if (stream_pays(n, k)) return run_stream(c, i, t, k, added, band->first, band->second);
   const bool few_hits = 1.4 * double(k) / double(n) * kTile < 0.03;
   std::vector<BlockOut> out = list_pass(t, n, band->first, band->second, added, few_hits);
 
@@ -609,11 +826,16 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
   // Every check has passed: from here on the call changes its arguments.
   if (increment_steps)
     for (const at::Tensor& s : steps) *s.data_ptr<float>() += 1.0f;
-  // Small tensors side by side, one thread each; large ones one after another, each
-  // over every thread.
+  // Small tensors side by side, one thread each (up to 2^20 elements when they take
+  // the tile maxima or the threshold stream: a transformer's mid-sized matrices); large
+  // ones one after another, each over every thread.
   std::vector<int64_t> small, large;
-  for (int64_t i = 0; i < n; ++i)
-    (select::one_thread_selection(params[i].numel(), ks[i]) ? small : large).push_back(i);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t numel = params[i].numel();
+    const bool one_thread = select::one_thread_selection(numel, ks[i]) ||
+                            (numel <= select::kTileMaxNumel && stream_pays(numel, ks[i]));
+    (one_thread ? small : large).push_back(i);
+  }
   at::parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const size_t i = size_t(small[j]);

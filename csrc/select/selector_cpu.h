@@ -396,17 +396,13 @@ class Selector {
   // when the sample's bound missed (fewer than k keys >= L): run_serial or the band
   // then answers.
   std::optional<std::vector<at::Tensor>> run_filter() const {
-    const int64_t s = std::min(n_, std::clamp<int64_t>(n_ / 64, 256, 4096));
-    const double p = double(k_) / double(n_);
-    const double mean = p * double(s), sd = std::sqrt(double(s) * p * (1 - p));
-    const int64_t rank_lo = int64_t(std::ceil(mean + 4 * sd + 4));
-    if (rank_lo >= s / 4) return std::nullopt;  // not sparse enough to pay off
-    // The rank_lo-th largest sample key: the least of the rank_lo + 1 largest.
-    const K lo = largest(sample_keys(s), rank_lo + 1).front();
-    if (lo == 0) return std::nullopt;
+    const auto band = filter_band(0.25);  // denser: not sparse enough to pay off
+    if (!band) return std::nullopt;
+    const K lo = band->lo;
+    const double kept = band->kept;
     // Candidates written through a cursor into arrays grown only when a tile
     // could overflow them (push_back per element is a call and a check each).
-    std::vector<K> ckey(size_t(2 * (rank_lo + 1) * (n_ / s + 1)) + kTile);
+    std::vector<K> ckey(size_t(2 * kept * double(n_)) + kTile);
     std::vector<int64_t> cpos(ckey.size());  // position in the concatenation, ascending
     size_t nc = 0;
     auto room = [&] {
@@ -419,8 +415,8 @@ class Selector {
           ckey[nc] = key;
           cpos[nc++] = src.pos0 + i;
         };
-        if (for_band(rd, int64_t(0), src.n, lo, std::numeric_limits<K>::max(),
-                     double(rank_lo + 1) / double(s), [&](const int64_t* pos, int64_t n) {
+        if (for_band(rd, int64_t(0), src.n, lo, std::numeric_limits<K>::max(), kept,
+                     [&](const int64_t* pos, int64_t n) {
                        for (int64_t j = 0; j < n; ++j) take(pos[j], rd(pos[j]));
                      }, take))
           return;
@@ -461,6 +457,33 @@ class Selector {
   // Public for the fused select-and-update (fused/fused_cpu.cpp), which streams its
   // own band pass.
  public:
+  // A band [L, H] on the k-th key from a sample of about n/64 keys, four standard
+  // deviations of margin on either side (H the largest key when the margin passes
+  // the top), and the fraction of the keys expected at or above L; nothing when that
+  // fraction passes max_kept or L is 0 (every key would pass).
+  struct FilterBand {
+    K lo, hi;
+    double kept;
+  };
+  std::optional<FilterBand> filter_band(double max_kept) const {
+    const int64_t s = std::min(n_, std::clamp<int64_t>(n_ / 64, 256, 4096));
+    const double p = double(k_) / double(n_);
+    const double mean = p * double(s), sd = std::sqrt(double(s) * p * (1 - p));
+    const int64_t rank_lo = int64_t(std::ceil(mean + 4 * sd + 4));
+    const int64_t rank_hi = int64_t(std::floor(mean - 4 * sd - 4));
+    if (rank_lo >= int64_t(max_kept * double(s))) return std::nullopt;
+    // The rank_lo-th largest sample key: the least of the rank_lo + 1 largest.
+    std::vector<K> top = largest(sample_keys(s), rank_lo + 1);
+    const K lo = top.front();
+    if (lo == 0) return std::nullopt;
+    K hi = std::numeric_limits<K>::max();
+    if (rank_hi >= 0) {
+      std::nth_element(top.begin(), top.begin() + rank_hi, top.end(), std::greater<K>());
+      hi = top[size_t(rank_hi)];
+    }
+    return FilterBand{lo, hi, double(rank_lo + 1) / double(s)};
+  }
+
   // The band [L, H] from a constant-stride sample (sample_keys), or nothing when the
   // sample predicts more candidates than the budget allows.
   std::optional<std::pair<K, K>> sample_band() {
