@@ -466,12 +466,12 @@ std::vector<BandCount> count_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo
 // update. Returns the count updated.
 template <typename T>
 int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added,
-                   uint32_t lo, uint32_t hi) {
+                   uint32_t lo, uint32_t hi, bool approx) {
   const int64_t n = c.params[i].numel();
   std::vector<BandCount> out = count_pass(t, n, lo, hi, added);
   int64_t w = 0, cnt = 0;
   for (const BandCount& o : out) w += o.above, cnt += int64_t(o.keys.size());
-  const int64_t tol = c.approx ? Selector<uint32_t>::tolerance(k) : 0;
+  const int64_t tol = approx ? Selector<uint32_t>::tolerance(k) : 0;
   if (w > k + tol || w + cnt < k - tol || forced_fallback("after"))
     return run_fallback(c, i, t, k, true);
   // Chosen: every key >= at_least, and each block's first `ties` keys equal to tie.
@@ -519,7 +519,8 @@ int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
 }
 
 // A small tensor, on the calling thread: the Selector, then its positions updated;
-// from the stream density on, the threshold stream over a sample's band.
+// from the stream density on, the threshold stream over a sample's band. Exact in
+// either mode, as ops.adam_select_update_ documents for small tensors.
 template <typename T>
 int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   const int64_t n = c.params[i].numel();
@@ -533,7 +534,7 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
     if (stream_pays(n, k)) {
       const Source src = t.r ? residual_source(t, n) : source_of(c, i);
       if (const auto band = Selector<uint32_t>({src}, k, c.approx).filter_band(0.75))
-        return run_stream(c, i, t, k, true, band->lo, band->hi);
+        return run_stream(c, i, t, k, true, band->lo, band->hi, /*approx=*/false);
     }
   }
   const at::Tensor pos =
@@ -561,7 +562,8 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   if (forced_fallback("before")) return run_fallback(c, i, t, k, added);
   if (!band && sel.tie_guess() == uint32_t(0)) return run_zero_floor(c, i, t, k, added);
   if (!band) return run_fallback(c, i, t, k, added);
-  if (stream_pays(n, k)) return run_stream(c, i, t, k, added, band->first, band->second);
+  if (stream_pays(n, k))
+    return run_stream(c, i, t, k, added, band->first, band->second, c.approx);
   const bool few_hits = 1.4 * double(k) / double(n) * kTile < 0.03;
   std::vector<BlockOut> out = list_pass(t, n, band->first, band->second, added, few_hits);
 
