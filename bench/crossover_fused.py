@@ -3,10 +3,17 @@
 positions and select then update by a bool mask, with torch's fused dense AdamW
 for scale. The variants run interleaved, each timed best of --repeats.
 
-    python bench/crossover_fused.py [--numel 1e7] [--repeats 5] [--threads N]
-        [--grads normal|student_t] [--error-feedback]
+    python bench/crossover_fused.py [--numel 1e7] [--tensors 1] [--repeats 5]
+        [--threads N] [--grads normal|student_t] [--error-feedback]
+        [--stream-density D]
+
+--tensors splits the elements over that many equal tensors (a model's list).
+--stream-density sets the density from which the fused call streams over every
+element (INCRKERN_STREAM_DENSITY; 2 keeps the tile lists at every density): two runs,
+one with 2, give the crossover behind the kernel's own choice.
 """
 import argparse
+import os
 import time
 
 import torch
@@ -46,52 +53,61 @@ def main():
     parser.add_argument("--grads", default="normal", choices=["normal", "student_t"])
     parser.add_argument("--densities", type=str, default=None)
     parser.add_argument("--error-feedback", action="store_true")
+    parser.add_argument("--tensors", type=int, default=1)
+    parser.add_argument("--stream-density", type=float, default=None)
     args = parser.parse_args()
+    if args.stream_density is not None:  # read by the kernel at its first call
+        os.environ["INCRKERN_STREAM_DENSITY"] = str(args.stream_density)
     if args.threads:
         torch.set_num_threads(args.threads)
     densities = [float(d) for d in args.densities.split(",")] if args.densities else DENSITIES
-    n = int(args.numel)
+    size = int(args.numel) // args.tensors
+    n = size * args.tensors
     gen = torch.Generator().manual_seed(0)
-    p = torch.randn(n, generator=gen)
-    g = make_grad(args.grads, n, gen)
-    m, v = torch.zeros(n), torch.zeros(n)
-    r = torch.zeros(n) if args.error_feedback else None
-    steps = [torch.tensor(1.0)]
+    p = [torch.randn(size, generator=gen) for _ in range(args.tensors)]
+    g = [make_grad(args.grads, size, gen) for _ in range(args.tensors)]
+    m = [torch.zeros(size) for _ in range(args.tensors)]
+    v = [torch.zeros(size) for _ in range(args.tensors)]
+    r = [torch.zeros(size) for _ in range(args.tensors)] if args.error_feedback else None
+    steps = [torch.tensor(1.0) for _ in range(args.tensors)]
     hyper = dict(lr=1e-3, weight_decay=0.01, decoupled_weight_decay=True)
 
     def fused(k, approx):
-        return lambda: ops.adam_select_update_([p], [g], [m], [v], steps, [k],
-                                               None if r is None else [r], approx=approx,
-                                               validate=False, **hyper)
+        return lambda: ops.adam_select_update_(p, g, m, v, steps, [k] * args.tensors, r,
+                                               approx=approx, validate=False, **hyper)
 
     def composed(k, by_mask):
         def run():
-            src = [g]
+            src = g
             if r is not None:
-                ops.accumulate_([r], [g], 1.0)
-                src = [r]
-            idx = ops.select(src, [k], score="grad", validate=False)
+                ops.accumulate_(r, g, 1.0)
+                src = r
+            idx = ops.select(src, [k] * args.tensors, score="grad", validate=False)
             if by_mask:
-                mask = torch.zeros(n, dtype=torch.bool).index_fill_(0, idx[0], True)
-                ops.adam_update_([p], src, [m], [v], steps, masks=[mask],
+                masks = [torch.zeros(size, dtype=torch.bool).index_fill_(0, i, True)
+                         for i in idx]
+                ops.adam_update_(p, src, m, v, steps, masks=masks,
                                  consume_grad=r is not None, validate=False, **hyper)
             else:
-                ops.adam_update_([p], src, [m], [v], steps, indices=idx,
+                ops.adam_update_(p, src, m, v, steps, indices=idx,
                                  consume_grad=r is not None, validate=False, **hyper)
         return run
 
-    tp = p.clone().requires_grad_()
-    tp.grad = g.clone()
-    dense = torch.optim.AdamW([tp], lr=1e-3, weight_decay=0.01, fused=True)
+    tp = [t.clone().requires_grad_() for t in p]
+    for t, grad in zip(tp, g):
+        t.grad = grad.clone()
+    dense = torch.optim.AdamW(tp, lr=1e-3, weight_decay=0.01, fused=True)
     dense.step()
 
-    print(f"AdamW step, {n:.3g} fp32 elements, {torch.get_num_threads()} threads, "
-          f"{args.grads} grads{', error feedback' if r is not None else ''}; ms, best of "
-          f"{args.repeats}")
+    stream = os.environ.get("INCRKERN_STREAM_DENSITY", "the kernel's own")
+    print(f"AdamW step, {n:.3g} fp32 elements in {args.tensors} tensors, "
+          f"{torch.get_num_threads()} threads, {args.grads} grads"
+          f"{', error feedback' if r is not None else ''}, stream density {stream}; ms, "
+          f"best of {args.repeats}")
     print(f"{'density':>8} {'fused':>7} {'approx':>7} {'positions':>10} {'mask':>7} "
           f"{'torch':>7} {'torch/fused':>12}")
     for d in densities:
-        k = ops.density_k(d, n)
+        k = ops.density_k(d, size)
         variants = dict(fused=fused(k, False), approx=fused(k, True),
                         positions=composed(k, False), mask=composed(k, True),
                         torch=dense.step)

@@ -12,6 +12,7 @@ import torch
 
 from incrkern.bench import cli, common, convergence, gradients, kernels, report, sparse
 from incrkern.bench.shapes import SIZES, numel, transformer_shapes
+from helpers import needs_ext
 
 TIMED = ("median_s", "min_s", "max_s", "gb_per_s", "frac_copy_bw", "speedup_vs_ref")
 
@@ -340,3 +341,21 @@ def test_sparse_records(tiny_run):
             assert _positive(rec[key]), (key, rec)
         assert 0 < rec["touched_lines"] <= rec["total_lines"]
     assert all(r["impl"] == sparse.REFERENCE for r in records if r["density"] == 1.0)
+
+
+@needs_ext
+def test_crossover_fused_script_runs_both_ways():
+    """bench/crossover_fused.py over a list of tensors, with the threshold stream as
+    the kernel chooses and turned off: a row per density, every variant timed."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "crossover_fused.py"
+    for extra in ([], ["--stream-density", "2"]):
+        out = subprocess.run(
+            [sys.executable, str(script), "--numel", "30000", "--tensors", "3", "--repeats",
+             "1", "--densities", "0.01,0.1", *extra],
+            check=True, capture_output=True, text=True, timeout=120).stdout
+        lines = out.strip().splitlines()
+        assert "in 3 tensors" in lines[0]
+        assert ("stream density 2" in lines[0]) == bool(extra)
+        rows = [line.split() for line in lines[2:]]
+        assert [row[0] for row in rows] == ["0.010", "0.100"]
+        assert all(float(x) > 0 for row in rows for x in row[1:])

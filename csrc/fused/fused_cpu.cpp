@@ -57,10 +57,18 @@ constexpr int64_t kTileAhead = 32;
 // element costs less than visiting them. A tensor of up to one block streams on one
 // thread after a smaller sample, and pays off from a higher density
 // (docs/design.md, "The threshold stream").
+// INCRKERN_STREAM_DENSITY replaces both, for bench/crossover_fused.py to measure the
+// crossover (2 turns the stream off).
 constexpr double kStreamDensitySmall = 0.04;
 constexpr double kStreamDensityLarge = 0.025;
 bool stream_pays(int64_t n, int64_t k) {
-  return double(k) >= (n <= kBlock ? kStreamDensitySmall : kStreamDensityLarge) * double(n);
+  static const double forced = [] {
+    const char* env = std::getenv("INCRKERN_STREAM_DENSITY");
+    return env ? std::atof(env) : -1.0;
+  }();
+  const double d = forced >= 0 ? forced
+                               : n <= kBlock ? kStreamDensitySmall : kStreamDensityLarge;
+  return double(k) >= d * double(n);
 }
 
 // One param's tensors and constants. With a residual r (error feedback), the
