@@ -538,15 +538,14 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   }
   if (t.r) t.add_residual(0, n);  // the score is then r alone
   if (k == 0) return 0;
+  const Source src = t.r ? residual_source(t, n) : source_of(c, i);
   if constexpr (!std::is_same_v<T, double>) {
     if (stream_pays(n, k)) {
-      const Source src = t.r ? residual_source(t, n) : source_of(c, i);
-      if (const auto band = Selector<uint32_t>({src}, k, c.approx).filter_band(0.75))
-        return run_stream(c, i, t, k, true, band->lo, band->hi, /*approx=*/false);
+      const auto band = Selector<uint32_t>({src}, k, c.approx).filter_band(0.75, true);
+      if (band) return run_stream(c, i, t, k, true, band->lo, band->hi, /*approx=*/false);
     }
   }
-  const at::Tensor pos =
-      select_positions(t.r ? residual_source(t, n) : source_of(c, i), k, c.approx);
+  const at::Tensor pos = select_positions(src, k, c.approx);
   // The chosen elements of a tensor past L2 each wait on their lines: requested a
   // few positions ahead, several are on their way at once.
   constexpr int64_t kAhead = 16;

@@ -396,7 +396,8 @@ class Selector {
   // when the sample's bound missed (fewer than k keys >= L): run_serial or the band
   // then answers.
   std::optional<std::vector<at::Tensor>> run_filter() const {
-    const auto band = filter_band(0.25);  // denser: not sparse enough to pay off
+    // Denser: not sparse enough to pay off.
+    const auto band = filter_band(0.25, /*two_sided=*/false);
     if (!band) return std::nullopt;
     const K lo = band->lo;
     const double kept = band->kept;
@@ -458,14 +459,15 @@ class Selector {
   // own band pass.
  public:
   // A band [L, H] on the k-th key from a sample of about n/64 keys, four standard
-  // deviations of margin on either side (H the largest key when the margin passes
-  // the top), and the fraction of the keys expected at or above L; nothing when that
-  // fraction passes max_kept or L is 0 (every key would pass).
+  // deviations of margin on either side, and the fraction of the keys expected at or
+  // above L; nothing when that fraction passes max_kept or L is 0 (every key would
+  // pass). H is the largest key unless two_sided (and the margin stays under the
+  // top): run_filter keeps every key >= L and needs no upper edge.
   struct FilterBand {
     K lo, hi;
     double kept;
   };
-  std::optional<FilterBand> filter_band(double max_kept) const {
+  std::optional<FilterBand> filter_band(double max_kept, bool two_sided) const {
     const int64_t s = std::min(n_, std::clamp<int64_t>(n_ / 64, 256, 4096));
     const double p = double(k_) / double(n_);
     const double mean = p * double(s), sd = std::sqrt(double(s) * p * (1 - p));
@@ -477,7 +479,7 @@ class Selector {
     const K lo = top.front();
     if (lo == 0) return std::nullopt;
     K hi = std::numeric_limits<K>::max();
-    if (rank_hi >= 0) {
+    if (two_sided && rank_hi >= 0) {
       std::nth_element(top.begin(), top.begin() + rank_hi, top.end(), std::greater<K>());
       hi = top[size_t(rank_hi)];
     }
