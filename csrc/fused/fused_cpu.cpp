@@ -275,8 +275,9 @@ bool forced_fallback(const char* when) {
 }
 
 // The (key, position) candidates chosen to complete `need` winners: the need largest,
-// ties to the lowest position; all of them when they are at most need.
-void choose_candidates(std::vector<BlockOut>& out, int64_t need) {
+// ties to the lowest position; all of them when they are at most need. Every key
+// lies in the band [lo, hi].
+void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, uint32_t hi) {
   int64_t cnt = 0;
   for (const BlockOut& o : out) cnt += int64_t(o.cpos.size());
   if (need <= 0) return;
@@ -287,7 +288,7 @@ void choose_candidates(std::vector<BlockOut>& out, int64_t need) {
   std::vector<uint32_t> keys;
   keys.reserve(size_t(cnt));
   for (const BlockOut& o : out) keys.insert(keys.end(), o.ckey.begin(), o.ckey.end());
-  const uint32_t kth = kth_largest(keys, need);
+  const uint32_t kth = kth_largest(keys, need, lo, hi);
   int64_t ties = need;  // candidates keyed kth still to take, lowest positions first
   for (const BlockOut& o : out)
     for (uint32_t key : o.ckey) ties -= key > kth;
@@ -494,7 +495,7 @@ int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
     std::vector<uint32_t> keys;
     keys.reserve(size_t(cnt));
     for (const BandCount& o : out) keys.insert(keys.end(), o.keys.begin(), o.keys.end());
-    tie = kth_largest(keys, need);
+    tie = kth_largest(keys, need, lo, hi);
     int64_t ties = need;  // keys equal to tie still to take, lowest positions first
     for (BandCount& o : out)
       for (uint32_t key : o.keys) {
@@ -581,7 +582,7 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   const int64_t tol = c.approx ? Selector<uint32_t>::tolerance(k) : 0;
   if (w > k + tol || w + cnt < k - tol || forced_fallback("after"))
     return run_fallback(c, i, t, k, true);
-  choose_candidates(out, k - w);
+  choose_candidates(out, k - w, band->first, band->second);
 
   // The update: nothing was written to p or its state before this point.
   at::parallel_for(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {

@@ -25,15 +25,15 @@ namespace incrkern::select {
 // bits over the keys' own range, each keeping only the bin of the r-th, then
 // nth_element on the few left: on the tens of thousands of candidates of a band
 // this is a few linear passes, where nth_element alone mispredicts a branch per
-// key per partition round.
+// key per partition round. Every key lies in [mn, mx]: a band's edges bound its keys
+// and save a minmax pass, which costs as much as the rounds on a small tensor's few
+// thousand band keys.
 template <typename K>
-K kth_largest(std::vector<K>& keys, int64_t r) {
+K kth_largest(std::vector<K>& keys, int64_t r, K mn, K mx) {
   // Bins: about half as many as keys, at most 2^11. Four interleaved copies, so that
   // keys falling in one bin do not each wait on the previous increment of it.
   const int bits = std::clamp(int(std::bit_width(keys.size())) - 1, 4, 11);
   const size_t nbins = size_t(1) << bits;
-  const auto [lo_it, hi_it] = std::minmax_element(keys.begin(), keys.end());
-  K mn = *lo_it, mx = *hi_it;
   std::vector<uint32_t> hist(4 * nbins);
   while (int64_t(keys.size()) > 64 && mn != mx) {
     const int shift = std::max(0, int(std::bit_width(K(mx - mn))) - bits);
@@ -60,6 +60,13 @@ K kth_largest(std::vector<K>& keys, int64_t r) {
   if (mn == mx) return mn;
   std::nth_element(keys.begin(), keys.begin() + (r - 1), keys.end(), std::greater<K>());
   return keys[size_t(r - 1)];
+}
+
+// The same over the keys' own range.
+template <typename K>
+K kth_largest(std::vector<K>& keys, int64_t r) {
+  const auto [lo_it, hi_it] = std::minmax_element(keys.begin(), keys.end());
+  return kth_largest(keys, r, *lo_it, *hi_it);
 }
 
 // Counts of keys by their top 13 bits (1/32 of an octave for |float| keys), for a
