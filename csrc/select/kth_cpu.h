@@ -4,9 +4,8 @@
 //    few left; for the tens of thousands of candidates of a band.
 //  - TopBitsHistogram: counts keys by their top 13 bits while a scan waits on
 //    memory; locate() gives a lower bound at most one bin under the r-th largest.
-//  - kth_of_few: the r-th largest of a few hundred keys (a TopBitsHistogram bin,
-//    then nth_element inside it).
-//  - largest: the m largest keys (a min-heap, or nth_element when m is large).
+//  - kths_of_few, kth_of_few: the r-th largest of a few hundred keys, or two ranks
+//    of a sample (a TopBitsHistogram bin, then nth_element inside it).
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -114,50 +113,51 @@ class TopBitsHistogram {
   K lo_ = std::numeric_limits<K>::max(), hi_ = 0;
 };
 
-// The m largest of keys (m <= keys.size()), the least of them at front(). A min-heap
-// when m is small against the count (nearly every key then costs one compare with
-// the heap's top), nth_element otherwise.
+// The r1-th and r2-th largest of keys (1-based): the top-bits bins that hold them,
+// then nth_element over those bins' keys only. For the few hundred candidates of a
+// small tensor, where kth_largest's minmax and counting rounds cost more than this,
+// and for the band edges of a sample, two ranks from one histogram.
 template <typename K>
-std::vector<K> largest(const std::vector<K>& keys, int64_t m) {
-  if (m * 32 > int64_t(keys.size())) {  // many: a heap would do log(m) work per key
-    std::vector<K> all(keys);
-    std::nth_element(all.begin(), all.begin() + (m - 1), all.end(), std::greater<K>());
-    all.resize(size_t(m));
-    std::swap(all.front(), all.back());  // the least of them first, as the heap has it
-    return all;
-  }
-  std::vector<K> heap(keys.begin(), keys.begin() + m);
-  std::make_heap(heap.begin(), heap.end(), std::greater<K>());
-  for (size_t i = size_t(m); i < keys.size(); ++i)
-    if (keys[i] > heap.front()) {
-      std::pop_heap(heap.begin(), heap.end(), std::greater<K>());
-      heap.back() = keys[i];
-      std::push_heap(heap.begin(), heap.end(), std::greater<K>());
-    }
-  return heap;
-}
-
-// The r-th largest of keys (1-based): the top-bits bin that holds it, then
-// nth_element over that bin's keys only. For the few hundred candidates of a small
-// tensor, where kth_largest's minmax and counting rounds cost more than this.
-template <typename K>
-K kth_of_few(const std::vector<K>& keys, int64_t r) {
-  std::pair<K, int64_t> at;
+std::pair<K, K> kths_of_few(const std::vector<K>& keys, int64_t r1, int64_t r2) {
+  std::pair<K, int64_t> at1, at2;
   {
     TopBitsHistogram<K> hist;
     for (K key : keys) hist.add(key);
-    at = hist.locate(r);
+    at1 = hist.locate(r1);
+    at2 = hist.locate(r2);
   }
-  std::vector<K> in_bin(keys.size());
-  const size_t b = TopBitsHistogram<K>::bin(at.first);
-  size_t w = 0;
-  for (K key : keys) {  // without a branch: whether a key is in the bin is as good as random
-    in_bin[w] = key;
-    w += TopBitsHistogram<K>::bin(key) == b;
+  const size_t b1 = TopBitsHistogram<K>::bin(at1.first), b2 = TopBitsHistogram<K>::bin(at2.first);
+  const bool one_bin = b1 == b2;
+  std::vector<K> in1(keys.size()), in2(one_bin ? 0 : keys.size());
+  size_t w1 = 0, w2 = 0;
+  // Without a branch: whether a key is in a bin is as good as random.
+  if (one_bin) {
+    for (K key : keys) {
+      in1[w1] = key;
+      w1 += TopBitsHistogram<K>::bin(key) == b1;
+    }
+  } else {
+    for (K key : keys) {
+      const size_t b = TopBitsHistogram<K>::bin(key);
+      in1[w1] = key;
+      w1 += b == b1;
+      in2[w2] = key;
+      w2 += b == b2;
+    }
   }
-  std::nth_element(in_bin.begin(), in_bin.begin() + (at.second - 1), in_bin.begin() + w,
-                   std::greater<K>());
-  return in_bin[size_t(at.second - 1)];
+  auto nth = [](std::vector<K>& in, size_t w, int64_t r) {
+    std::nth_element(in.begin(), in.begin() + (r - 1), in.begin() + w, std::greater<K>());
+    return in[size_t(r - 1)];
+  };
+  const K k1 = nth(in1, w1, at1.second);
+  if (r1 == r2) return {k1, k1};
+  return {k1, one_bin ? nth(in1, w1, at2.second) : nth(in2, w2, at2.second)};
+}
+
+// The r-th largest of keys (1-based), as kths_of_few.
+template <typename K>
+K kth_of_few(const std::vector<K>& keys, int64_t r) {
+  return kths_of_few(keys, r, r).first;
 }
 
 }  // namespace incrkern::select

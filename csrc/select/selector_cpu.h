@@ -39,6 +39,7 @@
 #include <limits>
 #include <memory>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "select/kth_cpu.h"
@@ -474,15 +475,12 @@ class Selector {
     const int64_t rank_lo = int64_t(std::ceil(mean + 4 * sd + 4));
     const int64_t rank_hi = int64_t(std::floor(mean - 4 * sd - 4));
     if (rank_lo >= int64_t(max_kept * double(s))) return std::nullopt;
-    // The rank_lo-th largest sample key: the least of the rank_lo + 1 largest.
-    std::vector<K> top = largest(sample_keys(s), rank_lo + 1);
-    const K lo = top.front();
+    // The rank_lo-th and rank_hi-th largest sample keys (0-based ranks).
+    const std::vector<K> keys = sample_keys(s);
+    K lo, hi = std::numeric_limits<K>::max();
+    if (two_sided && rank_hi >= 0) std::tie(hi, lo) = kths_of_few(keys, rank_hi + 1, rank_lo + 1);
+    else lo = kth_of_few(keys, rank_lo + 1);
     if (lo == 0) return std::nullopt;
-    K hi = std::numeric_limits<K>::max();
-    if (two_sided && rank_hi >= 0) {
-      std::nth_element(top.begin(), top.begin() + rank_hi, top.end(), std::greater<K>());
-      hi = top[size_t(rank_hi)];
-    }
     return FilterBand{lo, hi, double(rank_lo + 1) / double(s)};
   }
 
@@ -498,25 +496,20 @@ class Selector {
     const double margin = 4 * sd + 4;
     const int64_t rank_hi = int64_t(std::floor(mean - margin));  // ranks from the top, 0-based
     const int64_t rank_lo = int64_t(std::ceil(mean + margin));
-    // lo, the rank_lo-th largest sample key, is the least of the rank_lo + 1 largest,
-    // kept in a min-heap: rank_lo is about 1% of the sample at k = 1%, so nearly
-    // every key costs one compare with the heap's top (nth_element over the whole
-    // sample mispredicts a branch per key per round). hi and the tie guess rank
-    // above lo, so they are found among those few hundred keys.
-    std::vector<K> top = largest(keys, std::min(rank_lo, s - 1) + 1);
-    const K lo = rank_lo >= s ? K(0) : top.front();
-    auto key_at = [&](int64_t rank) {  // the rank-th largest sample key, rank < top.size()
-      std::nth_element(top.begin(), top.begin() + rank, top.end(), std::greater<K>());
-      return top[size_t(rank)];
-    };
-    const K hi = rank_hi < 0 ? std::numeric_limits<K>::max() : key_at(rank_hi);
+    // The rank_lo-th and rank_hi-th largest sample keys: a histogram of the keys' top
+    // bits, then nth_element inside the two bins that hold them (nth_element over the
+    // whole sample mispredicts a branch per key per round).
+    K lo = 0, hi = std::numeric_limits<K>::max();
+    if (rank_lo < s && rank_hi >= 0) std::tie(hi, lo) = kths_of_few(keys, rank_hi + 1, rank_lo + 1);
+    else if (rank_lo < s) lo = kth_of_few(keys, rank_lo + 1);
+    else if (rank_hi >= 0) hi = kth_of_few(keys, rank_hi + 1);
     int64_t in_band = 0;
     for (K key : keys) in_band += key >= lo && key <= hi;
     const double predicted = double(in_band) * double(n_) / double(s);
     if (predicted > double(budget_) / 2) {
       // Too wide, usually because many keys tie inside the band: the sample's
       // k-th key is then a good guess of the true one.
-      tie_guess_ = key_at(std::clamp<int64_t>(int64_t(mean), 0, int64_t(top.size()) - 1));
+      tie_guess_ = kth_of_few(keys, std::clamp<int64_t>(int64_t(mean), 0, std::min(rank_lo, s - 1)) + 1);
       return std::nullopt;
     }
     return std::make_pair(lo, hi);
