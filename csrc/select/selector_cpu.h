@@ -470,18 +470,11 @@ class Selector {
   };
   std::optional<FilterBand> filter_band(double max_kept, bool two_sided) const {
     const int64_t s = std::min(n_, std::clamp<int64_t>(n_ / 64, 256, 4096));
-    const double p = double(k_) / double(n_);
-    const double mean = p * double(s), sd = std::sqrt(double(s) * p * (1 - p));
-    const int64_t rank_lo = int64_t(std::ceil(mean + 4 * sd + 4));
-    const int64_t rank_hi = int64_t(std::floor(mean - 4 * sd - 4));
-    if (rank_lo >= int64_t(max_kept * double(s))) return std::nullopt;
-    // The rank_lo-th and rank_hi-th largest sample keys (0-based ranks).
-    const std::vector<K> keys = sample_keys(s);
-    K lo, hi = std::numeric_limits<K>::max();
-    if (two_sided && rank_hi >= 0) std::tie(hi, lo) = kths_of_few(keys, rank_hi + 1, rank_lo + 1);
-    else lo = kth_of_few(keys, rank_lo + 1);
+    const SampleRanks r = sample_ranks(s);
+    if (r.lo >= int64_t(max_kept * double(s))) return std::nullopt;
+    const auto [lo, hi] = sample_edges(sample_keys(s), two_sided ? r.hi : -1, r.lo);
     if (lo == 0) return std::nullopt;
-    return FilterBand{lo, hi, double(rank_lo + 1) / double(s)};
+    return FilterBand{lo, hi, double(r.lo + 1) / double(s)};
   }
 
   // The band [L, H] from a constant-stride sample (sample_keys), or nothing when the
@@ -490,32 +483,50 @@ class Selector {
     // A fixed 64K sample would cost mid-sized tensors (say 590K elements, a
     // transformer's projection) as much as their one read: scale it with n.
     const int64_t s = std::min({kSample, n_, std::max<int64_t>(kMinSample, n_ / 32)});
-    std::vector<K> keys = sample_keys(s);
-    const double p = double(k_) / double(n_);
-    const double mean = p * double(s), sd = std::sqrt(double(s) * p * (1 - p));
-    const double margin = 4 * sd + 4;
-    const int64_t rank_hi = int64_t(std::floor(mean - margin));  // ranks from the top, 0-based
-    const int64_t rank_lo = int64_t(std::ceil(mean + margin));
-    // The rank_lo-th and rank_hi-th largest sample keys: a histogram of the keys' top
-    // bits, then nth_element inside the two bins that hold them (nth_element over the
-    // whole sample mispredicts a branch per key per round).
-    K lo = 0, hi = std::numeric_limits<K>::max();
-    if (rank_lo < s && rank_hi >= 0) std::tie(hi, lo) = kths_of_few(keys, rank_hi + 1, rank_lo + 1);
-    else if (rank_lo < s) lo = kth_of_few(keys, rank_lo + 1);
-    else if (rank_hi >= 0) hi = kth_of_few(keys, rank_hi + 1);
+    const std::vector<K> keys = sample_keys(s);
+    const SampleRanks r = sample_ranks(s);
+    const auto [lo, hi] = sample_edges(keys, r.hi, r.lo);
     int64_t in_band = 0;
     for (K key : keys) in_band += key >= lo && key <= hi;
     const double predicted = double(in_band) * double(n_) / double(s);
     if (predicted > double(budget_) / 2) {
       // Too wide, usually because many keys tie inside the band: the sample's
       // k-th key is then a good guess of the true one.
-      tie_guess_ = kth_of_few(keys, std::clamp<int64_t>(int64_t(mean), 0, std::min(rank_lo, s - 1)) + 1);
+      const int64_t rank = std::clamp<int64_t>(int64_t(r.mean), 0, std::min(r.lo, s - 1));
+      tie_guess_ = kth_of_few(keys, rank + 1);
       return std::nullopt;
     }
     return std::make_pair(lo, hi);
   }
 
  private:
+
+  // The sample's ranks from the top (0-based) of the k-th key's expected place
+  // (mean) and of the band's edges, four standard deviations (and 4) either side.
+  struct SampleRanks {
+    double mean;
+    int64_t hi, lo;
+  };
+  SampleRanks sample_ranks(int64_t s) const {
+    const double p = double(k_) / double(n_);
+    const double mean = p * double(s), margin = 4 * std::sqrt(double(s) * p * (1 - p)) + 4;
+    return {mean, int64_t(std::floor(mean - margin)), int64_t(std::ceil(mean + margin))};
+  }
+
+  // The keys of ranks rank_lo and rank_hi among a sample's (0-based, from the top) as
+  // the band's edges [L, H]: 0 for a rank_lo past the sample, the largest key for a
+  // rank_hi under 0. A histogram of the keys' top bits, then nth_element inside the
+  // bins that hold them (nth_element over the whole sample mispredicts a branch per
+  // key per round).
+  static std::pair<K, K> sample_edges(const std::vector<K>& keys, int64_t rank_hi,
+                                      int64_t rank_lo) {
+    const int64_t s = int64_t(keys.size());
+    K lo = 0, hi = std::numeric_limits<K>::max();
+    if (rank_lo < s && rank_hi >= 0) std::tie(hi, lo) = kths_of_few(keys, rank_hi + 1, rank_lo + 1);
+    else if (rank_lo < s) lo = kth_of_few(keys, rank_lo + 1);
+    else if (rank_hi >= 0) hi = kth_of_few(keys, rank_hi + 1);
+    return {lo, hi};
+  }
 
   // One read: per block, positions with key > hi and candidates lo <= key <= hi.
   // Returns false when the candidates overflow `cap` (the pass then stops early).
