@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/prefetched.h"
 #include "common/rules.h"
 #include "select/selector_cpu.h"
 #include "update/adam_stream_cpu.h"
@@ -138,11 +139,11 @@ struct AdamTensor {
   // The p, gradient, m and v lines of the tile at s requested (to L2, as
   // update_cpu.cpp does).
   void fetch(int64_t s) const {
-    __builtin_prefetch(p + s, 0, 1);
-    if (r) __builtin_prefetch(r + s, 0, 1);
-    else __builtin_prefetch(g + s, 0, 1);
-    __builtin_prefetch(m + s, 0, 1);
-    __builtin_prefetch(v + s, 0, 1);
+    request_line(p + s);
+    if (r) request_line(r + s);
+    else request_line(g + s);
+    request_line(m + s);
+    request_line(v + s);
   }
 
   // tiles() over a list, the lines of each batch of kTileAhead tiles requested while
@@ -547,15 +548,9 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
     }
   }
   const at::Tensor pos = select_positions(src, k, c.approx);
-  // The chosen elements of a tensor past L2 each wait on their lines: requested a
-  // few positions ahead, several are on their way at once.
-  constexpr int64_t kAhead = 16;
   const int64_t* q = pos.data_ptr<int64_t>();
   const int64_t chosen = pos.numel();
-  for (int64_t j = 0; j < chosen; ++j) {
-    if (j + kAhead < chosen) t.fetch(q[j + kAhead]);
-    t.one(q[j]);
-  }
+  prefetched(0, chosen, [&](int64_t j) { t.one(q[j]); }, [&](int64_t j) { t.fetch(q[j]); });
   return chosen;
 }
 

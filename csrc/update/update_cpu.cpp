@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "common/parallel_ranges.h"
+#include "common/prefetched.h"
 #include "common/rules.h"
 #include "update/adam_stream_cpu.h"
 #include "update/update_checks.h"
@@ -92,31 +93,23 @@ double lr_value(double lr, const std::optional<at::Tensor>& lr_tensor) {
   return lr_tensor.has_value() ? lr_tensor->item<double>() : lr;
 }
 
-// Calls visit(element, slot) for every position in [begin, end). Scattered indices
-// leave the loop waiting on memory (each touches its own lines of p, g and state):
-// prefetch(element, slot) runs kPrefetch positions ahead to keep those lines in flight.
-// The prefetches bring lines to L2 only (prefetcht2): at 4 lines a position, requests
-// into L1 fill the core's few miss buffers and stall the loop, and a prefetch for
-// write does too; 64 positions ahead keeps enough lines in flight.
-constexpr int64_t kPrefetch = 64;
-
+// Calls visit(element, slot) for every position in [begin, end), their lines
+// requested ahead (prefetched).
 template <typename Visit, typename Prefetch>
 inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visit&& visit,
                           Prefetch&& prefetch) {
-  // The first kPrefetch positions are requested up front: a small tensor's few
-  // positions would otherwise mostly run ahead of their prefetches.
-  if (pos.indices)
-    for (int64_t j = begin; j < std::min(end, begin + kPrefetch); ++j)
-      prefetch(pos.indices[j], pos.compact ? j : pos.indices[j]);
-  for (int64_t j = begin; j < end; ++j) {
-    if (pos.indices && j + kPrefetch < end) {
-      const int64_t ahead = pos.indices[j + kPrefetch];
-      prefetch(ahead, pos.compact ? j + kPrefetch : ahead);
-    }
-    const int64_t e = pos.indices ? pos.indices[j] : j;
-    if (pos.mask && !pos.mask[e]) continue;
-    visit(e, pos.compact ? j : e);
+  if (!pos.indices) {
+    for (int64_t e = begin; e < end; ++e)
+      if (!pos.mask || pos.mask[e]) visit(e, e);
+    return;
   }
+  prefetched(
+      begin, end,
+      [&](int64_t j) {
+        const int64_t e = pos.indices[j];
+        if (!pos.mask || pos.mask[e]) visit(e, pos.compact ? j : e);
+      },
+      [&](int64_t j) { prefetch(pos.indices[j], pos.compact ? j : pos.indices[j]); });
 }
 
 // SGD's flags that pick branches in sgd_rule (first step, nesterov) are template
@@ -218,11 +211,11 @@ RangeFn adam_ranges(T* p, G* g, M* m, M* v, M* vmax, int32_t* age, const Positio
       else adam_rule(pm, gm, m[s], v[s], h, size, bc2);
       p[e] = T(pm);
     }, [&](int64_t e, int64_t s) {
-      __builtin_prefetch(p + e, 0, 1);
-      __builtin_prefetch(g + e, 0, 1);
-      __builtin_prefetch(m + s, 0, 1);
-      __builtin_prefetch(v + s, 0, 1);
-      if (vmax) __builtin_prefetch(vmax + s, 0, 1);
+      request_line(p + e);
+      request_line(g + e);
+      request_line(m + s);
+      request_line(v + s);
+      if (vmax) request_line(vmax + s);
     });
   };
 }
@@ -247,9 +240,9 @@ RangeFn sgd_ranges(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M> h
       sgd_rule(pm, gm, buf ? buf[s] : scratch, h, first);
       p[e] = T(pm);
     }, [&](int64_t e, int64_t s) {
-      __builtin_prefetch(p + e, 0, 1);
-      __builtin_prefetch(g + e, 0, 1);
-      if (buf) __builtin_prefetch(buf + s, 0, 1);
+      request_line(p + e);
+      request_line(g + e);
+      if (buf) request_line(buf + s);
     });
   };
 }

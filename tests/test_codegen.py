@@ -1,0 +1,44 @@
+"""The compiled CPU loops over scattered positions keep their prefetches. A compiler
+may drop a prefetch without a trace (GCC takes a function that only prefetches for a
+pure one): the results stay right and the loop waits on memory at every position, so
+no other test would notice. This one reads the extension's machine code."""
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from incrkern import _C
+from helpers import needs_ext
+
+# Functions (demangled-name fragments) whose positional loop requests its lines ahead:
+# the update ops' per-dtype loops and the fused call's per-tensor loop.
+PREFETCHING = [
+    "adam_ranges<float, float, float>",
+    "adam_ranges<c10::BFloat16, c10::BFloat16, float>",
+    "adam_ranges<c10::Half, float, float>",
+    "adam_ranges<double, double, double>",
+    "sgd_ranges<float, float, float>",
+    "sgd_ranges<c10::BFloat16, c10::BFloat16, float>",
+    "adam_select_update_cpu(",
+]
+
+
+@needs_ext
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_positional_loops_keep_their_prefetches():
+    if not _C.__file__.endswith(".so"):
+        pytest.skip("not an ELF shared object")
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    prefetching = set()
+    name = None
+    for line in asm.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = header.group(1)
+        elif name and "prefetcht" in line:
+            prefetching.add(name)
+    for fragment in PREFETCHING:
+        assert any(fragment in n for n in prefetching), (
+            f"no prefetch instruction left in any function named like {fragment!r}")
