@@ -275,6 +275,30 @@ bool forced_fallback(const char* when) {
   return env && std::strcmp(env, when) == 0;
 }
 
+// The need-th largest of a band's keys, kept per block in position order (keys_of(o):
+// block o's), every key in [lo, hi], 0 < need < their count; and per block, how many
+// of its keys equal it and how many of those are chosen, ties to the lowest position.
+struct BandKth {
+  uint32_t kth;
+  std::vector<int64_t> equal, ties;
+};
+
+template <typename Block, typename KeysOf>
+BandKth band_kth(const std::vector<Block>& blocks, KeysOf&& keys_of, int64_t need, uint32_t lo,
+                 uint32_t hi) {
+  std::vector<uint32_t> keys;
+  for (const Block& o : blocks) keys.insert(keys.end(), keys_of(o).begin(), keys_of(o).end());
+  BandKth b{kth_largest(keys, need, lo, hi), {}, {}};
+  int64_t ties = need;  // keys equal to kth still to take, lowest positions first
+  for (const Block& o : blocks) {
+    int64_t equal = 0;
+    for (uint32_t key : keys_of(o)) ties -= key > b.kth, equal += key == b.kth;
+    b.equal.push_back(equal);
+  }
+  for (int64_t equal : b.equal) b.ties.push_back(std::min(equal, ties)), ties -= b.ties.back();
+  return b;
+}
+
 // The (key, position) candidates chosen to complete `need` winners: the need largest,
 // ties to the lowest position; all of them when they are at most need. Every key
 // lies in the band [lo, hi].
@@ -286,19 +310,18 @@ void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, ui
     for (BlockOut& o : out) o.chosen = o.cpos;
     return;
   }
-  std::vector<uint32_t> keys;
-  keys.reserve(size_t(cnt));
-  for (const BlockOut& o : out) keys.insert(keys.end(), o.ckey.begin(), o.ckey.end());
-  const uint32_t kth = kth_largest(keys, need, lo, hi);
-  int64_t ties = need;  // candidates keyed kth still to take, lowest positions first
-  for (const BlockOut& o : out)
-    for (uint32_t key : o.ckey) ties -= key > kth;
-  for (BlockOut& o : out)
+  const BandKth b = band_kth(
+      out, [](const BlockOut& o) -> const std::vector<uint32_t>& { return o.ckey; }, need, lo,
+      hi);
+  for (size_t bi = 0; bi < out.size(); ++bi) {
+    BlockOut& o = out[bi];
+    int64_t ties = b.ties[bi];
     for (size_t j = 0; j < o.cpos.size(); ++j) {
-      const bool tie = o.ckey[j] == kth && ties > 0;
-      if (o.ckey[j] > kth || tie) o.chosen.push_back(o.cpos[j]);
+      const bool tie = o.ckey[j] == b.kth && ties > 0;
+      if (o.ckey[j] > b.kth || tie) o.chosen.push_back(o.cpos[j]);
       ties -= tie;
     }
+  }
 }
 
 // The block's chosen candidates merged into its winner tiles: one ascending list, a
@@ -493,18 +516,13 @@ int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
     at_least = lo;
     chosen = w + cnt;
   } else if (need > 0) {
-    std::vector<uint32_t> keys;
-    keys.reserve(size_t(cnt));
-    for (const BandCount& o : out) keys.insert(keys.end(), o.keys.begin(), o.keys.end());
-    tie = kth_largest(keys, need, lo, hi);
-    int64_t ties = need;  // keys equal to tie still to take, lowest positions first
-    for (BandCount& o : out)
-      for (uint32_t key : o.keys) {
-        ties -= key > tie;
-        o.equal += key == tie;
-      }
+    const BandKth b = band_kth(
+        out, [](const BandCount& o) -> const std::vector<uint32_t>& { return o.keys; }, need,
+        lo, hi);
+    tie = b.kth;
     at_least = uint64_t(tie) + 1;
-    for (BandCount& o : out) o.ties = std::min(o.equal, ties), ties -= o.ties;
+    for (size_t bi = 0; bi < out.size(); ++bi)
+      out[bi].equal = b.equal[bi], out[bi].ties = b.ties[bi];
     chosen = k;
   }
   at::parallel_for(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
