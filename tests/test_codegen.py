@@ -11,8 +11,9 @@ import pytest
 from incrkern import _C
 from helpers import needs_ext
 
-# Functions (demangled-name fragments) whose positional loop requests its lines ahead:
-# the update ops' per-dtype loops and the fused call's per-tensor loop.
+# Functions (demangled-name fragments) whose loop over scattered elements requests
+# its lines ahead: the update ops' per-dtype loops, the fused call's small tensors
+# (inlined into its parallel loop), its tile lists, and the selection's sample.
 PREFETCHING = [
     "adam_ranges<float, float, float>",
     "adam_ranges<c10::BFloat16, c10::BFloat16, float>",
@@ -21,6 +22,9 @@ PREFETCHING = [
     "sgd_ranges<float, float, float>",
     "sgd_ranges<c10::BFloat16, c10::BFloat16, float>",
     "adam_select_update_cpu(",
+    "run_band<float>(",
+    "run_zero_floor<float>(",
+    "Selector<unsigned int>::sample_keys(",
 ]
 
 
