@@ -19,6 +19,7 @@ import time
 import torch
 
 from incrkern import ops
+from incrkern.bench.sparse import llc_bytes
 
 DENSITIES = [0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5]
 
@@ -31,14 +32,28 @@ def make_grad(kind, n, gen):
     return torch.randn(n, generator=gen)
 
 
-def best_interleaved(variants, repeats):
+def cache_evictor():
+    """A callable that writes twice the last-level cache's bytes: run before each
+    timed call, it leaves none of the previous variant's lines in cache. Variants that
+    choose the same elements would otherwise find the chosen lines (at density 0.004,
+    6% of a 10M tensor's p, m and v: 10 MB) where the one before left them."""
+    scratch = torch.zeros(2 * llc_bytes()[0] // 4)
+    return lambda: scratch.add_(1.0)
+
+
+def best_interleaved(variants, repeats, evict=lambda: None):
     """{name: best time in ms} of the callables in `variants`, run in turn `repeats`
-    times after one warm-up each: on a shared machine others only ever add time."""
+    times after one warm-up each: on a shared machine others only ever add time.
+    evict() runs before each timed call, and each round starts one variant later, so
+    that no variant always follows the same one."""
     best = {name: float("inf") for name in variants}
     for fn in variants.values():
         fn()
-    for _ in range(repeats):
-        for name, fn in variants.items():
+    names = list(variants)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = variants[name]
+            evict()
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
@@ -99,6 +114,7 @@ def main():
     dense = torch.optim.AdamW(tp, lr=1e-3, weight_decay=0.01, fused=True)
     dense.step()
 
+    evict = cache_evictor()
     stream = os.environ.get("INCRKERN_STREAM_DENSITY", "the kernel's own")
     print(f"AdamW step, {n:.3g} fp32 elements in {args.tensors} tensors, "
           f"{torch.get_num_threads()} threads, {args.grads} grads"
@@ -111,7 +127,7 @@ def main():
         variants = dict(fused=fused(k, False), approx=fused(k, True),
                         positions=composed(k, False), mask=composed(k, True),
                         torch=dense.step)
-        ms = best_interleaved(variants, args.repeats)
+        ms = best_interleaved(variants, args.repeats, evict)
         print(f"{d:8.3f} {ms['fused']:7.2f} {ms['approx']:7.2f} {ms['positions']:10.2f} "
               f"{ms['mask']:7.2f} {ms['torch']:7.2f} {ms['torch'] / ms['fused']:12.2f}",
               flush=True)

@@ -11,7 +11,7 @@ import torch
 
 import incrkern
 import incrkern.optim.base as base
-from crossover_fused import best_interleaved  # bench/ is the script's own directory
+from crossover_fused import best_interleaved, cache_evictor  # bench/ is the script's own directory
 
 
 def main():
@@ -45,6 +45,7 @@ def main():
     tp.grad = grad
     dense = torch.optim.AdamW([tp], lr=1e-3, fused=True)
 
+    evict = cache_evictor()
     print(f"AdamW step, one tensor of {n:.3g} fp32, {torch.get_num_threads()} threads; "
           f"ms, best of {args.repeats}")
     print(f"{'density':>8} {'topk':>7} {'before':>8} {'after':>8} {'speed-up':>9} "
@@ -53,7 +54,7 @@ def main():
         for topk in ("exact", "approx"):
             variants = dict(before=optimizer_step(d, topk, False),
                             after=optimizer_step(d, topk, True), torch=dense.step)
-            ms = best_interleaved(variants, args.repeats)
+            ms = best_interleaved(variants, args.repeats, evict)
             print(f"{d:8.3f} {topk:>7} {ms['before']:8.2f} {ms['after']:8.2f} "
                   f"{ms['before'] / ms['after']:9.2f} {ms['torch']:7.2f} "
                   f"{ms['torch'] / ms['after']:12.2f}", flush=True)
