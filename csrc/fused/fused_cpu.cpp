@@ -179,6 +179,17 @@ struct AdamTensor {
   }
 };
 
+// A param's addresses, size and update count, read for every param at once while the
+// checks have just brought the tensors' TensorImpls into cache. Read when the param's
+// turn comes, after other params' passes have streamed through the cache, each
+// address is a chain of waits on memory (TensorImpl, then StorageImpl).
+struct Resolved {
+  void *p, *g, *m, *v, *r;  // r: null without error feedback
+  int64_t numel;
+  float step;
+  at::ScalarType dtype;  // the param's and its gradient's
+};
+
 // What a call shares: its tensors (for the positional fallback) and its constants.
 struct Call {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps, residuals;
@@ -188,6 +199,7 @@ struct Call {
   // reads g times grad_scale / scale; with them the residual adds g / scale.
   std::optional<at::Tensor> amp_scale;
   std::optional<float> amp;
+  std::vector<Resolved> res;  // per param, filled once the checks pass
 };
 
 // The positions' update by the adam_update_ op (prefetching, spread over threads):
@@ -212,16 +224,11 @@ void update_positions(const Call& c, size_t i, const at::Tensor& pos) {
 }
 
 Source source_of(const Call& c, size_t i) {
-  const at::Tensor& g = c.grads[i];
-  const bool ef = !c.residuals.empty();
-  return Source{ef ? ScoreKind::Accumulated : ScoreKind::Abs,
-                g.scalar_type(),
-                g.data_ptr(),
-                ef ? c.residuals[i].scalar_type() : at::kFloat,
-                ef ? c.residuals[i].data_ptr() : nullptr,
-                {},
-                g.numel(),
-                0};
+  const Resolved& t = c.res[i];
+  const bool ef = t.r != nullptr;
+  const at::ScalarType math = t.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  return Source{ef ? ScoreKind::Accumulated : ScoreKind::Abs, t.dtype, t.g, ef ? math : at::kFloat,
+                t.r, {}, t.numel, 0};
 }
 
 // The residual alone as the score source, once the gradient has been added to it.
@@ -246,7 +253,7 @@ int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k,
   Source src = source_of(c, i);
   if (t.r) {
     if (!after_pass)
-      at::parallel_for(0, c.params[i].numel(), kDenseGrain,
+      at::parallel_for(0, c.res[i].numel, kDenseGrain,
                        [&](int64_t b, int64_t e) { t.add_residual(b, e); });
     src = residual_source(t, src.n);
   }
@@ -415,7 +422,7 @@ std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, 
 // updated before the count of nonzeros shows the k-th key to be 0.
 template <typename T>
 int64_t run_zero_floor(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added) {
-  const int64_t n = c.params[i].numel();
+  const int64_t n = c.res[i].numel;
   // Winners: the keys above 0 (hi = 0); lo = 1 above hi leaves no candidates.
   std::vector<BlockOut> out = list_pass(t, n, 1, 0, added, /*few_hits=*/true);
   int64_t nonzeros = 0;
@@ -500,7 +507,7 @@ std::vector<BandCount> count_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo
 template <typename T>
 int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added,
                    uint32_t lo, uint32_t hi, bool approx) {
-  const int64_t n = c.params[i].numel();
+  const int64_t n = c.res[i].numel;
   std::vector<BandCount> out = count_pass(t, n, lo, hi, added);
   int64_t w = 0, cnt = 0;
   for (const BandCount& o : out) w += o.above, cnt += int64_t(o.keys.size());
@@ -551,7 +558,7 @@ int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
 // either mode, as ops.adam_select_update_ documents for small tensors.
 template <typename T>
 int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
-  const int64_t n = c.params[i].numel();
+  const int64_t n = c.res[i].numel;
   if (k == n) {
     t.dense(0, n);
     return n;
@@ -577,7 +584,7 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
 // holds r + residual_alpha * g (the band is then sampled from it alone).
 template <typename T>
 int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added) {
-  const int64_t n = c.params[i].numel();
+  const int64_t n = c.res[i].numel;
   Selector<uint32_t> sel({added ? residual_source(t, n) : source_of(c, i)}, k, c.approx);
   const auto band = sel.sample_band();
   if (forced_fallback("before")) return run_fallback(c, i, t, k, added);
@@ -614,7 +621,7 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
 // A large tensor, over every thread (fp64 by select and update: no 32-bit keys).
 template <typename T>
 int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
-  const int64_t n = c.params[i].numel();
+  const int64_t n = c.res[i].numel;
   if (k == 0 || k == n) {
     at::parallel_for(0, n, kDenseGrain, [&](int64_t b, int64_t e) {
       if (k == n) t.dense(b, e);
@@ -637,14 +644,14 @@ int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
 template <typename T>
 AdamTensor<T> adam_tensor(const Call& c, size_t i) {
   using M = at::opmath_type<T>;
-  const double step = *c.steps[i].data_ptr<float>();  // checked: a float32 scalar on the CPU
-  const AdamBias bias = adam_bias(c.lr, c.beta1, c.beta2, step);
+  const Resolved& r = c.res[i];
+  const AdamBias bias = adam_bias(c.lr, c.beta1, c.beta2, double(r.step));
   return AdamTensor<T>{
-      c.params[i].data_ptr<T>(),
-      c.grads[i].data_ptr<T>(),
-      c.exp_avgs[i].data_ptr<M>(),
-      c.exp_avg_sqs[i].data_ptr<M>(),
-      c.residuals.empty() ? nullptr : c.residuals[i].data_ptr<M>(),
+      static_cast<T*>(r.p),
+      static_cast<const T*>(r.g),
+      static_cast<M*>(r.m),
+      static_cast<M*>(r.v),
+      static_cast<M*>(r.r),
       make_adam_hyper<M>(c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay,
                          c.maximize),
       M(bias.step_size),
@@ -688,12 +695,19 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
   // Every check has passed: from here on the call changes its arguments.
   if (increment_steps)
     for (const at::Tensor& s : steps) *s.data_ptr<float>() += 1.0f;
+  c.res.reserve(params.size());
+  for (int64_t i = 0; i < int64_t(params.size()); ++i)
+    c.res.push_back(Resolved{params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
+                             exp_avg_sqs[i].data_ptr(),
+                             residuals.empty() ? nullptr : residuals[i].data_ptr(),
+                             params[i].numel(), *steps[i].data_ptr<float>(),
+                             params[i].scalar_type()});
   // Small tensors side by side, one thread each (up to 2^20 elements when they take
   // the tile maxima or the threshold stream: a transformer's mid-sized matrices); large
   // ones one after another, each over every thread.
   std::vector<int64_t> small, large;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t numel = params[i].numel();
+    const int64_t numel = c.res[i].numel;
     const bool one_thread = select::one_thread_selection(numel, ks[i]) ||
                             (numel <= select::kTileMaxNumel && stream_pays(numel, ks[i]));
     (one_thread ? small : large).push_back(i);
@@ -701,14 +715,14 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
   at::parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const size_t i = size_t(small[j]);
-      with_param_type(params[i].scalar_type(), [&](auto tag) {
+      with_param_type(c.res[i].dtype, [&](auto tag) {
         using T = decltype(tag);
         count[i] = run_small<T>(c, i, adam_tensor<T>(c, i), ks[i]);
       });
     }
   });
   for (int64_t i : large)
-    with_param_type(params[i].scalar_type(), [&](auto tag) {
+    with_param_type(c.res[i].dtype, [&](auto tag) {
       using T = decltype(tag);
       count[i] = run_large<T>(c, size_t(i), adam_tensor<T>(c, size_t(i)), ks[i]);
     });
