@@ -8,7 +8,6 @@ import subprocess
 
 import pytest
 
-from incrkern import _C
 from helpers import needs_ext
 
 # Functions (demangled-name fragments) whose loop over scattered elements requests
@@ -31,6 +30,8 @@ PREFETCHING = [
 @needs_ext
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
 def test_positional_loops_keep_their_prefetches():
+    from incrkern import _C  # only once needs_ext has seen it load
+
     if not _C.__file__.endswith(".so"):
         pytest.skip("not an ELF shared object")
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__],
