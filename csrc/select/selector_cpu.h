@@ -42,6 +42,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/prefetched.h"
 #include "select/kth_cpu.h"
 #include "select/radix_cpu.h"
 #include "select/scan_cpu.h"
@@ -225,7 +226,7 @@ class Selector {
           const char* base = static_cast<const char*>(src.data);
           const int64_t size = src.data ? int64_t(c10::elementSize(src.dtype)) : 0;
           for (const int64_t* q = first; q < last; ++q) {
-            if (base && last - q > kAhead) __builtin_prefetch(base + (q[kAhead] - src.pos0) * size, 0, 1);
+            if (base && last - q > kAhead) request_line(base + (q[kAhead] - src.pos0) * size);
             keys[q - pos.data()] = rd(*q - src.pos0);
           }
         });
