@@ -4,10 +4,16 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// `import incrkern._C` only has to run the static registrations below; the module
-// itself is empty, so no pybind11 is compiled in.
+namespace incrkern {
+extern PyMethodDef kFusedStepMethods[];  // csrc/fused/fused_step_py.cpp
+}
+
+// `import incrkern._C` runs the static registrations below. The module's one
+// function is the optimizer's fast step, written against the C API: the ops
+// themselves are reached through torch.ops.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          incrkern::kFusedStepMethods};
   return PyModule_Create(&module_def);
 }
 

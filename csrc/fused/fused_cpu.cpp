@@ -37,6 +37,7 @@
 #include "select/selector_cpu.h"
 #include "update/adam_stream_cpu.h"
 #include "fused/fused_checks.h"
+#include "fused/fused_cpu.h"
 #include "fused/scans_cpu.h"
 #include "update/update_checks.h"
 
@@ -671,6 +672,8 @@ void with_param_type(at::ScalarType d, Fn&& fn) {
   }
 }
 
+}  // namespace
+
 at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                   at::TensorList steps, at::IntArrayRef ks,
@@ -728,8 +731,6 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
     });
   return counts;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, CPU, m) { m.impl("adam_select_update_", &adam_select_update_cpu); }
 

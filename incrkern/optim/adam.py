@@ -5,6 +5,7 @@ from torch.optim.adam import adam as torch_adam
 from .. import ops
 from .base import IncrementalOptimizer
 from .checks import _check_number, check_tensor_lr
+from .fast_step import fused_cpu_step
 
 
 def _checked_betas(betas, foreach, capturable):
@@ -106,6 +107,9 @@ class Adam(IncrementalOptimizer):
             decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=group["amsgrad"],
             beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
             eps=group["eps"], maximize=group["maximize"])
+
+    def _fast_step(self):
+        return fused_cpu_step(self)
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]

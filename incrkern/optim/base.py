@@ -321,6 +321,8 @@ class IncrementalOptimizer(Optimizer):
         for group in self.param_groups:
             _check_lr(group["lr"])
             self._check_differentiable(group)
+        if self._fast_step():
+            return loss
         self._saw_sparse_grad = False
         plans = [(group, *self._params_with_grad(group, gi))
                  for gi, group in enumerate(self.param_groups)]
@@ -349,6 +351,11 @@ class IncrementalOptimizer(Optimizer):
         finally:
             self._amp = (None, None)
         return loss
+
+    def _fast_step(self):
+        """Steps every group at once, in C++, when the step is the plain case
+        (subclasses that can); False when nothing was touched."""
+        return False
 
     def _amp_kwargs(self, device, unscale=True):
         """The mixed-precision arguments of a kernel call on `device`: the loss scale

@@ -1,0 +1,189 @@
+// incrkern._C.fused_adam_step: the common incremental Adam step on the CPU in one
+// call from Python. On a model of many small tensors a step spent more time in
+// Python, reading each param's grad and state and checking them, and in the
+// dispatcher boxing five tensor lists than in its kernels (docs/design.md, "Python
+// overhead of a step"). This call reads the same things from the same objects and
+// calls the fused kernel directly.
+//
+// It only accepts; it never reports. Anything it does not recognise as the plain
+// case (a missing state, a grad of another dtype, a subclass, a shared step count, a
+// tensor the cost model sends elsewhere) makes it return None before it touches
+// anything, and the optimizer's Python step then does the step, with its errors.
+#include <ATen/core/Tensor.h>
+#include <ATen/record_function.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <unordered_set>
+#include <vector>
+
+#include "fused/fused_checks.h"
+#include "fused/fused_cpu.h"
+
+namespace incrkern {
+namespace {
+
+struct Group {
+  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps, residuals;
+  std::vector<int64_t> ks;
+  double density, lr, beta1, beta2, eps, weight_decay;
+  bool error_feedback, approx, decoupled_weight_decay, maximize;
+  std::optional<at::Tensor> lr_tensor;
+};
+
+bool exact_tensor(PyObject* o) { return Py_TYPE(o) == (PyTypeObject*)THPVariableClass; }
+
+bool plain_cpu(const at::Tensor& t) {
+  return t.layout() == at::kStrided && t.device().is_cpu() && t.is_contiguous();
+}
+
+bool fused_dtype(at::ScalarType d) {
+  return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf;
+}
+
+// The tensor under `key` in a param's state dict, or nullptr.
+const at::Tensor* state_tensor(PyObject* state, const char* key) {
+  PyObject* t = PyDict_GetItemString(state, key);
+  return t && exact_tensor(t) ? &THPVariable_Unpack(t) : nullptr;
+}
+
+// The Python constants of incrkern.optim.base (FUSED_SMALL_NUMEL, FUSED_MIN_DENSITY)
+// with the rule of its use_fused and of ops.density_k.
+struct CostModel {
+  int64_t small_numel;
+  double min_density;
+  bool fused(int64_t numel, double density, bool error_feedback) const {
+    return numel <= small_numel || error_feedback || density >= min_density;
+  }
+};
+
+int64_t density_k(double density, int64_t numel) {
+  return std::min(numel, int64_t(std::ceil(density * double(numel))));
+}
+
+// (params, density, error_feedback, approx, lr, lr_tensor, beta1, beta2, eps,
+//  weight_decay, decoupled_weight_decay, maximize) into `out`; false when not the
+// plain case.
+bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const CostModel& cost,
+                std::unordered_set<PyObject*>& seen_steps, Group& out) {
+  if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 12) return false;
+  auto item = [&](int i) { return PyTuple_GET_ITEM(spec, i); };
+  PyObject* params = item(0);
+  if (!PyList_Check(params)) return false;
+  out.density = PyFloat_AsDouble(item(1));
+  out.error_feedback = PyObject_IsTrue(item(2)) == 1;
+  out.approx = PyObject_IsTrue(item(3)) == 1;
+  out.lr = PyFloat_AsDouble(item(4));
+  if (item(5) != Py_None) {
+    if (!exact_tensor(item(5))) return false;
+    out.lr_tensor = THPVariable_Unpack(item(5));
+  }
+  out.beta1 = PyFloat_AsDouble(item(6));
+  out.beta2 = PyFloat_AsDouble(item(7));
+  out.eps = PyFloat_AsDouble(item(8));
+  out.weight_decay = PyFloat_AsDouble(item(9));
+  out.decoupled_weight_decay = PyObject_IsTrue(item(10)) == 1;
+  out.maximize = PyObject_IsTrue(item(11)) == 1;
+  if (PyErr_Occurred()) return false;
+
+  static PyObject* grad_name = PyUnicode_InternFromString("grad");
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* p = PyList_GET_ITEM(params, i);
+    if (!exact_tensor(p) && Py_TYPE(p) != (PyTypeObject*)parameter_type) return false;
+    PyObject* g = PyObject_GetAttr(p, grad_name);
+    if (!g) return false;
+    const bool none = g == Py_None, plain = exact_tensor(g);
+    Py_DECREF(g);  // p still holds it
+    if (none) continue;
+    if (!plain) return false;
+    const at::Tensor& param = THPVariable_Unpack(p);
+    const at::Tensor& grad = THPVariable_Unpack(g);
+    if (!plain_cpu(param) || !plain_cpu(grad) || !fused_dtype(param.scalar_type()) ||
+        grad.scalar_type() != param.scalar_type() || !grad.sizes().equals(param.sizes()) ||
+        !cost.fused(param.numel(), out.density, out.error_feedback))
+      return false;
+    PyObject* s = PyDict_GetItemWithError(state, p);
+    if (!s || !PyDict_Check(s)) return false;
+    PyObject* step = PyDict_GetItemString(s, "step");
+    const at::Tensor* m = state_tensor(s, "exp_avg");
+    const at::Tensor* v = state_tensor(s, "exp_avg_sq");
+    const at::Tensor* r = out.error_feedback ? state_tensor(s, "residual") : nullptr;
+    if (!step || !exact_tensor(step) || !m || !v || (out.error_feedback && !r) ||
+        !seen_steps.insert(step).second)
+      return false;
+    out.params.push_back(param);
+    out.grads.push_back(grad);
+    out.exp_avgs.push_back(*m);
+    out.exp_avg_sqs.push_back(*v);
+    out.steps.push_back(THPVariable_Unpack(step));
+    if (r) out.residuals.push_back(*r);
+    out.ks.push_back(density_k(out.density, param.numel()));
+  }
+  return true;
+}
+
+struct WithoutGil {
+  PyThreadState* saved = PyEval_SaveThread();
+  ~WithoutGil() { PyEval_RestoreThread(saved); }
+};
+
+// fused_adam_step(groups, state, parameter_type, small_numel, min_density): a list
+// with, per group, whether it had params with grads (and was stepped); None when
+// the step is not the plain case and nothing was touched.
+PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *specs, *state, *parameter_type;
+  CostModel cost{};
+  if (!PyArg_ParseTuple(args, "O!O!OLd", &PyList_Type, &specs, &PyDict_Type, &state,
+                        &parameter_type, &cost.small_numel, &cost.min_density))
+    return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(specs);
+  std::vector<Group> groups(static_cast<size_t>(n));
+  std::unordered_set<PyObject*> seen_steps;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!read_group(PyList_GET_ITEM(specs, i), state, parameter_type, cost, seen_steps,
+                    groups[size_t(i)])) {
+      PyErr_Clear();
+      Py_RETURN_NONE;
+    }
+  }
+  // Every group's lists pass the kernel's checks before any group is stepped.
+  try {
+    for (const Group& g : groups)
+      if (!g.params.empty())
+        check_select_update(c10::DeviceType::CPU, g.params, g.grads, g.exp_avgs, g.exp_avg_sqs,
+                            g.steps, g.ks, g.residuals, g.lr_tensor, std::nullopt,
+                            std::nullopt);
+  } catch (const c10::Error&) {
+    Py_RETURN_NONE;
+  }
+  {
+    WithoutGil released;
+    for (const Group& g : groups) {
+      if (g.params.empty()) continue;
+      RECORD_FUNCTION("incrkern::adam_select_update_", std::vector<c10::IValue>());
+      adam_select_update_cpu(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks,
+                             g.residuals, g.approx, g.lr, g.beta1, g.beta2, g.eps,
+                             g.weight_decay, g.decoupled_weight_decay, g.maximize, 1.0,
+                             g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt);
+    }
+  }
+  PyObject* stepped = PyList_New(n);
+  for (Py_ssize_t i = 0; i < n; ++i)
+    PyList_SET_ITEM(stepped, i, PyBool_FromLong(!groups[size_t(i)].params.empty()));
+  return stepped;
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace
+
+PyMethodDef kFusedStepMethods[] = {
+    {"fused_adam_step", fused_adam_step, METH_VARARGS,
+     "The common incremental Adam step on the CPU in one call, or None (not touched)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace incrkern

@@ -1,0 +1,66 @@
+"""The common incremental Adam step on the CPU in one C++ call.
+
+On a model of many small tensors the Python around the fused kernel cost more than
+the kernel: reading each param's grad and state, checking them and boxing the lists
+for the dispatcher (docs/design.md, "Python overhead of a step"). When every group
+is the plain case, `incrkern._C.fused_adam_step` reads the grads and states itself
+and calls the CPU kernel directly. It returns None, having touched nothing, on
+anything else it meets (a first step with no state yet, a bad grad, a subclass, a
+tensor the cost model sends to another path), and the Python step runs as before:
+the same results, and the same errors.
+"""
+import torch
+
+from .. import _extension
+from .base import FUSED_MIN_DENSITY, FUSED_SMALL_NUMEL
+
+_fused_adam_step = (getattr(_extension._C, "fused_adam_step", None)
+                    if _extension.EXTENSION_LOADED else None)
+
+# False: every step takes the Python path (for comparing the two).
+ENABLED = True
+
+_CPU = torch.device("cpu")
+
+
+def _plain_group(opt, group):
+    """Whether the group steps by the fused kernel on every tensor, with nothing the
+    C++ step leaves to Python: |grad| or error feedback per tensor, reselected each
+    step, no accumulation, AMSGrad, masters, capture or differentiable step."""
+    return (group["select"] in ("grad", "accumulated") and group["scope"] == "tensor"
+            and group["mask"] == "dynamic" and group["bias_correction"] == "tensor"
+            and group["accumulate_steps"] == 1 and not opt._is_dense(group)
+            and not group.get("momentum_correction") and not group.get("amsgrad")
+            and not group.get("master_weights") and not group.get("capturable")
+            and not group.get("differentiable"))
+
+
+def fused_cpu_step(opt):
+    """Steps every group of `opt` (an incrkern Adam) in one C++ call; False when the
+    step is not the plain case and nothing was touched."""
+    if (not ENABLED or _fused_adam_step is None
+            or getattr(opt, "grad_scale", None) is not None
+            or getattr(opt, "found_inf", None) is not None
+            or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return False
+    groups = opt.param_groups
+    if not all(_plain_group(opt, group) for group in groups):
+        return False
+    specs = []
+    for group in groups:
+        lr, lr_tensor = opt._lr_args(group, _CPU)
+        h = opt._hyper(group)
+        specs.append((group["params"], float(group["density"]),
+                      group["select"] == "accumulated", group["topk"] == "approx", lr,
+                      lr_tensor, h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
+                      h["decoupled_weight_decay"], h["maximize"]))
+    stepped = _fused_adam_step(specs, opt.state, torch.nn.Parameter, FUSED_SMALL_NUMEL,
+                               FUSED_MIN_DENSITY)
+    if stepped is None:
+        return False
+    for group, did in zip(groups, stepped):
+        if did:
+            group["updates"] += 1
+    return True

@@ -1,0 +1,209 @@
+"""The one-call C++ step (incrkern/optim/fast_step.py) against the Python step it
+replaces: bit-identical params, state and counters wherever it runs, and a step that
+falls back, untouched, wherever it does not."""
+import copy
+
+import pytest
+import torch
+
+import incrkern
+from incrkern.optim import base, fast_step
+
+pytestmark = pytest.mark.skipif(fast_step._fused_adam_step is None,
+                                reason="the extension is not built")
+
+# Sizes around the kernel's paths: empty, one element, odd, a vector-width remainder,
+# a density * numel just above an integer (0.01 * 700), the small-tensor limit.
+SIZES = (0, 1, 7, 33, 700, 4099, 20000, base.FUSED_SMALL_NUMEL)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The C++ call's answers, in order: a list per taken step, None per fallback."""
+    answers = []
+    real = fast_step._fused_adam_step
+
+    def recorded(*args):
+        answers.append(real(*args))
+        return answers[-1]
+
+    monkeypatch.setattr(fast_step, "_fused_adam_step", recorded)
+    return answers
+
+
+def make_params(sizes, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype)) for n in sizes]
+
+
+def heavy_tailed_grads(params, step):
+    """Student-t grads with exact zeros, ties and a row of zeros: real gradients' shape."""
+    gen = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(params):
+        g = torch.distributions.StudentT(2.0).sample((p.numel(),))
+        g[torch.rand(p.numel(), generator=gen) < 0.3] = 0.0
+        if p.numel() > 8:
+            g[: p.numel() // 4] = g[0]  # a run of ties
+        if i == 1:
+            g.zero_()
+        p.grad = g.to(p.dtype)
+
+
+def run(opt_cls, params, groups_of, steps, enabled, monkeypatch, **options):
+    monkeypatch.setattr(fast_step, "ENABLED", enabled)
+    torch.manual_seed(0)
+    opt = opt_cls(groups_of(params), **options)
+    for step in range(steps):
+        heavy_tailed_grads(params, step)
+        opt.step()
+    return opt
+
+
+def one_group(params):
+    return params
+
+
+def two_groups(params):
+    return [dict(params=params[::2]), dict(params=params[1::2], lr=3e-3, weight_decay=0.0)]
+
+
+@pytest.mark.parametrize("opt_cls", [incrkern.optim.Adam, incrkern.optim.AdamW])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("select", ["grad", "accumulated"])
+@pytest.mark.parametrize("topk", ["exact", "approx"])
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.3])
+@pytest.mark.parametrize("groups_of", [one_group, two_groups])
+def test_same_as_the_python_step(opt_cls, dtype, select, topk, density, groups_of, spy,
+                                 monkeypatch):
+    options = dict(lr=1e-2, density=density, select=select, topk=topk, maximize=True,
+                   weight_decay=0.05)
+    fast_params, slow_params = make_params(SIZES, dtype), make_params(SIZES, dtype)
+    fast = run(opt_cls, fast_params, groups_of, 4, True, monkeypatch, **options)
+    taken = [a for a in spy if a is not None]
+    # The first step makes the state in Python; every later one is the C++ call.
+    assert spy[0] is None and len(taken) == 3
+    slow = run(opt_cls, slow_params, groups_of, 4, False, monkeypatch, **options)
+    assert len(spy) == 4  # the disabled run never called it
+    for p, q in zip(fast_params, slow_params):
+        assert torch.equal(p, q)
+    fast_state, slow_state = fast.state_dict(), slow.state_dict()
+    assert fast_state["param_groups"] == slow_state["param_groups"]
+    for i, s in slow_state["state"].items():
+        assert fast_state["state"][i].keys() == s.keys()
+        for key, t in s.items():
+            assert torch.equal(fast_state["state"][i][key], t), (i, key)
+
+
+def test_a_group_without_grads_is_not_counted(spy, monkeypatch):
+    params = make_params([50, 60, 70], torch.float32)
+    opt = incrkern.optim.AdamW([dict(params=params[:2]), dict(params=params[2:])],
+                               density=0.1)
+    heavy_tailed_grads(params, 0)
+    opt.step()
+    params[2].grad = None
+    opt.step()
+    assert spy[-1] == [True, False]
+    assert [g["updates"] for g in opt.param_groups] == [2, 1]
+    assert opt.state[params[2]]["step"].item() == 1.0
+
+
+def snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def assert_untouched(opt, params, before):
+    values, state = before
+    for p, v in zip(params, values):
+        assert torch.equal(p, v)
+    now = opt.state_dict()
+    for i, s in state["state"].items():
+        for key, t in s.items():
+            assert torch.equal(now["state"][i][key], t), (i, key)
+
+
+def stepped_once(sizes=(40, 50, 60), **options):
+    params = make_params(sizes, torch.float32)
+    opt = incrkern.optim.AdamW(params, density=0.1, **options)
+    heavy_tailed_grads(params, 0)
+    opt.step()
+    heavy_tailed_grads(params, 1)
+    return opt, params
+
+
+def other_dtype_grad(p):
+    if hasattr(p, "grad_dtype"):
+        p.grad_dtype = None  # let autograd's own guard through, to test ours
+    p.grad = p.grad.double()
+
+
+@pytest.mark.parametrize("spoil, error", [
+    (lambda opt, ps: other_dtype_grad(ps[1]), "dtype"),
+    (lambda opt, ps: opt.state[ps[2]].__setitem__("exp_avg_sq", torch.zeros(59)),
+     "exp_avg_sqs"),
+    (lambda opt, ps: opt.state[ps[0]].__setitem__("step", opt.state[ps[1]]["step"]),
+     "share one state"),
+    (lambda opt, ps: opt.state[ps[2]].__setitem__("exp_avg", torch.zeros(60).double()),
+     "exp_avgs"),
+])
+def test_a_bad_step_falls_back_and_touches_nothing(spoil, error, spy):
+    opt, params = stepped_once()
+    spoil(opt, params)
+    before = snapshot(opt, params)
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=error):
+        opt.step()
+    assert spy[-1] is None
+    assert_untouched(opt, params, before)
+
+
+@pytest.mark.parametrize("change, taken", [
+    (lambda opt, ps: setattr(ps[0], "grad", torch.arange(160.0).sin().view(80, 2)[:, 0]),
+     False),
+    (lambda opt, ps: setattr(ps[1], "grad", ps[1].grad.to_sparse()), False),
+    (lambda opt, ps: opt.param_groups[0].__setitem__("accumulate_steps", 2), False),
+    (lambda opt, ps: opt.param_groups[0].__setitem__("scope", "global"), False),
+    (lambda opt, ps: opt.param_groups[0].__setitem__("density", 1.0), False),
+    (lambda opt, ps: setattr(opt, "grad_scale", torch.tensor(1.0)), False),
+    (lambda opt, ps: setattr(ps[2], "grad", None), True),
+    (lambda opt, ps: opt.param_groups[0].__setitem__("lr", torch.tensor(1e-3)), True),
+])
+def test_other_steps_as_the_python_step(change, taken, spy, monkeypatch):
+    opt, params = stepped_once(sizes=(80, 50, 60))
+    slow_opt = copy.deepcopy(opt)
+    slow_params = [p for group in slow_opt.param_groups for p in group["params"]]
+    for p, q in zip(params, slow_params):
+        q.grad = p.grad.clone()
+    change(opt, params)
+    change(slow_opt, slow_params)
+    opt.step()
+    assert (spy[-1] is not None) == taken
+    monkeypatch.setattr(fast_step, "ENABLED", False)
+    slow_opt.step()
+    for p, q in zip(params, slow_params):
+        assert torch.equal(p, q)
+    for s, t in zip(opt.state.values(), slow_opt.state.values()):
+        for key in t:
+            assert torch.equal(s[key], t[key]), key
+
+
+def test_the_cost_model_sends_large_tensors_elsewhere(spy):
+    """Beyond FUSED_SMALL_NUMEL and below FUSED_MIN_DENSITY a tensor takes select
+    then update, which the C++ step leaves to Python; at the limit it takes the call."""
+    for numel, taken in ((base.FUSED_SMALL_NUMEL, True), (base.FUSED_SMALL_NUMEL + 1, False)):
+        params = make_params([numel, 10], torch.float32)
+        opt = incrkern.optim.AdamW(params, density=base.FUSED_MIN_DENSITY / 2)
+        for step in range(2):
+            heavy_tailed_grads(params, step)
+            opt.step()
+        assert (spy[-1] is not None) == taken
+
+
+def test_a_subclass_param_takes_the_python_path(spy):
+    class Tagged(torch.nn.Parameter):
+        pass
+
+    params = [Tagged(torch.randn(30)), torch.nn.Parameter(torch.randn(30))]
+    opt = incrkern.optim.AdamW(params, density=0.1)
+    for step in range(2):
+        heavy_tailed_grads(params, step)
+        opt.step()
+    assert spy == [None, None]
