@@ -102,7 +102,7 @@ def test_a_group_without_grads_is_not_counted(spy, monkeypatch):
     opt.step()
     params[2].grad = None
     opt.step()
-    assert spy[-1] == [True, False]
+    assert spy[-1] == [[], None]
     assert [g["updates"] for g in opt.param_groups] == [2, 1]
     assert opt.state[params[2]]["step"].item() == 1.0
 
@@ -185,16 +185,26 @@ def test_other_steps_as_the_python_step(change, taken, spy, monkeypatch):
             assert torch.equal(s[key], t[key]), key
 
 
-def test_the_cost_model_sends_large_tensors_elsewhere(spy):
+def test_the_cost_model_sends_large_tensors_elsewhere(spy, monkeypatch):
     """Beyond FUSED_SMALL_NUMEL and below FUSED_MIN_DENSITY a tensor takes select
-    then update, which the C++ step leaves to Python; at the limit it takes the call."""
-    for numel, taken in ((base.FUSED_SMALL_NUMEL, True), (base.FUSED_SMALL_NUMEL + 1, False)):
-        params = make_params([numel, 10], torch.float32)
-        opt = incrkern.optim.AdamW(params, density=base.FUSED_MIN_DENSITY / 2)
-        for step in range(2):
-            heavy_tailed_grads(params, step)
-            opt.step()
-        assert (spy[-1] is not None) == taken
+    then update: the call steps the others and hands it back to the Python step."""
+    sizes = [base.FUSED_SMALL_NUMEL + 1, 10, base.FUSED_SMALL_NUMEL]
+    density = base.FUSED_MIN_DENSITY / 2
+    fast_params, slow_params = make_params(sizes, torch.float32), make_params(sizes, torch.float32)
+    fast = run(incrkern.optim.AdamW, fast_params, two_groups, 3, True, monkeypatch,
+               density=density)
+    assert spy[0] is None and len(spy) == 3
+    for answer in spy[1:]:  # two groups: [large, at the limit] and [10 elements]
+        assert len(answer) == 2 and answer[1] == []
+        assert len(answer[0]) == 1 and answer[0][0] is fast_params[0]
+    slow = run(incrkern.optim.AdamW, slow_params, two_groups, 3, False, monkeypatch,
+               density=density)
+    for p, q in zip(fast_params, slow_params):
+        assert torch.equal(p, q)
+    assert [g["updates"] for g in fast.param_groups] == [g["updates"] for g in slow.param_groups]
+    for s, t in zip(fast.state.values(), slow.state.values()):
+        for key in t:
+            assert torch.equal(s[key], t[key]), key
 
 
 def test_a_subclass_param_takes_the_python_path(spy):

@@ -6,9 +6,10 @@
 // calls the fused kernel directly.
 //
 // It only accepts; it never reports. Anything it does not recognise as the plain
-// case (a missing state, a grad of another dtype, a subclass, a shared step count, a
-// tensor the cost model sends elsewhere) makes it return None before it touches
-// anything, and the optimizer's Python step then does the step, with its errors.
+// case (a missing state, a grad of another dtype, a subclass, a shared step count)
+// makes it return None before it touches anything, and the optimizer's Python step
+// then does the step, with its errors. The params the cost model sends to select
+// then update are checked like the rest and handed back to the Python step.
 #include <ATen/core/Tensor.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/Exceptions.h>
@@ -29,6 +30,8 @@ namespace {
 struct Group {
   std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps, residuals;
   std::vector<int64_t> ks;
+  std::vector<PyObject*> elsewhere;  // borrowed from the group's list
+  bool any_grad = false;
   double density, lr, beta1, beta2, eps, weight_decay;
   bool error_feedback, approx, decoupled_weight_decay, maximize;
   std::optional<at::Tensor> lr_tensor;
@@ -103,8 +106,7 @@ bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const
     const at::Tensor& param = THPVariable_Unpack(p);
     const at::Tensor& grad = THPVariable_Unpack(g);
     if (!plain_cpu(param) || !plain_cpu(grad) || !fused_dtype(param.scalar_type()) ||
-        grad.scalar_type() != param.scalar_type() || !grad.sizes().equals(param.sizes()) ||
-        !cost.fused(param.numel(), out.density, out.error_feedback))
+        grad.scalar_type() != param.scalar_type() || !grad.sizes().equals(param.sizes()))
       return false;
     PyObject* s = PyDict_GetItemWithError(state, p);
     if (!s || !PyDict_Check(s)) return false;
@@ -115,6 +117,11 @@ bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const
     if (!step || !exact_tensor(step) || !m || !v || (out.error_feedback && !r) ||
         !seen_steps.insert(step).second)
       return false;
+    out.any_grad = true;
+    if (!cost.fused(param.numel(), out.density, out.error_feedback)) {
+      out.elsewhere.push_back(p);
+      continue;
+    }
     out.params.push_back(param);
     out.grads.push_back(grad);
     out.exp_avgs.push_back(*m);
@@ -131,9 +138,10 @@ struct WithoutGil {
   ~WithoutGil() { PyEval_RestoreThread(saved); }
 };
 
-// fused_adam_step(groups, state, parameter_type, small_numel, min_density): a list
-// with, per group, whether it had params with grads (and was stepped); None when
-// the step is not the plain case and nothing was touched.
+// fused_adam_step(groups, state, parameter_type, small_numel, min_density): per
+// group, None when none of its params has a grad, else the list of params with
+// grads it left to the Python step (select then update); None in place of the
+// whole list when the step is not the plain case and nothing was touched.
 PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *specs, *state, *parameter_type;
@@ -172,10 +180,24 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
                              g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt);
     }
   }
-  PyObject* stepped = PyList_New(n);
-  for (Py_ssize_t i = 0; i < n; ++i)
-    PyList_SET_ITEM(stepped, i, PyBool_FromLong(!groups[size_t(i)].params.empty()));
-  return stepped;
+  PyObject* answer = PyList_New(n);
+  if (!answer) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const Group& g = groups[size_t(i)];
+    PyObject* left = Py_None;
+    if (g.any_grad) {
+      left = PyList_New(Py_ssize_t(g.elsewhere.size()));
+      if (!left) return Py_DECREF(answer), nullptr;
+      for (size_t j = 0; j < g.elsewhere.size(); ++j) {
+        Py_INCREF(g.elsewhere[j]);
+        PyList_SET_ITEM(left, Py_ssize_t(j), g.elsewhere[j]);
+      }
+    } else {
+      Py_INCREF(Py_None);
+    }
+    PyList_SET_ITEM(answer, i, left);
+  }
+  return answer;
   END_HANDLE_TH_ERRORS
 }
 

@@ -5,9 +5,10 @@ the kernel: reading each param's grad and state, checking them and boxing the li
 for the dispatcher (docs/design.md, "Python overhead of a step"). When every group
 is the plain case, `incrkern._C.fused_adam_step` reads the grads and states itself
 and calls the CPU kernel directly. It returns None, having touched nothing, on
-anything else it meets (a first step with no state yet, a bad grad, a subclass, a
-tensor the cost model sends to another path), and the Python step runs as before:
-the same results, and the same errors.
+anything else it meets (a first step with no state yet, a bad grad, a subclass),
+and the Python step runs as before: the same results, and the same errors. The
+params the cost model sends to select then update (use_fused) it checks like the
+others and hands back; the Python step takes those.
 """
 import torch
 
@@ -24,9 +25,10 @@ _CPU = torch.device("cpu")
 
 
 def _plain_group(opt, group):
-    """Whether the group steps by the fused kernel on every tensor, with nothing the
-    C++ step leaves to Python: |grad| or error feedback per tensor, reselected each
-    step, no accumulation, AMSGrad, masters, capture or differentiable step."""
+    """Whether the group steps by the fused kernel (where the cost model sends a
+    tensor there) with nothing else the C++ step leaves to Python: |grad| or error
+    feedback per tensor, reselected each step, no accumulation, AMSGrad, masters,
+    capture or differentiable step."""
     return (group["select"] in ("grad", "accumulated") and group["scope"] == "tensor"
             and group["mask"] == "dynamic" and group["bias_correction"] == "tensor"
             and group["accumulate_steps"] == 1 and not opt._is_dense(group)
@@ -56,11 +58,13 @@ def fused_cpu_step(opt):
                       group["select"] == "accumulated", group["topk"] == "approx", lr,
                       lr_tensor, h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
                       h["decoupled_weight_decay"], h["maximize"]))
-    stepped = _fused_adam_step(specs, opt.state, torch.nn.Parameter, FUSED_SMALL_NUMEL,
-                               FUSED_MIN_DENSITY)
-    if stepped is None:
+    answer = _fused_adam_step(specs, opt.state, torch.nn.Parameter, FUSED_SMALL_NUMEL,
+                              FUSED_MIN_DENSITY)
+    if answer is None:
         return False
-    for group, did in zip(groups, stepped):
-        if did:
+    for group, elsewhere in zip(groups, answer):
+        if elsewhere:  # the Python step counts the update
+            opt._step_group(group, [(_CPU, elsewhere, [p.grad for p in elsewhere])])
+        elif elsewhere is not None:
             group["updates"] += 1
     return True
