@@ -14,7 +14,8 @@ A step, for each param group:
 Params with a sparse COO grad take their own path (`_sparse_step`): the candidates
 are the elements present in the grad.
 With the defaults (density 1, accumulate_steps 1) it is exactly the dense torch
-optimizer: same math, same state keys, same state_dict.
+optimizer: same math, same state keys, same state_dict. Adam's common incremental
+step on the CPU skips steps 1 to 4 here for one C++ call (fast_step.py).
 """
 import math
 
@@ -24,6 +25,7 @@ from torch.optim import Optimizer
 from .. import ops
 from .checks import _check_loaded_param_state, _check_lr, check_incremental_options
 from .device_steps import check_capturable, skips_on_device
+from .work import Work, contiguous
 
 
 # From this density on, a CPU step updates through a bool mask (one streaming pass
@@ -72,12 +74,6 @@ def _present_elements(grad):
     row_size = math.prod(g.shape[sparse_dim:])
     positions = rows.unsqueeze(1) * row_size + torch.arange(row_size, device=g.device)
     return positions.reshape(-1), values.reshape(-1)
-
-
-def _contiguous(tensors):
-    """The tensors themselves where contiguous, contiguous copies of the others (a
-    param's copy is written back after the step)."""
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
 class IncrementalOptimizer(Optimizer):
@@ -437,13 +433,13 @@ class IncrementalOptimizer(Optimizer):
         non-contiguous grad is copied once: the ops index every tensor by flat
         position, so no flat view is made (docs/design.md, "Measurements")."""
         if device is not None:
-            return [(device, params, _contiguous(grads))]
+            return [(device, params, contiguous(grads))]
         out = {}
         for p, g in zip(params, grads):
             ps, gs = out.setdefault(p.device, ([], []))
             ps.append(p)
             gs.append(g)
-        return [(d, ps, _contiguous(gs)) for d, (ps, gs) in out.items()]
+        return [(d, ps, contiguous(gs)) for d, (ps, gs) in out.items()]
 
     def _differentiable_step(self, group, params, grads, amp_scale, found_inf):
         """differentiable=True (subclasses): the step by torch.optim's functional
@@ -460,7 +456,7 @@ class IncrementalOptimizer(Optimizer):
         for device, ps, grads in by_device:
             states = [state[p] for p in ps]
             self._init_states(group, ps, states, None, sparse=False)
-            work = _Work(ps, grads, states, self._masters(group, ps))
+            work = Work(ps, grads, states, self._masters(group, ps))
             self._apply(group, work, device)
             work.write_back()
 
@@ -604,7 +600,7 @@ class IncrementalOptimizer(Optimizer):
             residuals, grad_scale = [self._buffer(p, "grad_acc") for p in ps], 1.0 / n
         density = float(group["density"])
         ks = [ops.density_k(density, p.numel()) for p in ps]
-        work = _Work(ps, grads, states, self._masters(group, ps))
+        work = Work(ps, grads, states, self._masters(group, ps))
         self._select_update(group, work, device, ks, residuals, group["topk"] == "approx",
                             grad_scale)
         if n > 1:
@@ -651,12 +647,12 @@ class IncrementalOptimizer(Optimizer):
                 sources, scale, consume = grads, 1.0, False
             unscale = sources is grads  # residuals and accumulators hold unscaled sums
             masters = self._masters(group, ps)
-            work = _Work(ps, sources, states, masters)
+            work = Work(ps, sources, states, masters)
             indices = self._select(group, ps, states, sources, work.contiguous_params)
             partial = indices is not None
             if select == "layer":  # whole tensors: a dense update of the chosen ones
                 chosen = [i for i, idx in enumerate(indices) if idx is None]
-                work = _Work([ps[i] for i in chosen], [sources[i] for i in chosen],
+                work = Work([ps[i] for i in chosen], [sources[i] for i in chosen],
                              [states[i] for i in chosen],
                              None if masters is None else [masters[i] for i in chosen])
                 indices = None
@@ -710,7 +706,7 @@ class IncrementalOptimizer(Optimizer):
             target = p if masters is None or masters[0] is None else masters[0]
             scratch = self._sparse_scratch(target)
             scratch.view(-1).index_copy_(0, positions, values.to(target.dtype))
-            work = _Work([p], [scratch], [self.state[p]], masters)
+            work = Work([p], [scratch], [self.state[p]], masters)
             try:
                 self._init_states(group, work.params, work.states, None, sparse=True)
                 ages = [work.states[0]["age"]] if "age" in work.states[0] else None
@@ -795,27 +791,3 @@ def _checked_positions(name, idx, p):
         if bool((idx[1:] == idx[:-1]).any()):
             raise ValueError(f"{name} holds a position twice")
     return _stored_positions(idx, p)
-
-
-class _Work:
-    """The tensors one kernel call works on: contiguous params (copies for
-    non-contiguous ones, written back afterwards: an in-place kernel never updates a
-    temporary silently), their contiguous grads and their state dicts. With fp32
-    master weights (`masters[i]`, or None) the kernels update the master, reading
-    the grad in fp32, and the param gets the master rounded at write_back."""
-
-    def __init__(self, params, grads, states, masters=None):
-        self.params = params
-        self.contiguous_params = _contiguous(params)
-        self.grads = grads
-        self.states = states
-        if masters is not None:
-            self.contiguous_params = [c if m is None else m
-                                      for c, m in zip(self.contiguous_params, masters)]
-            self.grads = [g if m is None or g.dtype == m.dtype else g.to(m.dtype)
-                          for g, m in zip(grads, masters)]
-
-    def write_back(self):
-        for p, v in zip(self.params, self.contiguous_params):
-            if v is not p:
-                p.copy_(v)
