@@ -19,6 +19,7 @@
 #include <cmath>
 #include <optional>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "fused/fused_checks.h"
@@ -94,17 +95,23 @@ bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const
 
   static PyObject* grad_name = PyUnicode_InternFromString("grad");
   const Py_ssize_t n = PyList_GET_SIZE(params);
+  for (auto* list : {&out.params, &out.grads, &out.exp_avgs, &out.exp_avg_sqs, &out.steps})
+    list->reserve(size_t(n));
+  out.ks.reserve(size_t(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
     if (!exact_tensor(p) && Py_TYPE(p) != (PyTypeObject*)parameter_type) return false;
     PyObject* g = PyObject_GetAttr(p, grad_name);
     if (!g) return false;
-    const bool none = g == Py_None, plain = exact_tensor(g);
-    Py_DECREF(g);  // p still holds it
-    if (none) continue;
-    if (!plain) return false;
+    if (g == Py_None || !exact_tensor(g)) {
+      const bool none = g == Py_None;
+      Py_DECREF(g);
+      if (none) continue;
+      return false;
+    }
+    at::Tensor grad = THPVariable_Unpack(g);  // a reference of its own, before g's goes
+    Py_DECREF(g);
     const at::Tensor& param = THPVariable_Unpack(p);
-    const at::Tensor& grad = THPVariable_Unpack(g);
     if (!plain_cpu(param) || !plain_cpu(grad) || !fused_dtype(param.scalar_type()) ||
         grad.scalar_type() != param.scalar_type() || !grad.sizes().equals(param.sizes()))
       return false;
@@ -123,7 +130,7 @@ bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const
       continue;
     }
     out.params.push_back(param);
-    out.grads.push_back(grad);
+    out.grads.push_back(std::move(grad));
     out.exp_avgs.push_back(*m);
     out.exp_avg_sqs.push_back(*v);
     out.steps.push_back(THPVariable_Unpack(step));
