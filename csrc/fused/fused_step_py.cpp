@@ -48,10 +48,19 @@ bool fused_dtype(at::ScalarType d) {
   return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf;
 }
 
-// The tensor under `key` in a param's state dict, or nullptr.
-const at::Tensor* state_tensor(PyObject* state, const char* key) {
-  PyObject* t = PyDict_GetItemString(state, key);
-  return t && exact_tensor(t) ? &THPVariable_Unpack(t) : nullptr;
+// The state dict's keys, interned once: a lookup then reuses the string's hash.
+struct StateKeys {
+  PyObject* step = PyUnicode_InternFromString("step");
+  PyObject* exp_avg = PyUnicode_InternFromString("exp_avg");
+  PyObject* exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq");
+  PyObject* residual = PyUnicode_InternFromString("residual");
+  PyObject* grad = PyUnicode_InternFromString("grad");
+};
+
+// The tensor under `key` in a param's state dict (a plain torch.Tensor), or nullptr.
+PyObject* state_entry(PyObject* state, PyObject* key) {
+  PyObject* t = PyDict_GetItemWithError(state, key);
+  return t && exact_tensor(t) ? t : nullptr;
 }
 
 // The Python constants of incrkern.optim.base (FUSED_SMALL_NUMEL, FUSED_MIN_DENSITY)
@@ -93,7 +102,7 @@ bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const
   out.maximize = PyObject_IsTrue(item(11)) == 1;
   if (PyErr_Occurred()) return false;
 
-  static PyObject* grad_name = PyUnicode_InternFromString("grad");
+  static const StateKeys keys;
   const Py_ssize_t n = PyList_GET_SIZE(params);
   for (auto* list : {&out.params, &out.grads, &out.exp_avgs, &out.exp_avg_sqs, &out.steps})
     list->reserve(size_t(n));
@@ -101,7 +110,7 @@ bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
     if (!exact_tensor(p) && Py_TYPE(p) != (PyTypeObject*)parameter_type) return false;
-    PyObject* g = PyObject_GetAttr(p, grad_name);
+    PyObject* g = PyObject_GetAttr(p, keys.grad);
     if (!g) return false;
     if (g == Py_None || !exact_tensor(g)) {
       const bool none = g == Py_None;
@@ -117,12 +126,11 @@ bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const
       return false;
     PyObject* s = PyDict_GetItemWithError(state, p);
     if (!s || !PyDict_Check(s)) return false;
-    PyObject* step = PyDict_GetItemString(s, "step");
-    const at::Tensor* m = state_tensor(s, "exp_avg");
-    const at::Tensor* v = state_tensor(s, "exp_avg_sq");
-    const at::Tensor* r = out.error_feedback ? state_tensor(s, "residual") : nullptr;
-    if (!step || !exact_tensor(step) || !m || !v || (out.error_feedback && !r) ||
-        !seen_steps.insert(step).second)
+    PyObject* step = state_entry(s, keys.step);
+    PyObject* m = state_entry(s, keys.exp_avg);
+    PyObject* v = state_entry(s, keys.exp_avg_sq);
+    PyObject* r = out.error_feedback ? state_entry(s, keys.residual) : nullptr;
+    if (!step || !m || !v || (out.error_feedback && !r) || !seen_steps.insert(step).second)
       return false;
     out.any_grad = true;
     if (!cost.fused(param.numel(), out.density, out.error_feedback)) {
@@ -131,10 +139,10 @@ bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const
     }
     out.params.push_back(param);
     out.grads.push_back(std::move(grad));
-    out.exp_avgs.push_back(*m);
-    out.exp_avg_sqs.push_back(*v);
+    out.exp_avgs.push_back(THPVariable_Unpack(m));
+    out.exp_avg_sqs.push_back(THPVariable_Unpack(v));
     out.steps.push_back(THPVariable_Unpack(step));
-    if (r) out.residuals.push_back(*r);
+    if (r) out.residuals.push_back(THPVariable_Unpack(r));
     out.ks.push_back(density_k(out.density, param.numel()));
   }
   return true;
@@ -152,10 +160,12 @@ struct WithoutGil {
 PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *specs, *state, *parameter_type;
-  CostModel cost{};
+  long long small_numel;
+  double min_density;
   if (!PyArg_ParseTuple(args, "O!O!OLd", &PyList_Type, &specs, &PyDict_Type, &state,
-                        &parameter_type, &cost.small_numel, &cost.min_density))
+                        &parameter_type, &small_numel, &min_density))
     return nullptr;
+  const CostModel cost{int64_t(small_numel), min_density};
   const Py_ssize_t n = PyList_GET_SIZE(specs);
   std::vector<Group> groups(static_cast<size_t>(n));
   std::unordered_set<PyObject*> seen_steps;
