@@ -48,8 +48,9 @@ bool fused_dtype(at::ScalarType d) {
   return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf;
 }
 
-// The state dict's keys, interned once: a lookup then reuses the string's hash.
-struct StateKeys {
+// The names read for every param (its grad attribute, its state dict's keys), interned
+// once: a lookup then reuses the string's hash.
+struct Names {
   PyObject* step = PyUnicode_InternFromString("step");
   PyObject* exp_avg = PyUnicode_InternFromString("exp_avg");
   PyObject* exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq");
@@ -102,7 +103,7 @@ bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const
   out.maximize = PyObject_IsTrue(item(11)) == 1;
   if (PyErr_Occurred()) return false;
 
-  static const StateKeys keys;
+  static const Names keys;
   const Py_ssize_t n = PyList_GET_SIZE(params);
   for (auto* list : {&out.params, &out.grads, &out.exp_avgs, &out.exp_avg_sqs, &out.steps})
     list->reserve(size_t(n));
