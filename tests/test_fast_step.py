@@ -217,3 +217,68 @@ def test_a_subclass_param_takes_the_python_path(spy):
         heavy_tailed_grads(params, step)
         opt.step()
     assert spy == [None, None]
+
+
+# Micro-steps of accumulate_steps: the grads added to grad_acc (or the residual) in
+# one call, the update by the Python step.
+
+
+@pytest.fixture
+def micro_spy(monkeypatch):
+    """The micro-step call's answers, in order."""
+    answers = []
+    real = fast_step._accumulate_grads
+
+    def recorded(*args):
+        answers.append(real(*args))
+        return answers[-1]
+
+    monkeypatch.setattr(fast_step, "_accumulate_grads", recorded)
+    return answers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("select", ["grad", "accumulated"])
+@pytest.mark.parametrize("groups_of", [one_group, two_groups])
+def test_micro_steps_same_as_the_python_step(dtype, select, groups_of, micro_spy, monkeypatch):
+    options = dict(lr=1e-2, density=0.01, select=select, accumulate_steps=3,
+                   weight_decay=0.05)
+    fast_params, slow_params = make_params(SIZES, dtype), make_params(SIZES, dtype)
+    fast = run(incrkern.optim.AdamW, fast_params, groups_of, 7, True, monkeypatch, **options)
+    # Micro-steps 1, 2, 4, 5 and 7; the first makes the buffers in Python.
+    assert len(micro_spy) == 5 and micro_spy[0] is None
+    assert all(answer is not None and all(answer) for answer in micro_spy[1:])
+    slow = run(incrkern.optim.AdamW, slow_params, groups_of, 7, False, monkeypatch, **options)
+    for p, q in zip(fast_params, slow_params):
+        assert torch.equal(p, q)
+    fast_state, slow_state = fast.state_dict(), slow.state_dict()
+    assert fast_state["param_groups"] == slow_state["param_groups"]
+    for i, s in slow_state["state"].items():
+        assert fast_state["state"][i].keys() == s.keys()
+        for key, t in s.items():
+            assert torch.equal(fast_state["state"][i][key], t), (i, key)
+
+
+@pytest.mark.parametrize("spoil, error", [
+    (lambda opt, ps: other_dtype_grad(ps[1]), "dtype"),
+    (lambda opt, ps: opt.state[ps[0]].__setitem__("step", opt.state[ps[1]]["step"]),
+     "share one state"),
+    (lambda opt, ps: opt.state[ps[2]].__setitem__("grad_acc", torch.zeros(59)), "accs"),
+])
+def test_a_bad_micro_step_falls_back_and_touches_nothing(spoil, error, micro_spy):
+    params = make_params((40, 50, 60), torch.float32)
+    opt = incrkern.optim.AdamW(params, density=0.1, accumulate_steps=2)
+    for step in range(3):  # an update, then a micro-step with the buffers made
+        heavy_tailed_grads(params, step)
+        opt.step()
+    assert micro_spy[-1] == [True]
+    heavy_tailed_grads(params, 3)
+    opt.step()  # the update
+    heavy_tailed_grads(params, 4)
+    spoil(opt, params)
+    before = snapshot(opt, params)
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=error):
+        opt.step()
+    assert micro_spy[-1] is None
+    assert_untouched(opt, params, before)
+    assert opt.param_groups[0]["accumulated_calls"] == 0

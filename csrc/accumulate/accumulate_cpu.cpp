@@ -17,6 +17,7 @@
 #endif
 
 #include "accumulate/accumulate_checks.h"
+#include "accumulate/accumulate_cpu.h"
 #include "common/amp_checks.h"
 #include "common/parallel_ranges.h"
 #include "common/rules.h"
@@ -121,6 +122,8 @@ RangeFn accumulate_ranges(M* acc, M* sq, const G* g, M alpha, M sq_alpha, M sq_d
   };
 }
 
+}  // namespace
+
 void accumulate_cpu(at::TensorList accs, at::TensorList grads, double alpha,
                     at::TensorList sq_accs, double sq_alpha, double sq_decay,
                     const std::optional<at::Tensor>& amp_scale,
@@ -145,8 +148,6 @@ void accumulate_cpu(at::TensorList accs, at::TensorList grads, double alpha,
   }
   run_ranges(fns, counts, kGrain);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, CPU, m) {
   m.impl("accumulate_", &accumulate_cpu);

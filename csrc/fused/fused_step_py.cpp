@@ -1,9 +1,9 @@
 // incrkern._C.fused_adam_step: the common incremental Adam step on the CPU in one
-// call from Python. On a model of many small tensors a step spent more time in
-// Python, reading each param's grad and state and checking them, and in the
-// dispatcher boxing five tensor lists than in its kernels (docs/design.md, "Python
-// overhead of a step"). This call reads the same things from the same objects and
-// calls the fused kernel directly.
+// call from Python; incrkern._C.accumulate_grads: a micro-step of accumulate_steps.
+// On a model of many small tensors a step spent more time in Python, reading each
+// param's grad and state and checking them, and in the dispatcher boxing the tensor
+// lists than in its kernels (docs/design.md, "Python overhead of a step"). These
+// calls read the same things from the same objects and call the kernels directly.
 //
 // It only accepts; it never reports. Anything it does not recognise as the plain
 // case (a missing state, a grad of another dtype, a subclass, a shared step count)
@@ -22,6 +22,8 @@
 #include <utility>
 #include <vector>
 
+#include "accumulate/accumulate_checks.h"
+#include "accumulate/accumulate_cpu.h"
 #include "fused/fused_checks.h"
 #include "fused/fused_cpu.h"
 
@@ -58,10 +60,34 @@ struct Names {
   PyObject* grad = PyUnicode_InternFromString("grad");
 };
 
+const Names& names() {
+  static const Names interned;
+  return interned;
+}
+
 // The tensor under `key` in a param's state dict (a plain torch.Tensor), or nullptr.
 PyObject* state_entry(PyObject* state, PyObject* key) {
   PyObject* t = PyDict_GetItemWithError(state, key);
   return t && exact_tensor(t) ? t : nullptr;
+}
+
+// The grad of p (a torch.Tensor or nn.Parameter, no subclass) into `grad`, left
+// undefined when p has none; false when p or its grad is not the plain case: a dense,
+// contiguous CPU tensor of p's dtype and shape.
+bool plain_grad(PyObject* p, PyObject* parameter_type, at::Tensor& grad) {
+  if (!exact_tensor(p) && Py_TYPE(p) != (PyTypeObject*)parameter_type) return false;
+  PyObject* g = PyObject_GetAttr(p, names().grad);
+  if (!g) return false;
+  if (g == Py_None || !exact_tensor(g)) {
+    const bool none = g == Py_None;
+    Py_DECREF(g);
+    return none;
+  }
+  grad = THPVariable_Unpack(g);  // a reference of its own, before g's goes
+  Py_DECREF(g);
+  const at::Tensor& param = THPVariable_Unpack(p);
+  return plain_cpu(param) && plain_cpu(grad) && grad.scalar_type() == param.scalar_type() &&
+         grad.sizes().equals(param.sizes());
 }
 
 // The Python constants of incrkern.optim.base (FUSED_SMALL_NUMEL, FUSED_MIN_DENSITY)
@@ -103,34 +129,23 @@ bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const
   out.maximize = PyObject_IsTrue(item(11)) == 1;
   if (PyErr_Occurred()) return false;
 
-  static const Names keys;
   const Py_ssize_t n = PyList_GET_SIZE(params);
   for (auto* list : {&out.params, &out.grads, &out.exp_avgs, &out.exp_avg_sqs, &out.steps})
     list->reserve(size_t(n));
   out.ks.reserve(size_t(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
-    if (!exact_tensor(p) && Py_TYPE(p) != (PyTypeObject*)parameter_type) return false;
-    PyObject* g = PyObject_GetAttr(p, keys.grad);
-    if (!g) return false;
-    if (g == Py_None || !exact_tensor(g)) {
-      const bool none = g == Py_None;
-      Py_DECREF(g);
-      if (none) continue;
-      return false;
-    }
-    at::Tensor grad = THPVariable_Unpack(g);  // a reference of its own, before g's goes
-    Py_DECREF(g);
+    at::Tensor grad;
+    if (!plain_grad(p, parameter_type, grad)) return false;
+    if (!grad.defined()) continue;
     const at::Tensor& param = THPVariable_Unpack(p);
-    if (!plain_cpu(param) || !plain_cpu(grad) || !fused_dtype(param.scalar_type()) ||
-        grad.scalar_type() != param.scalar_type() || !grad.sizes().equals(param.sizes()))
-      return false;
+    if (!fused_dtype(param.scalar_type())) return false;
     PyObject* s = PyDict_GetItemWithError(state, p);
     if (!s || !PyDict_Check(s)) return false;
-    PyObject* step = state_entry(s, keys.step);
-    PyObject* m = state_entry(s, keys.exp_avg);
-    PyObject* v = state_entry(s, keys.exp_avg_sq);
-    PyObject* r = out.error_feedback ? state_entry(s, keys.residual) : nullptr;
+    PyObject* step = state_entry(s, names().step);
+    PyObject* m = state_entry(s, names().exp_avg);
+    PyObject* v = state_entry(s, names().exp_avg_sq);
+    PyObject* r = out.error_feedback ? state_entry(s, names().residual) : nullptr;
     if (!step || !m || !v || (out.error_feedback && !r) || !seen_steps.insert(step).second)
       return false;
     out.any_grad = true;
@@ -219,11 +234,86 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// The accumulators and grads of one group's micro-step.
+struct Accumulation {
+  std::vector<at::Tensor> accs, grads;
+  double alpha = 1.0;
+};
+
+// (params, buffer name, alpha) into `out`; false when not the plain case.
+bool read_accumulation(PyObject* spec, PyObject* state, PyObject* parameter_type,
+                       std::unordered_set<PyObject*>& seen_steps, Accumulation& out) {
+  if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3) return false;
+  PyObject* params = PyTuple_GET_ITEM(spec, 0);
+  PyObject* buffer = PyTuple_GET_ITEM(spec, 1);
+  out.alpha = PyFloat_AsDouble(PyTuple_GET_ITEM(spec, 2));
+  if (!PyList_Check(params) || !PyUnicode_Check(buffer) || PyErr_Occurred()) return false;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
+    PyObject* p = PyList_GET_ITEM(params, i);
+    at::Tensor grad;
+    if (!plain_grad(p, parameter_type, grad)) return false;
+    if (!grad.defined()) continue;
+    PyObject* s = PyDict_GetItemWithError(state, p);
+    if (!s || !PyDict_Check(s)) return false;
+    PyObject* acc = state_entry(s, buffer);
+    // A param updated before has a step, which no other param may share.
+    PyObject* step = PyDict_GetItemWithError(s, names().step);
+    if (!acc || PyErr_Occurred() || (step && !seen_steps.insert(step).second)) return false;
+    out.accs.push_back(THPVariable_Unpack(acc));
+    out.grads.push_back(std::move(grad));
+  }
+  return true;
+}
+
+// accumulate_grads(groups, state, parameter_type): a micro-step of accumulate_steps,
+// every group's grads added, times its alpha, to a buffer of each param's state
+// (grad_acc, or the residual of error feedback). Per group, whether any of its params
+// had a grad; None when the step is not the plain case and nothing was touched.
+PyObject* accumulate_grads(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *specs, *state, *parameter_type;
+  if (!PyArg_ParseTuple(args, "O!O!O", &PyList_Type, &specs, &PyDict_Type, &state,
+                        &parameter_type))
+    return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(specs);
+  std::vector<Accumulation> groups(static_cast<size_t>(n));
+  std::unordered_set<PyObject*> seen_steps;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!read_accumulation(PyList_GET_ITEM(specs, i), state, parameter_type, seen_steps,
+                           groups[size_t(i)])) {
+      PyErr_Clear();
+      Py_RETURN_NONE;
+    }
+  }
+  try {
+    for (const Accumulation& g : groups)
+      check_accumulate_lists("incrkern.accumulate_", g.accs, g.grads, {}, /*allow_double=*/true);
+  } catch (const c10::Error&) {
+    Py_RETURN_NONE;
+  }
+  {
+    WithoutGil released;
+    for (const Accumulation& g : groups) {
+      if (g.grads.empty()) continue;
+      RECORD_FUNCTION("incrkern::accumulate_", std::vector<c10::IValue>());
+      accumulate_cpu(g.accs, g.grads, g.alpha, {}, 1.0, 1.0, std::nullopt, std::nullopt);
+    }
+  }
+  PyObject* answer = PyList_New(n);
+  if (!answer) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i)
+    PyList_SET_ITEM(answer, i, PyBool_FromLong(!groups[size_t(i)].grads.empty()));
+  return answer;
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 
 PyMethodDef kFusedStepMethods[] = {
     {"fused_adam_step", fused_adam_step, METH_VARARGS,
      "The common incremental Adam step on the CPU in one call, or None (not touched)."},
+    {"accumulate_grads", accumulate_grads, METH_VARARGS,
+     "A micro-step of accumulate_steps on the CPU in one call, or None (not touched)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace incrkern

@@ -5,7 +5,7 @@ from torch.optim.adam import adam as torch_adam
 from .. import ops
 from .base import IncrementalOptimizer
 from .checks import _check_number, check_tensor_lr
-from .fast_step import fused_cpu_step
+from .fast_step import one_call_step
 
 
 def _checked_betas(betas, foreach, capturable):
@@ -109,7 +109,7 @@ class Adam(IncrementalOptimizer):
             eps=group["eps"], maximize=group["maximize"])
 
     def _fast_step(self):
-        return fused_cpu_step(self)
+        return one_call_step(self)
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]

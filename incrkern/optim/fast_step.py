@@ -1,4 +1,5 @@
-"""The common incremental Adam step on the CPU in one C++ call.
+"""The common incremental Adam step on the CPU in one C++ call, and the micro-steps of
+accumulate_steps in another.
 
 On a model of many small tensors the Python around the fused kernel cost more than
 the kernel: reading each param's grad and state, checking them and boxing the lists
@@ -8,7 +9,9 @@ and calls the CPU kernel directly. It returns None, having touched nothing, on
 anything else it meets (a first step with no state yet, a bad grad, a subclass),
 and the Python step runs as before: the same results, and the same errors. The
 params the cost model sends to select then update (use_fused) it checks like the
-others and hands back; the Python step takes those.
+others and hands back; the Python step takes those. A micro-step that only adds the
+grads to grad_acc (or to the residual of error feedback) is `accumulate_grads`, with
+the same rule: the plain case or nothing touched.
 """
 import torch
 
@@ -17,6 +20,8 @@ from .base import FUSED_MIN_DENSITY, FUSED_SMALL_NUMEL
 
 _fused_adam_step = (getattr(_extension._C, "fused_adam_step", None)
                     if _extension.EXTENSION_LOADED else None)
+_accumulate_grads = (getattr(_extension._C, "accumulate_grads", None)
+                     if _extension.EXTENSION_LOADED else None)
 
 # False: every step takes the Python path (for comparing the two).
 ENABLED = True
@@ -37,7 +42,34 @@ def _plain_group(opt, group):
             and not group.get("differentiable"))
 
 
-def fused_cpu_step(opt):
+def _plain_micro_step(group):
+    """Whether this step only adds the group's grads to its accumulators (a micro-step
+    of accumulate_steps) with nothing the C++ call leaves to Python: |grad| (into
+    grad_acc) or error feedback without momentum correction (into the residual)."""
+    return (group["accumulated_calls"] + 1 < group["accumulate_steps"]
+            and group["select"] in ("grad", "accumulated")
+            and not group.get("momentum_correction") and not group.get("capturable"))
+
+
+def _accumulation(group):
+    """(buffer, alpha) of a micro-step, as IncrementalOptimizer._accumulate adds."""
+    if group["select"] == "accumulated":
+        return "residual", 1.0 / group["accumulate_steps"]
+    return "grad_acc", 1.0
+
+
+def _micro_step(opt):
+    specs = [(group["params"], *_accumulation(group)) for group in opt.param_groups]
+    answer = _accumulate_grads(specs, opt.state, torch.nn.Parameter)
+    if answer is None:
+        return False
+    for group, had_grads in zip(opt.param_groups, answer):
+        if had_grads:
+            group["accumulated_calls"] += 1
+    return True
+
+
+def one_call_step(opt):
     """Steps every group of `opt` (an incrkern Adam) in one C++ call; False when the
     step is not the plain case and nothing was touched."""
     if (not ENABLED or _fused_adam_step is None
@@ -48,6 +80,8 @@ def fused_cpu_step(opt):
             or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return False
     groups = opt.param_groups
+    if _accumulate_grads is not None and all(_plain_micro_step(group) for group in groups):
+        return _micro_step(opt)
     if not all(_plain_group(opt, group) for group in groups):
         return False
     specs = []
