@@ -17,18 +17,35 @@ pytestmark = pytest.mark.skipif(fast_step._fused_adam_step is None,
 SIZES = (0, 1, 7, 33, 700, 4099, 20000, base.FUSED_SMALL_NUMEL)
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """The C++ call's answers, in order: a list per taken step, None per fallback."""
+def recorded(monkeypatch, name):
+    """The answers of fast_step's C++ call `name`, in order: None per fallback."""
     answers = []
-    real = fast_step._fused_adam_step
+    real = getattr(fast_step, name)
 
-    def recorded(*args):
+    def record(*args):
         answers.append(real(*args))
         return answers[-1]
 
-    monkeypatch.setattr(fast_step, "_fused_adam_step", recorded)
+    monkeypatch.setattr(fast_step, name, record)
     return answers
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The update call's answers: per taken step, a list per group."""
+    return recorded(monkeypatch, "_fused_adam_step")
+
+
+def assert_same(fast, slow, fast_params, slow_params):
+    """Params, state and group options bit-identical."""
+    for p, q in zip(fast_params, slow_params):
+        assert torch.equal(p, q)
+    fast_state, slow_state = fast.state_dict(), slow.state_dict()
+    assert fast_state["param_groups"] == slow_state["param_groups"]
+    for i, s in slow_state["state"].items():
+        assert fast_state["state"][i].keys() == s.keys()
+        for key, t in s.items():
+            assert torch.equal(fast_state["state"][i][key], t), (i, key)
 
 
 def make_params(sizes, dtype, seed=0):
@@ -84,14 +101,7 @@ def test_same_as_the_python_step(opt_cls, dtype, select, topk, density, groups_o
     assert spy[0] is None and len(taken) == 3
     slow = run(opt_cls, slow_params, groups_of, 4, False, monkeypatch, **options)
     assert len(spy) == 4  # the disabled run never called it
-    for p, q in zip(fast_params, slow_params):
-        assert torch.equal(p, q)
-    fast_state, slow_state = fast.state_dict(), slow.state_dict()
-    assert fast_state["param_groups"] == slow_state["param_groups"]
-    for i, s in slow_state["state"].items():
-        assert fast_state["state"][i].keys() == s.keys()
-        for key, t in s.items():
-            assert torch.equal(fast_state["state"][i][key], t), (i, key)
+    assert_same(fast, slow, fast_params, slow_params)
 
 
 def test_a_group_without_grads_is_not_counted(spy, monkeypatch):
@@ -199,12 +209,7 @@ def test_the_cost_model_sends_large_tensors_elsewhere(spy, monkeypatch):
         assert len(answer[0]) == 1 and answer[0][0] is fast_params[0]
     slow = run(incrkern.optim.AdamW, slow_params, two_groups, 3, False, monkeypatch,
                density=density)
-    for p, q in zip(fast_params, slow_params):
-        assert torch.equal(p, q)
-    assert [g["updates"] for g in fast.param_groups] == [g["updates"] for g in slow.param_groups]
-    for s, t in zip(fast.state.values(), slow.state.values()):
-        for key in t:
-            assert torch.equal(s[key], t[key]), key
+    assert_same(fast, slow, fast_params, slow_params)
 
 
 def test_a_subclass_param_takes_the_python_path(spy):
@@ -225,16 +230,8 @@ def test_a_subclass_param_takes_the_python_path(spy):
 
 @pytest.fixture
 def micro_spy(monkeypatch):
-    """The micro-step call's answers, in order."""
-    answers = []
-    real = fast_step._accumulate_grads
-
-    def recorded(*args):
-        answers.append(real(*args))
-        return answers[-1]
-
-    monkeypatch.setattr(fast_step, "_accumulate_grads", recorded)
-    return answers
+    """The micro-step call's answers: per taken step, a bool per group."""
+    return recorded(monkeypatch, "_accumulate_grads")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -249,14 +246,7 @@ def test_micro_steps_same_as_the_python_step(dtype, select, groups_of, micro_spy
     assert len(micro_spy) == 5 and micro_spy[0] is None
     assert all(answer is not None and all(answer) for answer in micro_spy[1:])
     slow = run(incrkern.optim.AdamW, slow_params, groups_of, 7, False, monkeypatch, **options)
-    for p, q in zip(fast_params, slow_params):
-        assert torch.equal(p, q)
-    fast_state, slow_state = fast.state_dict(), slow.state_dict()
-    assert fast_state["param_groups"] == slow_state["param_groups"]
-    for i, s in slow_state["state"].items():
-        assert fast_state["state"][i].keys() == s.keys()
-        for key, t in s.items():
-            assert torch.equal(fast_state["state"][i][key], t), (i, key)
+    assert_same(fast, slow, fast_params, slow_params)
 
 
 @pytest.mark.parametrize("spoil, error", [
