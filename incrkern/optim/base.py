@@ -47,6 +47,30 @@ FUSED_SMALL_NUMEL = 2 ** 18
 FUSED_MIN_DENSITY = 0.004
 
 
+def fused_options(group):
+    """Whether the group's options let the fused select-and-update step it: |grad| or
+    error feedback per tensor, reselected at every update, one bias correction per
+    tensor, no AMSGrad (the fused kernel keeps no max_exp_avg_sq), no momentum
+    correction; with accumulate_steps, |grad| only (error feedback accumulates a
+    scaled gradient)."""
+    return (group["select"] in ("grad", "accumulated") and group["scope"] == "tensor"
+            and group["mask"] == "dynamic" and group["bias_correction"] == "tensor"
+            and (group["accumulate_steps"] == 1 or group["select"] == "grad")
+            and not group.get("momentum_correction") and not group.get("amsgrad"))
+
+
+def accumulation_target(group):
+    """(state buffer, alpha) that each step() call adds its grads to, times alpha:
+    the residual (grad / n) with error feedback, grad_acc with accumulate_steps = n >
+    1; None when the grads go straight to the update. Error feedback with momentum
+    correction accumulates a velocity first (_accumulate)."""
+    if group["select"] == "accumulated":
+        return "residual", 1.0 / group["accumulate_steps"]
+    if group["accumulate_steps"] > 1:
+        return "grad_acc", 1.0
+    return None
+
+
 def use_fused(density, numel, error_feedback=False):
     """Whether a tensor of `numel` elements stepped at `density` takes the fused
     kernel (error_feedback: select="accumulated")."""
@@ -481,21 +505,17 @@ class IncrementalOptimizer(Optimizer):
 
     def _accumulate(self, group, params, grads):
         """Every step() call: fold this call's grads into the buffers the update reads."""
-        n = group["accumulate_steps"]
         amp = self._amp_kwargs(grads[0].device) if grads else {}
-        if group["select"] == "accumulated":
-            if group.get("momentum_correction"):
-                # DGC: a local velocity u = m u + g, accumulated into the residual.
-                velocity = [self._buffer(p, "velocity") for p in params]
-                torch._foreach_mul_(velocity, float(group["momentum"]))
-                ops.accumulate_(velocity, grads, 1.0, **amp)
-                ops.accumulate_([self._buffer(p, "residual") for p in params], velocity, 1.0,
-                                **self._amp_kwargs(grads[0].device, unscale=False))
-            else:
-                ops.accumulate_([self._buffer(p, "residual") for p in params], grads, 1.0 / n,
-                                **amp)
-        elif n > 1:
-            ops.accumulate_([self._buffer(p, "grad_acc") for p in params], grads, 1.0, **amp)
+        if group["select"] == "accumulated" and group.get("momentum_correction"):
+            # DGC: a local velocity u = m u + g, accumulated into the residual.
+            velocity = [self._buffer(p, "velocity") for p in params]
+            torch._foreach_mul_(velocity, float(group["momentum"]))
+            ops.accumulate_(velocity, grads, 1.0, **amp)
+            ops.accumulate_([self._buffer(p, "residual") for p in params], velocity, 1.0,
+                            **self._amp_kwargs(grads[0].device, unscale=False))
+        elif (target := accumulation_target(group)) is not None:
+            buffer, alpha = target
+            ops.accumulate_([self._buffer(p, buffer) for p in params], grads, alpha, **amp)
         if group["select"] == "grad_sq":
             beta = float(group["fisher_beta"])
             ops.accumulate_([], grads, 1.0, [self._buffer(p, "fisher") for p in params],
@@ -572,11 +592,7 @@ class IncrementalOptimizer(Optimizer):
                 or len(by_device) != 1
                 or not (by_device[0][0].type == "cpu"
                         or (by_device[0][0].type == "cuda" and ops.FUSED_CUDA))
-                or group["select"] not in ("grad", "accumulated")
-                or group["scope"] != "tensor" or group["mask"] != "dynamic"
-                or group["bias_correction"] != "tensor"
-                or (group["accumulate_steps"] != 1 and group["select"] != "grad")
-                or group.get("momentum_correction") or group.get("amsgrad")):
+                or not fused_options(group)):
             return False
         return all(p.dtype in _FUSED_DTYPES for p in by_device[0][1])
 

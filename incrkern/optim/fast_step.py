@@ -16,7 +16,7 @@ the same rule: the plain case or nothing touched.
 import torch
 
 from .. import _extension
-from .base import FUSED_MIN_DENSITY, FUSED_SMALL_NUMEL
+from .base import FUSED_MIN_DENSITY, FUSED_SMALL_NUMEL, accumulation_target, fused_options
 
 _fused_adam_step = (getattr(_extension._C, "fused_adam_step", None)
                     if _extension.EXTENSION_LOADED else None)
@@ -31,15 +31,11 @@ _CPU = torch.device("cpu")
 
 def _plain_group(opt, group):
     """Whether the group steps by the fused kernel (where the cost model sends a
-    tensor there) with nothing else the C++ step leaves to Python: |grad| or error
-    feedback per tensor, reselected each step, no accumulation, AMSGrad, masters,
-    capture or differentiable step."""
-    return (group["select"] in ("grad", "accumulated") and group["scope"] == "tensor"
-            and group["mask"] == "dynamic" and group["bias_correction"] == "tensor"
-            and group["accumulate_steps"] == 1 and not opt._is_dense(group)
-            and not group.get("momentum_correction") and not group.get("amsgrad")
-            and not group.get("master_weights") and not group.get("capturable")
-            and not group.get("differentiable"))
+    tensor there) with nothing else the C++ step leaves to Python: no accumulation,
+    masters, capture or differentiable step."""
+    return (fused_options(group) and group["accumulate_steps"] == 1
+            and not opt._is_dense(group) and not group.get("master_weights")
+            and not group.get("capturable") and not group.get("differentiable"))
 
 
 def _plain_micro_step(group):
@@ -51,15 +47,8 @@ def _plain_micro_step(group):
             and not group.get("momentum_correction") and not group.get("capturable"))
 
 
-def _accumulation(group):
-    """(buffer, alpha) of a micro-step, as IncrementalOptimizer._accumulate adds."""
-    if group["select"] == "accumulated":
-        return "residual", 1.0 / group["accumulate_steps"]
-    return "grad_acc", 1.0
-
-
 def _micro_step(opt):
-    specs = [(group["params"], *_accumulation(group)) for group in opt.param_groups]
+    specs = [(group["params"], *accumulation_target(group)) for group in opt.param_groups]
     answer = _accumulate_grads(specs, opt.state, torch.nn.Parameter)
     if answer is None:
         return False
