@@ -20,7 +20,7 @@ PREFETCHING = [
     "adam_ranges<double, double, double>",
     "sgd_ranges<float, float, float>",
     "sgd_ranges<c10::BFloat16, c10::BFloat16, float>",
-    "adam_select_update_cpu(",
+    "adam_select_update_checked(",
     "run_band<float>(",
     "run_zero_floor<float>(",
     "Selector<unsigned int>::sample_keys(",

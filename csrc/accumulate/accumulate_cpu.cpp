@@ -124,12 +124,10 @@ RangeFn accumulate_ranges(M* acc, M* sq, const G* g, M alpha, M sq_alpha, M sq_d
 
 }  // namespace
 
-void accumulate_cpu(at::TensorList accs, at::TensorList grads, double alpha,
-                    at::TensorList sq_accs, double sq_alpha, double sq_decay,
-                    const std::optional<at::Tensor>& amp_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  check_accumulate_lists("incrkern.accumulate_", accs, grads, sq_accs, /*allow_double=*/true);
-  check_amp("incrkern.accumulate_", amp_scale, found_inf, grads);
+void accumulate_checked(at::TensorList accs, at::TensorList grads, double alpha,
+                        at::TensorList sq_accs, double sq_alpha, double sq_decay,
+                        const std::optional<at::Tensor>& amp_scale,
+                        const std::optional<at::Tensor>& found_inf) {
   if ((accs.empty() && sq_accs.empty()) || amp_found_inf(found_inf)) return;
   const std::optional<float> amp = amp_value(amp_scale);
   std::vector<RangeFn> fns;
@@ -148,6 +146,19 @@ void accumulate_cpu(at::TensorList accs, at::TensorList grads, double alpha,
   }
   run_ranges(fns, counts, kGrain);
 }
+
+namespace {
+
+void accumulate_cpu(at::TensorList accs, at::TensorList grads, double alpha,
+                    at::TensorList sq_accs, double sq_alpha, double sq_decay,
+                    const std::optional<at::Tensor>& amp_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  check_accumulate_lists("incrkern.accumulate_", accs, grads, sq_accs, /*allow_double=*/true);
+  check_amp("incrkern.accumulate_", amp_scale, found_inf, grads);
+  accumulate_checked(accs, grads, alpha, sq_accs, sq_alpha, sq_decay, amp_scale, found_inf);
+}
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, CPU, m) {
   m.impl("accumulate_", &accumulate_cpu);

@@ -674,20 +674,19 @@ void with_param_type(at::ScalarType d, Fn&& fn) {
 
 }  // namespace
 
-at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
-                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                  at::TensorList steps, at::IntArrayRef ks,
-                                  at::TensorList residuals, bool approx, double lr, double beta1,
-                                  double beta2, double eps, double weight_decay,
-                                  bool decoupled_weight_decay, bool maximize, double grad_scale,
-                                  const std::optional<at::Tensor>& lr_tensor,
-                                  bool increment_steps,
-                                  const std::optional<at::Tensor>& amp_scale,
-                                  const std::optional<at::Tensor>& found_inf) {
+at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grads,
+                                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                      at::TensorList steps, at::IntArrayRef ks,
+                                      at::TensorList residuals, bool approx, double lr,
+                                      double beta1, double beta2, double eps, double weight_decay,
+                                      bool decoupled_weight_decay, bool maximize,
+                                      double grad_scale,
+                                      const std::optional<at::Tensor>& lr_tensor,
+                                      bool increment_steps,
+                                      const std::optional<at::Tensor>& amp_scale,
+                                      const std::optional<at::Tensor>& found_inf) {
   Call c{params, grads, exp_avgs, exp_avg_sqs, steps, residuals, lr, beta1, beta2, eps,
          weight_decay, grad_scale, decoupled_weight_decay, maximize, approx};
-  check_select_update(c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, steps, ks,
-                      residuals, lr_tensor, amp_scale, found_inf);
   if (lr_tensor.has_value()) c.lr = lr_tensor->item<double>();
   const int64_t n = int64_t(params.size());
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
@@ -731,6 +730,28 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
     });
   return counts;
 }
+
+namespace {
+
+at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
+                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                  at::TensorList steps, at::IntArrayRef ks,
+                                  at::TensorList residuals, bool approx, double lr, double beta1,
+                                  double beta2, double eps, double weight_decay,
+                                  bool decoupled_weight_decay, bool maximize, double grad_scale,
+                                  const std::optional<at::Tensor>& lr_tensor,
+                                  bool increment_steps,
+                                  const std::optional<at::Tensor>& amp_scale,
+                                  const std::optional<at::Tensor>& found_inf) {
+  check_select_update(c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, steps, ks,
+                      residuals, lr_tensor, amp_scale, found_inf);
+  return adam_select_update_checked(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residuals,
+                                    approx, lr, beta1, beta2, eps, weight_decay,
+                                    decoupled_weight_decay, maximize, grad_scale, lr_tensor,
+                                    increment_steps, amp_scale, found_inf);
+}
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, CPU, m) { m.impl("adam_select_update_", &adam_select_update_cpu); }
 

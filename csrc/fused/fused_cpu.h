@@ -1,5 +1,6 @@
-// The CPU kernel of incrkern::adam_select_update_, for callers inside the extension
-// that have checked their lists and skip the dispatcher (fused_step_py.cpp).
+// The CPU kernel of incrkern::adam_select_update_ after its argument checks
+// (check_select_update, fused_checks.h), for callers inside the extension that have
+// run them and skip the dispatcher (fused_step_py.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,15 +9,16 @@
 
 namespace incrkern {
 
-at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
-                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                                  at::TensorList steps, at::IntArrayRef ks,
-                                  at::TensorList residuals, bool approx, double lr, double beta1,
-                                  double beta2, double eps, double weight_decay,
-                                  bool decoupled_weight_decay, bool maximize, double grad_scale,
-                                  const std::optional<at::Tensor>& lr_tensor,
-                                  bool increment_steps,
-                                  const std::optional<at::Tensor>& amp_scale,
-                                  const std::optional<at::Tensor>& found_inf);
+at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grads,
+                                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                      at::TensorList steps, at::IntArrayRef ks,
+                                      at::TensorList residuals, bool approx, double lr,
+                                      double beta1, double beta2, double eps, double weight_decay,
+                                      bool decoupled_weight_decay, bool maximize,
+                                      double grad_scale,
+                                      const std::optional<at::Tensor>& lr_tensor,
+                                      bool increment_steps,
+                                      const std::optional<at::Tensor>& amp_scale,
+                                      const std::optional<at::Tensor>& found_inf);
 
 }  // namespace incrkern

@@ -207,10 +207,11 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
     for (const Group& g : groups) {
       if (g.params.empty()) continue;
       RECORD_FUNCTION("incrkern::adam_select_update_", std::vector<c10::IValue>());
-      adam_select_update_cpu(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks,
-                             g.residuals, g.approx, g.lr, g.beta1, g.beta2, g.eps,
-                             g.weight_decay, g.decoupled_weight_decay, g.maximize, 1.0,
-                             g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt);
+      adam_select_update_checked(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks,
+                                 g.residuals, g.approx, g.lr, g.beta1, g.beta2, g.eps,
+                                 g.weight_decay, g.decoupled_weight_decay, g.maximize, 1.0,
+                                 g.lr_tensor, /*increment_steps=*/true, std::nullopt,
+                                 std::nullopt);
     }
   }
   PyObject* answer = PyList_New(n);
@@ -296,7 +297,7 @@ PyObject* accumulate_grads(PyObject* /*module*/, PyObject* args) {
     for (const Accumulation& g : groups) {
       if (g.grads.empty()) continue;
       RECORD_FUNCTION("incrkern::accumulate_", std::vector<c10::IValue>());
-      accumulate_cpu(g.accs, g.grads, g.alpha, {}, 1.0, 1.0, std::nullopt, std::nullopt);
+      accumulate_checked(g.accs, g.grads, g.alpha, {}, 1.0, 1.0, std::nullopt, std::nullopt);
     }
   }
   PyObject* answer = PyList_New(n);
