@@ -1,4 +1,5 @@
-"""The compiled CPU loops over scattered positions keep their prefetches. A compiler
+"""The compiled CPU loops over scattered positions, and the vector scans over every
+key, keep their prefetches. A compiler
 may drop a prefetch without a trace (GCC takes a function that only prefetches for a
 pure one): the results stay right and the loop waits on memory at every position, so
 no other test would notice. This one reads the extension's machine code."""
@@ -12,7 +13,8 @@ from helpers import needs_ext
 
 # Functions (demangled-name fragments) whose loop over scattered elements requests
 # its lines ahead: the update ops' per-dtype loops, the fused call's small tensors
-# (inlined into its parallel loop), its tile lists, and the selection's sample.
+# (inlined into its parallel loop), its tile lists, the selection's sample and its
+# listed tiles; then the vector scans, which request the lines 2 KB ahead of them.
 PREFETCHING = [
     "adam_ranges<float, float, float>",
     "adam_ranges<c10::BFloat16, c10::BFloat16, float>",
@@ -24,6 +26,12 @@ PREFETCHING = [
     "run_band<float>(",
     "run_zero_floor<float>(",
     "Selector<unsigned int>::sample_keys(",
+    "tiles_at_least_avx2<float, false>(",
+    "list_tiles_avx2<float>(",
+    "band_keys_avx2<float>(",
+    "mark_above_avx2<float>(",
+    "band_avx2<float, false>(",
+    "tile_max_avx2<float, false>(",
 ]
 
 

@@ -72,6 +72,7 @@ __attribute__((target("avx2,f16c,popcnt"))) void list_tiles_avx2(const T* x, int
                                                                  bool few_hits) {
   const __m256i lo = _mm256_set1_epi32(lo_gt), hi = _mm256_set1_epi32(hi_gt);
   auto masks = [&](int64_t e) __attribute__((target("avx2,f16c"))) {
+    request_ahead(x + e);
     const __m256i a = order8_avx2<T, false>(x + e), b = order8_avx2<T, false>(x + e + 8);
     return LaneMasks{gt_mask16(a, b, lo), gt_mask16(a, b, hi)};
   };
@@ -109,6 +110,8 @@ __attribute__((target("avx2,f16c"))) void mark_above_avx2(const T* x, int64_t n,
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
+    request_ahead(x + j);
+    request_ahead(x + j + 16);
     const __m256i a = _mm256_cmpgt_epi32(order8_avx2<T, false>(x + j), t);
     const __m256i b = _mm256_cmpgt_epi32(order8_avx2<T, false>(x + j + 8), t);
     const __m256i c = _mm256_cmpgt_epi32(order8_avx2<T, false>(x + j + 16), t);
@@ -148,6 +151,7 @@ __attribute__((target("avx2,f16c,popcnt"))) int64_t band_keys_avx2(const T* x, i
   int64_t above = 0, j = 0;
   uint32_t* o = out;
   for (; j + 8 <= n; j += 8) {
+    request_ahead(x + j);
     const __m256i order = order8_avx2<T, false>(x + j);
     const uint32_t mh = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(order, hi))));
     const uint32_t ml = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(order, lo))));
