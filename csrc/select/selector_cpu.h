@@ -52,6 +52,7 @@ namespace incrkern::select {
 constexpr int64_t kSerialMax = int64_t(1) << 15;  // below: one thread, nth_element
 constexpr int64_t kSample = int64_t(1) << 16;
 constexpr int64_t kMinSample = int64_t(1) << 12;
+constexpr int64_t kSampleSpacing = 256;  // elements per sampled key, between those bounds
 constexpr int kDigitBits = 11;
 
 // setup.py builds with -fopenmp, so at::parallel_for (an OpenMP pragma in a header)
@@ -481,9 +482,10 @@ class Selector {
   // The band [L, H] from a constant-stride sample (sample_keys), or nothing when the
   // sample predicts more candidates than the budget allows.
   std::optional<std::pair<K, K>> sample_band() {
-    // A fixed 64K sample would cost mid-sized tensors (say 590K elements, a
-    // transformer's projection) as much as their one read: scale it with n.
-    const int64_t s = std::min({kSample, n_, std::max<int64_t>(kMinSample, n_ / 32)});
+    // A key of the sample costs about what a line of the pass's read does (each waits
+    // on its own line), so the sample takes a key per 256 elements, one per 16 lines:
+    // at one per 32, a 3M-element matrix's sample took about as long as its read.
+    const int64_t s = std::min({kSample, n_, std::max<int64_t>(kMinSample, n_ / kSampleSpacing)});
     const std::vector<K> keys = sample_keys(s);
     const SampleRanks r = sample_ranks(s);
     const auto [lo, hi] = sample_edges(keys, r.hi, r.lo);
