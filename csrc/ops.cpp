@@ -2,7 +2,13 @@
 // their code (TORCH_LIBRARY_IMPL in csrc/<family>/), the fake kernels in
 // incrkern/ops.py. In-place list arguments carry alias annotations (Tensor(a!)[]).
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <vector>
+
+#include "common/versions.h"
 
 namespace incrkern {
 extern PyMethodDef kFusedStepMethods[];  // csrc/fused/fused_step_py.cpp
@@ -85,4 +91,34 @@ TORCH_LIBRARY(incrkern, m) {
   m.def(
       "select(Tensor[] tensors, int[] ks, str score, bool global_scope, bool approx, "
       "Tensor[] residuals, Tensor[] weights, int seed=0) -> Tensor[]");
+}
+
+namespace {
+
+// The ADInplaceOrView kernel of the in-place ops (common/versions.h): the kernels below
+// this key run, then every tensor of every argument the schema marks written (a!) has
+// its version bumped. A call that throws bumps nothing: it changed nothing.
+void bump_written_after(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                        torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  std::vector<c10::IValue> written;
+  for (size_t i = 0; i < arguments.size(); ++i)
+    if (arguments[i].alias_info() && arguments[i].alias_info()->isWrite())
+      written.push_back((*stack)[first + i]);
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const c10::IValue& value : written) {
+    if (value.isTensor()) incrkern::bump_versions({value.toTensor()});
+    else if (value.isTensorList()) incrkern::bump_versions(value.toTensorVector());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(incrkern, ADInplaceOrView, m) {
+  for (const char* name : {"adam_update_", "sgd_update_", "adam_select_update_", "accumulate_"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_after>());
 }

@@ -24,6 +24,7 @@
 
 #include "accumulate/accumulate_checks.h"
 #include "accumulate/accumulate_cpu.h"
+#include "common/versions.h"
 #include "fused/fused_checks.h"
 #include "fused/fused_cpu.h"
 
@@ -214,6 +215,10 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
                                  std::nullopt);
     }
   }
+  // The tensors the op's schema marks written, as its dispatcher kernel bumps them.
+  for (const Group& g : groups)
+    for (const auto* written : {&g.params, &g.exp_avgs, &g.exp_avg_sqs, &g.steps, &g.residuals})
+      bump_versions(*written);
   PyObject* answer = PyList_New(n);
   if (!answer) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i) {
@@ -300,6 +305,7 @@ PyObject* accumulate_grads(PyObject* /*module*/, PyObject* args) {
       accumulate_checked(g.accs, g.grads, g.alpha, {}, 1.0, 1.0, std::nullopt, std::nullopt);
     }
   }
+  for (const Accumulation& g : groups) bump_versions(g.accs);
   PyObject* answer = PyList_New(n);
   if (!answer) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i)
