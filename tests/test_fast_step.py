@@ -212,6 +212,25 @@ def test_the_cost_model_sends_large_tensors_elsewhere(spy, monkeypatch):
     assert_same(fast, slow, fast_params, slow_params)
 
 
+@pytest.mark.parametrize("param_hash", [
+    pytest.param(None, id="id"),
+    pytest.param(lambda self: id(self) ^ 0x5a5a0, id="not-the-address"),
+])
+def test_the_state_is_found_whatever_a_param_hashes_to(param_hash, spy, monkeypatch):
+    """The call looks a param's state up with the param's address as its hash when
+    Tensor.__hash__ gives that (id), and by the param's own hash otherwise."""
+    if param_hash is not None:
+        monkeypatch.setattr(torch.nn.Parameter, "__hash__", param_hash)
+    sizes = (40, 700, 20000)
+    fast_params, slow_params = make_params(sizes, torch.float32), make_params(sizes, torch.float32)
+    fast = run(incrkern.optim.AdamW, fast_params, two_groups, 3, True, monkeypatch,
+               density=0.01)
+    assert spy[0] is None and all(answer is not None for answer in spy[1:])
+    slow = run(incrkern.optim.AdamW, slow_params, two_groups, 3, False, monkeypatch,
+               density=0.01)
+    assert_same(fast, slow, fast_params, slow_params)
+
+
 def test_a_subclass_param_takes_the_python_path(spy):
     class Tagged(torch.nn.Parameter):
         pass

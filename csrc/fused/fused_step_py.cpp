@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -72,6 +71,51 @@ PyObject* state_entry(PyObject* state, PyObject* key) {
   return t && exact_tensor(t) ? t : nullptr;
 }
 
+// What both calls read the params' state through: the optimizer's state dict, the
+// Parameter type, and the step counts seen, which no two params may share.
+class StateReader {
+ public:
+  StateReader(PyObject* state, PyObject* parameter_type)
+      : state_(state), parameter_type_(parameter_type) {}
+
+  PyObject* parameter_type() const { return parameter_type_; }
+
+  // The state dict of p (borrowed), or nullptr. The dict is keyed by the params, and a
+  // tensor's hash is Tensor.__hash__, a Python method (id(self)) that a plain lookup
+  // runs for every param. Where it gives the param's address, checked once a type,
+  // the lookup passes that hash instead.
+  PyObject* state_of(PyObject* p) {
+#if PY_VERSION_HEX < 0x030D0000
+    if (hash_is_address(p))
+      return _PyDict_GetItem_KnownHash(state_, p, Py_hash_t(reinterpret_cast<intptr_t>(p)));
+#endif
+    return PyDict_GetItemWithError(state_, p);
+  }
+
+  void saw_step(PyObject* step) { steps_.push_back(step); }
+
+  // Whether every step count seen belongs to one param only.
+  bool steps_unshared() {
+    std::sort(steps_.begin(), steps_.end());
+    return std::adjacent_find(steps_.begin(), steps_.end()) == steps_.end();
+  }
+
+ private:
+  bool hash_is_address(PyObject* p) {
+    for (const auto& [type, is_address] : hashes_)
+      if (type == Py_TYPE(p)) return is_address;
+    const Py_hash_t h = PyObject_Hash(p);
+    if (h == -1) PyErr_Clear();
+    hashes_.emplace_back(Py_TYPE(p), h == Py_hash_t(reinterpret_cast<intptr_t>(p)));
+    return hashes_.back().second;
+  }
+
+  PyObject* state_;
+  PyObject* parameter_type_;
+  std::vector<PyObject*> steps_;
+  std::vector<std::pair<PyTypeObject*, bool>> hashes_;
+};
+
 // The grad of p (a torch.Tensor or nn.Parameter, no subclass) into `grad`, left
 // undefined when p has none; false when p or its grad is not the plain case: a dense,
 // contiguous CPU tensor of p's dtype and shape.
@@ -108,8 +152,7 @@ int64_t density_k(double density, int64_t numel) {
 // (params, density, error_feedback, approx, lr, lr_tensor, beta1, beta2, eps,
 //  weight_decay, decoupled_weight_decay, maximize) into `out`; false when not the
 // plain case.
-bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const CostModel& cost,
-                std::unordered_set<PyObject*>& seen_steps, Group& out) {
+bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Group& out) {
   if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 12) return false;
   auto item = [&](int i) { return PyTuple_GET_ITEM(spec, i); };
   PyObject* params = item(0);
@@ -137,18 +180,18 @@ bool read_group(PyObject* spec, PyObject* state, PyObject* parameter_type, const
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
     at::Tensor grad;
-    if (!plain_grad(p, parameter_type, grad)) return false;
+    if (!plain_grad(p, reader.parameter_type(), grad)) return false;
     if (!grad.defined()) continue;
     const at::Tensor& param = THPVariable_Unpack(p);
     if (!fused_dtype(param.scalar_type())) return false;
-    PyObject* s = PyDict_GetItemWithError(state, p);
+    PyObject* s = reader.state_of(p);
     if (!s || !PyDict_Check(s)) return false;
     PyObject* step = state_entry(s, names().step);
     PyObject* m = state_entry(s, names().exp_avg);
     PyObject* v = state_entry(s, names().exp_avg_sq);
     PyObject* r = out.error_feedback ? state_entry(s, names().residual) : nullptr;
-    if (!step || !m || !v || (out.error_feedback && !r) || !seen_steps.insert(step).second)
-      return false;
+    if (!step || !m || !v || (out.error_feedback && !r)) return false;
+    reader.saw_step(step);
     out.any_grad = true;
     if (!cost.fused(param.numel(), out.density, out.error_feedback)) {
       out.elsewhere.push_back(p);
@@ -185,14 +228,14 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
   const CostModel cost{int64_t(small_numel), min_density};
   const Py_ssize_t n = PyList_GET_SIZE(specs);
   std::vector<Group> groups(static_cast<size_t>(n));
-  std::unordered_set<PyObject*> seen_steps;
+  StateReader reader(state, parameter_type);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!read_group(PyList_GET_ITEM(specs, i), state, parameter_type, cost, seen_steps,
-                    groups[size_t(i)])) {
+    if (!read_group(PyList_GET_ITEM(specs, i), reader, cost, groups[size_t(i)])) {
       PyErr_Clear();
       Py_RETURN_NONE;
     }
   }
+  if (!reader.steps_unshared()) Py_RETURN_NONE;
   // Every group's lists pass the kernel's checks before any group is stepped.
   try {
     for (const Group& g : groups)
@@ -247,8 +290,7 @@ struct Accumulation {
 };
 
 // (params, buffer name, alpha) into `out`; false when not the plain case.
-bool read_accumulation(PyObject* spec, PyObject* state, PyObject* parameter_type,
-                       std::unordered_set<PyObject*>& seen_steps, Accumulation& out) {
+bool read_accumulation(PyObject* spec, StateReader& reader, Accumulation& out) {
   if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3) return false;
   PyObject* params = PyTuple_GET_ITEM(spec, 0);
   PyObject* buffer = PyTuple_GET_ITEM(spec, 1);
@@ -257,14 +299,15 @@ bool read_accumulation(PyObject* spec, PyObject* state, PyObject* parameter_type
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
     at::Tensor grad;
-    if (!plain_grad(p, parameter_type, grad)) return false;
+    if (!plain_grad(p, reader.parameter_type(), grad)) return false;
     if (!grad.defined()) continue;
-    PyObject* s = PyDict_GetItemWithError(state, p);
+    PyObject* s = reader.state_of(p);
     if (!s || !PyDict_Check(s)) return false;
     PyObject* acc = state_entry(s, buffer);
     // A param updated before has a step, which no other param may share.
     PyObject* step = PyDict_GetItemWithError(s, names().step);
-    if (!acc || PyErr_Occurred() || (step && !seen_steps.insert(step).second)) return false;
+    if (!acc || PyErr_Occurred()) return false;
+    if (step) reader.saw_step(step);
     out.accs.push_back(THPVariable_Unpack(acc));
     out.grads.push_back(std::move(grad));
   }
@@ -283,14 +326,14 @@ PyObject* accumulate_grads(PyObject* /*module*/, PyObject* args) {
     return nullptr;
   const Py_ssize_t n = PyList_GET_SIZE(specs);
   std::vector<Accumulation> groups(static_cast<size_t>(n));
-  std::unordered_set<PyObject*> seen_steps;
+  StateReader reader(state, parameter_type);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!read_accumulation(PyList_GET_ITEM(specs, i), state, parameter_type, seen_steps,
-                           groups[size_t(i)])) {
+    if (!read_accumulation(PyList_GET_ITEM(specs, i), reader, groups[size_t(i)])) {
       PyErr_Clear();
       Py_RETURN_NONE;
     }
   }
+  if (!reader.steps_unshared()) Py_RETURN_NONE;
   try {
     for (const Accumulation& g : groups)
       check_accumulate_lists("incrkern.accumulate_", g.accs, g.grads, {}, /*allow_double=*/true);
