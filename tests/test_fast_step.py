@@ -268,6 +268,51 @@ def test_micro_steps_same_as_the_python_step(dtype, select, groups_of, micro_spy
     assert_same(fast, slow, fast_params, slow_params)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("groups_of", [one_group, two_groups])
+def test_cycle_ends_same_as_the_python_step(dtype, groups_of, spy, monkeypatch):
+    """The update that ends a cycle of accumulate_steps is the one call too: the
+    accumulated grads are the kernel's residuals, read times 1 / n, then zeroed. A
+    tensor the cost model sends elsewhere is handed back, and the Python step adds its
+    grad and updates it."""
+    sizes = (base.FUSED_SMALL_NUMEL + 1, 700, 33, 1)
+    options = dict(lr=1e-2, density=base.FUSED_MIN_DENSITY / 2, accumulate_steps=2,
+                   weight_decay=0.05)
+    fast_params, slow_params = make_params(sizes, dtype), make_params(sizes, dtype)
+    fast = run(incrkern.optim.AdamW, fast_params, groups_of, 8, True, monkeypatch, **options)
+    # Updates at steps 2, 4, 6 and 8: the first makes the state in Python.
+    assert len(spy) == 4 and spy[0] is None
+    for answer in spy[1:]:
+        handed_back = [p for left in answer if left for p in left]
+        assert handed_back == [fast_params[0]]
+    slow = run(incrkern.optim.AdamW, slow_params, groups_of, 8, False, monkeypatch, **options)
+    assert_same(fast, slow, fast_params, slow_params)
+    assert all(g["accumulated_calls"] == 0 and g["updates"] == 4 for g in fast.param_groups)
+    for p in fast_params:
+        assert not fast.state[p]["grad_acc"].any()  # spent, chosen or not
+
+
+@pytest.mark.parametrize("spoil, error", [
+    (lambda opt, ps: other_dtype_grad(ps[1]), "dtype"),
+    (lambda opt, ps: opt.state[ps[2]].__setitem__("grad_acc", torch.zeros(59)), "residuals"),
+    (lambda opt, ps: opt.state[ps[0]].__setitem__("step", opt.state[ps[1]]["step"]),
+     "share one state"),
+])
+def test_a_bad_cycle_end_falls_back_and_touches_nothing(spoil, error, spy):
+    params = make_params((40, 50, 60), torch.float32)
+    opt = incrkern.optim.AdamW(params, density=0.1, accumulate_steps=2)
+    for step in range(3):  # a whole cycle (the state made), then a micro-step
+        heavy_tailed_grads(params, step)
+        opt.step()
+    heavy_tailed_grads(params, 3)
+    spoil(opt, params)
+    before = snapshot(opt, params)
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=error):
+        opt.step()
+    assert spy[-1] is None
+    assert_untouched(opt, params, before)
+
+
 @pytest.mark.parametrize("spoil, error", [
     (lambda opt, ps: other_dtype_grad(ps[1]), "dtype"),
     (lambda opt, ps: opt.state[ps[0]].__setitem__("step", opt.state[ps[1]]["step"]),

@@ -10,6 +10,7 @@
 // makes it return None before it touches anything, and the optimizer's Python step
 // then does the step, with its errors. The params the cost model sends to select
 // then update are checked like the rest and handed back to the Python step.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/Exceptions.h>
@@ -17,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -38,6 +40,10 @@ struct Group {
   double density, lr, beta1, beta2, eps, weight_decay;
   bool error_feedback, approx, decoupled_weight_decay, maximize;
   std::optional<at::Tensor> lr_tensor;
+  // The update ending a cycle of accumulate_steps = n: the accumulated grads are the
+  // kernel's residuals, read times 1 / n, and zeroed afterwards, chosen or not.
+  double grad_scale = 1.0;
+  bool spends_accumulation = false;
 };
 
 bool exact_tensor(PyObject* o) { return Py_TYPE(o) == (PyTypeObject*)THPVariableClass; }
@@ -57,6 +63,7 @@ struct Names {
   PyObject* exp_avg = PyUnicode_InternFromString("exp_avg");
   PyObject* exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq");
   PyObject* residual = PyUnicode_InternFromString("residual");
+  PyObject* grad_acc = PyUnicode_InternFromString("grad_acc");
   PyObject* grad = PyUnicode_InternFromString("grad");
 };
 
@@ -150,10 +157,10 @@ int64_t density_k(double density, int64_t numel) {
 }
 
 // (params, density, error_feedback, approx, lr, lr_tensor, beta1, beta2, eps,
-//  weight_decay, decoupled_weight_decay, maximize) into `out`; false when not the
-// plain case.
+//  weight_decay, decoupled_weight_decay, maximize, accumulate_steps) into `out`; false
+// when not the plain case.
 bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Group& out) {
-  if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 12) return false;
+  if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 13) return false;
   auto item = [&](int i) { return PyTuple_GET_ITEM(spec, i); };
   PyObject* params = item(0);
   if (!PyList_Check(params)) return false;
@@ -171,6 +178,10 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
   out.weight_decay = PyFloat_AsDouble(item(9));
   out.decoupled_weight_decay = PyObject_IsTrue(item(10)) == 1;
   out.maximize = PyObject_IsTrue(item(11)) == 1;
+  const long accumulate_steps = PyLong_AsLong(item(12));
+  out.spends_accumulation = accumulate_steps > 1;
+  if (out.spends_accumulation) out.grad_scale = 1.0 / double(accumulate_steps);
+  if (out.spends_accumulation && out.error_feedback) return false;
   if (PyErr_Occurred()) return false;
 
   const Py_ssize_t n = PyList_GET_SIZE(params);
@@ -189,8 +200,11 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
     PyObject* step = state_entry(s, names().step);
     PyObject* m = state_entry(s, names().exp_avg);
     PyObject* v = state_entry(s, names().exp_avg_sq);
-    PyObject* r = out.error_feedback ? state_entry(s, names().residual) : nullptr;
-    if (!step || !m || !v || (out.error_feedback && !r)) return false;
+    const bool needs_r = out.error_feedback || out.spends_accumulation;
+    PyObject* r = needs_r ? state_entry(s, out.error_feedback ? names().residual
+                                                              : names().grad_acc)
+                          : nullptr;
+    if (!step || !m || !v || (needs_r && !r)) return false;
     reader.saw_step(step);
     out.any_grad = true;
     if (!cost.fused(param.numel(), out.density, out.error_feedback)) {
@@ -253,9 +267,16 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
       RECORD_FUNCTION("incrkern::adam_select_update_", std::vector<c10::IValue>());
       adam_select_update_checked(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks,
                                  g.residuals, g.approx, g.lr, g.beta1, g.beta2, g.eps,
-                                 g.weight_decay, g.decoupled_weight_decay, g.maximize, 1.0,
-                                 g.lr_tensor, /*increment_steps=*/true, std::nullopt,
-                                 std::nullopt);
+                                 g.weight_decay, g.decoupled_weight_decay, g.maximize,
+                                 g.grad_scale, g.lr_tensor, /*increment_steps=*/true,
+                                 std::nullopt, std::nullopt);
+      // Contiguous (the kernel's checks): zeroed in place, over the threads, without a
+      // dispatcher call a tensor.
+      if (g.spends_accumulation)
+        at::parallel_for(0, int64_t(g.residuals.size()), 1, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i)
+            std::memset(g.residuals[size_t(i)].data_ptr(), 0, g.residuals[size_t(i)].nbytes());
+        });
     }
   }
   // The tensors the op's schema marks written, as its dispatcher kernel bumps them.

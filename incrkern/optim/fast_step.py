@@ -31,9 +31,11 @@ _CPU = torch.device("cpu")
 
 def _plain_group(opt, group):
     """Whether the group steps by the fused kernel (where the cost model sends a
-    tensor there) with nothing else the C++ step leaves to Python: no accumulation,
-    masters, capture or differentiable step."""
-    return (fused_options(group) and group["accumulate_steps"] == 1
+    tensor there) with nothing else the C++ step leaves to Python: an update (no
+    accumulation, or the step that ends a cycle of accumulate_steps), no masters,
+    capture or differentiable step."""
+    return (fused_options(group)
+            and group["accumulated_calls"] + 1 == group["accumulate_steps"]
             and not opt._is_dense(group) and not group.get("master_weights")
             and not group.get("capturable") and not group.get("differentiable"))
 
@@ -80,14 +82,15 @@ def one_call_step(opt):
         specs.append((group["params"], float(group["density"]),
                       group["select"] == "accumulated", group["topk"] == "approx", lr,
                       lr_tensor, h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
-                      h["decoupled_weight_decay"], h["maximize"]))
+                      h["decoupled_weight_decay"], h["maximize"], group["accumulate_steps"]))
     answer = _fused_adam_step(specs, opt.state, torch.nn.Parameter, FUSED_SMALL_NUMEL,
                               FUSED_MIN_DENSITY)
     if answer is None:
         return False
     for group, elsewhere in zip(groups, answer):
-        if elsewhere:  # the Python step counts the update
+        if elsewhere:  # the Python step accumulates their grads and counts the update
             opt._step_group(group, [(_CPU, elsewhere, [p.grad for p in elsewhere])])
         elif elsewhere is not None:
+            group["accumulated_calls"] = 0
             group["updates"] += 1
     return True
