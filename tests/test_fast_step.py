@@ -292,6 +292,29 @@ def test_cycle_ends_same_as_the_python_step(dtype, groups_of, spy, monkeypatch):
         assert not fast.state[p]["grad_acc"].any()  # spent, chosen or not
 
 
+def accumulating(steps):
+    """An AdamW at accumulate_steps=2 taken through `steps` steps (an update at every
+    second), the grads of the next step set."""
+    params = make_params((40, 50, 60), torch.float32)
+    opt = incrkern.optim.AdamW(params, density=0.1, accumulate_steps=2)
+    for step in range(steps):
+        heavy_tailed_grads(params, step)
+        opt.step()
+    heavy_tailed_grads(params, steps)
+    return opt, params
+
+
+def assert_bad_step_touches_nothing(opt, params, spoil, error, answers):
+    """After spoil, the step raises the Python step's error, the C++ call having
+    answered None, and nothing has changed."""
+    spoil(opt, params)
+    before = snapshot(opt, params)
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=error):
+        opt.step()
+    assert answers[-1] is None
+    assert_untouched(opt, params, before)
+
+
 @pytest.mark.parametrize("spoil, error", [
     (lambda opt, ps: other_dtype_grad(ps[1]), "dtype"),
     (lambda opt, ps: opt.state[ps[2]].__setitem__("grad_acc", torch.zeros(59)), "residuals"),
@@ -299,18 +322,8 @@ def test_cycle_ends_same_as_the_python_step(dtype, groups_of, spy, monkeypatch):
      "share one state"),
 ])
 def test_a_bad_cycle_end_falls_back_and_touches_nothing(spoil, error, spy):
-    params = make_params((40, 50, 60), torch.float32)
-    opt = incrkern.optim.AdamW(params, density=0.1, accumulate_steps=2)
-    for step in range(3):  # a whole cycle (the state made), then a micro-step
-        heavy_tailed_grads(params, step)
-        opt.step()
-    heavy_tailed_grads(params, 3)
-    spoil(opt, params)
-    before = snapshot(opt, params)
-    with pytest.raises((RuntimeError, TypeError, ValueError), match=error):
-        opt.step()
-    assert spy[-1] is None
-    assert_untouched(opt, params, before)
+    opt, params = accumulating(3)  # a whole cycle (the state made), then a micro-step
+    assert_bad_step_touches_nothing(opt, params, spoil, error, spy)
 
 
 @pytest.mark.parametrize("spoil, error", [
@@ -320,19 +333,7 @@ def test_a_bad_cycle_end_falls_back_and_touches_nothing(spoil, error, spy):
     (lambda opt, ps: opt.state[ps[2]].__setitem__("grad_acc", torch.zeros(59)), "accs"),
 ])
 def test_a_bad_micro_step_falls_back_and_touches_nothing(spoil, error, micro_spy):
-    params = make_params((40, 50, 60), torch.float32)
-    opt = incrkern.optim.AdamW(params, density=0.1, accumulate_steps=2)
-    for step in range(3):  # an update, then a micro-step with the buffers made
-        heavy_tailed_grads(params, step)
-        opt.step()
-    assert micro_spy[-1] == [True]
-    heavy_tailed_grads(params, 3)
-    opt.step()  # the update
-    heavy_tailed_grads(params, 4)
-    spoil(opt, params)
-    before = snapshot(opt, params)
-    with pytest.raises((RuntimeError, TypeError, ValueError), match=error):
-        opt.step()
-    assert micro_spy[-1] is None
-    assert_untouched(opt, params, before)
+    opt, params = accumulating(4)  # two cycles, the buffers made
+    assert micro_spy[-1] == [True]  # the second cycle's micro-step was the call
+    assert_bad_step_touches_nothing(opt, params, spoil, error, micro_spy)
     assert opt.param_groups[0]["accumulated_calls"] == 0
