@@ -1,7 +1,7 @@
 """What several test modules share: the devices to run on, the dtypes each device
-takes, the mark for tests that need the compiled extension, and the tolerances a
-kernel's params and state are compared with. Fixtures and hooks
-live in conftest.py."""
+takes, the mark for tests that need the compiled extension, the tolerances a
+kernel's params and state are compared with, and a recorder of the one-call step's
+answers. Fixtures and hooks live in conftest.py."""
 import pytest
 import torch
 
@@ -14,6 +14,22 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]  # the CP
 CUDA_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="needs the compiled extension")
+
+
+def recorded(monkeypatch, name):
+    """The answers of incrkern.optim.fast_step's C++ call `name`, in order: None per
+    fallback."""
+    from incrkern.optim import fast_step
+
+    answers = []
+    real = getattr(fast_step, name)
+
+    def record(*args):
+        answers.append(real(*args))
+        return answers[-1]
+
+    monkeypatch.setattr(fast_step, name, record)
+    return answers
 
 
 def cuda_copy(t, offset=0):

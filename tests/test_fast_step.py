@@ -9,25 +9,14 @@ import torch
 import incrkern
 from incrkern.optim import base, fast_step
 
+from helpers import recorded
+
 pytestmark = pytest.mark.skipif(fast_step._fused_adam_step is None,
                                 reason="the extension is not built")
 
 # Sizes around the kernel's paths: empty, one element, odd, a vector-width remainder,
 # a density * numel just above an integer (0.01 * 700), the small-tensor limit.
 SIZES = (0, 1, 7, 33, 700, 4099, 20000, base.FUSED_SMALL_NUMEL)
-
-
-def recorded(monkeypatch, name):
-    """The answers of fast_step's C++ call `name`, in order: None per fallback."""
-    answers = []
-    real = getattr(fast_step, name)
-
-    def record(*args):
-        answers.append(real(*args))
-        return answers[-1]
-
-    monkeypatch.setattr(fast_step, name, record)
-    return answers
 
 
 @pytest.fixture

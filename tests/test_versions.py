@@ -10,7 +10,7 @@ import incrkern
 from incrkern import ops
 from incrkern.optim import base, fast_step
 
-from helpers import needs_ext
+from helpers import needs_ext, recorded
 
 pytestmark = needs_ext
 
@@ -68,14 +68,7 @@ def test_every_step_bumps_every_param(opt_cls, options, fast, monkeypatch):
 
 
 def test_the_one_call_step_ran_and_bumped_its_state(monkeypatch):
-    answers = []
-    real = fast_step._fused_adam_step
-
-    def record(*args):
-        answers.append(real(*args))
-        return answers[-1]
-
-    monkeypatch.setattr(fast_step, "_fused_adam_step", record)
+    answers = recorded(monkeypatch, "_fused_adam_step")
     params = make_params()
     opt = incrkern.optim.AdamW(params, lr=1e-2, density=0.01, select="accumulated")
     set_grads(params, 0)
@@ -90,7 +83,7 @@ def test_the_one_call_step_ran_and_bumped_its_state(monkeypatch):
     assert versions(state) == [v + 1 for v in before_state]
 
 
-def test_micro_steps_bump_their_buffers_not_the_params(monkeypatch):
+def test_micro_steps_bump_their_buffers_not_the_params():
     params = make_params()
     opt = incrkern.optim.AdamW(params, lr=1e-2, density=0.01, accumulate_steps=3)
     for cycle in range(2):
