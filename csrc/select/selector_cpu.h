@@ -270,9 +270,13 @@ class Selector {
   // Fills gmax with the largest key of every kTile-element tile (the last may be
   // short) and returns a key at most one top-bits bin under T, the k-th largest of
   // them: still at most the k-th key, at the cost of the few more candidates of
-  // that bin.
+  // that bin. Where k is at most an eighth of the tiles, the histogram counts the
+  // maxima of four tiles at a time instead: the k-th of those is at most the k-th key
+  // too (each is the largest of its own 64 keys), a few more tiles pass it, and the
+  // counting, a chain of increments of a few hot bins, takes a quarter as long.
   K tile_max_floor(std::vector<K>& gmax) const {
     TopBitsHistogram<K> hist;
+    const bool by_four = k_ * 8 <= int64_t(gmax.size());
     size_t gi = 0;
     for (const Source& src : srcs_)
       with_reader<K>(src, [&](auto rd) {
@@ -284,7 +288,13 @@ class Selector {
           for (int64_t g = 0; g < whole; g += kChunkTiles) {
             const int64_t m = std::min(kChunkTiles, whole - g);
             scan_tile_max<kSignedReader<decltype(rd)>>(rd.p + g * kTile, m, gmax.data() + gi);
-            for (int64_t j = 0; j < m; ++j) hist.add(gmax[gi++]);
+            const K* q = gmax.data() + gi;
+            int64_t j = 0;
+            if (by_four)
+              for (; j + 4 <= m; j += 4)
+                hist.add(std::max(std::max(q[j], q[j + 1]), std::max(q[j + 2], q[j + 3])));
+            for (; j < m; ++j) hist.add(q[j]);
+            gi += size_t(m);
           }
           i = whole * kTile;
         }
