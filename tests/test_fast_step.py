@@ -232,6 +232,63 @@ def test_a_subclass_param_takes_the_python_path(spy):
     assert spy == [None, None]
 
 
+def test_a_subclass_grad_takes_the_python_path(spy):
+    class Tagged(torch.Tensor):
+        pass
+
+    params = make_params((30, 40), torch.float32)
+    opt = incrkern.optim.AdamW(params, density=0.1)
+    for step in range(2):
+        heavy_tailed_grads(params, step)
+        params[1].grad = params[1].grad.as_subclass(Tagged)
+        opt.step()
+    assert spy == [None, None]
+
+
+def backward_grads(model, step):
+    """Grads as autograd leaves them: tensors with no Python object until read."""
+    model.zero_grad(set_to_none=True)
+    x = torch.randn(16, 12, generator=torch.Generator().manual_seed(step))
+    model(x).square().mean().backward()
+
+
+@pytest.mark.parametrize("select", ["grad", "accumulated"])
+def test_grads_from_backward_same_as_the_python_step(select, spy, monkeypatch):
+    """The call reads each grad from the param's tensor, not from the `grad` attribute;
+    a grad that autograd made and Python never read has no object of its own."""
+    def model():
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Linear(12, 30), torch.nn.Tanh(),
+                                   torch.nn.Linear(30, 5))
+
+    answers = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fast_step, "ENABLED", enabled)
+        net = model()
+        opt = incrkern.optim.AdamW(net.parameters(), lr=1e-2, density=0.05, select=select)
+        for step in range(4):
+            backward_grads(net, step)
+            opt.step()
+        answers.append((net, opt))
+    assert spy[0] is None and len(spy) == 4 and all(a is not None for a in spy[1:])
+    (fast_net, fast), (slow_net, slow) = answers
+    assert_same(fast, slow, list(fast_net.parameters()), list(slow_net.parameters()))
+
+
+def test_the_step_holds_what_it_borrows(spy):
+    """The call borrows the params' and state's tensors from their Python objects,
+    holding a reference to each object while it runs, and gives every reference back."""
+    import sys
+
+    opt, params = stepped_once()
+    state = opt.state[params[0]]
+    held = [params[0], state["exp_avg"], state["exp_avg_sq"], state["step"]]
+    counts = [sys.getrefcount(t) for t in held]
+    opt.step()
+    assert spy[-1] == [[]]
+    assert [sys.getrefcount(t) for t in held] == counts
+
+
 # Micro-steps of accumulate_steps: the grads added to grad_acc (or the residual) in
 # one call, the update by the Python step.
 

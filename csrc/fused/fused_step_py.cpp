@@ -32,8 +32,43 @@
 namespace incrkern {
 namespace {
 
+// Tensors borrowed from the Python objects that own them, each object held by a new
+// reference meanwhile. A copy of a tensor that has a Python object increments the
+// TensorImpl's count and, through the interpreter, the object's: on a model of
+// thousands of params, whose metadata a step's streams have pushed out of the cache,
+// two waits on memory a tensor (and two more to drop it), where the Python reference
+// touches a line the read has just brought in.
+class Borrows {
+ public:
+  Borrows() = default;
+  Borrows(const Borrows&) = delete;
+  Borrows& operator=(const Borrows&) = delete;
+  ~Borrows() {
+    for (PyObject* o : held_) Py_DECREF(o);
+  }
+  at::Tensor borrow(PyObject* tensor) {
+    held_.push_back(Py_NewRef(tensor));
+    return c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(tensor));
+  }
+  // Drops borrowed tensors without touching their counts (before the objects go).
+  static void forget(std::vector<at::Tensor>& borrowed) {
+    for (at::Tensor& t : borrowed) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  }
+
+ private:
+  std::vector<PyObject*> held_;
+};
+
 struct Group {
-  std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps, residuals;
+  Group() = default;
+  Group(const Group&) = delete;
+  ~Group() {
+    for (auto* list : {&params, &exp_avgs, &exp_avg_sqs, &steps, &residuals})
+      Borrows::forget(*list);
+  }
+  Borrows borrows;
+  std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, steps, residuals;  // borrowed
+  std::vector<at::Tensor> grads;
   std::vector<int64_t> ks;
   std::vector<PyObject*> elsewhere;  // borrowed from the group's list
   bool any_grad = false;
@@ -56,7 +91,7 @@ bool fused_dtype(at::ScalarType d) {
   return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf;
 }
 
-// The names read for every param (its grad attribute, its state dict's keys), interned
+// The names read for every param (its state dict's keys), interned
 // once: a lookup then reuses the string's hash.
 struct Names {
   PyObject* step = PyUnicode_InternFromString("step");
@@ -64,7 +99,6 @@ struct Names {
   PyObject* exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq");
   PyObject* residual = PyUnicode_InternFromString("residual");
   PyObject* grad_acc = PyUnicode_InternFromString("grad_acc");
-  PyObject* grad = PyUnicode_InternFromString("grad");
 };
 
 const Names& names() {
@@ -125,19 +159,16 @@ class StateReader {
 
 // The grad of p (a torch.Tensor or nn.Parameter, no subclass) into `grad`, left
 // undefined when p has none; false when p or its grad is not the plain case: a dense,
-// contiguous CPU tensor of p's dtype and shape.
+// contiguous CPU tensor of p's dtype and shape. The `grad` attribute of such a p is
+// this tensor's Python object (made if it has none); read here without making one.
 bool plain_grad(PyObject* p, PyObject* parameter_type, at::Tensor& grad) {
   if (!exact_tensor(p) && Py_TYPE(p) != (PyTypeObject*)parameter_type) return false;
-  PyObject* g = PyObject_GetAttr(p, names().grad);
-  if (!g) return false;
-  if (g == Py_None || !exact_tensor(g)) {
-    const bool none = g == Py_None;
-    Py_DECREF(g);
-    return none;
-  }
-  grad = THPVariable_Unpack(g);  // a reference of its own, before g's goes
-  Py_DECREF(g);
   const at::Tensor& param = THPVariable_Unpack(p);
+  const at::Tensor& g = param.grad();
+  if (!g.defined()) return true;
+  PyObject* object = g.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj();
+  if (object && !exact_tensor(object)) return false;
+  grad = g;  // a reference of its own: the step may outlive p's hold on it
   return plain_cpu(param) && plain_cpu(grad) && grad.scalar_type() == param.scalar_type() &&
          grad.sizes().equals(param.sizes());
 }
@@ -211,12 +242,12 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
       out.elsewhere.push_back(p);
       continue;
     }
-    out.params.push_back(param);
+    out.params.push_back(out.borrows.borrow(p));
     out.grads.push_back(std::move(grad));
-    out.exp_avgs.push_back(THPVariable_Unpack(m));
-    out.exp_avg_sqs.push_back(THPVariable_Unpack(v));
-    out.steps.push_back(THPVariable_Unpack(step));
-    if (r) out.residuals.push_back(THPVariable_Unpack(r));
+    out.exp_avgs.push_back(out.borrows.borrow(m));
+    out.exp_avg_sqs.push_back(out.borrows.borrow(v));
+    out.steps.push_back(out.borrows.borrow(step));
+    if (r) out.residuals.push_back(out.borrows.borrow(r));
     out.ks.push_back(density_k(out.density, param.numel()));
   }
   return true;
@@ -306,7 +337,12 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
 
 // The accumulators and grads of one group's micro-step.
 struct Accumulation {
-  std::vector<at::Tensor> accs, grads;
+  Accumulation() = default;
+  Accumulation(const Accumulation&) = delete;
+  ~Accumulation() { Borrows::forget(accs); }
+  Borrows borrows;
+  std::vector<at::Tensor> accs;  // borrowed
+  std::vector<at::Tensor> grads;
   double alpha = 1.0;
 };
 
@@ -329,7 +365,7 @@ bool read_accumulation(PyObject* spec, StateReader& reader, Accumulation& out) {
     PyObject* step = PyDict_GetItemWithError(s, names().step);
     if (!acc || PyErr_Occurred()) return false;
     if (step) reader.saw_step(step);
-    out.accs.push_back(THPVariable_Unpack(acc));
+    out.accs.push_back(out.borrows.borrow(acc));
     out.grads.push_back(std::move(grad));
   }
   return true;
