@@ -32,6 +32,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/ahead.h"
 #include "common/prefetched.h"
 #include "common/rules.h"
 #include "select/selector_cpu.h"
@@ -696,14 +697,20 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   c.amp = amp_value(amp_scale);
   // Every check has passed: from here on the call changes its arguments.
   if (increment_steps)
-    for (const at::Tensor& s : steps) *s.data_ptr<float>() += 1.0f;
+    for (size_t i = 0; i < steps.size(); ++i) {
+      request_ahead(steps, i, request_storage);
+      *steps[i].data_ptr<float>() += 1.0f;
+    }
   c.res.reserve(params.size());
-  for (int64_t i = 0; i < int64_t(params.size()); ++i)
+  for (size_t i = 0; i < params.size(); ++i) {
+    for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, residuals})
+      request_ahead(list, i, request_storage);
     c.res.push_back(Resolved{params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                              exp_avg_sqs[i].data_ptr(),
                              residuals.empty() ? nullptr : residuals[i].data_ptr(),
                              params[i].numel(), *steps[i].data_ptr<float>(),
                              params[i].scalar_type()});
+  }
   // Small tensors side by side, one thread each (up to 2^20 elements when they take
   // the tile maxima or the threshold stream: a transformer's mid-sized matrices); large
   // ones one after another, each over every thread.

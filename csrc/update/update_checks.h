@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/ahead.h"
 #include "common/amp_checks.h"
 #include "common/dtypes.h"
 
@@ -47,6 +48,8 @@ inline void check_update_lists(const char* op, const UpdateLists& a) {
   TORCH_CHECK(a.indices.empty() || a.masks.empty(), op, ": give indices or masks, not both");
   TORCH_CHECK(!a.compact_state || !a.indices.empty(), op, ": compact_state needs indices");
   for (size_t i = 0; i < n; ++i) {
+    for (at::TensorList list : {a.params, a.grads, a.first_moments, a.second_moments, a.steps})
+      request_ahead(list, i);
     const at::Tensor& p = a.params[i];
     const auto dev = p.device();
     TORCH_CHECK(at::isFloatingType(p.scalar_type()) && p.scalar_type() != at::kFloat8_e4m3fn,
