@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -295,15 +296,44 @@ struct BandKth {
 template <typename Block, typename KeysOf>
 BandKth band_kth(const std::vector<Block>& blocks, KeysOf&& keys_of, int64_t need, uint32_t lo,
                  uint32_t hi) {
+  // A dense step's band holds hundreds of thousands of keys, kept by the blocks of a
+  // pass over every thread: one histogram of them per thread, in 2^11 bins of the
+  // band, then the need-th largest among the keys of its bin alone.
+  constexpr int kBits = 11;
+  constexpr size_t kBins = size_t(1) << kBits;
+  const int shift = std::max(0, int(std::bit_width(hi - lo)) - kBits);
+  const auto nblocks = int64_t(blocks.size());
+  std::vector<std::vector<uint32_t>> hists(size_t(at::get_num_threads()));
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t>& hist = hists[size_t(at::get_thread_num())];
+    if (hist.empty()) hist.assign(kBins, 0);
+    for (int64_t bi = b0; bi < b1; ++bi)
+      for (uint32_t key : keys_of(blocks[size_t(bi)])) ++hist[(key - lo) >> shift];
+  });
+  std::vector<uint32_t> total(kBins, 0);
+  for (const std::vector<uint32_t>& hist : hists)
+    for (size_t b = 0; b < hist.size(); ++b) total[b] += hist[b];
+  size_t bin = size_t((hi - lo) >> shift);
+  int64_t rank = need;
+  for (; rank > int64_t(total[bin]); --bin) rank -= total[bin];
   std::vector<uint32_t> keys;
-  for (const Block& o : blocks) keys.insert(keys.end(), keys_of(o).begin(), keys_of(o).end());
-  BandKth b{kth_largest(keys, need, lo, hi), {}, {}};
+  keys.reserve(total[bin]);
+  for (const Block& o : blocks)
+    for (uint32_t key : keys_of(o))
+      if (size_t((key - lo) >> shift) == bin) keys.push_back(key);
+  const uint32_t base = lo + (uint32_t(bin) << shift);
+  const uint32_t top = uint32_t(std::min<uint64_t>(hi, uint64_t(base) + ((uint64_t(1) << shift) - 1)));
+  BandKth b{kth_largest(keys, rank, base, top), std::vector<int64_t>(blocks.size()), {}};
+  std::vector<int64_t> greater(blocks.size());
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      int64_t gt = 0, eq = 0;
+      for (uint32_t key : keys_of(blocks[size_t(bi)])) gt += key > b.kth, eq += key == b.kth;
+      greater[size_t(bi)] = gt, b.equal[size_t(bi)] = eq;
+    }
+  });
   int64_t ties = need;  // keys equal to kth still to take, lowest positions first
-  for (const Block& o : blocks) {
-    int64_t equal = 0;
-    for (uint32_t key : keys_of(o)) ties -= key > b.kth, equal += key == b.kth;
-    b.equal.push_back(equal);
-  }
+  for (int64_t gt : greater) ties -= gt;
   for (int64_t equal : b.equal) b.ties.push_back(std::min(equal, ties)), ties -= b.ties.back();
   return b;
 }
@@ -322,15 +352,17 @@ void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, ui
   const BandKth b = band_kth(
       out, [](const BlockOut& o) -> const std::vector<uint32_t>& { return o.ckey; }, need, lo,
       hi);
-  for (size_t bi = 0; bi < out.size(); ++bi) {
-    BlockOut& o = out[bi];
-    int64_t ties = b.ties[bi];
-    for (size_t j = 0; j < o.cpos.size(); ++j) {
-      const bool tie = o.ckey[j] == b.kth && ties > 0;
-      if (o.ckey[j] > b.kth || tie) o.chosen.push_back(o.cpos[j]);
-      ties -= tie;
+  at::parallel_for(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      BlockOut& o = out[size_t(bi)];
+      int64_t ties = b.ties[size_t(bi)];
+      for (size_t j = 0; j < o.cpos.size(); ++j) {
+        const bool tie = o.ckey[j] == b.kth && ties > 0;
+        if (o.ckey[j] > b.kth || tie) o.chosen.push_back(o.cpos[j]);
+        ties -= tie;
+      }
     }
-  }
+  });
 }
 
 // The block's chosen candidates merged into its winner tiles: one ascending list, a
