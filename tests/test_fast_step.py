@@ -154,6 +154,19 @@ def test_a_bad_step_falls_back_and_touches_nothing(spoil, error, spy):
     assert_untouched(opt, params, before)
 
 
+def test_a_bad_param_among_many_falls_back_and_touches_nothing(spy):
+    """Among more params than one thread checks (the checks and the version bumps run
+    over the threads in runs of params), a bad one near the end still stops the call
+    before anything is touched."""
+    opt, params = stepped_once(sizes=(24,) * 1300)
+    opt.state[params[1290]]["exp_avg_sq"] = torch.zeros(23)
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="exp_avg_sqs"):
+        opt.step()
+    assert spy[-1] is None
+    assert_untouched(opt, params, before)
+
+
 @pytest.mark.parametrize("change, taken", [
     (lambda opt, ps: setattr(ps[0], "grad", torch.arange(160.0).sin().view(80, 2)[:, 0]),
      False),

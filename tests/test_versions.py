@@ -67,9 +67,14 @@ def test_every_step_bumps_every_param(opt_cls, options, fast, monkeypatch):
         assert all(a > b for a, b in zip(versions(params), before)), (step, before)
 
 
-def test_the_one_call_step_ran_and_bumped_its_state(monkeypatch):
+@pytest.mark.parametrize("many", [False, True], ids=["few", "over-the-threads"])
+def test_the_one_call_step_ran_and_bumped_its_state(many, monkeypatch):
+    """Every written tensor once; with more params than one thread bumps, in runs of
+    params over the threads."""
     answers = recorded(monkeypatch, "_fused_adam_step")
     params = make_params()
+    if many:
+        params = [torch.nn.Parameter(torch.randn(16)) for _ in range(1300)] + params
     opt = incrkern.optim.AdamW(params, lr=1e-2, density=0.01, select="accumulated")
     set_grads(params, 0)
     opt.step()

@@ -51,6 +51,7 @@ using namespace incrkern::fused;
 
 constexpr int64_t kChunkTiles = 256;  // tiles per scan of the listing pass (4K elements)
 constexpr int64_t kDenseGrain = 1 << 15;
+constexpr int64_t kResolveGrain = 512;  // params per thread's run when reading their addresses
 // Listed tiles whose lines are requested before the first of them is updated: at low
 // density the listed tiles lie far apart, and the update of one takes a few ns
 // against a wait on memory for its lines.
@@ -733,16 +734,18 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
       request_ahead(steps, i, request_storage);
       *steps[i].data_ptr<float>() += 1.0f;
     }
-  c.res.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, residuals})
-      request_ahead(list, i, request_storage);
-    c.res.push_back(Resolved{params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-                             exp_avg_sqs[i].data_ptr(),
-                             residuals.empty() ? nullptr : residuals[i].data_ptr(),
-                             params[i].numel(), *steps[i].data_ptr<float>(),
-                             params[i].scalar_type()});
-  }
+  c.res.resize(params.size());
+  at::parallel_for(0, n, kResolveGrain, [&](int64_t b, int64_t e) {
+    for (size_t i = size_t(b); i < size_t(e); ++i) {
+      for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, residuals})
+        request_ahead(list.slice(0, std::min(list.size(), size_t(e))), i, request_storage);
+      c.res[i] = Resolved{params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
+                          exp_avg_sqs[i].data_ptr(),
+                          residuals.empty() ? nullptr : residuals[i].data_ptr(),
+                          params[i].numel(), *steps[i].data_ptr<float>(),
+                          params[i].scalar_type()};
+    }
+  });
   // Small tensors side by side, one thread each (up to 2^20 elements when they take
   // the tile maxima or the threshold stream: a transformer's mid-sized matrices); large
   // ones one after another, each over every thread.

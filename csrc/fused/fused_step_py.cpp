@@ -253,6 +253,9 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
   return true;
 }
 
+// Params per thread's run in the passes over their metadata.
+constexpr int64_t kChecksGrain = 512;
+
 struct WithoutGil {
   PyThreadState* saved = PyEval_SaveThread();
   ~WithoutGil() { PyEval_RestoreThread(saved); }
@@ -281,13 +284,21 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
     }
   }
   if (!reader.steps_unshared()) Py_RETURN_NONE;
-  // Every group's lists pass the kernel's checks before any group is stepped.
+  // Every group's lists pass the kernel's checks before any group is stepped. Only
+  // whether they pass matters here (the Python step raises its own errors), so each
+  // thread checks a run of the params as lists of their own.
   try {
     for (const Group& g : groups)
-      if (!g.params.empty())
-        check_select_update(c10::DeviceType::CPU, g.params, g.grads, g.exp_avgs, g.exp_avg_sqs,
-                            g.steps, g.ks, g.residuals, g.lr_tensor, std::nullopt,
-                            std::nullopt);
+      at::parallel_for(0, int64_t(g.params.size()), kChecksGrain, [&](int64_t b, int64_t e) {
+        const auto run = [&](const auto& list) {
+          return list.empty() ? list : list.slice(size_t(b), size_t(e - b));
+        };
+        check_select_update(c10::DeviceType::CPU, run(at::TensorList(g.params)),
+                            run(at::TensorList(g.grads)), run(at::TensorList(g.exp_avgs)),
+                            run(at::TensorList(g.exp_avg_sqs)), run(at::TensorList(g.steps)),
+                            run(at::IntArrayRef(g.ks)), run(at::TensorList(g.residuals)),
+                            g.lr_tensor, std::nullopt, std::nullopt);
+      });
   } catch (const c10::Error&) {
     Py_RETURN_NONE;
   }
@@ -310,10 +321,14 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
         });
     }
   }
-  // The tensors the op's schema marks written, as its dispatcher kernel bumps them.
+  // The tensors the op's schema marks written, as its dispatcher kernel bumps them:
+  // counters only, no Python object touched (the tensors are borrowed), so over the
+  // threads.
   for (const Group& g : groups)
     for (const auto* written : {&g.params, &g.exp_avgs, &g.exp_avg_sqs, &g.steps, &g.residuals})
-      bump_versions(*written);
+      at::parallel_for(0, int64_t(written->size()), kChecksGrain, [&](int64_t b, int64_t e) {
+        bump_versions(at::TensorList(*written).slice(size_t(b), size_t(e - b)));
+      });
   PyObject* answer = PyList_New(n);
   if (!answer) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i) {
