@@ -2,7 +2,7 @@
 // call from Python; incrkern._C.accumulate_grads: a micro-step of accumulate_steps.
 // On a model of many small tensors a step spent more time in Python, reading each
 // param's grad and state and checking them, and in the dispatcher boxing the tensor
-// lists than in its kernels (docs/design.md, "Python overhead of a step"). These
+// lists than in its kernels (docs/measurements.md, "Python overhead of a step"). These
 // calls read the same things from the same objects and call the kernels directly.
 //
 // It only accepts; it never reports. Anything it does not recognise as the plain

@@ -31,14 +31,14 @@ from .work import Work, contiguous
 # From this density on, a CPU step updates through a bool mask (one streaming pass
 # over every element, at the dense step's speed) instead of the chosen positions (a
 # scattered access each, growing with the lines they touch): measured by
-# bench/crossover_update.py (docs/design.md, "Choosing a path" and "Measurements").
+# bench/crossover_update.py (docs/design.md, "Choosing a path", and docs/measurements.md).
 MASK_DENSITY = 0.1
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The fused select-and-update (ops.adam_select_update_) against select then update
 # (by positions, or by mask from MASK_DENSITY on), per tensor, measured with
-# bench/crossover_fused.py (docs/design.md, "Measurements"): on tensors of up to 2^18
+# bench/crossover_fused.py (docs/measurements.md): on tensors of up to 2^18
 # elements the fused call wins at every density (no positions returned, no second op
 # call); on larger ones it wins with error feedback at every density (the composed
 # path accumulates, selects and updates in three passes) and with |grad| from
@@ -455,7 +455,7 @@ class IncrementalOptimizer(Optimizer):
     def _by_device(params, grads, device):
         """[(device, params, contiguous grads)], one entry per device. A
         non-contiguous grad is copied once: the ops index every tensor by flat
-        position, so no flat view is made (docs/design.md, "Measurements")."""
+        position, so no flat view is made (docs/measurements.md)."""
         if device is not None:
             return [(device, params, contiguous(grads))]
         out = {}

@@ -3,7 +3,7 @@ accumulate_steps in another.
 
 On a model of many small tensors the Python around the fused kernel cost more than
 the kernel: reading each param's grad and state, checking them and boxing the lists
-for the dispatcher (docs/design.md, "Python overhead of a step"). When every group
+for the dispatcher (docs/measurements.md, "Python overhead of a step"). When every group
 is the plain case, `incrkern._C.fused_adam_step` reads the grads and states itself
 and calls the CPU kernel directly. It returns None, having touched nothing, on
 anything else it meets (a first step with no state yet, a bad grad, a subclass),
