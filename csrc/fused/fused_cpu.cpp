@@ -588,6 +588,13 @@ int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
   return chosen;
 }
 
+// The chosen positions q[0..n) updated, their lines requested ahead. Returns n.
+template <typename T>
+int64_t update_at(const AdamTensor<T>& t, const int64_t* q, int64_t n) {
+  prefetched(0, n, [&](int64_t j) { t.one(q[j]); }, [&](int64_t j) { t.fetch(q[j]); });
+  return n;
+}
+
 // A small tensor, on the calling thread: the Selector, then its positions updated;
 // from the stream density on, the threshold stream over a sample's band. Exact in
 // either mode, as ops.adam_select_update_ documents for small tensors.
@@ -607,11 +614,16 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
       if (band) return run_stream(c, i, t, k, true, band->lo, band->hi, /*approx=*/false);
     }
   }
+  if (src.dtype != at::kDouble && tile_max_fits(n, k)) {
+    // A model's many small tensors: the selection's vectors kept per thread, and the
+    // positions left in one of them, not in a tensor.
+    thread_local Selector<uint32_t>::TileMaxBuffers buffers;
+    thread_local std::vector<int64_t> positions;
+    Selector<uint32_t>({src}, k, c.approx).tile_max_positions(buffers, positions);
+    return update_at(t, positions.data(), int64_t(positions.size()));
+  }
   const at::Tensor pos = select_positions(src, k, c.approx);
-  const int64_t* q = pos.data_ptr<int64_t>();
-  const int64_t chosen = pos.numel();
-  prefetched(0, chosen, [&](int64_t j) { t.one(q[j]); }, [&](int64_t j) { t.fetch(q[j]); });
-  return chosen;
+  return update_at(t, pos.data_ptr<int64_t>(), pos.numel());
 }
 
 // A large tensor of 32-bit keys (0 < k < n): the band, the listing pass, the

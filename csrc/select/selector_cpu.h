@@ -236,24 +236,31 @@ class Selector {
     return keys;
   }
 
-  // The answer from candidates (key, position in the concatenation, ascending) that
-  // hold every key >= the k-th, at least k of them: the k-th of the candidates is
-  // the k-th, and its ties are taken lowest positions first.
-  std::vector<at::Tensor> finish_candidates(const std::vector<K>& ckey,
-                                            const std::vector<int64_t>& cpos) const {
+  // The positions of the answer from candidates (key, position in the concatenation,
+  // ascending) that hold every key >= the k-th, at least k of them: the k-th of the
+  // candidates is the k-th, and its ties are taken lowest positions first.
+  void choose(const std::vector<K>& ckey, const std::vector<int64_t>& cpos,
+              std::vector<int64_t>& chosen) const {
     TORCH_INTERNAL_ASSERT(int64_t(ckey.size()) >= k_, "incrkern.select: ", ckey.size(),
                           " candidates for k = ", k_);
     const K kth = kth_of_few(ckey, k_);
     int64_t ties = k_;  // keys equal to the k-th still to take, lowest positions first
     for (K key : ckey) ties -= key > kth;
-    std::vector<int64_t> sizes(srcs_.size(), 0);
-    std::vector<int64_t> chosen;
+    chosen.clear();
     chosen.reserve(size_t(k_));
     for (size_t j = 0; j < ckey.size(); ++j) {
       const bool tie = ckey[j] == kth && ties > 0;
       if (ckey[j] > kth || tie) chosen.push_back(cpos[j]);
       ties -= tie;
     }
+  }
+
+  // The same as one position tensor per source.
+  std::vector<at::Tensor> finish_candidates(const std::vector<K>& ckey,
+                                            const std::vector<int64_t>& cpos) const {
+    std::vector<int64_t> chosen;
+    choose(ckey, cpos, chosen);
+    std::vector<int64_t> sizes(srcs_.size(), 0);
     std::vector<int64_t> starts;
     for (const Source& src : srcs_) starts.push_back(src.pos0);
     for (int64_t q : chosen)
@@ -327,17 +334,45 @@ class Selector {
   // read the tensor twice (the sample's reads each waiting on memory) and branched
   // on every tile holding a candidate of a looser bound.
   std::vector<at::Tensor> run_tile_max() const {
+    TileMaxBuffers b;
+    tile_max_candidates(b);
+    return finish_candidates(b.ckey, b.cpos);
+  }
+
+ public:
+  // run_tile_max's working vectors, kept by a caller that selects over many small
+  // tensors in turn (a model's params, one thread each): a tensor of 10K elements
+  // takes a few µs, and each allocation a noticeable part of it.
+  struct TileMaxBuffers {
+    std::vector<K> gmax, ckey;
+    std::vector<int64_t> cpos, tiles, pos;
+  };
+
+  // The ascending positions of run_tile_max's answer over one source, into `chosen`,
+  // with the caller's buffers and no tensor made.
+  void tile_max_positions(TileMaxBuffers& b, std::vector<int64_t>& chosen) const {
+    TORCH_INTERNAL_ASSERT(srcs_.size() == 1 && srcs_[0].pos0 == 0 && tile_max_fits(n_, k_));
+    tile_max_candidates(b);
+    choose(b.ckey, b.cpos, chosen);
+  }
+
+ private:
+  // The candidates of run_tile_max: every key >= the tile-maxima floor, in the tiles
+  // that reach it (ascending positions), completed by the lowest-positioned zeros.
+  void tile_max_candidates(TileMaxBuffers& b) const {
     int64_t tiles = 0;
     for (const Source& src : srcs_) tiles += (src.n + kTile - 1) / kTile;
-    std::vector<K> gmax(static_cast<size_t>(tiles));
+    std::vector<K>& gmax = b.gmax;
+    gmax.resize(static_cast<size_t>(tiles));
     // A floor of 0 would let every tile in (0 is the least key): so it is with fewer
     // nonzero tiles than k, as in an embedding whose unused rows have no gradient.
     // The keys above 0 are listed instead, completed by the lowest-positioned zeros
     // when they are fewer than k.
     const K tile_floor = tile_max_floor(gmax);
     const K t = tile_floor == 0 ? K(1) : tile_floor;
-    std::vector<K> ckey;
-    std::vector<int64_t> cpos;
+    std::vector<K>& ckey = b.ckey;
+    std::vector<int64_t>& cpos = b.cpos;
+    ckey.clear(), cpos.clear();
     ckey.reserve(size_t(2 * k_ + kTile));
     cpos.reserve(ckey.capacity());
     size_t gi = 0;
@@ -347,20 +382,22 @@ class Selector {
         if constexpr (kScanReader<K, decltype(rd)>) {
           // The vector scans: the chosen tiles listed without a branch, then their
           // keys >= t written by compress stores, in one call.
-          // Left uninitialised: every entry read was written first.
+          // Every entry read is written first (grown, never cleared).
           const int64_t whole = src.n / kTile;
-          const std::unique_ptr<int64_t[]> chosen(new int64_t[size_t(whole) + 1]);
+          if (b.tiles.size() < size_t(whole) + 1) b.tiles.resize(size_t(whole) + 1);
+          int64_t* chosen = b.tiles.data();
           int64_t nchosen = 0;
           for (int64_t g = 0; g < whole; ++g) {
             chosen[size_t(nchosen)] = g;
             nchosen += gmax[gi + size_t(g)] >= t;
           }
-          const std::unique_ptr<int64_t[]> pos(new int64_t[size_t(nchosen * kTile + kStoreSlack)]);
+          const size_t room = size_t(nchosen * kTile + kStoreSlack);
+          if (b.pos.size() < room) b.pos.resize(room);
+          int64_t* pos = b.pos.data();
           constexpr bool kSigned = kSignedReader<decltype(rd)>;
-          const int64_t* c =
-              pos.get() + scan_tiles_at_least<kSigned>(rd.p, chosen.get(), nchosen,
-                                                        order_greater_than<kSigned>(t), pos.get());
-          for (const int64_t* q = pos.get(); q < c; ++q)
+          const int64_t* c = pos + scan_tiles_at_least<kSigned>(rd.p, chosen, nchosen,
+                                                                order_greater_than<kSigned>(t), pos);
+          for (const int64_t* q = pos; q < c; ++q)
             ckey.push_back(rd(*q)), cpos.push_back(src.pos0 + *q);
           gi += size_t(whole);
           i = whole * kTile;
@@ -376,8 +413,8 @@ class Selector {
       });
     if (tile_floor == 0 && int64_t(ckey.size()) < k_)
       add_lowest_zeros(ckey, cpos, k_ - int64_t(ckey.size()));
-    return finish_candidates(ckey, cpos);
   }
+
 
   // Adds to candidates (ascending positions) the `need` lowest-positioned keys equal
   // to 0, keeping the positions ascending. There are at least that many: the caller
