@@ -2,6 +2,7 @@
 replaces: bit-identical params, state and counters wherever it runs, and a step that
 falls back, untouched, wherever it does not."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -291,8 +292,6 @@ def test_grads_from_backward_same_as_the_python_step(select, spy, monkeypatch):
 def test_the_step_holds_what_it_borrows(spy):
     """The call borrows the params' and state's tensors from their Python objects,
     holding a reference to each object while it runs, and gives every reference back."""
-    import sys
-
     opt, params = stepped_once()
     state = opt.state[params[0]]
     held = [params[0], state["exp_avg"], state["exp_avg_sq"], state["step"]]

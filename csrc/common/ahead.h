@@ -2,8 +2,8 @@
 // thousands of TensorImpls, more than L2 holds, and once a step's streams have gone
 // through the cache each one is a wait on memory; a pass that reads one, then the
 // object it points to (its storage), waits once per level and per tensor. These
-// requests run ahead of such a pass: the TensorImpl kAhead entries further on, and the
-// object behind it when the pass is half as far.
+// requests run ahead of such a pass: the TensorImpl kTensorsAhead entries further on,
+// and the object behind it when the pass is half as far.
 #pragma once
 
 #include <c10/core/TensorImpl.h>
@@ -14,7 +14,7 @@
 
 namespace incrkern {
 
-constexpr size_t kAhead = 16;
+constexpr size_t kTensorsAhead = 16;
 
 // Every line of an object requested to L2.
 inline void request_object(const void* address, size_t bytes) {
@@ -34,16 +34,16 @@ inline void request_storage(const at::Tensor& t) {
                  sizeof(c10::StorageImpl));
 }
 
-// At entry i of a pass over `tensors`: entry i + kAhead's TensorImpl requested, and
-// `then` (request_storage, or nothing) for entry i + kAhead / 2.
+// At entry i of a pass over `tensors`: entry i + kTensorsAhead's TensorImpl requested,
+// and `then` (request_storage, or nothing) for entry i + kTensorsAhead / 2.
 template <typename Then>
-inline void request_ahead(at::TensorList tensors, size_t i, Then&& then) {
-  if (i + kAhead < tensors.size()) request_impl(tensors[i + kAhead]);
-  if (i + kAhead / 2 < tensors.size()) then(tensors[i + kAhead / 2]);
+inline void request_tensors_ahead(at::TensorList tensors, size_t i, Then&& then) {
+  if (i + kTensorsAhead < tensors.size()) request_impl(tensors[i + kTensorsAhead]);
+  if (i + kTensorsAhead / 2 < tensors.size()) then(tensors[i + kTensorsAhead / 2]);
 }
 
-inline void request_ahead(at::TensorList tensors, size_t i) {
-  request_ahead(tensors, i, [](const at::Tensor&) {});
+inline void request_tensors_ahead(at::TensorList tensors, size_t i) {
+  request_tensors_ahead(tensors, i, [](const at::Tensor&) {});
 }
 
 }  // namespace incrkern

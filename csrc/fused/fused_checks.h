@@ -28,7 +28,7 @@ inline void check_select_update(c10::DeviceType device_type, at::TensorList para
   TORCH_CHECK(residuals.empty() || residuals.size() == n, op, ": residuals has ",
               residuals.size(), " tensors, expected ", n, " (or none)");
   for (size_t i = 0; i < n; ++i) {
-    for (at::TensorList list : {params, grads, residuals}) request_ahead(list, i);
+    for (at::TensorList list : {params, grads, residuals}) request_tensors_ahead(list, i);
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.device().type() == device_type, op, ": params[", i, "] is on ", p.device(),
                 ", expected ", where);

@@ -323,7 +323,8 @@ BandKth band_kth(const std::vector<Block>& blocks, KeysOf&& keys_of, int64_t nee
     for (uint32_t key : keys_of(o))
       if (size_t((key - lo) >> shift) == bin) keys.push_back(key);
   const uint32_t base = lo + (uint32_t(bin) << shift);
-  const uint32_t top = uint32_t(std::min<uint64_t>(hi, uint64_t(base) + ((uint64_t(1) << shift) - 1)));
+  const uint32_t top =
+      uint32_t(std::min<uint64_t>(hi, uint64_t(base) + ((uint64_t(1) << shift) - 1)));
   BandKth b{kth_largest(keys, rank, base, top), std::vector<int64_t>(blocks.size()), {}};
   std::vector<int64_t> greater(blocks.size());
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
@@ -743,14 +744,15 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   // Every check has passed: from here on the call changes its arguments.
   if (increment_steps)
     for (size_t i = 0; i < steps.size(); ++i) {
-      request_ahead(steps, i, request_storage);
+      request_tensors_ahead(steps, i, request_storage);
       *steps[i].data_ptr<float>() += 1.0f;
     }
   c.res.resize(params.size());
   at::parallel_for(0, n, kResolveGrain, [&](int64_t b, int64_t e) {
     for (size_t i = size_t(b); i < size_t(e); ++i) {
       for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, residuals})
-        request_ahead(list.slice(0, std::min(list.size(), size_t(e))), i, request_storage);
+        request_tensors_ahead(list.slice(0, std::min(list.size(), size_t(e))), i,
+                              request_storage);
       c.res[i] = Resolved{params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                           exp_avg_sqs[i].data_ptr(),
                           residuals.empty() ? nullptr : residuals[i].data_ptr(),

@@ -256,6 +256,15 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
 // Params per thread's run in the passes over their metadata.
 constexpr int64_t kChecksGrain = 512;
 
+// The version counters of tensors a call wrote, as the op's dispatcher kernel bumps
+// them, in runs over the threads: a counter is no Python object, and each is a wait
+// on memory once a step's streams have gone through the cache.
+void bump_over_threads(at::TensorList written) {
+  at::parallel_for(0, int64_t(written.size()), kChecksGrain, [&](int64_t b, int64_t e) {
+    bump_versions(written.slice(size_t(b), size_t(e - b)));
+  });
+}
+
 struct WithoutGil {
   PyThreadState* saved = PyEval_SaveThread();
   ~WithoutGil() { PyEval_RestoreThread(saved); }
@@ -321,14 +330,10 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
         });
     }
   }
-  // The tensors the op's schema marks written, as its dispatcher kernel bumps them:
-  // counters only, no Python object touched (the tensors are borrowed), so over the
-  // threads.
+  // The tensors the op's schema marks written.
   for (const Group& g : groups)
     for (const auto* written : {&g.params, &g.exp_avgs, &g.exp_avg_sqs, &g.steps, &g.residuals})
-      at::parallel_for(0, int64_t(written->size()), kChecksGrain, [&](int64_t b, int64_t e) {
-        bump_versions(at::TensorList(*written).slice(size_t(b), size_t(e - b)));
-      });
+      bump_over_threads(*written);
   PyObject* answer = PyList_New(n);
   if (!answer) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i) {
@@ -420,7 +425,7 @@ PyObject* accumulate_grads(PyObject* /*module*/, PyObject* args) {
       accumulate_checked(g.accs, g.grads, g.alpha, {}, 1.0, 1.0, std::nullopt, std::nullopt);
     }
   }
-  for (const Accumulation& g : groups) bump_versions(g.accs);
+  for (const Accumulation& g : groups) bump_over_threads(g.accs);
   PyObject* answer = PyList_New(n);
   if (!answer) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i)

@@ -415,7 +415,6 @@ class Selector {
       add_lowest_zeros(ckey, cpos, k_ - int64_t(ckey.size()));
   }
 
-
   // Adds to candidates (ascending positions) the `need` lowest-positioned keys equal
   // to 0, keeping the positions ascending. There are at least that many: the caller
   // holds every key above 0 and fewer than k of them.

@@ -49,7 +49,7 @@ inline void check_update_lists(const char* op, const UpdateLists& a) {
   TORCH_CHECK(!a.compact_state || !a.indices.empty(), op, ": compact_state needs indices");
   for (size_t i = 0; i < n; ++i) {
     for (at::TensorList list : {a.params, a.grads, a.first_moments, a.second_moments, a.steps})
-      request_ahead(list, i);
+      request_tensors_ahead(list, i);
     const at::Tensor& p = a.params[i];
     const auto dev = p.device();
     TORCH_CHECK(at::isFloatingType(p.scalar_type()) && p.scalar_type() != at::kFloat8_e4m3fn,

@@ -161,8 +161,8 @@ def _worker(rank, world, port, out, mode, device_type):
     dist.destroy_process_group()
     # The rank's work is done and saved. A gloo rank's interpreter teardown aborts now
     # and then ("terminate called without an active exception", on the main thread
-    # with no Python frame left: a thread of torch's still joinable at exit), about 3
-    # runs in 100 of the tiny run on the 2-core machine, which failed the whole run.
+    # with no Python frame left: a thread of torch's still joinable at exit), which
+    # failed the whole run.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
