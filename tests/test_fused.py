@@ -196,6 +196,19 @@ def test_small_tensors(dtype, kind):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_many_small_tensors_in_one_call(dtype, residual):
+    # A thread updates a small tensor's chosen elements once it has selected its next
+    # one: the tile maxima, the threshold stream, dense and empty steps take turns.
+    gen = torch.Generator().manual_seed(11)
+    sizes = torch.randint(1, 20_000, (120,), generator=gen).tolist()
+    densities = [0.01, 0.001, 0.05, 0.0, 1.0]
+    ks = [min(n, math.ceil(densities[i % 5] * n)) for i, n in enumerate(sizes)]
+    check(make(sizes, dtype, "student_t", seed=5, residual=residual), ks, **HYPERS["adamw"])
+
+
+@needs_ext
 @pytest.mark.parametrize("kind", ["normal", "lognormal", "rows", "sparse", "zeros", "ties",
                                   "special"])
 @pytest.mark.parametrize("n", [BLOCK - 1, BLOCK + 3])

@@ -38,6 +38,7 @@
 #include "common/rules.h"
 #include "select/selector_cpu.h"
 #include "update/adam_stream_cpu.h"
+#include "fused/adam_tensor_cpu.h"
 #include "fused/fused_checks.h"
 #include "fused/fused_cpu.h"
 #include "fused/scans_cpu.h"
@@ -52,11 +53,6 @@ using namespace incrkern::fused;
 constexpr int64_t kChunkTiles = 256;  // tiles per scan of the listing pass (4K elements)
 constexpr int64_t kDenseGrain = 1 << 15;
 constexpr int64_t kResolveGrain = 512;  // params per thread's run when reading their addresses
-// Listed tiles whose lines are requested before the first of them is updated: at low
-// density the listed tiles lie far apart, and the update of one takes a few ns
-// against a wait on memory for its lines.
-constexpr int64_t kTileAhead = 32;
-
 // From these densities on, a tensor is updated by the threshold stream (run_stream):
 // the chosen elements' lines are then most of the tensor's, and a stream over every
 // element costs less than visiting them. A tensor of up to one block streams on one
@@ -75,113 +71,6 @@ bool stream_pays(int64_t n, int64_t k) {
                                : n <= kBlock ? kStreamDensitySmall : kStreamDensityLarge;
   return double(k) >= d * double(n);
 }
-
-// One param's tensors and constants. With a residual r (error feedback), the
-// gradient the rule reads is u = r + residual_alpha * g (residual_alpha: 1, or the
-// mixed-precision unscale), kept in r; a chosen element's r becomes 0.
-template <typename T>
-struct AdamTensor {
-  using M = at::opmath_type<T>;
-  T* p;
-  const T* g;
-  M* m;
-  M* v;
-  M* r;  // null without error feedback
-  AdamHyper<M> h;
-  M step_size, bc2_sqrt, grad_scale, residual_alpha;
-
-  // The update of element e alone.
-  void one(int64_t e) const {
-    M pm = M(p[e]);
-    M gm;
-    if (r) {
-      gm = r[e] * grad_scale;
-      r[e] = M(0);
-    } else {
-      gm = M(g[e]) * grad_scale;
-    }
-    adam_rule(pm, gm, m[e], v[e], h, step_size, bc2_sqrt);
-    p[e] = T(pm);
-  }
-
-  // r = r + residual_alpha * g over [b, e), as accumulate_ computes it.
-  void add_residual(int64_t b, int64_t e) const {
-    for (int64_t i = b; i < e; ++i) accumulate_rule(r[i], M(g[i]), residual_alpha);
-  }
-
-  // Every element of [b, e) updated: the streaming loop. With a residual it reads r
-  // and zeroes it, having added g to it first unless `added` (the listing pass did).
-  void dense(int64_t b, int64_t e, bool added = false) const {
-    if (r && !added) add_residual(b, e);
-    stream(b, e, nullptr);
-  }
-
-  // The elements of [b, e) whose byte chosen[j - b] is set updated by the masked
-  // streaming loop (every element when chosen is null): every lane computed, the
-  // unchosen written back as they were. With a residual it reads r (which holds
-  // r + g) and zeroes the chosen entries.
-  void stream(int64_t b, int64_t e, const uint8_t* chosen) const {
-    const bool* mask = reinterpret_cast<const bool*>(chosen);
-    if constexpr (std::is_same_v<T, float>)
-      adam_stream_f32(p + b, (r ? r : const_cast<T*>(g)) + b, m + b, v + b, mask, r != nullptr,
-                      0, e - b, h, step_size, bc2_sqrt, grad_scale);
-    else if (r)
-      adam_stream_any<T, M, M>(p + b, r + b, m + b, v + b, mask, true, 0, e - b, h, step_size,
-                               bc2_sqrt, grad_scale);
-    else
-      adam_stream_any<T, T, M>(p + b, const_cast<T*>(g) + b, m + b, v + b, mask, false, 0,
-                               e - b, h, step_size, bc2_sqrt, grad_scale);
-  }
-
-  // chosen[j - b] = whether key(j) >= at_least, over [b, e) (fp32 and 16-bit types).
-  void mark_at_least(int64_t b, int64_t e, uint64_t at_least, uint8_t* chosen) const {
-    const int32_t gt = order_greater_than<false>(at_least);
-    if (r) mark_above(static_cast<const float*>(r + b), e - b, gt, chosen);
-    else mark_above(g + b, e - b, gt, chosen);
-  }
-
-  // The p, gradient, m and v lines of the tile at s requested (to L2, as
-  // update_cpu.cpp does).
-  void fetch(int64_t s) const {
-    request_line(p + s);
-    if (r) request_line(r + s);
-    else request_line(g + s);
-    request_line(m + s);
-    request_line(v + s);
-  }
-
-  // tiles() over a list, the lines of each batch of kTileAhead tiles requested while
-  // the batch before it is updated.
-  void tiles_ahead(const int64_t* starts, const uint32_t* masks, int64_t n) const {
-    for (int64_t j = 0; j < std::min(n, kTileAhead); ++j) fetch(starts[j]);
-    for (int64_t j = 0; j < n; j += kTileAhead) {
-      const int64_t e = std::min(n, j + kTileAhead);
-      for (int64_t q = e; q < std::min(n, e + kTileAhead); ++q) fetch(starts[q]);
-      tiles(starts + j, masks + j, e - j);
-    }
-  }
-
-  // The listed tiles (first element starts[j], chosen lanes masks[j], ascending)
-  // updated as wholes by the masked streaming loop: every lane computed, the chosen
-  // ones kept, the others written back as they were. fp32 takes the tile-list loop
-  // compiled per ISA.
-  void tiles(const int64_t* starts, const uint32_t* masks, int64_t n) const {
-    if constexpr (std::is_same_v<T, float>)
-      adam_tiles_f32(p, r ? r : const_cast<T*>(g), m, v, r != nullptr, starts, masks, n,
-                     kTileLanes, h, step_size, bc2_sqrt, grad_scale);
-    else if (r)
-      adam_tiles<T, M, M, true>(p, r, m, v, starts, masks, n, kTileLanes, h, step_size,
-                                bc2_sqrt, grad_scale);
-    else
-      adam_tiles<T, T, M, false>(p, const_cast<T*>(g), m, v, starts, masks, n, kTileLanes, h,
-                                 step_size, bc2_sqrt, grad_scale);
-  }
-
-  // The key of element e (after add_residual, with a residual).
-  uint32_t key(int64_t e) const {
-    return abs_key32(r ? float(r[e]) : float(g[e]));
-  }
-};
 
 // A param's addresses, size and update count, read for every param at once while the
 // checks have just brought the tensors' TensorImpls into cache. Read when the param's
@@ -596,11 +485,62 @@ int64_t update_at(const AdamTensor<T>& t, const int64_t* q, int64_t n) {
   return n;
 }
 
-// A small tensor, on the calling thread: the Selector, then its positions updated;
-// from the stream density on, the threshold stream over a sample's band. Exact in
-// either mode, as ops.adam_select_update_ documents for small tensors.
 template <typename T>
-int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
+AdamTensor<T> adam_tensor(const Call& c, size_t i) {
+  using M = at::opmath_type<T>;
+  const Resolved& r = c.res[i];
+  const AdamBias bias = adam_bias(c.lr, c.beta1, c.beta2, double(r.step));
+  return AdamTensor<T>{
+      static_cast<T*>(r.p),
+      static_cast<const T*>(r.g),
+      static_cast<M*>(r.m),
+      static_cast<M*>(r.v),
+      static_cast<M*>(r.r),
+      make_adam_hyper<M>(c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay,
+                         c.maximize),
+      M(bias.step_size),
+      M(bias.bc2_sqrt),
+      c.residuals.empty() ? amp_factor<M>(c.grad_scale, c.amp) : M(c.grad_scale),
+      c.residuals.empty() ? M(1) : amp_factor<M>(1.0, c.amp)};
+}
+
+template <typename Fn>
+void with_param_type(at::ScalarType d, Fn&& fn) {
+  switch (d) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    case at::kDouble: return fn(double{});
+    default: TORCH_CHECK(false, "incrkern.adam_select_update_: unsupported dtype ", d);
+  }
+}
+
+// A small tensor's chosen positions whose update waits for the next small tensor's
+// selection on the same thread: their lines are requested first, and that selection
+// reads on while they arrive. At low density a tensor of 10K elements has a few
+// chosen positions, and updating them at once left the thread waiting on their lines.
+struct Deferred {
+  std::vector<int64_t> positions, spare;  // spare: the next tensor's, swapped in
+  size_t tensor = 0;
+  bool pending = false;
+};
+
+// The waiting update, if any.
+void update_deferred(const Call& c, Deferred& d) {
+  if (!d.pending) return;
+  d.pending = false;
+  with_param_type(c.res[d.tensor].dtype, [&](auto tag) {
+    using T = decltype(tag);
+    update_at(adam_tensor<T>(c, d.tensor), d.positions.data(), int64_t(d.positions.size()));
+  });
+}
+
+// A small tensor, on the calling thread: the Selector, then its positions updated
+// (after the thread's next small tensor is selected: Deferred); from the stream
+// density on, the threshold stream over a sample's band. Exact in either mode, as
+// ops.adam_select_update_ documents for small tensors.
+template <typename T>
+int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, Deferred& d) {
   const int64_t n = c.res[i].numel;
   if (k == n) {
     t.dense(0, n);
@@ -617,11 +557,16 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   }
   if (src.dtype != at::kDouble && tile_max_fits(n, k)) {
     // A model's many small tensors: the selection's vectors kept per thread, and the
-    // positions left in one of them, not in a tensor.
+    // positions left in a vector, not in a tensor.
     thread_local Selector<uint32_t>::TileMaxBuffers buffers;
-    thread_local std::vector<int64_t> positions;
-    Selector<uint32_t>({src}, k, c.approx).tile_max_positions(buffers, positions);
-    return update_at(t, positions.data(), int64_t(positions.size()));
+    Selector<uint32_t>({src}, k, c.approx).tile_max_positions(buffers, d.spare);
+    const int64_t* q = d.spare.data();
+    const auto chosen = int64_t(d.spare.size());
+    for (int64_t j = 0; j < std::min(chosen, kPrefetch); ++j) t.fetch_written(q[j]);
+    update_deferred(c, d);
+    std::swap(d.positions, d.spare);
+    d.tensor = i, d.pending = true;
+    return chosen;
   }
   const at::Tensor pos = select_positions(src, k, c.approx);
   return update_at(t, pos.data_ptr<int64_t>(), pos.numel());
@@ -689,36 +634,6 @@ int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   }
 }
 
-template <typename T>
-AdamTensor<T> adam_tensor(const Call& c, size_t i) {
-  using M = at::opmath_type<T>;
-  const Resolved& r = c.res[i];
-  const AdamBias bias = adam_bias(c.lr, c.beta1, c.beta2, double(r.step));
-  return AdamTensor<T>{
-      static_cast<T*>(r.p),
-      static_cast<const T*>(r.g),
-      static_cast<M*>(r.m),
-      static_cast<M*>(r.v),
-      static_cast<M*>(r.r),
-      make_adam_hyper<M>(c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay,
-                         c.maximize),
-      M(bias.step_size),
-      M(bias.bc2_sqrt),
-      c.residuals.empty() ? amp_factor<M>(c.grad_scale, c.amp) : M(c.grad_scale),
-      c.residuals.empty() ? M(1) : amp_factor<M>(1.0, c.amp)};
-}
-
-template <typename Fn>
-void with_param_type(at::ScalarType d, Fn&& fn) {
-  switch (d) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    case at::kHalf: return fn(c10::Half{});
-    case at::kDouble: return fn(double{});
-    default: TORCH_CHECK(false, "incrkern.adam_select_update_: unsupported dtype ", d);
-  }
-}
-
 }  // namespace
 
 at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grads,
@@ -771,13 +686,16 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
     (one_thread ? small : large).push_back(i);
   }
   at::parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
+    thread_local Deferred deferred;
+    deferred.pending = false;  // what a call that raised left
     for (int64_t j = b; j < e; ++j) {
       const size_t i = size_t(small[j]);
       with_param_type(c.res[i].dtype, [&](auto tag) {
         using T = decltype(tag);
-        count[i] = run_small<T>(c, i, adam_tensor<T>(c, i), ks[i]);
+        count[i] = run_small<T>(c, i, adam_tensor<T>(c, i), ks[i], deferred);
       });
     }
+    update_deferred(c, deferred);
   });
   for (int64_t i : large)
     with_param_type(c.res[i].dtype, [&](auto tag) {

@@ -1,0 +1,139 @@
+// AdamTensor: one param's tensors and Adam constants, and the ways the fused CPU
+// select-and-update (fused_cpu.cpp) applies the rule to them: one element, a range
+// (the streaming loop, dense or masked), a list of tiles, a list of positions.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/prefetched.h"
+#include "common/rules.h"
+#include "fused/scans_cpu.h"
+#include "update/adam_stream_cpu.h"
+
+namespace incrkern::fused {
+
+// Listed tiles whose lines are requested before the first of them is updated: at low
+// density the listed tiles lie far apart, and the update of one takes a few ns
+// against a wait on memory for its lines.
+constexpr int64_t kTileAhead = 32;
+
+// One param's tensors and constants. With a residual r (error feedback), the
+// gradient the rule reads is u = r + residual_alpha * g (residual_alpha: 1, or the
+// mixed-precision unscale), kept in r; a chosen element's r becomes 0.
+template <typename T>
+struct AdamTensor {
+  using M = at::opmath_type<T>;
+  T* p;
+  const T* g;
+  M* m;
+  M* v;
+  M* r;  // null without error feedback
+  AdamHyper<M> h;
+  M step_size, bc2_sqrt, grad_scale, residual_alpha;
+
+  // The update of element e alone.
+  void one(int64_t e) const {
+    M pm = M(p[e]);
+    M gm;
+    if (r) {
+      gm = r[e] * grad_scale;
+      r[e] = M(0);
+    } else {
+      gm = M(g[e]) * grad_scale;
+    }
+    adam_rule(pm, gm, m[e], v[e], h, step_size, bc2_sqrt);
+    p[e] = T(pm);
+  }
+
+  // r = r + residual_alpha * g over [b, e), as accumulate_ computes it.
+  void add_residual(int64_t b, int64_t e) const {
+    for (int64_t i = b; i < e; ++i) accumulate_rule(r[i], M(g[i]), residual_alpha);
+  }
+
+  // Every element of [b, e) updated: the streaming loop. With a residual it reads r
+  // and zeroes it, having added g to it first unless `added` (the listing pass did).
+  void dense(int64_t b, int64_t e, bool added = false) const {
+    if (r && !added) add_residual(b, e);
+    stream(b, e, nullptr);
+  }
+
+  // The elements of [b, e) whose byte chosen[j - b] is set updated by the masked
+  // streaming loop (every element when chosen is null): every lane computed, the
+  // unchosen written back as they were. With a residual it reads r (which holds
+  // r + g) and zeroes the chosen entries.
+  void stream(int64_t b, int64_t e, const uint8_t* chosen) const {
+    const bool* mask = reinterpret_cast<const bool*>(chosen);
+    if constexpr (std::is_same_v<T, float>)
+      adam_stream_f32(p + b, (r ? r : const_cast<T*>(g)) + b, m + b, v + b, mask, r != nullptr,
+                      0, e - b, h, step_size, bc2_sqrt, grad_scale);
+    else if (r)
+      adam_stream_any<T, M, M>(p + b, r + b, m + b, v + b, mask, true, 0, e - b, h, step_size,
+                               bc2_sqrt, grad_scale);
+    else
+      adam_stream_any<T, T, M>(p + b, const_cast<T*>(g) + b, m + b, v + b, mask, false, 0,
+                               e - b, h, step_size, bc2_sqrt, grad_scale);
+  }
+
+  // chosen[j - b] = whether key(j) >= at_least, over [b, e) (fp32 and 16-bit types).
+  void mark_at_least(int64_t b, int64_t e, uint64_t at_least, uint8_t* chosen) const {
+    const int32_t gt = order_greater_than<false>(at_least);
+    if (r) mark_above(static_cast<const float*>(r + b), e - b, gt, chosen);
+    else mark_above(g + b, e - b, gt, chosen);
+  }
+
+  // The p, gradient, m and v lines of the tile at s requested (to L2, as
+  // update_cpu.cpp does).
+  void fetch(int64_t s) const {
+    request_line(p + s);
+    if (r) request_line(r + s);
+    else request_line(g + s);
+    request_line(m + s);
+    request_line(v + s);
+  }
+
+  // The p, m and v lines of element e requested (to L2): those the update writes, where
+  // its score was just read.
+  void fetch_written(int64_t e) const {
+    request_line(p + e);
+    request_line(m + e);
+    request_line(v + e);
+  }
+
+  // tiles() over a list, the lines of each batch of kTileAhead tiles requested while
+  // the batch before it is updated.
+  void tiles_ahead(const int64_t* starts, const uint32_t* masks, int64_t n) const {
+    for (int64_t j = 0; j < std::min(n, kTileAhead); ++j) fetch(starts[j]);
+    for (int64_t j = 0; j < n; j += kTileAhead) {
+      const int64_t e = std::min(n, j + kTileAhead);
+      for (int64_t q = e; q < std::min(n, e + kTileAhead); ++q) fetch(starts[q]);
+      tiles(starts + j, masks + j, e - j);
+    }
+  }
+
+  // The listed tiles (first element starts[j], chosen lanes masks[j], ascending)
+  // updated as wholes by the masked streaming loop: every lane computed, the chosen
+  // ones kept, the others written back as they were. fp32 takes the tile-list loop
+  // compiled per ISA.
+  void tiles(const int64_t* starts, const uint32_t* masks, int64_t n) const {
+    if constexpr (std::is_same_v<T, float>)
+      adam_tiles_f32(p, r ? r : const_cast<T*>(g), m, v, r != nullptr, starts, masks, n,
+                     kTileLanes, h, step_size, bc2_sqrt, grad_scale);
+    else if (r)
+      adam_tiles<T, M, M, true>(p, r, m, v, starts, masks, n, kTileLanes, h, step_size,
+                                bc2_sqrt, grad_scale);
+    else
+      adam_tiles<T, T, M, false>(p, const_cast<T*>(g), m, v, starts, masks, n, kTileLanes, h,
+                                 step_size, bc2_sqrt, grad_scale);
+  }
+
+  // The key of element e (after add_residual, with a residual).
+  uint32_t key(int64_t e) const {
+    return abs_key32(r ? float(r[e]) : float(g[e]));
+  }
+};
+
+}  // namespace incrkern::fused
