@@ -11,6 +11,8 @@
 #include <functional>
 #include <vector>
 
+#include "common/claims.h"
+
 namespace incrkern {
 
 // Work on positions [begin, end) of one tensor.
@@ -23,7 +25,7 @@ inline void run_ranges(const std::vector<RangeFn>& fns, const std::vector<int64_
                        int64_t grain) {
   std::vector<int64_t> start(counts.size() + 1, 0);
   for (size_t i = 0; i < counts.size(); ++i) start[i + 1] = start[i] + counts[i];
-  at::parallel_for(0, start.back(), grain, [&](int64_t begin, int64_t end) {
+  parallel_for_claimed(0, start.back(), grain, [&](int64_t begin, int64_t end) {
     // the last tensor starting at or before `begin` (empty tensors share starts)
     size_t i = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
     for (; begin < end; ++i) {

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common/ahead.h"
+#include "common/claims.h"
 #include "common/prefetched.h"
 #include "common/rules.h"
 #include "select/selector_cpu.h"
@@ -53,6 +54,7 @@ using namespace incrkern::fused;
 constexpr int64_t kChunkTiles = 256;  // tiles per scan of the listing pass (4K elements)
 constexpr int64_t kDenseGrain = 1 << 15;
 constexpr int64_t kResolveGrain = 512;  // params per thread's run when reading their addresses
+constexpr int64_t kSmallGrain = 8;  // small tensors per claim
 // From these densities on, a tensor is updated by the threshold stream (run_stream):
 // the chosen elements' lines are then most of the tensor's, and a stream over every
 // element costs less than visiting them. A tensor of up to one block streams on one
@@ -146,7 +148,7 @@ int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k,
   Source src = source_of(c, i);
   if (t.r) {
     if (!after_pass)
-      at::parallel_for(0, c.res[i].numel, kDenseGrain,
+      parallel_for_claimed(0, c.res[i].numel, kDenseGrain,
                        [&](int64_t b, int64_t e) { t.add_residual(b, e); });
     src = residual_source(t, src.n);
   }
@@ -194,7 +196,7 @@ BandKth band_kth(const std::vector<Block>& blocks, KeysOf&& keys_of, int64_t nee
   const int shift = std::max(0, int(std::bit_width(hi - lo)) - kBits);
   const auto nblocks = int64_t(blocks.size());
   std::vector<std::vector<uint32_t>> hists(size_t(at::get_num_threads()));
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint32_t>& hist = hists[size_t(at::get_thread_num())];
     if (hist.empty()) hist.assign(kBins, 0);
     for (int64_t bi = b0; bi < b1; ++bi)
@@ -216,7 +218,7 @@ BandKth band_kth(const std::vector<Block>& blocks, KeysOf&& keys_of, int64_t nee
       uint32_t(std::min<uint64_t>(hi, uint64_t(base) + ((uint64_t(1) << shift) - 1)));
   BandKth b{kth_largest(keys, rank, base, top), std::vector<int64_t>(blocks.size()), {}};
   std::vector<int64_t> greater(blocks.size());
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       int64_t gt = 0, eq = 0;
       for (uint32_t key : keys_of(blocks[size_t(bi)])) gt += key > b.kth, eq += key == b.kth;
@@ -243,7 +245,7 @@ void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, ui
   const BandKth b = band_kth(
       out, [](const BlockOut& o) -> const std::vector<uint32_t>& { return o.ckey; }, need, lo,
       hi);
-  at::parallel_for(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
+  parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       BlockOut& o = out[size_t(bi)];
       int64_t ties = b.ties[size_t(bi)];
@@ -294,14 +296,14 @@ std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, 
   const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   std::vector<BlockOut> out(static_cast<size_t>(nblocks));
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  parallel_claims(0, nblocks, 1, [&](Claims& claims) {
     uint32_t cmask[kChunkTiles];
     int64_t cstart[kChunkTiles];
     // The block's list is written here, then copied out at its length: a block-sized
     // vector per block would be zeroed whole.
     const std::unique_ptr<int64_t[]> wstart(new int64_t[kBlock / kTile]);
     const std::unique_ptr<uint32_t[]> wmask(new uint32_t[kBlock / kTile]);
-    for (int64_t bi = b0; bi < b1; ++bi) {
+    for (int64_t bi, b1; claims.next(bi, b1);) {
       BlockOut& o = out[bi];
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
       const int64_t whole = begin + (end - begin) / kTile * kTile;
@@ -363,9 +365,9 @@ int64_t run_zero_floor(const Call& c, size_t i, const AdamTensor<T>& t, int64_t 
     }
     for (prefix = begin; zeros_left > 0; ++prefix) zeros_left -= t.key(prefix) == 0;
   }
-  at::parallel_for(0, prefix, kDenseGrain,
+  parallel_for_claimed(0, prefix, kDenseGrain,
                    [&](int64_t b, int64_t e) { t.dense(b, e, /*added=*/true); });
-  at::parallel_for(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
+  parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       BlockOut& o = out[bi];
       // The tiles past the prefix, the one that straddles it cut to its lanes past P.
@@ -403,7 +405,7 @@ std::vector<BandCount> count_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo
   const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   std::vector<BandCount> out(static_cast<size_t>(nblocks));
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     constexpr int64_t kChunk = kChunkTiles * kTile;
     uint32_t keys[kChunk + 8];
     for (int64_t bi = b0; bi < b1; ++bi) {
@@ -457,7 +459,7 @@ int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
       out[bi].equal = b.equal[bi], out[bi].ties = b.ties[bi];
     chosen = k;
   }
-  at::parallel_for(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
+  parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
     uint8_t mask[kChunkTiles * kTile];
     for (int64_t bi = b0; bi < b1; ++bi) {
       const BandCount& o = out[bi];
@@ -598,7 +600,7 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   choose_candidates(out, k - w, band->first, band->second);
 
   // The update: nothing was written to p or its state before this point.
-  at::parallel_for(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
+  parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       BlockOut& o = out[bi];
       merge_chosen(o);
@@ -616,7 +618,7 @@ template <typename T>
 int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   const int64_t n = c.res[i].numel;
   if (k == 0 || k == n) {
-    at::parallel_for(0, n, kDenseGrain, [&](int64_t b, int64_t e) {
+    parallel_for_claimed(0, n, kDenseGrain, [&](int64_t b, int64_t e) {
       if (k == n) t.dense(b, e);
       else if (t.r) t.add_residual(b, e);
     });
@@ -629,7 +631,7 @@ int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
     // mixed-precision unscale: with one, the residual is summed first and sampled.
     const bool add_first = t.r && t.residual_alpha != 1.0f;
     if (add_first)
-      at::parallel_for(0, n, kDenseGrain, [&](int64_t b, int64_t e) { t.add_residual(b, e); });
+      parallel_for_claimed(0, n, kDenseGrain, [&](int64_t b, int64_t e) { t.add_residual(b, e); });
     return run_band(c, i, t, k, add_first);
   }
 }
@@ -685,16 +687,17 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                             (numel <= select::kTileMaxNumel && stream_pays(numel, ks[i]));
     (one_thread ? small : large).push_back(i);
   }
-  at::parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
+  parallel_claims(0, int64_t(small.size()), kSmallGrain, [&](Claims& claims) {
     thread_local Deferred deferred;
     deferred.pending = false;  // what a call that raised left
-    for (int64_t j = b; j < e; ++j) {
-      const size_t i = size_t(small[j]);
-      with_param_type(c.res[i].dtype, [&](auto tag) {
-        using T = decltype(tag);
-        count[i] = run_small<T>(c, i, adam_tensor<T>(c, i), ks[i], deferred);
-      });
-    }
+    for (int64_t b, e; claims.next(b, e);)
+      for (int64_t j = b; j < e; ++j) {
+        const size_t i = size_t(small[j]);
+        with_param_type(c.res[i].dtype, [&](auto tag) {
+          using T = decltype(tag);
+          count[i] = run_small<T>(c, i, adam_tensor<T>(c, i), ks[i], deferred);
+        });
+      }
     update_deferred(c, deferred);
   });
   for (int64_t i : large)

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <vector>
 
+#include "common/claims.h"
 #include "select/scan_cpu.h"
 
 namespace incrkern::select {
@@ -105,11 +106,11 @@ DigitHistogram<K> digit_histogram(const std::vector<Source>& srcs,
   // Copies kept apart by a few bins, so that equal bins of two copies do not
   // share their low 12 address bits (4K aliasing stalls the store forwarding).
   const size_t stride = size_t(nbins) + 5;
-  at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+  parallel_claims(0, int64_t(blocks.size()), 1, [&](Claims& claims) {
     const Bin empty{0, std::numeric_limits<K>::max(), K(0)};
     std::vector<Bin> bins(4 * stride, empty);
     std::vector<int64_t> local(nbins, 0);
-    for (int64_t bi = b0; bi < b1; ++bi) {
+    for (int64_t bi, b1; claims.next(bi, b1);) {
       const Block& blk = blocks[bi];
       with_reader<K>(srcs[blk.src], [&](auto rd) {
         auto add = [&](size_t copy, K key) {
@@ -172,7 +173,7 @@ FinalCounts final_counts(const std::vector<Source>& srcs, const std::vector<Bloc
                          K t) {
   const int64_t nb = int64_t(blocks.size());
   FinalCounts c{std::vector<int64_t>(nb), std::vector<int64_t>(nb)};
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for_claimed(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Block& blk = blocks[bi];
       with_reader<K>(srcs[blk.src], [&](auto rd) {
@@ -210,7 +211,7 @@ std::vector<at::Tensor> final_write(const std::vector<Source>& srcs,
     count[bi] = greater[bi] + quota[bi];
   }
   std::vector<at::Tensor> outs = block_outputs(srcs, blocks, count, offset);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for_claimed(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Block& blk = blocks[bi];
       int64_t* dst = outs[blk.src].data_ptr<int64_t>() + offset[bi];

@@ -83,7 +83,7 @@ std::vector<at::Tensor> select_cpu(at::TensorList tensors, at::IntArrayRef ks, c
   std::vector<int64_t> small, large;
   for (size_t i = 0; i < srcs.size(); ++i)
     (one_thread_selection(srcs[i].n, ks[i]) ? small : large).push_back(int64_t(i));
-  parallel_for(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
+  parallel_for_claimed(0, int64_t(small.size()), 8, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const int64_t i = small[j];
       outs[i] = run_selection({srcs[i]}, ks[i], approx)[0];

@@ -584,7 +584,7 @@ class Selector {
     std::atomic<int64_t> total{0};
     std::atomic<bool> overflow{false};
     const double expect_w = double(k_) / double(n_);
-    parallel_for(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_claimed(0, int64_t(blocks_.size()), 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         if (overflow.load(std::memory_order_relaxed)) return;
         const Block& blk = blocks_[bi];
@@ -698,7 +698,7 @@ class Selector {
   std::vector<at::Tensor> merge(const std::vector<BandOut<K>>& out, Chosen&& chosen) const {
     const int64_t nb = int64_t(blocks_.size());
     std::vector<int64_t> count(nb), offset(nb);
-    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_claimed(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         int64_t c = int64_t(out[bi].win.size());
         for (size_t j = 0; j < out[bi].cidx.size(); ++j)
@@ -707,7 +707,7 @@ class Selector {
       }
     });
     std::vector<at::Tensor> outs = block_outputs(srcs_, blocks_, count, offset);
-    parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for_claimed(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t bi = b0; bi < b1; ++bi) {
         const BandOut<K>& o = out[bi];
         int64_t* dst = outs[blocks_[bi].src].data_ptr<int64_t>() + offset[bi];
