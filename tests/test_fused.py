@@ -244,6 +244,20 @@ def test_large_edge_ks():
 
 
 @needs_ext
+def test_tail_candidates_chosen():
+    # The 13 elements past the last whole tile, just above the k-th key: inside the
+    # band, all chosen, in a tile that would reach past the tensor's end. (Past
+    # TILE_MAX: a smaller tensor at this density is selected on one thread.)
+    n = BLOCK * 5 + 13
+    k = n // 100
+    x = make([n], torch.float32, "normal", seed=4)
+    g = x["grads"][0]
+    kth = g.abs().topk(k).values[-1]
+    g[-13:] = kth * (1 + 1e-6 * torch.arange(1, 14)) * torch.tensor([1.0, -1.0]).repeat(7)[:13]
+    check(x, [k], **HYPERS["adamw"])
+
+
+@needs_ext
 def test_lr_tensor_and_increment_steps():
     x = make([BLOCK * 2 + 9, 100], torch.float32, seed=1)
     before = clone(x)

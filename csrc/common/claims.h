@@ -38,8 +38,9 @@ class Claims {
 template <typename Work>
 void parallel_claims(int64_t begin, int64_t end, int64_t grain, Work&& work) {
   if (end <= begin) return;
+  grain = std::max<int64_t>(1, grain);
   Claims claims(begin, end, grain);
-  const int64_t runs = (end - begin + std::max<int64_t>(1, grain) - 1) / std::max<int64_t>(1, grain);
+  const int64_t runs = (end - begin + grain - 1) / grain;
   at::parallel_for(0, std::min<int64_t>(runs, at::get_num_threads()), 1,
                    [&](int64_t t0, int64_t t1) {
                      for (int64_t t = t0; t < t1; ++t) work(claims);

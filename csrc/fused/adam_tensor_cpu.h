@@ -104,14 +104,35 @@ struct AdamTensor {
   }
 
   // tiles() over a list, the lines of each batch of kTileAhead tiles requested while
-  // the batch before it is updated.
-  void tiles_ahead(const int64_t* starts, const uint32_t* masks, int64_t n) const {
-    for (int64_t j = 0; j < std::min(n, kTileAhead); ++j) fetch(starts[j]);
+  // the batch before it is updated. With `vals` (no residual), the chosen lanes'
+  // gradients in list order, lanes ascending (adam_tiles_packed): a tile updated
+  // lane by lane has no gradient line requested or read.
+  void tiles_ahead(const int64_t* starts, const uint32_t* masks, int64_t n,
+                   const float* vals = nullptr) const {
+    const auto request = [&](int64_t q) {
+      if (vals && __builtin_popcount(masks[q]) <= kLaneByLane) fetch_written(starts[q]);
+      else fetch(starts[q]);
+    };
+    for (int64_t j = 0; j < std::min(n, kTileAhead); ++j) request(j);
     for (int64_t j = 0; j < n; j += kTileAhead) {
       const int64_t e = std::min(n, j + kTileAhead);
-      for (int64_t q = e; q < std::min(n, e + kTileAhead); ++q) fetch(starts[q]);
-      tiles(starts + j, masks + j, e - j);
+      for (int64_t q = e; q < std::min(n, e + kTileAhead); ++q) request(q);
+      if (vals) vals = tiles_packed(starts + j, masks + j, e - j, vals);
+      else tiles(starts + j, masks + j, e - j);
     }
+  }
+
+  // tiles() with the chosen lanes' gradients from vals; returns vals past them.
+  const float* tiles_packed(const int64_t* starts, const uint32_t* masks, int64_t n,
+                            const float* vals) const {
+    if constexpr (std::is_same_v<T, float>)
+      return adam_tiles_packed_f32(p, g, vals, m, v, starts, masks, n, kTileLanes, h,
+                                   step_size, bc2_sqrt, grad_scale);
+    else if constexpr (std::is_same_v<M, float>)
+      return adam_tiles_packed<T, T, M>(p, g, vals, m, v, starts, masks, n, kTileLanes, h,
+                                        step_size, bc2_sqrt, grad_scale);
+    TORCH_INTERNAL_ASSERT(false, "incrkern: packed gradients of a float64 tensor");
+    return vals;
   }
 
   // The listed tiles (first element starts[j], chosen lanes masks[j], ascending)

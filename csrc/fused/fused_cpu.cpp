@@ -168,6 +168,13 @@ struct BlockOut {
   std::vector<uint32_t> ckey;
   std::vector<int64_t> cpos;
   std::vector<int64_t> chosen;  // the candidates chosen, ascending
+  // Without a residual, the gradients of the lanes of every listed tile updated lane
+  // by lane (at most kLaneByLane lanes; tile order, lanes ascending) and of every
+  // candidate, kept while the listing pass has their lines in cache: the update then
+  // reads them here, in order, not from g's lines (each a wait on memory, as p's, m's
+  // and v's are). A fuller tile reads its gradient line (adam_tiles_packed).
+  bool values = false;
+  std::vector<float> wval, cval, chosen_val;
 };
 
 // INCRKERN_FUSED_FALLBACK (for the tests) forces the fallback "before" the listing
@@ -239,7 +246,7 @@ void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, ui
   for (const BlockOut& o : out) cnt += int64_t(o.cpos.size());
   if (need <= 0) return;
   if (cnt <= need) {
-    for (BlockOut& o : out) o.chosen = o.cpos;
+    for (BlockOut& o : out) o.chosen = o.cpos, o.chosen_val = o.cval;
     return;
   }
   const BandKth b = band_kth(
@@ -251,7 +258,10 @@ void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, ui
       int64_t ties = b.ties[size_t(bi)];
       for (size_t j = 0; j < o.cpos.size(); ++j) {
         const bool tie = o.ckey[j] == b.kth && ties > 0;
-        if (o.ckey[j] > b.kth || tie) o.chosen.push_back(o.cpos[j]);
+        if (o.ckey[j] > b.kth || tie) {
+          o.chosen.push_back(o.cpos[j]);
+          if (o.values) o.chosen_val.push_back(o.cval[j]);
+        }
         ties -= tie;
       }
     }
@@ -259,39 +269,68 @@ void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, ui
 }
 
 // The block's chosen candidates merged into its winner tiles: one ascending list, a
-// tile listed once with all its chosen lanes.
-void merge_chosen(BlockOut& o) {
-  if (o.chosen.empty()) return;
+// tile listed once with all its chosen lanes, and the kept gradients (BlockOut::values)
+// of the tiles that stay at most kLaneByLane lanes. Those at or past `tail` (the
+// block's elements after its whole tiles, whose tile would reach past the tensor)
+// join the tail winners, updated one by one.
+void merge_chosen(BlockOut& o, int64_t tail) {
+  size_t chosen = o.chosen.size();  // those before the tail
+  while (chosen > 0 && o.chosen[chosen - 1] >= tail) o.tail_winners.push_back(o.chosen[--chosen]);
+  if (chosen == 0) return;
   std::vector<int64_t> starts;
   std::vector<uint32_t> masks;
-  starts.reserve(o.wstart.size() + o.chosen.size());
+  std::vector<float> vals;
+  starts.reserve(o.wstart.size() + chosen);
   masks.reserve(starts.capacity());
-  size_t a = 0;
-  for (int64_t q : o.chosen) {
-    const int64_t s = q - q % kTile;
-    while (a < o.wstart.size() && o.wstart[a] < s)
-      starts.push_back(o.wstart[a]), masks.push_back(o.wmask[a++]);
-    if (!starts.empty() && starts.back() == s) {
-      masks.back() |= 1u << (q - s);
-    } else if (a < o.wstart.size() && o.wstart[a] == s) {
-      starts.push_back(s), masks.push_back(o.wmask[a++] | 1u << (q - s));
-    } else {
-      starts.push_back(s), masks.push_back(1u << (q - s));
+  if (o.values) vals.reserve(o.wval.size() + chosen);
+  const auto kept = [](uint32_t mask) { return __builtin_popcount(mask) <= kLaneByLane; };
+  size_t a = 0, av = 0;  // the next winner tile, and its first kept gradient
+  // Where the last listed tile's kept gradients start, and its lanes' gradients (from
+  // wval or the chosen) while they are gathered.
+  size_t tile_vals = 0;
+  const auto winner_tile = [&] {
+    const uint32_t mask = o.wmask[a];
+    starts.push_back(o.wstart[a++]), masks.push_back(mask);
+    tile_vals = vals.size();
+    if (!o.values || !kept(mask)) return;
+    const auto lanes = size_t(__builtin_popcount(mask));
+    vals.insert(vals.end(), o.wval.begin() + int64_t(av), o.wval.begin() + int64_t(av + lanes));
+    av += lanes;
+  };
+  for (size_t c = 0; c < chosen; ++c) {
+    const int64_t q = o.chosen[c], s = q - q % kTile;
+    const uint32_t bit = 1u << (q - s);
+    while (a < o.wstart.size() && o.wstart[a] < s) winner_tile();
+    if (a < o.wstart.size() && o.wstart[a] == s) winner_tile();
+    if (starts.empty() || starts.back() != s) {
+      starts.push_back(s), masks.push_back(0);
+      tile_vals = vals.size();
+    }
+    const uint32_t before = masks.back();
+    masks.back() |= bit;
+    if (!o.values) continue;
+    if (kept(masks.back())) {
+      // Kept in lane order: this lane's gradient goes after the lanes below it.
+      const auto below = size_t(__builtin_popcount(before & (bit - 1)));
+      vals.insert(vals.begin() + int64_t(tile_vals + below), o.chosen_val[c]);
+    } else if (kept(before)) {
+      vals.resize(tile_vals);  // the tile is now read from its lines
     }
   }
-  starts.insert(starts.end(), o.wstart.begin() + int64_t(a), o.wstart.end());
-  masks.insert(masks.end(), o.wmask.begin() + int64_t(a), o.wmask.end());
+  while (a < o.wstart.size()) winner_tile();
   o.wstart = std::move(starts);
   o.wmask = std::move(masks);
+  o.wval = std::move(vals);
 }
 
 // The listing pass over a large tensor, per block: the winners (key > hi) and the
 // candidates (lo <= key <= hi). With a residual not yet `added`, each chunk's keys
 // are u = r + g, written to r first. few_hits as for_band (scan_cpu.h) decides it:
-// nearly no tile holds a key >= lo.
+// nearly no tile holds a key >= lo. `values` (no residual): the listed lanes'
+// gradients kept too (BlockOut::values).
 template <typename T>
 std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, uint32_t hi,
-                                bool added, bool few_hits) {
+                                bool added, bool few_hits, bool values) {
   const int32_t lo_gt = order_greater_than<false>(lo);
   const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
@@ -305,11 +344,13 @@ std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, 
     const std::unique_ptr<uint32_t[]> wmask(new uint32_t[kBlock / kTile]);
     for (int64_t bi, b1; claims.next(bi, b1);) {
       BlockOut& o = out[bi];
+      o.values = values;
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
       const int64_t whole = begin + (end - begin) / kTile * kTile;
       TileLists l{wstart.get(), wmask.get(), 0, cstart, cmask, 0, 0};
       for (int64_t e = begin; e < whole; e += kChunkTiles * kTile) {
         const int64_t tiles = std::min(kChunkTiles, (whole - e) / kTile);
+        const int64_t listed = l.nw;
         l.nc = 0;
         if (t.r && !added) t.add_residual(e, e + tiles * kTile);
         const float* keys = t.r ? static_cast<const float*>(t.r + e) : nullptr;
@@ -320,7 +361,13 @@ std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, 
             const int64_t q = cstart[j] + __builtin_ctz(mc);
             o.ckey.push_back(t.key(q));
             o.cpos.push_back(q);
+            if (values) o.cval.push_back(float(t.g[q]));
           }
+        if (values)
+          for (int64_t j = listed; j < l.nw; ++j)
+            if (__builtin_popcount(wmask[j]) <= kLaneByLane)
+              for (uint32_t mw = wmask[j]; mw; mw &= mw - 1)
+                o.wval.push_back(float(t.g[wstart[j] + __builtin_ctz(mw)]));
       }
       o.wstart.assign(wstart.get(), wstart.get() + l.nw);
       o.wmask.assign(wmask.get(), wmask.get() + l.nw);
@@ -334,6 +381,7 @@ std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, 
         } else if (key >= lo) {
           o.ckey.push_back(key);
           o.cpos.push_back(e);
+          if (values) o.cval.push_back(float(t.g[e]));
         }
       }
     }
@@ -351,7 +399,7 @@ template <typename T>
 int64_t run_zero_floor(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added) {
   const int64_t n = c.res[i].numel;
   // Winners: the keys above 0 (hi = 0); lo = 1 above hi leaves no candidates.
-  std::vector<BlockOut> out = list_pass(t, n, 1, 0, added, /*few_hits=*/true);
+  std::vector<BlockOut> out = list_pass(t, n, 1, 0, added, /*few_hits=*/true, /*values=*/false);
   int64_t nonzeros = 0;
   for (const BlockOut& o : out) nonzeros += o.winners;
   if (nonzeros > k || forced_fallback("after")) return run_fallback(c, i, t, k, true);
@@ -588,7 +636,12 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   if (stream_pays(n, k))
     return run_stream(c, i, t, k, added, band->first, band->second, c.approx);
   const bool few_hits = 1.4 * double(k) / double(n) * kTile < 0.03;
-  std::vector<BlockOut> out = list_pass(t, n, band->first, band->second, added, few_hits);
+  // A gradient of mostly exact zeros (an embedding's: nonzero in the rows of the
+  // batch's tokens) has its chosen lanes in full tiles, read whole from their lines:
+  // its gradients are not kept.
+  const bool values = !t.r && sel.sampled_zeros() < 0.5;
+  std::vector<BlockOut> out =
+      list_pass(t, n, band->first, band->second, added, few_hits, values);
 
   // The counts: exact mode needs the k-th in the band; approx accepts a count within
   // its tolerance of k.
@@ -603,8 +656,10 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       BlockOut& o = out[bi];
-      merge_chosen(o);
-      t.tiles_ahead(o.wstart.data(), o.wmask.data(), int64_t(o.wstart.size()));
+      const int64_t end = std::min(n, (bi + 1) * kBlock);
+      merge_chosen(o, end - (end - bi * kBlock) % kTile);
+      t.tiles_ahead(o.wstart.data(), o.wmask.data(), int64_t(o.wstart.size()),
+                    o.values ? o.wval.data() : nullptr);
       for (int64_t e : o.tail_winners) t.one(e);
     }
   });

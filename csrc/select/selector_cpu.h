@@ -121,6 +121,9 @@ class Selector {
   // The approximate mode's accepted miss: 1% of k, at least 1.
   static int64_t tolerance(int64_t k) { return std::max<int64_t>(1, k / 100); }
 
+  // After a sample_band: the fraction of the sampled keys that are 0.
+  double sampled_zeros() const { return sampled_zeros_; }
+
   // After a sample_band that found the band too wide: the sample's k-th key.
   std::optional<K> tie_guess() const { return tie_guess_; }
 
@@ -130,6 +133,7 @@ class Selector {
   bool approx_;
   std::vector<Block> blocks_;
   std::optional<K> tie_guess_;  // set by sample_band when the band is too wide
+  double sampled_zeros_ = 0;    // set by sample_band: the fraction of its keys that are 0
 
   int64_t gpos(const Block& b, int64_t i) const { return srcs_[b.src].pos0 + i; }
 
@@ -535,8 +539,9 @@ class Selector {
     const std::vector<K> keys = sample_keys(s);
     const SampleRanks r = sample_ranks(s);
     const auto [lo, hi] = sample_edges(keys, r.hi, r.lo);
-    int64_t in_band = 0;
-    for (K key : keys) in_band += key >= lo && key <= hi;
+    int64_t in_band = 0, zeros = 0;
+    for (K key : keys) in_band += key >= lo && key <= hi, zeros += key == 0;
+    sampled_zeros_ = double(zeros) / double(s);
     const double predicted = double(in_band) * double(n_) / double(s);
     if (predicted > double(budget_) / 2) {
       // Too wide, usually because many keys tie inside the band: the sample's
