@@ -2,8 +2,8 @@
 // of indices when it comes free, where at::parallel_for gives every thread an equal
 // share up front and the call then waits on the slowest. The threads of a pass are
 // not equally fast: on the 2-vCPU Intel machine the calling thread ran the listing
-// pass over one large tensor 10-25% slower than the other (docs/measurements.md,
-// "Claimed blocks").
+// pass over one large tensor slower than the other, whichever blocks it took
+// (docs/measurements.md, "Where the cores wait").
 #pragma once
 
 #include <ATen/Parallel.h>

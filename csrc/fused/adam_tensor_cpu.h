@@ -104,9 +104,9 @@ struct AdamTensor {
   }
 
   // tiles() over a list, the lines of each batch of kTileAhead tiles requested while
-  // the batch before it is updated. With `vals` (no residual), the chosen lanes'
-  // gradients in list order, lanes ascending (adam_tiles_packed): a tile updated
-  // lane by lane has no gradient line requested or read.
+  // the batch before it is updated. With `vals` (no residual), the gradients of the
+  // tiles updated lane by lane, in list order (adam_tiles): such a tile has no
+  // gradient line requested or read.
   void tiles_ahead(const int64_t* starts, const uint32_t* masks, int64_t n,
                    const float* vals = nullptr) const {
     const auto request = [&](int64_t q) {
@@ -117,38 +117,36 @@ struct AdamTensor {
     for (int64_t j = 0; j < n; j += kTileAhead) {
       const int64_t e = std::min(n, j + kTileAhead);
       for (int64_t q = e; q < std::min(n, e + kTileAhead); ++q) request(q);
-      if (vals) vals = tiles_packed(starts + j, masks + j, e - j, vals);
-      else tiles(starts + j, masks + j, e - j);
+      vals = tiles(starts + j, masks + j, e - j, vals);
     }
-  }
-
-  // tiles() with the chosen lanes' gradients from vals; returns vals past them.
-  const float* tiles_packed(const int64_t* starts, const uint32_t* masks, int64_t n,
-                            const float* vals) const {
-    if constexpr (std::is_same_v<T, float>)
-      return adam_tiles_packed_f32(p, g, vals, m, v, starts, masks, n, kTileLanes, h,
-                                   step_size, bc2_sqrt, grad_scale);
-    else if constexpr (std::is_same_v<M, float>)
-      return adam_tiles_packed<T, T, M>(p, g, vals, m, v, starts, masks, n, kTileLanes, h,
-                                        step_size, bc2_sqrt, grad_scale);
-    TORCH_INTERNAL_ASSERT(false, "incrkern: packed gradients of a float64 tensor");
-    return vals;
   }
 
   // The listed tiles (first element starts[j], chosen lanes masks[j], ascending)
   // updated as wholes by the masked streaming loop: every lane computed, the chosen
-  // ones kept, the others written back as they were. fp32 takes the tile-list loop
+  // ones kept, the others written back as they were; `vals` as adam_tiles takes them
+  // (not for float64), returned past those used. fp32 takes the tile-list loop
   // compiled per ISA.
-  void tiles(const int64_t* starts, const uint32_t* masks, int64_t n) const {
-    if constexpr (std::is_same_v<T, float>)
-      adam_tiles_f32(p, r ? r : const_cast<T*>(g), m, v, r != nullptr, starts, masks, n,
-                     kTileLanes, h, step_size, bc2_sqrt, grad_scale);
-    else if (r)
-      adam_tiles<T, M, M, true>(p, r, m, v, starts, masks, n, kTileLanes, h, step_size,
-                                bc2_sqrt, grad_scale);
-    else
-      adam_tiles<T, T, M, false>(p, const_cast<T*>(g), m, v, starts, masks, n, kTileLanes, h,
-                                 step_size, bc2_sqrt, grad_scale);
+  const float* tiles(const int64_t* starts, const uint32_t* masks, int64_t n,
+                     const float* vals = nullptr) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return adam_tiles_f32(p, r ? r : const_cast<T*>(g), vals, m, v, r != nullptr, starts,
+                            masks, n, kTileLanes, h, step_size, bc2_sqrt, grad_scale);
+    } else if constexpr (std::is_same_v<M, float>) {
+      if (r)
+        return adam_tiles<T, M, M, true>(p, r, vals, m, v, starts, masks, n, kTileLanes, h,
+                                         step_size, bc2_sqrt, grad_scale);
+      return adam_tiles<T, T, M, false>(p, const_cast<T*>(g), vals, m, v, starts, masks, n,
+                                        kTileLanes, h, step_size, bc2_sqrt, grad_scale);
+    } else {
+      TORCH_INTERNAL_ASSERT(!vals, "incrkern: kept gradients of a float64 tensor");
+      if (r)
+        adam_tiles<T, M, M, true>(p, r, nullptr, m, v, starts, masks, n, kTileLanes, h,
+                                  step_size, bc2_sqrt, grad_scale);
+      else
+        adam_tiles<T, T, M, false>(p, const_cast<T*>(g), nullptr, m, v, starts, masks, n,
+                                   kTileLanes, h, step_size, bc2_sqrt, grad_scale);
+      return vals;
+    }
   }
 
   // The key of element e (after add_residual, with a residual).

@@ -172,7 +172,7 @@ struct BlockOut {
   // by lane (at most kLaneByLane lanes; tile order, lanes ascending) and of every
   // candidate, kept while the listing pass has their lines in cache: the update then
   // reads them here, in order, not from g's lines (each a wait on memory, as p's, m's
-  // and v's are). A fuller tile reads its gradient line (adam_tiles_packed).
+  // and v's are). A fuller tile reads its gradient line (adam_tiles).
   bool values = false;
   std::vector<float> wval, cval, chosen_val;
 };

@@ -108,11 +108,18 @@ constexpr int kLaneByLane = 3;
 // lanes for AVX-512), more than a tile's 16, and the loop then ran scalar. `lanes`
 // (kTileLanes) is a run-time value on purpose: with a constant count gcc unrolls the
 // 16 iterations completely before it vectorises, and the unrolled code stays scalar.
+// `vals` (or null): the gradients of the tiles updated lane by lane, tile by tile,
+// lanes ascending, which the fused listing pass keeps while their lines are in cache;
+// such a tile then waits on no gradient line. A fuller tile reads its gradient line
+// (the 16-lane loop reads it whole, and such tiles cluster, as a matrix gradient's hot
+// rows do, where the lines stream). Returns vals past the last one used.
 template <typename T, typename G, typename M, bool kConsume>
-[[gnu::always_inline]] inline void adam_tiles(T* p, G* g, M* m, M* v, const int64_t* starts,
-                                              const uint32_t* masks, int64_t n, int32_t lanes,
-                                              const AdamHyper<M> h, const M step_size,
-                                              const M bc2_sqrt, const M grad_scale) {
+[[gnu::always_inline]] inline const M* adam_tiles(T* p, G* g, const M* vals, M* m, M* v,
+                                                  const int64_t* starts,
+                                                  const uint32_t* masks, int64_t n,
+                                                  int32_t lanes, const AdamHyper<M> h,
+                                                  const M step_size, const M bc2_sqrt,
+                                                  const M grad_scale) {
   for (int64_t j = 0; j < n; ++j) {
     T* __restrict tp = p + starts[j];
     G* __restrict tg = g + starts[j];
@@ -123,7 +130,8 @@ template <typename T, typename G, typename M, bool kConsume>
       for (uint32_t b = bits; b; b &= b - 1) {
         const int e = __builtin_ctz(b);
         M pm = M(tp[e]), mm = tm[e], vv = tv[e];
-        adam_rule(pm, M(tg[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
+        const M gm = vals ? *vals++ : M(tg[e]);
+        adam_rule(pm, gm * grad_scale, mm, vv, h, step_size, bc2_sqrt);
         tp[e] = T(pm);
         tm[e] = mm;
         tv[e] = vv;
@@ -141,63 +149,14 @@ template <typename T, typename G, typename M, bool kConsume>
       if (kConsume) tg[e] = on ? G(0) : tg[e];
     }
   }
-}
-
-// adam_tiles (without kConsume) where the gradients of the tiles updated lane by lane
-// (at most kLaneByLane chosen lanes) are at hand in vals, tile by tile, lanes
-// ascending: the fused listing pass keeps them while their lines are in cache, and
-// such a tile then waits on no gradient line. A fuller tile reads its gradient line
-// as adam_tiles does (the 16-lane loop reads it whole, and such tiles cluster, as a
-// matrix gradient's hot rows do, where the lines stream). Returns vals past the last
-// one used.
-template <typename T, typename G, typename M>
-[[gnu::always_inline]] inline const M* adam_tiles_packed(T* p, const G* g, const M* vals, M* m,
-                                                         M* v, const int64_t* starts,
-                                                         const uint32_t* masks, int64_t n,
-                                                         int32_t lanes, const AdamHyper<M> h,
-                                                         const M step_size, const M bc2_sqrt,
-                                                         const M grad_scale) {
-  for (int64_t j = 0; j < n; ++j) {
-    T* __restrict tp = p + starts[j];
-    M* __restrict tm = m + starts[j];
-    M* __restrict tv = v + starts[j];
-    const uint32_t bits = masks[j];
-    if (__builtin_popcount(bits) <= kLaneByLane) {
-      for (uint32_t b = bits; b; b &= b - 1) {
-        const int e = __builtin_ctz(b);
-        M pm = M(tp[e]), mm = tm[e], vv = tv[e];
-        adam_rule(pm, *vals++ * grad_scale, mm, vv, h, step_size, bc2_sqrt);
-        tp[e] = T(pm);
-        tm[e] = mm;
-        tv[e] = vv;
-      }
-      continue;
-    }
-    const G* __restrict tg = g + starts[j];
-    for (int32_t e = 0; e < lanes; ++e) {
-      M pm = M(tp[e]), mm = tm[e], vv = tv[e];
-      adam_rule(pm, M(tg[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
-      const bool on = (bits >> e) & 1u;
-      tp[e] = on ? T(pm) : tp[e];
-      tm[e] = on ? mm : tm[e];
-      tv[e] = on ? vv : tv[e];
-    }
-  }
   return vals;
 }
 
-// adam_tiles_packed over fp32 tensors, compiled for each ISA (update_cpu.cpp).
-const float* adam_tiles_packed_f32(float* p, const float* g, const float* vals, float* m,
-                                   float* v, const int64_t* starts, const uint32_t* masks,
-                                   int64_t n, int32_t lanes, const AdamHyper<float> h,
-                                   const float step_size, const float bc2_sqrt,
-                                   const float grad_scale);
-
 // adam_tiles over fp32 tensors, compiled for each ISA (update_cpu.cpp).
-void adam_tiles_f32(float* p, float* g, float* m, float* v, bool consume,
-                    const int64_t* starts, const uint32_t* masks, int64_t n, int32_t lanes,
-                    const AdamHyper<float> h, const float step_size, const float bc2_sqrt,
-                    const float grad_scale);
+const float* adam_tiles_f32(float* p, float* g, const float* vals, float* m, float* v,
+                           bool consume, const int64_t* starts, const uint32_t* masks,
+                           int64_t n, int32_t lanes, const AdamHyper<float> h,
+                           const float step_size, const float bc2_sqrt, const float grad_scale);
 
 // adam_stream_any over fp32 tensors, compiled for each ISA above (update_cpu.cpp).
 void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask, bool consume,

@@ -37,27 +37,15 @@ IK_ISA_CLONES void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* 
 }
 
 // The fp32 tile-list loop for each ISA (update/adam_stream_cpu.h).
-IK_ISA_CLONES void adam_tiles_f32(float* p, float* g, float* m, float* v, bool consume,
-                                  const int64_t* starts, const uint32_t* masks, int64_t n,
-                                  int32_t lanes, const AdamHyper<float> h,
-                                  const float step_size, const float bc2_sqrt,
-                                  const float grad_scale) {
+IK_ISA_CLONES const float* adam_tiles_f32(float* p, float* g, const float* vals, float* m,
+                                          float* v, bool consume, const int64_t* starts,
+                                          const uint32_t* masks, int64_t n, int32_t lanes,
+                                          const AdamHyper<float> h, const float step_size,
+                                          const float bc2_sqrt, const float grad_scale) {
   if (consume)
-    adam_tiles<float, float, float, true>(p, g, m, v, starts, masks, n, lanes, h, step_size,
-                                          bc2_sqrt, grad_scale);
-  else
-    adam_tiles<float, float, float, false>(p, g, m, v, starts, masks, n, lanes, h, step_size,
-                                           bc2_sqrt, grad_scale);
-}
-
-// The fp32 tile-list loop with packed gradients for each ISA (update/adam_stream_cpu.h).
-IK_ISA_CLONES const float* adam_tiles_packed_f32(float* p, const float* g, const float* vals,
-                                                 float* m, float* v, const int64_t* starts,
-                                                 const uint32_t* masks, int64_t n,
-                                                 int32_t lanes, const AdamHyper<float> h,
-                                                 const float step_size, const float bc2_sqrt,
-                                                 const float grad_scale) {
-  return adam_tiles_packed<float, float, float>(p, g, vals, m, v, starts, masks, n, lanes, h,
+    return adam_tiles<float, float, float, true>(p, g, vals, m, v, starts, masks, n, lanes, h,
+                                                 step_size, bc2_sqrt, grad_scale);
+  return adam_tiles<float, float, float, false>(p, g, vals, m, v, starts, masks, n, lanes, h,
                                                 step_size, bc2_sqrt, grad_scale);
 }
 
