@@ -14,11 +14,10 @@
 
 namespace incrkern {
 
-// The runs of `grain` indices of [begin, end), in order, each handed out once.
+// The runs of `grain` (>= 1) indices of [begin, end), in order, each handed out once.
 class Claims {
  public:
-  Claims(int64_t begin, int64_t end, int64_t grain)
-      : end_(end), grain_(std::max<int64_t>(1, grain)), next_(begin) {}
+  Claims(int64_t begin, int64_t end, int64_t grain) : end_(end), grain_(grain), next_(begin) {}
   // The next unclaimed run into [b, e); false once none is left.
   bool next(int64_t& b, int64_t& e) {
     b = next_.fetch_add(grain_, std::memory_order_relaxed);

@@ -18,8 +18,8 @@ namespace incrkern {
 // Work on positions [begin, end) of one tensor.
 using RangeFn = std::function<void(int64_t, int64_t)>;
 
-// Runs fns[i] over [0, counts[i]) for every i, as one at::parallel_for over the
-// concatenated positions with `grain` positions per task at least. A task that
+// Runs fns[i] over [0, counts[i]) for every i, as one parallel loop over the
+// concatenated positions, claimed in runs of `grain` (common/claims.h). A run that
 // spans several tensors calls each of their functions on its share.
 inline void run_ranges(const std::vector<RangeFn>& fns, const std::vector<int64_t>& counts,
                        int64_t grain) {

@@ -108,7 +108,7 @@ struct AdamTensor {
   // tiles updated lane by lane, in list order (adam_tiles): such a tile has no
   // gradient line requested or read.
   void tiles_ahead(const int64_t* starts, const uint32_t* masks, int64_t n,
-                   const float* vals = nullptr) const {
+                   const M* vals = nullptr) const {
     const auto request = [&](int64_t q) {
       if (vals && __builtin_popcount(masks[q]) <= kLaneByLane) fetch_written(starts[q]);
       else fetch(starts[q]);
@@ -123,30 +123,19 @@ struct AdamTensor {
 
   // The listed tiles (first element starts[j], chosen lanes masks[j], ascending)
   // updated as wholes by the masked streaming loop: every lane computed, the chosen
-  // ones kept, the others written back as they were; `vals` as adam_tiles takes them
-  // (not for float64), returned past those used. fp32 takes the tile-list loop
-  // compiled per ISA.
-  const float* tiles(const int64_t* starts, const uint32_t* masks, int64_t n,
-                     const float* vals = nullptr) const {
-    if constexpr (std::is_same_v<T, float>) {
+  // ones kept, the others written back as they were; `vals` as adam_tiles takes them,
+  // returned past those used. fp32 takes the tile-list loop compiled per ISA.
+  const M* tiles(const int64_t* starts, const uint32_t* masks, int64_t n,
+                 const M* vals = nullptr) const {
+    if constexpr (std::is_same_v<T, float>)
       return adam_tiles_f32(p, r ? r : const_cast<T*>(g), vals, m, v, r != nullptr, starts,
                             masks, n, kTileLanes, h, step_size, bc2_sqrt, grad_scale);
-    } else if constexpr (std::is_same_v<M, float>) {
-      if (r)
-        return adam_tiles<T, M, M, true>(p, r, vals, m, v, starts, masks, n, kTileLanes, h,
-                                         step_size, bc2_sqrt, grad_scale);
+    else if (r)
+      return adam_tiles<T, M, M, true>(p, r, vals, m, v, starts, masks, n, kTileLanes, h,
+                                       step_size, bc2_sqrt, grad_scale);
+    else
       return adam_tiles<T, T, M, false>(p, const_cast<T*>(g), vals, m, v, starts, masks, n,
                                         kTileLanes, h, step_size, bc2_sqrt, grad_scale);
-    } else {
-      TORCH_INTERNAL_ASSERT(!vals, "incrkern: kept gradients of a float64 tensor");
-      if (r)
-        adam_tiles<T, M, M, true>(p, r, nullptr, m, v, starts, masks, n, kTileLanes, h,
-                                  step_size, bc2_sqrt, grad_scale);
-      else
-        adam_tiles<T, T, M, false>(p, const_cast<T*>(g), nullptr, m, v, starts, masks, n,
-                                   kTileLanes, h, step_size, bc2_sqrt, grad_scale);
-      return vals;
-    }
   }
 
   // The key of element e (after add_residual, with a residual).

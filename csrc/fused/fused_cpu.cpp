@@ -285,9 +285,7 @@ void merge_chosen(BlockOut& o, int64_t tail) {
   if (o.values) vals.reserve(o.wval.size() + chosen);
   const auto kept = [](uint32_t mask) { return __builtin_popcount(mask) <= kLaneByLane; };
   size_t a = 0, av = 0;  // the next winner tile, and its first kept gradient
-  // Where the last listed tile's kept gradients start, and its lanes' gradients (from
-  // wval or the chosen) while they are gathered.
-  size_t tile_vals = 0;
+  size_t tile_vals = 0;  // where the last listed tile's kept gradients start in vals
   const auto winner_tile = [&] {
     const uint32_t mask = o.wmask[a];
     starts.push_back(o.wstart[a++]), masks.push_back(mask);
