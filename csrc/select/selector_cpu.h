@@ -250,13 +250,16 @@ class Selector {
     const K kth = kth_of_few(ckey, k_);
     int64_t ties = k_;  // keys equal to the k-th still to take, lowest positions first
     for (K key : ckey) ties -= key > kth;
-    chosen.clear();
-    chosen.reserve(size_t(k_));
+    // Without a branch: a candidate is chosen about as often as not.
+    if (chosen.size() < ckey.size()) chosen.resize(ckey.size());
+    size_t c = 0;
     for (size_t j = 0; j < ckey.size(); ++j) {
       const bool tie = ckey[j] == kth && ties > 0;
-      if (ckey[j] > kth || tie) chosen.push_back(cpos[j]);
+      chosen[c] = cpos[j];
+      c += ckey[j] > kth || tie;
       ties -= tie;
     }
+    chosen.resize(c);
   }
 
   // The same as one position tensor per source.
@@ -384,25 +387,24 @@ class Selector {
       with_reader<K>(src, [&](auto rd) {
         int64_t i = 0;
         if constexpr (kScanReader<K, decltype(rd)>) {
-          // The vector scans: the chosen tiles listed without a branch, then their
-          // keys >= t written by compress stores, in one call.
-          // Every entry read is written first (grown, never cleared).
+          // The vector scans: the chosen tiles listed, then their keys >= t, both by
+          // compress stores. The buffers are grown, never cleared: every entry read
+          // is written first.
           const int64_t whole = src.n / kTile;
-          if (b.tiles.size() < size_t(whole) + 1) b.tiles.resize(size_t(whole) + 1);
+          const auto tiles_room = size_t(whole + kStoreSlack);
+          if (b.tiles.size() < tiles_room) b.tiles.resize(tiles_room);
           int64_t* chosen = b.tiles.data();
-          int64_t nchosen = 0;
-          for (int64_t g = 0; g < whole; ++g) {
-            chosen[size_t(nchosen)] = g;
-            nchosen += gmax[gi + size_t(g)] >= t;
-          }
+          const int64_t nchosen = scan_keys_at_least(gmax.data() + gi, whole, t, chosen);
           const size_t room = size_t(nchosen * kTile + kStoreSlack);
           if (b.pos.size() < room) b.pos.resize(room);
-          int64_t* pos = b.pos.data();
+          const int64_t* pos = b.pos.data();
           constexpr bool kSigned = kSignedReader<decltype(rd)>;
-          const int64_t* c = pos + scan_tiles_at_least<kSigned>(rd.p, chosen, nchosen,
-                                                                order_greater_than<kSigned>(t), pos);
-          for (const int64_t* q = pos; q < c; ++q)
-            ckey.push_back(rd(*q)), cpos.push_back(src.pos0 + *q);
+          const int64_t m = scan_tiles_at_least<kSigned>(rd.p, chosen, nchosen,
+                                                         order_greater_than<kSigned>(t), b.pos.data());
+          const size_t at = ckey.size();
+          ckey.resize(at + size_t(m)), cpos.resize(at + size_t(m));
+          for (int64_t j = 0; j < m; ++j)
+            ckey[at + size_t(j)] = rd(pos[j]), cpos[at + size_t(j)] = src.pos0 + pos[j];
           gi += size_t(whole);
           i = whole * kTile;
         }
