@@ -248,16 +248,21 @@ class Selector {
     TORCH_INTERNAL_ASSERT(int64_t(ckey.size()) >= k_, "incrkern.select: ", ckey.size(),
                           " candidates for k = ", k_);
     const K kth = kth_of_few(ckey, k_);
-    int64_t ties = k_;  // keys equal to the k-th still to take, lowest positions first
-    for (K key : ckey) ties -= key > kth;
-    // Without a branch: a candidate is chosen about as often as not.
+    int64_t greater = 0, equal = 0;
+    for (K key : ckey) greater += key > kth, equal += key == kth;
+    // The keys equal to the k-th are taken lowest positions first: those before `cut`.
+    size_t cut = ckey.size();
+    if (k_ - greater < equal) {
+      int64_t ties = k_ - greater;
+      for (cut = 0; ties > 0; ++cut) ties -= ckey[cut] == kth;
+    }
+    // Without a branch (a candidate is chosen about as often as not), and without a
+    // count carried from one candidate to the next.
     if (chosen.size() < ckey.size()) chosen.resize(ckey.size());
     size_t c = 0;
     for (size_t j = 0; j < ckey.size(); ++j) {
-      const bool tie = ckey[j] == kth && ties > 0;
       chosen[c] = cpos[j];
-      c += ckey[j] > kth || tie;
-      ties -= tie;
+      c += ckey[j] > kth || (ckey[j] == kth && j < cut);
     }
     chosen.resize(c);
   }
