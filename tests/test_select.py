@@ -521,7 +521,8 @@ def test_select_validate_false_same_answer_and_kernel_still_checks():
 def test_cpu_baseline_scan_same_answer():
     """The portable (non-AVX2) scans, forced by INCRKERN_CPU_BASELINE=1 in a child
     process, pick the same elements as the default path, for fp32, bf16 and fp16, |x|
-    keys (grad) and signed ones (topk, grad_sq)."""
+    keys (grad) and signed ones (topk, grad_sq); 1237 elements leave a tile over the
+    tile-maxima scan's groups of four and a part tile."""
     import subprocess
     import sys
     code = (
@@ -529,7 +530,7 @@ def test_cpu_baseline_scan_same_answer():
         "from incrkern import ops\n"
         "g = torch.Generator().manual_seed(3)\n"
         "out = []\n"
-        "for n in (17, 4097, 160000, 1000003):\n"
+        "for n in (17, 1237, 4097, 160000, 1000003):\n"
         "    for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
         "        x = torch.randn(n, generator=g).to(dtype)\n"
         "        x[::97] = float('nan')\n"
@@ -555,7 +556,7 @@ def test_cpu_baseline_scan_same_answer():
             subprocess.run([sys.executable, "-c", code, path], check=True, env=env,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             results.append(torch.load(path))
-    assert len(results[0]) == len(results[1]) == 144
+    assert len(results[0]) == len(results[1]) == 180
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 

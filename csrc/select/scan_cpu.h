@@ -534,9 +534,44 @@ inline int64_t scan_keys_at_least(const uint32_t* keys, int64_t n, uint32_t at_l
 
 // keys[g] = the largest key of tile g of x, for `tiles` whole tiles.
 #if defined(__x86_64__) && defined(__GNUC__)
+// The largest order of each of four tiles, whose halves' maxima are a, b, c and d:
+// two rounds of interleaving and max, then the two 128-bit halves.
+__attribute__((target("avx2,f16c"))) inline __m128i max_of_four(__m256i a, __m256i b, __m256i c,
+                                                                __m256i d) {
+  const __m256i ab = _mm256_max_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+  const __m256i cd = _mm256_max_epi32(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
+  const __m256i abcd =
+      _mm256_max_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+  return _mm_max_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+// The lane-wise maximum of a tile's two halves' orders.
+template <typename T, bool kSigned>
+__attribute__((target("avx2,f16c"))) inline __m256i halves_max(const T* tile) {
+  return _mm256_max_epi32(order8_avx2<T, kSigned>(tile), order8_avx2<T, kSigned>(tile + 8));
+}
+
+// key_of_order of four orders.
+template <bool kSigned>
+__attribute__((target("avx2,f16c"))) inline __m128i keys_of_orders(__m128i order) {
+  if constexpr (kSigned) return _mm_xor_si128(order, _mm_set1_epi32(INT32_MIN));
+  else return _mm_slli_epi32(_mm_min_epi32(order, _mm_set1_epi32(0x7f800001)), 1);
+}
+
 template <typename T, bool kSigned>
 __attribute__((target("avx2,f16c"))) void tile_max_avx2(const T* x, int64_t tiles, uint32_t* keys) {
-  for (int64_t gi = 0; gi < tiles; ++gi) {
+  // Four tiles at a time: a tile's own reduction across its lanes cost as much as
+  // its loads, and left fewer of the read's lines in flight.
+  int64_t gi = 0;
+  for (; gi + 4 <= tiles; gi += 4) {
+    const T* q = x + gi * kTile;
+    for (int t = 0; t < 4; ++t) request_ahead(q + t * kTile);
+    const __m128i orders =
+        max_of_four(halves_max<T, kSigned>(q), halves_max<T, kSigned>(q + kTile),
+                    halves_max<T, kSigned>(q + 2 * kTile), halves_max<T, kSigned>(q + 3 * kTile));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(keys + gi), keys_of_orders<kSigned>(orders));
+  }
+  for (; gi < tiles; ++gi) {
     const T* q = x + gi * kTile;
     request_ahead(q);
     const __m256i ab = _mm256_max_epi32(order8_avx2<T, kSigned>(q), order8_avx2<T, kSigned>(q + 8));
