@@ -110,7 +110,7 @@ struct AdamTensor {
   void tiles_ahead(const int64_t* starts, const uint32_t* masks, int64_t n,
                    const M* vals = nullptr) const {
     const auto request = [&](int64_t q) {
-      if (vals && __builtin_popcount(masks[q]) <= kLaneByLane) fetch_written(starts[q]);
+      if (vals && lanes_set(masks[q]) <= kLaneByLane) fetch_written(starts[q]);
       else fetch(starts[q]);
     };
     for (int64_t j = 0; j < std::min(n, kTileAhead); ++j) request(j);

@@ -283,7 +283,7 @@ void merge_chosen(BlockOut& o, int64_t tail) {
   starts.reserve(o.wstart.size() + chosen);
   masks.reserve(starts.capacity());
   if (o.values) vals.reserve(o.wval.size() + chosen);
-  const auto kept = [](uint32_t mask) { return __builtin_popcount(mask) <= kLaneByLane; };
+  const auto kept = [](uint32_t mask) { return lanes_set(mask) <= kLaneByLane; };
   size_t a = 0, av = 0;  // the next winner tile, and its first kept gradient
   size_t tile_vals = 0;  // where the last listed tile's kept gradients start in vals
   const auto winner_tile = [&] {
@@ -291,7 +291,7 @@ void merge_chosen(BlockOut& o, int64_t tail) {
     starts.push_back(o.wstart[a++]), masks.push_back(mask);
     tile_vals = vals.size();
     if (!o.values || !kept(mask)) return;
-    const auto lanes = size_t(__builtin_popcount(mask));
+    const auto lanes = size_t(lanes_set(mask));
     vals.insert(vals.end(), o.wval.begin() + int64_t(av), o.wval.begin() + int64_t(av + lanes));
     av += lanes;
   };
@@ -309,7 +309,7 @@ void merge_chosen(BlockOut& o, int64_t tail) {
     if (!o.values) continue;
     if (kept(masks.back())) {
       // Kept in lane order: this lane's gradient goes after the lanes below it.
-      const auto below = size_t(__builtin_popcount(before & (bit - 1)));
+      const auto below = size_t(lanes_set(before & (bit - 1)));
       vals.insert(vals.begin() + int64_t(tile_vals + below), o.chosen_val[c]);
     } else if (kept(before)) {
       vals.resize(tile_vals);  // the tile is now read from its lines
@@ -363,7 +363,7 @@ std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, 
           }
         if (values)
           for (int64_t j = listed; j < l.nw; ++j)
-            if (__builtin_popcount(wmask[j]) <= kLaneByLane)
+            if (lanes_set(wmask[j]) <= kLaneByLane)
               for (uint32_t mw = wmask[j]; mw; mw &= mw - 1)
                 o.wval.push_back(float(t.g[wstart[j] + __builtin_ctz(mw)]));
       }

@@ -101,6 +101,15 @@ constexpr int32_t kTileLanes = 16;
 // few lanes one at a time (docs/design.md, "The tile lists").
 constexpr int kLaneByLane = 3;
 
+// The lanes set in a tile's mask. __builtin_popcount is a library call where the
+// target lacks POPCNT (the baseline x86-64 these files compile for), and the tile
+// lists count lanes once a tile.
+constexpr int lanes_set(uint32_t mask) {
+  mask = mask - ((mask >> 1) & 0x55555555u);
+  mask = (mask & 0x33333333u) + ((mask >> 2) & 0x33333333u);
+  return int((((mask + (mask >> 4)) & 0x0f0f0f0fu) * 0x01010101u) >> 24);
+}
+
 // The masked loop over a list of tiles (first element starts[j], chosen lanes the
 // bits of masks[j]), the ISA picked once per list, not once per tile (at low density
 // nearly every listed tile stands alone). The lane's bit is read in the loop, not
@@ -126,7 +135,7 @@ template <typename T, typename G, typename M, bool kConsume>
     M* __restrict tm = m + starts[j];
     M* __restrict tv = v + starts[j];
     const uint32_t bits = masks[j];
-    if (__builtin_popcount(bits) <= kLaneByLane) {
+    if (lanes_set(bits) <= kLaneByLane) {
       for (uint32_t b = bits; b; b &= b - 1) {
         const int e = __builtin_ctz(b);
         M pm = M(tp[e]), mm = tm[e], vv = tv[e];
