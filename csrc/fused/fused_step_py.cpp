@@ -187,6 +187,9 @@ int64_t density_k(double density, int64_t numel) {
   return std::min(numel, int64_t(std::ceil(density * double(numel))));
 }
 
+// Params per thread's run in the passes over their metadata.
+constexpr int64_t kChecksGrain = 512;
+
 // (params, density, error_feedback, approx, lr, lr_tensor, beta1, beta2, eps,
 //  weight_decay, decoupled_weight_decay, maximize, accumulate_steps) into `out`; false
 // when not the plain case.
@@ -219,13 +222,25 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
   for (auto* list : {&out.params, &out.grads, &out.exp_avgs, &out.exp_avg_sqs, &out.steps})
     list->reserve(size_t(n));
   out.ks.reserve(size_t(n));
+  // The params and grads first, over the threads: only their objects' fields and the
+  // tensors' metadata are read (no call into the interpreter, which this thread
+  // holds meanwhile), each a wait on memory on a model of thousands of params.
+  std::vector<at::Tensor> grads(static_cast<size_t>(n));
+  std::vector<uint8_t> plain(static_cast<size_t>(n));
+  at::parallel_for(0, int64_t(n), kChecksGrain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      PyObject* p = PyList_GET_ITEM(params, Py_ssize_t(i));
+      at::Tensor& grad = grads[size_t(i)];
+      plain[size_t(i)] = plain_grad(p, reader.parameter_type(), grad) &&
+                         (!grad.defined() || fused_dtype(grad.scalar_type()));
+    }
+  });
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
-    at::Tensor grad;
-    if (!plain_grad(p, reader.parameter_type(), grad)) return false;
+    if (!plain[size_t(i)]) return false;
+    at::Tensor& grad = grads[size_t(i)];
     if (!grad.defined()) continue;
     const at::Tensor& param = THPVariable_Unpack(p);
-    if (!fused_dtype(param.scalar_type())) return false;
     PyObject* s = reader.state_of(p);
     if (!s || !PyDict_Check(s)) return false;
     PyObject* step = state_entry(s, names().step);
@@ -252,9 +267,6 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
   }
   return true;
 }
-
-// Params per thread's run in the passes over their metadata.
-constexpr int64_t kChecksGrain = 512;
 
 // The version counters of tensors a call wrote, as the op's dispatcher kernel bumps
 // them, in runs over the threads: a counter is no Python object, and each is a wait
