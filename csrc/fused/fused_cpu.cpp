@@ -168,12 +168,12 @@ struct BlockOut {
   std::vector<uint32_t> ckey;
   std::vector<int64_t> cpos;
   std::vector<int64_t> chosen;  // the candidates chosen, ascending
-  // Without a residual, the gradients of the lanes of every listed tile updated lane
-  // by lane (at most kLaneByLane lanes; tile order, lanes ascending) and of every
-  // candidate, kept while the listing pass has their lines in cache: the update then
-  // reads them here, in order, not from g's lines (each a wait on memory, as p's, m's
-  // and v's are). A fuller tile reads its gradient line (adam_tiles).
-  bool values = false;
+  // When the listing pass keeps values (without a residual): the gradients of the
+  // lanes of every listed tile updated lane by lane (at most kLaneByLane lanes; tile
+  // order, lanes ascending) and of every candidate, kept while the pass has their
+  // lines in cache. The update then reads them here, in order, not from g's lines
+  // (each a wait on memory, as p's, m's and v's are). A fuller tile reads its
+  // gradient line (adam_tiles).
   std::vector<float> wval, cval, chosen_val;
 };
 
@@ -240,8 +240,9 @@ BandKth band_kth(const std::vector<Block>& blocks, KeysOf&& keys_of, int64_t nee
 
 // The (key, position) candidates chosen to complete `need` winners: the need largest,
 // ties to the lowest position; all of them when they are at most need. Every key
-// lies in the band [lo, hi].
-void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, uint32_t hi) {
+// lies in the band [lo, hi]. `values`: the listing pass kept the gradients.
+void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, uint32_t hi,
+                       bool values) {
   int64_t cnt = 0;
   for (const BlockOut& o : out) cnt += int64_t(o.cpos.size());
   if (need <= 0) return;
@@ -260,7 +261,7 @@ void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, ui
         const bool tie = o.ckey[j] == b.kth && ties > 0;
         if (o.ckey[j] > b.kth || tie) {
           o.chosen.push_back(o.cpos[j]);
-          if (o.values) o.chosen_val.push_back(o.cval[j]);
+          if (values) o.chosen_val.push_back(o.cval[j]);
         }
         ties -= tie;
       }
@@ -269,11 +270,11 @@ void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, ui
 }
 
 // The block's chosen candidates merged into its winner tiles: one ascending list, a
-// tile listed once with all its chosen lanes, and the kept gradients (BlockOut::values)
-// of the tiles that stay at most kLaneByLane lanes. Those at or past `tail` (the
+// tile listed once with all its chosen lanes, and with `values` the kept gradients
+// (BlockOut::wval) of the tiles that stay at most kLaneByLane lanes. Those at or past `tail` (the
 // block's elements after its whole tiles, whose tile would reach past the tensor)
 // join the tail winners, updated one by one.
-void merge_chosen(BlockOut& o, int64_t tail) {
+void merge_chosen(BlockOut& o, int64_t tail, bool values) {
   size_t chosen = o.chosen.size();  // those before the tail
   while (chosen > 0 && o.chosen[chosen - 1] >= tail) o.tail_winners.push_back(o.chosen[--chosen]);
   if (chosen == 0) return;
@@ -282,7 +283,7 @@ void merge_chosen(BlockOut& o, int64_t tail) {
   std::vector<float> vals;
   starts.reserve(o.wstart.size() + chosen);
   masks.reserve(starts.capacity());
-  if (o.values) vals.reserve(o.wval.size() + chosen);
+  if (values) vals.reserve(o.wval.size() + chosen);
   const auto kept = [](uint32_t mask) { return lanes_set(mask) <= kLaneByLane; };
   size_t a = 0, av = 0;  // the next winner tile, and its first kept gradient
   size_t tile_vals = 0;  // where the last listed tile's kept gradients start in vals
@@ -290,7 +291,7 @@ void merge_chosen(BlockOut& o, int64_t tail) {
     const uint32_t mask = o.wmask[a];
     starts.push_back(o.wstart[a++]), masks.push_back(mask);
     tile_vals = vals.size();
-    if (!o.values || !kept(mask)) return;
+    if (!values || !kept(mask)) return;
     const auto lanes = size_t(lanes_set(mask));
     vals.insert(vals.end(), o.wval.begin() + int64_t(av), o.wval.begin() + int64_t(av + lanes));
     av += lanes;
@@ -306,7 +307,7 @@ void merge_chosen(BlockOut& o, int64_t tail) {
     }
     const uint32_t before = masks.back();
     masks.back() |= bit;
-    if (!o.values) continue;
+    if (!values) continue;
     if (kept(masks.back())) {
       // Kept in lane order: this lane's gradient goes after the lanes below it.
       const auto below = size_t(lanes_set(before & (bit - 1)));
@@ -325,7 +326,7 @@ void merge_chosen(BlockOut& o, int64_t tail) {
 // candidates (lo <= key <= hi). With a residual not yet `added`, each chunk's keys
 // are u = r + g, written to r first. few_hits as for_band (scan_cpu.h) decides it:
 // nearly no tile holds a key >= lo. `values` (no residual): the listed lanes'
-// gradients kept too (BlockOut::values).
+// gradients kept too (BlockOut::wval, cval).
 template <typename T>
 std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, uint32_t hi,
                                 bool added, bool few_hits, bool values) {
@@ -342,7 +343,6 @@ std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, 
     const std::unique_ptr<uint32_t[]> wmask(new uint32_t[kBlock / kTile]);
     for (int64_t bi, b1; claims.next(bi, b1);) {
       BlockOut& o = out[bi];
-      o.values = values;
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
       const int64_t whole = begin + (end - begin) / kTile * kTile;
       TileLists l{wstart.get(), wmask.get(), 0, cstart, cmask, 0, 0};
@@ -648,16 +648,16 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   const int64_t tol = c.approx ? Selector<uint32_t>::tolerance(k) : 0;
   if (w > k + tol || w + cnt < k - tol || forced_fallback("after"))
     return run_fallback(c, i, t, k, true);
-  choose_candidates(out, k - w, band->first, band->second);
+  choose_candidates(out, k - w, band->first, band->second, values);
 
   // The update: nothing was written to p or its state before this point.
   parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       BlockOut& o = out[bi];
       const int64_t end = std::min(n, (bi + 1) * kBlock);
-      merge_chosen(o, end - (end - bi * kBlock) % kTile);
+      merge_chosen(o, end - (end - bi * kBlock) % kTile, values);
       t.tiles_ahead(o.wstart.data(), o.wmask.data(), int64_t(o.wstart.size()),
-                    o.values ? o.wval.data() : nullptr);
+                    values ? o.wval.data() : nullptr);
       for (int64_t e : o.tail_winners) t.one(e);
     }
   });
