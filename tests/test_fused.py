@@ -228,6 +228,22 @@ def test_large_tensor(dtype, kind):
 
 
 @needs_ext
+def test_listing_scan_changes_mode_within_tensor():
+    """The listing pass picks its scan per chunk from the chunk before (a branch per
+    tile where nearly none holds a key of the band): a tensor whose chunks go from
+    dense keys to rows of an embedding and back takes both scans, and chooses what
+    the reference does."""
+    n = 5 * BLOCK  # past the small tensors' 2^20 elements: the listing pass
+    x = make([n], torch.float32, "normal", seed=11)
+    middle = x["grads"][0][BLOCK:4 * BLOCK]  # dense keys before and after it
+    middle.zero_()
+    gen = torch.Generator().manual_seed(12)
+    for row in torch.randperm(middle.numel() // 384, generator=gen)[:9].tolist():
+        middle[row * 384:(row + 1) * 384] = torch.randn(384, generator=gen)
+    check(x, [n // 100], **HYPERS["adamw"])
+
+
+@needs_ext
 @pytest.mark.parametrize("hyper", list(HYPERS))
 @pytest.mark.parametrize("density", [0.001, 0.1, 0.5])
 def test_large_hyper_and_density(hyper, density):

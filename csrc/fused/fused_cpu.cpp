@@ -55,6 +55,9 @@ constexpr int64_t kChunkTiles = 256;  // tiles per scan of the listing pass (4K 
 constexpr int64_t kDenseGrain = 1 << 15;
 constexpr int64_t kResolveGrain = 512;  // params per thread's run when reading their addresses
 constexpr int64_t kSmallGrain = 8;  // small tensors per claim
+// The fraction of tiles holding a key >= L under which the listing pass branches per
+// tile (fused/scans_cpu.h, list_tiles: few_hits).
+constexpr double kFewHits = 0.03;
 // From these densities on, a tensor is updated by the threshold stream (run_stream):
 // the chosen elements' lines are then most of the tensor's, and a stream over every
 // element costs less than visiting them. A tensor of up to one block streams on one
@@ -324,9 +327,10 @@ void merge_chosen(BlockOut& o, int64_t tail, bool values) {
 
 // The listing pass over a large tensor, per block: the winners (key > hi) and the
 // candidates (lo <= key <= hi). With a residual not yet `added`, each chunk's keys
-// are u = r + g, written to r first. few_hits as for_band (scan_cpu.h) decides it:
-// nearly no tile holds a key >= lo. `values` (no residual): the listed lanes'
-// gradients kept too (BlockOut::wval, cval).
+// are u = r + g, written to r first. few_hits: whether nearly no tile is expected to
+// hold a key >= lo, for a thread's first chunk (each later one goes by the chunk
+// before it). `values` (no residual): the listed lanes' gradients kept too
+// (BlockOut::wval, cval).
 template <typename T>
 std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, uint32_t hi,
                                 bool added, bool few_hits, bool values) {
@@ -341,6 +345,10 @@ std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, 
     // vector per block would be zeroed whole.
     const std::unique_ptr<int64_t[]> wstart(new int64_t[kBlock / kTile]);
     const std::unique_ptr<uint32_t[]> wmask(new uint32_t[kBlock / kTile]);
+    // The scan with a branch per tile pays where nearly no tile holds a key >= lo;
+    // after the first chunk the last chunk's tiles say so, not the density: an
+    // embedding's chosen keys fill the rows of the batch's tokens, in a few tiles.
+    bool few = few_hits;
     for (int64_t bi, b1; claims.next(bi, b1);) {
       BlockOut& o = out[bi];
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
@@ -352,8 +360,9 @@ std::vector<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, 
         l.nc = 0;
         if (t.r && !added) t.add_residual(e, e + tiles * kTile);
         const float* keys = t.r ? static_cast<const float*>(t.r + e) : nullptr;
-        if (keys) list_tiles(keys, tiles, lo_gt, hi_gt, e, l, few_hits);
-        else list_tiles(t.g + e, tiles, lo_gt, hi_gt, e, l, few_hits);
+        if (keys) list_tiles(keys, tiles, lo_gt, hi_gt, e, l, few);
+        else list_tiles(t.g + e, tiles, lo_gt, hi_gt, e, l, few);
+        few = double(l.nw - listed + l.nc) < kFewHits * double(tiles);
         for (int64_t j = 0; j < l.nc; ++j)
           for (uint32_t mc = cmask[j]; mc; mc &= mc - 1) {
             const int64_t q = cstart[j] + __builtin_ctz(mc);
@@ -633,7 +642,7 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   if (!band) return run_fallback(c, i, t, k, added);
   if (stream_pays(n, k))
     return run_stream(c, i, t, k, added, band->first, band->second, c.approx);
-  const bool few_hits = 1.4 * double(k) / double(n) * kTile < 0.03;
+  const bool few_hits = 1.4 * double(k) / double(n) * kTile < kFewHits;
   // A gradient of mostly exact zeros (an embedding's: nonzero in the rows of the
   // batch's tokens) has its chosen lanes in full tiles, read whole from their lines:
   // its gradients are not kept.
