@@ -152,7 +152,7 @@ int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k,
   if (t.r) {
     if (!after_pass)
       parallel_for_claimed(0, c.res[i].numel, kDenseGrain,
-                       [&](int64_t b, int64_t e) { t.add_residual(b, e); });
+                           [&](int64_t b, int64_t e) { t.add_residual(b, e); });
     src = residual_source(t, src.n);
   }
   const at::Tensor pos = select_positions(src, k, c.approx);
@@ -274,9 +274,9 @@ void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, ui
 
 // The block's chosen candidates merged into its winner tiles: one ascending list, a
 // tile listed once with all its chosen lanes, and with `values` the kept gradients
-// (BlockOut::wval) of the tiles that stay at most kLaneByLane lanes. Those at or past `tail` (the
-// block's elements after its whole tiles, whose tile would reach past the tensor)
-// join the tail winners, updated one by one.
+// (BlockOut::wval) of the tiles that stay at most kLaneByLane lanes. Those at or past
+// `tail` (the block's elements after its whole tiles, whose tile would reach past the
+// tensor) join the tail winners, updated one by one.
 void merge_chosen(BlockOut& o, int64_t tail, bool values) {
   size_t chosen = o.chosen.size();  // those before the tail
   while (chosen > 0 && o.chosen[chosen - 1] >= tail) o.tail_winners.push_back(o.chosen[--chosen]);
@@ -421,7 +421,7 @@ int64_t run_zero_floor(const Call& c, size_t i, const AdamTensor<T>& t, int64_t 
     for (prefix = begin; zeros_left > 0; ++prefix) zeros_left -= t.key(prefix) == 0;
   }
   parallel_for_claimed(0, prefix, kDenseGrain,
-                   [&](int64_t b, int64_t e) { t.dense(b, e, /*added=*/true); });
+                       [&](int64_t b, int64_t e) { t.dense(b, e, /*added=*/true); });
   parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
       BlockOut& o = out[bi];
@@ -693,7 +693,8 @@ int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
     // mixed-precision unscale: with one, the residual is summed first and sampled.
     const bool add_first = t.r && t.residual_alpha != 1.0f;
     if (add_first)
-      parallel_for_claimed(0, n, kDenseGrain, [&](int64_t b, int64_t e) { t.add_residual(b, e); });
+      parallel_for_claimed(0, n, kDenseGrain,
+                           [&](int64_t b, int64_t e) { t.add_residual(b, e); });
     return run_band(c, i, t, k, add_first);
   }
 }

@@ -402,10 +402,10 @@ class Selector {
           const int64_t nchosen = scan_keys_at_least(gmax.data() + gi, whole, t, chosen);
           const size_t room = size_t(nchosen * kTile + kStoreSlack);
           if (b.pos.size() < room) b.pos.resize(room);
-          const int64_t* pos = b.pos.data();
+          int64_t* pos = b.pos.data();
           constexpr bool kSigned = kSignedReader<decltype(rd)>;
           const int64_t m = scan_tiles_at_least<kSigned>(rd.p, chosen, nchosen,
-                                                         order_greater_than<kSigned>(t), b.pos.data());
+                                                         order_greater_than<kSigned>(t), pos);
           const size_t at = ckey.size();
           ckey.resize(at + size_t(m)), cpos.resize(at + size_t(m));
           for (int64_t j = 0; j < m; ++j)
