@@ -49,6 +49,13 @@ struct AdamTensor {
     p[e] = T(pm);
   }
 
+  // The update of element e by its gradient ge, kept apart from g (no residual).
+  void one_kept(int64_t e, M ge) const {
+    M pm = M(p[e]);
+    adam_rule(pm, ge * grad_scale, m[e], v[e], h, step_size, bc2_sqrt);
+    p[e] = T(pm);
+  }
+
   // r = r + residual_alpha * g over [b, e), as accumulate_ computes it.
   void add_residual(int64_t b, int64_t e) const {
     for (int64_t i = b; i < e; ++i) accumulate_rule(r[i], M(g[i]), residual_alpha);

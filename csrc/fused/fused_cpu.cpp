@@ -11,9 +11,9 @@
 //    tiles holding a key > H ("winners", with their lanes) and keeps the band's
 //    (key, position) candidates. The counts then prove (exact mode) that the
 //    winners are among the k largest and that the k-th lies in the band; the
-//    (k - #winners)-th candidate, ties to the lowest position, closes the answer,
-//    and the chosen candidates join their blocks' tile lists. Only then is anything
-//    updated: each block's listed tiles, their lines requested a few tiles ahead.
+//    (k - #winners)-th candidate, ties to the lowest position, closes the answer.
+//    Only then is anything updated: each block's listed tiles, their lines
+//    requested a few tiles ahead, then its chosen candidates.
 //    A band that misses falls back to select + update.
 //  - Large tensors whose sampled k-th key is 0 (run_zero_floor): the nonzero tiles
 //    listed and counted, a dense prefix of zeros completing k, then those tiles.
@@ -272,59 +272,6 @@ void choose_candidates(std::vector<BlockOut>& out, int64_t need, uint32_t lo, ui
   });
 }
 
-// The block's chosen candidates merged into its winner tiles: one ascending list, a
-// tile listed once with all its chosen lanes, and with `values` the kept gradients
-// (BlockOut::wval) of the tiles that stay at most kLaneByLane lanes. Those at or past
-// `tail` (the block's elements after its whole tiles, whose tile would reach past the
-// tensor) join the tail winners, updated one by one.
-void merge_chosen(BlockOut& o, int64_t tail, bool values) {
-  size_t chosen = o.chosen.size();  // those before the tail
-  while (chosen > 0 && o.chosen[chosen - 1] >= tail) o.tail_winners.push_back(o.chosen[--chosen]);
-  if (chosen == 0) return;
-  std::vector<int64_t> starts;
-  std::vector<uint32_t> masks;
-  std::vector<float> vals;
-  starts.reserve(o.wstart.size() + chosen);
-  masks.reserve(starts.capacity());
-  if (values) vals.reserve(o.wval.size() + chosen);
-  const auto kept = [](uint32_t mask) { return lanes_set(mask) <= kLaneByLane; };
-  size_t a = 0, av = 0;  // the next winner tile, and its first kept gradient
-  size_t tile_vals = 0;  // where the last listed tile's kept gradients start in vals
-  const auto winner_tile = [&] {
-    const uint32_t mask = o.wmask[a];
-    starts.push_back(o.wstart[a++]), masks.push_back(mask);
-    tile_vals = vals.size();
-    if (!values || !kept(mask)) return;
-    const auto lanes = size_t(lanes_set(mask));
-    vals.insert(vals.end(), o.wval.begin() + int64_t(av), o.wval.begin() + int64_t(av + lanes));
-    av += lanes;
-  };
-  for (size_t c = 0; c < chosen; ++c) {
-    const int64_t q = o.chosen[c], s = q - q % kTile;
-    const uint32_t bit = 1u << (q - s);
-    while (a < o.wstart.size() && o.wstart[a] < s) winner_tile();
-    if (a < o.wstart.size() && o.wstart[a] == s) winner_tile();
-    if (starts.empty() || starts.back() != s) {
-      starts.push_back(s), masks.push_back(0);
-      tile_vals = vals.size();
-    }
-    const uint32_t before = masks.back();
-    masks.back() |= bit;
-    if (!values) continue;
-    if (kept(masks.back())) {
-      // Kept in lane order: this lane's gradient goes after the lanes below it.
-      const auto below = size_t(lanes_set(before & (bit - 1)));
-      vals.insert(vals.begin() + int64_t(tile_vals + below), o.chosen_val[c]);
-    } else if (kept(before)) {
-      vals.resize(tile_vals);  // the tile is now read from its lines
-    }
-  }
-  while (a < o.wstart.size()) winner_tile();
-  o.wstart = std::move(starts);
-  o.wmask = std::move(masks);
-  o.wval = std::move(vals);
-}
-
 // The listing pass over a large tensor, per block: the winners (key > hi) and the
 // candidates (lo <= key <= hi). With a residual not yet `added`, each chunk's keys
 // are u = r + g, written to r first. few_hits: whether nearly no tile is expected to
@@ -542,6 +489,19 @@ int64_t update_at(const AdamTensor<T>& t, const int64_t* q, int64_t n) {
   return n;
 }
 
+// A block's chosen candidates q[0..n) updated after its winner tiles, their lines
+// requested ahead; with `vals`, by the gradients the listing pass kept. A candidate
+// in a winner tile finds that tile's lines still in cache: merging the two lists
+// into one cost more than the second visit.
+template <typename T, typename M>
+void update_chosen(const AdamTensor<T>& t, const int64_t* q, const M* vals, int64_t n) {
+  if (vals)
+    prefetched(0, n, [&](int64_t j) { t.one_kept(q[j], vals[j]); },
+               [&](int64_t j) { t.fetch_written(q[j]); });
+  else
+    update_at(t, q, n);
+}
+
 template <typename T>
 AdamTensor<T> adam_tensor(const Call& c, size_t i) {
   using M = at::opmath_type<T>;
@@ -662,12 +622,12 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   // The update: nothing was written to p or its state before this point.
   parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
-      BlockOut& o = out[bi];
-      const int64_t end = std::min(n, (bi + 1) * kBlock);
-      merge_chosen(o, end - (end - bi * kBlock) % kTile, values);
+      const BlockOut& o = out[bi];
       t.tiles_ahead(o.wstart.data(), o.wmask.data(), int64_t(o.wstart.size()),
                     values ? o.wval.data() : nullptr);
       for (int64_t e : o.tail_winners) t.one(e);
+      update_chosen(t, o.chosen.data(), values ? o.chosen_val.data() : nullptr,
+                    int64_t(o.chosen.size()));
     }
   });
   int64_t m = 0;
