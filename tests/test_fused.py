@@ -260,6 +260,16 @@ def test_large_edge_ks():
 
 
 @needs_ext
+def test_block_lists_kept_between_calls():
+    """The listing pass's per-block lists stay on the calling thread from call to call,
+    cleared: a tensor of fewer blocks after a larger one, and a larger one again, each
+    chooses what the reference does."""
+    for blocks, seed in ((6, 1), (2, 2), (7, 3)):
+        n = BLOCK * blocks + 7
+        check(make([n], torch.float32, "rows", seed=seed), [n // 100], **HYPERS["adamw"])
+
+
+@needs_ext
 def test_tail_candidates_chosen():
     # The 13 elements past the last whole tile, just above the k-th key: inside the
     # band, all chosen, in a tile that would reach past the tensor's end. (Past
