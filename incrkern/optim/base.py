@@ -38,13 +38,13 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The fused select-and-update (ops.adam_select_update_) against select then update
 # (by positions, or by mask from MASK_DENSITY on), per tensor, measured with
-# bench/crossover_fused.py (docs/measurements.md): on tensors of up to 2^18
-# elements the fused call wins at every density (no positions returned, no second op
-# call); on larger ones it wins with error feedback at every density (the composed
-# path accumulates, selects and updates in three passes) and with |grad| from
-# FUSED_MIN_DENSITY on.
+# bench/crossover_fused.py and the sparse benchmark's models (docs/measurements.md):
+# on tensors of up to 2^18 elements the fused call wins at every density (no
+# positions returned, no second op call); on larger ones it wins with error feedback
+# at every density (the composed path accumulates, selects and updates in three
+# passes) and with |grad| from FUSED_MIN_DENSITY on; below it the two measured alike.
 FUSED_SMALL_NUMEL = 2 ** 18
-FUSED_MIN_DENSITY = 0.004
+FUSED_MIN_DENSITY = 0.001
 
 
 def fused_options(group):
