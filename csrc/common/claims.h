@@ -25,6 +25,11 @@ class Claims {
     e = std::min(end_, b + grain_);
     return true;
   }
+  // The next unclaimed index alone, whatever the grain; false once none is left.
+  bool next_index(int64_t& i) {
+    i = next_.fetch_add(1, std::memory_order_relaxed);
+    return i < end_;
+  }
 
  private:
   const int64_t end_, grain_;

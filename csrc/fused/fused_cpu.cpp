@@ -318,7 +318,7 @@ std::span<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, ui
     // after the first chunk the last chunk's tiles say so, not the density: an
     // embedding's chosen keys fill the rows of the batch's tokens, in a few tiles.
     bool few = few_hits;
-    for (int64_t bi, b1; claims.next(bi, b1);) {
+    for (int64_t bi; claims.next_index(bi);) {
       BlockOut& o = out[bi];
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
       const int64_t whole = begin + (end - begin) / kTile * kTile;

@@ -110,7 +110,7 @@ DigitHistogram<K> digit_histogram(const std::vector<Source>& srcs,
     const Bin empty{0, std::numeric_limits<K>::max(), K(0)};
     std::vector<Bin> bins(4 * stride, empty);
     std::vector<int64_t> local(nbins, 0);
-    for (int64_t bi, b1; claims.next(bi, b1);) {
+    for (int64_t bi; claims.next_index(bi);) {
       const Block& blk = blocks[bi];
       with_reader<K>(srcs[blk.src], [&](auto rd) {
         auto add = [&](size_t copy, K key) {
