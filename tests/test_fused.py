@@ -4,6 +4,7 @@ to fp32 rounding, everything unchosen bit-identical, error feedback's residuals,
 approx counts within the documented contract, bad input refused before anything is
 written."""
 import math
+import threading
 
 import pytest
 import torch
@@ -267,6 +268,29 @@ def test_block_lists_kept_between_calls():
     for blocks, seed in ((6, 1), (2, 2), (7, 3)):
         n = BLOCK * blocks + 7
         check(make([n], torch.float32, "rows", seed=seed), [n // 100], **HYPERS["adamw"])
+
+
+@needs_ext
+def test_concurrent_calls_on_large_tensors():
+    """Two threads call the op at once (it runs without the GIL), each on large tensors
+    of its own, of changing sizes: each calling thread keeps its own block lists."""
+    errors = []
+
+    def steps(seed):
+        try:
+            for blocks in (5, 2, 6):
+                n = BLOCK * blocks + 3
+                check(make([n], torch.float32, "rows", seed=seed + blocks), [n // 100],
+                      **HYPERS["adamw"])
+        except BaseException as error:  # noqa: BLE001 -- reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=steps, args=(seed,)) for seed in (1, 100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
 
 
 @needs_ext
