@@ -13,8 +13,9 @@ from helpers import needs_ext
 
 # Functions (demangled-name fragments) whose loop over scattered elements requests
 # its lines ahead: the update ops' per-dtype loops, the fused call's small tensors
-# (inlined into its parallel loop), its tile lists, the selection's sample and its
-# listed tiles; then the vector scans, which request the lines 2 KB ahead of them.
+# (inlined into its parallel loop), its tile lists, the selection's listed tiles
+# (the sample's constant stride is left to the hardware prefetcher); then the
+# vector scans, which request the lines 2 KB ahead of them.
 # A fragment may also be found in its mangled form (MANGLED): objdump leaves the
 # names of the lambdas of claimed passes (parallel_for_claimed inside parallel_claims
 # inside at::parallel_for) mangled.
@@ -28,7 +29,6 @@ PREFETCHING = [
     "adam_select_update_checked(",
     "run_band<float>(",
     "run_zero_floor<float>(",
-    "Selector<unsigned int>::sample_keys(",
     "tiles_at_least_avx2<float, false>(",
     "list_tiles_avx2<float>(",
     "band_keys_avx2<float>(",

@@ -209,31 +209,24 @@ class Selector {
   // stride lets the hardware prefetcher run ahead of the reads: with a random
   // offset in each stride, every read waits on memory, and the sample costs several
   // full reads of the tensor. An odd stride walks through every column of a matrix
-  // whose rows are a power of two (or any even) long. The positions are computed
-  // first and then read in a tight loop per source.
+  // whose rows are a power of two (or any even) long. The reads are left to the
+  // hardware's stride prefetcher: requests 64 keys ahead made them slower.
   std::vector<K> sample_keys(int64_t s) const {
     uint64_t stride = std::max<uint64_t>(1, uint64_t(n_ / s));
     if (stride % 2 == 0) --stride;
-    const uint64_t start = fmix32(uint32_t(n_) ^ 0x9e3779b9u) % stride;
-    std::vector<int64_t> pos(s);
-    for (int64_t j = 0; j < s; ++j) pos[j] = int64_t(start + uint64_t(j) * stride);
+    const auto start = int64_t(fmix32(uint32_t(n_) ^ 0x9e3779b9u) % stride);
+    const auto step = int64_t(stride);
+    // The first sample index whose position is at or past x.
+    const auto first_at = [&](int64_t x) { return x <= start ? 0 : (x - start + step - 1) / step; };
     std::vector<K> keys(s);
     parallel_for(0, s, 4096, [&](int64_t b, int64_t e) {
       for (const Source& src : srcs_) {
-        const int64_t* first = std::lower_bound(pos.data() + b, pos.data() + e, src.pos0);
-        const int64_t* last = std::lower_bound(first, static_cast<const int64_t*>(pos.data() + e), src.pos0 + src.n);
-        if (first == last) continue;
+        const int64_t first = std::max(b, first_at(src.pos0));
+        const int64_t last = std::min(e, first_at(src.pos0 + src.n));
+        if (first >= last) continue;
         with_reader<K>(src, [&](auto rd) {
-          // Reads kAhead samples ahead are requested early, to L2 (as the indexed
-          // update does): each sample is its own line, and without this only a few
-          // are waited on at once.
-          constexpr int64_t kAhead = 64;
-          const char* base = static_cast<const char*>(src.data);
-          const int64_t size = src.data ? int64_t(c10::elementSize(src.dtype)) : 0;
-          for (const int64_t* q = first; q < last; ++q) {
-            if (base && last - q > kAhead) request_line(base + (q[kAhead] - src.pos0) * size);
-            keys[q - pos.data()] = rd(*q - src.pos0);
-          }
+          int64_t at = start + first * step - src.pos0;
+          for (int64_t j = first; j < last; ++j, at += step) keys[j] = rd(at);
         });
       }
     });
