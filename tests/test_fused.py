@@ -282,7 +282,7 @@ def test_concurrent_calls_on_large_tensors():
                 n = BLOCK * blocks + 3
                 check(make([n], torch.float32, "rows", seed=seed + blocks), [n // 100],
                       **HYPERS["adamw"])
-        except BaseException as error:  # noqa: BLE001 -- reported by the main thread
+        except BaseException as error:  # reported by the main thread
             errors.append(error)
 
     threads = [threading.Thread(target=steps, args=(seed,)) for seed in (1, 100)]

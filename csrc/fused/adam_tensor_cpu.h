@@ -35,18 +35,16 @@ struct AdamTensor {
   AdamHyper<M> h;
   M step_size, bc2_sqrt, grad_scale, residual_alpha;
 
-  // The update of element e alone.
+  // The update of element e alone, by its residual (then zeroed) or its gradient.
   void one(int64_t e) const {
-    M pm = M(p[e]);
-    M gm;
+    M ge;
     if (r) {
-      gm = r[e] * grad_scale;
+      ge = r[e];
       r[e] = M(0);
     } else {
-      gm = M(g[e]) * grad_scale;
+      ge = M(g[e]);
     }
-    adam_rule(pm, gm, m[e], v[e], h, step_size, bc2_sqrt);
-    p[e] = T(pm);
+    one_kept(e, ge);
   }
 
   // The update of element e by its gradient ge, kept apart from g (no residual).

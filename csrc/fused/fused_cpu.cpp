@@ -191,9 +191,9 @@ struct BlockOut {
 
 // The listing pass's per-block lists for nblocks blocks, cleared, kept on the calling
 // thread from call to call with their capacity: freed after every step, their pages
-// went back to the system and each step faulted them in again (7,000 faults a step
-// on one tensor of 126M elements at density 0.01). They hold about 16 bytes per chosen
-// element of the largest tensor seen.
+// went back to the system and each step faulted them in again (docs/measurements.md,
+// "One large tensor's update"). They hold about 16 bytes per chosen element of the
+// largest tensor seen.
 std::span<BlockOut> cleared_block_lists(int64_t nblocks) {
   thread_local std::vector<BlockOut> lists;
   if (int64_t(lists.size()) < nblocks) lists.resize(size_t(nblocks));
