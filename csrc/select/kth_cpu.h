@@ -91,6 +91,19 @@ class TopBitsHistogram {
     lo_ = std::min(lo_, key);
     hi_ = std::max(hi_, key);
   }
+  // add() of keys[0..n). The least and largest key stay in registers: kept in this
+  // object, each count's store (a uint32_t, as they may be) makes the compiler store
+  // and reload both, one chain through memory from key to key.
+  void add_all(const K* keys, int64_t n) {
+    uint32_t* h = hist_.data();
+    K lo = lo_, hi = hi_;
+    for (int64_t j = 0; j < n; ++j) {
+      ++h[bin(keys[j])];
+      lo = std::min(lo, keys[j]);
+      hi = std::max(hi, keys[j]);
+    }
+    lo_ = lo, hi_ = hi;
+  }
   // The bin holding the r-th largest key added (1 <= r <= count): its least key, and
   // the rank of that key among the bin's keys.
   std::pair<K, int64_t> locate(int64_t r) const {
@@ -122,7 +135,7 @@ std::pair<K, K> kths_of_few(const std::vector<K>& keys, int64_t r1, int64_t r2) 
   std::pair<K, int64_t> at1, at2;
   {
     TopBitsHistogram<K> hist;
-    for (K key : keys) hist.add(key);
+    hist.add_all(keys.data(), int64_t(keys.size()));
     at1 = hist.locate(r1);
     at2 = hist.locate(r2);
   }

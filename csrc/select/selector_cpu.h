@@ -301,11 +301,16 @@ class Selector {
             const int64_t m = std::min(kChunkTiles, whole - g);
             scan_tile_max<kSignedReader<decltype(rd)>>(rd.p + g * kTile, m, gmax.data() + gi);
             const K* q = gmax.data() + gi;
-            int64_t j = 0;
-            if (by_four)
+            if (by_four) {
+              K fours[kChunkTiles / 4];
+              int64_t j = 0;
               for (; j + 4 <= m; j += 4)
-                hist.add(std::max(std::max(q[j], q[j + 1]), std::max(q[j + 2], q[j + 3])));
-            for (; j < m; ++j) hist.add(q[j]);
+                fours[j / 4] = std::max(std::max(q[j], q[j + 1]), std::max(q[j + 2], q[j + 3]));
+              hist.add_all(fours, j / 4);
+              hist.add_all(q + j, m - j);
+            } else {
+              hist.add_all(q, m);
+            }
             gi += size_t(m);
           }
           i = whole * kTile;
