@@ -29,6 +29,7 @@
 #include <bit>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <span>
 #include <type_traits>
@@ -524,11 +525,25 @@ void update_chosen(const AdamTensor<T>& t, const int64_t* q, const M* vals, int6
     update_at(t, q, n);
 }
 
+// adam_bias of the call's constants at `step`, kept for the last step seen on this
+// thread: a model's params share their update count, and each param's AdamTensor is
+// made more than once, two pow calls each time.
+AdamBias call_adam_bias(const Call& c, float step) {
+  thread_local struct {
+    double lr = std::numeric_limits<double>::quiet_NaN(), beta1 = 0, beta2 = 0;  // none yet
+    float step = 0;
+    AdamBias bias{};
+  } last;
+  if (step != last.step || c.lr != last.lr || c.beta1 != last.beta1 || c.beta2 != last.beta2)
+    last = {c.lr, c.beta1, c.beta2, step, adam_bias(c.lr, c.beta1, c.beta2, double(step))};
+  return last.bias;
+}
+
 template <typename T>
 AdamTensor<T> adam_tensor(const Call& c, size_t i) {
   using M = at::opmath_type<T>;
   const Resolved& r = c.res[i];
-  const AdamBias bias = adam_bias(c.lr, c.beta1, c.beta2, double(r.step));
+  const AdamBias bias = call_adam_bias(c, r.step);
   return AdamTensor<T>{
       static_cast<T*>(r.p),
       static_cast<const T*>(r.g),
