@@ -214,6 +214,54 @@ def test_sizes_are_consistent():
                         numel(SIZES["full"].shape_sets()["one_tensor"]))
 
 
+@pytest.mark.parametrize("mode", ["quick", "full"])
+@pytest.mark.parametrize("llc", [260 * 2 ** 20, 491520 * 2 ** 10, 1 * 2 ** 20])
+def test_kernel_sizes_grow_from_the_cache(mode, llc):
+    from incrkern.bench.shapes import (CACHE_FACTOR, COPY_BYTES, SELECT_BYTES, STEP_BYTES,
+                                       sizes_for)
+    floor = SIZES[mode]
+    sizes = sizes_for(mode, "cpu", (llc, "test"))
+    least = CACHE_FACTOR * llc
+    sets = sizes.shape_sets()
+    for name, shapes in sets.items():
+        n = numel(shapes)
+        assert n * STEP_BYTES >= least, name
+        assert n >= numel(floor.shape_sets()[name]), name  # never below the fixed sizes
+    assert sets["many_small"][0] == (floor.many_numel,)  # more tensors, not larger ones
+    assert all(n * SELECT_BYTES >= least and n >= max(floor.select_sizes)
+               for n in sizes.select_sizes)
+    assert numel(sizes.select_shapes()) * SELECT_BYTES >= least
+    assert sizes.copy_numel * COPY_BYTES >= least and sizes.copy_numel >= floor.copy_numel
+    assert sizes.cache["llc_bytes"] == llc and sizes.cache["cache_factor"] == CACHE_FACTOR
+    # the smallest such sizes: one transformer width step (32) less falls short
+    smaller = dict(sizes.transformer, hidden=sizes.transformer["hidden"] - 32)
+    if sizes.transformer["hidden"] > floor.transformer["hidden"]:
+        assert numel(transformer_shapes(**smaller)) * STEP_BYTES < least
+    line = report.kernel_sizes_line(kernels.sizes_summary(sizes))
+    assert "last-level cache" in line and "(test)" in line
+    assert f"{sizes.many_count} x 10k" in line or f"{sizes.many_count} x 100k" in line
+
+
+def test_kernel_sizes_stay_within_memory():
+    from incrkern.bench.shapes import MEMORY_SHARE, PEAK_BYTES, sizes_for
+    llc, memory = 480 * 2 ** 20, 8 * 2 ** 30  # a cache asking for more than 8 GB hold
+    sizes = sizes_for("quick", "cpu", (llc, "test"), memory)
+    most = MEMORY_SHARE * memory / PEAK_BYTES
+    assert sizes.cache["memory_capped"]
+    assert sizes.one_tensor <= most and max(sizes.select_sizes) <= most
+    assert sizes.one_tensor >= SIZES["quick"].one_tensor  # still never below the floor
+    assert "memory" in report.kernel_sizes_line(kernels.sizes_summary(sizes))
+    roomy = sizes_for("quick", "cpu", (llc, "test"), 2 ** 40)
+    assert not roomy.cache["memory_capped"]
+    assert roomy.one_tensor == sizes_for("quick", "cpu", (llc, "test")).one_tensor
+
+
+def test_smoke_sizes_stay_fixed():
+    from incrkern.bench.shapes import sizes_for
+    assert sizes_for("tiny", "cpu", (2 ** 40, "test")) is SIZES["tiny"]
+    assert sizes_for("quick", "cpu") is SIZES["quick"]
+
+
 def test_full_sizes_on_a_gpu_add_the_billion_element_topk():
     from incrkern.bench.shapes import sizes_for
     assert 1_000_000_000 in sizes_for("full", "cuda").select_sizes

@@ -84,7 +84,8 @@ def run_bench(what="all", mode="quick", device=None, out=None, progress=True, qu
     if what == "distributed":
         return _run_distributed(results, mode, out, bar, quiet, t0, threads, device)
     if what in ("kernels", "all"):
-        results["kernels"] = kernels.run(sizes_for(mode, device), device, progress=bar)
+        sizes = sizes_for(mode, device, sparse.llc_bytes(device), common.memory_bytes(device))
+        results["kernels"] = kernels.run(sizes, device, progress=bar)
     if what in ("sparse", "all"):
         results["sparse"] = sparse.run(mode, device, progress=bar)
     if what in ("convergence", "all"):

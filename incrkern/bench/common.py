@@ -230,6 +230,18 @@ def _load_average():
         return None
 
 
+def memory_bytes(device):
+    """The memory a benchmark's tensors live in: a GPU's, else the machine's physical
+    memory (None when neither tells)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def machine_info(device):
     device = torch.device(device)
     info = {

@@ -43,7 +43,7 @@ def release():
         torch.cuda.empty_cache()
 
 
-def _timed(fn, ctx):
+def _timed(fn, ctx, min_repeats=3):
     """Times fn under no_grad; any exception becomes an unavailable record."""
     def run():
         with torch.no_grad():
@@ -52,7 +52,7 @@ def _timed(fn, ctx):
         timing = measure(run, device=ctx["device"], warmup=ctx["sizes"].warmup,
                          repeats=ctx["sizes"].repeats, min_time_s=ctx["sizes"].min_time_s,
                          max_time_s=ctx["sizes"].max_time_s,
-                         min_repeats=min(3, ctx["sizes"].repeats))
+                         min_repeats=min(min_repeats, ctx["sizes"].repeats))
     except Exception as exc:  # noqa: BLE001 - report, do not hide or crash
         return None, common.failure(exc)
     return timing, None
@@ -183,7 +183,7 @@ def topk_case(n, frac):
             "incrkern topk exact": lambda: incrkern.ops.topk(scores, k, approx=False),
             "incrkern topk approx": lambda: incrkern.ops.topk(scores, k, approx=True),
         }
-        timings = {name: _timed(fn, ctx) for name, fn in impls.items()}
+        timings = {name: _timed(fn, ctx, _repeats_of(name, ctx)) for name, fn in impls.items()}
         ref_s = timings["torch.topk"][0]["median_s"] if timings["torch.topk"][0] else None
         records = []
         for name, (timing, error) in timings.items():
@@ -201,6 +201,11 @@ def topk_case(n, frac):
         return records
     case.label = f"topk n={n:.0e} k={frac:g}"
     return case
+
+
+def _repeats_of(impl, ctx):
+    """The fewest timed calls of a selection row: torch's take seconds on large sizes."""
+    return ctx["sizes"].selection_reference_repeats if impl.startswith("torch") else 3
 
 
 def _torch_global_select(grads, k, offsets):
@@ -242,7 +247,7 @@ def select_case(scope, shapes, frac, shape_name="transformer"):
             impls[f"incrkern select {'approx' if approx else 'exact'}"] = (
                 lambda approx=approx: incrkern.ops.select(grads, ks, score="grad",
                                                           scope=scope, approx=approx))
-        timings = {name: _timed(fn, ctx) for name, fn in impls.items()}
+        timings = {name: _timed(fn, ctx, _repeats_of(name, ctx)) for name, fn in impls.items()}
         ref_s = timings[ref_name][0]["median_s"] if timings[ref_name][0] else None
         records = [_record(t, e, ctx, nbytes=nbytes, reference_s=ref_s, impl=name,
                            reference=ref_name, **base) for name, (t, e) in timings.items()]
@@ -309,7 +314,8 @@ def sparse_step_case(shape_name, shapes, densities):
                 release()
                 records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
                                        impl=name, **fields))
-            timing, error = _timed(_composed_step(params, _torch_tensor_select, d), ctx)
+            timing, error = _timed(_composed_step(params, _torch_tensor_select, d), ctx,
+                                   ctx["sizes"].selection_reference_repeats)
             records.append(_record(timing, error, ctx, nbytes=nbytes, reference_s=ref_s,
                                    impl="torch.topk + incrkern.ops update", **fields))
             release()
@@ -415,7 +421,7 @@ def cases(sizes):
             out.append(topk_case(n, frac))
     for scope in ("tensor", "global"):
         for frac in sizes.select_fracs:
-            out.append(select_case(scope, sets["transformer"], frac))
+            out.append(select_case(scope, sizes.select_shapes(), frac))
     for name, shapes in sets.items():
         out.append(sparse_step_case(name, shapes, sizes.densities))
     for name, shapes in sets.items():
@@ -438,6 +444,14 @@ def _with_reference_spread(records):
                     if not (rec["bench"] == "sparse_step" and key == "k")):
                 rec["reference_spread"] = ref["max_s"] / ref["min_s"]
     return records
+
+
+def sizes_summary(sizes):
+    """The cases' sizes, and the cache they were taken from, for the report."""
+    return dict(sizes.cache or {}, one_tensor=sizes.one_tensor,
+                many=[sizes.many_count, sizes.many_numel],
+                transformer=numel(sizes.shape_sets()["transformer"]),
+                select=list(sizes.select_sizes), select_transformer=numel(sizes.select_shapes()))
 
 
 def run(sizes, device, progress=None):
@@ -475,6 +489,7 @@ def run(sizes, device, progress=None):
     probe.close()
     return {
         "mode": sizes.name,
+        "sizes": sizes_summary(sizes),
         "copy_bandwidth": {"numel": sizes.copy_numel, "roofline_bytes_per_s": roofline,
                            "median_bytes_per_s": sorted(samples)[len(samples) // 2],
                            "min_bytes_per_s": min(samples), "measurements": len(samples),

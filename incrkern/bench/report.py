@@ -334,8 +334,27 @@ def machine_lines(results):
         if bw.get("add_bytes_per_s"):
             lines.append(f"for comparison, dst.add_(src) (12 B per element) reached "
                          f"{bw['add_bytes_per_s'] / 1e9:.2f} GB/s at best")
+        if kernels.get("sizes"):
+            lines.append(kernel_sizes_line(kernels["sizes"]))
     lines.append(f"run: {results['command']} at {m['date_utc']} UTC")
     return lines
+
+
+def kernel_sizes_line(sizes):
+    """One line naming the kernel cases' sizes and the cache they were chosen from."""
+    many_count, many_numel = sizes["many"]
+    text = (f"kernel sizes: one tensor {_size(sizes['one_tensor'])}, {many_count} x "
+            f"{_size(many_numel)}, transformer list {_size(sizes['transformer'])}; "
+            f"selections {' and '.join(_size(n) for n in sizes['select'])}, their "
+            f"transformer list {_size(sizes['select_transformer'])}")
+    if "llc_bytes" in sizes:
+        text += (f"; from the last-level cache, {sizes['llc_bytes'] / 2 ** 20:.3g} MiB "
+                 f"({sizes['llc_source']}): every working set at least "
+                 f"{sizes['cache_factor']}x it (steps and accumulate 8+ B an element, "
+                 f"selections 4 B)")
+        if sizes.get("memory_capped"):
+            text += ", except where the machine's memory holds less: those cases are smaller"
+    return text
 
 
 def print_tables(results, file=None):
