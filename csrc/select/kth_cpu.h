@@ -86,14 +86,10 @@ class TopBitsHistogram {
     if (lo_ <= hi_) std::fill(hist_.begin() + bin(lo_), hist_.begin() + bin(hi_) + 1, 0u);
     in_use() = false;
   }
-  void add(K key) {
-    ++hist_[bin(key)];
-    lo_ = std::min(lo_, key);
-    hi_ = std::max(hi_, key);
-  }
-  // add() of keys[0..n). The least and largest key stay in registers: kept in this
-  // object, each count's store (a uint32_t, as they may be) makes the compiler store
-  // and reload both, one chain through memory from key to key.
+  void add(K key) { add_all(&key, 1); }
+  // The keys keys[0..n) counted. The least and largest key stay in registers: kept in
+  // this object, each count's store (a uint32_t, as they may be) makes the compiler
+  // store and reload both, one chain through memory from key to key.
   void add_all(const K* keys, int64_t n) {
     uint32_t* h = hist_.data();
     K lo = lo_, hi = hi_;
