@@ -22,6 +22,7 @@ SGD_ARGS = dict(lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov
 TORCH_IMPLS = {"torch for-loop": dict(foreach=False), "torch foreach": dict(foreach=True),
                "torch fused": dict(fused=True)}
 REFERENCE = "torch fused"
+MIN_REPEATS = 3  # the fewest timed calls of a row, unless its Sizes says otherwise
 
 
 def make_tensors(shapes, device, seed=0, requires_grad=True):
@@ -43,7 +44,7 @@ def release():
         torch.cuda.empty_cache()
 
 
-def _timed(fn, ctx, min_repeats=3):
+def _timed(fn, ctx, min_repeats=MIN_REPEATS):
     """Times fn under no_grad; any exception becomes an unavailable record."""
     def run():
         with torch.no_grad():
@@ -205,7 +206,7 @@ def topk_case(n, frac):
 
 def _repeats_of(impl, ctx):
     """The fewest timed calls of a selection row: torch's take seconds on large sizes."""
-    return ctx["sizes"].selection_reference_repeats if impl.startswith("torch") else 3
+    return ctx["sizes"].selection_reference_repeats if impl.startswith("torch") else MIN_REPEATS
 
 
 def _torch_global_select(grads, k, offsets):

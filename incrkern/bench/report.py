@@ -3,6 +3,7 @@ import json
 import math
 import os
 
+from .shapes import SELECT_BYTES, STEP_BYTES
 from .sparse import sizes_line
 
 NA = "n/a"
@@ -350,8 +351,8 @@ def kernel_sizes_line(sizes):
     if "llc_bytes" in sizes:
         text += (f"; from the last-level cache, {sizes['llc_bytes'] / 2 ** 20:.3g} MiB "
                  f"({sizes['llc_source']}): every working set at least "
-                 f"{sizes['cache_factor']}x it (steps and accumulate 8+ B an element, "
-                 f"selections 4 B)")
+                 f"{sizes['cache_factor']}x it (steps and accumulate {STEP_BYTES}+ B an "
+                 f"element, selections {SELECT_BYTES} B)")
         if sizes.get("memory_capped"):
             text += ", except where the machine's memory holds less: those cases are smaller"
     return text

@@ -70,7 +70,8 @@ class Sizes:
                                                                  vocab=1000, positions=64))
     # the selection cases' transformer list (None: `transformer`)
     select_transformer: dict = None
-    # where the sizes came from: {"llc_bytes", "llc_source", "cache_factor"}, or None
+    # where the sizes came from: {"llc_bytes", "llc_source", "cache_factor",
+    # "memory_capped"}, or None
     cache: dict = None
 
     def shape_sets(self):
@@ -103,7 +104,6 @@ class Sizes:
             select_transformer=transformer_at_least(self.transformer, select),
             copy_numel=max(self.copy_numel, math.ceil(factor * llc_bytes / COPY_BYTES)),
             cache=dict(llc_bytes=int(llc_bytes), llc_source=llc_source, cache_factor=factor,
-                       step_numel=step, select_numel=select,
                        memory_capped=step < step_wanted or select < select_wanted))
 
 

@@ -34,7 +34,7 @@ import incrkern
 from . import common, gradients
 from .common import BYTES_ADAMW, measure
 from .kernels import release
-from .shapes import numel, transformer_shapes
+from .shapes import numel, transformer_at_least, transformer_shapes
 
 ADAMW_ARGS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 CACHE_FACTOR = 4          # working set >= 4x the last-level cache
@@ -201,10 +201,8 @@ def random_case(name, shapes, seed=0):
 def transformer_for(target):
     """The BERT-style parameter list (12 layers, 30522 words) of the smallest hidden
     width, a multiple of 32, with at least `target` elements."""
-    hidden = 32
-    while numel(transformer_shapes(hidden=hidden)) < target:
-        hidden += 32
-    return transformer_shapes(hidden=hidden), hidden
+    config = transformer_at_least(dict(hidden=32), target)
+    return transformer_shapes(**config), config["hidden"]
 
 
 def transformer_case(target, fixed):
