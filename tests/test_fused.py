@@ -229,6 +229,30 @@ def test_large_tensor(dtype, kind):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype,kind", [
+    (torch.float32, "normal"), (torch.float32, "rows"), (torch.float32, "sparse"),
+    (torch.float32, "ties"), (torch.bfloat16, "student_t"), (torch.float64, "normal")])
+@pytest.mark.parametrize("residual", [False, True])
+def test_mid_tensors_side_by_side(dtype, kind, residual):
+    """Tensors past TILE_MAX that hold at most half a thread's share of the call's
+    elements run on one thread each, side by side with the small ones: the tile maxima
+    when k is at most n / 256, else the band or the threshold stream. The largest
+    tensor here holds more and runs over both threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sizes = [TILE_MAX + 5, TILE_MAX * 3 // 2 + 1, 1000, TILE_MAX + 17, 3 * TILE_MAX - 1,
+                 3, TILE_MAX * 5 // 4, TILE_MAX + 1, TILE_MAX + 2]
+        # 3 * TILE_MAX - 1 is more than a quarter of the elements; the rest are not
+        densities = [0.001, 0.01, 0.001, 0.05, 0.001, 0.5, 0.0039, 0.0, 1.0]
+        ks = [min(n, math.ceil(d * n)) for n, d in zip(sizes, densities)]
+        check(make(sizes, dtype, kind, seed=len(kind), residual=residual), ks,
+              **HYPERS["adamw"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_ext
 def test_listing_scan_changes_mode_within_tensor():
     """The listing pass picks its scan per chunk from the chunk before (a branch per
     tile where nearly none holds a key of the band): a tensor whose chunks go from

@@ -36,6 +36,16 @@ class Claims {
   std::atomic<int64_t> next_;
 };
 
+// work() once on each of min(runs, at::get_num_threads()) threads (runs >= 1), for
+// work that claims its own runs.
+template <typename Work>
+void on_threads(int64_t runs, Work&& work) {
+  at::parallel_for(0, std::min<int64_t>(runs, at::get_num_threads()), 1,
+                   [&](int64_t t0, int64_t t1) {
+                     for (int64_t t = t0; t < t1; ++t) work();
+                   });
+}
+
 // work(claims) once on each thread (as many as there are runs, at most
 // at::get_num_threads()), which loops over claims.next(): for a pass whose threads
 // each set up scratch space first.
@@ -44,11 +54,7 @@ void parallel_claims(int64_t begin, int64_t end, int64_t grain, Work&& work) {
   if (end <= begin) return;
   grain = std::max<int64_t>(1, grain);
   Claims claims(begin, end, grain);
-  const int64_t runs = (end - begin + grain - 1) / grain;
-  at::parallel_for(0, std::min<int64_t>(runs, at::get_num_threads()), 1,
-                   [&](int64_t t0, int64_t t1) {
-                     for (int64_t t = t0; t < t1; ++t) work(claims);
-                   });
+  on_threads((end - begin + grain - 1) / grain, [&] { work(claims); });
 }
 
 // at::parallel_for(begin, end, grain, fn), fn called on each claimed run.

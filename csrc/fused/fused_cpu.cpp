@@ -6,6 +6,9 @@
 //  - Small tensors (up to kBlock elements, or kTileMaxNumel when sparse enough for
 //    the tile maxima: one_thread_selection), one thread each: the Selector (exact,
 //    one read), then the chosen elements updated while the tensor is in cache.
+//  - Mid-sized tensors (past those limits, each at most half a thread's share of
+//    the call's elements), one thread each, side by side, largest first: the tile
+//    maxima when k <= n / 256 (up to kTileMaxBesideNumel), else as large tensors.
 //  - Large tensors, the tile lists: a band [L, H] on the k-th key from the
 //    Selector's sample; one pass over the keys lists, per block, the 16-element
 //    tiles holding a key > H ("winners", with their lanes) and keeps the band's
@@ -42,6 +45,7 @@
 #include "select/selector_cpu.h"
 #include "update/adam_stream_cpu.h"
 #include "fused/adam_tensor_cpu.h"
+#include "fused/band_choice_cpu.h"
 #include "fused/fused_checks.h"
 #include "fused/fused_cpu.h"
 #include "fused/scans_cpu.h"
@@ -162,137 +166,11 @@ int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k,
   return pos.numel();
 }
 
-// Per block of the listing pass: the tiles holding a winner (first element, winner
-// lanes, ascending), the winners of the tensor's last few elements that fill no
-// tile, and the candidates in position order.
-struct BlockOut {
-  std::vector<int64_t> wstart;
-  std::vector<uint32_t> wmask;
-  std::vector<int64_t> tail_winners;
-  int64_t winners = 0;
-  std::vector<uint32_t> ckey;
-  std::vector<int64_t> cpos;
-  std::vector<int64_t> chosen;  // the candidates chosen, ascending
-  // When the listing pass keeps values (without a residual): the gradients of the
-  // lanes of every listed tile updated lane by lane (at most kLaneByLane lanes; tile
-  // order, lanes ascending) and of every candidate, kept while the pass has their
-  // lines in cache. The update then reads them here, in order, not from g's lines
-  // (each a wait on memory, as p's, m's and v's are). A fuller tile reads its
-  // gradient line (adam_tiles).
-  std::vector<float> wval, cval, chosen_val;
-
-  void clear() {
-    for (auto* list : {&wstart, &tail_winners, &cpos, &chosen}) list->clear();
-    for (auto* list : {&wval, &cval, &chosen_val}) list->clear();
-    wmask.clear();
-    ckey.clear();
-    winners = 0;
-  }
-};
-
-// The listing pass's per-block lists for nblocks blocks, cleared, kept on the calling
-// thread from call to call with their capacity: freed after every step, their pages
-// went back to the system and each step faulted them in again (docs/measurements.md,
-// "One large tensor's update"). They hold about 16 bytes per chosen element of the
-// largest tensor seen.
-std::span<BlockOut> cleared_block_lists(int64_t nblocks) {
-  thread_local std::vector<BlockOut> lists;
-  if (int64_t(lists.size()) < nblocks) lists.resize(size_t(nblocks));
-  const std::span<BlockOut> out(lists.data(), size_t(nblocks));
-  for (BlockOut& o : out) o.clear();
-  return out;
-}
-
 // INCRKERN_FUSED_FALLBACK (for the tests) forces the fallback "before" the listing
 // pass or "after" it, as a band the counts refute.
 bool forced_fallback(const char* when) {
   const char* env = std::getenv("INCRKERN_FUSED_FALLBACK");
   return env && std::strcmp(env, when) == 0;
-}
-
-// The need-th largest of a band's keys, kept per block in position order (keys_of(o):
-// block o's), every key in [lo, hi], 0 < need < their count; and per block, how many
-// of its keys equal it and how many of those are chosen, ties to the lowest position.
-struct BandKth {
-  uint32_t kth;
-  std::vector<int64_t> equal, ties;
-};
-
-template <typename Blocks, typename KeysOf>
-BandKth band_kth(const Blocks& blocks, KeysOf&& keys_of, int64_t need, uint32_t lo,
-                 uint32_t hi) {
-  // A dense step's band holds hundreds of thousands of keys, kept by the blocks of a
-  // pass over every thread: one histogram of them per thread, in 2^11 bins of the
-  // band, then the need-th largest among the keys of its bin alone.
-  constexpr int kBits = 11;
-  constexpr size_t kBins = size_t(1) << kBits;
-  const int shift = std::max(0, int(std::bit_width(hi - lo)) - kBits);
-  const auto nblocks = int64_t(blocks.size());
-  std::vector<std::vector<uint32_t>> hists(size_t(at::get_num_threads()));
-  parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint32_t>& hist = hists[size_t(at::get_thread_num())];
-    if (hist.empty()) hist.assign(kBins, 0);
-    for (int64_t bi = b0; bi < b1; ++bi)
-      for (uint32_t key : keys_of(blocks[size_t(bi)])) ++hist[(key - lo) >> shift];
-  });
-  std::vector<uint32_t> total(kBins, 0);
-  for (const std::vector<uint32_t>& hist : hists)
-    for (size_t b = 0; b < hist.size(); ++b) total[b] += hist[b];
-  size_t bin = size_t((hi - lo) >> shift);
-  int64_t rank = need;
-  for (; rank > int64_t(total[bin]); --bin) rank -= total[bin];
-  std::vector<uint32_t> keys;
-  keys.reserve(total[bin]);
-  for (const auto& o : blocks)
-    for (uint32_t key : keys_of(o))
-      if (size_t((key - lo) >> shift) == bin) keys.push_back(key);
-  const uint32_t base = lo + (uint32_t(bin) << shift);
-  const uint32_t top =
-      uint32_t(std::min<uint64_t>(hi, uint64_t(base) + ((uint64_t(1) << shift) - 1)));
-  BandKth b{kth_largest(keys, rank, base, top), std::vector<int64_t>(blocks.size()), {}};
-  std::vector<int64_t> greater(blocks.size());
-  parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      int64_t gt = 0, eq = 0;
-      for (uint32_t key : keys_of(blocks[size_t(bi)])) gt += key > b.kth, eq += key == b.kth;
-      greater[size_t(bi)] = gt, b.equal[size_t(bi)] = eq;
-    }
-  });
-  int64_t ties = need;  // keys equal to kth still to take, lowest positions first
-  for (int64_t gt : greater) ties -= gt;
-  for (int64_t equal : b.equal) b.ties.push_back(std::min(equal, ties)), ties -= b.ties.back();
-  return b;
-}
-
-// The (key, position) candidates chosen to complete `need` winners: the need largest,
-// ties to the lowest position; all of them when they are at most need. Every key
-// lies in the band [lo, hi]. `values`: the listing pass kept the gradients.
-void choose_candidates(std::span<BlockOut> out, int64_t need, uint32_t lo, uint32_t hi,
-                       bool values) {
-  int64_t cnt = 0;
-  for (const BlockOut& o : out) cnt += int64_t(o.cpos.size());
-  if (need <= 0) return;
-  if (cnt <= need) {
-    for (BlockOut& o : out) o.chosen = o.cpos, o.chosen_val = o.cval;
-    return;
-  }
-  const BandKth b = band_kth(
-      out, [](const BlockOut& o) -> const std::vector<uint32_t>& { return o.ckey; }, need, lo,
-      hi);
-  parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      BlockOut& o = out[size_t(bi)];
-      int64_t ties = b.ties[size_t(bi)];
-      for (size_t j = 0; j < o.cpos.size(); ++j) {
-        const bool tie = o.ckey[j] == b.kth && ties > 0;
-        if (o.ckey[j] > b.kth || tie) {
-          o.chosen.push_back(o.cpos[j]);
-          if (values) o.chosen_val.push_back(o.cval[j]);
-        }
-        ties -= tie;
-      }
-    }
-  });
 }
 
 // The listing pass over a large tensor, per block: the winners (key > hi) and the
@@ -609,7 +487,7 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, De
       if (band) return run_stream(c, i, t, k, true, band->lo, band->hi, /*approx=*/false);
     }
   }
-  if (src.dtype != at::kDouble && tile_max_fits(n, k)) {
+  if (src.dtype != at::kDouble && (tile_max_fits(n, k) || tile_max_fits_beside(n, k))) {
     // A model's many small tensors: the selection's vectors kept per thread, and the
     // positions left in a vector, not in a tensor.
     thread_local Selector<uint32_t>::TileMaxBuffers buffers;
@@ -738,28 +616,47 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
     }
   });
   // Small tensors side by side, one thread each (up to 2^20 elements when they take
-  // the tile maxima or the threshold stream: a transformer's mid-sized matrices); large
-  // ones one after another, each over every thread.
-  std::vector<int64_t> small, large;
+  // the tile maxima or the threshold stream: a transformer's mid-sized matrices), and
+  // before them, largest first, the tensors that would run over every thread but hold
+  // at most half a thread's share of the call's elements: their samples, choices and
+  // joins then overlap the other threads' reads. Those left run one after another,
+  // each over every thread.
+  std::vector<int64_t> small, beside, large;
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) total += c.res[i].numel;
+  const double half_share = double(total) / double(2 * at::get_num_threads());
   for (int64_t i = 0; i < n; ++i) {
     const int64_t numel = c.res[i].numel;
     const bool one_thread = select::one_thread_selection(numel, ks[i]) ||
                             (numel <= select::kTileMaxNumel && stream_pays(numel, ks[i]));
-    (one_thread ? small : large).push_back(i);
+    (one_thread ? small : double(numel) <= half_share ? beside : large).push_back(i);
   }
-  parallel_claims(0, int64_t(small.size()), kSmallGrain, [&](Claims& claims) {
-    thread_local Deferred deferred;
-    deferred.pending = false;  // what a call that raised left
-    for (int64_t b, e; claims.next(b, e);)
-      for (int64_t j = b; j < e; ++j) {
-        const size_t i = size_t(small[j]);
-        with_param_type(c.res[i].dtype, [&](auto tag) {
-          using T = decltype(tag);
-          count[i] = run_small<T>(c, i, adam_tensor<T>(c, i), ks[i], deferred);
-        });
-      }
-    update_deferred(c, deferred);
-  });
+  std::stable_sort(beside.begin(), beside.end(),
+                   [&](int64_t a, int64_t b) { return c.res[a].numel > c.res[b].numel; });
+  Claims beside_claims(0, int64_t(beside.size()), 1);
+  Claims small_claims(0, int64_t(small.size()), kSmallGrain);
+  const auto run_one = [&](size_t i, Deferred& deferred) {
+    with_param_type(c.res[i].dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const AdamTensor<T> t = adam_tensor<T>(c, i);
+      const int64_t numel = c.res[i].numel;
+      const bool small_path =
+          numel <= select::kTileMaxNumel || select::tile_max_fits_beside(numel, ks[i]);
+      count[i] = small_path ? run_small<T>(c, i, t, ks[i], deferred)
+                            : run_large<T>(c, i, t, ks[i]);
+    });
+  };
+  const int64_t runs =
+      int64_t(beside.size()) + (int64_t(small.size()) + kSmallGrain - 1) / kSmallGrain;
+  if (runs > 0)
+    on_threads(runs, [&] {
+      thread_local Deferred deferred;
+      deferred.pending = false;  // what a call that raised left
+      for (int64_t j; beside_claims.next_index(j);) run_one(size_t(beside[j]), deferred);
+      for (int64_t b, e; small_claims.next(b, e);)
+        for (int64_t j = b; j < e; ++j) run_one(size_t(small[j]), deferred);
+      update_deferred(c, deferred);
+    });
   for (int64_t i : large)
     with_param_type(c.res[i].dtype, [&](auto tag) {
       using T = decltype(tag);

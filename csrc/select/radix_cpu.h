@@ -36,6 +36,17 @@ inline bool tile_max_fits(int64_t n, int64_t k) {
   return n <= kTileMaxNumel && 2 * k <= (n + 15) / 16;
 }
 
+// A larger tensor that runs on one thread beside others (a list's mid-sized
+// matrices: fused/fused_cpu.cpp) takes the tile maxima too when sparser still: its
+// chosen tiles are then few enough that reading them again costs less than the
+// sample and the candidates of a band.
+constexpr int64_t kTileMaxBesideNumel = int64_t(1) << 23;
+constexpr int64_t kTilesPerKeyBeside = 16;  // density up to 1/256
+
+inline bool tile_max_fits_beside(int64_t n, int64_t k) {
+  return n <= kTileMaxBesideNumel && kTilesPerKeyBeside * k <= (n + 15) / 16;
+}
+
 // Whether the selection of k of n elements runs on one thread (lists run those side
 // by side) rather than over every thread.
 inline bool one_thread_selection(int64_t n, int64_t k) {

@@ -361,7 +361,8 @@ class Selector {
   // The ascending positions of run_tile_max's answer over one source, into `chosen`,
   // with the caller's buffers and no tensor made.
   void tile_max_positions(TileMaxBuffers& b, std::vector<int64_t>& chosen) const {
-    TORCH_INTERNAL_ASSERT(srcs_.size() == 1 && srcs_[0].pos0 == 0 && tile_max_fits(n_, k_));
+    TORCH_INTERNAL_ASSERT(srcs_.size() == 1 && srcs_[0].pos0 == 0 &&
+                          (tile_max_fits(n_, k_) || tile_max_fits_beside(n_, k_)));
     tile_max_candidates(b);
     choose(b.ckey, b.cpos, chosen);
   }
