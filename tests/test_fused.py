@@ -228,6 +228,23 @@ def test_large_tensor(dtype, kind):
     check(x, [n // 100, 10], **HYPERS["adamw"])
 
 
+def check_on_two_threads(sizes, densities, dtype, kind, residual):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ks = [min(n, math.ceil(d * n)) for n, d in zip(sizes, densities)]
+        check(make(sizes, dtype, kind, seed=len(kind), residual=residual), ks,
+              **HYPERS["adamw"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+# 3 * TILE_MAX - 1 is more than a quarter of the elements; the other tensors past
+# TILE_MAX are not
+MID_SIZES = [TILE_MAX + 5, TILE_MAX * 3 // 2 + 1, 1000, TILE_MAX + 17, 3 * TILE_MAX - 1, 3,
+             TILE_MAX * 5 // 4, TILE_MAX + 1, TILE_MAX + 2]
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype,kind", [
     (torch.float32, "normal"), (torch.float32, "rows"), (torch.float32, "sparse"),
@@ -238,18 +255,19 @@ def test_mid_tensors_side_by_side(dtype, kind, residual):
     elements run on one thread each, side by side with the small ones: the tile maxima
     when k is at most n / 256, else the band or the threshold stream. The largest
     tensor here holds more and runs over both threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        sizes = [TILE_MAX + 5, TILE_MAX * 3 // 2 + 1, 1000, TILE_MAX + 17, 3 * TILE_MAX - 1,
-                 3, TILE_MAX * 5 // 4, TILE_MAX + 1, TILE_MAX + 2]
-        # 3 * TILE_MAX - 1 is more than a quarter of the elements; the rest are not
-        densities = [0.001, 0.01, 0.001, 0.05, 0.001, 0.5, 0.0039, 0.0, 1.0]
-        ks = [min(n, math.ceil(d * n)) for n, d in zip(sizes, densities)]
-        check(make(sizes, dtype, kind, seed=len(kind), residual=residual), ks,
-              **HYPERS["adamw"])
-    finally:
-        torch.set_num_threads(threads)
+    densities = [0.001, 0.01, 0.001, 0.05, 0.001, 0.5, 0.0039, 0.0, 1.0]
+    check_on_two_threads(MID_SIZES, densities, dtype, kind, residual)
+
+
+@needs_ext
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_mid_tensors_side_by_side_fall_back(monkeypatch, when, residual):
+    """A band that misses on a tensor that runs beside others falls back on its
+    thread: select, then the positional update."""
+    monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", when)
+    densities = [0.01] * len(MID_SIZES)
+    check_on_two_threads(MID_SIZES, densities, torch.float32, "rows", residual)
 
 
 @needs_ext
