@@ -36,8 +36,8 @@ class Claims {
   std::atomic<int64_t> next_;
 };
 
-// work() once on each of min(runs, at::get_num_threads()) threads (runs >= 1), for
-// work that claims its own runs.
+// work() once on each of min(runs, at::get_num_threads()) threads (none when runs is
+// 0), for work that claims its own runs.
 template <typename Work>
 void on_threads(int64_t runs, Work&& work) {
   at::parallel_for(0, std::min<int64_t>(runs, at::get_num_threads()), 1,

@@ -648,15 +648,14 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   };
   const int64_t runs =
       int64_t(beside.size()) + (int64_t(small.size()) + kSmallGrain - 1) / kSmallGrain;
-  if (runs > 0)
-    on_threads(runs, [&] {
-      thread_local Deferred deferred;
-      deferred.pending = false;  // what a call that raised left
-      for (int64_t j; beside_claims.next_index(j);) run_one(size_t(beside[j]), deferred);
-      for (int64_t b, e; small_claims.next(b, e);)
-        for (int64_t j = b; j < e; ++j) run_one(size_t(small[j]), deferred);
-      update_deferred(c, deferred);
-    });
+  on_threads(runs, [&] {
+    thread_local Deferred deferred;
+    deferred.pending = false;  // what a call that raised left
+    for (int64_t j; beside_claims.next_index(j);) run_one(size_t(beside[j]), deferred);
+    for (int64_t b, e; small_claims.next(b, e);)
+      for (int64_t j = b; j < e; ++j) run_one(size_t(small[j]), deferred);
+    update_deferred(c, deferred);
+  });
   for (int64_t i : large)
     with_param_type(c.res[i].dtype, [&](auto tag) {
       using T = decltype(tag);

@@ -34,10 +34,9 @@ import incrkern
 from . import common, gradients
 from .common import BYTES_ADAMW, measure
 from .kernels import release
-from .shapes import numel, transformer_at_least, transformer_shapes
+from .shapes import CACHE_FACTOR, numel, transformer_at_least, transformer_shapes
 
 ADAMW_ARGS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-CACHE_FACTOR = 4          # working set >= 4x the last-level cache
 BYTES_PER_ELEMENT = 16    # AdamW's working set: p, g, m, v in fp32
 LINE_BYTES = {"cpu": 64, "cuda": 32}
 LINES_PER_TOUCHED_LINE = 6  # p, m, v read and written (g's line is in the score read)
