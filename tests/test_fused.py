@@ -367,6 +367,23 @@ def test_lr_tensor_and_increment_steps():
 
 
 @needs_ext
+def test_step_tensor_given_for_several_params():
+    """Through the op a step tensor may be shared (the optimizers refuse it): it counts
+    every param before any update reads it, as adam_update_ does."""
+    x = make([BLOCK * 2 + 9, 100, 33], torch.float32, seed=2)
+    shared = torch.tensor(3.0)
+    x["steps"] = [shared, torch.tensor(3.0), shared]
+    before = clone(x)
+    ks = [5000, 7, 4]
+    run_kernel(x, ks, lr=1e-2, increment_steps=True)
+    ref = clone(before)
+    ref["steps"] = [torch.tensor(5.0), torch.tensor(4.0), torch.tensor(5.0)]
+    run_reference(ref, reference_indices(before, ks), lr=1e-2)
+    for key in ("params", "m", "v"):
+        for a, b in zip(x[key], ref[key]):
+            assert_close_nan(a, b)
+    assert float(shared) == 5.0 and float(x["steps"][1]) == 4.0
+@needs_ext
 @pytest.mark.parametrize("n,k", [(BLOCK + 3, (BLOCK + 3) // 20),
                                  (TILE_MAX + 3, (TILE_MAX + 3) // 50)])
 @pytest.mark.parametrize("when", ["before", "after"])

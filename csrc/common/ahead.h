@@ -34,6 +34,14 @@ inline void request_storage(const at::Tensor& t) {
                  sizeof(c10::StorageImpl));
 }
 
+// The version counter behind t (a separate object, bumped where the tensor is written),
+// once its TensorImpl is here. VariableVersion keeps its counter private behind one
+// pointer; read as that pointer only to request the line, which never faults.
+inline void request_version(const at::Tensor& t) {
+  static_assert(sizeof(c10::VariableVersion) == sizeof(void*));
+  request_line(*reinterpret_cast<void* const*>(&t.unsafeGetTensorImpl()->version_counter()));
+}
+
 // At entry i of a pass over `tensors`: entry i + kTensorsAhead's TensorImpl requested,
 // and `then` (request_storage, or nothing) for entry i + kTensorsAhead / 2.
 template <typename Then>

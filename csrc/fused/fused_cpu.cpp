@@ -42,6 +42,7 @@
 #include "common/claims.h"
 #include "common/prefetched.h"
 #include "common/rules.h"
+#include "common/versions.h"
 #include "select/selector_cpu.h"
 #include "update/adam_stream_cpu.h"
 #include "fused/adam_tensor_cpu.h"
@@ -584,7 +585,7 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       bool decoupled_weight_decay, bool maximize,
                                       double grad_scale,
                                       const std::optional<at::Tensor>& lr_tensor,
-                                      bool increment_steps,
+                                      Bookkeeping book,
                                       const std::optional<at::Tensor>& amp_scale,
                                       const std::optional<at::Tensor>& found_inf) {
   Call c{params, grads, exp_avgs, exp_avg_sqs, steps, residuals, lr, beta1, beta2, eps,
@@ -597,24 +598,43 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   c.amp_scale = amp_scale;
   c.amp = amp_value(amp_scale);
   // Every check has passed: from here on the call changes its arguments.
-  if (increment_steps)
-    for (size_t i = 0; i < steps.size(); ++i) {
-      request_tensors_ahead(steps, i, request_storage);
-      *steps[i].data_ptr<float>() += 1.0f;
-    }
   c.res.resize(params.size());
+  std::vector<float*> step_counts(params.size());
+  const auto storage_and_version = [](const at::Tensor& t) {
+    request_storage(t);
+    request_version(t);
+  };
   at::parallel_for(0, n, kResolveGrain, [&](int64_t b, int64_t e) {
     for (size_t i = size_t(b); i < size_t(e); ++i) {
-      for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, residuals})
-        request_tensors_ahead(list.slice(0, std::min(list.size(), size_t(e))), i,
-                              request_storage);
+      for (at::TensorList list : {params, exp_avgs, exp_avg_sqs, steps, residuals}) {
+        list = list.slice(0, std::min(list.size(), size_t(e)));
+        if (book.bump_written) request_tensors_ahead(list, i, storage_and_version);
+        else request_tensors_ahead(list, i, request_storage);
+      }
+      request_tensors_ahead(grads.slice(0, size_t(e)), i, request_storage);
       c.res[i] = Resolved{params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                           exp_avg_sqs[i].data_ptr(),
                           residuals.empty() ? nullptr : residuals[i].data_ptr(),
-                          params[i].numel(), *steps[i].data_ptr<float>(),
-                          params[i].scalar_type()};
+                          params[i].numel(), 0.0f, params[i].scalar_type()};
+      float* count = steps[i].data_ptr<float>();
+      if (book.steps_distinct) {
+        if (book.increment_steps) *count += 1.0f;
+        c.res[i].step = *count;
+      }
+      step_counts[i] = count;
+      if (book.bump_written)
+        for (at::TensorList list : {params, exp_avgs, exp_avg_sqs, steps, residuals})
+          if (!list.empty()) bump_versions(list.slice(i, 1));
     }
   });
+  // A step tensor given for several params counts each of them, all before any is read.
+  if (!book.steps_distinct) {
+    for (size_t i = 0; i < step_counts.size(); ++i) {
+      if (i + kPrefetch < step_counts.size()) request_line(step_counts[i + kPrefetch]);
+      if (book.increment_steps) *step_counts[i] += 1.0f;
+    }
+    for (size_t i = 0; i < step_counts.size(); ++i) c.res[i].step = *step_counts[i];
+  }
   // Small tensors side by side, one thread each (up to 2^20 elements when they take
   // the tile maxima or the threshold stream: a transformer's mid-sized matrices), and
   // before them, largest first, the tensors that would run over every thread but hold
@@ -681,7 +701,7 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
   return adam_select_update_checked(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residuals,
                                     approx, lr, beta1, beta2, eps, weight_decay,
                                     decoupled_weight_decay, maximize, grad_scale, lr_tensor,
-                                    increment_steps, amp_scale, found_inf);
+                                    Bookkeeping{increment_steps}, amp_scale, found_inf);
 }
 
 }  // namespace

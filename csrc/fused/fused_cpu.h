@@ -9,6 +9,17 @@
 
 namespace incrkern {
 
+// What a call does besides the update, as it reads every param's addresses.
+struct Bookkeeping {
+  bool increment_steps = false;  // each step count plus one before the update reads it
+  // No two params share a step tensor (the caller knows): each count is incremented
+  // and read as its param's addresses are, over the threads.
+  bool steps_distinct = false;
+  // The version counters of the tensors the call writes bumped, as the dispatcher's
+  // ADInplaceOrView kernel bumps them for callers through it.
+  bool bump_written = false;
+};
+
 at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grads,
                                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                       at::TensorList steps, at::IntArrayRef ks,
@@ -17,7 +28,7 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       bool decoupled_weight_decay, bool maximize,
                                       double grad_scale,
                                       const std::optional<at::Tensor>& lr_tensor,
-                                      bool increment_steps,
+                                      Bookkeeping book,
                                       const std::optional<at::Tensor>& amp_scale,
                                       const std::optional<at::Tensor>& found_inf);
 

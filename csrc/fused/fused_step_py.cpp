@@ -331,7 +331,9 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
       adam_select_update_checked(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks,
                                  g.residuals, g.approx, g.lr, g.beta1, g.beta2, g.eps,
                                  g.weight_decay, g.decoupled_weight_decay, g.maximize,
-                                 g.grad_scale, g.lr_tensor, /*increment_steps=*/true,
+                                 g.grad_scale, g.lr_tensor,
+                                 Bookkeeping{.increment_steps = true, .steps_distinct = true,
+                                             .bump_written = true},
                                  std::nullopt, std::nullopt);
       // Contiguous (the kernel's checks): zeroed in place, over the threads, without a
       // dispatcher call a tensor.
@@ -342,10 +344,6 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
         });
     }
   }
-  // The tensors the op's schema marks written.
-  for (const Group& g : groups)
-    for (const auto* written : {&g.params, &g.exp_avgs, &g.exp_avg_sqs, &g.steps, &g.residuals})
-      bump_over_threads(*written);
   PyObject* answer = PyList_New(n);
   if (!answer) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i) {
