@@ -225,14 +225,17 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
   // The params and grads first, over the threads: only their objects' fields and the
   // tensors' metadata are read (no call into the interpreter, which this thread
   // holds meanwhile), each a wait on memory on a model of thousands of params.
+  // Each param's size too: the loop below would otherwise wait on the TensorImpl again.
   std::vector<at::Tensor> grads(static_cast<size_t>(n));
   std::vector<uint8_t> plain(static_cast<size_t>(n));
+  std::vector<int64_t> numels(static_cast<size_t>(n));
   at::parallel_for(0, int64_t(n), kChecksGrain, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       PyObject* p = PyList_GET_ITEM(params, Py_ssize_t(i));
       at::Tensor& grad = grads[size_t(i)];
       plain[size_t(i)] = plain_grad(p, reader.parameter_type(), grad) &&
                          (!grad.defined() || fused_dtype(grad.scalar_type()));
+      if (plain[size_t(i)]) numels[size_t(i)] = THPVariable_Unpack(p).numel();
     }
   });
   for (Py_ssize_t i = 0; i < n; ++i) {
@@ -240,7 +243,7 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
     if (!plain[size_t(i)]) return false;
     at::Tensor& grad = grads[size_t(i)];
     if (!grad.defined()) continue;
-    const at::Tensor& param = THPVariable_Unpack(p);
+    const int64_t numel = numels[size_t(i)];
     PyObject* s = reader.state_of(p);
     if (!s || !PyDict_Check(s)) return false;
     PyObject* step = state_entry(s, names().step);
@@ -253,7 +256,7 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
     if (!step || !m || !v || (needs_r && !r)) return false;
     reader.saw_step(step);
     out.any_grad = true;
-    if (!cost.fused(param.numel(), out.density, out.error_feedback)) {
+    if (!cost.fused(numel, out.density, out.error_feedback)) {
       out.elsewhere.push_back(p);
       continue;
     }
@@ -263,7 +266,7 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
     out.exp_avg_sqs.push_back(out.borrows.borrow(v));
     out.steps.push_back(out.borrows.borrow(step));
     if (r) out.residuals.push_back(out.borrows.borrow(r));
-    out.ks.push_back(density_k(out.density, param.numel()));
+    out.ks.push_back(density_k(out.density, numel));
   }
   return true;
 }
