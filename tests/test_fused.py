@@ -383,6 +383,8 @@ def test_step_tensor_given_for_several_params():
         for a, b in zip(x[key], ref[key]):
             assert_close_nan(a, b)
     assert float(shared) == 5.0 and float(x["steps"][1]) == 4.0
+
+
 @needs_ext
 @pytest.mark.parametrize("n,k", [(BLOCK + 3, (BLOCK + 3) // 20),
                                  (TILE_MAX + 3, (TILE_MAX + 3) // 50)])

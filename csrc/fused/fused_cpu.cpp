@@ -599,7 +599,9 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   c.amp = amp_value(amp_scale);
   // Every check has passed: from here on the call changes its arguments.
   c.res.resize(params.size());
-  std::vector<float*> step_counts(params.size());
+  // The step counts where a step tensor may serve several params: all incremented
+  // after the pass, then read.
+  std::vector<float*> shared_counts(book.steps_distinct ? 0 : params.size());
   const auto storage_and_version = [](const at::Tensor& t) {
     request_storage(t);
     request_version(t);
@@ -617,24 +619,23 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                           residuals.empty() ? nullptr : residuals[i].data_ptr(),
                           params[i].numel(), 0.0f, params[i].scalar_type()};
       float* count = steps[i].data_ptr<float>();
-      if (book.steps_distinct) {
+      if (!book.steps_distinct) {
+        shared_counts[i] = count;
+      } else {
         if (book.increment_steps) *count += 1.0f;
         c.res[i].step = *count;
       }
-      step_counts[i] = count;
       if (book.bump_written)
         for (at::TensorList list : {params, exp_avgs, exp_avg_sqs, steps, residuals})
           if (!list.empty()) bump_versions(list.slice(i, 1));
     }
   });
-  // A step tensor given for several params counts each of them, all before any is read.
-  if (!book.steps_distinct) {
-    for (size_t i = 0; i < step_counts.size(); ++i) {
-      if (i + kPrefetch < step_counts.size()) request_line(step_counts[i + kPrefetch]);
-      if (book.increment_steps) *step_counts[i] += 1.0f;
-    }
-    for (size_t i = 0; i < step_counts.size(); ++i) c.res[i].step = *step_counts[i];
+  // A step tensor given for several params counts each of them before any is read.
+  for (size_t i = 0; i < shared_counts.size(); ++i) {
+    if (i + kPrefetch < shared_counts.size()) request_line(shared_counts[i + kPrefetch]);
+    if (book.increment_steps) *shared_counts[i] += 1.0f;
   }
+  for (size_t i = 0; i < shared_counts.size(); ++i) c.res[i].step = *shared_counts[i];
   // Small tensors side by side, one thread each (up to 2^20 elements when they take
   // the tile maxima or the threshold stream: a transformer's mid-sized matrices), and
   // before them, largest first, the tensors that would run over every thread but hold
