@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cstdlib>
 #include <cstring>
@@ -606,9 +607,11 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
     request_storage(t);
     request_version(t);
   };
+  // The tensors the call writes (residuals: none without error feedback).
+  const std::array<at::TensorList, 5> written{params, exp_avgs, exp_avg_sqs, steps, residuals};
   at::parallel_for(0, n, kResolveGrain, [&](int64_t b, int64_t e) {
     for (size_t i = size_t(b); i < size_t(e); ++i) {
-      for (at::TensorList list : {params, exp_avgs, exp_avg_sqs, steps, residuals}) {
+      for (at::TensorList list : written) {
         list = list.slice(0, std::min(list.size(), size_t(e)));
         if (book.bump_written) request_tensors_ahead(list, i, storage_and_version);
         else request_tensors_ahead(list, i, request_storage);
@@ -626,7 +629,7 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
         c.res[i].step = *count;
       }
       if (book.bump_written)
-        for (at::TensorList list : {params, exp_avgs, exp_avg_sqs, steps, residuals})
+        for (at::TensorList list : written)
           if (!list.empty()) bump_versions(list.slice(i, 1));
     }
   });
