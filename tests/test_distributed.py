@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import DEVICES
 from incrkern.distributed import TopKState, allgather_bytes, allreduce_bytes, topk_hook
 
 LR = 0.1
@@ -675,6 +676,42 @@ def test_low_precision_bucket_sends_fp32_values(one_rank_group):
     residual = state.residuals[0]
     assert residual.dtype == torch.float32
     assert torch.equal(residual[~sent], raw[~sent]) and not residual[sent].any()
+
+
+def _packed(values, positions):
+    """The all-gather's buffer: per rank, k values as int32 bits, then k positions."""
+    return torch.stack([torch.stack([v.view(torch.int32), q.to(torch.int32)])
+                        for v, q in zip(values, positions)]).reshape(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gathered_pairs_add_in_rank_order(device):
+    """Every rank adds the gathered pairs to the same bits: rank by rank, in rank order.
+    At position 5 the ranks send 1e8, -1e8 and 1: in that order the sum is 1, while
+    one that adds the 1 before either large value loses it (1 - 1e8 rounds to -1e8 in
+    fp32) and gives 0. Zeros at position 0 are padding."""
+    from incrkern.distributed.topk import _sum_gathered
+    values = torch.tensor([[1e8, 2.0, 0.0, 0.0], [-1e8, 3.0, 4.0, 0.0], [1.0, 5.0, 0.0, 0.0]])
+    positions = torch.tensor([[5, 1, 0, 0], [5, 1, 7, 0], [5, 9, 0, 0]])
+    total = _sum_gathered(_packed(values, positions).to(device), 3, 4, 10).cpu()
+    expected = torch.zeros(10)
+    for v, q in zip(values, positions):
+        for value, position in zip(v, q):
+            expected[position] += value
+    assert torch.equal(total, expected)
+    assert total.tolist() == [0.0, 5.0, 0.0, 0.0, 0.0, 1.0, 0.0, 4.0, 0.0, 5.0]
+
+    # Eight ranks whose positions overlap, values over a wide range: the same bits as
+    # the CPU's serial sum, call after call.
+    gen = torch.Generator().manual_seed(0)
+    world, k, numel = 8, 2000, 3000
+    values = torch.randn(world, k, generator=gen) * torch.exp(8 * torch.rand(world, k,
+                                                                              generator=gen))
+    positions = torch.stack([torch.randperm(numel, generator=gen)[:k] for _ in range(world)])
+    packed = _packed(values, positions)
+    reference = _sum_gathered(packed, world, k, numel)
+    for _ in range(5):
+        assert torch.equal(_sum_gathered(packed.to(device), world, k, numel).cpu(), reference)
 
 
 def test_short_approx_selection_is_padded(one_rank_group, monkeypatch):

@@ -224,6 +224,21 @@ def _choose(state, parts, ks):
     return chosen
 
 
+def _sum_gathered(gathered, world_size, k, numel):
+    """The sum, in fp32, of every rank's k (value, position) pairs as the all-gather
+    packed them (per rank: k values as int32 bits, then k positions), added rank by
+    rank in rank order, so that every rank computes the same bits. One index_add_ a
+    rank: a rank's positions are distinct (save padding zeros at position 0), so no two
+    additions of one call meet at an element. One call over all the ranks' pairs adds
+    on CUDA by atomics, in an order that may differ from rank to rank, and the
+    replicas' gradients would then differ in their last bits."""
+    pairs = gathered.view(world_size, 2, k)
+    total = torch.zeros(numel, dtype=torch.float32, device=gathered.device)
+    for rank in range(world_size):
+        total.index_add_(0, pairs[rank, 1].long(), pairs[rank, 0].view(torch.float32))
+    return total
+
+
 def _compress(state, group, world_size, bucket, offsets, ks, layout):
     """Selects, updates the memory and starts the all-gather; returns the future."""
     buffer = bucket.buffer()
@@ -265,12 +280,7 @@ def _compress(state, group, world_size, bucket, offsets, ks, layout):
 
     def scatter(fut):
         check(fut)
-        pairs = gathered.view(world_size, 2, k)
-        values = pairs[:, 0].reshape(-1).view(torch.float32)
-        positions = pairs[:, 1].reshape(-1).long()
-        total = torch.zeros(numel, dtype=torch.float32, device=buffer.device)
-        total.index_add_(0, positions, values)   # rank by rank, in rank order
-        buffer.copy_(total.div_(world_size))
+        buffer.copy_(_sum_gathered(gathered, world_size, k, numel).div_(world_size))
         return buffer
 
     return work.get_future().then(scatter)
