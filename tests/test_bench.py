@@ -328,6 +328,23 @@ def test_cache_size_reading_and_its_fallbacks():
     assert sparse.probe_numel(n) * 8 >= n * sparse.BYTES_PER_ELEMENT
 
 
+def test_sparse_sizes_stay_within_memory():
+    from incrkern.bench.shapes import MEMORY_SHARE
+    llc = 480 * 2 ** 20
+    wanted = sparse.working_set_numel(llc)
+    assert sparse.memory_capped_numel(wanted, None) == wanted
+    assert sparse.memory_capped_numel(wanted, 2 ** 40) == wanted
+    memory = 8 * 2 ** 30  # a cache asking for more than 8 GB hold
+    capped = sparse.memory_capped_numel(wanted, memory)
+    assert 0 < capped < wanted
+    assert capped * sparse.PEAK_BYTES_PER_ELEMENT <= MEMORY_SHARE * memory
+    summary = dict(llc_bytes=llc, llc_source="test", cache_factor=4, sized_from_cache=True,
+                   target_numel=capped, wanted_numel=wanted, memory_capped=True)
+    assert "capped by the machine's memory" in sparse.sizes_line(summary)
+    roomy = dict(summary, target_numel=wanted, memory_capped=False)
+    assert "at least 4x it" in sparse.sizes_line(roomy)
+
+
 def test_real_text_is_found():
     pairs = gradients.docstring_pairs(("json", "os.path"))
     assert len(pairs) >= 10 and all(name and doc for name, doc in pairs)

@@ -34,7 +34,8 @@ import incrkern
 from . import common, gradients
 from .common import BYTES_ADAMW, measure
 from .kernels import release
-from .shapes import CACHE_FACTOR, numel, transformer_at_least, transformer_shapes
+from .shapes import (CACHE_FACTOR, MEMORY_SHARE, numel, transformer_at_least,
+                     transformer_shapes)
 
 ADAMW_ARGS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 BYTES_PER_ELEMENT = 16    # AdamW's working set: p, g, m, v in fp32
@@ -44,6 +45,13 @@ SCORE_BYTES = {"grad": 4,          # read g
                "accumulated": 12}  # read g and r, write r (r += g), then select on r
 FALLBACK_LLC = 32 * 2 ** 20  # when neither sysfs nor sysconf tells
 MANY_NUMEL = 10_000          # the size of each tensor of the "many small tensors" case
+# The most the sparse part holds at once per element of a case, against MEMORY_SHARE of
+# the machine's memory: the copy probe's source and destination (16 bytes) for the
+# whole run, and a case's params, grads, both optimizers' state, a residual, the
+# chosen positions, for the real cases the model that made the gradients, and what
+# the heap keeps of the cases before (bench/README.md, "The benchmark's memory"). A
+# machine whose cache asks for more gets smaller cases, and the report says so.
+PEAK_BYTES_PER_ELEMENT = 88
 REFERENCE = "torch AdamW fused (dense)"
 
 
@@ -91,6 +99,14 @@ def llc_bytes(device="cpu", caches=None, sysconf=os.sysconf):
 def working_set_numel(llc, factor=CACHE_FACTOR):
     """Elements whose AdamW working set is `factor` times `llc` bytes."""
     return math.ceil(factor * llc / BYTES_PER_ELEMENT)
+
+
+def memory_capped_numel(wanted, memory_bytes):
+    """`wanted` elements, or fewer where MEMORY_SHARE of `memory_bytes` (None: no
+    limit) would not hold a case of that size at its peak (PEAK_BYTES_PER_ELEMENT)."""
+    if memory_bytes is None:
+        return wanted
+    return max(1, min(wanted, int(MEMORY_SHARE * memory_bytes / PEAK_BYTES_PER_ELEMENT)))
 
 
 # ----------------------------------------------------------------------------------
@@ -334,7 +350,9 @@ def run(mode, device, progress=None, out=None):
     sizes = SPARSE_SIZES[mode]
     device = torch.device(device)
     llc, llc_source = llc_bytes(device)
-    target = sizes.fixed_numel or working_set_numel(llc)
+    wanted = sizes.fixed_numel or working_set_numel(llc)
+    target = wanted if sizes.fixed_numel else memory_capped_numel(wanted,
+                                                                   common.memory_bytes(device))
     probe = common.CopyProbe(probe_numel(target), device, add=False)
     probe.measure(warmup=2, repeats=5)
     builders = build_cases(sizes, target)
@@ -370,6 +388,7 @@ def run(mode, device, progress=None, out=None):
         "mode": sizes.name,
         "llc_bytes": llc, "llc_source": llc_source, "cache_factor": CACHE_FACTOR,
         "target_numel": target, "sized_from_cache": sizes.fixed_numel is None,
+        "wanted_numel": wanted, "memory_capped": target < wanted,
         "line_bytes": LINE_BYTES.get(device.type, 64),
         "lines_per_touched_line": LINES_PER_TOUCHED_LINE,
         "copy_bandwidth": {"numel": probe_numel(target),
@@ -389,7 +408,11 @@ def sizes_line(sparse):
     """One line naming the cache read and the sizes chosen from it."""
     llc = sparse["llc_bytes"]
     text = (f"last-level cache {llc / 2 ** 20:.3g} MiB ({sparse['llc_source']}); ")
-    if sparse["sized_from_cache"]:
+    if sparse["sized_from_cache"] and sparse.get("memory_capped"):
+        text += (f"every case {sparse['target_numel'] / 1e6:.3g}M elements, capped by the "
+                 f"machine's memory ({sparse['cache_factor']}x the cache would take "
+                 f"{sparse['wanted_numel'] / 1e6:.3g}M): the figures may include the cache")
+    elif sparse["sized_from_cache"]:
         text += (f"every case at least {sparse['cache_factor']}x it: >= "
                  f"{sparse['target_numel'] / 1e6:.3g}M elements (16 B each: p, g, m, v)")
     else:
