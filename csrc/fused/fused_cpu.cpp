@@ -220,11 +220,17 @@ std::span<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, ui
             o.cpos.push_back(q);
             if (values) o.cval.push_back(float(t.g[q]));
           }
-        if (values)
+        if (values) {
+          // Gathered here, then appended once a chunk: a push a lane kept reloading
+          // and storing the vector's end.
+          float kept[kChunkTiles * kLaneByLane];
+          int64_t nkept = 0;
           for (int64_t j = listed; j < l.nw; ++j)
             if (lanes_set(wmask[j]) <= kLaneByLane)
               for (uint32_t mw = wmask[j]; mw; mw &= mw - 1)
-                o.wval.push_back(float(t.g[wstart[j] + __builtin_ctz(mw)]));
+                kept[nkept++] = float(t.g[wstart[j] + __builtin_ctz(mw)]);
+          o.wval.insert(o.wval.end(), kept, kept + nkept);
+        }
       }
       o.wstart.assign(wstart.get(), wstart.get() + l.nw);
       o.wmask.assign(wmask.get(), wmask.get() + l.nw);
