@@ -24,6 +24,12 @@ PEAK_BYTES = 32
 MEMORY_SHARE = 0.7
 
 
+def most_elements(memory_bytes, peak_bytes=PEAK_BYTES):
+    """The most elements a case of `peak_bytes` an element may have within MEMORY_SHARE
+    of `memory_bytes` (None: no limit, math.inf)."""
+    return math.inf if memory_bytes is None else int(MEMORY_SHARE * memory_bytes / peak_bytes)
+
+
 def transformer_shapes(layers=12, hidden=768, vocab=30522, positions=512, ffn=None):
     """The parameter list of a BERT-style encoder, built by hand: word, position and
     token-type embeddings and their layer norm; per layer a fused qkv projection, the
@@ -91,7 +97,7 @@ class Sizes:
         many_numel-element tensors, the transformer's width), the selections'
         to factor * llc / SELECT_BYTES, the copy probe to factor * llc / COPY_BYTES;
         none beyond what `memory_bytes` of memory holds (see PEAK_BYTES)."""
-        most = math.inf if memory_bytes is None else int(MEMORY_SHARE * memory_bytes / PEAK_BYTES)
+        most = most_elements(memory_bytes)
         step_wanted = math.ceil(factor * llc_bytes / STEP_BYTES)
         select_wanted = math.ceil(factor * llc_bytes / SELECT_BYTES)
         step = max(self.one_tensor, min(step_wanted, most))

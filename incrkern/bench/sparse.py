@@ -34,7 +34,7 @@ import incrkern
 from . import common, gradients
 from .common import BYTES_ADAMW, measure
 from .kernels import release
-from .shapes import (CACHE_FACTOR, MEMORY_SHARE, numel, transformer_at_least,
+from .shapes import (CACHE_FACTOR, most_elements, numel, transformer_at_least,
                      transformer_shapes)
 
 ADAMW_ARGS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -45,12 +45,13 @@ SCORE_BYTES = {"grad": 4,          # read g
                "accumulated": 12}  # read g and r, write r (r += g), then select on r
 FALLBACK_LLC = 32 * 2 ** 20  # when neither sysfs nor sysconf tells
 MANY_NUMEL = 10_000          # the size of each tensor of the "many small tensors" case
-# The most the sparse part holds at once per element of a case, against MEMORY_SHARE of
-# the machine's memory: the copy probe's source and destination (16 bytes) for the
-# whole run, and a case's params, grads, both optimizers' state, a residual, the
-# chosen positions, for the real cases the model that made the gradients, and what
-# the heap keeps of the cases before (bench/README.md, "The benchmark's memory"). A
-# machine whose cache asks for more gets smaller cases, and the report says so.
+# The most the sparse part holds at once per element of a case, against
+# shapes.MEMORY_SHARE of the machine's memory: the copy probe's source and destination
+# (16 bytes) for the whole run, and a case's params, grads, both optimizers' state, a
+# residual, the chosen positions, for the real cases the model that made the
+# gradients, and what the heap keeps of the cases before (bench/README.md, "The
+# benchmark's memory"). A machine whose cache asks for more gets smaller cases, and
+# the report says so.
 PEAK_BYTES_PER_ELEMENT = 88
 REFERENCE = "torch AdamW fused (dense)"
 
@@ -102,11 +103,9 @@ def working_set_numel(llc, factor=CACHE_FACTOR):
 
 
 def memory_capped_numel(wanted, memory_bytes):
-    """`wanted` elements, or fewer where MEMORY_SHARE of `memory_bytes` (None: no
+    """`wanted` elements, or fewer where shapes.MEMORY_SHARE of `memory_bytes` (None: no
     limit) would not hold a case of that size at its peak (PEAK_BYTES_PER_ELEMENT)."""
-    if memory_bytes is None:
-        return wanted
-    return max(1, min(wanted, int(MEMORY_SHARE * memory_bytes / PEAK_BYTES_PER_ELEMENT)))
+    return max(1, min(wanted, most_elements(memory_bytes, PEAK_BYTES_PER_ELEMENT)))
 
 
 # ----------------------------------------------------------------------------------
