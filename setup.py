@@ -85,7 +85,7 @@ def _sources(with_cuda):
     return cpu + cuda_glue + sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
 
 
-def _write_build_info(with_cuda, reason, archs):
+def _write_build_info(with_cuda, reason, archs, cxx_flags, nvcc_flags):
     cxx = os.environ.get("CXX", "c++")
     info = {
         "version": VERSION,
@@ -96,6 +96,8 @@ def _write_build_info(with_cuda, reason, archs):
         "cuda_archs": archs if with_cuda else None,
         "nvcc": _nvcc()[1] if with_cuda else None,
         "cxx": (_run([cxx, "--version"]) or "unknown").splitlines()[0],
+        "cxx_flags": cxx_flags,
+        "nvcc_flags": nvcc_flags if with_cuda else None,
         "python": platform.python_version(),
     }
     with open(os.path.join(ROOT, "incrkern", "_build_info.py"), "w") as f:
@@ -130,7 +132,7 @@ def extension():
         cxx_flags.append("-DINCRKERN_WITH_CUDA")
         if os.environ.get("INCRKERN_PTXAS_VERBOSE"):
             nvcc_flags.append("-Xptxas=-v")
-    _write_build_info(with_cuda, reason, archs)
+    _write_build_info(with_cuda, reason, archs, cxx_flags, nvcc_flags)
     cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     args = {"cxx": cxx_flags}
     if with_cuda:

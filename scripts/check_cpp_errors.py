@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 
+import incrkern
+
 SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -22,14 +24,17 @@ TORCH_LIBRARY(NAME, m) { m.def("fail(Tensor x) -> Tensor"); }
 TORCH_LIBRARY_IMPL(NAME, CPU, m) { m.impl("fail", &fail); }
 """
 
-FLAG_SETS = {
-    "torch's defaults": [],
-    "-std=c++20": ["-std=c++20"],
-    "-fopenmp": ["-fopenmp"],
-    "-fno-semantic-interposition": ["-fno-semantic-interposition"],
-    "setup.py's": ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp",
-                   "-fno-semantic-interposition", "-ffp-contract=off"],
-}
+
+def flag_sets():
+    """torch's defaults, then three of setup.py's flags alone, then all of them as the
+    installed extension was built (incrkern.build_info(), its defines left out)."""
+    built = [f for f in incrkern.build_info()["cxx_flags"] if not f.startswith("-D")]
+    sets = {"torch's defaults": []}
+    sets.update({flag: [flag] for flag in ("-std=c++20", "-fopenmp",
+                                           "-fno-semantic-interposition")})
+    sets["setup.py's"] = built
+    return sets
+
 
 CHILD = r"""
 import sys, torch
@@ -67,7 +72,7 @@ def main():
     with open(source, "w") as f:
         f.write(SOURCE)
     procs = {}
-    for i, (label, flags) in enumerate(FLAG_SETS.items()):
+    for i, (label, flags) in enumerate(flag_sets().items()):
         build = os.path.join(work, f"b{i}")
         os.makedirs(build)
         procs[label] = subprocess.Popen(

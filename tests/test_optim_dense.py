@@ -275,9 +275,12 @@ def test_build_info():
     info = incrkern.build_info()
     assert info["version"] == incrkern.__version__
     assert info["extension_loaded"] is True, info["load_error"]
-    assert set(info) >= {"torch", "cuda_kernels", "cuda_archs", "nvcc", "cxx"}
+    assert set(info) >= {"torch", "cuda_kernels", "cuda_archs", "nvcc", "cxx", "cxx_flags"}
+    # the flags the extension's rounding depends on (docs/design.md, Build)
+    assert "-ffp-contract=off" in info["cxx_flags"]
     if info["cuda_kernels"]:
         assert info["cuda_kernels_loaded"]
+        assert "--fmad=false" in info["nvcc_flags"]
 
 
 def test_import_without_extension_warns_and_works():
