@@ -132,14 +132,20 @@ inline void choose_candidates(std::span<BlockOut> out, int64_t need, uint32_t lo
     for (int64_t bi = b0; bi < b1; ++bi) {
       BlockOut& o = out[size_t(bi)];
       int64_t ties = b.ties[size_t(bi)];
-      for (size_t j = 0; j < o.cpos.size(); ++j) {
-        const bool tie = o.ckey[j] == b.kth && ties > 0;
-        if (o.ckey[j] > b.kth || tie) {
-          o.chosen.push_back(o.cpos[j]);
-          if (values) o.chosen_val.push_back(o.cval[j]);
-        }
+      // Without a branch: a band's candidate is chosen about as often as not.
+      const size_t n = o.cpos.size();
+      o.chosen.resize(n);
+      if (values) o.chosen_val.resize(n);
+      size_t c = 0;
+      for (size_t j = 0; j < n; ++j) {
+        const bool tie = (o.ckey[j] == b.kth) & (ties > 0);
+        o.chosen[c] = o.cpos[j];
+        if (values) o.chosen_val[c] = o.cval[j];
+        c += size_t(o.ckey[j] > b.kth) | size_t(tie);
         ties -= tie;
       }
+      o.chosen.resize(c);
+      if (values) o.chosen_val.resize(c);
     }
   });
 }

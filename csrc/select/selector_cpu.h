@@ -253,12 +253,13 @@ class Selector {
       for (cut = 0; ties > 0; ++cut) ties -= ckey[cut] == kth;
     }
     // Without a branch (a candidate is chosen about as often as not), and without a
-    // count carried from one candidate to the next.
+    // count carried from one candidate to the next. | and &, not || and &&: gcc made
+    // the short-circuit a branch, mispredicted on about every other candidate.
     if (chosen.size() < ckey.size()) chosen.resize(ckey.size());
     size_t c = 0;
     for (size_t j = 0; j < ckey.size(); ++j) {
       chosen[c] = cpos[j];
-      c += ckey[j] > kth || (ckey[j] == kth && j < cut);
+      c += size_t(ckey[j] > kth) | (size_t(ckey[j] == kth) & size_t(j < cut));
     }
     chosen.resize(c);
   }
