@@ -302,7 +302,7 @@ inline int32_t order_at(const T* x, int64_t i) {
 // that works on every key fills the core's out-of-order window with that work and
 // keeps few loads in flight; where the hardware prefetcher does not make up for it
 // (Intel's restarts at every 4 KB page), the scan reads well below a plain read's
-// speed. Measured in docs/measurements.md, "Reading on the Intel machine".
+// speed. Measured in docs/measurements-intel.md, "Reading on the Intel machine".
 constexpr int64_t kScanAheadBytes = 2048;
 
 [[gnu::always_inline]] inline void request_ahead(const void* q) {
