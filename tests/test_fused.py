@@ -270,6 +270,44 @@ def test_mid_tensors_side_by_side_fall_back(monkeypatch, when, residual):
     check_on_two_threads(MID_SIZES, densities, torch.float32, "rows", residual)
 
 
+# The first tensor, of mostly exact zeros, holds more than half a thread's share of
+# the call's elements, and less than 1.5 times the others' (fused_cpu.cpp,
+# kOneThreadReads): on two threads it runs on one, beside the others.
+ZERO_BESIDE_SIZES = [5 * BLOCK + 3, TILE_MAX, TILE_MAX - 5, 1000, 3]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("density", [0.02, 0.005, 0.003])
+def test_mostly_zero_tensor_beside(dtype, residual, density):
+    """An embedding-like gradient (99% exact zeros) too large for the beside rule runs
+    on one thread beside the small tensors: at 0.02 its k-th key is 0 (the nonzeros
+    and a prefix of zeros), at 0.005 the band, at 0.003 the tile maxima."""
+    sizes = ZERO_BESIDE_SIZES
+    assert 4 * sizes[0] > sum(sizes) and sizes[0] <= 1.5 * sum(sizes[1:])
+    x = make(sizes, dtype, "sparse", seed=5, residual=residual)
+    if residual:  # nonzero where other batches' rows were: r + g still mostly zeros
+        gen = torch.Generator().manual_seed(6)
+        x["r"][0] = grads_of("sparse", sizes[0], gen).to(x["r"][0].dtype)
+    ks = [min(n, math.ceil(d * n)) for n, d in zip(sizes, [density, 0.01, 0.001, 0.01, 0.5])]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check(x, ks, **HYPERS["adamw"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_ext
+def test_mostly_zero_tensor_beside_falls_back(monkeypatch):
+    """A band that misses on the mostly-zero tensor running beside falls back on its
+    thread."""
+    monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", "after")
+    check_on_two_threads(ZERO_BESIDE_SIZES, [0.02, 0.01, 0.001, 0.01, 0.5], torch.float32,
+                         "sparse", False)
+
+
 @needs_ext
 def test_listing_scan_changes_mode_within_tensor():
     """The listing pass picks its scan per chunk from the chunk before (a branch per

@@ -63,6 +63,10 @@ constexpr int64_t kChunkTiles = 256;  // tiles per scan of the listing pass (4K 
 constexpr int64_t kDenseGrain = 1 << 15;
 constexpr int64_t kResolveGrain = 512;  // params per thread's run when reading their addresses
 constexpr int64_t kSmallGrain = 8;  // small tensors per claim
+// What a one-thread tensor's element costs, in reads of a key: a read, a selection
+// and the chosen lines (adam_select_update_checked: a read beside them).
+constexpr double kOneThreadReads = 1.5;
+constexpr int64_t kZeroProbe = 256;  // keys read to tell a tensor mostly_zeros
 // The fraction of tiles holding a key >= L under which the listing pass branches per
 // tile (fused/scans_cpu.h, list_tiles: few_hits).
 constexpr double kFewHits = 0.03;
@@ -558,6 +562,16 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   return w + m;
 }
 
+// Whether a tensor's step is little more than one read of its keys: most of its
+// keys (a few hundred at a constant stride) are 0, as in an embedding's gradient,
+// nonzero in the rows of the batch's tokens, and neither the dense step (k = n), the
+// threshold stream nor the fp64 fallback takes it.
+bool mostly_zeros(const Call& c, size_t i, int64_t k) {
+  const int64_t n = c.res[i].numel;
+  if (k == 0 || k == n || stream_pays(n, k) || c.res[i].dtype == at::kDouble) return false;
+  return Selector<uint32_t>({source_of(c, i)}, k, c.approx).zero_fraction(kZeroProbe) >= 0.5;
+}
+
 // A large tensor, over every thread (fp64 by select and update: no 32-bit keys).
 template <typename T>
 int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
@@ -661,6 +675,22 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                             (numel <= select::kTileMaxNumel && stream_pays(numel, ks[i]));
     (one_thread ? small : double(numel) <= half_share ? beside : large).push_back(i);
   }
+  // A tensor past that share whose step is about one read of its keys (mostly_zeros)
+  // runs beside them too while the one-thread tensors give each other thread as much
+  // work, at kOneThreadReads reads an element: its read then overlaps their
+  // selections, where over every thread it ran after them, alone.
+  int64_t beside_work = 0;
+  for (int64_t i : small) beside_work += c.res[i].numel;
+  for (int64_t i : beside) beside_work += c.res[i].numel;
+  const auto read_beside = [&](int64_t i) {
+    return double(at::get_num_threads() - 1) * double(c.res[i].numel) <=
+               kOneThreadReads * double(beside_work) &&
+           mostly_zeros(c, size_t(i), ks[i]);
+  };
+  const auto moved = std::stable_partition(large.begin(), large.end(),
+                                           [&](int64_t i) { return !read_beside(i); });
+  beside.insert(beside.end(), moved, large.end());
+  large.erase(moved, large.end());
   std::stable_sort(beside.begin(), beside.end(),
                    [&](int64_t a, int64_t b) { return c.res[a].numel > c.res[b].numel; });
   Claims beside_claims(0, int64_t(beside.size()), 1);
