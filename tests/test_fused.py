@@ -300,6 +300,21 @@ def test_mostly_zero_tensor_beside(dtype, residual, density):
 
 
 @needs_ext
+@pytest.mark.parametrize("density", [0.02, 0.003])
+def test_mostly_zero_tensor_one_thread(density):
+    """On one thread the mostly-zero tensor keeps its place among the large ones."""
+    sizes = ZERO_BESIDE_SIZES
+    x = make(sizes, torch.float32, "sparse", seed=7)
+    ks = [min(n, math.ceil(d * n)) for n, d in zip(sizes, [density, 0.01, 0.001, 0.01, 0.5])]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check(x, ks, **HYPERS["adamw"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_ext
 def test_mostly_zero_tensor_beside_falls_back(monkeypatch):
     """A band that misses on the mostly-zero tensor running beside falls back on its
     thread."""

@@ -682,9 +682,11 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   int64_t beside_work = 0;
   for (int64_t i : small) beside_work += c.res[i].numel;
   for (int64_t i : beside) beside_work += c.res[i].numel;
+  // On one thread nothing overlaps, and the probe is skipped.
+  const int threads = at::get_num_threads();
   const auto read_beside = [&](int64_t i) {
-    return double(at::get_num_threads() - 1) * double(c.res[i].numel) <=
-               kOneThreadReads * double(beside_work) &&
+    return threads > 1 &&
+           double(threads - 1) * double(c.res[i].numel) <= kOneThreadReads * double(beside_work) &&
            mostly_zeros(c, size_t(i), ks[i]);
   };
   const auto moved = std::stable_partition(large.begin(), large.end(),
