@@ -228,15 +228,23 @@ def test_large_tensor(dtype, kind):
     check(x, [n // 100, 10], **HYPERS["adamw"])
 
 
-def check_on_two_threads(sizes, densities, dtype, kind, residual):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+def ks_of(sizes, densities):
+    return [min(n, math.ceil(d * n)) for n, d in zip(sizes, densities)]
+
+
+def check_on_threads(threads, x, ks):
+    """check() with AdamW's hyperparameters on `threads` torch threads."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        ks = [min(n, math.ceil(d * n)) for n, d in zip(sizes, densities)]
-        check(make(sizes, dtype, kind, seed=len(kind), residual=residual), ks,
-              **HYPERS["adamw"])
+        check(x, ks, **HYPERS["adamw"])
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
+
+
+def check_on_two_threads(sizes, densities, dtype, kind, residual):
+    check_on_threads(2, make(sizes, dtype, kind, seed=len(kind), residual=residual),
+                     ks_of(sizes, densities))
 
 
 # 3 * TILE_MAX - 1 is more than a quarter of the elements; the other tensors past
@@ -290,13 +298,7 @@ def test_mostly_zero_tensor_beside(dtype, residual, density):
     if residual:  # nonzero where other batches' rows were: r + g still mostly zeros
         gen = torch.Generator().manual_seed(6)
         x["r"][0] = grads_of("sparse", sizes[0], gen).to(x["r"][0].dtype)
-    ks = [min(n, math.ceil(d * n)) for n, d in zip(sizes, [density, 0.01, 0.001, 0.01, 0.5])]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        check(x, ks, **HYPERS["adamw"])
-    finally:
-        torch.set_num_threads(threads)
+    check_on_threads(2, x, ks_of(sizes, [density, 0.01, 0.001, 0.01, 0.5]))
 
 
 @needs_ext
@@ -305,13 +307,7 @@ def test_mostly_zero_tensor_one_thread(density):
     """On one thread the mostly-zero tensor keeps its place among the large ones."""
     sizes = ZERO_BESIDE_SIZES
     x = make(sizes, torch.float32, "sparse", seed=7)
-    ks = [min(n, math.ceil(d * n)) for n, d in zip(sizes, [density, 0.01, 0.001, 0.01, 0.5])]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        check(x, ks, **HYPERS["adamw"])
-    finally:
-        torch.set_num_threads(threads)
+    check_on_threads(1, x, ks_of(sizes, [density, 0.01, 0.001, 0.01, 0.5]))
 
 
 @needs_ext
