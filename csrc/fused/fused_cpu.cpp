@@ -668,7 +668,8 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   std::vector<int64_t> small, beside, large;
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) total += c.res[i].numel;
-  const double half_share = double(total) / double(2 * at::get_num_threads());
+  const int threads = at::get_num_threads();
+  const double half_share = double(total) / double(2 * threads);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t numel = c.res[i].numel;
     const bool one_thread = select::one_thread_selection(numel, ks[i]) ||
@@ -683,7 +684,6 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   for (int64_t i : small) beside_work += c.res[i].numel;
   for (int64_t i : beside) beside_work += c.res[i].numel;
   // On one thread nothing overlaps, and the probe is skipped.
-  const int threads = at::get_num_threads();
   const auto read_beside = [&](int64_t i) {
     return threads > 1 &&
            double(threads - 1) * double(c.res[i].numel) <= kOneThreadReads * double(beside_work) &&
