@@ -284,6 +284,11 @@ def test_mid_tensors_side_by_side_fall_back(monkeypatch, when, residual):
 ZERO_BESIDE_SIZES = [5 * BLOCK + 3, TILE_MAX, TILE_MAX - 5, 1000, 3]
 
 
+def zero_beside_densities(density):
+    """Densities for ZERO_BESIDE_SIZES, the mostly-zero tensor's first."""
+    return [density, 0.01, 0.001, 0.01, 0.5]
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("residual", [False, True])
@@ -298,16 +303,15 @@ def test_mostly_zero_tensor_beside(dtype, residual, density):
     if residual:  # nonzero where other batches' rows were: r + g still mostly zeros
         gen = torch.Generator().manual_seed(6)
         x["r"][0] = grads_of("sparse", sizes[0], gen).to(x["r"][0].dtype)
-    check_on_threads(2, x, ks_of(sizes, [density, 0.01, 0.001, 0.01, 0.5]))
+    check_on_threads(2, x, ks_of(sizes, zero_beside_densities(density)))
 
 
 @needs_ext
 @pytest.mark.parametrize("density", [0.02, 0.003])
 def test_mostly_zero_tensor_one_thread(density):
     """On one thread the mostly-zero tensor keeps its place among the large ones."""
-    sizes = ZERO_BESIDE_SIZES
-    x = make(sizes, torch.float32, "sparse", seed=7)
-    check_on_threads(1, x, ks_of(sizes, [density, 0.01, 0.001, 0.01, 0.5]))
+    x = make(ZERO_BESIDE_SIZES, torch.float32, "sparse", seed=7)
+    check_on_threads(1, x, ks_of(ZERO_BESIDE_SIZES, zero_beside_densities(density)))
 
 
 @needs_ext
@@ -315,7 +319,7 @@ def test_mostly_zero_tensor_beside_falls_back(monkeypatch):
     """A band that misses on the mostly-zero tensor running beside falls back on its
     thread."""
     monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", "after")
-    check_on_two_threads(ZERO_BESIDE_SIZES, [0.02, 0.01, 0.001, 0.01, 0.5], torch.float32,
+    check_on_two_threads(ZERO_BESIDE_SIZES, zero_beside_densities(0.02), torch.float32,
                          "sparse", False)
 
 
