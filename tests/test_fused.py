@@ -640,6 +640,33 @@ def test_error_feedback_large(dtype, approx):
               **HYPERS["adamw"])
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_error_feedback_zero_gradient_tiles(dtype):
+    """Where g is zero, r + g is r, and the kernel leaves such tiles unwritten: every
+    residual bit is still torch's r + g, -0.0 + 0.0 = 0.0 included, on the small
+    tensors' path, the listing pass and the threshold stream."""
+    for n, density in ((40_961, 0.01), (TILE_MAX + 5, 0.01), (3 * BLOCK + 5, 0.2)):
+        x = make([n], dtype, "sparse", seed=n, residual=True)
+        r, g = x["r"][0], x["grads"][0]
+        r[: n // 4: 3] = -0.0  # + 0.0 from g: stored as 0.0
+        r[1: n // 4: 7] = 0.0
+        r[5::1001] = math.nan
+        r[6::1003] = math.inf
+        half = n // 2 // 16 * 16
+        g[half: half + 64] = -0.0
+        r[half: half + 32] = -0.0  # -0.0 + -0.0 = -0.0: unchanged
+        r[half + 32: half + 64] = 0.0  # 0.0 + -0.0 = 0.0: unchanged
+        before = clone(x)
+        check(x, [math.ceil(density * n)], **HYPERS["adamw"])
+        expected = before["r"][0] + before["grads"][0].float()
+        expected[changed_set(before, x, 0)] = 0.0
+        got = x["r"][0]
+        assert torch.equal(got.isnan(), expected.isnan())
+        ok = ~got.isnan()
+        assert torch.equal(got[ok].view(torch.int32), expected[ok].view(torch.int32))
+
+
 # ----------------------------------------------------------------------------------
 # bad input
 

@@ -5,12 +5,14 @@
 //  - band_keys: the count of keys above the band and the keys inside it (the
 //    threshold stream's counting pass);
 //  - mark_above: a byte per element, set where its key passes a threshold (the
-//    threshold stream's mask).
+//    threshold stream's mask);
+//  - add_residual: error feedback's r += g, tiles it leaves unchanged not stored.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
+#include "common/rules.h"
 #include "select/scan_cpu.h"
 
 namespace incrkern::fused {
@@ -167,6 +169,40 @@ __attribute__((target("avx2,f16c,popcnt"))) int64_t band_keys_avx2(const T* x, i
   return above + band_keys_portable(x + j, n - j, lo_gt, hi_gt, out);
 }
 #endif
+
+// r = r + alpha * g over [0, n), as accumulate_ computes it. The vector form leaves a
+// 16-element tile unstored where the sum equals r bit for bit (g zero there, as in
+// an embedding's rows that the batch did not use): a line not written is not written
+// back to memory.
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("avx2,f16c"))) void add_residual_avx2(float* r, const T* g, float alpha,
+                                                           int64_t n) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t j = 0;
+  for (; j + kTile <= n; j += kTile) {
+    const __m256 r0 = _mm256_loadu_ps(r + j), r1 = _mm256_loadu_ps(r + j + 8);
+    __m256 u0 = r0, u1 = r1;
+    accumulate_rule(u0, _mm256_castsi256_ps(bits8_avx2(g + j)), a);
+    accumulate_rule(u1, _mm256_castsi256_ps(bits8_avx2(g + j + 8)), a);
+    const __m256i changed =
+        _mm256_or_si256(_mm256_xor_si256(_mm256_castps_si256(u0), _mm256_castps_si256(r0)),
+                        _mm256_xor_si256(_mm256_castps_si256(u1), _mm256_castps_si256(r1)));
+    if (_mm256_testz_si256(changed, changed)) continue;
+    _mm256_storeu_ps(r + j, u0);
+    _mm256_storeu_ps(r + j + 8, u1);
+  }
+  for (; j < n; ++j) accumulate_rule(r[j], float(g[j]), alpha);
+}
+#endif
+
+template <typename T>
+void add_residual(float* r, const T* g, float alpha, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return add_residual_avx2(r, g, alpha, n);
+#endif
+  for (int64_t j = 0; j < n; ++j) accumulate_rule(r[j], float(g[j]), alpha);
+}
 
 template <typename T>
 int64_t band_keys(const T* x, int64_t n, int32_t lo_gt, int32_t hi_gt, uint32_t*& out) {

@@ -310,16 +310,21 @@ constexpr int64_t kScanAheadBytes = 2048;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// The fp32 bits of 8 elements.
+template <typename T>
+__attribute__((target("avx2,f16c"))) inline __m256i bits8_avx2(const T* q) {
+  if constexpr (std::is_same_v<T, float>)
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  else if constexpr (std::is_same_v<T, c10::Half>)
+    return _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  else
+    return _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), 16);
+}
+
 // The orders of 8 elements.
 template <typename T, bool kSigned>
 __attribute__((target("avx2,f16c"))) inline __m256i order8_avx2(const T* q) {
-  __m256i bits;
-  if constexpr (std::is_same_v<T, float>)
-    bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  else if constexpr (std::is_same_v<T, c10::Half>)
-    bits = _mm256_castps_si256(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
-  else
-    bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))), 16);
+  const __m256i bits = bits8_avx2(q);
   const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
   if constexpr (kSigned) {
     const __m256 x = _mm256_add_ps(_mm256_castsi256_ps(bits), _mm256_setzero_ps());
