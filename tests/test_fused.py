@@ -460,7 +460,8 @@ def test_forced_fallback(monkeypatch, n, k, when):
 def test_portable_listing_same_answer(tmp_path):
     """The portable loops (INCRKERN_CPU_BASELINE=1, in a child process) update the same
     elements as the vector ones: fp32, bf16 and fp16, exact and approx, with and
-    without a residual, the threshold stream over threads and on one thread."""
+    without a residual, the threshold stream over threads and on one thread. So do
+    the vector scans with and without their requests ahead (INCRKERN_SCAN_AHEAD)."""
     import os
     import subprocess
     import sys
@@ -479,20 +480,22 @@ def test_portable_listing_same_answer(tmp_path):
         "                        for i in range(2)])\n"
         "torch.save(out, sys.argv[1])\n")
     results = []
-    for baseline in (None, "1"):
-        env = dict(os.environ)
-        env.pop("INCRKERN_CPU_BASELINE", None)
-        if baseline:
-            env["INCRKERN_CPU_BASELINE"] = baseline
-        path = tmp_path / f"out{baseline}.pt"
+    settings = ({}, {"INCRKERN_CPU_BASELINE": "1"}, {"INCRKERN_SCAN_AHEAD": "1"},
+                {"INCRKERN_SCAN_AHEAD": "0"})
+    for j, setting in enumerate(settings):
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("INCRKERN_CPU_BASELINE", "INCRKERN_SCAN_AHEAD")}
+        env.update(setting)
+        path = tmp_path / f"out{j}.pt"
         subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        timeout=300)
         results.append(torch.load(path))
-    assert len(results[0]) == len(results[1]) == 12
-    for a, b in zip(*results):
-        assert len(a) == len(b)
-        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for other in results[1:]:
+        assert len(results[0]) == len(other) == 12
+        for a, b in zip(results[0], other):
+            assert len(a) == len(b)
+            assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
 @needs_ext
