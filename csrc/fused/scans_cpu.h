@@ -153,7 +153,7 @@ __attribute__((target("avx2,f16c,popcnt"))) int64_t band_keys_avx2(const T* x, i
   int64_t above = 0, j = 0;
   uint32_t* o = out;
   for (; j + 8 <= n; j += 8) {
-    request_ahead(x + j);
+    always_request_ahead(x + j);
     const __m256i order = order8_avx2<T, false>(x + j);
     const uint32_t mh = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(order, hi))));
     const uint32_t ml = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(order, lo))));

@@ -305,9 +305,10 @@ inline int32_t order_at(const T* x, int64_t i) {
 // speed. Measured in docs/measurements-intel.md, "Reading on the Intel machine".
 constexpr int64_t kScanAheadBytes = 2048;
 
-// Whether the scans make those requests: not on AMD CPUs, whose prefetcher kept the
-// scans faster alone (docs/measurements.md, "Scans without requests on AMD").
-// INCRKERN_SCAN_AHEAD=1 or 0 decides instead.
+// Whether the scans make those requests (request_ahead): not on AMD CPUs, whose
+// prefetcher kept them faster alone, except the counting pass's band_keys, which does
+// the most work a line and gained from them there too (docs/measurements.md, "Scans
+// without requests on AMD"). INCRKERN_SCAN_AHEAD=1 or 0 decides instead.
 inline bool scan_requests() {
   static const bool on = [] {
     if (const char* env = std::getenv("INCRKERN_SCAN_AHEAD")) return std::strcmp(env, "0") != 0;
@@ -321,8 +322,12 @@ inline bool scan_requests() {
   return on;
 }
 
+[[gnu::always_inline]] inline void always_request_ahead(const void* q) {
+  __builtin_prefetch(static_cast<const char*>(q) + kScanAheadBytes);
+}
+
 [[gnu::always_inline]] inline void request_ahead(const void* q) {
-  if (scan_requests()) __builtin_prefetch(static_cast<const char*>(q) + kScanAheadBytes);
+  if (scan_requests()) always_request_ahead(q);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
