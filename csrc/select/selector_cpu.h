@@ -550,8 +550,11 @@ class Selector {
   std::optional<std::pair<K, K>> sample_band() {
     // A key of the sample costs about what a line of the pass's read does (each waits
     // on its own line), so the sample takes a key per 256 elements, one per 16 lines:
-    // at one per 32, a 3M-element matrix's sample took about as long as its read.
-    const int64_t s = std::min({kSample, n_, std::max<int64_t>(kMinSample, n_ / kSampleSpacing)});
+    // at one per 32, a 3M-element matrix's sample took about as long as its read. At
+    // density 0.2% and under, one per 512: the band then holds few keys, and the wider
+    // band of a smaller sample costs less than the reads it saves.
+    const int64_t spacing = k_ * 500 <= n_ ? 2 * kSampleSpacing : kSampleSpacing;
+    const int64_t s = std::min({kSample, n_, std::max<int64_t>(kMinSample, n_ / spacing)});
     const std::vector<K> keys = sample_keys(s);
     const SampleRanks r = sample_ranks(s);
     const auto [lo, hi] = sample_edges(keys, r.hi, r.lo);
