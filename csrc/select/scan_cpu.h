@@ -307,7 +307,7 @@ constexpr int64_t kScanAheadBytes = 2048;
 
 // Whether the scans make those requests (request_ahead): not on AMD CPUs, whose
 // prefetcher kept them faster alone, except the counting pass's band_keys, which does
-// the most work a line and gained from them there too (docs/measurements.md, "Scans
+// the most work a line and gained from them there too (docs/measurements-amd.md, "Scans
 // without requests on AMD"). INCRKERN_SCAN_AHEAD=1 or 0 decides instead.
 inline bool scan_requests() {
   static const bool on = [] {
