@@ -56,10 +56,7 @@ struct AdamTensor {
 
   // r = r + residual_alpha * g over [b, e), as accumulate_ computes it.
   void add_residual(int64_t b, int64_t e) const {
-    if constexpr (std::is_same_v<M, float>)
-      fused::add_residual(r + b, g + b, residual_alpha, e - b);
-    else
-      for (int64_t i = b; i < e; ++i) accumulate_rule(r[i], M(g[i]), residual_alpha);
+    fused::add_residual(r + b, g + b, residual_alpha, e - b);
   }
 
   // Every element of [b, e) updated: the streaming loop. With a residual it reads r

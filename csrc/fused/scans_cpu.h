@@ -170,10 +170,15 @@ __attribute__((target("avx2,f16c,popcnt"))) int64_t band_keys_avx2(const T* x, i
 }
 #endif
 
-// r = r + alpha * g over [0, n), as accumulate_ computes it. The vector form leaves a
-// 16-element tile unstored where the sum equals r bit for bit (g zero there, as in
-// an embedding's rows that the batch did not use): a line not written is not written
-// back to memory.
+// r = r + alpha * g over [0, n), as accumulate_ computes it. The vector form (fp32
+// residuals) leaves a 16-element tile unstored where the sum equals r bit for bit (g
+// zero there, as in an embedding's rows that the batch did not use): a line not
+// written is not written back to memory.
+template <typename T, typename M>
+void add_residual_portable(M* r, const T* g, M alpha, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) accumulate_rule(r[j], M(g[j]), alpha);
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 template <typename T>
 __attribute__((target("avx2,f16c"))) void add_residual_avx2(float* r, const T* g, float alpha,
@@ -192,16 +197,17 @@ __attribute__((target("avx2,f16c"))) void add_residual_avx2(float* r, const T* g
     _mm256_storeu_ps(r + j, u0);
     _mm256_storeu_ps(r + j + 8, u1);
   }
-  for (; j < n; ++j) accumulate_rule(r[j], float(g[j]), alpha);
+  add_residual_portable(r + j, g + j, alpha, n - j);
 }
 #endif
 
-template <typename T>
-void add_residual(float* r, const T* g, float alpha, int64_t n) {
+template <typename T, typename M>
+void add_residual(M* r, const T* g, M alpha, int64_t n) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) return add_residual_avx2(r, g, alpha, n);
+  if constexpr (std::is_same_v<M, float>)
+    if (use_avx2()) return add_residual_avx2(r, g, alpha, n);
 #endif
-  for (int64_t j = 0; j < n; ++j) accumulate_rule(r[j], float(g[j]), alpha);
+  add_residual_portable(r, g, alpha, n);
 }
 
 template <typename T>
