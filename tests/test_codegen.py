@@ -1,8 +1,10 @@
 """The compiled CPU loops over scattered positions, and the vector scans over every
-key, keep their prefetches. A compiler
-may drop a prefetch without a trace (GCC takes a function that only prefetches for a
-pure one): the results stay right and the loop waits on memory at every position, so
-no other test would notice. This one reads the extension's machine code."""
+key, keep their prefetches; the fp32 streaming loops stay vectorised in every ISA
+clone. A compiler may drop a prefetch without a trace (GCC takes a function that only
+prefetches for a pure one), or leave a loop scalar (a select turned into a branch, a
+lambda not inlined into a clone and so compiled for the baseline ISA): the results
+stay right and only the speed changes, so no other test would notice. These read the
+extension's machine code."""
 import re
 import shutil
 import subprocess
@@ -39,24 +41,52 @@ PREFETCHING = [
 MANGLED = {"run_zero_floor<float>(": "14run_zero_floorIfE", "run_band<float>(": "8run_bandIfE"}
 
 
-@needs_ext
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
-def test_positional_loops_keep_their_prefetches():
+# The fp32 streaming loops compiled once per ISA (update/adam_stream_cpu.h,
+# IK_ISA_CLONES): each clone, the baseline one included, computes the rule's square
+# root on packed vectors.
+STREAMING = ["adam_stream_f32(", "adam_stream_above_f32("]
+CLONES = ["[clone .default]", "[clone .arch_x86_64_v3]", "[clone .arch_x86_64_v4]"]
+
+
+def disassembly():
+    """The extension's functions (demangled names) and their instructions."""
     from incrkern import _C  # only once needs_ext has seen it load
 
     if not _C.__file__.endswith(".so"):
         pytest.skip("not an ELF shared object")
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__],
                          capture_output=True, text=True, check=True).stdout
-    prefetching = set()
+    functions = {}
     name = None
     for line in asm.splitlines():
         header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if header:
             name = header.group(1)
-        elif name and "prefetcht" in line:
-            prefetching.add(name)
+            functions.setdefault(name, [])
+        elif name:
+            functions[name].append(line)
+    return functions
+
+
+@needs_ext
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_positional_loops_keep_their_prefetches():
+    prefetching = {name for name, lines in disassembly().items()
+                   if any("prefetcht" in line for line in lines)}
     for fragment in PREFETCHING:
         forms = [fragment] + ([MANGLED[fragment]] if fragment in MANGLED else [])
         assert any(form in n for n in prefetching for form in forms), (
             f"no prefetch instruction left in any function named like {fragment!r}")
+
+
+@needs_ext
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_streaming_loops_vectorised_in_every_clone():
+    functions = disassembly()
+    for fragment in STREAMING:
+        for clone in CLONES:
+            bodies = [lines for name, lines in functions.items()
+                      if fragment in name and clone in name and not name.endswith("@plt")]
+            assert bodies, f"no {clone} of a function named like {fragment!r}"
+            assert any(re.search(r"\bv?sqrtps\b", line) for lines in bodies for line in lines), (
+                f"{fragment!r} {clone} has no packed square root: its loop runs scalar")

@@ -83,6 +83,21 @@ struct AdamTensor {
                                e - b, h, step_size, bc2_sqrt, grad_scale);
   }
 
+  // The elements of [b, e) whose key is >= at_least updated by the streaming loop
+  // (fp32 and 16-bit types), as stream() with the mask mark_at_least writes.
+  void stream_at_least(int64_t b, int64_t e, uint64_t at_least) const {
+    const int32_t gt = order_greater_than<false>(at_least);
+    if constexpr (std::is_same_v<T, float>)
+      adam_stream_above_f32(p + b, (r ? r : const_cast<T*>(g)) + b, m + b, v + b, gt,
+                            r != nullptr, 0, e - b, h, step_size, bc2_sqrt, grad_scale);
+    else if (r)
+      adam_stream_above_any<T, M, M>(p + b, r + b, m + b, v + b, gt, true, 0, e - b, h,
+                                     step_size, bc2_sqrt, grad_scale);
+    else
+      adam_stream_above_any<T, T, M>(p + b, const_cast<T*>(g) + b, m + b, v + b, gt, false, 0,
+                                     e - b, h, step_size, bc2_sqrt, grad_scale);
+  }
+
   // chosen[j - b] = whether key(j) >= at_least, over [b, e) (fp32 and 16-bit types).
   void mark_at_least(int64_t b, int64_t e, uint64_t at_least, uint8_t* chosen) const {
     const int32_t gt = order_greater_than<false>(at_least);

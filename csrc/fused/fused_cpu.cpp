@@ -379,10 +379,14 @@ int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
     for (int64_t bi = b0; bi < b1; ++bi) {
       const BandCount& o = out[bi];
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
-      // A block taking all its ties compares against tie itself; one taking some
-      // (at most one block) marks them in a scan.
+      // A block taking all its ties compares against tie itself, as the loop reads
+      // each key; one taking some (at most one block) marks them in a scan.
       const uint64_t block_at_least = o.ties > 0 && o.ties == o.equal ? tie : at_least;
       int64_t some = o.ties < o.equal ? o.ties : 0;
+      if (some == 0) {
+        t.stream_at_least(begin, end, block_at_least);
+        continue;
+      }
       for (int64_t b = begin; b < end; b += kChunkTiles * kTile) {
         const int64_t e = std::min(end, b + kChunkTiles * kTile);
         t.mark_at_least(b, e, block_at_least, mask);

@@ -4,15 +4,33 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/rules.h"
+#include "select/select_keys.h"
 
 namespace incrkern {
+
+// `fresh` where `chosen` is all ones, `old` where it is 0, bit for bit. For the kAbove
+// loop: a select whose condition gcc can compute before the rule it turns into a
+// branch around the rule, and the loop then stays scalar.
+template <typename X>
+[[gnu::always_inline]] inline X blend_bits(int32_t chosen, X fresh, X old) {
+  using U = std::conditional_t<sizeof(X) == 2, uint16_t,
+                               std::conditional_t<sizeof(X) == 4, uint32_t, uint64_t>>;
+  static_assert(sizeof(X) == sizeof(U), "a 2-, 4- or 8-byte type");
+  const auto c = U(int64_t(chosen));
+  const U bits = U((__builtin_bit_cast(U, fresh) & c) | (__builtin_bit_cast(U, old) & ~c));
+  return __builtin_bit_cast(X, bits);
+}
 
 // The streaming loops: every element of [begin, end), in order, kept vectorisable
 // (see Note [branch-free loops vectorise] in common/hd.h). kMasked: the dense-mask
 // form -- every element is computed and the mask selects new or old value, so
-// unchosen elements are written back bit-identical. kConsume: zero the gradient
+// unchosen elements are written back bit-identical. kAbove: the same, an element
+// chosen where the order of |g| (select/scan_cpu.h) is > above_gt, decided as the
+// loop reads g: a mask written first cost a pass of its own over the gradient
+// (docs/design.md, "The threshold stream"). kConsume: zero the gradient
 // entries used. kAmsgrad: AMSGrad, with its running maximum `vmax` (unused without);
 // its loops take the weight-decay kind (kDecay, kDecoupled) as template parameters
 // too: gcc unswitches the plain loop on it, but the AMSGrad loop is larger than gcc
@@ -21,11 +39,12 @@ namespace incrkern {
 // checks (--param vect-max-version-for-alias-checks), and the masked loop stayed
 // scalar; the arrays are distinct (__restrict) anyway.
 template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kAmsgrad,
-          bool kDecay = false, bool kDecoupled = false>
+          bool kDecay = false, bool kDecoupled = false, bool kAbove = false>
 [[gnu::always_inline]] inline void adam_stream(
     T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v, M* __restrict vmax,
     const bool* __restrict mask, int64_t begin, int64_t end, const AdamHyper<M> h,
-    const M step_size, const M bc2_sqrt, const M grad_scale) {
+    const M step_size, const M bc2_sqrt, const M grad_scale, int32_t above_gt = 0) {
+  static_assert(!(kAbove && (kMasked || kAmsgrad)), "kAbove: a plain Adam loop");
   AdamHyper<M> hh = h;
   if constexpr (kAmsgrad) {
     hh.decay = kDecay;
@@ -34,7 +53,17 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool 
 #pragma GCC ivdep
   for (int64_t e = begin; e < end; ++e) {
     M pm = M(p[e]), mm = m[e], vv = v[e], vm = kAmsgrad ? vmax[e] : M(0);
-    adam_rule<kAmsgrad>(pm, M(g[e]) * grad_scale, mm, vv, vm, hh, step_size, bc2_sqrt);
+    const M ge = M(g[e]);
+    adam_rule<kAmsgrad>(pm, ge * grad_scale, mm, vv, vm, hh, step_size, bc2_sqrt);
+    if constexpr (kAbove) {
+      const auto order = int32_t(select::float_bits(float(ge)) & 0x7fffffffu);
+      const int32_t chosen = -int32_t(order > above_gt);
+      p[e] = blend_bits(chosen, T(pm), p[e]);
+      m[e] = blend_bits(chosen, mm, m[e]);
+      v[e] = blend_bits(chosen, vv, v[e]);
+      if (kConsume) g[e] = blend_bits(chosen, G(0), g[e]);
+      continue;
+    }
     const bool on = kMasked ? reinterpret_cast<const uint8_t*>(mask)[e] != 0 : true;
     p[e] = on ? T(pm) : p[e];
     m[e] = on ? mm : m[e];
@@ -64,6 +93,20 @@ template <typename T, typename G, typename M>
     adam_stream<T, G, M, kMasked, kConsume, false>(p, g, m, v, nullptr, mask, begin, end, h,
                                                   step_size, bc2_sqrt, grad_scale);
   });
+}
+
+// adam_stream_any choosing by |g| (kAbove): g of a 16-bit type widens to fp32
+// exactly, so its order is the one the selection's scans compare.
+template <typename T, typename G, typename M>
+[[gnu::always_inline]] inline void adam_stream_above_any(
+    T* p, G* g, M* m, M* v, int32_t above_gt, bool consume, int64_t begin, int64_t end,
+    const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
+  static_assert(std::is_same_v<M, float>, "fp32 orders");
+  if (consume)
+    return adam_stream<T, G, M, false, true, false, false, false, true>(
+        p, g, m, v, nullptr, nullptr, begin, end, h, step_size, bc2_sqrt, grad_scale, above_gt);
+  adam_stream<T, G, M, false, false, false, false, false, true>(
+      p, g, m, v, nullptr, nullptr, begin, end, h, step_size, bc2_sqrt, grad_scale, above_gt);
 }
 
 // adam_stream_any with AMSGrad's max_exp_avg_sq `vmax`.
@@ -171,6 +214,11 @@ const float* adam_tiles_f32(float* p, float* g, const float* vals, float* m, flo
 void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask, bool consume,
                      int64_t begin, int64_t end, const AdamHyper<float> h, const float step_size,
                      const float bc2_sqrt, const float grad_scale);
+
+// adam_stream_above_any over fp32 tensors, compiled for each ISA (update_cpu.cpp).
+void adam_stream_above_f32(float* p, float* g, float* m, float* v, int32_t above_gt,
+                           bool consume, int64_t begin, int64_t end, const AdamHyper<float> h,
+                           const float step_size, const float bc2_sqrt, const float grad_scale);
 
 // adam_stream_amsgrad_any over fp32 tensors, compiled for each ISA (update_cpu.cpp).
 void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* v, float* vmax,

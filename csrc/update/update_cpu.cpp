@@ -26,6 +26,16 @@ IK_ISA_CLONES void adam_stream_f32(float* p, float* g, float* m, float* v, const
                                        bc2_sqrt, grad_scale);
 }
 
+// The fp32 Adam loop choosing by |g| for each ISA (update/adam_stream_cpu.h).
+IK_ISA_CLONES void adam_stream_above_f32(float* p, float* g, float* m, float* v,
+                                         int32_t above_gt, bool consume, int64_t begin,
+                                         int64_t end, const AdamHyper<float> h,
+                                         const float step_size, const float bc2_sqrt,
+                                         const float grad_scale) {
+  adam_stream_above_any<float, float, float>(p, g, m, v, above_gt, consume, begin, end, h,
+                                             step_size, bc2_sqrt, grad_scale);
+}
+
 // The fp32 AMSGrad loop for each ISA (update/adam_stream_cpu.h).
 IK_ISA_CLONES void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* v, float* vmax,
                                            const bool* mask, bool consume, int64_t begin,
