@@ -44,7 +44,7 @@ MANGLED = {"run_zero_floor<float>(": "14run_zero_floorIfE", "run_band<float>(": 
 # The fp32 streaming loops compiled once per ISA (update/adam_stream_cpu.h,
 # IK_ISA_CLONES): each clone, the baseline one included, computes the rule's square
 # root on packed vectors.
-STREAMING = ["adam_stream_f32(", "adam_stream_above_f32("]
+STREAMING = ["adam_stream_f32(", "adam_stream_above_f32(", "adam_stream_amsgrad_f32("]
 CLONES = ["[clone .default]", "[clone .arch_x86_64_v3]", "[clone .arch_x86_64_v4]"]
 
 

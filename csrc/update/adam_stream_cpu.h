@@ -73,7 +73,11 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool 
   }
 }
 
-// Calls fn.template operator()<kMasked, kConsume>() for the run-time flags.
+// Calls fn.template operator()<kMasked, kConsume>() for the run-time flags. The
+// callers' lambdas are always_inline: one left out of line is compiled once, for the
+// baseline ISA, and the AVX2 and AVX-512 clones of its caller (IK_ISA_CLONES below)
+// would call that scalar loop.
+#define IK_INLINE_LAMBDA __attribute__((always_inline))
 template <typename Fn>
 [[gnu::always_inline]] inline void with_stream_flags(bool masked, bool consume, Fn&& fn) {
   if (masked) {
@@ -89,7 +93,7 @@ template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void adam_stream_any(
     T* p, G* g, M* m, M* v, const bool* mask, bool consume, int64_t begin, int64_t end,
     const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
-  with_stream_flags(mask != nullptr, consume, [&]<bool kMasked, bool kConsume>() {
+  with_stream_flags(mask != nullptr, consume, [&]<bool kMasked, bool kConsume>() IK_INLINE_LAMBDA {
     adam_stream<T, G, M, kMasked, kConsume, false>(p, g, m, v, nullptr, mask, begin, end, h,
                                                   step_size, bc2_sqrt, grad_scale);
   });
@@ -115,8 +119,8 @@ template <typename T, typename G, typename M>
     T* p, G* g, M* m, M* v, M* vmax, const bool* mask, bool consume, int64_t begin,
     int64_t end, const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
     const M grad_scale) {
-  with_stream_flags(mask != nullptr, consume, [&]<bool kMasked, bool kConsume>() {
-    auto stream = [&]<bool kDecay, bool kDecoupled>() {
+  with_stream_flags(mask != nullptr, consume, [&]<bool kMasked, bool kConsume>() IK_INLINE_LAMBDA {
+    auto stream = [&]<bool kDecay, bool kDecoupled>() IK_INLINE_LAMBDA {
       adam_stream<T, G, M, kMasked, kConsume, true, kDecay, kDecoupled>(
           p, g, m, v, vmax, mask, begin, end, h, step_size, bc2_sqrt, grad_scale);
     };
