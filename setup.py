@@ -118,7 +118,12 @@ def extension():
     # masked stream against its scalar peel and the positional loop), so an element's
     # result depended on the path that updated it and on the tensor's alignment: a
     # shard cut at another offset rounded differently.
-    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fopenmp",
+    # -fno-trapping-math: without it gcc may not compute a floating-point operation
+    # that the source computes only under a condition (it could raise an exception
+    # that the source would not), so a loop whose rule holds a select it has not
+    # unswitched stays scalar where the ISA lacks masked operations (the tile loop's
+    # AVX2 and SSE2 clones). No value changes: nothing reads the exception flags.
+    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
                  "-fno-semantic-interposition", "-ffp-contract=off"]
     # --fmad=false: nvcc contracts a multiply and an add into one FMA where it sees fit,
     # and sees fit differently in each kernel the same rule is inlined into, so the

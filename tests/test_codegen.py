@@ -1,10 +1,10 @@
 """The compiled CPU loops over scattered positions, and the vector scans over every
-key, keep their prefetches; the fp32 streaming loops stay vectorised in every ISA
-clone. A compiler may drop a prefetch without a trace (GCC takes a function that only
-prefetches for a pure one), or leave a loop scalar (a select turned into a branch, a
-lambda not inlined into a clone and so compiled for the baseline ISA): the results
-stay right and only the speed changes, so no other test would notice. These read the
-extension's machine code."""
+key, keep their prefetches; the fp32 update loops stay vectorised in their ISA
+clones. A compiler may drop a prefetch without a trace (GCC takes a function that
+only prefetches for a pure one), or leave a loop scalar (a select turned into a
+branch, an operation it may not speculate, a lambda not inlined into a clone and so
+compiled for the baseline ISA): the results stay right and only the speed changes, so
+no other test would notice. These read the extension's machine code."""
 import re
 import shutil
 import subprocess
@@ -41,11 +41,17 @@ PREFETCHING = [
 MANGLED = {"run_zero_floor<float>(": "14run_zero_floorIfE", "run_band<float>(": "8run_bandIfE"}
 
 
-# The fp32 streaming loops compiled once per ISA (update/adam_stream_cpu.h,
-# IK_ISA_CLONES): each clone, the baseline one included, computes the rule's square
-# root on packed vectors.
-STREAMING = ["adam_stream_f32(", "adam_stream_above_f32(", "adam_stream_amsgrad_f32("]
-CLONES = ["[clone .default]", "[clone .arch_x86_64_v3]", "[clone .arch_x86_64_v4]"]
+# The fp32 loops compiled once per ISA (update/adam_stream_cpu.h, IK_ISA_CLONES), and
+# the clones that compute the rule's square root on packed vectors: every one for the
+# streaming loops; the AVX2 and AVX-512 ones for the tile loop, whose baseline clone
+# stays scalar.
+ALL_CLONES = ["[clone .default]", "[clone .arch_x86_64_v3]", "[clone .arch_x86_64_v4]"]
+VECTORISED = {
+    "adam_stream_f32(": ALL_CLONES,
+    "adam_stream_above_f32(": ALL_CLONES,
+    "adam_stream_amsgrad_f32(": ALL_CLONES,
+    "adam_tiles_f32(": ALL_CLONES[1:],
+}
 
 
 def disassembly():
@@ -81,10 +87,10 @@ def test_positional_loops_keep_their_prefetches():
 
 @needs_ext
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
-def test_streaming_loops_vectorised_in_every_clone():
+def test_fp32_loops_vectorised_in_their_clones():
     functions = disassembly()
-    for fragment in STREAMING:
-        for clone in CLONES:
+    for fragment, clones in VECTORISED.items():
+        for clone in clones:
             bodies = [lines for name, lines in functions.items()
                       if fragment in name and clone in name and not name.endswith("@plt")]
             assert bodies, f"no {clone} of a function named like {fragment!r}"
