@@ -1,10 +1,11 @@
 """The compiled CPU loops over scattered positions, and the vector scans over every
-key, keep their prefetches; the fp32 update loops stay vectorised in their ISA
-clones. A compiler may drop a prefetch without a trace (GCC takes a function that
-only prefetches for a pure one), or leave a loop scalar (a select turned into a
-branch, an operation it may not speculate, a lambda not inlined into a clone and so
-compiled for the baseline ISA): the results stay right and only the speed changes, so
-no other test would notice. These read the extension's machine code."""
+key, keep their prefetches; the update loops stay vectorised in their ISA clones. A
+compiler may drop a prefetch without a trace (GCC takes a function that only
+prefetches for a pure one), or leave a loop scalar (a select turned into a branch,
+an operation it may not speculate, a struct it does not load as a vector, a lambda
+not inlined into a clone and so compiled for the baseline ISA): the results stay
+right and only the speed changes, so no other test would notice. These read the
+extension's machine code."""
 import re
 import shutil
 import subprocess
@@ -41,14 +42,14 @@ PREFETCHING = [
 MANGLED = {"run_zero_floor<float>(": "14run_zero_floorIfE", "run_band<float>(": "8run_bandIfE"}
 
 
-# The fp32 loops compiled once per ISA (update/adam_stream_cpu.h, IK_ISA_CLONES), and
-# the clones that compute the rule's square root on packed vectors: every one for the
-# streaming loops; the AVX2 and AVX-512 ones for the tile loop, whose baseline clone
-# stays scalar.
+# The loops compiled once per ISA (update/adam_stream_cpu.h, IK_ISA_CLONES), and the
+# clones that compute the rule's square root on packed vectors: every one for the
+# streaming loops (fp32, bf16 and fp16 params); the AVX2 and AVX-512 ones for the
+# tile loop, whose baseline clone stays scalar.
 ALL_CLONES = ["[clone .default]", "[clone .arch_x86_64_v3]", "[clone .arch_x86_64_v4]"]
 VECTORISED = {
-    "adam_stream_f32(": ALL_CLONES,
-    "adam_stream_above_f32(": ALL_CLONES,
+    **{f"adam_stream{kind}_{types}(": ALL_CLONES for kind in ("", "_above")
+       for types in ("f32", "bf16", "bf16_f32", "f16", "f16_f32")},
     "adam_stream_amsgrad_f32(": ALL_CLONES,
     "adam_tiles_f32(": ALL_CLONES[1:],
 }
@@ -87,7 +88,7 @@ def test_positional_loops_keep_their_prefetches():
 
 @needs_ext
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
-def test_fp32_loops_vectorised_in_their_clones():
+def test_update_loops_vectorised_in_their_clones():
     functions = disassembly()
     for fragment, clones in VECTORISED.items():
         for clone in clones:

@@ -71,31 +71,24 @@ struct AdamTensor {
   // unchosen written back as they were. With a residual it reads r (which holds
   // r + g) and zeroes the chosen entries.
   void stream(int64_t b, int64_t e, const uint8_t* chosen) const {
-    const bool* mask = reinterpret_cast<const bool*>(chosen);
-    if constexpr (std::is_same_v<T, float>)
-      adam_stream_f32(p + b, (r ? r : const_cast<T*>(g)) + b, m + b, v + b, mask, r != nullptr,
-                      0, e - b, h, step_size, bc2_sqrt, grad_scale);
-    else if (r)
-      adam_stream_any<T, M, M>(p + b, r + b, m + b, v + b, mask, true, 0, e - b, h, step_size,
-                               bc2_sqrt, grad_scale);
-    else
-      adam_stream_any<T, T, M>(p + b, const_cast<T*>(g) + b, m + b, v + b, mask, false, 0,
-                               e - b, h, step_size, bc2_sqrt, grad_scale);
+    stream_by(b, e, reinterpret_cast<const bool*>(chosen), false, 0);
   }
 
   // The elements of [b, e) whose key is >= at_least updated by the streaming loop
   // (fp32 and 16-bit types), as stream() with the mask mark_at_least writes.
   void stream_at_least(int64_t b, int64_t e, uint64_t at_least) const {
-    const int32_t gt = order_greater_than<false>(at_least);
-    if constexpr (std::is_same_v<T, float>)
-      adam_stream_above_f32(p + b, (r ? r : const_cast<T*>(g)) + b, m + b, v + b, gt,
-                            r != nullptr, 0, e - b, h, step_size, bc2_sqrt, grad_scale);
-    else if (r)
-      adam_stream_above_any<T, M, M>(p + b, r + b, m + b, v + b, gt, true, 0, e - b, h,
-                                     step_size, bc2_sqrt, grad_scale);
+    stream_by(b, e, nullptr, true, order_greater_than<false>(at_least));
+  }
+
+  // The streaming loop over [b, e): by a byte mask, by |g| above above_gt, or every
+  // element. With a residual it reads r (which holds r + g) and zeroes the chosen.
+  void stream_by(int64_t b, int64_t e, const bool* mask, bool above, int32_t above_gt) const {
+    if (r)
+      adam_stream_isa<T, M, M>(p + b, r + b, m + b, v + b, mask, above, above_gt, true, 0,
+                               e - b, h, step_size, bc2_sqrt, grad_scale);
     else
-      adam_stream_above_any<T, T, M>(p + b, const_cast<T*>(g) + b, m + b, v + b, gt, false, 0,
-                                     e - b, h, step_size, bc2_sqrt, grad_scale);
+      adam_stream_isa<T, T, M>(p + b, const_cast<T*>(g) + b, m + b, v + b, mask, above,
+                               above_gt, false, 0, e - b, h, step_size, bc2_sqrt, grad_scale);
   }
 
   // chosen[j - b] = whether key(j) >= at_least, over [b, e) (fp32 and 16-bit types).

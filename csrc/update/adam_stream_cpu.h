@@ -6,6 +6,9 @@
 #include <cstdint>
 #include <type_traits>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include "common/rules.h"
 #include "select/select_keys.h"
 
@@ -24,6 +27,41 @@ template <typename X>
   return __builtin_bit_cast(X, bits);
 }
 
+// How the loops read and write an element type: the 16-bit types as their uint16_t
+// bits, converted as c10 converts them but in operations that gcc vectorises (it
+// does not vectorise loads of the structs): bf16 widened by a shift and narrowed to
+// nearest even, every NaN as 0x7fc0; fp16 by c10's own branch-free conversions. Every
+// other type as itself.
+template <typename T>
+struct Lanes {
+  using Bits = T;
+  template <typename M>
+  static M widen(T x) { return M(x); }
+  template <typename M>
+  static T narrow(M x) { return T(x); }
+};
+template <>
+struct Lanes<c10::BFloat16> {
+  using Bits = uint16_t;
+  template <typename M>
+  static M widen(uint16_t b) { return M(__builtin_bit_cast(float, uint32_t(b) << 16)); }
+  template <typename M>
+  static uint16_t narrow(M x) {
+    const auto f = float(x);
+    const auto u = __builtin_bit_cast(uint32_t, f);
+    const auto rounded = uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? uint16_t(0x7fc0) : rounded;
+  }
+};
+template <>
+struct Lanes<c10::Half> {
+  using Bits = uint16_t;
+  template <typename M>
+  static M widen(uint16_t b) { return M(c10::detail::fp16_ieee_to_fp32_value(b)); }
+  template <typename M>
+  static uint16_t narrow(M x) { return c10::detail::fp16_ieee_from_fp32_value(float(x)); }
+};
+
 // The streaming loops: every element of [begin, end), in order, kept vectorisable
 // (see Note [branch-free loops vectorise] in common/hd.h). kMasked: the dense-mask
 // form -- every element is computed and the mask selects new or old value, so
@@ -31,45 +69,49 @@ template <typename X>
 // chosen where the order of |g| (select/scan_cpu.h) is > above_gt, decided as the
 // loop reads g: a mask written first cost a pass of its own over the gradient
 // (docs/design.md, "The threshold stream"). kConsume: zero the gradient
-// entries used. kAmsgrad: AMSGrad, with its running maximum `vmax` (unused without);
-// its loops take the weight-decay kind (kDecay, kDecoupled) as template parameters
-// too: gcc unswitches the plain loop on it, but the AMSGrad loop is larger than gcc
-// unswitches (--param max-unswitch-insns), and the branch left in it kept it scalar.
+// entries used. kAmsgrad: AMSGrad, with its running maximum `vmax` (unused without).
+// kDecay, kDecoupled: the weight-decay kind, fixed per loop. gcc unswitched the plain
+// fp32 loop on it, but not the larger ones (AMSGrad, bf16's conversions: --param
+// max-unswitch-insns), and the select left in them kept them scalar.
 // ivdep: the AMSGrad loop's sixth array took gcc over its limit of run-time alias
 // checks (--param vect-max-version-for-alias-checks), and the masked loop stayed
 // scalar; the arrays are distinct (__restrict) anyway.
 template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kAmsgrad,
-          bool kDecay = false, bool kDecoupled = false, bool kAbove = false>
+          bool kDecay, bool kDecoupled, bool kAbove = false>
 [[gnu::always_inline]] inline void adam_stream(
     T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v, M* __restrict vmax,
     const bool* __restrict mask, int64_t begin, int64_t end, const AdamHyper<M> h,
     const M step_size, const M bc2_sqrt, const M grad_scale, int32_t above_gt = 0) {
   static_assert(!(kAbove && (kMasked || kAmsgrad)), "kAbove: a plain Adam loop");
   AdamHyper<M> hh = h;
-  if constexpr (kAmsgrad) {
-    hh.decay = kDecay;
-    hh.decoupled_weight_decay = kDecoupled;
-  }
+  hh.decay = kDecay;
+  hh.decoupled_weight_decay = kDecoupled;
+  using PL = Lanes<T>;
+  using GL = Lanes<G>;
+  auto* __restrict pb = reinterpret_cast<typename PL::Bits*>(p);
+  auto* __restrict gb = reinterpret_cast<typename GL::Bits*>(g);
+  const auto g_zero = GL::narrow(M(0));
 #pragma GCC ivdep
   for (int64_t e = begin; e < end; ++e) {
-    M pm = M(p[e]), mm = m[e], vv = v[e], vm = kAmsgrad ? vmax[e] : M(0);
-    const M ge = M(g[e]);
+    M pm = PL::template widen<M>(pb[e]), mm = m[e], vv = v[e];
+    M vm = kAmsgrad ? vmax[e] : M(0);
+    const M ge = GL::template widen<M>(gb[e]);
     adam_rule<kAmsgrad>(pm, ge * grad_scale, mm, vv, vm, hh, step_size, bc2_sqrt);
     if constexpr (kAbove) {
       const auto order = int32_t(select::float_bits(float(ge)) & 0x7fffffffu);
       const int32_t chosen = -int32_t(order > above_gt);
-      p[e] = blend_bits(chosen, T(pm), p[e]);
+      pb[e] = blend_bits(chosen, PL::narrow(pm), pb[e]);
       m[e] = blend_bits(chosen, mm, m[e]);
       v[e] = blend_bits(chosen, vv, v[e]);
-      if (kConsume) g[e] = blend_bits(chosen, G(0), g[e]);
+      if (kConsume) gb[e] = blend_bits(chosen, g_zero, gb[e]);
       continue;
     }
     const bool on = kMasked ? reinterpret_cast<const uint8_t*>(mask)[e] != 0 : true;
-    p[e] = on ? T(pm) : p[e];
+    pb[e] = on ? PL::narrow(pm) : pb[e];
     m[e] = on ? mm : m[e];
     v[e] = on ? vv : v[e];
     if (kAmsgrad) vmax[e] = on ? vm : vmax[e];
-    if (kConsume) g[e] = on ? G(0) : g[e];
+    if (kConsume) gb[e] = on ? g_zero : gb[e];
   }
 }
 
@@ -88,29 +130,40 @@ template <typename Fn>
   fn.template operator()<false, false>();
 }
 
+// Calls fn.template operator()<kDecay, kDecoupled>() for h's weight-decay kind.
+template <typename M, typename Fn>
+[[gnu::always_inline]] inline void with_decay_kind(const AdamHyper<M>& h, Fn&& fn) {
+  if (!h.decay) return fn.template operator()<false, false>();
+  if (h.decoupled_weight_decay) return fn.template operator()<true, true>();
+  fn.template operator()<true, false>();
+}
+
 // Picks the instantiation for the run-time flags.
 template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void adam_stream_any(
     T* p, G* g, M* m, M* v, const bool* mask, bool consume, int64_t begin, int64_t end,
     const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
   with_stream_flags(mask != nullptr, consume, [&]<bool kMasked, bool kConsume>() IK_INLINE_LAMBDA {
-    adam_stream<T, G, M, kMasked, kConsume, false>(p, g, m, v, nullptr, mask, begin, end, h,
-                                                  step_size, bc2_sqrt, grad_scale);
+    with_decay_kind(h, [&]<bool kDecay, bool kDecoupled>() IK_INLINE_LAMBDA {
+      adam_stream<T, G, M, kMasked, kConsume, false, kDecay, kDecoupled>(
+          p, g, m, v, nullptr, mask, begin, end, h, step_size, bc2_sqrt, grad_scale);
+    });
   });
 }
 
-// adam_stream_any choosing by |g| (kAbove): g of a 16-bit type widens to fp32
-// exactly, so its order is the one the selection's scans compare.
+// adam_stream_any choosing by |g| (kAbove), for fp32 math: g of a 16-bit type widens
+// to fp32 exactly, so its order is the one the selection's scans compare.
 template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void adam_stream_above_any(
     T* p, G* g, M* m, M* v, int32_t above_gt, bool consume, int64_t begin, int64_t end,
     const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
-  static_assert(std::is_same_v<M, float>, "fp32 orders");
-  if (consume)
-    return adam_stream<T, G, M, false, true, false, false, false, true>(
-        p, g, m, v, nullptr, nullptr, begin, end, h, step_size, bc2_sqrt, grad_scale, above_gt);
-  adam_stream<T, G, M, false, false, false, false, false, true>(
-      p, g, m, v, nullptr, nullptr, begin, end, h, step_size, bc2_sqrt, grad_scale, above_gt);
+  with_stream_flags(false, consume, [&]<bool kMasked, bool kConsume>() IK_INLINE_LAMBDA {
+    with_decay_kind(h, [&]<bool kDecay, bool kDecoupled>() IK_INLINE_LAMBDA {
+      adam_stream<T, G, M, false, kConsume, false, kDecay, kDecoupled, true>(
+          p, g, m, v, nullptr, nullptr, begin, end, h, step_size, bc2_sqrt, grad_scale,
+          above_gt);
+    });
+  });
 }
 
 // adam_stream_any with AMSGrad's max_exp_avg_sq `vmax`.
@@ -120,13 +173,10 @@ template <typename T, typename G, typename M>
     int64_t end, const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
     const M grad_scale) {
   with_stream_flags(mask != nullptr, consume, [&]<bool kMasked, bool kConsume>() IK_INLINE_LAMBDA {
-    auto stream = [&]<bool kDecay, bool kDecoupled>() IK_INLINE_LAMBDA {
+    with_decay_kind(h, [&]<bool kDecay, bool kDecoupled>() IK_INLINE_LAMBDA {
       adam_stream<T, G, M, kMasked, kConsume, true, kDecay, kDecoupled>(
           p, g, m, v, vmax, mask, begin, end, h, step_size, bc2_sqrt, grad_scale);
-    };
-    if (!h.decay) return stream.template operator()<false, false>();
-    if (h.decoupled_weight_decay) return stream.template operator()<true, true>();
-    stream.template operator()<true, false>();
+    });
   });
 }
 
@@ -214,15 +264,59 @@ const float* adam_tiles_f32(float* p, float* g, const float* vals, float* m, flo
                            int64_t n, int32_t lanes, const AdamHyper<float> h,
                            const float step_size, const float bc2_sqrt, const float grad_scale);
 
-// adam_stream_any over fp32 tensors, compiled for each ISA above (update_cpu.cpp).
-void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask, bool consume,
-                     int64_t begin, int64_t end, const AdamHyper<float> h, const float step_size,
-                     const float bc2_sqrt, const float grad_scale);
+// adam_stream_any and adam_stream_above_any compiled for each ISA above
+// (update_cpu.cpp), for fp32 params and gradients (_f32), bf16 or fp16 ones (_bf16,
+// _f16), and 16-bit params read with fp32 gradients (_bf16_f32, _f16_f32: a residual,
+// or fp32 grads). A 16-bit type's conversions left the baseline loop bound by its
+// instructions.
+#define IK_DECLARE_ADAM_STREAMS(SUFFIX, T, G)                                                 \
+  void adam_stream_##SUFFIX(T* p, G* g, float* m, float* v, const bool* mask, bool consume, \
+                            int64_t begin, int64_t end, const AdamHyper<float> h,           \
+                            const float step_size, const float bc2_sqrt,                    \
+                            const float grad_scale);                                        \
+  void adam_stream_above_##SUFFIX(T* p, G* g, float* m, float* v, int32_t above_gt,         \
+                                  bool consume, int64_t begin, int64_t end,                 \
+                                  const AdamHyper<float> h, const float step_size,          \
+                                  const float bc2_sqrt, const float grad_scale);
+IK_DECLARE_ADAM_STREAMS(f32, float, float)
+IK_DECLARE_ADAM_STREAMS(bf16, c10::BFloat16, c10::BFloat16)
+IK_DECLARE_ADAM_STREAMS(bf16_f32, c10::BFloat16, float)
+IK_DECLARE_ADAM_STREAMS(f16, c10::Half, c10::Half)
+IK_DECLARE_ADAM_STREAMS(f16_f32, c10::Half, float)
+#undef IK_DECLARE_ADAM_STREAMS
 
-// adam_stream_above_any over fp32 tensors, compiled for each ISA (update_cpu.cpp).
-void adam_stream_above_f32(float* p, float* g, float* m, float* v, int32_t above_gt,
-                           bool consume, int64_t begin, int64_t end, const AdamHyper<float> h,
-                           const float step_size, const float bc2_sqrt, const float grad_scale);
+// adam_stream_any, or adam_stream_above_any where `above` (above_gt its threshold),
+// through the ISA-compiled form where the types have one.
+template <typename T, typename G, typename M>
+inline void adam_stream_isa(T* p, G* g, M* m, M* v, const bool* mask, bool above,
+                            int32_t above_gt, bool consume, int64_t begin, int64_t end,
+                            const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
+                            const M grad_scale) {
+  using BF16 = c10::BFloat16;
+  using F16 = c10::Half;
+#define IK_CALL_ADAM_STREAM(SUFFIX)                                                       \
+  return above ? adam_stream_above_##SUFFIX(p, g, m, v, above_gt, consume, begin, end, h, \
+                                            step_size, bc2_sqrt, grad_scale)              \
+               : adam_stream_##SUFFIX(p, g, m, v, mask, consume, begin, end, h, step_size, \
+                                      bc2_sqrt, grad_scale)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>)
+    IK_CALL_ADAM_STREAM(f32);
+  else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<G, BF16>)
+    IK_CALL_ADAM_STREAM(bf16);
+  else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<G, float>)
+    IK_CALL_ADAM_STREAM(bf16_f32);
+  else if constexpr (std::is_same_v<T, F16> && std::is_same_v<G, F16>)
+    IK_CALL_ADAM_STREAM(f16);
+  else if constexpr (std::is_same_v<T, F16> && std::is_same_v<G, float>)
+    IK_CALL_ADAM_STREAM(f16_f32);
+  else if (above)
+    adam_stream_above_any<T, G, M>(p, g, m, v, above_gt, consume, begin, end, h, step_size,
+                                   bc2_sqrt, grad_scale);
+  else
+    adam_stream_any<T, G, M>(p, g, m, v, mask, consume, begin, end, h, step_size, bc2_sqrt,
+                             grad_scale);
+#undef IK_CALL_ADAM_STREAM
+}
 
 // adam_stream_amsgrad_any over fp32 tensors, compiled for each ISA (update_cpu.cpp).
 void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* v, float* vmax,

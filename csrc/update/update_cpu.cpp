@@ -17,24 +17,28 @@
 
 namespace incrkern {
 
-// The fp32 Adam loop for each ISA (update/adam_stream_cpu.h).
-IK_ISA_CLONES void adam_stream_f32(float* p, float* g, float* m, float* v, const bool* mask,
-                                   bool consume, int64_t begin, int64_t end,
-                                   const AdamHyper<float> h, const float step_size,
-                                   const float bc2_sqrt, const float grad_scale) {
-  adam_stream_any<float, float, float>(p, g, m, v, mask, consume, begin, end, h, step_size,
-                                       bc2_sqrt, grad_scale);
-}
-
-// The fp32 Adam loop choosing by |g| for each ISA (update/adam_stream_cpu.h).
-IK_ISA_CLONES void adam_stream_above_f32(float* p, float* g, float* m, float* v,
-                                         int32_t above_gt, bool consume, int64_t begin,
-                                         int64_t end, const AdamHyper<float> h,
-                                         const float step_size, const float bc2_sqrt,
-                                         const float grad_scale) {
-  adam_stream_above_any<float, float, float>(p, g, m, v, above_gt, consume, begin, end, h,
-                                             step_size, bc2_sqrt, grad_scale);
-}
+// The Adam loops for each ISA (update/adam_stream_cpu.h), per param and gradient type.
+#define IK_DEFINE_ADAM_STREAMS(SUFFIX, T, G)                                                  \
+  IK_ISA_CLONES void adam_stream_##SUFFIX(T* p, G* g, float* m, float* v, const bool* mask, \
+                                          bool consume, int64_t begin, int64_t end,         \
+                                          const AdamHyper<float> h, const float step_size,  \
+                                          const float bc2_sqrt, const float grad_scale) {   \
+    adam_stream_any<T, G, float>(p, g, m, v, mask, consume, begin, end, h, step_size,       \
+                                 bc2_sqrt, grad_scale);                                     \
+  }                                                                                         \
+  IK_ISA_CLONES void adam_stream_above_##SUFFIX(                                            \
+      T* p, G* g, float* m, float* v, int32_t above_gt, bool consume, int64_t begin,        \
+      int64_t end, const AdamHyper<float> h, const float step_size, const float bc2_sqrt,   \
+      const float grad_scale) {                                                             \
+    adam_stream_above_any<T, G, float>(p, g, m, v, above_gt, consume, begin, end, h,        \
+                                       step_size, bc2_sqrt, grad_scale);                    \
+  }
+IK_DEFINE_ADAM_STREAMS(f32, float, float)
+IK_DEFINE_ADAM_STREAMS(bf16, c10::BFloat16, c10::BFloat16)
+IK_DEFINE_ADAM_STREAMS(bf16_f32, c10::BFloat16, float)
+IK_DEFINE_ADAM_STREAMS(f16, c10::Half, c10::Half)
+IK_DEFINE_ADAM_STREAMS(f16_f32, c10::Half, float)
+#undef IK_DEFINE_ADAM_STREAMS
 
 // The fp32 AMSGrad loop for each ISA (update/adam_stream_cpu.h).
 IK_ISA_CLONES void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* v, float* vmax,
@@ -197,12 +201,8 @@ RangeFn adam_ranges(T* p, G* g, M* m, M* v, M* vmax, int32_t* age, const Positio
                                            h, step_size, bc2_sqrt, grad_scale);
       };
     return [=](int64_t begin, int64_t end) {
-      if constexpr (f32)
-        adam_stream_f32(p, g, m, v, pos.mask, consume, begin, end, h, step_size, bc2_sqrt,
-                        grad_scale);
-      else
-        adam_stream_any<T, G, M>(p, g, m, v, pos.mask, consume, begin, end, h, step_size,
-                                 bc2_sqrt, grad_scale);
+      adam_stream_isa<T, G, M>(p, g, m, v, pos.mask, false, 0, consume, begin, end, h,
+                               step_size, bc2_sqrt, grad_scale);
     };
   }
   return [=](int64_t begin, int64_t end) {
