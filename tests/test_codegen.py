@@ -45,13 +45,14 @@ MANGLED = {"run_zero_floor<float>(": "14run_zero_floorIfE", "run_band<float>(": 
 # The loops compiled once per ISA (update/adam_stream_cpu.h, IK_ISA_CLONES), and the
 # clones that compute the rule's square root on packed vectors: every one for the
 # streaming loops (fp32, bf16 and fp16 params); the AVX2 and AVX-512 ones for the
-# tile loop, whose baseline clone stays scalar.
+# tile loops, whose baseline clones stay scalar.
 ALL_CLONES = ["[clone .default]", "[clone .arch_x86_64_v3]", "[clone .arch_x86_64_v4]"]
 VECTORISED = {
     **{f"adam_stream{kind}_{types}(": ALL_CLONES for kind in ("", "_above")
        for types in ("f32", "bf16", "bf16_f32", "f16", "f16_f32")},
+    **{f"adam_tiles_{types}(": ALL_CLONES[1:]
+       for types in ("f32", "bf16", "bf16_f32", "f16", "f16_f32")},
     "adam_stream_amsgrad_f32(": ALL_CLONES,
-    "adam_tiles_f32(": ALL_CLONES[1:],
 }
 
 

@@ -137,18 +137,14 @@ struct AdamTensor {
   // The listed tiles (first element starts[j], chosen lanes masks[j], ascending)
   // updated as wholes by the masked streaming loop: every lane computed, the chosen
   // ones kept, the others written back as they were; `vals` as adam_tiles takes them,
-  // returned past those used. fp32 takes the tile-list loop compiled per ISA.
+  // returned past those used. fp32, bf16 and fp16 take the loops compiled per ISA.
   const M* tiles(const int64_t* starts, const uint32_t* masks, int64_t n,
                  const M* vals = nullptr) const {
-    if constexpr (std::is_same_v<T, float>)
-      return adam_tiles_f32(p, r ? r : const_cast<T*>(g), vals, m, v, r != nullptr, starts,
-                            masks, n, kTileLanes, h, step_size, bc2_sqrt, grad_scale);
-    else if (r)
-      return adam_tiles<T, M, M, true>(p, r, vals, m, v, starts, masks, n, kTileLanes, h,
-                                       step_size, bc2_sqrt, grad_scale);
-    else
-      return adam_tiles<T, T, M, false>(p, const_cast<T*>(g), vals, m, v, starts, masks, n,
-                                        kTileLanes, h, step_size, bc2_sqrt, grad_scale);
+    if (r)
+      return adam_tiles_isa<T, M, M>(p, r, vals, m, v, true, starts, masks, n, kTileLanes, h,
+                                     step_size, bc2_sqrt, grad_scale);
+    return adam_tiles_isa<T, T, M>(p, const_cast<T*>(g), vals, m, v, false, starts, masks, n,
+                                   kTileLanes, h, step_size, bc2_sqrt, grad_scale);
   }
 
   // The key of element e (after add_residual, with a residual).

@@ -219,50 +219,106 @@ constexpr int lanes_set(uint32_t mask) {
 // such a tile then waits on no gradient line. A fuller tile reads its gradient line
 // (the 16-lane loop reads it whole, and such tiles cluster, as a matrix gradient's hot
 // rows do, where the lines stream). Returns vals past the last one used.
-template <typename T, typename G, typename M, bool kConsume>
+template <typename T, typename G, typename M, bool kConsume, bool kDecay, bool kDecoupled>
 [[gnu::always_inline]] inline const M* adam_tiles(T* p, G* g, const M* vals, M* m, M* v,
                                                   const int64_t* starts,
                                                   const uint32_t* masks, int64_t n,
-                                                  int32_t lanes, const AdamHyper<M> h,
+                                                  int32_t lanes, AdamHyper<M> h,
                                                   const M step_size, const M bc2_sqrt,
                                                   const M grad_scale) {
+  h.decay = kDecay;
+  h.decoupled_weight_decay = kDecoupled;
+  using PL = Lanes<T>;
+  using GL = Lanes<G>;
+  const auto g_zero = GL::narrow(M(0));
   for (int64_t j = 0; j < n; ++j) {
-    T* __restrict tp = p + starts[j];
-    G* __restrict tg = g + starts[j];
+    auto* __restrict tp = reinterpret_cast<typename PL::Bits*>(p + starts[j]);
+    auto* __restrict tg = reinterpret_cast<typename GL::Bits*>(g + starts[j]);
     M* __restrict tm = m + starts[j];
     M* __restrict tv = v + starts[j];
     const uint32_t bits = masks[j];
     if (lanes_set(bits) <= kLaneByLane) {
       for (uint32_t b = bits; b; b &= b - 1) {
         const int e = __builtin_ctz(b);
-        M pm = M(tp[e]), mm = tm[e], vv = tv[e];
-        const M gm = vals ? *vals++ : M(tg[e]);
+        M pm = PL::template widen<M>(tp[e]), mm = tm[e], vv = tv[e];
+        const M gm = vals ? *vals++ : GL::template widen<M>(tg[e]);
         adam_rule(pm, gm * grad_scale, mm, vv, h, step_size, bc2_sqrt);
-        tp[e] = T(pm);
+        tp[e] = PL::narrow(pm);
         tm[e] = mm;
         tv[e] = vv;
-        if (kConsume) tg[e] = G(0);
+        if (kConsume) tg[e] = g_zero;
       }
       continue;
     }
     for (int32_t e = 0; e < lanes; ++e) {
-      M pm = M(tp[e]), mm = tm[e], vv = tv[e];
-      adam_rule(pm, M(tg[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
-      const bool on = (bits >> e) & 1u;
-      tp[e] = on ? T(pm) : tp[e];
-      tm[e] = on ? mm : tm[e];
-      tv[e] = on ? vv : tv[e];
-      if (kConsume) tg[e] = on ? G(0) : tg[e];
+      M pm = PL::template widen<M>(tp[e]), mm = tm[e], vv = tv[e];
+      adam_rule(pm, GL::template widen<M>(tg[e]) * grad_scale, mm, vv, h, step_size, bc2_sqrt);
+      const int32_t chosen = -int32_t((bits >> e) & 1u);
+      tp[e] = blend_bits(chosen, PL::narrow(pm), tp[e]);
+      tm[e] = blend_bits(chosen, mm, tm[e]);
+      tv[e] = blend_bits(chosen, vv, tv[e]);
+      if (kConsume) tg[e] = blend_bits(chosen, g_zero, tg[e]);
     }
   }
   return vals;
 }
 
-// adam_tiles over fp32 tensors, compiled for each ISA (update_cpu.cpp).
-const float* adam_tiles_f32(float* p, float* g, const float* vals, float* m, float* v,
-                           bool consume, const int64_t* starts, const uint32_t* masks,
-                           int64_t n, int32_t lanes, const AdamHyper<float> h,
-                           const float step_size, const float bc2_sqrt, const float grad_scale);
+// adam_tiles for the run-time flags (consume, the weight-decay kind).
+template <typename T, typename G, typename M>
+[[gnu::always_inline]] inline const M* adam_tiles_any(
+    T* p, G* g, const M* vals, M* m, M* v, bool consume, const int64_t* starts,
+    const uint32_t* masks, int64_t n, int32_t lanes, const AdamHyper<M> h, const M step_size,
+    const M bc2_sqrt, const M grad_scale) {
+  const M* left = vals;
+  with_stream_flags(false, consume, [&]<bool kMasked, bool kConsume>() IK_INLINE_LAMBDA {
+    with_decay_kind(h, [&]<bool kDecay, bool kDecoupled>() IK_INLINE_LAMBDA {
+      left = adam_tiles<T, G, M, kConsume, kDecay, kDecoupled>(
+          p, g, vals, m, v, starts, masks, n, lanes, h, step_size, bc2_sqrt, grad_scale);
+    });
+  });
+  return left;
+}
+
+// adam_tiles compiled for each ISA (update_cpu.cpp), per param and gradient type as
+// the streams, and adam_tiles_isa, which calls the one for T and G.
+#define IK_DECLARE_ADAM_TILES(SUFFIX, T, G)                                                   \
+  const float* adam_tiles_##SUFFIX(T* p, G* g, const float* vals, float* m, float* v,       \
+                                   bool consume, const int64_t* starts,                     \
+                                   const uint32_t* masks, int64_t n, int32_t lanes,         \
+                                   const AdamHyper<float> h, const float step_size,         \
+                                   const float bc2_sqrt, const float grad_scale);
+IK_DECLARE_ADAM_TILES(f32, float, float)
+IK_DECLARE_ADAM_TILES(bf16, c10::BFloat16, c10::BFloat16)
+IK_DECLARE_ADAM_TILES(bf16_f32, c10::BFloat16, float)
+IK_DECLARE_ADAM_TILES(f16, c10::Half, c10::Half)
+IK_DECLARE_ADAM_TILES(f16_f32, c10::Half, float)
+#undef IK_DECLARE_ADAM_TILES
+
+template <typename T, typename G, typename M>
+inline const M* adam_tiles_isa(T* p, G* g, const M* vals, M* m, M* v, bool consume,
+                               const int64_t* starts, const uint32_t* masks, int64_t n,
+                               int32_t lanes, const AdamHyper<M> h, const M step_size,
+                               const M bc2_sqrt, const M grad_scale) {
+  using BF16 = c10::BFloat16;
+  using F16 = c10::Half;
+#define IK_CALL_ADAM_TILES(SUFFIX)                                                       \
+  return adam_tiles_##SUFFIX(p, g, vals, m, v, consume, starts, masks, n, lanes, h, step_size, \
+                             bc2_sqrt, grad_scale)
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>)
+    IK_CALL_ADAM_TILES(f32);
+  else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<G, BF16>)
+    IK_CALL_ADAM_TILES(bf16);
+  else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<G, float>)
+    IK_CALL_ADAM_TILES(bf16_f32);
+  else if constexpr (std::is_same_v<T, F16> && std::is_same_v<G, F16>)
+    IK_CALL_ADAM_TILES(f16);
+  else if constexpr (std::is_same_v<T, F16> && std::is_same_v<G, float>)
+    IK_CALL_ADAM_TILES(f16_f32);
+  else
+    return adam_tiles_any<T, G, M>(p, g, vals, m, v, consume, starts, masks, n, lanes, h,
+                                   step_size, bc2_sqrt, grad_scale);
+#undef IK_CALL_ADAM_TILES
+}
 
 // adam_stream_any and adam_stream_above_any compiled for each ISA above
 // (update_cpu.cpp), for fp32 params and gradients (_f32), bf16 or fp16 ones (_bf16,

@@ -50,18 +50,23 @@ IK_ISA_CLONES void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* 
                                                step_size, bc2_sqrt, grad_scale);
 }
 
-// The fp32 tile-list loop for each ISA (update/adam_stream_cpu.h).
-IK_ISA_CLONES const float* adam_tiles_f32(float* p, float* g, const float* vals, float* m,
-                                          float* v, bool consume, const int64_t* starts,
-                                          const uint32_t* masks, int64_t n, int32_t lanes,
-                                          const AdamHyper<float> h, const float step_size,
-                                          const float bc2_sqrt, const float grad_scale) {
-  if (consume)
-    return adam_tiles<float, float, float, true>(p, g, vals, m, v, starts, masks, n, lanes, h,
-                                                 step_size, bc2_sqrt, grad_scale);
-  return adam_tiles<float, float, float, false>(p, g, vals, m, v, starts, masks, n, lanes, h,
-                                                step_size, bc2_sqrt, grad_scale);
-}
+// The tile-list loops for each ISA (update/adam_stream_cpu.h), per param and gradient
+// type.
+#define IK_DEFINE_ADAM_TILES(SUFFIX, T, G)                                                    \
+  IK_ISA_CLONES const float* adam_tiles_##SUFFIX(                                           \
+      T* p, G* g, const float* vals, float* m, float* v, bool consume,                      \
+      const int64_t* starts, const uint32_t* masks, int64_t n, int32_t lanes,               \
+      const AdamHyper<float> h, const float step_size, const float bc2_sqrt,                \
+      const float grad_scale) {                                                             \
+    return adam_tiles_any<T, G, float>(p, g, vals, m, v, consume, starts, masks, n, lanes,  \
+                                       h, step_size, bc2_sqrt, grad_scale);                 \
+  }
+IK_DEFINE_ADAM_TILES(f32, float, float)
+IK_DEFINE_ADAM_TILES(bf16, c10::BFloat16, c10::BFloat16)
+IK_DEFINE_ADAM_TILES(bf16_f32, c10::BFloat16, float)
+IK_DEFINE_ADAM_TILES(f16, c10::Half, c10::Half)
+IK_DEFINE_ADAM_TILES(f16_f32, c10::Half, float)
+#undef IK_DEFINE_ADAM_TILES
 
 namespace {
 
