@@ -47,11 +47,12 @@ MANGLED = {"run_zero_floor<float>(": "14run_zero_floorIfE", "run_band<float>(": 
 # streaming loops (fp32, bf16 and fp16 params); the AVX2 and AVX-512 ones for the
 # tile loops, whose baseline clones stay scalar.
 ALL_CLONES = ["[clone .default]", "[clone .arch_x86_64_v3]", "[clone .arch_x86_64_v4]"]
+TYPES = ["float*, float*", "c10::BFloat16*, c10::BFloat16*", "c10::BFloat16*, float*",
+         "c10::Half*, c10::Half*", "c10::Half*, float*"]
 VECTORISED = {
-    **{f"adam_stream{kind}_{types}(": ALL_CLONES for kind in ("", "_above")
-       for types in ("f32", "bf16", "bf16_f32", "f16", "f16_f32")},
-    **{f"adam_tiles_{types}(": ALL_CLONES[1:]
-       for types in ("f32", "bf16", "bf16_f32", "f16", "f16_f32")},
+    **{f"adam_stream{kind}_cloned({types},": ALL_CLONES for kind in ("", "_above")
+       for types in TYPES},
+    **{f"adam_tiles_cloned({types},": ALL_CLONES[1:] for types in TYPES},
     "adam_stream_amsgrad_f32(": ALL_CLONES,
 }
 

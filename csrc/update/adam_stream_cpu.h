@@ -279,99 +279,75 @@ template <typename T, typename G, typename M>
   return left;
 }
 
-// adam_tiles compiled for each ISA (update_cpu.cpp), per param and gradient type as
-// the streams, and adam_tiles_isa, which calls the one for T and G.
-#define IK_DECLARE_ADAM_TILES(SUFFIX, T, G)                                                   \
-  const float* adam_tiles_##SUFFIX(T* p, G* g, const float* vals, float* m, float* v,       \
-                                   bool consume, const int64_t* starts,                     \
-                                   const uint32_t* masks, int64_t n, int32_t lanes,         \
-                                   const AdamHyper<float> h, const float step_size,         \
-                                   const float bc2_sqrt, const float grad_scale);
-IK_DECLARE_ADAM_TILES(f32, float, float)
-IK_DECLARE_ADAM_TILES(bf16, c10::BFloat16, c10::BFloat16)
-IK_DECLARE_ADAM_TILES(bf16_f32, c10::BFloat16, float)
-IK_DECLARE_ADAM_TILES(f16, c10::Half, c10::Half)
-IK_DECLARE_ADAM_TILES(f16_f32, c10::Half, float)
-#undef IK_DECLARE_ADAM_TILES
+// The param and gradient types whose loops are compiled for each ISA
+// (IK_ISA_CLONES, update_cpu.cpp): fp32, bf16 and fp16 params with gradients of
+// their own type, and 16-bit params read with fp32 gradients (a residual, or fp32
+// grads). A 16-bit type's conversions left the baseline loop bound by its
+// instructions. Each loop is one overloaded name: adam_stream_cloned (by mask or
+// every element), adam_stream_above_cloned, adam_tiles_cloned.
+#define IK_CLONED_TYPES(X)         \
+  X(float, float)                  \
+  X(c10::BFloat16, c10::BFloat16)  \
+  X(c10::BFloat16, float)          \
+  X(c10::Half, c10::Half)          \
+  X(c10::Half, float)
 
-template <typename T, typename G, typename M>
-inline const M* adam_tiles_isa(T* p, G* g, const M* vals, M* m, M* v, bool consume,
-                               const int64_t* starts, const uint32_t* masks, int64_t n,
-                               int32_t lanes, const AdamHyper<M> h, const M step_size,
-                               const M bc2_sqrt, const M grad_scale) {
-  using BF16 = c10::BFloat16;
-  using F16 = c10::Half;
-#define IK_CALL_ADAM_TILES(SUFFIX)                                                       \
-  return adam_tiles_##SUFFIX(p, g, vals, m, v, consume, starts, masks, n, lanes, h, step_size, \
-                             bc2_sqrt, grad_scale)
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>)
-    IK_CALL_ADAM_TILES(f32);
-  else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<G, BF16>)
-    IK_CALL_ADAM_TILES(bf16);
-  else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<G, float>)
-    IK_CALL_ADAM_TILES(bf16_f32);
-  else if constexpr (std::is_same_v<T, F16> && std::is_same_v<G, F16>)
-    IK_CALL_ADAM_TILES(f16);
-  else if constexpr (std::is_same_v<T, F16> && std::is_same_v<G, float>)
-    IK_CALL_ADAM_TILES(f16_f32);
-  else
-    return adam_tiles_any<T, G, M>(p, g, vals, m, v, consume, starts, masks, n, lanes, h,
-                                   step_size, bc2_sqrt, grad_scale);
-#undef IK_CALL_ADAM_TILES
-}
+#define IK_DECLARE_CLONED(T, G)                                                              \
+  void adam_stream_cloned(T* p, G* g, float* m, float* v, const bool* mask, bool consume,    \
+                          int64_t begin, int64_t end, const AdamHyper<float> h,              \
+                          const float step_size, const float bc2_sqrt,                       \
+                          const float grad_scale);                                           \
+  void adam_stream_above_cloned(T* p, G* g, float* m, float* v, int32_t above_gt,            \
+                                bool consume, int64_t begin, int64_t end,                    \
+                                const AdamHyper<float> h, const float step_size,             \
+                                const float bc2_sqrt, const float grad_scale);               \
+  const float* adam_tiles_cloned(T* p, G* g, const float* vals, float* m, float* v,          \
+                                 bool consume, const int64_t* starts, const uint32_t* masks, \
+                                 int64_t n, int32_t lanes, const AdamHyper<float> h,         \
+                                 const float step_size, const float bc2_sqrt,                \
+                                 const float grad_scale);                                    \
+  template <>                                                                                \
+  inline constexpr bool kCloned<T, G> = true;
 
-// adam_stream_any and adam_stream_above_any compiled for each ISA above
-// (update_cpu.cpp), for fp32 params and gradients (_f32), bf16 or fp16 ones (_bf16,
-// _f16), and 16-bit params read with fp32 gradients (_bf16_f32, _f16_f32: a residual,
-// or fp32 grads). A 16-bit type's conversions left the baseline loop bound by its
-// instructions.
-#define IK_DECLARE_ADAM_STREAMS(SUFFIX, T, G)                                                 \
-  void adam_stream_##SUFFIX(T* p, G* g, float* m, float* v, const bool* mask, bool consume, \
-                            int64_t begin, int64_t end, const AdamHyper<float> h,           \
-                            const float step_size, const float bc2_sqrt,                    \
-                            const float grad_scale);                                        \
-  void adam_stream_above_##SUFFIX(T* p, G* g, float* m, float* v, int32_t above_gt,         \
-                                  bool consume, int64_t begin, int64_t end,                 \
-                                  const AdamHyper<float> h, const float step_size,          \
-                                  const float bc2_sqrt, const float grad_scale);
-IK_DECLARE_ADAM_STREAMS(f32, float, float)
-IK_DECLARE_ADAM_STREAMS(bf16, c10::BFloat16, c10::BFloat16)
-IK_DECLARE_ADAM_STREAMS(bf16_f32, c10::BFloat16, float)
-IK_DECLARE_ADAM_STREAMS(f16, c10::Half, c10::Half)
-IK_DECLARE_ADAM_STREAMS(f16_f32, c10::Half, float)
-#undef IK_DECLARE_ADAM_STREAMS
+template <typename T, typename G>
+inline constexpr bool kCloned = false;
+IK_CLONED_TYPES(IK_DECLARE_CLONED)
+#undef IK_DECLARE_CLONED
 
 // adam_stream_any, or adam_stream_above_any where `above` (above_gt its threshold),
-// through the ISA-compiled form where the types have one.
+// through the ISA-compiled loop where the types have one.
 template <typename T, typename G, typename M>
 inline void adam_stream_isa(T* p, G* g, M* m, M* v, const bool* mask, bool above,
                             int32_t above_gt, bool consume, int64_t begin, int64_t end,
                             const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
                             const M grad_scale) {
-  using BF16 = c10::BFloat16;
-  using F16 = c10::Half;
-#define IK_CALL_ADAM_STREAM(SUFFIX)                                                       \
-  return above ? adam_stream_above_##SUFFIX(p, g, m, v, above_gt, consume, begin, end, h, \
-                                            step_size, bc2_sqrt, grad_scale)              \
-               : adam_stream_##SUFFIX(p, g, m, v, mask, consume, begin, end, h, step_size, \
-                                      bc2_sqrt, grad_scale)
-  if constexpr (std::is_same_v<T, float> && std::is_same_v<G, float>)
-    IK_CALL_ADAM_STREAM(f32);
-  else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<G, BF16>)
-    IK_CALL_ADAM_STREAM(bf16);
-  else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<G, float>)
-    IK_CALL_ADAM_STREAM(bf16_f32);
-  else if constexpr (std::is_same_v<T, F16> && std::is_same_v<G, F16>)
-    IK_CALL_ADAM_STREAM(f16);
-  else if constexpr (std::is_same_v<T, F16> && std::is_same_v<G, float>)
-    IK_CALL_ADAM_STREAM(f16_f32);
-  else if (above)
+  if constexpr (kCloned<T, G>) {
+    if (above)
+      return adam_stream_above_cloned(p, g, m, v, above_gt, consume, begin, end, h, step_size,
+                                      bc2_sqrt, grad_scale);
+    adam_stream_cloned(p, g, m, v, mask, consume, begin, end, h, step_size, bc2_sqrt,
+                       grad_scale);
+  } else if (above) {
     adam_stream_above_any<T, G, M>(p, g, m, v, above_gt, consume, begin, end, h, step_size,
                                    bc2_sqrt, grad_scale);
-  else
+  } else {
     adam_stream_any<T, G, M>(p, g, m, v, mask, consume, begin, end, h, step_size, bc2_sqrt,
                              grad_scale);
-#undef IK_CALL_ADAM_STREAM
+  }
+}
+
+// adam_tiles_any, through the ISA-compiled loop where the types have one.
+template <typename T, typename G, typename M>
+inline const M* adam_tiles_isa(T* p, G* g, const M* vals, M* m, M* v, bool consume,
+                               const int64_t* starts, const uint32_t* masks, int64_t n,
+                               int32_t lanes, const AdamHyper<M> h, const M step_size,
+                               const M bc2_sqrt, const M grad_scale) {
+  if constexpr (kCloned<T, G>)
+    return adam_tiles_cloned(p, g, vals, m, v, consume, starts, masks, n, lanes, h, step_size,
+                             bc2_sqrt, grad_scale);
+  else
+    return adam_tiles_any<T, G, M>(p, g, vals, m, v, consume, starts, masks, n, lanes, h,
+                                   step_size, bc2_sqrt, grad_scale);
 }
 
 // adam_stream_amsgrad_any over fp32 tensors, compiled for each ISA (update_cpu.cpp).

@@ -17,28 +17,32 @@
 
 namespace incrkern {
 
-// The Adam loops for each ISA (update/adam_stream_cpu.h), per param and gradient type.
-#define IK_DEFINE_ADAM_STREAMS(SUFFIX, T, G)                                                  \
-  IK_ISA_CLONES void adam_stream_##SUFFIX(T* p, G* g, float* m, float* v, const bool* mask, \
-                                          bool consume, int64_t begin, int64_t end,         \
-                                          const AdamHyper<float> h, const float step_size,  \
-                                          const float bc2_sqrt, const float grad_scale) {   \
-    adam_stream_any<T, G, float>(p, g, m, v, mask, consume, begin, end, h, step_size,       \
-                                 bc2_sqrt, grad_scale);                                     \
-  }                                                                                         \
-  IK_ISA_CLONES void adam_stream_above_##SUFFIX(                                            \
-      T* p, G* g, float* m, float* v, int32_t above_gt, bool consume, int64_t begin,        \
-      int64_t end, const AdamHyper<float> h, const float step_size, const float bc2_sqrt,   \
-      const float grad_scale) {                                                             \
-    adam_stream_above_any<T, G, float>(p, g, m, v, above_gt, consume, begin, end, h,        \
-                                       step_size, bc2_sqrt, grad_scale);                    \
+// The update loops for each ISA, per param and gradient type (IK_CLONED_TYPES in
+// update/adam_stream_cpu.h).
+#define IK_DEFINE_CLONED(T, G)                                                                 \
+  IK_ISA_CLONES void adam_stream_cloned(T* p, G* g, float* m, float* v, const bool* mask,      \
+                                        bool consume, int64_t begin, int64_t end,              \
+                                        const AdamHyper<float> h, const float step_size,       \
+                                        const float bc2_sqrt, const float grad_scale) {        \
+    adam_stream_any<T, G, float>(p, g, m, v, mask, consume, begin, end, h, step_size,          \
+                                 bc2_sqrt, grad_scale);                                        \
+  }                                                                                            \
+  IK_ISA_CLONES void adam_stream_above_cloned(                                                 \
+      T* p, G* g, float* m, float* v, int32_t above_gt, bool consume, int64_t begin,           \
+      int64_t end, const AdamHyper<float> h, const float step_size, const float bc2_sqrt,      \
+      const float grad_scale) {                                                                \
+    adam_stream_above_any<T, G, float>(p, g, m, v, above_gt, consume, begin, end, h,           \
+                                       step_size, bc2_sqrt, grad_scale);                       \
+  }                                                                                            \
+  IK_ISA_CLONES const float* adam_tiles_cloned(                                                \
+      T* p, G* g, const float* vals, float* m, float* v, bool consume, const int64_t* starts,  \
+      const uint32_t* masks, int64_t n, int32_t lanes, const AdamHyper<float> h,               \
+      const float step_size, const float bc2_sqrt, const float grad_scale) {                   \
+    return adam_tiles_any<T, G, float>(p, g, vals, m, v, consume, starts, masks, n, lanes, h,  \
+                                       step_size, bc2_sqrt, grad_scale);                       \
   }
-IK_DEFINE_ADAM_STREAMS(f32, float, float)
-IK_DEFINE_ADAM_STREAMS(bf16, c10::BFloat16, c10::BFloat16)
-IK_DEFINE_ADAM_STREAMS(bf16_f32, c10::BFloat16, float)
-IK_DEFINE_ADAM_STREAMS(f16, c10::Half, c10::Half)
-IK_DEFINE_ADAM_STREAMS(f16_f32, c10::Half, float)
-#undef IK_DEFINE_ADAM_STREAMS
+IK_CLONED_TYPES(IK_DEFINE_CLONED)
+#undef IK_DEFINE_CLONED
 
 // The fp32 AMSGrad loop for each ISA (update/adam_stream_cpu.h).
 IK_ISA_CLONES void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* v, float* vmax,
@@ -49,24 +53,6 @@ IK_ISA_CLONES void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* 
   adam_stream_amsgrad_any<float, float, float>(p, g, m, v, vmax, mask, consume, begin, end, h,
                                                step_size, bc2_sqrt, grad_scale);
 }
-
-// The tile-list loops for each ISA (update/adam_stream_cpu.h), per param and gradient
-// type.
-#define IK_DEFINE_ADAM_TILES(SUFFIX, T, G)                                                    \
-  IK_ISA_CLONES const float* adam_tiles_##SUFFIX(                                           \
-      T* p, G* g, const float* vals, float* m, float* v, bool consume,                      \
-      const int64_t* starts, const uint32_t* masks, int64_t n, int32_t lanes,               \
-      const AdamHyper<float> h, const float step_size, const float bc2_sqrt,                \
-      const float grad_scale) {                                                             \
-    return adam_tiles_any<T, G, float>(p, g, vals, m, v, consume, starts, masks, n, lanes,  \
-                                       h, step_size, bc2_sqrt, grad_scale);                 \
-  }
-IK_DEFINE_ADAM_TILES(f32, float, float)
-IK_DEFINE_ADAM_TILES(bf16, c10::BFloat16, c10::BFloat16)
-IK_DEFINE_ADAM_TILES(bf16_f32, c10::BFloat16, float)
-IK_DEFINE_ADAM_TILES(f16, c10::Half, c10::Half)
-IK_DEFINE_ADAM_TILES(f16_f32, c10::Half, float)
-#undef IK_DEFINE_ADAM_TILES
 
 namespace {
 
