@@ -42,18 +42,20 @@ PREFETCHING = [
 MANGLED = {"run_zero_floor<float>(": "14run_zero_floorIfE", "run_band<float>(": "8run_bandIfE"}
 
 
-# The loops compiled once per ISA (update/adam_stream_cpu.h, IK_ISA_CLONES), and the
-# clones that compute the rule's square root on packed vectors: every one for the
-# streaming loops (fp32, bf16 and fp16 params); the AVX2 and AVX-512 ones for the
-# tile loops, whose baseline clones stay scalar.
+# The loops compiled once per ISA (update/adam_stream_cpu.h, IK_ISA_CLONES), the
+# clones whose loop runs on packed vectors, and the packed instruction that shows it
+# (Adam's square root, SGD's multiply): every clone of the streaming loops (fp32,
+# bf16 and fp16 params); the AVX2 and AVX-512 ones of the tile loops, whose baseline
+# clones stay scalar.
 ALL_CLONES = ["[clone .default]", "[clone .arch_x86_64_v3]", "[clone .arch_x86_64_v4]"]
 TYPES = ["float*, float*", "c10::BFloat16*, c10::BFloat16*", "c10::BFloat16*, float*",
          "c10::Half*, c10::Half*", "c10::Half*, float*"]
 VECTORISED = {
-    **{f"adam_stream{kind}_cloned({types},": ALL_CLONES for kind in ("", "_above")
-       for types in TYPES},
-    **{f"adam_tiles_cloned({types},": ALL_CLONES[1:] for types in TYPES},
-    "adam_stream_amsgrad_f32(": ALL_CLONES,
+    **{f"adam_stream{kind}_cloned({types},": (ALL_CLONES, "sqrtps")
+       for kind in ("", "_above") for types in TYPES},
+    **{f"adam_tiles_cloned({types},": (ALL_CLONES[1:], "sqrtps") for types in TYPES},
+    **{f"sgd_stream_cloned({types},": (ALL_CLONES, "mulps") for types in TYPES},
+    "adam_stream_amsgrad_f32(": (ALL_CLONES, "sqrtps"),
 }
 
 
@@ -92,10 +94,10 @@ def test_positional_loops_keep_their_prefetches():
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
 def test_update_loops_vectorised_in_their_clones():
     functions = disassembly()
-    for fragment, clones in VECTORISED.items():
+    for fragment, (clones, packed) in VECTORISED.items():
         for clone in clones:
             bodies = [lines for name, lines in functions.items()
                       if fragment in name and clone in name and not name.endswith("@plt")]
             assert bodies, f"no {clone} of a function named like {fragment!r}"
-            assert any(re.search(r"\bv?sqrtps\b", line) for lines in bodies for line in lines), (
-                f"{fragment!r} {clone} has no packed square root: its loop runs scalar")
+            assert any(re.search(rf"\bv?{packed}\b", line) for lines in bodies for line in lines), (
+                f"{fragment!r} {clone} has no {packed}: its loop runs scalar")

@@ -108,13 +108,14 @@ template <typename M>
 struct SgdHyper {
   M lr, momentum, one_minus_dampening, weight_decay;
   bool nesterov, maximize;
+  bool decay, has_momentum;  // weight_decay != 0, momentum != 0 (fields, so a loop can fix them)
 };
 
 template <typename M>
 IK_HD SgdHyper<M> make_sgd_hyper(double lr, double momentum, double dampening,
                                  double weight_decay, bool nesterov, bool maximize) {
-  return SgdHyper<M>{M(lr), M(momentum), M(1.0 - dampening), M(weight_decay), nesterov,
-                     maximize};
+  return SgdHyper<M>{M(lr),     M(momentum), M(1.0 - dampening), M(weight_decay),
+                     nesterov,  maximize,    M(weight_decay) != M(0), M(momentum) != M(0)};
 }
 
 // `first`: the momentum buffer is new and takes the gradient as it is (torch
@@ -122,9 +123,11 @@ IK_HD SgdHyper<M> make_sgd_hyper(double lr, double momentum, double dampening,
 template <typename M>
 IK_HD void sgd_rule(M& param, M grad, M& momentum_buffer, const SgdHyper<M>& h,
                     bool first) {
-  M d_p = h.maximize ? -grad : grad;
-  if (h.weight_decay != M(0)) d_p = d_p + h.weight_decay * param;
-  if (h.momentum != M(0)) {
+  // A multiply, not a select, as adam_rule's: a select on maximize kept the larger
+  // (fp16) loop scalar, where gcc did not unswitch it.
+  M d_p = grad * (h.maximize ? M(-1) : M(1));
+  if (h.decay) d_p = d_p + h.weight_decay * param;
+  if (h.has_momentum) {
     momentum_buffer = first ? d_p
                             : momentum_buffer * h.momentum + h.one_minus_dampening * d_p;
     d_p = h.nesterov ? d_p + h.momentum * momentum_buffer : momentum_buffer;
