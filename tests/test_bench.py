@@ -152,7 +152,8 @@ def test_kernel_records(tiny_run):
     assert refs and all(r["available"] and r["speedup_vs_ref"] == 1.0 for r in refs)
     ops = [r for r in kern["records"] if r["bench"] == "dense_step"
            and r["impl"] == "incrkern ops"]
-    assert len(ops) == 6 and all(r["available"] for r in ops)
+    assert len(ops) == 10 and all(r["available"] for r in ops)
+    assert {r["dtype"] for r in ops} == {"float32", "bfloat16", "float16"}
     assert all(set(r["speedup_vs"]) == set(kernels.TORCH_IMPLS) for r in ops)
 
 

@@ -19,6 +19,10 @@ import incrkern
 # Bytes an implementation must move at least, per element (docs/design.md, "Bytes").
 BYTES_ADAMW = 28      # read p, g, m, v; write p, m, v
 BYTES_SGD_MOMENTUM = 20  # read p, g, buf; write p, buf
+# 16-bit params and grads, the state in fp32 (as incrkern keeps it; torch's fused
+# optimizers keep it in the param's dtype, 14 and 10).
+BYTES_ADAMW_16BIT = 22
+BYTES_SGD_MOMENTUM_16BIT = 14
 BYTES_ACCUMULATE = 12  # read acc, g; write acc
 BYTES_ACCUMULATE_SQ = 20  # read acc, sq, g; write acc, sq
 BYTES_SELECT_PASS = 4  # read one fp32 score per scanned element (one pass, a lower bound)

@@ -13,8 +13,9 @@ import torch
 
 import incrkern
 from . import common
-from .common import (BYTES_ACCUMULATE, BYTES_ACCUMULATE_SQ, BYTES_ADAMW, BYTES_SELECT_PASS,
-                     BYTES_SGD_MOMENTUM, figure, measure, unavailable)
+from .common import (BYTES_ACCUMULATE, BYTES_ACCUMULATE_SQ, BYTES_ADAMW, BYTES_ADAMW_16BIT,
+                     BYTES_SELECT_PASS, BYTES_SGD_MOMENTUM, BYTES_SGD_MOMENTUM_16BIT, figure,
+                     measure, unavailable)
 from .shapes import numel, transformer_shapes
 
 ADAMW_ARGS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -25,15 +26,15 @@ REFERENCE = "torch fused"
 MIN_REPEATS = 3  # the fewest timed calls of a row, unless its Sizes says otherwise
 
 
-def make_tensors(shapes, device, seed=0, requires_grad=True):
+def make_tensors(shapes, device, seed=0, requires_grad=True, dtype=torch.float32):
     """Params (leaf tensors) with .grad set, reproducibly."""
     gen = torch.Generator(device=device).manual_seed(seed)
     params = []
     for shape in shapes:
-        p = torch.randn(shape, generator=gen, device=device)
+        p = torch.randn(shape, generator=gen, device=device).to(dtype)
         if requires_grad:
             p.requires_grad_(True)
-        p.grad = torch.randn(shape, generator=gen, device=device)
+        p.grad = torch.randn(shape, generator=gen, device=device).to(dtype)
         params.append(p)
     return params
 
@@ -75,9 +76,12 @@ def _incrkern_ops_step(kind, params):
     called as incrkern.optim calls the ops: no Python-level checks (the kernels still
     check), the step counts incremented by the op."""
     grads = [p.grad for p in params]
+    # 16-bit params keep fp32 state, as incrkern.optim keeps it.
+    state = [torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+             for p in params]
     if kind == "adamw":
-        m = [torch.zeros_like(p) for p in params]
-        v = [torch.zeros_like(p) for p in params]
+        m = [torch.zeros_like(p, dtype=d) for p, d in zip(params, state)]
+        v = [torch.zeros_like(p, dtype=d) for p, d in zip(params, state)]
         steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
         b1, b2 = ADAMW_ARGS["betas"]
 
@@ -88,7 +92,7 @@ def _incrkern_ops_step(kind, params):
                                       decoupled_weight_decay=True, maximize=False,
                                       validate=False, increment_steps=True)
         return step
-    bufs = [torch.zeros_like(p) for p in params]
+    bufs = [torch.zeros_like(p, dtype=d) for p, d in zip(params, state)]
 
     def step():
         incrkern.ops.sgd_update_(params, grads, bufs, lr=SGD_ARGS["lr"],
@@ -104,13 +108,16 @@ def _torch_optimizer(kind, params, **impl):
     return torch.optim.SGD(params, **SGD_ARGS, **impl)
 
 
-def dense_step_case(kind, shape_name, shapes):
+def dense_step_case(kind, shape_name, shapes, dtype=torch.float32):
     def case(ctx):
-        params = make_tensors(shapes, ctx["device"])
+        params = make_tensors(shapes, ctx["device"], dtype=dtype)
         n = numel(shapes)
-        nbytes = n * (BYTES_ADAMW if kind == "adamw" else BYTES_SGD_MOMENTUM)
+        if dtype == torch.float32:
+            nbytes = n * (BYTES_ADAMW if kind == "adamw" else BYTES_SGD_MOMENTUM)
+        else:
+            nbytes = n * (BYTES_ADAMW_16BIT if kind == "adamw" else BYTES_SGD_MOMENTUM_16BIT)
         base = dict(bench="dense_step", optimizer=kind, shapes=shape_name, numel=n,
-                    n_tensors=len(shapes))
+                    n_tensors=len(shapes), dtype=str(dtype).removeprefix("torch."))
         timings = {}
         for name, impl in TORCH_IMPLS.items():
             opt = _torch_optimizer(kind, params, **impl)
@@ -139,7 +146,7 @@ def dense_step_case(kind, shape_name, shapes):
         del params
         release()
         return records
-    case.label = f"dense {kind} {shape_name}"
+    case.label = f"dense {kind} {shape_name}" + ("" if dtype == torch.float32 else f" {dtype}")
     return case
 
 
@@ -417,6 +424,8 @@ def cases(sizes):
     for kind in ("sgd", "adamw"):
         for name, shapes in sets.items():
             out.append(dense_step_case(kind, name, shapes))
+        for dtype in (torch.bfloat16, torch.float16):
+            out.append(dense_step_case(kind, "one_tensor", sets["one_tensor"], dtype))
     for n in sizes.select_sizes:
         for frac in sizes.select_fracs:
             out.append(topk_case(n, frac))

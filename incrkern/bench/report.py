@@ -72,7 +72,8 @@ KERNEL_TABLES = [
     ("dense_step", "Dense optimizer step (reference: torch fused; incrkern optim = "
      "optimizer.step(), incrkern ops = the update op alone)",
      [("optimizer", lambda r: r["optimizer"]),
-      ("shapes", lambda r: f"{r['shapes']} ({_size(r['numel'])}, {r['n_tensors']} tensors)")]),
+      ("shapes", lambda r: f"{r['shapes']} ({_size(r['numel'])}, {r['n_tensors']} tensors)"
+       + ("" if r.get("dtype", "float32") == "float32" else f", {r['dtype']}"))]),
     ("topk", "Top-k of one fp32 score tensor, scores = |x| computed beforehand for every "
      "implementation (reference: torch.topk(scores, k, sorted=False))",
      [("n", lambda r: _size(r["n"])), ("k", lambda r: f"{r['density']:g}")]),
@@ -198,7 +199,9 @@ def markdown_table(records, columns):
 def _case(r):
     bench = r["bench"]
     if bench == "dense_step":
-        return f"dense {r['optimizer']} step, {r['shapes']} ({_size(r['numel'])})"
+        dtype = r.get("dtype", "float32")
+        return (f"dense {r['optimizer']} step, {r['shapes']} ({_size(r['numel'])})"
+                + ("" if dtype == "float32" else f", {dtype}"))
     if bench == "topk":
         return f"top-k of {_size(r['n'])}, k = {r['density']:g}"
     if bench == "select":
@@ -234,6 +237,7 @@ def summary_records(records):
         if not r["impl"].startswith("incrkern") or r["impl"] == "incrkern ops" and any(
                 o.get("available") and o["impl"] == "incrkern optim" and o["bench"] == r["bench"]
                 and o["optimizer"] == r["optimizer"] and o["shapes"] == r["shapes"]
+                and o.get("dtype") == r.get("dtype")
                 for o in records if o["bench"] == "dense_step"):
             continue
         out.append(r)
@@ -371,9 +375,11 @@ HOW_TO_READ = """\
 Times are the median of the repeats after a warm-up, with the min and max beside it.
 "speedup vs ref" is the reference's median time divided by the row's, both measured in
 this run (above 1: faster than the reference). GB/s counts the least bytes the step must
-move (AdamW 28 per updated element, SGD with momentum 20, accumulate 12 and 20 with the
-square, selection 4 per scanned element for one pass; a sparse step, 4 per element
-for its selection plus the memory lines its chosen elements fall in, 64 B on a CPU and
+move (AdamW 28 per updated element, SGD with momentum 20, with bf16 or fp16 params 22
+and 14 as incrkern keeps fp32 state, where torch's fused optimizers keep the param's
+dtype; accumulate 12 and 20 with the square, selection 4 per scanned element for one
+pass; a sparse step, 4 per element for its selection plus the memory lines its chosen
+elements fall in, 64 B on a CPU and
 32 B on a GPU, seven line transfers each: at density 0.01 in fp32 that is 15% of a
 CPU's lines, so a 1% step with one selection read moves at least 29% of a dense step's
 bytes, at most 3.4x faster at equal bandwidth); "of copy BW" divides it by the best
