@@ -55,7 +55,7 @@ VECTORISED = {
        for kind in ("", "_above") for types in TYPES},
     **{f"adam_tiles_cloned({types},": (ALL_CLONES[1:], "sqrtps") for types in TYPES},
     **{f"sgd_stream_cloned({types},": (ALL_CLONES, "mulps") for types in TYPES},
-    "adam_stream_amsgrad_f32(": (ALL_CLONES, "sqrtps"),
+    **{f"adam_stream_amsgrad_cloned({types},": (ALL_CLONES, "sqrtps") for types in TYPES},
 }
 
 

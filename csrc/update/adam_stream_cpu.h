@@ -284,7 +284,8 @@ template <typename T, typename G, typename M>
 // their own type, and 16-bit params read with fp32 gradients (a residual, or fp32
 // grads). A 16-bit type's conversions left the baseline loop bound by its
 // instructions. Each loop is one overloaded name: adam_stream_cloned (by mask or
-// every element), adam_stream_above_cloned, adam_tiles_cloned.
+// every element), adam_stream_above_cloned, adam_tiles_cloned,
+// adam_stream_amsgrad_cloned.
 #define IK_CLONED_TYPES(X)         \
   X(float, float)                  \
   X(c10::BFloat16, c10::BFloat16)  \
@@ -306,6 +307,10 @@ template <typename T, typename G, typename M>
                                  int64_t n, int32_t lanes, const AdamHyper<float> h,         \
                                  const float step_size, const float bc2_sqrt,                \
                                  const float grad_scale);                                    \
+  void adam_stream_amsgrad_cloned(T* p, G* g, float* m, float* v, float* vmax,               \
+                                  const bool* mask, bool consume, int64_t begin, int64_t end, \
+                                  const AdamHyper<float> h, const float step_size,           \
+                                  const float bc2_sqrt, const float grad_scale);             \
   template <>                                                                                \
   inline constexpr bool kCloned<T, G> = true;
 
@@ -349,11 +354,5 @@ inline const M* adam_tiles_isa(T* p, G* g, const M* vals, M* m, M* v, bool consu
     return adam_tiles_any<T, G, M>(p, g, vals, m, v, consume, starts, masks, n, lanes, h,
                                    step_size, bc2_sqrt, grad_scale);
 }
-
-// adam_stream_amsgrad_any over fp32 tensors, compiled for each ISA (update_cpu.cpp).
-void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* v, float* vmax,
-                             const bool* mask, bool consume, int64_t begin, int64_t end,
-                             const AdamHyper<float> h, const float step_size,
-                             const float bc2_sqrt, const float grad_scale);
 
 }  // namespace incrkern

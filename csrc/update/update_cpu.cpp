@@ -40,19 +40,17 @@ namespace incrkern {
       const float step_size, const float bc2_sqrt, const float grad_scale) {                   \
     return adam_tiles_any<T, G, float>(p, g, vals, m, v, consume, starts, masks, n, lanes, h,  \
                                        step_size, bc2_sqrt, grad_scale);                       \
+  }                                                                                            \
+  IK_ISA_CLONES void adam_stream_amsgrad_cloned(                                               \
+      T* p, G* g, float* m, float* v, float* vmax, const bool* mask, bool consume,             \
+      int64_t begin, int64_t end, const AdamHyper<float> h, const float step_size,             \
+      const float bc2_sqrt, const float grad_scale) {                                          \
+    adam_stream_amsgrad_any<T, G, float>(p, g, m, v, vmax, mask, consume, begin, end, h,       \
+                                         step_size, bc2_sqrt, grad_scale);                     \
   }
 IK_CLONED_TYPES(IK_DEFINE_CLONED)
 #undef IK_DEFINE_CLONED
 
-// The fp32 AMSGrad loop for each ISA (update/adam_stream_cpu.h).
-IK_ISA_CLONES void adam_stream_amsgrad_f32(float* p, float* g, float* m, float* v, float* vmax,
-                                           const bool* mask, bool consume, int64_t begin,
-                                           int64_t end, const AdamHyper<float> h,
-                                           const float step_size, const float bc2_sqrt,
-                                           const float grad_scale) {
-  adam_stream_amsgrad_any<float, float, float>(p, g, m, v, vmax, mask, consume, begin, end, h,
-                                               step_size, bc2_sqrt, grad_scale);
-}
 
 namespace {
 
@@ -188,12 +186,11 @@ RangeFn adam_ranges(T* p, G* g, M* m, M* v, M* vmax, int32_t* age, const Positio
   const AdamBias bias = adam_bias(lr, beta1, beta2, step);
   const M step_size = M(bias.step_size), bc2_sqrt = M(bias.bc2_sqrt);
   if (!pos.indices && !age) {  // dense or dense-mask: stream over every element
-    constexpr bool f32 = std::is_same_v<T, float> && std::is_same_v<G, float>;
     if (vmax)
       return [=](int64_t begin, int64_t end) {
-        if constexpr (f32)
-          adam_stream_amsgrad_f32(p, g, m, v, vmax, pos.mask, consume, begin, end, h,
-                                  step_size, bc2_sqrt, grad_scale);
+        if constexpr (kCloned<T, G>)
+          adam_stream_amsgrad_cloned(p, g, m, v, vmax, pos.mask, consume, begin, end, h,
+                                     step_size, bc2_sqrt, grad_scale);
         else
           adam_stream_amsgrad_any<T, G, M>(p, g, m, v, vmax, pos.mask, consume, begin, end,
                                            h, step_size, bc2_sqrt, grad_scale);
