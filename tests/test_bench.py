@@ -306,6 +306,48 @@ def test_touched_lines_match_a_brute_force_count(line_bytes):
 def test_bound_counts_the_score_read_and_six_transfers_per_line():
     assert sparse.bound_bytes(1000, 10, 64, "grad") == 4 * 1000 + 6 * 10 * 64
     assert sparse.bound_bytes(1000, 10, 32, "accumulated") == 12 * 1000 + 6 * 10 * 32
+    # bf16 params: a 2-byte score read (10 with the fp32 residual), p's lines read and
+    # written, m's and v's (fp32) each read and written
+    assert sparse.bound_bytes(1000, 10, 64, "grad", grad_bytes=2, state_lines=15) == \
+        2 * 1000 + 2 * (10 + 2 * 15) * 64
+    assert sparse.bound_bytes(1000, 10, 64, "accumulated", grad_bytes=2, state_lines=15) == \
+        10 * 1000 + 2 * (10 + 2 * 15) * 64
+
+
+def test_state_lines_of_16bit_params_count_fp32_lines():
+    grads = [torch.zeros(100, dtype=torch.bfloat16), torch.zeros(64, dtype=torch.bfloat16)]
+    # positions 0, 15, 16, 31, 32 lie in fp32 lines 0, 0, 1, 1, 2 (16 a line) and in one
+    # bf16 line (32 a line) when the tensor starts a line
+    idx = [torch.tensor([0, 15, 16, 31, 32]), torch.tensor([63])]
+    assert sparse.touched_lines(grads, idx, 64, element_size=4) == 3 + 1
+    want = sum(_lines_brute_force(t, i, 64) for t, i in zip(grads, idx))
+    assert sparse.touched_lines(grads, idx, 64) == want
+
+
+@needs_ext
+def test_sparse_case_in_bf16_is_timed_against_torch_in_bf16():
+    sizes = sparse.SPARSE_SIZES["tiny"]
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(300, 40), (7,), (5000,)]
+    case = sparse.Case("bf16 test", "random normal",
+                       [torch.randn(s, generator=gen) for s in shapes],
+                       [torch.randn(s, generator=gen) for s in shapes], dict(copies=1),
+                       dtype=torch.bfloat16)
+    records = sparse.run_case(case, sizes, "cpu")
+    n = 300 * 40 + 7 + 5000
+    head, rows = records[0], records[1:]
+    assert head["impl"] == sparse.REFERENCE and head["available"], head
+    assert head["dtype"] == "bfloat16" and head["bound_bytes"] == 14 * n
+    assert head["working_set_bytes"] == 8 * n
+    assert len(rows) == len(sparse.rows(sizes))
+    for rec in rows:
+        assert rec["available"], rec
+        # fp32 state lines hold half the elements of bf16 p lines: never fewer of them
+        assert rec["touched_lines"] <= rec["state_lines"] <= 2 * rec["touched_lines"] + 3
+        score = 2 + (8 if rec["select"] == "accumulated" else 0)
+        assert rec["bound_bytes"] == score * n + 2 * 64 * (rec["touched_lines"] +
+                                                           2 * rec["state_lines"])
+        assert _positive(rec["speedup_vs_ref"]) and _positive(rec["median_s"])
 
 
 def test_cache_size_reading_and_its_fallbacks():
@@ -344,6 +386,15 @@ def test_sparse_sizes_stay_within_memory():
     assert "capped by the machine's memory" in sparse.sizes_line(summary)
     roomy = dict(summary, target_numel=wanted, memory_capped=False)
     assert "at least 4x it" in sparse.sizes_line(roomy)
+    # the bf16 case: twice the elements for the same bytes, capped on its own
+    capped_16bit = sparse.memory_capped_numel(2 * wanted, memory)
+    assert capped_16bit * sparse.PEAK_BYTES_PER_ELEMENT <= MEMORY_SHARE * memory
+    line = sparse.sizes_line(dict(roomy, target_numel_16bit=capped_16bit,
+                                  memory_capped_16bit=True))
+    assert "the bf16 case" in line and line.endswith("capped by memory")
+    line = sparse.sizes_line(dict(roomy, target_numel_16bit=2 * wanted,
+                                  memory_capped_16bit=False))
+    assert f"the bf16 case >= {2 * wanted / 1e6:.3g}M elements (8 B each)" in line
 
 
 def test_real_text_is_found():

@@ -124,6 +124,7 @@ SPARSE_CASE_COLUMNS = [
     ("tensors", lambda r: _num(r.get("n_tensors"), "{}")),
     ("copies", lambda r: _num(r.get("copies"), "{}")),
     ("elements", lambda r: _size(r["numel"]) if "numel" in r else NA),
+    ("dtype", lambda r: r.get("dtype", "float32")),
     ("working set MB", lambda r: _num(r["working_set_bytes"] / 1e6
                                       if "working_set_bytes" in r else None, "{:.0f}")),
     ("exact zeros in g", lambda r: _pct(r.get("zero_fraction"))),

@@ -15,7 +15,14 @@ have: one read of the score source (|g|: 4 bytes per element; for select=
 for every memory line (64 bytes on a CPU, 32-byte sectors on a GPU) that holds a
 chosen element, LINES_PER_TOUCHED_LINE line transfers: p, m and v each read and
 written. g's line (r's for "accumulated") is not counted again: the score pass has
-read it, and a step that updates as it selects need not read it twice. The lines are
+read it, and a step that updates as it selects need not read it twice.
+
+One case runs in bf16 (params and grads; what a bf16 fine-tune hands the optimizer):
+torch's fused AdamW then keeps its state in bf16, incrkern in fp32. Its score read is
+2 bytes an element (10 for "accumulated": the residual is fp32), its p lines hold 32
+elements and its m and v lines 16, each counted where a chosen element falls; it has
+twice the elements of the fp32 cases, so that its working set (p, g, m, v in bf16, 8
+bytes an element) is as large. The lines are
 counted from the positions the step actually chooses (exact top-k of the real scores),
 so clustered real gradients, which touch fewer lines than random ones, get a smaller
 bound. "of bound" is the time that bound takes at the copy bandwidth measured in the
@@ -41,6 +48,8 @@ ADAMW_ARGS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 BYTES_PER_ELEMENT = 16    # AdamW's working set: p, g, m, v in fp32
 LINE_BYTES = {"cpu": 64, "cuda": 32}
 LINES_PER_TOUCHED_LINE = 6  # p, m, v read and written (g's line is in the score read)
+STATE_BYTES = 4             # incrkern's m and v (and a residual): fp32 for every param dtype
+RESIDUAL_BYTES = 8          # select="accumulated": r read and written besides g's read
 SCORE_BYTES = {"grad": 4,          # read g
                "accumulated": 12}  # read g and r, write r (r += g), then select on r
 FALLBACK_LLC = 32 * 2 ** 20  # when neither sysfs nor sysconf tells
@@ -112,16 +121,18 @@ def memory_capped_numel(wanted, memory_bytes):
 # memory lines
 
 
-def touched_lines(tensors, indices, line_bytes):
+def touched_lines(tensors, indices, line_bytes, element_size=None):
     """Distinct memory lines of `line_bytes` holding a chosen element, summed over the
     tensors: indices[i] are flat positions into tensors[i] (where each tensor starts
-    inside its first line is taken from its address)."""
+    inside its first line is taken from its address). With `element_size`: the lines
+    of a line-aligned tensor of that element size and the same shape (an optimizer's
+    fp32 state beside 16-bit params)."""
     total = 0
     for t, idx in zip(tensors, indices):
         if idx is None or idx.numel() == 0:
             continue
-        size = t.element_size()
-        start = (t.data_ptr() % line_bytes) // size
+        size = t.element_size() if element_size is None else element_size
+        start = (t.data_ptr() % line_bytes) // size if element_size is None else 0
         lines = torch.div(idx.reshape(-1).long() + start, line_bytes // size,
                           rounding_mode="floor")
         total += int(torch.unique_consecutive(lines.sort().values).numel())
@@ -133,9 +144,14 @@ def total_lines(tensors, line_bytes):
                          / line_bytes) for t in tensors if t.numel())
 
 
-def bound_bytes(numel, lines, line_bytes, select):
-    """The least bytes of a sparse AdamW step (see the module docstring)."""
-    return SCORE_BYTES[select] * numel + LINES_PER_TOUCHED_LINE * lines * line_bytes
+def bound_bytes(numel, lines, line_bytes, select, grad_bytes=4, state_lines=None):
+    """The least bytes of a sparse AdamW step (see the module docstring): `lines` of
+    p (and g), `state_lines` of m and of v (None: as many as p's, as in fp32)."""
+    if grad_bytes == 4 and state_lines in (None, lines):
+        return SCORE_BYTES[select] * numel + LINES_PER_TOUCHED_LINE * lines * line_bytes
+    score = grad_bytes + (RESIDUAL_BYTES if select == "accumulated" else 0)
+    state_lines = lines if state_lines is None else state_lines
+    return score * numel + 2 * (lines + 2 * state_lines) * line_bytes
 
 
 # ----------------------------------------------------------------------------------
@@ -189,20 +205,21 @@ class Case:
     grads: list = None
     meta: dict = field(default_factory=dict)
     reason: str = None   # why it is not available
+    dtype: torch.dtype = torch.float32  # the params' and grads' in the timed steps
 
 
-def real_case(name, source, options, target, cache):
+def real_case(name, source, options, target, cache, dtype=torch.float32):
     if options is None:
-        return Case(name, source, reason="not run in this mode")
+        return Case(name, source, reason="not run in this mode", dtype=dtype)
     try:
         gset = gradients.load(source, None if cache else False, **options)
     except ImportError as exc:
-        return Case(name, source, reason=str(exc))
+        return Case(name, source, reason=str(exc), dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - the other cases still run
-        return Case(name, source, reason=common.failure(exc))
+        return Case(name, source, reason=common.failure(exc), dtype=dtype)
     weights, grads, copies = gradients.tile(gset, target)
     return Case(name, source, weights, grads, dict(gset.meta, copies=copies,
-                                                   model_numel=gset.numel))
+                                                   model_numel=gset.numel), dtype=dtype)
 
 
 def random_case(name, shapes, seed=0):
@@ -228,9 +245,11 @@ def transformer_case(target, fixed):
     return case
 
 
-def build_cases(sizes, target):
-    """Every case's builder, in run order (built one at a time: they are large)."""
+def build_cases(sizes, target, target_16bit=None):
+    """Every case's builder, in run order (built one at a time: they are large).
+    `target_16bit`: the bf16 case's elements (default twice `target`: the same bytes)."""
     many = max(1, math.ceil(target / MANY_NUMEL))
+    target_16bit = 2 * target if target_16bit is None else target_16bit
     return [
         ("pretrained MiniLM-L6", lambda: real_case(
             "pretrained MiniLM-L6", "minilm", sizes.minilm, target, sizes.cache)),
@@ -241,6 +260,10 @@ def build_cases(sizes, target):
             "random many tensors", [(MANY_NUMEL,)] * many)),
         ("random transformer list", lambda: transformer_case(target,
                                                              sizes.fixed_numel is not None)),
+        # last: the fp32 cases keep the order, and the heap, of the runs before it
+        ("pretrained MiniLM-L6, bf16", lambda: real_case(
+            "pretrained MiniLM-L6, bf16", "minilm", sizes.minilm, target_16bit, sizes.cache,
+            dtype=torch.bfloat16)),
     ]
 
 
@@ -290,16 +313,18 @@ def run_case(case, sizes, device):
     line = LINE_BYTES.get(device.type, 64)
     params = []
     for w, g in zip(case.weights, case.grads):
-        p = torch.nn.Parameter(w.to(device))
-        p.grad = g.to(device)
+        p = torch.nn.Parameter(w.to(device, case.dtype))
+        p.grad = g.to(device, case.dtype)
         params.append(p)
     case.weights = case.grads = None
     grads = [p.grad for p in params]
     n = sum(p.numel() for p in params)
+    size = params[0].element_size()
     lines_all = total_lines(grads, line)
     base = dict(bench="sparse", case=case.name, source=case.source, numel=n,
                 n_tensors=len(params), copies=case.meta.get("copies", 1),
-                working_set_bytes=BYTES_PER_ELEMENT * n, total_lines=lines_all)
+                dtype=str(case.dtype).removeprefix("torch."),
+                working_set_bytes=4 * size * n, total_lines=lines_all)
 
     dense = torch.optim.AdamW(params, **ADAMW_ARGS, fused=True)
     ref, _, ref_error = _time_steps(dense, sizes, device)
@@ -321,9 +346,12 @@ def run_case(case, sizes, device):
             records.append(common.unavailable(error, **fields))
             continue
         lines = touched_lines(grads, positions, line)
-        nbytes = bound_bytes(n, lines, line, select)
+        state_lines = (lines if size == STATE_BYTES else
+                       touched_lines(grads, positions, line, element_size=STATE_BYTES))
+        nbytes = bound_bytes(n, lines, line, select, grad_bytes=size, state_lines=state_lines)
         records.append(dict(fields, available=True, **timing,
                             k=sum(int(i.numel()) for i in positions), touched_lines=lines,
+                            state_lines=state_lines,
                             lines_fraction=lines / lines_all, bound_bytes=nbytes,
                             reference_s=paired["median_s"],
                             speedup_vs_ref=paired["median_s"] / timing["median_s"],
@@ -331,7 +359,7 @@ def run_case(case, sizes, device):
                             speedup_of_min=paired["min_s"] / timing["min_s"]))
         del positions
     del dense
-    dense_bytes = BYTES_ADAMW * n
+    dense_bytes = BYTES_ADAMW * n * size // 4  # torch keeps its state in the params' dtype
     if ref is None:
         head = common.unavailable(ref_error, impl=REFERENCE, **base)
     else:
@@ -350,11 +378,13 @@ def run(mode, device, progress=None, out=None):
     device = torch.device(device)
     llc, llc_source = llc_bytes(device)
     wanted = sizes.fixed_numel or working_set_numel(llc)
-    target = wanted if sizes.fixed_numel else memory_capped_numel(wanted,
-                                                                   common.memory_bytes(device))
+    memory = common.memory_bytes(device)
+    target = wanted if sizes.fixed_numel else memory_capped_numel(wanted, memory)
+    # The bf16 case: as many bytes of p, g, m and v, twice the elements, within memory.
+    target_16bit = 2 * target if sizes.fixed_numel else memory_capped_numel(2 * wanted, memory)
     probe = common.CopyProbe(probe_numel(target), device, add=False)
     probe.measure(warmup=2, repeats=5)
-    builders = build_cases(sizes, target)
+    builders = build_cases(sizes, target, target_16bit)
     bar = progress(total=len(builders), desc="sparse") if progress else None
     cases, records, seconds = [], [], {}
     for name, build in builders:
@@ -362,10 +392,11 @@ def run(mode, device, progress=None, out=None):
         case = build()
         info = dict(name=case.name, source=case.source, available=case.reason is None,
                     reason=case.reason, build_s=time.perf_counter() - t0, **case.meta)
+        info["dtype"] = str(case.dtype).removeprefix("torch.")
         if case.reason is None:
             info.update(numel=sum(w.numel() for w in case.weights),
                         n_tensors=len(case.weights))
-            info["working_set_bytes"] = BYTES_PER_ELEMENT * info["numel"]
+            info["working_set_bytes"] = (4 * case.dtype.itemsize) * info["numel"]
             probe.measure()  # between cases: the best of all is the roofline
             records += run_case(case, sizes, device)
         cases.append(info)
@@ -388,6 +419,8 @@ def run(mode, device, progress=None, out=None):
         "llc_bytes": llc, "llc_source": llc_source, "cache_factor": CACHE_FACTOR,
         "target_numel": target, "sized_from_cache": sizes.fixed_numel is None,
         "wanted_numel": wanted, "memory_capped": target < wanted,
+        "target_numel_16bit": target_16bit,
+        "memory_capped_16bit": sizes.fixed_numel is None and target_16bit < 2 * wanted,
         "line_bytes": LINE_BYTES.get(device.type, 64),
         "lines_per_touched_line": LINES_PER_TOUCHED_LINE,
         "copy_bandwidth": {"numel": probe_numel(target),
@@ -414,6 +447,11 @@ def sizes_line(sparse):
     elif sparse["sized_from_cache"]:
         text += (f"every case at least {sparse['cache_factor']}x it: >= "
                  f"{sparse['target_numel'] / 1e6:.3g}M elements (16 B each: p, g, m, v)")
+    if sparse["sized_from_cache"] and "target_numel_16bit" in sparse:
+        n16 = sparse["target_numel_16bit"] / 1e6
+        text += (f"; the bf16 case >= {n16:.3g}M elements (8 B each), capped by memory"
+                 if sparse.get("memory_capped_16bit") else
+                 f"; the bf16 case >= {n16:.3g}M elements (8 B each)")
     else:
         text += f"fixed test size {sparse['target_numel']} elements"
     return text
