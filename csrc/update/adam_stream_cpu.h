@@ -130,6 +130,14 @@ template <typename Fn>
   fn.template operator()<false, false>();
 }
 
+// Calls fn.template operator()<kConsume>() for the run-time flag: the loops that
+// never take a mask.
+template <typename Fn>
+[[gnu::always_inline]] inline void with_consume(bool consume, Fn&& fn) {
+  if (consume) return fn.template operator()<true>();
+  fn.template operator()<false>();
+}
+
 // Calls fn.template operator()<kDecay, kDecoupled>() for h's weight-decay kind.
 template <typename M, typename Fn>
 [[gnu::always_inline]] inline void with_decay_kind(const AdamHyper<M>& h, Fn&& fn) {
@@ -157,7 +165,7 @@ template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void adam_stream_above_any(
     T* p, G* g, M* m, M* v, int32_t above_gt, bool consume, int64_t begin, int64_t end,
     const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
-  with_stream_flags(false, consume, [&]<bool kMasked, bool kConsume>() IK_INLINE_LAMBDA {
+  with_consume(consume, [&]<bool kConsume>() IK_INLINE_LAMBDA {
     with_decay_kind(h, [&]<bool kDecay, bool kDecoupled>() IK_INLINE_LAMBDA {
       adam_stream<T, G, M, false, kConsume, false, kDecay, kDecoupled, true>(
           p, g, m, v, nullptr, nullptr, begin, end, h, step_size, bc2_sqrt, grad_scale,
@@ -270,7 +278,7 @@ template <typename T, typename G, typename M>
     const uint32_t* masks, int64_t n, int32_t lanes, const AdamHyper<M> h, const M step_size,
     const M bc2_sqrt, const M grad_scale) {
   const M* left = vals;
-  with_stream_flags(false, consume, [&]<bool kMasked, bool kConsume>() IK_INLINE_LAMBDA {
+  with_consume(consume, [&]<bool kConsume>() IK_INLINE_LAMBDA {
     with_decay_kind(h, [&]<bool kDecay, bool kDecoupled>() IK_INLINE_LAMBDA {
       left = adam_tiles<T, G, M, kConsume, kDecay, kDecoupled>(
           p, g, vals, m, v, starts, masks, n, lanes, h, step_size, bc2_sqrt, grad_scale);
@@ -339,6 +347,20 @@ inline void adam_stream_isa(T* p, G* g, M* m, M* v, const bool* mask, bool above
     adam_stream_any<T, G, M>(p, g, m, v, mask, consume, begin, end, h, step_size, bc2_sqrt,
                              grad_scale);
   }
+}
+
+// adam_stream_amsgrad_any, through the ISA-compiled loop where the types have one.
+template <typename T, typename G, typename M>
+inline void adam_stream_amsgrad_isa(T* p, G* g, M* m, M* v, M* vmax, const bool* mask,
+                                    bool consume, int64_t begin, int64_t end,
+                                    const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
+                                    const M grad_scale) {
+  if constexpr (kCloned<T, G>)
+    adam_stream_amsgrad_cloned(p, g, m, v, vmax, mask, consume, begin, end, h, step_size,
+                               bc2_sqrt, grad_scale);
+  else
+    adam_stream_amsgrad_any<T, G, M>(p, g, m, v, vmax, mask, consume, begin, end, h,
+                                     step_size, bc2_sqrt, grad_scale);
 }
 
 // adam_tiles_any, through the ISA-compiled loop where the types have one.

@@ -188,12 +188,8 @@ RangeFn adam_ranges(T* p, G* g, M* m, M* v, M* vmax, int32_t* age, const Positio
   if (!pos.indices && !age) {  // dense or dense-mask: stream over every element
     if (vmax)
       return [=](int64_t begin, int64_t end) {
-        if constexpr (kCloned<T, G>)
-          adam_stream_amsgrad_cloned(p, g, m, v, vmax, pos.mask, consume, begin, end, h,
-                                     step_size, bc2_sqrt, grad_scale);
-        else
-          adam_stream_amsgrad_any<T, G, M>(p, g, m, v, vmax, pos.mask, consume, begin, end,
-                                           h, step_size, bc2_sqrt, grad_scale);
+        adam_stream_amsgrad_isa<T, G, M>(p, g, m, v, vmax, pos.mask, consume, begin, end, h,
+                                         step_size, bc2_sqrt, grad_scale);
       };
     return [=](int64_t begin, int64_t end) {
       adam_stream_isa<T, G, M>(p, g, m, v, pos.mask, false, 0, consume, begin, end, h,
