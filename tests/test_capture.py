@@ -51,6 +51,7 @@ def _set_grads(*param_lists):
 def capturing(monkeypatch):
     """A CPU step that believes a CUDA stream is capturing."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
 
 

@@ -352,7 +352,9 @@ class IncrementalOptimizer(Optimizer):
         if self._counts_steps:
             self._check_unshared_steps([params for _, params, _, _ in plans]
                                        + [[p for p, _ in pairs] for _, pairs in sparse_plans])
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        # No stream captures before CUDA is initialized: is_initialized reads a flag,
+        # where is_available makes calls (the build, the environment, the device count).
+        if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
             check_capturable(self, plans, sparse_plans)
         amp_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)

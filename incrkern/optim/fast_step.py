@@ -68,7 +68,7 @@ def one_call_step(opt):
             or getattr(opt, "found_inf", None) is not None
             or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()
-            or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            or torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
         return False
     groups = opt.param_groups
     if _accumulate_grads is not None and all(_plain_micro_step(group) for group in groups):
