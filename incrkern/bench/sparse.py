@@ -50,8 +50,6 @@ LINE_BYTES = {"cpu": 64, "cuda": 32}
 LINES_PER_TOUCHED_LINE = 6  # p, m, v read and written (g's line is in the score read)
 STATE_BYTES = 4             # incrkern's m and v (and a residual): fp32 for every param dtype
 RESIDUAL_BYTES = 8          # select="accumulated": r read and written besides g's read
-SCORE_BYTES = {"grad": 4,          # read g
-               "accumulated": 12}  # read g and r, write r (r += g), then select on r
 FALLBACK_LLC = 32 * 2 ** 20  # when neither sysfs nor sysconf tells
 MANY_NUMEL = 10_000          # the size of each tensor of the "many small tensors" case
 # The most the sparse part holds at once per element of a case, against
@@ -147,8 +145,6 @@ def total_lines(tensors, line_bytes):
 def bound_bytes(numel, lines, line_bytes, select, grad_bytes=4, state_lines=None):
     """The least bytes of a sparse AdamW step (see the module docstring): `lines` of
     p (and g), `state_lines` of m and of v (None: as many as p's, as in fp32)."""
-    if grad_bytes == 4 and state_lines in (None, lines):
-        return SCORE_BYTES[select] * numel + LINES_PER_TOUCHED_LINE * lines * line_bytes
     score = grad_bytes + (RESIDUAL_BYTES if select == "accumulated" else 0)
     state_lines = lines if state_lines is None else state_lines
     return score * numel + 2 * (lines + 2 * state_lines) * line_bytes
