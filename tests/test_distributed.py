@@ -4,9 +4,13 @@ Each world size runs once (one spawn, several DDP models in turn, each rank writ
 what it saw to a file); the tests then check those records against a single-process
 simulation of the ranks and against plain DDP.
 """
+import faulthandler
 import math
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import time
 import warnings
 from datetime import timedelta
@@ -192,8 +196,6 @@ def _worker(rank, world, port, out, scenarios):
                           for name, density in (("torch", None), ("dense", 1.0),
                                                 ("sparse", 0.1))}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()   # no rank leaves while a peer still talks to it
-    dist.destroy_process_group()
 
 
 INF_STEP = 3
@@ -277,20 +279,67 @@ def _dying_worker(rank, world, port, out):
     os._exit(0)   # the group's peer is gone: skip the collective teardown
 
 
+def _logged(rank, fn, logs, world, port, *args):
+    """fn(rank, world, port, *args) with this rank's stderr in a file of its own, into
+    which faulthandler writes every thread's Python stack should a signal kill it; then
+    the group's teardown, after a last barrier that every rank marks having passed.
+
+    The rank then leaves without the interpreter's teardown, as incrkern.bench's
+    distributed ranks do: after gloo, that aborts now and then ("terminate called
+    without an active exception", a thread of torch's still joinable at exit)."""
+    log = open(os.path.join(logs, f"rank{rank}.log"), "w", buffering=1)
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(file=log, all_threads=True)
+    fn(rank, world, port, *args)
+    if dist.is_initialized():
+        dist.barrier()   # no rank leaves while a peer still talks to it
+        open(os.path.join(logs, f"rank{rank}.done"), "w").close()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _log_tails(logs, world, chars=4000):
+    tails = []
+    for rank in range(world):
+        path = os.path.join(logs, f"rank{rank}.log")
+        text = open(path, errors="replace").read() if os.path.exists(path) else ""
+        tails.append(f"--- rank {rank}'s stderr, last {chars} characters ---\n{text[-chars:]}")
+    return "\n".join(tails)
+
+
 def _spawn(fn, world, args, timeout=SPAWN_TIMEOUT):
     """Runs fn(rank, world, port, *args) in `world` processes; a worker's exception is
-    raised here with its traceback; all are killed after `timeout` seconds."""
-    context = mp.start_processes(fn, args=(world, _free_port()) + args, nprocs=world,
-                                 join=False, start_method="spawn")
+    raised here with its traceback and every rank's stderr (a rank killed by a signal
+    leaves only that); all are killed after `timeout` seconds.
+
+    A rank that dies without a Python exception once every rank has passed the last
+    barrier (its work, and its peers', written and done) died in destroy_process_group:
+    that is warned of, with the ranks' stderr, and the work stands."""
+    logs = tempfile.mkdtemp(prefix="ranks-")
+    context = mp.start_processes(_logged, args=(fn, logs, world, _free_port()) + args,
+                                 nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
+    failure = None
     try:
         while not context.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
                 raise AssertionError(f"distributed workers still running after {timeout} s")
+    except Exception as e:
+        failure = e
     finally:
         for p in context.processes:
             if p.is_alive():
                 p.kill()
+    if failure is not None:
+        message = f"{failure}\n{_log_tails(logs, world)}"
+        torn_down = all(os.path.exists(os.path.join(logs, f"rank{r}.done"))
+                        for r in range(world))
+        if not (torn_down and isinstance(failure, mp.ProcessExitedException)):
+            raise AssertionError(message) from failure
+        warnings.warn(f"a rank died in the process group's teardown: {message}")
+    shutil.rmtree(logs)
 
 
 def _records(tmp_path_factory, world, scenarios):
@@ -604,6 +653,36 @@ def test_a_dead_rank_fails_the_others(tmp_path):
     # From the step's start to the error: within the group's 30 s timeout (gloo sees
     # the closed connection at once; a hang would end only at the timeout).
     assert result["seconds"] < 30
+
+
+def _aborting_worker(rank, world, port, when):
+    """Rank 1 aborts before its last barrier, or after it (in the group's teardown)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    print(f"rank {rank} of {world} starts", file=sys.stderr, flush=True)
+    if rank == 1 and when == "before":
+        os.abort()
+    if rank == 1:
+        dist.destroy_process_group = lambda: os.abort()
+
+
+def test_a_rank_killed_before_the_last_barrier_fails_with_its_stderr():
+    with pytest.raises(AssertionError) as error:
+        _spawn(_aborting_worker, 2, ("before",))
+    message = str(error.value)
+    assert "process 1 terminated with signal SIGABRT" in message
+    assert "rank 1 of 2 starts" in message
+    assert "rank 0's stderr" in message   # rank 0 may be killed before it prints
+    # faulthandler's stack of the dying rank
+    assert "Fatal Python error: Aborted" in message
+    assert "in _aborting_worker" in message
+
+
+def test_a_rank_killed_in_the_teardown_is_warned_of():
+    with pytest.warns(UserWarning, match="(?s)died in the process group's teardown.*"
+                                         "process 1 terminated with signal SIGABRT"):
+        _spawn(_aborting_worker, 2, ("after",))
 
 
 def test_bad_options_are_refused():
