@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -263,7 +264,12 @@ def _with_lora(model, density):
     r = max(1, round(density * total / per_rank))
     lora = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                            target_modules=["query", "value"])
-    return peft.get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft reads the model's is_gradient_checkpointing, which transformers 5.25
+        # deprecates: the warning is about peft's code, not this benchmark's.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        return peft.get_peft_model(model, lora)
 
 
 def _state_bytes(opt):
