@@ -13,7 +13,7 @@ BUILD_DEPS := torch==$(TORCH_VERSION) ninja setuptools wheel
 MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 
-.PHONY: test bench bench-finetune build gpu-check clean
+.PHONY: test bench bench-finetune build gpu-check asan-check clean
 
 # An editable install: `import incrkern` in .venv is this checkout. pip compiles the
 # extension into place (incrkern/_C*.so, incrkern/_build_info.py).
@@ -51,6 +51,11 @@ bench-finetune: build
 # For a machine with a GPU and no network: its own python3 and torch, no venv.
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# The CPU kernels' tests under AddressSanitizer, from a build of their own in a scratch
+# folder (scripts/asan_check.sh); about 11 minutes on 2 cores.
+asan-check: $(VENV)/.installed
+	bash scripts/asan_check.sh
 
 clean:
 	rm -rf build incrkern/_C*.so incrkern/_build_info.py

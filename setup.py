@@ -131,6 +131,14 @@ def extension():
     # would round the same rule differently. The kernels are bound by memory and
     # launches, not by the few extra instructions.
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--fmad=false"]
+    # INCRKERN_SANITIZE=address: the C++ built for AddressSanitizer (scripts/asan_check.sh).
+    link_flags = ["-fopenmp"]
+    if os.environ.get("INCRKERN_SANITIZE") == "address":
+        cxx_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+        link_flags.append("-fsanitize=address")
+    elif os.environ.get("INCRKERN_SANITIZE"):
+        sys.exit(f"incrkern: INCRKERN_SANITIZE={os.environ['INCRKERN_SANITIZE']!r}: "
+                 "only 'address' is supported")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -147,7 +155,7 @@ def extension():
         sources=_sources(with_cuda),
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=args,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
 
 

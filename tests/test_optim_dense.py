@@ -1,7 +1,9 @@
 """density=1.0: incrkern's optimizers are torch.optim's, to float32 rounding."""
 import copy
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,6 +283,18 @@ def test_build_info():
     if info["cuda_kernels"]:
         assert info["cuda_kernels_loaded"]
         assert "--fmad=false" in info["nvcc_flags"]
+
+
+def test_an_unknown_sanitizer_is_refused_before_the_build():
+    # Refused before setup.py writes incrkern/_build_info.py or builds anything.
+    repo = Path(__file__).resolve().parent.parent
+    before = (repo / "incrkern" / "_build_info.py").read_bytes()
+    result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=repo,
+                            env={**os.environ, "INCRKERN_SANITIZE": "thread"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "INCRKERN_SANITIZE='thread': only 'address' is supported" in result.stderr
+    assert (repo / "incrkern" / "_build_info.py").read_bytes() == before
 
 
 def test_import_without_extension_warns_and_works():
