@@ -132,13 +132,13 @@ def extension():
     # launches, not by the few extra instructions.
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--fmad=false"]
     # INCRKERN_SANITIZE=address: the C++ built for AddressSanitizer (scripts/asan_check.sh).
+    sanitize = os.environ.get("INCRKERN_SANITIZE", "")
+    if sanitize not in ("", "address"):
+        sys.exit(f"incrkern: INCRKERN_SANITIZE={sanitize!r}: only 'address' is supported")
     link_flags = ["-fopenmp"]
-    if os.environ.get("INCRKERN_SANITIZE") == "address":
+    if sanitize:
         cxx_flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
         link_flags.append("-fsanitize=address")
-    elif os.environ.get("INCRKERN_SANITIZE"):
-        sys.exit(f"incrkern: INCRKERN_SANITIZE={os.environ['INCRKERN_SANITIZE']!r}: "
-                 "only 'address' is supported")
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
