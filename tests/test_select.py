@@ -623,3 +623,25 @@ def test_topk_signed_special_values_large(dtype):
         assert torch.equal(ops.topk(x, k), reference.topk(x, k)), k
         got = ops.select([x], [k], score="grad_sq")[0]
         assert torch.equal(got, reference.select([x], [k], "grad_sq", False, False)[0]), k
+
+
+@pytest.mark.parametrize("n", [40000, 262144, 1048576])
+def test_select_tile_maxima_in_any_order(n):
+    """The tile maxima's count leaves out the keys under a floor taken from the keys
+    counted so far: the answer must not depend on where the largest keys lie (a ramp
+    up puts them last, a ramp down first, a late block of spikes after a flat start,
+    and exact zeros up to the last tiles), ties included."""
+    gen = torch.Generator().manual_seed(n)
+    ramp = torch.linspace(0.0, 1.0, n)
+    late = torch.full((n,), 0.5)
+    late[-n // 16:] = torch.rand(n // 16, generator=gen) + 1.0
+    zeros_first = torch.zeros(n)
+    zeros_first[-n // 8:] = torch.randn(n // 8, generator=gen)
+    inputs = {"ramp up": ramp, "ramp down": ramp.flip(0), "late spikes": late,
+              "zeros first": zeros_first, "ties": torch.randint(0, 4, (n,), generator=gen).float()}
+    for name, x in inputs.items():
+        for density in (1e-4, 0.001, 0.01, 0.03):
+            k = max(1, math.ceil(density * n))
+            got = ops.select([x], [k])[0]
+            want = reference.select([x], [k], "grad", False, False)[0]
+            assert torch.equal(got, want), (name, density)
