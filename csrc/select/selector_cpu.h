@@ -299,31 +299,13 @@ class Selector {
   K tile_max_floor(std::vector<K>& gmax) const {
     TopBitsHistogram<K> hist;
     const bool by_four = k_ * 8 <= int64_t(gmax.size());
-    // Once k keys are counted, the least key of the bin of their k-th largest is a
-    // floor under the final k-th (later keys only raise it), and keys under it change
-    // nothing locate(k) returns: they are left out. At low density nearly every
-    // maximum falls under it, and its increments, a chain through a few hot bins, had
-    // been a large part of the scan (docs/measurements-amd.md, "What a low-density
-    // step costs above its read").
-    constexpr int64_t kChunkTiles = 64, kFloorChunks = 16;
-    K floor = 0;
-    int64_t counted = 0, chunks = 0;
-    const auto count = [&](const K* keys, int64_t n) {  // n <= kChunkTiles
-      K kept[kChunkTiles];
-      int64_t nk = 0;
-      for (int64_t j = 0; j < n; ++j) kept[nk] = keys[j], nk += keys[j] >= floor;
-      hist.add_all(kept, nk);
-      counted += nk;
-    };
-    const auto renew_floor = [&] {
-      if (++chunks % kFloorChunks == 0 && counted >= k_) floor = hist.locate(k_).first;
-    };
     size_t gi = 0;
     for (const Source& src : srcs_)
       with_reader<K>(src, [&](auto rd) {
         int64_t i = 0;
         if constexpr (kScanReader<K, decltype(rd)>) {
           // In chunks of 4 KB, each counted while the next streams in.
+          constexpr int64_t kChunkTiles = 64;
           const int64_t whole = src.n / kTile;
           for (int64_t g = 0; g < whole; g += kChunkTiles) {
             const int64_t m = std::min(kChunkTiles, whole - g);
@@ -334,12 +316,11 @@ class Selector {
               int64_t j = 0;
               for (; j + 4 <= m; j += 4)
                 fours[j / 4] = std::max(std::max(q[j], q[j + 1]), std::max(q[j + 2], q[j + 3]));
-              count(fours, j / 4);
-              count(q + j, m - j);
+              hist.add_all(fours, j / 4);
+              hist.add_all(q + j, m - j);
             } else {
-              count(q, m);
+              hist.add_all(q, m);
             }
-            renew_floor();
             gi += size_t(m);
           }
           i = whole * kTile;
