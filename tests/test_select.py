@@ -627,10 +627,10 @@ def test_topk_signed_special_values_large(dtype):
 
 @pytest.mark.parametrize("n", [40000, 262144, 1048576])
 def test_select_tile_maxima_in_any_order(n):
-    """The tile maxima's count leaves out the keys under a floor taken from the keys
-    counted so far: the answer must not depend on where the largest keys lie (a ramp
-    up puts them last, a ramp down first, a late block of spikes after a flat start,
-    and exact zeros up to the last tiles), ties included."""
+    """The tile maxima's selection (up to 2^20 elements, density up to about 3%)
+    counts the maxima chunk by chunk as it reads: the answer must not depend on where
+    the largest keys lie (a ramp up puts them last, a ramp down first, a late block of
+    spikes after a flat start, and exact zeros up to the last tiles), ties included."""
     gen = torch.Generator().manual_seed(n)
     ramp = torch.linspace(0.0, 1.0, n)
     late = torch.full((n,), 0.5)
