@@ -53,6 +53,9 @@ constexpr int64_t kSerialMax = int64_t(1) << 15;  // below: one thread, nth_elem
 constexpr int64_t kSample = int64_t(1) << 16;
 constexpr int64_t kMinSample = int64_t(1) << 12;
 constexpr int64_t kSampleSpacing = 256;  // elements per sampled key, between those bounds
+// From this many elements per chosen one (density 0.2% and under), the band's sample
+// takes a key per 2 * kSampleSpacing elements (sample_band).
+constexpr int64_t kSparseSampleRatio = 500;
 constexpr int kDigitBits = 11;
 
 // setup.py builds with -fopenmp, so at::parallel_for (an OpenMP pragma in a header)
@@ -553,7 +556,8 @@ class Selector {
     // at one per 32, a 3M-element matrix's sample took about as long as its read. At
     // density 0.2% and under, one per 512: the band then holds few keys, and the wider
     // band of a smaller sample costs less than the reads it saves.
-    const int64_t spacing = k_ * 500 <= n_ ? 2 * kSampleSpacing : kSampleSpacing;
+    const int64_t spacing =
+        k_ * kSparseSampleRatio <= n_ ? 2 * kSampleSpacing : kSampleSpacing;
     const int64_t s = std::min({kSample, n_, std::max<int64_t>(kMinSample, n_ / spacing)});
     const std::vector<K> keys = sample_keys(s);
     const SampleRanks r = sample_ranks(s);
