@@ -92,3 +92,19 @@ def capture_step(captured, eager):
     with torch.cuda.graph(graph):
         captured.step()
     return graph
+
+
+def _fmix32(h):
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def cpu_sample_stride(n, s):
+    """White-box: the first position and the stride of the CPU Selector's
+    constant-stride sample of s keys of n (selector_cpu.h, sample_stride), mirrored."""
+    stride = max(1, n // s)
+    stride -= stride % 2 == 0
+    return _fmix32(n ^ 0x9E3779B9) % stride, stride

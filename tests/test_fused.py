@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from incrkern import EXTENSION_LOADED, ops, reference
-from helpers import assert_param_close
+from helpers import assert_param_close, cpu_sample_stride
 
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
 
@@ -547,6 +547,59 @@ def test_zero_floor_embedding_rows(dtype, residual):
             x = embedding_rows(width, rows, hot, dtype, seed=k, residual=residual)
             counts = check(x, [k], approx=approx, **HYPERS["adamw"])
             assert int(counts[0]) == k
+
+
+def zero_probe(n):
+    """White-box: the positions of the 512 keys whose nonzeros (at most 12) send a
+    large tensor to the listing of its nonzero tiles (fused_cpu.cpp, kNonzeroProbe;
+    the constant-stride sample of selector_cpu.h), mirrored here."""
+    start, stride = cpu_sample_stride(n, 512)
+    return torch.arange(512) * stride + start
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("values", ["normal", "ties", "special"])
+def test_among_nonzeros_embedding_rows(dtype, residual, values):
+    """More nonzero keys than k on a large tensor of nearly all zeros: its nonzero
+    tiles listed with no sample, and the k largest chosen among their lanes (the last
+    row's elements past the last whole tile among them), ties to the lowest position
+    across blocks, NaN and inf chosen first, exact and approx alike."""
+    width, rows = 37, (TILE_MAX + BLOCK) // 37 + 1   # n odd, not a multiple of 16
+    n = width * rows
+    gen = torch.Generator().manual_seed(4)
+    hot = sorted({0, rows - 1, *torch.randperm(rows, generator=gen)[:rows // 150].tolist()})
+    nonzeros = len(hot) * width * (2 if residual else 1)
+    # Above n / 256 (under it, a tensor this size takes the tile maxima).
+    for k in (n // 250, nonzeros // 2, nonzeros - 1):
+        for approx in (False, True):
+            x = embedding_rows(width, rows, hot, dtype, seed=k, residual=residual)
+            g = x["grads"][0].view(rows, width)
+            if values == "ties":  # every hot row alike: each key tied len(hot) times
+                g[hot] = g[hot[0]].clone()
+            elif values == "special":
+                g[hot[1], :3] = torch.tensor([math.nan, math.inf, -math.inf]).to(dtype)
+            score = x["grads"][0].float() + (x["r"][0] if residual else 0)
+            assert int((score[zero_probe(n)] != 0).sum()) <= 12  # the path under test
+            counts = check(x, [k], approx=approx, **HYPERS["adamw"])
+            assert int(counts[0]) == k
+
+
+@needs_ext
+def test_nonzeros_hidden_from_the_probe_fall_back():
+    """Zeros on exactly the positions the zero probe reads and nonzeros everywhere
+    else, so the probe takes the tensor for nearly all zeros: the listing of its
+    nonzero tiles stops keeping their keys past a quarter of a block, and select then
+    update answers."""
+    n = TILE_MAX + BLOCK + 7
+    for residual in (False, True):
+        x = make([n], torch.float32, "normal", seed=8, residual=residual)
+        x["grads"][0][zero_probe(n)] = 0.0
+        if residual:
+            x["r"][0][zero_probe(n)] = 0.0
+        for k in (n // 200, n // 60):  # under the threshold stream's density
+            check(clone(x), [k], **HYPERS["adamw"])
 
 
 @needs_ext

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from incrkern import ops, reference
-from helpers import DEVICES, needs_ext
+from helpers import DEVICES, cpu_sample_stride, needs_ext
 
 
 def check_against_torch(x, k, idx):
@@ -480,14 +480,6 @@ def test_select_few_nonzero_rows(dtype, used_rows):
         assert torch.equal(got, reference.select([x], [k], "grad", False, False)[0]), k
 
 
-def _fmix32(h):
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
 @pytest.mark.parametrize("n", [4097, 160000, 262144, 1000003])
 def test_select_sample_sees_only_spikes(n):
     """White-box: spikes on exactly the positions the CPU kernel samples (the sample
@@ -495,9 +487,7 @@ def test_select_sample_sees_only_spikes(n):
     threshold misses; the kernel must notice and still answer exactly."""
     s = min(n, max(256, min(n // 16, 16384))) if n <= 262144 else \
         min(65536, n, max(4096, n // 32))
-    stride = max(1, n // s)
-    stride -= stride % 2 == 0
-    start = _fmix32(n ^ 0x9E3779B9) % stride
+    start, stride = cpu_sample_stride(n, s)
     x = torch.randn(n, generator=torch.Generator().manual_seed(1)) * 1e-3
     x[start::stride] = 1.0 + torch.rand(len(range(start, n, stride)))
     for density in (0.001, 0.01, 0.2):

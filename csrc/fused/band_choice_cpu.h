@@ -1,6 +1,7 @@
 // The band's answer in the fused CPU select-and-update (fused_cpu.cpp): the listing
 // pass's per-block lists (winner tiles, the band's candidates), the need-th largest
-// of the candidates' keys, and the candidates it chooses, ties to the lowest position.
+// of the candidates' keys, and the candidates it chooses, ties to the lowest position;
+// for a tensor of nearly all zeros, the k largest among its listed nonzero tiles.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -12,11 +13,14 @@
 #include <vector>
 
 #include "common/claims.h"
+#include "fused/adam_tensor_cpu.h"
 #include "select/kth_cpu.h"
+#include "select/scan_cpu.h"
 
 namespace incrkern::fused {
 
 using select::kth_largest;
+using select::kTile;
 
 // Per block of the listing pass: the tiles holding a winner (first element, winner
 // lanes, ascending), the winners of the tensor's last few elements that fill no
@@ -111,6 +115,109 @@ BandKth band_kth(const Blocks& blocks, KeysOf&& keys_of, int64_t need, uint32_t 
   for (int64_t gt : greater) ties -= gt;
   for (int64_t equal : b.equal) b.ties.push_back(std::min(equal, ties)), ties -= b.ties.back();
   return b;
+}
+
+// Whether the listing pass kept the keys of every block's listed tiles and tail
+// winners (list_pass's tile_keys, which stops at a share of the block).
+inline bool tile_keys_complete(std::span<const BlockOut> out) {
+  for (const BlockOut& o : out)
+    if (o.ckey.size() != o.wstart.size() * kTile + o.tail_winners.size()) return false;
+  return true;
+}
+
+// The k-th largest of the keys kept by a listing of a tensor's nonzero tiles (each
+// block's ckey: 16 a listed tile, then its tail winners'; more nonzeros than k),
+// and per block how many of its keys equal to it are chosen, ties to the lowest
+// position. The keys counted by their top 13 bits (a histogram per thread), then the
+// k-th among the keys of its bin alone, gathered per block.
+struct TileKeysKth {
+  uint32_t kth;
+  std::vector<int64_t> ties;
+};
+
+inline TileKeysKth tile_keys_kth(std::span<const BlockOut> out, int64_t k) {
+  constexpr int kShift = 32 - 13;
+  constexpr uint32_t kBins = uint32_t(1) << 13;
+  const auto nblocks = int64_t(out.size());
+  // Four copies a thread, so that neighbouring keys (a row's, in one bin) do not
+  // each wait on the previous increment of their bin.
+  std::vector<std::vector<uint32_t>> hists(size_t(at::get_num_threads()));
+  parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint32_t>& hist = hists[size_t(at::get_thread_num())];
+    if (hist.empty()) hist.assign(4 * kBins, 0);
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const std::vector<uint32_t>& keys = out[size_t(bi)].ckey;
+      size_t j = 0;
+      for (; j + 4 <= keys.size(); j += 4)
+        for (uint32_t c = 0; c < 4; ++c) ++hist[c * kBins + (keys[j + c] >> kShift)];
+      for (; j < keys.size(); ++j) ++hist[keys[j] >> kShift];
+    }
+  });
+  std::vector<uint32_t> total(kBins, 0);
+  for (const std::vector<uint32_t>& hist : hists)
+    for (size_t b = 0; b < hist.size(); ++b) total[b % kBins] += hist[b];
+  uint32_t bin = kBins - 1;
+  int64_t rank = k;
+  for (; rank > int64_t(total[bin]); --bin) rank -= total[bin];
+  const uint32_t base = bin << kShift, top = base + ((uint32_t(1) << kShift) - 1);
+  std::vector<int64_t> greater(out.size());
+  std::vector<std::vector<uint32_t>> in_bin(out.size());
+  parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      int64_t above = 0;
+      for (uint32_t key : out[size_t(bi)].ckey) {
+        above += key > top;
+        // One unsigned compare: a branch rarely taken, where key >= base alone was
+        // taken at random.
+        if (key - base <= top - base) in_bin[size_t(bi)].push_back(key);
+      }
+      greater[size_t(bi)] = above;
+    }
+  });
+  std::vector<uint32_t> keys;
+  for (const std::vector<uint32_t>& v : in_bin) keys.insert(keys.end(), v.begin(), v.end());
+  TileKeysKth c{kth_largest(keys, rank, base, top), {}};
+  int64_t ties = k;  // keys equal to kth still to take, lowest positions first
+  std::vector<int64_t> equal(out.size());
+  for (size_t bi = 0; bi < out.size(); ++bi) {
+    for (uint32_t key : in_bin[bi]) greater[bi] += key > c.kth, equal[bi] += key == c.kth;
+    ties -= greater[bi];
+  }
+  for (int64_t eq : equal) c.ties.push_back(std::min(eq, ties)), ties -= c.ties.back();
+  return c;
+}
+
+// The k largest keys of a tensor whose nonzero tiles a listing pass has listed, with
+// their keys (tile_keys), more nonzeros than k: the k-th among the kept keys, then
+// each listed tile's lanes above it and its ties, lowest positions first, updated as
+// tiles. Returns k.
+template <typename T>
+int64_t run_among_nonzeros(const AdamTensor<T>& t, std::span<BlockOut> out, int64_t k) {
+  const TileKeysKth c = tile_keys_kth(out, k);
+  parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      BlockOut& o = out[size_t(bi)];
+      int64_t ties = c.ties[size_t(bi)];
+      const uint32_t* key = o.ckey.data();
+      size_t kept = 0;
+      for (size_t j = 0; j < o.wstart.size(); ++j, key += kTile) {
+        uint32_t lanes = 0;
+        for (int lane = 0; lane < kTile; ++lane) lanes |= uint32_t(key[lane] > c.kth) << lane;
+        for (int lane = 0; ties > 0 && lane < kTile; ++lane)
+          if (key[lane] == c.kth) lanes |= 1u << lane, --ties;
+        if (lanes) o.wstart[kept] = o.wstart[j], o.wmask[kept++] = lanes;
+      }
+      o.wstart.resize(kept);
+      o.wmask.resize(kept);
+      t.tiles_ahead(o.wstart.data(), o.wmask.data(), int64_t(kept));
+      for (int64_t e : o.tail_winners) {
+        const bool tie = *key == c.kth && ties > 0;
+        ties -= tie;
+        if (*key++ > c.kth || tie) t.one(e);
+      }
+    }
+  });
+  return k;
 }
 
 // The (key, position) candidates chosen to complete `need` winners: the need largest,

@@ -18,8 +18,10 @@
 //    Only then is anything updated: each block's listed tiles, their lines
 //    requested a few tiles ahead, then its chosen candidates.
 //    A band that misses falls back to select + update.
-//  - Large tensors whose sampled k-th key is 0 (run_zero_floor): the nonzero tiles
-//    listed and counted, a dense prefix of zeros completing k, then those tiles.
+//  - Large tensors of nearly all zeros, or whose sampled k-th key is 0
+//    (run_zero_floor): the nonzero tiles listed and counted; then, with fewer of them
+//    than k, a dense prefix of zeros completing k and those tiles, else the k largest
+//    among their lanes.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -67,6 +69,12 @@ constexpr int64_t kSmallGrain = 8;  // small tensors per claim
 // and the chosen lines (adam_select_update_checked: a read beside them).
 constexpr double kOneThreadReads = 1.5;
 constexpr int64_t kZeroProbe = 256;  // keys read to tell a tensor mostly_zeros
+// A large tensor whose probe of kNonzeroProbe keys finds at most kNonzeroProbeMost
+// nonzero lists its nonzero tiles without a sample (run_band), their keys kept while
+// they hold at most 1 / kTileKeysShare of each block's elements.
+constexpr int64_t kNonzeroProbe = 512;
+constexpr int64_t kNonzeroProbeMost = 12;
+constexpr int64_t kTileKeysShare = 4;
 // The fraction of tiles holding a key >= L under which the listing pass branches per
 // tile (fused/scans_cpu.h, list_tiles: few_hits).
 constexpr double kFewHits = 0.03;
@@ -184,10 +192,12 @@ bool forced_fallback(const char* when) {
 // are u = r + g, written to r first. few_hits: whether nearly no tile is expected to
 // hold a key >= lo, for a thread's first chunk (each later one goes by the chunk
 // before it). `values` (no residual): the listed lanes' gradients kept too
-// (BlockOut::wval, cval).
+// (BlockOut::wval, cval). `tile_keys` (winners only, lo > hi): the keys of every
+// listed tile's 16 lanes, then of the tail's winners, kept in BlockOut::ckey while
+// they are at most 1 / kTileKeysShare of the block's elements (tile_keys_complete).
 template <typename T>
 std::span<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, uint32_t hi,
-                                bool added, bool few_hits, bool values) {
+                                bool added, bool few_hits, bool values, bool tile_keys = false) {
   const int32_t lo_gt = order_greater_than<false>(lo);
   const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
@@ -217,6 +227,19 @@ std::span<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, ui
         if (keys) list_tiles(keys, tiles, lo_gt, hi_gt, e, l, few);
         else list_tiles(t.g + e, tiles, lo_gt, hi_gt, e, l, few);
         few = double(l.nw - listed + l.nc) < kFewHits * double(tiles);
+        if (tile_keys && l.nw * kTile <= (end - begin) / kTileKeysShare) {
+          // Every lane of the new tiles, read while in cache (0 where not listed).
+          const size_t at = o.ckey.size();
+          o.ckey.resize(at + size_t(l.nw - listed) * kTile);
+          const auto keep = [&](const auto* x) {
+            uint32_t* key = o.ckey.data() + at;
+            for (int64_t j = listed; j < l.nw; ++j, key += kTile)
+              for (int lane = 0; lane < kTile; ++lane)
+                key[lane] = abs_key32(float(x[wstart[j] + lane]));
+          };
+          if (t.r) keep(t.r);
+          else keep(t.g);
+        }
         for (int64_t j = 0; j < l.nc; ++j)
           for (uint32_t mc = cmask[j]; mc; mc &= mc - 1) {
             const int64_t q = cstart[j] + __builtin_ctz(mc);
@@ -245,6 +268,7 @@ std::span<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, ui
         if (key > hi) {
           o.tail_winners.push_back(e);
           ++o.winners;
+          if (tile_keys) o.ckey.push_back(key);
         } else if (key >= lo) {
           o.ckey.push_back(key);
           o.cpos.push_back(e);
@@ -254,50 +278,6 @@ std::span<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, ui
     }
   });
   return out;
-}
-
-// A large tensor of 32-bit keys whose k-th key is 0 (0 < k < n): fewer nonzero keys
-// than k, as in an embedding's gradient, nonzero in the rows of the batch's tokens
-// alone. Every nonzero is chosen, and the zeros of lowest position complete k: with
-// the nonzeros among them they fill a prefix [0, P), updated as a dense range. One
-// pass lists the nonzero tiles; those past P are updated as tiles. Nothing is
-// updated before the count of nonzeros shows the k-th key to be 0.
-template <typename T>
-int64_t run_zero_floor(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added) {
-  const int64_t n = c.res[i].numel;
-  // Winners: the keys above 0 (hi = 0); lo = 1 above hi leaves no candidates.
-  const std::span<BlockOut> out = list_pass(t, n, 1, 0, added, /*few_hits=*/true, /*values=*/false);
-  int64_t nonzeros = 0;
-  for (const BlockOut& o : out) nonzeros += o.winners;
-  if (nonzeros > k || forced_fallback("after")) return run_fallback(c, i, t, k, true);
-  int64_t prefix = 0;  // P: just past the (k - nonzeros)-th zero
-  for (int64_t bi = 0, zeros_left = k - nonzeros; zeros_left > 0; ++bi) {
-    const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
-    const int64_t zeros = end - begin - out[bi].winners;
-    if (zeros < zeros_left) {
-      zeros_left -= zeros;
-      continue;
-    }
-    for (prefix = begin; zeros_left > 0; ++prefix) zeros_left -= t.key(prefix) == 0;
-  }
-  parallel_for_claimed(0, prefix, kDenseGrain,
-                       [&](int64_t b, int64_t e) { t.dense(b, e, /*added=*/true); });
-  parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      BlockOut& o = out[bi];
-      // The tiles past the prefix, the one that straddles it cut to its lanes past P.
-      size_t a = size_t(std::lower_bound(o.wstart.begin(), o.wstart.end(), prefix - kTile + 1) -
-                        o.wstart.begin());
-      if (a < o.wstart.size() && o.wstart[a] < prefix) {
-        o.wmask[a] &= ~0u << (prefix - o.wstart[a]);
-        a += o.wmask[a] == 0;
-      }
-      t.tiles_ahead(o.wstart.data() + a, o.wmask.data() + a, int64_t(o.wstart.size() - a));
-      for (int64_t e : o.tail_winners)
-        if (e >= prefix) t.one(e);
-    }
-  });
-  return k;
 }
 
 // Per block of the counting pass: the keys above the band, counted, and those inside
@@ -520,6 +500,57 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, De
   return update_at(t, pos.data_ptr<int64_t>(), pos.numel());
 }
 
+// A large tensor of 32-bit keys whose k-th key may be 0 (0 < k < n), as in an
+// embedding's gradient, nonzero in the rows of the batch's tokens alone. One pass
+// lists the nonzero tiles. Fewer nonzero keys than k: every nonzero is chosen, and
+// the zeros of lowest position complete k: with the nonzeros among them they fill a
+// prefix [0, P), updated as a dense range, and the nonzero tiles past P are updated
+// as tiles. More: with their keys kept (tile_keys), the k largest among them
+// (run_among_nonzeros), else select then update. Nothing is updated before the
+// count of nonzeros decides.
+template <typename T>
+int64_t run_zero_floor(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added,
+                       bool tile_keys) {
+  const int64_t n = c.res[i].numel;
+  // Winners: the keys above 0 (hi = 0); lo = 1 above hi leaves no candidates.
+  const std::span<BlockOut> out =
+      list_pass(t, n, 1, 0, added, /*few_hits=*/true, /*values=*/false, tile_keys);
+  int64_t nonzeros = 0;
+  for (const BlockOut& o : out) nonzeros += o.winners;
+  if (forced_fallback("after")) return run_fallback(c, i, t, k, true);
+  if (nonzeros > k)
+    return tile_keys && tile_keys_complete(out) ? run_among_nonzeros(t, out, k)
+                                                : run_fallback(c, i, t, k, true);
+  int64_t prefix = 0;  // P: just past the (k - nonzeros)-th zero
+  for (int64_t bi = 0, zeros_left = k - nonzeros; zeros_left > 0; ++bi) {
+    const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
+    const int64_t zeros = end - begin - out[bi].winners;
+    if (zeros < zeros_left) {
+      zeros_left -= zeros;
+      continue;
+    }
+    for (prefix = begin; zeros_left > 0; ++prefix) zeros_left -= t.key(prefix) == 0;
+  }
+  parallel_for_claimed(0, prefix, kDenseGrain,
+                       [&](int64_t b, int64_t e) { t.dense(b, e, /*added=*/true); });
+  parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      BlockOut& o = out[bi];
+      // The tiles past the prefix, the one that straddles it cut to its lanes past P.
+      size_t a = size_t(std::lower_bound(o.wstart.begin(), o.wstart.end(), prefix - kTile + 1) -
+                        o.wstart.begin());
+      if (a < o.wstart.size() && o.wstart[a] < prefix) {
+        o.wmask[a] &= ~0u << (prefix - o.wstart[a]);
+        a += o.wmask[a] == 0;
+      }
+      t.tiles_ahead(o.wstart.data() + a, o.wmask.data() + a, int64_t(o.wstart.size() - a));
+      for (int64_t e : o.tail_winners)
+        if (e >= prefix) t.one(e);
+    }
+  });
+  return k;
+}
+
 // A large tensor of 32-bit keys (0 < k < n): the band, the listing pass, the
 // resolve, the update. Returns the count updated. `added`: the residual already
 // holds r + residual_alpha * g (the band is then sampled from it alone).
@@ -527,9 +558,17 @@ template <typename T>
 int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added) {
   const int64_t n = c.res[i].numel;
   Selector<uint32_t> sel({added ? residual_source(t, n) : source_of(c, i)}, k, c.approx);
-  const auto band = sel.sample_band();
+  // Nearly all keys 0: the nonzero tiles listed, with no sample. The nonzeros hold
+  // the k largest keys, and reading them again costs fewer lines than the sample's
+  // reads, each of which waits on its own line.
+  const bool list_nonzeros =
+      !stream_pays(n, k) && !sel.sparse_sample() &&
+      sel.few_nonzeros(kNonzeroProbe, kNonzeroProbeMost);
+  const auto band = list_nonzeros ? std::nullopt : sel.sample_band();
   if (forced_fallback("before")) return run_fallback(c, i, t, k, added);
-  if (!band && sel.tie_guess() == uint32_t(0)) return run_zero_floor(c, i, t, k, added);
+  if (list_nonzeros) return run_zero_floor(c, i, t, k, added, /*tile_keys=*/true);
+  if (!band && sel.tie_guess() == uint32_t(0))
+    return run_zero_floor(c, i, t, k, added, /*tile_keys=*/false);
   if (!band) return run_fallback(c, i, t, k, added);
   if (stream_pays(n, k))
     return run_stream(c, i, t, k, added, band->first, band->second, c.approx);

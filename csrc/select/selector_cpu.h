@@ -136,6 +136,25 @@ class Selector {
     return double(std::count(keys.begin(), keys.end(), K(0))) / double(keys.size());
   }
 
+  // Whether sample_band takes a key per 2 * kSampleSpacing elements (density 0.2%
+  // and under), not per kSampleSpacing.
+  bool sparse_sample() const { return k_ * kSparseSampleRatio <= n_; }
+
+  // Whether at most `most` of s keys at sample_keys' stride are nonzero. It reads them
+  // in order and stops at the first past that: a tensor of few zeros costs a few
+  // reads, each a wait on its own line.
+  bool few_nonzeros(int64_t s, int64_t most) const {
+    s = std::clamp<int64_t>(s, 1, n_);
+    const auto [start, step] = sample_stride(s);
+    int64_t nonzeros = 0;
+    for (const Source& src : srcs_)
+      with_reader<K>(src, [&](auto rd) {
+        for (int64_t at = start, j = 0; j < s && nonzeros <= most; ++j, at += step)
+          if (at >= src.pos0 && at < src.pos0 + src.n) nonzeros += rd(at - src.pos0) != K(0);
+      });
+    return nonzeros <= most;
+  }
+
   // After a sample_band that found the band too wide: the sample's k-th key.
   std::optional<K> tie_guess() const { return tie_guess_; }
 
@@ -217,6 +236,13 @@ class Selector {
     return outs;
   }
 
+  // The first position and the stride of sample_keys' sample of s keys.
+  std::pair<int64_t, int64_t> sample_stride(int64_t s) const {
+    uint64_t stride = std::max<uint64_t>(1, uint64_t(n_ / s));
+    if (stride % 2 == 0) --stride;
+    return {int64_t(fmix32(uint32_t(n_) ^ 0x9e3779b9u) % stride), int64_t(stride)};
+  }
+
   // Keys of s elements at a constant odd stride from a hashed start. A constant
   // stride lets the hardware prefetcher run ahead of the reads: with a random
   // offset in each stride, every read waits on memory, and the sample costs several
@@ -224,10 +250,7 @@ class Selector {
   // whose rows are a power of two (or any even) long. The reads are left to the
   // hardware's stride prefetcher: requests 64 keys ahead made them slower.
   std::vector<K> sample_keys(int64_t s) const {
-    uint64_t stride = std::max<uint64_t>(1, uint64_t(n_ / s));
-    if (stride % 2 == 0) --stride;
-    const auto start = int64_t(fmix32(uint32_t(n_) ^ 0x9e3779b9u) % stride);
-    const auto step = int64_t(stride);
+    const auto [start, step] = sample_stride(s);
     // The first sample index whose position is at or past x.
     const auto first_at = [&](int64_t x) { return x <= start ? 0 : (x - start + step - 1) / step; };
     std::vector<K> keys(s);
@@ -556,8 +579,7 @@ class Selector {
     // at one per 32, a 3M-element matrix's sample took about as long as its read. At
     // density 0.2% and under, one per 512: the band then holds few keys, and the wider
     // band of a smaller sample costs less than the reads it saves.
-    const int64_t spacing =
-        k_ * kSparseSampleRatio <= n_ ? 2 * kSampleSpacing : kSampleSpacing;
+    const int64_t spacing = sparse_sample() ? 2 * kSampleSpacing : kSampleSpacing;
     const int64_t s = std::min({kSample, n_, std::max<int64_t>(kMinSample, n_ / spacing)});
     const std::vector<K> keys = sample_keys(s);
     const SampleRanks r = sample_ranks(s);
