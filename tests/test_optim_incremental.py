@@ -479,3 +479,34 @@ def test_fused_path_agrees_with_positions(monkeypatch, name, options):
                 if torch.is_tensor(value):
                     torch.testing.assert_close(value, s1[i][key], rtol=1e-5, atol=1e-6,
                                                msg=key)
+
+
+@pytest.mark.parametrize("select,n,hot", [("grad", 1, 40), ("grad", 3, 15),
+                                          ("accumulated", 1, 40)])
+def test_mostly_zero_embedding_matches_reference(select, n, hot):
+    """A word embedding's gradients (nonzero in a batch's rows only, `hot` others of
+    6000 each micro-step), large enough for the fused step's listing of nonzero tiles
+    without a sample, and more nonzero keys than the 30 rows' worth it chooses: plain,
+    at the end of each cycle of accumulate_steps, and with error feedback, against the
+    reference."""
+    from helpers import cpu_sample_stride
+
+    rows, width = 6000, 384
+    gen = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(rows, width, generator=gen))
+    q = p.detach().clone().requires_grad_()
+    options = dict(density=0.005, select=select, accumulate_steps=n)
+    opt = incrkern.optim.AdamW([p], **torch_kwargs("AdamW"), **options)
+    ref = ReferenceOptimizer([q], *KINDS["AdamW"], **options)
+    start, stride = cpu_sample_stride(p.numel(), 512)
+    probe = torch.arange(512) * stride + start
+    for _ in range(6):
+        g = torch.zeros(rows, width)
+        g[torch.randperm(rows, generator=gen)[:hot]] = torch.randn(hot, width, generator=gen)
+        assert int((g.reshape(-1)[probe] != 0).sum()) <= 12  # the probe's rule
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opt.state[p]["exp_avg"].reshape(-1), ref.state[0]["exp_avg"],
+                               rtol=1e-5, atol=1e-6)
