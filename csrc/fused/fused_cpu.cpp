@@ -612,7 +612,8 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
 bool mostly_zeros(const Call& c, size_t i, int64_t k) {
   const int64_t n = c.res[i].numel;
   if (k == 0 || k == n || stream_pays(n, k) || c.res[i].dtype == at::kDouble) return false;
-  return Selector<uint32_t>({source_of(c, i)}, k, c.approx).zero_fraction(kZeroProbe) >= 0.5;
+  return Selector<uint32_t>({source_of(c, i)}, k, c.approx)
+      .few_nonzeros(kZeroProbe, kZeroProbe / 2);
 }
 
 // A large tensor, over every thread (fp64 by select and update: no 32-bit keys).

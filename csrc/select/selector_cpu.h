@@ -130,12 +130,6 @@ class Selector {
   // After a sample_band: the fraction of the sampled keys that are 0.
   double sampled_zeros() const { return sampled_zeros_; }
 
-  // The fraction of s keys at sample_keys' stride that are 0 (no band taken).
-  double zero_fraction(int64_t s) const {
-    const std::vector<K> keys = sample_keys(std::clamp<int64_t>(s, 1, n_));
-    return double(std::count(keys.begin(), keys.end(), K(0))) / double(keys.size());
-  }
-
   // Whether sample_band takes a key per 2 * kSampleSpacing elements (density 0.2%
   // and under), not per kSampleSpacing.
   bool sparse_sample() const { return k_ * kSparseSampleRatio <= n_; }
