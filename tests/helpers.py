@@ -5,7 +5,7 @@ answers. Fixtures and hooks live in conftest.py."""
 import pytest
 import torch
 
-from incrkern import EXTENSION_LOADED
+from incrkern import EXTENSION_LOADED, reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
@@ -94,17 +94,17 @@ def capture_step(captured, eager):
     return graph
 
 
-def _fmix32(h):
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
-    return h ^ (h >> 16)
-
-
 def cpu_sample_stride(n, s):
     """White-box: the first position and the stride of the CPU Selector's
     constant-stride sample of s keys of n (selector_cpu.h, sample_stride), mirrored."""
     stride = max(1, n // s)
     stride -= stride % 2 == 0
-    return _fmix32(n ^ 0x9E3779B9) % stride, stride
+    return reference._fmix32(n ^ 0x9E3779B9) % stride, stride
+
+
+def cpu_zero_probe(n):
+    """White-box: the positions of the 512 keys whose nonzeros (at most 12) send a
+    large tensor of n elements to the fused CPU step's listing of its nonzero tiles
+    without a sample (fused_cpu.cpp, kNonzeroProbe), mirrored."""
+    start, stride = cpu_sample_stride(n, 512)
+    return torch.arange(512) * stride + start

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from incrkern import EXTENSION_LOADED, ops, reference
-from helpers import assert_param_close, cpu_sample_stride
+from helpers import assert_param_close, cpu_zero_probe
 
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
 
@@ -549,14 +549,6 @@ def test_zero_floor_embedding_rows(dtype, residual):
             assert int(counts[0]) == k
 
 
-def zero_probe(n):
-    """White-box: the positions of the 512 keys whose nonzeros (at most 12) send a
-    large tensor to the listing of its nonzero tiles (fused_cpu.cpp, kNonzeroProbe;
-    the constant-stride sample of selector_cpu.h), mirrored here."""
-    start, stride = cpu_sample_stride(n, 512)
-    return torch.arange(512) * stride + start
-
-
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("residual", [False, True])
@@ -581,7 +573,7 @@ def test_among_nonzeros_embedding_rows(dtype, residual, values):
             elif values == "special":
                 g[hot[1], :3] = torch.tensor([math.nan, math.inf, -math.inf]).to(dtype)
             score = x["grads"][0].float() + (x["r"][0] if residual else 0)
-            assert int((score[zero_probe(n)] != 0).sum()) <= 12  # the path under test
+            assert int((score[cpu_zero_probe(n)] != 0).sum()) <= 12  # the path under test
             counts = check(x, [k], approx=approx, **HYPERS["adamw"])
             assert int(counts[0]) == k
 
@@ -595,9 +587,9 @@ def test_nonzeros_hidden_from_the_probe_fall_back():
     n = TILE_MAX + BLOCK + 7
     for residual in (False, True):
         x = make([n], torch.float32, "normal", seed=8, residual=residual)
-        x["grads"][0][zero_probe(n)] = 0.0
+        x["grads"][0][cpu_zero_probe(n)] = 0.0
         if residual:
-            x["r"][0][zero_probe(n)] = 0.0
+            x["r"][0][cpu_zero_probe(n)] = 0.0
         for k in (n // 200, n // 60):  # under the threshold stream's density
             check(clone(x), [k], **HYPERS["adamw"])
 

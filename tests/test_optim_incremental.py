@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import incrkern
+from helpers import cpu_zero_probe
 from reference_optim import ReferenceOptimizer
 
 KINDS = {
@@ -489,8 +490,6 @@ def test_mostly_zero_embedding_matches_reference(select, n, hot):
     without a sample, and more nonzero keys than the 30 rows' worth it chooses: plain,
     at the end of each cycle of accumulate_steps, and with error feedback, against the
     reference."""
-    from helpers import cpu_sample_stride
-
     rows, width = 6000, 384
     gen = torch.Generator().manual_seed(0)
     p = nn.Parameter(torch.randn(rows, width, generator=gen))
@@ -498,8 +497,7 @@ def test_mostly_zero_embedding_matches_reference(select, n, hot):
     options = dict(density=0.005, select=select, accumulate_steps=n)
     opt = incrkern.optim.AdamW([p], **torch_kwargs("AdamW"), **options)
     ref = ReferenceOptimizer([q], *KINDS["AdamW"], **options)
-    start, stride = cpu_sample_stride(p.numel(), 512)
-    probe = torch.arange(512) * stride + start
+    probe = cpu_zero_probe(p.numel())
     for _ in range(6):
         g = torch.zeros(rows, width)
         g[torch.randperm(rows, generator=gen)[:hot]] = torch.randn(hot, width, generator=gen)
