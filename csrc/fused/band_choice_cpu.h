@@ -63,6 +63,16 @@ inline std::span<BlockOut> cleared_block_lists(int64_t nblocks) {
   return out;
 }
 
+// How many of `ties` keys equal to a k-th each block takes, where block b holds
+// equal[b] of them: all of a block's before the next's, lowest positions first.
+inline std::vector<int64_t> ties_lowest_first(const std::vector<int64_t>& equal,
+                                              int64_t ties) {
+  std::vector<int64_t> taken;
+  taken.reserve(equal.size());
+  for (int64_t eq : equal) taken.push_back(std::min(eq, ties)), ties -= taken.back();
+  return taken;
+}
+
 // The need-th largest of a band's keys, kept per block in position order (keys_of(o):
 // block o's), every key in [lo, hi], 0 < need < their count; and per block, how many
 // of its keys equal it and how many of those are chosen, ties to the lowest position.
@@ -113,7 +123,7 @@ BandKth band_kth(const Blocks& blocks, KeysOf&& keys_of, int64_t need, uint32_t 
   });
   int64_t ties = need;  // keys equal to kth still to take, lowest positions first
   for (int64_t gt : greater) ties -= gt;
-  for (int64_t equal : b.equal) b.ties.push_back(std::min(equal, ties)), ties -= b.ties.back();
+  b.ties = ties_lowest_first(b.equal, ties);
   return b;
 }
 
@@ -183,7 +193,7 @@ inline TileKeysKth tile_keys_kth(std::span<const BlockOut> out, int64_t k) {
     for (uint32_t key : in_bin[bi]) greater[bi] += key > c.kth, equal[bi] += key == c.kth;
     ties -= greater[bi];
   }
-  for (int64_t eq : equal) c.ties.push_back(std::min(eq, ties)), ties -= c.ties.back();
+  c.ties = ties_lowest_first(equal, ties);
   return c;
 }
 
