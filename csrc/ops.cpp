@@ -11,16 +11,23 @@
 #include "common/versions.h"
 
 namespace incrkern {
-extern PyMethodDef kFusedStepMethods[];  // csrc/fused/fused_step_py.cpp
+extern PyMethodDef kFusedStepMethods[];    // csrc/fused/fused_step_py.cpp
+extern PyMethodDef kRadixOnHostMethods[];  // csrc/select/radix_on_host_cpu.cpp
 }
 
-// `import incrkern._C` runs the static registrations below. The module's one
-// function is the optimizer's fast step, written against the C API: the ops
-// themselves are reached through torch.ops.
+// `import incrkern._C` runs the static registrations below. The module's functions
+// are the optimizer's fast step and micro-step, written against the C API, and a
+// test hook running the CUDA select's digit logic on the host: the ops themselves
+// are reached through torch.ops.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
                                           incrkern::kFusedStepMethods};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module && PyModule_AddFunctions(module, incrkern::kRadixOnHostMethods) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 
 TORCH_LIBRARY(incrkern, m) {

@@ -62,10 +62,6 @@ __device__ __forceinline__ int tile_match(const SelSeg& s, ScoreKind kind, const
   return count;
 }
 
-// Digit layout of level 0, 1, 2: (low bit, width).
-__device__ __forceinline__ int level_low(int level) { return level == 0 ? 21 : level == 1 ? 10 : 0; }
-__device__ __forceinline__ int level_bits(int level) { return level == 2 ? 10 : 11; }
-
 // ---------------------------------------------------------------------------------
 // Histogram passes
 
@@ -115,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
   if (stp->done || (level == 2 && stp->use_cands)) return;
   const uint32_t prefix = stp->prefix;
   const bool buffer = level == 1 && stp->use_cands;
-  const int low = level_low(level), high = low + level_bits(level);
+  const int low = level_low(level);
   const uint32_t mask = (1u << level_bits(level)) - 1u;
   for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) sh[b] = 0;
   __syncthreads();
@@ -126,7 +122,7 @@ __global__ void __launch_bounds__(kThreads)
     bool match[kILP];
     const int mine = tile_match(
         s, L.kind, c, tile,
-        [&](uint32_t k, int64_t) { return level == 0 || (k >> high) == (prefix >> high); }, i,
+        [&](uint32_t k, int64_t) { return in_level(k, prefix, level); }, i,
         key, match);
 #pragma unroll
     for (int j = 0; j < kILP; ++j) hist_add(sh, match[j], (key[j] >> low) & mask);
@@ -164,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) hist_cands_kernel(SelectLaunch L, in
        start += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = start + threadIdx.x;
     const uint32_t key = i < n ? L.cand_key[base + i] : 0u;
-    hist_add(sh, i < n && (key >> 10) == (prefix >> 10), key & 1023u);
+    hist_add(sh, i < n && in_level(key, prefix, 2), key & 1023u);
   }
   __syncthreads();
   flush_hist(sh, L.hist + int64_t(group) * kSelectBins);
@@ -179,52 +175,16 @@ __global__ void __launch_bounds__(kThreads) find_kernel(SelectLaunch L, int leve
   if (stp->done) return;
   // Read before the scan's barriers: the finding thread rewrites the state after.
   const unsigned long long r = static_cast<unsigned long long>(stp->r);
-  const int bits = level_bits(level), low = level_low(level);
-  const int nbins = 1 << bits, per = nbins / kThreads;
+  const int nbins = 1 << level_bits(level), per = nbins / kThreads;
   const int top = nbins - 1 - int(threadIdx.x) * per;  // this thread's bins: top .. top-per+1
   unsigned long long sum = 0;
   for (int j = 0; j < per; ++j) sum += hist[top - j];
   unsigned long long before = 0;
   Scan(scan).ExclusiveSum(sum, before);
   if (before < r && r <= before + sum) {
-    unsigned long long acc = before;
-    int b = top;
-    for (int j = 0; j < per; ++j, --b) {
-      if (acc + hist[b] >= r) break;
-      acc += hist[b];
-    }
+    const int b = walk_bins(hist, top, per, r, before);
     SelState st = *stp;
-    st.r = int64_t(r - acc);
-    st.count = int64_t(hist[b]);
-    st.prefix |= uint32_t(b) << low;
-    st.shift = low;
-    if (level == 0) st.use_cands = st.count <= st.cap;
-    if (st.count == st.r) {  // the whole bucket is chosen
-      st.done = 1;
-      st.threshold = st.prefix;
-      st.last_pos = kNoPos;
-    } else if (low == 0) {   // the k-th key; ties resolved by position next
-      st.threshold = st.prefix;
-    } else if (st.tol >= 0) {
-      // Approximate: stop at this level's bucket boundary when taking the bucket
-      // whole, or leaving it out, misses k by at most tol; after pass 0 the
-      // threshold costs one read of the scores. Taking the bucket whole chooses
-      // keys up to a bucket's width below the k-th: at 22 bits 2^-14 of the value
-      // (within the value tolerance ops.py promises), at 11 bits an eighth, so
-      // after pass 0 only leaving the bucket out (every key chosen above the k-th)
-      // qualifies.
-      const int64_t without = st.k - st.r, with = without + st.count;
-      const int64_t miss_with = with - st.k, miss_without = st.k - without;
-      if (level > 0 && miss_with <= st.tol && miss_with <= miss_without) {
-        st.done = 1;
-        st.threshold = st.prefix;
-        st.last_pos = kNoPos;
-      } else if (miss_without <= st.tol && without > 0) {
-        st.done = 1;
-        st.threshold = st.prefix | ((1u << low) - 1u);
-        st.last_pos = -1;
-      }
-    }
+    settle_digit(st, uint32_t(b), int64_t(before), int64_t(hist[b]), level);
     *stp = st;
   }
   __syncthreads();

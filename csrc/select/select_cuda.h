@@ -9,6 +9,7 @@
 #include <cuda_runtime_api.h>
 
 #include "common/cuda_dtype.h"
+#include "select/radix_digits.h"  // SelState, kSelectBins
 #include "select/select_keys.h"  // ScoreKind
 
 namespace incrkern::cuda {
@@ -18,7 +19,6 @@ namespace incrkern::cuda {
 // chunks must be small enough to give every SM several blocks: 64K-element chunks
 // left an H200 with one block per SM on a 1e7 tensor.
 constexpr int64_t kSelectChunk = 16384;
-constexpr int kSelectBins = 2048;        // 11-bit digits: bits 31..21, 20..10, 9..0
 
 // One tensor of the call.
 struct SelSeg {
@@ -37,29 +37,6 @@ struct SelSeg {
 struct SelChunk {
   int64_t begin, end;  // element range inside the tensor
   int32_t seg;
-  int32_t pad;
-};
-
-// The selection state of one group (one tensor, or the whole list in global
-// scope), kept in device memory and advanced by the kernels: the host never
-// reads it, so nothing waits.
-struct SelState {
-  int64_t k, n;            // set by the host
-  int64_t cap;             // candidate buffer capacity of the group: the level-1
-                           // pass buffers its keys only when they fit
-  int64_t cand_base;       // its first slot in the candidate buffers
-  int64_t tol;             // approximate mode: accepted |count - k|; -1: exact
-  int64_t first_chunk, nchunks;
-  // advanced by the kernels
-  int64_t r;               // rank of the k-th among the keys sharing `prefix`
-  int64_t count;           // keys sharing `prefix`
-  int64_t cand_count;      // keys buffered so far (blocks reserve slabs of it)
-  int64_t last_pos;        // predicate: key > T or (key == T and position <= last_pos)
-  uint32_t prefix;
-  int32_t shift;           // low bits not yet fixed (32, 21, 10, 0)
-  uint32_t threshold;      // T
-  int32_t done;            // predicate final
-  int32_t use_cands;       // the candidates of the last two passes are buffered
   int32_t pad;
 };
 

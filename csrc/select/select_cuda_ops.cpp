@@ -76,9 +76,7 @@ SelectPlan plan_select(const std::vector<SelectInput>& inputs, ScoreKind kind,
   std::vector<SelChunk> chunks;
   int64_t cand_total = 0;
   for (size_t g = 0; g < groups.size(); ++g) {
-    SelState st{};
-    st.k = ks[g];
-    st.first_chunk = int64_t(chunks.size());
+    const int64_t first_chunk = int64_t(chunks.size());
     int64_t pos = 0;
     for (size_t i : groups[g]) {
       const Input& in = inputs[i];
@@ -101,24 +99,11 @@ SelectPlan plan_select(const std::vector<SelectInput>& inputs, ScoreKind kind,
       segs.push_back(s);
       seg_input.push_back(i);
     }
-    st.n = pos;
-    st.nchunks = int64_t(chunks.size()) - st.first_chunk;
-    st.cap = std::min(st.n, std::max<int64_t>(st.n / 16, int64_t(1) << 16));
+    SelState st = cuda::start_state(ks[g], pos, approx);
+    st.first_chunk = first_chunk;
+    st.nchunks = int64_t(chunks.size()) - first_chunk;
     st.cand_base = cand_total;
     cand_total += st.cap;
-    st.tol = approx ? std::max<int64_t>(1, st.k / 100) : -1;
-    st.r = st.k;
-    st.count = st.n;
-    st.shift = 32;
-    if (st.k == 0) {  // settled: nothing chosen
-      st.done = 1;
-      st.threshold = UINT32_MAX;
-      st.last_pos = -1;
-    } else if (st.k == st.n) {  // settled: everything chosen
-      st.done = 1;
-      st.threshold = 0;
-      st.last_pos = INT64_MAX;
-    }
     states.push_back(st);
   }
   TORCH_CHECK(chunks.size() < (size_t(1) << 31), "incrkern.select: too many elements for one call");

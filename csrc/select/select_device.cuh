@@ -1,12 +1,14 @@
 // Device helpers of the select kernels that the fused select-and-update kernel
-// (fused/fused_cuda.cu) shares: the keys of a tensor's elements and the predicate
-// a finished selection state gives them, so both kernels choose the same elements.
+// (fused/fused_cuda.cu) shares: the keys of a tensor's elements; with the predicate
+// a finished selection state gives them (select/radix_digits.h), both kernels
+// choose the same elements.
 #pragma once
 
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
 #include "common/rules.h"
+#include "select/radix_digits.h"
 #include "select/select_cuda.h"
 #include "select/select_keys.h"
 
@@ -15,8 +17,6 @@ namespace incrkern::cuda {
 using select::abs_key32;
 using select::random_key32;
 using select::signed_key32;
-
-constexpr int64_t kNoPos = INT64_MAX;
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -67,10 +67,6 @@ __device__ __forceinline__ uint32_t key1(const SelSeg& s, ScoreKind kind, int64_
   uint32_t key[kILP];
   keys4(s, kind, i, 1, key);
   return key[0];
-}
-
-__device__ __forceinline__ bool chosen(const SelState& st, uint32_t key, int64_t pos) {
-  return key > st.threshold || (key == st.threshold && pos <= st.last_pos);
 }
 
 }  // namespace incrkern::cuda
