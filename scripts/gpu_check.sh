@@ -2,14 +2,15 @@
 # `make gpu-check`: for a machine with a GPU and no network. Uses that machine's own
 # python3 and torch (no venv, no install), builds for the GPU it finds, runs the test
 # suite (CUDA tests included), the benchmarks, compute-sanitizer (memcheck, racecheck,
-# synccheck) over every CUDA kernel and a profile of the sparse steps
-# (scripts/profile_sparse.py), and writes it all to bench/results/<date>-<gpu>.md and .json.
+# synccheck) over every CUDA kernel, a profile of the sparse steps
+# (scripts/profile_sparse.py) and the one-call step against the Python step on the GPU
+# (scripts/fast_step_host.py), and writes it all to bench/results/<date>-<gpu>.md and .json.
 #
 # For a machine lent for minutes, each stage can be bounded and the order is by value:
 #   GPU_CHECK_TESTS   pytest arguments (default: tests)
 #   GPU_CHECK_LIMIT   seconds per stage (default 3600); GPU_CHECK_LIMIT_<STAGE> for one
-#                     stage: BUILD CPP_ERRORS TESTS BENCH MEMCHECK RACECHECK SYNCCHECK
-#                     PROFILE NCU
+#                     stage: BUILD CPP_ERRORS TESTS FAST_STEP BENCH MEMCHECK RACECHECK
+#                     SYNCCHECK PROFILE NCU
 #   GPU_CHECK_DEADLINE seconds for the whole check: a stage's limit is cut to what is left
 #   GPU_CHECK_OUT     a folder that gets logs.tgz after every stage and the results at
 #                     the end, so that a run stopped from outside still leaves its logs
@@ -64,6 +65,11 @@ if [ "${rc[build]}" -eq 0 ]; then
   # shellcheck disable=SC2086
   stage tests tests.log $PY -m pytest -q -rfEs -p no:cacheprovider ${GPU_CHECK_TESTS:-tests}
   tail -n 25 "$work/tests.log"
+
+  # The one-call step's GPU route (off by default; the tests above hold it to the
+  # Python step): its time against the Python step's.
+  stage fast_step fast_step.md $PY scripts/fast_step_host.py --device cuda
+  cat "$work/fast_step.md"
 
   mkdir -p "$work/bench"
   stage bench bench.log $PY -m incrkern.bench kernels --device cuda --no-progress --out "$work/bench"
@@ -149,6 +155,7 @@ with open(f"bench/results/{tag}.md", "w") as f:
     for tool, text in sanitizers.items():
         f.write(f"## compute-sanitizer {tool}\n\n```\n{text}\n```\n\n")
     f.write("## ptxas (registers per kernel)\n\n```\n" + read("ptxas.txt") + "```\n\n")
+    f.write("## The one-call step on the GPU\n\n" + read("fast_step.md") + "\n\n")
     f.write("## Profile of the sparse steps\n\n" + read("profile.md") + "\n\n")
     f.write("## Benchmarks\n\n" + (bench_md or "```\n" + read("bench.log")[-6000:] + "\n```") + "\n")
 print(f"wrote bench/results/{tag}.md and .json")

@@ -94,6 +94,81 @@ def test_same_as_the_python_step(opt_cls, dtype, select, topk, density, groups_o
     assert_same(fast, slow, fast_params, slow_params)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("select", ["grad", "accumulated"])
+@pytest.mark.parametrize("topk", ["exact", "approx"])
+def test_through_the_op_kernel_same_as_the_python_step(dtype, select, topk, spy,
+                                                       monkeypatch):
+    """The route a GPU's groups take (the op's kernel called from C++, the versions
+    bumped after), taken by the CPU's: the same params, state and counters as the
+    Python step, and every written tensor's version bumped once."""
+    monkeypatch.setattr(fast_step, "THROUGH_OP", True)
+    options = dict(lr=1e-2, density=0.01, select=select, topk=topk, weight_decay=0.05)
+    fast_params, slow_params = make_params(SIZES, dtype), make_params(SIZES, dtype)
+    fast = run(incrkern.optim.AdamW, fast_params, two_groups, 4, True, monkeypatch, **options)
+    assert spy[0] is None and all(a is not None for a in spy[1:]) and len(spy) == 4
+    slow = run(incrkern.optim.AdamW, slow_params, two_groups, 4, False, monkeypatch,
+               **options)
+    assert_same(fast, slow, fast_params, slow_params)
+
+    heavy_tailed_grads(fast_params, 4)
+    written = fast_params + [fast.state[p][key] for p in fast_params
+                             for key in ("exp_avg", "exp_avg_sq", "step")]
+    before = [t._version for t in written]
+    monkeypatch.setattr(fast_step, "ENABLED", True)
+    fast.step()
+    assert spy[-1] is not None
+    assert [t._version for t in written] == [v + 1 for v in before]
+
+
+def test_a_cycle_end_through_the_op_kernel_same_as_the_python_step(spy, monkeypatch):
+    """With accumulate_steps that route zeroes the spent accumulators too."""
+    monkeypatch.setattr(fast_step, "THROUGH_OP", True)
+    sizes = (700, 33, 1, 4099)
+    options = dict(lr=1e-2, density=0.01, accumulate_steps=2)
+    fast_params, slow_params = make_params(sizes, torch.float32), make_params(sizes, torch.float32)
+    fast = run(incrkern.optim.AdamW, fast_params, one_group, 6, True, monkeypatch, **options)
+    assert len(spy) == 3 and spy[0] is None and all(a == [[]] for a in spy[1:])
+    slow = run(incrkern.optim.AdamW, slow_params, one_group, 6, False, monkeypatch, **options)
+    assert_same(fast, slow, fast_params, slow_params)
+    for p in fast_params:
+        assert not fast.state[p]["grad_acc"].any()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("select", ["grad", "accumulated"])
+@pytest.mark.parametrize("accumulate_steps", [1, 2])
+def test_on_a_gpu_same_as_the_python_step(dtype, select, accumulate_steps, spy, monkeypatch):
+    """With CUDA_ENABLED a GPU's step is the one call: the same params, state and
+    counters as the Python step on the same GPU."""
+    if select == "accumulated" and accumulate_steps > 1:
+        pytest.skip("error feedback accumulates no grad_acc")
+    monkeypatch.setattr(fast_step, "CUDA_ENABLED", True)
+    options = dict(lr=1e-2, density=0.01, select=select, weight_decay=0.05,
+                   accumulate_steps=accumulate_steps)
+    made = [make_params(SIZES, dtype) for _ in range(2)]
+    fast_params, slow_params = ([torch.nn.Parameter(p.detach().cuda()) for p in ps]
+                                for ps in made)
+
+    def run_cuda(params, enabled):
+        monkeypatch.setattr(fast_step, "ENABLED", enabled)
+        torch.manual_seed(0)
+        opt = incrkern.optim.AdamW(two_groups(params), **options)
+        for step in range(4 * accumulate_steps):
+            cpu = make_params(SIZES, dtype)
+            heavy_tailed_grads(cpu, step)
+            for p, c in zip(params, cpu):
+                p.grad = c.grad.cuda()
+            opt.step()
+        return opt
+
+    fast = run_cuda(fast_params, True)
+    assert sum(a is not None for a in spy) == 3
+    slow = run_cuda(slow_params, False)
+    assert_same(fast, slow, fast_params, slow_params)
+
+
 def test_a_group_without_grads_is_not_counted(spy, monkeypatch):
     params = make_params([50, 60, 70], torch.float32)
     opt = incrkern.optim.AdamW([dict(params=params[:2]), dict(params=params[2:])],

@@ -770,8 +770,6 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   return counts;
 }
 
-namespace {
-
 at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                   at::TensorList steps, at::IntArrayRef ks,
@@ -789,8 +787,6 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                     decoupled_weight_decay, maximize, grad_scale, lr_tensor,
                                     Bookkeeping{increment_steps}, amp_scale, found_inf);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, CPU, m) { m.impl("adam_select_update_", &adam_select_update_cpu); }
 

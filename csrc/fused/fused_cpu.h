@@ -1,6 +1,7 @@
 // The CPU kernel of incrkern::adam_select_update_ after its argument checks
 // (check_select_update, fused_checks.h), for callers inside the extension that have
-// run them and skip the dispatcher (fused_step_py.cpp).
+// run them and skip the dispatcher (fused_step_py.cpp); and the op's kernels as the
+// dispatcher calls them, for the one-call step's groups that take them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -31,5 +32,20 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       Bookkeeping book,
                                       const std::optional<at::Tensor>& amp_scale,
                                       const std::optional<at::Tensor>& found_inf);
+
+// The op's CPU kernel (its checks, then the step), and the CUDA one, which
+// fused_cuda_ops.cpp sets when the CUDA kernels are built (else null).
+at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
+                                  at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                  at::TensorList steps, at::IntArrayRef ks,
+                                  at::TensorList residuals, bool approx, double lr, double beta1,
+                                  double beta2, double eps, double weight_decay,
+                                  bool decoupled_weight_decay, bool maximize, double grad_scale,
+                                  const std::optional<at::Tensor>& lr_tensor,
+                                  bool increment_steps,
+                                  const std::optional<at::Tensor>& amp_scale,
+                                  const std::optional<at::Tensor>& found_inf);
+using SelectUpdateKernel = decltype(&adam_select_update_cpu);
+extern SelectUpdateKernel cuda_select_update_kernel;
 
 }  // namespace incrkern

@@ -13,6 +13,7 @@
 
 #include "common/cuda_glue.h"
 #include "fused/fused_checks.h"
+#include "fused/fused_cpu.h"
 #include "fused/fused_cuda.h"
 #include "select/select_plan.h"
 
@@ -106,6 +107,9 @@ at::Tensor adam_select_update_cuda(at::TensorList params, at::TensorList grads,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(incrkern, CUDA, m) { m.impl("adam_select_update_", &adam_select_update_cuda); }
+TORCH_LIBRARY_IMPL(incrkern, CUDA, m) {
+  m.impl("adam_select_update_", &adam_select_update_cuda);
+  cuda_select_update_kernel = &adam_select_update_cuda;  // for the one-call step
+}
 
 }  // namespace incrkern

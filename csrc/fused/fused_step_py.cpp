@@ -1,9 +1,10 @@
-// incrkern._C.fused_adam_step: the common incremental Adam step on the CPU in one
-// call from Python; incrkern._C.accumulate_grads: a micro-step of accumulate_steps.
-// On a model of many small tensors a step spent more time in Python, reading each
-// param's grad and state and checking them, and in the dispatcher boxing the tensor
-// lists than in its kernels (docs/measurements.md, "Python overhead of a step"). These
-// calls read the same things from the same objects and call the kernels directly.
+// incrkern._C.fused_adam_step: the common incremental Adam step in one call from
+// Python, on the CPU or one GPU; incrkern._C.accumulate_grads: a micro-step of
+// accumulate_steps on the CPU. On a model of many small tensors a step spent more
+// time in Python, reading each param's grad and state and checking them, and in the
+// dispatcher boxing the tensor lists than in its kernels (docs/measurements.md,
+// "Python overhead of a step"). These calls read the same things from the same
+// objects and call the kernels directly.
 //
 // It only accepts; it never reports. Anything it does not recognise as the plain
 // case (a missing state, a grad of another dtype, a subclass, a shared step count)
@@ -12,6 +13,7 @@
 // then update are checked like the rest and handed back to the Python step.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_zero.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -30,6 +32,9 @@
 #include "fused/fused_cpu.h"
 
 namespace incrkern {
+
+SelectUpdateKernel cuda_select_update_kernel = nullptr;
+
 namespace {
 
 // Tensors borrowed from the Python objects that own them, each object held by a new
@@ -83,9 +88,11 @@ struct Group {
 
 bool exact_tensor(PyObject* o) { return Py_TYPE(o) == (PyTypeObject*)THPVariableClass; }
 
-bool plain_cpu(const at::Tensor& t) {
-  return t.layout() == at::kStrided && t.device().is_cpu() && t.is_contiguous();
+bool plain_on(const at::Tensor& t, const at::Device& device) {
+  return t.layout() == at::kStrided && t.device() == device && t.is_contiguous();
 }
+
+const at::Device kCpu(at::kCPU);
 
 bool fused_dtype(at::ScalarType d) {
   return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf;
@@ -159,9 +166,10 @@ class StateReader {
 
 // The grad of p (a torch.Tensor or nn.Parameter, no subclass) into `grad`, left
 // undefined when p has none; false when p or its grad is not the plain case: a dense,
-// contiguous CPU tensor of p's dtype and shape. The `grad` attribute of such a p is
-// this tensor's Python object (made if it has none); read here without making one.
-bool plain_grad(PyObject* p, PyObject* parameter_type, at::Tensor& grad) {
+// contiguous tensor on `device` of p's dtype and shape. The `grad` attribute of such a
+// p is this tensor's Python object (made if it has none); read here without making one.
+bool plain_grad(PyObject* p, PyObject* parameter_type, const at::Device& device,
+                at::Tensor& grad) {
   if (!exact_tensor(p) && Py_TYPE(p) != (PyTypeObject*)parameter_type) return false;
   const at::Tensor& param = THPVariable_Unpack(p);
   const at::Tensor& g = param.grad();
@@ -169,7 +177,8 @@ bool plain_grad(PyObject* p, PyObject* parameter_type, at::Tensor& grad) {
   PyObject* object = g.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj();
   if (object && !exact_tensor(object)) return false;
   grad = g;  // a reference of its own: the step may outlive p's hold on it
-  return plain_cpu(param) && plain_cpu(grad) && grad.scalar_type() == param.scalar_type() &&
+  return plain_on(param, device) && plain_on(grad, device) &&
+         grad.scalar_type() == param.scalar_type() &&
          grad.sizes().equals(param.sizes());
 }
 
@@ -191,9 +200,11 @@ int64_t density_k(double density, int64_t numel) {
 constexpr int64_t kChecksGrain = 512;
 
 // (params, density, error_feedback, approx, lr, lr_tensor, beta1, beta2, eps,
-//  weight_decay, decoupled_weight_decay, maximize, accumulate_steps) into `out`; false
-// when not the plain case.
-bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Group& out) {
+//  weight_decay, decoupled_weight_decay, maximize, accumulate_steps) into `out`, every
+// tensor on `device`; false when not the plain case. On a GPU every param takes the
+// fused kernel (the optimizer's rule there).
+bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
+                const at::Device& device, Group& out) {
   if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 13) return false;
   auto item = [&](int i) { return PyTuple_GET_ITEM(spec, i); };
   PyObject* params = item(0);
@@ -233,7 +244,7 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
     for (int64_t i = b; i < e; ++i) {
       PyObject* p = PyList_GET_ITEM(params, Py_ssize_t(i));
       at::Tensor& grad = grads[size_t(i)];
-      plain[size_t(i)] = plain_grad(p, reader.parameter_type(), grad) &&
+      plain[size_t(i)] = plain_grad(p, reader.parameter_type(), device, grad) &&
                          (!grad.defined() || fused_dtype(grad.scalar_type()));
       if (plain[size_t(i)]) numels[size_t(i)] = THPVariable_Unpack(p).numel();
     }
@@ -256,7 +267,7 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost, Grou
     if (!step || !m || !v || (needs_r && !r)) return false;
     reader.saw_step(step);
     out.any_grad = true;
-    if (!cost.fused(numel, out.density, out.error_feedback)) {
+    if (device.is_cpu() && !cost.fused(numel, out.density, out.error_feedback)) {
       out.elsewhere.push_back(p);
       continue;
     }
@@ -285,24 +296,49 @@ struct WithoutGil {
   ~WithoutGil() { PyEval_RestoreThread(saved); }
 };
 
-// fused_adam_step(groups, state, parameter_type, small_numel, min_density): per
-// group, None when none of its params has a grad, else the list of params with
-// grads it left to the Python step (select then update); None in place of the
-// whole list when the step is not the plain case and nothing was touched.
+// A group's step by the op's kernel (its checks, then the step), as the dispatcher
+// would call it, and the written tensors' versions bumped after, as the op's
+// ADInplaceOrView kernel bumps them: on a GPU the CUDA kernel, on the current stream,
+// nothing read back. Through the dispatcher, the op's boxed ADInplaceOrView kernel
+// would copy every tensor of its lists, a wait on memory each (docs/design.md).
+void step_by_op_kernel(SelectUpdateKernel kernel, const Group& g) {
+  kernel(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks, g.residuals, g.approx,
+         g.lr, g.beta1, g.beta2, g.eps, g.weight_decay, g.decoupled_weight_decay, g.maximize,
+         g.grad_scale, g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt);
+  for (const std::vector<at::Tensor>* written :
+       {&g.params, &g.exp_avgs, &g.exp_avg_sqs, &g.steps, &g.residuals})
+    bump_over_threads(*written);
+  if (g.spends_accumulation) at::_foreach_zero_(g.residuals);
+}
+
+// fused_adam_step(groups, state, parameter_type, small_numel, min_density, cuda_index,
+// through_op): every tensor on the CPU (cuda_index -1) or on that CUDA device. Per
+// group, None when none of its params has a grad, else the list of params with grads
+// it left to the Python step (select then update); None in place of the whole list
+// when the step is not the plain case and nothing was touched. A GPU's groups (and,
+// with through_op, the CPU's) take the op's kernel (step_by_op_kernel); the CPU's
+// take its checked step directly.
 PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *specs, *state, *parameter_type;
   long long small_numel;
   double min_density;
-  if (!PyArg_ParseTuple(args, "O!O!OLd", &PyList_Type, &specs, &PyDict_Type, &state,
-                        &parameter_type, &small_numel, &min_density))
+  int cuda_index = -1, through_op = 0;
+  if (!PyArg_ParseTuple(args, "O!O!OLdip", &PyList_Type, &specs, &PyDict_Type, &state,
+                        &parameter_type, &small_numel, &min_density, &cuda_index, &through_op))
     return nullptr;
+  const at::Device device =
+      cuda_index < 0 ? kCpu : at::Device(at::kCUDA, c10::DeviceIndex(cuda_index));
+  const SelectUpdateKernel op_kernel =
+      !device.is_cpu() ? cuda_select_update_kernel
+                       : through_op ? &adam_select_update_cpu : nullptr;
+  if (!device.is_cpu() && !op_kernel) Py_RETURN_NONE;
   const CostModel cost{int64_t(small_numel), min_density};
   const Py_ssize_t n = PyList_GET_SIZE(specs);
   std::vector<Group> groups(static_cast<size_t>(n));
   StateReader reader(state, parameter_type);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!read_group(PyList_GET_ITEM(specs, i), reader, cost, groups[size_t(i)])) {
+    if (!read_group(PyList_GET_ITEM(specs, i), reader, cost, device, groups[size_t(i)])) {
       PyErr_Clear();
       Py_RETURN_NONE;
     }
@@ -317,7 +353,7 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
         const auto run = [&](const auto& list) {
           return list.empty() ? list : list.slice(size_t(b), size_t(e - b));
         };
-        check_select_update(c10::DeviceType::CPU, run(at::TensorList(g.params)),
+        check_select_update(device.type(), run(at::TensorList(g.params)),
                             run(at::TensorList(g.grads)), run(at::TensorList(g.exp_avgs)),
                             run(at::TensorList(g.exp_avg_sqs)), run(at::TensorList(g.steps)),
                             run(at::IntArrayRef(g.ks)), run(at::TensorList(g.residuals)),
@@ -331,6 +367,10 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
     for (const Group& g : groups) {
       if (g.params.empty()) continue;
       RECORD_FUNCTION("incrkern::adam_select_update_", std::vector<c10::IValue>());
+      if (op_kernel) {
+        step_by_op_kernel(op_kernel, g);
+        continue;
+      }
       adam_select_update_checked(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks,
                                  g.residuals, g.approx, g.lr, g.beta1, g.beta2, g.eps,
                                  g.weight_decay, g.decoupled_weight_decay, g.maximize,
@@ -389,7 +429,7 @@ bool read_accumulation(PyObject* spec, StateReader& reader, Accumulation& out) {
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
     at::Tensor grad;
-    if (!plain_grad(p, reader.parameter_type(), grad)) return false;
+    if (!plain_grad(p, reader.parameter_type(), kCpu, grad)) return false;
     if (!grad.defined()) continue;
     PyObject* s = reader.state_of(p);
     if (!s || !PyDict_Check(s)) return false;

@@ -1,5 +1,5 @@
-"""The common incremental Adam step on the CPU in one C++ call, and the micro-steps of
-accumulate_steps in another.
+"""The common incremental Adam step in one C++ call (on the CPU, or on one GPU where
+CUDA_ENABLED), and the micro-steps of accumulate_steps on the CPU in another.
 
 On a model of many small tensors the Python around the fused kernel cost more than
 the kernel: reading each param's grad and state, checking them and boxing the lists
@@ -12,10 +12,20 @@ params the cost model sends to select then update (use_fused) it checks like the
 others and hands back; the Python step takes those. A micro-step that only adds the
 grads to grad_acc (or to the residual of error feedback) is `accumulate_grads`, with
 the same rule: the plain case or nothing touched.
+
+On a GPU the C++ call reads the same state and calls the fused op's CUDA kernel once a
+group, as the Python step would (every param takes it there): on a model of a thousand
+tensors the Python around the kernels cost more than the kernels. CUDA_ENABLED stays
+False until a GPU has run the optimizer's CUDA tests with it (`make gpu-check` runs
+them both ways, INCRKERN_FAST_STEP_CUDA=1 turning it on); THROUGH_OP sends the
+CPU's groups the same way (the op's CPU kernel, called as the CUDA one is), so the CPU
+tests hold that route to the Python step.
 """
+import os
+
 import torch
 
-from .. import _extension
+from .. import _extension, ops
 from .base import FUSED_MIN_DENSITY, FUSED_SMALL_NUMEL, accumulation_target, fused_options
 
 _fused_adam_step = (getattr(_extension._C, "fused_adam_step", None)
@@ -25,6 +35,10 @@ _accumulate_grads = (getattr(_extension._C, "accumulate_grads", None)
 
 # False: every step takes the Python path (for comparing the two).
 ENABLED = True
+# True: a step on one GPU takes the C++ call too (with ops.FUSED_CUDA).
+CUDA_ENABLED = os.environ.get("INCRKERN_FAST_STEP_CUDA", "0") == "1"
+# True: the CPU's groups take the op's kernel as a GPU's do (the tests' way to it).
+THROUGH_OP = False
 
 _CPU = torch.device("cpu")
 
@@ -75,16 +89,24 @@ def one_call_step(opt):
         return _micro_step(opt)
     if not all(_plain_group(opt, group) for group in groups):
         return False
+    # The call's device, from its first param: the C++ call finds any tensor elsewhere.
+    device = next((group["params"][0].device for group in groups if group["params"]), _CPU)
+    if device.type == "cuda":
+        if not (CUDA_ENABLED and ops.FUSED_CUDA):
+            return False
+    elif device.type != "cpu":
+        return False
     specs = []
     for group in groups:
-        lr, lr_tensor = opt._lr_args(group, _CPU)
+        lr, lr_tensor = opt._lr_args(group, device)
         h = opt._hyper(group)
         specs.append((group["params"], float(group["density"]),
                       group["select"] == "accumulated", group["topk"] == "approx", lr,
                       lr_tensor, h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
                       h["decoupled_weight_decay"], h["maximize"], group["accumulate_steps"]))
     answer = _fused_adam_step(specs, opt.state, torch.nn.Parameter, FUSED_SMALL_NUMEL,
-                              FUSED_MIN_DENSITY)
+                              FUSED_MIN_DENSITY, -1 if device.type == "cpu" else device.index,
+                              THROUGH_OP)
     if answer is None:
         return False
     for group, elsewhere in zip(groups, answer):
