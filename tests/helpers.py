@@ -108,3 +108,33 @@ def cpu_zero_probe(n):
     without a sample (fused_cpu.cpp, kNonzeroProbe), mirrored."""
     start, stride = cpu_sample_stride(n, 512)
     return torch.arange(512) * stride + start
+
+
+# Approximate selection: the scores of test cases whose boundary bucket settles a
+# radix search early, and the contract every approximate answer keeps.
+
+def gap_scores(n, spread, gen=None):
+    """(scores, big): n small scores with those at `big` (every 97th) raised to
+    [4, 4 + spread). spread 1 puts a gap under them that one 11-bit histogram sees
+    whole; 0.4 leaves their bucket barely reached."""
+    big = torch.arange(0, n, 97)
+    x = torch.rand(n, generator=gen) * 1e-3
+    x[big] = 4.0 + spread * torch.rand(big.numel(), generator=gen)
+    return x, big
+
+
+def assert_approx_selection(got, x, k):
+    """got (positions of x's |scores|) holds k +- max(1, k // 100) positions,
+    ascending; every chosen score is at least every unchosen one, and at least
+    (1 - APPROX_VALUE_TOLERANCE) times the true k-th."""
+    from incrkern import ops
+    n = x.numel()
+    assert abs(got.numel() - k) <= max(1, int(k * ops.APPROX_COUNT_TOLERANCE)), k
+    assert bool((got[1:] > got[:-1]).all())
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[got] = True
+    scores = x.abs()
+    if 0 < got.numel() < n:
+        assert scores[chosen].min() >= scores[~chosen].max()
+        kth = scores.topk(k).values[-1]
+        assert scores[chosen].min() >= kth * (1 - ops.APPROX_VALUE_TOLERANCE)
