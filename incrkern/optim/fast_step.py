@@ -16,10 +16,11 @@ the same rule: the plain case or nothing touched.
 On a GPU the C++ call reads the same state and calls the fused op's CUDA kernel once a
 group, as the Python step would (every param takes it there): on a model of a thousand
 tensors the Python around the kernels cost more than the kernels. CUDA_ENABLED stays
-False until a GPU has run the optimizer's CUDA tests with it (`make gpu-check` runs
-them both ways, INCRKERN_FAST_STEP_CUDA=1 turning it on); THROUGH_OP sends the
-CPU's groups the same way (the op's CPU kernel, called as the CUDA one is), so the CPU
-tests hold that route to the Python step.
+False (INCRKERN_FAST_STEP_CUDA=1 turns it on) until a GPU has run the test holding it
+to the Python step (tests/test_fast_step.py; `make gpu-check` runs it and times the two
+routes, scripts/fast_step_host.py). THROUGH_OP sends the CPU's groups the same way (the
+op's CPU kernel, called as the CUDA one is), so the CPU tests hold that route to the
+Python step.
 """
 import os
 
