@@ -11,6 +11,7 @@
 //  ties     when T is shared beyond the k-th: the position of the last tie taken
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common/hd.h"
@@ -60,9 +61,8 @@ inline SelState start_state(int64_t k, int64_t n, bool approx) {
   SelState st{};
   st.k = k;
   st.n = n;
-  const int64_t sixteenth = n / 16 > (int64_t(1) << 16) ? n / 16 : int64_t(1) << 16;
-  st.cap = n < sixteenth ? n : sixteenth;
-  st.tol = approx ? (k / 100 > 1 ? k / 100 : 1) : -1;
+  st.cap = std::min(n, std::max<int64_t>(n / 16, int64_t(1) << 16));
+  st.tol = approx ? std::max<int64_t>(1, k / 100) : -1;
   st.r = k;
   st.count = n;
   st.shift = 32;
