@@ -2,8 +2,8 @@
 // select-and-update built on it: a group's selection state, how each 11-bit digit of
 // the k-th key is found in a histogram and settles the state, and the predicate the
 // settled state gives every element. The kernels run it on the device; the host runs
-// the same functions over the same keys (radix_on_host_cpu.cpp), so the CPU tests
-// hold this logic to the reference where no GPU is.
+// the same functions over the same keys and tables (select_on_host_cpu.cpp), so the
+// CPU tests hold this logic to the reference where no GPU is.
 //
 //  level 0  bits 31..21 of every key
 //  level 1  bits 20..10 of the keys that share the k-th's bits 31..21

@@ -1,6 +1,6 @@
 // The CUDA select kernels' plain interface: raw pointers and a stream, so that the
 // .cu file needs no torch headers. The glue (select_cuda_ops.cpp) allocates every
-// buffer and copies the tables below to the device.
+// buffer and copies the tables (select_tables.h) to the device.
 #pragma once
 
 #include <cstddef>
@@ -8,37 +8,11 @@
 
 #include <cuda_runtime_api.h>
 
-#include "common/cuda_dtype.h"
 #include "select/radix_digits.h"  // SelState, kSelectBins
 #include "select/select_keys.h"  // ScoreKind
+#include "select/select_tables.h"  // SelSeg, SelChunk, kSelectChunk
 
 namespace incrkern::cuda {
-
-// Elements per block of the chunked passes. A pass keeps about one 16-byte load per
-// warp in flight (its histogram atomics and warp votes sit between tiles), so the
-// chunks must be small enough to give every SM several blocks: 64K-element chunks
-// left an H200 with one block per SM on a 1e7 tensor.
-constexpr int64_t kSelectChunk = 16384;
-
-// One tensor of the call.
-struct SelSeg {
-  const void* data;      // the scored tensor (unused for Random)
-  const float* res;      // residual (Accumulated), else null
-  const float* amp_scale;  // Accumulated: the score is r + g / *amp_scale; null: r + g
-  int64_t n;
-  int64_t pos0;          // position of element 0 in its group's concatenation
-  int64_t first_chunk;   // index of its first chunk in the chunk table
-  int64_t nchunks;
-  uint32_t kt, kt2;      // random score constants
-  int32_t group;
-  DType dtype;
-};
-
-struct SelChunk {
-  int64_t begin, end;  // element range inside the tensor
-  int32_t seg;
-  int32_t pad;
-};
 
 struct SelectLaunch {
   const SelSeg* segs;

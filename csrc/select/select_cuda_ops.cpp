@@ -69,43 +69,26 @@ SelectPlan plan_select(const std::vector<SelectInput>& inputs, ScoreKind kind,
                        const std::vector<std::vector<size_t>>& groups,
                        const std::vector<int64_t>& ks, bool approx, const at::Device& device,
                        const std::vector<uint8_t>& extra) {
+  std::vector<int64_t> numels;
+  for (const Input& in : inputs) numels.push_back(in.n);
+  cuda::SelectTables tables =
+      cuda::select_tables(numels, groups, ks, approx, [&](SelSeg& s, size_t i) {
+        const Input& in = inputs[i];
+        s.data = in.data.defined() ? in.data.data_ptr() : nullptr;
+        s.res = in.res.defined() ? in.res.data_ptr<float>() : nullptr;
+        s.amp_scale = in.amp_scale;
+        s.kt = in.rk.kt;
+        s.kt2 = in.rk.kt2;
+        s.dtype = in.data.defined() ? sel_dtype(in.data, "incrkern.select", "tensors", i)
+                                    : cuda::DType::Float32;
+      });
   SelectPlan plan;
-  std::vector<SelSeg>& segs = plan.segs;
-  std::vector<size_t>& seg_input = plan.seg_input;
-  std::vector<SelState> states;
-  std::vector<SelChunk> chunks;
-  int64_t cand_total = 0;
-  for (size_t g = 0; g < groups.size(); ++g) {
-    const int64_t first_chunk = int64_t(chunks.size());
-    int64_t pos = 0;
-    for (size_t i : groups[g]) {
-      const Input& in = inputs[i];
-      SelSeg s{};
-      s.data = in.data.defined() ? in.data.data_ptr() : nullptr;
-      s.res = in.res.defined() ? in.res.data_ptr<float>() : nullptr;
-      s.amp_scale = in.amp_scale;
-      s.n = in.n;
-      s.pos0 = pos;
-      s.first_chunk = int64_t(chunks.size());
-      s.kt = in.rk.kt;
-      s.kt2 = in.rk.kt2;
-      s.group = int32_t(g);
-      s.dtype = in.data.defined() ? sel_dtype(in.data, "incrkern.select", "tensors", i)
-                                  : cuda::DType::Float32;
-      for (int64_t b = 0; b < in.n; b += cuda::kSelectChunk)
-        chunks.push_back(SelChunk{b, std::min(in.n, b + cuda::kSelectChunk), int32_t(segs.size()), 0});
-      s.nchunks = int64_t(chunks.size()) - s.first_chunk;
-      pos += in.n;
-      segs.push_back(s);
-      seg_input.push_back(i);
-    }
-    SelState st = cuda::start_state(ks[g], pos, approx);
-    st.first_chunk = first_chunk;
-    st.nchunks = int64_t(chunks.size()) - first_chunk;
-    st.cand_base = cand_total;
-    cand_total += st.cap;
-    states.push_back(st);
-  }
+  plan.segs = std::move(tables.segs);
+  plan.seg_input = std::move(tables.seg_input);
+  const std::vector<SelSeg>& segs = plan.segs;
+  const std::vector<SelState>& states = tables.states;
+  const std::vector<SelChunk>& chunks = tables.chunks;
+  const int64_t cand_total = tables.cand_total;
   TORCH_CHECK(chunks.size() < (size_t(1) << 31), "incrkern.select: too many elements for one call");
 
   // Tables: [segs | states | chunks | extra], one host-to-device copy.
@@ -211,28 +194,15 @@ std::vector<at::Tensor> select_impl(std::vector<Input> inputs, const std::vector
                                     const at::Device& device) {
   const c10::cuda::CUDAGuard guard(device);
   std::vector<at::Tensor> outs(inputs.size());
-  std::vector<std::vector<size_t>> groups;
-  std::vector<int64_t> group_k;
-  if (global_scope) {
-    int64_t total = 0;
-    for (const Input& in : inputs) total += in.n;
-    const int64_t k = ks[0];
-    std::vector<size_t> members;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      if (k == 0 || inputs[i].n == 0) outs[i] = empty_indices(device);
-      else if (k == total) outs[i] = index_range(inputs[i].n, device);
-      else members.push_back(i);
-    }
-    if (!members.empty()) groups.push_back(members), group_k.push_back(k);
-  } else {
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      if (ks[i] == 0) outs[i] = empty_indices(device);
-      else if (ks[i] == inputs[i].n) outs[i] = index_range(inputs[i].n, device);
-      else groups.push_back({i}), group_k.push_back(ks[i]);
-    }
+  std::vector<int64_t> numels;
+  for (const Input& in : inputs) numels.push_back(in.n);
+  const cuda::SelectGroups g = cuda::select_groups(numels, ks, global_scope);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (g.settled[i] == cuda::Settled::Nothing) outs[i] = empty_indices(device);
+    else if (g.settled[i] == cuda::Settled::All) outs[i] = index_range(inputs[i].n, device);
   }
   const bool sizes_known = !global_scope && !approx;
-  std::vector<at::Tensor> got = run(inputs, kind, groups, group_k, approx, sizes_known, device);
+  std::vector<at::Tensor> got = run(inputs, kind, g.groups, g.ks, approx, sizes_known, device);
   for (size_t i = 0; i < outs.size(); ++i)
     if (got[i].defined()) outs[i] = got[i];
   return outs;
