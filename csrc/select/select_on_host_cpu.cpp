@@ -7,8 +7,8 @@
 // per-chunk tie counts and the search for the last tie taken, the per-chunk output
 // counts, their scan and the compaction. What the kernels take on trust is checked
 // here: every walk ends in a bin that holds the rank it seeks, the candidates fit
-// their group's slots, a located tie exists, and an exact per-tensor call chooses
-// k (the sizes the host gives the output without reading the counts).
+// their group's slots, a located tie exists, and an exact group chooses k (per
+// tensor, the size the host gives the output without reading the counts).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
@@ -236,19 +236,21 @@ PyObject* cuda_select_on_host(PyObject* /*module*/, PyObject* args) {
 
   // The outputs as select_cuda_ops.cpp's run() cuts them: in table order, each
   // segment's size k where the call is exact and per tensor, else read from the
-  // offsets (here both, and they must agree).
+  // offsets (here both, and they must agree). An exact group chooses k in all.
   std::vector<at::Tensor> outs(count);
+  std::vector<int64_t> group_chosen(ngroups, 0);
   int64_t offset = 0;
   for (size_t s = 0; s < L.t.segs.size(); ++s) {
     const SelSeg& seg = L.t.segs[s];
     const int64_t size = L.chunk_off[size_t(seg.first_chunk + seg.nchunks)] -
                          L.chunk_off[size_t(seg.first_chunk)];
-    if (!global_scope && !approx)
-      TORCH_CHECK(size == groups.ks[size_t(seg.group)], "tensors[", L.t.seg_input[s],
-                  "]: ", size, " chosen where k = ", groups.ks[size_t(seg.group)]);
+    group_chosen[size_t(seg.group)] += size;
     outs[L.t.seg_input[s]] = long_tensor(flat.data() + offset, size);
     offset += size;
   }
+  for (size_t g = 0; g < ngroups && !approx; ++g)
+    TORCH_CHECK(group_chosen[g] == groups.ks[g], "group ", g, ": ", group_chosen[g],
+                " chosen where k = ", groups.ks[g]);
   for (size_t i = 0; i < count; ++i) {
     if (groups.settled[i] == cuda::Settled::Nothing) outs[i] = long_tensor(nullptr, 0);
     if (groups.settled[i] == cuda::Settled::All)
