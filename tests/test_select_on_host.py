@@ -3,9 +3,10 @@ kernels run on the device, run on the host by incrkern._C.cuda_select_on_host ov
 the same keys, tables and digit logic (select_tables.h, radix_digits.h): exact mode
 equals the reference (ties to the lowest position, all-zero tensors, NaN and inf,
 edge sizes, lists per tensor and in global scope, the candidate buffer and the
-groups too large for it, ties across chunks and tensors), and approximate mode keeps
-its contract and settles after one histogram where its boundary bucket allows. On a
-GPU, tests/test_select_cuda.py holds the kernels themselves to the CPU's answers."""
+groups too large for it, ties across chunks and tensors, the signed keys of topk and
+error feedback's |r + alpha * g|), and approximate mode keeps its contract and
+settles after one histogram where its boundary bucket allows. On a GPU,
+tests/test_select_cuda.py holds the kernels themselves to the CPU's answers."""
 import pytest
 import torch
 
@@ -17,10 +18,13 @@ pytestmark = needs_ext
 CHUNK = 16384  # select_tables.h's kSelectChunk
 
 
-def on_host(tensors, ks, global_scope=False, approx=False, signed_keys=False):
+def on_host(tensors, ks, global_scope=False, approx=False, signed_keys=False, residuals=None,
+            alpha=1.0):
     """(positions per tensor, levels, ties, use_cands per group)."""
     from incrkern import _C
-    return _C.cuda_select_on_host(list(tensors), list(ks), global_scope, approx, signed_keys)
+    res = None if residuals is None else list(residuals)
+    return _C.cuda_select_on_host(list(tensors), list(ks), global_scope, approx, signed_keys,
+                                  res, alpha)
 
 
 def radix(x, k, approx=False):
@@ -201,6 +205,25 @@ def test_signed_keys_equal_reference_topk(kind):
 
 
 @pytest.mark.parametrize("global_scope", [False, True])
+@pytest.mark.parametrize("alpha", [1.0, 1.0 / 1024])
+def test_accumulated_keys_equal_reference(global_scope, alpha):
+    """Error feedback's keys, |r + alpha * g| (alpha: accumulate_'s 1, or the unscale
+    of a mixed-precision step), with residuals that cancel the gradient in places."""
+    gen = torch.Generator().manual_seed(8)
+    gs = [_scores(kind, n, gen) for kind, n in (("heavy", CHUNK * 2 + 7), ("skewed", 70_001),
+                                                 ("ties", 5))]
+    rs = [torch.randn(g.numel(), generator=gen) * 0.1 for g in gs]
+    rs[1][::3] = -gs[1][::3] * alpha  # r + alpha * g = 0 there
+    scaled = [g * alpha for g in gs]  # the reference adds g * alpha, rounded as the kernels do
+    ks = [[sum(g.numel() for g in gs) // 50]] if global_scope else [[700, 701, 2]]
+    got, _, _, _ = on_host(gs, ks[0], global_scope=global_scope, residuals=rs, alpha=alpha)
+    want = reference.select(scaled, ks[0], score="accumulated", global_scope=global_scope,
+                            residuals=rs)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("global_scope", [False, True])
 def test_approx_lists_within_tolerance(global_scope):
     gen = torch.Generator().manual_seed(7)
     xs = [torch.randn(n, generator=gen) / torch.rand(n, generator=gen).add(0.05)
@@ -223,3 +246,5 @@ def test_bad_input_is_named():
         radix(torch.zeros(4), 5)
     with pytest.raises(RuntimeError, match="ks must hold 1 values"):
         on_host([torch.zeros(4), torch.zeros(3)], [1, 1], global_scope=True)
+    with pytest.raises(RuntimeError, match=r"residuals\[0\] must have tensors\[0\]'s size"):
+        on_host([torch.zeros(4)], [1], residuals=[torch.zeros(3)])

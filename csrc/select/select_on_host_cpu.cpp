@@ -1,6 +1,7 @@
 // incrkern._C.cuda_select_on_host: the CUDA select's launch sequence
-// (select/select_cuda.cu) run on the host over float32 tensors, so that the CPU
-// tests hold what the GPU runs to the reference. The same host code groups the
+// (select/select_cuda.cu) run on the host over float32 tensors (and residuals, for
+// error feedback's keys), so that the CPU tests hold what the GPU runs to the
+// reference. The same host code groups the
 // call and builds its tables (select/select_tables.h); every pass then runs its
 // chunks in turn with the kernels' digit logic (select/radix_digits.h): the three
 // histograms, the level-1 candidate buffer and the level-2 histogram over it, the
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/rules.h"
 #include "select/radix_digits.h"
 #include "select/select_keys.h"
 #include "select/select_tables.h"
@@ -173,24 +175,38 @@ PyObject* cuda_select_on_host(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject* seq = nullptr;
   PyObject* ks_seq = nullptr;
+  PyObject* res_seq = Py_None;
   int global_scope = 0, approx = 0, signed_keys = 0;
-  if (!PyArg_ParseTuple(args, "OOppp", &seq, &ks_seq, &global_scope, &approx, &signed_keys))
+  double alpha = 1.0;
+  if (!PyArg_ParseTuple(args, "OOppp|Od", &seq, &ks_seq, &global_scope, &approx, &signed_keys,
+                        &res_seq, &alpha))
     return nullptr;
   const char* op = "incrkern._C.cuda_select_on_host";
   TORCH_CHECK(PyList_Check(seq) && PyList_Check(ks_seq), op,
               ": tensors and ks must be lists");
+  const bool accumulated = res_seq != Py_None;
+  TORCH_CHECK(!accumulated || (PyList_Check(res_seq) &&
+                               PyList_GET_SIZE(res_seq) == PyList_GET_SIZE(seq)),
+              op, ": residuals must be None or a list as long as tensors");
+  TORCH_CHECK(!(accumulated && signed_keys), op, ": residuals take |r + alpha * g| keys");
   const auto count = size_t(PyList_GET_SIZE(seq));
-  std::vector<at::Tensor> tensors;
+  std::vector<at::Tensor> tensors, residuals;
   std::vector<int64_t> numels, ks;
-  for (size_t i = 0; i < count; ++i) {
-    PyObject* item = PyList_GET_ITEM(seq, Py_ssize_t(i));
-    TORCH_CHECK(THPVariable_Check(item), op, ": tensors[", i, "] must be a tensor");
+  const auto flat_float = [&](PyObject* item, const char* name, size_t i) {
+    TORCH_CHECK(THPVariable_Check(item), op, ": ", name, "[", i, "] must be a tensor");
     const at::Tensor x = THPVariable_Unpack(item);
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
                     x.is_contiguous(),
-                op, ": tensors[", i, "] must be a contiguous 1-D float32 CPU tensor");
-    tensors.push_back(x);
-    numels.push_back(x.numel());
+                op, ": ", name, "[", i, "] must be a contiguous 1-D float32 CPU tensor");
+    return x;
+  };
+  for (size_t i = 0; i < count; ++i) {
+    tensors.push_back(flat_float(PyList_GET_ITEM(seq, Py_ssize_t(i)), "tensors", i));
+    numels.push_back(tensors.back().numel());
+    if (!accumulated) continue;
+    residuals.push_back(flat_float(PyList_GET_ITEM(res_seq, Py_ssize_t(i)), "residuals", i));
+    TORCH_CHECK(residuals.back().numel() == numels.back(), op, ": residuals[", i,
+                "] must have tensors[", i, "]'s size");
   }
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ks_seq); ++i) {
     const long long k = PyLong_AsLongLong(PyList_GET_ITEM(ks_seq, i));
@@ -211,11 +227,21 @@ PyObject* cuda_select_on_host(PyObject* /*module*/, PyObject* args) {
   HostLaunch L;
   L.t = cuda::select_tables(numels, groups.groups, groups.ks, approx != 0,
                             [](SelSeg&, size_t) {});
-  for (const at::Tensor& x : tensors) {
-    const float* v = x.const_data_ptr<float>();
-    std::vector<uint32_t> keys(size_t(x.numel()));
-    for (size_t i = 0; i < keys.size(); ++i)
-      keys[i] = signed_keys ? select::signed_key32(v[i]) : select::abs_key32(v[i]);
+  // The keys as select_device.cuh's keys4 makes them: of the residual plus alpha
+  // (accumulate_'s, or the unscale) times the gradient where there is one.
+  for (size_t t = 0; t < count; ++t) {
+    const float* v = tensors[t].const_data_ptr<float>();
+    const float* r = accumulated ? residuals[t].const_data_ptr<float>() : nullptr;
+    std::vector<uint32_t> keys(size_t(numels[t]));
+    for (size_t i = 0; i < keys.size(); ++i) {
+      float u = v[i];
+      if (r) {
+        float sum = r[i];
+        accumulate_rule(sum, u, float(alpha));
+        u = sum;
+      }
+      keys[i] = signed_keys ? select::signed_key32(u) : select::abs_key32(u);
+    }
     L.keys.push_back(std::move(keys));
   }
   const size_t ngroups = L.t.states.size(), nchunks = L.t.chunks.size();
@@ -274,10 +300,10 @@ PyObject* cuda_select_on_host(PyObject* /*module*/, PyObject* args) {
 
 PyMethodDef kSelectOnHostMethods[] = {
     {"cuda_select_on_host", cuda_select_on_host, METH_VARARGS,
-     "(tensors, ks, global_scope, approx, signed_keys) -> (positions, levels, ties, "
-     "use_cands): the CUDA select's passes run on the host over 1-D float32 CPU tensors "
-     "(keys of |x|, or of x with signed_keys), for the tests; the last three are per "
-     "group."},
+     "(tensors, ks, global_scope, approx, signed_keys, residuals=None, alpha=1.0) -> "
+     "(positions, levels, ties, use_cands): the CUDA select's passes run on the host over "
+     "1-D float32 CPU tensors (keys of |x|, of x with signed_keys, or of |r + alpha * x| "
+     "with residuals), for the tests; the last three are per group."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace incrkern
