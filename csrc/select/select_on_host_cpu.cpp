@@ -40,10 +40,11 @@ struct HostLaunch {
   std::vector<uint32_t> cand_key;           // cand_total
   std::vector<int64_t> chunk_ties, chunk_count, chunk_off;
 
+  const SelSeg& seg(const SelChunk& c) const { return t.segs[size_t(c.seg)]; }
   uint32_t key(const SelChunk& c, int64_t i) const {
     return keys[t.seg_input[size_t(c.seg)]][size_t(i)];
   }
-  SelState& state(const SelChunk& c) { return t.states[size_t(t.segs[size_t(c.seg)].group)]; }
+  SelState& state(const SelChunk& c) { return t.states[size_t(seg(c).group)]; }
   unsigned long long* group_hist(size_t g) { return hist.data() + g * cuda::kSelectBins; }
 };
 
@@ -55,7 +56,7 @@ void histograms(HostLaunch& L, int level) {
     SelState& st = L.state(c);
     if (st.done || (level == 2 && st.use_cands)) continue;
     const bool buffer = level == 1 && st.use_cands;
-    unsigned long long* hist = L.group_hist(size_t(L.t.segs[size_t(c.seg)].group));
+    unsigned long long* hist = L.group_hist(size_t(L.seg(c).group));
     for (int64_t i = c.begin; i < c.end; ++i) {
       const uint32_t key = L.key(c, i);
       if (!cuda::in_level(key, st.prefix, level)) continue;
@@ -121,7 +122,7 @@ void locate_ties(HostLaunch& L, std::vector<bool>& ties) {
     }
     TORCH_CHECK(chunk < st.nchunks, "group ", g, " has no tie of rank ", st.r);
     const SelChunk& c = chunks[size_t(st.first_chunk + chunk)];
-    const int64_t pos0 = L.t.segs[size_t(c.seg)].pos0;
+    const int64_t pos0 = L.seg(c).pos0;
     int64_t want = st.r - before;
     for (int64_t i = c.begin; i < c.end; ++i)
       if (L.key(c, i) == st.threshold && --want == 0) {
@@ -139,7 +140,7 @@ std::vector<int64_t> write_chosen(HostLaunch& L) {
   for (size_t ci = 0; ci < chunks.size(); ++ci) {
     const SelChunk& c = chunks[ci];
     const SelState& st = L.state(c);
-    const int64_t pos0 = L.t.segs[size_t(c.seg)].pos0;
+    const int64_t pos0 = L.seg(c).pos0;
     int64_t count = 0;
     for (int64_t i = c.begin; i < c.end; ++i) count += cuda::chosen(st, L.key(c, i), pos0 + i);
     L.chunk_count[ci] = count;
@@ -151,7 +152,7 @@ std::vector<int64_t> write_chosen(HostLaunch& L) {
   for (size_t ci = 0; ci < chunks.size(); ++ci) {
     const SelChunk& c = chunks[ci];
     const SelState& st = L.state(c);
-    const int64_t pos0 = L.t.segs[size_t(c.seg)].pos0;
+    const int64_t pos0 = L.seg(c).pos0;
     int64_t* dst = flat.data() + L.chunk_off[ci];
     for (int64_t i = c.begin; i < c.end; ++i)
       if (cuda::chosen(st, L.key(c, i), pos0 + i)) *dst++ = i;
