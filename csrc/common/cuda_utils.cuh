@@ -10,9 +10,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
-namespace incrkern::cuda {
+#include "common/cuda_dtype.h"  // kILP
 
-constexpr int kILP = 4;  // elements per thread per step: 16-byte accesses for fp32
+namespace incrkern::cuda {
 
 inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
@@ -71,23 +71,6 @@ __device__ __forceinline__ void load_floats(const T* ptr, int valid, float (&out
 #pragma unroll
     for (int j = 0; j < kILP; ++j) out[j] = j < valid ? to_float(ptr[j]) : 0.f;
   }
-}
-
-// Mixed precision, from device scalars (null: none): `factor` times 1 / *amp_scale
-// (its square for the squared grad), in fp32 as amp_factor and amp_sq_factor
-// (common/amp_checks.h) compute it on the host; and whether *found_inf skips a call.
-__device__ __forceinline__ float amp_fold(float factor, const float* amp_scale) {
-  return amp_scale ? factor * (1.f / *amp_scale) : factor;
-}
-
-__device__ __forceinline__ float amp_fold_sq(float factor, const float* amp_scale) {
-  if (!amp_scale) return factor;
-  const float inv = 1.f / *amp_scale;
-  return factor * (inv * inv);
-}
-
-__device__ __forceinline__ bool amp_skips(const float* found_inf) {
-  return found_inf && *found_inf != 0.f;
 }
 
 }  // namespace incrkern::cuda

@@ -146,4 +146,20 @@ IK_HD void accumulate_sq_rule(M& sq, M grad, M sq_alpha, M sq_decay) {
   sq = sq * sq_decay + sq_alpha * grad * grad;
 }
 
+// Mixed precision, from scalars the kernels read (null: none): `factor` times
+// 1 / *amp_scale (its square for the squared grad), in fp32 as amp_factor and
+// amp_sq_factor (common/amp_checks.h) compute it on the host; and whether *found_inf
+// skips a call.
+IK_HD float amp_fold(float factor, const float* amp_scale) {
+  return amp_scale ? factor * (1.f / *amp_scale) : factor;
+}
+
+IK_HD float amp_fold_sq(float factor, const float* amp_scale) {
+  if (!amp_scale) return factor;
+  const float inv = 1.f / *amp_scale;
+  return factor * (inv * inv);
+}
+
+IK_HD bool amp_skips(const float* found_inf) { return found_inf && *found_inf != 0.f; }
+
 }  // namespace incrkern

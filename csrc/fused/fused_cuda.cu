@@ -13,7 +13,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "select/select_device.cuh"
-#include "update/update_ops.cuh"
+#include "update/update_ops.h"
 
 namespace incrkern::cuda {
 namespace {

@@ -10,7 +10,7 @@
 #include "update/update_cuda.h"
 
 #include "common/multi_tensor.cuh"
-#include "update/update_ops.cuh"
+#include "update/update_ops.h"
 
 namespace incrkern::cuda {
 namespace {
