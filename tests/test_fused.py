@@ -137,10 +137,10 @@ def changed_set(before, after, i):
         .nonzero().squeeze(1)
 
 
-def check(x, ks, approx=False, **hyper):
+def check(x, ks, approx=False, kernel=run_kernel, **hyper):
     """Runs the kernel on x and the reference on a copy; returns the counts."""
     before = clone(x)
-    counts = run_kernel(x, ks, approx=approx, **hyper)
+    counts = kernel(x, ks, approx=approx, **hyper)
     assert counts.dtype == torch.int64 and counts.shape == (len(ks),)
     exact = reference_indices(before, ks)
     indices = []

@@ -4,31 +4,28 @@
 // pass, the scan, the compaction pass, the positions' memory and the indexed
 // update's second read of the scores, and the host never waits.
 //
-// A select chunk is split over kSplit blocks: the pass needs no order between
-// blocks (no compaction), and twice the blocks keep twice the loads in flight. The
-// keys and the predicate are select_device.cuh's and the update is update_ops.cuh's
-// AdamOp, so an element is chosen and updated bit for bit as select then
-// adam_update_ would do it.
+// The split of a chunk over blocks and the step over an element's score, update and
+// residual are fused_pass.h's, which the host run (fused_on_host_cpu.cpp) replays;
+// the keys and the predicate are select_device.cuh's and the update is
+// update_ops.h's AdamOp, so an element is chosen and updated bit for bit as select
+// then adam_update_ would do it.
 #include "fused/fused_cuda.h"
 
 #include "common/cuda_utils.cuh"
+#include "fused/fused_pass.h"
 #include "select/select_device.cuh"
 #include "update/update_ops.h"
 
 namespace incrkern::cuda {
 namespace {
 
-constexpr int kFusedThreads = 256;
-constexpr int kSplit = 2;
-
-// The chosen elements of tensor f in [begin, end): updated in place with u * scale;
-// with a residual u = r + res_alpha * g (accumulate_'s rule) and r is written
-// everywhere (0 where chosen, u elsewhere), else u = g. Returns how many this thread
-// updated.
+// The chosen elements of tensor f in [begin, end): updated in place; with a residual
+// r is written everywhere (0 where chosen, r + g elsewhere). Returns how many this
+// thread updated.
 template <typename T>
 __device__ int apply_range(const SelSeg& s, const SelState& st, const FusedTensor& f,
-                           const AdamOp& op, const AdamOp::Coeff& c, float scale,
-                           float res_alpha, int64_t begin, int64_t end) {
+                           const AdamOp& op, const AdamOp::Coeff& c, const FusedScales& scales,
+                           int64_t begin, int64_t end) {
   T* p = static_cast<T*>(f.update.param);
   const T* g = static_cast<const T*>(f.update.grad);
   float* m1 = f.update.first_moment;
@@ -38,56 +35,41 @@ __device__ int apply_range(const SelSeg& s, const SelState& st, const FusedTenso
   for (int64_t i = begin + int64_t(threadIdx.x) * kILP; i < end;
        i += int64_t(blockDim.x) * kILP) {
     const int valid = int(imin(kILP, end - i));
-    float u[kILP];
+    float u[kILP], kept[kILP] = {};
     load_floats(g + i, valid, u);
-    if (r) {
-      float rv[kILP];
-      load_floats(r + i, valid, rv);
-#pragma unroll
-      for (int j = 0; j < kILP; ++j) {
-        accumulate_rule(rv[j], u[j], res_alpha);
-        u[j] = rv[j];
-      }
-    }
-    float left[kILP];  // the residual each element keeps
-#pragma unroll
-    for (int j = 0; j < kILP; ++j) {
-      left[j] = u[j];
-      if (j >= valid) continue;
-      const int64_t e = i + j;
-      if (!chosen(st, abs_key32(u[j]), s.pos0 + e)) continue;
-      float pm = to_float(p[e]);
-      float m = m1[e], v = m2[e], unused = 0.f;
-      op.apply(pm, u[j] * scale, m, v, unused, c);
-      p[e] = from_float<T>(pm);
-      m1[e] = m;
-      m2[e] = v;
-      left[j] = 0.f;
-      ++taken;
-    }
+    if (r) load_floats(r + i, valid, kept);
+    taken += fused_elements(st, s.pos0 + i, valid, r != nullptr, scales, u, kept,
+                            [&](int j, float scaled) {
+                              const int64_t e = i + j;
+                              float pm = to_float(p[e]);
+                              float m = m1[e], v = m2[e], unused = 0.f;
+                              op.apply(pm, scaled, m, v, unused, c);
+                              p[e] = from_float<T>(pm);
+                              m1[e] = m;
+                              m2[e] = v;
+                            });
     if (r) {
       if (valid == kILP && pack_aligned(r + i)) {
         Pack<float> out;
 #pragma unroll
-        for (int j = 0; j < kILP; ++j) out.v[j] = left[j];
+        for (int j = 0; j < kILP; ++j) out.v[j] = kept[j];
         store_pack(r + i, out);
       } else {
-        for (int j = 0; j < valid; ++j) r[i + j] = left[j];
+        for (int j = 0; j < valid; ++j) r[i + j] = kept[j];
       }
     }
   }
   return taken;
 }
 
-// Grid (chunks, kSplit): block (x, y) takes the y-th share of chunk x.
+// Grid (chunks, kFusedSplit): block (x, y) takes the y-th share of chunk x.
 __global__ void __launch_bounds__(kFusedThreads)
     fused_adam_kernel(const SelectLaunch L, const FusedTensor* tensors, const AdamOp op,
                       const UpdateOptions opt, unsigned long long* counts) {
   __shared__ int block_taken;
   const SelChunk ch = L.chunks[blockIdx.x];
-  const int64_t share = (ch.end - ch.begin + kSplit * kILP - 1) / (kSplit * kILP) * kILP;
-  const int64_t begin = ch.begin + int64_t(blockIdx.y) * share;
-  const int64_t end = imin(ch.end, begin + share);
+  int64_t begin, end;
+  fused_share(ch.begin, ch.end, int(blockIdx.y), kILP, begin, end);
   if (begin >= end || skipped(opt)) return;  // uniform across the block
   if (threadIdx.x == 0) block_taken = 0;
   __syncthreads();
@@ -95,22 +77,17 @@ __global__ void __launch_bounds__(kFusedThreads)
   const SelState st = L.states[s.group];
   const FusedTensor& f = tensors[ch.seg];
   const AdamOp::Coeff c = op.prepare(f.update, opt);
-  // Without a residual the gradient is read unscaled by the factor; with one, it is
-  // unscaled as accumulate_ adds it, and the update reads the sum by grad_scale alone.
-  const bool residual = f.residual != nullptr;
-  const float scale = residual ? float(opt.grad_scale) : grad_factor(opt);
-  const float res_alpha = residual_alpha(s);
+  const FusedScales scales = fused_scales(f.residual != nullptr, opt, s.amp_scale);
   int taken = 0;
   switch (s.dtype) {
     case DType::Float32:
-      taken = apply_range<float>(s, st, f, op, c, scale, res_alpha, begin, end);
+      taken = apply_range<float>(s, st, f, op, c, scales, begin, end);
       break;
     case DType::BFloat16:
-      taken = apply_range<__nv_bfloat16>(s, st, f, op, c, scale, res_alpha, begin,
-                                             end);
+      taken = apply_range<__nv_bfloat16>(s, st, f, op, c, scales, begin, end);
       break;
     case DType::Float16:
-      taken = apply_range<__half>(s, st, f, op, c, scale, res_alpha, begin, end);
+      taken = apply_range<__half>(s, st, f, op, c, scales, begin, end);
       break;
   }
   if (taken) atomicAdd(&block_taken, taken);
@@ -125,7 +102,7 @@ void fused_adam_apply(const SelectLaunch& L, const FusedTensor* tensors,
                       const UpdateOptions& options, const AdamArgs& args,
                       unsigned long long* counts, cudaStream_t stream) {
   if (L.nchunks == 0) return;
-  const dim3 grid(unsigned(L.nchunks), kSplit);
+  const dim3 grid(unsigned(L.nchunks), kFusedSplit);
   fused_adam_kernel<<<grid, kFusedThreads, 0, stream>>>(L, tensors, AdamOp{args}, options,
                                                         counts);
   check_launch("fused select-and-update kernel");

@@ -7,19 +7,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include "fused/fused_pass.h"
 #include "select/select_cuda.h"
 #include "update/update_cuda.h"
 
 namespace incrkern::cuda {
-
-// One tensor of the call, in the order of the launch's segments. `update.grad`
-// is the gradient (the param's dtype); `residual`, when not null, the fp32
-// error-feedback residual, which the scores read as r + g.
-struct FusedTensor {
-  UpdateTensor update;
-  float* residual;
-  int64_t index;  // the tensor's place in the call: its slot of `counts`
-};
 
 // Where each segment's selection state holds (selected by select_find), applies the
 // Adam update with u = (r + g) * grad_scale (or g * grad_scale), in place; with

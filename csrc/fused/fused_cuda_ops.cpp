@@ -1,6 +1,7 @@
 // Registers the CUDA fused select-and-update: checks the call (as the CPU kernel
 // does), plans one selection group per non-empty tensor (select/select_plan.h) with
-// the tensors' update table beside it, then launches select_find and the fused pass.
+// the tensors' update table beside it (fused_table.h), then launches select_find and
+// the fused pass.
 // Nothing is read back: the counts stay on the device.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -15,6 +16,7 @@
 #include "fused/fused_checks.h"
 #include "fused/fused_cpu.h"
 #include "fused/fused_cuda.h"
+#include "fused/fused_table.h"
 #include "select/select_plan.h"
 
 namespace incrkern {
@@ -49,53 +51,30 @@ at::Tensor adam_select_update_cuda(at::TensorList params, at::TensorList grads,
     return at::zeros({n}, at::TensorOptions().dtype(at::kLong).device(device));
   const float* amp = amp_scale ? amp_scale->data_ptr<float>() : nullptr;
 
+  const cuda::SelectGroups groups = fused_groups(params, ks);
   std::vector<SelectInput> inputs;
-  std::vector<std::vector<size_t>> groups;
-  std::vector<int64_t> group_k;
-  std::vector<cuda::FusedTensor> table;
-  for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    if (p.numel() == 0) continue;
+  for (int64_t i = 0; i < n; ++i)
     inputs.push_back(SelectInput{grads[i], residuals.empty() ? at::Tensor() : residuals[i],
-                                 p.numel(), {}, residuals.empty() ? nullptr : amp});
-    groups.push_back({inputs.size() - 1});
-    group_k.push_back(ks[i]);
-    cuda::FusedTensor f{};
-    f.update.param = p.data_ptr();
-    f.update.grad = grads[i].data_ptr();
-    f.update.first_moment = exp_avgs[i].data_ptr<float>();
-    f.update.second_moment = exp_avg_sqs[i].data_ptr<float>();
-    f.update.count = p.numel();
-    const at::Tensor& s = steps[i];
-    f.update.step_on_device = s.is_cuda();
-    // As the update glue: a host step is read through its pointer, the increment
-    // below is already counted in.
-    if (s.is_cuda()) f.update.step = s.data_ptr<float>();
-    else f.update.step_value = *s.const_data_ptr<float>() + (increment_steps ? 1.0f : 0.0f);
-    f.residual = residuals.empty() ? nullptr : residuals[i].data_ptr<float>();
-    f.index = i;
-    table.push_back(f);
-  }
+                                 params[i].numel(), {}, residuals.empty() ? nullptr : amp});
+  const std::vector<cuda::FusedTensor> table =
+      fused_table(groups, params, grads, exp_avgs, exp_avg_sqs, steps, residuals,
+                  increment_steps, [](const at::Tensor& s) { return s.is_cuda(); });
   std::vector<uint8_t> extra(table.size() * sizeof(cuda::FusedTensor));
   if (!table.empty()) std::memcpy(extra.data(), table.data(), extra.size());
 
-  cuda::UpdateOptions options{};
-  options.grad_scale = grad_scale;
-  options.has_first_moment = options.has_second_moment = true;
-  options.lr_on_device = lr_tensor.has_value();
-  options.lr_ptr = lr_tensor ? lr_tensor->data_ptr<float>() : nullptr;
-  options.amp_scale = amp;
-  options.found_inf = found ? found->data_ptr<float>() : nullptr;
+  const cuda::UpdateOptions options =
+      fused_options(grad_scale, lr_tensor ? lr_tensor->data_ptr<float>() : nullptr, amp,
+                    found ? found->data_ptr<float>() : nullptr);
   const cuda::AdamArgs args{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                             maximize};
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong).device(device));
 
   // Every check has passed: from here on the call changes its arguments.
   if (increment_steps) count_step(steps, found);
-  if (groups.empty()) return counts;
+  if (groups.groups.empty()) return counts;
   const SelectPlan plan =
-      plan_select(inputs, residuals.empty() ? ScoreKind::Abs : ScoreKind::Accumulated, groups,
-                  group_k, approx, device, extra);
+      plan_select(inputs, residuals.empty() ? ScoreKind::Abs : ScoreKind::Accumulated,
+                  groups.groups, groups.ks, approx, device, extra);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cuda::select_find(plan.launch, stream);
   cuda::fused_adam_apply(plan.launch, reinterpret_cast<const cuda::FusedTensor*>(plan.extra),

@@ -23,30 +23,16 @@
 #include "common/rules.h"
 #include "select/radix_digits.h"
 #include "select/select_keys.h"
+#include "select/select_on_host.h"
 #include "select/select_tables.h"
 
-namespace incrkern {
-namespace {
+namespace incrkern::host_run {
 
 using cuda::SelChunk;
 using cuda::SelSeg;
 using cuda::SelState;
 
-// The device buffers of one launch, on the host.
-struct HostLaunch {
-  cuda::SelectTables t;
-  std::vector<std::vector<uint32_t>> keys;  // per input
-  std::vector<unsigned long long> hist;     // per group, kSelectBins each
-  std::vector<uint32_t> cand_key;           // cand_total
-  std::vector<int64_t> chunk_ties, chunk_count, chunk_off;
-
-  const SelSeg& seg(const SelChunk& c) const { return t.segs[size_t(c.seg)]; }
-  uint32_t key(const SelChunk& c, int64_t i) const {
-    return keys[t.seg_input[size_t(c.seg)]][size_t(i)];
-  }
-  SelState& state(const SelChunk& c) { return t.states[size_t(seg(c).group)]; }
-  unsigned long long* group_hist(size_t g) { return hist.data() + g * cuda::kSelectBins; }
-};
+namespace {
 
 // hist_input_kernel and, at level 2, hist_cands_kernel.
 void histograms(HostLaunch& L, int level) {
@@ -133,6 +119,8 @@ void locate_ties(HostLaunch& L, std::vector<bool>& ties) {
   }
 }
 
+}  // namespace
+
 // count_kernel, the exclusive scan, write_kernel: every segment's chosen positions,
 // relative to its own element 0, at its chunks' offsets in one flat output.
 std::vector<int64_t> write_chosen(HostLaunch& L) {
@@ -159,6 +147,48 @@ std::vector<int64_t> write_chosen(HostLaunch& L) {
   }
   return flat;
 }
+
+void allocate(HostLaunch& L) {
+  const size_t nchunks = L.t.chunks.size();
+  L.hist.assign(L.t.states.size() * cuda::kSelectBins, 0ull);
+  L.cand_key.assign(size_t(L.t.cand_total), 0u);
+  L.chunk_ties.assign(nchunks, 0);
+  L.chunk_count.assign(nchunks + 1, 0);
+  L.chunk_off.assign(nchunks + 1, 0);
+}
+
+std::vector<uint32_t> keys_of(const float* v, const float* r, float alpha, bool signed_keys,
+                              size_t n) {
+  std::vector<uint32_t> keys(n);
+  for (size_t i = 0; i < n; ++i) {
+    float u = v[i];
+    if (r) {
+      float sum = r[i];
+      accumulate_rule(sum, u, alpha);
+      u = sum;
+    }
+    keys[i] = signed_keys ? select::signed_key32(u) : select::abs_key32(u);
+  }
+  return keys;
+}
+
+void settle(HostLaunch& L, std::vector<int>& levels, std::vector<bool>& ties) {
+  levels.assign(L.t.states.size(), 0);
+  ties.assign(L.t.states.size(), false);
+  for (int level = 0; level < 3; ++level) {
+    histograms(L, level);
+    find_digits(L, level, levels);
+  }
+  locate_ties(L, ties);
+}
+
+}  // namespace incrkern::host_run
+
+namespace incrkern {
+namespace {
+
+using cuda::SelSeg;
+using host_run::HostLaunch;
 
 at::Tensor long_tensor(const int64_t* data, int64_t n) {
   at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kLong));
@@ -228,38 +258,17 @@ PyObject* cuda_select_on_host(PyObject* /*module*/, PyObject* args) {
   HostLaunch L;
   L.t = cuda::select_tables(numels, groups.groups, groups.ks, approx != 0,
                             [](SelSeg&, size_t) {});
-  // The keys as select_device.cuh's keys4 makes them: of the residual plus alpha
-  // (accumulate_'s, or the unscale) times the gradient where there is one.
-  for (size_t t = 0; t < count; ++t) {
-    const float* v = tensors[t].const_data_ptr<float>();
-    const float* r = accumulated ? residuals[t].const_data_ptr<float>() : nullptr;
-    std::vector<uint32_t> keys(size_t(numels[t]));
-    for (size_t i = 0; i < keys.size(); ++i) {
-      float u = v[i];
-      if (r) {
-        float sum = r[i];
-        accumulate_rule(sum, u, float(alpha));
-        u = sum;
-      }
-      keys[i] = signed_keys ? select::signed_key32(u) : select::abs_key32(u);
-    }
-    L.keys.push_back(std::move(keys));
-  }
-  const size_t ngroups = L.t.states.size(), nchunks = L.t.chunks.size();
-  L.hist.assign(ngroups * cuda::kSelectBins, 0ull);
-  L.cand_key.assign(size_t(L.t.cand_total), 0u);
-  L.chunk_ties.assign(nchunks, 0);
-  L.chunk_count.assign(nchunks + 1, 0);
-  L.chunk_off.assign(nchunks + 1, 0);
-
-  std::vector<int> levels(ngroups, 0);
-  std::vector<bool> ties(ngroups, false);
-  for (int level = 0; level < 3; ++level) {
-    histograms(L, level);
-    find_digits(L, level, levels);
-  }
-  locate_ties(L, ties);
-  const std::vector<int64_t> flat = write_chosen(L);
+  for (size_t t = 0; t < count; ++t)
+    L.keys.push_back(host_run::keys_of(
+        tensors[t].const_data_ptr<float>(),
+        accumulated ? residuals[t].const_data_ptr<float>() : nullptr, float(alpha),
+        signed_keys != 0, size_t(numels[t])));
+  host_run::allocate(L);
+  const size_t ngroups = L.t.states.size();
+  std::vector<int> levels;
+  std::vector<bool> ties;
+  host_run::settle(L, levels, ties);
+  const std::vector<int64_t> flat = host_run::write_chosen(L);
 
   // The outputs as select_cuda_ops.cpp's run() cuts them: in table order, each
   // segment's size k where the call is exact and per tensor, else read from the

@@ -1,0 +1,48 @@
+// The host run of the CUDA select's passes (select_on_host_cpu.cpp), which the host
+// run of the fused select-and-update (fused/fused_on_host_cpu.cpp) settles its
+// groups with: the launch's buffers on the host and the passes over them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "select/radix_digits.h"
+#include "select/select_tables.h"
+
+namespace incrkern::host_run {
+
+// The device buffers of one launch, on the host.
+struct HostLaunch {
+  cuda::SelectTables t;
+  std::vector<std::vector<uint32_t>> keys;  // per input
+  std::vector<unsigned long long> hist;     // per group, kSelectBins each
+  std::vector<uint32_t> cand_key;           // cand_total
+  std::vector<int64_t> chunk_ties, chunk_count, chunk_off;
+
+  const cuda::SelSeg& seg(const cuda::SelChunk& c) const { return t.segs[size_t(c.seg)]; }
+  uint32_t key(const cuda::SelChunk& c, int64_t i) const {
+    return keys[t.seg_input[size_t(c.seg)]][size_t(i)];
+  }
+  cuda::SelState& state(const cuda::SelChunk& c) { return t.states[size_t(seg(c).group)]; }
+  unsigned long long* group_hist(size_t g) { return hist.data() + g * cuda::kSelectBins; }
+};
+
+// The keys of n elements as select_device.cuh's keys4 makes them: of |v|, of v with
+// signed_keys, or, with residuals r, of |r + alpha * v| (accumulate_'s rule).
+std::vector<uint32_t> keys_of(const float* v, const float* r, float alpha, bool signed_keys,
+                              size_t n);
+
+// Sizes the buffers for the tables in L.t.
+void allocate(HostLaunch& L);
+
+// select_find: the three levels' histograms and digits, then the ties. levels[g]:
+// the digits group g took; ties[g]: whether it searched for its last tie. Throws
+// where a kernel would go wrong (a walk missing its rank, candidates past their
+// slots, a tie that is not there).
+void settle(HostLaunch& L, std::vector<int>& levels, std::vector<bool>& ties);
+
+// select_offsets then select_write: the chosen positions, in one flat output.
+std::vector<int64_t> write_chosen(HostLaunch& L);
+
+}  // namespace incrkern::host_run
