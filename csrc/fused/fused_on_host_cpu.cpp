@@ -176,9 +176,10 @@ PyObject* cuda_fused_on_host(PyObject* /*module*/, PyObject* args) {
                             });
   for (size_t i = 0; i < params.size(); ++i)
     L.keys.push_back(host_run::keys_of(
+        residuals.empty() ? ScoreKind::Abs : ScoreKind::Accumulated,
         grads[i].const_data_ptr<float>(),
         residuals.empty() ? nullptr : residuals[i].const_data_ptr<float>(),
-        amp_fold(1.f, residual_amp), false, size_t(numels[i])));
+        amp_fold(1.f, residual_amp), size_t(numels[i])));
   host_run::allocate(L);
   std::vector<int> levels;
   std::vector<bool> ties;

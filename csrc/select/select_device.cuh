@@ -30,21 +30,12 @@ __device__ __forceinline__ float residual_alpha(const SelSeg& s) {
 template <typename T>
 __device__ __forceinline__ void keys4_typed(const SelSeg& s, ScoreKind kind, int64_t i,
                                             int valid, uint32_t (&key)[kILP]) {
-  float v[kILP];
+  float v[kILP], r[kILP] = {};
   load_floats(static_cast<const T*>(s.data) + i, valid, v);
-  if (kind == ScoreKind::Accumulated) {
-    float r[kILP];
-    load_floats(s.res + i, valid, r);
-    const float alpha = residual_alpha(s);
+  if (kind == ScoreKind::Accumulated) load_floats(s.res + i, valid, r);
+  const float alpha = residual_alpha(s);
 #pragma unroll
-    for (int j = 0; j < kILP; ++j) {
-      accumulate_rule(r[j], v[j], alpha);
-      v[j] = r[j];
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < kILP; ++j)
-    key[j] = kind == ScoreKind::Signed ? signed_key32(v[j]) : abs_key32(v[j]);
+  for (int j = 0; j < kILP; ++j) key[j] = select::score_key32(kind, v[j], r[j], alpha);
 }
 
 // Keys of elements i .. i + valid - 1 of tensor s (kind and dtype are uniform

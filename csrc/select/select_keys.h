@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "common/hd.h"
+#include "common/rules.h"
 
 namespace incrkern {
 
@@ -56,6 +57,17 @@ IK_HD uint32_t signed_key32(float x) {
   if (x != x) return 0xffffffffu;
   const uint32_t u = float_bits(x + 0.0f);  // -0 + 0 = +0
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The key the CUDA select gives an element of gradient g (and residual r) for a
+// score kind other than Random; its host runs make theirs with it too. Accumulated:
+// of r + alpha * g, as accumulate_ forms it.
+IK_HD uint32_t score_key32(ScoreKind kind, float g, float r, float alpha) {
+  if (kind == ScoreKind::Accumulated) {
+    accumulate_rule(r, g, alpha);
+    g = r;
+  }
+  return kind == ScoreKind::Signed ? signed_key32(g) : abs_key32(g);
 }
 
 IK_HD uint64_t abs_key64(double x) {

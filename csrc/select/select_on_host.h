@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "select/radix_digits.h"
+#include "select/select_keys.h"
 #include "select/select_tables.h"
 
 namespace incrkern::host_run {
@@ -28,9 +29,9 @@ struct HostLaunch {
   unsigned long long* group_hist(size_t g) { return hist.data() + g * cuda::kSelectBins; }
 };
 
-// The keys of n elements as select_device.cuh's keys4 makes them: of |v|, of v with
-// signed_keys, or, with residuals r, of |r + alpha * v| (accumulate_'s rule).
-std::vector<uint32_t> keys_of(const float* v, const float* r, float alpha, bool signed_keys,
+// The keys of n elements of gradient g (and residual r, Accumulated) as
+// select_device.cuh's keys4 makes them: score_key32 (select_keys.h).
+std::vector<uint32_t> keys_of(ScoreKind kind, const float* g, const float* r, float alpha,
                               size_t n);
 
 // Sizes the buffers for the tables in L.t.

@@ -20,7 +20,6 @@
 #include <cstring>
 #include <vector>
 
-#include "common/rules.h"
 #include "select/radix_digits.h"
 #include "select/select_keys.h"
 #include "select/select_on_host.h"
@@ -157,18 +156,11 @@ void allocate(HostLaunch& L) {
   L.chunk_off.assign(nchunks + 1, 0);
 }
 
-std::vector<uint32_t> keys_of(const float* v, const float* r, float alpha, bool signed_keys,
+std::vector<uint32_t> keys_of(ScoreKind kind, const float* g, const float* r, float alpha,
                               size_t n) {
   std::vector<uint32_t> keys(n);
-  for (size_t i = 0; i < n; ++i) {
-    float u = v[i];
-    if (r) {
-      float sum = r[i];
-      accumulate_rule(sum, u, alpha);
-      u = sum;
-    }
-    keys[i] = signed_keys ? select::signed_key32(u) : select::abs_key32(u);
-  }
+  for (size_t i = 0; i < n; ++i)
+    keys[i] = select::score_key32(kind, g[i], r ? r[i] : 0.f, alpha);
   return keys;
 }
 
@@ -258,11 +250,14 @@ PyObject* cuda_select_on_host(PyObject* /*module*/, PyObject* args) {
   HostLaunch L;
   L.t = cuda::select_tables(numels, groups.groups, groups.ks, approx != 0,
                             [](SelSeg&, size_t) {});
+  const ScoreKind kind = accumulated ? ScoreKind::Accumulated
+                        : signed_keys ? ScoreKind::Signed
+                                      : ScoreKind::Abs;
   for (size_t t = 0; t < count; ++t)
     L.keys.push_back(host_run::keys_of(
-        tensors[t].const_data_ptr<float>(),
+        kind, tensors[t].const_data_ptr<float>(),
         accumulated ? residuals[t].const_data_ptr<float>() : nullptr, float(alpha),
-        signed_keys != 0, size_t(numels[t])));
+        size_t(numels[t])));
   host_run::allocate(L);
   const size_t ngroups = L.t.states.size();
   std::vector<int> levels;
