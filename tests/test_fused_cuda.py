@@ -2,7 +2,8 @@
 against select then adam_update_ on the same GPU (the composed path, which the
 other CUDA tests check against the CPU): bit-identical params, moments, residuals,
 grads, steps and counts, on every gradient structure, dtype and edge size, in exact
-and approximate mode; against the CPU kernel; in the optimizer; past 2^31 elements.
+and approximate mode; against the CPU kernel and its own host run; in the optimizer;
+past 2^31 elements.
 GPU only."""
 import copy
 import math
@@ -13,7 +14,7 @@ import torch
 import incrkern
 from incrkern import ops
 from helpers import assert_param_close
-from test_fused import clone, grads_of, ks_for, make, same
+from test_fused import assert_close_nan, clone, grads_of, ks_for, make, same
 
 pytestmark = pytest.mark.cuda
 
@@ -112,6 +113,36 @@ def test_matches_the_cpu_kernel(dtype, residual):
         torch.testing.assert_close(on_gpu["v"][i].cpu(), on_cpu["v"][i], rtol=1e-5, atol=1e-9)
         if residual:
             assert same(on_gpu["r"][i].cpu(), on_cpu["r"][i])
+
+
+@pytest.mark.parametrize("kind", ["student_t", "sparse", "ties", "special"])
+@pytest.mark.parametrize("residual", [False, True], ids=["grad", "accumulated"])
+def test_matches_its_host_run(kind, residual):
+    """The kernel against its host run (incrkern._C.cuda_fused_on_host, which the CPU
+    tests hold to the reference), with GradScaler's scale and device steps: the same
+    counts, chosen sets, residuals and steps; params and moments to the rounding of
+    the two devices' bias corrections."""
+    from test_fused_on_host import on_host
+    sizes = [5, 16384 * 2 + 7, 300_001]
+    ks = [2, 300, 3000]
+    x = make(sizes, torch.float32, kind, residual=residual)
+    x["grads"] = [g * 256.0 for g in x["grads"]]
+    before, host, gpu = clone(x), clone(x), to_cuda(x, device_steps=True)
+    amp, found = torch.tensor(256.0), torch.tensor(0.0)
+    want = on_host(host, ks, amp_scale=amp, found_inf=found, steps_on_device=True,
+                   increment_steps=True, **HYPER)
+    got = run(gpu, ks, True, amp_scale=amp.cuda(), found_inf=found.cuda())
+    assert torch.equal(got, want), (got, want)
+    for i in range(len(sizes)):
+        moved_gpu = (gpu["m"][i].cpu() != before["m"][i]).nonzero()
+        moved_host = (host["m"][i] != before["m"][i]).nonzero()
+        assert torch.equal(moved_gpu, moved_host), f"tensor {i}: chosen sets differ"
+        assert_close_nan(gpu["params"][i].cpu(), host["params"][i], before["params"][i])
+        for key in ("m", "v"):
+            assert_close_nan(gpu[key][i].cpu(), host[key][i])
+        if residual:
+            assert same(gpu["r"][i].cpu(), host["r"][i])
+        assert torch.equal(gpu["steps"][i].cpu(), host["steps"][i])
 
 
 def test_counts_stay_on_the_device_and_nothing_syncs():
