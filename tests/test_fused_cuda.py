@@ -115,9 +115,10 @@ def test_matches_the_cpu_kernel(dtype, residual):
             assert same(on_gpu["r"][i].cpu(), on_cpu["r"][i])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["student_t", "sparse", "ties", "special"])
 @pytest.mark.parametrize("residual", [False, True], ids=["grad", "accumulated"])
-def test_matches_its_host_run(kind, residual):
+def test_matches_its_host_run(dtype, kind, residual):
     """The kernel against its host run (incrkern._C.cuda_fused_on_host, which the CPU
     tests hold to the reference), with GradScaler's scale and device steps: the same
     counts, chosen sets, residuals and steps; params and moments to the rounding of
@@ -125,7 +126,7 @@ def test_matches_its_host_run(kind, residual):
     from test_fused_on_host import on_host
     sizes = [5, 16384 * 2 + 7, 300_001]
     ks = [2, 300, 3000]
-    x = make(sizes, torch.float32, kind, residual=residual)
+    x = make(sizes, dtype, kind, residual=residual)
     x["grads"] = [g * 256.0 for g in x["grads"]]
     before, host, gpu = clone(x), clone(x), to_cuda(x, device_steps=True)
     amp, found = torch.tensor(256.0), torch.tensor(0.0)

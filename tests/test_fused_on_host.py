@@ -1,6 +1,6 @@
 """The CUDA fused select-and-update (csrc/fused/fused_cuda_ops.cpp, then
-fused_cuda.cu), run on the host by incrkern._C.cuda_fused_on_host over float32
-tensors with the code the GPU runs: the glue's groups, tensor table and options
+fused_cuda.cu), run on the host by incrkern._C.cuda_fused_on_host over float32,
+bfloat16 and float16 tensors with the code the GPU runs: the glue's groups, tensor table and options
 (fused_table.h), the select's passes (select_on_host.h), the blocks' split of each
 chunk and the per-element step (fused_pass.h) and the Adam rule (update_ops.h).
 It is held to the reference as the CPU kernel is (test_fused.check): the chosen
@@ -46,10 +46,11 @@ def host_check(x, ks, approx=False, **hyper):
     return check(x, ks, approx=approx, kernel=on_host, **hyper)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("residual", [False, True], ids=["grad", "accumulated"])
-def test_exact_matches_reference(kind, residual):
-    x = make(SIZES, torch.float32, kind, residual=residual)
+def test_exact_matches_reference(dtype, kind, residual):
+    x = make(SIZES, dtype, kind, residual=residual)
     for ks in ([math.ceil(0.01 * n) for n in SIZES], [n // 3 for n in SIZES]):
         assert host_check(clone(x), ks, **HYPERS["adamw"]).tolist() == ks
 
@@ -119,11 +120,12 @@ def test_lr_and_steps_read_through_pointers():
             assert same(a, b), key
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True], ids=["grad", "accumulated"])
-def test_mixed_precision_unscale(residual):
+def test_mixed_precision_unscale(dtype, residual):
     """Grads scaled by a power of two and read with amp_scale: bit for bit the call on
     the unscaled grads (the residual adds g / scale, the update reads the rest)."""
-    x = make([CHUNK + 5, 333], torch.float32, "lognormal", seed=4, residual=residual)
+    x = make([CHUNK + 5, 333], dtype, "lognormal", seed=4, residual=residual)
     scaled = clone(x)
     scaled["grads"] = [g * 1024.0 for g in scaled["grads"]]
     ks = [200, 3]
@@ -157,13 +159,14 @@ def test_found_inf_changes_nothing(steps_on_device, residual):
     assert [float(s) for s in x["steps"]] == [4.0, 4.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True], ids=["grad", "accumulated"])
-def test_same_as_the_cpu_kernel(residual):
+def test_same_as_the_cpu_kernel(dtype, residual):
     """The CPU kernel and the host run of the CUDA one choose the same elements and
     leave the same residuals; params to the rounding of their two Adam loops."""
     sizes = [7, 5000, 1_000_003]
     ks = [3, 50, 10_000]
-    x = make(sizes, torch.float32, "student_t", residual=residual)
+    x = make(sizes, dtype, "student_t", residual=residual)
     before, cpu, host = clone(x), clone(x), clone(x)
     ops.adam_select_update_(cpu["params"], cpu["grads"], cpu["m"], cpu["v"], cpu["steps"], ks,
                             cpu["r"] or None, increment_steps=True, **HYPERS["adamw"])

@@ -1,5 +1,5 @@
 // incrkern._C.cuda_fused_on_host: the CUDA fused select-and-update (fused_cuda_ops.cpp,
-// then fused_cuda.cu) run on the host over float32 tensors, so that the CPU tests hold
+// then fused_cuda.cu) run on the host over CPU tensors, so that the CPU tests hold
 // what the GPU runs to the reference. The glue's code builds the groups, the tensor
 // table and the options (fused_table.h); the select's host run (select_on_host.h)
 // settles every group with the kernels' digit logic; the fused pass then runs each
@@ -9,6 +9,8 @@
 // chunk once, and every pack starts kILP-aligned in its tensor.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "common/cuda_dtype.h"
+#include "common/cuda_glue.h"
 #include "fused/fused_checks.h"
 #include "fused/fused_pass.h"
 #include "fused/fused_table.h"
@@ -32,8 +35,11 @@ using cuda::SelChunk;
 using cuda::SelSeg;
 using cuda::SelState;
 
-// fused_adam_kernel, block (ci, y) then thread by thread. Returns the elements it
+// fused_adam_kernel, block (ci, y) then thread by thread, over params and grads of
+// type T (float, or c10's BFloat16 and Half, which convert as the kernel's
+// intrinsics do: exactly to float, to nearest even back). Returns the elements it
 // visited; counts[f.index] gains the block's updates.
+template <typename T>
 int64_t fused_block(host_run::HostLaunch& L, size_t ci, int y,
                     const std::vector<FusedTensor>& table, const cuda::AdamOp& op,
                     const cuda::UpdateOptions& opt, int64_t* counts,
@@ -47,8 +53,8 @@ int64_t fused_block(host_run::HostLaunch& L, size_t ci, int y,
   const FusedTensor& f = table[size_t(ch.seg)];
   const cuda::AdamOp::Coeff c = op.prepare(f.update, opt);
   const cuda::FusedScales scales = cuda::fused_scales(f.residual != nullptr, opt, s.amp_scale);
-  auto* p = static_cast<float*>(f.update.param);
-  const auto* g = static_cast<const float*>(f.update.grad);
+  auto* p = static_cast<T*>(f.update.param);
+  const auto* g = static_cast<const T*>(f.update.grad);
   float* m1 = f.update.first_moment;
   float* m2 = f.update.second_moment;
   float* r = f.residual;
@@ -61,7 +67,7 @@ int64_t fused_block(host_run::HostLaunch& L, size_t ci, int y,
       const int valid = int(std::min<int64_t>(kILP, end - i));
       float u[kILP] = {}, kept[kILP] = {};
       for (int j = 0; j < valid; ++j) {
-        u[j] = g[i + j];
+        u[j] = float(g[i + j]);
         if (r) kept[j] = r[i + j];
         TORCH_CHECK(visits[size_t(i + j)]++ == 0, "chunk ", ci, " block ", y,
                     ": element ", i + j, " visited twice");
@@ -70,9 +76,10 @@ int64_t fused_block(host_run::HostLaunch& L, size_t ci, int y,
       taken += cuda::fused_elements(st, s.pos0 + i, valid, r != nullptr, scales, u, kept,
                                     [&](int j, float scaled) {
                                       const int64_t e = i + j;
-                                      float pm = p[e], m = m1[e], v = m2[e], unused = 0.f;
+                                      float pm = float(p[e]), m = m1[e], v = m2[e];
+                                      float unused = 0.f;
                                       op.apply(pm, scaled, m, v, unused, c);
-                                      p[e] = pm;
+                                      p[e] = T(pm);
                                       m1[e] = m;
                                       m2[e] = v;
                                     });
@@ -135,8 +142,8 @@ PyObject* cuda_fused_on_host(PyObject* /*module*/, PyObject* args) {
   check_select_update(c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, steps, ks,
                       residuals, lr_tensor, amp_scale, found);
   for (size_t i = 0; i < params.size(); ++i)
-    TORCH_CHECK(params[i].scalar_type() == at::kFloat && params[i].is_contiguous(), op,
-                ": params[", i, "] must be contiguous float32");
+    TORCH_CHECK(cuda_dtype_of(params[i].scalar_type()) && params[i].is_contiguous(), op,
+                ": params[", i, "] must be contiguous float32, bfloat16 or float16");
   const int64_t n = int64_t(params.size());
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
   const auto read = [](const std::optional<at::Tensor>& t) {
@@ -172,12 +179,12 @@ PyObject* cuda_fused_on_host(PyObject* /*module*/, PyObject* args) {
                               s.res = residuals.empty() ? nullptr
                                                         : residuals[i].data_ptr<float>();
                               s.amp_scale = residual_amp;
-                              s.dtype = cuda::DType::Float32;
+                              s.dtype = *cuda_dtype_of(params[i].scalar_type());
                             });
   for (size_t i = 0; i < params.size(); ++i)
     L.keys.push_back(host_run::keys_of(
         residuals.empty() ? ScoreKind::Abs : ScoreKind::Accumulated,
-        grads[i].const_data_ptr<float>(),
+        grads[i].to(at::kFloat).const_data_ptr<float>(),
         residuals.empty() ? nullptr : residuals[i].const_data_ptr<float>(),
         amp_fold(1.f, residual_amp), size_t(numels[i])));
   host_run::allocate(L);
@@ -192,8 +199,19 @@ PyObject* cuda_fused_on_host(PyObject* /*module*/, PyObject* args) {
     const SelChunk& ch = L.t.chunks[ci];
     std::vector<uint8_t>& seen = visits[L.t.seg_input[size_t(ch.seg)]];
     int64_t visited = 0;
-    for (int y = 0; y < cuda::kFusedSplit; ++y)
-      visited += fused_block(L, ci, y, table, adam, options, count, seen);
+    for (int y = 0; y < cuda::kFusedSplit; ++y) {
+      switch (L.seg(ch).dtype) {
+        case cuda::DType::Float32:
+          visited += fused_block<float>(L, ci, y, table, adam, options, count, seen);
+          break;
+        case cuda::DType::BFloat16:
+          visited += fused_block<c10::BFloat16>(L, ci, y, table, adam, options, count, seen);
+          break;
+        case cuda::DType::Float16:
+          visited += fused_block<c10::Half>(L, ci, y, table, adam, options, count, seen);
+          break;
+      }
+    }
     TORCH_CHECK(visited == (cuda::skipped(options) ? 0 : ch.end - ch.begin), "chunk ", ci,
                 ": the blocks visited ", visited, " of its ", ch.end - ch.begin,
                 " elements");
@@ -210,7 +228,7 @@ PyMethodDef kFusedOnHostMethods[] = {
      "(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, grad_scale), "
      "lr_tensor=None, amp_scale=None, found_inf=None, steps_on_device=False, "
      "increment_steps=False) -> counts: the CUDA adam_select_update_ run on the host over "
-     "float32 CPU tensors, in place, its steps read as device steps with steps_on_device; "
+     "float32, bfloat16 or float16 CPU tensors, in place, its steps read as device steps with steps_on_device; "
      "for the tests."},
     {nullptr, nullptr, 0, nullptr}};
 
