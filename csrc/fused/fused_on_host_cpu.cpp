@@ -129,13 +129,7 @@ PyObject* cuda_fused_on_host(PyObject* /*module*/, PyObject* args) {
                                 steps = tensor_list(steps_seq, "steps");
   const std::vector<at::Tensor> residuals =
       res_seq == Py_None ? std::vector<at::Tensor>() : tensor_list(res_seq, "residuals");
-  std::vector<int64_t> ks;
-  TORCH_CHECK(PyList_Check(ks_seq), op, ": ks must be a list");
-  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ks_seq); ++i) {
-    const long long k = PyLong_AsLongLong(PyList_GET_ITEM(ks_seq, i));
-    if (k == -1 && PyErr_Occurred()) return nullptr;
-    ks.push_back(k);
-  }
+  const std::vector<int64_t> ks = host_run::int_list_arg(ks_seq, op, "ks");
   const std::optional<at::Tensor> lr_tensor = optional_tensor(lr_obj, "lr_tensor"),
                                   amp_scale = optional_tensor(amp_obj, "amp_scale");
   std::optional<at::Tensor> found = optional_tensor(found_obj, "found_inf");
@@ -187,7 +181,6 @@ PyObject* cuda_fused_on_host(PyObject* /*module*/, PyObject* args) {
         grads[i].to(at::kFloat).const_data_ptr<float>(),
         residuals.empty() ? nullptr : residuals[i].const_data_ptr<float>(),
         amp_fold(1.f, residual_amp), size_t(numels[i])));
-  host_run::allocate(L);
   std::vector<int> levels;
   std::vector<bool> ties;
   host_run::settle(L, levels, ties);

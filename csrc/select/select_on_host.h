@@ -3,6 +3,8 @@
 // groups with: the launch's buffers on the host and the passes over them.
 #pragma once
 
+#include <Python.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -34,10 +36,8 @@ struct HostLaunch {
 std::vector<uint32_t> keys_of(ScoreKind kind, const float* g, const float* r, float alpha,
                               size_t n);
 
-// Sizes the buffers for the tables in L.t.
-void allocate(HostLaunch& L);
-
-// select_find: the three levels' histograms and digits, then the ties. levels[g]:
+// select_find over the tables in L.t and the keys in L.keys, its buffers sized here:
+// the three levels' histograms and digits, then the ties. levels[g]:
 // the digits group g took; ties[g]: whether it searched for its last tie. Throws
 // where a kernel would go wrong (a walk missing its rank, candidates past their
 // slots, a tie that is not there).
@@ -45,5 +45,9 @@ void settle(HostLaunch& L, std::vector<int>& levels, std::vector<bool>& ties);
 
 // select_offsets then select_write: the chosen positions, in one flat output.
 std::vector<int64_t> write_chosen(HostLaunch& L);
+
+// The ints of the Python list `list`, the argument `name` of `op` (the host runs'
+// ks). Throws when it is not a list of ints.
+std::vector<int64_t> int_list_arg(PyObject* list, const char* op, const char* name);
 
 }  // namespace incrkern::host_run

@@ -147,6 +147,8 @@ std::vector<int64_t> write_chosen(HostLaunch& L) {
   return flat;
 }
 
+namespace {
+
 void allocate(HostLaunch& L) {
   const size_t nchunks = L.t.chunks.size();
   L.hist.assign(L.t.states.size() * cuda::kSelectBins, 0ull);
@@ -155,6 +157,8 @@ void allocate(HostLaunch& L) {
   L.chunk_count.assign(nchunks + 1, 0);
   L.chunk_off.assign(nchunks + 1, 0);
 }
+
+}  // namespace
 
 std::vector<uint32_t> keys_of(ScoreKind kind, const float* g, const float* r, float alpha,
                               size_t n) {
@@ -165,6 +169,7 @@ std::vector<uint32_t> keys_of(ScoreKind kind, const float* g, const float* r, fl
 }
 
 void settle(HostLaunch& L, std::vector<int>& levels, std::vector<bool>& ties) {
+  allocate(L);
   levels.assign(L.t.states.size(), 0);
   ties.assign(L.t.states.size(), false);
   for (int level = 0; level < 3; ++level) {
@@ -172,6 +177,17 @@ void settle(HostLaunch& L, std::vector<int>& levels, std::vector<bool>& ties) {
     find_digits(L, level, levels);
   }
   locate_ties(L, ties);
+}
+
+std::vector<int64_t> int_list_arg(PyObject* list, const char* op, const char* name) {
+  TORCH_CHECK(PyList_Check(list), op, ": ", name, " must be a list");
+  std::vector<int64_t> out;
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); ++i) {
+    const long long v = PyLong_AsLongLong(PyList_GET_ITEM(list, i));
+    if (v == -1 && PyErr_Occurred()) throw python_error();
+    out.push_back(v);
+  }
+  return out;
 }
 
 }  // namespace incrkern::host_run
@@ -205,8 +221,8 @@ PyObject* cuda_select_on_host(PyObject* /*module*/, PyObject* args) {
                         &res_seq, &alpha))
     return nullptr;
   const char* op = "incrkern._C.cuda_select_on_host";
-  TORCH_CHECK(PyList_Check(seq) && PyList_Check(ks_seq), op,
-              ": tensors and ks must be lists");
+  TORCH_CHECK(PyList_Check(seq), op, ": tensors must be a list");
+  const std::vector<int64_t> ks = host_run::int_list_arg(ks_seq, op, "ks");
   const bool accumulated = res_seq != Py_None;
   TORCH_CHECK(!accumulated || (PyList_Check(res_seq) &&
                                PyList_GET_SIZE(res_seq) == PyList_GET_SIZE(seq)),
@@ -214,7 +230,7 @@ PyObject* cuda_select_on_host(PyObject* /*module*/, PyObject* args) {
   TORCH_CHECK(!(accumulated && signed_keys), op, ": residuals take |r + alpha * g| keys");
   const auto count = size_t(PyList_GET_SIZE(seq));
   std::vector<at::Tensor> tensors, residuals;
-  std::vector<int64_t> numels, ks;
+  std::vector<int64_t> numels;
   const auto flat_float = [&](PyObject* item, const char* name, size_t i) {
     TORCH_CHECK(THPVariable_Check(item), op, ": ", name, "[", i, "] must be a tensor");
     const at::Tensor x = THPVariable_Unpack(item);
@@ -230,11 +246,6 @@ PyObject* cuda_select_on_host(PyObject* /*module*/, PyObject* args) {
     residuals.push_back(flat_float(PyList_GET_ITEM(res_seq, Py_ssize_t(i)), "residuals", i));
     TORCH_CHECK(residuals.back().numel() == numels.back(), op, ": residuals[", i,
                 "] must have tensors[", i, "]'s size");
-  }
-  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ks_seq); ++i) {
-    const long long k = PyLong_AsLongLong(PyList_GET_ITEM(ks_seq, i));
-    if (k == -1 && PyErr_Occurred()) return nullptr;
-    ks.push_back(k);
   }
   int64_t total = 0;
   for (int64_t n : numels) total += n;
@@ -258,7 +269,6 @@ PyObject* cuda_select_on_host(PyObject* /*module*/, PyObject* args) {
         kind, tensors[t].const_data_ptr<float>(),
         accumulated ? residuals[t].const_data_ptr<float>() : nullptr, float(alpha),
         size_t(numels[t])));
-  host_run::allocate(L);
   const size_t ngroups = L.t.states.size();
   std::vector<int> levels;
   std::vector<bool> ties;
