@@ -476,3 +476,22 @@ def test_crossover_fused_script_runs_both_ways():
         rows = [line.split() for line in lines[2:]]
         assert [row[0] for row in rows] == ["0.010", "0.100"]
         assert all(float(x) > 0 for row in rows for x in row[1:])
+
+
+@needs_ext
+def test_density_sweep_script_runs():
+    """bench/density_sweep.py: a line per case and density with both steps timed."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "density_sweep.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--numel", "40000", "--cases", "one,many",
+         "--densities", "0.5,0.99", "--select", "accumulated", "--topk", "approx"],
+        check=True, capture_output=True, text=True, timeout=120).stdout
+    lines = out.strip().splitlines()
+    assert "select=accumulated, topk=approx" in lines[0]
+    rows = [line for line in lines[1:] if ", density " in line]
+    assert [row.split(":")[0] for row in rows] == [
+        "random one tensor, density 0.5", "random one tensor, density 0.99",
+        "random many tensors, density 0.5", "random many tensors, density 0.99"]
+    for row in rows:
+        ours, _, torchs, ratio = row.split(": ")[1].replace(",", "").split()
+        assert float(ours) > 0 and float(torchs) > 0 and float(ratio.rstrip("x")) > 0

@@ -35,7 +35,6 @@ PREFETCHING = [
     "tiles_at_least_avx2<float, false>(",
     "list_tiles_avx2<float>(",
     "band_keys_avx2<float>(",
-    "mark_above_avx2<float>(",
     "band_avx2<float, false>(",
     "tile_max_avx2<float, false>(",
 ]

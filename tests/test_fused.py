@@ -640,6 +640,21 @@ def test_stream_one_thread(dtype, kind):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["normal", "ties", "sparse", "special", "rows"])
+def test_stream_near_every_element(dtype, kind):
+    """Densities near 1: the band's lower edge past the sample's smallest key, or among
+    zeros ("ties": a third of the keys 0; "sparse": 99%), so the band reaches 0 and
+    its keys are every key under its top; ties at 0 taken lowest positions first. One
+    block and less, a mid-sized tensor side by side with a small one, and one over
+    blocks and threads."""
+    for n in (1000, 40_961, BLOCK - 1, TILE_MAX - 3, TILE_MAX + 5):
+        for density in (0.8, 0.95, 0.999):
+            k = min(n - 1, math.ceil(density * n))
+            check(make([n, 100], dtype, kind, seed=n + k), [k, 10], **HYPERS["adamw"])
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype,kind", [
     (torch.float32, "normal"), (torch.float32, "rows"), (torch.float32, "special"),
     (torch.bfloat16, "normal"), (torch.float16, "lognormal")])
@@ -660,7 +675,7 @@ def test_stream_error_feedback(dtype, approx):
     """u = r + g formed by the counting pass (over blocks) or first (one thread); the
     chosen residuals zeroed, the others left holding u."""
     for n in (40_961, 3 * BLOCK + 5, TILE_MAX + 5):
-        for density in (0.05, 0.2):
+        for density in (0.05, 0.2, 0.9):
             check(make([n], dtype, "student_t", seed=n, residual=True),
                   [math.ceil(density * n)], approx=approx, **HYPERS["adamw"])
 

@@ -75,7 +75,7 @@ struct AdamTensor {
   }
 
   // The elements of [b, e) whose key is >= at_least updated by the streaming loop
-  // (fp32 and 16-bit types), as stream() with the mask mark_at_least writes.
+  // (fp32 and 16-bit types).
   void stream_at_least(int64_t b, int64_t e, uint64_t at_least) const {
     stream_by(b, e, nullptr, true, order_greater_than<false>(at_least));
   }
@@ -91,11 +91,27 @@ struct AdamTensor {
                                above_gt, false, 0, e - b, h, step_size, bc2_sqrt, grad_scale);
   }
 
-  // chosen[j - b] = whether key(j) >= at_least, over [b, e) (fp32 and 16-bit types).
-  void mark_at_least(int64_t b, int64_t e, uint64_t at_least, uint8_t* chosen) const {
-    const int32_t gt = order_greater_than<false>(at_least);
-    if (r) mark_above(static_cast<const float*>(r + b), e - b, gt, chosen);
-    else mark_above(g + b, e - b, gt, chosen);
+  // The position just past the `some`-th key equal to tie in [b, e), which holds at
+  // least that many (fp32 and 16-bit types): the ties counted a chunk at a time by the
+  // counting pass's scan (band_keys), then found key by key in the chunk holding it.
+  int64_t past_ties(int64_t b, int64_t e, uint32_t tie, int64_t some) const {
+    constexpr int64_t kChunk = 4096;
+    const int32_t lo_gt = order_greater_than<false>(tie);
+    const int32_t hi_gt = order_greater_than<false>(uint64_t(tie) + 1);
+    uint32_t keys[kChunk + 8];
+    for (; b < e; b += kChunk) {
+      const int64_t len = std::min(kChunk, e - b);
+      uint32_t* end = keys;
+      if (r) band_keys(static_cast<const float*>(r + b), len, lo_gt, hi_gt, end);
+      else band_keys(g + b, len, lo_gt, hi_gt, end);
+      if (end - keys < some) {
+        some -= end - keys;
+        continue;
+      }
+      for (int64_t j = b;; ++j)
+        if (key(j) == tie && --some == 0) return j + 1;
+    }
+    return e;
   }
 
   // The p, gradient, m and v lines of the tile at s requested (to L2, as

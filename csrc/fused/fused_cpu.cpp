@@ -355,25 +355,19 @@ int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
     chosen = k;
   }
   parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
-    uint8_t mask[kChunkTiles * kTile];
     for (int64_t bi = b0; bi < b1; ++bi) {
       const BandCount& o = out[bi];
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
-      // A block taking all its ties compares against tie itself, as the loop reads
-      // each key; one taking some (at most one block) marks them in a scan.
-      const uint64_t block_at_least = o.ties > 0 && o.ties == o.equal ? tie : at_least;
-      int64_t some = o.ties < o.equal ? o.ties : 0;
-      if (some == 0) {
-        t.stream_at_least(begin, end, block_at_least);
+      // The loop compares each key it reads with a threshold: tie in a block taking all
+      // its ties; in the one taking some, tie up to just past the last it takes and
+      // at_least from there.
+      if (o.ties == 0 || o.ties == o.equal) {
+        t.stream_at_least(begin, end, o.ties > 0 ? tie : at_least);
         continue;
       }
-      for (int64_t b = begin; b < end; b += kChunkTiles * kTile) {
-        const int64_t e = std::min(end, b + kChunkTiles * kTile);
-        t.mark_at_least(b, e, block_at_least, mask);
-        for (int64_t j = b; some > 0 && j < e; ++j)
-          if (t.key(j) == tie) mask[j - b] = 1, --some;
-        t.stream(b, e, mask);
-      }
+      const int64_t split = t.past_ties(begin, end, tie, o.ties);
+      t.stream_at_least(begin, split, tie);
+      t.stream_at_least(split, end, at_least);
     }
   });
   return chosen;
@@ -479,8 +473,8 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, De
   const Source src = t.r ? residual_source(t, n) : source_of(c, i);
   if constexpr (!std::is_same_v<T, double>) {
     if (stream_pays(n, k)) {
-      const auto band = Selector<uint32_t>({src}, k, c.approx).filter_band(0.75, true);
-      if (band) return run_stream(c, i, t, k, true, band->lo, band->hi, /*approx=*/false);
+      const auto band = Selector<uint32_t>({src}, k, c.approx).stream_band();
+      if (band) return run_stream(c, i, t, k, true, band->first, band->second, /*approx=*/false);
     }
   }
   if (src.dtype != at::kDouble && (tile_max_fits(n, k) || tile_max_fits_beside(n, k))) {

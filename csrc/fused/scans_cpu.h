@@ -4,8 +4,6 @@
 //    their lanes) and those holding one inside it (the tile lists);
 //  - band_keys: the count of keys above the band and the keys inside it (the
 //    threshold stream's counting pass);
-//  - mark_above: a byte per element, set where its key passes a threshold (the
-//    threshold stream's mask);
 //  - add_residual: error feedback's r += g, tiles it leaves unchanged not stored.
 #pragma once
 
@@ -102,32 +100,6 @@ void list_tiles(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, int64_t
   });
 }
 
-// chosen[j] = 1 where the order of x[j] is > gt, 0 elsewhere, for j < n: the marks
-// of the threshold stream (run_stream).
-#if defined(__x86_64__) && defined(__GNUC__)
-template <typename T>
-__attribute__((target("avx2,f16c"))) void mark_above_avx2(const T* x, int64_t n, int32_t gt,
-                                                          uint8_t* chosen) {
-  const __m256i t = _mm256_set1_epi32(gt), one = _mm256_set1_epi8(1);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
-    request_ahead(x + j);
-    request_ahead(x + j + 16);
-    const __m256i a = _mm256_cmpgt_epi32(order8_avx2<T, false>(x + j), t);
-    const __m256i b = _mm256_cmpgt_epi32(order8_avx2<T, false>(x + j + 8), t);
-    const __m256i c = _mm256_cmpgt_epi32(order8_avx2<T, false>(x + j + 16), t);
-    const __m256i d = _mm256_cmpgt_epi32(order8_avx2<T, false>(x + j + 24), t);
-    // Packing works within 128-bit lanes: its dwords hold a0-3 b0-3 c0-3 d0-3 a4-7
-    // b4-7 c4-7 d4-7, put in order by the permute.
-    const __m256i bytes = _mm256_permutevar8x32_epi32(
-        _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)), order);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(chosen + j), _mm256_and_si256(bytes, one));
-  }
-  for (; j < n; ++j) chosen[j] = order_at<false>(x, j) > gt;
-}
-#endif
-
 // Over x[0, n): returns the count of orders > hi_gt, and writes at out the keys of
 // those > lo_gt but not > hi_gt, in order; returns their end. out needs room for n + 8.
 template <typename T>
@@ -216,14 +188,6 @@ int64_t band_keys(const T* x, int64_t n, int32_t lo_gt, int32_t hi_gt, uint32_t*
   if (use_avx2()) return band_keys_avx2(x, n, lo_gt, hi_gt, out);
 #endif
   return band_keys_portable(x, n, lo_gt, hi_gt, out);
-}
-
-template <typename T>
-void mark_above(const T* x, int64_t n, int32_t gt, uint8_t* chosen) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) return mark_above_avx2(x, n, gt, chosen);
-#endif
-  for (int64_t j = 0; j < n; ++j) chosen[j] = order_at<false>(x, j) > gt;
 }
 
 }  // namespace incrkern::fused

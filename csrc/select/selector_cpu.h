@@ -486,7 +486,7 @@ class Selector {
   // then answers.
   std::optional<std::vector<at::Tensor>> run_filter() const {
     // Denser: not sparse enough to pay off.
-    const auto band = filter_band(0.25, /*two_sided=*/false);
+    const auto band = filter_band(0.25);
     if (!band) return std::nullopt;
     const K lo = band->lo;
     const double kept = band->kept;
@@ -547,22 +547,40 @@ class Selector {
   // Public for the fused select-and-update (fused/fused_cpu.cpp), which streams its
   // own band pass.
  public:
-  // A band [L, H] on the k-th key from a sample of about n/64 keys, four standard
-  // deviations of margin on either side, and the fraction of the keys expected at or
-  // above L; nothing when that fraction passes max_kept or L is 0 (every key would
-  // pass). H is the largest key unless two_sided (and the margin stays under the
-  // top): run_filter keeps every key >= L and needs no upper edge.
+  // A lower bound L on the k-th key from a sample (filter_sample), four standard
+  // deviations under it, and the fraction of the keys expected at or above L; nothing
+  // when that fraction passes max_kept or L is 0 (every key would pass). run_filter
+  // keeps every key >= L.
   struct FilterBand {
-    K lo, hi;
+    K lo;
     double kept;
   };
-  std::optional<FilterBand> filter_band(double max_kept, bool two_sided) const {
-    const int64_t s = std::min(n_, std::clamp<int64_t>(n_ / 64, 256, 4096));
+  std::optional<FilterBand> filter_band(double max_kept) const {
+    const int64_t s = filter_sample();
     const SampleRanks r = sample_ranks(s);
     if (r.lo >= int64_t(max_kept * double(s))) return std::nullopt;
-    const auto [lo, hi] = sample_edges(sample_keys(s), two_sided ? r.hi : -1, r.lo);
+    const K lo = sample_edges(sample_keys(s), -1, r.lo).first;
     if (lo == 0) return std::nullopt;
-    return FilterBand{lo, hi, double(r.lo + 1) / double(s)};
+    return FilterBand{lo, double(r.lo + 1) / double(s)};
+  }
+
+  // A band [L, H] on the k-th key for the threshold stream of a tensor of up to one
+  // block, from the same sample, four standard deviations of margin either side; L is
+  // 0 where the margin reaches the sample's smallest keys (densities near 1, or the
+  // k-th among many zeros). The stream keeps the keys inside the band and finds the
+  // k-th among them, so any band is correct; nothing when a band reaching 0 holds more
+  // than kWideBand of the sample's keys at a density under kWideBandDensity: the
+  // positions' update then costs less (docs/design.md, "The threshold stream").
+  std::optional<std::pair<K, K>> stream_band() const {
+    const int64_t s = filter_sample();
+    const SampleRanks r = sample_ranks(s);
+    const std::vector<K> keys = sample_keys(s);
+    const auto [lo, hi] = sample_edges(keys, r.hi, r.lo);
+    if (lo == 0 && double(k_) < kWideBandDensity * double(n_)) {
+      const auto in_band = std::count_if(keys.begin(), keys.end(), [&](K key) { return key <= hi; });
+      if (double(in_band) > kWideBand * double(s)) return std::nullopt;
+    }
+    return std::make_pair(lo, hi);
   }
 
   // The band [L, H] from a constant-stride sample (sample_keys), or nothing when the
@@ -593,6 +611,11 @@ class Selector {
   }
 
  private:
+
+  // The size of filter_band's and stream_band's sample: about n/64 keys, 256 to 4096.
+  int64_t filter_sample() const { return std::min(n_, std::clamp<int64_t>(n_ / 64, 256, 4096)); }
+
+  static constexpr double kWideBand = 0.25, kWideBandDensity = 0.15;
 
   // The sample's ranks from the top (0-based) of the k-th key's expected place
   // (mean) and of the band's edges, four standard deviations (and 4) either side.

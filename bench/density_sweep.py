@@ -1,0 +1,74 @@
+"""incrkern.optim.AdamW's step over densities up to 1, on the sparse benchmark's cases
+(real gradients and random ones, sized from the last-level cache as `make bench`
+sizes them), against torch.optim.AdamW(fused=True) on the same params and grads,
+the two taking turns in one process. A cost model that sends some tensors down a
+slow path at some density shows here as a ratio well under 1.
+
+    python bench/density_sweep.py [--densities 0.1,0.5,0.9,0.99] [--select grad]
+        [--topk exact] [--cases minilm,char,many,list] [--threads N] [--numel N]
+"""
+import argparse
+
+import torch
+
+import incrkern
+from incrkern.bench import common, sparse
+
+CASES = {"minilm": "pretrained MiniLM-L6", "char": "char transformer from scratch",
+         "one": "random one tensor", "many": "random many tensors",
+         "list": "random transformer list"}
+
+
+def step_of(opt):
+    def step():
+        with torch.no_grad():
+            opt.step()
+    return step
+
+
+def params_with_grads(case):
+    params = [w.clone().requires_grad_() for w in case.weights]
+    for p, g in zip(params, case.grads):
+        p.grad = g.clone()
+    return params
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--densities", default="0.1,0.5,0.75,0.9,0.99")
+    parser.add_argument("--select", default="grad")
+    parser.add_argument("--topk", default="exact")
+    parser.add_argument("--cases", default="minilm,char,many,list")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--numel", type=float, default=None,
+                        help="each case's elements (default: from the last-level cache)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = sparse.SPARSE_SIZES["quick"]
+    target = int(args.numel or sparse.working_set_numel(sparse.llc_bytes(torch.device("cpu"))[0]))
+    wanted = {CASES[name] for name in args.cases.split(",")}
+    print(f"{common.cpu_model()}, "
+          f"{torch.get_num_threads()} threads; select={args.select}, topk={args.topk}; "
+          f"medians of steps taking turns with torch's, ms")
+    for name, build in sparse.build_cases(sizes, target):
+        if name not in wanted:
+            continue
+        case = build()
+        if case.reason:
+            print(f"{name}: {case.reason}")
+            continue
+        dense = torch.optim.AdamW(params_with_grads(case), lr=1e-3, fused=True)
+        for density in map(float, args.densities.split(",")):
+            opt = incrkern.optim.AdamW(params_with_grads(case), lr=1e-3, density=density,
+                                       select=args.select, topk=args.topk)
+            ours, torchs = common.measure_pair(step_of(opt), step_of(dense), warmup=2,
+                                               repeats=9, min_time_s=1.0, max_time_s=3.0)
+            print(f"{name}, density {density:g}: {1e3 * ours['median_s']:.2f} against "
+                  f"{1e3 * torchs['median_s']:.2f}, {torchs['median_s'] / ours['median_s']:.2f}x",
+                  flush=True)
+            del opt
+
+
+if __name__ == "__main__":
+    main()
