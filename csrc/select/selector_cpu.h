@@ -544,9 +544,6 @@ class Selector {
     return finish_candidates(ckey, cpos);
   }
 
-  // Public for the fused select-and-update (fused/fused_cpu.cpp), which streams its
-  // own band pass.
- public:
   // A lower bound L on the k-th key from a sample (filter_sample), four standard
   // deviations under it, and the fraction of the keys expected at or above L; nothing
   // when that fraction passes max_kept or L is 0 (every key would pass). run_filter
@@ -564,6 +561,9 @@ class Selector {
     return FilterBand{lo, double(r.lo + 1) / double(s)};
   }
 
+  // Public for the fused select-and-update (fused/fused_cpu.cpp), which streams its
+  // own band pass.
+ public:
   // A band [L, H] on the k-th key for the threshold stream of a tensor of up to one
   // block, from the same sample, four standard deviations of margin either side; L is
   // 0 where the margin reaches the sample's smallest keys (densities near 1, or the
