@@ -100,6 +100,11 @@ TORCH_LIBRARY(incrkern, m) {
   m.def(
       "select(Tensor[] tensors, int[] ks, str score, bool global_scope, bool approx, "
       "Tensor[] residuals, Tensor[] weights, int seed=0) -> Tensor[]");
+  // masks[i] (bool, contiguous, tensors[i].numel() elements) set to the elements
+  //  select(scope tensor, exact) chooses in tensors[i], every other element cleared.
+  m.def(
+      "select_mask_(Tensor(a!)[] masks, Tensor[] tensors, int[] ks, str score, "
+      "Tensor[] residuals, Tensor[] weights, int seed=0) -> ()");
 }
 
 namespace {
@@ -128,6 +133,7 @@ void bump_written_after(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, ADInplaceOrView, m) {
-  for (const char* name : {"adam_update_", "sgd_update_", "adam_select_update_", "accumulate_"})
+  for (const char* name : {"adam_update_", "sgd_update_", "adam_select_update_", "accumulate_",
+                           "select_mask_"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_after>());
 }

@@ -384,32 +384,9 @@ def topk(x, k, *, approx=False):
     return impl(x, k, bool(approx))
 
 
-def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=None,
-           weights=None, generator=None, validate=True):
-    """Indices (int64, ascending) of the chosen elements of each tensor (flattened).
-
-    k: an int (per tensor for scope="tensor", the total for scope="global"), a list of
-    ints (one per tensor, scope="tensor"), or a float density in (0, 1] meaning
-    ceil(density * numel) per tensor, or of the total numel for scope="global".
-    score: "grad" |t|; "grad_sq" t itself (the caller's EMA of g^2); "weight"
-    |weights[i]| (`tensors` give the shapes); "accumulated" |residual[i] + t| (the
-    residuals in float32, or float64 for float64 tensors); "random" a uniform key
-    per element, drawn from `generator` (torch.Generator, None: the default one).
-    scope="global": the k largest over the concatenation of all tensors, ties broken
-    towards the lowest position in the concatenation, returned split per tensor.
-    approx=True: the k-th score is estimated and one pass keeps the elements above
-    it. The count lies within max(1, 1% of k) of k and every chosen score is at least
-    (1 - 1e-3) times the true k-th score (APPROX_COUNT_TOLERANCE,
-    APPROX_VALUE_TOLERANCE); when the estimate misses by more, the exact selection
-    runs instead. On the CPU the estimate is a band from a 64K-element sample and the
-    one pass usually pins the exact answer anyway (approx then only accepts a band
-    that misses k by less than the tolerance); on CUDA it stops the radix select
-    after one of its three digits when the elements above the k-th's 11-bit bucket
-    are within the tolerance, else after two (a 22-bit boundary of the key).
-    validate=False skips the per-tensor Python checks (dtype, device, residual and
-    weight sizes), for callers that built the lists themselves; the kernel's own
-    checks still run.
-    """
+def _select_args(tensors, k, score, scope, residual, weights, generator, validate):
+    """select's and select_mask's arguments checked: (tensors, ks, residual, weights,
+    seed), the random score's seed drawn from the generator."""
     if validate:
         tensors = _as_list("tensors", tensors)
         residual = _as_list("residual", residual, allow_none=True)
@@ -470,11 +447,45 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if not tensors:
-        return []
+        return [], ks, residual, weights, 0
     seed = 0
     if score == "random":
         gen_device = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
+    return tensors, ks, residual, weights, seed
+
+
+def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=None,
+           weights=None, generator=None, validate=True):
+    """Indices (int64, ascending) of the chosen elements of each tensor (flattened).
+
+    k: an int (per tensor for scope="tensor", the total for scope="global"), a list of
+    ints (one per tensor, scope="tensor"), or a float density in (0, 1] meaning
+    ceil(density * numel) per tensor, or of the total numel for scope="global".
+    score: "grad" |t|; "grad_sq" t itself (the caller's EMA of g^2); "weight"
+    |weights[i]| (`tensors` give the shapes); "accumulated" |residual[i] + t| (the
+    residuals in float32, or float64 for float64 tensors); "random" a uniform key
+    per element, drawn from `generator` (torch.Generator, None: the default one).
+    scope="global": the k largest over the concatenation of all tensors, ties broken
+    towards the lowest position in the concatenation, returned split per tensor.
+    approx=True: the k-th score is estimated and one pass keeps the elements above
+    it. The count lies within max(1, 1% of k) of k and every chosen score is at least
+    (1 - 1e-3) times the true k-th score (APPROX_COUNT_TOLERANCE,
+    APPROX_VALUE_TOLERANCE); when the estimate misses by more, the exact selection
+    runs instead. On the CPU the estimate is a band from a 64K-element sample and the
+    one pass usually pins the exact answer anyway (approx then only accepts a band
+    that misses k by less than the tolerance); on CUDA it stops the radix select
+    after one of its three digits when the elements above the k-th's 11-bit bucket
+    are within the tolerance, else after two (a 22-bit boundary of the key).
+    validate=False skips the per-tensor Python checks (dtype, device, residual and
+    weight sizes), for callers that built the lists themselves; the kernel's own
+    checks still run.
+    """
+    tensors, ks, residual, weights, seed = _select_args(
+        tensors, k, score, scope, residual, weights, generator, validate)
+    if not tensors:
+        return []
+    global_scope = scope == "global"
     kernel = _kernel("select", tensors[0].device)
     if kernel is None:
         kernel = reference.select
@@ -484,6 +495,47 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
     # (the compiled kernels take non-contiguous tensors and copy them themselves)
     return list(kernel(tensors, ks, score, global_scope, bool(approx), residual, weights, seed))
 
+
+
+def select_mask(tensors, k, *, score="grad", scope="tensor", residual=None, weights=None,
+                generator=None, out=None, validate=True):
+    """The chosen elements of each tensor as a flat bool mask of its numel: True exactly
+    at the positions `select` (exact) returns for the same arguments, the random score's
+    seed drawn from `generator` the same way. out: a list of contiguous bool tensors of
+    each tensor's numel to write (and return) instead of new ones, so that a caller
+    stepping every iteration does not fault in fresh pages each time.
+
+    The optimizers' masked update (from a density of about 0.1) takes this instead of
+    the positions: on the CPU one pass counts the keys near the k-th and a second writes
+    the mask, where the positions of half a tensor cost 8 bytes each to write and merge.
+    Other devices, float64 tensors and scope="global" mark the positions select returns.
+    """
+    tensors = _as_list("tensors", tensors) if validate else list(tensors)
+    if out is not None:  # checked before the random score's seed is drawn
+        out = _as_list("out", out)
+        _check_length("out", out, len(tensors))
+        for i, (m, t) in enumerate(zip(out, tensors)):
+            _check_tensor(f"out[{i}]", m, device=t.device, dtypes=(torch.bool,),
+                          numel=t.numel())
+    tensors, ks, residual, weights, seed = _select_args(
+        tensors, k, score, scope, residual, weights, generator, validate)
+    if out is None:
+        out = [torch.empty(t.numel(), dtype=torch.bool, device=t.device) for t in tensors]
+    if not tensors:
+        return []
+    if tensors[0].device.type == "cpu" and scope == "tensor" and EXTENSION_LOADED:
+        torch.ops.incrkern.select_mask_(out, tensors, ks, score, residual, weights, seed)
+        return out
+    positions = _kernel("select", tensors[0].device)
+    if positions is None:
+        positions = reference.select
+        tensors = [t.contiguous() for t in tensors]
+        residual = [r.contiguous() for r in residual]
+        weights = [w.contiguous() for w in weights]
+    chosen = positions(tensors, ks, score, scope == "global", False, residual, weights, seed)
+    for m, c in zip(out, chosen):
+        m.view(-1).zero_().index_fill_(0, c, True)
+    return out
 
 if EXTENSION_LOADED:
 
@@ -499,6 +551,10 @@ if EXTENSION_LOADED:
             ctx = torch.library.get_ctx()
             return [t.new_empty(ctx.new_dynamic_size(), dtype=torch.int64) for t in tensors]
         return [t.new_empty(k, dtype=torch.int64) for t, k in zip(tensors, ks)]
+
+    @torch.library.register_fake("incrkern::select_mask_")
+    def _select_mask_fake(masks, tensors, ks, score, residuals, weights, seed=0):
+        return None
 
 
 # ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ PREFETCHING = [
     "run_zero_floor<float>(",
     "tiles_at_least_avx2<float, false>(",
     "list_tiles_avx2<float>(",
-    "band_keys_avx2<float>(",
+    "band_keys_avx2<float, false>(",
     "band_avx2<float, false>(",
     "tile_max_avx2<float, false>(",
 ]

@@ -102,13 +102,14 @@ void list_tiles(const T* x, int64_t tiles, int32_t lo_gt, int32_t hi_gt, int64_t
 
 // Over x[0, n): returns the count of orders > hi_gt, and writes at out the keys of
 // those > lo_gt but not > hi_gt, in order; returns their end. out needs room for n + 8.
-template <typename T>
+// kSigned: x's own order (select_mask's "grad_sq"), not |x|'s.
+template <typename T, bool kSigned = false>
 int64_t band_keys_portable(const T* x, int64_t n, int32_t lo_gt, int32_t hi_gt, uint32_t*& out) {
   int64_t above = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const int32_t order = order_at<false>(x, j);
+    const int32_t order = order_at<kSigned>(x, j);
     above += order > hi_gt;
-    *out = uint32_t(std::min(order, 0x7f800001)) << 1;
+    *out = key_of_order<kSigned>(order);
     out += order > lo_gt && order <= hi_gt;
   }
   return above;
@@ -116,7 +117,7 @@ int64_t band_keys_portable(const T* x, int64_t n, int32_t lo_gt, int32_t hi_gt, 
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // band_keys_portable by 8 lanes: the keys compressed by a permute from kCompress.
-template <typename T>
+template <typename T, bool kSigned = false>
 __attribute__((target("avx2,f16c,popcnt"))) int64_t band_keys_avx2(const T* x, int64_t n,
                                                                   int32_t lo_gt, int32_t hi_gt,
                                                                   uint32_t*& out) {
@@ -126,11 +127,13 @@ __attribute__((target("avx2,f16c,popcnt"))) int64_t band_keys_avx2(const T* x, i
   uint32_t* o = out;
   for (; j + 8 <= n; j += 8) {
     always_request_ahead(x + j);
-    const __m256i order = order8_avx2<T, false>(x + j);
+    const __m256i order = order8_avx2<T, kSigned>(x + j);
     const uint32_t mh = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(order, hi))));
     const uint32_t ml = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(order, lo))));
     const uint32_t mc = ml & ~mh;
-    const __m256i keys = _mm256_slli_epi32(_mm256_min_epi32(order, nan), 1);
+    const __m256i keys =
+        kSigned ? _mm256_xor_si256(order, _mm256_set1_epi32(INT32_MIN))
+                : _mm256_slli_epi32(_mm256_min_epi32(order, nan), 1);
     const __m256i lanes = _mm256_cvtepu8_epi32(
         _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.pos[mc])));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permutevar8x32_epi32(keys, lanes));
@@ -138,7 +141,7 @@ __attribute__((target("avx2,f16c,popcnt"))) int64_t band_keys_avx2(const T* x, i
     above += __builtin_popcount(mh);
   }
   out = o;
-  return above + band_keys_portable(x + j, n - j, lo_gt, hi_gt, out);
+  return above + band_keys_portable<T, kSigned>(x + j, n - j, lo_gt, hi_gt, out);
 }
 #endif
 
@@ -182,12 +185,12 @@ void add_residual(M* r, const T* g, M alpha, int64_t n) {
   add_residual_portable(r, g, alpha, n);
 }
 
-template <typename T>
+template <typename T, bool kSigned = false>
 int64_t band_keys(const T* x, int64_t n, int32_t lo_gt, int32_t hi_gt, uint32_t*& out) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (use_avx2()) return band_keys_avx2(x, n, lo_gt, hi_gt, out);
+  if (use_avx2()) return band_keys_avx2<T, kSigned>(x, n, lo_gt, hi_gt, out);
 #endif
-  return band_keys_portable(x, n, lo_gt, hi_gt, out);
+  return band_keys_portable<T, kSigned>(x, n, lo_gt, hi_gt, out);
 }
 
 }  // namespace incrkern::fused

@@ -1,13 +1,19 @@
-// CPU kernels of the select family (the ops topk and select): indices (ascending)
-// of the k largest scores of one tensor, of each tensor of a list, or of the
-// concatenation of a list. The work is the Selector's (select/selector_cpu.h).
+// CPU kernels of the select family (the ops topk, select and select_mask): indices
+// (ascending) of the k largest scores of one tensor, of each tensor of a list, or of
+// the concatenation of a list, or per tensor a bool mask of them. The work is the
+// Selector's (select/selector_cpu.h), and for a mask a band from its sample.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
 
+#include "common/claims.h"
+#include "fused/scans_cpu.h"
+#include "select/band_kth_cpu.h"
+#include "select/mask_scans_cpu.h"
 #include "select/select_checks.h"
 #include "select/selector_cpu.h"
 
@@ -48,14 +54,16 @@ at::Tensor topk_cpu(const at::Tensor& x, int64_t k, bool approx) {
   return run_selection({s}, k, approx)[0];
 }
 
-std::vector<at::Tensor> select_cpu(at::TensorList tensors, at::IntArrayRef ks, c10::string_view score,
-                                   bool global_scope, bool approx, at::TensorList residuals,
-                                   at::TensorList weights, int64_t seed) {
-  const char* op = "incrkern.select";
+// The Sources of a select call's tensors, its arguments checked first; `keep` holds
+// the contiguous copies they read.
+std::vector<Source> checked_sources(const char* op, at::TensorList tensors, at::IntArrayRef ks,
+                                    c10::string_view score, bool global_scope,
+                                    at::TensorList residuals, at::TensorList weights,
+                                    int64_t seed, std::vector<at::Tensor>& keep) {
   const SelectArgs a = check_select_args(op, tensors, ks, std::string(score), global_scope,
                                          residuals, weights);
-  std::vector<at::Tensor> keep;  // contiguous inputs, alive until the end
   std::vector<Source> srcs;
+  keep.reserve(2 * tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& data_t = a.score == "weight" ? weights[i] : tensors[i];
     check_cpu_dtype(op, a.score == "weight" ? "weights" : "tensors", i, data_t);
@@ -72,6 +80,15 @@ std::vector<at::Tensor> select_cpu(at::TensorList tensors, at::IntArrayRef ks, c
     s.rk = random_keys(seed, int64_t(i));
     srcs.push_back(s);
   }
+  return srcs;
+}
+
+std::vector<at::Tensor> select_cpu(at::TensorList tensors, at::IntArrayRef ks, c10::string_view score,
+                                   bool global_scope, bool approx, at::TensorList residuals,
+                                   at::TensorList weights, int64_t seed) {
+  std::vector<at::Tensor> keep;  // contiguous inputs, alive until the end
+  std::vector<Source> srcs = checked_sources("incrkern.select", tensors, ks, score, global_scope,
+                                             residuals, weights, seed, keep);
   if (global_scope) {
     int64_t pos = 0;
     for (Source& s : srcs) s.pos0 = pos, pos += s.n;
@@ -93,11 +110,231 @@ std::vector<at::Tensor> select_cpu(at::TensorList tensors, at::IntArrayRef ks, c
   return outs;
 }
 
+
+// ---------------------------------------------------------------------------------
+// select_mask: per tensor, its chosen elements as a bool mask. A band [lo, hi] on the
+// k-th key from the Selector's sample; one pass per block counts the keys above it and
+// keeps those inside it (keys equal to lo only counted: a gradient or a Fisher of
+// mostly zeros puts its k-th among them); the k-th found among the kept keys; a second pass marks
+// every key above the k-th and each block's share of its ties, lowest positions first.
+// Two reads of the scores and one write of a byte per element, where the positions of
+// a dense selection cost 8 bytes each to write and merge. A band that misses, and
+// float64 scores, mark the positions select chooses.
+
+constexpr int64_t kMaskBlock = int64_t(1) << 16;
+// Tensors of up to this many elements are marked one thread each, side by side: the
+// second pass then finds most of the tensor in the last-level cache, and the passes of
+// a few blocks are not split unevenly over the threads.
+constexpr int64_t kMaskOneThread = int64_t(1) << 21;
+
+struct MaskBlock {
+  int64_t above = 0;
+  std::vector<uint32_t> keys;  // keys in (lo, hi], in position order
+  int64_t at_lo = 0;           // keys equal to lo
+  int64_t equal = 0, ties = 0;  // keys equal to the k-th, and how many are chosen
+};
+
+// Calls fn(x, kSigned) with the data of a source the vector scans read (|x| or x of
+// fp32, bf16 or fp16) and returns true; false for any other.
+template <typename Fn>
+bool with_scanned(const Source& s, Fn&& fn) {
+  if ((s.score != ScoreKind::Abs && s.score != ScoreKind::Signed) ||
+      (s.dtype != at::kFloat && s.dtype != at::kBFloat16 && s.dtype != at::kHalf))
+    return false;
+  with_dtype<uint32_t>(s.dtype, [&](auto t) {
+    using T = decltype(t);
+    const T* x = static_cast<const T*>(s.data);
+    if (s.score == ScoreKind::Signed) fn(x, std::true_type{});
+    else fn(x, std::false_type{});
+  });
+  return true;
+}
+
+// fn(keys, i, len) over [b, e) a chunk at a time: the "random" score's keys of
+// elements [i, i + len).
+constexpr int64_t kKeyChunk = 4096;
+
+template <typename Fn>
+void random_chunks(const Source& s, int64_t b, int64_t e, Fn&& fn) {
+  uint32_t keys[kKeyChunk];
+  for (int64_t i = b; i < e; i += kKeyChunk) {
+    const int64_t len = std::min(kKeyChunk, e - i);
+    random_keys(s.rk.kt, s.rk.kt2, i, len, keys);
+    fn(keys, i, len);
+  }
+}
+
+// The counting pass over [b, e) into o.
+void count_band(const Source& s, int64_t b, int64_t e, uint32_t lo, uint32_t hi, MaskBlock& o) {
+  const uint32_t width = hi - lo;
+  const auto keep = [&](uint32_t key) {
+    if (key == lo) ++o.at_lo;
+    else o.keys.push_back(key);
+  };
+  if (s.score == ScoreKind::Random) {
+    random_chunks(s, b, e, [&](const uint32_t* keys, int64_t, int64_t len) {
+      int64_t above = 0;
+      for (int64_t j = 0; j < len; ++j) above += keys[j] > hi;
+      o.above += above;
+      for (int64_t j = 0; j < len; ++j)
+        if (keys[j] - lo <= width) keep(keys[j]);
+    });
+    return;
+  }
+  const bool scanned = with_scanned(s, [&](const auto* x, auto is_signed) {
+    constexpr bool kSigned = decltype(is_signed)::value;
+    constexpr int64_t kChunk = kKeyChunk;
+    const int32_t lo_gt = order_greater_than<kSigned>(lo);
+    const int32_t hi_gt = order_greater_than<kSigned>(uint64_t(hi) + 1);
+    uint32_t keys[kChunk + 8];
+    for (int64_t i = b; i < e; i += kChunk) {
+      uint32_t* end = keys;
+      o.above += fused::band_keys<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, kSigned>(
+          x + i, std::min(kChunk, e - i), lo_gt, hi_gt, end);
+      for (const uint32_t* k = keys; k < end; ++k) keep(*k);
+    }
+  });
+  if (scanned) return;
+  with_reader<uint32_t>(s, [&](const auto& rd) {
+    for (int64_t i = b; i < e; ++i) {
+      const uint32_t key = rd(i);
+      o.above += key > hi;
+      if (key - lo <= width) keep(key);
+    }
+  });
+}
+
+// out[i - b] = key(i) >= at_least over [b, e).
+void mark_at_least(const Source& s, int64_t b, int64_t e, uint64_t at_least, bool* out) {
+  if (at_least == 0 || at_least > 0xffffffffu) {
+    std::memset(out, at_least == 0, size_t(e - b));
+    return;
+  }
+  const bool scanned = with_scanned(s, [&](const auto* x, auto is_signed) {
+    constexpr bool kSigned = decltype(is_signed)::value;
+    mark_orders<kSigned>(x + b, e - b, order_greater_than<kSigned>(at_least), out);
+  });
+  if (scanned) return;
+  const uint32_t gt = uint32_t(at_least - 1);
+  if (s.score == ScoreKind::Random) {
+    random_chunks(s, b, e, [&](const uint32_t* keys, int64_t i, int64_t len) {
+      for (int64_t j = 0; j < len; ++j) out[i - b + j] = keys[j] > gt;
+    });
+    return;
+  }
+  with_reader<uint32_t>(s, [&](const auto& rd) {
+    for (int64_t i = b; i < e; ++i) *out++ = rd(i) > gt;
+  });
+}
+
+// out[i - b] over [b, e): keys above tie, and the first `ties` keys equal to it.
+template <typename Reader>
+void mark_some_ties(const Reader& rd, int64_t b, int64_t e, uint32_t tie, int64_t ties,
+                    bool* out) {
+  for (int64_t i = b; i < e; ++i) {
+    const uint32_t key = rd(i);
+    out[i - b] = key > tie || (key == tie && ties-- > 0);
+  }
+}
+
+// mask set at the positions select chooses, cleared elsewhere.
+void mark_positions(const Source& s, int64_t k, at::Tensor& mask) {
+  const at::Tensor chosen = run_selection({s}, k, false)[0];
+  mask.zero_().index_fill_(0, chosen, true);
+}
+
+void mark_chosen(const Source& s, int64_t k, at::Tensor& mask) {
+  const int64_t n = s.n;
+  bool* out = mask.data_ptr<bool>();
+  if (k == 0 || k == n) {
+    std::memset(out, k == n, size_t(n));
+    return;
+  }
+  if (needs_wide_keys({s})) return mark_positions(s, k, mask);
+  const auto [lo, hi] = Selector<uint32_t>({s}, k, false).band();
+  std::vector<MaskBlock> blocks(size_t((n + kMaskBlock - 1) / kMaskBlock));
+  const auto nblocks = int64_t(blocks.size());
+  int64_t above = 0, kept = 0, at_lo = 0;
+  parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi)
+      count_band(s, bi * kMaskBlock, std::min(n, (bi + 1) * kMaskBlock), lo, hi,
+                 blocks[size_t(bi)]);
+  });
+  for (const MaskBlock& o : blocks)
+    above += o.above, kept += int64_t(o.keys.size()), at_lo += o.at_lo;
+  if (above > k || above + kept + at_lo < k) return mark_positions(s, k, mask);
+  // Chosen: every key >= at_least, and each block's first `ties` keys equal to tie.
+  const int64_t need = k - above;
+  uint64_t at_least = uint64_t(hi) + 1;
+  uint32_t tie = 0;
+  if (need > 0 && need == kept + at_lo) {
+    at_least = lo;
+  } else if (need > 0 && need >= kept) {  // every key above lo, some equal to it
+    tie = lo;
+    at_least = uint64_t(lo) + 1;
+    std::vector<int64_t> equal;
+    for (const MaskBlock& o : blocks) equal.push_back(o.at_lo);
+    const std::vector<int64_t> taken = ties_lowest_first(equal, need - kept);
+    for (size_t bi = 0; bi < blocks.size(); ++bi)
+      blocks[bi].equal = equal[bi], blocks[bi].ties = taken[bi];
+  } else if (need > 0) {
+    const BandKth b = band_kth(
+        blocks, [](const MaskBlock& o) -> const std::vector<uint32_t>& { return o.keys; }, need,
+        lo, hi);
+    tie = b.kth;
+    at_least = uint64_t(tie) + 1;
+    for (size_t bi = 0; bi < blocks.size(); ++bi)
+      blocks[bi].equal = b.equal[bi], blocks[bi].ties = b.ties[bi];
+  }
+  parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const MaskBlock& o = blocks[size_t(bi)];
+      const int64_t b = bi * kMaskBlock, e = std::min(n, b + kMaskBlock);
+      if (o.ties == 0 || o.ties == o.equal) {
+        mark_at_least(s, b, e, o.ties > 0 ? tie : at_least, out + b);
+        continue;
+      }
+      with_reader<uint32_t>(s, [&](const auto& rd) {
+        mark_some_ties(rd, b, e, tie, o.ties, out + b);
+      });
+    }
+  });
+}
+
+void select_mask_cpu(at::TensorList masks, at::TensorList tensors, at::IntArrayRef ks,
+                     c10::string_view score, at::TensorList residuals, at::TensorList weights,
+                     int64_t seed) {
+  const char* op = "incrkern.select_mask_";
+  std::vector<at::Tensor> keep;
+  const std::vector<Source> srcs =
+      checked_sources(op, tensors, ks, score, false, residuals, weights, seed, keep);
+  TORCH_CHECK(masks.size() == tensors.size(), op, ": masks has ", masks.size(),
+              " entries, expected ", tensors.size());
+  std::vector<at::Tensor> outs(masks.begin(), masks.end());
+  for (size_t i = 0; i < outs.size(); ++i) {
+    const at::Tensor& m = outs[i];
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.device().is_cpu() && m.is_contiguous() &&
+                    m.numel() == tensors[i].numel(),
+                op, ": masks[", i, "] must be a contiguous CPU bool tensor of ",
+                tensors[i].numel(), " elements, got ", m.scalar_type(), " ", m.sizes(), " on ",
+                m.device(), m.is_contiguous() ? "" : " (not contiguous)");
+  }
+  // Tensors of up to kMaskOneThread side by side, one thread each; larger ones one
+  // after another, each over every thread.
+  std::vector<int64_t> small, large;
+  for (size_t i = 0; i < srcs.size(); ++i)
+    (srcs[i].n <= kMaskOneThread ? small : large).push_back(int64_t(i));
+  parallel_for_claimed(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) mark_chosen(srcs[small[j]], ks[small[j]], outs[small[j]]);
+  });
+  for (int64_t i : large) mark_chosen(srcs[i], ks[i], outs[i]);
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, CPU, m) {
   m.impl("topk", &topk_cpu);
   m.impl("select", &select_cpu);
+  m.impl("select_mask_", &select_mask_cpu);
 }
 
 }  // namespace incrkern

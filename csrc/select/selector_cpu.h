@@ -573,15 +573,18 @@ class Selector {
   // positions' update then costs less (docs/design.md, "The threshold stream").
   std::optional<std::pair<K, K>> stream_band() const {
     const int64_t s = filter_sample();
-    const SampleRanks r = sample_ranks(s);
     const std::vector<K> keys = sample_keys(s);
-    const auto [lo, hi] = sample_edges(keys, r.hi, r.lo);
+    const auto [lo, hi] = band_edges(keys);
     if (lo == 0 && double(k_) < kWideBandDensity * double(n_)) {
       const auto in_band = std::count_if(keys.begin(), keys.end(), [&](K key) { return key <= hi; });
       if (double(in_band) > kWideBand * double(s)) return std::nullopt;
     }
     return std::make_pair(lo, hi);
   }
+
+  // The same band, never refused: select_mask (select_cpu.cpp) counts the band's zero
+  // keys instead of keeping them.
+  std::pair<K, K> band() const { return band_edges(sample_keys(filter_sample())); }
 
   // The band [L, H] from a constant-stride sample (sample_keys), or nothing when the
   // sample predicts more candidates than the budget allows.
@@ -614,6 +617,12 @@ class Selector {
 
   // The size of filter_band's and stream_band's sample: about n/64 keys, 256 to 4096.
   int64_t filter_sample() const { return std::min(n_, std::clamp<int64_t>(n_ / 64, 256, 4096)); }
+
+  // The band of stream_band and band from their sample's keys.
+  std::pair<K, K> band_edges(const std::vector<K>& keys) const {
+    const SampleRanks r = sample_ranks(int64_t(keys.size()));
+    return sample_edges(keys, r.hi, r.lo);
+  }
 
   static constexpr double kWideBand = 0.25, kWideBandDensity = 0.15;
 

@@ -1,0 +1,91 @@
+// The vector scans of select_mask (select_cpu.cpp): a byte per element, set where its
+// order (scan_cpu.h: |x|'s, or x's with kSigned) is above a threshold; the "random"
+// score's keys of a run of elements. AVX2 (+F16C) where the CPU has it, a portable
+// loop otherwise.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+
+#include "select/scan_cpu.h"
+#include "select/select_keys.h"
+
+namespace incrkern::select {
+
+template <bool kSigned, typename T>
+void mark_orders_portable(const T* x, int64_t n, int32_t gt, bool* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = order_at<kSigned>(x, j) > gt;
+}
+
+// The 8 bytes (0 or 1, lowest bit first) of each 8-bit mask.
+inline constexpr std::array<uint64_t, 256> kMaskBytes = [] {
+  std::array<uint64_t, 256> t{};
+  for (int m = 0; m < 256; ++m)
+    for (int b = 0; b < 8; ++b)
+      if (m >> b & 1) t[size_t(m)] |= uint64_t(1) << (8 * b);
+  return t;
+}();
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <bool kSigned, typename T>
+__attribute__((target("avx2,f16c"))) void mark_orders_avx2(const T* x, int64_t n, int32_t gt,
+                                                           bool* out) {
+  const __m256i t = _mm256_set1_epi32(gt);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i above = _mm256_cmpgt_epi32(order8_avx2<T, kSigned>(x + j), t);
+    const uint64_t bytes = kMaskBytes[size_t(_mm256_movemask_ps(_mm256_castsi256_ps(above)))];
+    std::memcpy(out + j, &bytes, 8);
+  }
+  mark_orders_portable<kSigned>(x + j, n - j, gt, out + j);
+}
+#endif
+
+// out[j] = order(x[j]) > gt over [0, n): x's key >= at_least with
+// gt = order_greater_than<kSigned>(at_least).
+template <bool kSigned, typename T>
+void mark_orders(const T* x, int64_t n, int32_t gt, bool* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return mark_orders_avx2<kSigned>(x, n, gt, out);
+#endif
+  mark_orders_portable<kSigned>(x, n, gt, out);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) inline __m256i fmix8(__m256i h) {
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int32_t(0x85ebca6bu)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(int32_t(0xc2b2ae35u)));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+// random_keys by 8 lanes, whose indices share their upper 32 bits.
+__attribute__((target("avx2"))) inline void random_keys_avx2(uint32_t kt, uint32_t kt2,
+                                                             int64_t i, int64_t n,
+                                                             uint32_t* keys) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const auto first = uint64_t(i + j);
+    if (uint32_t(first) > 0xfffffff8u) break;  // the lanes would cross a multiple of 2^32
+    const __m256i low = _mm256_add_epi32(_mm256_set1_epi32(int32_t(uint32_t(first))), lanes);
+    const __m256i h = fmix8(_mm256_xor_si256(low, _mm256_set1_epi32(int32_t(kt))));
+    const uint32_t add = uint32_t(first >> 32) * 0x9e3779b9u + kt2;
+    const __m256i key = fmix8(_mm256_add_epi32(h, _mm256_set1_epi32(int32_t(add))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + j), key);
+  }
+  for (; j < n; ++j) keys[j] = random_key32(kt, kt2, i + j);
+}
+#endif
+
+// keys[j] = random_key32(kt, kt2, i + j) for j in [0, n).
+inline void random_keys(uint32_t kt, uint32_t kt2, int64_t i, int64_t n, uint32_t* keys) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return random_keys_avx2(kt, kt2, i, n, keys);
+#endif
+  for (int64_t j = 0; j < n; ++j) keys[j] = random_key32(kt, kt2, i + j);
+}
+
+}  // namespace incrkern::select
