@@ -508,3 +508,48 @@ def test_mostly_zero_embedding_matches_reference(select, n, hot):
     torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(opt.state[p]["exp_avg"].reshape(-1), ref.state[0]["exp_avg"],
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not incrkern.EXTENSION_LOADED, reason="needs the compiled extension")
+@pytest.mark.parametrize("name,select", [("AdamW", "weight"), ("AdamW", "grad_sq"),
+                                         ("AdamW", "random"), ("SGD", "grad"),
+                                         ("Adam", "accumulated")])
+@pytest.mark.parametrize("density", [0.1, 0.6])
+def test_mask_route_matches_positions(name, select, density, monkeypatch):
+    """From MASK_DENSITY a CPU step that the fused kernel does not take gets its bool
+    masks from ops.select_mask; the same step with positions marked by index_fill_ (the
+    route it replaces) leaves the same params and state, bit for bit, over steps whose
+    masks differ (the kept buffer rewritten each time)."""
+    from incrkern import ops
+    torch.manual_seed(0)
+    shapes = [(300, 257), (70001,), (17,), (2, 3)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) * (i + 1) for s in shapes] for i in range(3)]
+    opts, calls = [], []
+    real = ops.select_mask
+    monkeypatch.setattr(ops, "select_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kwargs = dict(lr=0.01, density=density, select=select)
+    if name == "SGD":
+        kwargs["momentum"] = 0.9
+    if select == "accumulated":
+        kwargs["amsgrad"] = True  # not the fused kernel's: error feedback then composes
+    for route in ("masks", "positions"):
+        params = [nn.Parameter(p.clone()) for p in start]
+        opt = getattr(incrkern.optim, name)(params, **kwargs)
+        if route == "positions":
+            opt._select_masks = lambda *a, **k: None
+        for step, gs in enumerate(grads):
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            torch.manual_seed(step)  # the random score's seed, drawn the same way
+            opt.step()
+        opts.append((params, opt))
+    assert len(calls) == len(grads)
+    (pa, oa), (pb, ob) = opts
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        sa, sb = oa.state[a], ob.state[b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+    assert not all(torch.equal(a, s) for a, s in zip(pa, start))

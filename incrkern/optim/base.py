@@ -24,6 +24,8 @@ from torch.optim import Optimizer
 
 from .. import ops
 from .checks import _check_loaded_param_state, _check_lr, check_incremental_options
+from .checks import checked_positions as _checked_positions
+from .checks import stored_positions as _stored_positions
 from .device_steps import check_capturable, skips_on_device
 from .work import Work, contiguous
 
@@ -540,13 +542,7 @@ class IncrementalOptimizer(Optimizer):
             return [s["indices"].long() for s in states]
         if density >= 1.0:
             return None
-        score, tensors, weights = "grad", sources, None
-        if select == "grad_sq":
-            score, tensors = "grad_sq", [s["fisher"] for s in states]
-        elif select == "weight":
-            score, weights = "weight", contiguous_params
-        elif select == "random":
-            score = "random"
+        score, tensors, weights = _scores(select, states, sources, contiguous_params)
         if group["scope"] == "global" and self._global_select is not None:
             indices = self._global_select(group, params, tensors, score, weights)
         else:
@@ -557,6 +553,29 @@ class IncrementalOptimizer(Optimizer):
             for s, idx, p in zip(states, indices, params):
                 s["indices"] = _stored_positions(idx, p)
         return indices
+
+    def _select_masks(self, group, states, sources, contiguous_params, device):
+        """Per param a flat bool mask of the elements to update, where the update takes
+        one (a CPU step from MASK_DENSITY on, reselected every step, no per-element
+        ages, no momentum correction, which clears the chosen positions of its
+        velocity) and ops.select_mask makes it; None otherwise (_select's positions).
+        The masks are views of one buffer kept between steps."""
+        density = float(group["density"])
+        if (device.type != "cpu" or not ops.EXTENSION_LOADED
+                or not MASK_DENSITY <= density < 1.0 or group["mask"] != "dynamic"
+                or group["select"] == "layer" or group["scope"] != "tensor"
+                or group.get("momentum_correction")
+                or group.get("bias_correction") == "element"):
+            return None
+        score, tensors, weights = _scores(group["select"], states, sources, contiguous_params)
+        numels = [t.numel() for t in tensors]
+        buffers = self.__dict__.setdefault("_mask_buffers", {})
+        buffer = buffers.get(device)
+        if buffer is None or buffer.numel() < sum(numels):
+            buffer = buffers[device] = torch.empty(sum(numels), dtype=torch.bool, device=device)
+        out = list(buffer[:sum(numels)].split(numels))
+        return ops.select_mask(tensors, density, score=score, weights=weights, out=out,
+                               validate=False)
 
     def _select_layers(self, group, params, states):
         """select='layer': whole tensors, drawn at random until they hold a `density`
@@ -666,15 +685,17 @@ class IncrementalOptimizer(Optimizer):
             unscale = sources is grads  # residuals and accumulators hold unscaled sums
             masters = self._masters(group, ps)
             work = Work(ps, sources, states, masters)
-            indices = self._select(group, ps, states, sources, work.contiguous_params)
-            partial = indices is not None
+            masks = self._select_masks(group, states, sources, work.contiguous_params, device)
+            indices = None if masks is not None else \
+                self._select(group, ps, states, sources, work.contiguous_params)
+            partial = indices is not None or masks is not None
             if select == "layer":  # whole tensors: a dense update of the chosen ones
                 chosen = [i for i, idx in enumerate(indices) if idx is None]
                 work = Work([ps[i] for i in chosen], [sources[i] for i in chosen],
                              [states[i] for i in chosen],
                              None if masters is None else [masters[i] for i in chosen])
                 indices = None
-            self._update(group, work, device, indices, scale, consume, unscale)
+            self._update(group, work, device, indices, scale, consume, unscale, masks)
             if n > 1 and select != "accumulated" and partial:
                 torch._foreach_zero_(sources)  # the unchosen part of the mean is spent too
             if group.get("momentum_correction") and indices is not None:
@@ -764,15 +785,15 @@ class IncrementalOptimizer(Optimizer):
             buffer = buffers[key] = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
         return buffer[:p.numel()].view(p.shape)
 
-    def _update(self, group, work, device, indices, grad_scale, consume_grad, unscale):
+    def _update(self, group, work, device, indices, grad_scale, consume_grad, unscale,
+                masks=None):
         compact = group["mask"] == "fixed" and indices is not None
         self._init_states(group, work.params, work.states,
                           [idx.numel() for idx in indices] if compact else None,
-                          sparse=indices is not None)
+                          sparse=indices is not None or masks is not None)
         ages = None
         if indices is not None and all("age" in s for s in work.states):
             ages = [s["age"] for s in work.states]
-        masks = None
         if (indices is not None and not compact and ages is None and device.type == "cpu"
                 and float(group["density"]) >= MASK_DENSITY):
             masks = [torch.zeros(p.numel(), dtype=torch.bool, device=device)
@@ -783,29 +804,12 @@ class IncrementalOptimizer(Optimizer):
                     compact_state=compact, unscale=unscale)
 
 
-def _stored_positions(idx, p):
-    # Kept as int32 where positions fit: with k-long fp32 moments a fixed mask then
-    # costs 12 bytes per chosen element instead of 16.
-    return idx.to(torch.int32) if p.numel() < 2 ** 31 else idx.to(torch.int64)
-
-
-def _checked_positions(name, idx, p):
-    """`idx` as a fixed mask's stored positions (sorted, on p's device), or a
-    ValueError/TypeError naming `name`."""
-    if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor of positions, got {type(idx).__name__}")
-    if idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 or int64, got {idx.dtype}")
-    if idx.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(idx.shape)}")
-    if idx.device != p.device:
-        raise ValueError(f"{name} is on {idx.device}, its param on {p.device}")
-    idx = idx.sort().values
-    if idx.numel():
-        low, high = int(idx[0]), int(idx[-1])
-        if low < 0 or high >= p.numel():
-            raise ValueError(f"{name} holds positions outside [0, {p.numel()}): "
-                             f"{low if low < 0 else high}")
-        if bool((idx[1:] == idx[:-1]).any()):
-            raise ValueError(f"{name} holds a position twice")
-    return _stored_positions(idx, p)
+def _scores(select, states, sources, contiguous_params):
+    """(score, tensors, weights) of ops.select for a group's `select` option."""
+    if select == "grad_sq":
+        return "grad_sq", [s["fisher"] for s in states], None
+    if select == "weight":
+        return "weight", sources, contiguous_params
+    if select == "random":
+        return "random", sources, None
+    return "grad", sources, None
