@@ -80,6 +80,81 @@ __attribute__((target("avx2"))) inline void random_keys_avx2(uint32_t kt, uint32
 }
 #endif
 
+// Over keys[0, n): returns how many are > hi, and writes at out those in [lo, hi], in
+// order; returns their end. out needs room for n + 8.
+inline int64_t keys_in_band_portable(const uint32_t* keys, int64_t n, uint32_t lo, uint32_t hi,
+                                     uint32_t*& out) {
+  int64_t above = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    above += keys[j] > hi;
+    *out = keys[j];
+    out += keys[j] - lo <= hi - lo;
+  }
+  return above;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// keys_in_band_portable by 8 lanes: unsigned compares as signed ones of the keys with
+// their top bit flipped, the kept keys compressed by a permute from kCompress.
+__attribute__((target("avx2,popcnt"))) inline int64_t keys_in_band_avx2(
+    const uint32_t* keys, int64_t n, uint32_t lo, uint32_t hi, uint32_t*& out) {
+  const __m256i flip = _mm256_set1_epi32(INT32_MIN);
+  const __m256i below = _mm256_set1_epi32(int32_t((lo ^ 0x80000000u)) - 1);
+  const __m256i top = _mm256_set1_epi32(int32_t(hi ^ 0x80000000u));
+  int64_t above = 0, j = 0;
+  uint32_t* o = out;
+  if (lo > 0) {
+    for (; j + 8 <= n; j += 8) {
+      const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
+      const __m256i ks = _mm256_xor_si256(k, flip);
+      const auto mh = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(ks, top))));
+      const auto ml = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(ks, below))));
+      const uint32_t mc = ml & ~mh;
+      const __m256i lanes = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.pos[mc])));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permutevar8x32_epi32(k, lanes));
+      o += __builtin_popcount(mc);
+      above += __builtin_popcount(mh);
+    }
+  }
+  out = o;
+  return above + keys_in_band_portable(keys + j, n - j, lo, hi, out);
+}
+#endif
+
+// keys_in_band_portable, 8 lanes at a time where the CPU has AVX2.
+inline int64_t keys_in_band(const uint32_t* keys, int64_t n, uint32_t lo, uint32_t hi,
+                            uint32_t*& out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return keys_in_band_avx2(keys, n, lo, hi, out);
+#endif
+  return keys_in_band_portable(keys, n, lo, hi, out);
+}
+
+// out[j] = keys[j] > gt over [0, n), 8 lanes at a time where the CPU has AVX2.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) inline void mark_keys_avx2(const uint32_t* keys, int64_t n,
+                                                           uint32_t gt, bool* out) {
+  const __m256i flip = _mm256_set1_epi32(INT32_MIN);
+  const __m256i t = _mm256_set1_epi32(int32_t(gt ^ 0x80000000u));
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i k = _mm256_xor_si256(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j)), flip);
+    const auto m = size_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, t))));
+    std::memcpy(out + j, &kMaskBytes[m], 8);
+  }
+  for (; j < n; ++j) out[j] = keys[j] > gt;
+}
+#endif
+
+inline void mark_keys(const uint32_t* keys, int64_t n, uint32_t gt, bool* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return mark_keys_avx2(keys, n, gt, out);
+#endif
+  for (int64_t j = 0; j < n; ++j) out[j] = keys[j] > gt;
+}
+
 // keys[j] = random_key32(kt, kt2, i + j) for j in [0, n).
 inline void random_keys(uint32_t kt, uint32_t kt2, int64_t i, int64_t n, uint32_t* keys) {
 #if defined(__x86_64__) && defined(__GNUC__)

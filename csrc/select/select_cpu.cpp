@@ -172,12 +172,11 @@ void count_band(const Source& s, int64_t b, int64_t e, uint32_t lo, uint32_t hi,
     else o.keys.push_back(key);
   };
   if (s.score == ScoreKind::Random) {
+    uint32_t kept[kKeyChunk + 8];
     random_chunks(s, b, e, [&](const uint32_t* keys, int64_t, int64_t len) {
-      int64_t above = 0;
-      for (int64_t j = 0; j < len; ++j) above += keys[j] > hi;
-      o.above += above;
-      for (int64_t j = 0; j < len; ++j)
-        if (keys[j] - lo <= width) keep(keys[j]);
+      uint32_t* end = kept;
+      o.above += keys_in_band(keys, len, lo, hi, end);
+      for (const uint32_t* k = kept; k < end; ++k) keep(*k);
     });
     return;
   }
@@ -218,7 +217,7 @@ void mark_at_least(const Source& s, int64_t b, int64_t e, uint64_t at_least, boo
   const uint32_t gt = uint32_t(at_least - 1);
   if (s.score == ScoreKind::Random) {
     random_chunks(s, b, e, [&](const uint32_t* keys, int64_t i, int64_t len) {
-      for (int64_t j = 0; j < len; ++j) out[i - b + j] = keys[j] > gt;
+      mark_keys(keys, len, gt, out + (i - b));
     });
     return;
   }
