@@ -485,15 +485,20 @@ def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=N
         tensors, k, score, scope, residual, weights, generator, validate)
     if not tensors:
         return []
-    global_scope = scope == "global"
+    kernel, tensors, residual, weights = _select_kernel(tensors, residual, weights)
+    return list(kernel(tensors, ks, score, scope == "global", bool(approx), residual, weights,
+                       seed))
+
+
+def _select_kernel(tensors, residual, weights):
+    """(select's kernel for the tensors' device, tensors, residual, weights): the
+    compiled one takes non-contiguous tensors and copies them itself; the reference,
+    where there is none, gets contiguous ones."""
     kernel = _kernel("select", tensors[0].device)
-    if kernel is None:
-        kernel = reference.select
-        tensors = [t.contiguous() for t in tensors]
-        residual = [r.contiguous() for r in residual]
-        weights = [w.contiguous() for w in weights]
-    # (the compiled kernels take non-contiguous tensors and copy them themselves)
-    return list(kernel(tensors, ks, score, global_scope, bool(approx), residual, weights, seed))
+    if kernel is not None:
+        return kernel, tensors, residual, weights
+    return (reference.select, [t.contiguous() for t in tensors],
+            [r.contiguous() for r in residual], [w.contiguous() for w in weights])
 
 
 
@@ -526,13 +531,8 @@ def select_mask(tensors, k, *, score="grad", scope="tensor", residual=None, weig
     if tensors[0].device.type == "cpu" and scope == "tensor" and EXTENSION_LOADED:
         torch.ops.incrkern.select_mask_(out, tensors, ks, score, residual, weights, seed)
         return out
-    positions = _kernel("select", tensors[0].device)
-    if positions is None:
-        positions = reference.select
-        tensors = [t.contiguous() for t in tensors]
-        residual = [r.contiguous() for r in residual]
-        weights = [w.contiguous() for w in weights]
-    chosen = positions(tensors, ks, score, scope == "global", False, residual, weights, seed)
+    kernel, tensors, residual, weights = _select_kernel(tensors, residual, weights)
+    chosen = kernel(tensors, ks, score, scope == "global", False, residual, weights, seed)
     for m, c in zip(out, chosen):
         m.view(-1).zero_().index_fill_(0, c, True)
     return out

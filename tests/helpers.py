@@ -138,3 +138,23 @@ def assert_approx_selection(got, x, k):
         assert scores[chosen].min() >= scores[~chosen].max()
         kth = scores.topk(k).values[-1]
         assert scores[chosen].min() >= kth * (1 - ops.APPROX_VALUE_TOLERANCE)
+
+
+def results_in_children(code, settings, tmp_dir):
+    """torch.load of what `code` saves at sys.argv[1] when run by a child process under
+    each of `settings` (environment variables set over the inherited ones, which lose
+    INCRKERN_CPU_BASELINE and INCRKERN_SCAN_AHEAD first): one result per setting."""
+    import os
+    import subprocess
+    import sys
+    results = []
+    for j, setting in enumerate(settings):
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("INCRKERN_CPU_BASELINE", "INCRKERN_SCAN_AHEAD")}
+        env.update(setting)
+        path = os.path.join(str(tmp_dir), f"out{j}.pt")
+        subprocess.run([sys.executable, "-c", code, path], check=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       timeout=300)
+        results.append(torch.load(path))
+    return results

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from incrkern import EXTENSION_LOADED, ops, reference
-from helpers import assert_param_close, cpu_zero_probe
+from helpers import assert_param_close, cpu_zero_probe, results_in_children
 
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
 
@@ -462,9 +462,6 @@ def test_portable_listing_same_answer(tmp_path):
     elements as the vector ones: fp32, bf16 and fp16, exact and approx, with and
     without a residual, the threshold stream over threads and on one thread. So do
     the vector scans with and without their requests ahead (INCRKERN_SCAN_AHEAD)."""
-    import os
-    import subprocess
-    import sys
     code = (
         "import sys, torch\n"
         "sys.path.insert(0, 'tests')\n"
@@ -479,18 +476,9 @@ def test_portable_listing_same_answer(tmp_path):
         "            out.append([x[key][i] for key in ('params', 'm', 'v', 'r') if x[key]\n"
         "                        for i in range(2)])\n"
         "torch.save(out, sys.argv[1])\n")
-    results = []
     settings = ({}, {"INCRKERN_CPU_BASELINE": "1"}, {"INCRKERN_SCAN_AHEAD": "1"},
                 {"INCRKERN_SCAN_AHEAD": "0"})
-    for j, setting in enumerate(settings):
-        env = {key: value for key, value in os.environ.items()
-               if key not in ("INCRKERN_CPU_BASELINE", "INCRKERN_SCAN_AHEAD")}
-        env.update(setting)
-        path = tmp_path / f"out{j}.pt"
-        subprocess.run([sys.executable, "-c", code, str(path)], check=True, env=env,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       timeout=300)
-        results.append(torch.load(path))
+    results = results_in_children(code, settings, tmp_path)
     for other in results[1:]:
         assert len(results[0]) == len(other) == 12
         for a, b in zip(results[0], other):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from incrkern import ops, reference
-from helpers import DEVICES, cpu_sample_stride, needs_ext
+from helpers import DEVICES, cpu_sample_stride, needs_ext, results_in_children
 
 
 def check_against_torch(x, k, idx):
@@ -508,13 +508,11 @@ def test_select_validate_false_same_answer_and_kernel_still_checks():
 
 
 @needs_ext
-def test_cpu_baseline_scan_same_answer():
+def test_cpu_baseline_scan_same_answer(tmp_path):
     """The portable (non-AVX2) scans, forced by INCRKERN_CPU_BASELINE=1 in a child
     process, pick the same elements as the default path, for fp32, bf16 and fp16, |x|
     keys (grad) and signed ones (topk, grad_sq); 1237 elements leave a tile over the
     tile-maxima scan's groups of four and a part tile."""
-    import subprocess
-    import sys
     code = (
         "import torch, math\n"
         "from incrkern import ops\n"
@@ -533,19 +531,7 @@ def test_cpu_baseline_scan_same_answer():
         "            out.append(ops.topk(x, math.ceil(d * n)))\n"
         "            out.append(ops.select([x], d, score='grad_sq')[0])\n"
         "torch.save(out, __import__('sys').argv[1])\n")
-    import os
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for env_value in (None, "1"):
-            env = dict(os.environ)
-            env.pop("INCRKERN_CPU_BASELINE", None)
-            if env_value:
-                env["INCRKERN_CPU_BASELINE"] = env_value
-            path = os.path.join(tmp, f"out{env_value}.pt")
-            subprocess.run([sys.executable, "-c", code, path], check=True, env=env,
-                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            results.append(torch.load(path))
+    results = results_in_children(code, ({}, {"INCRKERN_CPU_BASELINE": "1"}), tmp_path)
     assert len(results[0]) == len(results[1]) == 180
     assert all(torch.equal(a, b) for a, b in zip(*results))
 

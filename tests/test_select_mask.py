@@ -5,13 +5,13 @@ reference's whole, element for element: sizes around the CPU kernel's 16-element
 tiles and 2^16-element blocks, every score and dtype, and the inputs that send it
 down its sampled band or its fallback (ties at the k-th crossing blocks, nearly all
 zeros, heavy tails, NaN and inf, a sample that misjudges the k-th)."""
-import math
+import re
 
 import pytest
 import torch
 
 from incrkern import ops, reference
-from helpers import cpu_sample_stride, needs_ext
+from helpers import cpu_sample_stride, needs_ext, results_in_children
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 DENSITIES = (0.1, 0.3, 0.5, 0.9, 0.99)
@@ -308,6 +308,10 @@ def test_structured(kind, dtype):
     if kind == "nan_inf":
         nans, infs = int(x.isnan().sum()), int(x.isinf().sum())
         special += [nans, nans + 1, nans + infs, nans + infs - 1]
+    if kind == "levels":  # the k-th the last (or one past the last) of a level's ties
+        for v in (1, 2, 3):
+            c = int((x.abs() >= v).sum())
+            special += [c - 1, c, c + 1]
     check([x], k_args(n, (0.001, 0.005, 0.01, 0.05, 0.14)) + special,
           what=f"{kind}:")
     check([x], [0.1, 0.5], score="grad_sq", what=f"{kind}:")
@@ -406,17 +410,24 @@ def test_list_matches_select(score):
     if score == "accumulated":
         kwargs["residual"] = [torch.randn(t.numel(), generator=g, dtype=torch.float32)
                               for t in ts]
-    ref = {"residuals": kwargs.get("residual", ()), "weights": kwargs.get("weights", ())}
     numels = [t.numel() for t in ts]
+    seed = random_seed(9) if score == "random" else 0
+    exp = Expected(ts, score, kwargs.get("residual"), kwargs.get("weights"), seed)
     for k in ([3, 0, 17, 20000, 1, 65536, 2], [999, 0, 1, 200002, 0, 1, 1], 0, 0.1, 0.9, 1.0):
         got = ops.select_mask(ts, k, score=score, generator=gen(9), **kwargs)
         want = select_masks(ts, k, score=score, generator=gen(9), **kwargs)
         ks = ks_of(k, numels)
         assert_masks(got, ts, ks, want, f"vs select, k={k}:")
-        seed = random_seed(9) if score == "random" else 0
-        positions = reference.select(ts, ks, score, False, False, seed=seed, **ref)
-        for m, p, n in zip(got, positions, numels):
-            assert torch.equal(m, mask_of(p, n))
+        assert_masks(got, ts, ks, [exp.mask(i, ki) for i, ki in enumerate(ks)],
+                     f"vs reference, k={k}:")
+    # and reference.select's positions themselves, for one list of ks
+    ks = [3, 0, 17, 20000, 1, 65536, 2]
+    got = ops.select_mask(ts, ks, score=score, generator=gen(9), **kwargs)
+    positions = reference.select(ts, ks, score, False, False, seed=seed,
+                                 residuals=kwargs.get("residual", ()),
+                                 weights=kwargs.get("weights", ()))
+    for m, p, n in zip(got, positions, numels):
+        assert torch.equal(m, mask_of(p, n))
 
 
 def test_random_seed_drawn_like_select():
@@ -452,19 +463,25 @@ def test_global_scope(score):
         kwargs["residual"] = [torch.zeros(t.numel()) for t in ts]
     total = sum(t.numel() for t in ts)
     seed = random_seed(13) if score == "random" else 0
+    # reference.select's global rule: the concatenation's keys, one stable sort
+    keys = torch.cat(reference.select_scores(ts, score, kwargs.get("residual", ()), (), seed))
+    order = torch.sort(keys, descending=True, stable=True).indices
     for k in (0, 1, 5000, 0.1, 0.5, 1.0, total - 1):
         got = ops.select_mask(ts, k, score=score, scope="global", generator=gen(13), **kwargs)
         want = select_masks(ts, k, score=score, scope="global", generator=gen(13), **kwargs)
-        positions = reference.select(ts, [ops.density_k(k, total) if isinstance(k, float)
-                                          else k], score, True, False,
-                                     residuals=kwargs.get("residual", ()), seed=seed)
+        kk = ops.density_k(k, total) if isinstance(k, float) else k
+        ref = mask_of(order[:kk], total).split([t.numel() for t in ts])
         assert len(got) == len(ts)
-        for m, w, p, t in zip(got, want, positions, ts):
+        for m, w, r, t in zip(got, want, ref, ts):
             assert m.dtype == torch.bool and m.shape == (t.numel(),)
             assert torch.equal(m, w)
-            assert torch.equal(m, mask_of(p, t.numel()))
-        expect = ops.density_k(k, total) if isinstance(k, float) else k
-        assert sum(int(m.sum()) for m in got) == expect
+            assert torch.equal(m, r)
+        assert sum(int(m.sum()) for m in got) == kk
+    positions = reference.select(ts, [5000], score, True, False,
+                                 residuals=kwargs.get("residual", ()), seed=seed)
+    got = ops.select_mask(ts, 5000, score=score, scope="global", generator=gen(13), **kwargs)
+    for m, p, t in zip(got, positions, ts):
+        assert torch.equal(m, mask_of(p, t.numel()))
 
 
 def test_empty_list():
@@ -485,42 +502,30 @@ def test_empty_tensors():
 
 
 def test_argument_errors():
+    """Each bad call raises what select raises for it (the same argument checks), naming
+    the argument."""
     ts = [torch.randn(10), torch.randn(5)]
-    with pytest.raises(ValueError, match="score"):
-        ops.select_mask(ts, 1, score="magnitude")
-    with pytest.raises(ValueError, match="scope"):
-        ops.select_mask(ts, 1, scope="layer")
-    for k in (0.0, 1.5, -0.25, float("nan")):
-        with pytest.raises(ValueError, match="k"):
-            ops.select_mask(ts, k)
-    with pytest.raises(ValueError, match="k"):
-        ops.select_mask(ts, 6)  # > numel of ts[1]
-    with pytest.raises(ValueError, match="k"):
-        ops.select_mask(ts, -1)
-    with pytest.raises(ValueError, match=r"k\[1\]"):
-        ops.select_mask(ts, [1, 6])
-    with pytest.raises(ValueError, match="k"):
-        ops.select_mask(ts, [1, 2, 3])
-    with pytest.raises(ValueError, match="k"):
-        ops.select_mask(ts, [1, 2], scope="global")
-    with pytest.raises(TypeError, match="k"):
-        ops.select_mask(ts, True)
-    with pytest.raises(ValueError, match="residual"):
-        ops.select_mask(ts, 1, score="accumulated")
-    with pytest.raises(ValueError, match="residual"):
-        ops.select_mask(ts, 1, score="accumulated", residual=[torch.zeros(10)])
-    with pytest.raises(ValueError, match="residual"):
-        ops.select_mask(ts, 1, score="accumulated", residual=[torch.zeros(10), torch.zeros(4)])
-    with pytest.raises(ValueError, match="residual"):
-        ops.select_mask(ts, 1, residual=[torch.zeros(10), torch.zeros(5)])
-    with pytest.raises(ValueError, match="weights"):
-        ops.select_mask(ts, 1, score="weight")
-    with pytest.raises(TypeError, match="tensors"):
-        ops.select_mask([torch.zeros(3, dtype=torch.int32)], 1)
-    with pytest.raises(TypeError, match="tensors"):
-        ops.select_mask(torch.zeros(3), 1)
-    with pytest.raises(TypeError, match="generator"):
-        ops.select_mask(ts, 1, score="random", generator=3)
+    bad_calls = [
+        (ts, dict(k=1, score="magnitude"), "score"),
+        (ts, dict(k=1, scope="layer"), "scope"),
+        *[(ts, dict(k=k), "k") for k in (0.0, 1.5, -0.25, float("nan"), 6, -1, [1, 2, 3], True)],
+        (ts, dict(k=[1, 6]), r"k\[1\]"),
+        (ts, dict(k=[1, 2], scope="global"), "k"),
+        (ts, dict(k=1, score="accumulated"), "residual"),
+        (ts, dict(k=1, score="accumulated", residual=[torch.zeros(10)]), "residual"),
+        (ts, dict(k=1, score="accumulated", residual=[torch.zeros(10), torch.zeros(4)]),
+         "residual"),
+        (ts, dict(k=1, residual=[torch.zeros(10), torch.zeros(5)]), "residual"),
+        (ts, dict(k=1, score="weight"), "weights"),
+        ([torch.zeros(3, dtype=torch.int32)], dict(k=1), "tensors"),
+        (torch.zeros(3), dict(k=1), "tensors"),
+        (ts, dict(k=1, score="random", generator=3), "generator"),
+    ]
+    for tensors, kwargs, name in bad_calls:
+        with pytest.raises((TypeError, ValueError), match=name) as want:
+            ops.select(tensors, **kwargs)
+        with pytest.raises(type(want.value), match=re.escape(str(want.value))):
+            ops.select_mask(tensors, **kwargs)
 
 
 @pytest.mark.parametrize("score", ["grad", "grad_sq", "weight", "accumulated", "random"])
@@ -574,12 +579,135 @@ def test_validate_false_same_answer():
 
 
 # ----------------------------------------------------------------------------------
-# the registered op
+# out=
+
+
+def test_out_written_and_returned():
+    g = gen(95)
+    ts = mixed_list(g)
+    for score in ("grad", "random", "grad_sq"):
+        exp = Expected(ts, score, seed=random_seed(4) if score == "random" else 0)
+        for k in (0.1, 0.7, [5, 0, 1, 20000, 1, 65537, 2]):
+            out = [torch.ones(t.numel(), dtype=torch.bool) for t in ts]  # stale: all set
+            got = ops.select_mask(ts, k, score=score, generator=gen(4), out=out)
+            assert len(got) == len(ts) and all(a is b for a, b in zip(got, out))
+            want = ops.select_mask(ts, k, score=score, generator=gen(4))
+            assert all(torch.equal(a, b) for a, b in zip(out, want))
+            ks = ks_of(k, [t.numel() for t in ts])
+            assert_masks(out, ts, ks, [exp.mask(i, ki) for i, ki in enumerate(ks)], "out:")
+    # scope="global" writes out too
+    out = [torch.ones(t.numel(), dtype=torch.bool) for t in ts]
+    got = ops.select_mask(ts, 0.2, scope="global", out=out)
+    want = select_masks(ts, 0.2, scope="global")
+    assert all(a is b for a, b in zip(got, out))
+    assert all(torch.equal(a, b) for a, b in zip(out, want))
+
+
+def test_out_errors():
+    ts = [torch.randn(10), torch.randn(5)]
+    with pytest.raises(TypeError, match="out"):
+        ops.select_mask(ts, 1, out=[torch.zeros(10), torch.zeros(5, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="out"):
+        ops.select_mask(ts, 1, out=[torch.zeros(10, dtype=torch.bool),
+                                    torch.zeros(6, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="out"):
+        ops.select_mask(ts, 1, out=[torch.zeros(10, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="out"):
+        ops.select_mask(ts, 1, out=[torch.zeros(20, dtype=torch.bool)[::2],
+                                    torch.zeros(5, dtype=torch.bool)])
+    # checked before the random score's seed is drawn from the generator
+    g = gen(3)
+    with pytest.raises(ValueError, match="out"):
+        ops.select_mask(ts, 1, score="random", generator=g, out=[torch.zeros(10, dtype=torch.bool)])
+    assert torch.equal(torch.randint(0, 2**62, (2,), generator=g),
+                       torch.randint(0, 2**62, (2,), generator=gen(3)))
+    # the op's own check names the mask, before any mask is written
+    good = torch.zeros(10, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"masks\[1\]"):
+        torch.ops.incrkern.select_mask_([good, torch.zeros(4, dtype=torch.bool)], ts, [10, 5],
+                                        "grad", [], [], 0)
+    assert not bool(good.any())
+
+
+# ----------------------------------------------------------------------------------
+# tensors past the kernel's one-thread size (2^21 elements): their blocks over threads
+
+
+ONE_THREAD = 1 << 21
+
+
+def test_over_one_thread_size():
+    g = gen(111)
+    n = ONE_THREAD + 17
+    tie = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    tie[torch.randperm(n, generator=g)[:25]] = 4.0
+    above = 25
+    before = lambda p: int((tie[:p].abs() > 1).sum())  # noqa: E731
+    cut = [above + (p - before(p)) + d for p in (5 * BLOCK, 17 * BLOCK) for d in (-1, 0, 1)]
+    ts = [tie, torch.randn(1000, generator=g), torch.randn(ONE_THREAD + 3, generator=g).bfloat16()]
+    check(ts, [0.1, 0.5, 0.99, [cut[0], 10, 1], [cut[1], 999, ONE_THREAD],
+               [cut[4], 1, 7], [cut[5], 500, 2]], what="large list:")
+    check(ts, [0.3], score="random", seed=5, what="large list:")
+
+
+# ----------------------------------------------------------------------------------
+# the portable scans (INCRKERN_CPU_BASELINE=1: no AVX2), in a child process
+
+
+BASELINE_CASES = [(n, dtype, score) for n in (17, 1237, 200003)
+                  for dtype in ("float32", "bfloat16", "float16")
+                  for score in ("grad", "grad_sq", "random")]
+BASELINE_KS = (1, 0.1, 0.5, 0.99)
+
+
+def baseline_input(n, dtype, score):
+    g = gen(n)
+    x = signed_specials(n, getattr(torch, dtype), g) if score != "random" else \
+        torch.zeros(n, dtype=getattr(torch, dtype))
+    return x
+
+
+@needs_ext
+def test_portable_scans_same_answer(tmp_path):
+    code = (
+        "import sys, torch\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from incrkern import ops\n"
+        "import test_select_mask as t\n"
+        "out = []\n"
+        "for n, dtype, score in t.BASELINE_CASES:\n"
+        "    x = t.baseline_input(n, dtype, score)\n"
+        "    for k in t.BASELINE_KS:\n"
+        "        out.append(ops.select_mask([x], k, score=score, generator=t.gen(5))[0])\n"
+        "torch.save(out, sys.argv[1])\n")
+    got = iter(results_in_children(code, ({"INCRKERN_CPU_BASELINE": "1"},), tmp_path)[0])
+    for n, dtype, score in BASELINE_CASES:
+        x = baseline_input(n, dtype, score)
+        exp = Expected([x], score, seed=random_seed(5) if score == "random" else 0)
+        for k in BASELINE_KS:
+            kk = ks_of(k, [n])
+            assert_masks([next(got)], [x], kk, [exp.mask(0, kk[0])],
+                         f"INCRKERN_CPU_BASELINE=1 {dtype} n={n}:")
+
+
+# ----------------------------------------------------------------------------------
+# the registered op: select_mask_(masks, ...) writing masks in place
+
+
+def run_op(ts, ks, score, residuals, weights, seed):
+    masks = [torch.ones(t.numel(), dtype=torch.bool) for t in ts]  # every byte rewritten
+    torch.ops.incrkern.select_mask_(masks, ts, ks, score, residuals, weights, seed)
+    return masks
+
+
+def op_args(ts, ks, score, residuals, weights, seed):
+    return ([torch.zeros(t.numel(), dtype=torch.bool) for t in ts], ts, ks, score, residuals,
+            weights, seed)
 
 
 @needs_ext
 def test_op_direct():
-    """torch.ops.incrkern.select_mask_ with explicit ks and seed, into given masks."""
+    """The registered op with explicit ks and seed."""
     g = gen(101)
     ts = [torch.randn(3000, generator=g), torch.randn(17, generator=g).bfloat16(),
           torch.randn(70000, generator=g).half()]
@@ -589,102 +717,18 @@ def test_op_direct():
     for score, residuals, weights, seed in [("grad", [], [], 0), ("grad_sq", [], [], 0),
                                             ("accumulated", rs, [], 0), ("weight", [], ws, 0),
                                             ("random", [], [], 123456789)]:
-        got = [torch.ones(t.numel(), dtype=torch.bool) for t in ts]  # every byte rewritten
-        torch.ops.incrkern.select_mask_(got, ts, ks, score, residuals, weights, seed)
+        got = run_op(ts, ks, score, residuals, weights, seed)
         exp = Expected(ts, score, residuals, weights, seed)
         assert_masks(got, ts, ks, [exp.mask(i, k) for i, k in enumerate(ks)], f"op {score}:")
 
 
 @needs_ext
 def test_opcheck():
-    ts = [torch.randn(3000), torch.randn(100).bfloat16(), torch.randn(17).half()]
-
-    def masks():
-        return [torch.empty(t.numel(), dtype=torch.bool) for t in ts]
-
     op = torch.ops.incrkern.select_mask_.default
-    torch.library.opcheck(op, (masks(), ts, [30, 1, 17], "grad", [], [], 0))
+    ts = [torch.randn(3000), torch.randn(100).bfloat16(), torch.randn(17).half()]
+    torch.library.opcheck(op, op_args(ts, [30, 1, 17], "grad", [], [], 0))
     rs = [torch.randn(3000), torch.randn(100), torch.randn(17)]
-    torch.library.opcheck(op, (masks(), ts, [300, 50, 0], "accumulated", rs, [], 0))
-    torch.library.opcheck(op, (masks(), ts, [3, 99, 16], "random", [], [], 42))
+    torch.library.opcheck(op, op_args(ts, [300, 50, 0], "accumulated", rs, [], 0))
+    torch.library.opcheck(op, op_args(ts, [3, 99, 16], "random", [], [], 42))
     ws = [torch.randn(3000).half(), torch.randn(100), torch.randn(17)]
-    torch.library.opcheck(op, (masks(), ts, [1000, 0, 5], "weight", [], ws, 0))
-
-
-@needs_ext
-def test_out_written_and_returned():
-    """out: kept buffers (any contiguous shape of the numel), every byte rewritten,
-    the same tensors returned."""
-    g = gen(7)
-    ts = [torch.randn(200003, generator=g), torch.randn(17, generator=g).bfloat16()]
-    out = [torch.ones(200003, dtype=torch.bool), torch.ones(17, dtype=torch.bool)]
-    for d in (0.1, 0.5, 0.9, 0.1):
-        got = ops.select_mask(ts, d, out=out)
-        assert all(a is b for a, b in zip(got, out))
-        want = ops.select(ts, d)
-        for m, w, t in zip(out, want, ts):
-            assert torch.equal(m, torch.zeros(t.numel(), dtype=torch.bool).index_fill_(0, w, True))
-
-
-@needs_ext
-def test_bad_out_touches_nothing():
-    """A bad out names itself, and neither the other buffers nor the generator (the
-    random score's seed) are touched."""
-    ts = [torch.randn(100), torch.randn(50)]
-    good = torch.zeros(100, dtype=torch.bool)
-    for bad, kind, match in [
-            (torch.zeros(50, dtype=torch.uint8), TypeError, r"out\[1\]"),
-            (torch.zeros(49, dtype=torch.bool), ValueError, r"out\[1\]"),
-            (torch.zeros(100, dtype=torch.bool)[::2], ValueError, r"out\[1\]")]:
-        g = torch.Generator().manual_seed(9)
-        before = g.get_state()
-        with pytest.raises(kind, match=match):
-            ops.select_mask(ts, 0.5, score="random", generator=g, out=[good, bad])
-        assert torch.equal(g.get_state(), before)
-        assert not bool(good.any())
-    with pytest.raises(ValueError, match="out"):
-        ops.select_mask(ts, 0.5, out=[good])
-    with pytest.raises(RuntimeError, match=r"masks\[0\]"):
-        torch.ops.incrkern.select_mask_([torch.zeros(99, dtype=torch.bool), ts[1] > 0], ts,
-                                        [5, 5], "grad", [], [], 0)
-
-
-@needs_ext
-def test_cpu_baseline_same_masks():
-    """The portable loops (INCRKERN_CPU_BASELINE=1, in a child process) mark the same
-    elements as the AVX2 ones: |x| and signed keys of fp32, bf16 and fp16, and the
-    random keys, over sizes that leave part tiles and part chunks."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-    code = (
-        "import torch\n"
-        "from incrkern import ops\n"
-        "g = torch.Generator().manual_seed(3)\n"
-        "out = []\n"
-        "for n in (17, 4099, 160001, 2100003):\n"
-        "    for dtype in (torch.float32, torch.bfloat16, torch.float16):\n"
-        "        x = torch.randn(n, generator=g).to(dtype)\n"
-        "        x[::97] = float('nan')\n"
-        "        x[2::83] = -0.0\n"
-        "        x[3::79] = -float('inf')\n"
-        "        x[5::3] = 0.0\n"
-        "        for d in (0.1, 0.6, 0.9):\n"
-        "            for score in ('grad', 'grad_sq', 'random'):\n"
-        "                gen = torch.Generator().manual_seed(n)\n"
-        "                out.append(ops.select_mask([x], d, score=score, generator=gen)[0])\n"
-        "torch.save(out, __import__('sys').argv[1])\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for env_value in (None, "1"):
-            env = dict(os.environ)
-            env.pop("INCRKERN_CPU_BASELINE", None)
-            if env_value:
-                env["INCRKERN_CPU_BASELINE"] = env_value
-            path = os.path.join(tmp, f"out{env_value}.pt")
-            subprocess.run([sys.executable, "-c", code, path], check=True, env=env,
-                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            results.append(torch.load(path))
-    assert len(results[0]) == len(results[1]) == 108
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    torch.library.opcheck(op, op_args(ts, [1000, 0, 5], "weight", [], ws, 0))
