@@ -732,3 +732,22 @@ def test_opcheck():
     torch.library.opcheck(op, op_args(ts, [3, 99, 16], "random", [], [], 42))
     ws = [torch.randn(3000).half(), torch.randn(100), torch.randn(17)]
     torch.library.opcheck(op, op_args(ts, [1000, 0, 5], "weight", [], ws, 0))
+
+
+@needs_ext
+def test_positions_beyond_2_31():
+    """Index arithmetic past 2^31 elements: one bfloat16 tensor of 2^31 + 5 (4 GiB) and
+    its 2 GiB mask; the k-th among the zeros, taken lowest positions first."""
+    n = 2**31 + 5
+    try:
+        x = torch.zeros(n, dtype=torch.bfloat16)
+        out = [torch.empty(n, dtype=torch.bool)]
+    except RuntimeError:
+        pytest.skip("not enough memory for a 4 GiB tensor and its mask")
+    x[7] = 4.0
+    x[2**31 + 1] = 3.0
+    x[n - 1] = -5.0
+    for k, chosen in ((3, [7, 2**31 + 1, n - 1]), (5, [0, 1, 7, 2**31 + 1, n - 1])):
+        mask = ops.select_mask([x], k, out=out)[0]
+        assert mask.nonzero().view(-1).tolist() == chosen
+    del x, out
