@@ -94,28 +94,31 @@ inline int64_t keys_in_band_portable(const uint32_t* keys, int64_t n, uint32_t l
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// Bit j set where a's lane j > b's (signed).
+__attribute__((target("avx2"))) inline uint32_t gt_mask8(__m256i a, __m256i b) {
+  return uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(a, b))));
+}
+
 // keys_in_band_portable by 8 lanes: unsigned compares as signed ones of the keys with
 // their top bit flipped, the kept keys compressed by a permute from kCompress.
 __attribute__((target("avx2,popcnt"))) inline int64_t keys_in_band_avx2(
     const uint32_t* keys, int64_t n, uint32_t lo, uint32_t hi, uint32_t*& out) {
   const __m256i flip = _mm256_set1_epi32(INT32_MIN);
-  const __m256i below = _mm256_set1_epi32(int32_t((lo ^ 0x80000000u)) - 1);
+  // keys >= lo as keys > lo - 1: every key when lo is 0
+  const __m256i below = _mm256_set1_epi32(int32_t((lo ^ 0x80000000u) - 1u));
   const __m256i top = _mm256_set1_epi32(int32_t(hi ^ 0x80000000u));
   int64_t above = 0, j = 0;
   uint32_t* o = out;
-  if (lo > 0) {
-    for (; j + 8 <= n; j += 8) {
-      const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
-      const __m256i ks = _mm256_xor_si256(k, flip);
-      const auto mh = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(ks, top))));
-      const auto ml = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(ks, below))));
-      const uint32_t mc = ml & ~mh;
-      const __m256i lanes = _mm256_cvtepu8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.pos[mc])));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permutevar8x32_epi32(k, lanes));
-      o += __builtin_popcount(mc);
-      above += __builtin_popcount(mh);
-    }
+  for (; j + 8 <= n; j += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
+    const __m256i ks = _mm256_xor_si256(k, flip);
+    const uint32_t mh = gt_mask8(ks, top);
+    const uint32_t mc = (lo == 0 ? 0xffu : gt_mask8(ks, below)) & ~mh;
+    const __m256i lanes = _mm256_cvtepu8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.pos[mc])));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permutevar8x32_epi32(k, lanes));
+    o += __builtin_popcount(mc);
+    above += __builtin_popcount(mh);
   }
   out = o;
   return above + keys_in_band_portable(keys + j, n - j, lo, hi, out);
@@ -141,8 +144,7 @@ __attribute__((target("avx2"))) inline void mark_keys_avx2(const uint32_t* keys,
   for (; j + 8 <= n; j += 8) {
     const __m256i k = _mm256_xor_si256(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j)), flip);
-    const auto m = size_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, t))));
-    std::memcpy(out + j, &kMaskBytes[m], 8);
+    std::memcpy(out + j, &kMaskBytes[gt_mask8(k, t)], 8);
   }
   for (; j < n; ++j) out[j] = keys[j] > gt;
 }

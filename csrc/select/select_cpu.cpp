@@ -115,8 +115,9 @@ std::vector<at::Tensor> select_cpu(at::TensorList tensors, at::IntArrayRef ks, c
 // select_mask: per tensor, its chosen elements as a bool mask. A band [lo, hi] on the
 // k-th key from the Selector's sample; one pass per block counts the keys above it and
 // keeps those inside it (keys equal to lo only counted: a gradient or a Fisher of
-// mostly zeros puts its k-th among them); the k-th found among the kept keys; a second pass marks
-// every key above the k-th and each block's share of its ties, lowest positions first.
+// mostly zeros puts its k-th among them); the k-th found among the kept keys; a second
+// pass marks every key above the k-th and each block's share of its ties, lowest
+// positions first.
 // Two reads of the scores and one write of a byte per element, where the positions of
 // a dense selection cost 8 bytes each to write and merge. A band that misses, and
 // float64 scores, mark the positions select chooses.
@@ -182,14 +183,14 @@ void count_band(const Source& s, int64_t b, int64_t e, uint32_t lo, uint32_t hi,
   }
   const bool scanned = with_scanned(s, [&](const auto* x, auto is_signed) {
     constexpr bool kSigned = decltype(is_signed)::value;
-    constexpr int64_t kChunk = kKeyChunk;
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(x)>>;
     const int32_t lo_gt = order_greater_than<kSigned>(lo);
     const int32_t hi_gt = order_greater_than<kSigned>(uint64_t(hi) + 1);
-    uint32_t keys[kChunk + 8];
-    for (int64_t i = b; i < e; i += kChunk) {
+    uint32_t keys[kKeyChunk + 8];
+    for (int64_t i = b; i < e; i += kKeyChunk) {
       uint32_t* end = keys;
-      o.above += fused::band_keys<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, kSigned>(
-          x + i, std::min(kChunk, e - i), lo_gt, hi_gt, end);
+      o.above += fused::band_keys<T, kSigned>(x + i, std::min(kKeyChunk, e - i), lo_gt, hi_gt,
+                                              end);
       for (const uint32_t* k = keys; k < end; ++k) keep(*k);
     }
   });
