@@ -501,7 +501,6 @@ def _select_kernel(tensors, residual, weights):
             [r.contiguous() for r in residual], [w.contiguous() for w in weights])
 
 
-
 def select_mask(tensors, k, *, score="grad", scope="tensor", residual=None, weights=None,
                 generator=None, out=None, validate=True):
     """The chosen elements of each tensor as a flat bool mask of its numel: True exactly

@@ -21,7 +21,9 @@
 namespace incrkern::fused {
 
 using select::band_kth;
+using select::BandBlock;
 using select::BandKth;
+using select::choose_in_band;
 using select::kth_largest;
 using select::ties_lowest_first;
 using select::kTile;

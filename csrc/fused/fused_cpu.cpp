@@ -280,31 +280,22 @@ std::span<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, ui
   return out;
 }
 
-// Per block of the counting pass: the keys above the band, counted, and those inside
-// it, kept in position order (their positions are not needed: the update finds its
-// elements by comparing keys again).
-struct BandCount {
-  int64_t above = 0;
-  std::vector<uint32_t> keys;
-  int64_t equal = 0;  // keys equal to the boundary key, and how many of them are chosen
-  int64_t ties = 0;
-};
-
-// The counting pass over [0, n), per block: keys > hi counted, lo <= key <= hi kept.
-// With a residual not yet `added`, each chunk's keys are u = r + g, written to r
-// first.
+// The counting pass over [0, n), per block (BandBlock): keys > hi counted, lo <= key
+// <= hi kept in position order (their positions are not needed: the update finds its
+// elements by comparing keys again). With a residual not yet `added`, each chunk's
+// keys are u = r + g, written to r first.
 template <typename T>
-std::vector<BandCount> count_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, uint32_t hi,
+std::vector<BandBlock> count_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, uint32_t hi,
                                   bool added) {
   const int32_t lo_gt = order_greater_than<false>(lo);
   const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
-  std::vector<BandCount> out(static_cast<size_t>(nblocks));
+  std::vector<BandBlock> out(static_cast<size_t>(nblocks));
   parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     constexpr int64_t kChunk = kChunkTiles * kTile;
     uint32_t keys[kChunk + 8];
     for (int64_t bi = b0; bi < b1; ++bi) {
-      BandCount& o = out[bi];
+      BandBlock& o = out[bi];
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
       for (int64_t e = begin; e < end; e += kChunk) {
         const int64_t len = std::min(kChunk, end - e);
@@ -330,33 +321,18 @@ template <typename T>
 int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added,
                    uint32_t lo, uint32_t hi, bool approx) {
   const int64_t n = c.res[i].numel;
-  std::vector<BandCount> out = count_pass(t, n, lo, hi, added);
+  std::vector<BandBlock> out = count_pass(t, n, lo, hi, added);
   int64_t w = 0, cnt = 0;
-  for (const BandCount& o : out) w += o.above, cnt += int64_t(o.keys.size());
+  for (const BandBlock& o : out) w += o.above, cnt += int64_t(o.keys.size());
   const int64_t tol = approx ? Selector<uint32_t>::tolerance(k) : 0;
   if (w > k + tol || w + cnt < k - tol || forced_fallback("after"))
     return run_fallback(c, i, t, k, true);
-  // Chosen: every key >= at_least, and each block's first `ties` keys equal to tie.
-  const int64_t need = k - w;
-  uint64_t at_least = uint64_t(hi) + 1;  // need <= 0: the keys above the band (approx)
-  uint32_t tie = 0;
-  int64_t chosen = w;
-  if (need >= cnt) {
-    at_least = lo;
-    chosen = w + cnt;
-  } else if (need > 0) {
-    const BandKth b = band_kth(
-        out, [](const BandCount& o) -> const std::vector<uint32_t>& { return o.keys; }, need,
-        lo, hi);
-    tie = b.kth;
-    at_least = uint64_t(tie) + 1;
-    for (size_t bi = 0; bi < out.size(); ++bi)
-      out[bi].equal = b.equal[bi], out[bi].ties = b.ties[bi];
-    chosen = k;
-  }
+  // approx may take every key above the band (k < w) or every key in it (k > w + cnt)
+  const int64_t chosen = std::clamp(k, w, w + cnt);
+  const auto [at_least, tie] = choose_in_band(out, k - w, lo, hi);
   parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
-      const BandCount& o = out[bi];
+      const BandBlock& o = out[bi];
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
       // The loop compares each key it reads with a threshold: tie in a block taking all
       // its ties; in the one taking some, tie up to just past the last it takes and

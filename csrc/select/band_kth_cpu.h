@@ -1,7 +1,7 @@
 // The k-th among the keys a counting pass kept in a band around it, per block in
 // position order, and how many of its ties each block takes: shared by the fused
-// select-and-update's threshold stream (fused/fused_cpu.cpp) and select_mask
-// (select/select_cpu.cpp).
+// select-and-update's threshold stream (fused/fused_cpu.cpp), select_mask
+// (select/select_cpu.cpp) and the fused step's listing pass (band_kth alone).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -78,6 +78,48 @@ BandKth band_kth(const Blocks& blocks, KeysOf&& keys_of, int64_t need, uint32_t 
   for (int64_t gt : greater) ties -= gt;
   b.ties = ties_lowest_first(b.equal, ties);
   return b;
+}
+
+// Per block of a counting pass over a band [lo, hi]: the keys above it counted, those
+// inside it kept in position order (select_mask counts those equal to lo in at_lo
+// instead of keeping them); once the k-th is known, how many of the block's keys equal
+// it and how many of those are chosen.
+struct BandBlock {
+  int64_t above = 0;
+  std::vector<uint32_t> keys;
+  int64_t at_lo = 0;
+  int64_t equal = 0, ties = 0;
+};
+
+// The chosen elements: every key >= at_least, and each block's first `ties` keys
+// equal to tie.
+struct BandChoice {
+  uint64_t at_least;
+  uint32_t tie;
+};
+
+// The choice of `need` more keys among the band's (need: k less the keys above the
+// band; any value, an approximate count's too), each block's equal and ties set.
+inline BandChoice choose_in_band(std::vector<BandBlock>& blocks, int64_t need, uint32_t lo,
+                                 uint32_t hi) {
+  int64_t kept = 0, at_lo = 0;
+  for (const BandBlock& o : blocks) kept += int64_t(o.keys.size()), at_lo += o.at_lo;
+  if (need <= 0) return {uint64_t(hi) + 1, 0};
+  if (need >= kept + at_lo) return {lo, 0};
+  if (need >= kept) {  // every key above lo, some equal to it
+    std::vector<int64_t> equal;
+    for (const BandBlock& o : blocks) equal.push_back(o.at_lo);
+    const std::vector<int64_t> taken = ties_lowest_first(equal, need - kept);
+    for (size_t bi = 0; bi < blocks.size(); ++bi)
+      blocks[bi].equal = equal[bi], blocks[bi].ties = taken[bi];
+    return {uint64_t(lo) + 1, lo};
+  }
+  const BandKth b = band_kth(
+      blocks, [](const BandBlock& o) -> const std::vector<uint32_t>& { return o.keys; }, need,
+      lo, hi);
+  for (size_t bi = 0; bi < blocks.size(); ++bi)
+    blocks[bi].equal = b.equal[bi], blocks[bi].ties = b.ties[bi];
+  return {uint64_t(b.kth) + 1, b.kth};
 }
 
 }  // namespace incrkern::select

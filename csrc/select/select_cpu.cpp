@@ -128,13 +128,6 @@ constexpr int64_t kMaskBlock = int64_t(1) << 16;
 // a few blocks are not split unevenly over the threads.
 constexpr int64_t kMaskOneThread = int64_t(1) << 21;
 
-struct MaskBlock {
-  int64_t above = 0;
-  std::vector<uint32_t> keys;  // keys in (lo, hi], in position order
-  int64_t at_lo = 0;           // keys equal to lo
-  int64_t equal = 0, ties = 0;  // keys equal to the k-th, and how many are chosen
-};
-
 // Calls fn(x, kSigned) with the data of a source the vector scans read (|x| or x of
 // fp32, bf16 or fp16) and returns true; false for any other.
 template <typename Fn>
@@ -166,7 +159,7 @@ void random_chunks(const Source& s, int64_t b, int64_t e, Fn&& fn) {
 }
 
 // The counting pass over [b, e) into o.
-void count_band(const Source& s, int64_t b, int64_t e, uint32_t lo, uint32_t hi, MaskBlock& o) {
+void count_band(const Source& s, int64_t b, int64_t e, uint32_t lo, uint32_t hi, BandBlock& o) {
   const uint32_t width = hi - lo;
   const auto keep = [&](uint32_t key) {
     if (key == lo) ++o.at_lo;
@@ -252,43 +245,21 @@ void mark_chosen(const Source& s, int64_t k, at::Tensor& mask) {
   }
   if (needs_wide_keys({s})) return mark_positions(s, k, mask);
   const auto [lo, hi] = Selector<uint32_t>({s}, k, false).band();
-  std::vector<MaskBlock> blocks(size_t((n + kMaskBlock - 1) / kMaskBlock));
+  std::vector<BandBlock> blocks(size_t((n + kMaskBlock - 1) / kMaskBlock));
   const auto nblocks = int64_t(blocks.size());
-  int64_t above = 0, kept = 0, at_lo = 0;
   parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi)
       count_band(s, bi * kMaskBlock, std::min(n, (bi + 1) * kMaskBlock), lo, hi,
                  blocks[size_t(bi)]);
   });
-  for (const MaskBlock& o : blocks)
-    above += o.above, kept += int64_t(o.keys.size()), at_lo += o.at_lo;
-  if (above > k || above + kept + at_lo < k) return mark_positions(s, k, mask);
-  // Chosen: every key >= at_least, and each block's first `ties` keys equal to tie.
-  const int64_t need = k - above;
-  uint64_t at_least = uint64_t(hi) + 1;
-  uint32_t tie = 0;
-  if (need > 0 && need == kept + at_lo) {
-    at_least = lo;
-  } else if (need > 0 && need >= kept) {  // every key above lo, some equal to it
-    tie = lo;
-    at_least = uint64_t(lo) + 1;
-    std::vector<int64_t> equal;
-    for (const MaskBlock& o : blocks) equal.push_back(o.at_lo);
-    const std::vector<int64_t> taken = ties_lowest_first(equal, need - kept);
-    for (size_t bi = 0; bi < blocks.size(); ++bi)
-      blocks[bi].equal = equal[bi], blocks[bi].ties = taken[bi];
-  } else if (need > 0) {
-    const BandKth b = band_kth(
-        blocks, [](const MaskBlock& o) -> const std::vector<uint32_t>& { return o.keys; }, need,
-        lo, hi);
-    tie = b.kth;
-    at_least = uint64_t(tie) + 1;
-    for (size_t bi = 0; bi < blocks.size(); ++bi)
-      blocks[bi].equal = b.equal[bi], blocks[bi].ties = b.ties[bi];
-  }
+  int64_t above = 0, in_band = 0;
+  for (const BandBlock& o : blocks)
+    above += o.above, in_band += int64_t(o.keys.size()) + o.at_lo;
+  if (above > k || above + in_band < k) return mark_positions(s, k, mask);
+  const auto [at_least, tie] = choose_in_band(blocks, k - above, lo, hi);
   parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t bi = b0; bi < b1; ++bi) {
-      const MaskBlock& o = blocks[size_t(bi)];
+      const BandBlock& o = blocks[size_t(bi)];
       const int64_t b = bi * kMaskBlock, e = std::min(n, b + kMaskBlock);
       if (o.ties == 0 || o.ties == o.equal) {
         mark_at_least(s, b, e, o.ties > 0 ? tie : at_least, out + b);

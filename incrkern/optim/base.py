@@ -569,11 +569,12 @@ class IncrementalOptimizer(Optimizer):
             return None
         score, tensors, weights = _scores(group["select"], states, sources, contiguous_params)
         numels = [t.numel() for t in tensors]
+        total = sum(numels)
         buffers = self.__dict__.setdefault("_mask_buffers", {})
         buffer = buffers.get(device)
-        if buffer is None or buffer.numel() < sum(numels):
-            buffer = buffers[device] = torch.empty(sum(numels), dtype=torch.bool, device=device)
-        out = list(buffer[:sum(numels)].split(numels))
+        if buffer is None or buffer.numel() < total:
+            buffer = buffers[device] = torch.empty(total, dtype=torch.bool, device=device)
+        out = list(buffer[:total].split(numels))
         return ops.select_mask(tensors, density, score=score, weights=weights, out=out,
                                validate=False)
 
