@@ -9,8 +9,9 @@
 # For a machine lent for minutes, each stage can be bounded and the order is by value:
 #   GPU_CHECK_TESTS   pytest arguments (default: tests)
 #   GPU_CHECK_LIMIT   seconds per stage (default 3600); GPU_CHECK_LIMIT_<STAGE> for one
-#                     stage: BUILD CPP_ERRORS TESTS FAST_STEP BENCH MEMCHECK RACECHECK
-#                     SYNCCHECK PROFILE NCU
+#                     stage: BUILD CPP_ERRORS TESTS FAST_STEP BENCH BENCH_SPARSE MEMCHECK
+#                     RACECHECK SYNCCHECK PROFILE BREAKDOWN NCU
+#   GPU_CHECK_NCU_CASES the cases Nsight Compute profiles (default: all of them)
 #   GPU_CHECK_DEADLINE seconds for the whole check: a stage's limit is cut to what is left
 #   GPU_CHECK_OUT     a folder that gets logs.tgz after every stage and the results at
 #                     the end, so that a run stopped from outside still leaves its logs
@@ -85,16 +86,18 @@ if [ "${rc[build]}" -eq 0 ]; then
   done
 
   stage profile profile.md $PY scripts/profile_sparse.py --device cuda
+  stage breakdown breakdown.md $PY scripts/profile_sparse.py --device cuda --breakdown
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   if [ -x "$ncu" ]; then
     ncu_cases() {
-      for case in $($PY scripts/profile_sparse.py --list); do
+      for case in ${GPU_CHECK_NCU_CASES:-$($PY scripts/profile_sparse.py --list)}; do
         "$ncu" --clock-control none --profile-from-start off --csv --page raw \
-          --metrics dram__bytes_read.sum,dram__bytes_write.sum \
+          --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \
           $PY scripts/profile_sparse.py --device cuda --case "$case" --fused \
           >"$work/ncu-$case.csv" 2>&1
-        echo "- $case (fused): $($PY scripts/profile_sparse.py --ncu-csv \
-          "$work/ncu-$case.csv" 2>&1 | tail -n 1)" >>"$work/profile.md"
+        $PY scripts/profile_sparse.py --ncu-csv "$work/ncu-$case.csv" >"$work/ncu-$case.md" 2>&1
+        echo "- $case (fused): $(tail -n 1 "$work/ncu-$case.md")" >>"$work/profile.md"
+        head -n -1 "$work/ncu-$case.md" >>"$work/profile.md"
       done
     }
     export -f ncu_cases; export work PY ncu
@@ -157,6 +160,7 @@ with open(f"bench/results/{tag}.md", "w") as f:
     f.write("## ptxas (registers per kernel)\n\n```\n" + read("ptxas.txt") + "```\n\n")
     f.write("## The one-call step on the GPU\n\n" + read("fast_step.md") + "\n\n")
     f.write("## Profile of the sparse steps\n\n" + read("profile.md") + "\n\n")
+    f.write("## Where the sparse steps' time goes\n\n" + read("breakdown.md") + "\n\n")
     f.write("## Benchmarks\n\n" + (bench_md or "```\n" + read("bench.log")[-6000:] + "\n```") + "\n")
 print(f"wrote bench/results/{tag}.md and .json")
 PYEOF

@@ -7,6 +7,12 @@ written per step against the bytes of the score source (one read of the gradient
     python scripts/profile_sparse.py [--device cuda] [--numel 1e7] [--case NAME] [--fused]
     python scripts/profile_sparse.py --ncu-csv FILE   # DRAM bytes of one ncu run
     python scripts/profile_sparse.py --list           # the case names
+    python scripts/profile_sparse.py --breakdown      # where each step's time goes
+
+--breakdown times each case's step on the host (the calls queued, the device not
+waited for) and on the device, and lists its kernels (CUDA) or incrkern ops (CPU)
+with their time per step: whether a step is bound by the host or by the device,
+and by which kernel.
 
 --case runs one case once (for ncu); without it every case is timed and printed as
 a markdown table. On CUDA the table has each case twice: select then update, and the
@@ -86,9 +92,92 @@ def launches(fn, device):
     return sum(1 for e in events if e.name.startswith("incrkern::"))
 
 
-def ncu_dram_bytes(text):
-    """(bytes read, bytes written) summed over every kernel of an `ncu --csv --page raw
-    --metrics dram__bytes_read.sum,dram__bytes_write.sum` output."""
+def host_and_device_ms(fn, device, steps=20):
+    """(host ms, device ms) per step over `steps` calls in a row: the host's time to
+    make the calls without waiting for the device, and the time until the device
+    has run them all, both divided by `steps`."""
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    host = (time.perf_counter() - t0) * 1e3 / steps
+    if device != "cuda":
+        return host, host
+    end.record()
+    end.synchronize()
+    return host, start.elapsed_time(end) / steps
+
+
+def breakdown(fn, device, steps=10):
+    """[(name, calls per step, ms per step)] of the kernels (CUDA) or incrkern ops
+    (CPU) that `steps` calls of fn run, longest first."""
+    fn()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        if device == "cuda":
+            if (e.device_type != torch.autograd.DeviceType.CUDA
+                    or getattr(e, "is_user_annotation", False) or "#" in e.key):
+                continue  # Optimizer.step#AdamW.step spans the step, not a kernel
+            us = getattr(e, "device_time_total", None)
+            if us is None:
+                us = e.cuda_time_total
+        else:
+            if not e.key.startswith("incrkern::"):
+                continue
+            us = e.cpu_time_total
+        rows.append((e.key, e.count / steps, us / 1e3 / steps))
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def short_name(kernel):
+    """A kernel's name without its namespaces, template arguments and parameters."""
+    if "::" not in kernel:  # Memset (Device), Memcpy HtoD (Pinned -> Device)
+        return kernel.split("(")[0].strip()[:60]
+    name = kernel.replace("(anonymous namespace)", "").replace("<unnamed>", "").split("(")[0].split("<")[0]
+    return name.split()[-1].rsplit("::", 1)[-1][:60] if name.strip() else kernel[:60]
+
+
+def print_breakdown(n, device, repeats):
+    dense_host, dense_dev = host_and_device_ms(dense_step(n, device), device)
+    print(f"Where the step's time goes: one tensor of {n:.3g} fp32 elements, {device}. "
+          f"torch fused dense AdamW: host {dense_host:.3f} ms, device {dense_dev:.3f} ms "
+          "per step (20 steps in a row).\n")
+    for fused in ((False, True) if device == "cuda" else (False,)):
+        incrkern.ops.FUSED_CUDA = fused
+        for case in CASES:
+            step = make_step(case, n, device)
+            host, dev = host_and_device_ms(step, device)
+            name = case + (" (fused)" if fused else "")
+            print(f"### {name}: host {host:.3f} ms, device {dev:.3f} ms per step "
+                  f"({dense_dev / dev:.2f}x the dense step)\n")
+            print("| kernel | calls per step | ms per step |\n|---|---|---|")
+            for kernel, calls, ms in breakdown(step, device, max(repeats, 3)):
+                print(f"| {short_name(kernel)} | {calls:g} | {ms:.4f} |")
+            print(flush=True)
+
+
+NCU_UNITS = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6,
+             "GB": 1e9, "B": 1, "nsecond": 1, "usecond": 1e3, "msecond": 1e6, "ns": 1,
+             "us": 1e3, "ms": 1e6}
+
+
+def ncu_kernels(text):
+    """[(kernel name, {metric: value in bytes or ns})], one per kernel launch, from an
+    `ncu --csv --page raw --metrics ...` output."""
     lines = [ln for ln in text.splitlines() if ln.startswith('"')]
     rows = list(csv.reader(io.StringIO("\n".join(lines))))
     if not rows:
@@ -97,14 +186,39 @@ def ncu_dram_bytes(text):
     data = rows[1:]
     if data and not any(c.strip().replace(".", "").isdigit() for c in data[0] if c):
         units, data = data[0], data[1:]  # --page raw prints a row of units first
-    scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6,
-             "GB": 1e9, "B": 1}
-    totals = []
-    for metric in ("dram__bytes_read.sum", "dram__bytes_write.sum"):
-        col = header.index(metric)
-        factor = scale.get(units[col], 1) if units else 1
-        totals.append(sum(float(r[col].replace(",", "")) * factor for r in data if r[col]))
-    return tuple(totals)
+    # Metrics are named unit__counter.rollup; --page raw also lists the device's
+    # attributes (device__attribute_...), some of them words.
+    metrics = [i for i, name in enumerate(header) if "__" in name and "." in name]
+    kernels = []
+    for r in data:
+        values = {}
+        for col in metrics:
+            if r[col]:
+                factor = NCU_UNITS.get(units[col], 1) if units else 1
+                values[header[col]] = float(r[col].replace(",", "")) * factor
+        kernels.append((r[header.index("Kernel Name")], values))
+    return kernels
+
+
+def ncu_dram_bytes(text):
+    """(bytes read, bytes written) summed over every kernel of an `ncu --csv --page raw
+    --metrics dram__bytes_read.sum,dram__bytes_write.sum` output."""
+    kernels = ncu_kernels(text)
+    return tuple(sum(v.get(metric, 0.0) for _, v in kernels)
+                 for metric in ("dram__bytes_read.sum", "dram__bytes_write.sum"))
+
+
+def print_ncu(text, n):
+    """One line per kernel (DRAM bytes against one read of the fp32 gradient, and its
+    time where ncu measured it), then the totals line."""
+    for name, v in ncu_kernels(text):
+        time = v.get("gpu__time_duration.sum")
+        print(f"  - {short_name(name)}: read {v.get('dram__bytes_read.sum', 0) / (4 * n):.2f} "
+              f"gradient reads, written {v.get('dram__bytes_write.sum', 0) / 1e6:.1f} MB"
+              + (f", {time / 1e3:.1f} us" if time is not None else ""))
+    read, written = ncu_dram_bytes(text)
+    print(f"DRAM read {read / 1e6:.1f} MB ({read / (4 * n):.2f} reads of the fp32 "
+          f"gradient), written {written / 1e6:.1f} MB")
 
 
 def main():
@@ -115,6 +229,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--ncu-csv")
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="each case's host and device time and its kernels")
     parser.add_argument("--fused", action="store_true",
                         help="--case with the CUDA fused select-and-update kernel")
     args = parser.parse_args()
@@ -123,9 +239,10 @@ def main():
         print("\n".join(CASES))
         return
     if args.ncu_csv:
-        read, written = ncu_dram_bytes(open(args.ncu_csv).read())
-        print(f"DRAM read {read / 1e6:.1f} MB ({read / (4 * n):.2f} reads of the fp32 "
-              f"gradient), written {written / 1e6:.1f} MB")
+        print_ncu(open(args.ncu_csv).read(), n)
+        return
+    if args.breakdown:
+        print_breakdown(n, args.device, args.repeats)
         return
     if args.case:
         incrkern.ops.FUSED_CUDA = args.fused

@@ -31,6 +31,30 @@ def test_every_case_runs_on_the_cpu():
         assert 1 <= launches <= 4, row  # the fused op, or select and update (+ accumulate)
 
 
+@needs_ext
+def test_breakdown_names_each_case_and_its_ops_on_the_cpu():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--numel", "40000",
+                          "--repeats", "1", "--breakdown"], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    sections = out.split("### ")[1:]
+    assert [s.split(":")[0] for s in sections] == list(load_script().CASES)
+    for section in sections:
+        host, device = (float(section.split(word)[1].split(" ms")[0])
+                        for word in ("host ", "device "))
+        assert host > 0 and device > 0, section
+        ops = [line.split("|")[1].strip() for line in section.splitlines()
+               if line.startswith("| ") and "kernel" not in line]
+        assert ops and all(op.endswith("_") for op in ops), section  # incrkern's ops
+        assert any(op.startswith(("adam_select_update", "select", "adam_update")) for op in ops)
+
+
+def test_kernel_names_are_shortened():
+    short = load_script().short_name
+    assert short("void incrkern::cuda::(anonymous namespace)::fused_adam_kernel<float>"
+                 "(incrkern::cuda::SelectLaunch, int)") == "fused_adam_kernel"
+    assert short("incrkern::adam_select_update_") == "adam_select_update_"
+
+
 NCU_CSV = '''==PROF== Connected to process 1234
 "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","dram__bytes_read.sum","dram__bytes_write.sum"
 "","","","","","","","Mbyte","Kbyte"
@@ -43,6 +67,28 @@ def test_ncu_csv_is_summed_with_its_units():
     read, written = load_script().ncu_dram_bytes(NCU_CSV)
     assert read == pytest.approx(1240.5e6)
     assert written == pytest.approx(512.5e3)
+
+
+NCU_CSV_TIMED = '''"ID","Kernel Name","dram__bytes_read.sum","dram__bytes_write.sum","gpu__time_duration.sum"
+"","","Mbyte","Kbyte","usecond"
+"0","void incrkern::cuda::(anonymous namespace)::hist_input_kernel(incrkern::cuda::SelectLaunch, int)","40.00","12.5","11.5"
+"1","Memset (Device)","0","8","1,200.5"
+'''
+
+
+def test_ncu_kernels_are_listed_with_bytes_and_time(capsys):
+    script = load_script()
+    kernels = script.ncu_kernels(NCU_CSV_TIMED)
+    assert [name for name, _ in kernels][1] == "Memset (Device)"
+    assert kernels[0][1] == {"dram__bytes_read.sum": pytest.approx(40e6),
+                             "dram__bytes_write.sum": pytest.approx(12.5e3),
+                             "gpu__time_duration.sum": pytest.approx(11.5e3)}
+    assert kernels[1][1]["gpu__time_duration.sum"] == pytest.approx(1200.5e3)
+    script.print_ncu(NCU_CSV_TIMED, 10_000_000)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["  - hist_input_kernel: read 1.00 gradient reads, written 0.0 MB, 11.5 us",
+                     "  - Memset: read 0.00 gradient reads, written 0.0 MB, 1200.5 us",
+                     "DRAM read 40.0 MB (1.00 reads of the fp32 gradient), written 0.0 MB"]
 
 
 def test_ncu_output_without_rows_is_refused():
