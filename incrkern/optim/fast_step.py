@@ -15,12 +15,12 @@ the same rule: the plain case or nothing touched.
 
 On a GPU the C++ call reads the same state and calls the fused op's CUDA kernel once a
 group, as the Python step would (every param takes it there): on a model of a thousand
-tensors the Python around the kernels cost more than the kernels. CUDA_ENABLED stays
-False (INCRKERN_FAST_STEP_CUDA=1 turns it on) until a GPU has run the test holding it
-to the Python step (tests/test_fast_step.py; `make gpu-check` runs it and times the two
-routes, scripts/fast_step_host.py). THROUGH_OP sends the CPU's groups the same way (the
-op's CPU kernel, called as the CUDA one is), so the CPU tests hold that route to the
-Python step.
+tensors the Python around the kernels cost more than the kernels. CUDA_ENABLED is on
+(INCRKERN_FAST_STEP_CUDA=0 turns it off): an H200 has run the test holding it to the
+Python step (tests/test_fast_step.py) and timed the two routes
+(scripts/fast_step_host.py; both in `make gpu-check`). THROUGH_OP sends the CPU's
+groups the same way (the op's CPU kernel, called as the CUDA one is), so the CPU tests
+hold that route to the Python step.
 """
 import os
 
@@ -37,7 +37,7 @@ _accumulate_grads = (getattr(_extension._C, "accumulate_grads", None)
 # False: every step takes the Python path (for comparing the two).
 ENABLED = True
 # True: a step on one GPU takes the C++ call too (with ops.FUSED_CUDA).
-CUDA_ENABLED = os.environ.get("INCRKERN_FAST_STEP_CUDA", "0") == "1"
+CUDA_ENABLED = os.environ.get("INCRKERN_FAST_STEP_CUDA", "1") == "1"
 # True: the CPU's groups take the op's kernel as a GPU's do (the tests' way to it).
 THROUGH_OP = False
 
