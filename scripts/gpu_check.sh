@@ -7,7 +7,10 @@
 # (scripts/fast_step_host.py), and writes it all to bench/results/<date>-<gpu>.md and .json.
 #
 # For a machine lent for minutes, each stage can be bounded and the order is by value:
-#   GPU_CHECK_TESTS   pytest arguments (default: tests)
+#   GPU_CHECK_TESTS   pytest arguments (default: tests; tests -k cuda where an error raised
+#                     in the extension's C++ crashes the process, as on some images)
+#   GPU_CHECK_WORKERS pytest-xdist workers for the tests where xdist is installed (default
+#                     4; 0: none): a test that crashes its worker fails alone
 #   GPU_CHECK_LIMIT   seconds per stage (default 3600); GPU_CHECK_LIMIT_<STAGE> for one
 #                     stage: BUILD CPP_ERRORS TESTS FAST_STEP BENCH BENCH_SPARSE MEMCHECK
 #                     RACECHECK SYNCCHECK PROFILE BREAKDOWN NCU
@@ -63,11 +66,23 @@ if [ "${rc[build]}" -eq 0 ]; then
   stage cpp_errors cpp_errors.log $PY scripts/check_cpp_errors.py
   cat "$work/cpp_errors.log"
 
+  tests_args=${GPU_CHECK_TESTS:-}
+  if [ -z "$tests_args" ]; then
+    tests_args=tests
+    $PY scripts/check_cpp_errors.py --own >>"$work/cpp_errors.log" 2>&1 || {
+      tests_args="tests -k cuda"
+      echo "errors raised in C++ crash the process here: the CUDA tests only" \
+        | tee -a "$work/cpp_errors.log"; }
+  fi
+  workers=${GPU_CHECK_WORKERS:-4}
+  if [ "$workers" -gt 0 ] && $PY -c "import xdist" 2>/dev/null; then
+    tests_args="-n $workers --max-worker-restart 100 $tests_args"
+  fi
   # shellcheck disable=SC2086
-  stage tests tests.log $PY -m pytest -q -rfEs -p no:cacheprovider ${GPU_CHECK_TESTS:-tests}
+  stage tests tests.log $PY -m pytest -q -rfEs -p no:cacheprovider $tests_args
   tail -n 25 "$work/tests.log"
 
-  # The one-call step's GPU route (off by default; the tests above hold it to the
+  # The one-call step's GPU route (on by default; the tests above hold it to the
   # Python step): its time against the Python step's.
   stage fast_step fast_step.md $PY scripts/fast_step_host.py --device cuda
   cat "$work/fast_step.md"
