@@ -92,11 +92,18 @@ def run_kernel(x, ks, approx=False, **hyper):
                                    x["r"] or None, approx=approx, **hyper)
 
 
-def reference_indices(x, ks):
+def reference_scores(x, score="grad"):
+    """The order keys of each tensor's score (before any update)."""
+    if x["r"]:
+        return reference.select_scores(x["grads"], "accumulated", residuals=x["r"])
+    return reference.select_scores(x["grads"], score, weights=x["params"])
+
+
+def reference_indices(x, ks, score="grad"):
     """The exact chosen positions (before any update)."""
     if x["r"]:
         return reference.select(x["grads"], ks, "accumulated", residuals=x["r"])
-    return reference.select(x["grads"], ks, "grad")
+    return reference.select(x["grads"], ks, score, weights=x["params"])
 
 
 def run_reference(x, indices, **hyper):
@@ -137,12 +144,12 @@ def changed_set(before, after, i):
         .nonzero().squeeze(1)
 
 
-def check(x, ks, approx=False, kernel=run_kernel, **hyper):
+def check(x, ks, approx=False, kernel=run_kernel, score="grad", **hyper):
     """Runs the kernel on x and the reference on a copy; returns the counts."""
     before = clone(x)
     counts = kernel(x, ks, approx=approx, **hyper)
     assert counts.dtype == torch.int64 and counts.shape == (len(ks),)
-    exact = reference_indices(before, ks)
+    exact = reference_indices(before, ks, score)
     indices = []
     for i, k in enumerate(ks):
         got = changed_set(before, x, i)
@@ -151,9 +158,7 @@ def check(x, ks, approx=False, kernel=run_kernel, **hyper):
             assert torch.equal(got, exact[i]), f"tensor {i}: chosen set differs"
         else:
             # approx, the band missed k: a whole top set (all above H, or all at or above L)
-            key = reference.select_scores([before["grads"][i]], "grad")[0] if not x["r"] else \
-                reference.select_scores([before["grads"][i]], "accumulated",
-                                        residuals=[before["r"][i]])[0]
+            key = reference_scores(before, score)[i]
             chosen = torch.zeros(key.numel(), dtype=torch.bool)
             chosen[got] = True
             if chosen.any() and (~chosen).any():

@@ -34,6 +34,7 @@ struct AdamTensor {
   M* r;  // null without error feedback
   AdamHyper<M> h;
   M step_size, bc2_sqrt, grad_scale, residual_alpha;
+  bool weight_keys = false;  // the keys are |p| (select="weight"), not |g| (no residual)
 
   // The update of element e alone, by its residual (then zeroed) or its gradient.
   void one(int64_t e) const {
@@ -80,15 +81,22 @@ struct AdamTensor {
     stream_by(b, e, nullptr, true, order_greater_than<false>(at_least));
   }
 
-  // The streaming loop over [b, e): by a byte mask, by |g| above above_gt, or every
+  // The streaming loop over [b, e): by a byte mask, by the key above above_gt, or every
   // element. With a residual it reads r (which holds r + g) and zeroes the chosen.
   void stream_by(int64_t b, int64_t e, const bool* mask, bool above, int32_t above_gt) const {
     if (r)
-      adam_stream_isa<T, M, M>(p + b, r + b, m + b, v + b, mask, above, above_gt, true, 0,
-                               e - b, h, step_size, bc2_sqrt, grad_scale);
+      adam_stream_isa<T, M, M>(p + b, r + b, m + b, v + b, mask, above, above_gt, false, true,
+                               0, e - b, h, step_size, bc2_sqrt, grad_scale);
     else
       adam_stream_isa<T, T, M>(p + b, const_cast<T*>(g) + b, m + b, v + b, mask, above,
-                               above_gt, false, 0, e - b, h, step_size, bc2_sqrt, grad_scale);
+                               above_gt, weight_keys, false, 0, e - b, h, step_size, bc2_sqrt,
+                               grad_scale);
+  }
+
+  // The values whose |x| are the keys, from element b: p (select="weight") or g (with a
+  // residual the keys are r's, read where r is).
+  const T* key_values(int64_t b) const {
+    return weight_keys ? p + b : g + b;
   }
 
   // The position just past the `some`-th key equal to tie in [b, e), which holds at
@@ -103,7 +111,7 @@ struct AdamTensor {
       const int64_t len = std::min(kChunk, e - b);
       uint32_t* end = keys;
       if (r) band_keys(static_cast<const float*>(r + b), len, lo_gt, hi_gt, end);
-      else band_keys(g + b, len, lo_gt, hi_gt, end);
+      else band_keys(key_values(b), len, lo_gt, hi_gt, end);
       if (end - keys < some) {
         some -= end - keys;
         continue;
@@ -165,7 +173,7 @@ struct AdamTensor {
 
   // The key of element e (after add_residual, with a residual).
   uint32_t key(int64_t e) const {
-    return abs_key32(r ? float(r[e]) : float(g[e]));
+    return abs_key32(r ? float(r[e]) : float(*key_values(e)));
   }
 };
 

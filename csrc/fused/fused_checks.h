@@ -47,4 +47,20 @@ inline void check_select_update(c10::DeviceType device_type, at::TensorList para
   }
 }
 
+// The op's score: "grad" (|g|, or |r + g| with residuals) or, on the CPU, "weight"
+// (|p|, no residuals). Returns whether it is "weight".
+inline bool check_select_update_score(c10::string_view score, at::TensorList residuals,
+                                      c10::DeviceType device_type) {
+  const char* op = "incrkern.adam_select_update_";
+  TORCH_CHECK(score == "grad" || score == "weight", op,
+              ": score must be 'grad' or 'weight', got '", std::string(score), "'");
+  if (score == "grad") return false;
+  TORCH_CHECK(residuals.empty(), op, ": score='weight' takes no residuals (error feedback "
+              "selects by |r + g|)");
+  TORCH_CHECK(device_type == c10::DeviceType::CPU, op,
+              ": score='weight' has a CPU kernel only (ops.adam_select_update_ composes "
+              "select and adam_update_ on CUDA)");
+  return true;
+}
+
 }  // namespace incrkern

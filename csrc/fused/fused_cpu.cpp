@@ -118,6 +118,7 @@ struct Call {
   std::optional<at::Tensor> amp_scale;
   std::optional<float> amp;
   std::vector<Resolved> res;  // per param, filled once the checks pass
+  bool weight = false;        // select="weight": the keys are |p|, read before the update
 };
 
 // The positions' update by the adam_update_ op (prefetching, spread over threads):
@@ -143,6 +144,7 @@ void update_positions(const Call& c, size_t i, const at::Tensor& pos) {
 
 Source source_of(const Call& c, size_t i) {
   const Resolved& t = c.res[i];
+  if (c.weight) return Source{ScoreKind::Abs, t.dtype, t.p, at::kFloat, nullptr, {}, t.numel, 0};
   const bool ef = t.r != nullptr;
   const at::ScalarType math = t.dtype == at::kDouble ? at::kDouble : at::kFloat;
   return Source{ef ? ScoreKind::Accumulated : ScoreKind::Abs, t.dtype, t.g, ef ? math : at::kFloat,
@@ -302,7 +304,7 @@ std::vector<BandBlock> count_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo
         if (t.r && !added) t.add_residual(e, e + len);
         uint32_t* k = keys;
         o.above += t.r ? band_keys(static_cast<const float*>(t.r + e), len, lo_gt, hi_gt, k)
-                       : band_keys(t.g + e, len, lo_gt, hi_gt, k);
+                       : band_keys(t.key_values(e), len, lo_gt, hi_gt, k);
         o.keys.insert(o.keys.end(), keys, k);
       }
     }
@@ -399,7 +401,8 @@ AdamTensor<T> adam_tensor(const Call& c, size_t i) {
       M(bias.step_size),
       M(bias.bc2_sqrt),
       c.residuals.empty() ? amp_factor<M>(c.grad_scale, c.amp) : M(c.grad_scale),
-      c.residuals.empty() ? M(1) : amp_factor<M>(1.0, c.amp)};
+      c.residuals.empty() ? M(1) : amp_factor<M>(1.0, c.amp),
+      c.weight};
 }
 
 template <typename Fn>
@@ -610,6 +613,36 @@ int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   }
 }
 
+// select="weight": the keys are |p|, each read by the pass that updates it before the
+// update. From kWeightStreamDensity on, the threshold stream (the counting pass and
+// the loop's compare read p); below it, and where the band misses, select's positions
+// over |p| then their update (`whole`: over every thread). fp64 takes the positions.
+// The stream starts later than |g|'s, whose alternative is the tile lists: against
+// select's positions it lost at 0.03 on a transformer's embedding (docs/measurements.md).
+constexpr double kWeightStreamDensity = 0.05;
+template <typename T>
+int64_t run_weight(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool whole) {
+  const int64_t n = c.res[i].numel;
+  if (k == 0) return 0;
+  if (k == n) {
+    if (!whole) t.dense(0, n);
+    else parallel_for_claimed(0, n, kDenseGrain, [&](int64_t b, int64_t e) { t.dense(b, e); });
+    return n;
+  }
+  if constexpr (!std::is_same_v<T, double>) {
+    if (stream_pays(n, k) && double(k) >= kWeightStreamDensity * double(n)) {
+      Selector<uint32_t> sel({source_of(c, i)}, k, c.approx);
+      const auto band = whole ? sel.sample_band() : sel.stream_band();
+      if (band && !forced_fallback("before"))
+        return run_stream(c, i, t, k, true, band->first, band->second, c.approx);
+    }
+  }
+  const at::Tensor pos = select_positions(source_of(c, i), k, c.approx);
+  if (!whole) return update_at(t, pos.data_ptr<int64_t>(), pos.numel());
+  update_positions(c, i, pos);
+  return pos.numel();
+}
+
 }  // namespace
 
 at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grads,
@@ -622,9 +655,11 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       const std::optional<at::Tensor>& lr_tensor,
                                       Bookkeeping book,
                                       const std::optional<at::Tensor>& amp_scale,
-                                      const std::optional<at::Tensor>& found_inf) {
+                                      const std::optional<at::Tensor>& found_inf,
+                                      bool weight_score) {
   Call c{params, grads, exp_avgs, exp_avg_sqs, steps, residuals, lr, beta1, beta2, eps,
          weight_decay, grad_scale, decoupled_weight_decay, maximize, approx};
+  c.weight = weight_score;
   if (lr_tensor.has_value()) c.lr = lr_tensor->item<double>();
   const int64_t n = int64_t(params.size());
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
@@ -718,8 +753,9 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
       const int64_t numel = c.res[i].numel;
       const bool small_path =
           numel <= select::kTileMaxNumel || select::tile_max_fits_beside(numel, ks[i]);
-      count[i] = small_path ? run_small<T>(c, i, t, ks[i], deferred)
-                            : run_large<T>(c, i, t, ks[i]);
+      count[i] = c.weight     ? run_weight<T>(c, i, t, ks[i], !small_path)
+                 : small_path ? run_small<T>(c, i, t, ks[i], deferred)
+                              : run_large<T>(c, i, t, ks[i]);
     });
   };
   const int64_t runs =
@@ -735,7 +771,9 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   for (int64_t i : large)
     with_param_type(c.res[i].dtype, [&](auto tag) {
       using T = decltype(tag);
-      count[i] = run_large<T>(c, size_t(i), adam_tensor<T>(c, size_t(i)), ks[i]);
+      const AdamTensor<T> t = adam_tensor<T>(c, size_t(i));
+      count[i] = c.weight ? run_weight<T>(c, size_t(i), t, ks[i], true)
+                          : run_large<T>(c, size_t(i), t, ks[i]);
     });
   return counts;
 }
@@ -749,13 +787,15 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   const std::optional<at::Tensor>& lr_tensor,
                                   bool increment_steps,
                                   const std::optional<at::Tensor>& amp_scale,
-                                  const std::optional<at::Tensor>& found_inf) {
+                                  const std::optional<at::Tensor>& found_inf,
+                                  c10::string_view score) {
   check_select_update(c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, steps, ks,
                       residuals, lr_tensor, amp_scale, found_inf);
+  const bool weight = check_select_update_score(score, residuals, c10::DeviceType::CPU);
   return adam_select_update_checked(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residuals,
                                     approx, lr, beta1, beta2, eps, weight_decay,
                                     decoupled_weight_decay, maximize, grad_scale, lr_tensor,
-                                    Bookkeeping{increment_steps}, amp_scale, found_inf);
+                                    Bookkeeping{increment_steps}, amp_scale, found_inf, weight);
 }
 
 TORCH_LIBRARY_IMPL(incrkern, CPU, m) { m.impl("adam_select_update_", &adam_select_update_cpu); }

@@ -31,7 +31,8 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       const std::optional<at::Tensor>& lr_tensor,
                                       Bookkeeping book,
                                       const std::optional<at::Tensor>& amp_scale,
-                                      const std::optional<at::Tensor>& found_inf);
+                                      const std::optional<at::Tensor>& found_inf,
+                                      bool weight_score = false);
 
 // The op's CPU kernel (its checks, then the step), and the CUDA one, which
 // fused_cuda_ops.cpp sets when the CUDA kernels are built (else null).
@@ -44,7 +45,8 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   const std::optional<at::Tensor>& lr_tensor,
                                   bool increment_steps,
                                   const std::optional<at::Tensor>& amp_scale,
-                                  const std::optional<at::Tensor>& found_inf);
+                                  const std::optional<at::Tensor>& found_inf,
+                                  c10::string_view score);
 using SelectUpdateKernel = decltype(&adam_select_update_cpu);
 extern SelectUpdateKernel cuda_select_update_kernel;
 

@@ -79,6 +79,7 @@ struct Group {
   bool any_grad = false;
   double density, lr, beta1, beta2, eps, weight_decay;
   bool error_feedback, approx, decoupled_weight_decay, maximize;
+  bool weight_score = false;  // select="weight": the CPU kernel's keys are |p|
   std::optional<at::Tensor> lr_tensor;
   // The update ending a cycle of accumulate_steps = n: the accumulated grads are the
   // kernel's residuals, read times 1 / n, and zeroed afterwards, chosen or not.
@@ -200,12 +201,13 @@ int64_t density_k(double density, int64_t numel) {
 constexpr int64_t kChecksGrain = 512;
 
 // (params, density, error_feedback, approx, lr, lr_tensor, beta1, beta2, eps,
-//  weight_decay, decoupled_weight_decay, maximize, accumulate_steps) into `out`, every
-// tensor on `device`; false when not the plain case. On a GPU every param takes the
-// fused kernel (the optimizer's rule there).
+//  weight_decay, decoupled_weight_decay, maximize, accumulate_steps, weight_score)
+// into `out`, every tensor on `device`; false when not the plain case. On a GPU every
+// param takes the fused kernel (the optimizer's rule there); select="weight" has a CPU
+// kernel only, and on the CPU every param takes it.
 bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
                 const at::Device& device, Group& out) {
-  if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 13) return false;
+  if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 14) return false;
   auto item = [&](int i) { return PyTuple_GET_ITEM(spec, i); };
   PyObject* params = item(0);
   if (!PyList_Check(params)) return false;
@@ -227,6 +229,9 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
   out.spends_accumulation = accumulate_steps > 1;
   if (out.spends_accumulation) out.grad_scale = 1.0 / double(accumulate_steps);
   if (out.spends_accumulation && out.error_feedback) return false;
+  out.weight_score = PyObject_IsTrue(item(13)) == 1;
+  if (out.weight_score && (out.error_feedback || out.spends_accumulation || !device.is_cpu()))
+    return false;
   if (PyErr_Occurred()) return false;
 
   const Py_ssize_t n = PyList_GET_SIZE(params);
@@ -267,7 +272,8 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
     if (!step || !m || !v || (needs_r && !r)) return false;
     reader.saw_step(step);
     out.any_grad = true;
-    if (device.is_cpu() && !cost.fused(numel, out.density, out.error_feedback)) {
+    if (device.is_cpu() && !out.weight_score &&
+        !cost.fused(numel, out.density, out.error_feedback)) {
       out.elsewhere.push_back(p);
       continue;
     }
@@ -304,7 +310,8 @@ struct WithoutGil {
 void step_by_op_kernel(SelectUpdateKernel kernel, const Group& g) {
   kernel(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks, g.residuals, g.approx,
          g.lr, g.beta1, g.beta2, g.eps, g.weight_decay, g.decoupled_weight_decay, g.maximize,
-         g.grad_scale, g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt);
+         g.grad_scale, g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt,
+         g.weight_score ? "weight" : "grad");
   for (const std::vector<at::Tensor>* written :
        {&g.params, &g.exp_avgs, &g.exp_avg_sqs, &g.steps, &g.residuals})
     bump_over_threads(*written);
@@ -377,7 +384,7 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
                                  g.grad_scale, g.lr_tensor,
                                  Bookkeeping{.increment_steps = true, .steps_distinct = true,
                                              .bump_written = true},
-                                 std::nullopt, std::nullopt);
+                                 std::nullopt, std::nullopt, g.weight_score);
       // Contiguous (the kernel's checks): zeroed in place, over the threads, without a
       // dispatcher call a tensor.
       if (g.spends_accumulation)

@@ -68,7 +68,8 @@ struct Lanes<c10::Half> {
 // unchosen elements are written back bit-identical. kAbove: the same, an element
 // chosen where the order of |g| (select/scan_cpu.h) is > above_gt, decided as the
 // loop reads g: a mask written first cost a pass of its own over the gradient
-// (docs/design.md, "The threshold stream"). kConsume: zero the gradient
+// (docs/design.md, "The threshold stream"); with kKeyParam, the order of |p| as
+// the loop reads p (select="weight"), before its update. kConsume: zero the gradient
 // entries used. kAmsgrad: AMSGrad, with its running maximum `vmax` (unused without).
 // kDecay, kDecoupled: the weight-decay kind, fixed per loop. gcc unswitched the plain
 // fp32 loop on it, but not the larger ones (AMSGrad, bf16's conversions: --param
@@ -77,12 +78,13 @@ struct Lanes<c10::Half> {
 // checks (--param vect-max-version-for-alias-checks), and the masked loop stayed
 // scalar; the arrays are distinct (__restrict) anyway.
 template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kAmsgrad,
-          bool kDecay, bool kDecoupled, bool kAbove = false>
+          bool kDecay, bool kDecoupled, bool kAbove = false, bool kKeyParam = false>
 [[gnu::always_inline]] inline void adam_stream(
     T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v, M* __restrict vmax,
     const bool* __restrict mask, int64_t begin, int64_t end, const AdamHyper<M> h,
     const M step_size, const M bc2_sqrt, const M grad_scale, int32_t above_gt = 0) {
   static_assert(!(kAbove && (kMasked || kAmsgrad)), "kAbove: a plain Adam loop");
+  static_assert(kAbove || !kKeyParam, "kKeyParam: the key of kAbove");
   AdamHyper<M> hh = h;
   hh.decay = kDecay;
   hh.decoupled_weight_decay = kDecoupled;
@@ -96,9 +98,10 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool 
     M pm = PL::template widen<M>(pb[e]), mm = m[e], vv = v[e];
     M vm = kAmsgrad ? vmax[e] : M(0);
     const M ge = GL::template widen<M>(gb[e]);
+    const M key_of = kKeyParam ? pm : ge;  // before the rule moves pm
     adam_rule<kAmsgrad>(pm, ge * grad_scale, mm, vv, vm, hh, step_size, bc2_sqrt);
     if constexpr (kAbove) {
-      const auto order = int32_t(select::float_bits(float(ge)) & 0x7fffffffu);
+      const auto order = int32_t(select::float_bits(float(key_of)) & 0x7fffffffu);
       const int32_t chosen = -int32_t(order > above_gt);
       pb[e] = blend_bits(chosen, PL::narrow(pm), pb[e]);
       m[e] = blend_bits(chosen, mm, m[e]);
@@ -159,15 +162,17 @@ template <typename T, typename G, typename M>
   });
 }
 
-// adam_stream_any choosing by |g| (kAbove), for fp32 math: g of a 16-bit type widens
-// to fp32 exactly, so its order is the one the selection's scans compare.
+// adam_stream_any choosing by |g|, or by |p| where key_param (kAbove), for fp32 math:
+// a 16-bit value widens to fp32 exactly, so its order is the one the selection's
+// scans compare.
 template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void adam_stream_above_any(
-    T* p, G* g, M* m, M* v, int32_t above_gt, bool consume, int64_t begin, int64_t end,
-    const AdamHyper<M> h, const M step_size, const M bc2_sqrt, const M grad_scale) {
-  with_consume(consume, [&]<bool kConsume>() IK_INLINE_LAMBDA {
+    T* p, G* g, M* m, M* v, int32_t above_gt, bool key_param, bool consume, int64_t begin,
+    int64_t end, const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
+    const M grad_scale) {
+  with_stream_flags(key_param, consume, [&]<bool kKeyParam, bool kConsume>() IK_INLINE_LAMBDA {
     with_decay_kind(h, [&]<bool kDecay, bool kDecoupled>() IK_INLINE_LAMBDA {
-      adam_stream<T, G, M, false, kConsume, false, kDecay, kDecoupled, true>(
+      adam_stream<T, G, M, false, kConsume, false, kDecay, kDecoupled, true, kKeyParam>(
           p, g, m, v, nullptr, nullptr, begin, end, h, step_size, bc2_sqrt, grad_scale,
           above_gt);
     });
@@ -307,7 +312,7 @@ template <typename T, typename G, typename M>
                           const float step_size, const float bc2_sqrt,                       \
                           const float grad_scale);                                           \
   void adam_stream_above_cloned(T* p, G* g, float* m, float* v, int32_t above_gt,            \
-                                bool consume, int64_t begin, int64_t end,                    \
+                                bool key_param, bool consume, int64_t begin, int64_t end,    \
                                 const AdamHyper<float> h, const float step_size,             \
                                 const float bc2_sqrt, const float grad_scale);               \
   const float* adam_tiles_cloned(T* p, G* g, const float* vals, float* m, float* v,          \
@@ -327,22 +332,22 @@ inline constexpr bool kCloned = false;
 IK_CLONED_TYPES(IK_DECLARE_CLONED)
 #undef IK_DECLARE_CLONED
 
-// adam_stream_any, or adam_stream_above_any where `above` (above_gt its threshold),
-// through the ISA-compiled loop where the types have one.
+// adam_stream_any, or adam_stream_above_any where `above` (above_gt its threshold, on
+// |p| where key_param), through the ISA-compiled loop where the types have one.
 template <typename T, typename G, typename M>
 inline void adam_stream_isa(T* p, G* g, M* m, M* v, const bool* mask, bool above,
-                            int32_t above_gt, bool consume, int64_t begin, int64_t end,
-                            const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
-                            const M grad_scale) {
+                            int32_t above_gt, bool key_param, bool consume, int64_t begin,
+                            int64_t end, const AdamHyper<M> h, const M step_size,
+                            const M bc2_sqrt, const M grad_scale) {
   if constexpr (kCloned<T, G>) {
     if (above)
-      return adam_stream_above_cloned(p, g, m, v, above_gt, consume, begin, end, h, step_size,
-                                      bc2_sqrt, grad_scale);
+      return adam_stream_above_cloned(p, g, m, v, above_gt, key_param, consume, begin, end, h,
+                                      step_size, bc2_sqrt, grad_scale);
     adam_stream_cloned(p, g, m, v, mask, consume, begin, end, h, step_size, bc2_sqrt,
                        grad_scale);
   } else if (above) {
-    adam_stream_above_any<T, G, M>(p, g, m, v, above_gt, consume, begin, end, h, step_size,
-                                   bc2_sqrt, grad_scale);
+    adam_stream_above_any<T, G, M>(p, g, m, v, above_gt, key_param, consume, begin, end, h,
+                                   step_size, bc2_sqrt, grad_scale);
   } else {
     adam_stream_any<T, G, M>(p, g, m, v, mask, consume, begin, end, h, step_size, bc2_sqrt,
                              grad_scale);

@@ -104,7 +104,8 @@ def one_call_step(opt):
         specs.append((group["params"], float(group["density"]),
                       group["select"] == "accumulated", group["topk"] == "approx", lr,
                       lr_tensor, h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
-                      h["decoupled_weight_decay"], h["maximize"], group["accumulate_steps"]))
+                      h["decoupled_weight_decay"], h["maximize"], group["accumulate_steps"],
+                      group["select"] == "weight"))
     answer = _fused_adam_step(specs, opt.state, torch.nn.Parameter, FUSED_SMALL_NUMEL,
                               FUSED_MIN_DENSITY, -1 if device.type == "cpu" else device.index,
                               THROUGH_OP)
