@@ -394,7 +394,7 @@ def test_mask_and_position_forms_agree(monkeypatch, name, options):
                         "indices" if kwargs.get("indices") is not None else "dense")
             return _op(*args, **kwargs)
         monkeypatch.setattr(incrkern.ops, op_name, spy)
-    monkeypatch.setattr(base, "use_fused", lambda density, numel, error_feedback=False: False)
+    monkeypatch.setattr(base, "use_fused", lambda *args, **kwargs: False)
     results = []
     for mask_density, form in ((2.0, "indices"), (0.0, "masks")):  # never a mask; always
         monkeypatch.setattr(base, "MASK_DENSITY", mask_density)
@@ -454,7 +454,7 @@ def test_fused_path_agrees_with_positions(monkeypatch, name, options):
                     "split": {"adam_update_", "adam_select_update_"}}
     for fused in (False, True, "split"):
         monkeypatch.setattr(base, "use_fused", lambda density, numel, error_feedback=False,
-                            _f=fused:
+                            weight=False, _f=fused:
                             numel < 2 ** 18 if _f == "split" else _f)
         used.clear()
         gen = torch.Generator().manual_seed(0)
@@ -521,6 +521,8 @@ def test_mask_route_matches_positions(name, select, density, monkeypatch):
     route it replaces) leaves the same params and state, bit for bit, over steps whose
     masks differ (the kept buffer rewritten each time)."""
     from incrkern import ops
+    from incrkern.optim import base
+    monkeypatch.setattr(base, "FUSED_WEIGHT_DENSITY", 2.0)  # |w|: not the fused kernel
     torch.manual_seed(0)
     shapes = [(300, 257), (70001,), (17,), (2, 3)]
     start = [torch.randn(s) for s in shapes]
@@ -545,6 +547,50 @@ def test_mask_route_matches_positions(name, select, density, monkeypatch):
             opt.step()
         opts.append((params, opt))
     assert len(calls) == len(grads)
+    (pa, oa), (pb, ob) = opts
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        sa, sb = oa.state[a], ob.state[b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+    assert not all(torch.equal(a, s) for a, s in zip(pa, start))
+
+
+@pytest.mark.skipif(not incrkern.EXTENSION_LOADED, reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.003, 0.03, 0.1, 0.5, 0.95])
+def test_weight_fused_route_matches_masks(dtype, density, monkeypatch):
+    """A CPU step with select="weight" takes the fused call
+    (ops.adam_select_update_(score="weight")); the same steps through select's positions
+    or select_mask and the masked update (the routes it replaces) leave the same params
+    and state, bit for bit, on tensors past one block and small ones, with weight decay
+    moving every param's score between steps."""
+    from incrkern import ops
+    from incrkern.optim import base
+    torch.manual_seed(0)
+    shapes = [(700, 1001), (300, 257), (17,), (2, 3)]
+    start = [torch.randn(s).to(dtype) for s in shapes]
+    grads = [[(torch.randn(s) * (i + 1)).to(dtype) for s in shapes] for i in range(3)]
+    opts, calls = [], []
+    for name in ("adam_select_update_", "select", "select_mask"):  # the routes' ops
+        monkeypatch.setattr(ops, name, lambda *a, _name=name, _real=getattr(ops, name), **k:
+                            calls.append(_name) or _real(*a, **k))
+    for fused in (True, False):
+        calls.clear()
+        monkeypatch.setattr(base, "FUSED_WEIGHT_DENSITY", 0.0 if fused else 2.0)
+        params = [nn.Parameter(p.clone()) for p in start]
+        opt = incrkern.optim.AdamW(params, lr=0.01, density=density, select="weight",
+                                   weight_decay=0.1)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        opts.append((params, opt))
+        # The fused route's first step, with no state yet, is the Python step's; the
+        # later ones are the one C++ call's (fast_step), which calls the kernel itself.
+        assert calls == (["adam_select_update_"] if fused else
+                         ["select_mask" if density >= base.MASK_DENSITY else "select"] * 3)
     (pa, oa), (pb, ob) = opts
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)

@@ -142,8 +142,10 @@ class Adam(IncrementalOptimizer):
                                 [s["exp_avg_sq"] for s in work.states],
                                 [s["step"] for s in work.states], ks, residuals,
                                 approx=approx, lr=lr, lr_tensor=lr_tensor,
-                                grad_scale=grad_scale, increment_steps=True, validate=False,
-                                **self._amp_kwargs(device), **self._hyper(group))
+                                grad_scale=grad_scale, increment_steps=True,
+                                score="weight" if group["select"] == "weight" else "grad",
+                                validate=False, **self._amp_kwargs(device),
+                                **self._hyper(group))
 
 
 class AdamW(Adam):

@@ -47,15 +47,21 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # passes) and with |grad| from FUSED_MIN_DENSITY on; below it the two measured alike.
 FUSED_SMALL_NUMEL = 2 ** 18
 FUSED_MIN_DENSITY = 0.001
+# select="weight" on the CPU: from this density on the fused call (its threshold
+# stream reads the keys |p| in the pass that updates them; below the stream's density
+# it takes select's positions without the second op call). It measured faster than the
+# masks and positions it replaces at every density from 0.001 to 0.9
+# (docs/measurements.md); 2.0 sends every step the composed way (the tests' way to it).
+FUSED_WEIGHT_DENSITY = 0.0
 
 
 def fused_options(group):
-    """Whether the group's options let the fused select-and-update step it: |grad| or
-    error feedback per tensor, reselected at every update, one bias correction per
-    tensor, no AMSGrad (the fused kernel keeps no max_exp_avg_sq), no momentum
-    correction; with accumulate_steps, |grad| only (error feedback accumulates a
-    scaled gradient)."""
-    return (group["select"] in ("grad", "accumulated") and group["scope"] == "tensor"
+    """Whether the group's options let the fused select-and-update step it: |grad|,
+    error feedback or |weight| per tensor, reselected at every update, one bias
+    correction per tensor, no AMSGrad (the fused kernel keeps no max_exp_avg_sq), no
+    momentum correction; with accumulate_steps, |grad| only (error feedback accumulates
+    a scaled gradient)."""
+    return (group["select"] in ("grad", "accumulated", "weight") and group["scope"] == "tensor"
             and group["mask"] == "dynamic" and group["bias_correction"] == "tensor"
             and (group["accumulate_steps"] == 1 or group["select"] == "grad")
             and not group.get("momentum_correction") and not group.get("amsgrad"))
@@ -73,9 +79,11 @@ def accumulation_target(group):
     return None
 
 
-def use_fused(density, numel, error_feedback=False):
+def use_fused(density, numel, error_feedback=False, weight=False):
     """Whether a tensor of `numel` elements stepped at `density` takes the fused
-    kernel (error_feedback: select="accumulated")."""
+    kernel (error_feedback: select="accumulated"; weight: select="weight")."""
+    if weight:
+        return density >= FUSED_WEIGHT_DENSITY
     return numel <= FUSED_SMALL_NUMEL or error_feedback or density >= FUSED_MIN_DENSITY
 
 
@@ -610,11 +618,12 @@ class IncrementalOptimizer(Optimizer):
         With accumulate_steps, the last call's accumulate joins the kernel's pass
         (|grad| only: error feedback accumulates a scaled gradient). Which tensors then
         take it is the cost model's choice (use_fused, per tensor)."""
+        cpu = by_device and by_device[0][0].type == "cpu"
         if (type(self)._select_update is IncrementalOptimizer._select_update
                 or len(by_device) != 1
-                or not (by_device[0][0].type == "cpu"
-                        or (by_device[0][0].type == "cuda" and ops.FUSED_CUDA))
-                or not fused_options(group)):
+                or not (cpu or (by_device[0][0].type == "cuda" and ops.FUSED_CUDA))
+                or not fused_options(group)
+                or group["select"] == "weight" and not cpu):  # a CPU kernel only
             return False
         return all(p.dtype in _FUSED_DTYPES for p in by_device[0][1])
 
@@ -653,9 +662,11 @@ class IncrementalOptimizer(Optimizer):
             (device, ps, grads), = by_device
             density = float(group["density"])
             error_feedback = group["select"] == "accumulated"
+            weight = group["select"] == "weight"
             # On a GPU the fused call wins at every size: it saves the composed path's
             # count, scan and compaction passes and its indexed update's launches.
-            take = [device.type == "cuda" or use_fused(density, p.numel(), error_feedback)
+            take = [device.type == "cuda" or use_fused(density, p.numel(), error_feedback,
+                                                       weight)
                     for p in ps]
             fused = (device, [p for p, t in zip(ps, take) if t],
                      [g for g, t in zip(grads, take) if t])

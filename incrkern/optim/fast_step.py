@@ -27,6 +27,7 @@ import os
 import torch
 
 from .. import _extension, ops
+from . import base
 from .base import FUSED_MIN_DENSITY, FUSED_SMALL_NUMEL, accumulation_target, fused_options
 
 _fused_adam_step = (getattr(_extension._C, "fused_adam_step", None)
@@ -50,6 +51,8 @@ def _plain_group(opt, group):
     accumulation, or the step that ends a cycle of accumulate_steps), no masters,
     capture or differentiable step."""
     return (fused_options(group)
+            and (group["select"] != "weight"
+                 or float(group["density"]) >= base.FUSED_WEIGHT_DENSITY)
             and group["accumulated_calls"] + 1 == group["accumulate_steps"]
             and not opt._is_dense(group) and not group.get("master_weights")
             and not group.get("capturable") and not group.get("differentiable"))
