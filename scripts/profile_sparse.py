@@ -75,18 +75,25 @@ def best_ms(fn, device, repeats=7):
     return best
 
 
-def launches(fn, device):
-    """Kernels launched by one call (CUDA), or incrkern ops called (CPU)."""
+def profiled(fn, device, steps=1):
+    """The profiler over `steps` calls of fn, after one call unprofiled, the device
+    synchronised around them."""
     fn()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize()
     with torch.profiler.profile(activities=activities) as prof:
-        fn()
+        for _ in range(steps):
+            fn()
         if device == "cuda":
             torch.cuda.synchronize()
-    events = prof.events()
+    return prof
+
+
+def launches(fn, device):
+    """Kernels launched by one call (CUDA), or incrkern ops called (CPU)."""
+    events = profiled(fn, device).events()
     if device == "cuda":
         return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     return sum(1 for e in events if e.name.startswith("incrkern::"))
@@ -116,16 +123,7 @@ def host_and_device_ms(fn, device, steps=20):
 def breakdown(fn, device, steps=10):
     """[(name, calls per step, ms per step)] of the kernels (CUDA) or incrkern ops
     (CPU) that `steps` calls of fn run, longest first."""
-    fn()
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize()
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(steps):
-            fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+    prof = profiled(fn, device, steps)
     rows = []
     for e in prof.key_averages():
         if device == "cuda":

@@ -510,6 +510,19 @@ def test_mostly_zero_embedding_matches_reference(select, n, hot):
                                rtol=1e-5, atol=1e-6)
 
 
+def assert_same_steps(opts, start):
+    """Two (params, optimizer) runs from the same `start` left the same params and
+    state, bit for bit, and moved some param."""
+    (pa, oa), (pb, ob) = opts
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        sa, sb = oa.state[a], ob.state[b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+    assert not all(torch.equal(a, s) for a, s in zip(pa, start))
+
+
 @pytest.mark.skipif(not incrkern.EXTENSION_LOADED, reason="needs the compiled extension")
 @pytest.mark.parametrize("name,select", [("AdamW", "weight"), ("AdamW", "grad_sq"),
                                          ("AdamW", "random"), ("SGD", "grad"),
@@ -547,14 +560,7 @@ def test_mask_route_matches_positions(name, select, density, monkeypatch):
             opt.step()
         opts.append((params, opt))
     assert len(calls) == len(grads)
-    (pa, oa), (pb, ob) = opts
-    for a, b in zip(pa, pb):
-        assert torch.equal(a, b)
-        sa, sb = oa.state[a], ob.state[b]
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            assert torch.equal(sa[key], sb[key]), key
-    assert not all(torch.equal(a, s) for a, s in zip(pa, start))
+    assert_same_steps(opts, start)
 
 
 @pytest.mark.skipif(not incrkern.EXTENSION_LOADED, reason="needs the compiled extension")
@@ -591,11 +597,4 @@ def test_weight_fused_route_matches_masks(dtype, density, monkeypatch):
         # later ones are the one C++ call's (fast_step), which calls the kernel itself.
         assert calls == (["adam_select_update_"] if fused else
                          ["select_mask" if density >= base.MASK_DENSITY else "select"] * 3)
-    (pa, oa), (pb, ob) = opts
-    for a, b in zip(pa, pb):
-        assert torch.equal(a, b)
-        sa, sb = oa.state[a], ob.state[b]
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            assert torch.equal(sa[key], sb[key]), key
-    assert not all(torch.equal(a, s) for a, s in zip(pa, start))
+    assert_same_steps(opts, start)
