@@ -145,7 +145,8 @@ def short_name(kernel):
     """A kernel's name without its namespaces, template arguments and parameters."""
     if "::" not in kernel:  # Memset (Device), Memcpy HtoD (Pinned -> Device)
         return kernel.split("(")[0].strip()[:60]
-    name = kernel.replace("(anonymous namespace)", "").replace("<unnamed>", "").split("(")[0].split("<")[0]
+    name = kernel.replace("(anonymous namespace)", "").replace("<unnamed>", "")
+    name = name.split("(")[0].split("<")[0]
     return name.split()[-1].rsplit("::", 1)[-1][:60] if name.strip() else kernel[:60]
 
 
