@@ -75,14 +75,16 @@ TORCH_LIBRARY(incrkern, m) {
   //  then adam_update_ at its positions; residuals become r + g, 0 where chosen.
   //  Returns the number of elements updated per tensor (int64): ks[i], or with approx
   //  a count near it (see incrkern.ops.adam_select_update_). score="weight" (CPU, no
-  //  residuals): the ks[i] largest |params[i]|, as select(score="weight").
+  //  residuals): the ks[i] largest |params[i]|, as select(score="weight"); score=
+  //  "grad_sq" (CPU, no residuals): the ks[i] largest scores[i] (a Fisher, >= 0), as
+  //  select(scores, score="grad_sq").
   m.def(
       "adam_select_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(f!)[] steps, int[] ks, Tensor(e!)[] residuals, "
       "bool approx, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled_weight_decay, bool maximize, float grad_scale=1.0, "
       "Tensor? lr_tensor=None, bool increment_steps=False, Tensor? amp_scale=None, "
-      "Tensor? found_inf=None, str score=\"grad\") -> Tensor");
+      "Tensor? found_inf=None, str score=\"grad\", Tensor[]? scores=None) -> Tensor");
 
   // accumulate family: acc += alpha * g; sq = sq_decay * sq + sq_alpha * g * g.
   // Either list of accumulators may be empty; accumulators are fp32 (fp64 for fp64 grads).

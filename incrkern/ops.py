@@ -578,12 +578,15 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
                         approx=False, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                         decoupled_weight_decay=False, maximize=False, grad_scale=1.0,
                         lr_tensor=None, increment_steps=False, amp_scale=None, found_inf=None,
-                        score="grad", validate=True):
+                        score="grad", scores=None, validate=True):
     """Selects and updates in one call: per param, the ks[i] elements of largest
     |grads[i]| get the Adam update (as adam_update_), the rest and their state stay
     bit-identical. score="weight" (no residuals) selects by |params[i]| instead, as
     ``select(..., score="weight", weights=params)`` then ``adam_update_``: each param's
-    score is read before its update. Returns an int64 tensor: the count updated per param (on the
+    score is read before its update. score="grad_sq" (no residuals) selects by the
+    given `scores` (one per param, fp32 or fp64 as a residual: the optimizer's Fisher,
+    never negative), as ``select(scores, ks, score="grad_sq")`` then ``adam_update_``
+    with the grads; a negative score ranks by its magnitude. Returns an int64 tensor: the count updated per param (on the
     params' device with the CUDA kernel, which reads nothing back; on the CPU otherwise).
 
     The same result as ``select(grads, ks, score="grad")`` then ``adam_update_(...,
@@ -634,12 +637,22 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
             _check_tensor(f"residuals[{i}]", r, device=params[i].device,
                           dtypes=(math_dtype(params[i].dtype),), numel=params[i].numel())
         _check_amp(amp_scale, found_inf, params)
-        if score not in ("grad", "weight"):
-            raise ValueError(f"score must be 'grad' or 'weight', got {score!r}")
-        if score == "weight" and residuals:
-            raise ValueError("score='weight' takes no residuals (error feedback selects by "
+        if score not in ("grad", "weight", "grad_sq"):
+            raise ValueError(f"score must be 'grad', 'weight' or 'grad_sq', got {score!r}")
+        if score != "grad" and residuals:
+            raise ValueError(f"score={score!r} takes no residuals (error feedback selects by "
                              "|r + g|)")
+        scores = _as_list("scores", scores, allow_none=True)
+        if score != "grad_sq" and scores:
+            raise ValueError(f"scores are for score='grad_sq' only, got {len(scores)} with "
+                             f"score={score!r}")
+        if score == "grad_sq":
+            _check_length("scores", scores, len(params))
+            for i, s in enumerate(scores):
+                _check_tensor(f"scores[{i}]", s, device=params[i].device,
+                              dtypes=(math_dtype(params[i].dtype),), numel=params[i].numel())
     residuals = list(residuals or [])
+    scores = list(scores or [])
     hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                  weight_decay=float(weight_decay),
                  decoupled_weight_decay=bool(decoupled_weight_decay), maximize=bool(maximize),
@@ -651,13 +664,14 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
     if _has_kernel("adam_select_update_", device) and (score == "grad" or device.type == "cpu"):
         return torch.ops.incrkern.adam_select_update_(
             params, grads, exp_avgs, exp_avg_sqs, steps, [int(k) for k in ks], residuals,
-            bool(approx), amp_scale=amp_scale, score=score, **hyper)
+            bool(approx), amp_scale=amp_scale, score=score, scores=scores, **hyper)
     # No kernel for this device and score: select, then update at the positions.
     if residuals:
         accumulate_(residuals, grads, 1.0, amp_scale=amp_scale, found_inf=found_inf)
     sources = residuals or grads
-    indices = select(sources, [int(k) for k in ks], score=score, approx=approx,
-                     weights=params if score == "weight" else None, validate=False)
+    indices = select(scores if score == "grad_sq" else sources, [int(k) for k in ks],
+                     score=score, approx=approx, weights=params if score == "weight" else None,
+                     validate=False)
     adam_update_(params, sources, exp_avgs, exp_avg_sqs, steps, indices=indices,
                  consume_grad=bool(residuals), validate=False,
                  amp_scale=None if residuals else amp_scale, **hyper)

@@ -96,6 +96,8 @@ def reference_scores(x, score="grad"):
     """The order keys of each tensor's score (before any update)."""
     if x["r"]:
         return reference.select_scores(x["grads"], "accumulated", residuals=x["r"])
+    if score == "grad_sq":
+        return reference.select_scores(x["scores"], score)
     return reference.select_scores(x["grads"], score, weights=x["params"])
 
 
@@ -103,6 +105,8 @@ def reference_indices(x, ks, score="grad"):
     """The exact chosen positions (before any update)."""
     if x["r"]:
         return reference.select(x["grads"], ks, "accumulated", residuals=x["r"])
+    if score == "grad_sq":
+        return reference.select(x["scores"], ks, score)
     return reference.select(x["grads"], ks, score, weights=x["params"])
 
 

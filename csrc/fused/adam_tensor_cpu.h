@@ -34,7 +34,10 @@ struct AdamTensor {
   M* r;  // null without error feedback
   AdamHyper<M> h;
   M step_size, bc2_sqrt, grad_scale, residual_alpha;
-  bool weight_keys = false;  // the keys are |p| (select="weight"), not |g| (no residual)
+  // Where the keys are read without a residual: |g|, |p| (select="weight") or the
+  // given `scores` (the Fisher of select="grad_sq", never negative: |s| orders as s).
+  KeyFrom key_from = KeyFrom::Grad;
+  const M* scores = nullptr;
 
   // The update of element e alone, by its residual (then zeroed) or its gradient.
   void one(int64_t e) const {
@@ -85,18 +88,22 @@ struct AdamTensor {
   // element. With a residual it reads r (which holds r + g) and zeroes the chosen.
   void stream_by(int64_t b, int64_t e, const bool* mask, bool above, int32_t above_gt) const {
     if (r)
-      adam_stream_isa<T, M, M>(p + b, r + b, m + b, v + b, mask, above, above_gt, false, true,
-                               0, e - b, h, step_size, bc2_sqrt, grad_scale);
+      adam_stream_isa<T, M, M>(p + b, r + b, m + b, v + b, mask, above, above_gt,
+                               KeyFrom::Grad, nullptr, true, 0, e - b, h, step_size, bc2_sqrt,
+                               grad_scale);
     else
       adam_stream_isa<T, T, M>(p + b, const_cast<T*>(g) + b, m + b, v + b, mask, above,
-                               above_gt, weight_keys, false, 0, e - b, h, step_size, bc2_sqrt,
-                               grad_scale);
+                               above_gt, key_from, scores ? scores + b : nullptr, false, 0,
+                               e - b, h, step_size, bc2_sqrt, grad_scale);
   }
 
-  // The values whose |x| are the keys, from element b: p (select="weight") or g (with a
-  // residual the keys are r's, read where r is).
-  const T* key_values(int64_t b) const {
-    return weight_keys ? p + b : g + b;
+  // The keys of [b, b + len) above the band counted and those in it kept (band_keys):
+  // the residual's (which holds r + g), the scores', p's or g's.
+  int64_t count_band(int64_t b, int64_t len, int32_t lo_gt, int32_t hi_gt,
+                     uint32_t*& out) const {
+    if (r) return band_keys(static_cast<const float*>(r + b), len, lo_gt, hi_gt, out);
+    if (scores) return band_keys(static_cast<const float*>(scores + b), len, lo_gt, hi_gt, out);
+    return band_keys(key_from == KeyFrom::Param ? p + b : g + b, len, lo_gt, hi_gt, out);
   }
 
   // The position just past the `some`-th key equal to tie in [b, e), which holds at
@@ -110,8 +117,7 @@ struct AdamTensor {
     for (; b < e; b += kChunk) {
       const int64_t len = std::min(kChunk, e - b);
       uint32_t* end = keys;
-      if (r) band_keys(static_cast<const float*>(r + b), len, lo_gt, hi_gt, end);
-      else band_keys(key_values(b), len, lo_gt, hi_gt, end);
+      count_band(b, len, lo_gt, hi_gt, end);
       if (end - keys < some) {
         some -= end - keys;
         continue;
@@ -173,7 +179,9 @@ struct AdamTensor {
 
   // The key of element e (after add_residual, with a residual).
   uint32_t key(int64_t e) const {
-    return abs_key32(r ? float(r[e]) : float(*key_values(e)));
+    if (r) return abs_key32(float(r[e]));
+    if (scores) return abs_key32(float(scores[e]));
+    return abs_key32(float(key_from == KeyFrom::Param ? p[e] : g[e]));
   }
 };
 

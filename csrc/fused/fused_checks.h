@@ -6,6 +6,7 @@
 
 #include <optional>
 
+#include "select/select_keys.h"
 #include "update/update_checks.h"
 
 namespace incrkern {
@@ -48,19 +49,36 @@ inline void check_select_update(c10::DeviceType device_type, at::TensorList para
 }
 
 // The op's score: "grad" (|g|, or |r + g| with residuals) or, on the CPU, "weight"
-// (|p|, no residuals). Returns whether it is "weight".
-inline bool check_select_update_score(c10::string_view score, at::TensorList residuals,
-                                      c10::DeviceType device_type) {
+// (|p|) or "grad_sq" (the given `scores`: the Fisher, one per param, of its math
+// dtype), neither with residuals. Returns where the keys are read.
+inline KeyFrom check_select_update_score(c10::string_view score, at::TensorList params,
+                                         at::TensorList residuals, at::TensorList scores,
+                                         c10::DeviceType device_type) {
   const char* op = "incrkern.adam_select_update_";
-  TORCH_CHECK(score == "grad" || score == "weight", op,
-              ": score must be 'grad' or 'weight', got '", std::string(score), "'");
-  if (score == "grad") return false;
-  TORCH_CHECK(residuals.empty(), op, ": score='weight' takes no residuals (error feedback "
-              "selects by |r + g|)");
-  TORCH_CHECK(device_type == c10::DeviceType::CPU, op,
-              ": score='weight' has a CPU kernel only (ops.adam_select_update_ composes "
-              "select and adam_update_ on CUDA)");
-  return true;
+  TORCH_CHECK(score == "grad" || score == "weight" || score == "grad_sq", op,
+              ": score must be 'grad', 'weight' or 'grad_sq', got '", std::string(score), "'");
+  const bool given = score == "grad_sq";
+  TORCH_CHECK(given || scores.empty(), op, ": scores are for score='grad_sq' only, got ",
+              scores.size(), " with score='", std::string(score), "'");
+  if (score == "grad") return KeyFrom::Grad;
+  TORCH_CHECK(residuals.empty(), op, ": score='", std::string(score), "' takes no residuals "
+              "(error feedback selects by |r + g|)");
+  TORCH_CHECK(device_type == c10::DeviceType::CPU, op, ": score='", std::string(score),
+              "' has a CPU kernel only (ops.adam_select_update_ composes select and "
+              "adam_update_ on CUDA)");
+  if (!given) return KeyFrom::Param;
+  TORCH_CHECK(scores.size() == params.size(), op, ": scores must hold one tensor per param (",
+              params.size(), "), got ", scores.size());
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& s = scores[i];
+    const auto math = opmath_dtype(p.scalar_type());
+    TORCH_CHECK(s.device() == p.device() && s.scalar_type() == math &&
+                    s.numel() == p.numel() && s.is_contiguous(),
+                op, ": scores[", i, "] must be a contiguous ", math, " tensor of ", p.numel(),
+                " elements on ", p.device());
+  }
+  return KeyFrom::Scores;
 }
 
 }  // namespace incrkern

@@ -50,6 +50,7 @@
 #include "update/adam_stream_cpu.h"
 #include "fused/adam_tensor_cpu.h"
 #include "fused/band_choice_cpu.h"
+#include "fused/fused_call_cpu.h"
 #include "fused/fused_checks.h"
 #include "fused/fused_cpu.h"
 #include "fused/scans_cpu.h"
@@ -97,30 +98,6 @@ bool stream_pays(int64_t n, int64_t k) {
   return double(k) >= d * double(n);
 }
 
-// A param's addresses, size and update count, read for every param at once while the
-// checks have just brought the tensors' TensorImpls into cache. Read when the param's
-// turn comes, after other params' passes have streamed through the cache, each
-// address is a chain of waits on memory (TensorImpl, then StorageImpl).
-struct Resolved {
-  void *p, *g, *m, *v, *r;  // r: null without error feedback
-  int64_t numel;
-  float step;
-  at::ScalarType dtype;  // the param's and its gradient's
-};
-
-// What a call shares: its tensors (for the positional fallback) and its constants.
-struct Call {
-  at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps, residuals;
-  double lr, beta1, beta2, eps, weight_decay, grad_scale;
-  bool decoupled_weight_decay, maximize, approx;
-  // Mixed precision: the scale tensor and its value. Without residuals the update
-  // reads g times grad_scale / scale; with them the residual adds g / scale.
-  std::optional<at::Tensor> amp_scale;
-  std::optional<float> amp;
-  std::vector<Resolved> res;  // per param, filled once the checks pass
-  bool weight = false;        // select="weight": the keys are |p|, read before the update
-};
-
 // The positions' update by the adam_update_ op (prefetching, spread over threads):
 // for a large tensor's chosen candidates and its fallback. With a residual it reads
 // the residual (already r + g) as the gradient and zeroes what it read.
@@ -140,22 +117,6 @@ void update_positions(const Call& c, size_t i, const at::Tensor& pos) {
           c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay, c.maximize,
           c.grad_scale, ef, false, std::nullopt, false,
           ef ? std::optional<at::Tensor>() : c.amp_scale, std::nullopt);
-}
-
-Source source_of(const Call& c, size_t i) {
-  const Resolved& t = c.res[i];
-  if (c.weight) return Source{ScoreKind::Abs, t.dtype, t.p, at::kFloat, nullptr, {}, t.numel, 0};
-  const bool ef = t.r != nullptr;
-  const at::ScalarType math = t.dtype == at::kDouble ? at::kDouble : at::kFloat;
-  return Source{ef ? ScoreKind::Accumulated : ScoreKind::Abs, t.dtype, t.g, ef ? math : at::kFloat,
-                t.r, {}, t.numel, 0};
-}
-
-// The residual alone as the score source, once the gradient has been added to it.
-template <typename T>
-Source residual_source(const AdamTensor<T>& t, int64_t n) {
-  const at::ScalarType d = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
-  return Source{ScoreKind::Abs, d, t.r, d, nullptr, {}, n, 0};
 }
 
 at::Tensor select_positions(const Source& s, int64_t k, bool approx) {
@@ -284,12 +245,15 @@ std::span<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, ui
 
 // The counting pass over [0, n), per block (BandBlock): keys > hi counted, lo <= key
 // <= hi kept in position order (their positions are not needed: the update finds its
-// elements by comparing keys again). With a residual not yet `added`, each chunk's
-// keys are u = r + g, written to r first.
+// elements by comparing keys again). A band from 0 keeps its keys above 0 and counts
+// the zeros (at_lo): a Fisher or a gradient of mostly zeros near its k-th would keep
+// nearly every key. With a residual not yet `added`, each chunk's keys are u = r + g,
+// written to r first.
 template <typename T>
 std::vector<BandBlock> count_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, uint32_t hi,
                                   bool added) {
-  const int32_t lo_gt = order_greater_than<false>(lo);
+  const bool zeros_counted = lo == 0;
+  const int32_t lo_gt = order_greater_than<false>(zeros_counted ? 1 : lo);
   const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   std::vector<BandBlock> out(static_cast<size_t>(nblocks));
@@ -303,8 +267,9 @@ std::vector<BandBlock> count_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo
         const int64_t len = std::min(kChunk, end - e);
         if (t.r && !added) t.add_residual(e, e + len);
         uint32_t* k = keys;
-        o.above += t.r ? band_keys(static_cast<const float*>(t.r + e), len, lo_gt, hi_gt, k)
-                       : band_keys(t.key_values(e), len, lo_gt, hi_gt, k);
+        const int64_t above = t.count_band(e, len, lo_gt, hi_gt, k);
+        o.above += above;
+        if (zeros_counted) o.at_lo += len - above - (k - keys);
         o.keys.insert(o.keys.end(), keys, k);
       }
     }
@@ -325,7 +290,7 @@ int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
   const int64_t n = c.res[i].numel;
   std::vector<BandBlock> out = count_pass(t, n, lo, hi, added);
   int64_t w = 0, cnt = 0;
-  for (const BandBlock& o : out) w += o.above, cnt += int64_t(o.keys.size());
+  for (const BandBlock& o : out) w += o.above, cnt += int64_t(o.keys.size()) + o.at_lo;
   const int64_t tol = approx ? Selector<uint32_t>::tolerance(k) : 0;
   if (w > k + tol || w + cnt < k - tol || forced_fallback("after"))
     return run_fallback(c, i, t, k, true);
@@ -369,51 +334,6 @@ void update_chosen(const AdamTensor<T>& t, const int64_t* q, const M* vals, int6
                [&](int64_t j) { t.fetch_written(q[j]); });
   else
     update_at(t, q, n);
-}
-
-// adam_bias of the call's constants at `step`, kept for the last step seen on this
-// thread: a model's params share their update count, and each param's AdamTensor is
-// made more than once, two pow calls each time.
-AdamBias call_adam_bias(const Call& c, float step) {
-  thread_local struct {
-    double lr = std::numeric_limits<double>::quiet_NaN(), beta1 = 0, beta2 = 0;  // none yet
-    float step = 0;
-    AdamBias bias{};
-  } last;
-  if (step != last.step || c.lr != last.lr || c.beta1 != last.beta1 || c.beta2 != last.beta2)
-    last = {c.lr, c.beta1, c.beta2, step, adam_bias(c.lr, c.beta1, c.beta2, double(step))};
-  return last.bias;
-}
-
-template <typename T>
-AdamTensor<T> adam_tensor(const Call& c, size_t i) {
-  using M = at::opmath_type<T>;
-  const Resolved& r = c.res[i];
-  const AdamBias bias = call_adam_bias(c, r.step);
-  return AdamTensor<T>{
-      static_cast<T*>(r.p),
-      static_cast<const T*>(r.g),
-      static_cast<M*>(r.m),
-      static_cast<M*>(r.v),
-      static_cast<M*>(r.r),
-      make_adam_hyper<M>(c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay,
-                         c.maximize),
-      M(bias.step_size),
-      M(bias.bc2_sqrt),
-      c.residuals.empty() ? amp_factor<M>(c.grad_scale, c.amp) : M(c.grad_scale),
-      c.residuals.empty() ? M(1) : amp_factor<M>(1.0, c.amp),
-      c.weight};
-}
-
-template <typename Fn>
-void with_param_type(at::ScalarType d, Fn&& fn) {
-  switch (d) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    case at::kHalf: return fn(c10::Half{});
-    case at::kDouble: return fn(double{});
-    default: TORCH_CHECK(false, "incrkern.adam_select_update_: unsupported dtype ", d);
-  }
 }
 
 // A small tensor's chosen positions whose update waits for the next small tensor's
@@ -613,15 +533,16 @@ int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   }
 }
 
-// select="weight": the keys are |p|, each read by the pass that updates it before the
-// update. From kWeightStreamDensity on, the threshold stream (the counting pass and
-// the loop's compare read p); below it, and where the band misses, select's positions
-// over |p| then their update (`whole`: over every thread). fp64 takes the positions.
-// The stream starts later than |g|'s, whose alternative is the tile lists: against
-// select's positions it lost at 0.03 on a transformer's embedding (docs/measurements.md).
-constexpr double kWeightStreamDensity = 0.05;
+// Keys not from the gradient: |p| (score="weight"), each read by the pass that updates
+// it before the update, or given scores (score="grad_sq"). From kKeyedStreamDensity on,
+// the threshold stream (the counting pass and the loop's compare read the keys); below
+// it, and where the band misses, select's positions over the keys then their update
+// (`whole`: over every thread). fp64 takes the positions. The stream starts later than
+// |g|'s, whose alternative is the tile lists: against select's positions by |p| it lost
+// at 0.03 on a transformer's embedding (docs/measurements.md).
+constexpr double kKeyedStreamDensity = 0.05;
 template <typename T>
-int64_t run_weight(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool whole) {
+int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool whole) {
   const int64_t n = c.res[i].numel;
   if (k == 0) return 0;
   if (k == n) {
@@ -630,9 +551,12 @@ int64_t run_weight(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
     return n;
   }
   if constexpr (!std::is_same_v<T, double>) {
-    if (stream_pays(n, k) && double(k) >= kWeightStreamDensity * double(n)) {
+    if (stream_pays(n, k) && double(k) >= kKeyedStreamDensity * double(n)) {
       Selector<uint32_t> sel({source_of(c, i)}, k, c.approx);
-      const auto band = whole ? sel.sample_band() : sel.stream_band();
+      auto band = whole ? sel.sample_band() : sel.stream_band();
+      // Refused as too wide: with its k-th among zeros the stream counts them instead.
+      if (!band)
+        if (const auto wide = sel.band(); wide.first == 0) band = wide;
       if (band && !forced_fallback("before"))
         return run_stream(c, i, t, k, true, band->first, band->second, c.approx);
     }
@@ -656,10 +580,10 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       Bookkeeping book,
                                       const std::optional<at::Tensor>& amp_scale,
                                       const std::optional<at::Tensor>& found_inf,
-                                      bool weight_score) {
+                                      KeyFrom key_from, at::TensorList scores) {
   Call c{params, grads, exp_avgs, exp_avg_sqs, steps, residuals, lr, beta1, beta2, eps,
          weight_decay, grad_scale, decoupled_weight_decay, maximize, approx};
-  c.weight = weight_score;
+  c.key_from = key_from;
   if (lr_tensor.has_value()) c.lr = lr_tensor->item<double>();
   const int64_t n = int64_t(params.size());
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
@@ -689,6 +613,7 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
       c.res[i] = Resolved{params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                           exp_avg_sqs[i].data_ptr(),
                           residuals.empty() ? nullptr : residuals[i].data_ptr(),
+                          scores.empty() ? nullptr : scores[i].const_data_ptr(),
                           params[i].numel(), 0.0f, params[i].scalar_type()};
       float* count = steps[i].data_ptr<float>();
       if (!book.steps_distinct) {
@@ -744,6 +669,7 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   large.erase(moved, large.end());
   std::stable_sort(beside.begin(), beside.end(),
                    [&](int64_t a, int64_t b) { return c.res[a].numel > c.res[b].numel; });
+  const bool keyed = c.key_from != KeyFrom::Grad;
   Claims beside_claims(0, int64_t(beside.size()), 1);
   Claims small_claims(0, int64_t(small.size()), kSmallGrain);
   const auto run_one = [&](size_t i, Deferred& deferred) {
@@ -753,7 +679,7 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
       const int64_t numel = c.res[i].numel;
       const bool small_path =
           numel <= select::kTileMaxNumel || select::tile_max_fits_beside(numel, ks[i]);
-      count[i] = c.weight     ? run_weight<T>(c, i, t, ks[i], !small_path)
+      count[i] = keyed        ? run_keyed<T>(c, i, t, ks[i], !small_path)
                  : small_path ? run_small<T>(c, i, t, ks[i], deferred)
                               : run_large<T>(c, i, t, ks[i]);
     });
@@ -772,7 +698,7 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
     with_param_type(c.res[i].dtype, [&](auto tag) {
       using T = decltype(tag);
       const AdamTensor<T> t = adam_tensor<T>(c, size_t(i));
-      count[i] = c.weight ? run_weight<T>(c, size_t(i), t, ks[i], true)
+      count[i] = keyed ? run_keyed<T>(c, size_t(i), t, ks[i], true)
                           : run_large<T>(c, size_t(i), t, ks[i]);
     });
   return counts;
@@ -788,14 +714,18 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   bool increment_steps,
                                   const std::optional<at::Tensor>& amp_scale,
                                   const std::optional<at::Tensor>& found_inf,
-                                  c10::string_view score) {
+                                  c10::string_view score,
+                                  std::optional<at::TensorList> given) {
+  const at::TensorList scores = given.value_or(at::TensorList());
   check_select_update(c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, steps, ks,
                       residuals, lr_tensor, amp_scale, found_inf);
-  const bool weight = check_select_update_score(score, residuals, c10::DeviceType::CPU);
+  const KeyFrom key_from =
+      check_select_update_score(score, params, residuals, scores, c10::DeviceType::CPU);
   return adam_select_update_checked(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residuals,
                                     approx, lr, beta1, beta2, eps, weight_decay,
                                     decoupled_weight_decay, maximize, grad_scale, lr_tensor,
-                                    Bookkeeping{increment_steps}, amp_scale, found_inf, weight);
+                                    Bookkeeping{increment_steps}, amp_scale, found_inf, key_from,
+                                    scores);
 }
 
 TORCH_LIBRARY_IMPL(incrkern, CPU, m) { m.impl("adam_select_update_", &adam_select_update_cpu); }

@@ -32,7 +32,8 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       Bookkeeping book,
                                       const std::optional<at::Tensor>& amp_scale,
                                       const std::optional<at::Tensor>& found_inf,
-                                      bool weight_score = false);
+                                      KeyFrom key_from = KeyFrom::Grad,
+                                      at::TensorList scores = {});
 
 // The op's CPU kernel (its checks, then the step), and the CUDA one, which
 // fused_cuda_ops.cpp sets when the CUDA kernels are built (else null).
@@ -46,7 +47,8 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   bool increment_steps,
                                   const std::optional<at::Tensor>& amp_scale,
                                   const std::optional<at::Tensor>& found_inf,
-                                  c10::string_view score);
+                                  c10::string_view score,
+                                  std::optional<at::TensorList> scores);
 using SelectUpdateKernel = decltype(&adam_select_update_cpu);
 extern SelectUpdateKernel cuda_select_update_kernel;
 

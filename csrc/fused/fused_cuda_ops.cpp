@@ -32,11 +32,13 @@ at::Tensor adam_select_update_cuda(at::TensorList params, at::TensorList grads,
                                    bool increment_steps,
                                    const std::optional<at::Tensor>& amp_scale,
                                    const std::optional<at::Tensor>& found_inf,
-                                   c10::string_view score) {
+                                   c10::string_view score,
+                                   std::optional<at::TensorList> scores) {
   const char* op = "incrkern.adam_select_update_";
   check_select_update(c10::DeviceType::CUDA, params, grads, exp_avgs, exp_avg_sqs, steps, ks,
                       residuals, lr_tensor, amp_scale, found_inf);
-  check_select_update_score(score, residuals, c10::DeviceType::CUDA);
+  check_select_update_score(score, params, residuals, scores.value_or(at::TensorList()),
+                            c10::DeviceType::CUDA);
   const int64_t n = int64_t(params.size());
   if (n == 0) return at::zeros({0}, at::TensorOptions().dtype(at::kLong));
   const at::Device device = params[0].device();

@@ -21,6 +21,10 @@ namespace incrkern {
 // residual + grad), signed_key32 (Signed) or random_key32 (Random).
 enum class ScoreKind : int32_t { Abs = 0, Signed = 1, Accumulated = 2, Random = 3 };
 
+// Where the fused step (adam_select_update_) reads an element's key: its gradient (or
+// residual), its param (score="weight"), or given scores (score="grad_sq": the Fisher).
+enum class KeyFrom : int32_t { Grad = 0, Param = 1, Scores = 2 };
+
 }  // namespace incrkern
 
 namespace incrkern::select {

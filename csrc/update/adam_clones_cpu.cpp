@@ -15,11 +15,11 @@ namespace incrkern {
                                  bc2_sqrt, grad_scale);                                        \
   }                                                                                            \
   IK_ISA_CLONES void adam_stream_above_cloned(                                                 \
-      T* p, G* g, float* m, float* v, int32_t above_gt, bool key_param, bool consume,          \
-      int64_t begin, int64_t end, const AdamHyper<float> h, const float step_size,             \
-      const float bc2_sqrt, const float grad_scale) {                                          \
-    adam_stream_above_any<T, G, float>(p, g, m, v, above_gt, key_param, consume, begin, end,   \
-                                       h, step_size, bc2_sqrt, grad_scale);                    \
+      T* p, G* g, float* m, float* v, int32_t above_gt, KeyFrom key_from, const float* keys,   \
+      bool consume, int64_t begin, int64_t end, const AdamHyper<float> h,                      \
+      const float step_size, const float bc2_sqrt, const float grad_scale) {                   \
+    adam_stream_above_any<T, G, float>(p, g, m, v, above_gt, key_from, keys, consume, begin,   \
+                                       end, h, step_size, bc2_sqrt, grad_scale);               \
   }                                                                                            \
   IK_ISA_CLONES const float* adam_tiles_cloned(                                                \
       T* p, G* g, const float* vals, float* m, float* v, bool consume, const int64_t* starts,  \

@@ -68,8 +68,9 @@ struct Lanes<c10::Half> {
 // unchosen elements are written back bit-identical. kAbove: the same, an element
 // chosen where the order of |g| (select/scan_cpu.h) is > above_gt, decided as the
 // loop reads g: a mask written first cost a pass of its own over the gradient
-// (docs/design.md, "The threshold stream"); with kKeyParam, the order of |p| as
-// the loop reads p (select="weight"), before its update. kConsume: zero the gradient
+// (docs/design.md, "The threshold stream"); by kKeyFrom, the order of |p| as the
+// loop reads p (select="weight"), before its update, or of given scores `keys` (the
+// Fisher of select="grad_sq"). kConsume: zero the gradient
 // entries used. kAmsgrad: AMSGrad, with its running maximum `vmax` (unused without).
 // kDecay, kDecoupled: the weight-decay kind, fixed per loop. gcc unswitched the plain
 // fp32 loop on it, but not the larger ones (AMSGrad, bf16's conversions: --param
@@ -78,13 +79,14 @@ struct Lanes<c10::Half> {
 // checks (--param vect-max-version-for-alias-checks), and the masked loop stayed
 // scalar; the arrays are distinct (__restrict) anyway.
 template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kAmsgrad,
-          bool kDecay, bool kDecoupled, bool kAbove = false, bool kKeyParam = false>
+          bool kDecay, bool kDecoupled, bool kAbove = false, KeyFrom kKeyFrom = KeyFrom::Grad>
 [[gnu::always_inline]] inline void adam_stream(
     T* __restrict p, G* __restrict g, M* __restrict m, M* __restrict v, M* __restrict vmax,
     const bool* __restrict mask, int64_t begin, int64_t end, const AdamHyper<M> h,
-    const M step_size, const M bc2_sqrt, const M grad_scale, int32_t above_gt = 0) {
+    const M step_size, const M bc2_sqrt, const M grad_scale, int32_t above_gt = 0,
+    const M* __restrict keys = nullptr) {
   static_assert(!(kAbove && (kMasked || kAmsgrad)), "kAbove: a plain Adam loop");
-  static_assert(kAbove || !kKeyParam, "kKeyParam: the key of kAbove");
+  static_assert(kAbove || kKeyFrom == KeyFrom::Grad, "kKeyFrom: the key of kAbove");
   AdamHyper<M> hh = h;
   hh.decay = kDecay;
   hh.decoupled_weight_decay = kDecoupled;
@@ -98,7 +100,8 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool 
     M pm = PL::template widen<M>(pb[e]), mm = m[e], vv = v[e];
     M vm = kAmsgrad ? vmax[e] : M(0);
     const M ge = GL::template widen<M>(gb[e]);
-    const M key_of = kKeyParam ? pm : ge;  // before the rule moves pm
+    // p's before the rule moves pm
+    const M key_of = kKeyFrom == KeyFrom::Param ? pm : kKeyFrom == KeyFrom::Scores ? keys[e] : ge;
     adam_rule<kAmsgrad>(pm, ge * grad_scale, mm, vv, vm, hh, step_size, bc2_sqrt);
     if constexpr (kAbove) {
       const auto order = int32_t(select::float_bits(float(key_of)) & 0x7fffffffu);
@@ -162,21 +165,25 @@ template <typename T, typename G, typename M>
   });
 }
 
-// adam_stream_any choosing by |g|, or by |p| where key_param (kAbove), for fp32 math:
-// a 16-bit value widens to fp32 exactly, so its order is the one the selection's
-// scans compare.
+// adam_stream_any choosing by |g|, by |p| or by given scores `keys` (key_from), for
+// fp32 math: a 16-bit value widens to fp32 exactly, so its order is the one the
+// selection's scans compare. Only a gradient's key is consumed (a residual's).
 template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void adam_stream_above_any(
-    T* p, G* g, M* m, M* v, int32_t above_gt, bool key_param, bool consume, int64_t begin,
-    int64_t end, const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
+    T* p, G* g, M* m, M* v, int32_t above_gt, KeyFrom key_from, const M* keys, bool consume,
+    int64_t begin, int64_t end, const AdamHyper<M> h, const M step_size, const M bc2_sqrt,
     const M grad_scale) {
-  with_stream_flags(key_param, consume, [&]<bool kKeyParam, bool kConsume>() IK_INLINE_LAMBDA {
+  const auto run = [&]<KeyFrom kKeyFrom, bool kConsume>() IK_INLINE_LAMBDA {
     with_decay_kind(h, [&]<bool kDecay, bool kDecoupled>() IK_INLINE_LAMBDA {
-      adam_stream<T, G, M, false, kConsume, false, kDecay, kDecoupled, true, kKeyParam>(
+      adam_stream<T, G, M, false, kConsume, false, kDecay, kDecoupled, true, kKeyFrom>(
           p, g, m, v, nullptr, nullptr, begin, end, h, step_size, bc2_sqrt, grad_scale,
-          above_gt);
+          above_gt, keys);
     });
-  });
+  };
+  if (consume) return run.template operator()<KeyFrom::Grad, true>();
+  if (key_from == KeyFrom::Param) return run.template operator()<KeyFrom::Param, false>();
+  if (key_from == KeyFrom::Scores) return run.template operator()<KeyFrom::Scores, false>();
+  run.template operator()<KeyFrom::Grad, false>();
 }
 
 // adam_stream_any with AMSGrad's max_exp_avg_sq `vmax`.
@@ -312,7 +319,8 @@ template <typename T, typename G, typename M>
                           const float step_size, const float bc2_sqrt,                       \
                           const float grad_scale);                                           \
   void adam_stream_above_cloned(T* p, G* g, float* m, float* v, int32_t above_gt,            \
-                                bool key_param, bool consume, int64_t begin, int64_t end,    \
+                                KeyFrom key_from, const float* keys, bool consume,           \
+                                int64_t begin, int64_t end,                                  \
                                 const AdamHyper<float> h, const float step_size,             \
                                 const float bc2_sqrt, const float grad_scale);               \
   const float* adam_tiles_cloned(T* p, G* g, const float* vals, float* m, float* v,          \
@@ -333,21 +341,21 @@ IK_CLONED_TYPES(IK_DECLARE_CLONED)
 #undef IK_DECLARE_CLONED
 
 // adam_stream_any, or adam_stream_above_any where `above` (above_gt its threshold, on
-// |p| where key_param), through the ISA-compiled loop where the types have one.
+// the keys key_from names), through the ISA-compiled loop where the types have one.
 template <typename T, typename G, typename M>
 inline void adam_stream_isa(T* p, G* g, M* m, M* v, const bool* mask, bool above,
-                            int32_t above_gt, bool key_param, bool consume, int64_t begin,
-                            int64_t end, const AdamHyper<M> h, const M step_size,
-                            const M bc2_sqrt, const M grad_scale) {
+                            int32_t above_gt, KeyFrom key_from, const M* keys, bool consume,
+                            int64_t begin, int64_t end, const AdamHyper<M> h,
+                            const M step_size, const M bc2_sqrt, const M grad_scale) {
   if constexpr (kCloned<T, G>) {
     if (above)
-      return adam_stream_above_cloned(p, g, m, v, above_gt, key_param, consume, begin, end, h,
-                                      step_size, bc2_sqrt, grad_scale);
+      return adam_stream_above_cloned(p, g, m, v, above_gt, key_from, keys, consume, begin,
+                                      end, h, step_size, bc2_sqrt, grad_scale);
     adam_stream_cloned(p, g, m, v, mask, consume, begin, end, h, step_size, bc2_sqrt,
                        grad_scale);
   } else if (above) {
-    adam_stream_above_any<T, G, M>(p, g, m, v, above_gt, key_param, consume, begin, end, h,
-                                   step_size, bc2_sqrt, grad_scale);
+    adam_stream_above_any<T, G, M>(p, g, m, v, above_gt, key_from, keys, consume, begin, end,
+                                   h, step_size, bc2_sqrt, grad_scale);
   } else {
     adam_stream_any<T, G, M>(p, g, m, v, mask, consume, begin, end, h, step_size, bc2_sqrt,
                              grad_scale);

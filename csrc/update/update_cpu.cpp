@@ -156,7 +156,8 @@ RangeFn adam_ranges(T* p, G* g, M* m, M* v, M* vmax, int32_t* age, const Positio
                                          step_size, bc2_sqrt, grad_scale);
       };
     return [=](int64_t begin, int64_t end) {
-      adam_stream_isa<T, G, M>(p, g, m, v, pos.mask, false, 0, false, consume, begin, end, h,
+      adam_stream_isa<T, G, M>(p, g, m, v, pos.mask, false, 0, KeyFrom::Grad, nullptr, consume,
+                               begin, end, h,
                                step_size, bc2_sqrt, grad_scale);
     };
   }
