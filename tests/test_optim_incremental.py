@@ -536,6 +536,7 @@ def test_mask_route_matches_positions(name, select, density, monkeypatch):
     from incrkern import ops
     from incrkern.optim import base
     monkeypatch.setattr(base, "FUSED_WEIGHT_DENSITY", 2.0)  # |w|: not the fused kernel
+    monkeypatch.setattr(base, "FUSED_GRAD_SQ_DENSITY", 2.0)  # nor the Fisher
     torch.manual_seed(0)
     shapes = [(300, 257), (70001,), (17,), (2, 3)]
     start = [torch.randn(s) for s in shapes]
@@ -596,5 +597,47 @@ def test_weight_fused_route_matches_masks(dtype, density, monkeypatch):
         # The fused route's first step, with no state yet, is the Python step's; the
         # later ones are the one C++ call's (fast_step), which calls the kernel itself.
         assert calls == (["adam_select_update_"] if fused else
+                         ["select_mask" if density >= base.MASK_DENSITY else "select"] * 3)
+    assert_same_steps(opts, start)
+
+
+@pytest.mark.skipif(not incrkern.EXTENSION_LOADED, reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.003, 0.03, 0.1, 0.5, 0.95])
+def test_grad_sq_fused_route_matches_masks(dtype, density, monkeypatch):
+    """A CPU step with select="grad_sq" accumulates the Fisher, then takes the fused
+    call (ops.adam_select_update_(score="grad_sq", scores=Fishers)); the same steps
+    through select's positions or select_mask and the masked update (the routes it
+    replaces) leave the same params and state, Fishers included, bit for bit, on
+    tensors past one block (one an embedding's gradient of hot rows, its k-th Fisher
+    among zeros at the higher densities) and small ones."""
+    from incrkern import ops
+    from incrkern.optim import base
+    torch.manual_seed(0)
+    shapes = [(700, 1001), (3000, 128), (300, 257), (17,), (2, 3)]
+    start = [torch.randn(s).to(dtype) for s in shapes]
+    grads = []
+    for i in range(3):
+        gs = [(torch.randn(s) * (i + 1)).to(dtype) for s in shapes]
+        gs[1] = torch.zeros(shapes[1], dtype=dtype)
+        gs[1][torch.randperm(3000)[:40]] = torch.randn(40, 128).to(dtype)
+        grads.append(gs)
+    opts, calls = [], []
+    for name in ("adam_select_update_", "select", "select_mask"):  # the routes' ops
+        monkeypatch.setattr(ops, name, lambda *a, _name=name, _real=getattr(ops, name), **k:
+                            calls.append(_name) or _real(*a, **k))
+    for fused in (True, False):
+        calls.clear()
+        monkeypatch.setattr(base, "FUSED_GRAD_SQ_DENSITY", 0.0 if fused else 2.0)
+        params = [nn.Parameter(p.clone()) for p in start]
+        opt = incrkern.optim.AdamW(params, lr=0.01, density=density, select="grad_sq",
+                                   weight_decay=0.1, fisher_beta=0.9)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        opts.append((params, opt))
+        # grad_sq steps in Python (fast_step leaves the Fisher's accumulate to it).
+        assert calls == (["adam_select_update_"] * 3 if fused else
                          ["select_mask" if density >= base.MASK_DENSITY else "select"] * 3)
     assert_same_steps(opts, start)

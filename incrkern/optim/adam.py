@@ -135,7 +135,8 @@ class Adam(IncrementalOptimizer):
                          validate=False, **self._amp_kwargs(device, unscale),
                          **self._hyper(group))
 
-    def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0):
+    def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0,
+                       scores=None):
         lr, lr_tensor = self._lr_args(group, device)
         ops.adam_select_update_(work.contiguous_params, work.grads,
                                 [s["exp_avg"] for s in work.states],
@@ -143,9 +144,14 @@ class Adam(IncrementalOptimizer):
                                 [s["step"] for s in work.states], ks, residuals,
                                 approx=approx, lr=lr, lr_tensor=lr_tensor,
                                 grad_scale=grad_scale, increment_steps=True,
-                                score="weight" if group["select"] == "weight" else "grad",
+                                score=_FUSED_SCORES.get(group["select"], "grad"),
+                                scores=scores,
                                 validate=False, **self._amp_kwargs(device),
                                 **self._hyper(group))
+
+
+# The fused kernel's score for a select option (|grad| for "grad" and "accumulated").
+_FUSED_SCORES = {"weight": "weight", "grad_sq": "grad_sq"}
 
 
 class AdamW(Adam):

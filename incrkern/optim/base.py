@@ -53,15 +53,19 @@ FUSED_MIN_DENSITY = 0.001
 # masks and positions it replaces at every density from 0.001 to 0.9
 # (docs/measurements.md); 2.0 sends every step the composed way (the tests' way to it).
 FUSED_WEIGHT_DENSITY = 0.0
+# select="grad_sq" on the CPU: from this density on the fused call, its keys read from
+# the Fisher after the Fisher's accumulate (docs/measurements.md); 2.0 as above.
+FUSED_GRAD_SQ_DENSITY = 0.0
 
 
 def fused_options(group):
     """Whether the group's options let the fused select-and-update step it: |grad|,
-    error feedback or |weight| per tensor, reselected at every update, one bias
+    error feedback, |weight| or the Fisher per tensor, reselected at every update, one bias
     correction per tensor, no AMSGrad (the fused kernel keeps no max_exp_avg_sq), no
     momentum correction; with accumulate_steps, |grad| only (error feedback accumulates
     a scaled gradient)."""
-    return (group["select"] in ("grad", "accumulated", "weight") and group["scope"] == "tensor"
+    return (group["select"] in ("grad", "accumulated", "weight", "grad_sq")
+            and group["scope"] == "tensor"
             and group["mask"] == "dynamic" and group["bias_correction"] == "tensor"
             and (group["accumulate_steps"] == 1 or group["select"] == "grad")
             and not group.get("momentum_correction") and not group.get("amsgrad"))
@@ -79,11 +83,14 @@ def accumulation_target(group):
     return None
 
 
-def use_fused(density, numel, error_feedback=False, weight=False):
+def use_fused(density, numel, error_feedback=False, weight=False, grad_sq=False):
     """Whether a tensor of `numel` elements stepped at `density` takes the fused
-    kernel (error_feedback: select="accumulated"; weight: select="weight")."""
+    kernel (error_feedback: select="accumulated"; weight: select="weight"; grad_sq:
+    select="grad_sq")."""
     if weight:
         return density >= FUSED_WEIGHT_DENSITY
+    if grad_sq:
+        return density >= FUSED_GRAD_SQ_DENSITY
     return numel <= FUSED_SMALL_NUMEL or error_feedback or density >= FUSED_MIN_DENSITY
 
 
@@ -529,9 +536,16 @@ class IncrementalOptimizer(Optimizer):
             buffer, alpha = target
             ops.accumulate_([self._buffer(p, buffer) for p in params], grads, alpha, **amp)
         if group["select"] == "grad_sq":
-            beta = float(group["fisher_beta"])
-            ops.accumulate_([], grads, 1.0, [self._buffer(p, "fisher") for p in params],
-                            sq_alpha=1.0 - beta, sq_decay=beta, **amp)
+            self._accumulate_fisher(group, params, grads)
+
+    def _accumulate_fisher(self, group, params, grads):
+        """fisher = fisher_beta * fisher + (1 - fisher_beta) * g^2, per param; returns
+        the Fisher buffers (select="grad_sq"'s scores)."""
+        beta = float(group["fisher_beta"])
+        fishers = [self._buffer(p, "fisher") for p in params]
+        amp = self._amp_kwargs(grads[0].device) if grads else {}
+        ops.accumulate_([], grads, 1.0, fishers, sq_alpha=1.0 - beta, sq_decay=beta, **amp)
+        return fishers
 
     def _select(self, group, params, states, sources, contiguous_params):
         """Indices to update in each param, or None for all of them."""
@@ -623,13 +637,15 @@ class IncrementalOptimizer(Optimizer):
                 or len(by_device) != 1
                 or not (cpu or (by_device[0][0].type == "cuda" and ops.FUSED_CUDA))
                 or not fused_options(group)
-                or group["select"] == "weight" and not cpu):  # a CPU kernel only
+                or group["select"] in ("weight", "grad_sq") and not cpu):  # CPU kernels only
             return False
         return all(p.dtype in _FUSED_DTYPES for p in by_device[0][1])
 
-    def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0):
+    def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0,
+                       scores=None):
         """The fused kernel call (subclasses that have one): select by |grad| (or
-        |residual + grad|) and update with the gradient times grad_scale, per tensor."""
+        |residual + grad|, |weight|, or the given scores: the Fisher) and update with
+        the gradient times grad_scale, per tensor."""
         raise NotImplementedError
 
     def _fused_step(self, group, device, ps, grads):
@@ -640,8 +656,10 @@ class IncrementalOptimizer(Optimizer):
         states = [self.state[p] for p in ps]
         self._init_states(group, ps, states, None, sparse=True)
         n = group["accumulate_steps"]
-        residuals, grad_scale = None, 1.0
-        if group["select"] == "accumulated":
+        residuals, grad_scale, scores = None, 1.0, None
+        if group["select"] == "grad_sq":
+            scores = self._accumulate_fisher(group, ps, grads)
+        elif group["select"] == "accumulated":
             residuals = [self._buffer(p, "residual") for p in ps]
         elif n > 1:
             residuals, grad_scale = [self._buffer(p, "grad_acc") for p in ps], 1.0 / n
@@ -649,7 +667,7 @@ class IncrementalOptimizer(Optimizer):
         ks = [ops.density_k(density, p.numel()) for p in ps]
         work = Work(ps, grads, states, self._masters(group, ps))
         self._select_update(group, work, device, ks, residuals, group["topk"] == "approx",
-                            grad_scale)
+                            grad_scale, scores)
         if n > 1:
             torch._foreach_zero_(residuals)
         work.write_back()
@@ -663,10 +681,11 @@ class IncrementalOptimizer(Optimizer):
             density = float(group["density"])
             error_feedback = group["select"] == "accumulated"
             weight = group["select"] == "weight"
+            grad_sq = group["select"] == "grad_sq"
             # On a GPU the fused call wins at every size: it saves the composed path's
             # count, scan and compaction passes and its indexed update's launches.
             take = [device.type == "cuda" or use_fused(density, p.numel(), error_feedback,
-                                                       weight)
+                                                       weight, grad_sq)
                     for p in ps]
             fused = (device, [p for p, t in zip(ps, take) if t],
                      [g for g, t in zip(grads, take) if t])
