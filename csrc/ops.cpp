@@ -77,14 +77,15 @@ TORCH_LIBRARY(incrkern, m) {
   //  a count near it (see incrkern.ops.adam_select_update_). score="weight" (CPU, no
   //  residuals): the ks[i] largest |params[i]|, as select(score="weight"); score=
   //  "grad_sq" (CPU, no residuals): the ks[i] largest scores[i] (a Fisher, >= 0), as
-  //  select(scores, score="grad_sq").
+  //  select(scores, score="grad_sq"); score="random" (CPU, no residuals): the ks[i]
+  //  largest hashes of (seed, i, index), as select(score="random") given that seed.
   m.def(
       "adam_select_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(f!)[] steps, int[] ks, Tensor(e!)[] residuals, "
       "bool approx, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled_weight_decay, bool maximize, float grad_scale=1.0, "
       "Tensor? lr_tensor=None, bool increment_steps=False, Tensor? amp_scale=None, "
-      "Tensor? found_inf=None, str score=\"grad\", Tensor[]? scores=None) -> Tensor");
+      "Tensor? found_inf=None, str score=\"grad\", Tensor[]? scores=None, int seed=0) -> Tensor");
 
   // accumulate family: acc += alpha * g; sq = sq_decay * sq + sq_alpha * g * g.
   // Either list of accumulators may be empty; accumulators are fp32 (fp64 for fp64 grads).

@@ -448,11 +448,13 @@ def _select_args(tensors, k, score, scope, residual, weights, generator, validat
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if not tensors:
         return [], ks, residual, weights, 0
-    seed = 0
-    if score == "random":
-        gen_device = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
-    return tensors, ks, residual, weights, seed
+    return tensors, ks, residual, weights, _random_seed(generator) if score == "random" else 0
+
+
+def _random_seed(generator):
+    """The "random" score's seed, one draw from `generator` (None: the default CPU one)."""
+    gen_device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
 
 
 def select(tensors, k, *, score="grad", scope="tensor", approx=False, residual=None,
@@ -578,7 +580,7 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
                         approx=False, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                         decoupled_weight_decay=False, maximize=False, grad_scale=1.0,
                         lr_tensor=None, increment_steps=False, amp_scale=None, found_inf=None,
-                        score="grad", scores=None, validate=True):
+                        score="grad", scores=None, generator=None, validate=True):
     """Selects and updates in one call: per param, the ks[i] elements of largest
     |grads[i]| get the Adam update (as adam_update_), the rest and their state stay
     bit-identical. score="weight" (no residuals) selects by |params[i]| instead, as
@@ -586,7 +588,10 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
     score is read before its update. score="grad_sq" (no residuals) selects by the
     given `scores` (one per param, fp32 or fp64 as a residual: the optimizer's Fisher,
     never negative), as ``select(scores, ks, score="grad_sq")`` then ``adam_update_``
-    with the grads; a negative score ranks by its magnitude. Returns an int64 tensor: the count updated per param (on the
+    with the grads; a negative score ranks by its magnitude. score="random" (no
+    residuals) chooses by a hash of each element's index, its seed drawn from
+    `generator` as select draws it: the same set as ``select(..., score="random",
+    generator=...)`` given the same generator state. Returns an int64 tensor: the count updated per param (on the
     params' device with the CUDA kernel, which reads nothing back; on the CPU otherwise).
 
     The same result as ``select(grads, ks, score="grad")`` then ``adam_update_(...,
@@ -637,8 +642,9 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
             _check_tensor(f"residuals[{i}]", r, device=params[i].device,
                           dtypes=(math_dtype(params[i].dtype),), numel=params[i].numel())
         _check_amp(amp_scale, found_inf, params)
-        if score not in ("grad", "weight", "grad_sq"):
-            raise ValueError(f"score must be 'grad', 'weight' or 'grad_sq', got {score!r}")
+        if score not in ("grad", "weight", "grad_sq", "random"):
+            raise ValueError(f"score must be 'grad', 'weight', 'grad_sq' or 'random', got "
+                             f"{score!r}")
         if score != "grad" and residuals:
             raise ValueError(f"score={score!r} takes no residuals (error feedback selects by "
                              "|r + g|)")
@@ -651,6 +657,9 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
             for i, s in enumerate(scores):
                 _check_tensor(f"scores[{i}]", s, device=params[i].device,
                               dtypes=(math_dtype(params[i].dtype),), numel=params[i].numel())
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got "
+                            f"{type(generator).__name__}")
     residuals = list(residuals or [])
     scores = list(scores or [])
     hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
@@ -664,14 +673,15 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
     if _has_kernel("adam_select_update_", device) and (score == "grad" or device.type == "cpu"):
         return torch.ops.incrkern.adam_select_update_(
             params, grads, exp_avgs, exp_avg_sqs, steps, [int(k) for k in ks], residuals,
-            bool(approx), amp_scale=amp_scale, score=score, scores=scores, **hyper)
+            bool(approx), amp_scale=amp_scale, score=score, scores=scores,
+            seed=_random_seed(generator) if score == "random" else 0, **hyper)
     # No kernel for this device and score: select, then update at the positions.
     if residuals:
         accumulate_(residuals, grads, 1.0, amp_scale=amp_scale, found_inf=found_inf)
     sources = residuals or grads
     indices = select(scores if score == "grad_sq" else sources, [int(k) for k in ks],
                      score=score, approx=approx, weights=params if score == "weight" else None,
-                     validate=False)
+                     generator=generator, validate=False)
     adam_update_(params, sources, exp_avgs, exp_avg_sqs, steps, indices=indices,
                  consume_grad=bool(residuals), validate=False,
                  amp_scale=None if residuals else amp_scale, **hyper)

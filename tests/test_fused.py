@@ -92,12 +92,19 @@ def run_kernel(x, ks, approx=False, **hyper):
                                    x["r"] or None, approx=approx, **hyper)
 
 
+def drawn_seed(x):
+    """The random score's seed that ops draws from a generator seeded with x["draw"]."""
+    return ops._random_seed(torch.Generator().manual_seed(int(x["draw"][0])))
+
+
 def reference_scores(x, score="grad"):
     """The order keys of each tensor's score (before any update)."""
     if x["r"]:
         return reference.select_scores(x["grads"], "accumulated", residuals=x["r"])
     if score == "grad_sq":
         return reference.select_scores(x["scores"], score)
+    if score == "random":
+        return reference.select_scores(x["grads"], score, seed=drawn_seed(x))
     return reference.select_scores(x["grads"], score, weights=x["params"])
 
 
@@ -107,6 +114,8 @@ def reference_indices(x, ks, score="grad"):
         return reference.select(x["grads"], ks, "accumulated", residuals=x["r"])
     if score == "grad_sq":
         return reference.select(x["scores"], ks, score)
+    if score == "random":
+        return reference.select(x["grads"], ks, score, seed=drawn_seed(x))
     return reference.select(x["grads"], ks, score, weights=x["params"])
 
 

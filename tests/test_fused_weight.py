@@ -135,14 +135,14 @@ def test_forced_fallback(monkeypatch, when):
 def test_bad_score_touches_nothing():
     x = make_weight([100, 50], torch.float32)
     before = clone(x)
-    with pytest.raises(ValueError, match="score must be 'grad', 'weight' or 'grad_sq'"):
+    with pytest.raises(ValueError, match="score must be 'grad', 'weight', 'grad_sq' or"):
         ops.adam_select_update_(x["params"], x["grads"], x["m"], x["v"], x["steps"], [5, 5],
-                                lr=1e-2, score="random")
+                                lr=1e-2, score="layer")
     r = [torch.zeros(100), torch.zeros(50)]
     with pytest.raises(ValueError, match="score='weight' takes no residuals"):
         ops.adam_select_update_(x["params"], x["grads"], x["m"], x["v"], x["steps"], [5, 5],
                                 r, lr=1e-2, score="weight")
-    for bad, residuals, message in (("random", [], "score must be 'grad', 'weight' or"),
+    for bad, residuals, message in (("layer", [], "score must be 'grad', 'weight', 'grad_sq'"),
                                     ("weight", r, "takes no residuals")):
         with pytest.raises(RuntimeError, match=message):
             torch.ops.incrkern.adam_select_update_(

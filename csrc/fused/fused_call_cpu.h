@@ -42,8 +42,10 @@ struct Call {
   std::optional<float> amp;
   std::vector<Resolved> res;  // per param, filled once the checks pass
   // Where the keys come from: |g| (or |r + g|), |p| read before the update
-  // (score="weight"), or the given scores (score="grad_sq": the Fisher).
+  // (score="weight"), the given scores (score="grad_sq": the Fisher), or the hash of
+  // (seed, tensor number, index) (score="random").
   KeyFrom key_from = KeyFrom::Grad;
+  int64_t seed = 0;
 };
 
 // Tensor i's score source for the Selector (its sample, and select's positions).
@@ -55,6 +57,9 @@ inline select::Source source_of(const Call& c, size_t i) {
     return Source{ScoreKind::Abs, t.dtype, t.p, at::kFloat, nullptr, {}, t.numel, 0};
   if (c.key_from == KeyFrom::Scores)
     return Source{ScoreKind::Abs, math, t.s, math, nullptr, {}, t.numel, 0};
+  if (c.key_from == KeyFrom::Random)
+    return Source{ScoreKind::Random, t.dtype, nullptr, at::kFloat, nullptr,
+                  select::random_keys(c.seed, int64_t(i)), t.numel, 0};
   const bool ef = t.r != nullptr;
   return Source{ef ? ScoreKind::Accumulated : ScoreKind::Abs, t.dtype, t.g, ef ? math : at::kFloat,
                 t.r, {}, t.numel, 0};

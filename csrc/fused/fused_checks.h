@@ -49,14 +49,16 @@ inline void check_select_update(c10::DeviceType device_type, at::TensorList para
 }
 
 // The op's score: "grad" (|g|, or |r + g| with residuals) or, on the CPU, "weight"
-// (|p|) or "grad_sq" (the given `scores`: the Fisher, one per param, of its math
-// dtype), neither with residuals. Returns where the keys are read.
+// (|p|), "grad_sq" (the given `scores`: the Fisher, one per param, of its math dtype)
+// or "random" (a hash of the seed, the tensor's number and the index), none with
+// residuals. Returns where the keys are read.
 inline KeyFrom check_select_update_score(c10::string_view score, at::TensorList params,
                                          at::TensorList residuals, at::TensorList scores,
                                          c10::DeviceType device_type) {
   const char* op = "incrkern.adam_select_update_";
-  TORCH_CHECK(score == "grad" || score == "weight" || score == "grad_sq", op,
-              ": score must be 'grad', 'weight' or 'grad_sq', got '", std::string(score), "'");
+  TORCH_CHECK(score == "grad" || score == "weight" || score == "grad_sq" || score == "random",
+              op, ": score must be 'grad', 'weight', 'grad_sq' or 'random', got '",
+              std::string(score), "'");
   const bool given = score == "grad_sq";
   TORCH_CHECK(given || scores.empty(), op, ": scores are for score='grad_sq' only, got ",
               scores.size(), " with score='", std::string(score), "'");
@@ -66,7 +68,8 @@ inline KeyFrom check_select_update_score(c10::string_view score, at::TensorList 
   TORCH_CHECK(device_type == c10::DeviceType::CPU, op, ": score='", std::string(score),
               "' has a CPU kernel only (ops.adam_select_update_ composes select and "
               "adam_update_ on CUDA)");
-  if (!given) return KeyFrom::Param;
+  if (score == "weight") return KeyFrom::Param;
+  if (score == "random") return KeyFrom::Random;
   TORCH_CHECK(scores.size() == params.size(), op, ": scores must hold one tensor per param (",
               params.size(), "), got ", scores.size());
   for (size_t i = 0; i < scores.size(); ++i) {

@@ -52,6 +52,7 @@
 #include "fused/band_choice_cpu.h"
 #include "fused/fused_call_cpu.h"
 #include "fused/fused_checks.h"
+#include "fused/random_stream_cpu.h"
 #include "fused/fused_cpu.h"
 #include "fused/scans_cpu.h"
 #include "update/update_checks.h"
@@ -533,13 +534,42 @@ int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   }
 }
 
+// The "random" score (fused/random_stream_cpu.h): its keys hashed by the counting pass
+// and again, a chunk at a time, for the update: the masked loop over the chunk where
+// the threshold stream pays (`stream`), else the chunk's chosen positions. Its keys
+// cost no read, and select's hashes (scalar where its passes read a key at a time)
+// cost more than the two vector passes at every density.
+template <typename T>
+int64_t run_random(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, uint32_t lo,
+                   uint32_t hi, bool stream) {
+  const int64_t n = c.res[i].numel;
+  const RandomKeys rk = random_keys(c.seed, int64_t(i));
+  std::vector<BandBlock> out = count_random(rk, n, kBlock, lo, hi);
+  int64_t w = 0, cnt = 0;
+  for (const BandBlock& o : out) w += o.above, cnt += int64_t(o.keys.size()) + o.at_lo;
+  const int64_t tol = c.approx ? Selector<uint32_t>::tolerance(k) : 0;
+  if (w > k + tol || w + cnt < k - tol || forced_fallback("after"))
+    return run_fallback(c, i, t, k, true);
+  const int64_t chosen = std::clamp(k, w, w + cnt);
+  const auto [at_least, tie] = choose_in_band(out, k - w, lo, hi);
+  update_random(rk, n, kBlock, out, at_least, tie,
+                [&](int64_t b, int64_t e, const uint8_t* mask) {
+                  if (stream) return t.stream(b, e, mask);
+                  int64_t chosen[kRandomChunk], m = 0;
+                  for (int64_t j = 0; j < e - b; ++j) chosen[m] = b + j, m += mask[j];
+                  update_at(t, chosen, m);
+                });
+  return chosen;
+}
+
 // Keys not from the gradient: |p| (score="weight"), each read by the pass that updates
-// it before the update, or given scores (score="grad_sq"). From kKeyedStreamDensity on,
-// the threshold stream (the counting pass and the loop's compare read the keys); below
-// it, and where the band misses, select's positions over the keys then their update
-// (`whole`: over every thread). fp64 takes the positions. The stream starts later than
-// |g|'s, whose alternative is the tile lists: against select's positions by |p| it lost
-// at 0.03 on a transformer's embedding (docs/measurements.md).
+// it before the update, given scores (score="grad_sq") or the index's hash
+// (score="random"). From kKeyedStreamDensity on, the threshold stream (the counting
+// pass and the loop's compare read or hash the keys); below it, and where the band
+// misses, select's positions over the keys then their update (`whole`: over every
+// thread). fp64 takes the positions. The stream starts later than |g|'s, whose
+// alternative is the tile lists: against select's positions by |p| it lost at 0.03 on
+// a transformer's embedding (docs/measurements.md).
 constexpr double kKeyedStreamDensity = 0.05;
 template <typename T>
 int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool whole) {
@@ -551,12 +581,15 @@ int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bo
     return n;
   }
   if constexpr (!std::is_same_v<T, double>) {
-    if (stream_pays(n, k) && double(k) >= kKeyedStreamDensity * double(n)) {
+    const bool stream = stream_pays(n, k) && double(k) >= kKeyedStreamDensity * double(n);
+    if (stream || c.key_from == KeyFrom::Random) {
       Selector<uint32_t> sel({source_of(c, i)}, k, c.approx);
       auto band = whole ? sel.sample_band() : sel.stream_band();
       // Refused as too wide: with its k-th among zeros the stream counts them instead.
       if (!band)
         if (const auto wide = sel.band(); wide.first == 0) band = wide;
+      if (band && c.key_from == KeyFrom::Random && !forced_fallback("before"))
+        return run_random(c, i, t, k, band->first, band->second, stream);
       if (band && !forced_fallback("before"))
         return run_stream(c, i, t, k, true, band->first, band->second, c.approx);
     }
@@ -580,10 +613,12 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       Bookkeeping book,
                                       const std::optional<at::Tensor>& amp_scale,
                                       const std::optional<at::Tensor>& found_inf,
-                                      KeyFrom key_from, at::TensorList scores) {
+                                      KeyFrom key_from, at::TensorList scores,
+                                      int64_t seed) {
   Call c{params, grads, exp_avgs, exp_avg_sqs, steps, residuals, lr, beta1, beta2, eps,
          weight_decay, grad_scale, decoupled_weight_decay, maximize, approx};
   c.key_from = key_from;
+  c.seed = seed;
   if (lr_tensor.has_value()) c.lr = lr_tensor->item<double>();
   const int64_t n = int64_t(params.size());
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
@@ -715,7 +750,7 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   const std::optional<at::Tensor>& amp_scale,
                                   const std::optional<at::Tensor>& found_inf,
                                   c10::string_view score,
-                                  std::optional<at::TensorList> given) {
+                                  std::optional<at::TensorList> given, int64_t seed) {
   const at::TensorList scores = given.value_or(at::TensorList());
   check_select_update(c10::DeviceType::CPU, params, grads, exp_avgs, exp_avg_sqs, steps, ks,
                       residuals, lr_tensor, amp_scale, found_inf);
@@ -725,7 +760,7 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                     approx, lr, beta1, beta2, eps, weight_decay,
                                     decoupled_weight_decay, maximize, grad_scale, lr_tensor,
                                     Bookkeeping{increment_steps}, amp_scale, found_inf, key_from,
-                                    scores);
+                                    scores, seed);
 }
 
 TORCH_LIBRARY_IMPL(incrkern, CPU, m) { m.impl("adam_select_update_", &adam_select_update_cpu); }

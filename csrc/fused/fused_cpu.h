@@ -33,7 +33,7 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       const std::optional<at::Tensor>& amp_scale,
                                       const std::optional<at::Tensor>& found_inf,
                                       KeyFrom key_from = KeyFrom::Grad,
-                                      at::TensorList scores = {});
+                                      at::TensorList scores = {}, int64_t seed = 0);
 
 // The op's CPU kernel (its checks, then the step), and the CUDA one, which
 // fused_cuda_ops.cpp sets when the CUDA kernels are built (else null).
@@ -48,7 +48,7 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   const std::optional<at::Tensor>& amp_scale,
                                   const std::optional<at::Tensor>& found_inf,
                                   c10::string_view score,
-                                  std::optional<at::TensorList> scores);
+                                  std::optional<at::TensorList> scores, int64_t seed);
 using SelectUpdateKernel = decltype(&adam_select_update_cpu);
 extern SelectUpdateKernel cuda_select_update_kernel;
 

@@ -33,7 +33,7 @@ at::Tensor adam_select_update_cuda(at::TensorList params, at::TensorList grads,
                                    const std::optional<at::Tensor>& amp_scale,
                                    const std::optional<at::Tensor>& found_inf,
                                    c10::string_view score,
-                                   std::optional<at::TensorList> scores) {
+                                   std::optional<at::TensorList> scores, int64_t /*seed*/) {
   const char* op = "incrkern.adam_select_update_";
   check_select_update(c10::DeviceType::CUDA, params, grads, exp_avgs, exp_avg_sqs, steps, ks,
                       residuals, lr_tensor, amp_scale, found_inf);

@@ -311,7 +311,7 @@ void step_by_op_kernel(SelectUpdateKernel kernel, const Group& g) {
   kernel(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks, g.residuals, g.approx,
          g.lr, g.beta1, g.beta2, g.eps, g.weight_decay, g.decoupled_weight_decay, g.maximize,
          g.grad_scale, g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt,
-         g.weight_score ? "weight" : "grad", std::nullopt);
+         g.weight_score ? "weight" : "grad", std::nullopt, 0);
   for (const std::vector<at::Tensor>* written :
        {&g.params, &g.exp_avgs, &g.exp_avg_sqs, &g.steps, &g.residuals})
     bump_over_threads(*written);

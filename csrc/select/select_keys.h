@@ -22,8 +22,9 @@ namespace incrkern {
 enum class ScoreKind : int32_t { Abs = 0, Signed = 1, Accumulated = 2, Random = 3 };
 
 // Where the fused step (adam_select_update_) reads an element's key: its gradient (or
-// residual), its param (score="weight"), or given scores (score="grad_sq": the Fisher).
-enum class KeyFrom : int32_t { Grad = 0, Param = 1, Scores = 2 };
+// residual), its param (score="weight"), given scores (score="grad_sq": the Fisher),
+// or nowhere: the hash of its index (score="random").
+enum class KeyFrom : int32_t { Grad = 0, Param = 1, Scores = 2, Random = 3 };
 
 }  // namespace incrkern
 
