@@ -34,7 +34,8 @@ def main():
         opt = incrkern.optim.AdamW([p], lr=1e-3, density=density, topk=topk)
 
         def step():
-            base.use_fused = (lambda d, k, ef=False: True) if fused else (lambda d, k, ef=False: False)
+            base.use_fused = (lambda d, k, select="grad": True) if fused else \
+                (lambda d, k, select="grad": False)
             try:
                 opt.step()
             finally:

@@ -453,8 +453,7 @@ def test_fused_path_agrees_with_positions(monkeypatch, name, options):
     expected_ops = {False: {"adam_update_"}, True: {"adam_select_update_"},
                     "split": {"adam_update_", "adam_select_update_"}}
     for fused in (False, True, "split"):
-        monkeypatch.setattr(base, "use_fused", lambda density, numel, error_feedback=False,
-                            weight=False, _f=fused:
+        monkeypatch.setattr(base, "use_fused", lambda density, numel, select="grad", _f=fused:
                             numel < 2 ** 18 if _f == "split" else _f)
         used.clear()
         gen = torch.Generator().manual_seed(0)
@@ -537,6 +536,7 @@ def test_mask_route_matches_positions(name, select, density, monkeypatch):
     from incrkern.optim import base
     monkeypatch.setattr(base, "FUSED_WEIGHT_DENSITY", 2.0)  # |w|: not the fused kernel
     monkeypatch.setattr(base, "FUSED_GRAD_SQ_DENSITY", 2.0)  # nor the Fisher
+    monkeypatch.setattr(base, "FUSED_RANDOM_DENSITY", 2.0)  # nor the hash
     torch.manual_seed(0)
     shapes = [(300, 257), (70001,), (17,), (2, 3)]
     start = [torch.randn(s) for s in shapes]
@@ -602,14 +602,17 @@ def test_weight_fused_route_matches_masks(dtype, density, monkeypatch):
 
 
 @pytest.mark.skipif(not incrkern.EXTENSION_LOADED, reason="needs the compiled extension")
+@pytest.mark.parametrize("select,constant", [("grad_sq", "FUSED_GRAD_SQ_DENSITY"),
+                                             ("random", "FUSED_RANDOM_DENSITY")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("density", [0.003, 0.03, 0.1, 0.5, 0.95])
-def test_grad_sq_fused_route_matches_masks(dtype, density, monkeypatch):
-    """A CPU step with select="grad_sq" accumulates the Fisher, then takes the fused
-    call (ops.adam_select_update_(score="grad_sq", scores=Fishers)); the same steps
-    through select's positions or select_mask and the masked update (the routes it
-    replaces) leave the same params and state, Fishers included, bit for bit, on
-    tensors past one block (one an embedding's gradient of hot rows, its k-th Fisher
+def test_keyed_fused_route_matches_masks(select, constant, dtype, density, monkeypatch):
+    """A CPU step with select="grad_sq" (the Fisher accumulated first, then
+    ops.adam_select_update_(score="grad_sq", scores=Fishers)) or select="random"
+    (score="random", the seed drawn as select draws it) takes the fused call; the same
+    steps through select's positions or select_mask and the masked update (the routes
+    it replaces) leave the same params and state, Fishers included, bit for bit, on
+    tensors past one block (one an embedding's gradient of hot rows: its k-th Fisher
     among zeros at the higher densities) and small ones."""
     from incrkern import ops
     from incrkern.optim import base
@@ -628,16 +631,17 @@ def test_grad_sq_fused_route_matches_masks(dtype, density, monkeypatch):
                             calls.append(_name) or _real(*a, **k))
     for fused in (True, False):
         calls.clear()
-        monkeypatch.setattr(base, "FUSED_GRAD_SQ_DENSITY", 0.0 if fused else 2.0)
+        monkeypatch.setattr(base, constant, 0.0 if fused else 2.0)
         params = [nn.Parameter(p.clone()) for p in start]
-        opt = incrkern.optim.AdamW(params, lr=0.01, density=density, select="grad_sq",
+        opt = incrkern.optim.AdamW(params, lr=0.01, density=density, select=select,
                                    weight_decay=0.1, fisher_beta=0.9)
-        for gs in grads:
+        for step, gs in enumerate(grads):
             for p, g in zip(params, gs):
                 p.grad = g.clone()
+            torch.manual_seed(step)  # the random score's seed, drawn the same way
             opt.step()
         opts.append((params, opt))
-        # grad_sq steps in Python (fast_step leaves the Fisher's accumulate to it).
+        # These selects step in Python (fast_step leaves the Fisher and the seed to it).
         assert calls == (["adam_select_update_"] * 3 if fused else
                          ["select_mask" if density >= base.MASK_DENSITY else "select"] * 3)
     assert_same_steps(opts, start)

@@ -151,7 +151,7 @@ class Adam(IncrementalOptimizer):
 
 
 # The fused kernel's score for a select option (|grad| for "grad" and "accumulated").
-_FUSED_SCORES = {"weight": "weight", "grad_sq": "grad_sq"}
+_FUSED_SCORES = {"weight": "weight", "grad_sq": "grad_sq", "random": "random"}
 
 
 class AdamW(Adam):

@@ -56,15 +56,19 @@ FUSED_WEIGHT_DENSITY = 0.0
 # select="grad_sq" on the CPU: from this density on the fused call, its keys read from
 # the Fisher after the Fisher's accumulate (docs/measurements.md); 2.0 as above.
 FUSED_GRAD_SQ_DENSITY = 0.0
+# select="random" on the CPU: from this density on the fused call, its keys hashed
+# from the indices (one seed drawn per call, as select draws it); 2.0 as above.
+FUSED_RANDOM_DENSITY = 0.0
 
 
 def fused_options(group):
     """Whether the group's options let the fused select-and-update step it: |grad|,
-    error feedback, |weight| or the Fisher per tensor, reselected at every update, one bias
+    error feedback, |weight|, the Fisher or at random per tensor, reselected at every
+    update, one bias
     correction per tensor, no AMSGrad (the fused kernel keeps no max_exp_avg_sq), no
     momentum correction; with accumulate_steps, |grad| only (error feedback accumulates
     a scaled gradient)."""
-    return (group["select"] in ("grad", "accumulated", "weight", "grad_sq")
+    return (group["select"] in ("grad", "accumulated", "weight", "grad_sq", "random")
             and group["scope"] == "tensor"
             and group["mask"] == "dynamic" and group["bias_correction"] == "tensor"
             and (group["accumulate_steps"] == 1 or group["select"] == "grad")
@@ -83,15 +87,19 @@ def accumulation_target(group):
     return None
 
 
-def use_fused(density, numel, error_feedback=False, weight=False, grad_sq=False):
-    """Whether a tensor of `numel` elements stepped at `density` takes the fused
-    kernel (error_feedback: select="accumulated"; weight: select="weight"; grad_sq:
-    select="grad_sq")."""
-    if weight:
-        return density >= FUSED_WEIGHT_DENSITY
-    if grad_sq:
-        return density >= FUSED_GRAD_SQ_DENSITY
-    return numel <= FUSED_SMALL_NUMEL or error_feedback or density >= FUSED_MIN_DENSITY
+# The selects whose fused step is the CPU's only, each with the name of its density
+# constant above (read when a step runs, so that a test can set it).
+_KEYED_DENSITY = {"weight": "FUSED_WEIGHT_DENSITY", "grad_sq": "FUSED_GRAD_SQ_DENSITY",
+                  "random": "FUSED_RANDOM_DENSITY"}
+
+
+def use_fused(density, numel, select="grad"):
+    """Whether a tensor of `numel` elements stepped at `density` with this `select`
+    takes the fused kernel."""
+    if select in _KEYED_DENSITY:
+        return density >= globals()[_KEYED_DENSITY[select]]
+    return (numel <= FUSED_SMALL_NUMEL or select == "accumulated"
+            or density >= FUSED_MIN_DENSITY)
 
 
 # The group options every incrkern optimizer adds to torch's.
@@ -637,7 +645,7 @@ class IncrementalOptimizer(Optimizer):
                 or len(by_device) != 1
                 or not (cpu or (by_device[0][0].type == "cuda" and ops.FUSED_CUDA))
                 or not fused_options(group)
-                or group["select"] in ("weight", "grad_sq") and not cpu):  # CPU kernels only
+                or group["select"] in _KEYED_DENSITY and not cpu):  # CPU kernels only
             return False
         return all(p.dtype in _FUSED_DTYPES for p in by_device[0][1])
 
@@ -679,13 +687,9 @@ class IncrementalOptimizer(Optimizer):
                 and self._fused_eligible(group, by_device)):
             (device, ps, grads), = by_device
             density = float(group["density"])
-            error_feedback = group["select"] == "accumulated"
-            weight = group["select"] == "weight"
-            grad_sq = group["select"] == "grad_sq"
             # On a GPU the fused call wins at every size: it saves the composed path's
             # count, scan and compaction passes and its indexed update's launches.
-            take = [device.type == "cuda" or use_fused(density, p.numel(), error_feedback,
-                                                       weight, grad_sq)
+            take = [device.type == "cuda" or use_fused(density, p.numel(), group["select"])
                     for p in ps]
             fused = (device, [p for p, t in zip(ps, take) if t],
                      [g for g, t in zip(grads, take) if t])

@@ -50,7 +50,8 @@ def _plain_group(opt, group):
     tensor there) with nothing else the C++ step leaves to Python: an update (no
     accumulation, or the step that ends a cycle of accumulate_steps), no masters,
     capture or differentiable step."""
-    return (fused_options(group) and group["select"] != "grad_sq"  # its Fisher: Python's
+    # grad_sq's Fisher and random's seed are the Python step's.
+    return (fused_options(group) and group["select"] not in ("grad_sq", "random")
             and (group["select"] != "weight"
                  or float(group["density"]) >= base.FUSED_WEIGHT_DENSITY)
             and group["accumulated_calls"] + 1 == group["accumulate_steps"]
