@@ -6,6 +6,12 @@ slow path at some density shows here as a ratio well under 1.
 
     python bench/density_sweep.py [--densities 0.1,0.5,0.9,0.99] [--select grad]
         [--topk exact] [--cases minilm,char,many,list] [--threads N] [--numel N]
+        [--composed]
+
+--composed (a select whose CPU step the fused call took over: "weight", "grad_sq",
+"random") also times the step the way it went before, select then update (its
+density constant in incrkern.optim.base set to 2 during those steps), the three taking
+turns.
 """
 import argparse
 
@@ -13,16 +19,25 @@ import torch
 
 import incrkern
 from incrkern.bench import common, sparse
+from incrkern.optim import base
 
 CASES = {"minilm": "pretrained MiniLM-L6", "char": "char transformer from scratch",
          "one": "random one tensor", "many": "random many tensors",
          "list": "random transformer list"}
 
 
-def step_of(opt):
+def step_of(opt, constant=None, value=None):
+    """opt.step(), with base's `constant` set to `value` during it when given."""
     def step():
-        with torch.no_grad():
-            opt.step()
+        saved = getattr(base, constant) if constant else None
+        if constant:
+            setattr(base, constant, value)
+        try:
+            with torch.no_grad():
+                opt.step()
+        finally:
+            if constant:
+                setattr(base, constant, saved)
     return step
 
 
@@ -42,7 +57,12 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--numel", type=float, default=None,
                         help="each case's elements (default: from the last-level cache)")
+    parser.add_argument("--composed", action="store_true",
+                        help="also time the select-then-update step the fused call replaced")
     args = parser.parse_args()
+    constant = base._KEYED_DENSITY.get(args.select) if args.composed else None
+    if args.composed and constant is None:
+        parser.error(f"--composed needs a select among {', '.join(base._KEYED_DENSITY)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = sparse.SPARSE_SIZES["quick"]
@@ -62,6 +82,19 @@ def main():
         for density in map(float, args.densities.split(",")):
             opt = incrkern.optim.AdamW(params_with_grads(case), lr=1e-3, density=density,
                                        select=args.select, topk=args.topk)
+            if constant:
+                old = incrkern.optim.AdamW(params_with_grads(case), lr=1e-3, density=density,
+                                           select=args.select, topk=args.topk)
+                ours, composed, torchs = common.measure_turns(
+                    [step_of(opt), step_of(old, constant, 2.0), step_of(dense)], warmup=2,
+                    repeats=9)
+                print(f"{name}, density {density:g}: {1e3 * ours['median_s']:.2f}, composed "
+                      f"{1e3 * composed['median_s']:.2f}, torch {1e3 * torchs['median_s']:.2f}: "
+                      f"{composed['median_s'] / ours['median_s']:.2f}x the composed step, "
+                      f"{torchs['median_s'] / ours['median_s']:.2f}x torch's (composed "
+                      f"{torchs['median_s'] / composed['median_s']:.2f}x)", flush=True)
+                del opt, old
+                continue
             ours, torchs = common.measure_pair(step_of(opt), step_of(dense), warmup=2,
                                                repeats=9, min_time_s=1.0, max_time_s=3.0)
             print(f"{name}, density {density:g}: {1e3 * ours['median_s']:.2f} against "

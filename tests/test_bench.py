@@ -67,6 +67,14 @@ def test_measure_pair_takes_turns():
     assert timed["repeats"] == reference["repeats"] == 3
 
 
+def test_measure_turns_takes_turns_in_order():
+    calls = []
+    timings = common.measure_turns([lambda: calls.append("a"), lambda: calls.append("b"),
+                                    lambda: calls.append("c")], warmup=1, repeats=2)
+    assert calls == ["a", "b", "c"] * 3
+    assert [t["repeats"] for t in timings] == [2, 2, 2]
+
+
 def test_sparse_rows_are_paired_with_the_reference(tiny_run):
     results, _ = tiny_run
     rows = [r for r in results["sparse"]["records"]

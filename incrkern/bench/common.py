@@ -105,19 +105,28 @@ def measure_pair(fn, reference, *, device="cpu", warmup=2, repeats=5, min_time_s
     measure()'s rule for the number of rounds (on the two calls' time together): a
     shared machine whose bandwidth drifts between rows moves both alike, so their
     ratio holds. Returns (fn's timing, reference's timing)."""
+    return measure_turns([fn, reference], device=device, warmup=warmup, repeats=repeats,
+                         min_time_s=min_time_s, max_time_s=max_time_s,
+                         min_repeats=min_repeats, max_repeats=max_repeats)
+
+
+def measure_turns(fns, *, device="cpu", warmup=2, repeats=5, min_time_s=0.0, max_time_s=None,
+                  min_repeats=3, max_repeats=50):
+    """measure_pair for any number of calls: one call of each per round. Returns their
+    timings in order."""
     device = torch.device(device)
     for _ in range(warmup):
-        fn()
-        reference()
+        for f in fns:
+            f()
     synchronize(device)
-    samples = ([], [])
+    samples = tuple([] for _ in fns)
     while len(samples[0]) < max_repeats:
-        n, total = len(samples[0]), sum(samples[0]) + sum(samples[1])
+        n, total = len(samples[0]), sum(sum(t) for t in samples)
         if n >= repeats and total >= min_time_s:
             break
         if max_time_s is not None and n >= min_repeats and total >= max_time_s:
             break
-        for f, out in zip((fn, reference), samples):
+        for f, out in zip(fns, samples):
             out.append(measure(f, device=device, warmup=0, repeats=1, min_repeats=1,
                                max_repeats=1)["median_s"])
     return tuple({"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
