@@ -238,3 +238,4 @@ def test_cuda_composes_the_same_step(score):
     for key in ("params", "m", "v", "steps"):
         for cpu, gpu in zip(x[key], on_gpu[key]):
             torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-7)
+

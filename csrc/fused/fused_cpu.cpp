@@ -534,17 +534,21 @@ int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
   }
 }
 
-// The "random" score (fused/random_stream_cpu.h): its keys hashed by the counting pass
-// and again, a chunk at a time, for the update: the masked loop over the chunk where
-// the threshold stream pays (`stream`), else the chunk's chosen positions. Its keys
-// cost no read, and select's hashes (scalar where its passes read a key at a time)
-// cost more than the two vector passes at every density.
+// The "random" score (fused/random_stream_cpu.h). Where the threshold stream pays
+// (`stream`): the keys hashed by the counting pass, then again a chunk at a time for
+// the masked loop. Below it: one pass of hashes listing the positions above and in
+// the band, then only the chosen positions updated. Its keys cost no read, and
+// select's hashes (a key at a time where its passes read one) cost more at every
+// density.
 template <typename T>
 int64_t run_random(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, uint32_t lo,
                    uint32_t hi, bool stream) {
   const int64_t n = c.res[i].numel;
   const RandomKeys rk = random_keys(c.seed, int64_t(i));
-  std::vector<BandBlock> out = count_random(rk, n, kBlock, lo, hi);
+  std::vector<BandBlock> out;
+  std::vector<RandomLists> lists;
+  if (stream) out = count_random(rk, n, kBlock, lo, hi);
+  else list_random(rk, n, kBlock, lo, hi, out, lists);
   int64_t w = 0, cnt = 0;
   for (const BandBlock& o : out) w += o.above, cnt += int64_t(o.keys.size()) + o.at_lo;
   const int64_t tol = c.approx ? Selector<uint32_t>::tolerance(k) : 0;
@@ -552,13 +556,18 @@ int64_t run_random(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, u
     return run_fallback(c, i, t, k, true);
   const int64_t chosen = std::clamp(k, w, w + cnt);
   const auto [at_least, tie] = choose_in_band(out, k - w, lo, hi);
-  update_random(rk, n, kBlock, out, at_least, tie,
-                [&](int64_t b, int64_t e, const uint8_t* mask) {
-                  if (stream) return t.stream(b, e, mask);
-                  int64_t chosen[kRandomChunk], m = 0;
-                  for (int64_t j = 0; j < e - b; ++j) chosen[m] = b + j, m += mask[j];
-                  update_at(t, chosen, m);
-                });
+  if (stream) {
+    update_random(rk, n, kBlock, out, at_least, tie,
+                  [&](int64_t b, int64_t e, const uint8_t* mask) { t.stream(b, e, mask); });
+    return chosen;
+  }
+  parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (size_t bi = size_t(b0); bi < size_t(b1); ++bi) {
+      update_at(t, lists[bi].win.data(), int64_t(lists[bi].win.size()));
+      const std::vector<int64_t> more = chosen_in_band(out[bi], lists[bi], at_least, tie);
+      update_at(t, more.data(), int64_t(more.size()));
+    }
+  });
   return chosen;
 }
 
@@ -581,7 +590,10 @@ int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bo
     return n;
   }
   if constexpr (!std::is_same_v<T, double>) {
-    const bool stream = stream_pays(n, k) && double(k) >= kKeyedStreamDensity * double(n);
+    // The random score's listing updates scattered positions, not |p|'s clustered ones:
+    // the stream pays from |g|'s densities (docs/design.md).
+    const bool stream = stream_pays(n, k) && (c.key_from == KeyFrom::Random ||
+                                              double(k) >= kKeyedStreamDensity * double(n));
     if (stream || c.key_from == KeyFrom::Random) {
       Selector<uint32_t> sel({source_of(c, i)}, k, c.approx);
       auto band = whole ? sel.sample_band() : sel.stream_band();

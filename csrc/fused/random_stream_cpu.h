@@ -3,7 +3,9 @@
 // nothing is read to count them. The counting pass hashes a chunk of indices at a
 // time and counts and keeps its keys as select_mask does (mask_scans_cpu.h); the
 // update hashes them again, marks the chunk's chosen elements in a byte mask and runs
-// the masked streaming loop over the chunk.
+// the masked streaming loop over the chunk. Below the stream's density one pass of
+// hashes lists the positions of the keys above the band and of the band's keys
+// instead (list_random), and only the chosen positions are updated.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -73,6 +75,48 @@ void update_random(select::RandomKeys rk, int64_t n, int64_t block,
       }
     }
   });
+}
+
+// Per block of list_random: the positions of its keys above the band (`win`) and of
+// its band keys (`band_pos`, their keys in the block's BandBlock::keys).
+struct RandomLists {
+  std::vector<int64_t> win, band_pos;
+};
+
+// One pass of hashes over [0, n), per block of `block` elements: bands[b] counts the
+// keys above hi and keeps those in [lo, hi] (no at_lo), lists[b] their positions.
+inline void list_random(select::RandomKeys rk, int64_t n, int64_t block, uint32_t lo,
+                        uint32_t hi, std::vector<select::BandBlock>& bands,
+                        std::vector<RandomLists>& lists) {
+  const int64_t nblocks = (n + block - 1) / block;
+  bands.assign(size_t(nblocks), {});
+  lists.assign(size_t(nblocks), {});
+  parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    uint32_t keys[kRandomChunk];
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      RandomLists& l = lists[size_t(bi)];
+      select::BandBlock& o = bands[size_t(bi)];
+      const int64_t end = std::min(n, (bi + 1) * block);
+      for (int64_t e = bi * block; e < end; e += kRandomChunk) {
+        const int64_t len = std::min(kRandomChunk, end - e);
+        select::random_keys(rk.kt, rk.kt2, e, len, keys);
+        select::list_band(keys, len, lo, hi, e, l.win, o.keys, l.band_pos);
+      }
+      o.above = int64_t(l.win.size());
+    }
+  });
+}
+
+// The chosen band positions of one block of list_random (choose_in_band's at_least,
+// tie and the block's ties): keys >= at_least, and the first `ties` equal to tie.
+inline std::vector<int64_t> chosen_in_band(const select::BandBlock& o, const RandomLists& l,
+                                           uint64_t at_least, uint32_t tie) {
+  std::vector<int64_t> chosen;
+  int64_t ties = o.ties;
+  for (size_t j = 0; j < o.keys.size(); ++j)
+    if (o.keys[j] >= at_least || (o.keys[j] == tie && ties-- > 0))
+      chosen.push_back(l.band_pos[j]);
+  return chosen;
 }
 
 }  // namespace incrkern::fused

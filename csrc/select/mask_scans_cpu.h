@@ -7,6 +7,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "select/scan_cpu.h"
 #include "select/select_keys.h"
@@ -132,6 +133,57 @@ inline int64_t keys_in_band(const uint32_t* keys, int64_t n, uint32_t lo, uint32
   if (use_avx2()) return keys_in_band_avx2(keys, n, lo, hi, out);
 #endif
   return keys_in_band_portable(keys, n, lo, hi, out);
+}
+
+// Over keys[0, n) of elements first, first + 1, ...: appends to win the positions of
+// those > hi, and to band and band_pos the keys in [lo, hi] and their positions, in
+// order. Made for a narrow band at low density: a run of 8 keys that holds neither is
+// passed over by one compare.
+inline void list_band_portable(const uint32_t* keys, int64_t n, uint32_t lo, uint32_t hi,
+                               int64_t first, std::vector<int64_t>& win,
+                               std::vector<uint32_t>& band, std::vector<int64_t>& band_pos) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (keys[j] > hi) {
+      win.push_back(first + j);
+    } else if (keys[j] >= lo) {
+      band.push_back(keys[j]);
+      band_pos.push_back(first + j);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,bmi"))) inline void list_band_avx2(
+    const uint32_t* keys, int64_t n, uint32_t lo, uint32_t hi, int64_t first,
+    std::vector<int64_t>& win, std::vector<uint32_t>& band, std::vector<int64_t>& band_pos) {
+  const __m256i flip = _mm256_set1_epi32(INT32_MIN);
+  const __m256i below = _mm256_set1_epi32(int32_t((lo ^ 0x80000000u) - 1u));
+  const __m256i top = _mm256_set1_epi32(int32_t(hi ^ 0x80000000u));
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i ks = _mm256_xor_si256(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j)), flip);
+    const uint32_t above = gt_mask8(ks, top);
+    const uint32_t in_band = (lo == 0 ? 0xffu : gt_mask8(ks, below)) & ~above;
+    if ((above | in_band) == 0) continue;
+    for (uint32_t m = above; m; m &= m - 1) win.push_back(first + j + __builtin_ctz(m));
+    for (uint32_t m = in_band; m; m &= m - 1) {
+      const int64_t at = j + __builtin_ctz(m);
+      band.push_back(keys[at]);
+      band_pos.push_back(first + at);
+    }
+  }
+  list_band_portable(keys + j, n - j, lo, hi, first + j, win, band, band_pos);
+}
+#endif
+
+inline void list_band(const uint32_t* keys, int64_t n, uint32_t lo, uint32_t hi, int64_t first,
+                      std::vector<int64_t>& win, std::vector<uint32_t>& band,
+                      std::vector<int64_t>& band_pos) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (use_avx2()) return list_band_avx2(keys, n, lo, hi, first, win, band, band_pos);
+#endif
+  list_band_portable(keys, n, lo, hi, first, win, band, band_pos);
 }
 
 // out[j] = keys[j] > gt over [0, n), 8 lanes at a time where the CPU has AVX2.
