@@ -194,6 +194,19 @@ def check(x, ks, approx=False, kernel=run_kernel, score="grad", **hyper):
     return counts
 
 
+def check_cuda_like_cpu(x, ks, kernel, keep_on_cpu=()):
+    """kernel (with AdamW's hyperparameters) on x and on a CUDA copy of it (but the
+    keys keep_on_cpu): the same params and state. Returns the CUDA copy."""
+    on_gpu = {key: [t if key in keep_on_cpu else t.cuda() for t in ts]
+              for key, ts in clone(x).items()}
+    kernel(x, ks, **HYPERS["adamw"])
+    kernel(on_gpu, ks, **HYPERS["adamw"])
+    for key in ("params", "m", "v", "steps"):
+        for cpu, gpu in zip(x[key], on_gpu[key]):
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-7)
+    return on_gpu
+
+
 def ks_for(n):
     return sorted({0, min(1, n), max(0, n - 1), n, math.ceil(0.01 * n)})
 
@@ -250,12 +263,13 @@ def ks_of(sizes, densities):
     return [min(n, math.ceil(d * n)) for n, d in zip(sizes, densities)]
 
 
-def check_on_threads(threads, x, ks):
-    """check() with AdamW's hyperparameters on `threads` torch threads."""
+def check_on_threads(threads, x, ks, **check_args):
+    """check() (with check_args: its kernel and score) with AdamW's hyperparameters on
+    `threads` torch threads."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        check(x, ks, **HYPERS["adamw"])
+        check(x, ks, **check_args, **HYPERS["adamw"])
     finally:
         torch.set_num_threads(saved)
 

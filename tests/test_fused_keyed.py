@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from incrkern import EXTENSION_LOADED, ops
-from test_fused import (BLOCK, HYPERS, SMALL, check, clone, drawn_seed, grads_of, ks_for,
-                        make, same)
+from test_fused import (BLOCK, HYPERS, SMALL, check, check_cuda_like_cpu, check_on_threads,
+                        clone, drawn_seed, grads_of, ks_for, ks_of, make, same)
 
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
 
@@ -107,14 +107,8 @@ def test_many_tensors_on_two_threads(score):
     in one call, at densities on both sides of the stream's."""
     sizes = [1000, BLOCK + 17, 3, 2 * BLOCK + 1, 40_000, 17]
     densities = [0.3, 0.2, 0.5, 0.01, 0.05, 1.0]
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        check_keyed(make_keyed(sizes, torch.bfloat16, score, "sparse", seed=7),
-                    [min(n, math.ceil(d * n)) for n, d in zip(sizes, densities)],
-                    **HYPERS["adamw"])
-    finally:
-        torch.set_num_threads(saved)
+    check_on_threads(2, make_keyed(sizes, torch.bfloat16, score, "sparse", seed=7),
+                     ks_of(sizes, densities), kernel=run_keyed, score=score)
 
 
 @needs_ext
@@ -230,12 +224,5 @@ def test_cuda_composes_the_same_step(score):
     """On CUDA the wrapper composes select(..., score) and adam_update_ (the CUDA
     kernel scores |g| only): the same result as the CPU kernel."""
     x = make_keyed([5000, BLOCK + 3], torch.float32, score, "student_t", seed=11)
-    on_gpu = {key: [t.cuda() if key != "draw" else t for t in ts]
-              for key, ts in clone(x).items()}
-    ks = [500, (BLOCK + 3) // 3]
-    run_keyed(x, ks, **HYPERS["adamw"])
-    run_keyed(on_gpu, ks, **HYPERS["adamw"])
-    for key in ("params", "m", "v", "steps"):
-        for cpu, gpu in zip(x[key], on_gpu[key]):
-            torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-7)
+    check_cuda_like_cpu(x, [500, (BLOCK + 3) // 3], run_keyed, keep_on_cpu=("draw",))
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from incrkern import EXTENSION_LOADED, ops
-from test_fused import (BLOCK, HYPERS, SMALL, changed_set, check, clone, grads_of, ks_for,
-                        make, reference_indices, same)
+from test_fused import (BLOCK, HYPERS, SMALL, changed_set, check, check_cuda_like_cpu,
+                        check_on_threads, clone, grads_of, ks_for, ks_of, make,
+                        reference_indices, same)
 
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
 
@@ -98,14 +99,8 @@ def test_many_tensors_on_two_threads():
     in one call, at densities on both sides of the stream's."""
     sizes = [1000, BLOCK + 17, 3, 2 * BLOCK + 1, 40_000, 17]
     densities = [0.3, 0.2, 0.5, 0.01, 0.05, 1.0]
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        check_weight(make_weight(sizes, torch.bfloat16, "normal", seed=7),
-                     [min(n, math.ceil(d * n)) for n, d in zip(sizes, densities)],
-                     **HYPERS["adamw"])
-    finally:
-        torch.set_num_threads(saved)
+    check_on_threads(2, make_weight(sizes, torch.bfloat16, "normal", seed=7),
+                     ks_of(sizes, densities), kernel=run_weight, score="weight")
 
 
 @needs_ext
@@ -169,13 +164,8 @@ def test_cuda_composes_the_same_step():
     kernel scores |g| only, and refuses "weight" by name): the same result as the CPU
     kernel."""
     x = make_weight([5000, BLOCK + 3], torch.float32, "student_t", seed=11)
-    on_gpu = {key: [t.cuda() for t in ts] for key, ts in clone(x).items()}
     ks = [500, (BLOCK + 3) // 3]
-    run_weight(x, ks, **HYPERS["adamw"])
-    run_weight(on_gpu, ks, **HYPERS["adamw"])
-    for key in ("params", "m", "v", "steps"):
-        for cpu, gpu in zip(x[key], on_gpu[key]):
-            torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-7)
+    on_gpu = check_cuda_like_cpu(x, ks, run_weight)
     with pytest.raises(RuntimeError, match="CPU kernel only"):
         torch.ops.incrkern.adam_select_update_(
             on_gpu["params"], on_gpu["grads"], on_gpu["m"], on_gpu["v"], on_gpu["steps"], ks,

@@ -565,55 +565,18 @@ def test_mask_route_matches_positions(name, select, density, monkeypatch):
 
 
 @pytest.mark.skipif(not incrkern.EXTENSION_LOADED, reason="needs the compiled extension")
+@pytest.mark.parametrize("select", ["weight", "grad_sq", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("density", [0.003, 0.03, 0.1, 0.5, 0.95])
-def test_weight_fused_route_matches_masks(dtype, density, monkeypatch):
-    """A CPU step with select="weight" takes the fused call
-    (ops.adam_select_update_(score="weight")); the same steps through select's positions
-    or select_mask and the masked update (the routes it replaces) leave the same params
-    and state, bit for bit, on tensors past one block and small ones, with weight decay
-    moving every param's score between steps."""
-    from incrkern import ops
-    from incrkern.optim import base
-    torch.manual_seed(0)
-    shapes = [(700, 1001), (300, 257), (17,), (2, 3)]
-    start = [torch.randn(s).to(dtype) for s in shapes]
-    grads = [[(torch.randn(s) * (i + 1)).to(dtype) for s in shapes] for i in range(3)]
-    opts, calls = [], []
-    for name in ("adam_select_update_", "select", "select_mask"):  # the routes' ops
-        monkeypatch.setattr(ops, name, lambda *a, _name=name, _real=getattr(ops, name), **k:
-                            calls.append(_name) or _real(*a, **k))
-    for fused in (True, False):
-        calls.clear()
-        monkeypatch.setattr(base, "FUSED_WEIGHT_DENSITY", 0.0 if fused else 2.0)
-        params = [nn.Parameter(p.clone()) for p in start]
-        opt = incrkern.optim.AdamW(params, lr=0.01, density=density, select="weight",
-                                   weight_decay=0.1)
-        for gs in grads:
-            for p, g in zip(params, gs):
-                p.grad = g.clone()
-            opt.step()
-        opts.append((params, opt))
-        # The fused route's first step, with no state yet, is the Python step's; the
-        # later ones are the one C++ call's (fast_step), which calls the kernel itself.
-        assert calls == (["adam_select_update_"] if fused else
-                         ["select_mask" if density >= base.MASK_DENSITY else "select"] * 3)
-    assert_same_steps(opts, start)
-
-
-@pytest.mark.skipif(not incrkern.EXTENSION_LOADED, reason="needs the compiled extension")
-@pytest.mark.parametrize("select,constant", [("grad_sq", "FUSED_GRAD_SQ_DENSITY"),
-                                             ("random", "FUSED_RANDOM_DENSITY")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("density", [0.003, 0.03, 0.1, 0.5, 0.95])
-def test_keyed_fused_route_matches_masks(select, constant, dtype, density, monkeypatch):
-    """A CPU step with select="grad_sq" (the Fisher accumulated first, then
-    ops.adam_select_update_(score="grad_sq", scores=Fishers)) or select="random"
-    (score="random", the seed drawn as select draws it) takes the fused call; the same
-    steps through select's positions or select_mask and the masked update (the routes
-    it replaces) leave the same params and state, Fishers included, bit for bit, on
+def test_keyed_fused_route_matches_masks(select, dtype, density, monkeypatch):
+    """A CPU step with select="weight" (ops.adam_select_update_(score="weight")),
+    "grad_sq" (the Fisher accumulated first, then score="grad_sq", scores=Fishers) or
+    "random" (the seed drawn as select draws it) takes the fused call; the same steps
+    through select's positions or select_mask and the masked update (the routes it
+    replaces) leave the same params and state, Fishers included, bit for bit, on
     tensors past one block (one an embedding's gradient of hot rows: its k-th Fisher
-    among zeros at the higher densities) and small ones."""
+    among zeros at the higher densities) and small ones, with weight decay moving every
+    param's |p| between steps."""
     from incrkern import ops
     from incrkern.optim import base
     torch.manual_seed(0)
@@ -631,7 +594,7 @@ def test_keyed_fused_route_matches_masks(select, constant, dtype, density, monke
                             calls.append(_name) or _real(*a, **k))
     for fused in (True, False):
         calls.clear()
-        monkeypatch.setattr(base, constant, 0.0 if fused else 2.0)
+        monkeypatch.setattr(base, base._KEYED_DENSITY[select], 0.0 if fused else 2.0)
         params = [nn.Parameter(p.clone()) for p in start]
         opt = incrkern.optim.AdamW(params, lr=0.01, density=density, select=select,
                                    weight_decay=0.1, fisher_beta=0.9)
@@ -641,7 +604,10 @@ def test_keyed_fused_route_matches_masks(select, constant, dtype, density, monke
             torch.manual_seed(step)  # the random score's seed, drawn the same way
             opt.step()
         opts.append((params, opt))
-        # These selects step in Python (fast_step leaves the Fisher and the seed to it).
-        assert calls == (["adam_select_update_"] * 3 if fused else
+        # By |p| the fused route's first step, with no state yet, is the Python step's,
+        # the later ones the one C++ call's (fast_step), which calls the kernel itself;
+        # the Fisher's and random's steps are Python's (it accumulates and draws).
+        fused_calls = 1 if select == "weight" else 3
+        assert calls == (["adam_select_update_"] * fused_calls if fused else
                          ["select_mask" if density >= base.MASK_DENSITY else "select"] * 3)
     assert_same_steps(opts, start)
