@@ -226,3 +226,31 @@ def test_cuda_composes_the_same_step(score):
     x = make_keyed([5000, BLOCK + 3], torch.float32, score, "student_t", seed=11)
     check_cuda_like_cpu(x, [500, (BLOCK + 3) // 3], run_keyed, keep_on_cpu=("draw",))
 
+
+
+@needs_ext
+def test_portable_loops_same_answer(tmp_path):
+    """The portable loops (INCRKERN_CPU_BASELINE=1, in a child process) update the same
+    elements as the vector ones: the random score's hashes, listing and marks at
+    densities on both sides of the stream's, the Fisher's counting pass with its zeros
+    counted."""
+    from helpers import results_in_children
+    code = (
+        "import sys, torch\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_fused_keyed import make_keyed, run_keyed, HYPERS\n"
+        "out = []\n"
+        "for score in ('grad_sq', 'random'):\n"
+        "    for kind in ('student_t', 'sparse'):\n"
+        "        for density in (0.004, 0.3):\n"
+        "            sizes = [700_001, 40_003]\n"
+        "            x = make_keyed(sizes, torch.float32, score, kind, seed=4)\n"
+        "            ks = [int(density * n) for n in sizes]\n"
+        "            counts = run_keyed(x, ks, **HYPERS['adamw'])\n"
+        "            assert counts.tolist() == ks, (counts, ks)\n"
+        "            out.append([x[key][i] for key in ('params', 'm', 'v') for i in range(2)])\n"
+        "torch.save(out, sys.argv[1])\n")
+    results = results_in_children(code, ({}, {"INCRKERN_CPU_BASELINE": "1"}), tmp_path)
+    assert len(results[0]) == len(results[1]) == 8
+    for a, b in zip(*results):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
