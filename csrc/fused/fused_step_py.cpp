@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_foreach_zero.h>
+#include <ATen/ops/randint.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -79,7 +80,10 @@ struct Group {
   bool any_grad = false;
   double density, lr, beta1, beta2, eps, weight_decay;
   bool error_feedback, approx, decoupled_weight_decay, maximize;
-  bool weight_score = false;  // select="weight": the CPU kernel's keys are |p|
+  // Where the CPU kernel's keys come from: |g|, |p| (select="weight") or the hash of
+  // the indices (select="random", its seed drawn once the call is known to step).
+  KeyFrom key_from = KeyFrom::Grad;
+  int64_t seed = 0;
   std::optional<at::Tensor> lr_tensor;
   // The update ending a cycle of accumulate_steps = n: the accumulated grads are the
   // kernel's residuals, read times 1 / n, and zeroed afterwards, chosen or not.
@@ -201,10 +205,11 @@ int64_t density_k(double density, int64_t numel) {
 constexpr int64_t kChecksGrain = 512;
 
 // (params, density, error_feedback, approx, lr, lr_tensor, beta1, beta2, eps,
-//  weight_decay, decoupled_weight_decay, maximize, accumulate_steps, weight_score)
-// into `out`, every tensor on `device`; false when not the plain case. On a GPU every
-// param takes the fused kernel (the optimizer's rule there); select="weight" has a CPU
-// kernel only, and on the CPU every param takes it.
+//  weight_decay, decoupled_weight_decay, maximize, accumulate_steps, score) into `out`,
+// every tensor on `device`; false when not the plain case. score: the kernel's, "grad",
+// "weight" or "random". On a GPU every param takes the fused kernel (the optimizer's
+// rule there); "weight" and "random" have a CPU kernel only, and on the CPU every param
+// takes it.
 bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
                 const at::Device& device, Group& out) {
   if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 14) return false;
@@ -229,8 +234,13 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
   out.spends_accumulation = accumulate_steps > 1;
   if (out.spends_accumulation) out.grad_scale = 1.0 / double(accumulate_steps);
   if (out.spends_accumulation && out.error_feedback) return false;
-  out.weight_score = PyObject_IsTrue(item(13)) == 1;
-  if (out.weight_score && (out.error_feedback || out.spends_accumulation || !device.is_cpu()))
+  const char* score = PyUnicode_Check(item(13)) ? PyUnicode_AsUTF8(item(13)) : nullptr;
+  if (!score) return false;
+  if (std::strcmp(score, "weight") == 0) out.key_from = KeyFrom::Param;
+  else if (std::strcmp(score, "random") == 0) out.key_from = KeyFrom::Random;
+  else if (std::strcmp(score, "grad") != 0) return false;
+  if (out.key_from != KeyFrom::Grad &&
+      (out.error_feedback || out.spends_accumulation || !device.is_cpu()))
     return false;
   if (PyErr_Occurred()) return false;
 
@@ -272,7 +282,7 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
     if (!step || !m || !v || (needs_r && !r)) return false;
     reader.saw_step(step);
     out.any_grad = true;
-    if (device.is_cpu() && !out.weight_score &&
+    if (device.is_cpu() && out.key_from == KeyFrom::Grad &&
         !cost.fused(numel, out.density, out.error_feedback)) {
       out.elsewhere.push_back(p);
       continue;
@@ -311,7 +321,10 @@ void step_by_op_kernel(SelectUpdateKernel kernel, const Group& g) {
   kernel(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks, g.residuals, g.approx,
          g.lr, g.beta1, g.beta2, g.eps, g.weight_decay, g.decoupled_weight_decay, g.maximize,
          g.grad_scale, g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt,
-         g.weight_score ? "weight" : "grad", std::nullopt, 0);
+         g.key_from == KeyFrom::Param    ? "weight"
+         : g.key_from == KeyFrom::Random ? "random"
+                                         : "grad",
+         std::nullopt, g.seed);
   for (const std::vector<at::Tensor>* written :
        {&g.params, &g.exp_avgs, &g.exp_avg_sqs, &g.steps, &g.residuals})
     bump_over_threads(*written);
@@ -369,6 +382,13 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
   } catch (const c10::Error&) {
     Py_RETURN_NONE;
   }
+  // The random score's seed of each group stepped, in group order, drawn as
+  // ops.adam_select_update_ draws it: torch.randint(0, 2**62, (1,)) from the default
+  // CPU generator.
+  for (Group& g : groups)
+    if (g.key_from == KeyFrom::Random && !g.params.empty())
+      g.seed = at::randint(0, int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong))
+                   .item<int64_t>();
   {
     WithoutGil released;
     for (const Group& g : groups) {
@@ -384,8 +404,7 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
                                  g.grad_scale, g.lr_tensor,
                                  Bookkeeping{.increment_steps = true, .steps_distinct = true,
                                              .bump_written = true},
-                                 std::nullopt, std::nullopt,
-                                 g.weight_score ? KeyFrom::Param : KeyFrom::Grad);
+                                 std::nullopt, std::nullopt, g.key_from, {}, g.seed);
       // Contiguous (the kernel's checks): zeroed in place, over the threads, without a
       // dispatcher call a tensor.
       if (g.spends_accumulation)

@@ -43,6 +43,9 @@ CUDA_ENABLED = os.environ.get("INCRKERN_FAST_STEP_CUDA", "1") == "1"
 THROUGH_OP = False
 
 _CPU = torch.device("cpu")
+# The kernel's score of a select the C++ step takes ("grad" for "grad", "accumulated");
+# "random" draws its seed in C++ as ops.adam_select_update_ draws it.
+_KERNEL_SCORES = {"weight": "weight", "random": "random"}
 
 
 def _plain_group(opt, group):
@@ -50,10 +53,11 @@ def _plain_group(opt, group):
     tensor there) with nothing else the C++ step leaves to Python: an update (no
     accumulation, or the step that ends a cycle of accumulate_steps), no masters,
     capture or differentiable step."""
-    # grad_sq's Fisher and random's seed are the Python step's.
-    return (fused_options(group) and group["select"] not in ("grad_sq", "random")
-            and (group["select"] != "weight"
-                 or float(group["density"]) >= base.FUSED_WEIGHT_DENSITY)
+    select = group["select"]
+    # grad_sq's Fisher is the Python step's to accumulate.
+    return (fused_options(group) and select != "grad_sq"
+            and (select not in base._KEYED_DENSITY
+                 or base.use_fused(float(group["density"]), 0, select))
             and group["accumulated_calls"] + 1 == group["accumulate_steps"]
             and not opt._is_dense(group) and not group.get("master_weights")
             and not group.get("capturable") and not group.get("differentiable"))
@@ -109,7 +113,7 @@ def one_call_step(opt):
                       group["select"] == "accumulated", group["topk"] == "approx", lr,
                       lr_tensor, h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
                       h["decoupled_weight_decay"], h["maximize"], group["accumulate_steps"],
-                      group["select"] == "weight"))
+                      _KERNEL_SCORES.get(group["select"], "grad")))
     answer = _fused_adam_step(specs, opt.state, torch.nn.Parameter, FUSED_SMALL_NUMEL,
                               FUSED_MIN_DENSITY, -1 if device.type == "cpu" else device.index,
                               THROUGH_OP)
