@@ -76,7 +76,7 @@ def two_groups(params):
 
 @pytest.mark.parametrize("opt_cls", [incrkern.optim.Adam, incrkern.optim.AdamW])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("select", ["grad", "accumulated", "weight", "random"])
+@pytest.mark.parametrize("select", ["grad", "accumulated", "weight", "grad_sq", "random"])
 @pytest.mark.parametrize("topk", ["exact", "approx"])
 @pytest.mark.parametrize("density", [0.001, 0.01, 0.3])
 @pytest.mark.parametrize("groups_of", [one_group, two_groups])
@@ -95,7 +95,7 @@ def test_same_as_the_python_step(opt_cls, dtype, select, topk, density, groups_o
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("select", ["grad", "accumulated", "weight", "random"])
+@pytest.mark.parametrize("select", ["grad", "accumulated", "weight", "grad_sq", "random"])
 @pytest.mark.parametrize("topk", ["exact", "approx"])
 def test_through_the_op_kernel_same_as_the_python_step(dtype, select, topk, spy,
                                                        monkeypatch):

@@ -69,21 +69,24 @@ struct Group {
   Group() = default;
   Group(const Group&) = delete;
   ~Group() {
-    for (auto* list : {&params, &exp_avgs, &exp_avg_sqs, &steps, &residuals})
+    for (auto* list : {&params, &exp_avgs, &exp_avg_sqs, &steps, &residuals, &scores})
       Borrows::forget(*list);
   }
   Borrows borrows;
   std::vector<at::Tensor> params, exp_avgs, exp_avg_sqs, steps, residuals;  // borrowed
+  std::vector<at::Tensor> scores;  // borrowed: the Fishers of select="grad_sq"
   std::vector<at::Tensor> grads;
   std::vector<int64_t> ks;
   std::vector<PyObject*> elsewhere;  // borrowed from the group's list
   bool any_grad = false;
   double density, lr, beta1, beta2, eps, weight_decay;
   bool error_feedback, approx, decoupled_weight_decay, maximize;
-  // Where the CPU kernel's keys come from: |g|, |p| (select="weight") or the hash of
-  // the indices (select="random", its seed drawn once the call is known to step).
+  // Where the CPU kernel's keys come from: |g|, |p| (select="weight"), the Fisher
+  // (select="grad_sq", accumulated first by fisher_beta) or the hash of the indices
+  // (select="random", its seed drawn once the call is known to step).
   KeyFrom key_from = KeyFrom::Grad;
   int64_t seed = 0;
+  double fisher_beta = 0.0;
   std::optional<at::Tensor> lr_tensor;
   // The update ending a cycle of accumulate_steps = n: the accumulated grads are the
   // kernel's residuals, read times 1 / n, and zeroed afterwards, chosen or not.
@@ -111,6 +114,7 @@ struct Names {
   PyObject* exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq");
   PyObject* residual = PyUnicode_InternFromString("residual");
   PyObject* grad_acc = PyUnicode_InternFromString("grad_acc");
+  PyObject* fisher = PyUnicode_InternFromString("fisher");
 };
 
 const Names& names() {
@@ -205,14 +209,14 @@ int64_t density_k(double density, int64_t numel) {
 constexpr int64_t kChecksGrain = 512;
 
 // (params, density, error_feedback, approx, lr, lr_tensor, beta1, beta2, eps,
-//  weight_decay, decoupled_weight_decay, maximize, accumulate_steps, score) into `out`,
-// every tensor on `device`; false when not the plain case. score: the kernel's, "grad",
-// "weight" or "random". On a GPU every param takes the fused kernel (the optimizer's
-// rule there); "weight" and "random" have a CPU kernel only, and on the CPU every param
-// takes it.
+//  weight_decay, decoupled_weight_decay, maximize, accumulate_steps, score, fisher_beta)
+// into `out`, every tensor on `device`; false when not the plain case. score: the
+// kernel's, "grad", "weight", "grad_sq" or "random". On a GPU every param takes the
+// fused kernel (the optimizer's rule there); the other scores than "grad" have a CPU
+// kernel only, and on the CPU every param takes it.
 bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
                 const at::Device& device, Group& out) {
-  if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 14) return false;
+  if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 15) return false;
   auto item = [&](int i) { return PyTuple_GET_ITEM(spec, i); };
   PyObject* params = item(0);
   if (!PyList_Check(params)) return false;
@@ -238,10 +242,12 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
   if (!score) return false;
   if (std::strcmp(score, "weight") == 0) out.key_from = KeyFrom::Param;
   else if (std::strcmp(score, "random") == 0) out.key_from = KeyFrom::Random;
+  else if (std::strcmp(score, "grad_sq") == 0) out.key_from = KeyFrom::Scores;
   else if (std::strcmp(score, "grad") != 0) return false;
   if (out.key_from != KeyFrom::Grad &&
       (out.error_feedback || out.spends_accumulation || !device.is_cpu()))
     return false;
+  out.fisher_beta = PyFloat_AsDouble(item(14));
   if (PyErr_Occurred()) return false;
 
   const Py_ssize_t n = PyList_GET_SIZE(params);
@@ -279,7 +285,10 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
     PyObject* r = needs_r ? state_entry(s, out.error_feedback ? names().residual
                                                               : names().grad_acc)
                           : nullptr;
-    if (!step || !m || !v || (needs_r && !r)) return false;
+    PyObject* f =
+        out.key_from == KeyFrom::Scores ? state_entry(s, names().fisher) : nullptr;
+    if (!step || !m || !v || (needs_r && !r) || (out.key_from == KeyFrom::Scores && !f))
+      return false;
     reader.saw_step(step);
     out.any_grad = true;
     if (device.is_cpu() && out.key_from == KeyFrom::Grad &&
@@ -293,6 +302,7 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
     out.exp_avg_sqs.push_back(out.borrows.borrow(v));
     out.steps.push_back(out.borrows.borrow(step));
     if (r) out.residuals.push_back(out.borrows.borrow(r));
+    if (f) out.scores.push_back(out.borrows.borrow(f));
     out.ks.push_back(density_k(out.density, numel));
   }
   return true;
@@ -318,13 +328,14 @@ struct WithoutGil {
 // nothing read back. Through the dispatcher, the op's boxed ADInplaceOrView kernel
 // would copy every tensor of its lists, a wait on memory each (docs/design.md).
 void step_by_op_kernel(SelectUpdateKernel kernel, const Group& g) {
+  const char* score = g.key_from == KeyFrom::Param    ? "weight"
+                      : g.key_from == KeyFrom::Random ? "random"
+                      : g.key_from == KeyFrom::Scores ? "grad_sq"
+                                                      : "grad";
   kernel(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks, g.residuals, g.approx,
          g.lr, g.beta1, g.beta2, g.eps, g.weight_decay, g.decoupled_weight_decay, g.maximize,
-         g.grad_scale, g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt,
-         g.key_from == KeyFrom::Param    ? "weight"
-         : g.key_from == KeyFrom::Random ? "random"
-                                         : "grad",
-         std::nullopt, g.seed);
+         g.grad_scale, g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt, score,
+         g.scores.empty() ? std::nullopt : std::optional<at::TensorList>(g.scores), g.seed);
   for (const std::vector<at::Tensor>* written :
        {&g.params, &g.exp_avgs, &g.exp_avg_sqs, &g.steps, &g.residuals})
     bump_over_threads(*written);
@@ -378,6 +389,11 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
                             run(at::TensorList(g.exp_avg_sqs)), run(at::TensorList(g.steps)),
                             run(at::IntArrayRef(g.ks)), run(at::TensorList(g.residuals)),
                             g.lr_tensor, std::nullopt, std::nullopt);
+        if (g.key_from != KeyFrom::Scores) return;
+        check_select_update_score("grad_sq", run(at::TensorList(g.params)), {},
+                                  run(at::TensorList(g.scores)), device.type());
+        check_accumulate_lists("incrkern.accumulate_", {}, run(at::TensorList(g.grads)),
+                               run(at::TensorList(g.scores)), /*allow_double=*/true);
       });
   } catch (const c10::Error&) {
     Py_RETURN_NONE;
@@ -393,6 +409,11 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
     WithoutGil released;
     for (const Group& g : groups) {
       if (g.params.empty()) continue;
+      if (g.key_from == KeyFrom::Scores) {  // the Fisher first, as the Python step
+        RECORD_FUNCTION("incrkern::accumulate_", std::vector<c10::IValue>());
+        accumulate_checked({}, g.grads, 1.0, g.scores, 1.0 - g.fisher_beta, g.fisher_beta,
+                           std::nullopt, std::nullopt);
+      }
       RECORD_FUNCTION("incrkern::adam_select_update_", std::vector<c10::IValue>());
       if (op_kernel) {
         step_by_op_kernel(op_kernel, g);
@@ -404,7 +425,7 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
                                  g.grad_scale, g.lr_tensor,
                                  Bookkeeping{.increment_steps = true, .steps_distinct = true,
                                              .bump_written = true},
-                                 std::nullopt, std::nullopt, g.key_from, {}, g.seed);
+                                 std::nullopt, std::nullopt, g.key_from, g.scores, g.seed);
       // Contiguous (the kernel's checks): zeroed in place, over the threads, without a
       // dispatcher call a tensor.
       if (g.spends_accumulation)
@@ -414,6 +435,7 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
         });
     }
   }
+  for (const Group& g : groups) bump_over_threads(g.scores);  // accumulate_'s, as its op's
   PyObject* answer = PyList_New(n);
   if (!answer) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i) {
