@@ -3,7 +3,7 @@ import torch
 from torch.optim.adam import adam as torch_adam
 
 from .. import ops
-from .base import IncrementalOptimizer
+from .base import IncrementalOptimizer, fused_score
 from .checks import _check_number, check_tensor_lr
 from .fast_step import one_call_step
 
@@ -144,14 +144,10 @@ class Adam(IncrementalOptimizer):
                                 [s["step"] for s in work.states], ks, residuals,
                                 approx=approx, lr=lr, lr_tensor=lr_tensor,
                                 grad_scale=grad_scale, increment_steps=True,
-                                score=_FUSED_SCORES.get(group["select"], "grad"),
+                                score=fused_score(group["select"]),
                                 scores=scores,
                                 validate=False, **self._amp_kwargs(device),
                                 **self._hyper(group))
-
-
-# The fused kernel's score for a select option (|grad| for "grad" and "accumulated").
-_FUSED_SCORES = {"weight": "weight", "grad_sq": "grad_sq", "random": "random"}
 
 
 class AdamW(Adam):

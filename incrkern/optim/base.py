@@ -51,10 +51,10 @@ FUSED_MIN_DENSITY = 0.001
 # stream reads the keys |p| in the pass that updates them; below the stream's density
 # it takes select's positions without the second op call). It measured faster than the
 # masks and positions it replaces at every density from 0.001 to 0.9
-# (docs/measurements.md); 2.0 sends every step the composed way (the tests' way to it).
+# (docs/measurements-selects.md); 2.0 sends every step the composed way (the tests' way to it).
 FUSED_WEIGHT_DENSITY = 0.0
 # select="grad_sq" on the CPU: from this density on the fused call, its keys read from
-# the Fisher after the Fisher's accumulate (docs/measurements.md); 2.0 as above.
+# the Fisher after the Fisher's accumulate (docs/measurements-selects.md); 2.0 as above.
 FUSED_GRAD_SQ_DENSITY = 0.0
 # select="random" on the CPU: from this density on the fused call, its keys hashed
 # from the indices (one seed drawn per call, as select draws it); 2.0 as above.
@@ -91,6 +91,12 @@ def accumulation_target(group):
 # constant above (read when a step runs, so that a test can set it).
 _KEYED_DENSITY = {"weight": "FUSED_WEIGHT_DENSITY", "grad_sq": "FUSED_GRAD_SQ_DENSITY",
                   "random": "FUSED_RANDOM_DENSITY"}
+
+
+def fused_score(select):
+    """The fused kernel's score for a group's `select` (|grad| for "grad" and
+    "accumulated", whose residual the kernel adds)."""
+    return select if select in _KEYED_DENSITY else "grad"
 
 
 def use_fused(density, numel, select="grad"):

@@ -46,10 +46,6 @@ CUDA_ENABLED = os.environ.get("INCRKERN_FAST_STEP_CUDA", "1") == "1"
 THROUGH_OP = False
 
 _CPU = torch.device("cpu")
-# The kernel's score of a select the C++ step takes ("grad" for "grad", "accumulated"):
-# "grad_sq" accumulates the Fisher by fisher_beta first, "random" draws its seed as
-# ops.adam_select_update_ draws it.
-_KERNEL_SCORES = {"weight": "weight", "grad_sq": "grad_sq", "random": "random"}
 
 
 def _plain_group(opt, group):
@@ -116,7 +112,7 @@ def one_call_step(opt):
                       group["select"] == "accumulated", group["topk"] == "approx", lr,
                       lr_tensor, h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
                       h["decoupled_weight_decay"], h["maximize"], group["accumulate_steps"],
-                      _KERNEL_SCORES.get(group["select"], "grad"),
+                      base.fused_score(group["select"]),
                       float(group.get("fisher_beta", 0.0))))
     answer = _fused_adam_step(specs, opt.state, torch.nn.Parameter, FUSED_SMALL_NUMEL,
                               FUSED_MIN_DENSITY, -1 if device.type == "cpu" else device.index,
