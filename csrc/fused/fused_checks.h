@@ -48,6 +48,25 @@ inline void check_select_update(c10::DeviceType device_type, at::TensorList para
   }
 }
 
+// Where the keys of each of the op's score names are read, or nothing for another name.
+inline std::optional<KeyFrom> key_from_score(c10::string_view score) {
+  if (score == "grad") return KeyFrom::Grad;
+  if (score == "weight") return KeyFrom::Param;
+  if (score == "grad_sq") return KeyFrom::Scores;
+  if (score == "random") return KeyFrom::Random;
+  return std::nullopt;
+}
+
+// The score name whose keys are read from `key_from` (key_from_score's inverse).
+inline const char* score_name(KeyFrom key_from) {
+  switch (key_from) {
+    case KeyFrom::Param: return "weight";
+    case KeyFrom::Scores: return "grad_sq";
+    case KeyFrom::Random: return "random";
+    default: return "grad";
+  }
+}
+
 // The op's score: "grad" (|g|, or |r + g| with residuals) or, on the CPU, "weight"
 // (|p|), "grad_sq" (the given `scores`: the Fisher, one per param, of its math dtype)
 // or "random" (a hash of the seed, the tensor's number and the index), none with
@@ -56,20 +75,20 @@ inline KeyFrom check_select_update_score(c10::string_view score, at::TensorList 
                                          at::TensorList residuals, at::TensorList scores,
                                          c10::DeviceType device_type) {
   const char* op = "incrkern.adam_select_update_";
-  TORCH_CHECK(score == "grad" || score == "weight" || score == "grad_sq" || score == "random",
-              op, ": score must be 'grad', 'weight', 'grad_sq' or 'random', got '",
+  const std::optional<KeyFrom> key_from = key_from_score(score);
+  TORCH_CHECK(key_from.has_value(), op,
+              ": score must be 'grad', 'weight', 'grad_sq' or 'random', got '",
               std::string(score), "'");
-  const bool given = score == "grad_sq";
-  TORCH_CHECK(given || scores.empty(), op, ": scores are for score='grad_sq' only, got ",
-              scores.size(), " with score='", std::string(score), "'");
-  if (score == "grad") return KeyFrom::Grad;
+  TORCH_CHECK(*key_from == KeyFrom::Scores || scores.empty(), op,
+              ": scores are for score='grad_sq' only, got ", scores.size(), " with score='",
+              std::string(score), "'");
+  if (*key_from == KeyFrom::Grad) return KeyFrom::Grad;
   TORCH_CHECK(residuals.empty(), op, ": score='", std::string(score), "' takes no residuals "
               "(error feedback selects by |r + g|)");
   TORCH_CHECK(device_type == c10::DeviceType::CPU, op, ": score='", std::string(score),
               "' has a CPU kernel only (ops.adam_select_update_ composes select and "
               "adam_update_ on CUDA)");
-  if (score == "weight") return KeyFrom::Param;
-  if (score == "random") return KeyFrom::Random;
+  if (*key_from != KeyFrom::Scores) return *key_from;
   TORCH_CHECK(scores.size() == params.size(), op, ": scores must hold one tensor per param (",
               params.size(), "), got ", scores.size());
   for (size_t i = 0; i < scores.size(); ++i) {

@@ -39,6 +39,7 @@
 #include <memory>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/ahead.h"
@@ -149,6 +150,21 @@ int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k,
 bool forced_fallback(const char* when) {
   const char* env = std::getenv("INCRKERN_FUSED_FALLBACK");
   return env && std::strcmp(env, when) == 0;
+}
+
+// Whether a pass's counts (keys above the band, keys in it) prove the k-th to lie in
+// the band: exact mode needs #above <= k <= #above + #band; approx accepts a count
+// within its tolerance of k. A band forced "after" to miss never holds.
+bool band_holds(int64_t above, int64_t in_band, int64_t k, bool approx) {
+  const int64_t tol = approx ? Selector<uint32_t>::tolerance(k) : 0;
+  return above <= k + tol && above + in_band >= k - tol && !forced_fallback("after");
+}
+
+// A counting pass's keys above the band and in it (those at its low edge included).
+std::pair<int64_t, int64_t> band_counts(const std::vector<BandBlock>& out) {
+  int64_t above = 0, in_band = 0;
+  for (const BandBlock& o : out) above += o.above, in_band += int64_t(o.keys.size()) + o.at_lo;
+  return {above, in_band};
 }
 
 // The listing pass over a large tensor, per block: the winners (key > hi) and the
@@ -290,11 +306,8 @@ int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
                    uint32_t lo, uint32_t hi, bool approx) {
   const int64_t n = c.res[i].numel;
   std::vector<BandBlock> out = count_pass(t, n, lo, hi, added);
-  int64_t w = 0, cnt = 0;
-  for (const BandBlock& o : out) w += o.above, cnt += int64_t(o.keys.size()) + o.at_lo;
-  const int64_t tol = approx ? Selector<uint32_t>::tolerance(k) : 0;
-  if (w > k + tol || w + cnt < k - tol || forced_fallback("after"))
-    return run_fallback(c, i, t, k, true);
+  const auto [w, cnt] = band_counts(out);
+  if (!band_holds(w, cnt, k, approx)) return run_fallback(c, i, t, k, true);
   // approx may take every key above the band (k < w) or every key in it (k > w + cnt)
   const int64_t chosen = std::clamp(k, w, w + cnt);
   const auto [at_least, tie] = choose_in_band(out, k - w, lo, hi);
@@ -478,9 +491,7 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
   // its tolerance of k.
   int64_t w = 0, cnt = 0;
   for (const BlockOut& o : out) w += o.winners, cnt += int64_t(o.cpos.size());
-  const int64_t tol = c.approx ? Selector<uint32_t>::tolerance(k) : 0;
-  if (w > k + tol || w + cnt < k - tol || forced_fallback("after"))
-    return run_fallback(c, i, t, k, true);
+  if (!band_holds(w, cnt, k, c.approx)) return run_fallback(c, i, t, k, true);
   choose_candidates(out, k - w, band->first, band->second, values);
 
   // The update: nothing was written to p or its state before this point.
@@ -544,16 +555,13 @@ template <typename T>
 int64_t run_random(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, uint32_t lo,
                    uint32_t hi, bool stream) {
   const int64_t n = c.res[i].numel;
-  const RandomKeys rk = random_keys(c.seed, int64_t(i));
+  const RandomKeys rk = source_of(c, i).rk;
   std::vector<BandBlock> out;
   std::vector<RandomLists> lists;
   if (stream) out = count_random(rk, n, kBlock, lo, hi);
   else list_random(rk, n, kBlock, lo, hi, out, lists);
-  int64_t w = 0, cnt = 0;
-  for (const BandBlock& o : out) w += o.above, cnt += int64_t(o.keys.size()) + o.at_lo;
-  const int64_t tol = c.approx ? Selector<uint32_t>::tolerance(k) : 0;
-  if (w > k + tol || w + cnt < k - tol || forced_fallback("after"))
-    return run_fallback(c, i, t, k, true);
+  const auto [w, cnt] = band_counts(out);
+  if (!band_holds(w, cnt, k, c.approx)) return run_fallback(c, i, t, k, true);
   const int64_t chosen = std::clamp(k, w, w + cnt);
   const auto [at_least, tie] = choose_in_band(out, k - w, lo, hi);
   if (stream) {
@@ -573,12 +581,13 @@ int64_t run_random(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, u
 
 // Keys not from the gradient: |p| (score="weight"), each read by the pass that updates
 // it before the update, given scores (score="grad_sq") or the index's hash
-// (score="random"). From kKeyedStreamDensity on, the threshold stream (the counting
-// pass and the loop's compare read or hash the keys); below it, and where the band
-// misses, select's positions over the keys then their update (`whole`: over every
-// thread). fp64 takes the positions. The stream starts later than |g|'s, whose
-// alternative is the tile lists: against select's positions by |p| it lost at 0.03 on
-// a transformer's embedding (docs/measurements.md).
+// (score="random", run_random at every density). By |p| and the scores, from
+// kKeyedStreamDensity on, the threshold stream (the counting pass and the loop's
+// compare read the keys); below it, and where the band misses, select's positions
+// over the keys then their update (`whole`: over every thread). fp64 takes the
+// positions. The stream starts later than |g|'s, whose alternative is the tile lists:
+// against select's positions by |p| it lost at 0.03 on a transformer's embedding
+// (docs/measurements-selects.md).
 constexpr double kKeyedStreamDensity = 0.05;
 template <typename T>
 int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool whole) {

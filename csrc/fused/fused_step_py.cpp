@@ -239,11 +239,9 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
   if (out.spends_accumulation) out.grad_scale = 1.0 / double(accumulate_steps);
   if (out.spends_accumulation && out.error_feedback) return false;
   const char* score = PyUnicode_Check(item(13)) ? PyUnicode_AsUTF8(item(13)) : nullptr;
-  if (!score) return false;
-  if (std::strcmp(score, "weight") == 0) out.key_from = KeyFrom::Param;
-  else if (std::strcmp(score, "random") == 0) out.key_from = KeyFrom::Random;
-  else if (std::strcmp(score, "grad_sq") == 0) out.key_from = KeyFrom::Scores;
-  else if (std::strcmp(score, "grad") != 0) return false;
+  const std::optional<KeyFrom> key_from = score ? key_from_score(score) : std::nullopt;
+  if (!key_from) return false;
+  out.key_from = *key_from;
   if (out.key_from != KeyFrom::Grad &&
       (out.error_feedback || out.spends_accumulation || !device.is_cpu()))
     return false;
@@ -328,13 +326,10 @@ struct WithoutGil {
 // nothing read back. Through the dispatcher, the op's boxed ADInplaceOrView kernel
 // would copy every tensor of its lists, a wait on memory each (docs/design.md).
 void step_by_op_kernel(SelectUpdateKernel kernel, const Group& g) {
-  const char* score = g.key_from == KeyFrom::Param    ? "weight"
-                      : g.key_from == KeyFrom::Random ? "random"
-                      : g.key_from == KeyFrom::Scores ? "grad_sq"
-                                                      : "grad";
   kernel(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks, g.residuals, g.approx,
          g.lr, g.beta1, g.beta2, g.eps, g.weight_decay, g.decoupled_weight_decay, g.maximize,
-         g.grad_scale, g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt, score,
+         g.grad_scale, g.lr_tensor, /*increment_steps=*/true, std::nullopt, std::nullopt,
+         score_name(g.key_from),
          g.scores.empty() ? std::nullopt : std::optional<at::TensorList>(g.scores), g.seed);
   for (const std::vector<at::Tensor>* written :
        {&g.params, &g.exp_avgs, &g.exp_avg_sqs, &g.steps, &g.residuals})

@@ -39,10 +39,7 @@ inline std::vector<select::BandBlock> count_random(select::RandomKeys rk, int64_
         select::random_keys(rk.kt, rk.kt2, e, len, keys);
         uint32_t* last = kept;
         o.above += select::keys_in_band(keys, len, lo, hi, last);
-        for (const uint32_t* k = kept; k < last; ++k) {
-          if (*k == lo) ++o.at_lo;
-          else o.keys.push_back(*k);
-        }
+        for (const uint32_t* k = kept; k < last; ++k) select::keep_band_key(*k, lo, o);
       }
     }
   });

@@ -91,6 +91,13 @@ struct BandBlock {
   int64_t equal = 0, ties = 0;
 };
 
+// A key a counting pass keeps in the band [lo, hi] into its block: lo's counted apart
+// (at_lo), the others kept in order.
+inline void keep_band_key(uint32_t key, uint32_t lo, BandBlock& o) {
+  if (key == lo) ++o.at_lo;
+  else o.keys.push_back(key);
+}
+
 // The chosen elements: every key >= at_least, and each block's first `ties` keys
 // equal to tie.
 struct BandChoice {

@@ -161,10 +161,7 @@ void random_chunks(const Source& s, int64_t b, int64_t e, Fn&& fn) {
 // The counting pass over [b, e) into o.
 void count_band(const Source& s, int64_t b, int64_t e, uint32_t lo, uint32_t hi, BandBlock& o) {
   const uint32_t width = hi - lo;
-  const auto keep = [&](uint32_t key) {
-    if (key == lo) ++o.at_lo;
-    else o.keys.push_back(key);
-  };
+  const auto keep = [&](uint32_t key) { keep_band_key(key, lo, o); };
   if (s.score == ScoreKind::Random) {
     uint32_t kept[kKeyChunk + 8];
     random_chunks(s, b, e, [&](const uint32_t* keys, int64_t, int64_t len) {
