@@ -522,6 +522,16 @@ def assert_same_steps(opts, start):
     assert not all(torch.equal(a, s) for a, s in zip(pa, start))
 
 
+def step_seeded(opt, params, grads):
+    """opt.step() once per list of grads, torch's seed set to the step's number before
+    each: a route's random score then draws the seed its twin route drew."""
+    for step, gs in enumerate(grads):
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        torch.manual_seed(step)
+        opt.step()
+
+
 @pytest.mark.skipif(not incrkern.EXTENSION_LOADED, reason="needs the compiled extension")
 @pytest.mark.parametrize("name,select", [("AdamW", "weight"), ("AdamW", "grad_sq"),
                                          ("AdamW", "random"), ("SGD", "grad"),
@@ -554,11 +564,7 @@ def test_mask_route_matches_positions(name, select, density, monkeypatch):
         opt = getattr(incrkern.optim, name)(params, **kwargs)
         if route == "positions":
             opt._select_masks = lambda *a, **k: None
-        for step, gs in enumerate(grads):
-            for p, g in zip(params, gs):
-                p.grad = g.clone()
-            torch.manual_seed(step)  # the random score's seed, drawn the same way
-            opt.step()
+        step_seeded(opt, params, grads)
         opts.append((params, opt))
     assert len(calls) == len(grads)
     assert_same_steps(opts, start)
@@ -598,11 +604,7 @@ def test_keyed_fused_route_matches_masks(select, dtype, density, monkeypatch):
         params = [nn.Parameter(p.clone()) for p in start]
         opt = incrkern.optim.AdamW(params, lr=0.01, density=density, select=select,
                                    weight_decay=0.1, fisher_beta=0.9)
-        for step, gs in enumerate(grads):
-            for p, g in zip(params, gs):
-                p.grad = g.clone()
-            torch.manual_seed(step)  # the random score's seed, drawn the same way
-            opt.step()
+        step_seeded(opt, params, grads)
         opts.append((params, opt))
         # The fused route's first step, with no state yet, is the Python step's; the
         # later ones are the one C++ call's (fast_step), which calls the kernel itself.
