@@ -21,10 +21,8 @@ namespace {
 
 // The chosen elements of tensor f in [begin, end): updated in place; with a residual
 // r is written everywhere (0 where chosen, r + g elsewhere). Returns how many this
-// thread updated. A thread's packs are the host run's (every blockDim.x * kILP-th
-// from its first); it loads the gradient (and residual) of Ahead of them before it
-// updates any, so that their loads are in flight together.
-template <int Ahead, typename T>
+// thread updated.
+template <typename T>
 __device__ int apply_range(const SelSeg& s, const SelState& st, const FusedTensor& f,
                            const AdamOp& op, const AdamOp::Coeff& c, const FusedScales& scales,
                            int64_t begin, int64_t end) {
@@ -33,45 +31,31 @@ __device__ int apply_range(const SelSeg& s, const SelState& st, const FusedTenso
   float* m1 = f.update.first_moment;
   float* m2 = f.update.second_moment;
   float* r = f.residual;
-  const int64_t stride = int64_t(blockDim.x) * kILP;
   int taken = 0;
-  for (int64_t i0 = begin + int64_t(threadIdx.x) * kILP; i0 < end; i0 += stride * Ahead) {
-    float u[Ahead][kILP], kept[Ahead][kILP];
-    int valid[Ahead];
+  for (int64_t i = begin + int64_t(threadIdx.x) * kILP; i < end;
+       i += int64_t(blockDim.x) * kILP) {
+    const int valid = int(imin(kILP, end - i));
+    float u[kILP], kept[kILP] = {};
+    load_floats(g + i, valid, u);
+    if (r) load_floats(r + i, valid, kept);
+    taken += fused_elements(st, s.pos0 + i, valid, r != nullptr, scales, u, kept,
+                            [&](int j, float scaled) {
+                              const int64_t e = i + j;
+                              float pm = to_float(p[e]);
+                              float m = m1[e], v = m2[e], unused = 0.f;
+                              op.apply(pm, scaled, m, v, unused, c);
+                              p[e] = from_float<T>(pm);
+                              m1[e] = m;
+                              m2[e] = v;
+                            });
+    if (r) {
+      if (valid == kILP && pack_aligned(r + i)) {
+        Pack<float> out;
 #pragma unroll
-    for (int a = 0; a < Ahead; ++a) {
-      const int64_t i = i0 + a * stride;
-      valid[a] = int(imax(0, imin(kILP, end - i)));
-#pragma unroll
-      for (int j = 0; j < kILP; ++j) u[a][j] = kept[a][j] = 0.f;
-      if (valid[a] > 0) {
-        load_floats(g + i, valid[a], u[a]);
-        if (r) load_floats(r + i, valid[a], kept[a]);
-      }
-    }
-#pragma unroll
-    for (int a = 0; a < Ahead; ++a) {
-      if (valid[a] == 0) break;  // the later packs lie further past `end`
-      const int64_t i = i0 + a * stride;
-      taken += fused_elements(st, s.pos0 + i, valid[a], r != nullptr, scales, u[a], kept[a],
-                              [&](int j, float scaled) {
-                                const int64_t e = i + j;
-                                float pm = to_float(p[e]);
-                                float m = m1[e], v = m2[e], unused = 0.f;
-                                op.apply(pm, scaled, m, v, unused, c);
-                                p[e] = from_float<T>(pm);
-                                m1[e] = m;
-                                m2[e] = v;
-                              });
-      if (r) {
-        if (valid[a] == kILP && pack_aligned(r + i)) {
-          Pack<float> out;
-#pragma unroll
-          for (int j = 0; j < kILP; ++j) out.v[j] = kept[a][j];
-          store_pack(r + i, out);
-        } else {
-          for (int j = 0; j < valid[a]; ++j) r[i + j] = kept[a][j];
-        }
+        for (int j = 0; j < kILP; ++j) out.v[j] = kept[j];
+        store_pack(r + i, out);
+      } else {
+        for (int j = 0; j < valid; ++j) r[i + j] = kept[j];
       }
     }
   }
@@ -79,7 +63,6 @@ __device__ int apply_range(const SelSeg& s, const SelState& st, const FusedTenso
 }
 
 // Grid (chunks, kFusedSplit): block (x, y) takes the y-th share of chunk x.
-template <int Ahead>
 __global__ void __launch_bounds__(kFusedThreads)
     fused_adam_kernel(const SelectLaunch L, const FusedTensor* tensors, const AdamOp op,
                       const UpdateOptions opt, unsigned long long* counts) {
@@ -98,13 +81,13 @@ __global__ void __launch_bounds__(kFusedThreads)
   int taken = 0;
   switch (s.dtype) {
     case DType::Float32:
-      taken = apply_range<Ahead, float>(s, st, f, op, c, scales, begin, end);
+      taken = apply_range<float>(s, st, f, op, c, scales, begin, end);
       break;
     case DType::BFloat16:
-      taken = apply_range<Ahead, __nv_bfloat16>(s, st, f, op, c, scales, begin, end);
+      taken = apply_range<__nv_bfloat16>(s, st, f, op, c, scales, begin, end);
       break;
     case DType::Float16:
-      taken = apply_range<Ahead, __half>(s, st, f, op, c, scales, begin, end);
+      taken = apply_range<__half>(s, st, f, op, c, scales, begin, end);
       break;
   }
   if (taken) atomicAdd(&block_taken, taken);
@@ -120,15 +103,8 @@ void fused_adam_apply(const SelectLaunch& L, const FusedTensor* tensors,
                       unsigned long long* counts, cudaStream_t stream) {
   if (L.nchunks == 0) return;
   const dim3 grid(unsigned(L.nchunks), kFusedSplit);
-  const AdamOp op{args};
-  const auto launch = [&](auto kernel) {
-    kernel<<<grid, kFusedThreads, 0, stream>>>(L, tensors, op, options, counts);
-  };
-  switch (packs_ahead()) {
-    case 1: launch(fused_adam_kernel<1>); break;
-    case 2: launch(fused_adam_kernel<2>); break;
-    default: launch(fused_adam_kernel<4>); break;
-  }
+  fused_adam_kernel<<<grid, kFusedThreads, 0, stream>>>(L, tensors, AdamOp{args}, options,
+                                                        counts);
   check_launch("fused select-and-update kernel");
 }
 

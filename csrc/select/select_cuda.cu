@@ -21,10 +21,6 @@
 // so one launch sequence covers many tensors and the host never waits. Chunks of
 // kSelectChunk elements, 16-byte loads where aligned, 64-bit positions.
 //
-// Loads in flight: a histogram pass loads the keys of packs_ahead() tiles before it
-// counts any of them (the fused pass, its gradient packs likewise), so a thread
-// waits on memory once for several of its packs.
-//
 // Contention: a warp's equal bins are merged before the shared-memory atomic
 // (__match_any_sync), so an all-zero or heavily skewed tensor, whose keys fall in
 // one bin, costs one atomic per warp step rather than 32 serialised ones; pass 1
@@ -34,8 +30,6 @@
 
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_scan.cuh>
-
-#include <cstdlib>
 
 #include "common/cuda_utils.cuh"
 #include "select/select_device.cuh"
@@ -81,7 +75,6 @@ __device__ __forceinline__ void flush_hist(const uint32_t* sh, unsigned long lon
 // keys that share a bin (an all-zero tensor, a skewed score) would otherwise
 // serialise 32 atomics on one shared-memory word. Every lane of the warp must call.
 __device__ __forceinline__ void hist_add(uint32_t* sh, bool take, uint32_t bin) {
-  if (!__any_sync(0xffffffffu, take)) return;  // uniform across the warp
   const unsigned peers = __match_any_sync(0xffffffffu, take ? bin : 0xffffffffu);
   const unsigned lane = threadIdx.x % 32;
   if (take && lane == unsigned(__ffs(peers) - 1)) atomicAdd(sh + bin, unsigned(__popc(peers)));
@@ -105,8 +98,7 @@ __device__ __forceinline__ void flush_stage(const uint32_t* stage, int fill, Sel
 
 // One block per chunk of the input. Level 1 also buffers the candidates. Every
 // thread runs the same number of tiles (the warp intrinsics and block scans need
-// the whole block); it loads the keys of Ahead tiles, then counts them.
-template <int Ahead>
+// the whole block).
 __global__ void __launch_bounds__(kThreads)
     hist_input_kernel(SelectLaunch L, int level) {
   using Scan = cub::BlockScan<int, kThreads>;
@@ -124,33 +116,28 @@ __global__ void __launch_bounds__(kThreads)
   for (int b = threadIdx.x; b < kSelectBins; b += blockDim.x) sh[b] = 0;
   __syncthreads();
   int fill = 0;
-  const auto in_bucket = [&](uint32_t k, int64_t) { return in_level(k, prefix, level); };
-  for (int64_t tile0 = c.begin; tile0 < c.end; tile0 += int64_t(kTile) * Ahead) {
-    int64_t i[Ahead];
-    uint32_t key[Ahead][kILP];
-    bool match[Ahead][kILP];
-    int mine[Ahead];
+  for (int64_t tile = c.begin; tile < c.end; tile += kTile) {
+    int64_t i = 0;
+    uint32_t key[kILP];
+    bool match[kILP];
+    const int mine = tile_match(
+        s, L.kind, c, tile,
+        [&](uint32_t k, int64_t) { return in_level(k, prefix, level); }, i,
+        key, match);
 #pragma unroll
-    for (int a = 0; a < Ahead; ++a)
-      mine[a] = tile_match(s, L.kind, c, tile0 + int64_t(a) * kTile, in_bucket, i[a], key[a],
-                           match[a]);
-#pragma unroll
-    for (int a = 0; a < Ahead; ++a) {
-#pragma unroll
-      for (int j = 0; j < kILP; ++j) hist_add(sh, match[a][j], (key[a][j] >> low) & mask);
-      if (buffer) {
-        int offset = 0, total = 0;
-        Scan(scan).ExclusiveSum(mine[a], offset, total);
-        if (fill + total > kStage) {
-          flush_stage(stage, fill, stp, L.cand_key);
-          fill = 0;
-        }
-#pragma unroll
-        for (int j = 0; j < kILP; ++j)
-          if (match[a][j]) stage[fill + offset++] = key[a][j];
-        fill += total;
-        __syncthreads();  // the stage is read by other threads; the scan storage is reused
+    for (int j = 0; j < kILP; ++j) hist_add(sh, match[j], (key[j] >> low) & mask);
+    if (buffer) {
+      int offset = 0, total = 0;
+      Scan(scan).ExclusiveSum(mine, offset, total);
+      if (fill + total > kStage) {
+        flush_stage(stage, fill, stp, L.cand_key);
+        fill = 0;
       }
+#pragma unroll
+      for (int j = 0; j < kILP; ++j)
+        if (match[j]) stage[fill + offset++] = key[j];
+      fill += total;
+      __syncthreads();  // the stage is read by other threads; the scan storage is reused
     }
   }
   if (buffer && fill > 0) flush_stage(stage, fill, stp, L.cand_key);
@@ -337,15 +324,6 @@ __global__ void __launch_bounds__(kThreads) write_kernel(SelectLaunch L, int64_t
 
 }  // namespace
 
-int packs_ahead() {
-  static const int ahead = [] {
-    const char* env = std::getenv("INCRKERN_CUDA_PACKS_AHEAD");
-    const int n = env ? std::atoi(env) : 4;
-    return n == 1 || n == 2 ? n : 4;
-  }();
-  return ahead;
-}
-
 size_t select_scan_temp_bytes(int64_t nchunks) {
   size_t bytes = 0;
   check_cuda(cub::DeviceScan::ExclusiveSum(nullptr, bytes, static_cast<const int64_t*>(nullptr),
@@ -361,12 +339,7 @@ void select_find(const SelectLaunch& L, cudaStream_t stream) {
              "select memset");
   const unsigned chunks = unsigned(L.nchunks);
   for (int level = 0; level < 3; ++level) {
-    const auto launch = [&](auto kernel) { kernel<<<chunks, kThreads, 0, stream>>>(L, level); };
-    switch (packs_ahead()) {
-      case 1: launch(hist_input_kernel<1>); break;
-      case 2: launch(hist_input_kernel<2>); break;
-      default: launch(hist_input_kernel<4>); break;
-    }
+    hist_input_kernel<<<chunks, kThreads, 0, stream>>>(L, level);
     check_launch("select histogram kernel");
     if (level == 2) {
       for (int g0 = 0; g0 < L.ngroups; g0 += 65535) {  // gridDim.y <= 65535

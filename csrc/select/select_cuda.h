@@ -32,11 +32,6 @@ struct SelectLaunch {
   size_t scan_temp_bytes;
 };
 
-// The packs (or tiles) a thread of the histogram and fused passes loads before it
-// uses any: 4, or INCRKERN_CUDA_PACKS_AHEAD (1, 2 or 4) read once, for the benchmarks
-// to compare.
-int packs_ahead();
-
 // Bytes of scan workspace for nchunks chunks.
 size_t select_scan_temp_bytes(int64_t nchunks);
 
