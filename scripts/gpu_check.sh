@@ -4,7 +4,8 @@
 # suite (CUDA tests included), the benchmarks, compute-sanitizer (memcheck, racecheck,
 # synccheck) over every CUDA kernel, a profile of the sparse steps
 # (scripts/profile_sparse.py) and the one-call step against the Python step on the GPU
-# (scripts/fast_step_host.py), and writes it all to bench/results/<date>-<gpu>.md and .json.
+# (scripts/fast_step_host.py), and the forms of the histogram and fused passes timed
+# alone (bench/cuda_passes.cu), and writes it all to bench/results/<date>-<gpu>.md and .json.
 #
 # For a machine lent for minutes, each stage can be bounded and the order is by value:
 #   GPU_CHECK_TESTS   pytest arguments (default: tests; tests -k cuda where an error raised
@@ -12,8 +13,8 @@
 #   GPU_CHECK_WORKERS pytest-xdist workers for the tests where xdist is installed (default
 #                     4; 0: none): a test that crashes its worker fails alone
 #   GPU_CHECK_LIMIT   seconds per stage (default 3600); GPU_CHECK_LIMIT_<STAGE> for one
-#                     stage: BUILD CPP_ERRORS TESTS FAST_STEP BENCH BENCH_SPARSE MEMCHECK
-#                     RACECHECK SYNCCHECK PROFILE BREAKDOWN NCU
+#                     stage: BUILD PASSES CPP_ERRORS TESTS FAST_STEP BENCH BENCH_SPARSE
+#                     MEMCHECK RACECHECK SYNCCHECK PROFILE BREAKDOWN NCU
 #   GPU_CHECK_NCU_CASES the cases Nsight Compute profiles (default: all of them)
 #   GPU_CHECK_DEADLINE seconds for the whole check: a stage's limit is cut to what is left
 #   GPU_CHECK_OUT     a folder that gets logs.tgz after every stage and the results at
@@ -25,11 +26,14 @@
 #                     whole suite's CPU tests alone take longer than the loan). From
 #                     the H200's runs of 4 December: build 77-93 s, CUDA tests 106 s in
 #                     one process, sparse benchmark 28-36 s, memcheck 12-15 s, profile
-#                     13-16 s, breakdown 17 s, ncu about 17 s a case.
+#                     13-16 s, breakdown 17 s, ncu about 17 s a case; the CUDA tests in
+#                     four workers passed half their tests in 50 s, then printed
+#                     nothing more before the stage's limit of 100 s.
 set -uo pipefail
 if [ "${GPU_CHECK_PRESET:-}" = loan ]; then
   : "${GPU_CHECK_DEADLINE:=480}" "${GPU_CHECK_LIMIT_BUILD:=150}" "${GPU_CHECK_LIMIT_CPP_ERRORS:=0}"
-  : "${GPU_CHECK_LIMIT_TESTS:=120}" "${GPU_CHECK_LIMIT_FAST_STEP:=25}" "${GPU_CHECK_LIMIT_BENCH:=0}"
+  : "${GPU_CHECK_LIMIT_PASSES:=60}" "${GPU_CHECK_LIMIT_TESTS:=150}"
+  : "${GPU_CHECK_LIMIT_FAST_STEP:=25}" "${GPU_CHECK_LIMIT_BENCH:=0}"
   : "${GPU_CHECK_LIMIT_BENCH_SPARSE:=45}" "${GPU_CHECK_LIMIT_MEMCHECK:=20}"
   : "${GPU_CHECK_LIMIT_RACECHECK:=0}" "${GPU_CHECK_LIMIT_SYNCCHECK:=0}"
   : "${GPU_CHECK_LIMIT_PROFILE:=20}" "${GPU_CHECK_LIMIT_BREAKDOWN:=30}" "${GPU_CHECK_LIMIT_NCU:=40}"
@@ -78,6 +82,12 @@ stage build build.log env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-$(np
 grep -E "registers|error|warning" "$work/build.log" | sort | uniq -c | sort -rn | head -40 \
   >"$work/ptxas.txt"
 tail -n 5 "$work/build.log"
+
+# The passes' forms need nvcc alone, not the build: seconds.
+nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+stage passes passes.md bash -c "'$nvcc' -O3 -std=c++17 -arch=sm_${arch/./} -I csrc \
+  bench/cuda_passes.cu -o '$work/cuda_passes' && '$work/cuda_passes'"
+cat "$work/passes.md"
 
 if [ "${rc[build]}" -eq 0 ]; then
   # Whether an error raised in the extension's C++ reaches Python (a crash there would
@@ -199,6 +209,7 @@ with open(f"bench/results/{tag}.md", "w") as f:
     f.write("## ptxas (registers per kernel)\n\n```\n" + read("ptxas.txt") + "```\n\n")
     f.write("## The one-call step on the GPU\n\n" + read("fast_step.md") + "\n\n")
     f.write("## Profile of the sparse steps\n\n" + read("profile.md") + "\n\n")
+    f.write("## The passes' forms alone (bench/cuda_passes.cu)\n\n" + read("passes.md") + "\n\n")
     f.write("## Where the sparse steps' time goes\n\n" + read("breakdown.md") + "\n\n")
     f.write("## Benchmarks\n\n" + (bench_md or "```\n" + read("bench.log")[-6000:] + "\n```") + "\n")
 print(f"wrote bench/results/{tag}.md and .json")
