@@ -13,8 +13,8 @@
 #   GPU_CHECK_WORKERS pytest-xdist workers for the tests where xdist is installed (default
 #                     4; 0: none): a test that crashes its worker fails alone
 #   GPU_CHECK_LIMIT   seconds per stage (default 3600); GPU_CHECK_LIMIT_<STAGE> for one
-#                     stage: BUILD PASSES CPP_ERRORS TESTS FAST_STEP BENCH BENCH_SPARSE
-#                     MEMCHECK RACECHECK SYNCCHECK PROFILE BREAKDOWN NCU
+#                     stage: COMPILERS BUILD PASSES CPP_ERRORS TESTS FAST_STEP BENCH
+#                     BENCH_SPARSE MEMCHECK RACECHECK SYNCCHECK PROFILE BREAKDOWN NCU
 #   GPU_CHECK_NCU_CASES the cases Nsight Compute profiles (default: all of them)
 #   GPU_CHECK_DEADLINE seconds for the whole check: a stage's limit is cut to what is left
 #   GPU_CHECK_OUT     a folder that gets logs.tgz after every stage and the results at
@@ -32,6 +32,7 @@
 set -uo pipefail
 if [ "${GPU_CHECK_PRESET:-}" = loan ]; then
   : "${GPU_CHECK_DEADLINE:=480}" "${GPU_CHECK_LIMIT_BUILD:=150}" "${GPU_CHECK_LIMIT_CPP_ERRORS:=0}"
+  : "${GPU_CHECK_LIMIT_COMPILERS:=45}"
   : "${GPU_CHECK_LIMIT_PASSES:=60}" "${GPU_CHECK_LIMIT_TESTS:=150}"
   : "${GPU_CHECK_LIMIT_FAST_STEP:=25}" "${GPU_CHECK_LIMIT_BENCH:=0}"
   : "${GPU_CHECK_LIMIT_BENCH_SPARSE:=45}" "${GPU_CHECK_LIMIT_MEMCHECK:=20}"
@@ -77,6 +78,12 @@ stage() {
   return 0
 }
 
+# The build takes the first C++ compiler whose errors reach Python (on some images
+# the default one's crash the process, and every bad-input test with them).
+stage compilers compilers.log $PY scripts/check_cpp_errors.py --compilers
+cat "$work/compilers.log" 2>/dev/null
+cxx=$(sed -n 's/^raising compiler: //p' "$work/compilers.log" 2>/dev/null)
+[ -n "$cxx" ] && [ "$cxx" != none ] && export CXX="$cxx"
 stage build build.log env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS=${MAX_JOBS:-$(nproc)} \
   INCRKERN_PTXAS_VERBOSE=1 $PY setup.py build_ext --inplace
 grep -E "registers|error|warning" "$work/build.log" | sort | uniq -c | sort -rn | head -40 \
@@ -202,7 +209,8 @@ with open(f"bench/results/{tag}.md", "w") as f:
     f.write("```\n" + read("stages.txt") + "```\n\n")
     if rcs.get("build", 0):
         f.write("## Build\n\n```\n" + tail("build.log", 60) + "\n```\n\n")
-    f.write("## Errors raised in C++\n\n```\n" + read("cpp_errors.log") + "```\n\n")
+    f.write("## Errors raised in C++\n\n```\n" + read("compilers.log") + read("cpp_errors.log")
+            + "```\n\n")
     f.write("## Tests\n\n```\n" + tail("tests.log", 40) + "\n```\n\n")
     for tool, text in sanitizers.items():
         f.write(f"## compute-sanitizer {tool}\n\n```\n{text}\n```\n\n")
