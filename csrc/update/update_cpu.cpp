@@ -13,6 +13,7 @@
 #include "common/prefetched.h"
 #include "common/rules.h"
 #include "update/adam_stream_cpu.h"
+#include "update/sgd_stream_cpu.h"
 #include "update/update_checks.h"
 
 namespace incrkern {
@@ -78,70 +79,6 @@ inline void for_positions(const Positions& pos, int64_t begin, int64_t end, Visi
       [&](int64_t j) { prefetch(pos.indices[j], pos.compact ? j : pos.indices[j]); });
 }
 
-// SGD's flags that pick branches in sgd_rule (first step, nesterov, weight decay,
-// momentum: kHasBuffer) are template parameters here: left as run-time values, gcc
-// keeps the branches in the loop and does not vectorise it (it unswitched the fp32
-// loop on some of them, not the larger 16-bit ones). See Note [branch-free loops
-// vectorise] in common/hd.h.
-template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kHasBuffer,
-          bool kFirst, bool kNesterov, bool kDecay>
-[[gnu::always_inline]] inline void sgd_stream(
-    T* __restrict p, G* __restrict g, M* __restrict buf, const bool* __restrict mask,
-    int64_t begin, int64_t end, const SgdHyper<M> h, const M grad_scale) {
-  SgdHyper<M> hh = h;
-  hh.nesterov = kNesterov;
-  hh.decay = kDecay;
-  hh.has_momentum = kHasBuffer;
-  using PL = Lanes<T>;
-  using GL = Lanes<G>;
-  auto* __restrict pb = reinterpret_cast<typename PL::Bits*>(p);
-  auto* __restrict gb = reinterpret_cast<typename GL::Bits*>(g);
-  const auto g_zero = GL::narrow(M(0));
-  for (int64_t e = begin; e < end; ++e) {
-    M pm = PL::template widen<M>(pb[e]), bm = kHasBuffer ? buf[e] : M(0);
-    sgd_rule(pm, GL::template widen<M>(gb[e]) * grad_scale, bm, hh, kFirst);
-    const bool on = kMasked ? reinterpret_cast<const uint8_t*>(mask)[e] != 0 : true;
-    pb[e] = on ? PL::narrow(pm) : pb[e];
-    if (kHasBuffer) buf[e] = on ? bm : buf[e];
-    if (kConsume) gb[e] = on ? g_zero : gb[e];
-  }
-}
-
-// sgd_stream for the run-time flags. A buffer whose momentum rounds to 0 in the math
-// type takes the loop without one: the rule leaves such a buffer as it is.
-template <typename T, typename G, typename M>
-[[gnu::always_inline]] inline void sgd_stream_any(
-    T* p, G* g, M* buf, const bool* mask, bool consume, int64_t begin, int64_t end,
-    const SgdHyper<M> h, const bool first, const M grad_scale) {
-  const bool with_buffer = buf && h.has_momentum;
-  with_stream_flags(mask != nullptr, consume, [&]<bool kMasked, bool kConsume>() IK_INLINE_LAMBDA {
-    auto stream = [&]<bool kHasBuffer, bool kFirst, bool kNesterov>() IK_INLINE_LAMBDA {
-      if (h.decay)
-        return sgd_stream<T, G, M, kMasked, kConsume, kHasBuffer, kFirst, kNesterov, true>(
-            p, g, buf, mask, begin, end, h, grad_scale);
-      sgd_stream<T, G, M, kMasked, kConsume, kHasBuffer, kFirst, kNesterov, false>(
-          p, g, buf, mask, begin, end, h, grad_scale);
-    };
-    if (!with_buffer) return stream.template operator()<false, false, false>();
-    if (first && h.nesterov) return stream.template operator()<true, true, true>();
-    if (first) return stream.template operator()<true, true, false>();
-    if (h.nesterov) return stream.template operator()<true, false, true>();
-    stream.template operator()<true, false, false>();
-  });
-}
-
-// The SGD loop for each ISA, per param and gradient type (IK_CLONED_TYPES).
-#define IK_DEFINE_SGD_CLONED(T, G)                                                       \
-  IK_ISA_CLONES void sgd_stream_cloned(T* p, G* g, float* buf, const bool* mask,         \
-                                       bool consume, int64_t begin, int64_t end,         \
-                                       const SgdHyper<float> h, const bool first,        \
-                                       const float grad_scale) {                         \
-    sgd_stream_any<T, G, float>(p, g, buf, mask, consume, begin, end, h, first,          \
-                                grad_scale);                                             \
-  }
-IK_CLONED_TYPES(IK_DEFINE_SGD_CLONED)
-#undef IK_DEFINE_SGD_CLONED
-
 // `vmax`: AMSGrad's max_exp_avg_sq, null without AMSGrad.
 template <typename T, typename G, typename M>
 RangeFn adam_ranges(T* p, G* g, M* m, M* v, M* vmax, int32_t* age, const Positions& pos,
@@ -190,11 +127,8 @@ RangeFn sgd_ranges(T* p, G* g, M* buf, const Positions& pos, const SgdHyper<M> h
                    M grad_scale, bool consume) {
   if (!pos.indices) {  // dense or dense-mask: stream over every element
     return [=](int64_t begin, int64_t end) {
-      if constexpr (kCloned<T, G>)
-        sgd_stream_cloned(p, g, buf, pos.mask, consume, begin, end, h, first, grad_scale);
-      else
-        sgd_stream_any<T, G, M>(p, g, buf, pos.mask, consume, begin, end, h, first,
-                                grad_scale);
+      sgd_stream_isa<T, G, M>(p, g, buf, pos.mask, false, 0, consume, begin, end, h, first,
+                              grad_scale);
     };
   }
   return [=](int64_t begin, int64_t end) {
