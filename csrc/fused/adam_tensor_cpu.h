@@ -106,28 +106,6 @@ struct AdamTensor {
     return band_keys(key_from == KeyFrom::Param ? p + b : g + b, len, lo_gt, hi_gt, out);
   }
 
-  // The position just past the `some`-th key equal to tie in [b, e), which holds at
-  // least that many (fp32 and 16-bit types): the ties counted a chunk at a time by the
-  // counting pass's scan (band_keys), then found key by key in the chunk holding it.
-  int64_t past_ties(int64_t b, int64_t e, uint32_t tie, int64_t some) const {
-    constexpr int64_t kChunk = 4096;
-    const int32_t lo_gt = order_greater_than<false>(tie);
-    const int32_t hi_gt = order_greater_than<false>(uint64_t(tie) + 1);
-    uint32_t keys[kChunk + 8];
-    for (; b < e; b += kChunk) {
-      const int64_t len = std::min(kChunk, e - b);
-      uint32_t* end = keys;
-      count_band(b, len, lo_gt, hi_gt, end);
-      if (end - keys < some) {
-        some -= end - keys;
-        continue;
-      }
-      for (int64_t j = b;; ++j)
-        if (key(j) == tie && --some == 0) return j + 1;
-    }
-    return e;
-  }
-
   // The p, gradient, m and v lines of the tile at s requested (to L2, as
   // update_cpu.cpp does).
   void fetch(int64_t s) const {

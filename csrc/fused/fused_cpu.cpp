@@ -56,6 +56,7 @@
 #include "fused/random_stream_cpu.h"
 #include "fused/fused_cpu.h"
 #include "fused/scans_cpu.h"
+#include "fused/threshold_stream_cpu.h"
 #include "update/update_checks.h"
 
 namespace incrkern {
@@ -81,25 +82,6 @@ constexpr int64_t kTileKeysShare = 4;
 // The fraction of tiles holding a key >= L under which the listing pass branches per
 // tile (fused/scans_cpu.h, list_tiles: few_hits).
 constexpr double kFewHits = 0.03;
-// From these densities on, a tensor is updated by the threshold stream (run_stream):
-// the chosen elements' lines are then most of the tensor's, and a stream over every
-// element costs less than visiting them. A tensor of up to one block streams on one
-// thread after a smaller sample, and pays off from a higher density
-// (docs/design.md, "The threshold stream").
-// INCRKERN_STREAM_DENSITY replaces both, for bench/crossover_fused.py to measure the
-// crossover (2 turns the stream off).
-constexpr double kStreamDensitySmall = 0.04;
-constexpr double kStreamDensityLarge = 0.025;
-bool stream_pays(int64_t n, int64_t k) {
-  static const double forced = [] {
-    const char* env = std::getenv("INCRKERN_STREAM_DENSITY");
-    return env ? std::atof(env) : -1.0;
-  }();
-  const double d = forced >= 0 ? forced
-                               : n <= kBlock ? kStreamDensitySmall : kStreamDensityLarge;
-  return double(k) >= d * double(n);
-}
-
 // The positions' update by the adam_update_ op (prefetching, spread over threads):
 // for a large tensor's chosen candidates and its fallback. With a residual it reads
 // the residual (already r + g) as the gradient and zeroes what it read.
@@ -143,28 +125,6 @@ int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k,
   const at::Tensor pos = select_positions(src, k, c.approx);
   update_positions(c, i, pos);
   return pos.numel();
-}
-
-// INCRKERN_FUSED_FALLBACK (for the tests) forces the fallback "before" the listing
-// pass or "after" it, as a band the counts refute.
-bool forced_fallback(const char* when) {
-  const char* env = std::getenv("INCRKERN_FUSED_FALLBACK");
-  return env && std::strcmp(env, when) == 0;
-}
-
-// Whether a pass's counts (keys above the band, keys in it) prove the k-th to lie in
-// the band: exact mode needs #above <= k <= #above + #band; approx accepts a count
-// within its tolerance of k. A band forced "after" to miss never holds.
-bool band_holds(int64_t above, int64_t in_band, int64_t k, bool approx) {
-  const int64_t tol = approx ? Selector<uint32_t>::tolerance(k) : 0;
-  return above <= k + tol && above + in_band >= k - tol && !forced_fallback("after");
-}
-
-// A counting pass's keys above the band and in it (those at its low edge included).
-std::pair<int64_t, int64_t> band_counts(const std::vector<BandBlock>& out) {
-  int64_t above = 0, in_band = 0;
-  for (const BandBlock& o : out) above += o.above, in_band += int64_t(o.keys.size()) + o.at_lo;
-  return {above, in_band};
 }
 
 // The listing pass over a large tensor, per block: the winners (key > hi) and the
@@ -260,74 +220,15 @@ std::span<BlockOut> list_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, ui
   return out;
 }
 
-// The counting pass over [0, n), per block (BandBlock): keys > hi counted, lo <= key
-// <= hi kept in position order (their positions are not needed: the update finds its
-// elements by comparing keys again). A band from 0 keeps its keys above 0 and counts
-// the zeros (at_lo): a Fisher or a gradient of mostly zeros near its k-th would keep
-// nearly every key. With a residual not yet `added`, each chunk's keys are u = r + g,
-// written to r first.
-template <typename T>
-std::vector<BandBlock> count_pass(const AdamTensor<T>& t, int64_t n, uint32_t lo, uint32_t hi,
-                                  bool added) {
-  const bool zeros_counted = lo == 0;
-  const int32_t lo_gt = order_greater_than<false>(zeros_counted ? 1 : lo);
-  const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
-  const int64_t nblocks = (n + kBlock - 1) / kBlock;
-  std::vector<BandBlock> out(static_cast<size_t>(nblocks));
-  parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    constexpr int64_t kChunk = kChunkTiles * kTile;
-    uint32_t keys[kChunk + 8];
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      BandBlock& o = out[bi];
-      const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
-      for (int64_t e = begin; e < end; e += kChunk) {
-        const int64_t len = std::min(kChunk, end - e);
-        if (t.r && !added) t.add_residual(e, e + len);
-        uint32_t* k = keys;
-        const int64_t above = t.count_band(e, len, lo_gt, hi_gt, k);
-        o.above += above;
-        if (zeros_counted) o.at_lo += len - above - (k - keys);
-        o.keys.insert(o.keys.end(), keys, k);
-      }
-    }
-  });
-  return out;
-}
-
-// The threshold stream, for densities where the chosen elements' lines are most of
-// the tensor's: one counting pass over the keys in a band [lo, hi] around the k-th,
-// the k-th found among the band's keys, then the masked streaming loop over every
-// element, each block's chosen ones marked by comparing their keys with the k-th
-// (its ties taken lowest positions first). Nothing is updated before the counts
-// show the k-th to lie in the band; a band that misses falls back to select and
-// update. Returns the count updated.
+// The threshold stream (fused/threshold_stream_cpu.h), for densities where the chosen
+// elements' lines are most of the tensor's; a band the counts refute falls back to
+// select and update. Returns the count updated.
 template <typename T>
 int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added,
                    uint32_t lo, uint32_t hi, bool approx) {
-  const int64_t n = c.res[i].numel;
-  std::vector<BandBlock> out = count_pass(t, n, lo, hi, added);
-  const auto [w, cnt] = band_counts(out);
-  if (!band_holds(w, cnt, k, approx)) return run_fallback(c, i, t, k, true);
-  // approx may take every key above the band (k < w) or every key in it (k > w + cnt)
-  const int64_t chosen = std::clamp(k, w, w + cnt);
-  const auto [at_least, tie] = choose_in_band(out, k - w, lo, hi);
-  parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const BandBlock& o = out[bi];
-      const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
-      // The loop compares each key it reads with a threshold: tie in a block taking all
-      // its ties; in the one taking some, tie up to just past the last it takes and
-      // at_least from there.
-      if (o.ties == 0 || o.ties == o.equal) {
-        t.stream_at_least(begin, end, o.ties > 0 ? tie : at_least);
-        continue;
-      }
-      const int64_t split = t.past_ties(begin, end, tie, o.ties);
-      t.stream_at_least(begin, split, tie);
-      t.stream_at_least(split, end, at_least);
-    }
-  });
-  return chosen;
+  if (const auto chosen = stream_update(t, c.res[i].numel, k, added, lo, hi, approx))
+    return *chosen;
+  return run_fallback(c, i, t, k, true);
 }
 
 // The chosen positions q[0..n) updated, their lines requested ahead. Returns n.
