@@ -87,6 +87,16 @@ TORCH_LIBRARY(incrkern, m) {
       "Tensor? lr_tensor=None, bool increment_steps=False, Tensor? amp_scale=None, "
       "Tensor? found_inf=None, str score=\"grad\", Tensor[]? scores=None, int seed=0) -> Tensor");
 
+  // SGD's fused select-and-update (CPU): per tensor, the ks[i] largest |grads[i]|
+  //  updated as sgd_update_ updates them, every other element and its buffer left as
+  //  they are: select(score="grad") then sgd_update_ at its positions. Returns the
+  //  number updated per tensor (ks[i], or with approx a count near it).
+  m.def(
+      "sgd_select_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
+      "int[] ks, bool[] first_step, bool approx, float lr, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool maximize, float grad_scale=1.0, "
+      "Tensor? lr_tensor=None, Tensor? amp_scale=None, Tensor? found_inf=None) -> Tensor");
+
   // accumulate family: acc += alpha * g; sq = sq_decay * sq + sq_alpha * g * g.
   // Either list of accumulators may be empty; accumulators are fp32 (fp64 for fp64 grads).
   m.def(
@@ -137,7 +147,7 @@ void bump_written_after(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(incrkern, ADInplaceOrView, m) {
-  for (const char* name : {"adam_update_", "sgd_update_", "adam_select_update_", "accumulate_",
-                           "select_mask_"})
+  for (const char* name : {"adam_update_", "sgd_update_", "adam_select_update_",
+                           "sgd_select_update_", "accumulate_", "select_mask_"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_after>());
 }

@@ -230,6 +230,20 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
               increment_steps=bool(increment_steps), amp_scale=amp_scale, found_inf=found_inf)
 
 
+def _check_sgd(params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum,
+               dampening, weight_decay, grad_scale):
+    """SGD's numbers, and its buffers and first-step flags counted against the params."""
+    _check_lr(lr, lr_tensor, params)
+    _check_number("momentum", momentum, 0.0)
+    _check_number("dampening", dampening)
+    _check_number("weight_decay", weight_decay, 0.0)
+    _check_number("grad_scale", grad_scale)
+    if momentum != 0 and len(momentum_buffers) != len(params):
+        raise ValueError("momentum != 0 needs one momentum buffer per param")
+    if first_step is not None and len(first_step) != len(params):
+        raise ValueError(f"first_step has {len(first_step)} entries, expected {len(params)}")
+
+
 def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0,
                 weight_decay=0.0, nesterov=False, maximize=False, first_step=None,
                 indices=None, masks=None, grad_scale=1.0, consume_grad=False,
@@ -248,16 +262,8 @@ def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=
         momentum_buffers = _as_list("momentum_buffers", momentum_buffers, allow_none=True)
         indices = _as_list("indices", indices, allow_none=True)
         masks = _as_list("masks", masks, allow_none=True)
-        _check_lr(lr, lr_tensor, params)
-        _check_number("momentum", momentum, 0.0)
-        _check_number("dampening", dampening)
-        _check_number("weight_decay", weight_decay, 0.0)
-        _check_number("grad_scale", grad_scale)
-        if momentum != 0 and len(momentum_buffers) != len(params):
-            raise ValueError("momentum != 0 needs one momentum buffer per param")
-        if first_step is not None and len(first_step) != len(params):
-            raise ValueError(f"first_step has {len(first_step)} entries, expected "
-                             f"{len(params)}")
+        _check_sgd(params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum,
+                   dampening, weight_decay, grad_scale)
         _check_update(params, grads, momentum_buffers, None, [], indices, masks, [],
                       compact_state, "momentum_buffers")
         _check_amp(amp_scale, found_inf, params)
@@ -691,7 +697,64 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
     return counts
 
 
+def sgd_select_update_(params, grads, momentum_buffers, ks, *, lr, momentum=0.0,
+                       dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                       first_step=None, approx=False, grad_scale=1.0, lr_tensor=None,
+                       amp_scale=None, found_inf=None, validate=True):
+    """SGD's select-and-update in one call: per param, the ks[i] elements of largest
+    |grads[i]| get sgd_update_'s update (its arguments, `first_step` included), every
+    other element and its momentum buffer stay bit-identical. The same result as
+    ``select(grads, ks, score="grad")`` then ``sgd_update_(..., indices=...)``: exact
+    mode takes the k largest, ties to the lowest index; approx=True is
+    adam_select_update_'s (on tensors beyond 2^18 elements a count near k, every
+    updated |g| at least a lower bound of the k-th). Grads have the param's dtype.
+    Returns an int64 tensor: the count updated per param (on the CPU).
+
+    On the CPU one kernel (csrc/fused/sgd_fused_cpu.cpp): from the threshold stream's
+    densities on, a counting pass over |g| and then SGD's loop, which compares each
+    |g| with the k-th as it reads it; select's positions below them. Elsewhere the
+    wrapper composes ``select`` and ``sgd_update_``.
+    """
+    if validate:
+        params = _as_list("params", params)
+        grads = _as_list("grads", grads)
+        momentum_buffers = _as_list("momentum_buffers", momentum_buffers, allow_none=True)
+        _check_sgd(params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum,
+                   dampening, weight_decay, grad_scale)
+        _check_update(params, grads, momentum_buffers, None, [], [], [], [], False,
+                      "momentum_buffers")
+        if not isinstance(ks, (list, tuple)) or len(ks) != len(params):
+            raise ValueError(f"ks must be a list of {len(params)} ints")
+        ks = [_check_k_int(f"ks[{i}]", k, p.numel()) for i, (k, p) in enumerate(zip(ks, params))]
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g.dtype != p.dtype:
+                raise TypeError(f"grads[{i}] has dtype {g.dtype}, expected the param's {p.dtype}")
+        _check_amp(amp_scale, found_inf, params)
+    if not params:
+        return torch.zeros(0, dtype=torch.int64)
+    first_step = [False] * len(params) if first_step is None else [bool(f) for f in first_step]
+    hyper = dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening),
+                 weight_decay=float(weight_decay), nesterov=bool(nesterov),
+                 maximize=bool(maximize), grad_scale=float(grad_scale), lr_tensor=lr_tensor,
+                 amp_scale=amp_scale, found_inf=found_inf)
+    ks = [int(k) for k in ks]
+    if _has_kernel("sgd_select_update_", params[0].device):
+        return torch.ops.incrkern.sgd_select_update_(
+            params, grads, list(momentum_buffers or []), ks, first_step, bool(approx), **hyper)
+    indices = select(grads, ks, score="grad", approx=approx, validate=False)
+    sgd_update_(params, grads, momentum_buffers, indices=indices, first_step=first_step,
+                validate=False, **hyper)
+    counts = torch.tensor([int(i.numel()) for i in indices], dtype=torch.int64)
+    if found_inf is not None:  # on found_inf's device: nothing is read back
+        counts = counts.to(found_inf.device) * (found_inf == 0)
+    return counts
+
+
 if EXTENSION_LOADED:
+
+    @torch.library.register_fake("incrkern::sgd_select_update_")
+    def _sgd_select_update_fake(params, *args, **kwargs):
+        return torch.empty(len(params), dtype=torch.int64)
 
     @torch.library.register_fake("incrkern::adam_select_update_")
     def _adam_select_update_fake(params, *args, **kwargs):

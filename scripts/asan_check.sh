@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$PWD/.venv/bin/python}  # not resolved: the venv's link leads out of it
 CXX=${CXX:-c++}
 TESTS=${ASAN_CHECK_TESTS:-tests/test_fused.py tests/test_fused_weight.py tests/test_fused_keyed.py
+  tests/test_fused_sgd.py
   tests/test_select.py
   tests/test_select_mask.py tests/test_update.py tests/test_accumulate.py
   tests/test_one_rounding.py tests/test_fast_step.py
