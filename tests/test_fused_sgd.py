@@ -4,11 +4,13 @@ params and momentum buffers to fp32 rounding, everything unchosen bit-identical,
 grads only read) and bit for bit against ops.select then ops.sgd_update_ (the op's
 contract): the threshold stream (a k-th among zeros included), select's positions
 below it and the fallback, every SGD option, mixed precision, bad input refused before
-anything is written."""
+anything is written; and the optimizer's SGD step through it against the composed
+route it replaces."""
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from incrkern import EXTENSION_LOADED, ops, reference
 from test_fused import (BLOCK, SMALL, TILE_MAX, assert_close_nan, clone, grads_of, ks_for,
@@ -291,3 +293,54 @@ def test_cuda_composes_select_and_update():
     for key in ("params", "bufs"):
         for cpu, gpu in zip(x[key], on_gpu[key]):
             torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------
+# the optimizer
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.003, 0.03, 0.1, 0.5, 0.95])
+@pytest.mark.parametrize("options", [dict(momentum=0.9, nesterov=True, weight_decay=0.1),
+                                     dict(momentum=0.0, maximize=True),
+                                     dict(momentum=0.5, dampening=0.2, topk="approx")])
+def test_optimizer_route_matches_the_composed_one(dtype, density, options, monkeypatch):
+    """An SGD step with select="grad" on the CPU takes ops.sgd_select_update_; the
+    same steps with select then sgd_update_ (by positions, or by select_mask's masks
+    from MASK_DENSITY on: FUSED_SGD_DENSITY 2) leave the same params and buffers, bit
+    for bit, on tensors past one block (one an embedding's gradient of hot rows) and
+    small ones, from the buffers' first step on."""
+    from incrkern.optim import base
+    import incrkern
+    torch.manual_seed(0)
+    shapes = [(700, 1001), (3000, 128), (300, 257), (17,), (2, 3)]
+    start = [torch.randn(s).to(dtype) for s in shapes]
+    grads = []
+    for i in range(3):
+        gs = [(torch.randn(s) * (i + 1)).to(dtype) for s in shapes]
+        gs[1] = torch.zeros(shapes[1], dtype=dtype)
+        gs[1][torch.randperm(3000)[:40]] = torch.randn(40, 128).to(dtype)
+        grads.append(gs)
+    calls, results = [], []
+    for name in ("sgd_select_update_", "sgd_update_"):
+        monkeypatch.setattr(ops, name, lambda *a, _name=name, _real=getattr(ops, name), **k:
+                            calls.append(_name) or _real(*a, **k))
+    for fused in (True, False):
+        calls.clear()
+        monkeypatch.setattr(base, "FUSED_SGD_DENSITY", 0.0 if fused else 2.0)
+        params = [nn.Parameter(p.clone()) for p in start]
+        opt = incrkern.optim.SGD(params, lr=0.01, density=density, **options)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        assert calls == ["sgd_select_update_" if fused else "sgd_update_"] * 3
+        results.append((params, opt))
+    (p0, o0), (p1, o1) = results
+    for a, b in zip(p0, p1):
+        assert same(a.detach(), b.detach())
+        s0, s1 = o0.state[a], o1.state[b]
+        assert set(s0) == set(s1)
+        if "momentum_buffer" in s0:
+            assert same(s0["momentum_buffer"], s1["momentum_buffer"])

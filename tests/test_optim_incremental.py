@@ -453,7 +453,8 @@ def test_fused_path_agrees_with_positions(monkeypatch, name, options):
     expected_ops = {False: {"adam_update_"}, True: {"adam_select_update_"},
                     "split": {"adam_update_", "adam_select_update_"}}
     for fused in (False, True, "split"):
-        monkeypatch.setattr(base, "use_fused", lambda density, numel, select="grad", _f=fused:
+        monkeypatch.setattr(base, "use_fused",
+                            lambda density, numel, select="grad", rule="adam", _f=fused:
                             numel < 2 ** 18 if _f == "split" else _f)
         used.clear()
         gen = torch.Generator().manual_seed(0)
@@ -547,6 +548,7 @@ def test_mask_route_matches_positions(name, select, density, monkeypatch):
     monkeypatch.setattr(base, "FUSED_WEIGHT_DENSITY", 2.0)  # |w|: not the fused kernel
     monkeypatch.setattr(base, "FUSED_GRAD_SQ_DENSITY", 2.0)  # nor the Fisher
     monkeypatch.setattr(base, "FUSED_RANDOM_DENSITY", 2.0)  # nor the hash
+    monkeypatch.setattr(base, "FUSED_SGD_DENSITY", 2.0)  # nor SGD's
     torch.manual_seed(0)
     shapes = [(300, 257), (70001,), (17,), (2, 3)]
     start = [torch.randn(s) for s in shapes]

@@ -59,6 +59,10 @@ FUSED_GRAD_SQ_DENSITY = 0.0
 # select="random" on the CPU: from this density on the fused call, its keys hashed
 # from the indices (one seed drawn per call, as select draws it); 2.0 as above.
 FUSED_RANDOM_DENSITY = 0.0
+# SGD (select="grad") on the CPU: from this density on ops.sgd_select_update_ (the
+# threshold stream from its densities on, select's positions below them) instead of
+# select then sgd_update_ (docs/measurements-selects.md); 2.0 as above.
+FUSED_SGD_DENSITY = 0.0
 
 
 def fused_options(group):
@@ -99,9 +103,11 @@ def fused_score(select):
     return select if select in _KEYED_DENSITY else "grad"
 
 
-def use_fused(density, numel, select="grad"):
+def use_fused(density, numel, select="grad", rule="adam"):
     """Whether a tensor of `numel` elements stepped at `density` with this `select`
-    takes the fused kernel."""
+    takes the fused kernel of its optimizer's `rule` ("adam" or "sgd")."""
+    if rule == "sgd":
+        return density >= FUSED_SGD_DENSITY
     if select in _KEYED_DENSITY:
         return density >= globals()[_KEYED_DENSITY[select]]
     return (numel <= FUSED_SMALL_NUMEL or select == "accumulated"
@@ -145,6 +151,7 @@ class IncrementalOptimizer(Optimizer):
     """
 
     _counts_steps = False  # a subclass keeping a `step` tensor per param sets it
+    _fused_rule = "adam"  # whose fused kernel _select_update calls (use_fused's rule)
     # scope="global" groups select through this callable(group, params, tensors,
     # score, weights) -> indices when set: incrkern.distributed.ShardedOptimizer's
     # selection agreed across ranks, on local shards.
@@ -695,7 +702,8 @@ class IncrementalOptimizer(Optimizer):
             density = float(group["density"])
             # On a GPU the fused call wins at every size: it saves the composed path's
             # count, scan and compaction passes and its indexed update's launches.
-            take = [device.type == "cuda" or use_fused(density, p.numel(), group["select"])
+            take = [device.type == "cuda"
+                    or use_fused(density, p.numel(), group["select"], self._fused_rule)
                     for p in ps]
             fused = (device, [p for p, t in zip(ps, take) if t],
                      [g for g, t in zip(grads, take) if t])

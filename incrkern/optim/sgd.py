@@ -16,6 +16,8 @@ class SGD(IncrementalOptimizer):
     Compression's local velocity and momentum factor masking.
     """
 
+    _fused_rule = "sgd"
+
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, momentum_correction=False, master_weights=False, **incremental):
@@ -67,9 +69,9 @@ class SGD(IncrementalOptimizer):
                     weight_decay=float(group["weight_decay"]),
                     nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
 
-    def _apply(self, group, work, device, *, grads=None, indices=None, masks=None,
-               ages=None, grad_scale=1.0, consume_grad=False, compact_state=False,
-               unscale=True):
+    def _buffers(self, group, work, indices=None, compact_state=False):
+        """(momentum buffers, first-step flags) of the work's params: a buffer is made
+        (zeros) at its param's first step, which the update then marks."""
         buffers, first = [], []
         if self._momentum(group) != 0:
             for i, (p, state) in enumerate(zip(work.params, work.states)):
@@ -83,6 +85,27 @@ class SGD(IncrementalOptimizer):
                 first.append(new)
         else:
             first = [False] * len(work.params)
+        return buffers, first
+
+    def _fused_eligible(self, group, by_device):
+        """SGD's fused kernel: the CPU's, |grad| per tensor (it takes no residual: no
+        error feedback, no accumulate_steps), and the base class's conditions."""
+        return (super()._fused_eligible(group, by_device) and by_device[0][0].type == "cpu"
+                and group["select"] == "grad" and group["accumulate_steps"] == 1)
+
+    def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0,
+                       scores=None):
+        buffers, first = self._buffers(group, work)
+        lr, lr_tensor = self._lr_args(group, device)
+        ops.sgd_select_update_(work.contiguous_params, work.grads, buffers, ks, lr=lr,
+                               lr_tensor=lr_tensor, first_step=first, approx=approx,
+                               grad_scale=grad_scale, validate=False,
+                               **self._amp_kwargs(device), **self._hyper(group))
+
+    def _apply(self, group, work, device, *, grads=None, indices=None, masks=None,
+               ages=None, grad_scale=1.0, consume_grad=False, compact_state=False,
+               unscale=True):
+        buffers, first = self._buffers(group, work, indices, compact_state)
         lr, lr_tensor = self._lr_args(group, device)
         ops.sgd_update_(work.contiguous_params, work.grads if grads is None else grads,
                         buffers, lr=lr, lr_tensor=lr_tensor, first_step=first,
