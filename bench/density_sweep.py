@@ -6,10 +6,13 @@ slow path at some density shows here as a ratio well under 1.
 
     python bench/density_sweep.py [--densities 0.1,0.5,0.9,0.99] [--select grad]
         [--topk exact] [--cases minilm,char,many,list] [--threads N] [--numel N]
-        [--composed]
+        [--composed] [--optimizer sgd]
+
+--optimizer sgd: incrkern.optim.SGD with momentum 0.9 against torch.optim.SGD(momentum=0.9,
+fused=True) instead.
 
 --composed (a select whose CPU step the fused call took over: "weight", "grad_sq",
-"random") also times the step the way it went before, select then update (its
+"random", or SGD) also times the step the way it went before, select then update (its
 density constant in incrkern.optim.base set to 2 during those steps), the three taking
 turns.
 """
@@ -24,6 +27,16 @@ from incrkern.optim import base
 CASES = {"minilm": "pretrained MiniLM-L6", "char": "char transformer from scratch",
          "one": "random one tensor", "many": "random many tensors",
          "list": "random transformer list"}
+
+
+# The dense torch step and incrkern's, each given params (and incrkern's options).
+OPTIMIZERS = {
+    "adamw": (lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True),
+              lambda params, **options: incrkern.optim.AdamW(params, lr=1e-3, **options)),
+    "sgd": (lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True),
+            lambda params, **options: incrkern.optim.SGD(params, lr=1e-3, momentum=0.9,
+                                                         **options)),
+}
 
 
 def step_of(opt, constant=None, value=None):
@@ -59,17 +72,21 @@ def main():
                         help="each case's elements (default: from the last-level cache)")
     parser.add_argument("--composed", action="store_true",
                         help="also time the select-then-update step the fused call replaced")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     args = parser.parse_args()
-    constant = base._KEYED_DENSITY.get(args.select) if args.composed else None
+    fused_constants = dict(base._KEYED_DENSITY, sgd="FUSED_SGD_DENSITY")
+    kind = "sgd" if args.optimizer == "sgd" else args.select
+    constant = fused_constants.get(kind) if args.composed else None
     if args.composed and constant is None:
-        parser.error(f"--composed needs a select among {', '.join(base._KEYED_DENSITY)}")
+        parser.error(f"--composed needs --optimizer sgd or a select among "
+                     f"{', '.join(base._KEYED_DENSITY)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = sparse.SPARSE_SIZES["quick"]
     target = int(args.numel or sparse.working_set_numel(sparse.llc_bytes(torch.device("cpu"))[0]))
     wanted = {CASES[name] for name in args.cases.split(",")}
-    print(f"{common.cpu_model()}, "
-          f"{torch.get_num_threads()} threads; select={args.select}, topk={args.topk}; "
+    print(f"{common.cpu_model()}, {torch.get_num_threads()} threads; {args.optimizer}, "
+          f"select={args.select}, topk={args.topk}; "
           f"medians of steps taking turns with torch's, ms")
     for name, build in sparse.build_cases(sizes, target):
         if name not in wanted:
@@ -78,13 +95,14 @@ def main():
         if case.reason:
             print(f"{name}: {case.reason}")
             continue
-        dense = torch.optim.AdamW(params_with_grads(case), lr=1e-3, fused=True)
+        dense = OPTIMIZERS[args.optimizer][0](params_with_grads(case))
+        ours_of = OPTIMIZERS[args.optimizer][1]
         for density in map(float, args.densities.split(",")):
-            opt = incrkern.optim.AdamW(params_with_grads(case), lr=1e-3, density=density,
-                                       select=args.select, topk=args.topk)
+            opt = ours_of(params_with_grads(case), density=density, select=args.select,
+                          topk=args.topk)
             if constant:
-                old = incrkern.optim.AdamW(params_with_grads(case), lr=1e-3, density=density,
-                                           select=args.select, topk=args.topk)
+                old = ours_of(params_with_grads(case), density=density, select=args.select,
+                              topk=args.topk)
                 ours, composed, torchs = common.measure_turns(
                     [step_of(opt), step_of(old, constant, 2.0), step_of(dense)], warmup=2,
                     repeats=9)
