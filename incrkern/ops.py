@@ -582,6 +582,18 @@ def _has_kernel(name, device):
         f"incrkern::{name}", "CPU" if device.type == "cpu" else "CUDA")
 
 
+def _checked_ks(ks, params, grads):
+    """A fused op's ks (one int per param, in [0, numel]) as ints, and its grads checked
+    to have their params' dtypes."""
+    if not isinstance(ks, (list, tuple)) or len(ks) != len(params):
+        raise ValueError(f"ks must be a list of {len(params)} ints")
+    ks = [_check_k_int(f"ks[{i}]", k, p.numel()) for i, (k, p) in enumerate(zip(ks, params))]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.dtype != p.dtype:
+            raise TypeError(f"grads[{i}] has dtype {g.dtype}, expected the param's {p.dtype}")
+    return ks
+
+
 def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residuals=None, *,
                         approx=False, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                         decoupled_weight_decay=False, maximize=False, grad_scale=1.0,
@@ -637,12 +649,7 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
         _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
         _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, [], [], [], False,
                       "exp_avgs")
-        if not isinstance(ks, (list, tuple)) or len(ks) != len(params):
-            raise ValueError(f"ks must be a list of {len(params)} ints")
-        ks = [_check_k_int(f"ks[{i}]", k, p.numel()) for i, (k, p) in enumerate(zip(ks, params))]
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if g.dtype != p.dtype:
-                raise TypeError(f"grads[{i}] has dtype {g.dtype}, expected the param's {p.dtype}")
+        ks = _checked_ks(ks, params, grads)
         _check_length("residuals", residuals, len(params), may_be_empty=True)
         for i, r in enumerate(residuals):
             _check_tensor(f"residuals[{i}]", r, device=params[i].device,
@@ -723,12 +730,7 @@ def sgd_select_update_(params, grads, momentum_buffers, ks, *, lr, momentum=0.0,
                    dampening, weight_decay, grad_scale)
         _check_update(params, grads, momentum_buffers, None, [], [], [], [], False,
                       "momentum_buffers")
-        if not isinstance(ks, (list, tuple)) or len(ks) != len(params):
-            raise ValueError(f"ks must be a list of {len(params)} ints")
-        ks = [_check_k_int(f"ks[{i}]", k, p.numel()) for i, (k, p) in enumerate(zip(ks, params))]
-        for i, (p, g) in enumerate(zip(params, grads)):
-            if g.dtype != p.dtype:
-                raise TypeError(f"grads[{i}] has dtype {g.dtype}, expected the param's {p.dtype}")
+        ks = _checked_ks(ks, params, grads)
         _check_amp(amp_scale, found_inf, params)
     if not params:
         return torch.zeros(0, dtype=torch.int64)

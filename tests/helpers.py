@@ -158,3 +158,19 @@ def results_in_children(code, settings, tmp_dir):
                        timeout=300)
         results.append(torch.load(path))
     return results
+
+
+def hot_rows_steps(dtype, steps=3):
+    """A model's start and `steps` steps of grads for the fused routes' tests: tensors
+    past one block and small ones, one an embedding's gradient of 40 hot rows (its
+    k-th among zeros at the higher densities), the grads growing step by step."""
+    torch.manual_seed(0)
+    shapes = [(700, 1001), (3000, 128), (300, 257), (17,), (2, 3)]
+    start = [torch.randn(s).to(dtype) for s in shapes]
+    grads = []
+    for i in range(steps):
+        gs = [(torch.randn(s) * (i + 1)).to(dtype) for s in shapes]
+        gs[1] = torch.zeros(shapes[1], dtype=dtype)
+        gs[1][torch.randperm(3000)[:40]] = torch.randn(40, 128).to(dtype)
+        grads.append(gs)
+    return start, grads

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import hot_rows_steps
 from incrkern import EXTENSION_LOADED, ops, reference
 from test_fused import (BLOCK, SMALL, TILE_MAX, assert_close_nan, clone, grads_of, ks_for,
                         ks_of, same)
@@ -313,15 +314,7 @@ def test_optimizer_route_matches_the_composed_one(dtype, density, options, monke
     small ones, from the buffers' first step on."""
     from incrkern.optim import base
     import incrkern
-    torch.manual_seed(0)
-    shapes = [(700, 1001), (3000, 128), (300, 257), (17,), (2, 3)]
-    start = [torch.randn(s).to(dtype) for s in shapes]
-    grads = []
-    for i in range(3):
-        gs = [(torch.randn(s) * (i + 1)).to(dtype) for s in shapes]
-        gs[1] = torch.zeros(shapes[1], dtype=dtype)
-        gs[1][torch.randperm(3000)[:40]] = torch.randn(40, 128).to(dtype)
-        grads.append(gs)
+    start, grads = hot_rows_steps(dtype)
     calls, results = [], []
     for name in ("sgd_select_update_", "sgd_update_"):
         monkeypatch.setattr(ops, name, lambda *a, _name=name, _real=getattr(ops, name), **k:

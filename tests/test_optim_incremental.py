@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import incrkern
-from helpers import cpu_zero_probe
+from helpers import cpu_zero_probe, hot_rows_steps
 from reference_optim import ReferenceOptimizer
 
 KINDS = {
@@ -587,15 +587,7 @@ def test_keyed_fused_route_matches_masks(select, dtype, density, monkeypatch):
     param's |p| between steps."""
     from incrkern import ops
     from incrkern.optim import base
-    torch.manual_seed(0)
-    shapes = [(700, 1001), (3000, 128), (300, 257), (17,), (2, 3)]
-    start = [torch.randn(s).to(dtype) for s in shapes]
-    grads = []
-    for i in range(3):
-        gs = [(torch.randn(s) * (i + 1)).to(dtype) for s in shapes]
-        gs[1] = torch.zeros(shapes[1], dtype=dtype)
-        gs[1][torch.randperm(3000)[:40]] = torch.randn(40, 128).to(dtype)
-        grads.append(gs)
+    start, grads = hot_rows_steps(dtype)
     opts, calls = [], []
     for name in ("adam_select_update_", "select", "select_mask"):  # the routes' ops
         monkeypatch.setattr(ops, name, lambda *a, _name=name, _real=getattr(ops, name), **k:
