@@ -47,7 +47,8 @@ void update_at(const SgdTensor<T>& t, const int64_t* q, int64_t n) {
 }
 
 // One tensor of n elements, k of them chosen by |g| (src). `whole`: over every thread
-// (a large tensor), else on the calling one (exact, as select is on such a tensor).
+// (a large tensor), else on the calling one, whose stream is exact in either mode (as
+// the Adam kernel's one-thread tensors' are).
 template <typename T>
 int64_t run_tensor(const SgdTensor<T>& t, const Source& src, int64_t k, bool approx,
                    bool whole) {
