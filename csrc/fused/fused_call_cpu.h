@@ -114,7 +114,7 @@ void with_param_type(at::ScalarType d, Fn&& fn) {
     case at::kBFloat16: return fn(c10::BFloat16{});
     case at::kHalf: return fn(c10::Half{});
     case at::kDouble: return fn(double{});
-    default: TORCH_CHECK(false, "incrkern.adam_select_update_: unsupported dtype ", d);
+    default: TORCH_CHECK(false, "incrkern: a fused select-and-update has no kernel for ", d);
   }
 }
 

@@ -66,7 +66,6 @@ using namespace incrkern::select;
 using namespace incrkern::fused;
 
 constexpr int64_t kChunkTiles = 256;  // tiles per scan of the listing pass (4K elements)
-constexpr int64_t kDenseGrain = 1 << 15;
 constexpr int64_t kResolveGrain = 512;  // params per thread's run when reading their addresses
 constexpr int64_t kSmallGrain = 8;  // small tensors per claim
 // What a one-thread tensor's element costs, in reads of a key: a read, a selection
@@ -101,11 +100,6 @@ void update_positions(const Call& c, size_t i, const at::Tensor& pos) {
           c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, c.decoupled_weight_decay, c.maximize,
           c.grad_scale, ef, false, std::nullopt, false,
           ef ? std::optional<at::Tensor>() : c.amp_scale, std::nullopt);
-}
-
-at::Tensor select_positions(const Source& s, int64_t k, bool approx) {
-  if (s.dtype == at::kDouble) return Selector<uint64_t>({s}, k, approx).run()[0];
-  return Selector<uint32_t>({s}, k, approx).run()[0];
 }
 
 // A large tensor whose band missed: select, then the positional update. A residual
@@ -229,13 +223,6 @@ int64_t run_stream(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, b
   if (const auto chosen = stream_update(t, c.res[i].numel, k, added, lo, hi, approx))
     return *chosen;
   return run_fallback(c, i, t, k, true);
-}
-
-// The chosen positions q[0..n) updated, their lines requested ahead. Returns n.
-template <typename T>
-int64_t update_at(const AdamTensor<T>& t, const int64_t* q, int64_t n) {
-  prefetched(0, n, [&](int64_t j) { t.one(q[j]); }, [&](int64_t j) { t.fetch(q[j]); });
-  return n;
 }
 
 // A block's chosen candidates q[0..n) updated after its winner tiles, their lines
@@ -495,8 +482,7 @@ int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bo
   const int64_t n = c.res[i].numel;
   if (k == 0) return 0;
   if (k == n) {
-    if (!whole) t.dense(0, n);
-    else parallel_for_claimed(0, n, kDenseGrain, [&](int64_t b, int64_t e) { t.dense(b, e); });
+    update_every(t, n, whole);
     return n;
   }
   if constexpr (!std::is_same_v<T, double>) {
@@ -506,10 +492,7 @@ int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bo
                                               double(k) >= kKeyedStreamDensity * double(n));
     if (stream || c.key_from == KeyFrom::Random) {
       Selector<uint32_t> sel({source_of(c, i)}, k, c.approx);
-      auto band = whole ? sel.sample_band() : sel.stream_band();
-      // Refused as too wide: with its k-th among zeros the stream counts them instead.
-      if (!band)
-        if (const auto wide = sel.band(); wide.first == 0) band = wide;
+      const auto band = stream_band(sel, whole);
       if (band && c.key_from == KeyFrom::Random && !forced_fallback("before"))
         return run_random(c, i, t, k, band->first, band->second, stream);
       if (band && !forced_fallback("before"))

@@ -19,7 +19,6 @@
 
 #include "common/amp_checks.h"
 #include "common/claims.h"
-#include "common/prefetched.h"
 #include "common/rules.h"
 #include "fused/fused_call_cpu.h"  // with_param_type
 #include "fused/sgd_tensor_cpu.h"
@@ -36,15 +35,8 @@ using select::Selector;
 using select::Source;
 
 constexpr const char* kOp = "incrkern.sgd_select_update_";
-constexpr int64_t kDenseGrain = 1 << 15;
 constexpr int64_t kPositionsGrain = 1 << 10;  // scattered positions per claim
 constexpr int64_t kSmallGrain = 8;            // one-thread tensors per claim
-
-// The chosen positions q[0..n) updated, their lines requested ahead.
-template <typename T>
-void update_at(const SgdTensor<T>& t, const int64_t* q, int64_t n) {
-  prefetched(0, n, [&](int64_t j) { t.one(q[j]); }, [&](int64_t j) { t.fetch(q[j]); });
-}
 
 // One tensor of n elements, k of them chosen by |g| (src). `whole`: over every thread
 // (a large tensor), else on the calling one, whose stream is exact in either mode (as
@@ -55,33 +47,25 @@ int64_t run_tensor(const SgdTensor<T>& t, const Source& src, int64_t k, bool app
   const int64_t n = src.n;
   if (k == 0) return 0;
   if (k == n) {
-    if (whole)
-      parallel_for_claimed(0, n, kDenseGrain, [&](int64_t b, int64_t e) { t.dense(b, e); });
-    else
-      t.dense(0, n);
+    fused::update_every(t, n, whole);
     return n;
   }
   if constexpr (!std::is_same_v<T, double>) {
     if (fused::stream_pays(n, k) && !fused::forced_fallback("before")) {
       Selector<uint32_t> sel({src}, k, approx);
-      auto band = whole ? sel.sample_band() : sel.stream_band();
-      // Refused as too wide: with its k-th among zeros the stream counts them instead.
-      if (!band)
-        if (const auto wide = sel.band(); wide.first == 0) band = wide;
-      if (band)
+      if (const auto band = fused::stream_band(sel, whole))
         if (const auto chosen = fused::stream_update(t, n, k, /*added=*/true, band->first,
                                                      band->second, approx && whole))
           return *chosen;
     }
   }
-  const at::Tensor pos = src.dtype == at::kDouble ? Selector<uint64_t>({src}, k, approx).run()[0]
-                                                  : Selector<uint32_t>({src}, k, approx).run()[0];
+  const at::Tensor pos = fused::select_positions(src, k, approx);
   const int64_t* q = pos.data_ptr<int64_t>();
   if (whole)
     parallel_for_claimed(0, pos.numel(), kPositionsGrain,
-                         [&](int64_t b, int64_t e) { update_at(t, q + b, e - b); });
+                         [&](int64_t b, int64_t e) { fused::update_at(t, q + b, e - b); });
   else
-    update_at(t, q, pos.numel());
+    fused::update_at(t, q, pos.numel());
   return pos.numel();
 }
 

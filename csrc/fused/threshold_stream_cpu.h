@@ -5,7 +5,8 @@
 // rule's loop over every element, each block's chosen ones marked by comparing their
 // keys with the k-th (its ties taken lowest positions first). Nothing is updated
 // before the counts show the k-th to lie in the band (docs/design.md, "The threshold
-// stream").
+// stream"). Beside it, what both kernels do around it: every element's update, the
+// band the stream takes, and select's positions with their update.
 #pragma once
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "common/claims.h"
+#include "common/prefetched.h"
 #include "fused/band_choice_cpu.h"
 #include "select/radix_cpu.h"
 #include "select/selector_cpu.h"
@@ -38,6 +40,40 @@ inline bool stream_pays(int64_t n, int64_t k) {
   const double d = forced >= 0 ? forced
                                : n <= select::kBlock ? kStreamDensitySmall : kStreamDensityLarge;
   return double(k) >= d * double(n);
+}
+
+constexpr int64_t kDenseGrain = 1 << 15;  // elements per claim of a dense update
+
+// Every element of t's n updated (k = n): over every thread (`whole`), or on this one.
+template <typename Tensor>
+void update_every(const Tensor& t, int64_t n, bool whole) {
+  if (!whole) return t.dense(0, n);
+  parallel_for_claimed(0, n, kDenseGrain, [&](int64_t b, int64_t e) { t.dense(b, e); });
+}
+
+// The band the threshold stream takes from sel's sample: sample_band for a tensor over
+// every thread (`whole`), stream_band for one on a thread; one refused as too wide
+// whose low edge is 0 (its k-th among zeros), which the counting pass then counts
+// instead of keeping.
+inline std::optional<std::pair<uint32_t, uint32_t>> stream_band(select::Selector<uint32_t>& sel,
+                                                                bool whole) {
+  auto band = whole ? sel.sample_band() : sel.stream_band();
+  if (!band)
+    if (const auto wide = sel.band(); wide.first == 0) band = wide;
+  return band;
+}
+
+// Select's positions of the k largest keys of s (64-bit keys for fp64).
+inline at::Tensor select_positions(const select::Source& s, int64_t k, bool approx) {
+  if (s.dtype == at::kDouble) return select::Selector<uint64_t>({s}, k, approx).run()[0];
+  return select::Selector<uint32_t>({s}, k, approx).run()[0];
+}
+
+// The chosen positions q[0..n) of t updated, their lines requested ahead. Returns n.
+template <typename Tensor>
+int64_t update_at(const Tensor& t, const int64_t* q, int64_t n) {
+  prefetched(0, n, [&](int64_t j) { t.one(q[j]); }, [&](int64_t j) { t.fetch(q[j]); });
+  return n;
 }
 
 // INCRKERN_FUSED_FALLBACK (for the tests) forces the fallback "before" the listing
