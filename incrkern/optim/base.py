@@ -68,10 +68,9 @@ FUSED_SGD_DENSITY = 0.0
 def fused_options(group):
     """Whether the group's options let the fused select-and-update step it: |grad|,
     error feedback, |weight|, the Fisher or at random per tensor, reselected at every
-    update, one bias
-    correction per tensor, no AMSGrad (the fused kernel keeps no max_exp_avg_sq), no
-    momentum correction; with accumulate_steps, |grad| only (error feedback accumulates
-    a scaled gradient)."""
+    update, one bias correction per tensor, no AMSGrad (the fused kernel keeps no
+    max_exp_avg_sq), no momentum correction; with accumulate_steps, |grad| only (error
+    feedback accumulates a scaled gradient)."""
     return (group["select"] in ("grad", "accumulated", "weight", "grad_sq", "random")
             and group["scope"] == "tensor"
             and group["mask"] == "dynamic" and group["bias_correction"] == "tensor"
