@@ -1,5 +1,6 @@
 // The argument checks of incrkern::adam_select_update_, shared by its CPU and CUDA
-// kernels: a bad call names the argument and changes nothing.
+// kernels (the residuals' by sgd_select_update_ too): a bad call names the argument
+// and changes nothing.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -10,6 +11,19 @@
 #include "update/update_checks.h"
 
 namespace incrkern {
+
+// Error feedback's residuals[i] (none: nothing to check): a contiguous tensor of the
+// param's math dtype and size, on its device.
+inline void check_residual(const char* op, const at::Tensor& p, at::TensorList residuals,
+                           size_t i) {
+  if (residuals.empty()) return;
+  const at::Tensor& r = residuals[i];
+  const auto math = opmath_dtype(p.scalar_type());
+  TORCH_CHECK(r.device() == p.device() && r.scalar_type() == math && r.numel() == p.numel() &&
+                  r.is_contiguous(),
+              op, ": residuals[", i, "] must be a contiguous ", math, " tensor of ", p.numel(),
+              " elements on ", p.device());
+}
 
 inline void check_select_update(c10::DeviceType device_type, at::TensorList params,
                                 at::TensorList grads, at::TensorList exp_avgs,
@@ -37,14 +51,7 @@ inline void check_select_update(c10::DeviceType device_type, at::TensorList para
                 grads[i].scalar_type(), ", expected the param's ", p.scalar_type());
     TORCH_CHECK(ks[i] >= 0 && ks[i] <= p.numel(), op, ": ks[", i, "] must be in [0, ",
                 p.numel(), "], got ", ks[i]);
-    if (!residuals.empty()) {
-      const at::Tensor& r = residuals[i];
-      const auto math = opmath_dtype(p.scalar_type());
-      TORCH_CHECK(r.device() == p.device() && r.scalar_type() == math &&
-                      r.numel() == p.numel() && r.is_contiguous(),
-                  op, ": residuals[", i, "] must be a contiguous ", math, " tensor of ",
-                  p.numel(), " elements on ", p.device());
-    }
+    check_residual(op, p, residuals, i);
   }
 }
 
