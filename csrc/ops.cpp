@@ -88,12 +88,14 @@ TORCH_LIBRARY(incrkern, m) {
       "Tensor? found_inf=None, str score=\"grad\", Tensor[]? scores=None, int seed=0) -> Tensor");
 
   // SGD's fused select-and-update (CPU): per tensor, the ks[i] largest |grads[i]|
-  //  updated as sgd_update_ updates them, every other element and its buffer left as
-  //  they are: select(score="grad") then sgd_update_ at its positions. Returns the
-  //  number updated per tensor (ks[i], or with approx a count near it).
+  //  (with residuals, |r + g|, as adam_select_update_) updated as sgd_update_ updates
+  //  them, every other element and its buffer left as they are: select(score="grad")
+  //  then sgd_update_ at its positions. Returns the number updated per tensor (ks[i],
+  //  or with approx a count near it).
   m.def(
       "sgd_select_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(c!)[] momentum_buffers, "
-      "int[] ks, bool[] first_step, bool approx, float lr, float momentum, float dampening, "
+      "int[] ks, Tensor(e!)[] residuals, bool[] first_step, bool approx, float lr, "
+      "float momentum, float dampening, "
       "float weight_decay, bool nesterov, bool maximize, float grad_scale=1.0, "
       "Tensor? lr_tensor=None, Tensor? amp_scale=None, Tensor? found_inf=None) -> Tensor");
 

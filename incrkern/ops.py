@@ -594,6 +594,17 @@ def _checked_ks(ks, params, grads):
     return ks
 
 
+
+def _checked_residuals(residuals, params):
+    """Error feedback's residuals (None: none) as a list: none, or one per param of its
+    math dtype and size, on its device."""
+    residuals = _as_list("residuals", residuals, allow_none=True)
+    _check_length("residuals", residuals, len(params), may_be_empty=True)
+    for i, r in enumerate(residuals):
+        _check_tensor(f"residuals[{i}]", r, device=params[i].device,
+                      dtypes=(math_dtype(params[i].dtype),), numel=params[i].numel())
+    return residuals
+
 def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residuals=None, *,
                         approx=False, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                         decoupled_weight_decay=False, maximize=False, grad_scale=1.0,
@@ -645,15 +656,11 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
                      steps=steps)
         params, grads, exp_avgs, exp_avg_sqs, steps = (
             _as_list(name, value) for name, value in lists.items())
-        residuals = _as_list("residuals", residuals, allow_none=True)
         _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
         _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, [], [], [], False,
                       "exp_avgs")
         ks = _checked_ks(ks, params, grads)
-        _check_length("residuals", residuals, len(params), may_be_empty=True)
-        for i, r in enumerate(residuals):
-            _check_tensor(f"residuals[{i}]", r, device=params[i].device,
-                          dtypes=(math_dtype(params[i].dtype),), numel=params[i].numel())
+        residuals = _checked_residuals(residuals, params)
         _check_amp(amp_scale, found_inf, params)
         if score not in ("grad", "weight", "grad_sq", "random"):
             raise ValueError(f"score must be 'grad', 'weight', 'grad_sq' or 'random', got "
@@ -706,8 +713,8 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
 
 def sgd_select_update_(params, grads, momentum_buffers, ks, *, lr, momentum=0.0,
                        dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
-                       first_step=None, approx=False, grad_scale=1.0, lr_tensor=None,
-                       amp_scale=None, found_inf=None, validate=True):
+                       first_step=None, approx=False, residuals=None, grad_scale=1.0,
+                       lr_tensor=None, amp_scale=None, found_inf=None, validate=True):
     """SGD's select-and-update in one call: per param, the ks[i] elements of largest
     |grads[i]| get sgd_update_'s update (its arguments, `first_step` included), every
     other element and its momentum buffer stay bit-identical. The same result as
@@ -715,12 +722,15 @@ def sgd_select_update_(params, grads, momentum_buffers, ks, *, lr, momentum=0.0,
     mode takes the k largest, ties to the lowest index; approx=True is
     adam_select_update_'s (on tensors beyond 2^18 elements a count near k, every
     updated |g| at least a lower bound of the k-th). Grads have the param's dtype.
-    Returns an int64 tensor: the count updated per param (on the CPU).
+    `residuals` (error feedback) and mixed precision as adam_select_update_'s: the
+    score |r + g|, the update by that sum, the chosen residuals zeroed and the others
+    left holding it. Returns an int64 tensor: the count updated per param (on the CPU).
 
     On the CPU one kernel (csrc/fused/sgd_fused_cpu.cpp): from the threshold stream's
     densities on, a counting pass over |g| and then SGD's loop, which compares each
-    |g| with the k-th as it reads it; select's positions below them. Elsewhere the
-    wrapper composes ``select`` and ``sgd_update_``.
+    |g| with the k-th as it reads it; select's positions below them (with residuals,
+    adam_select_update_'s listing pass, which adds g to r as it reads). Elsewhere the
+    wrapper composes ``accumulate_``, ``select`` and ``sgd_update_``.
     """
     if validate:
         params = _as_list("params", params)
@@ -731,9 +741,11 @@ def sgd_select_update_(params, grads, momentum_buffers, ks, *, lr, momentum=0.0,
         _check_update(params, grads, momentum_buffers, None, [], [], [], [], False,
                       "momentum_buffers")
         ks = _checked_ks(ks, params, grads)
+        residuals = _checked_residuals(residuals, params)
         _check_amp(amp_scale, found_inf, params)
     if not params:
         return torch.zeros(0, dtype=torch.int64)
+    residuals = list(residuals or [])
     first_step = [False] * len(params) if first_step is None else [bool(f) for f in first_step]
     hyper = dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening),
                  weight_decay=float(weight_decay), nesterov=bool(nesterov),
@@ -742,10 +754,15 @@ def sgd_select_update_(params, grads, momentum_buffers, ks, *, lr, momentum=0.0,
     ks = [int(k) for k in ks]
     if _has_kernel("sgd_select_update_", params[0].device):
         return torch.ops.incrkern.sgd_select_update_(
-            params, grads, list(momentum_buffers or []), ks, first_step, bool(approx), **hyper)
-    indices = select(grads, ks, score="grad", approx=approx, validate=False)
-    sgd_update_(params, grads, momentum_buffers, indices=indices, first_step=first_step,
-                validate=False, **hyper)
+            params, grads, list(momentum_buffers or []), ks, residuals, first_step,
+            bool(approx), **hyper)
+    if residuals:
+        accumulate_(residuals, grads, 1.0, amp_scale=amp_scale, found_inf=found_inf)
+        hyper["amp_scale"] = None
+    sources = residuals or grads
+    indices = select(sources, ks, score="grad", approx=approx, validate=False)
+    sgd_update_(params, sources, momentum_buffers, indices=indices, first_step=first_step,
+                consume_grad=bool(residuals), validate=False, **hyper)
     counts = torch.tensor([int(i.numel()) for i in indices], dtype=torch.int64)
     if found_inf is not None:  # on found_inf's device: nothing is read back
         counts = counts.to(found_inf.device) * (found_inf == 0)

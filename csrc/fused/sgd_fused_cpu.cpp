@@ -1,12 +1,15 @@
-// CPU kernel of sgd_select_update_: per tensor, the k largest |grad| chosen and SGD
-// applied to them in one call, the same result as select(score="grad") then
-// sgd_update_ at the positions it returns.
+// CPU kernel of sgd_select_update_: per tensor, the k largest |grad| (or, with error
+// feedback, |residual + grad|) chosen and SGD applied to them in one call, the same
+// result as select(score="grad") then sgd_update_ at the positions it returns.
 //
 // From the threshold stream's densities on (fused/threshold_stream_cpu.h), a
 // counting pass over |g| in a band around the k-th, then SGD's streaming loop, which
 // compares each |g| with the k-th as it reads it: the select's second read of the
 // gradient, its mask or positions, and the update's read of them are gone. Below
 // those densities, and where the band misses, select's positions and their update.
+// With error feedback the pass that reads the keys forms r + g as it reads them (the
+// counting pass, or below the stream's densities the Adam kernel's listing pass,
+// fused/list_pass_cpu.h), and a chosen element's r becomes 0.
 // Tensors that select on one thread (up to 2^20 elements when they stream) run one
 // thread each, side by side; the others one after another over every thread.
 #include <ATen/OpMathType.h>
@@ -14,13 +17,18 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <span>
 #include <type_traits>
 #include <vector>
 
 #include "common/amp_checks.h"
 #include "common/claims.h"
 #include "common/rules.h"
+#include "common/prefetched.h"
+#include "fused/band_choice_cpu.h"
 #include "fused/fused_call_cpu.h"  // with_param_type
+#include "fused/fused_checks.h"
+#include "fused/list_pass_cpu.h"
 #include "fused/sgd_tensor_cpu.h"
 #include "fused/threshold_stream_cpu.h"
 #include "select/radix_cpu.h"
@@ -30,6 +38,7 @@
 namespace incrkern {
 namespace {
 
+using fused::BlockOut;
 using fused::SgdTensor;
 using select::Selector;
 using select::Source;
@@ -38,28 +47,98 @@ constexpr const char* kOp = "incrkern.sgd_select_update_";
 constexpr int64_t kPositionsGrain = 1 << 10;  // scattered positions per claim
 constexpr int64_t kSmallGrain = 8;            // one-thread tensors per claim
 
-// One tensor of n elements, k of them chosen by |g| (src). `whole`: over every thread
-// (a large tensor), else on the calling one, whose stream is exact in either mode (as
-// the Adam kernel's one-thread tensors' are).
+// The keys select reads: |g|, or with error feedback |r| once r holds r + g.
 template <typename T>
-int64_t run_tensor(const SgdTensor<T>& t, const Source& src, int64_t k, bool approx,
-                   bool whole) {
-  const int64_t n = src.n;
-  if (k == 0) return 0;
+Source score_source(const SgdTensor<T>& t, at::ScalarType dtype, int64_t n) {
+  if (!t.r) return Source{ScoreKind::Abs, dtype, t.g, at::kFloat, nullptr, {}, n, 0};
+  const at::ScalarType math = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
+  return Source{ScoreKind::Abs, math, t.r, math, nullptr, {}, n, 0};
+}
+
+// Error feedback's keys before g is added: |r + g| (select's accumulated score).
+template <typename T>
+Source sum_source(const SgdTensor<T>& t, at::ScalarType dtype, int64_t n) {
+  return Source{ScoreKind::Accumulated, dtype, t.g, at::kFloat, t.r, {}, n, 0};
+}
+
+// With error feedback a block's listed winner tiles, tail winners and chosen
+// candidates, updated one element at a time, their lines requested ahead.
+template <typename T>
+void update_listed(const SgdTensor<T>& t, const BlockOut& o) {
+  const int64_t* start = o.wstart.data();
+  const uint32_t* mask = o.wmask.data();
+  prefetched(
+      0, int64_t(o.wstart.size()),
+      [&](int64_t j) {
+        for (uint32_t m = mask[j]; m; m &= m - 1) t.one(start[j] + __builtin_ctz(m));
+      },
+      [&](int64_t j) { t.fetch(start[j]); });
+  for (int64_t e : o.tail_winners) t.one(e);
+  fused::update_at(t, o.chosen.data(), int64_t(o.chosen.size()));
+}
+
+// Error feedback below the stream's densities (a tensor over every thread): the listing
+// pass lists the tiles above the band [lo, hi] and the band's candidates, forming
+// r + g as it reads unless `added`, then the chosen elements are updated. The count updated, or nothing
+// (nothing updated) where the counts refute the band.
+template <typename T>
+std::optional<int64_t> run_listed(const SgdTensor<T>& t, int64_t n, int64_t k, bool added,
+                                  uint32_t lo, uint32_t hi, bool approx) {
+  const std::span<BlockOut> out =
+      fused::list_pass(t, n, lo, hi, added, fused::few_hits(k, n), /*values=*/false);
+  int64_t w = 0, cnt = 0;
+  for (const BlockOut& o : out) w += o.winners, cnt += int64_t(o.cpos.size());
+  if (!fused::band_holds(w, cnt, k, approx)) return std::nullopt;
+  fused::choose_candidates(out, k - w, lo, hi, /*values=*/false);
+  parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) update_listed(t, out[size_t(bi)]);
+  });
+  for (const BlockOut& o : out) w += int64_t(o.chosen.size());
+  return w;
+}
+
+// One tensor of n elements, k of them chosen by |g| (or, with error feedback, by
+// |r + g|). `whole`: over every thread (a large tensor), else on the calling one,
+// whose stream is exact in either mode (as the Adam kernel's one-thread tensors' are).
+template <typename T>
+int64_t run_tensor(const SgdTensor<T>& t, at::ScalarType dtype, int64_t n, int64_t k,
+                   bool approx, bool whole) {
+  const auto each = [&](auto&& fn) {
+    if (whole) parallel_for_claimed(0, n, fused::kDenseGrain, fn);
+    else fn(0, n);
+  };
+  const auto add_residual = [&](int64_t b, int64_t e) { t.add_residual(b, e); };
   if (k == n) {
     fused::update_every(t, n, whole);
     return n;
   }
+  // The residual holds r + g from here on where the selection then reads it alone: on
+  // one thread (the tensor in cache), at k = 0, in fp64, and with a mixed-precision
+  // unscale (select's accumulated score, which the sample reads, has none).
+  bool added = !t.r;
+  if (!added && (!whole || k == 0 || std::is_same_v<T, double> || t.residual_alpha != 1)) {
+    each(add_residual);
+    added = true;
+  }
+  if (k == 0) return 0;
   if constexpr (!std::is_same_v<T, double>) {
-    if (fused::stream_pays(n, k) && !fused::forced_fallback("before")) {
-      Selector<uint32_t> sel({src}, k, approx);
-      if (const auto band = fused::stream_band(sel, whole))
-        if (const auto chosen = fused::stream_update(t, n, k, /*added=*/true, band->first,
-                                                     band->second, approx && whole))
-          return *chosen;
+    const bool stream = fused::stream_pays(n, k);
+    if ((stream || (t.r && whole)) && !fused::forced_fallback("before")) {
+      const Source keys = added ? score_source(t, dtype, n) : sum_source(t, dtype, n);
+      Selector<uint32_t> sel({keys}, k, approx);
+      const auto band = stream ? fused::stream_band(sel, whole) : sel.sample_band();
+      if (band) {
+        const auto chosen =
+            stream ? fused::stream_update(t, n, k, added, band->first, band->second,
+                                          approx && whole)
+                   : run_listed(t, n, k, added, band->first, band->second, approx);
+        if (chosen) return *chosen;
+        added = true;  // the pass that refuted the band added g to r
+      }
     }
   }
-  const at::Tensor pos = fused::select_positions(src, k, approx);
+  if (!added) each(add_residual);
+  const at::Tensor pos = fused::select_positions(score_source(t, dtype, n), k, approx);
   const int64_t* q = pos.data_ptr<int64_t>();
   if (whole)
     parallel_for_claimed(0, pos.numel(), kPositionsGrain,
@@ -71,7 +150,7 @@ int64_t run_tensor(const SgdTensor<T>& t, const Source& src, int64_t k, bool app
 
 void check_sgd_select_update(at::TensorList params, at::TensorList grads,
                              at::TensorList momentum_buffers, at::IntArrayRef ks,
-                             const c10::List<bool>& first_step, double momentum,
+                             at::TensorList residuals, const c10::List<bool>& first_step, double momentum,
                              const std::optional<at::Tensor>& lr_tensor,
                              const std::optional<at::Tensor>& amp_scale,
                              const std::optional<at::Tensor>& found_inf) {
@@ -82,6 +161,8 @@ void check_sgd_select_update(at::TensorList params, at::TensorList grads,
   check_amp(kOp, amp_scale, found_inf, params);
   const size_t n = params.size();
   TORCH_CHECK(ks.size() == n, kOp, ": ks has ", ks.size(), " entries, expected ", n);
+  TORCH_CHECK(residuals.empty() || residuals.size() == n, kOp, ": residuals has ",
+              residuals.size(), " tensors, expected ", n, " (or none)");
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.device().is_cpu(), kOp, ": params[", i, "] is on ", p.device(),
@@ -91,19 +172,21 @@ void check_sgd_select_update(at::TensorList params, at::TensorList grads,
                 grads[i].scalar_type(), ", expected the param's ", p.scalar_type());
     TORCH_CHECK(ks[i] >= 0 && ks[i] <= p.numel(), kOp, ": ks[", i, "] must be in [0, ",
                 p.numel(), "], got ", ks[i]);
+    check_residual(kOp, p, residuals, i);
   }
 }
 
 at::Tensor sgd_select_update_cpu(at::TensorList params, at::TensorList grads,
                                  at::TensorList momentum_buffers, at::IntArrayRef ks,
-                                 c10::List<bool> first_step, bool approx, double lr,
+                                 at::TensorList residuals, c10::List<bool> first_step,
+                                 bool approx, double lr,
                                  double momentum, double dampening, double weight_decay,
                                  bool nesterov, bool maximize, double grad_scale,
                                  const std::optional<at::Tensor>& lr_tensor,
                                  const std::optional<at::Tensor>& amp_scale,
                                  const std::optional<at::Tensor>& found_inf) {
-  check_sgd_select_update(params, grads, momentum_buffers, ks, first_step, momentum, lr_tensor,
-                          amp_scale, found_inf);
+  check_sgd_select_update(params, grads, momentum_buffers, ks, residuals, first_step, momentum,
+                          lr_tensor, amp_scale, found_inf);
   const int64_t n = int64_t(params.size());
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
   int64_t* count = counts.data_ptr<int64_t>();
@@ -115,16 +198,19 @@ at::Tensor sgd_select_update_cpu(at::TensorList params, at::TensorList grads,
     fused::with_param_type(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       using M = at::opmath_type<T>;
+      // With residuals the update reads r + g / amp_scale (as accumulate_ adds it) times
+      // grad_scale; without, g times grad_scale / amp_scale.
+      const bool ef = !residuals.empty();
       const SgdTensor<T> t{
           params[i].data_ptr<T>(),
           grads[i].const_data_ptr<T>(),
           momentum != 0 ? momentum_buffers[i].data_ptr<M>() : nullptr,
           make_sgd_hyper<M>(lr, momentum, dampening, weight_decay, nesterov, maximize),
           first_step.size() ? bool(first_step.get(i)) : false,
-          amp_factor<M>(grad_scale, amp)};
-      const Source src{ScoreKind::Abs, grads[i].scalar_type(), t.g, at::kFloat, nullptr, {},
-                       params[i].numel(), 0};
-      count[i] = run_tensor(t, src, ks[i], approx, whole);
+          ef ? M(grad_scale) : amp_factor<M>(grad_scale, amp),
+          ef ? residuals[i].data_ptr<M>() : nullptr,
+          ef ? amp_factor<M>(1.0, amp) : M(1)};
+      count[i] = run_tensor(t, params[i].scalar_type(), params[i].numel(), ks[i], approx, whole);
     });
   };
   std::vector<size_t> small, large;

@@ -16,14 +16,15 @@ namespace incrkern {
 // keeps the branches in the loop and does not vectorise it (it unswitched the fp32
 // loop on some of them, not the larger 16-bit ones). See Note [branch-free loops
 // vectorise] in common/hd.h. kAbove: an element is chosen where the order of |g| is
-// > above_gt, decided as the loop reads g, as adam_stream's kAbove.
+// > above_gt, decided as the loop reads g, as adam_stream's kAbove. kConsume: the
+// chosen elements' g zeroed (error feedback's residual, read as g).
 template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool kHasBuffer,
           bool kFirst, bool kNesterov, bool kDecay, bool kAbove = false>
 [[gnu::always_inline]] inline void sgd_stream(
     T* __restrict p, G* __restrict g, M* __restrict buf, const bool* __restrict mask,
     int64_t begin, int64_t end, const SgdHyper<M> h, const M grad_scale,
     int32_t above_gt = 0) {
-  static_assert(!(kAbove && (kMasked || kConsume)), "kAbove: a plain SGD loop");
+  static_assert(!(kAbove && kMasked), "kAbove: a plain SGD loop");
   SgdHyper<M> hh = h;
   hh.nesterov = kNesterov;
   hh.decay = kDecay;
@@ -42,6 +43,7 @@ template <typename T, typename G, typename M, bool kMasked, bool kConsume, bool 
       const int32_t chosen = -int32_t(order > above_gt);
       pb[e] = blend_bits(chosen, PL::narrow(pm), pb[e]);
       if (kHasBuffer) buf[e] = blend_bits(chosen, bm, buf[e]);
+      if (kConsume) gb[e] = blend_bits(chosen, g_zero, gb[e]);
       continue;
     }
     const bool on = kMasked ? reinterpret_cast<const uint8_t*>(mask)[e] != 0 : true;
@@ -69,19 +71,21 @@ template <typename M, typename Fn>
 }
 
 // sgd_stream for the run-time flags: by a byte mask (or every element), or where
-// `above`, by the order of |g| above above_gt.
+// `above`, by the order of |g| above above_gt; `consume`: the chosen g zeroed.
 template <typename T, typename G, typename M>
 [[gnu::always_inline]] inline void sgd_stream_any(
     T* p, G* g, M* buf, const bool* mask, bool above, int32_t above_gt, bool consume,
     int64_t begin, int64_t end, const SgdHyper<M> h, const bool first, const M grad_scale) {
   if (above)
-    return with_sgd_flags(h, buf, first,
-                          [&]<bool kHasBuffer, bool kFirst, bool kNesterov, bool kDecay>()
-                              IK_INLINE_LAMBDA {
-                                sgd_stream<T, G, M, false, false, kHasBuffer, kFirst,
-                                           kNesterov, kDecay, true>(
-                                    p, g, buf, nullptr, begin, end, h, grad_scale, above_gt);
-                              });
+    return with_consume(consume, [&]<bool kConsume>() IK_INLINE_LAMBDA {
+      with_sgd_flags(h, buf, first,
+                     [&]<bool kHasBuffer, bool kFirst, bool kNesterov, bool kDecay>()
+                         IK_INLINE_LAMBDA {
+                           sgd_stream<T, G, M, false, kConsume, kHasBuffer, kFirst, kNesterov,
+                                      kDecay, true>(p, g, buf, nullptr, begin, end, h,
+                                                    grad_scale, above_gt);
+                         });
+    });
   with_stream_flags(mask != nullptr, consume, [&]<bool kMasked, bool kConsume>() IK_INLINE_LAMBDA {
     with_sgd_flags(h, buf, first,
                    [&]<bool kHasBuffer, bool kFirst, bool kNesterov, bool kDecay>()

@@ -59,9 +59,10 @@ FUSED_GRAD_SQ_DENSITY = 0.0
 # select="random" on the CPU: from this density on the fused call, its keys hashed
 # from the indices (one seed drawn per call, as select draws it); 2.0 as above.
 FUSED_RANDOM_DENSITY = 0.0
-# SGD (select="grad") on the CPU: from this density on ops.sgd_select_update_ (the
-# threshold stream from its densities on, select's positions below them) instead of
-# select then sgd_update_ (docs/measurements-selects.md); 2.0 as above.
+# SGD (select="grad" or "accumulated") on the CPU: from this density on
+# ops.sgd_select_update_ (the threshold stream from its densities on, select's positions
+# or with error feedback the listing pass below them) instead of select then sgd_update_
+# (docs/measurements-selects.md); 2.0 as above.
 FUSED_SGD_DENSITY = 0.0
 
 

@@ -88,10 +88,11 @@ class SGD(IncrementalOptimizer):
         return buffers, first
 
     def _fused_eligible(self, group, by_device):
-        """SGD's fused kernel: the CPU's, |grad| per tensor (it takes no residual: no
-        error feedback, no accumulate_steps), and the base class's conditions."""
+        """SGD's fused kernel: the CPU's, by |grad| or error feedback per tensor (with
+        accumulate_steps, the accumulator as its residual), and the base class's
+        conditions."""
         return (super()._fused_eligible(group, by_device) and by_device[0][0].type == "cpu"
-                and group["select"] == "grad" and group["accumulate_steps"] == 1)
+                and group["select"] in ("grad", "accumulated"))
 
     def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0,
                        scores=None):
@@ -99,7 +100,7 @@ class SGD(IncrementalOptimizer):
         lr, lr_tensor = self._lr_args(group, device)
         ops.sgd_select_update_(work.contiguous_params, work.grads, buffers, ks, lr=lr,
                                lr_tensor=lr_tensor, first_step=first, approx=approx,
-                               grad_scale=grad_scale, validate=False,
+                               residuals=residuals, grad_scale=grad_scale, validate=False,
                                **self._amp_kwargs(device), **self._hyper(group))
 
     def _apply(self, group, work, device, *, grads=None, indices=None, masks=None,
