@@ -12,19 +12,21 @@
 
 namespace incrkern {
 extern PyMethodDef kFusedStepMethods[];    // csrc/fused/fused_step_py.cpp
+extern PyMethodDef kSgdStepMethods[];       // csrc/fused/sgd_step_py.cpp
 extern PyMethodDef kSelectOnHostMethods[];  // csrc/select/select_on_host_cpu.cpp
 extern PyMethodDef kFusedOnHostMethods[];   // csrc/fused/fused_on_host_cpu.cpp
 }
 
 // `import incrkern._C` runs the static registrations below. The module's functions
-// are the optimizer's fast step and micro-step, written against the C API, and two
+// are the optimizers' fast steps and micro-step, written against the C API, and two
 // test hooks running the CUDA select's and fused step's passes on the host: the ops
 // themselves are reached through torch.ops.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
                                           incrkern::kFusedStepMethods};
   PyObject* module = PyModule_Create(&module_def);
-  if (module && (PyModule_AddFunctions(module, incrkern::kSelectOnHostMethods) < 0 ||
+  if (module && (PyModule_AddFunctions(module, incrkern::kSgdStepMethods) < 0 ||
+                 PyModule_AddFunctions(module, incrkern::kSelectOnHostMethods) < 0 ||
                  PyModule_AddFunctions(module, incrkern::kFusedOnHostMethods) < 0)) {
     Py_DECREF(module);
     return nullptr;

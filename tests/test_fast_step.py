@@ -256,6 +256,12 @@ def test_a_bad_param_among_many_falls_back_and_touches_nothing(spy):
 ])
 def test_other_steps_as_the_python_step(change, taken, spy, monkeypatch):
     opt, params = stepped_once(sizes=(80, 50, 60))
+    assert_changed_step_as_python(opt, params, change, taken, spy, monkeypatch)
+
+
+def assert_changed_step_as_python(opt, params, change, taken, answers, monkeypatch):
+    """The step after `change`, on opt and on a copy by the Python step: the C++ call
+    taken or not as said, and the same params and state."""
     slow_opt = copy.deepcopy(opt)
     slow_params = [p for group in slow_opt.param_groups for p in group["params"]]
     for p, q in zip(params, slow_params):
@@ -263,12 +269,13 @@ def test_other_steps_as_the_python_step(change, taken, spy, monkeypatch):
     change(opt, params)
     change(slow_opt, slow_params)
     opt.step()
-    assert (spy[-1] is not None) == taken
+    assert (answers[-1] is not None) == taken
     monkeypatch.setattr(fast_step, "ENABLED", False)
     slow_opt.step()
     for p, q in zip(params, slow_params):
         assert torch.equal(p, q)
     for s, t in zip(opt.state.values(), slow_opt.state.values()):
+        assert s.keys() == t.keys()
         for key in t:
             assert torch.equal(s[key], t[key]), key
 

@@ -375,8 +375,9 @@ def test_optimizer_route_matches_the_composed_one(dtype, density, options, monke
     or by select_mask's masks from MASK_DENSITY on: FUSED_SGD_DENSITY 2) leave the same
     params and state, bit for bit, on tensors past one block (one an embedding's
     gradient of hot rows) and small ones, from the buffers' first step on."""
-    from incrkern.optim import base
+    from incrkern.optim import base, fast_step
     import incrkern
+    monkeypatch.setattr(fast_step, "ENABLED", False)  # test_fast_step_sgd holds it to this
     start, grads = hot_rows_steps(dtype)
     calls, results = [], []
     for name in ("sgd_select_update_", "sgd_update_"):

@@ -1,12 +1,16 @@
 // The CPU kernel of incrkern::adam_select_update_ after its argument checks
 // (check_select_update, fused_checks.h), for callers inside the extension that have
 // run them and skip the dispatcher (fused_step_py.cpp); and the op's kernels as the
-// dispatcher calls them, for the one-call step's groups that take them.
+// dispatcher calls them, for the one-call step's groups that take them. SGD's
+// (sgd_select_update_) checks and kernel after them, for sgd_step_py.cpp.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+
+#include "select/select_keys.h"  // KeyFrom
 
 namespace incrkern {
 
@@ -51,5 +55,20 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
                                   std::optional<at::TensorList> scores, int64_t seed);
 using SelectUpdateKernel = decltype(&adam_select_update_cpu);
 extern SelectUpdateKernel cuda_select_update_kernel;
+
+void check_sgd_select_update(at::TensorList params, at::TensorList grads,
+                             at::TensorList momentum_buffers, at::IntArrayRef ks,
+                             at::TensorList residuals, const c10::List<bool>& first_step,
+                             double momentum, const std::optional<at::Tensor>& lr_tensor,
+                             const std::optional<at::Tensor>& amp_scale,
+                             const std::optional<at::Tensor>& found_inf);
+at::Tensor sgd_select_update_checked(at::TensorList params, at::TensorList grads,
+                                     at::TensorList momentum_buffers, at::IntArrayRef ks,
+                                     at::TensorList residuals, const c10::List<bool>& first_step,
+                                     bool approx, double lr, double momentum, double dampening,
+                                     double weight_decay, bool nesterov, bool maximize,
+                                     double grad_scale, const std::optional<at::Tensor>& lr_tensor,
+                                     const std::optional<at::Tensor>& amp_scale,
+                                     const std::optional<at::Tensor>& found_inf);
 
 }  // namespace incrkern

@@ -31,6 +31,7 @@
 #include "common/versions.h"
 #include "fused/fused_checks.h"
 #include "fused/fused_cpu.h"
+#include "fused/step_py.h"
 
 namespace incrkern {
 
@@ -38,34 +39,9 @@ SelectUpdateKernel cuda_select_update_kernel = nullptr;
 
 namespace {
 
-// Tensors borrowed from the Python objects that own them, each object held by a new
-// reference meanwhile. A copy of a tensor that has a Python object increments the
-// TensorImpl's count and, through the interpreter, the object's: on a model of
-// thousands of params, whose metadata a step's streams have pushed out of the cache,
-// two waits on memory a tensor (and two more to drop it), where the Python reference
-// touches a line the read has just brought in.
-class Borrows {
- public:
-  Borrows() = default;
-  Borrows(const Borrows&) = delete;
-  Borrows& operator=(const Borrows&) = delete;
-  ~Borrows() {
-    for (PyObject* o : held_) Py_DECREF(o);
-  }
-  at::Tensor borrow(PyObject* tensor) {
-    held_.push_back(Py_NewRef(tensor));
-    return c10::MaybeOwnedTraits<at::Tensor>::createBorrow(THPVariable_Unpack(tensor));
-  }
-  // Drops borrowed tensors without touching their counts (before the objects go).
-  static void forget(std::vector<at::Tensor>& borrowed) {
-    for (at::Tensor& t : borrowed) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
-  }
+using namespace step_py;
 
- private:
-  std::vector<PyObject*> held_;
-};
-
-struct Group {
+struct Group : SpecHead {
   Group() = default;
   Group(const Group&) = delete;
   ~Group() {
@@ -79,117 +55,15 @@ struct Group {
   std::vector<int64_t> ks;
   std::vector<PyObject*> elsewhere;  // borrowed from the group's list
   bool any_grad = false;
-  double density, lr, beta1, beta2, eps, weight_decay;
-  bool error_feedback, approx, decoupled_weight_decay, maximize;
+  double beta1, beta2, eps, weight_decay;
+  bool decoupled_weight_decay, maximize;
   // Where the CPU kernel's keys come from: |g|, |p| (select="weight"), the Fisher
   // (select="grad_sq", accumulated first by fisher_beta) or the hash of the indices
   // (select="random", its seed drawn once the call is known to step).
   KeyFrom key_from = KeyFrom::Grad;
   int64_t seed = 0;
   double fisher_beta = 0.0;
-  std::optional<at::Tensor> lr_tensor;
-  // The update ending a cycle of accumulate_steps = n: the accumulated grads are the
-  // kernel's residuals, read times 1 / n, and zeroed afterwards, chosen or not.
-  double grad_scale = 1.0;
-  bool spends_accumulation = false;
 };
-
-bool exact_tensor(PyObject* o) { return Py_TYPE(o) == (PyTypeObject*)THPVariableClass; }
-
-bool plain_on(const at::Tensor& t, const at::Device& device) {
-  return t.layout() == at::kStrided && t.device() == device && t.is_contiguous();
-}
-
-const at::Device kCpu(at::kCPU);
-
-bool fused_dtype(at::ScalarType d) {
-  return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf;
-}
-
-// The names read for every param (its state dict's keys), interned
-// once: a lookup then reuses the string's hash.
-struct Names {
-  PyObject* step = PyUnicode_InternFromString("step");
-  PyObject* exp_avg = PyUnicode_InternFromString("exp_avg");
-  PyObject* exp_avg_sq = PyUnicode_InternFromString("exp_avg_sq");
-  PyObject* residual = PyUnicode_InternFromString("residual");
-  PyObject* grad_acc = PyUnicode_InternFromString("grad_acc");
-  PyObject* fisher = PyUnicode_InternFromString("fisher");
-};
-
-const Names& names() {
-  static const Names interned;
-  return interned;
-}
-
-// The tensor under `key` in a param's state dict (a plain torch.Tensor), or nullptr.
-PyObject* state_entry(PyObject* state, PyObject* key) {
-  PyObject* t = PyDict_GetItemWithError(state, key);
-  return t && exact_tensor(t) ? t : nullptr;
-}
-
-// What both calls read the params' state through: the optimizer's state dict, the
-// Parameter type, and the step counts seen, which no two params may share.
-class StateReader {
- public:
-  StateReader(PyObject* state, PyObject* parameter_type)
-      : state_(state), parameter_type_(parameter_type) {}
-
-  PyObject* parameter_type() const { return parameter_type_; }
-
-  // The state dict of p (borrowed), or nullptr. The dict is keyed by the params, and a
-  // tensor's hash is Tensor.__hash__, a Python method (id(self)) that a plain lookup
-  // runs for every param. Where it gives the param's address, checked once a type,
-  // the lookup passes that hash instead.
-  PyObject* state_of(PyObject* p) {
-#if PY_VERSION_HEX < 0x030D0000
-    if (hash_is_address(p))
-      return _PyDict_GetItem_KnownHash(state_, p, Py_hash_t(reinterpret_cast<intptr_t>(p)));
-#endif
-    return PyDict_GetItemWithError(state_, p);
-  }
-
-  void saw_step(PyObject* step) { steps_.push_back(step); }
-
-  // Whether every step count seen belongs to one param only.
-  bool steps_unshared() {
-    std::sort(steps_.begin(), steps_.end());
-    return std::adjacent_find(steps_.begin(), steps_.end()) == steps_.end();
-  }
-
- private:
-  bool hash_is_address(PyObject* p) {
-    for (const auto& [type, is_address] : hashes_)
-      if (type == Py_TYPE(p)) return is_address;
-    const Py_hash_t h = PyObject_Hash(p);
-    if (h == -1) PyErr_Clear();
-    hashes_.emplace_back(Py_TYPE(p), h == Py_hash_t(reinterpret_cast<intptr_t>(p)));
-    return hashes_.back().second;
-  }
-
-  PyObject* state_;
-  PyObject* parameter_type_;
-  std::vector<PyObject*> steps_;
-  std::vector<std::pair<PyTypeObject*, bool>> hashes_;
-};
-
-// The grad of p (a torch.Tensor or nn.Parameter, no subclass) into `grad`, left
-// undefined when p has none; false when p or its grad is not the plain case: a dense,
-// contiguous tensor on `device` of p's dtype and shape. The `grad` attribute of such a
-// p is this tensor's Python object (made if it has none); read here without making one.
-bool plain_grad(PyObject* p, PyObject* parameter_type, const at::Device& device,
-                at::Tensor& grad) {
-  if (!exact_tensor(p) && Py_TYPE(p) != (PyTypeObject*)parameter_type) return false;
-  const at::Tensor& param = THPVariable_Unpack(p);
-  const at::Tensor& g = param.grad();
-  if (!g.defined()) return true;
-  PyObject* object = g.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj();
-  if (object && !exact_tensor(object)) return false;
-  grad = g;  // a reference of its own: the step may outlive p's hold on it
-  return plain_on(param, device) && plain_on(grad, device) &&
-         grad.scalar_type() == param.scalar_type() &&
-         grad.sizes().equals(param.sizes());
-}
 
 // The Python constants of incrkern.optim.base (FUSED_SMALL_NUMEL, FUSED_MIN_DENSITY)
 // with the rule of its use_fused and of ops.density_k.
@@ -201,13 +75,6 @@ struct CostModel {
   }
 };
 
-int64_t density_k(double density, int64_t numel) {
-  return std::min(numel, int64_t(std::ceil(density * double(numel))));
-}
-
-// Params per thread's run in the passes over their metadata.
-constexpr int64_t kChecksGrain = 512;
-
 // (params, density, error_feedback, approx, lr, lr_tensor, beta1, beta2, eps,
 //  weight_decay, decoupled_weight_decay, maximize, accumulate_steps, score, fisher_beta)
 // into `out`, every tensor on `device`; false when not the plain case. score: the
@@ -216,28 +83,15 @@ constexpr int64_t kChecksGrain = 512;
 // kernel only, and on the CPU every param takes it.
 bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
                 const at::Device& device, Group& out) {
-  if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 15) return false;
+  if (!read_spec_head(spec, 15, 12, out)) return false;
   auto item = [&](int i) { return PyTuple_GET_ITEM(spec, i); };
-  PyObject* params = item(0);
-  if (!PyList_Check(params)) return false;
-  out.density = PyFloat_AsDouble(item(1));
-  out.error_feedback = PyObject_IsTrue(item(2)) == 1;
-  out.approx = PyObject_IsTrue(item(3)) == 1;
-  out.lr = PyFloat_AsDouble(item(4));
-  if (item(5) != Py_None) {
-    if (!exact_tensor(item(5))) return false;
-    out.lr_tensor = THPVariable_Unpack(item(5));
-  }
+  PyObject* params = out.param_list;
   out.beta1 = PyFloat_AsDouble(item(6));
   out.beta2 = PyFloat_AsDouble(item(7));
   out.eps = PyFloat_AsDouble(item(8));
   out.weight_decay = PyFloat_AsDouble(item(9));
   out.decoupled_weight_decay = PyObject_IsTrue(item(10)) == 1;
   out.maximize = PyObject_IsTrue(item(11)) == 1;
-  const long accumulate_steps = PyLong_AsLong(item(12));
-  out.spends_accumulation = accumulate_steps > 1;
-  if (out.spends_accumulation) out.grad_scale = 1.0 / double(accumulate_steps);
-  if (out.spends_accumulation && out.error_feedback) return false;
   const char* score = PyUnicode_Check(item(13)) ? PyUnicode_AsUTF8(item(13)) : nullptr;
   const std::optional<KeyFrom> key_from = score ? key_from_score(score) : std::nullopt;
   if (!key_from) return false;
@@ -252,28 +106,13 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
   for (auto* list : {&out.params, &out.grads, &out.exp_avgs, &out.exp_avg_sqs, &out.steps})
     list->reserve(size_t(n));
   out.ks.reserve(size_t(n));
-  // The params and grads first, over the threads: only their objects' fields and the
-  // tensors' metadata are read (no call into the interpreter, which this thread
-  // holds meanwhile), each a wait on memory on a model of thousands of params.
-  // Each param's size too: the loop below would otherwise wait on the TensorImpl again.
-  std::vector<at::Tensor> grads(static_cast<size_t>(n));
-  std::vector<uint8_t> plain(static_cast<size_t>(n));
-  std::vector<int64_t> numels(static_cast<size_t>(n));
-  at::parallel_for(0, int64_t(n), kChecksGrain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      PyObject* p = PyList_GET_ITEM(params, Py_ssize_t(i));
-      at::Tensor& grad = grads[size_t(i)];
-      plain[size_t(i)] = plain_grad(p, reader.parameter_type(), device, grad) &&
-                         (!grad.defined() || fused_dtype(grad.scalar_type()));
-      if (plain[size_t(i)]) numels[size_t(i)] = THPVariable_Unpack(p).numel();
-    }
-  });
+  ParamsRead read = read_params(params, reader.parameter_type(), device);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
-    if (!plain[size_t(i)]) return false;
-    at::Tensor& grad = grads[size_t(i)];
+    if (!read.plain[size_t(i)]) return false;
+    at::Tensor& grad = read.grads[size_t(i)];
     if (!grad.defined()) continue;
-    const int64_t numel = numels[size_t(i)];
+    const int64_t numel = read.numels[size_t(i)];
     PyObject* s = reader.state_of(p);
     if (!s || !PyDict_Check(s)) return false;
     PyObject* step = state_entry(s, names().step);
@@ -305,20 +144,6 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
   }
   return true;
 }
-
-// The version counters of tensors a call wrote, as the op's dispatcher kernel bumps
-// them, in runs over the threads: a counter is no Python object, and each is a wait
-// on memory once a step's streams have gone through the cache.
-void bump_over_threads(at::TensorList written) {
-  at::parallel_for(0, int64_t(written.size()), kChecksGrain, [&](int64_t b, int64_t e) {
-    bump_versions(written.slice(size_t(b), size_t(e - b)));
-  });
-}
-
-struct WithoutGil {
-  PyThreadState* saved = PyEval_SaveThread();
-  ~WithoutGil() { PyEval_RestoreThread(saved); }
-};
 
 // A group's step by the op's kernel (its checks, then the step), as the dispatcher
 // would call it, and the written tensors' versions bumped after, as the op's
@@ -376,9 +201,7 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
   try {
     for (const Group& g : groups)
       at::parallel_for(0, int64_t(g.params.size()), kChecksGrain, [&](int64_t b, int64_t e) {
-        const auto run = [&](const auto& list) {
-          return list.empty() ? list : list.slice(size_t(b), size_t(e - b));
-        };
+        const auto run = [&](const auto& list) { return run_of(list, b, e); };
         check_select_update(device.type(), run(at::TensorList(g.params)),
                             run(at::TensorList(g.grads)), run(at::TensorList(g.exp_avgs)),
                             run(at::TensorList(g.exp_avg_sqs)), run(at::TensorList(g.steps)),
@@ -421,13 +244,7 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
                                  Bookkeeping{.increment_steps = true, .steps_distinct = true,
                                              .bump_written = true},
                                  std::nullopt, std::nullopt, g.key_from, g.scores, g.seed);
-      // Contiguous (the kernel's checks): zeroed in place, over the threads, without a
-      // dispatcher call a tensor.
-      if (g.spends_accumulation)
-        at::parallel_for(0, int64_t(g.residuals.size()), 1, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i)
-            std::memset(g.residuals[size_t(i)].data_ptr(), 0, g.residuals[size_t(i)].nbytes());
-        });
+      if (g.spends_accumulation) zero_over_threads(g.residuals);  // contiguous: checked
     }
   }
   for (const Group& g : groups) bump_over_threads(g.scores);  // accumulate_'s, as its op's
@@ -494,20 +311,12 @@ bool read_accumulation(PyObject* spec, StateReader& reader, Accumulation& out) {
 // had a grad; None when the step is not the plain case and nothing was touched.
 PyObject* accumulate_grads(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *specs, *state, *parameter_type;
-  if (!PyArg_ParseTuple(args, "O!O!O", &PyList_Type, &specs, &PyDict_Type, &state,
-                        &parameter_type))
-    return nullptr;
-  const Py_ssize_t n = PyList_GET_SIZE(specs);
-  std::vector<Accumulation> groups(static_cast<size_t>(n));
-  StateReader reader(state, parameter_type);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!read_accumulation(PyList_GET_ITEM(specs, i), reader, groups[size_t(i)])) {
-      PyErr_Clear();
-      Py_RETURN_NONE;
-    }
-  }
-  if (!reader.steps_unshared()) Py_RETURN_NONE;
+  PyObject* specs;
+  std::optional<StateReader> reader;
+  if (!parse_call(args, specs, reader)) return nullptr;
+  std::vector<Accumulation> groups(size_t(PyList_GET_SIZE(specs)));
+  if (!read_groups(specs, *reader, groups, read_accumulation) || !reader->steps_unshared())
+    Py_RETURN_NONE;
   try {
     for (const Accumulation& g : groups)
       check_accumulate_lists("incrkern.accumulate_", g.accs, g.grads, {}, /*allow_double=*/true);
@@ -523,11 +332,7 @@ PyObject* accumulate_grads(PyObject* /*module*/, PyObject* args) {
     }
   }
   for (const Accumulation& g : groups) bump_over_threads(g.accs);
-  PyObject* answer = PyList_New(n);
-  if (!answer) return nullptr;
-  for (Py_ssize_t i = 0; i < n; ++i)
-    PyList_SET_ITEM(answer, i, PyBool_FromLong(!groups[size_t(i)].grads.empty()));
-  return answer;
+  return bools_of(groups, [](const Accumulation& g) { return !g.grads.empty(); });
   END_HANDLE_TH_ERRORS
 }
 

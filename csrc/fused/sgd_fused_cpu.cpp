@@ -28,6 +28,7 @@
 #include "fused/band_choice_cpu.h"
 #include "fused/fused_call_cpu.h"  // with_param_type
 #include "fused/fused_checks.h"
+#include "fused/fused_cpu.h"
 #include "fused/list_pass_cpu.h"
 #include "fused/sgd_tensor_cpu.h"
 #include "fused/threshold_stream_cpu.h"
@@ -148,9 +149,12 @@ int64_t run_tensor(const SgdTensor<T>& t, at::ScalarType dtype, int64_t n, int64
   return pos.numel();
 }
 
+}  // namespace
+
 void check_sgd_select_update(at::TensorList params, at::TensorList grads,
                              at::TensorList momentum_buffers, at::IntArrayRef ks,
-                             at::TensorList residuals, const c10::List<bool>& first_step, double momentum,
+                             at::TensorList residuals, const c10::List<bool>& first_step,
+                             double momentum,
                              const std::optional<at::Tensor>& lr_tensor,
                              const std::optional<at::Tensor>& amp_scale,
                              const std::optional<at::Tensor>& found_inf) {
@@ -176,17 +180,14 @@ void check_sgd_select_update(at::TensorList params, at::TensorList grads,
   }
 }
 
-at::Tensor sgd_select_update_cpu(at::TensorList params, at::TensorList grads,
-                                 at::TensorList momentum_buffers, at::IntArrayRef ks,
-                                 at::TensorList residuals, c10::List<bool> first_step,
-                                 bool approx, double lr,
-                                 double momentum, double dampening, double weight_decay,
-                                 bool nesterov, bool maximize, double grad_scale,
-                                 const std::optional<at::Tensor>& lr_tensor,
-                                 const std::optional<at::Tensor>& amp_scale,
-                                 const std::optional<at::Tensor>& found_inf) {
-  check_sgd_select_update(params, grads, momentum_buffers, ks, residuals, first_step, momentum,
-                          lr_tensor, amp_scale, found_inf);
+at::Tensor sgd_select_update_checked(at::TensorList params, at::TensorList grads,
+                                     at::TensorList momentum_buffers, at::IntArrayRef ks,
+                                     at::TensorList residuals, const c10::List<bool>& first_step,
+                                     bool approx, double lr, double momentum, double dampening,
+                                     double weight_decay, bool nesterov, bool maximize,
+                                     double grad_scale, const std::optional<at::Tensor>& lr_tensor,
+                                     const std::optional<at::Tensor>& amp_scale,
+                                     const std::optional<at::Tensor>& found_inf) {
   const int64_t n = int64_t(params.size());
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
   int64_t* count = counts.data_ptr<int64_t>();
@@ -226,6 +227,23 @@ at::Tensor sgd_select_update_cpu(at::TensorList params, at::TensorList grads,
   });
   for (size_t i : large) run(i, true);
   return counts;
+}
+
+namespace {
+
+at::Tensor sgd_select_update_cpu(at::TensorList params, at::TensorList grads,
+                                 at::TensorList momentum_buffers, at::IntArrayRef ks,
+                                 at::TensorList residuals, c10::List<bool> first_step,
+                                 bool approx, double lr, double momentum, double dampening,
+                                 double weight_decay, bool nesterov, bool maximize,
+                                 double grad_scale, const std::optional<at::Tensor>& lr_tensor,
+                                 const std::optional<at::Tensor>& amp_scale,
+                                 const std::optional<at::Tensor>& found_inf) {
+  check_sgd_select_update(params, grads, momentum_buffers, ks, residuals, first_step, momentum,
+                          lr_tensor, amp_scale, found_inf);
+  return sgd_select_update_checked(params, grads, momentum_buffers, ks, residuals, first_step,
+                                   approx, lr, momentum, dampening, weight_decay, nesterov,
+                                   maximize, grad_scale, lr_tensor, amp_scale, found_inf);
 }
 
 }  // namespace

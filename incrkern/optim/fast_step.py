@@ -1,5 +1,6 @@
 """The common incremental Adam step in one C++ call (on the CPU, or on one GPU where
-CUDA_ENABLED), and the micro-steps of accumulate_steps on the CPU in another.
+CUDA_ENABLED), SGD's on the CPU in another, and the micro-steps of accumulate_steps on
+the CPU in a third.
 
 On a model of many small tensors the Python around the fused kernel cost more than
 the kernel: reading each param's grad and state, checking them and boxing the lists
@@ -23,7 +24,10 @@ tensors the Python around the kernels cost more than the kernels. CUDA_ENABLED i
 Python step (tests/test_fast_step.py) and timed the two routes
 (scripts/fast_step_host.py; both in `make gpu-check`). THROUGH_OP sends the CPU's
 groups the same way (the op's CPU kernel, called as the CUDA one is), so the CPU tests
-hold that route to the Python step.
+hold that route to the Python step. `incrkern._C.fused_sgd_step` is SGD's plain case
+(select="grad" or "accumulated", or accumulate_steps; every tensor takes
+sgd_select_update_'s kernel there), on the same terms: a momentum buffer or residual
+not made yet leaves the step to Python, which makes it.
 """
 import os
 
@@ -35,6 +39,8 @@ from .base import FUSED_MIN_DENSITY, FUSED_SMALL_NUMEL, accumulation_target, fus
 
 _fused_adam_step = (getattr(_extension._C, "fused_adam_step", None)
                     if _extension.EXTENSION_LOADED else None)
+_fused_sgd_step = (getattr(_extension._C, "fused_sgd_step", None)
+                   if _extension.EXTENSION_LOADED else None)
 _accumulate_grads = (getattr(_extension._C, "accumulate_grads", None)
                      if _extension.EXTENSION_LOADED else None)
 
@@ -54,6 +60,10 @@ def _plain_group(opt, group):
     accumulation, or the step that ends a cycle of accumulate_steps), no masters,
     capture or differentiable step."""
     select = group["select"]
+    if opt._fused_rule == "sgd" and (
+            select not in ("grad", "accumulated")
+            or not base.use_fused(float(group["density"]), 0, select, "sgd")):
+        return False
     return (fused_options(group)
             and (select not in base._KEYED_DENSITY
                  or base.use_fused(float(group["density"]), 0, select))
@@ -82,9 +92,50 @@ def _micro_step(opt):
     return True
 
 
+def _spec_head(opt, group, device):
+    """What both C++ calls read first of a group, (params, density, error_feedback,
+    approx, lr, lr_tensor), and the optimizer's hyperparameters."""
+    lr, lr_tensor = opt._lr_args(group, device)
+    return ((group["params"], float(group["density"]), group["select"] == "accumulated",
+             group["topk"] == "approx", lr, lr_tensor), opt._hyper(group))
+
+
+def _adam_call(opt, groups, device):
+    """fused_adam_step's answer for the groups (per group None, or the params it left
+    to the Python step), None when not taken."""
+    if device.type == "cuda":
+        if not (CUDA_ENABLED and ops.FUSED_CUDA):
+            return None
+    elif device.type != "cpu":
+        return None
+    specs = []
+    for group in groups:
+        head, h = _spec_head(opt, group, device)
+        specs.append((*head, h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
+                      h["decoupled_weight_decay"], h["maximize"], group["accumulate_steps"],
+                      base.fused_score(group["select"]),
+                      float(group.get("fisher_beta", 0.0))))
+    return _fused_adam_step(specs, opt.state, torch.nn.Parameter, FUSED_SMALL_NUMEL,
+                            FUSED_MIN_DENSITY, -1 if device.type == "cpu" else device.index,
+                            THROUGH_OP)
+
+
+def _sgd_call(opt, groups, device):
+    """fused_sgd_step's answer for the groups (a list of bools), None when not taken."""
+    if device.type != "cpu" or _fused_sgd_step is None:
+        return None
+    specs = []
+    for group in groups:
+        head, h = _spec_head(opt, group, device)
+        specs.append((*head, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"],
+                      h["maximize"], group["accumulate_steps"]))
+    answer = _fused_sgd_step(specs, opt.state, torch.nn.Parameter)
+    return None if answer is None else [[] if had else None for had in answer]
+
+
 def one_call_step(opt):
-    """Steps every group of `opt` (an incrkern Adam) in one C++ call; False when the
-    step is not the plain case and nothing was touched."""
+    """Steps every group of `opt` (an incrkern Adam or SGD) in one C++ call; False when
+    the step is not the plain case and nothing was touched."""
     if (not ENABLED or _fused_adam_step is None
             or getattr(opt, "grad_scale", None) is not None
             or getattr(opt, "found_inf", None) is not None
@@ -99,24 +150,10 @@ def one_call_step(opt):
         return False
     # The call's device, from its first param: the C++ call finds any tensor elsewhere.
     device = next((group["params"][0].device for group in groups if group["params"]), _CPU)
-    if device.type == "cuda":
-        if not (CUDA_ENABLED and ops.FUSED_CUDA):
-            return False
-    elif device.type != "cpu":
-        return False
-    specs = []
-    for group in groups:
-        lr, lr_tensor = opt._lr_args(group, device)
-        h = opt._hyper(group)
-        specs.append((group["params"], float(group["density"]),
-                      group["select"] == "accumulated", group["topk"] == "approx", lr,
-                      lr_tensor, h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
-                      h["decoupled_weight_decay"], h["maximize"], group["accumulate_steps"],
-                      base.fused_score(group["select"]),
-                      float(group.get("fisher_beta", 0.0))))
-    answer = _fused_adam_step(specs, opt.state, torch.nn.Parameter, FUSED_SMALL_NUMEL,
-                              FUSED_MIN_DENSITY, -1 if device.type == "cpu" else device.index,
-                              THROUGH_OP)
+    if opt._fused_rule == "sgd":
+        answer = _sgd_call(opt, groups, device)
+    else:
+        answer = _adam_call(opt, groups, device)
     if answer is None:
         return False
     for group, elsewhere in zip(groups, answer):

@@ -5,6 +5,7 @@ from torch.optim.sgd import sgd as torch_sgd
 from .. import ops
 from .base import IncrementalOptimizer
 from .checks import _check_number, check_tensor_lr
+from .fast_step import one_call_step
 
 
 class SGD(IncrementalOptimizer):
@@ -58,6 +59,9 @@ class SGD(IncrementalOptimizer):
         if group["momentum"] != 0:
             for s, buf in zip(states, buffers):
                 s["momentum_buffer"] = buf
+
+    def _fast_step(self):
+        return one_call_step(self)
 
     def _momentum(self, group):
         # With momentum correction the velocity is kept (and masked) by the base class,
