@@ -573,10 +573,14 @@ if EXTENSION_LOADED:
 # INCRKERN_FUSED_CUDA=0 when incrkern is imported, picks the composed path, which the
 # tests and the profile compare the kernel with.
 FUSED_CUDA = os.environ.get("INCRKERN_FUSED_CUDA", "1") == "1"
+# The same for sgd_select_update_'s CUDA kernel (the Adam kernel's pass with SGD's
+# rule), off until a GPU has run its tests: INCRKERN_FUSED_SGD_CUDA=1 turns it on.
+FUSED_SGD_CUDA = os.environ.get("INCRKERN_FUSED_SGD_CUDA", "0") == "1"
 
 
 def _has_kernel(name, device):
-    if device.type == "cuda" and name == "adam_select_update_" and not FUSED_CUDA:
+    if device.type == "cuda" and not {"adam_select_update_": FUSED_CUDA,
+                                      "sgd_select_update_": FUSED_SGD_CUDA}.get(name, True):
         return False
     return EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
         f"incrkern::{name}", "CPU" if device.type == "cpu" else "CUDA")
@@ -729,7 +733,8 @@ def sgd_select_update_(params, grads, momentum_buffers, ks, *, lr, momentum=0.0,
     On the CPU one kernel (csrc/fused/sgd_fused_cpu.cpp): from the threshold stream's
     densities on, a counting pass over |g| and then SGD's loop, which compares each
     |g| with the k-th as it reads it; select's positions below them (with residuals,
-    adam_select_update_'s listing pass, which adds g to r as it reads). Elsewhere the
+    adam_select_update_'s listing pass, which adds g to r as it reads). On CUDA with
+    FUSED_SGD_CUDA, adam_select_update_'s passes with SGD's rule. Elsewhere the
     wrapper composes ``accumulate_``, ``select`` and ``sgd_update_``.
     """
     if validate:

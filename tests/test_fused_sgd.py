@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import incrkern
 from helpers import hot_rows_steps
 from incrkern import EXTENSION_LOADED, ops, reference
 from test_fused import (BLOCK, SMALL, TILE_MAX, assert_close_nan, clone, grads_of, ks_for,
@@ -67,14 +68,14 @@ def composed(x, ks, approx=False, first=None, **hyper):
                     consume_grad=bool(x["r"]), **amp, **hyper)
 
 
-def check(x, ks, approx=False, first=None, **hyper):
-    """The op on x, reference.sgd_update_ on a copy at the reference's exact set (approx,
-    when the count is not k: at the set the op chose, which must be a whole top set);
-    returns the counts."""
+def check(x, ks, approx=False, first=None, kernel=run, **hyper):
+    """The op on x (or `kernel`, called as run), reference.sgd_update_ on a copy at the
+    reference's exact set (approx, when the count is not k: at the set the op chose,
+    which must be a whole top set); returns the counts."""
     hyper = full(hyper)
     assert hyper["momentum"] == 0 or x["bufs"], "momentum needs buffers"
     before = clone(x)
-    counts = run(x, ks, approx, first, **hyper)
+    counts = kernel(x, ks, approx, first, **hyper)
     assert counts.dtype == torch.int64 and counts.shape == (len(ks),)
     exact = reference.select(before["grads"], ks, "accumulated" if x["r"] else "grad",
                              residuals=before["r"])
@@ -342,9 +343,11 @@ def test_opcheck():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_composes_select_and_update():
-    """On CUDA the wrapper composes (accumulate_) select and sgd_update_: the CPU
-    kernel's result."""
+@pytest.mark.parametrize("fused", [False, True], ids=["composed", "kernel"])
+def test_cuda_as_the_cpu_kernel(fused, monkeypatch):
+    """On CUDA the wrapper composes (accumulate_) select and sgd_update_, or with
+    FUSED_SGD_CUDA runs the CUDA kernel: the CPU kernel's result."""
+    monkeypatch.setattr(ops, "FUSED_SGD_CUDA", fused)
     sizes = [3 * BLOCK, 700]
     for residual in (False, True):
         x = make(sizes, torch.float32, "student_t", seed=9, residual=residual)
@@ -355,6 +358,29 @@ def test_cuda_composes_select_and_update():
         for key in ("params", "bufs", "r"):
             for cpu, gpu in zip(x[key], on_gpu[key]):
                 torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("select", ["grad", "accumulated"])
+def test_cuda_optimizer_kernel_as_composed(select, monkeypatch):
+    """incrkern.optim.SGD on a GPU with FUSED_SGD_CUDA (the kernel) and without (select
+    then sgd_update_): the same params and state over three steps, bit for bit."""
+    start, grads = hot_rows_steps(torch.float32)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(ops, "FUSED_SGD_CUDA", fused)
+        params = [nn.Parameter(p.cuda()) for p in start]
+        opt = incrkern.optim.SGD(params, lr=0.01, momentum=0.9, density=0.05, select=select)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.cuda()
+            opt.step()
+        results.append((params, opt))
+    (p0, o0), (p1, o1) = results
+    for a, b in zip(p0, p1):
+        assert same(a.detach().cpu(), b.detach().cpu())
+        for key in o0.state[a]:
+            assert same(o0.state[a][key].cpu(), o1.state[b][key].cpu()), key
 
 
 # ----------------------------------------------------------------------------------
@@ -376,7 +402,6 @@ def test_optimizer_route_matches_the_composed_one(dtype, density, options, monke
     params and state, bit for bit, on tensors past one block (one an embedding's
     gradient of hot rows) and small ones, from the buffers' first step on."""
     from incrkern.optim import base, fast_step
-    import incrkern
     monkeypatch.setattr(fast_step, "ENABLED", False)  # test_fast_step_sgd holds it to this
     start, grads = hot_rows_steps(dtype)
     calls, results = [], []

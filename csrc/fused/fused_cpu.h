@@ -2,7 +2,8 @@
 // (check_select_update, fused_checks.h), for callers inside the extension that have
 // run them and skip the dispatcher (fused_step_py.cpp); and the op's kernels as the
 // dispatcher calls them, for the one-call step's groups that take them. SGD's
-// (sgd_select_update_) checks and kernel after them, for sgd_step_py.cpp.
+// (sgd_select_update_) checks, shared by its CUDA glue, and CPU kernel after them, for
+// sgd_step_py.cpp.
 #pragma once
 
 #include <ATen/core/List.h>
@@ -56,10 +57,11 @@ at::Tensor adam_select_update_cpu(at::TensorList params, at::TensorList grads,
 using SelectUpdateKernel = decltype(&adam_select_update_cpu);
 extern SelectUpdateKernel cuda_select_update_kernel;
 
-void check_sgd_select_update(at::TensorList params, at::TensorList grads,
-                             at::TensorList momentum_buffers, at::IntArrayRef ks,
-                             at::TensorList residuals, const c10::List<bool>& first_step,
-                             double momentum, const std::optional<at::Tensor>& lr_tensor,
+void check_sgd_select_update(c10::DeviceType device_type, at::TensorList params,
+                             at::TensorList grads, at::TensorList momentum_buffers,
+                             at::IntArrayRef ks, at::TensorList residuals,
+                             const c10::List<bool>& first_step, double momentum,
+                             const std::optional<at::Tensor>& lr_tensor,
                              const std::optional<at::Tensor>& amp_scale,
                              const std::optional<at::Tensor>& found_inf);
 at::Tensor sgd_select_update_checked(at::TensorList params, at::TensorList grads,

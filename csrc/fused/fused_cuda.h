@@ -1,6 +1,6 @@
 // The CUDA fused select-and-update's plain interface: raw pointers and a stream.
 // The glue (fused_cuda_ops.cpp) plans the selection (select/select_plan.h), runs
-// select_find, then fused_adam_apply over the same launch.
+// select_find, then fused_adam_apply (fused_sgd_apply) over the same launch.
 #pragma once
 
 #include <cstdint>
@@ -20,5 +20,11 @@ namespace incrkern::cuda {
 void fused_adam_apply(const SelectLaunch& launch, const FusedTensor* tensors,
                       const UpdateOptions& options, const AdamArgs& args,
                       unsigned long long* counts, cudaStream_t stream);
+
+// The same with the SGD update (each FusedTensor's first_moment its momentum buffer,
+// null without momentum; update.first: the buffer is new).
+void fused_sgd_apply(const SelectLaunch& launch, const FusedTensor* tensors,
+                     const UpdateOptions& options, const SgdArgs& args,
+                     unsigned long long* counts, cudaStream_t stream);
 
 }  // namespace incrkern::cuda

@@ -1,8 +1,9 @@
 // The fused select-and-update pass, as the CUDA kernel (fused_cuda.cu) runs it and
 // its host run (fused_on_host_cpu.cpp) replays it: the tensor table, how a select
-// chunk is split over blocks, the factors the gradient is read with, and the step
-// over a few elements that chooses, updates and keeps the residual. Host-device and
-// CUDA-free, so that the CPU tests run this very code.
+// chunk is split over blocks, the factors the gradient is read with, the step over a
+// few elements that chooses, updates and keeps the residual, and the rule's update of
+// one element (Adam's or SGD's). Host-device and CUDA-free, so that the CPU tests run
+// this very code.
 #pragma once
 
 #include <cstdint>
@@ -78,6 +79,22 @@ IK_HD int fused_elements(const SelState& st, int64_t pos, int valid, bool residu
     ++taken;
   }
   return taken;
+}
+
+// Element e of f updated by the rule (Op: update_ops.h's AdamOp, or SgdOp, whose
+// momentum buffer is first_moment, null without momentum, and which has no
+// second_moment) with the gradient `scaled`; p read and written through `to_math` and
+// `from_math` (the device's conversions, or c10's on the host, which round alike).
+template <typename Op, typename T, typename ToMath, typename FromMath>
+IK_HD void fused_update(const FusedTensor& f, T* p, const Op& op, const typename Op::Coeff& c,
+                        int64_t e, float scaled, ToMath to_math, FromMath from_math) {
+  float* m1 = f.update.first_moment;
+  float* m2 = f.update.second_moment;
+  float pm = to_math(p[e]), m = m1 ? m1[e] : 0.f, v = m2 ? m2[e] : 0.f, unused = 0.f;
+  op.apply(pm, scaled, m, v, unused, c);
+  p[e] = from_math(pm);
+  if (m1) m1[e] = m;
+  if (m2) m2[e] = v;
 }
 
 }  // namespace incrkern::cuda

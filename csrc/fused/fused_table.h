@@ -4,6 +4,7 @@
 // (fused_on_host_cpu.cpp) builds them with the same code. CUDA-free.
 #pragma once
 
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -27,6 +28,19 @@ inline cuda::SelectGroups fused_groups(at::TensorList params, at::IntArrayRef ks
   return g;
 }
 
+// The entry of tensor i: its param, gradient, size, residual (none without error
+// feedback) and place in the call; the rule's state the caller sets.
+inline cuda::FusedTensor fused_entry(at::TensorList params, at::TensorList grads,
+                                     at::TensorList residuals, size_t i) {
+  cuda::FusedTensor f{};
+  f.update.param = params[i].data_ptr();
+  f.update.grad = grads[i].data_ptr();
+  f.update.count = params[i].numel();
+  f.residual = residuals.empty() ? nullptr : residuals[i].data_ptr<float>();
+  f.index = int64_t(i);
+  return f;
+}
+
 // The pass's tensor table, one entry per group. A step that step_on_device(s) says
 // the kernel reads through its pointer (after the glue counts it, on the stream);
 // any other is read here, the increment the glue then makes counted in.
@@ -40,18 +54,32 @@ std::vector<cuda::FusedTensor> fused_table(const cuda::SelectGroups& groups,
   std::vector<cuda::FusedTensor> table;
   for (const std::vector<size_t>& group : groups.groups) {
     const size_t i = group[0];
-    cuda::FusedTensor f{};
-    f.update.param = params[i].data_ptr();
-    f.update.grad = grads[i].data_ptr();
+    cuda::FusedTensor f = fused_entry(params, grads, residuals, i);
     f.update.first_moment = exp_avgs[i].data_ptr<float>();
     f.update.second_moment = exp_avg_sqs[i].data_ptr<float>();
-    f.update.count = params[i].numel();
     const at::Tensor& s = steps[i];
     f.update.step_on_device = step_on_device(s);
     if (f.update.step_on_device) f.update.step = s.data_ptr<float>();
     else f.update.step_value = *s.const_data_ptr<float>() + (increment_steps ? 1.0f : 0.0f);
-    f.residual = residuals.empty() ? nullptr : residuals[i].data_ptr<float>();
-    f.index = int64_t(i);
+    table.push_back(f);
+  }
+  return table;
+}
+
+// SGD's tensor table: each group's momentum buffer (none without momentum) as its
+// first moment, no second, first_step[i] (none: false) whether the buffer is new.
+inline std::vector<cuda::FusedTensor> sgd_fused_table(const cuda::SelectGroups& groups,
+                                                      at::TensorList params,
+                                                      at::TensorList grads,
+                                                      at::TensorList buffers,
+                                                      at::TensorList residuals,
+                                                      const c10::List<bool>& first_step) {
+  std::vector<cuda::FusedTensor> table;
+  for (const std::vector<size_t>& group : groups.groups) {
+    const size_t i = group[0];
+    cuda::FusedTensor f = fused_entry(params, grads, residuals, i);
+    f.update.first_moment = buffers.empty() ? nullptr : buffers[i].data_ptr<float>();
+    f.update.first = first_step.size() ? bool(first_step.get(i)) : false;
     table.push_back(f);
   }
   return table;

@@ -151,10 +151,10 @@ int64_t run_tensor(const SgdTensor<T>& t, at::ScalarType dtype, int64_t n, int64
 
 }  // namespace
 
-void check_sgd_select_update(at::TensorList params, at::TensorList grads,
-                             at::TensorList momentum_buffers, at::IntArrayRef ks,
-                             at::TensorList residuals, const c10::List<bool>& first_step,
-                             double momentum,
+void check_sgd_select_update(c10::DeviceType device_type, at::TensorList params,
+                             at::TensorList grads, at::TensorList momentum_buffers,
+                             at::IntArrayRef ks, at::TensorList residuals,
+                             const c10::List<bool>& first_step, double momentum,
                              const std::optional<at::Tensor>& lr_tensor,
                              const std::optional<at::Tensor>& amp_scale,
                              const std::optional<at::Tensor>& found_inf) {
@@ -164,14 +164,14 @@ void check_sgd_select_update(at::TensorList params, at::TensorList grads,
   check_sgd_args(kOp, momentum, momentum_buffers, first_step, params);
   check_amp(kOp, amp_scale, found_inf, params);
   const size_t n = params.size();
+  const char* where = device_type == c10::DeviceType::CPU ? "the CPU" : "a CUDA device";
   TORCH_CHECK(ks.size() == n, kOp, ": ks has ", ks.size(), " entries, expected ", n);
   TORCH_CHECK(residuals.empty() || residuals.size() == n, kOp, ": residuals has ",
               residuals.size(), " tensors, expected ", n, " (or none)");
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu(), kOp, ": params[", i, "] is on ", p.device(),
-                ", expected the CPU (ops.sgd_select_update_ composes select and sgd_update_ "
-                "elsewhere)");
+    TORCH_CHECK(p.device().type() == device_type, kOp, ": params[", i, "] is on ",
+                p.device(), ", expected ", where);
     TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(), kOp, ": grads[", i, "] has dtype ",
                 grads[i].scalar_type(), ", expected the param's ", p.scalar_type());
     TORCH_CHECK(ks[i] >= 0 && ks[i] <= p.numel(), kOp, ": ks[", i, "] must be in [0, ",
@@ -239,8 +239,8 @@ at::Tensor sgd_select_update_cpu(at::TensorList params, at::TensorList grads,
                                  double grad_scale, const std::optional<at::Tensor>& lr_tensor,
                                  const std::optional<at::Tensor>& amp_scale,
                                  const std::optional<at::Tensor>& found_inf) {
-  check_sgd_select_update(params, grads, momentum_buffers, ks, residuals, first_step, momentum,
-                          lr_tensor, amp_scale, found_inf);
+  check_sgd_select_update(c10::DeviceType::CPU, params, grads, momentum_buffers, ks, residuals,
+                          first_step, momentum, lr_tensor, amp_scale, found_inf);
   return sgd_select_update_checked(params, grads, momentum_buffers, ks, residuals, first_step,
                                    approx, lr, momentum, dampening, weight_decay, nesterov,
                                    maximize, grad_scale, lr_tensor, amp_scale, found_inf);

@@ -100,10 +100,11 @@ PyObject* fused_sgd_step(PyObject* /*module*/, PyObject* args) {
     for (const SgdGroup& g : groups)
       at::parallel_for(0, int64_t(g.params.size()), kChecksGrain, [&](int64_t b, int64_t e) {
         const auto run = [&](const auto& list) { return run_of(list, b, e); };
-        check_sgd_select_update(run(at::TensorList(g.params)), run(at::TensorList(g.grads)),
-                                run(at::TensorList(g.buffers)), run(at::IntArrayRef(g.ks)),
-                                run(at::TensorList(g.residuals)), no_first_steps, g.momentum,
-                                g.lr_tensor, std::nullopt, std::nullopt);
+        check_sgd_select_update(c10::DeviceType::CPU, run(at::TensorList(g.params)),
+                                run(at::TensorList(g.grads)), run(at::TensorList(g.buffers)),
+                                run(at::IntArrayRef(g.ks)), run(at::TensorList(g.residuals)),
+                                no_first_steps, g.momentum, g.lr_tensor, std::nullopt,
+                                std::nullopt);
       });
   } catch (const c10::Error&) {
     Py_RETURN_NONE;

@@ -92,10 +92,11 @@ class SGD(IncrementalOptimizer):
         return buffers, first
 
     def _fused_eligible(self, group, by_device):
-        """SGD's fused kernel: the CPU's, by |grad| or error feedback per tensor (with
-        accumulate_steps, the accumulator as its residual), and the base class's
-        conditions."""
-        return (super()._fused_eligible(group, by_device) and by_device[0][0].type == "cpu"
+        """SGD's fused kernel: the CPU's, or a GPU's with ops.FUSED_SGD_CUDA, by |grad|
+        or error feedback per tensor (with accumulate_steps, the accumulator as its
+        residual), and the base class's conditions."""
+        return (super()._fused_eligible(group, by_device)
+                and (by_device[0][0].type == "cpu" or ops.FUSED_SGD_CUDA)
                 and group["select"] in ("grad", "accumulated"))
 
     def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0,
