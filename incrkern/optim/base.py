@@ -152,6 +152,8 @@ class IncrementalOptimizer(Optimizer):
 
     _counts_steps = False  # a subclass keeping a `step` tensor per param sets it
     _fused_rule = "adam"  # whose fused kernel _select_update calls (use_fused's rule)
+    # The selects that kernel takes (the keyed ones on the CPU only).
+    _fused_selects = ("grad", "accumulated", "weight", "grad_sq", "random")
     # scope="global" groups select through this callable(group, params, tensors,
     # score, weights) -> indices when set: incrkern.distributed.ShardedOptimizer's
     # selection agreed across ranks, on local shards.
@@ -656,11 +658,15 @@ class IncrementalOptimizer(Optimizer):
         cpu = by_device and by_device[0][0].type == "cpu"
         if (type(self)._select_update is IncrementalOptimizer._select_update
                 or len(by_device) != 1
-                or not (cpu or (by_device[0][0].type == "cuda" and ops.FUSED_CUDA))
-                or not fused_options(group)
+                or not (cpu or (by_device[0][0].type == "cuda" and self._fused_cuda()))
+                or not fused_options(group) or group["select"] not in self._fused_selects
                 or group["select"] in _KEYED_DENSITY and not cpu):  # CPU kernels only
             return False
         return all(p.dtype in _FUSED_DTYPES for p in by_device[0][1])
+
+    def _fused_cuda(self):
+        """Whether the fused kernel's CUDA form is on (read at each step)."""
+        return ops.FUSED_CUDA
 
     def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0,
                        scores=None):

@@ -60,13 +60,8 @@ def _plain_group(opt, group):
     accumulation, or the step that ends a cycle of accumulate_steps), no masters,
     capture or differentiable step."""
     select = group["select"]
-    if opt._fused_rule == "sgd" and (
-            select not in ("grad", "accumulated")
-            or not base.use_fused(float(group["density"]), 0, select, "sgd")):
-        return False
-    return (fused_options(group)
-            and (select not in base._KEYED_DENSITY
-                 or base.use_fused(float(group["density"]), 0, select))
+    return (fused_options(group) and select in opt._fused_selects
+            and base.use_fused(float(group["density"]), 0, select, opt._fused_rule)
             and group["accumulated_calls"] + 1 == group["accumulate_steps"]
             and not opt._is_dense(group) and not group.get("master_weights")
             and not group.get("capturable") and not group.get("differentiable"))

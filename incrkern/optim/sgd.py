@@ -18,6 +18,7 @@ class SGD(IncrementalOptimizer):
     """
 
     _fused_rule = "sgd"
+    _fused_selects = ("grad", "accumulated")  # |grad|, error feedback; accumulate_steps
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
@@ -91,13 +92,8 @@ class SGD(IncrementalOptimizer):
             first = [False] * len(work.params)
         return buffers, first
 
-    def _fused_eligible(self, group, by_device):
-        """SGD's fused kernel: the CPU's, or a GPU's with ops.FUSED_SGD_CUDA, by |grad|
-        or error feedback per tensor (with accumulate_steps, the accumulator as its
-        residual), and the base class's conditions."""
-        return (super()._fused_eligible(group, by_device)
-                and (by_device[0][0].type == "cpu" or ops.FUSED_SGD_CUDA)
-                and group["select"] in ("grad", "accumulated"))
+    def _fused_cuda(self):
+        return ops.FUSED_SGD_CUDA
 
     def _select_update(self, group, work, device, ks, residuals, approx, grad_scale=1.0,
                        scores=None):
