@@ -598,7 +598,6 @@ def _checked_ks(ks, params, grads):
     return ks
 
 
-
 def _checked_residuals(residuals, params):
     """Error feedback's residuals (None: none) as a list: none, or one per param of its
     math dtype and size, on its device."""
@@ -608,6 +607,7 @@ def _checked_residuals(residuals, params):
         _check_tensor(f"residuals[{i}]", r, device=params[i].device,
                       dtypes=(math_dtype(params[i].dtype),), numel=params[i].numel())
     return residuals
+
 
 def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residuals=None, *,
                         approx=False, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,

@@ -218,6 +218,13 @@ def ks_for(n):
 SMALL = [0, 1, 15, 17, 1000]
 
 
+def small_cases():
+    """(n, k) over the SMALL sizes: ks_for's ks, and half and 30% of n."""
+    for n in SMALL:
+        for k in ks_for(n) + [n // 2, math.ceil(0.3 * n)]:
+            yield n, k
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("kind", ["normal", "student_t", "sparse", "zeros", "ties", "special"])

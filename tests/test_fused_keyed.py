@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from incrkern import EXTENSION_LOADED, ops
-from test_fused import (BLOCK, HYPERS, SMALL, check, check_cuda_like_cpu, check_on_threads,
-                        clone, drawn_seed, grads_of, ks_for, ks_of, make, same)
+from test_fused import (BLOCK, HYPERS, check, check_cuda_like_cpu, check_on_threads, clone,
+                        drawn_seed, grads_of, ks_of, make, same, small_cases)
 
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
 
@@ -68,10 +68,9 @@ def test_drawn_seed_is_selects():
 @pytest.mark.parametrize("kind", ["normal", "student_t", "sparse", "zeros", "ties", "special"])
 @pytest.mark.parametrize("score", SCORES)
 def test_small_tensors(dtype, kind, score):
-    for n in SMALL:
-        for k in ks_for(n) + [n // 2, math.ceil(0.3 * n)]:
-            check_keyed(make_keyed([n], dtype, score, kind, seed=n + k), [min(k, n)],
-                        **HYPERS["adamw"])
+    for n, k in small_cases():
+        check_keyed(make_keyed([n], dtype, score, kind, seed=n + k), [min(k, n)],
+                    **HYPERS["adamw"])
 
 
 @needs_ext

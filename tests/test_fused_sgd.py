@@ -16,8 +16,8 @@ from torch import nn
 import incrkern
 from helpers import hot_rows_steps
 from incrkern import EXTENSION_LOADED, ops, reference
-from test_fused import (BLOCK, SMALL, TILE_MAX, assert_close_nan, clone, grads_of, ks_for,
-                        ks_of, same)
+from test_fused import (BLOCK, TILE_MAX, assert_close_nan, clone, grads_of, ks_of, same,
+                        small_cases)
 
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
 
@@ -123,10 +123,9 @@ def same_elements(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("kind", ["normal", "student_t", "sparse", "zeros", "ties", "special"])
 def test_small_tensors(dtype, kind):
-    for n in SMALL:
-        for k in ks_for(n) + [n // 2, math.ceil(0.3 * n)]:
-            check(make([n, 33], dtype, kind, seed=n + k), [min(k, n), min(33, k)],
-                  **HYPERS["momentum"])
+    for n, k in small_cases():
+        check(make([n, 33], dtype, kind, seed=n + k), [min(k, n), min(33, k)],
+              **HYPERS["momentum"])
 
 
 @needs_ext

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from incrkern import EXTENSION_LOADED, ops
-from test_fused import (BLOCK, HYPERS, SMALL, changed_set, check, check_cuda_like_cpu,
-                        check_on_threads, clone, grads_of, ks_for, ks_of, make,
-                        reference_indices, same)
+from test_fused import (BLOCK, HYPERS, changed_set, check, check_cuda_like_cpu,
+                        check_on_threads, clone, grads_of, ks_of, make, reference_indices, same,
+                        small_cases)
 
 needs_ext = pytest.mark.skipif(not EXTENSION_LOADED, reason="extension not built")
 
@@ -38,10 +38,9 @@ def check_weight(x, ks, approx=False, **hyper):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("kind", ["normal", "student_t", "sparse", "zeros", "ties", "special"])
 def test_small_tensors(dtype, kind):
-    for n in SMALL:
-        for k in ks_for(n) + [n // 2, math.ceil(0.3 * n)]:
-            check_weight(make_weight([n], dtype, kind, seed=n + k), [min(k, n)],
-                         **HYPERS["adamw"])
+    for n, k in small_cases():
+        check_weight(make_weight([n], dtype, kind, seed=n + k), [min(k, n)],
+                     **HYPERS["adamw"])
 
 
 @needs_ext

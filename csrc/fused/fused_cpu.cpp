@@ -279,8 +279,7 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
 
   // The counts: exact mode needs the k-th in the band; approx accepts a count within
   // its tolerance of k.
-  int64_t w = 0, cnt = 0;
-  for (const BlockOut& o : out) w += o.winners, cnt += int64_t(o.cpos.size());
+  const auto [w, cnt] = listed_counts(out);
   if (!band_holds(w, cnt, k, c.approx)) return run_fallback(c, i, t, k, true);
   choose_candidates(out, k - w, band->first, band->second, values);
 
@@ -488,8 +487,7 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   const double half_share = double(total) / double(2 * threads);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t numel = c.res[i].numel;
-    const bool one_thread = select::one_thread_selection(numel, ks[i]) ||
-                            (numel <= select::kTileMaxNumel && stream_pays(numel, ks[i]));
+    const bool one_thread = one_thread_tensor(numel, ks[i]);
     (one_thread ? small : double(numel) <= half_share ? beside : large).push_back(i);
   }
   // A tensor past that share whose step is about one read of its keys (mostly_zeros)

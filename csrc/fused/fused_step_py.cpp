@@ -17,11 +17,7 @@
 #include <ATen/ops/randint.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/python_variable.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -188,13 +184,10 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
   const Py_ssize_t n = PyList_GET_SIZE(specs);
   std::vector<Group> groups(static_cast<size_t>(n));
   StateReader reader(state, parameter_type);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!read_group(PyList_GET_ITEM(specs, i), reader, cost, device, groups[size_t(i)])) {
-      PyErr_Clear();
-      Py_RETURN_NONE;
-    }
-  }
-  if (!reader.steps_unshared()) Py_RETURN_NONE;
+  const auto read = [&](PyObject* spec, StateReader& r, Group& g) {
+    return read_group(spec, r, cost, device, g);
+  };
+  if (!read_groups(specs, reader, groups, read) || !reader.steps_unshared()) Py_RETURN_NONE;
   // Every group's lists pass the kernel's checks before any group is stepped. Only
   // whether they pass matters here (the Python step raises its own errors), so each
   // thread checks a run of the params as lists of their own.

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <utility>
 
 #include "common/claims.h"
 #include "common/rules.h"
@@ -130,6 +131,13 @@ std::span<BlockOut> list_pass(const Tensor& t, int64_t n, uint32_t lo, uint32_t 
     }
   });
   return out;
+}
+
+// A listing pass's keys above the band (winners) and in it (candidates).
+inline std::pair<int64_t, int64_t> listed_counts(std::span<const BlockOut> out) {
+  int64_t winners = 0, candidates = 0;
+  for (const BlockOut& o : out) winners += o.winners, candidates += int64_t(o.cpos.size());
+  return {winners, candidates};
 }
 
 }  // namespace incrkern::fused

@@ -80,15 +80,14 @@ void update_listed(const SgdTensor<T>& t, const BlockOut& o) {
 
 // Error feedback below the stream's densities (a tensor over every thread): the listing
 // pass lists the tiles above the band [lo, hi] and the band's candidates, forming
-// r + g as it reads unless `added`, then the chosen elements are updated. The count updated, or nothing
-// (nothing updated) where the counts refute the band.
+// r + g as it reads unless `added`, then the chosen elements are updated. The count
+// updated, or nothing (nothing updated) where the counts refute the band.
 template <typename T>
 std::optional<int64_t> run_listed(const SgdTensor<T>& t, int64_t n, int64_t k, bool added,
                                   uint32_t lo, uint32_t hi, bool approx) {
   const std::span<BlockOut> out =
       fused::list_pass(t, n, lo, hi, added, fused::few_hits(k, n), /*values=*/false);
-  int64_t w = 0, cnt = 0;
-  for (const BlockOut& o : out) w += o.winners, cnt += int64_t(o.cpos.size());
+  auto [w, cnt] = fused::listed_counts(out);
   if (!fused::band_holds(w, cnt, k, approx)) return std::nullopt;
   fused::choose_candidates(out, k - w, lo, hi, /*values=*/false);
   parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
@@ -217,10 +216,7 @@ at::Tensor sgd_select_update_checked(at::TensorList params, at::TensorList grads
   std::vector<size_t> small, large;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t numel = params[i].numel();
-    const bool one_thread =
-        select::one_thread_selection(numel, ks[i]) ||
-        (numel <= select::kTileMaxNumel && fused::stream_pays(numel, ks[i]));
-    (one_thread ? small : large).push_back(size_t(i));
+    (fused::one_thread_tensor(numel, ks[i]) ? small : large).push_back(size_t(i));
   }
   parallel_for_claimed(0, int64_t(small.size()), kSmallGrain, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) run(small[size_t(j)], false);

@@ -44,6 +44,12 @@ inline bool stream_pays(int64_t n, int64_t k) {
 
 constexpr int64_t kDenseGrain = 1 << 15;  // elements per claim of a dense update
 
+// Whether a tensor of n elements, k chosen, runs on one thread beside the others: it
+// selects on one (select::one_thread_selection), or streams and holds at most 2^20.
+inline bool one_thread_tensor(int64_t n, int64_t k) {
+  return select::one_thread_selection(n, k) || (n <= select::kTileMaxNumel && stream_pays(n, k));
+}
+
 // Every element of t's n updated (k = n): over every thread (`whole`), or on this one.
 template <typename Tensor>
 void update_every(const Tensor& t, int64_t n, bool whole) {
