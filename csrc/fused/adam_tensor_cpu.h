@@ -38,6 +38,11 @@ struct AdamTensor {
   // given `scores` (the Fisher of select="grad_sq", never negative: |s| orders as s).
   KeyFrom key_from = KeyFrom::Grad;
   const M* scores = nullptr;
+  // select="grad_sq" with the Fisher's EMA formed by this call (else null): scores point
+  // at it, and accumulate_keys forms f = fisher_decay * f + fisher_alpha * g^2 before
+  // the keys are read. The rule reads g.
+  M* fisher = nullptr;
+  M fisher_decay = 0, fisher_alpha = 0;
 
   // The update of element e alone, by its residual (then zeroed) or its gradient.
   void one(int64_t e) const {
@@ -62,6 +67,16 @@ struct AdamTensor {
   void add_residual(int64_t b, int64_t e) const {
     fused::add_residual(r + b, g + b, residual_alpha, e - b);
   }
+
+  // What the keys of [b, e) accumulate before they are read: error feedback's r += g
+  // or the Fisher's EMA (nothing without either).
+  void accumulate_keys(int64_t b, int64_t e) const {
+    if (r) add_residual(b, e);
+    else if (fisher) fused::add_fisher(fisher + b, g + b, fisher_alpha, fisher_decay, e - b);
+  }
+
+  // The keys where they are kept apart from g and p (the residual or the scores), else null.
+  const M* stored_keys() const { return r ? r : scores; }
 
   // Every element of [b, e) updated: the streaming loop. With a residual it reads r
   // and zeroes it, having added g to it first unless `added` (the listing pass did).

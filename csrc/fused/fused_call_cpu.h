@@ -46,6 +46,9 @@ struct Call {
   // (seed, tensor number, index) (score="random").
   KeyFrom key_from = KeyFrom::Grad;
   int64_t seed = 0;
+  // select="grad_sq" whose Fisher this call accumulates (the one-call step's): the
+  // scores hold the Fisher before it, f = fisher_beta * f + (1 - fisher_beta) * g^2.
+  std::optional<double> fisher_beta;
 };
 
 // Tensor i's score source for the Selector (its sample, and select's positions).
@@ -55,6 +58,9 @@ inline select::Source source_of(const Call& c, size_t i) {
   const at::ScalarType math = t.dtype == at::kDouble ? at::kDouble : at::kFloat;
   if (c.key_from == KeyFrom::Param)
     return Source{ScoreKind::Abs, t.dtype, t.p, at::kFloat, nullptr, {}, t.numel, 0};
+  if (c.key_from == KeyFrom::Scores && c.fisher_beta)  // the Fisher's EMA not yet formed
+    return Source{ScoreKind::Fisher, t.dtype, t.g, math, t.s, {}, t.numel, 0,
+                  float(*c.fisher_beta), amp_sq_factor<float>(1.0 - *c.fisher_beta, c.amp)};
   if (c.key_from == KeyFrom::Scores)
     return Source{ScoreKind::Abs, math, t.s, math, nullptr, {}, t.numel, 0};
   if (c.key_from == KeyFrom::Random)
@@ -65,11 +71,12 @@ inline select::Source source_of(const Call& c, size_t i) {
                 t.r, {}, t.numel, 0};
 }
 
-// The residual alone as the score source, once the gradient has been added to it.
+// The residual, or the Fisher, alone as the score source once the step's gradient has
+// been accumulated into it.
 template <typename T>
-select::Source residual_source(const AdamTensor<T>& t, int64_t n) {
+select::Source accumulated_source(const AdamTensor<T>& t, int64_t n) {
   const at::ScalarType d = std::is_same_v<T, double> ? at::kDouble : at::kFloat;
-  return select::Source{ScoreKind::Abs, d, t.r, d, nullptr, {}, n, 0};
+  return select::Source{ScoreKind::Abs, d, t.r ? t.r : t.fisher, d, nullptr, {}, n, 0};
 }
 
 // adam_bias of the call's constants at `step`, kept for the last step seen on this
@@ -91,7 +98,7 @@ AdamTensor<T> adam_tensor(const Call& c, size_t i) {
   using M = at::opmath_type<T>;
   const Resolved& r = c.res[i];
   const AdamBias bias = call_adam_bias(c, r.step);
-  return AdamTensor<T>{
+  AdamTensor<T> t{
       static_cast<T*>(r.p),
       static_cast<const T*>(r.g),
       static_cast<M*>(r.m),
@@ -105,6 +112,12 @@ AdamTensor<T> adam_tensor(const Call& c, size_t i) {
       c.residuals.empty() ? M(1) : amp_factor<M>(1.0, c.amp),
       c.key_from,
       static_cast<const M*>(r.s)};
+  if (c.fisher_beta) {
+    t.fisher = static_cast<M*>(const_cast<void*>(r.s));
+    t.fisher_decay = M(*c.fisher_beta);
+    t.fisher_alpha = amp_sq_factor<M>(1.0 - *c.fisher_beta, c.amp);
+  }
+  return t;
 }
 
 template <typename Fn>

@@ -99,18 +99,18 @@ void update_positions(const Call& c, size_t i, const at::Tensor& pos) {
 }
 
 // A large tensor whose band missed: select, then the positional update. A residual
-// gets the gradient added first (by the listing pass, after_pass, or here), and the
-// selection then reads it alone: a selection over r + g would read both arrays in
-// each of its passes.
+// gets the gradient added first (a Fisher its EMA; by the listing or counting pass,
+// after_pass, or here), and the selection then reads it alone: a selection over r + g
+// would read both arrays in each of its passes.
 template <typename T>
 int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k,
                      bool after_pass) {
   Source src = source_of(c, i);
-  if (t.r) {
+  if (t.r || t.fisher) {
     if (!after_pass)
       parallel_for_claimed(0, c.res[i].numel, kDenseGrain,
-                           [&](int64_t b, int64_t e) { t.add_residual(b, e); });
-    src = residual_source(t, src.n);
+                           [&](int64_t b, int64_t e) { t.accumulate_keys(b, e); });
+    src = accumulated_source(t, src.n);
   }
   const at::Tensor pos = select_positions(src, k, c.approx);
   update_positions(c, i, pos);
@@ -174,7 +174,7 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, De
   }
   if (t.r) t.add_residual(0, n);  // the score is then r alone
   if (k == 0) return 0;
-  const Source src = t.r ? residual_source(t, n) : source_of(c, i);
+  const Source src = t.r ? accumulated_source(t, n) : source_of(c, i);
   if constexpr (!std::is_same_v<T, double>) {
     if (stream_pays(n, k)) {
       const auto band = Selector<uint32_t>({src}, k, c.approx).stream_band();
@@ -251,11 +251,12 @@ int64_t run_zero_floor(const Call& c, size_t i, const AdamTensor<T>& t, int64_t 
 
 // A large tensor of 32-bit keys (0 < k < n): the band, the listing pass, the
 // resolve, the update. Returns the count updated. `added`: the residual already
-// holds r + residual_alpha * g (the band is then sampled from it alone).
+// holds r + residual_alpha * g, or the Fisher its EMA (the band is then sampled from
+// it alone).
 template <typename T>
 int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool added) {
   const int64_t n = c.res[i].numel;
-  Selector<uint32_t> sel({added ? residual_source(t, n) : source_of(c, i)}, k, c.approx);
+  Selector<uint32_t> sel({added ? accumulated_source(t, n) : source_of(c, i)}, k, c.approx);
   // Nearly all keys 0: the nonzero tiles listed, with no sample. The nonzeros hold
   // the k largest keys, and reading them again costs fewer lines than the sample's
   // reads, each of which waits on its own line.
@@ -376,23 +377,36 @@ int64_t run_random(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, u
 // over the keys then their update (`whole`: over every thread). fp64 takes the
 // positions. The stream starts later than |g|'s, whose alternative is the tile lists:
 // against select's positions by |p| it lost at 0.03 on a transformer's embedding
-// (docs/measurements-selects.md).
+// (docs/measurements-selects.md). A Fisher whose EMA the call forms (t.fisher): a
+// large tensor's goes as |g|'s, the listing or counting pass forming it as it reads
+// (run_band); any other's is formed first, then read as given scores.
 constexpr double kKeyedStreamDensity = 0.05;
 template <typename T>
 int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool whole) {
   const int64_t n = c.res[i].numel;
+  if constexpr (!std::is_same_v<T, double>) {
+    if (t.fisher && whole && k > 0 && k < n) return run_band(c, i, t, k, /*added=*/false);
+  }
+  if (t.fisher) {
+    if (whole)
+      parallel_for_claimed(0, n, kDenseGrain,
+                           [&](int64_t b, int64_t e) { t.accumulate_keys(b, e); });
+    else
+      t.accumulate_keys(0, n);
+  }
   if (k == 0) return 0;
   if (k == n) {
     update_every(t, n, whole);
     return n;
   }
+  const Source src = t.fisher ? accumulated_source(t, n) : source_of(c, i);
   if constexpr (!std::is_same_v<T, double>) {
     // The random score's listing updates scattered positions, not |p|'s clustered ones:
     // the stream pays from |g|'s densities (docs/design.md).
     const bool stream = stream_pays(n, k) && (c.key_from == KeyFrom::Random ||
                                               double(k) >= kKeyedStreamDensity * double(n));
     if (stream || c.key_from == KeyFrom::Random) {
-      Selector<uint32_t> sel({source_of(c, i)}, k, c.approx);
+      Selector<uint32_t> sel({src}, k, c.approx);
       const auto band = stream_band(sel, whole);
       if (band && c.key_from == KeyFrom::Random && !forced_fallback("before"))
         return run_random(c, i, t, k, band->first, band->second, stream);
@@ -400,7 +414,7 @@ int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bo
         return run_stream(c, i, t, k, true, band->first, band->second, c.approx);
     }
   }
-  const at::Tensor pos = select_positions(source_of(c, i), k, c.approx);
+  const at::Tensor pos = select_positions(src, k, c.approx);
   if (!whole) return update_at(t, pos.data_ptr<int64_t>(), pos.numel());
   update_positions(c, i, pos);
   return pos.numel();
@@ -420,11 +434,12 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       const std::optional<at::Tensor>& amp_scale,
                                       const std::optional<at::Tensor>& found_inf,
                                       KeyFrom key_from, at::TensorList scores,
-                                      int64_t seed) {
+                                      int64_t seed, std::optional<double> fisher_beta) {
   Call c{params, grads, exp_avgs, exp_avg_sqs, steps, residuals, lr, beta1, beta2, eps,
          weight_decay, grad_scale, decoupled_weight_decay, maximize, approx};
   c.key_from = key_from;
   c.seed = seed;
+  c.fisher_beta = fisher_beta;
   if (lr_tensor.has_value()) c.lr = lr_tensor->item<double>();
   const int64_t n = int64_t(params.size());
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));

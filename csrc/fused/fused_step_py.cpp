@@ -54,8 +54,9 @@ struct Group : SpecHead {
   double beta1, beta2, eps, weight_decay;
   bool decoupled_weight_decay, maximize;
   // Where the CPU kernel's keys come from: |g|, |p| (select="weight"), the Fisher
-  // (select="grad_sq", accumulated first by fisher_beta) or the hash of the indices
-  // (select="random", its seed drawn once the call is known to step).
+  // (select="grad_sq", its EMA by fisher_beta formed by the CPU kernel, first on a GPU)
+  // or the hash of the indices (select="random", its seed drawn once the call is known
+  // to step).
   KeyFrom key_from = KeyFrom::Grad;
   int64_t seed = 0;
   double fisher_beta = 0.0;
@@ -220,23 +221,28 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
     WithoutGil released;
     for (const Group& g : groups) {
       if (g.params.empty()) continue;
-      if (g.key_from == KeyFrom::Scores) {  // the Fisher first, as the Python step
-        RECORD_FUNCTION("incrkern::accumulate_", std::vector<c10::IValue>());
-        accumulate_checked({}, g.grads, 1.0, g.scores, 1.0 - g.fisher_beta, g.fisher_beta,
-                           std::nullopt, std::nullopt);
-      }
-      RECORD_FUNCTION("incrkern::adam_select_update_", std::vector<c10::IValue>());
+      const bool fisher = g.key_from == KeyFrom::Scores;
       if (op_kernel) {
+        if (fisher) {  // the Fisher first, as the Python step
+          RECORD_FUNCTION("incrkern::accumulate_", std::vector<c10::IValue>());
+          accumulate_checked({}, g.grads, 1.0, g.scores, 1.0 - g.fisher_beta, g.fisher_beta,
+                             std::nullopt, std::nullopt);
+        }
+        RECORD_FUNCTION("incrkern::adam_select_update_", std::vector<c10::IValue>());
         step_by_op_kernel(op_kernel, g);
         continue;
       }
+      // The CPU kernel forms the Fisher's EMA where it reads the keys: a large tensor's
+      // by the pass that lists or counts them, one read of g and f for both.
+      RECORD_FUNCTION("incrkern::adam_select_update_", std::vector<c10::IValue>());
       adam_select_update_checked(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.ks,
                                  g.residuals, g.approx, g.lr, g.beta1, g.beta2, g.eps,
                                  g.weight_decay, g.decoupled_weight_decay, g.maximize,
                                  g.grad_scale, g.lr_tensor,
                                  Bookkeeping{.increment_steps = true, .steps_distinct = true,
                                              .bump_written = true},
-                                 std::nullopt, std::nullopt, g.key_from, g.scores, g.seed);
+                                 std::nullopt, std::nullopt, g.key_from, g.scores, g.seed,
+                                 fisher ? std::optional<double>(g.fisher_beta) : std::nullopt);
       if (g.spends_accumulation) zero_over_threads(g.residuals);  // contiguous: checked
     }
   }

@@ -2,8 +2,9 @@
 // sgd_fused_cpu.cpp for SGD with error feedback), over any tensor type that gives its
 // keys, gradient and residual (fused::AdamTensor, fused::SgdTensor): one read of a
 // large tensor's keys listing, per block, the tiles holding a key above a band and the
-// band's (key, position) candidates, with error feedback's r += g formed a chunk at a
-// time as it reads (docs/design.md, "Fused select-and-update: the tile lists").
+// band's (key, position) candidates, with error feedback's r += g or the Fisher's EMA
+// formed a chunk at a time as it reads (docs/design.md, "Fused select-and-update: the
+// tile lists").
 #pragma once
 
 #include <algorithm>
@@ -41,10 +42,11 @@ inline bool few_hits(int64_t k, int64_t n) {
 }
 
 // The listing pass over a large tensor, per block: the winners (key > hi) and the
-// candidates (lo <= key <= hi). With a residual not yet `added`, each chunk's keys
-// are u = r + g, written to r first. few_hits: whether nearly no tile is expected to
-// hold a key >= lo, for a thread's first chunk (each later one goes by the chunk
-// before it). `values` (no residual): the listed lanes' gradients kept too
+// candidates (lo <= key <= hi), keys read from t.stored_keys() or else g. Keys not yet
+// `added` (a residual's u = r + g, a Fisher's EMA) are formed a chunk at a time,
+// written first. few_hits: whether nearly no tile is expected to hold a key >= lo, for
+// a thread's first chunk (each later one goes by the chunk before it). `values` (no
+// residual): the listed lanes' gradients kept too
 // (BlockOut::wval, cval). `tile_keys` (winners only, lo > hi): the keys of every
 // listed tile's 16 lanes, then of the tail's winners, kept in BlockOut::ckey while
 // they are at most 1 / kTileKeysShare of the block's elements (tile_keys_complete).
@@ -55,6 +57,7 @@ std::span<BlockOut> list_pass(const Tensor& t, int64_t n, uint32_t lo, uint32_t 
   const int32_t hi_gt = order_greater_than<false>(uint64_t(hi) + 1);
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   const std::span<BlockOut> out = cleared_block_lists(nblocks);
+  const auto* stored = t.stored_keys();
   parallel_claims(0, nblocks, 1, [&](Claims& claims) {
     uint32_t cmask[kChunkTiles];
     int64_t cstart[kChunkTiles];
@@ -75,8 +78,8 @@ std::span<BlockOut> list_pass(const Tensor& t, int64_t n, uint32_t lo, uint32_t 
         const int64_t tiles = std::min(kChunkTiles, (whole - e) / kTile);
         const int64_t listed = l.nw;
         l.nc = 0;
-        if (t.r && !added) t.add_residual(e, e + tiles * kTile);
-        const float* keys = t.r ? static_cast<const float*>(t.r + e) : nullptr;
+        if (!added) t.accumulate_keys(e, e + tiles * kTile);
+        const float* keys = stored ? static_cast<const float*>(stored + e) : nullptr;
         if (keys) list_tiles(keys, tiles, lo_gt, hi_gt, e, l, few);
         else list_tiles(t.g + e, tiles, lo_gt, hi_gt, e, l, few);
         few = double(l.nw - listed + l.nc) < kFewHits * double(tiles);
@@ -90,7 +93,7 @@ std::span<BlockOut> list_pass(const Tensor& t, int64_t n, uint32_t lo, uint32_t 
               for (int lane = 0; lane < kTile; ++lane)
                 key[lane] = abs_key32(float(x[wstart[j] + lane]));
           };
-          if (t.r) keep(t.r);
+          if (stored) keep(stored);
           else keep(t.g);
         }
         for (int64_t j = 0; j < l.nc; ++j)
@@ -116,7 +119,7 @@ std::span<BlockOut> list_pass(const Tensor& t, int64_t n, uint32_t lo, uint32_t 
       o.wmask.assign(wmask.get(), wmask.get() + l.nw);
       o.winners = l.w;
       for (int64_t e = whole; e < end; ++e) {
-        if (t.r && !added) accumulate_rule(t.r[e], float(t.g[e]), float(t.residual_alpha));
+        if (!added) t.accumulate_keys(e, e + 1);
         const uint32_t key = t.key(e);
         if (key > hi) {
           o.tail_winners.push_back(e);

@@ -5,6 +5,7 @@
 //  - band_keys: the count of keys above the band and the keys inside it (the
 //    threshold stream's counting pass);
 //  - add_residual: error feedback's r += g, tiles it leaves unchanged not stored.
+//  - add_fisher: select="grad_sq"'s f = sq_decay * f + sq_alpha * g^2.
 #pragma once
 
 #include <algorithm>
@@ -183,6 +184,36 @@ void add_residual(M* r, const T* g, M alpha, int64_t n) {
     if (use_avx2()) return add_residual_avx2(r, g, alpha, n);
 #endif
   add_residual_portable(r, g, alpha, n);
+}
+
+// f = sq_decay * f + sq_alpha * g^2 over [0, n), as accumulate_ computes it.
+template <typename T, typename M>
+void add_fisher_portable(M* f, const T* g, M sq_alpha, M sq_decay, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) accumulate_sq_rule(f[j], M(g[j]), sq_alpha, sq_decay);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+__attribute__((target("avx2,f16c"))) void add_fisher_avx2(float* f, const T* g, float sq_alpha,
+                                                         float sq_decay, int64_t n) {
+  const __m256 a = _mm256_set1_ps(sq_alpha), d = _mm256_set1_ps(sq_decay);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 s = _mm256_loadu_ps(f + j);
+    accumulate_sq_rule(s, _mm256_castsi256_ps(bits8_avx2(g + j)), a, d);
+    _mm256_storeu_ps(f + j, s);
+  }
+  add_fisher_portable(f + j, g + j, sq_alpha, sq_decay, n - j);
+}
+#endif
+
+template <typename T, typename M>
+void add_fisher(M* f, const T* g, M sq_alpha, M sq_decay, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<M, float>)
+    if (use_avx2()) return add_fisher_avx2(f, g, sq_alpha, sq_decay, n);
+#endif
+  add_fisher_portable(f, g, sq_alpha, sq_decay, n);
 }
 
 template <typename T, bool kSigned = false>

@@ -49,6 +49,14 @@ struct SgdTensor {
     fused::add_residual(r + b, g + b, residual_alpha, e - b);
   }
 
+  // What the keys of [b, e) accumulate before they are read (list_pass, count_pass).
+  void accumulate_keys(int64_t b, int64_t e) const {
+    if (r) add_residual(b, e);
+  }
+
+  // The keys where they are kept apart from g (the residual), else null.
+  const M* stored_keys() const { return r; }
+
   // The p, gradient (or residual) and buffer lines of element e requested (to L2).
   void fetch(int64_t e) const {
     request_line(p + e);

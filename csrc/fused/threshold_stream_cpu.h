@@ -108,8 +108,8 @@ inline std::pair<int64_t, int64_t> band_counts(const std::vector<BandBlock>& out
 // <= hi kept in position order (their positions are not needed: the update finds its
 // elements by comparing keys again). A band from 0 keeps its keys above 0 and counts
 // the zeros (at_lo): a Fisher or a gradient of mostly zeros near its k-th would keep
-// nearly every key. With a residual not yet `added`, each chunk's keys are u = r + g,
-// written to r first.
+// nearly every key. Keys not yet `added` (a residual's u = r + g, a Fisher's EMA) are
+// formed a chunk at a time, written first.
 template <typename Tensor>
 std::vector<BandBlock> count_pass(const Tensor& t, int64_t n, uint32_t lo, uint32_t hi,
                                   bool added) {
@@ -127,7 +127,7 @@ std::vector<BandBlock> count_pass(const Tensor& t, int64_t n, uint32_t lo, uint3
       const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
       for (int64_t e = begin; e < end; e += kChunk) {
         const int64_t len = std::min(kChunk, end - e);
-        if (t.r && !added) t.add_residual(e, e + len);
+        if (!added) t.accumulate_keys(e, e + len);
         uint32_t* k = keys;
         const int64_t above = t.count_band(e, len, lo_gt, hi_gt, k);
         o.above += above;

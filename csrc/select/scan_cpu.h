@@ -1,6 +1,6 @@
 // CPU selection, part 1: how keys are read, and the vectorised scans over them.
 //
-// Readers (AbsReader, SignedReader, AccumReader, RandomReader) give key(i) of one
+// Readers (AbsReader, SignedReader, AccumReader, FisherReader, RandomReader) give key(i) of one
 // tensor for each score; with_reader() picks the typed one for a Source. The scans
 // work on tiles of kTile = 16 consecutive elements:
 //  - scan_band: per tile, the positions of keys > hi ("winners") and of keys in
@@ -67,6 +67,20 @@ struct AccumReader {
   K operator()(int64_t i) const { return abs_key<K>(r[i] + static_cast<R>(g[i])); }
 };
 
+// |sq_decay * f + sq_alpha * g^2|: the Fisher f as accumulate_ would leave it, in
+// fp32 (the fused step's Fisher is never fp64).
+template <typename K, typename T>
+struct FisherReader {
+  const T* g;
+  const float* f;
+  float sq_decay, sq_alpha;
+  K operator()(int64_t i) const {
+    float s = f[i];
+    accumulate_sq_rule(s, static_cast<float>(g[i]), sq_alpha, sq_decay);
+    return abs_key<K>(s);
+  }
+};
+
 template <typename K>
 struct RandomReader {
   uint32_t kt, kt2;
@@ -84,6 +98,7 @@ struct Source {
   RandomKeys rk;
   int64_t n;
   int64_t pos0;
+  float sq_decay = 0, sq_alpha = 0;  // ScoreKind::Fisher: f's EMA (res holds f)
 };
 
 template <typename K, typename Fn>
@@ -128,6 +143,13 @@ void with_reader(const Source& s, Fn&& fn) {
           fn(AccumReader<K, T, float>{static_cast<const T*>(s.data),
                                       static_cast<const float*>(s.res)});
         }
+      });
+    case ScoreKind::Fisher:
+      TORCH_CHECK(s.res_dtype == at::kFloat, "incrkern.select: the Fisher's EMA needs fp32");
+      return with_dtype<K>(s.dtype, [&](auto t) {
+        using T = decltype(t);
+        fn(FisherReader<K, T>{static_cast<const T*>(s.data), static_cast<const float*>(s.res),
+                              s.sq_decay, s.sq_alpha});
       });
   }
 }

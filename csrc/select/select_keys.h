@@ -17,9 +17,11 @@
 
 namespace incrkern {
 
-// How a tensor's elements become keys: abs_key32 (Abs, and Accumulated over
-// residual + grad), signed_key32 (Signed) or random_key32 (Random).
-enum class ScoreKind : int32_t { Abs = 0, Signed = 1, Accumulated = 2, Random = 3 };
+// How a tensor's elements become keys: abs_key32 (Abs, Accumulated over residual +
+// grad, and Fisher over the Fisher's next value, sq_decay * f + sq_alpha * g^2, as
+// the fused CPU step forms it for select="grad_sq"), signed_key32 (Signed) or
+// random_key32 (Random).
+enum class ScoreKind : int32_t { Abs = 0, Signed = 1, Accumulated = 2, Random = 3, Fisher = 4 };
 
 // Where the fused step (adam_select_update_) reads an element's key: its gradient (or
 // residual), its param (score="weight"), given scores (score="grad_sq": the Fisher),

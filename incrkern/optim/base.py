@@ -54,7 +54,8 @@ FUSED_MIN_DENSITY = 0.001
 # (docs/measurements-selects.md); 2.0 sends every step the composed way (the tests' way to it).
 FUSED_WEIGHT_DENSITY = 0.0
 # select="grad_sq" on the CPU: from this density on the fused call, its keys read from
-# the Fisher after the Fisher's accumulate (docs/measurements-selects.md); 2.0 as above.
+# the Fisher after the Fisher's accumulate (in the one-call step, formed by the kernel as
+# it reads them: docs/measurements-selects.md); 2.0 as above.
 FUSED_GRAD_SQ_DENSITY = 0.0
 # select="random" on the CPU: from this density on the fused call, its keys hashed
 # from the indices (one seed drawn per call, as select draws it); 2.0 as above.

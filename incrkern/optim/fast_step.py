@@ -11,7 +11,8 @@ anything else it meets (a first step with no state yet, a bad grad, a subclass),
 and the Python step runs as before: the same results, and the same errors. The
 params the cost model sends to select then update (use_fused) it checks like the
 others and hands back; the Python step takes those. select="grad_sq" groups have
-their Fisher accumulated in the call before the kernel reads it, and "random" groups
+their Fisher's EMA formed by the CPU kernel where it reads the keys (first, on a GPU),
+and "random" groups
 their seed drawn there from torch's default generator, as the op's wrapper draws it
 (group by group, only for a group the call steps). A micro-step that only adds the
 grads to grad_acc (or to the residual of error feedback) is `accumulate_grads`, with
