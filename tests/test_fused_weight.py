@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from incrkern import EXTENSION_LOADED, ops
-from test_fused import (BLOCK, HYPERS, changed_set, check, check_cuda_like_cpu,
+from test_fused import (BLOCK, HYPERS, TILE_MAX, changed_set, check, check_cuda_like_cpu,
                         check_on_threads, clone, grads_of, ks_of, make, reference_indices, same,
                         small_cases)
 
@@ -58,17 +58,32 @@ def test_large_tensor(dtype, kind, density):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["normal", "student_t", "ties", "rows", "special"])
+@pytest.mark.parametrize("density", [0.0005, 0.003, 0.02])
+@pytest.mark.parametrize("approx", [False, True])
+def test_listed_below_the_stream(dtype, kind, density, approx):
+    """Past the one-thread limits, below |g|'s stream densities: |g|'s tile lists with
+    the listing pass reading p, over both threads."""
+    n = TILE_MAX + 37
+    check_on_threads(2, make_weight([n, 5000], dtype, kind, seed=int(density * 1e4)),
+                     [math.ceil(density * n), 50], approx=approx, kernel=run_weight,
+                     score="weight")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["zeros", "sparse"])
-@pytest.mark.parametrize("density", [0.01, 0.1, 0.5, 0.97])
-def test_large_mostly_zero_params(dtype, kind, density):
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.1, 0.5, 0.97])
+@pytest.mark.parametrize("n", [3 * BLOCK + 5, TILE_MAX + 37])
+def test_large_mostly_zero_params(dtype, kind, density, n):
     """Params of zeros (a LoRA factor's start) or 99% zeros past one block: the k-th
     key is 0 and its ties go lowest positions first. The chosen set is the reference's;
     params and state are bit for bit those of select(score="weight") then adam_update_
     at its positions, the op's contract. (Against reference.adam_update_, a param that
     starts at 0 has no magnitude to absorb the reference's other rounding of m where
     its update cancels: in these inputs 11 of 786K bf16 elements came out an ulp apart,
-    one of them past the tolerance, which allows for the param's own magnitude.)"""
-    n = 3 * BLOCK + 5
+    one of them past the tolerance, which allows for the param's own magnitude.) Past
+    2^20 elements below the stream, the nonzero tiles listed."""
     k = math.ceil(density * n)
     x = make_weight([n], dtype, kind, seed=int(density * 1000))
     before, composed = clone(x), clone(x)
@@ -119,9 +134,10 @@ def test_forced_fallback(monkeypatch, when):
     """The positional fallback, forced before the counting pass or after it (a band
     the counts refute)."""
     monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", when)
-    for n in (BLOCK - 5, 2 * BLOCK + 3):
+    for n, k in ((BLOCK - 5, (BLOCK - 5) // 5), (2 * BLOCK + 3, (2 * BLOCK + 3) // 5),
+                 (TILE_MAX + 37, 3000)):
         for approx in (False, True):
-            check_weight(make_weight([n], torch.float32, "lognormal", seed=n), [n // 5],
+            check_weight(make_weight([n], torch.float32, "lognormal", seed=n), [k],
                          approx=approx, **HYPERS["adamw"])
 
 

@@ -78,6 +78,9 @@ struct AdamTensor {
   // The keys where they are kept apart from g and p (the residual or the scores), else null.
   const M* stored_keys() const { return r ? r : scores; }
 
+  // Where the keys are read without stored ones: p by |p|, else g.
+  const T* own_keys() const { return key_from == KeyFrom::Param ? p : g; }
+
   // Every element of [b, e) updated: the streaming loop. With a residual it reads r
   // and zeroes it, having added g to it first unless `added` (the listing pass did).
   void dense(int64_t b, int64_t e, bool added = false) const {

@@ -273,8 +273,9 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
     return run_stream(c, i, t, k, added, band->first, band->second, c.approx);
   // A gradient of mostly exact zeros (an embedding's: nonzero in the rows of the
   // batch's tokens) has its chosen lanes in full tiles, read whole from their lines:
-  // its gradients are not kept.
-  const bool values = !t.r && sel.sampled_zeros() < 0.5;
+  // its gradients are not kept. Keys from p leave g unread until the update.
+  const bool values =
+      !t.r && t.key_from != KeyFrom::Param && sel.sampled_zeros() < 0.5;
   const std::span<BlockOut> out =
       list_pass(t, n, band->first, band->second, added, few_hits(k, n), values);
 
@@ -377,15 +378,18 @@ int64_t run_random(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, u
 // over the keys then their update (`whole`: over every thread). fp64 takes the
 // positions. The stream starts later than |g|'s, whose alternative is the tile lists:
 // against select's positions by |p| it lost at 0.03 on a transformer's embedding
-// (docs/measurements-selects.md). A Fisher whose EMA the call forms (t.fisher): a
-// large tensor's goes as |g|'s, the listing or counting pass forming it as it reads
-// (run_band); any other's is formed first, then read as given scores.
+// (docs/measurements-selects.md). Below |g|'s stream densities a large tensor's |p|
+// takes |g|'s tile lists (run_band), the listing pass reading p. A Fisher whose EMA the
+// call forms (t.fisher): a large tensor's goes as |g|'s at every density, the listing
+// or counting pass forming it as it reads (run_band); any other's is formed first,
+// then read as given scores.
 constexpr double kKeyedStreamDensity = 0.05;
 template <typename T>
 int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bool whole) {
   const int64_t n = c.res[i].numel;
   if constexpr (!std::is_same_v<T, double>) {
-    if (t.fisher && whole && k > 0 && k < n) return run_band(c, i, t, k, /*added=*/false);
+    const bool listed = t.fisher || (c.key_from == KeyFrom::Param && !stream_pays(n, k));
+    if (listed && whole && k > 0 && k < n) return run_band(c, i, t, k, /*added=*/false);
   }
   if (t.fisher) {
     if (whole)

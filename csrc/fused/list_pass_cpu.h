@@ -42,14 +42,14 @@ inline bool few_hits(int64_t k, int64_t n) {
 }
 
 // The listing pass over a large tensor, per block: the winners (key > hi) and the
-// candidates (lo <= key <= hi), keys read from t.stored_keys() or else g. Keys not yet
-// `added` (a residual's u = r + g, a Fisher's EMA) are formed a chunk at a time,
-// written first. few_hits: whether nearly no tile is expected to hold a key >= lo, for
-// a thread's first chunk (each later one goes by the chunk before it). `values` (no
-// residual): the listed lanes' gradients kept too
-// (BlockOut::wval, cval). `tile_keys` (winners only, lo > hi): the keys of every
-// listed tile's 16 lanes, then of the tail's winners, kept in BlockOut::ckey while
-// they are at most 1 / kTileKeysShare of the block's elements (tile_keys_complete).
+// candidates (lo <= key <= hi), keys read from t.stored_keys() or else t.own_keys() (g,
+// or p by |p|). Keys not yet `added` (a residual's u = r + g, a Fisher's EMA) are formed
+// a chunk at a time, written first. few_hits: whether nearly no tile is expected to hold
+// a key >= lo, for a thread's first chunk (each later one goes by the chunk before it).
+// `values` (no residual): the listed lanes' gradients kept too (BlockOut::wval, cval).
+// `tile_keys` (winners only, lo > hi): the keys of every listed tile's 16 lanes, then of
+// the tail's winners, kept in BlockOut::ckey while they are at most 1 / kTileKeysShare
+// of the block's elements (tile_keys_complete).
 template <typename Tensor>
 std::span<BlockOut> list_pass(const Tensor& t, int64_t n, uint32_t lo, uint32_t hi,
                                 bool added, bool few_hits, bool values, bool tile_keys = false) {
@@ -58,6 +58,7 @@ std::span<BlockOut> list_pass(const Tensor& t, int64_t n, uint32_t lo, uint32_t 
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   const std::span<BlockOut> out = cleared_block_lists(nblocks);
   const auto* stored = t.stored_keys();
+  const auto* own = t.own_keys();
   parallel_claims(0, nblocks, 1, [&](Claims& claims) {
     uint32_t cmask[kChunkTiles];
     int64_t cstart[kChunkTiles];
@@ -81,7 +82,7 @@ std::span<BlockOut> list_pass(const Tensor& t, int64_t n, uint32_t lo, uint32_t 
         if (!added) t.accumulate_keys(e, e + tiles * kTile);
         const float* keys = stored ? static_cast<const float*>(stored + e) : nullptr;
         if (keys) list_tiles(keys, tiles, lo_gt, hi_gt, e, l, few);
-        else list_tiles(t.g + e, tiles, lo_gt, hi_gt, e, l, few);
+        else list_tiles(own + e, tiles, lo_gt, hi_gt, e, l, few);
         few = double(l.nw - listed + l.nc) < kFewHits * double(tiles);
         if (tile_keys && l.nw * kTile <= (end - begin) / kTileKeysShare) {
           // Every lane of the new tiles, read while in cache (0 where not listed).
@@ -94,7 +95,7 @@ std::span<BlockOut> list_pass(const Tensor& t, int64_t n, uint32_t lo, uint32_t 
                 key[lane] = abs_key32(float(x[wstart[j] + lane]));
           };
           if (stored) keep(stored);
-          else keep(t.g);
+          else keep(own);
         }
         for (int64_t j = 0; j < l.nc; ++j)
           for (uint32_t mc = cmask[j]; mc; mc &= mc - 1) {

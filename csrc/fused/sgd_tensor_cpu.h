@@ -57,6 +57,9 @@ struct SgdTensor {
   // The keys where they are kept apart from g (the residual), else null.
   const M* stored_keys() const { return r; }
 
+  // Where the keys are read without stored ones.
+  const T* own_keys() const { return g; }
+
   // The p, gradient (or residual) and buffer lines of element e requested (to L2).
   void fetch(int64_t e) const {
     request_line(p + e);
