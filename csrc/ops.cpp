@@ -119,10 +119,10 @@ TORCH_LIBRARY(incrkern, m) {
       "select(Tensor[] tensors, int[] ks, str score, bool global_scope, bool approx, "
       "Tensor[] residuals, Tensor[] weights, int seed=0) -> Tensor[]");
   // masks[i] (bool, contiguous, tensors[i].numel() elements) set to the elements
-  //  select(scope tensor, exact) chooses in tensors[i], every other element cleared.
+  //  select(exact, the same scope) chooses in tensors[i], every other element cleared.
   m.def(
       "select_mask_(Tensor(a!)[] masks, Tensor[] tensors, int[] ks, str score, "
-      "Tensor[] residuals, Tensor[] weights, int seed=0) -> ()");
+      "Tensor[] residuals, Tensor[] weights, int seed=0, bool global_scope=False) -> ()");
 }
 
 namespace {

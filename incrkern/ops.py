@@ -512,16 +512,15 @@ def _select_kernel(tensors, residual, weights):
 def select_mask(tensors, k, *, score="grad", scope="tensor", residual=None, weights=None,
                 generator=None, out=None, validate=True):
     """The chosen elements of each tensor as a flat bool mask of its numel: True exactly
-    at the positions `select` (exact) returns for the same arguments, the random score's
-    seed drawn from `generator` the same way. out: a list of contiguous bool tensors of
-    each tensor's numel to write (and return) instead of new ones, so that a caller
-    stepping every iteration does not fault in fresh pages each time.
+    at the positions `select` (exact) returns for the same arguments (scope="global":
+    over the concatenation), the random score's seed drawn from `generator` the same
+    way. out: contiguous bool tensors of each tensor's numel to write (and return), so
+    that a caller stepping every iteration does not fault in fresh pages each time.
 
     The optimizers' masked update (from a density of about 0.1) takes this instead of
     the positions: on the CPU one pass counts the keys near the k-th and a second writes
     the mask, where the positions of half a tensor cost 8 bytes each to write and merge.
-    Other devices, float64 tensors and scope="global" mark the positions select returns.
-    """
+    Other devices and float64 tensors mark the positions select returns."""
     tensors = _as_list("tensors", tensors) if validate else list(tensors)
     if out is not None:  # checked before the random score's seed is drawn
         out = _as_list("out", out)
@@ -535,8 +534,9 @@ def select_mask(tensors, k, *, score="grad", scope="tensor", residual=None, weig
         out = [torch.empty(t.numel(), dtype=torch.bool, device=t.device) for t in tensors]
     if not tensors:
         return []
-    if tensors[0].device.type == "cpu" and scope == "tensor" and EXTENSION_LOADED:
-        torch.ops.incrkern.select_mask_(out, tensors, ks, score, residual, weights, seed)
+    if tensors[0].device.type == "cpu" and EXTENSION_LOADED:
+        torch.ops.incrkern.select_mask_(out, tensors, ks, score, residual, weights, seed,
+                                        scope == "global")
         return out
     kernel, tensors, residual, weights = _select_kernel(tensors, residual, weights)
     chosen = kernel(tensors, ks, score, scope == "global", False, residual, weights, seed)
@@ -560,7 +560,8 @@ if EXTENSION_LOADED:
         return [t.new_empty(k, dtype=torch.int64) for t, k in zip(tensors, ks)]
 
     @torch.library.register_fake("incrkern::select_mask_")
-    def _select_mask_fake(masks, tensors, ks, score, residuals, weights, seed=0):
+    def _select_mask_fake(masks, tensors, ks, score, residuals, weights, seed=0,
+                          global_scope=False):
         return None
 
 

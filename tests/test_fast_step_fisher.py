@@ -74,9 +74,11 @@ def assert_same(fast, slow, fast_params, slow_params):
 
 
 def run(params, kind, steps, enabled, monkeypatch, **options):
+    """AdamW with `options` over params, `steps` steps of `kind`'s gradients, the
+    one-call step on or off."""
     monkeypatch.setattr(fast_step, "ENABLED", enabled)
     torch.manual_seed(0)
-    opt = incrkern.optim.AdamW(params, select="grad_sq", lr=1e-2, weight_decay=0.05, **options)
+    opt = incrkern.optim.AdamW(params, lr=1e-2, weight_decay=0.05, **options)
     for step in range(steps):
         for p in params:
             p.grad = gradient(kind, p.numel(), step, p.dtype)
@@ -84,11 +86,15 @@ def run(params, kind, steps, enabled, monkeypatch, **options):
     return opt
 
 
-def assert_as_python(sizes, dtype, kind, monkeypatch, spy, steps=3, **options):
+def assert_as_python(sizes, dtype, kind, monkeypatch, spy, steps=3, taken=True, **options):
+    """The one-call step and the Python step from the same params and gradients:
+    bit-identical, the call taken from the second step on (or, not `taken`, never)."""
     fast_params, slow_params = make_params(sizes, dtype), make_params(sizes, dtype)
     fast = run(fast_params, kind, steps, True, monkeypatch, **options)
-    # The first step makes the state in Python; every later one is the C++ call.
-    assert spy[0] is None and all(a is not None for a in spy[1:]) and len(spy) == steps
+    if taken:  # the first step makes the state in Python; every later one is the C++ call
+        assert spy[0] is None and len(spy) == steps and None not in spy[1:]
+    else:  # the Python step's: the call declined, or never asked
+        assert all(a is None for a in spy)
     slow = run(slow_params, kind, steps, False, monkeypatch, **options)
     assert_same(fast, slow, fast_params, slow_params)
     return fast
@@ -100,7 +106,8 @@ def assert_as_python(sizes, dtype, kind, monkeypatch, spy, steps=3, **options):
 def test_same_as_the_python_step(kind, density, topk, spy, monkeypatch):
     """fp32 over the densities of the tile lists (0.001, 0.01), of the stream below the
     composed keyed step's (0.03) and of both's stream (0.3)."""
-    assert_as_python(SIZES, torch.float32, kind, monkeypatch, spy, density=density, topk=topk)
+    assert_as_python(SIZES, torch.float32, kind, monkeypatch, spy, select="grad_sq",
+                     density=density, topk=topk)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -108,7 +115,8 @@ def test_same_as_the_python_step(kind, density, topk, spy, monkeypatch):
 @pytest.mark.parametrize("density", [0.001, 0.01, 0.3])
 def test_16_bit_params(dtype, kind, density, spy, monkeypatch):
     """bf16 and fp16 params and grads, whose Fisher is fp32."""
-    opt = assert_as_python(SIZES, dtype, kind, monkeypatch, spy, density=density)
+    opt = assert_as_python(SIZES, dtype, kind, monkeypatch, spy, select="grad_sq",
+                           density=density)
     assert all(s["fisher"].dtype == torch.float32 for s in opt.state.values())
 
 
@@ -119,13 +127,15 @@ def test_forced_fallback(when, density, kind, spy, monkeypatch):
     """A band refused before the listing or counting pass (the EMA formed then, over
     every thread) or after it (formed by the pass): select's positions over the Fisher."""
     monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", when)
-    assert_as_python(SIZES, torch.float32, kind, monkeypatch, spy, density=density)
+    assert_as_python(SIZES, torch.float32, kind, monkeypatch, spy, select="grad_sq",
+                     density=density)
 
 
 @pytest.mark.parametrize("density", [1e-7, 1 - 1e-7])
 def test_one_or_every_element_chosen(density, spy, monkeypatch):
     """k = 1 and k = n (density_k rounds up): the Fisher's EMA formed all the same."""
-    opt = assert_as_python(SIZES[:2], torch.float32, "heavy", monkeypatch, spy, density=density)
+    opt = assert_as_python(SIZES[:2], torch.float32, "heavy", monkeypatch, spy,
+                           select="grad_sq", density=density)
     assert all(s["fisher"].any() for s in opt.state.values())
 
 

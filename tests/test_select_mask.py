@@ -484,6 +484,60 @@ def test_global_scope(score):
         assert torch.equal(m, mask_of(p, t.numel()))
 
 
+def global_reference(ts, k, score="grad", residual=(), weights=(), seed=0):
+    """reference.select's global rule as masks: the concatenation's keys, one stable
+    sort, the first k."""
+    keys = torch.cat(reference.select_scores(ts, score, residual, weights, seed))
+    order = torch.sort(keys, descending=True, stable=True).indices
+    return list(mask_of(order[:k], keys.numel()).split([t.numel() for t in ts]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3,
+                                    (torch.bfloat16, torch.float32, torch.float16)], ids=str)
+def test_global_scope_band(kind, dtypes):
+    """Without a float64 tensor the band runs over the concatenation: blocks of every
+    tensor counted and marked over both threads, ties (levels, zeros) across tensors
+    and blocks to the lowest position in the concatenation, an empty tensor among
+    them."""
+    g = gen(71)
+    sizes = (200003, 0, 65536, 131071)
+    ts = [structured(kind, dtype, n, g) if n else torch.zeros(0, dtype=dtype)
+          for n, dtype in zip(sizes, dtypes + (dtypes[0],))]
+    total = sum(sizes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for k in (1, 397, 0.01, 0.1, 0.5, total - 3):
+            kk = ops.density_k(k, total) if isinstance(k, float) else k
+            got = ops.select_mask(ts, k, scope="global")
+            ref = global_reference(ts, kk)
+            for m, r, t in zip(got, ref, ts):
+                assert m.shape == (t.numel(),) and torch.equal(m, r), (kind, k)
+            assert sum(int(m.sum()) for m in got) == kk
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("score", ["grad_sq", "weight", "accumulated", "random"])
+def test_global_scope_band_scores(score):
+    """The other scores' keys over the concatenation, as select's."""
+    g = gen(72)
+    ts = [torch.randn(n, generator=g) for n in (70001, 17, 140000)]
+    kwargs = {}
+    if score == "weight":
+        kwargs["weights"] = [torch.randn(t.numel(), generator=g) for t in ts]
+    if score == "accumulated":
+        kwargs["residual"] = [torch.randn(t.numel(), generator=g) for t in ts]
+    seed = random_seed(5) if score == "random" else 0
+    for k in (9, 0.05, 0.3):
+        got = ops.select_mask(ts, k, score=score, scope="global", generator=gen(5), **kwargs)
+        kk = ops.density_k(k, 210018) if isinstance(k, float) else k
+        ref = global_reference(ts, kk, score, kwargs.get("residual", ()),
+                               kwargs.get("weights", ()), seed)
+        assert all(torch.equal(m, r) for m, r in zip(got, ref)), (score, k)
+
+
 def test_empty_list():
     assert ops.select_mask([], 3) == []
     assert ops.select_mask([], 0.5) == []

@@ -424,6 +424,90 @@ int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bo
   return pos.numel();
 }
 
+// scope="global" (the one-call step's, exact, from the stream's densities): tensor i's
+// blocks are the flat blocks [first[i], first[i + 1]); fn(i, t, begin, end, block) on
+// the flat blocks [b0, b1), fp32 and 16-bit params (run_global refuses fp64).
+template <typename Fn>
+void each_global_block(const Call& c, const std::vector<int64_t>& first, int64_t b0, int64_t b1,
+                       Fn&& fn) {
+  size_t i = size_t(std::upper_bound(first.begin(), first.end(), b0) - first.begin()) - 1;
+  for (int64_t bi = b0; bi < b1; ++bi) {
+    while (bi >= first[i + 1]) ++i;
+    const int64_t begin = (bi - first[i]) * kBlock;
+    with_param_type(c.res[i].dtype, [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (!std::is_same_v<T, double>)
+        fn(i, adam_tensor<T>(c, i), begin, std::min(c.res[i].numel, begin + kBlock), bi);
+    });
+  }
+}
+
+// A global selection the counts refuted, or none to try: the residuals added (unless
+// `added`), select's positions over the concatenation, then their update per tensor.
+void run_global_fallback(const Call& c, int64_t k, bool added) {
+  std::vector<Source> srcs;
+  int64_t pos = 0;
+  for (size_t i = 0; i < c.res.size(); ++i)
+    with_param_type(c.res[i].dtype, [&](auto tag) {
+      using T = decltype(tag);
+      const AdamTensor<T> t = adam_tensor<T>(c, i);
+      if (t.r && !added)
+        parallel_for_claimed(0, c.res[i].numel, kDenseGrain,
+                             [&](int64_t b, int64_t e) { t.add_residual(b, e); });
+      srcs.push_back(t.r ? accumulated_source(t, c.res[i].numel) : source_of(c, i));
+      srcs.back().pos0 = pos;
+      pos += c.res[i].numel;
+    });
+  const std::vector<at::Tensor> chosen = Selector<uint32_t>(srcs, k, false).run();
+  for (size_t i = 0; i < chosen.size(); ++i) update_positions(c, i, chosen[i]);
+}
+
+// scope="global" over the call's tensors (fp32 and 16-bit, exact): the band on the
+// concatenation's k-th key from one sample, the counting pass over every tensor's blocks
+// (forming r + g), the k-th among the kept keys, the streaming loop over every block:
+// select(scope="global") then the update at its positions, ties to the lowest position
+// in the concatenation.
+void run_global(const Call& c, int64_t k) {
+  std::vector<int64_t> first(c.res.size() + 1, 0);
+  std::vector<Source> srcs;
+  int64_t total = 0;
+  for (size_t i = 0; i < c.res.size(); ++i) {
+    TORCH_CHECK(c.res[i].dtype != at::kDouble, "incrkern: a global fused step has no fp64 path");
+    srcs.push_back(source_of(c, i));
+    srcs.back().pos0 = total;
+    total += c.res[i].numel;
+    first[i + 1] = first[i] + (c.res[i].numel + kBlock - 1) / kBlock;
+  }
+  if (k == 0 || k == total) {
+    parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
+      each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t b, int64_t e,
+                                               int64_t) {
+        if (k == total) t.dense(b, e);
+        else if (t.r) t.add_residual(b, e);
+      });
+    });
+    return;
+  }
+  if (forced_fallback("before")) return run_global_fallback(c, k, false);
+  const auto [lo, hi] = Selector<uint32_t>(srcs, k, false).band();
+  std::vector<BandBlock> blocks(static_cast<size_t>(first.back()));
+  parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
+    each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t b, int64_t e,
+                                             int64_t bi) {
+      count_block(t, b, e, lo, hi, /*added=*/false, blocks[size_t(bi)]);
+    });
+  });
+  const auto [w, cnt] = band_counts(blocks);
+  if (!band_holds(w, cnt, k, false)) return run_global_fallback(c, k, true);
+  const auto [at_least, tie] = choose_in_band(blocks, k - w, lo, hi);
+  parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
+    each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t b, int64_t e,
+                                             int64_t bi) {
+      stream_block(t, b, e, blocks[size_t(bi)], at_least, tie);
+    });
+  });
+}
+
 }  // namespace
 
 at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grads,
@@ -438,7 +522,8 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       const std::optional<at::Tensor>& amp_scale,
                                       const std::optional<at::Tensor>& found_inf,
                                       KeyFrom key_from, at::TensorList scores,
-                                      int64_t seed, std::optional<double> fisher_beta) {
+                                      int64_t seed, std::optional<double> fisher_beta,
+                                      std::optional<int64_t> global_k) {
   Call c{params, grads, exp_avgs, exp_avg_sqs, steps, residuals, lr, beta1, beta2, eps,
          weight_decay, grad_scale, decoupled_weight_decay, maximize, approx};
   c.key_from = key_from;
@@ -493,6 +578,10 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
     if (book.increment_steps) *shared_counts[i] += 1.0f;
   }
   for (size_t i = 0; i < shared_counts.size(); ++i) c.res[i].step = *shared_counts[i];
+  if (global_k) {
+    run_global(c, *global_k);
+    return counts;
+  }
   // Small tensors side by side, one thread each (up to 2^20 elements when they take
   // the tile maxima or the threshold stream: a transformer's mid-sized matrices), and
   // before them, largest first, the tensors that would run over every thread but hold

@@ -29,7 +29,9 @@ struct Bookkeeping {
 // fisher_beta (score "grad_sq"): the scores are the Fisher before this step, and the
 // call forms its EMA, f = fisher_beta * f + (1 - fisher_beta) * g^2, as accumulate_
 // would before the call, where it reads the keys (the caller has checked the Fishers
-// as accumulate_'s sq_accs).
+// as accumulate_'s sq_accs). global_k (score "grad", exact, CPU): the global_k largest
+// keys over the concatenation of the params' (select(scope="global")), ks unread and
+// the counts left 0: the one-call step, its only caller, reads none.
 at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grads,
                                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                                       at::TensorList steps, at::IntArrayRef ks,
@@ -43,7 +45,8 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
                                       const std::optional<at::Tensor>& found_inf,
                                       KeyFrom key_from = KeyFrom::Grad,
                                       at::TensorList scores = {}, int64_t seed = 0,
-                                      std::optional<double> fisher_beta = std::nullopt);
+                                      std::optional<double> fisher_beta = std::nullopt,
+                                      std::optional<int64_t> global_k = std::nullopt);
 
 // The op's CPU kernel (its checks, then the step), and the CUDA one, which
 // fused_cuda_ops.cpp sets when the CUDA kernels are built (else null).

@@ -60,6 +60,8 @@ struct Group : SpecHead {
   KeyFrom key_from = KeyFrom::Grad;
   int64_t seed = 0;
   double fisher_beta = 0.0;
+  // scope="global" (CPU, |g| or error feedback, exact): the k of the concatenation.
+  std::optional<int64_t> global_k;
 };
 
 // The Python constants of incrkern.optim.base (FUSED_SMALL_NUMEL, FUSED_MIN_DENSITY)
@@ -73,14 +75,15 @@ struct CostModel {
 };
 
 // (params, density, error_feedback, approx, lr, lr_tensor, beta1, beta2, eps,
-//  weight_decay, decoupled_weight_decay, maximize, accumulate_steps, score, fisher_beta)
-// into `out`, every tensor on `device`; false when not the plain case. score: the
-// kernel's, "grad", "weight", "grad_sq" or "random". On a GPU every param takes the
-// fused kernel (the optimizer's rule there); the other scores than "grad" have a CPU
-// kernel only, and on the CPU every param takes it.
+//  weight_decay, decoupled_weight_decay, maximize, accumulate_steps, score, fisher_beta,
+//  global_scope) into `out`, every tensor on `device`; false when not the plain case.
+// score: the kernel's, "grad", "weight", "grad_sq" or "random". On a GPU every param
+// takes the fused kernel (the optimizer's rule there); the other scores than "grad"
+// have a CPU kernel only, and on the CPU every param takes it, as every param of a
+// global group does (CPU, "grad", exact, no accumulate_steps).
 bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
                 const at::Device& device, Group& out) {
-  if (!read_spec_head(spec, 15, 12, out)) return false;
+  if (!read_spec_head(spec, 16, 12, out)) return false;
   auto item = [&](int i) { return PyTuple_GET_ITEM(spec, i); };
   PyObject* params = out.param_list;
   out.beta1 = PyFloat_AsDouble(item(6));
@@ -98,6 +101,10 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
     return false;
   out.fisher_beta = PyFloat_AsDouble(item(14));
   if (PyErr_Occurred()) return false;
+  const bool global_scope = PyObject_IsTrue(item(15)) == 1;
+  if (global_scope && (!device.is_cpu() || out.key_from != KeyFrom::Grad || out.approx ||
+                       out.spends_accumulation))
+    return false;
 
   const Py_ssize_t n = PyList_GET_SIZE(params);
   for (auto* list : {&out.params, &out.grads, &out.exp_avgs, &out.exp_avg_sqs, &out.steps})
@@ -125,7 +132,7 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
       return false;
     reader.saw_step(step);
     out.any_grad = true;
-    if (device.is_cpu() && out.key_from == KeyFrom::Grad &&
+    if (device.is_cpu() && out.key_from == KeyFrom::Grad && !global_scope &&
         !cost.fused(numel, out.density, out.error_feedback)) {
       out.elsewhere.push_back(p);
       continue;
@@ -138,6 +145,11 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
     if (r) out.residuals.push_back(out.borrows.borrow(r));
     if (f) out.scores.push_back(out.borrows.borrow(f));
     out.ks.push_back(density_k(out.density, numel));
+  }
+  if (global_scope) {
+    int64_t total = 0;
+    for (const at::Tensor& p : out.params) total += p.numel();
+    out.global_k = density_k(out.density, total);
   }
   return true;
 }
@@ -189,6 +201,8 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
     return read_group(spec, r, cost, device, g);
   };
   if (!read_groups(specs, reader, groups, read) || !reader.steps_unshared()) Py_RETURN_NONE;
+  for (const Group& g : groups)  // the op's kernels select per tensor
+    if (g.global_k && op_kernel) Py_RETURN_NONE;
   // Every group's lists pass the kernel's checks before any group is stepped. Only
   // whether they pass matters here (the Python step raises its own errors), so each
   // thread checks a run of the params as lists of their own.
@@ -242,7 +256,8 @@ PyObject* fused_adam_step(PyObject* /*module*/, PyObject* args) {
                                  Bookkeeping{.increment_steps = true, .steps_distinct = true,
                                              .bump_written = true},
                                  std::nullopt, std::nullopt, g.key_from, g.scores, g.seed,
-                                 fisher ? std::optional<double>(g.fisher_beta) : std::nullopt);
+                                 fisher ? std::optional<double>(g.fisher_beta) : std::nullopt,
+                                 g.global_k);
       if (g.spends_accumulation) zero_over_threads(g.residuals);  // contiguous: checked
     }
   }

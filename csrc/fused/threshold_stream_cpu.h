@@ -104,37 +104,41 @@ inline std::pair<int64_t, int64_t> band_counts(const std::vector<BandBlock>& out
   return {above, in_band};
 }
 
-// The counting pass over [0, n), per block (BandBlock): keys > hi counted, lo <= key
-// <= hi kept in position order (their positions are not needed: the update finds its
-// elements by comparing keys again). A band from 0 keeps its keys above 0 and counts
-// the zeros (at_lo): a Fisher or a gradient of mostly zeros near its k-th would keep
-// nearly every key. Keys not yet `added` (a residual's u = r + g, a Fisher's EMA) are
-// formed a chunk at a time, written first.
+// The counting pass over [begin, end) of t into o: keys > hi counted, lo <= key <= hi
+// kept in position order, the keys at lo counted instead where `zeros_counted` (lo is
+// 0). Keys not yet `added` (a residual's u = r + g, a Fisher's EMA) are formed a chunk
+// at a time, written first.
+template <typename Tensor>
+void count_block(const Tensor& t, int64_t begin, int64_t end, uint32_t lo, uint32_t hi,
+                 bool added, BandBlock& o) {
+  constexpr int64_t kChunk = 4096;
+  const bool zeros_counted = lo == 0;
+  const int32_t lo_gt = select::order_greater_than<false>(zeros_counted ? 1 : lo);
+  const int32_t hi_gt = select::order_greater_than<false>(uint64_t(hi) + 1);
+  uint32_t keys[kChunk + 8];
+  for (int64_t e = begin; e < end; e += kChunk) {
+    const int64_t len = std::min(kChunk, end - e);
+    if (!added) t.accumulate_keys(e, e + len);
+    uint32_t* k = keys;
+    const int64_t above = t.count_band(e, len, lo_gt, hi_gt, k);
+    o.above += above;
+    if (zeros_counted) o.at_lo += len - above - (k - keys);
+    o.keys.insert(o.keys.end(), keys, k);
+  }
+}
+
+// The counting pass over [0, n), per block (BandBlock, count_block). A band from 0
+// keeps its keys above 0 and counts the zeros (at_lo): a Fisher or a gradient of mostly
+// zeros near its k-th would keep nearly every key.
 template <typename Tensor>
 std::vector<BandBlock> count_pass(const Tensor& t, int64_t n, uint32_t lo, uint32_t hi,
                                   bool added) {
   constexpr int64_t kBlock = select::kBlock;
-  const bool zeros_counted = lo == 0;
-  const int32_t lo_gt = select::order_greater_than<false>(zeros_counted ? 1 : lo);
-  const int32_t hi_gt = select::order_greater_than<false>(uint64_t(hi) + 1);
   const int64_t nblocks = (n + kBlock - 1) / kBlock;
   std::vector<BandBlock> out(static_cast<size_t>(nblocks));
   parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    constexpr int64_t kChunk = 4096;
-    uint32_t keys[kChunk + 8];
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      BandBlock& o = out[bi];
-      const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
-      for (int64_t e = begin; e < end; e += kChunk) {
-        const int64_t len = std::min(kChunk, end - e);
-        if (!added) t.accumulate_keys(e, e + len);
-        uint32_t* k = keys;
-        const int64_t above = t.count_band(e, len, lo_gt, hi_gt, k);
-        o.above += above;
-        if (zeros_counted) o.at_lo += len - above - (k - keys);
-        o.keys.insert(o.keys.end(), keys, k);
-      }
-    }
+    for (int64_t bi = b0; bi < b1; ++bi)
+      count_block(t, bi * kBlock, std::min(n, (bi + 1) * kBlock), lo, hi, added, out[bi]);
   });
   return out;
 }
@@ -162,6 +166,22 @@ int64_t past_ties(const Tensor& t, int64_t b, int64_t e, uint32_t tie, int64_t s
   return e;
 }
 
+// The streaming loop over the block [begin, end) of t, counted into o, once the k-th
+// is chosen (choose_in_band: at_least, tie, o's ties). The loop compares each key it
+// reads with a threshold: tie in a block taking all its ties; in the one taking some,
+// tie up to just past the last it takes and at_least from there.
+template <typename Tensor>
+void stream_block(const Tensor& t, int64_t begin, int64_t end, const BandBlock& o,
+                  uint64_t at_least, uint32_t tie) {
+  if (o.ties == 0 || o.ties == o.equal) {
+    t.stream_at_least(begin, end, o.ties > 0 ? tie : at_least);
+    return;
+  }
+  const int64_t split = past_ties(t, begin, end, tie, o.ties);
+  t.stream_at_least(begin, split, tie);
+  t.stream_at_least(split, end, at_least);
+}
+
 // The threshold stream over t's n elements with the band [lo, hi] around its k-th key:
 // the count updated, or nothing (nothing updated either) where the counts refute the
 // band, for the caller's fallback. `added`: a residual already holds r + g.
@@ -176,20 +196,8 @@ std::optional<int64_t> stream_update(const Tensor& t, int64_t n, int64_t k, bool
   const int64_t chosen = std::clamp(k, w, w + cnt);
   const auto [at_least, tie] = choose_in_band(out, k - w, lo, hi);
   parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const BandBlock& o = out[bi];
-      const int64_t begin = bi * kBlock, end = std::min(n, begin + kBlock);
-      // The loop compares each key it reads with a threshold: tie in a block taking all
-      // its ties; in the one taking some, tie up to just past the last it takes and
-      // at_least from there.
-      if (o.ties == 0 || o.ties == o.equal) {
-        t.stream_at_least(begin, end, o.ties > 0 ? tie : at_least);
-        continue;
-      }
-      const int64_t split = past_ties(t, begin, end, tie, o.ties);
-      t.stream_at_least(begin, split, tie);
-      t.stream_at_least(split, end, at_least);
-    }
+    for (int64_t bi = b0; bi < b1; ++bi)
+      stream_block(t, bi * kBlock, std::min(n, (bi + 1) * kBlock), out[bi], at_least, tie);
   });
   return chosen;
 }

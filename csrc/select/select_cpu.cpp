@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -112,15 +113,15 @@ std::vector<at::Tensor> select_cpu(at::TensorList tensors, at::IntArrayRef ks, c
 
 
 // ---------------------------------------------------------------------------------
-// select_mask: per tensor, its chosen elements as a bool mask. A band [lo, hi] on the
-// k-th key from the Selector's sample; one pass per block counts the keys above it and
-// keeps those inside it (keys equal to lo only counted: a gradient or a Fisher of
-// mostly zeros puts its k-th among them); the k-th found among the kept keys; a second
-// pass marks every key above the k-th and each block's share of its ties, lowest
-// positions first.
-// Two reads of the scores and one write of a byte per element, where the positions of
-// a dense selection cost 8 bytes each to write and merge. A band that misses, and
-// float64 scores, mark the positions select chooses.
+// select_mask: per tensor (or over the concatenation: scope="global"), its chosen
+// elements as a bool mask. A band [lo, hi] on the k-th key from the Selector's sample;
+// one pass per block counts the keys above it and keeps those inside it (keys equal to
+// lo only counted: a gradient or a Fisher of mostly zeros puts its k-th among them); the
+// k-th found among the kept keys; a second pass marks every key above the k-th and each
+// block's share of its ties, lowest positions first. Two reads of the scores and one
+// write of a byte per element, where the positions of a dense selection cost 8 bytes
+// each to write and merge. A band that misses, and float64 scores, mark the positions
+// select chooses.
 
 constexpr int64_t kMaskBlock = int64_t(1) << 16;
 // Tensors of up to this many elements are marked one thread each, side by side: the
@@ -227,55 +228,71 @@ void mark_some_ties(const Reader& rd, int64_t b, int64_t e, uint32_t tie, int64_
   }
 }
 
-// mask set at the positions select chooses, cleared elsewhere.
-void mark_positions(const Source& s, int64_t k, at::Tensor& mask) {
-  const at::Tensor chosen = run_selection({s}, k, false)[0];
-  mask.zero_().index_fill_(0, chosen, true);
+// masks set at the positions select chooses among srcs (one tensor, or the
+// concatenation of several: scope="global"), cleared elsewhere.
+void mark_positions(const std::vector<Source>& srcs, int64_t k, std::vector<at::Tensor>& masks) {
+  const std::vector<at::Tensor> chosen = run_selection(srcs, k, false);
+  for (size_t i = 0; i < masks.size(); ++i) masks[i].zero_().index_fill_(0, chosen[i], true);
 }
 
-void mark_chosen(const Source& s, int64_t k, at::Tensor& mask) {
-  const int64_t n = s.n;
-  bool* out = mask.data_ptr<bool>();
+// The k largest keys of srcs marked in masks (srcs[i]'s in masks[i]), ties to the lowest
+// position in the concatenation: the band, the counting pass over every source's
+// blocks, the k-th among the kept keys, the marking pass.
+void mark_chosen(const std::vector<Source>& srcs, int64_t k, std::vector<at::Tensor>& masks) {
+  // first[i]: the first of source i's blocks in the flat list of every source's blocks.
+  std::vector<int64_t> first(srcs.size() + 1, 0);
+  for (size_t i = 0; i < srcs.size(); ++i)
+    first[i + 1] = first[i] + (srcs[i].n + kMaskBlock - 1) / kMaskBlock;
+  int64_t n = 0;
+  for (const Source& s : srcs) n += s.n;
   if (k == 0 || k == n) {
-    std::memset(out, k == n, size_t(n));
+    for (at::Tensor& m : masks) std::memset(m.data_ptr<bool>(), k == n, size_t(m.numel()));
     return;
   }
-  if (needs_wide_keys({s})) return mark_positions(s, k, mask);
-  const auto [lo, hi] = Selector<uint32_t>({s}, k, false).band();
-  std::vector<BandBlock> blocks(size_t((n + kMaskBlock - 1) / kMaskBlock));
-  const auto nblocks = int64_t(blocks.size());
+  if (needs_wide_keys(srcs)) return mark_positions(srcs, k, masks);
+  const auto [lo, hi] = Selector<uint32_t>(srcs, k, false).band();
+  const int64_t nblocks = first.back();
+  std::vector<BandBlock> blocks(static_cast<size_t>(nblocks));
+  // fn(source, its block's first element, end, the block) for the flat blocks [b0, b1).
+  const auto each_block = [&](int64_t b0, int64_t b1, auto&& fn) {
+    size_t i = size_t(std::upper_bound(first.begin(), first.end(), b0) - first.begin()) - 1;
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      while (bi >= first[i + 1]) ++i;
+      const int64_t b = (bi - first[i]) * kMaskBlock;
+      fn(i, b, std::min(srcs[i].n, b + kMaskBlock), blocks[size_t(bi)]);
+    }
+  };
   parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi)
-      count_band(s, bi * kMaskBlock, std::min(n, (bi + 1) * kMaskBlock), lo, hi,
-                 blocks[size_t(bi)]);
+    each_block(b0, b1, [&](size_t i, int64_t b, int64_t e, BandBlock& o) {
+      count_band(srcs[i], b, e, lo, hi, o);
+    });
   });
   int64_t above = 0, in_band = 0;
   for (const BandBlock& o : blocks)
     above += o.above, in_band += int64_t(o.keys.size()) + o.at_lo;
-  if (above > k || above + in_band < k) return mark_positions(s, k, mask);
+  if (above > k || above + in_band < k) return mark_positions(srcs, k, masks);
   const auto [at_least, tie] = choose_in_band(blocks, k - above, lo, hi);
   parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const BandBlock& o = blocks[size_t(bi)];
-      const int64_t b = bi * kMaskBlock, e = std::min(n, b + kMaskBlock);
+    each_block(b0, b1, [&](size_t i, int64_t b, int64_t e, const BandBlock& o) {
+      bool* out = masks[i].data_ptr<bool>();
       if (o.ties == 0 || o.ties == o.equal) {
-        mark_at_least(s, b, e, o.ties > 0 ? tie : at_least, out + b);
-        continue;
+        mark_at_least(srcs[i], b, e, o.ties > 0 ? tie : at_least, out + b);
+        return;
       }
-      with_reader<uint32_t>(s, [&](const auto& rd) {
+      with_reader<uint32_t>(srcs[i], [&](const auto& rd) {
         mark_some_ties(rd, b, e, tie, o.ties, out + b);
       });
-    }
+    });
   });
 }
 
 void select_mask_cpu(at::TensorList masks, at::TensorList tensors, at::IntArrayRef ks,
                      c10::string_view score, at::TensorList residuals, at::TensorList weights,
-                     int64_t seed) {
+                     int64_t seed, bool global_scope) {
   const char* op = "incrkern.select_mask_";
   std::vector<at::Tensor> keep;
-  const std::vector<Source> srcs =
-      checked_sources(op, tensors, ks, score, false, residuals, weights, seed, keep);
+  std::vector<Source> srcs =
+      checked_sources(op, tensors, ks, score, global_scope, residuals, weights, seed, keep);
   TORCH_CHECK(masks.size() == tensors.size(), op, ": masks has ", masks.size(),
               " entries, expected ", tensors.size());
   std::vector<at::Tensor> outs(masks.begin(), masks.end());
@@ -287,15 +304,24 @@ void select_mask_cpu(at::TensorList masks, at::TensorList tensors, at::IntArrayR
                 tensors[i].numel(), " elements, got ", m.scalar_type(), " ", m.sizes(), " on ",
                 m.device(), m.is_contiguous() ? "" : " (not contiguous)");
   }
+  if (global_scope) {  // one selection over the concatenation, its blocks over every thread
+    int64_t pos = 0;
+    for (Source& s : srcs) s.pos0 = pos, pos += s.n;
+    return mark_chosen(srcs, ks[0], outs);
+  }
   // Tensors of up to kMaskOneThread side by side, one thread each; larger ones one
   // after another, each over every thread.
   std::vector<int64_t> small, large;
   for (size_t i = 0; i < srcs.size(); ++i)
     (srcs[i].n <= kMaskOneThread ? small : large).push_back(int64_t(i));
+  const auto mark_one = [&](int64_t i) {
+    std::vector<at::Tensor> out{outs[size_t(i)]};
+    mark_chosen({srcs[size_t(i)]}, ks[i], out);
+  };
   parallel_for_claimed(0, int64_t(small.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) mark_chosen(srcs[small[j]], ks[small[j]], outs[small[j]]);
+    for (int64_t j = b; j < e; ++j) mark_one(small[j]);
   });
-  for (int64_t i : large) mark_chosen(srcs[i], ks[i], outs[i]);
+  for (int64_t i : large) mark_one(i);
 }
 }  // namespace
 

@@ -60,6 +60,12 @@ FUSED_GRAD_SQ_DENSITY = 0.0
 # select="random" on the CPU: from this density on the fused call, its keys hashed
 # from the indices (one seed drawn per call, as select draws it); 2.0 as above.
 FUSED_RANDOM_DENSITY = 0.0
+# scope="global" on the CPU (Adam by |grad| or error feedback, exact): from this density
+# on the one C++ step's global threshold stream (one band on the concatenation's k-th,
+# the counting pass and the streaming loop over every tensor's blocks) instead of
+# select(scope="global") then the update; below it the positions' update costs less
+# than a stream over every element (as per tensor: the stream's density).
+FUSED_GLOBAL_DENSITY = 0.025
 # SGD (select="grad" or "accumulated") on the CPU: from this density on
 # ops.sgd_select_update_ (the threshold stream from its densities on, select's positions
 # or with error feedback the listing pass below them) instead of select then sgd_update_
@@ -609,7 +615,8 @@ class IncrementalOptimizer(Optimizer):
         density = float(group["density"])
         if (device.type != "cpu" or not ops.EXTENSION_LOADED
                 or not MASK_DENSITY <= density < 1.0 or group["mask"] != "dynamic"
-                or group["select"] == "layer" or group["scope"] != "tensor"
+                or group["select"] == "layer"
+                or group["scope"] == "global" and self._global_select is not None
                 or group.get("momentum_correction")
                 or group.get("bias_correction") == "element"):
             return None
@@ -621,8 +628,8 @@ class IncrementalOptimizer(Optimizer):
         if buffer is None or buffer.numel() < total:
             buffer = buffers[device] = torch.empty(total, dtype=torch.bool, device=device)
         out = list(buffer[:total].split(numels))
-        return ops.select_mask(tensors, density, score=score, weights=weights, out=out,
-                               validate=False)
+        return ops.select_mask(tensors, density, score=score, scope=group["scope"],
+                               weights=weights, out=out, validate=False)
 
     def _select_layers(self, group, params, states):
         """select='layer': whole tensors, drawn at random until they hold a `density`

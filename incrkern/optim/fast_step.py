@@ -55,14 +55,28 @@ THROUGH_OP = False
 _CPU = torch.device("cpu")
 
 
+def _global_group(opt, group):
+    """Whether a scope="global" group's step is the CPU kernel's global threshold
+    stream: Adam by |grad| or error feedback, exact, from FUSED_GLOBAL_DENSITY on, the
+    other options as fused_options asks of a group per tensor (accumulate_steps 1), no
+    sharded selection (_global_select)."""
+    return (opt._fused_rule == "adam" and group["scope"] == "global"
+            and group["select"] in ("grad", "accumulated")
+            and opt._global_select is None and group["topk"] == "exact"
+            and float(group["density"]) >= base.FUSED_GLOBAL_DENSITY
+            and group["accumulate_steps"] == 1
+            and fused_options(dict(group, scope="tensor")))
+
+
 def _plain_group(opt, group):
     """Whether the group steps by the fused kernel (where the cost model sends a
-    tensor there) with nothing else the C++ step leaves to Python: an update (no
-    accumulation, or the step that ends a cycle of accumulate_steps), no masters,
-    capture or differentiable step."""
+    tensor there, or a global group's every tensor) with nothing else the C++ step
+    leaves to Python: an update (no accumulation, or the step that ends a cycle of
+    accumulate_steps), no masters, capture or differentiable step."""
     select = group["select"]
-    return (fused_options(group) and select in opt._fused_selects
-            and base.use_fused(float(group["density"]), 0, select, opt._fused_rule)
+    return ((_global_group(opt, group)
+             or fused_options(group) and select in opt._fused_selects
+             and base.use_fused(float(group["density"]), 0, select, opt._fused_rule))
             and group["accumulated_calls"] + 1 == group["accumulate_steps"]
             and not opt._is_dense(group) and not group.get("master_weights")
             and not group.get("capturable") and not group.get("differentiable"))
@@ -110,7 +124,7 @@ def _adam_call(opt, groups, device):
         specs.append((*head, h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
                       h["decoupled_weight_decay"], h["maximize"], group["accumulate_steps"],
                       base.fused_score(group["select"]),
-                      float(group.get("fisher_beta", 0.0))))
+                      float(group.get("fisher_beta", 0.0)), group["scope"] == "global"))
     return _fused_adam_step(specs, opt.state, torch.nn.Parameter, FUSED_SMALL_NUMEL,
                             FUSED_MIN_DENSITY, -1 if device.type == "cpu" else device.index,
                             THROUGH_OP)
