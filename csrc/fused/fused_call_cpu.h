@@ -51,6 +51,13 @@ struct Call {
   std::optional<double> fisher_beta;
 };
 
+// The Fisher's EMA factor of g^2, (1 - fisher_beta) with the mixed-precision unscale,
+// as accumulate_'s sq_alpha (the call's fisher_beta set).
+template <typename M>
+M fisher_alpha(const Call& c) {
+  return amp_sq_factor<M>(1.0 - *c.fisher_beta, c.amp);
+}
+
 // Tensor i's score source for the Selector (its sample, and select's positions).
 inline select::Source source_of(const Call& c, size_t i) {
   using select::Source;
@@ -60,7 +67,7 @@ inline select::Source source_of(const Call& c, size_t i) {
     return Source{ScoreKind::Abs, t.dtype, t.p, at::kFloat, nullptr, {}, t.numel, 0};
   if (c.key_from == KeyFrom::Scores && c.fisher_beta)  // the Fisher's EMA not yet formed
     return Source{ScoreKind::Fisher, t.dtype, t.g, math, t.s, {}, t.numel, 0,
-                  float(*c.fisher_beta), amp_sq_factor<float>(1.0 - *c.fisher_beta, c.amp)};
+                  float(*c.fisher_beta), fisher_alpha<float>(c)};
   if (c.key_from == KeyFrom::Scores)
     return Source{ScoreKind::Abs, math, t.s, math, nullptr, {}, t.numel, 0};
   if (c.key_from == KeyFrom::Random)
@@ -115,7 +122,7 @@ AdamTensor<T> adam_tensor(const Call& c, size_t i) {
   if (c.fisher_beta) {
     t.fisher = static_cast<M*>(const_cast<void*>(r.s));
     t.fisher_decay = M(*c.fisher_beta);
-    t.fisher_alpha = amp_sq_factor<M>(1.0 - *c.fisher_beta, c.amp);
+    t.fisher_alpha = fisher_alpha<M>(c);
   }
   return t;
 }

@@ -107,9 +107,7 @@ int64_t run_fallback(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k,
                      bool after_pass) {
   Source src = source_of(c, i);
   if (t.r || t.fisher) {
-    if (!after_pass)
-      parallel_for_claimed(0, c.res[i].numel, kDenseGrain,
-                           [&](int64_t b, int64_t e) { t.accumulate_keys(b, e); });
+    if (!after_pass) accumulate_every(t, src.n, /*whole=*/true);
     src = accumulated_source(t, src.n);
   }
   const at::Tensor pos = select_positions(src, k, c.approx);
@@ -329,9 +327,7 @@ int64_t run_large(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k) {
     // The band's sample reads r + g as select's accumulated score does, without the
     // mixed-precision unscale: with one, the residual is summed first and sampled.
     const bool add_first = t.r && t.residual_alpha != 1.0f;
-    if (add_first)
-      parallel_for_claimed(0, n, kDenseGrain,
-                           [&](int64_t b, int64_t e) { t.add_residual(b, e); });
+    if (add_first) accumulate_every(t, n, /*whole=*/true);
     return run_band(c, i, t, k, add_first);
   }
 }
@@ -391,13 +387,7 @@ int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bo
     const bool listed = t.fisher || (c.key_from == KeyFrom::Param && !stream_pays(n, k));
     if (listed && whole && k > 0 && k < n) return run_band(c, i, t, k, /*added=*/false);
   }
-  if (t.fisher) {
-    if (whole)
-      parallel_for_claimed(0, n, kDenseGrain,
-                           [&](int64_t b, int64_t e) { t.accumulate_keys(b, e); });
-    else
-      t.accumulate_keys(0, n);
-  }
+  if (t.fisher) accumulate_every(t, n, whole);
   if (k == 0) return 0;
   if (k == n) {
     update_every(t, n, whole);
@@ -451,9 +441,7 @@ void run_global_fallback(const Call& c, int64_t k, bool added) {
     with_param_type(c.res[i].dtype, [&](auto tag) {
       using T = decltype(tag);
       const AdamTensor<T> t = adam_tensor<T>(c, i);
-      if (t.r && !added)
-        parallel_for_claimed(0, c.res[i].numel, kDenseGrain,
-                             [&](int64_t b, int64_t e) { t.add_residual(b, e); });
+      if (t.r && !added) accumulate_every(t, c.res[i].numel, /*whole=*/true);
       srcs.push_back(t.r ? accumulated_source(t, c.res[i].numel) : source_of(c, i));
       srcs.back().pos0 = pos;
       pos += c.res[i].numel;
@@ -483,7 +471,7 @@ void run_global(const Call& c, int64_t k) {
       each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t b, int64_t e,
                                                int64_t) {
         if (k == total) t.dense(b, e);
-        else if (t.r) t.add_residual(b, e);
+        else t.accumulate_keys(b, e);
       });
     });
     return;

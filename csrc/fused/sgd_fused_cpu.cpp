@@ -103,11 +103,6 @@ std::optional<int64_t> run_listed(const SgdTensor<T>& t, int64_t n, int64_t k, b
 template <typename T>
 int64_t run_tensor(const SgdTensor<T>& t, at::ScalarType dtype, int64_t n, int64_t k,
                    bool approx, bool whole) {
-  const auto each = [&](auto&& fn) {
-    if (whole) parallel_for_claimed(0, n, fused::kDenseGrain, fn);
-    else fn(0, n);
-  };
-  const auto add_residual = [&](int64_t b, int64_t e) { t.add_residual(b, e); };
   if (k == n) {
     fused::update_every(t, n, whole);
     return n;
@@ -117,7 +112,7 @@ int64_t run_tensor(const SgdTensor<T>& t, at::ScalarType dtype, int64_t n, int64
   // unscale (select's accumulated score, which the sample reads, has none).
   bool added = !t.r;
   if (!added && (!whole || k == 0 || std::is_same_v<T, double> || t.residual_alpha != 1)) {
-    each(add_residual);
+    fused::accumulate_every(t, n, whole);
     added = true;
   }
   if (k == 0) return 0;
@@ -137,7 +132,7 @@ int64_t run_tensor(const SgdTensor<T>& t, at::ScalarType dtype, int64_t n, int64
       }
     }
   }
-  if (!added) each(add_residual);
+  if (!added) fused::accumulate_every(t, n, whole);
   const at::Tensor pos = fused::select_positions(score_source(t, dtype, n), k, approx);
   const int64_t* q = pos.data_ptr<int64_t>();
   if (whole)

@@ -57,6 +57,15 @@ void update_every(const Tensor& t, int64_t n, bool whole) {
   parallel_for_claimed(0, n, kDenseGrain, [&](int64_t b, int64_t e) { t.dense(b, e); });
 }
 
+// The keys of t's n elements accumulated (accumulate_keys: a residual's r += g, a
+// Fisher's EMA): over every thread (`whole`), or on this one.
+template <typename Tensor>
+void accumulate_every(const Tensor& t, int64_t n, bool whole) {
+  if (!whole) return t.accumulate_keys(0, n);
+  parallel_for_claimed(0, n, kDenseGrain,
+                       [&](int64_t b, int64_t e) { t.accumulate_keys(b, e); });
+}
+
 // The band the threshold stream takes from sel's sample: sample_band for a tensor over
 // every thread (`whole`), stream_band for one on a thread; one refused as too wide
 // whose low edge is 0 (its k-th among zeros), which the counting pass then counts

@@ -73,14 +73,14 @@ FUSED_GLOBAL_DENSITY = 0.025
 FUSED_SGD_DENSITY = 0.0
 
 
-def fused_options(group):
+def fused_options(group, scope="tensor"):
     """Whether the group's options let the fused select-and-update step it: |grad|,
-    error feedback, |weight|, the Fisher or at random per tensor, reselected at every
-    update, one bias correction per tensor, no AMSGrad (the fused kernel keeps no
-    max_exp_avg_sq), no momentum correction; with accumulate_steps, |grad| only (error
-    feedback accumulates a scaled gradient)."""
+    error feedback, |weight|, the Fisher or at random per tensor (or in `scope`),
+    reselected at every update, one bias correction per tensor, no AMSGrad (the fused
+    kernel keeps no max_exp_avg_sq), no momentum correction; with accumulate_steps,
+    |grad| only (error feedback accumulates a scaled gradient)."""
     return (group["select"] in ("grad", "accumulated", "weight", "grad_sq", "random")
-            and group["scope"] == "tensor"
+            and group["scope"] == scope
             and group["mask"] == "dynamic" and group["bias_correction"] == "tensor"
             and (group["accumulate_steps"] == 1 or group["select"] == "grad")
             and not group.get("momentum_correction") and not group.get("amsgrad"))

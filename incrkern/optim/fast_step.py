@@ -58,14 +58,13 @@ _CPU = torch.device("cpu")
 def _global_group(opt, group):
     """Whether a scope="global" group's step is the CPU kernel's global threshold
     stream: Adam by |grad| or error feedback, exact, from FUSED_GLOBAL_DENSITY on, the
-    other options as fused_options asks of a group per tensor (accumulate_steps 1), no
-    sharded selection (_global_select)."""
-    return (opt._fused_rule == "adam" and group["scope"] == "global"
+    other options as fused_options asks (accumulate_steps 1), no sharded selection
+    (_global_select)."""
+    return (opt._fused_rule == "adam" and fused_options(group, scope="global")
             and group["select"] in ("grad", "accumulated")
             and opt._global_select is None and group["topk"] == "exact"
             and float(group["density"]) >= base.FUSED_GLOBAL_DENSITY
-            and group["accumulate_steps"] == 1
-            and fused_options(dict(group, scope="tensor")))
+            and group["accumulate_steps"] == 1)
 
 
 def _plain_group(opt, group):
