@@ -196,6 +196,17 @@ int64_t run_small(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, De
   return update_at(t, pos.data_ptr<int64_t>(), pos.numel());
 }
 
+// A listed block's chosen elements updated: its winner tiles, its tail's winners, its
+// chosen candidates (`values`: with the gradients the listing pass kept).
+template <typename T>
+void update_listed(const AdamTensor<T>& t, const BlockOut& o, bool values) {
+  t.tiles_ahead(o.wstart.data(), o.wmask.data(), int64_t(o.wstart.size()),
+                values ? o.wval.data() : nullptr);
+  for (int64_t e : o.tail_winners) t.one(e);
+  update_chosen(t, o.chosen.data(), values ? o.chosen_val.data() : nullptr,
+                int64_t(o.chosen.size()));
+}
+
 // A large tensor of 32-bit keys whose k-th key may be 0 (0 < k < n), as in an
 // embedding's gradient, nonzero in the rows of the batch's tokens alone. One pass
 // lists the nonzero tiles. Fewer nonzero keys than k: every nonzero is chosen, and
@@ -285,14 +296,7 @@ int64_t run_band(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, boo
 
   // The update: nothing was written to p or its state before this point.
   parallel_for_claimed(0, int64_t(out.size()), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const BlockOut& o = out[bi];
-      t.tiles_ahead(o.wstart.data(), o.wmask.data(), int64_t(o.wstart.size()),
-                    values ? o.wval.data() : nullptr);
-      for (int64_t e : o.tail_winners) t.one(e);
-      update_chosen(t, o.chosen.data(), values ? o.chosen_val.data() : nullptr,
-                    int64_t(o.chosen.size()));
-    }
+    for (int64_t bi = b0; bi < b1; ++bi) update_listed(t, out[bi], values);
   });
   int64_t m = 0;
   for (const BlockOut& o : out) m += int64_t(o.chosen.size());
@@ -450,11 +454,43 @@ void run_global_fallback(const Call& c, int64_t k, bool added) {
   for (size_t i = 0; i < chosen.size(); ++i) update_positions(c, i, chosen[i]);
 }
 
+// scope="global" below the threshold stream's densities: |g|'s tile lists (run_band)
+// over every tensor's blocks as one flat list: the band from one sample of the
+// concatenation, the listing pass over every block (forming r + g), the candidates
+// chosen over all of them, ties to the lowest position in the concatenation, the
+// listed tiles and chosen candidates updated. A band the sample finds too wide (the
+// k-th among ties) or the counts refute: select's global positions.
+void run_global_lists(const Call& c, int64_t k, const std::vector<int64_t>& first,
+                      const std::vector<Source>& srcs, int64_t total) {
+  Selector<uint32_t> sel(srcs, k, false);
+  const auto band = sel.sample_band();
+  if (!band) return run_global_fallback(c, k, false);
+  const auto [lo, hi] = *band;
+  const bool values = c.res[0].r == nullptr && sel.sampled_zeros() < 0.5;
+  const std::span<BlockOut> out = cleared_block_lists(first.back());
+  parallel_claims(0, first.back(), 1, [&](Claims& claims) {
+    ListScratch scratch(few_hits(k, total));
+    for (int64_t bi; claims.next_index(bi);)
+      each_global_block(c, first, bi, bi + 1, [&](size_t, const auto& t, int64_t b, int64_t e,
+                                                   int64_t) {
+        list_block(t, b, e, lo, hi, /*added=*/false, values, /*tile_keys=*/false, scratch,
+                   out[size_t(bi)]);
+      });
+  });
+  const auto [w, cnt] = listed_counts(out);
+  if (!band_holds(w, cnt, k, false)) return run_global_fallback(c, k, true);
+  choose_candidates(out, k - w, lo, hi, values);
+  parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
+    each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t, int64_t,
+                                             int64_t bi) { update_listed(t, out[size_t(bi)], values); });
+  });
+}
+
 // scope="global" over the call's tensors (fp32 and 16-bit, exact): the band on the
 // concatenation's k-th key from one sample, the counting pass over every tensor's blocks
 // (forming r + g), the k-th among the kept keys, the streaming loop over every block:
 // select(scope="global") then the update at its positions, ties to the lowest position
-// in the concatenation.
+// in the concatenation. Below the stream's density, the tile lists (run_global_lists).
 void run_global(const Call& c, int64_t k) {
   std::vector<int64_t> first(c.res.size() + 1, 0);
   std::vector<Source> srcs;
@@ -477,6 +513,7 @@ void run_global(const Call& c, int64_t k) {
     return;
   }
   if (forced_fallback("before")) return run_global_fallback(c, k, false);
+  if (!stream_pays(total, k)) return run_global_lists(c, k, first, srcs, total);
   const auto [lo, hi] = Selector<uint32_t>(srcs, k, false).band();
   std::vector<BandBlock> blocks(static_cast<size_t>(first.back()));
   parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {

@@ -61,11 +61,10 @@ FUSED_GRAD_SQ_DENSITY = 0.0
 # from the indices (one seed drawn per call, as select draws it); 2.0 as above.
 FUSED_RANDOM_DENSITY = 0.0
 # scope="global" on the CPU (Adam by |grad| or error feedback, exact): from this density
-# on the one C++ step's global threshold stream (one band on the concatenation's k-th,
-# the counting pass and the streaming loop over every tensor's blocks) instead of
-# select(scope="global") then the update; below it the positions' update costs less
-# than a stream over every element (as per tensor: the stream's density).
-FUSED_GLOBAL_DENSITY = 0.025
+# on the one C++ step over every tensor's blocks as one list (from the stream's density
+# the global threshold stream, below it |g|'s tile lists, each on one band around the
+# concatenation's k-th) instead of select(scope="global") then the update; 2.0 as above.
+FUSED_GLOBAL_DENSITY = 0.0
 # SGD (select="grad" or "accumulated") on the CPU: from this density on
 # ops.sgd_select_update_ (the threshold stream from its densities on, select's positions
 # or with error feedback the listing pass below them) instead of select then sgd_update_
