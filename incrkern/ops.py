@@ -11,9 +11,8 @@ import torch
 from . import reference
 from .reference import math_dtype
 from ._extension import EXTENSION_LOADED, cuda_kernels_loaded
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_CUDA_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ._op_checks import (CUDA_FLOAT_DTYPES, FLOAT_DTYPES, as_list, check_adam_numbers, check_amp,
+                         check_length, check_lr, check_number, check_tensor, check_update)
 
 
 def _kernel(name, device):
@@ -34,142 +33,6 @@ def _dispatch(name, *args, **kwargs):
     kernel = _kernel(name, first[0].device)
     impl = kernel if kernel is not None else getattr(reference, name)
     return impl(*args, **kwargs)
-
-
-def _as_list(name, value, allow_none=False):
-    if value is None and allow_none:
-        return []
-    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
-    for i, t in enumerate(value):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
-    return list(value)
-
-
-def _check_length(name, values, n, may_be_empty=False):
-    if len(values) != n and not (may_be_empty and not values):
-        raise ValueError(f"{name} has {len(values)} tensors, expected {n}"
-                         + (" (or none)" if may_be_empty else ""))
-
-
-def _check_number(name, value, low=None, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-
-
-def _check_tensor(name, t, *, device, dtypes=None, numel=None, dim=None):
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {t.dtype}, expected one of "
-                        + ", ".join(str(d) for d in dtypes))
-    if numel is not None and t.numel() != numel:
-        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (an in-place argument is never copied)")
-
-
-def _check_update(params, grads, first_moments, second_moments, steps, indices, masks, ages,
-                  compact_state, first_moments_name, max_second_moments=()):
-    """Checks the tensor lists of an update op against each other. `first_moments`:
-    Adam's exp_avgs or SGD's momentum_buffers (named `first_moments_name` in errors);
-    `second_moments`: Adam's exp_avg_sqs, None for SGD; `max_second_moments`:
-    AMSGrad's max_exp_avg_sqs, empty without AMSGrad."""
-    n = len(params)
-    _check_length("grads", grads, n)
-    _check_length(first_moments_name, first_moments, n, may_be_empty=second_moments is None)
-    if second_moments is not None:
-        _check_length("exp_avg_sqs", second_moments, n)
-        _check_length("steps", steps, n)
-    _check_length("indices", indices, n, may_be_empty=True)
-    _check_length("masks", masks, n, may_be_empty=True)
-    _check_length("ages", ages, n, may_be_empty=True)
-    _check_length("max_exp_avg_sqs", max_second_moments, n, may_be_empty=True)
-    if indices and masks:
-        raise ValueError("give indices or masks, not both")
-    if compact_state and not indices:
-        raise ValueError("compact_state=True needs indices")
-    for i, p in enumerate(params):
-        device = p.device
-        if device != params[0].device:
-            raise ValueError(f"params[{i}] is on {device}, params[0] on {params[0].device}: "
-                             "one call takes one device")
-        dtypes = _CUDA_FLOAT_DTYPES if device.type == "cuda" else _FLOAT_DTYPES
-        _check_tensor(f"params[{i}]", p, device=device, dtypes=dtypes)
-        math = math_dtype(p.dtype)
-        _check_tensor(f"grads[{i}]", grads[i], device=device,
-                      dtypes=tuple({p.dtype, math}), numel=p.numel())
-        if indices:
-            _check_tensor(f"indices[{i}]", indices[i], device=device, dtypes=(torch.int64,),
-                          dim=1)
-            if indices[i].numel():
-                low, high = (int(v) for v in torch.aminmax(indices[i]))
-                if low < 0 or high >= p.numel():
-                    raise ValueError(f"indices[{i}] holds positions outside [0, {p.numel()})")
-        if masks:
-            _check_tensor(f"masks[{i}]", masks[i], device=device, dtypes=(torch.bool,),
-                          numel=p.numel())
-        state_numel = indices[i].numel() if compact_state else p.numel()
-        if first_moments:
-            _check_tensor(f"{first_moments_name}[{i}]", first_moments[i], device=device,
-                          dtypes=(math,), numel=state_numel)
-        if second_moments is not None:
-            _check_tensor(f"exp_avg_sqs[{i}]", second_moments[i], device=device,
-                          dtypes=(math,), numel=state_numel)
-        if max_second_moments:
-            _check_tensor(f"max_exp_avg_sqs[{i}]", max_second_moments[i], device=device,
-                          dtypes=(math,), numel=state_numel)
-        if ages:
-            _check_tensor(f"ages[{i}]", ages[i], device=device, dtypes=(torch.int32,),
-                          numel=state_numel)
-        if steps:
-            s = steps[i]
-            if s.numel() != 1 or s.dtype != torch.float32 or s.device not in (
-                    device, torch.device("cpu")):
-                raise ValueError(f"steps[{i}] must be a float32 scalar on {device} or the CPU")
-
-
-def _check_lr(lr, lr_tensor, params):
-    _check_number("lr", lr, 0.0)
-    if lr_tensor is not None:
-        if not isinstance(lr_tensor, torch.Tensor) or lr_tensor.numel() != 1 or \
-                lr_tensor.dtype != torch.float32:
-            raise TypeError("lr_tensor must be a float32 tensor with one element")
-        if params and lr_tensor.device != params[0].device:
-            raise ValueError(f"lr_tensor is on {lr_tensor.device}, expected {params[0].device}")
-
-
-def _check_amp(amp_scale, found_inf, tensors):
-    """Mixed precision (torch.amp.GradScaler): the loss scale and the inf flag, each a
-    float32 scalar on the tensors' device, or None."""
-    for name, t in (("amp_scale", amp_scale), ("found_inf", found_inf)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype != torch.float32:
-            raise TypeError(f"{name} must be a float32 tensor with one element")
-        if tensors and t.device != tensors[0].device:
-            raise ValueError(f"{name} is on {t.device}, expected {tensors[0].device}")
-
-
-def _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale):
-    _check_lr(lr, lr_tensor, params)
-    _check_number("beta1", beta1, 0.0, 1.0)
-    _check_number("beta2", beta2, 0.0, 1.0)
-    for name, beta in (("beta1", beta1), ("beta2", beta2)):
-        if beta == 1.0:  # the bias correction 1 - beta**t would be 0: torch.optim refuses
-            raise ValueError(f"{name} must be in [0, 1), got {beta}")
-    _check_number("eps", eps, 0.0)
-    _check_number("weight_decay", weight_decay, 0.0)
-    _check_number("grad_scale", grad_scale)
-
-
-# ----------------------------------------------------------------------------------
-# update family
 
 
 def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, beta2=0.999,
@@ -207,19 +70,19 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
     kernel trusts the indices.
     """
     if validate:
-        params = _as_list("params", params)
-        grads = _as_list("grads", grads)
-        exp_avgs = _as_list("exp_avgs", exp_avgs)
-        exp_avg_sqs = _as_list("exp_avg_sqs", exp_avg_sqs)
-        steps = _as_list("steps", steps)
-        indices = _as_list("indices", indices, allow_none=True)
-        masks = _as_list("masks", masks, allow_none=True)
-        ages = _as_list("ages", ages, allow_none=True)
-        max_exp_avg_sqs = _as_list("max_exp_avg_sqs", max_exp_avg_sqs, allow_none=True)
-        _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
-        _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
+        params = as_list("params", params)
+        grads = as_list("grads", grads)
+        exp_avgs = as_list("exp_avgs", exp_avgs)
+        exp_avg_sqs = as_list("exp_avg_sqs", exp_avg_sqs)
+        steps = as_list("steps", steps)
+        indices = as_list("indices", indices, allow_none=True)
+        masks = as_list("masks", masks, allow_none=True)
+        ages = as_list("ages", ages, allow_none=True)
+        max_exp_avg_sqs = as_list("max_exp_avg_sqs", max_exp_avg_sqs, allow_none=True)
+        check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
+        check_update(params, grads, exp_avgs, exp_avg_sqs, steps, indices, masks, ages,
                       compact_state, "exp_avgs", max_exp_avg_sqs)
-        _check_amp(amp_scale, found_inf, params)
+        check_amp(amp_scale, found_inf, params)
     lists = [params, grads, exp_avgs, exp_avg_sqs, steps, indices or [], masks or [],
              ages or [], max_exp_avg_sqs or []]
     _dispatch("adam_update_", *lists, lr=float(lr), beta1=float(beta1), beta2=float(beta2),
@@ -233,11 +96,11 @@ def adam_update_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1=0.9, 
 def _check_sgd(params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum,
                dampening, weight_decay, grad_scale):
     """SGD's numbers, and its buffers and first-step flags counted against the params."""
-    _check_lr(lr, lr_tensor, params)
-    _check_number("momentum", momentum, 0.0)
-    _check_number("dampening", dampening)
-    _check_number("weight_decay", weight_decay, 0.0)
-    _check_number("grad_scale", grad_scale)
+    check_lr(lr, lr_tensor, params)
+    check_number("momentum", momentum, 0.0)
+    check_number("dampening", dampening)
+    check_number("weight_decay", weight_decay, 0.0)
+    check_number("grad_scale", grad_scale)
     if momentum != 0 and len(momentum_buffers) != len(params):
         raise ValueError("momentum != 0 needs one momentum buffer per param")
     if first_step is not None and len(first_step) != len(params):
@@ -257,16 +120,16 @@ def sgd_update_(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=
     `found_inf`, `validate`: as adam_update_.
     """
     if validate:
-        params = _as_list("params", params)
-        grads = _as_list("grads", grads)
-        momentum_buffers = _as_list("momentum_buffers", momentum_buffers, allow_none=True)
-        indices = _as_list("indices", indices, allow_none=True)
-        masks = _as_list("masks", masks, allow_none=True)
+        params = as_list("params", params)
+        grads = as_list("grads", grads)
+        momentum_buffers = as_list("momentum_buffers", momentum_buffers, allow_none=True)
+        indices = as_list("indices", indices, allow_none=True)
+        masks = as_list("masks", masks, allow_none=True)
         _check_sgd(params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum,
                    dampening, weight_decay, grad_scale)
-        _check_update(params, grads, momentum_buffers, None, [], indices, masks, [],
+        check_update(params, grads, momentum_buffers, None, [], indices, masks, [],
                       compact_state, "momentum_buffers")
-        _check_amp(amp_scale, found_inf, params)
+        check_amp(amp_scale, found_inf, params)
     first_step = [False] * len(params) if first_step is None else [bool(f) for f in first_step]
     _dispatch("sgd_update_", params, grads, momentum_buffers or [], indices or [], masks or [],
               first_step, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
@@ -293,34 +156,34 @@ def accumulate_(accs, grads, alpha=1.0, sq_accs=None, *, sq_alpha=None, sq_decay
     1 / amp_scale and its square, and a nonzero found_inf changes nothing (see
     adam_update_).
     """
-    grads = _as_list("grads", grads)
-    accs = _as_list("accs", accs, allow_none=True)
-    sq_accs = _as_list("sq_accs", sq_accs, allow_none=True)
-    _check_number("alpha", alpha)
+    grads = as_list("grads", grads)
+    accs = as_list("accs", accs, allow_none=True)
+    sq_accs = as_list("sq_accs", sq_accs, allow_none=True)
+    check_number("alpha", alpha)
     if sq_alpha is None:
         sq_alpha = alpha
-    _check_number("sq_alpha", sq_alpha)
-    _check_number("sq_decay", sq_decay)
+    check_number("sq_alpha", sq_alpha)
+    check_number("sq_decay", sq_decay)
     n = len(grads)
-    _check_length("accs", accs, n, may_be_empty=True)
-    _check_length("sq_accs", sq_accs, n, may_be_empty=True)
-    _check_amp(amp_scale, found_inf, grads)
+    check_length("accs", accs, n, may_be_empty=True)
+    check_length("sq_accs", sq_accs, n, may_be_empty=True)
+    check_amp(amp_scale, found_inf, grads)
     if grads:
         device = grads[0].device
-        dtypes = _CUDA_FLOAT_DTYPES if device.type == "cuda" else _FLOAT_DTYPES
+        dtypes = CUDA_FLOAT_DTYPES if device.type == "cuda" else FLOAT_DTYPES
     for i, g in enumerate(grads):
         # One cheap test per tensor; the detailed checks (which raise) only on failure,
         # so that a call over many small tensors costs little more than the kernel.
         gdtype, numel = g.dtype, g.numel()
         if g.device != device or gdtype not in dtypes or not g.is_contiguous():
-            _check_tensor(f"grads[{i}]", g, device=device, dtypes=dtypes)
+            check_tensor(f"grads[{i}]", g, device=device, dtypes=dtypes)
         math = math_dtype(gdtype)
         for name, lst in (("accs", accs), ("sq_accs", sq_accs)):
             if lst:
                 a = lst[i]
                 if (a.dtype != math or a.numel() != numel or a.device != device
                         or not a.is_contiguous()):
-                    _check_tensor(f"{name}[{i}]", a, device=device, dtypes=(math,),
+                    check_tensor(f"{name}[{i}]", a, device=device, dtypes=(math,),
                                   numel=numel)
     if not grads or not (accs or sq_accs):
         return
@@ -367,7 +230,7 @@ def density_k(density, numel):
 def _check_select_dtype(name, t, device):
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
-    dtypes = _CUDA_FLOAT_DTYPES if device.type == "cuda" else _FLOAT_DTYPES
+    dtypes = CUDA_FLOAT_DTYPES if device.type == "cuda" else FLOAT_DTYPES
     if t.dtype not in dtypes:
         raise TypeError(f"{name} has dtype {t.dtype}, expected one of "
                         + ", ".join(str(d) for d in dtypes))
@@ -394,9 +257,9 @@ def _select_args(tensors, k, score, scope, residual, weights, generator, validat
     """select's and select_mask's arguments checked: (tensors, ks, residual, weights,
     seed), the random score's seed drawn from the generator."""
     if validate:
-        tensors = _as_list("tensors", tensors)
-        residual = _as_list("residual", residual, allow_none=True)
-        weights = _as_list("weights", weights, allow_none=True)
+        tensors = as_list("tensors", tensors)
+        residual = as_list("residual", residual, allow_none=True)
+        weights = as_list("weights", weights, allow_none=True)
     else:
         tensors = list(tensors)
         residual = [] if residual is None else list(residual)
@@ -406,11 +269,11 @@ def _select_args(tensors, k, score, scope, residual, weights, generator, validat
     if not isinstance(scope, str) or scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
     if score == "accumulated":
-        _check_length("residual", residual, len(tensors))
+        check_length("residual", residual, len(tensors))
     elif residual:
         raise ValueError("residual is only used with score='accumulated'")
     if score == "weight":
-        _check_length("weights", weights, len(tensors))
+        check_length("weights", weights, len(tensors))
     elif weights:
         raise ValueError("weights is only used with score='weight'")
     if tensors and validate:
@@ -421,7 +284,7 @@ def _select_args(tensors, k, score, scope, residual, weights, generator, validat
                 r = residual[i]
                 allowed = (torch.float32, torch.float64) if t.dtype == torch.float64 \
                     else (torch.float32,)
-                _check_tensor(f"residual[{i}]", r.contiguous(), device=device, dtypes=allowed,
+                check_tensor(f"residual[{i}]", r.contiguous(), device=device, dtypes=allowed,
                               numel=t.numel())
             if weights:
                 _check_select_dtype(f"weights[{i}]", weights[i], device)
@@ -521,12 +384,12 @@ def select_mask(tensors, k, *, score="grad", scope="tensor", residual=None, weig
     the positions: on the CPU one pass counts the keys near the k-th and a second writes
     the mask, where the positions of half a tensor cost 8 bytes each to write and merge.
     Other devices and float64 tensors mark the positions select returns."""
-    tensors = _as_list("tensors", tensors) if validate else list(tensors)
+    tensors = as_list("tensors", tensors) if validate else list(tensors)
     if out is not None:  # checked before the random score's seed is drawn
-        out = _as_list("out", out)
-        _check_length("out", out, len(tensors))
+        out = as_list("out", out)
+        check_length("out", out, len(tensors))
         for i, (m, t) in enumerate(zip(out, tensors)):
-            _check_tensor(f"out[{i}]", m, device=t.device, dtypes=(torch.bool,),
+            check_tensor(f"out[{i}]", m, device=t.device, dtypes=(torch.bool,),
                           numel=t.numel())
     tensors, ks, residual, weights, seed = _select_args(
         tensors, k, score, scope, residual, weights, generator, validate)
@@ -602,10 +465,10 @@ def _checked_ks(ks, params, grads):
 def _checked_residuals(residuals, params):
     """Error feedback's residuals (None: none) as a list: none, or one per param of its
     math dtype and size, on its device."""
-    residuals = _as_list("residuals", residuals, allow_none=True)
-    _check_length("residuals", residuals, len(params), may_be_empty=True)
+    residuals = as_list("residuals", residuals, allow_none=True)
+    check_length("residuals", residuals, len(params), may_be_empty=True)
     for i, r in enumerate(residuals):
-        _check_tensor(f"residuals[{i}]", r, device=params[i].device,
+        check_tensor(f"residuals[{i}]", r, device=params[i].device,
                       dtypes=(math_dtype(params[i].dtype),), numel=params[i].numel())
     return residuals
 
@@ -660,27 +523,27 @@ def adam_select_update_(params, grads, exp_avgs, exp_avg_sqs, steps, ks, residua
         lists = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
                      steps=steps)
         params, grads, exp_avgs, exp_avg_sqs, steps = (
-            _as_list(name, value) for name, value in lists.items())
-        _check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
-        _check_update(params, grads, exp_avgs, exp_avg_sqs, steps, [], [], [], False,
+            as_list(name, value) for name, value in lists.items())
+        check_adam_numbers(params, lr, lr_tensor, beta1, beta2, eps, weight_decay, grad_scale)
+        check_update(params, grads, exp_avgs, exp_avg_sqs, steps, [], [], [], False,
                       "exp_avgs")
         ks = _checked_ks(ks, params, grads)
         residuals = _checked_residuals(residuals, params)
-        _check_amp(amp_scale, found_inf, params)
+        check_amp(amp_scale, found_inf, params)
         if score not in ("grad", "weight", "grad_sq", "random"):
             raise ValueError(f"score must be 'grad', 'weight', 'grad_sq' or 'random', got "
                              f"{score!r}")
         if score != "grad" and residuals:
             raise ValueError(f"score={score!r} takes no residuals (error feedback selects by "
                              "|r + g|)")
-        scores = _as_list("scores", scores, allow_none=True)
+        scores = as_list("scores", scores, allow_none=True)
         if score != "grad_sq" and scores:
             raise ValueError(f"scores are for score='grad_sq' only, got {len(scores)} with "
                              f"score={score!r}")
         if score == "grad_sq":
-            _check_length("scores", scores, len(params))
+            check_length("scores", scores, len(params))
             for i, s in enumerate(scores):
-                _check_tensor(f"scores[{i}]", s, device=params[i].device,
+                check_tensor(f"scores[{i}]", s, device=params[i].device,
                               dtypes=(math_dtype(params[i].dtype),), numel=params[i].numel())
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got "
@@ -739,16 +602,16 @@ def sgd_select_update_(params, grads, momentum_buffers, ks, *, lr, momentum=0.0,
     wrapper composes ``accumulate_``, ``select`` and ``sgd_update_``.
     """
     if validate:
-        params = _as_list("params", params)
-        grads = _as_list("grads", grads)
-        momentum_buffers = _as_list("momentum_buffers", momentum_buffers, allow_none=True)
+        params = as_list("params", params)
+        grads = as_list("grads", grads)
+        momentum_buffers = as_list("momentum_buffers", momentum_buffers, allow_none=True)
         _check_sgd(params, grads, momentum_buffers, first_step, lr, lr_tensor, momentum,
                    dampening, weight_decay, grad_scale)
-        _check_update(params, grads, momentum_buffers, None, [], [], [], [], False,
+        check_update(params, grads, momentum_buffers, None, [], [], [], [], False,
                       "momentum_buffers")
         ks = _checked_ks(ks, params, grads)
         residuals = _checked_residuals(residuals, params)
-        _check_amp(amp_scale, found_inf, params)
+        check_amp(amp_scale, found_inf, params)
     if not params:
         return torch.zeros(0, dtype=torch.int64)
     residuals = list(residuals or [])
