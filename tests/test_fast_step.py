@@ -249,7 +249,7 @@ def test_a_bad_param_among_many_falls_back_and_touches_nothing(spy):
     (lambda opt, ps: setattr(ps[1], "grad", ps[1].grad.to_sparse()), False),
     (lambda opt, ps: opt.param_groups[0].__setitem__("accumulate_steps", 2), False),
     (lambda opt, ps: opt.param_groups[0].__setitem__("scope", "global"), True),
-    (lambda opt, ps: opt.param_groups[0].update(scope="global", topk="approx"), False),
+    (lambda opt, ps: opt.param_groups[0].update(scope="global", topk="approx"), True),
     (lambda opt, ps: opt.param_groups[0].__setitem__("density", 1.0), False),
     (lambda opt, ps: setattr(opt, "grad_scale", torch.tensor(1.0)), False),
     (lambda opt, ps: setattr(ps[2], "grad", None), True),

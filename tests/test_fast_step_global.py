@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import incrkern
+from incrkern import ops, reference
 from incrkern.optim import base, fast_step
 
 from helpers import recorded
 from test_fast_step import make_params
-from test_fast_step_fisher import assert_as_python, assert_same, run
+from test_fast_step_fisher import assert_as_python, assert_same, gradient, run
 
 pytestmark = pytest.mark.skipif(fast_step._fused_adam_step is None,
                                 reason="the extension is not built")
@@ -81,12 +82,12 @@ def test_every_element_chosen(spy, monkeypatch):
     check(torch.float32, "heavy", monkeypatch, spy, density=1 - 1e-7)
 
 
-@pytest.mark.parametrize("options", [dict(density=0.01, topk="approx"),
-                                     dict(density=0.2, topk="approx"),
-                                     dict(density=0.2, select="weight")],
-                         ids=["approx-lists", "approx", "weight"])
+@pytest.mark.parametrize("options", [dict(density=0.2, select="weight"),
+                                     dict(density=0.01, select="grad_sq"),
+                                     dict(density=0.01, accumulate_steps=2)],
+                         ids=["weight", "grad_sq", "accumulate_steps"])
 def test_left_to_the_python_step(options, spy, monkeypatch):
-    """approx and the other selects: the Python step's."""
+    """The other selects and accumulate_steps: the Python step's."""
     check(torch.float32, "heavy", monkeypatch, spy, taken=False, **options)
 
 
@@ -94,3 +95,55 @@ def test_below_fused_global_density(spy, monkeypatch):
     """Below base.FUSED_GLOBAL_DENSITY (raised here): the Python step's."""
     monkeypatch.setattr(base, "FUSED_GLOBAL_DENSITY", 0.02)
     check(torch.float32, "heavy", monkeypatch, spy, taken=False, density=0.01)
+
+
+def step_chosen(opt, params, select):
+    """One step of opt; returns the concatenation's order keys before it (|g|, or
+    |r + g| with error feedback: reference.select_scores) and whether each element was
+    updated (its param, exp_avg or exp_avg_sq changed bits: a chosen zero gradient with
+    zero state still moves its param by the weight decay)."""
+    state = [opt.state[p] for p in params]
+    before = [(p.detach().clone(), s["exp_avg"].clone(), s["exp_avg_sq"].clone())
+              for p, s in zip(params, state)]
+    residuals = [s["residual"].clone() for s in state] if select == "accumulated" else ()
+    keys = torch.cat(reference.select_scores([p.grad for p in params], select, residuals))
+    opt.step()
+
+    def changed(a, b):
+        return a.view(-1).view(torch.int32) != b.view(-1).view(torch.int32)
+    return keys, torch.cat([changed(w, p.detach()) | changed(m, s["exp_avg"])
+                            | changed(v, s["exp_avg_sq"])
+                            for (w, m, v), p, s in zip(before, params, state)])
+
+
+@pytest.mark.parametrize("kind", ["heavy", "rows"])
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.1])
+@pytest.mark.parametrize("select", ["grad", "accumulated"])
+def test_approx(kind, density, select, spy, monkeypatch):
+    """topk="approx" (the tile lists at 0.001 and 0.01, the stream at 0.1): every step a
+    whole top set of the concatenation's keys, its count within select's tolerance of k;
+    where every count is k, params and state bit-identical to the exact Python step's."""
+    fast_params, slow_params = make_params(SIZES, torch.float32), make_params(SIZES, torch.float32)
+    k = ops.density_k(density, sum(SIZES))
+    tolerance = max(1, int(ops.APPROX_COUNT_TOLERANCE * k))
+    monkeypatch.setattr(fast_step, "ENABLED", True)
+    torch.manual_seed(0)
+    fast = incrkern.optim.AdamW(fast_params, lr=1e-2, weight_decay=0.05, scope="global",
+                                density=density, select=select, topk="approx")
+    counts = []
+    for step in range(3):
+        for p in fast_params:
+            p.grad = gradient(kind, p.numel(), step, p.dtype)
+        if step == 0:  # the state is made by the Python step
+            fast.step()
+            continue
+        keys, chosen = step_chosen(fast, fast_params, select)
+        counts.append(int(chosen.sum()))
+        assert abs(counts[-1] - k) <= tolerance, (counts[-1], k)
+        assert keys[chosen].min() >= keys[~chosen].max()
+    assert spy[0] is None and None not in spy[1:]
+    if counts == [k, k]:
+        slow = run(slow_params, kind, 3, False, monkeypatch, scope="global", density=density,
+                   select=select)
+        fast.param_groups[0]["topk"] = "exact"  # the one option the two runs differ in
+        assert_same(fast, slow, fast_params, slow_params)

@@ -450,7 +450,7 @@ void run_global_fallback(const Call& c, int64_t k, bool added) {
       srcs.back().pos0 = pos;
       pos += c.res[i].numel;
     });
-  const std::vector<at::Tensor> chosen = Selector<uint32_t>(srcs, k, false).run();
+  const std::vector<at::Tensor> chosen = Selector<uint32_t>(srcs, k, c.approx).run();
   for (size_t i = 0; i < chosen.size(); ++i) update_positions(c, i, chosen[i]);
 }
 
@@ -462,7 +462,7 @@ void run_global_fallback(const Call& c, int64_t k, bool added) {
 // k-th among ties) or the counts refute: select's global positions.
 void run_global_lists(const Call& c, int64_t k, const std::vector<int64_t>& first,
                       const std::vector<Source>& srcs, int64_t total) {
-  Selector<uint32_t> sel(srcs, k, false);
+  Selector<uint32_t> sel(srcs, k, c.approx);
   const auto band = sel.sample_band();
   if (!band) return run_global_fallback(c, k, false);
   const auto [lo, hi] = *band;
@@ -478,19 +478,23 @@ void run_global_lists(const Call& c, int64_t k, const std::vector<int64_t>& firs
       });
   });
   const auto [w, cnt] = listed_counts(out);
-  if (!band_holds(w, cnt, k, false)) return run_global_fallback(c, k, true);
+  if (!band_holds(w, cnt, k, c.approx)) return run_global_fallback(c, k, true);
   choose_candidates(out, k - w, lo, hi, values);
   parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
     each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t, int64_t,
-                                             int64_t bi) { update_listed(t, out[size_t(bi)], values); });
+                                             int64_t bi) {
+      update_listed(t, out[size_t(bi)], values);
+    });
   });
 }
 
-// scope="global" over the call's tensors (fp32 and 16-bit, exact): the band on the
+// scope="global" over the call's tensors (fp32 and 16-bit): the band on the
 // concatenation's k-th key from one sample, the counting pass over every tensor's blocks
 // (forming r + g), the k-th among the kept keys, the streaming loop over every block:
 // select(scope="global") then the update at its positions, ties to the lowest position
 // in the concatenation. Below the stream's density, the tile lists (run_global_lists).
+// approx: a band whose counts miss k by at most select's tolerance chooses every key
+// above it, or every key in it too, as per tensor.
 void run_global(const Call& c, int64_t k) {
   std::vector<int64_t> first(c.res.size() + 1, 0);
   std::vector<Source> srcs;
@@ -514,7 +518,7 @@ void run_global(const Call& c, int64_t k) {
   }
   if (forced_fallback("before")) return run_global_fallback(c, k, false);
   if (!stream_pays(total, k)) return run_global_lists(c, k, first, srcs, total);
-  const auto [lo, hi] = Selector<uint32_t>(srcs, k, false).band();
+  const auto [lo, hi] = Selector<uint32_t>(srcs, k, c.approx).band();
   std::vector<BandBlock> blocks(static_cast<size_t>(first.back()));
   parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
     each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t b, int64_t e,
@@ -523,7 +527,7 @@ void run_global(const Call& c, int64_t k) {
     });
   });
   const auto [w, cnt] = band_counts(blocks);
-  if (!band_holds(w, cnt, k, false)) return run_global_fallback(c, k, true);
+  if (!band_holds(w, cnt, k, c.approx)) return run_global_fallback(c, k, true);
   const auto [at_least, tie] = choose_in_band(blocks, k - w, lo, hi);
   parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
     each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t b, int64_t e,

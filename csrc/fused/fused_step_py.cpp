@@ -60,7 +60,7 @@ struct Group : SpecHead {
   KeyFrom key_from = KeyFrom::Grad;
   int64_t seed = 0;
   double fisher_beta = 0.0;
-  // scope="global" (CPU, |g| or error feedback, exact): the k of the concatenation.
+  // scope="global" (CPU, |g| or error feedback): the k of the concatenation.
   std::optional<int64_t> global_k;
 };
 
@@ -80,7 +80,7 @@ struct CostModel {
 // score: the kernel's, "grad", "weight", "grad_sq" or "random". On a GPU every param
 // takes the fused kernel (the optimizer's rule there); the other scores than "grad"
 // have a CPU kernel only, and on the CPU every param takes it, as every param of a
-// global group does (CPU, "grad", exact, no accumulate_steps).
+// global group does (CPU, "grad", no accumulate_steps).
 bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
                 const at::Device& device, Group& out) {
   if (!read_spec_head(spec, 16, 12, out)) return false;
@@ -102,8 +102,8 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
   out.fisher_beta = PyFloat_AsDouble(item(14));
   if (PyErr_Occurred()) return false;
   const bool global_scope = PyObject_IsTrue(item(15)) == 1;
-  if (global_scope && (!device.is_cpu() || out.key_from != KeyFrom::Grad || out.approx ||
-                       out.spends_accumulation))
+  if (global_scope &&
+      (!device.is_cpu() || out.key_from != KeyFrom::Grad || out.spends_accumulation))
     return false;
 
   const Py_ssize_t n = PyList_GET_SIZE(params);

@@ -58,12 +58,12 @@ _CPU = torch.device("cpu")
 def _global_group(opt, group):
     """Whether a scope="global" group's step is the CPU kernel's over every tensor's
     blocks as one list (the threshold stream, or below its density the tile lists):
-    Adam by |grad| or error feedback, exact, from FUSED_GLOBAL_DENSITY on, the other
+    Adam by |grad| or error feedback, from FUSED_GLOBAL_DENSITY on, the other
     options as fused_options asks (accumulate_steps 1), no sharded selection
     (_global_select)."""
     return (opt._fused_rule == "adam" and fused_options(group, scope="global")
             and group["select"] in ("grad", "accumulated")
-            and opt._global_select is None and group["topk"] == "exact"
+            and opt._global_select is None
             and float(group["density"]) >= base.FUSED_GLOBAL_DENSITY
             and group["accumulate_steps"] == 1)
 
