@@ -16,7 +16,8 @@ from helpers import needs_ext
 
 # Functions (demangled-name fragments) whose loop over scattered elements requests
 # its lines ahead: the update ops' per-dtype loops, the fused call's small tensors
-# (inlined into its parallel loop), its tile lists, the selection's listed tiles
+# (inlined into its parallel loop), its tile lists (update_listed: a block's, for
+# one tensor's band and for a global group's), the selection's listed tiles
 # (the sample's constant stride is left to the hardware prefetcher); then the
 # vector scans, which request the lines 2 KB ahead of them.
 # A fragment may also be found in its mangled form (MANGLED): objdump leaves the
@@ -30,7 +31,7 @@ PREFETCHING = [
     "sgd_ranges<float, float, float>",
     "sgd_ranges<c10::BFloat16, c10::BFloat16, float>",
     "adam_select_update_checked(",
-    "run_band<float>(",
+    "update_listed<float>(",
     "run_zero_floor<float>(",
     "tiles_at_least_avx2<float, false>(",
     "list_tiles_avx2<float>(",
@@ -38,7 +39,7 @@ PREFETCHING = [
     "band_avx2<float, false>(",
     "tile_max_avx2<float, false>(",
 ]
-MANGLED = {"run_zero_floor<float>(": "14run_zero_floorIfE", "run_band<float>(": "8run_bandIfE"}
+MANGLED = {"run_zero_floor<float>(": "14run_zero_floorIfE"}
 
 
 # The loops compiled once per ISA (update/adam_stream_cpu.h, IK_ISA_CLONES), the
