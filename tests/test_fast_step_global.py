@@ -147,3 +147,38 @@ def test_approx(kind, density, select, spy, monkeypatch):
                    select=select)
         fast.param_groups[0]["topk"] = "exact"  # the one option the two runs differ in
         assert_same(fast, slow, fast_params, slow_params)
+
+
+# An embedding's gradient past the one-thread limit (nonzero in a few rows) beside
+# heavy-tailed ones: the stream lists its blocks instead of streaming them.
+MIXED = ((3 * 2 ** 19 + 5, "rows"), (2 ** 18 + 37, "heavy"), (4099, "heavy"), (700, "heavy"))
+
+
+def run_mixed(params, steps, enabled, monkeypatch, **options):
+    """AdamW with scope="global" over MIXED's params and kinds of gradients."""
+    monkeypatch.setattr(fast_step, "ENABLED", enabled)
+    torch.manual_seed(0)
+    opt = incrkern.optim.AdamW(params, lr=1e-2, weight_decay=0.05, scope="global", **options)
+    for step in range(steps):
+        for p, (_, kind) in zip(params, MIXED):
+            p.grad = gradient(kind, p.numel(), step, p.dtype)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("when", [None, "after"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.03, 0.06])
+@pytest.mark.parametrize("select", ["grad", "accumulated"])
+def test_mostly_zero_tensor_listed(select, density, dtype, when, spy, monkeypatch):
+    """The stream's densities with a mostly-zero tensor among the others: its winners,
+    and its candidates above the k-th or among the ties taken, as the Python step's
+    (and the fallback after a refuted band)."""
+    if when:
+        monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", when)
+    sizes = [n for n, _ in MIXED]
+    fast_params, slow_params = make_params(sizes, dtype), make_params(sizes, dtype)
+    fast = run_mixed(fast_params, 3, True, monkeypatch, density=density, select=select)
+    assert spy[0] is None and None not in spy[1:]
+    slow = run_mixed(slow_params, 3, False, monkeypatch, density=density, select=select)
+    assert_same(fast, slow, fast_params, slow_params)

@@ -37,6 +37,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -492,7 +493,8 @@ void run_global_lists(const Call& c, int64_t k, const std::vector<int64_t>& firs
 // concatenation's k-th key from one sample, the counting pass over every tensor's blocks
 // (forming r + g), the k-th among the kept keys, the streaming loop over every block:
 // select(scope="global") then the update at its positions, ties to the lowest position
-// in the concatenation. Below the stream's density, the tile lists (run_global_lists).
+// in the concatenation, a mostly-zero tensor's blocks listed instead of streamed. Below
+// the stream's density, the tile lists over every block (run_global_lists).
 // approx: a band whose counts miss k by at most select's tolerance chooses every key
 // above it, or every key in it too, as per tensor.
 void run_global(const Call& c, int64_t k) {
@@ -519,20 +521,53 @@ void run_global(const Call& c, int64_t k) {
   if (forced_fallback("before")) return run_global_fallback(c, k, false);
   if (!stream_pays(total, k)) return run_global_lists(c, k, first, srcs, total);
   const auto [lo, hi] = Selector<uint32_t>(srcs, k, c.approx).band();
+  // A tensor past the one-thread limit whose keys are nearly all 0 (an embedding's
+  // gradient, nonzero in the rows of the batch's tokens) is listed, not streamed: its
+  // chosen keys are among its few nonzeros, and the stream would move 28 bytes for
+  // each of its elements. A band from 0 would list its zeros: every tensor streams.
+  std::vector<char> listed(c.res.size(), 0);
+  bool any_listed = false;
+  for (size_t i = 0; i < c.res.size() && lo > 0; ++i)
+    if (c.res[i].numel > select::kTileMaxNumel &&
+        Selector<uint32_t>({source_of(c, i)}, 1, false)
+            .few_nonzeros(kNonzeroProbe, kNonzeroProbeMost))
+      listed[i] = 1, any_listed = true;
   std::vector<BandBlock> blocks(static_cast<size_t>(first.back()));
-  parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
-    each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t b, int64_t e,
-                                             int64_t bi) {
-      count_block(t, b, e, lo, hi, /*added=*/false, blocks[size_t(bi)]);
-    });
+  const std::span<BlockOut> lists =
+      any_listed ? cleared_block_lists(first.back()) : std::span<BlockOut>();
+  parallel_claims(0, first.back(), 1, [&](Claims& claims) {
+    std::optional<ListScratch> scratch;
+    for (int64_t bi; claims.next_index(bi);)
+      each_global_block(c, first, bi, bi + 1, [&](size_t i, const auto& t, int64_t b,
+                                                   int64_t e, int64_t) {
+        BandBlock& o = blocks[size_t(bi)];
+        if (!listed[i]) return count_block(t, b, e, lo, hi, /*added=*/false, o);
+        if (!scratch) scratch.emplace(/*few_hits=*/true);
+        BlockOut& l = lists[size_t(bi)];
+        list_block(t, b, e, lo, hi, /*added=*/false, /*values=*/false, /*tile_keys=*/false,
+                   *scratch, l);
+        o.above = l.winners;
+        o.keys = l.ckey;
+      });
   });
   const auto [w, cnt] = band_counts(blocks);
   if (!band_holds(w, cnt, k, c.approx)) return run_global_fallback(c, k, true);
   const auto [at_least, tie] = choose_in_band(blocks, k - w, lo, hi);
   parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
-    each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t b, int64_t e,
+    each_global_block(c, first, b0, b1, [&](size_t i, const auto& t, int64_t b, int64_t e,
                                              int64_t bi) {
-      stream_block(t, b, e, blocks[size_t(bi)], at_least, tie);
+      const BandBlock& o = blocks[size_t(bi)];
+      if (!listed[i]) return stream_block(t, b, e, o, at_least, tie);
+      // The listed winners, and the candidates the stream's compare would take: keys at
+      // or above at_least, and the block's first o.ties keys equal to tie.
+      BlockOut& l = lists[size_t(bi)];
+      int64_t ties = o.ties;
+      for (size_t j = 0; j < l.cpos.size(); ++j) {
+        const bool take_tie = l.ckey[j] == tie && ties > 0;
+        ties -= take_tie;
+        if (l.ckey[j] >= at_least || take_tie) l.chosen.push_back(l.cpos[j]);
+      }
+      update_listed(t, l, /*values=*/false);
     });
   });
 }
