@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import incrkern
 from incrkern.bench import cli, common, convergence, gradients, kernels, report, sparse
 from incrkern.bench.shapes import SIZES, numel, transformer_shapes
 from helpers import needs_ext
@@ -82,6 +83,21 @@ def test_sparse_rows_are_paired_with_the_reference(tiny_run):
     assert rows
     for r in rows:
         assert r["speedup_vs_ref"] == pytest.approx(r["reference_s"] / r["median_s"])
+
+
+def test_sparse_global_rows_count_the_global_selection(tiny_run):
+    """The scope="global" rows choose k over the concatenation (one ceil of the total,
+    where the per-tensor rows take one per tensor), and their bound counts the lines of
+    those positions."""
+    results, _ = tiny_run
+    records = results["sparse"]["records"]
+    density = sparse.SPARSE_SIZES["tiny"].global_densities[0]
+    global_rows = [r for r in records if r.get("scope") == "global" and r["available"]]
+    assert global_rows and all(r["density"] == density for r in global_rows)
+    for r in global_rows:
+        assert r["k"] == incrkern.ops.density_k(density, r["numel"])
+        assert 0 < r["touched_lines"] <= r["total_lines"]
+        assert report._sparse_row(r) == f"grad {density:g} global"
 
 
 def test_copy_bandwidth_is_positive():

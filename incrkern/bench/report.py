@@ -98,7 +98,7 @@ STATE_COLUMNS = [
 def _sparse_row(r):
     if r["select"] is None:
         return "dense"
-    return f"{r['select']} {r['density']:g}"
+    return f"{r['select']} {r['density']:g}" + (" global" if r.get("scope") == "global" else "")
 
 
 SPARSE_COLUMNS = [

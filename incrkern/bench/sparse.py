@@ -28,6 +28,10 @@ so clustered real gradients, which touch fewer lines than random ones, get a sma
 bound. "of bound" is the time that bound takes at the copy bandwidth measured in the
 same run, divided by the measured time: 100% would be a step that moves nothing it
 does not have to, at copy speed.
+
+Beside the per-tensor rows, rows with scope="global" (the k largest over the
+concatenation of the case's tensors) at global_densities; their lines are counted
+from the global selection's positions.
 """
 import math
 import os
@@ -160,6 +164,7 @@ class SparseSizes:
     name: str
     densities: tuple = (0.1, 0.01, 0.001)
     accumulated_density: float = 0.01
+    global_densities: tuple = (0.01, 0.1)  # select="grad", exact, scope="global"
     warmup: int = 2             # steps before timing (the state exists and is warm)
     repeats: int = 5
     min_time_s: float = 0.1
@@ -175,17 +180,19 @@ SPARSE_SIZES = {
                         charlm=dict(steps=600)),
     "quick": SparseSizes("quick"),
     # seconds: the smoke test only; no pretrained model, a small model trained 3 steps
-    "tiny": SparseSizes("tiny", densities=(0.1, 0.01), repeats=2, min_time_s=0.0,
-                        max_time_s=0.0, fixed_numel=40_000, minilm=None,
+    "tiny": SparseSizes("tiny", densities=(0.1, 0.01), global_densities=(0.01,), repeats=2,
+                        min_time_s=0.0, max_time_s=0.0, fixed_numel=40_000, minilm=None,
                         charlm=dict(steps=3, width=16, layers=1, context=16, batch=4,
                                     text_bytes=50_000), cache=False),
 }
 
 
 def rows(sizes):
-    """(select, density, topk) of every timed incrkern row."""
-    out = [("grad", d, topk) for d in sizes.densities for topk in ("exact", "approx")]
-    out += [("accumulated", sizes.accumulated_density, topk) for topk in ("exact", "approx")]
+    """(select, density, topk, scope) of every timed incrkern row."""
+    out = [("grad", d, topk, "tensor") for d in sizes.densities for topk in ("exact", "approx")]
+    out += [("accumulated", sizes.accumulated_density, topk, "tensor")
+            for topk in ("exact", "approx")]
+    out += [("grad", d, "exact", "global") for d in sizes.global_densities]
     return out
 
 
@@ -288,16 +295,17 @@ def _time_steps(opt, sizes, device, reference=None):
         return None, None, common.failure(exc)
 
 
-def _chosen_positions(grads, density, select, opt):
-    """The exact per-tensor top-k positions the next step of `opt` chooses: of |g|, or
-    for "accumulated" of |r + g| with r the residual the warm-up left."""
+def _chosen_positions(grads, density, select, scope, opt):
+    """The exact top-k positions (per tensor, or over their concatenation) the next step
+    of `opt` chooses: of |g|, or for "accumulated" of |r + g| with r the residual the
+    warm-up left."""
     if select == "accumulated":
         scores = [opt.state[p]["residual"] + g for p, g in zip(opt.param_groups[0]["params"],
                                                                grads)]
     else:
         scores = grads
     with torch.no_grad():
-        return incrkern.ops.select(scores, density, score="grad")
+        return incrkern.ops.select(scores, density, score="grad", scope=scope)
 
 
 def run_case(case, sizes, device):
@@ -325,15 +333,15 @@ def run_case(case, sizes, device):
     dense = torch.optim.AdamW(params, **ADAMW_ARGS, fused=True)
     ref, _, ref_error = _time_steps(dense, sizes, device)
     records = []
-    for select, density, topk in rows(sizes):
+    for select, density, topk, scope in rows(sizes):
         fields = dict(base, impl=f"incrkern AdamW {topk}", select=select, density=density,
-                      topk=topk)
+                      topk=topk, scope=scope)
         try:
             opt = incrkern.optim.AdamW(params, **ADAMW_ARGS, density=density, select=select,
-                                       topk=topk)
+                                       topk=topk, scope=scope)
             timing, paired, error = _time_steps(opt, sizes, device, reference=dense)
             positions = None if timing is None else _chosen_positions(grads, density, select,
-                                                                      opt)
+                                                                      scope, opt)
         except Exception as exc:  # noqa: BLE001
             timing, error = None, common.failure(exc)
         opt = None
