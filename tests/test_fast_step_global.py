@@ -182,3 +182,87 @@ def test_mostly_zero_tensor_listed(select, density, dtype, when, spy, monkeypatc
     assert spy[0] is None and None not in spy[1:]
     slow = run_mixed(slow_params, 3, False, monkeypatch, density=density, select=select)
     assert_same(fast, slow, fast_params, slow_params)
+
+
+# SGD: its one-call step (fused_sgd_step) runs the same global passes over SgdTensors.
+SGD_MOMENTA = [dict(momentum=0.9, nesterov=True, weight_decay=0.05), dict(momentum=0.0)]
+
+
+@pytest.fixture
+def sgd_spy(monkeypatch):
+    return recorded(monkeypatch, "_fused_sgd_step")
+
+
+def run_sgd(params, kinds, steps, enabled, monkeypatch, **options):
+    """incrkern.optim.SGD with scope="global" over params, `steps` steps, each param's
+    gradients of its kind, the one-call step on or off."""
+    monkeypatch.setattr(fast_step, "ENABLED", enabled)
+    torch.manual_seed(0)
+    opt = incrkern.optim.SGD(params, lr=1e-2, scope="global", **options)
+    for step in range(steps):
+        for p, kind in zip(params, kinds):
+            p.grad = gradient(kind, p.numel(), step, p.dtype)
+        opt.step()
+    return opt
+
+
+def assert_sgd_as_python(sizes, kinds, dtype, sgd_spy, monkeypatch, **options):
+    """SGD's one-call step and its Python step from the same params and gradients:
+    bit-identical, the call taken from the second step on (the first makes the state)."""
+    fast_params, slow_params = make_params(sizes, dtype), make_params(sizes, dtype)
+    fast = run_sgd(fast_params, kinds, 3, True, monkeypatch, **options)
+    assert len(sgd_spy) == 3 and sgd_spy[0] is None
+    assert all(answer is not None and all(answer) for answer in sgd_spy[1:])
+    slow = run_sgd(slow_params, kinds, 3, False, monkeypatch, **options)
+    assert_same(fast, slow, fast_params, slow_params)
+    return fast
+
+
+@pytest.mark.parametrize("kind", ["heavy", "rows", "sparse", "nonfinite"])
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.1, 0.97])
+@pytest.mark.parametrize("select", ["grad", "accumulated"])
+@pytest.mark.parametrize("momenta", SGD_MOMENTA, ids=["nesterov", "plain"])
+def test_sgd_same_as_the_python_step(kind, density, select, momenta, sgd_spy, monkeypatch):
+    """The tile lists (0.001, 0.01) and the stream (0.1, 0.97), with and without a
+    momentum buffer, |g| and error feedback."""
+    assert_sgd_as_python(SIZES, [kind] * len(SIZES), torch.float32, sgd_spy, monkeypatch,
+                         density=density, select=select, **momenta)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("density", [0.005, 0.3])
+def test_sgd_16_bit_params(dtype, density, sgd_spy, monkeypatch):
+    assert_sgd_as_python(SIZES, ["heavy"] * len(SIZES), dtype, sgd_spy, monkeypatch,
+                         density=density, **SGD_MOMENTA[0])
+
+
+@pytest.mark.parametrize("density", [0.005, 0.2])
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("select", ["grad", "accumulated"])
+def test_sgd_forced_fallback(when, select, density, sgd_spy, monkeypatch):
+    monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", when)
+    assert_sgd_as_python(SIZES, ["heavy"] * len(SIZES), torch.float32, sgd_spy, monkeypatch,
+                         density=density, select=select, **SGD_MOMENTA[0])
+
+
+@pytest.mark.parametrize("density", [0.03, 0.06])
+@pytest.mark.parametrize("select", ["grad", "accumulated"])
+def test_sgd_mostly_zero_tensor_listed(select, density, sgd_spy, monkeypatch):
+    assert_sgd_as_python([n for n, _ in MIXED], [kind for _, kind in MIXED], torch.float32,
+                         sgd_spy, monkeypatch, density=density, select=select,
+                         **SGD_MOMENTA[0])
+
+
+@pytest.mark.parametrize("density", [0.01, 0.1])
+def test_sgd_approx(density, sgd_spy, monkeypatch):
+    """topk="approx" taken by the call; on these gradients its band holds k exactly, so
+    the run is bit-identical to the exact Python step's."""
+    kinds = ["heavy"] * len(SIZES)
+    fast_params, slow_params = make_params(SIZES, torch.float32), make_params(SIZES, torch.float32)
+    fast = run_sgd(fast_params, kinds, 3, True, monkeypatch, density=density, topk="approx",
+                   **SGD_MOMENTA[0])
+    assert sgd_spy[0] is None and None not in sgd_spy[1:]
+    slow = run_sgd(slow_params, kinds, 3, False, monkeypatch, density=density,
+                   **SGD_MOMENTA[0])
+    fast.param_groups[0]["topk"] = "exact"  # the one option the two runs differ in
+    assert_same(fast, slow, fast_params, slow_params)

@@ -54,6 +54,7 @@
 #include "fused/band_choice_cpu.h"
 #include "fused/fused_call_cpu.h"
 #include "fused/fused_checks.h"
+#include "fused/global_cpu.h"
 #include "fused/list_pass_cpu.h"
 #include "fused/random_stream_cpu.h"
 #include "fused/fused_cpu.h"
@@ -73,11 +74,6 @@ constexpr int64_t kSmallGrain = 8;  // small tensors per claim
 // and the chosen lines (adam_select_update_checked: a read beside them).
 constexpr double kOneThreadReads = 1.5;
 constexpr int64_t kZeroProbe = 256;  // keys read to tell a tensor mostly_zeros
-// A large tensor whose probe of kNonzeroProbe keys finds at most kNonzeroProbeMost
-// nonzero lists its nonzero tiles without a sample (run_band), their keys kept
-// (list_pass's tile_keys).
-constexpr int64_t kNonzeroProbe = 512;
-constexpr int64_t kNonzeroProbeMost = 12;
 // The positions' update by the adam_update_ op (prefetching, spread over threads):
 // for a large tensor's chosen candidates and its fallback. With a residual it reads
 // the residual (already r + g) as the gradient and zeroes what it read.
@@ -419,158 +415,34 @@ int64_t run_keyed(const Call& c, size_t i, const AdamTensor<T>& t, int64_t k, bo
   return pos.numel();
 }
 
-// scope="global" (the one-call step's, exact, from the stream's densities): tensor i's
-// blocks are the flat blocks [first[i], first[i + 1]); fn(i, t, begin, end, block) on
-// the flat blocks [b0, b1), fp32 and 16-bit params (run_global refuses fp64).
-template <typename Fn>
-void each_global_block(const Call& c, const std::vector<int64_t>& first, int64_t b0, int64_t b1,
-                       Fn&& fn) {
-  size_t i = size_t(std::upper_bound(first.begin(), first.end(), b0) - first.begin()) - 1;
-  for (int64_t bi = b0; bi < b1; ++bi) {
-    while (bi >= first[i + 1]) ++i;
-    const int64_t begin = (bi - first[i]) * kBlock;
+// A global call's tensors as fused/global_cpu.h reads them.
+struct AdamGlobal {
+  const Call& c;
+  size_t size() const { return c.res.size(); }
+  int64_t numel(size_t i) const { return c.res[i].numel; }
+  at::ScalarType dtype(size_t i) const { return c.res[i].dtype; }
+  bool approx() const { return c.approx; }
+  bool residuals() const { return !c.residuals.empty(); }
+  Source source(size_t i) const { return source_of(c, i); }
+  Source added_source(size_t i) const {
+    return Source{ScoreKind::Abs, at::kFloat, c.res[i].r, at::kFloat, nullptr, {},
+                  c.res[i].numel, 0};
+  }
+  template <typename Fn>
+  void with_tensor(size_t i, Fn&& fn) const {
     with_param_type(c.res[i].dtype, [&](auto tag) {
       using T = decltype(tag);
-      if constexpr (!std::is_same_v<T, double>)
-        fn(i, adam_tensor<T>(c, i), begin, std::min(c.res[i].numel, begin + kBlock), bi);
+      if constexpr (!std::is_same_v<T, double>) fn(adam_tensor<T>(c, i));
     });
   }
-}
-
-// A global selection the counts refuted, or none to try: the residuals added (unless
-// `added`), select's positions over the concatenation, then their update per tensor.
-void run_global_fallback(const Call& c, int64_t k, bool added) {
-  std::vector<Source> srcs;
-  int64_t pos = 0;
-  for (size_t i = 0; i < c.res.size(); ++i)
-    with_param_type(c.res[i].dtype, [&](auto tag) {
-      using T = decltype(tag);
-      const AdamTensor<T> t = adam_tensor<T>(c, i);
-      if (t.r && !added) accumulate_every(t, c.res[i].numel, /*whole=*/true);
-      srcs.push_back(t.r ? accumulated_source(t, c.res[i].numel) : source_of(c, i));
-      srcs.back().pos0 = pos;
-      pos += c.res[i].numel;
-    });
-  const std::vector<at::Tensor> chosen = Selector<uint32_t>(srcs, k, c.approx).run();
-  for (size_t i = 0; i < chosen.size(); ++i) update_positions(c, i, chosen[i]);
-}
-
-// scope="global" below the threshold stream's densities: |g|'s tile lists (run_band)
-// over every tensor's blocks as one flat list: the band from one sample of the
-// concatenation, the listing pass over every block (forming r + g), the candidates
-// chosen over all of them, ties to the lowest position in the concatenation, the
-// listed tiles and chosen candidates updated. A band the sample finds too wide (the
-// k-th among ties) or the counts refute: select's global positions.
-void run_global_lists(const Call& c, int64_t k, const std::vector<int64_t>& first,
-                      const std::vector<Source>& srcs, int64_t total) {
-  Selector<uint32_t> sel(srcs, k, c.approx);
-  const auto band = sel.sample_band();
-  if (!band) return run_global_fallback(c, k, false);
-  const auto [lo, hi] = *band;
-  const bool values = c.res[0].r == nullptr && sel.sampled_zeros() < 0.5;
-  const std::span<BlockOut> out = cleared_block_lists(first.back());
-  parallel_claims(0, first.back(), 1, [&](Claims& claims) {
-    ListScratch scratch(few_hits(k, total));
-    for (int64_t bi; claims.next_index(bi);)
-      each_global_block(c, first, bi, bi + 1, [&](size_t, const auto& t, int64_t b, int64_t e,
-                                                   int64_t) {
-        list_block(t, b, e, lo, hi, /*added=*/false, values, /*tile_keys=*/false, scratch,
-                   out[size_t(bi)]);
-      });
-  });
-  const auto [w, cnt] = listed_counts(out);
-  if (!band_holds(w, cnt, k, c.approx)) return run_global_fallback(c, k, true);
-  choose_candidates(out, k - w, lo, hi, values);
-  parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
-    each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t, int64_t,
-                                             int64_t bi) {
-      update_listed(t, out[size_t(bi)], values);
-    });
-  });
-}
-
-// scope="global" over the call's tensors (fp32 and 16-bit): the band on the
-// concatenation's k-th key from one sample, the counting pass over every tensor's blocks
-// (forming r + g), the k-th among the kept keys, the streaming loop over every block:
-// select(scope="global") then the update at its positions, ties to the lowest position
-// in the concatenation, a mostly-zero tensor's blocks listed instead of streamed. Below
-// the stream's density, the tile lists over every block (run_global_lists).
-// approx: a band whose counts miss k by at most select's tolerance chooses every key
-// above it, or every key in it too, as per tensor.
-void run_global(const Call& c, int64_t k) {
-  std::vector<int64_t> first(c.res.size() + 1, 0);
-  std::vector<Source> srcs;
-  int64_t total = 0;
-  for (size_t i = 0; i < c.res.size(); ++i) {
-    TORCH_CHECK(c.res[i].dtype != at::kDouble, "incrkern: a global fused step has no fp64 path");
-    srcs.push_back(source_of(c, i));
-    srcs.back().pos0 = total;
-    total += c.res[i].numel;
-    first[i + 1] = first[i] + (c.res[i].numel + kBlock - 1) / kBlock;
+  void update_positions(size_t i, const at::Tensor& pos) const {
+    incrkern::update_positions(c, i, pos);
   }
-  if (k == 0 || k == total) {
-    parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
-      each_global_block(c, first, b0, b1, [&](size_t, const auto& t, int64_t b, int64_t e,
-                                               int64_t) {
-        if (k == total) t.dense(b, e);
-        else t.accumulate_keys(b, e);
-      });
-    });
-    return;
+  template <typename T>
+  void update_listed(const AdamTensor<T>& t, const BlockOut& o, bool values) const {
+    incrkern::update_listed(t, o, values);
   }
-  if (forced_fallback("before")) return run_global_fallback(c, k, false);
-  if (!stream_pays(total, k)) return run_global_lists(c, k, first, srcs, total);
-  const auto [lo, hi] = Selector<uint32_t>(srcs, k, c.approx).band();
-  // A tensor past the one-thread limit whose keys are nearly all 0 (an embedding's
-  // gradient, nonzero in the rows of the batch's tokens) is listed, not streamed: its
-  // chosen keys are among its few nonzeros, and the stream would move 28 bytes for
-  // each of its elements. A band from 0 would list its zeros: every tensor streams.
-  std::vector<char> listed(c.res.size(), 0);
-  bool any_listed = false;
-  for (size_t i = 0; i < c.res.size() && lo > 0; ++i)
-    if (c.res[i].numel > select::kTileMaxNumel &&
-        Selector<uint32_t>({source_of(c, i)}, 1, false)
-            .few_nonzeros(kNonzeroProbe, kNonzeroProbeMost))
-      listed[i] = 1, any_listed = true;
-  std::vector<BandBlock> blocks(static_cast<size_t>(first.back()));
-  const std::span<BlockOut> lists =
-      any_listed ? cleared_block_lists(first.back()) : std::span<BlockOut>();
-  parallel_claims(0, first.back(), 1, [&](Claims& claims) {
-    std::optional<ListScratch> scratch;
-    for (int64_t bi; claims.next_index(bi);)
-      each_global_block(c, first, bi, bi + 1, [&](size_t i, const auto& t, int64_t b,
-                                                   int64_t e, int64_t) {
-        BandBlock& o = blocks[size_t(bi)];
-        if (!listed[i]) return count_block(t, b, e, lo, hi, /*added=*/false, o);
-        if (!scratch) scratch.emplace(/*few_hits=*/true);
-        BlockOut& l = lists[size_t(bi)];
-        list_block(t, b, e, lo, hi, /*added=*/false, /*values=*/false, /*tile_keys=*/false,
-                   *scratch, l);
-        o.above = l.winners;
-        o.keys = l.ckey;
-      });
-  });
-  const auto [w, cnt] = band_counts(blocks);
-  if (!band_holds(w, cnt, k, c.approx)) return run_global_fallback(c, k, true);
-  const auto [at_least, tie] = choose_in_band(blocks, k - w, lo, hi);
-  parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {
-    each_global_block(c, first, b0, b1, [&](size_t i, const auto& t, int64_t b, int64_t e,
-                                             int64_t bi) {
-      const BandBlock& o = blocks[size_t(bi)];
-      if (!listed[i]) return stream_block(t, b, e, o, at_least, tie);
-      // The listed winners, and the candidates the stream's compare would take: keys at
-      // or above at_least, and the block's first o.ties keys equal to tie.
-      BlockOut& l = lists[size_t(bi)];
-      int64_t ties = o.ties;
-      for (size_t j = 0; j < l.cpos.size(); ++j) {
-        const bool take_tie = l.ckey[j] == tie && ties > 0;
-        ties -= take_tie;
-        if (l.ckey[j] >= at_least || take_tie) l.chosen.push_back(l.cpos[j]);
-      }
-      update_listed(t, l, /*values=*/false);
-    });
-  });
-}
+};
 
 }  // namespace
 
@@ -643,7 +515,7 @@ at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grad
   }
   for (size_t i = 0; i < shared_counts.size(); ++i) c.res[i].step = *shared_counts[i];
   if (global_k) {
-    run_global(c, *global_k);
+    run_global(AdamGlobal{c}, *global_k);
     return counts;
   }
   // Small tensors side by side, one thread each (up to 2^20 elements when they take

@@ -79,6 +79,7 @@ at::Tensor sgd_select_update_checked(at::TensorList params, at::TensorList grads
                                      double weight_decay, bool nesterov, bool maximize,
                                      double grad_scale, const std::optional<at::Tensor>& lr_tensor,
                                      const std::optional<at::Tensor>& amp_scale,
-                                     const std::optional<at::Tensor>& found_inf);
+                                     const std::optional<at::Tensor>& found_inf,
+                                     std::optional<int64_t> global_k = std::nullopt);
 
 }  // namespace incrkern

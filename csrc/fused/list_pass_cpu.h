@@ -31,6 +31,12 @@ constexpr int64_t kChunkTiles = 256;  // tiles per scan of the listing pass (4K 
 // The listed tiles' keys (tile_keys) are kept while they hold at most
 // 1 / kTileKeysShare of each block's elements.
 constexpr int64_t kTileKeysShare = 4;
+// A large tensor whose probe of kNonzeroProbe keys finds at most kNonzeroProbeMost
+// nonzero: one tensor's step lists its nonzero tiles without a sample (fused_cpu.cpp,
+// run_band), their keys kept (tile_keys); the global stream lists its blocks instead
+// of streaming them (global_cpu.h).
+constexpr int64_t kNonzeroProbe = 512;
+constexpr int64_t kNonzeroProbeMost = 12;
 // The fraction of tiles holding a key >= L under which the listing pass branches per
 // tile (fused/scans_cpu.h, list_tiles: few_hits).
 constexpr double kFewHits = 0.03;

@@ -29,6 +29,7 @@
 #include "fused/fused_call_cpu.h"  // with_param_type
 #include "fused/fused_checks.h"
 #include "fused/fused_cpu.h"
+#include "fused/global_cpu.h"
 #include "fused/list_pass_cpu.h"
 #include "fused/sgd_tensor_cpu.h"
 #include "fused/threshold_stream_cpu.h"
@@ -143,6 +144,70 @@ int64_t run_tensor(const SgdTensor<T>& t, at::ScalarType dtype, int64_t n, int64
   return pos.numel();
 }
 
+// A call's tensors and constants: each tensor's SgdTensor, and the interface of a global
+// call (fused/global_cpu.h).
+struct SgdCall {
+  at::TensorList params, grads, momentum_buffers, residuals_;
+  const c10::List<bool>& first_step;
+  double lr, momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+  double grad_scale;
+  std::optional<float> amp;
+  bool approx_;
+
+  template <typename T>
+  SgdTensor<T> tensor(size_t i) const {
+    using M = at::opmath_type<T>;
+    // With residuals the update reads r + g / amp_scale (as accumulate_ adds it) times
+    // grad_scale; without, g times grad_scale / amp_scale.
+    const bool ef = !residuals_.empty();
+    return SgdTensor<T>{
+        params[i].data_ptr<T>(),
+        grads[i].const_data_ptr<T>(),
+        momentum != 0 ? momentum_buffers[i].data_ptr<M>() : nullptr,
+        make_sgd_hyper<M>(lr, momentum, dampening, weight_decay, nesterov, maximize),
+        first_step.size() ? bool(first_step.get(i)) : false,
+        ef ? M(grad_scale) : amp_factor<M>(grad_scale, amp),
+        ef ? residuals_[i].data_ptr<M>() : nullptr,
+        ef ? amp_factor<M>(1.0, amp) : M(1)};
+  }
+
+  size_t size() const { return params.size(); }
+  int64_t numel(size_t i) const { return params[i].numel(); }
+  at::ScalarType dtype(size_t i) const { return params[i].scalar_type(); }
+  bool approx() const { return approx_; }
+  bool residuals() const { return !residuals_.empty(); }
+  Source source(size_t i) const {
+    const Source g{ScoreKind::Abs, dtype(i), grads[i].const_data_ptr(), at::kFloat, nullptr,
+                   {}, numel(i), 0};
+    if (!residuals()) return g;
+    return Source{ScoreKind::Accumulated, dtype(i), grads[i].const_data_ptr(), at::kFloat,
+                  residuals_[i].data_ptr(), {}, numel(i), 0};
+  }
+  Source added_source(size_t i) const {
+    return Source{ScoreKind::Abs, at::kFloat, residuals_[i].data_ptr(), at::kFloat, nullptr, {},
+                  numel(i), 0};
+  }
+  template <typename Fn>
+  void with_tensor(size_t i, Fn&& fn) const {
+    fused::with_param_type(dtype(i), [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (!std::is_same_v<T, double>) fn(tensor<T>(i));
+    });
+  }
+  void update_positions(size_t i, const at::Tensor& pos) const {
+    with_tensor(i, [&](const auto& t) {
+      const int64_t* q = pos.data_ptr<int64_t>();
+      parallel_for_claimed(0, pos.numel(), kPositionsGrain,
+                           [&](int64_t b, int64_t e) { fused::update_at(t, q + b, e - b); });
+    });
+  }
+  template <typename T>
+  void update_listed(const SgdTensor<T>& t, const BlockOut& o, bool) const {
+    incrkern::update_listed(t, o);
+  }
+};
+
 }  // namespace
 
 void check_sgd_select_update(c10::DeviceType device_type, at::TensorList params,
@@ -181,7 +246,8 @@ at::Tensor sgd_select_update_checked(at::TensorList params, at::TensorList grads
                                      double weight_decay, bool nesterov, bool maximize,
                                      double grad_scale, const std::optional<at::Tensor>& lr_tensor,
                                      const std::optional<at::Tensor>& amp_scale,
-                                     const std::optional<at::Tensor>& found_inf) {
+                                     const std::optional<at::Tensor>& found_inf,
+                                     std::optional<int64_t> global_k) {
   const int64_t n = int64_t(params.size());
   at::Tensor counts = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
   int64_t* count = counts.data_ptr<int64_t>();
@@ -189,23 +255,18 @@ at::Tensor sgd_select_update_checked(at::TensorList params, at::TensorList grads
   const std::optional<float> amp = amp_value(amp_scale);
   if (lr_tensor.has_value()) lr = lr_tensor->item<double>();
   // Every check has passed: from here on the call changes its arguments.
+  const SgdCall call{params,       grads,    momentum_buffers, residuals, first_step, lr,
+                     momentum,     dampening, weight_decay,    nesterov,  maximize,   grad_scale,
+                     amp,          approx};
+  if (global_k) {
+    fused::run_global(call, *global_k);
+    return counts;
+  }
   const auto run = [&](size_t i, bool whole) {
     fused::with_param_type(params[i].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      using M = at::opmath_type<T>;
-      // With residuals the update reads r + g / amp_scale (as accumulate_ adds it) times
-      // grad_scale; without, g times grad_scale / amp_scale.
-      const bool ef = !residuals.empty();
-      const SgdTensor<T> t{
-          params[i].data_ptr<T>(),
-          grads[i].const_data_ptr<T>(),
-          momentum != 0 ? momentum_buffers[i].data_ptr<M>() : nullptr,
-          make_sgd_hyper<M>(lr, momentum, dampening, weight_decay, nesterov, maximize),
-          first_step.size() ? bool(first_step.get(i)) : false,
-          ef ? M(grad_scale) : amp_factor<M>(grad_scale, amp),
-          ef ? residuals[i].data_ptr<M>() : nullptr,
-          ef ? amp_factor<M>(1.0, amp) : M(1)};
-      count[i] = run_tensor(t, params[i].scalar_type(), params[i].numel(), ks[i], approx, whole);
+      count[i] = run_tensor(call.tensor<T>(i), params[i].scalar_type(), params[i].numel(),
+                            ks[i], approx, whole);
     });
   };
   std::vector<size_t> small, large;

@@ -36,13 +36,15 @@ struct SgdGroup : SpecHead {
   bool any_grad = false;
   double momentum, dampening, weight_decay;
   bool nesterov, maximize;
+  std::optional<int64_t> global_k;  // scope="global": the k of the concatenation
 };
 
 // (params, density, error_feedback, approx, lr, lr_tensor, momentum, dampening,
-//  weight_decay, nesterov, maximize, accumulate_steps) into `out`, every tensor on the
-// CPU; false when not the plain case. Every param with a grad takes the kernel.
+//  weight_decay, nesterov, maximize, accumulate_steps, global_scope) into `out`, every
+// tensor on the CPU; false when not the plain case (a global group with
+// accumulate_steps among them). Every param with a grad takes the kernel.
 bool read_sgd_group(PyObject* spec, StateReader& reader, SgdGroup& out) {
-  if (!read_spec_head(spec, 12, 11, out)) return false;
+  if (!read_spec_head(spec, 13, 11, out)) return false;
   auto item = [&](int i) { return PyTuple_GET_ITEM(spec, i); };
   PyObject* params = out.param_list;
   out.momentum = PyFloat_AsDouble(item(6));
@@ -50,7 +52,8 @@ bool read_sgd_group(PyObject* spec, StateReader& reader, SgdGroup& out) {
   out.weight_decay = PyFloat_AsDouble(item(8));
   out.nesterov = PyObject_IsTrue(item(9)) == 1;
   out.maximize = PyObject_IsTrue(item(10)) == 1;
-  if (PyErr_Occurred()) return false;
+  const bool global_scope = PyObject_IsTrue(item(12)) == 1;
+  if (PyErr_Occurred() || (global_scope && out.spends_accumulation)) return false;
 
   const bool needs_buffer = out.momentum != 0;
   const bool needs_r = out.error_feedback || out.spends_accumulation;
@@ -79,6 +82,11 @@ bool read_sgd_group(PyObject* spec, StateReader& reader, SgdGroup& out) {
     if (buffer) out.buffers.push_back(out.borrows.borrow(buffer));
     if (r) out.residuals.push_back(out.borrows.borrow(r));
     out.ks.push_back(density_k(out.density, read.numels[size_t(i)]));
+  }
+  if (global_scope) {
+    int64_t total = 0;
+    for (const at::Tensor& p : out.params) total += p.numel();
+    out.global_k = density_k(out.density, total);
   }
   return true;
 }
@@ -117,7 +125,7 @@ PyObject* fused_sgd_step(PyObject* /*module*/, PyObject* args) {
       sgd_select_update_checked(g.params, g.grads, g.buffers, g.ks, g.residuals, no_first_steps,
                                 g.approx, g.lr, g.momentum, g.dampening, g.weight_decay,
                                 g.nesterov, g.maximize, g.grad_scale, g.lr_tensor, std::nullopt,
-                                std::nullopt);
+                                std::nullopt, g.global_k);
       if (g.spends_accumulation) zero_over_threads(g.residuals);  // contiguous: checked
     }
   }

@@ -58,10 +58,10 @@ _CPU = torch.device("cpu")
 def _global_group(opt, group):
     """Whether a scope="global" group's step is the CPU kernel's over every tensor's
     blocks as one list (the threshold stream, or below its density the tile lists):
-    Adam by |grad| or error feedback, from FUSED_GLOBAL_DENSITY on, the other
+    Adam or SGD by |grad| or error feedback, from FUSED_GLOBAL_DENSITY on, the other
     options as fused_options asks (accumulate_steps 1), no sharded selection
     (_global_select)."""
-    return (opt._fused_rule == "adam" and fused_options(group, scope="global")
+    return (fused_options(group, scope="global")
             and group["select"] in ("grad", "accumulated")
             and opt._global_select is None
             and float(group["density"]) >= base.FUSED_GLOBAL_DENSITY
@@ -138,7 +138,7 @@ def _sgd_call(opt, groups, device):
     for group in groups:
         head, h = _spec_head(opt, group, device)
         specs.append((*head, h["momentum"], h["dampening"], h["weight_decay"], h["nesterov"],
-                      h["maximize"], group["accumulate_steps"]))
+                      h["maximize"], group["accumulate_steps"], group["scope"] == "global"))
     answer = _fused_sgd_step(specs, opt.state, torch.nn.Parameter)
     return None if answer is None else [[] if had else None for had in answer]
 
