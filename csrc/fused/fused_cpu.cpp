@@ -22,6 +22,8 @@
 //    (run_zero_floor): the nonzero tiles listed and counted; then, with fewer of them
 //    than k, a dense prefix of zeros completing k and those tiles, else the k largest
 //    among their lanes.
+//  - scope="global" (the one-call step's global_k): fused/global_cpu.h's passes over
+//    every tensor's blocks as one flat list, the call described by AdamGlobal.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

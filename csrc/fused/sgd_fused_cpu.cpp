@@ -11,7 +11,9 @@
 // counting pass, or below the stream's densities the Adam kernel's listing pass,
 // fused/list_pass_cpu.h), and a chosen element's r becomes 0.
 // Tensors that select on one thread (up to 2^20 elements when they stream) run one
-// thread each, side by side; the others one after another over every thread.
+// thread each, side by side; the others one after another over every thread. With
+// scope="global" (the one-call step's global_k), fused/global_cpu.h's passes over every
+// tensor's blocks as one flat list, the call described by SgdCall.
 #include <ATen/OpMathType.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
