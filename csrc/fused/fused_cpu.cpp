@@ -427,8 +427,9 @@ struct AdamGlobal {
   bool residuals() const { return !c.residuals.empty(); }
   Source source(size_t i) const { return source_of(c, i); }
   Source added_source(size_t i) const {
-    return Source{ScoreKind::Abs, at::kFloat, c.res[i].r, at::kFloat, nullptr, {},
-                  c.res[i].numel, 0};
+    Source s{};
+    with_tensor(i, [&](const auto& t) { s = accumulated_source(t, c.res[i].numel); });
+    return s;
   }
   template <typename Fn>
   void with_tensor(size_t i, Fn&& fn) const {

@@ -29,7 +29,7 @@ struct Bookkeeping {
 // fisher_beta (score "grad_sq"): the scores are the Fisher before this step, and the
 // call forms its EMA, f = fisher_beta * f + (1 - fisher_beta) * g^2, as accumulate_
 // would before the call, where it reads the keys (the caller has checked the Fishers
-// as accumulate_'s sq_accs). global_k (score "grad", exact, CPU): the global_k largest
+// as accumulate_'s sq_accs). global_k (score "grad", CPU): the global_k largest
 // keys over the concatenation of the params' (select(scope="global")), ks unread and
 // the counts left 0: the one-call step, its only caller, reads none.
 at::Tensor adam_select_update_checked(at::TensorList params, at::TensorList grads,
@@ -72,6 +72,7 @@ void check_sgd_select_update(c10::DeviceType device_type, at::TensorList params,
                              const std::optional<at::Tensor>& lr_tensor,
                              const std::optional<at::Tensor>& amp_scale,
                              const std::optional<at::Tensor>& found_inf);
+// global_k: as adam_select_update_checked's.
 at::Tensor sgd_select_update_checked(at::TensorList params, at::TensorList grads,
                                      at::TensorList momentum_buffers, at::IntArrayRef ks,
                                      at::TensorList residuals, const c10::List<bool>& first_step,

@@ -146,11 +146,7 @@ bool read_group(PyObject* spec, StateReader& reader, const CostModel& cost,
     if (f) out.scores.push_back(out.borrows.borrow(f));
     out.ks.push_back(density_k(out.density, numel));
   }
-  if (global_scope) {
-    int64_t total = 0;
-    for (const at::Tensor& p : out.params) total += p.numel();
-    out.global_k = density_k(out.density, total);
-  }
+  if (global_scope) out.global_k = global_density_k(out.density, out.params);
   return true;
 }
 

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common/claims.h"
+#include "common/flat_blocks.h"
 #include "fused/band_choice_cpu.h"
 #include "fused/list_pass_cpu.h"
 #include "fused/threshold_stream_cpu.h"
@@ -34,14 +35,11 @@ namespace incrkern::fused {
 template <typename Kernel, typename Fn>
 void each_global_block(const Kernel& kern, const std::vector<int64_t>& first, int64_t b0,
                        int64_t b1, Fn&& fn) {
-  size_t i = size_t(std::upper_bound(first.begin(), first.end(), b0) - first.begin()) - 1;
-  for (int64_t bi = b0; bi < b1; ++bi) {
-    while (bi >= first[i + 1]) ++i;
-    const int64_t begin = (bi - first[i]) * kBlock;
+  each_flat_block(first, kBlock, b0, b1, [&](size_t i, int64_t begin, int64_t bi) {
     kern.with_tensor(i, [&](const auto& t) {
       fn(i, t, begin, std::min(kern.numel(i), begin + kBlock), bi);
     });
-  }
+  });
 }
 
 // A global selection the counts refuted, or none to try: the residuals added (unless
@@ -108,7 +106,8 @@ void run_global_lists(const Kernel& kern, int64_t k, const std::vector<int64_t>&
 // above it, or every key in it too, as per tensor.
 template <typename Kernel>
 void run_global(const Kernel& kern, int64_t k) {
-  std::vector<int64_t> first(kern.size() + 1, 0);
+  const std::vector<int64_t> first =
+      flat_block_starts(kern.size(), kBlock, [&](size_t i) { return kern.numel(i); });
   std::vector<select::Source> srcs;
   int64_t total = 0;
   for (size_t i = 0; i < kern.size(); ++i) {
@@ -116,7 +115,6 @@ void run_global(const Kernel& kern, int64_t k) {
     srcs.push_back(kern.source(i));
     srcs.back().pos0 = total;
     total += kern.numel(i);
-    first[i + 1] = first[i] + (kern.numel(i) + kBlock - 1) / kBlock;
   }
   if (k == 0 || k == total) {
     parallel_for_claimed(0, first.back(), 1, [&](int64_t b0, int64_t b1) {

@@ -180,15 +180,16 @@ struct SgdCall {
   bool approx() const { return approx_; }
   bool residuals() const { return !residuals_.empty(); }
   Source source(size_t i) const {
-    const Source g{ScoreKind::Abs, dtype(i), grads[i].const_data_ptr(), at::kFloat, nullptr,
-                   {}, numel(i), 0};
-    if (!residuals()) return g;
-    return Source{ScoreKind::Accumulated, dtype(i), grads[i].const_data_ptr(), at::kFloat,
-                  residuals_[i].data_ptr(), {}, numel(i), 0};
+    Source s{};
+    with_tensor(i, [&](const auto& t) {
+      s = t.r ? sum_source(t, dtype(i), numel(i)) : score_source(t, dtype(i), numel(i));
+    });
+    return s;
   }
   Source added_source(size_t i) const {
-    return Source{ScoreKind::Abs, at::kFloat, residuals_[i].data_ptr(), at::kFloat, nullptr, {},
-                  numel(i), 0};
+    Source s{};
+    with_tensor(i, [&](const auto& t) { s = score_source(t, dtype(i), numel(i)); });
+    return s;
   }
   template <typename Fn>
   void with_tensor(size_t i, Fn&& fn) const {

@@ -83,11 +83,7 @@ bool read_sgd_group(PyObject* spec, StateReader& reader, SgdGroup& out) {
     if (r) out.residuals.push_back(out.borrows.borrow(r));
     out.ks.push_back(density_k(out.density, read.numels[size_t(i)]));
   }
-  if (global_scope) {
-    int64_t total = 0;
-    for (const at::Tensor& p : out.params) total += p.numel();
-    out.global_k = density_k(out.density, total);
-  }
+  if (global_scope) out.global_k = global_density_k(out.density, out.params);
   return true;
 }
 

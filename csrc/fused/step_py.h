@@ -185,6 +185,13 @@ inline int64_t density_k(double density, int64_t numel) {
   return std::min(numel, int64_t(std::ceil(density * double(numel))));
 }
 
+// scope="global": the elements the concatenation of params updates at `density`.
+inline int64_t global_density_k(double density, const std::vector<at::Tensor>& params) {
+  int64_t total = 0;
+  for (const at::Tensor& p : params) total += p.numel();
+  return density_k(density, total);
+}
+
 // Params per thread's run in the passes over their metadata.
 constexpr int64_t kChecksGrain = 512;
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/claims.h"
+#include "common/flat_blocks.h"
 #include "fused/scans_cpu.h"
 #include "select/band_kth_cpu.h"
 #include "select/mask_scans_cpu.h"
@@ -239,10 +240,8 @@ void mark_positions(const std::vector<Source>& srcs, int64_t k, std::vector<at::
 // position in the concatenation: the band, the counting pass over every source's
 // blocks, the k-th among the kept keys, the marking pass.
 void mark_chosen(const std::vector<Source>& srcs, int64_t k, std::vector<at::Tensor>& masks) {
-  // first[i]: the first of source i's blocks in the flat list of every source's blocks.
-  std::vector<int64_t> first(srcs.size() + 1, 0);
-  for (size_t i = 0; i < srcs.size(); ++i)
-    first[i + 1] = first[i] + (srcs[i].n + kMaskBlock - 1) / kMaskBlock;
+  const std::vector<int64_t> first =
+      flat_block_starts(srcs.size(), kMaskBlock, [&](size_t i) { return srcs[i].n; });
   int64_t n = 0;
   for (const Source& s : srcs) n += s.n;
   if (k == 0 || k == n) {
@@ -255,12 +254,9 @@ void mark_chosen(const std::vector<Source>& srcs, int64_t k, std::vector<at::Ten
   std::vector<BandBlock> blocks(static_cast<size_t>(nblocks));
   // fn(source, its block's first element, end, the block) for the flat blocks [b0, b1).
   const auto each_block = [&](int64_t b0, int64_t b1, auto&& fn) {
-    size_t i = size_t(std::upper_bound(first.begin(), first.end(), b0) - first.begin()) - 1;
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      while (bi >= first[i + 1]) ++i;
-      const int64_t b = (bi - first[i]) * kMaskBlock;
+    each_flat_block(first, kMaskBlock, b0, b1, [&](size_t i, int64_t b, int64_t bi) {
       fn(i, b, std::min(srcs[i].n, b + kMaskBlock), blocks[size_t(bi)]);
-    }
+    });
   };
   parallel_for_claimed(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     each_block(b0, b1, [&](size_t i, int64_t b, int64_t e, BandBlock& o) {
