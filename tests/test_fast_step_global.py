@@ -154,13 +154,22 @@ def test_approx(kind, density, select, spy, monkeypatch):
 MIXED = ((3 * 2 ** 19 + 5, "rows"), (2 ** 18 + 37, "heavy"), (4099, "heavy"), (700, "heavy"))
 
 
-def run_mixed(params, steps, enabled, monkeypatch, **options):
-    """AdamW with scope="global" over MIXED's params and kinds of gradients."""
+def adamw(params, **options):
+    return incrkern.optim.AdamW(params, lr=1e-2, weight_decay=0.05, **options)
+
+
+def sgd(params, **options):
+    return incrkern.optim.SGD(params, lr=1e-2, **options)
+
+
+def run_kinds(make, params, kinds, steps, enabled, monkeypatch, **options):
+    """make(params, scope="global", **options) (adamw or sgd), `steps` steps, each param's
+    gradients of its kind, the one-call step on or off."""
     monkeypatch.setattr(fast_step, "ENABLED", enabled)
     torch.manual_seed(0)
-    opt = incrkern.optim.AdamW(params, lr=1e-2, weight_decay=0.05, scope="global", **options)
+    opt = make(params, scope="global", **options)
     for step in range(steps):
-        for p, (_, kind) in zip(params, MIXED):
+        for p, kind in zip(params, kinds):
             p.grad = gradient(kind, p.numel(), step, p.dtype)
         opt.step()
     return opt
@@ -178,9 +187,12 @@ def test_mostly_zero_tensor_listed(select, density, dtype, when, spy, monkeypatc
         monkeypatch.setenv("INCRKERN_FUSED_FALLBACK", when)
     sizes = [n for n, _ in MIXED]
     fast_params, slow_params = make_params(sizes, dtype), make_params(sizes, dtype)
-    fast = run_mixed(fast_params, 3, True, monkeypatch, density=density, select=select)
+    kinds = [kind for _, kind in MIXED]
+    fast = run_kinds(adamw, fast_params, kinds, 3, True, monkeypatch, density=density,
+                     select=select)
     assert spy[0] is None and None not in spy[1:]
-    slow = run_mixed(slow_params, 3, False, monkeypatch, density=density, select=select)
+    slow = run_kinds(adamw, slow_params, kinds, 3, False, monkeypatch, density=density,
+                     select=select)
     assert_same(fast, slow, fast_params, slow_params)
 
 
@@ -193,27 +205,14 @@ def sgd_spy(monkeypatch):
     return recorded(monkeypatch, "_fused_sgd_step")
 
 
-def run_sgd(params, kinds, steps, enabled, monkeypatch, **options):
-    """incrkern.optim.SGD with scope="global" over params, `steps` steps, each param's
-    gradients of its kind, the one-call step on or off."""
-    monkeypatch.setattr(fast_step, "ENABLED", enabled)
-    torch.manual_seed(0)
-    opt = incrkern.optim.SGD(params, lr=1e-2, scope="global", **options)
-    for step in range(steps):
-        for p, kind in zip(params, kinds):
-            p.grad = gradient(kind, p.numel(), step, p.dtype)
-        opt.step()
-    return opt
-
-
 def assert_sgd_as_python(sizes, kinds, dtype, sgd_spy, monkeypatch, **options):
     """SGD's one-call step and its Python step from the same params and gradients:
     bit-identical, the call taken from the second step on (the first makes the state)."""
     fast_params, slow_params = make_params(sizes, dtype), make_params(sizes, dtype)
-    fast = run_sgd(fast_params, kinds, 3, True, monkeypatch, **options)
+    fast = run_kinds(sgd, fast_params, kinds, 3, True, monkeypatch, **options)
     assert len(sgd_spy) == 3 and sgd_spy[0] is None
     assert all(answer is not None and all(answer) for answer in sgd_spy[1:])
-    slow = run_sgd(slow_params, kinds, 3, False, monkeypatch, **options)
+    slow = run_kinds(sgd, slow_params, kinds, 3, False, monkeypatch, **options)
     assert_same(fast, slow, fast_params, slow_params)
     return fast
 
@@ -259,10 +258,10 @@ def test_sgd_approx(density, sgd_spy, monkeypatch):
     the run is bit-identical to the exact Python step's."""
     kinds = ["heavy"] * len(SIZES)
     fast_params, slow_params = make_params(SIZES, torch.float32), make_params(SIZES, torch.float32)
-    fast = run_sgd(fast_params, kinds, 3, True, monkeypatch, density=density, topk="approx",
-                   **SGD_MOMENTA[0])
+    fast = run_kinds(sgd, fast_params, kinds, 3, True, monkeypatch, density=density,
+                     topk="approx", **SGD_MOMENTA[0])
     assert sgd_spy[0] is None and None not in sgd_spy[1:]
-    slow = run_sgd(slow_params, kinds, 3, False, monkeypatch, density=density,
-                   **SGD_MOMENTA[0])
+    slow = run_kinds(sgd, slow_params, kinds, 3, False, monkeypatch, density=density,
+                     **SGD_MOMENTA[0])
     fast.param_groups[0]["topk"] = "exact"  # the one option the two runs differ in
     assert_same(fast, slow, fast_params, slow_params)
