@@ -60,7 +60,7 @@ FUSED_GRAD_SQ_DENSITY = 0.0
 # select="random" on the CPU: from this density on the fused call, its keys hashed
 # from the indices (one seed drawn per call, as select draws it); 2.0 as above.
 FUSED_RANDOM_DENSITY = 0.0
-# scope="global" on the CPU (Adam by |grad| or error feedback, exact): from this density
+# scope="global" on the CPU (Adam or SGD, by |grad| or error feedback): from this density
 # on the one C++ step over every tensor's blocks as one list (from the stream's density
 # the global threshold stream, below it |g|'s tile lists, each on one band around the
 # concatenation's k-th) instead of select(scope="global") then the update; 2.0 as above.
